@@ -1,0 +1,5 @@
+import sys
+
+from embedsvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""`embedsvc embed`: embed texts and images locally and print the vectors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embedsvc.errors import InvalidInput
+
+
+class _AppendInput(argparse.Action):
+    """Keeps --text and --image in the order given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None) or []
+        items.append((self.const, values))
+        setattr(namespace, self.dest, items)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model with an optional weight source; shared by every command that loads a model locally."""
+    parser.add_argument("--model", required=True, help="registered model name, or an open_clip architecture "
+                        "together with --pretrained or --checkpoint")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", help="open_clip pretrained tag (weights must be in the local cache)")
+    source.add_argument("--checkpoint", help="local open_clip state dict (.pt/.bin/.safetensors)")
+    source.add_argument("--random-init", action="store_true", help="random weights (tests and smoke runs only)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
+    parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("embed", help="embed texts and images with a model and poolings, print the vectors",
+                       description="Embed texts and images locally (no server) and print the vectors.")
+    add_model_arguments(p)
+    p.add_argument("--pooling", action="append", default=None, metavar="SPEC",
+                   help="pooling, repeatable: cls (default), avg, max, gem[:p=3], netvlad, "
+                        "spp[:levels=1,2,4;combine=sum]")
+    p.add_argument("--pooling-state", help="saved NetVLAD state (.safetensors) for the netvlad pooling")
+    p.add_argument("--text", dest="inputs", action=_AppendInput, const="text", metavar="TEXT", help="a text (repeatable)")
+    p.add_argument("--image", dest="inputs", action=_AppendInput, const="image", metavar="FILE",
+                   help="an image file (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON with full float32 vectors")
+    p.add_argument("--tokens", action="store_true", help="with --json: include token features")
+    p.set_defaults(run=run)
+
+
+def load_encoder(args):
+    from embedsvc.encoder import ClipEncoder
+    from embedsvc.models import load_model, resolve_model_spec
+
+    spec = resolve_model_spec(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                              random_init=args.random_init)
+    if spec.random_init:
+        print("embedsvc: warning: random-init weights; the vectors carry no meaning", file=sys.stderr)
+    return ClipEncoder(load_model(spec, device=args.device, precision=args.precision))
+
+
+def run(args) -> int:
+    from embedsvc.encoder import embed
+    from embedsvc.pooling import NetVLADState, bind_pooling
+
+    if not args.inputs:
+        raise InvalidInput("nothing to embed: give at least one --text or --image")
+    state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
+    poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
+    inputs, labels = [], []
+    for kind, value in args.inputs:
+        if kind == "text":
+            inputs.append(value)
+        else:
+            path = Path(value)
+            if not path.is_file():
+                raise InvalidInput(f"image file {path} does not exist")
+            inputs.append(path.read_bytes())
+        labels.append(value)
+    encoder = load_encoder(args)
+    result = embed(encoder, inputs, poolings, keep_features=args.tokens)
+    if args.json:
+        rows = []
+        for i, (kind, value) in enumerate(args.inputs):
+            row = {"input": value, "modality": result.modalities[i], "truncated": result.truncated[i],
+                   "embeddings": {p.name: result.vectors[j][i].tolist() for j, p in enumerate(poolings)}}
+            if args.tokens:
+                f = result.features[i]
+                row["tokens"] = f.tokens[0][f.mask[0]].cpu().tolist()
+                row["grid"] = list(f.grid) if f.grid else None
+            rows.append(row)
+        json.dump({"model": encoder.loaded.spec.name, "results": rows}, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    for i, (kind, value) in enumerate(args.inputs):
+        for j, pooling in enumerate(poolings):
+            vec = result.vectors[j][i]
+            head = ", ".join(f"{v:+.4f}" for v in vec[:6])
+            note = " (truncated)" if result.truncated[i] else ""
+            print(f"{kind} {value!r}{note} {pooling.name} dim={len(vec)} [{head}, ...]")
+    return 0

@@ -1,0 +1,162 @@
+"""One forward pass per tower, returning token features in the joint space and the native embedding.
+
+Per pooling.md: ViT tokens are `ln_post(h)[:, 1:] @ proj` (CLS excluded); ModifiedResNet tokens are
+the final feature map passed per location through the attention pool's value and output projections
+(MaskCLIP); text tokens are `ln_final(x) @ text_projection` with SOT..EOT masked in. The native output
+is computed by the same operations open_clip's encode_image / encode_text run, so it equals them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
+from embedsvc.errors import EmptyText, UnsupportedModel
+from embedsvc.models.loader import LoadedModel
+
+
+class ClipEncoder:
+    """Wraps a loaded open_clip model; stateless apart from it, so one instance serves all threads."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 64):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.max_batch = max_batch
+        self._text = _text_tower(self.model, loaded.spec.name)
+        if loaded.vision_tower == "vit":
+            _check_vit(self.model.visual, loaded.spec.name)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's own transform (resize to its input size, crop, normalise), stacked on CPU."""
+        return torch.stack([self.loaded.preprocess(image) for image in images])
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor) -> TokenFeatures:
+        """Encodes decoded RGB images (or an already preprocessed [B, 3, H, W] batch)."""
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        parts = [self._encode_pixels(chunk) for chunk in torch.split(pixels, self.max_batch)]
+        return _concat(parts)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> TokenFeatures:
+        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        visual = self.model.visual
+        if self.loaded.vision_tower == "vit":
+            x = visual._embeds(pixels)
+            x = visual.transformer(x)
+            pooled, tokens = visual._pool(x)
+            if visual.final_ln_after_pool:  # CLIPA: tokens come back before ln_post
+                tokens = visual.ln_post(tokens)
+            native = pooled @ visual.proj
+            tokens = tokens @ visual.proj
+            grid = tuple(visual.grid_size)
+        else:
+            x = visual.stem(pixels)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            native = visual.attnpool(x)
+            grid = (x.shape[2], x.shape[3])
+            dense = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+            pool = visual.attnpool
+            tokens = F.linear(F.linear(dense, pool.v_proj.weight, pool.v_proj.bias),
+                              pool.c_proj.weight, pool.c_proj.bias)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return TokenFeatures(IMAGE, tokens.float(), mask, native.float(), grid)
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Token ids [B, context] and, per text, whether it was cut to the context length."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise EmptyText(f"text input {i} is empty: send at least one non-blank character")
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer(list(texts))
+        context = ids.shape[1]
+        if hasattr(tokenizer, "encode"):
+            truncated = [len(tokenizer.encode(text)) + 2 > context for text in texts]
+        else:
+            truncated = [bool(row[-1] != 0) for row in ids]
+        return ids, truncated
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> TokenFeatures:
+        ids, truncated = self.tokenize(texts)
+        parts = [self._encode_ids(chunk) for chunk in torch.split(ids, self.max_batch)]
+        features = _concat(parts)
+        features.truncated = truncated
+        return features
+
+    def _encode_ids(self, ids: torch.Tensor) -> TokenFeatures:
+        from open_clip.transformer import text_global_pool
+
+        t = self._text
+        ids = ids.to(self.device)
+        cast_dtype = t["transformer"].get_cast_dtype()
+        x = t["token_embedding"](ids).to(cast_dtype)
+        x = x + t["positional_embedding"].to(cast_dtype)
+        x = t["transformer"](x, attn_mask=t["attn_mask"])
+        x = t["ln_final"](x)
+        pool_type, eos_id = t["pool_type"], t["eos_id"]
+        pooled = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
+        projection = t["projection"]
+        if isinstance(projection, torch.nn.Linear):
+            native, tokens = projection(pooled), projection(x)
+        else:
+            native, tokens = pooled @ projection, x @ projection
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        if pool_type == "argmax":
+            mask = positions[None, :] <= ids.argmax(dim=-1, keepdim=True)
+        elif pool_type == "eos":
+            mask = positions[None, :] <= (ids == eos_id).int().argmax(dim=-1, keepdim=True)
+        else:
+            mask = ids != t["pad_id"]
+        return TokenFeatures(TEXT, tokens.float(), mask, native.float())
+
+
+def _concat(parts: list[TokenFeatures]) -> TokenFeatures:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return TokenFeatures(
+        first.modality,
+        torch.cat([p.tokens for p in parts]),
+        torch.cat([p.mask for p in parts]),
+        torch.cat([p.native for p in parts]),
+        first.grid,
+    )
+
+
+def _check_vit(visual, name: str) -> None:
+    if visual.attn_pool is not None:
+        raise UnsupportedModel(f"model {name!r}: attentional-pool (CoCa-style) ViT tokens are learned queries, "
+                               f"not patches; embedsvc pools patch tokens of plain ViTs only")
+    if visual.pool_type not in ("tok", "avg"):
+        raise UnsupportedModel(f"model {name!r}: ViT pool_type {visual.pool_type!r} has no native pooled output")
+    if visual.proj is None:
+        raise UnsupportedModel(f"model {name!r}: ViT has no projection to the joint space")
+
+
+def _text_tower(model, name: str) -> dict:
+    """The text tower's parts, for open_clip's CLIP (flattened tower) and CustomTextCLIP alike."""
+    from open_clip.transformer import TextTransformer
+
+    if hasattr(model, "token_embedding"):  # CLIP keeps the text tower's modules on the model itself
+        return dict(token_embedding=model.token_embedding, positional_embedding=model.positional_embedding,
+                    transformer=model.transformer, attn_mask=model.attn_mask, ln_final=model.ln_final,
+                    projection=model.text_projection, pool_type=model.text_pool_type,
+                    eos_id=getattr(model, "text_eos_id", None), pad_id=0)
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
+        return dict(token_embedding=text.token_embedding, positional_embedding=text.positional_embedding,
+                    transformer=text.transformer, attn_mask=text.attn_mask, ln_final=text.ln_final,
+                    projection=text.text_projection, pool_type=text.pool_type, eos_id=text.eos_id,
+                    pad_id=text.pad_id)
+    raise UnsupportedModel(f"model {name!r}: text tower {type(text).__name__} exposes no token features embedsvc "
+                           f"can pool; use an open_clip model with the built-in text transformer")

@@ -1,0 +1,74 @@
+"""Domain errors of embedsvc's core.
+
+The core never imports grpc: each error belongs to one category below, and the service layer maps
+categories to status codes in one place. Messages are written for the person who must act on them.
+"""
+
+from __future__ import annotations
+
+
+class EmbedsvcError(Exception):
+    """Base of every error embedsvc raises on purpose."""
+
+
+class InvalidInput(EmbedsvcError, ValueError):
+    """The request itself is wrong (bad value, malformed image, unknown parameter)."""
+
+
+class NotFound(EmbedsvcError, LookupError):
+    """A named thing (model, collection, item) does not exist."""
+
+
+class AlreadyExists(EmbedsvcError):
+    """A thing with that name exists already."""
+
+
+class FailedPrecondition(EmbedsvcError):
+    """The request is valid but the system is not in a state to serve it (e.g. unfitted pooling)."""
+
+
+class ResourceExhausted(EmbedsvcError):
+    """A limit was reached (queue full, too many items); retry later or send less."""
+
+
+# --- specific errors, each in one category -------------------------------------------------------
+
+
+class UnknownModel(NotFound):
+    """No model of that name is registered."""
+
+
+class WeightsUnavailable(FailedPrecondition):
+    """The model's weights are not on this machine and will not be downloaded."""
+
+
+class UnsupportedModel(FailedPrecondition):
+    """The model loads but its towers expose no token features we can pool."""
+
+
+class UnknownPooling(InvalidInput):
+    """No pooling of that name is registered."""
+
+
+class InvalidPoolingParams(InvalidInput):
+    """A pooling parameter is unknown or out of range."""
+
+
+class ModalityNotSupported(FailedPrecondition):
+    """The pooling cannot be applied to this modality (e.g. spatial pyramid on text)."""
+
+
+class PoolingNotFitted(FailedPrecondition):
+    """A learned pooling (NetVLAD) was used before its state was fitted or loaded."""
+
+
+class ImageDecodeError(InvalidInput):
+    """The bytes are not a decodable image of a supported format."""
+
+
+class ImageTooLarge(InvalidInput):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class EmptyText(InvalidInput):
+    """A text input is empty or only whitespace."""

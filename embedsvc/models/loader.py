@@ -1,0 +1,186 @@
+"""Loads an open_clip model from a spec, never downloading: weights come from disk or nowhere."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from embedsvc.errors import InvalidInput, UnsupportedModel, WeightsUnavailable
+from embedsvc.models.device import resolve_device, resolve_precision, torch_dtype
+from embedsvc.models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what encoding needs alongside it."""
+
+    # The spec it was loaded from.
+    spec: ModelSpec
+    # The open_clip model, in eval mode, on `device`.
+    model: torch.nn.Module
+    # The model's own validation transform: PIL image -> [3, H, W] tensor.
+    preprocess: Callable[[Any], torch.Tensor]
+    # The model's tokenizer: list[str] -> [B, context_length] token ids.
+    tokenizer: Any
+    # Where the model runs.
+    device: torch.device
+    # Compute dtype of the weights.
+    dtype: torch.dtype
+    # Joint embedding dimension.
+    embed_dim: int
+    # Input side in pixels.
+    image_size: int
+    # Text context length in tokens.
+    context_length: int
+    # "vit" or "resnet".
+    vision_tower: str
+    # Seconds the load took.
+    load_seconds: float
+
+
+def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
+               cache_dir: Optional[str] = None) -> LoadedModel:
+    """Builds the architecture, loads its weights strictly, and puts it in eval mode on the device."""
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+    from open_clip.modified_resnet import ModifiedResNet
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    open_clip_precision = resolve_precision(precision, torch_device)
+    if spec.config_file is not None:
+        _register_architecture(spec)
+
+    kwargs: dict[str, Any] = {}
+    if spec.checkpoint is not None:
+        kwargs["pretrained"] = _checked_checkpoint(spec.checkpoint)
+    elif spec.pretrained is not None:
+        path, tag_cfg = _cached_pretrained_file(spec.architecture, spec.pretrained, cache_dir)
+        kwargs["pretrained"] = path
+        for ours, theirs in (("image_mean", "mean"), ("image_std", "std"),
+                             ("image_interpolation", "interpolation"), ("image_resize_mode", "resize_mode")):
+            if tag_cfg.get(theirs) is not None:
+                kwargs[ours] = tag_cfg[theirs]
+        if tag_cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.architecture, device=torch_device, precision=open_clip_precision, **kwargs
+        )
+    except RuntimeError as exc:  # open_clip reports state-dict mismatches as RuntimeError
+        raise InvalidInput(
+            f"could not load model {spec.name!r} ({spec.architecture}, weights {spec.weights}): {exc}"
+        ) from exc
+    model.eval()
+
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, VisionTransformer):
+        vision_tower = "vit"
+    elif isinstance(visual, ModifiedResNet):
+        vision_tower = "resnet"
+    else:
+        raise UnsupportedModel(
+            f"model {spec.name!r}: vision tower {type(visual).__name__} exposes no token features embedsvc "
+            f"can pool; use a native open_clip ViT or ModifiedResNet (RN50...) architecture"
+        )
+    image_size = visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    elapsed = time.perf_counter() - started
+    loaded = LoadedModel(
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(spec.architecture),
+        device=torch_device,
+        dtype=torch_dtype(open_clip_precision),
+        embed_dim=int(visual.output_dim),
+        image_size=int(image_size),
+        context_length=int(model.context_length),
+        vision_tower=vision_tower,
+        load_seconds=elapsed,
+    )
+    log.info("loaded model %s (%s, %s) on %s as %s in %.1fs", spec.name, spec.architecture, spec.weights,
+             torch_device, open_clip_precision, elapsed)
+    return loaded
+
+
+def _register_architecture(spec: ModelSpec) -> None:
+    import open_clip
+
+    path = Path(spec.config_file)
+    if not path.is_file():
+        raise WeightsUnavailable(f"model {spec.name!r}: config file {path} does not exist")
+    if path.stem != spec.architecture:
+        raise InvalidInput(f"model {spec.name!r}: config file must be named {spec.architecture}.json, got {path.name}")
+    open_clip.add_model_config(str(path))
+
+
+def _checked_checkpoint(checkpoint: str) -> str:
+    path = Path(checkpoint)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise InvalidInput(
+            f"checkpoint {path} has suffix {path.suffix!r}; expected one of {', '.join(CHECKPOINT_SUFFIXES)} "
+            f"(an open_clip state dict)"
+        )
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"checkpoint file {path} does not exist: give the path of an open_clip state dict "
+            f"(.pt/.bin/.safetensors) saved with torch.save(model.state_dict()) or safetensors"
+        )
+    if path.stat().st_size == 0:
+        raise InvalidInput(f"checkpoint file {path} is empty")
+    return str(path)
+
+
+def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str]) -> tuple[str, dict]:
+    """Finds a pretrained tag's weights in the local caches; never downloads."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(architecture, tag)
+    if not cfg:
+        tags = ", ".join(list_pretrained_tags_by_model(architecture)) or "none"
+        raise InvalidInput(f"{architecture} has no pretrained tag {tag!r}; known tags: {tags}")
+    if cfg.get("file"):
+        if os.path.isfile(cfg["file"]):
+            return cfg["file"], cfg
+    candidates: list[str] = []
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = _hf_cached(repo_id, name, cache_dir)
+            if found:
+                return found, cfg
+            candidates.append(f"Hugging Face repo {repo_id}, file {name}")
+    url = cfg.get("url", "")
+    if url:
+        target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(target):
+            return target, cfg
+        candidates.append(f"{url} saved as {target}")
+    raise WeightsUnavailable(
+        f"weights for {architecture} pretrained={tag!r} are not on this machine, and embedsvc does not download "
+        f"at run time. Fetch them where there is network ({'; or '.join(candidates)}) and copy them here, "
+        f"or pass a local checkpoint file instead (--checkpoint PATH, or a model spec with checkpoint=...)"
+    )
+
+
+def _hf_cached(repo_id: str, filename: str, cache_dir: Optional[str]) -> Optional[str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+    return found if isinstance(found, str) else None

@@ -1,0 +1,96 @@
+"""The model registry: a dict of named specs, plus ad-hoc specs built from an architecture name.
+
+A spec says which open_clip architecture to build and where its weights come from: an open_clip
+pretrained tag (resolved from the local cache only), a local checkpoint file, the package's bundled
+assets, or random initialisation (tests and benchmarks only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from embedsvc.errors import InvalidInput, UnknownModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to load one model."""
+
+    # Registry name, used in the proto, the CLI and collection configs.
+    name: str
+    # open_clip architecture name (built-in, or the stem of `config_file`).
+    architecture: str
+    # open_clip pretrained tag (e.g. "laion2b_s34b_b79k"); weights must already be in the local cache.
+    pretrained: Optional[str] = None
+    # Local checkpoint in open_clip state-dict format (.pt, .pth, .bin or .safetensors).
+    checkpoint: Optional[str] = None
+    # open_clip model-config JSON for an architecture open_clip does not ship; registered on load.
+    config_file: Optional[str] = None
+    # Build with random weights. Only for tests and benchmarks: retrieval results are meaningless.
+    random_init: bool = False
+    # One line for ListModels.
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        sources = [self.pretrained is not None, self.checkpoint is not None, self.random_init]
+        if sum(sources) != 1:
+            raise InvalidInput(
+                f"model {self.name!r}: give exactly one weight source (pretrained tag, checkpoint file, "
+                f"or random_init=True), got {sum(sources)}"
+            )
+
+    @property
+    def weights(self) -> str:
+        """A short human description of where the weights come from."""
+        if self.pretrained is not None:
+            return f"pretrained:{self.pretrained}"
+        if self.checkpoint is not None:
+            return f"checkpoint:{self.checkpoint}"
+        return "random"
+
+
+MODEL_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Adds a spec to the registry; a name is registered once unless `replace` is set."""
+    if spec.name in MODEL_REGISTRY and not replace and MODEL_REGISTRY[spec.name] != spec:
+        raise InvalidInput(f"model name {spec.name!r} is already registered with another spec")
+    MODEL_REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """Looks a name up in the registry."""
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(MODEL_REGISTRY)) or "none"
+        raise UnknownModel(
+            f"unknown model {name!r}; registered models: {known}. To load an open_clip architecture, "
+            f"give its name with a weight source (--pretrained TAG or --checkpoint PATH)"
+        ) from None
+
+
+def resolve_model_spec(
+    name: str,
+    *,
+    pretrained: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    random_init: bool = False,
+) -> ModelSpec:
+    """A registered name, or (with a weight source) an open_clip architecture built ad hoc."""
+    if pretrained is None and checkpoint is None and not random_init:
+        return get_model_spec(name)
+    import open_clip  # deferred: importing it costs a second and not every caller needs it
+
+    if name not in open_clip.list_models():
+        raise UnknownModel(
+            f"unknown open_clip architecture {name!r}; see open_clip.list_models() (e.g. ViT-B-32, RN50)"
+        )
+    if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).expanduser())
+    return ModelSpec(name=name, architecture=name, pretrained=pretrained, checkpoint=checkpoint,
+                     random_init=random_init)

@@ -1,0 +1,46 @@
+"""Pure pooling functions over token features: (tokens [B, N, D], mask [B, N]) -> [B, D].
+
+None of them normalise their output; the registry L2-normalises every pooling's result once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return F.normalize(x, p=2.0, dim=dim, eps=EPS)
+
+
+def _weights(mask: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask as [B, N, 1] float weights and the per-row token count [B, 1] (at least 1)."""
+    w = mask.to(like.dtype).unsqueeze(-1)
+    return w, w.sum(dim=1).clamp_min(1.0)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global average pooling over the real tokens."""
+    w, count = _weights(mask, tokens)
+    return (tokens * w).sum(dim=1) / count
+
+
+def masked_max(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global max pooling per dimension over the real tokens."""
+    filled = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    return filled.amax(dim=1)
+
+
+def signed_gem(tokens: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Generalised mean for signed features: m = mean(sign(x)|x|^p), out = sign(m)|m|^(1/p).
+
+    On non-negative features this is GeM (Radenovic et al.) exactly; p=1 is the mean, and growing p
+    moves towards the signed value of largest magnitude per dimension. Projected CLIP features are
+    signed, so plain x^p (undefined for x<0 and fractional p) cannot be used.
+    """
+    w, count = _weights(mask, tokens)
+    powered = tokens.sign() * tokens.abs().pow(p)
+    m = (powered * w).sum(dim=1) / count
+    return m.sign() * m.abs().pow(1.0 / p)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs embedsvc with its dev extra into .venv (idempotently) and runs the test suite.
+# Extra arguments go to pytest. Slow tests (training, soak) are skipped unless EMBEDSVC_SLOW=1.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/bootstrap.sh" dev
+venv=${EMBEDSVC_VENV:-$root/.venv}
+cd "$root"
+marker=("-m" "not slow")
+[ "${EMBEDSVC_SLOW:-0}" = "1" ] && marker=()
+exec "$venv/bin/python" -m pytest "${marker[@]}" "$@"
