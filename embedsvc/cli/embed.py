@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import EmptyText, InvalidInput
 
 
 class _AppendInput(argparse.Action):
@@ -59,23 +59,29 @@ def load_encoder(args):
 
 
 def run(args) -> int:
-    from embedsvc.encoder import embed
+    from embedsvc.encoder import decode_image, embed
     from embedsvc.pooling import NetVLADState, bind_pooling
 
     if not args.inputs:
         raise InvalidInput("nothing to embed: give at least one --text or --image")
     state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
     poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
-    inputs, labels = [], []
+    inputs = []
     for kind, value in args.inputs:
         if kind == "text":
+            if not value.strip():
+                raise EmptyText("a --text value is empty: give at least one non-blank character")
             inputs.append(value)
         else:
             path = Path(value)
             if not path.is_file():
                 raise InvalidInput(f"image file {path} does not exist")
-            inputs.append(path.read_bytes())
-        labels.append(value)
+            inputs.append(decode_image(path.read_bytes()))
+    for pooling in poolings:
+        pooling.check_ready()
+    for modality in {kind for kind, _ in args.inputs}:  # refuse before paying for the model load
+        for pooling in poolings:
+            pooling.check_modality(modality)
     encoder = load_encoder(args)
     result = embed(encoder, inputs, poolings, keep_features=args.tokens)
     if args.json:

@@ -39,6 +39,8 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
     """Texts are str, images are encoded bytes or PIL images. Every pooling is checked against every
     modality present before any forward pass, so a refused combination costs no compute."""
     modalities = [modality_of(item) for item in inputs]
+    for pooling in poolings:
+        pooling.check_ready()
     for modality in set(modalities):
         for pooling in poolings:
             pooling.check_modality(modality)

@@ -39,7 +39,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             return _to_rgb(image)
     except ImageTooLarge:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires inside open() for sizes far over its default; same meaning as ours.
+        raise ImageTooLarge(f"image is too large to decode safely ({exc}); the limit is {max_pixels:,} pixels: "
+                            f"downscale it before sending") from exc
+    except UnidentifiedImageError as exc:
         raise ImageDecodeError(
             f"could not decode image ({len(data)} bytes): not a JPEG, PNG, WebP or GIF file ({exc})"
         ) from exc

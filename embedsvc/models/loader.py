@@ -78,7 +78,8 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         model, _, preprocess = open_clip.create_model_and_transforms(
             spec.architecture, device=torch_device, precision=open_clip_precision, **kwargs
         )
-    except RuntimeError as exc:  # open_clip reports state-dict mismatches as RuntimeError
+    except Exception as exc:  # noqa: BLE001 - mismatches surface as RuntimeError, AssertionError, KeyError,
+        # unpickling or safetensors errors depending on where they are found; all mean "wrong file".
         raise InvalidInput(
             f"could not load model {spec.name!r} ({spec.architecture}, weights {spec.weights}): {exc}"
         ) from exc

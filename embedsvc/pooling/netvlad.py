@@ -134,7 +134,7 @@ def fit_netvlad(token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]], cluster
                                f"{vlads.shape[1]} dims; got {len(vlads)} samples")
         pca = faiss.PCAMatrix(vlads.shape[1], pca_dim, -0.5)
         pca.train(vlads)
-        matrix = faiss.vector_to_array(pca.A).reshape(vlads.shape[1], vlads.shape[1])[:pca_dim]
+        matrix = faiss.vector_to_array(pca.A).reshape(pca_dim, vlads.shape[1])  # y = A (x - mean)
         mean = faiss.vector_to_array(pca.mean)
         state = NetVLADState(state.centroids, alpha, torch.from_numpy(mean.copy()),
                              torch.from_numpy(np.ascontiguousarray(matrix)))

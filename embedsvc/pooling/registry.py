@@ -170,9 +170,7 @@ def _gem(f: TokenFeatures, params: GemParams, state) -> torch.Tensor:
 
 
 def _netvlad(f: TokenFeatures, params: NetVLADParams, state: Optional[NetVLADState]) -> torch.Tensor:
-    if state is None:
-        raise PoolingNotFitted("netvlad has no fitted codebook: fit it first (FitPooling / `embedsvc fit`) "
-                               "or load a saved NetVLAD state")
+    assert state is not None, "BoundPooling.check_ready refuses an unfitted netvlad"
     if f.modality == TEXT and params.text_descriptors == "native":
         return state(f.native.unsqueeze(1), torch.ones_like(f.mask[:, :1]))
     return state(f.tokens, f.mask)
@@ -259,8 +257,15 @@ class BoundPooling:
         if reason:
             raise ModalityNotSupported(reason)
 
+    def check_ready(self) -> None:
+        """Refuses a learned pooling without state, before any compute is spent on it."""
+        if self.definition.requires_fit and self.state is None:
+            raise PoolingNotFitted(f"{self.name} has no fitted codebook: fit it first (FitPooling / "
+                                   f"`embedsvc fit`) or load a saved state (--pooling-state)")
+
     def __call__(self, features: TokenFeatures) -> torch.Tensor:
         """[B, out] L2-normalised float32 vectors."""
+        self.check_ready()
         self.check_modality(features.modality)
         return l2_normalize(self.definition.fn(features, self.params, self.state).float())
 

@@ -1,0 +1,107 @@
+"""Shared fixtures: real open_clip models with random weights saved as local checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: tests must never reach a hub
+
+TINY_ARCH = "embedsvc-test-tiny-vit"
+TINY_RN_ARCH = "embedsvc-test-tiny-rn"
+TINY_VIT_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_RN_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "patch_size": None},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _save_random(arch: str, path: Path, seed: int = 0) -> Path:
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _tiny_spec(model_dir: Path, arch: str, config: dict, suffix: str = ".pt"):
+    import open_clip
+
+    from embedsvc.models import ModelSpec
+
+    config_file = model_dir / f"{arch}.json"
+    config_file.write_text(json.dumps(config))
+    open_clip.add_model_config(str(config_file))
+    checkpoint = _save_random(arch, model_dir / f"{arch}{suffix}")
+    return ModelSpec(name=arch, architecture=arch, checkpoint=str(checkpoint), config_file=str(config_file))
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(model_dir):
+    """A 2-layer ViT CLIP (32 px, 4x4 patch grid, 32-d joint space) from a local checkpoint."""
+    return _tiny_spec(model_dir, TINY_ARCH, TINY_VIT_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_spec(model_dir):
+    """A small ModifiedResNet CLIP (64 px, 2x2 grid) from a local .safetensors checkpoint."""
+    return _tiny_spec(model_dir, TINY_RN_ARCH, TINY_RN_CONFIG, ".safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_spec):
+    from embedsvc.encoder import ClipEncoder
+    from embedsvc.models import load_model
+
+    return ClipEncoder(load_model(tiny_spec))
+
+
+@pytest.fixture(scope="session")
+def vit_b32_checkpoint(model_dir) -> Path:
+    return _save_random("ViT-B-32", model_dir / "ViT-B-32.pt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def rn50_checkpoint(model_dir) -> Path:
+    return _save_random("RN50", model_dir / "RN50.safetensors", seed=2)
+
+
+def png_bytes(size=(48, 40), color=(200, 30, 30), mode="RGB", fmt="PNG", **save_kwargs) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new(mode, size, color)
+    ImageDraw.Draw(image).ellipse((4, 4, size[0] // 2, size[1] // 2), fill=(20, 20, 220) if mode == "RGB" else None)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()

@@ -1,0 +1,83 @@
+"""`embedsvc embed` as a user runs it: a real subprocess, real checkpoints, JSON compared to open_clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import png_bytes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch, fixture", [("ViT-B-32", "vit_b32_checkpoint"), ("RN50", "rn50_checkpoint")])
+def test_embed_json_cls_equals_open_clip(arch, fixture, request, tmp_path):
+    import open_clip
+
+    checkpoint = request.getfixturevalue(fixture)
+    image_path = tmp_path / "scene.png"
+    image_path.write_bytes(png_bytes(size=(120, 90)))
+    proc = run_cli("embed", "--model", arch, "--checkpoint", str(checkpoint), "--pooling", "cls", "--pooling", "avg",
+                   "--text", "a small red circle", "--image", str(image_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [r["modality"] for r in out["results"]] == ["text", "image"]
+
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(checkpoint))
+    model.eval()
+    from PIL import Image
+
+    with torch.no_grad():
+        text_ref = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(["a small red circle"])), dim=-1)[0]
+        image_ref = F.normalize(model.encode_image(preprocess(Image.open(image_path).convert("RGB"))[None]), dim=-1)[0]
+    text_cls = np.array(out["results"][0]["embeddings"]["cls"], dtype=np.float32)
+    image_cls = np.array(out["results"][1]["embeddings"]["cls"], dtype=np.float32)
+    assert np.abs(text_cls - text_ref.numpy()).max() < 1e-5
+    assert np.abs(image_cls - image_ref.numpy()).max() < 1e-5
+    assert len(out["results"][1]["embeddings"]["avg"]) == model.visual.output_dim
+
+
+def test_embed_tokens_json(vit_b32_checkpoint, tmp_path):
+    image_path = tmp_path / "scene.webp"
+    image_path.write_bytes(png_bytes(fmt="WEBP"))
+    proc = run_cli("embed", "--model", "ViT-B-32", "--checkpoint", str(vit_b32_checkpoint), "--text", "hi there",
+                   "--image", str(image_path), "--pooling", "max", "--json", "--tokens")
+    assert proc.returncode == 0, proc.stderr
+    text, image = json.loads(proc.stdout)["results"]
+    assert np.array(text["tokens"]).shape == (4, 512)  # SOT, hi, there, EOT
+    assert np.array(image["tokens"]).shape == (49, 512) and image["grid"] == [7, 7]
+    tokens = np.array(image["tokens"], dtype=np.float32)
+    expected = tokens.max(0) / np.linalg.norm(tokens.max(0))
+    assert np.abs(np.array(image["embeddings"]["max"]) - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
+    (["--model", "ViT-B-32", "--checkpoint", "/nonexistent/w.pt", "--text", "x"], "does not exist"),
+    (["--model", "ViT-B-32", "--random-init", "--text", "   "], "empty"),
+    (["--model", "ViT-B-32", "--random-init", "--pooling", "spp:combine=concat", "--text", "a"], "combine=sum"),
+    (["--model", "ViT-B-32", "--random-init", "--pooling", "netvlad", "--text", "a"], "no fitted codebook"),
+    (["--model", "ViT-B-32", "--random-init", "--pooling", "bogus", "--text", "a"], "unknown pooling 'bogus'"),
+    (["--model", "ViT-B-32", "--random-init", "--image", "/nonexistent.png"], "does not exist"),
+    (["--model", "ViT-B-32", "--random-init"], "nothing to embed"),
+])
+def test_embed_errors_are_messages_not_tracebacks(args, message):
+    proc = run_cli("embed", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_embed_corrupt_image(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    proc = run_cli("embed", "--model", "ViT-B-32", "--random-init", "--image", str(bad))
+    assert proc.returncode == 2 and "could not decode image" in proc.stderr and "Traceback" not in proc.stderr
