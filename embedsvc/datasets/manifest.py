@@ -1,0 +1,63 @@
+"""Reading image-caption manifests (CSV or JSONL) as users keep them: id, path, caption, metadata."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from embedsvc.errors import InvalidInput
+
+RESERVED = ("id", "path", "caption")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    # Item id (the manifest's `id` column, else the path relative to the manifest).
+    id: str
+    # Image path, resolved against the manifest's folder when relative.
+    path: Path
+    # Caption, or None when the manifest has none.
+    caption: str | None
+    # Every other column.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Rows of a .csv (header required) or .jsonl manifest; `path` is required in every row."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"manifest {path} does not exist")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+    elif path.suffix in (".jsonl", ".ndjson"):
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise InvalidInput(f"{path}:{number}: not valid JSON ({exc})") from None
+    else:
+        raise InvalidInput(f"manifest {path}: expected a .csv or .jsonl file")
+    if not records:
+        raise InvalidInput(f"manifest {path} has no rows")
+    rows = []
+    for number, record in enumerate(records, 1):
+        raw_path = record.get("path")
+        if not raw_path:
+            raise InvalidInput(f"{path}: row {number} has no 'path' value")
+        image_path = Path(raw_path)
+        if not image_path.is_absolute():
+            image_path = path.parent / image_path
+        rows.append(ManifestRow(
+            id=str(record.get("id") or raw_path),
+            path=image_path,
+            caption=record.get("caption") or None,
+            metadata={k: v for k, v in record.items() if k not in RESERVED and v not in (None, "")},
+        ))
+    return rows

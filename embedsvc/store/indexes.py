@@ -1,0 +1,338 @@
+"""Vector indexes: one interface, a FAISS implementation and a numpy brute-force one.
+
+The FAISS implementation is derived state over the store's log: it can be rebuilt from the stored
+vectors at any time. Index types come from a registry of presets or any FAISS factory string.
+Indexes that need training (IVF, PQ) answer with exact search until enough vectors arrive, then
+train on what they hold. Indexes that cannot remove (HNSW) mark deletions as tombstones, filtered
+out at search time, and ask for a rebuild when tombstones pass a share of the live items.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from embedsvc.errors import InvalidInput
+
+METRICS = ("cosine", "inner_product")
+
+
+@dataclass(frozen=True)
+class IndexPreset:
+    # Registry name, as in CollectionConfig.index.
+    name: str
+    # One line for docs and errors.
+    description: str
+    # (dim, vectors available for training) -> FAISS factory string.
+    factory: Callable[[int, int], str]
+    # Vectors needed before the index is trained; 0 when it needs none.
+    train_min: int = 0
+
+
+def ivf_lists(n: int) -> int:
+    """IVF cells for n vectors: about 2 sqrt(n), at least 39 training points per cell, 16..4096."""
+    return int(max(1, min(4096, max(16, 2 * math.isqrt(max(n, 1))), n // 39)))
+
+
+def pq_subquantizers(dim: int) -> int:
+    """The largest divisor of dim not above dim / 4: one byte per 4 dimensions (16x smaller than float32)."""
+    return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+
+
+INDEX_PRESETS: dict[str, IndexPreset] = {
+    p.name: p
+    for p in (
+        IndexPreset("flat", "exact inner-product search", lambda dim, n: "Flat"),
+        IndexPreset("hnsw", "HNSW graph, M=32 (deletions as tombstones)", lambda dim, n: "HNSW32"),
+        IndexPreset("ivf", "inverted lists (~2 sqrt(n) cells), exact until 2048 vectors",
+                    lambda dim, n: f"IVF{ivf_lists(n)},Flat", train_min=2048),
+        IndexPreset("ivfpq", "inverted lists with 8-bit product quantisation, exact until 4096 vectors",
+                    lambda dim, n: f"IVF{ivf_lists(n)},PQ{pq_subquantizers(dim)}x8", train_min=4096),
+    )
+}
+
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+# A filter this selective (allowed share of live items) is answered exactly over the allowed vectors
+# where the index can reconstruct them, because graph search degrades under such filters.
+EXACT_FILTER_SHARE = 0.05
+EXACT_FILTER_MIN = 2000
+# Rebuild a tombstoning index once tombstones exceed this share of live items.
+TOMBSTONE_REBUILD_SHARE = 0.2
+
+
+def _faiss_metric(metric: str):
+    import faiss
+
+    return faiss.METRIC_INNER_PRODUCT  # cosine = inner product on normalised vectors
+
+
+def validate_index_kind(kind: str, dim: int, metric: str) -> None:
+    """Refuses an unknown preset or a factory string FAISS cannot build, at collection creation."""
+    import faiss
+
+    if metric not in METRICS:
+        raise InvalidInput(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if kind in INDEX_PRESETS:
+        return
+    try:
+        faiss.index_factory(dim, kind, _faiss_metric(metric))
+    except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
+        first_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"bad index type {kind!r} for dimension {dim}: not a preset ({', '.join(INDEX_PRESETS)}) "
+                           f"and FAISS cannot build it as a factory string ({first_line})") from None
+
+
+class VectorIndex(Protocol):
+    """What the store needs of an index; labels are int64 and unique among live items."""
+
+    dim: int
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def remove(self, labels: np.ndarray) -> None: ...
+
+    def search(self, queries: np.ndarray, k: int, allowed: Optional[np.ndarray] = None, nprobe: int = 0,
+               ef_search: int = 0) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _pad(scores: list, labels: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_s = np.full((len(scores), k), -np.inf, dtype=np.float32)
+    out_l = np.full((len(scores), k), -1, dtype=np.int64)
+    for i, (s, l) in enumerate(zip(scores, labels)):
+        out_s[i, :len(s)] = s[:k]
+        out_l[i, :len(l)] = l[:k]
+    return out_s, out_l
+
+
+class BruteForceIndex:
+    """Exact inner-product search in numpy: the reference the FAISS index is checked against."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.vectors: dict[int, np.ndarray] = {}
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        for label, vector in zip(labels.tolist(), vectors):
+            self.vectors[label] = np.asarray(vector, dtype=np.float32)
+
+    def remove(self, labels: np.ndarray) -> None:
+        for label in labels.tolist():
+            self.vectors.pop(label, None)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
+        labels = np.array(sorted(self.vectors if allowed is None else set(allowed.tolist()) & set(self.vectors)),
+                          dtype=np.int64)
+        if not len(labels):
+            return _pad([[]] * len(queries), [[]] * len(queries), k)
+        matrix = np.stack([self.vectors[label] for label in labels.tolist()])
+        scores = np.asarray(queries, dtype=np.float32) @ matrix.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return _pad([s[o] for s, o in zip(scores, order)], [labels[o] for o in order], k)
+
+
+class FaissIndex:
+    """A FAISS index behind the VectorIndex interface, with training, tombstones and serialisation."""
+
+    def __init__(self, kind: str, dim: int, metric: str = "cosine"):
+        import faiss
+
+        validate_index_kind(kind, dim, metric)
+        self.kind, self.dim, self.metric = kind, dim, metric
+        self.preset = INDEX_PRESETS.get(kind)
+        self.tombstones: set[int] = set()
+        self.index = None  # the real index, once built (and trained)
+        self.exact = faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(metric)))  # until then
+        if not self._needs_training(self._factory(0)):
+            self.index, self.exact = self._build(self._factory(0)), None
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _factory(self, n: int) -> str:
+        return self.preset.factory(self.dim, n) if self.preset else self.kind
+
+    def _needs_training(self, factory: str) -> bool:
+        import faiss
+
+        return not faiss.index_factory(self.dim, factory, _faiss_metric(self.metric)).is_trained
+
+    def train_min(self) -> int:
+        if self.preset:
+            return self.preset.train_min
+        import faiss
+
+        base = faiss.index_factory(self.dim, self.kind, _faiss_metric(self.metric))
+        ivf = faiss.try_extract_index_ivf(base)
+        return max(1024, 39 * ivf.nlist) if ivf is not None else 1024
+
+    def _build(self, factory: str):
+        import faiss
+
+        base = faiss.index_factory(self.dim, factory, _faiss_metric(self.metric))
+        hnsw = _hnsw_of(base)
+        if hnsw is not None:
+            hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+        if faiss.try_extract_index_ivf(base) is not None:
+            return base  # IVF stores ids itself and removes by id
+        return faiss.IndexIDMap2(base)
+
+    @property
+    def trained(self) -> bool:
+        return self.index is not None
+
+    @property
+    def factory_string(self) -> str:
+        return self._factory(0) if self.index is None else getattr(self, "_built_factory", self._factory(0))
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not len(labels):
+            return
+        if self.index is not None:
+            self.index.add_with_ids(vectors, labels)
+            return
+        self.exact.add_with_ids(vectors, labels)
+        if self.exact.ntotal >= self.train_min():
+            self._train_from_exact()
+
+    def _train_from_exact(self) -> None:
+        import faiss
+
+        n = self.exact.ntotal
+        vectors = self.exact.index.reconstruct_n(0, n)
+        labels = faiss.vector_to_array(self.exact.id_map).astype(np.int64)
+        factory = self._factory(n)
+        index = self._build(factory)
+        sample = vectors if n <= 200_000 else vectors[np.random.default_rng(0).choice(n, 200_000, replace=False)]
+        index.train(sample)
+        index.add_with_ids(vectors, labels)
+        self.index, self.exact, self._built_factory = index, None, factory
+
+    def remove(self, labels: np.ndarray) -> None:
+        import faiss
+
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if not len(labels):
+            return
+        target = self.index if self.index is not None else self.exact
+        try:
+            target.remove_ids(faiss.IDSelectorBatch(labels))
+        except RuntimeError:  # HNSW and other graph indexes cannot remove
+            self.tombstones.update(labels.tolist())
+
+    def needs_rebuild(self, live: int) -> bool:
+        return len(self.tombstones) > max(1000, TOMBSTONE_REBUILD_SHARE * live)
+
+    def rebuild(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        """Starts over from the live items (the store passes them from its source of truth)."""
+        fresh = FaissIndex(self.kind, self.dim, self.metric)
+        fresh.add(labels, vectors)
+        self.__dict__.update(fresh.__dict__)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        target = self.index if self.index is not None else self.exact
+        return target.ntotal - len(self.tombstones)
+
+    def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        target = self.index if self.index is not None else self.exact
+        live = len(self)
+        if allowed is not None:
+            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+            if not len(allowed):
+                return _pad([[]] * len(queries), [[]] * len(queries), k)
+            if self.index is not None and _hnsw_of(self._base()) is not None and \
+                    len(allowed) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
+                return self._exact_over(queries, k, allowed)
+        selector = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+        elif self.tombstones:
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64)))
+        params = self._params(selector, allowed, live, k, nprobe, ef_search)
+        scores, labels = target.search(queries, k, params=params)
+        return scores, labels
+
+    def _base(self):
+        import faiss
+
+        index = self.index if self.index is not None else self.exact
+        return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+    def _params(self, selector, allowed, live, k, nprobe, ef_search):
+        import faiss
+
+        base = self._base() if self.index is not None else None
+        share = 1.0 if allowed is None or not live else min(1.0, len(allowed) / live)
+        ivf = faiss.try_extract_index_ivf(base) if base is not None else None
+        if ivf is not None:
+            probes = nprobe or max(32, ivf.nlist // 8)
+            if share < 1.0:  # visit enough cells to expect ~10k allowed candidates
+                probes = max(probes, math.ceil(ivf.nlist * min(1.0, 10 * k / max(1, len(allowed)))))
+            params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, probes))
+        elif base is not None and _hnsw_of(base) is not None:
+            ef = max(ef_search or HNSW_EF_SEARCH, k)
+            if share < 1.0:
+                ef = min(4096, max(ef, math.ceil(ef / share)))
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+        return params
+
+    def _exact_over(self, queries, k, allowed):
+        vectors = np.stack([self.index.reconstruct(int(label)) for label in allowed.tolist()])
+        scores = queries @ vectors.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return _pad([s[o] for s, o in zip(scores, order)], [allowed[o] for o in order], k)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
+        import faiss
+
+        target = self.index if self.index is not None else self.exact
+        header = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "trained": self.index is not None,
+                  "factory": self.factory_string}
+        arrays = {"index": faiss.serialize_index(target),
+                  "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
+        return header, arrays
+
+    @classmethod
+    def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
+        import faiss
+
+        self = cls.__new__(cls)
+        self.kind, self.dim, self.metric = header["kind"], header["dim"], header["metric"]
+        self.preset = INDEX_PRESETS.get(self.kind)
+        self.tombstones = set(arrays["tombstones"].tolist())
+        index = faiss.deserialize_index(arrays["index"])
+        if header["trained"]:
+            self.index, self.exact, self._built_factory = index, None, header["factory"]
+        else:
+            self.index, self.exact = None, index
+        return self
+
+
+def _hnsw_of(index):
+    import faiss
+
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexHNSW) else None

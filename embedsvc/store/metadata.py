@@ -1,0 +1,148 @@
+"""Item metadata: validation, filters, and an inverted index that turns a filter into a label set."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from embedsvc.errors import InvalidInput
+
+Value = Union[str, float, int, bool]
+MAX_KEY_BYTES = 128
+MAX_STRING_BYTES = 4096
+MAX_KEYS = 64
+
+
+def _typed(value: Value) -> tuple:
+    """A hashable key that keeps True apart from 1 and "1", while 1 == 1.0."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", float(value))
+    return ("s", value)
+
+
+def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") -> dict[str, Value]:
+    """Checks keys and values; returns a plain dict (numbers kept as given)."""
+    if not metadata:
+        return {}
+    prefix = f"{where}: " if where else ""
+    if len(metadata) > MAX_KEYS:
+        raise InvalidInput(f"{prefix}metadata has {len(metadata)} keys; at most {MAX_KEYS} are allowed")
+    out = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+            raise InvalidInput(f"{prefix}metadata key {key!r} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
+        if isinstance(value, bool) or isinstance(value, str):
+            if isinstance(value, str) and len(value.encode()) > MAX_STRING_BYTES:
+                raise InvalidInput(f"{prefix}metadata value of {key!r} is over {MAX_STRING_BYTES} bytes")
+        elif isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise InvalidInput(f"{prefix}metadata value of {key!r} is {value}; numbers must be finite")
+        else:
+            raise InvalidInput(f"{prefix}metadata value of {key!r} has type {type(value).__name__}; "
+                               f"use a string, number or boolean")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one key: equals, in (any of) or a numeric range (inclusive bounds)."""
+
+    key: str
+    equals: Optional[Value] = None
+    any_of: Optional[tuple[Value, ...]] = None
+    gte: Optional[float] = None
+    lte: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        kinds = sum([self.equals is not None, self.any_of is not None, self.gte is not None or self.lte is not None])
+        if kinds != 1:
+            raise InvalidInput(f"filter on {self.key!r} must have exactly one of equals, in, or a range")
+        if self.any_of is not None and not self.any_of:
+            raise InvalidInput(f"filter on {self.key!r}: 'in' needs at least one value")
+
+    def matches(self, metadata: Mapping[str, Value]) -> bool:
+        if self.key not in metadata:
+            return False
+        value = metadata[self.key]
+        if self.equals is not None:
+            return _typed(value) == _typed(self.equals)
+        if self.any_of is not None:
+            return _typed(value) in {_typed(v) for v in self.any_of}
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return (self.gte is None or value >= self.gte) and (self.lte is None or value <= self.lte)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """All conditions must hold."""
+
+    must: tuple[Condition, ...] = field(default_factory=tuple)
+
+    def matches(self, metadata: Mapping[str, Value]) -> bool:
+        return all(c.matches(metadata) for c in self.must)
+
+    @classmethod
+    def parse(cls, expressions: Iterable[str]) -> "Filter":
+        """CLI form: 'key=value' (value parsed as number/bool when it looks like one) or 'key=a|b|c' for in."""
+        conditions = []
+        for expression in expressions:
+            key, eq, raw = expression.partition("=")
+            if not eq or not key:
+                raise InvalidInput(f"filter {expression!r} must be written key=value or key=a|b")
+            values = tuple(_parse_scalar(v) for v in raw.split("|"))
+            conditions.append(Condition(key, any_of=values) if len(values) > 1 else Condition(key, equals=values[0]))
+        return cls(tuple(conditions))
+
+
+def _parse_scalar(raw: str) -> Value:
+    if raw in ("true", "false"):
+        return raw == "true"
+    try:
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        return raw
+
+
+class MetadataIndex:
+    """label -> metadata, and key -> typed value -> labels, for filter evaluation without a scan."""
+
+    def __init__(self) -> None:
+        self.by_label: dict[int, dict[str, Value]] = {}
+        self._postings: dict[str, dict[tuple, set[int]]] = defaultdict(lambda: defaultdict(set))
+
+    def add(self, label: int, metadata: Mapping[str, Value]) -> None:
+        self.by_label[label] = dict(metadata)
+        for key, value in metadata.items():
+            self._postings[key][_typed(value)].add(label)
+
+    def remove(self, label: int) -> None:
+        metadata = self.by_label.pop(label, None)
+        for key, value in (metadata or {}).items():
+            postings = self._postings[key][_typed(value)]
+            postings.discard(label)
+
+    def labels(self, flt: Filter) -> set[int]:
+        """Labels of live items matching every condition."""
+        result: Optional[set[int]] = None
+        for condition in flt.must:
+            postings = self._postings.get(condition.key, {})
+            if condition.equals is not None:
+                found = set(postings.get(_typed(condition.equals), ()))
+            elif condition.any_of is not None:
+                found = set().union(*(postings.get(_typed(v), set()) for v in condition.any_of))
+            else:
+                found = set()
+                for (kind, value), labels in postings.items():
+                    if kind == "n" and (condition.gte is None or value >= condition.gte) and \
+                            (condition.lte is None or value <= condition.lte):
+                        found |= labels
+            result = found if result is None else result & found
+            if not result:
+                return set()
+        return result if result is not None else set(self.by_label)

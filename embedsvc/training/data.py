@@ -1,0 +1,82 @@
+"""Training pairs held in memory as preprocessed tensors, from the scenes generator or a manifest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from embedsvc.datasets.manifest import read_manifest
+from embedsvc.datasets.scenes import generate_scene, render_scene, scene_captions
+from embedsvc.encoder.images import decode_image
+from embedsvc.errors import EmbedsvcError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairData:
+    """N images as one [N, 3, H, W] float tensor and, per image, one or more token-id rows."""
+
+    # Preprocessed images.
+    pixels: torch.Tensor
+    # Per image: [C_i, context] token ids of its captions; row 0 is the primary (full) caption.
+    captions: list[torch.Tensor]
+    # Per image: an id.
+    ids: list[str]
+    # Per image: what image->image relevance compares (scenes: colour-shape multiset); None if unknown.
+    keys: list | None = None
+    # Inputs that could not be used: (path, reason).
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_batch(self, rng: np.random.Generator, batch_size: int, primary_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random images, each with its full caption (with probability `primary_share`) or another one."""
+        index = rng.choice(len(self), size=min(batch_size, len(self)), replace=False)
+        rows = []
+        for i in index:
+            options = self.captions[i]
+            pick = 0 if len(options) == 1 or rng.random() < primary_share else int(rng.integers(1, len(options)))
+            rows.append(options[pick])
+        return self.pixels[index], torch.stack(rows)
+
+
+def _pixels(images, preprocess: Callable) -> torch.Tensor:
+    return torch.stack([preprocess(image) for image in images])
+
+
+def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0) -> PairData:
+    scenes = [generate_scene(split, i) for i in range(start, start + count)]
+    pixels = _pixels((render_scene(s, image_size) for s in scenes), preprocess)
+    captions = [tokenizer(scene_captions(s)) for s in scenes]
+    return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
+
+
+def manifest_pairs(manifest: str, preprocess: Callable, tokenizer) -> PairData:
+    """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped."""
+    images, captions, ids, skipped = [], [], [], []
+    for row in read_manifest(manifest):
+        if not row.caption:
+            skipped.append((str(row.path), "no caption"))
+            continue
+        try:
+            data = row.path.read_bytes()
+            images.append(decode_image(data))
+        except FileNotFoundError:
+            skipped.append((str(row.path), "file not found"))
+            continue
+        except (OSError, EmbedsvcError) as exc:
+            skipped.append((str(row.path), str(exc)))
+            continue
+        captions.append(tokenizer([row.caption]))
+        ids.append(row.id)
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if not images:
+        raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
+    return PairData(_pixels(images, preprocess), captions, ids, None, skipped)

@@ -1,0 +1,150 @@
+"""FAISS-backed collections against numpy brute force on seeded data, for every preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedsvc.store import BruteForceIndex, CollectionConfig, Condition, FaissIndex, Filter, Item, Store
+
+DIM = 48
+N = 6000
+
+
+def clustered(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+VECTORS = clustered(N, 0)
+QUERIES = clustered(100, 1)
+GROUPS = np.random.default_rng(2).integers(0, 10, N)
+
+
+def brute_force(vectors: dict[str, np.ndarray], queries: np.ndarray, k: int) -> list[list[str]]:
+    ids = sorted(vectors)
+    matrix = np.stack([vectors[i] for i in ids])
+    scores = queries @ matrix.T
+    return [[ids[j] for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def recall(found: list[list[str]], truth: list[list[str]]) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth) if t]))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """One store per preset, loaded with the same items, then 20% deleted and 10% replaced."""
+    out = {}
+    truth = {f"item-{i}": VECTORS[i] for i in range(N)}
+    replaced = clustered(N // 10, 3)
+    for preset in ("flat", "ivf", "hnsw", "ivfpq"):
+        store = Store(tmp_path_factory.mktemp(preset))
+        store.create_collection(CollectionConfig("c", DIM, index=preset))
+        for start in range(0, N, 500):
+            store.upsert("c", [Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i]), "even": i % 2 == 0})
+                               for i in range(start, min(N, start + 500))])
+        store.delete("c", [f"item-{i}" for i in range(0, N, 5)])
+        store.upsert("c", [Item(f"item-{i}", replaced[j], {"group": int(GROUPS[i]), "even": i % 2 == 0})
+                           for j, i in enumerate(range(1, N, 10))])
+        out[preset] = store
+    for i in range(0, N, 5):
+        truth.pop(f"item-{i}")
+    for j, i in enumerate(range(1, N, 10)):
+        truth[f"item-{i}"] = replaced[j]
+    return out, truth
+
+
+def search_ids(store: Store, queries=QUERIES, k=10, flt=None) -> list[list[str]]:
+    return [[h.id for h in hits] for hits in store.search("c", queries, k, flt)]
+
+
+def test_flat_is_identical_to_brute_force(stores):
+    by_preset, truth = stores
+    assert search_ids(by_preset["flat"]) == brute_force(truth, QUERIES, 10)
+    assert by_preset["flat"].get_collection("c").count == len(truth)
+
+
+@pytest.mark.parametrize("preset", ["ivf", "hnsw"])
+def test_approximate_presets_recall_at_10(stores, preset):
+    by_preset, truth = stores
+    store = by_preset[preset]
+    info = store.get_collection("c")
+    assert info.index_trained and info.count == len(truth)
+    r = recall(search_ids(store), brute_force(truth, QUERIES, 10))
+    assert r >= 0.95, f"{preset} recall@10 {r:.3f} ({info.index_factory})"
+
+
+def test_ivfpq_trains_and_stays_reasonable(stores):
+    by_preset, truth = stores
+    store = by_preset["ivfpq"]
+    assert store.get_collection("c").index_trained
+    assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.5
+
+
+@pytest.mark.parametrize("preset", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("flt, keep", [
+    (Filter((Condition("group", equals=3),)), lambda i: GROUPS[i] == 3),
+    (Filter((Condition("group", any_of=(1, 7)), Condition("even", equals=True))),
+     lambda i: GROUPS[i] in (1, 7) and i % 2 == 0),
+    (Filter((Condition("group", gte=2, lte=8),)), lambda i: 2 <= GROUPS[i] <= 8),
+])
+def test_filters_match_brute_force_over_subset(stores, preset, flt, keep):
+    by_preset, truth = stores
+    subset = {k: v for k, v in truth.items() if keep(int(k.split("-")[1]))}
+    found = search_ids(by_preset[preset], flt=flt)
+    assert all(keep(int(i.split("-")[1])) for hits in found for i in hits), "a hit breaks the filter"
+    expected = brute_force(subset, QUERIES, 10)
+    if preset == "flat":
+        assert found == expected
+    else:
+        assert recall(found, expected) >= (0.95 if preset != "ivfpq" else 0.5)
+
+
+def test_filter_matching_nothing_returns_no_hits(stores):
+    by_preset, _ = stores
+    assert search_ids(by_preset["hnsw"], flt=Filter((Condition("group", equals="3"),))) == [[]] * len(QUERIES)
+
+
+def test_ivf_is_exact_until_trained(tmp_path):
+    store = Store(tmp_path)
+    store.create_collection(CollectionConfig("c", DIM, index="ivf"))
+    store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(1000)])
+    assert not store.get_collection("c").index_trained
+    truth = {f"i{i}": VECTORS[i] for i in range(1000)}
+    assert search_ids(store) == brute_force(truth, QUERIES, 10)
+    store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(1000, 2500)])
+    info = store.get_collection("c")
+    assert info.index_trained and info.index_factory.startswith("IVF")
+
+
+def test_faiss_index_congruent_with_brute_force_index():
+    """The two VectorIndex implementations, driven by the same operations."""
+    rng = np.random.default_rng(5)
+    faiss_index, reference = FaissIndex("flat", DIM), BruteForceIndex(DIM)
+    for index in (faiss_index, reference):
+        index.add(np.arange(3000, dtype=np.int64), VECTORS[:3000])
+        index.remove(np.arange(0, 3000, 7, dtype=np.int64))
+    allowed = rng.choice(3000, 400, replace=False).astype(np.int64)
+    for allow in (None, allowed):
+        s1, l1 = faiss_index.search(QUERIES, 10, allow)
+        s2, l2 = reference.search(QUERIES, 10, allow)
+        assert np.array_equal(l1, l2)
+        assert np.allclose(s1, s2, atol=1e-5)
+    assert len(faiss_index) == len(reference)
+
+
+def test_hnsw_tombstones_trigger_rebuild(tmp_path):
+    store = Store(tmp_path)
+    store.create_collection(CollectionConfig("c", DIM, index="hnsw"))
+    store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(N)])
+    store.delete("c", [f"i{i}" for i in range(0, 900)])
+    col = store._collections["c"]
+    assert len(col.index.tombstones) == 900  # under the rebuild threshold: tombstoned
+    assert all(h.id not in {f"i{i}" for i in range(900)} for hits in store.search("c", QUERIES, 20) for h in hits)
+    store.delete("c", [f"i{i}" for i in range(900, 1200)])
+    assert len(col.index.tombstones) == 0 and len(col.index) == N - 1200  # rebuilt from the truth
+    truth = {f"i{i}": VECTORS[i] for i in range(1200, N)}
+    assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.95
