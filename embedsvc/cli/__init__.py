@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from embedsvc.errors import EmbedsvcError
 
-SUBCOMMANDS = ("embed",)
+SUBCOMMANDS = ("embed", "serve", "remote", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--pretrained", help="open_clip pretrained tag (weights must be in the local cache)")
     source.add_argument("--checkpoint", help="local open_clip state dict (.pt/.bin/.safetensors)")
     source.add_argument("--random-init", action="store_true", help="random weights (tests and smoke runs only)")
+    parser.add_argument("--model-config", help="open_clip model config JSON for an architecture open_clip does not "
+                        "ship (e.g. NAME.json written by `embedsvc train`)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
 
@@ -52,7 +54,7 @@ def load_encoder(args):
     from embedsvc.models import load_model, resolve_model_spec
 
     spec = resolve_model_spec(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                              random_init=args.random_init)
+                              random_init=args.random_init, config_file=args.model_config)
     if spec.random_init:
         print("embedsvc: warning: random-init weights; the vectors carry no meaning", file=sys.stderr)
     return ClipEncoder(load_model(spec, device=args.device, precision=args.precision))

@@ -3,9 +3,13 @@
 from embedsvc.models.device import resolve_device, resolve_precision
 from embedsvc.models.loader import LoadedModel, load_model
 from embedsvc.models.registry import MODEL_REGISTRY, ModelSpec, get_model_spec, register_model, resolve_model_spec
+from embedsvc.models.bundled import TINY_SCENES, register_bundled
+
+register_bundled()
 
 __all__ = [
     "MODEL_REGISTRY",
+    "TINY_SCENES",
     "LoadedModel",
     "ModelSpec",
     "get_model_spec",

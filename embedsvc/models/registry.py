@@ -80,12 +80,22 @@ def resolve_model_spec(
     pretrained: Optional[str] = None,
     checkpoint: Optional[str] = None,
     random_init: bool = False,
+    config_file: Optional[str] = None,
 ) -> ModelSpec:
-    """A registered name, or (with a weight source) an open_clip architecture built ad hoc."""
+    """A registered name, or (with a weight source) an open_clip architecture built ad hoc; `config_file`
+    registers an architecture open_clip does not ship (named after the file's stem)."""
     if pretrained is None and checkpoint is None and not random_init:
         return get_model_spec(name)
     import open_clip  # deferred: importing it costs a second and not every caller needs it
 
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise InvalidInput(f"model config {path} does not exist")
+        if path.stem != name:
+            raise InvalidInput(f"model config {path.name} must be named {name}.json (its stem names the architecture)")
+        open_clip.add_model_config(str(path))
+        config_file = str(path)
     if name not in open_clip.list_models():
         raise UnknownModel(
             f"unknown open_clip architecture {name!r}; see open_clip.list_models() (e.g. ViT-B-32, RN50)"
@@ -93,4 +103,4 @@ def resolve_model_spec(
     if checkpoint is not None:
         checkpoint = str(Path(checkpoint).expanduser())
     return ModelSpec(name=name, architecture=name, pretrained=pretrained, checkpoint=checkpoint,
-                     random_init=random_init)
+                     random_init=random_init, config_file=config_file)

@@ -78,25 +78,42 @@ class NetVLADState(torch.nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: the tensors, with format and alpha in the header's metadata."""
+        from safetensors.torch import save
 
         tensors = {"centroids": self.centroids.contiguous().cpu()}
         if self.pca_matrix is not None:
             tensors["pca_mean"] = self.pca_mean.contiguous().cpu()
             tensors["pca_matrix"] = self.pca_matrix.contiguous().cpu()
-        save_file(tensors, str(path), metadata={"format": STATE_FORMAT, "alpha": repr(self.alpha)})
+        return save(tensors, metadata={"format": STATE_FORMAT, "alpha": repr(self.alpha)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "NetVLAD state") -> "NetVLADState":
+        import json
+        import struct
+
+        from safetensors.torch import load
+
+        try:
+            (header_len,) = struct.unpack("<Q", data[:8])
+            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            tensors = load(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means: not a state file
+            raise InvalidInput(f"{where} is not a safetensors file ({exc})") from None
+        if meta.get("format") != STATE_FORMAT:
+            raise InvalidInput(f"{where} is not a NetVLAD state file (format {meta.get('format')!r})")
+        return cls(tensors["centroids"], float(meta["alpha"]), tensors.get("pca_mean"), tensors.get("pca_matrix"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "NetVLADState":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT:
-                raise InvalidInput(f"{path} is not a NetVLAD state file (format {meta.get('format')!r})")
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-        return cls(tensors["centroids"], float(meta["alpha"]), tensors.get("pca_mean"), tensors.get("pca_matrix"))
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInput(f"NetVLAD state file {path} does not exist")
+        return cls.from_bytes(path.read_bytes(), str(path))
 
 
 def fit_netvlad(token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]], clusters: int, alpha: float = 0.0,

@@ -1,0 +1,336 @@
+"""A synchronous Python client: numpy arrays and plain dataclasses in and out, typed errors.
+
+Imports only the generated API code and this package's own helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from embedsvc.client.errors import EmbedsvcClientError, from_rpc_error
+from embedsvc.v1 import embedsvc_pb2 as pb
+from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+
+Input = Union[str, bytes, Path]  # text, encoded image bytes, or an image file path
+MetadataDict = Mapping[str, Union[str, float, int, bool]]
+
+
+@dataclass
+class Embeddings:
+    """One matrix per pooling ([N, dim] float32, rows in input order), and per-input flags."""
+
+    model: str
+    vectors: dict[str, np.ndarray]
+    modalities: list[str]
+    truncated: list[bool]
+    tokens: Optional[list[np.ndarray]] = None
+
+
+@dataclass
+class Collection:
+    name: str
+    model: str
+    pooling: str
+    pooling_params: dict[str, str]
+    metric: str
+    index: str
+    dim: int
+    count: int
+    pooling_state: str
+    index_trained: bool
+
+
+@dataclass
+class Item:
+    """An item to upsert: give `vector`, or `text` / `image` for the server to embed."""
+
+    id: str
+    vector: Optional[np.ndarray] = None
+    text: Optional[str] = None
+    image: Optional[Union[bytes, Path]] = None
+    metadata: MetadataDict = field(default_factory=dict)
+
+
+@dataclass
+class StoredItem:
+    id: str
+    metadata: dict[str, Any]
+    vector: Optional[np.ndarray] = None
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    vector: Optional[np.ndarray] = None
+
+
+@dataclass
+class UpsertStats:
+    inserted: int
+    replaced: int
+    count: int
+
+
+def _wrap_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    return wrapper
+
+
+def _content(value: Input) -> pb.Content:
+    if isinstance(value, str):
+        return pb.Content(text=value)
+    if isinstance(value, Path):
+        return pb.Content(image=value.read_bytes())
+    if isinstance(value, (bytes, bytearray)):
+        return pb.Content(image=bytes(value))
+    raise TypeError(f"input must be str (text), bytes or Path (image), got {type(value).__name__}")
+
+
+def _value(v: Any) -> pb.MetadataValue:
+    if isinstance(v, bool):
+        return pb.MetadataValue(bool_value=v)
+    if isinstance(v, (int, float)):
+        return pb.MetadataValue(number_value=float(v))
+    return pb.MetadataValue(string_value=str(v))
+
+
+def _metadata(values) -> dict[str, Any]:
+    out = {}
+    for k, v in values.items():
+        kind = v.WhichOneof("kind")
+        value = getattr(v, kind) if kind else None
+        if kind == "number_value" and float(value).is_integer():
+            value = int(value)
+        out[k] = value
+    return out
+
+
+def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
+    """{"colour": "red"} equality, {"shape": ["star", "circle"]} any-of, {"n": (2, 4)} inclusive range."""
+    if not flt:
+        return None
+    out = pb.Filter()
+    for key, test in flt.items():
+        condition = out.must.add(key=key)
+        if isinstance(test, list):
+            getattr(condition, "in").values.extend(_value(v) for v in test)
+        elif isinstance(test, tuple):
+            low, high = test
+            if low is not None:
+                condition.range.gte = low
+            if high is not None:
+                condition.range.lte = high
+        else:
+            condition.equals.CopyFrom(_value(test))
+    return out
+
+
+def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
+    if isinstance(spec, str):
+        name, _, rest = spec.partition(":")
+        params = dict(p.split("=", 1) for p in rest.split(";") if p) if rest else {}
+    else:
+        name, params = spec
+    return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
+
+
+def _collection(info: pb.CollectionInfo) -> Collection:
+    c = info.config
+    return Collection(c.name, c.model, c.pooling.name, dict(c.pooling.params), pb.Metric.Name(c.metric), c.index,
+                      info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
+
+
+class Client:
+    """Client(address) for an embedsvc server. `timeout` is the default per-call deadline in seconds."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
+                 max_message_bytes: int = 64 * 1024 * 1024, credentials: Optional[grpc.ChannelCredentials] = None,
+                 metadata: Sequence[tuple[str, str]] = ()):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(address, credentials, options) if credentials
+                        else grpc.insecure_channel(address, options))
+        self.embed_stub = pb_grpc.EmbedServiceStub(self.channel)
+        self.index_stub = pb_grpc.IndexServiceStub(self.channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout):
+        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
+
+    # -- embedding ----------------------------------------------------------------------------
+
+    @_wrap_errors
+    def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
+              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+        request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
+                                  inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
+        response = self._call(self.embed_stub.Embed, request, timeout)
+        names = [p.name for p in request.poolings]
+        vectors = {name: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
+                   for j, name in enumerate(names)}
+        tokens = None
+        if include_tokens:
+            tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
+                      for r in response.results]
+        return Embeddings(response.model, vectors, [pb.Modality.Name(r.modality).split("_")[-1].lower()
+                                                    for r in response.results],
+                          [r.truncated for r in response.results], tokens)
+
+    @_wrap_errors
+    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
+        return self._call(self.embed_stub.ListModels, pb.ListModelsRequest(), timeout)
+
+    # -- collections --------------------------------------------------------------------------
+
+    @_wrap_errors
+    def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
+                          metric: str = "cosine", index: str = "flat", dim: int = 0,
+                          timeout: Optional[float] = None) -> Collection:
+        metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
+        config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
+                                     metric=metric_enum, index=index, dim=dim)
+        return _collection(self._call(self.index_stub.CreateCollection, pb.CreateCollectionRequest(config=config),
+                                      timeout))
+
+    @_wrap_errors
+    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
+        return _collection(self._call(self.index_stub.GetCollection, pb.GetCollectionRequest(name=name), timeout))
+
+    @_wrap_errors
+    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
+        response = self._call(self.index_stub.ListCollections, pb.ListCollectionsRequest(), timeout)
+        return [_collection(c) for c in response.collections]
+
+    @_wrap_errors
+    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
+        return self._call(self.index_stub.DropCollection, pb.DropCollectionRequest(name=name), timeout).items_removed
+
+    # -- items --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _item(item: Item) -> pb.UpsertItem:
+        out = pb.UpsertItem(id=item.id)
+        if item.vector is not None:
+            out.vector.values.extend(np.asarray(item.vector, dtype=np.float32).reshape(-1).tolist())
+        elif item.text is not None:
+            out.content.text = item.text
+        elif item.image is not None:
+            out.content.CopyFrom(_content(item.image))
+        for k, v in item.metadata.items():
+            out.metadata[k].CopyFrom(_value(v))
+        return out
+
+    @_wrap_errors
+    def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
+               timeout: Optional[float] = None) -> UpsertStats:
+        """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
+
+        def messages() -> Iterator[pb.UpsertRequest]:
+            iterator = iter(items)
+            first = True
+            while True:
+                chunk = list(itertools.islice(iterator, batch_size))
+                if not chunk:
+                    if first:
+                        yield pb.UpsertRequest(collection=collection)
+                    return
+                yield pb.UpsertRequest(collection=collection if first else "", items=[self._item(i) for i in chunk])
+                first = False
+
+        response = self.index_stub.Upsert(messages(), timeout=self.timeout if timeout is None else timeout,
+                                          metadata=self.metadata)
+        return UpsertStats(response.inserted, response.replaced, response.count)
+
+    @_wrap_errors
+    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None) -> tuple[int, list[str]]:
+        response = self._call(self.index_stub.Delete, pb.DeleteRequest(collection=collection, ids=list(ids)), timeout)
+        return response.deleted, list(response.missing_ids)
+
+    @_wrap_errors
+    def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
+            timeout: Optional[float] = None) -> tuple[list[StoredItem], list[str]]:
+        response = self._call(self.index_stub.Get, pb.GetRequest(collection=collection, ids=list(ids),
+                                                                 include_vectors=include_vectors), timeout)
+        items = [StoredItem(i.id, _metadata(i.metadata),
+                            np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
+                 for i in response.items]
+        return items, list(response.missing_ids)
+
+    @_wrap_errors
+    def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
+               vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
+               top_k: int = 10, filter: Optional[Mapping[str, Any]] = None, nprobe: int = 0, ef_search: int = 0,
+               include_metadata: bool = True, include_vectors: bool = False, timeout: Optional[float] = None
+               ) -> Union[list[Hit], list[list[Hit]]]:
+        """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
+        those keys) returns a list of hit lists."""
+        single = queries is None
+        if single:
+            given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
+            if len(given) != 1:
+                raise ValueError("give exactly one of text=, image=, vector=, id=")
+            queries = [given]
+        request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
+                                   include_vectors=include_vectors,
+                                   params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
+        flt = _filter(filter)
+        if flt is not None:
+            request.filter.CopyFrom(flt)
+        for q in queries:
+            (kind, value), = q.items()
+            if kind == "vector":
+                request.queries.add(vector=pb.Vector(values=np.asarray(value, np.float32).reshape(-1).tolist()))
+            elif kind == "image":
+                request.queries.add(image=_content(value).image)
+            else:
+                request.queries.add(**{kind: value})
+        response = self._call(self.index_stub.Search, request, timeout)
+        results = [[Hit(h.id, h.score, _metadata(h.metadata),
+                        np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
+                   for r in response.results]
+        return results[0] if single else results
+
+    @_wrap_errors
+    def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
+                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
+        def messages():
+            iterator = iter(samples)
+            first = True
+            while True:
+                chunk = list(itertools.islice(iterator, batch_size))
+                if not chunk and not first:
+                    return
+                yield pb.FitPoolingRequest(collection=collection if first else "",
+                                           params={k: str(v) for k, v in (params or {}).items()} if first else {},
+                                           samples=[_content(x) for x in chunk])
+                first = False
+                if not chunk:
+                    return
+
+        return self.index_stub.FitPooling(messages(), timeout=self.timeout if timeout is None else timeout,
+                                          metadata=self.metadata)

@@ -1,0 +1,66 @@
+"""Typed client errors, one per status code a caller may want to handle; each carries the code."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EmbedsvcClientError(Exception):
+    """An RPC failed. `code` is the grpc.StatusCode, `details` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+        super().__init__(details)
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+class InvalidArgumentError(EmbedsvcClientError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(EmbedsvcClientError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(EmbedsvcClientError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPreconditionError(EmbedsvcClientError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhaustedError(EmbedsvcClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnauthenticatedError(EmbedsvcClientError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(EmbedsvcClientError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DeadlineExceededError(EmbedsvcClientError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnavailableError(EmbedsvcClientError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, NotFoundError, AlreadyExistsError, FailedPreconditionError,
+                                      ResourceExhaustedError, UnauthenticatedError, PermissionDeniedError,
+                                      DeadlineExceededError, UnavailableError)}
+
+
+def from_rpc_error(error: grpc.RpcError) -> EmbedsvcClientError:
+    code = error.code()
+    return _BY_CODE.get(code, EmbedsvcClientError)(error.details() or code.name, code)

@@ -1,0 +1,159 @@
+"""The server's typed configuration: defaults, then a TOML/JSON file, then EMBEDSVC_* variables, then flags.
+
+Every field is documented here and in the README's configuration table (generated from this file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from embedsvc.errors import InvalidInput
+
+ENV_PREFIX = "EMBEDSVC_"
+
+
+@dataclass
+class ServerConfig:
+    # Address the gRPC server listens on; port 0 picks a free port (tests).
+    listen: str = "127.0.0.1:50051"
+    # Folder of the durable store (SQLite database and FAISS checkpoints).
+    data_dir: str = "embedsvc-data"
+    # Model used when a request or collection names none.
+    default_model: str = "embedsvc-tiny-scenes"
+    # Models loaded at start-up, comma-separated; others load on first use.
+    preload_models: str = "embedsvc-tiny-scenes"
+    # JSON file of extra model specs: [{"name", "architecture", "checkpoint" | "pretrained", "config_file"}].
+    models_file: str = ""
+    # "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]".
+    device: str = "auto"
+    # "auto" (fp16 on GPU, fp32 on CPU), "fp32", "fp16" or "bf16".
+    precision: str = "auto"
+    # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
+    max_batch_size: int = 64
+    # How long the first request of a batch waits for company, in milliseconds.
+    max_batch_delay_ms: float = 5.0
+    # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
+    max_queue: int = 2048
+    # Largest gRPC message accepted or sent, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Largest encoded image accepted, in bytes.
+    max_image_bytes: int = 16 * 1024 * 1024
+    # Largest decoded image accepted, in pixels (decompression-bomb guard).
+    max_image_pixels: int = 40_000_000
+    # Longest text accepted, in characters; tokens past the model's context are truncated and reported.
+    max_text_chars: int = 4096
+    # Most inputs, items, ids or queries in one request (or one streamed message).
+    max_items_per_request: int = 1024
+    # Largest top_k a search may ask for.
+    max_top_k: int = 1000
+    # Concurrent RPCs served; more wait in gRPC's queue.
+    max_concurrent_rpcs: int = 256
+    # torch intra-op threads (0: all cores).
+    torch_threads: int = 0
+    # FAISS OpenMP threads (0: all cores); lower it when many searches run at once.
+    faiss_threads: int = 0
+    # Threads that decode and preprocess images.
+    decode_workers: int = 2
+    # Port of the Prometheus /metrics endpoint on the listen host; -1 disables it, 0 picks a free port.
+    metrics_port: int = 9100
+    # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
+    demo_size: int = 500
+    # Write a collection's FAISS checkpoint after this many logged changes.
+    checkpoint_every: int = 20_000
+    # Seconds in-flight RPCs get to finish after SIGTERM.
+    shutdown_grace_seconds: float = 10.0
+    # Log format: "json" (one object per line) or "text".
+    log_format: str = "json"
+    # Log level.
+    log_level: str = "INFO"
+
+    def validate(self) -> "ServerConfig":
+        positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
+                    "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
+                    "checkpoint_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_delay_ms < 0:
+            raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if self.log_format not in ("json", "text"):
+            raise InvalidInput("config log_format must be json or text")
+        if ":" not in self.listen:
+            raise InvalidInput(f"config listen must be HOST:PORT, got {self.listen!r}")
+        return self
+
+    @property
+    def preload(self) -> list[str]:
+        return [m.strip() for m in self.preload_models.split(",") if m.strip()]
+
+
+def _convert(name: str, hint: Any, raw: Any) -> Any:
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"config {name}: bad value {raw!r} ({exc})") from None
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(name, default, comment) per field, read from this file's source, for the README table."""
+    import inspect
+
+    source = inspect.getsource(ServerConfig).splitlines()
+    docs = {}
+    comment = []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("# "))
+        elif ":" in stripped and "=" in stripped and comment and not stripped.startswith("def"):
+            docs[stripped.split(":")[0]] = " ".join(comment)
+            comment = []
+        else:
+            comment = []
+    return [(f.name, repr(f.default), docs.get(f.name, "")) for f in dataclasses.fields(ServerConfig)]
+
+
+def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                overrides: Optional[Mapping[str, Any]] = None) -> ServerConfig:
+    """Defaults < file (TOML or JSON) < EMBEDSVC_<FIELD> environment variables < overrides (CLI flags)."""
+    hints = typing.get_type_hints(ServerConfig)
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise InvalidInput(f"config file {file} does not exist")
+        if file.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(file.read_text())
+        else:
+            data = json.loads(file.read_text())
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidInput(f"config file {file}: unknown key(s) {', '.join(unknown)}")
+        values.update(data)
+    for key, raw in (os.environ if env is None else env).items():
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names:
+            values[key[len(ENV_PREFIX):].lower()] = raw
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    converted = {k: _convert(k, hints[k], v) for k, v in values.items()}
+    return ServerConfig(**converted).validate()

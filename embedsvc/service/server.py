@@ -1,0 +1,140 @@
+"""Server assembly: `create_server(config) -> (server, port)`, health, reflection, metrics, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedsvc.errors import InvalidInput
+from embedsvc.service.config import ServerConfig
+from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
+from embedsvc.service.metrics import Metrics
+from embedsvc.service.servicers import EmbedServicer, IndexServicer
+from embedsvc.store import Store
+from embedsvc.v1 import embedsvc_pb2 as pb
+from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["EmbedService"].full_name,
+    pb.DESCRIPTOR.services_by_name["IndexService"].full_name,
+)
+DEMO_COLLECTION = "scenes"
+
+
+class EmbedsvcServer:
+    """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: Store,
+                 health_servicer: health.aio.HealthServicer, metrics_http=None):
+        self.grpc_server, self.engine, self.store = grpc_server, engine, store
+        self.health = health_servicer
+        self.metrics_http = metrics_http
+        self.metrics_port = metrics_http.server_port if metrics_http else None
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """Health to NOT_SERVING, let in-flight RPCs finish (up to `grace` s), checkpoint and close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace if grace is not None else self.engine.config.shutdown_grace_seconds)
+        await self.engine.close()
+        self.store.close()
+        if self.metrics_http:
+            self.metrics_http.shutdown()
+        log.info("server stopped")
+
+
+async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
+    """Builds the server (not started): binds the port, opens the store, preloads models."""
+    store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
+                  max_top_k=config.max_top_k)
+    metrics = Metrics()
+    engine = Engine(config, store, metrics)
+    loop = asyncio.get_running_loop()
+    for name in config.preload:
+        await loop.run_in_executor(None, engine.runtime, name)
+    for info in store.list_collections():
+        metrics.collection_items.labels(info.config.name).set(info.count)
+    options = [("grpc.max_receive_message_length", config.max_message_bytes),
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    pb_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(engine), server)
+    pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        port = 0
+        cause = exc
+    else:
+        cause = None
+    if not port:
+        await engine.close()
+        store.close()
+        raise InvalidInput(f"cannot listen on {config.listen}: the port is taken or the address is not local "
+                           f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN")
+    metrics_http = None
+    if config.metrics_port >= 0:
+        host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        try:
+            metrics_http = metrics.start_http(host, config.metrics_port)
+        except OSError as exc:
+            await engine.close()
+            store.close()
+            raise InvalidInput(f"cannot serve metrics on {host}:{config.metrics_port}: {exc.strerror or exc}; "
+                               f"pick another --metrics-port (or -1 to disable)") from None
+    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http), port
+
+
+async def index_demo_collection(engine: Engine, size: int) -> int:
+    """Indexes generated scenes into 'scenes' when the store is empty, so a new user can search at once."""
+    from embedsvc.datasets import full_caption, generate_scene, render_scene
+
+    if size <= 0 or engine.store.list_collections():
+        return 0
+    started = time.perf_counter()
+    runtime = await engine.runtime_async(engine.config.default_model)
+    image_size = runtime.encoder.loaded.image_size
+    await engine.create_collection(DEMO_COLLECTION, engine.config.default_model, None, "cosine", "flat")
+    loop = asyncio.get_running_loop()
+
+    def render(index: int):
+        import io
+
+        scene = generate_scene("val", index)
+        buffer = io.BytesIO()
+        render_scene(scene, image_size).save(buffer, format="PNG")
+        return scene, buffer.getvalue()
+
+    for start in range(0, size, 128):
+        batch = await asyncio.gather(*(loop.run_in_executor(engine.decode_pool, render, i)
+                                       for i in range(start, min(size, start + 128))))
+        await engine.upsert(DEMO_COLLECTION, [
+            UpsertRequestItem(scene.id, ImageBytes(png), None, {
+                "caption": full_caption(scene), "objects": len(scene.objects),
+                "colours": " ".join(sorted({o.colour for o in scene.objects})),
+                "shapes": " ".join(sorted({o.shape for o in scene.objects}))})
+            for scene, png in batch])
+    log.info("indexed %d demo scenes into %r in %.1fs", size, DEMO_COLLECTION, time.perf_counter() - started)
+    return size

@@ -1,0 +1,56 @@
+"""Runs a real embedsvc server in-process on 127.0.0.1 (port 0), in its own event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from embedsvc.service.config import ServerConfig
+from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_collection
+
+
+class ServerThread:
+    def __init__(self, config: ServerConfig, demo: bool = False):
+        self.config = config
+        self.demo = demo
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: EmbedsvcServer | None = None
+        self.port = 0
+
+    def call(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+
+        async def boot():
+            server, port = await create_server(self.config)
+            if self.demo:
+                await index_demo_collection(server.engine, self.config.demo_size)
+            await server.start()
+            return server, port
+
+        self.server, self.port = self.call(boot())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerThread]:
+    server = ServerThread(config, demo).start()
+    try:
+        yield server
+    finally:
+        server.stop()

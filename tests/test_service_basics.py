@@ -1,0 +1,143 @@
+"""The gRPC service end to end on a tiny random model: every RPC, health, reflection, metrics, limits."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
+                             NotFoundError)
+from embedsvc.encoder import ClipEncoder, embed
+from embedsvc.models import MODEL_REGISTRY, load_model, register_model
+from embedsvc.pooling import bind_pooling
+from embedsvc.service.config import ServerConfig
+
+from conftest import png_bytes
+from serving import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_spec, tmp_path_factory):
+    register_model(tiny_spec, replace=True)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("data")),
+                          default_model=tiny_spec.name, preload_models=tiny_spec.name, metrics_port=0,
+                          demo_size=0, log_format="text")
+    with running_server(config) as s:
+        yield s
+    MODEL_REGISTRY.pop(tiny_spec.name, None)
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.address, timeout=60) as c:
+        yield c
+
+
+def test_health_and_reflection(server):
+    channel = grpc.insecure_channel(server.address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "embedsvc.v1.EmbedService", "embedsvc.v1.IndexService"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"embedsvc.v1.EmbedService", "embedsvc.v1.IndexService", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+def test_embed_equals_local_encoder(client, tiny_spec):
+    local = ClipEncoder(load_model(tiny_spec))
+    inputs = ["a red circle", png_bytes(), "two blue stars"]
+    poolings = ["cls", "avg", "gem:p=3", "spp:levels=1,2"]
+    remote = client.embed(inputs, poolings, include_tokens=True)
+    expected = embed(local, inputs, [bind_pooling(p) for p in poolings])
+    for j, name in enumerate(["cls", "avg", "gem", "spp"]):
+        assert np.abs(remote.vectors[name] - expected.vectors[j]).max() < 1e-5
+    assert remote.modalities == ["text", "image", "text"]
+    assert remote.tokens[1].shape == (16, 32) and remote.tokens[0].shape[0] == 5  # 4x4 patches; SOT a red circle EOT
+
+
+def test_list_models(client, tiny_spec):
+    response = client.list_models()
+    model = next(m for m in response.models if m.name == tiny_spec.name)
+    assert model.loaded and model.embed_dim == 32 and model.vision_tower == "vit" and model.dtype == "float32"
+    assert {p.name for p in response.poolings} == {"cls", "avg", "max", "gem", "netvlad", "spp"}
+    assert next(p for p in response.poolings if p.name == "netvlad").requires_fit
+
+
+def test_collection_lifecycle_and_cross_modal_search(client):
+    created = client.create_collection("life", pooling="avg", index="hnsw")
+    assert (created.dim, created.pooling, created.index, created.count) == (32, "avg", "hnsw", 0)
+    with pytest.raises(AlreadyExistsError):
+        client.create_collection("life")
+    images = {f"img-{i}": png_bytes(color=(30 * i, 200 - 20 * i, 90)) for i in range(8)}
+    stats = client.upsert("life", [Item(k, image=v, metadata={"n": i, "kind": "image"})
+                                   for i, (k, v) in enumerate(images.items())] +
+                          [Item("txt-0", text="a green square", metadata={"kind": "text"})], batch_size=3)
+    assert (stats.inserted, stats.replaced, stats.count) == (9, 0, 9)
+    # image->image: an image finds itself first
+    hits = client.search("life", image=images["img-3"], top_k=3)
+    assert hits[0].id == "img-3" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    # more like this excludes the item itself; filters apply
+    hits = client.search("life", id="img-3", top_k=20, filter={"kind": "image"})
+    assert "img-3" not in {h.id for h in hits} and len(hits) == 7
+    # text->any and vector->any
+    assert client.search("life", text="a green square", top_k=1)[0].id == "txt-0"
+    vector = client.get("life", ["img-5"], include_vectors=True)[0][0].vector
+    assert client.search("life", vector=vector, top_k=1)[0].id == "img-5"
+    # batch queries, range filter
+    results = client.search("life", queries=[{"id": "img-1"}, {"text": "x"}], top_k=2, filter={"n": (2, 4)})
+    assert len(results) == 2 and all(2 <= h.metadata["n"] <= 4 for r in results for h in r)
+    # replace, delete, get
+    assert client.upsert("life", [Item("img-0", image=images["img-7"])]).replaced == 1
+    assert client.delete("life", ["img-1", "nope"]) == (1, ["nope"])
+    items, missing = client.get("life", ["img-2", "img-1"])
+    assert [i.id for i in items] == ["img-2"] and missing == ["img-1"] and items[0].metadata["n"] == 2
+    assert {c.name: c.count for c in client.list_collections()}["life"] == 8
+    assert client.drop_collection("life") == 8
+    with pytest.raises(NotFoundError):
+        client.get_collection("life")
+
+
+def test_vector_only_collection(client):
+    created = client.create_collection("raw", dim=3, index="flat", metric="inner_product")
+    assert created.model == "" and created.dim == 3
+    client.upsert("raw", [Item("a", vector=np.array([1, 0, 0])), Item("b", vector=np.array([0, 2, 0]))])
+    assert client.search("raw", vector=np.array([0, 1, 0]), top_k=1)[0].id == "b"
+    with pytest.raises(FailedPreconditionError, match="has no model"):
+        client.search("raw", text="hello")
+
+
+def test_netvlad_collection_needs_fit_then_works(client):
+    created = client.create_collection("vlad", pooling="netvlad:clusters=4")
+    assert created.pooling_state == "POOLING_STATE_NEEDS_FIT" and created.dim == 4 * 32
+    with pytest.raises(FailedPreconditionError, match="no fitted codebook"):
+        client.upsert("vlad", [Item("a", text="a red circle")])
+    samples = [png_bytes(color=(i * 20, 100, 255 - i * 20)) for i in range(10)] + ["a red circle", "a blue star"]
+    fitted = client.fit_pooling("vlad", samples, {"seed": 1})
+    assert fitted.collection.pooling_state == 3 and fitted.descriptors >= 160  # FITTED; 10 images x 16 patches
+    client.upsert("vlad", [Item("a", image=samples[0]), Item("b", image=samples[5]), Item("t", text="a red circle")])
+    assert client.search("vlad", image=samples[5], top_k=1)[0].id == "b"
+    with pytest.raises(FailedPreconditionError, match="holds 3 items"):
+        client.fit_pooling("vlad", samples)
+
+
+def test_spp_concat_refuses_text_queries(client):
+    client.create_collection("grid", pooling="spp:combine=concat")
+    client.upsert("grid", [Item("a", image=png_bytes())])
+    with pytest.raises(FailedPreconditionError, match="combine=sum"):
+        client.search("grid", text="a red circle")
+    assert client.search("grid", image=png_bytes(), top_k=1)[0].id == "a"
+
+
+def test_metrics_endpoint(server, client):
+    client.embed(["hello"])
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'embedsvc_requests_total{code="OK",method="Embed"}' in body
+    assert "embedsvc_batch_size_bucket" in body and "embedsvc_model_load_seconds" in body
