@@ -267,19 +267,32 @@ class Client:
         return UpsertStats(response.inserted, response.replaced, response.count)
 
     @_wrap_errors
-    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None) -> tuple[int, list[str]]:
-        response = self._call(self.index_stub.Delete, pb.DeleteRequest(collection=collection, ids=list(ids)), timeout)
-        return response.deleted, list(response.missing_ids)
+    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
+               chunk: int = 1000) -> tuple[int, list[str]]:
+        """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
+        deleted, missing = 0, []
+        ids = list(ids)
+        for start in range(0, max(len(ids), 1), chunk):
+            response = self._call(self.index_stub.Delete,
+                                  pb.DeleteRequest(collection=collection, ids=ids[start:start + chunk]), timeout)
+            deleted += response.deleted
+            missing += list(response.missing_ids)
+        return deleted, missing
 
     @_wrap_errors
     def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None) -> tuple[list[StoredItem], list[str]]:
-        response = self._call(self.index_stub.Get, pb.GetRequest(collection=collection, ids=list(ids),
-                                                                 include_vectors=include_vectors), timeout)
-        items = [StoredItem(i.id, _metadata(i.metadata),
-                            np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
-                 for i in response.items]
-        return items, list(response.missing_ids)
+            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
+        """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
+        items, missing = [], []
+        ids = list(ids)
+        for start in range(0, max(len(ids), 1), chunk):
+            response = self._call(self.index_stub.Get, pb.GetRequest(collection=collection, ids=ids[start:start + chunk],
+                                                                     include_vectors=include_vectors), timeout)
+            items += [StoredItem(i.id, _metadata(i.metadata),
+                                 np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
+                      for i in response.items]
+            missing += list(response.missing_ids)
+        return items, missing
 
     @_wrap_errors
     def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,

@@ -113,21 +113,19 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(name, default, comment) per field, read from this file's source, for the README table."""
+    """(name, default, comment) per field, from the comment lines above each field, for the README table."""
+    import ast
     import inspect
 
-    source = inspect.getsource(ServerConfig).splitlines()
+    lines = inspect.getsource(ServerConfig).splitlines()
     docs = {}
-    comment = []
-    for line in source:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            comment.append(stripped.lstrip("# "))
-        elif ":" in stripped and "=" in stripped and comment and not stripped.startswith("def"):
-            docs[stripped.split(":")[0]] = " ".join(comment)
-            comment = []
-        else:
-            comment = []
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign):
+            above, row = [], node.lineno - 2
+            while row >= 0 and lines[row].strip().startswith("#"):
+                above.insert(0, lines[row].strip()[1:].strip())
+                row -= 1
+            docs[node.target.id] = " ".join(above)
     return [(f.name, repr(f.default), docs.get(f.name, "")) for f in dataclasses.fields(ServerConfig)]
 
 

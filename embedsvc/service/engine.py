@@ -104,6 +104,7 @@ class Engine:
         self._models: dict[str, ModelRuntime] = {}
         self._model_lock = threading.Lock()
         self._poolings: dict[tuple[str, int], BoundPooling] = {}
+        self._tracked: set[str] = set()  # collections with an items gauge
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         if config.models_file:
@@ -214,14 +215,14 @@ class Engine:
 
     # -- collections --------------------------------------------------------------------------
 
-    async def _io(self, fn: Callable, *args, **kwargs):
+    async def run_blocking(self, fn: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, lambda: fn(*args, **kwargs))
 
     async def create_collection(self, name: str, model: str, pooling: Optional[PoolingSpec], metric: str,
                                 index: str, dim: int = 0) -> CollectionInfo:
         if not model and dim:  # a vector-only collection
             config = CollectionConfig(name, dim, metric=metric, index=index or "flat")
-            return await self._io(self.store.create_collection, config)
+            return await self.run_blocking(self.store.create_collection, config)
         model = model or self.config.default_model
         get_model_spec(model)  # NOT_FOUND before anything is loaded
         bound = bind_pooling(pooling or PoolingSpec("cls"))
@@ -229,7 +230,7 @@ class Engine:
         config = CollectionConfig(name, bound.output_dim(runtime.encoder.loaded.embed_dim), model=model,
                                   pooling=bound.name, pooling_params=params_to_strings(bound.params),
                                   metric=metric, index=index or "flat")
-        return await self._io(self.store.create_collection, config)
+        return await self.run_blocking(self.store.create_collection, config)
 
     async def collection_pooling(self, info: CollectionInfo) -> BoundPooling:
         key = (info.config.name, info.pooling_version)
@@ -237,7 +238,7 @@ class Engine:
             spec = PoolingSpec(info.config.pooling, info.config.pooling_params)
             state = None
             if info.pooling_version:
-                blob = await self._io(self.store.pooling_state, info.config.name)
+                blob = await self.run_blocking(self.store.pooling_state, info.config.name)
                 state = NetVLADState.from_bytes(blob)
             self._poolings = {k: v for k, v in self._poolings.items() if k[0] != info.config.name}
             self._poolings[key] = bind_pooling(spec, state)
@@ -262,7 +263,7 @@ class Engine:
 
     async def upsert(self, name: str, items: Sequence[UpsertRequestItem]) -> Any:
         self._check_count(len(items), "items")
-        info = await self._io(self.store.get_collection, name)
+        info = await self.run_blocking(self.store.get_collection, name)
         to_embed = [i for i, item in enumerate(items) if item.content is not None]
         vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
         for i, item in enumerate(items):
@@ -273,17 +274,34 @@ class Engine:
             for row, i in enumerate(to_embed):
                 vectors[i] = embedded[row]
         store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
-        result = await self._io(self.store.upsert, name, store_items)
-        if self.metrics:
-            self.metrics.collection_items.labels(name).set(result.count)
+        result = await self.run_blocking(self.store.upsert, name, store_items)
+        self._track_count(name, result.count)
         return result
+
+    async def delete(self, name: str, ids: list[str]):
+        self._check_count(len(ids), "ids")
+        result = await self.run_blocking(self.store.delete, name, ids)
+        self._track_count(name, (await self.run_blocking(self.store.get_collection, name)).count)
+        return result
+
+    async def drop_collection(self, name: str) -> int:
+        removed = await self.run_blocking(self.store.drop_collection, name)
+        if self.metrics and name in self._tracked:
+            self.metrics.collection_items.remove(name)
+        self._tracked.discard(name)
+        return removed
+
+    def _track_count(self, name: str, count: int) -> None:
+        if self.metrics:
+            self.metrics.collection_items.labels(name).set(count)
+            self._tracked.add(name)
 
     async def search(self, name: str, queries: Sequence[Query], top_k: int, flt: Optional[Filter], nprobe: int,
                      ef_search: int, include_metadata: bool, include_vectors: bool) -> list[SearchOutcome]:
         if not queries:
             raise InvalidInput("no queries: send at least one")
         self._check_count(len(queries), "queries")
-        info = await self._io(self.store.get_collection, name)
+        info = await self.run_blocking(self.store.get_collection, name)
         vectors: list[Optional[np.ndarray]] = [None] * len(queries)
         truncated = [False] * len(queries)
         exclude: list[Optional[str]] = [None] * len(queries)
@@ -294,7 +312,7 @@ class Engine:
                 vectors[i], truncated[i] = embedded[row], flags[row]
         for i, q in enumerate(queries):
             if q.item_id is not None:
-                vectors[i] = await self._io(self.store.vector_of, name, q.item_id)
+                vectors[i] = await self.run_blocking(self.store.vector_of, name, q.item_id)
                 exclude[i] = q.item_id
             elif q.vector is not None:
                 vectors[i] = np.asarray(q.vector, dtype=np.float32)
@@ -305,13 +323,13 @@ class Engine:
             bad = next(i for i, v in enumerate(vectors) if np.asarray(v).size != info.config.dim)
             raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {name!r} holds "
                                f"vectors of dimension {info.config.dim}")
-        hits = await self._io(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
+        hits = await self.run_blocking(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
                               include_metadata, include_vectors, exclude if any(exclude) else None)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
 
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
         started = time.perf_counter()
-        info = await self._io(self.store.get_collection, name)
+        info = await self.run_blocking(self.store.get_collection, name)
         if not info.config.model:
             raise FailedPrecondition(f"collection {name!r} has no model and nothing to fit")
         bound = bind_pooling(PoolingSpec(info.config.pooling, info.config.pooling_params))
@@ -340,9 +358,9 @@ class Engine:
             self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors))
         if state.output_dim != info.config.dim:
             raise FailedPrecondition(f"fitted state has dimension {state.output_dim}, collection {info.config.dim}")
-        await self._io(self.store.set_pooling_state, name, state.to_bytes())
+        await self.run_blocking(self.store.set_pooling_state, name, state.to_bytes())
         descriptors = int(sum(int(f.mask.sum()) for f in features))
-        return await self._io(self.store.get_collection, name), descriptors, time.perf_counter() - started
+        return await self.run_blocking(self.store.get_collection, name), descriptors, time.perf_counter() - started
 
     async def close(self) -> None:
         for runtime in self._models.values():

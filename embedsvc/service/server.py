@@ -72,7 +72,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     for name in config.preload:
         await loop.run_in_executor(None, engine.runtime, name)
     for info in store.list_collections():
-        metrics.collection_items.labels(info.config.name).set(info.count)
+        engine._track_count(info.config.name, info.count)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]

@@ -196,16 +196,16 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
 
     @rpc("GetCollection")
     async def GetCollection(self, request: pb.GetCollectionRequest, context) -> pb.CollectionInfo:
-        return info_to_pb(await self.engine._io(self.engine.store.get_collection, request.name))
+        return info_to_pb(await self.engine.run_blocking(self.engine.store.get_collection, request.name))
 
     @rpc("ListCollections")
     async def ListCollections(self, request, context) -> pb.ListCollectionsResponse:
-        infos = await self.engine._io(self.engine.store.list_collections)
+        infos = await self.engine.run_blocking(self.engine.store.list_collections)
         return pb.ListCollectionsResponse(collections=[info_to_pb(i) for i in infos])
 
     @rpc("DropCollection")
     async def DropCollection(self, request: pb.DropCollectionRequest, context) -> pb.DropCollectionResponse:
-        removed = await self.engine._io(self.engine.store.drop_collection, request.name)
+        removed = await self.engine.drop_collection(request.name)
         return pb.DropCollectionResponse(items_removed=removed)
 
     @rpc("Upsert")
@@ -241,14 +241,13 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
 
     @rpc("Delete")
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
-        self.engine._check_count(len(request.ids), "ids")
-        result = await self.engine._io(self.engine.store.delete, request.collection, list(request.ids))
+        result = await self.engine.delete(request.collection, list(request.ids))
         return pb.DeleteResponse(deleted=result.deleted, missing_ids=result.missing)
 
     @rpc("Get")
     async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
         self.engine._check_count(len(request.ids), "ids")
-        items, missing = await self.engine._io(self.engine.store.get, request.collection, list(request.ids),
+        items, missing = await self.engine.run_blocking(self.engine.store.get, request.collection, list(request.ids),
                                                request.include_vectors)
         out = pb.GetResponse(missing_ids=missing)
         for item in items:

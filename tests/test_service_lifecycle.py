@@ -1,0 +1,104 @@
+"""Configuration precedence, start-up errors, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from embedsvc.client import Client, Item
+from embedsvc.errors import InvalidInput
+from embedsvc.models import MODEL_REGISTRY, register_model
+from embedsvc.service.config import ServerConfig, field_docs, load_config
+
+from serving import ServerThread
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_precedence(tmp_path):
+    file = tmp_path / "embedsvc.toml"
+    file.write_text('max_batch_size = 8\nlisten = "127.0.0.1:7000"\ndemo_size = 3\n')
+    config = load_config(str(file), env={"EMBEDSVC_MAX_BATCH_SIZE": "16", "EMBEDSVC_DEMO_SIZE": "5", "OTHER": "x"},
+                         overrides={"demo_size": 7, "data_dir": None})
+    assert (config.max_batch_size, config.listen, config.demo_size) == (16, "127.0.0.1:7000", 7)
+    assert config.data_dir == ServerConfig().data_dir
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"max_top_k": 50}))
+    assert load_config(str(json_file), env={}).max_top_k == 50
+
+
+@pytest.mark.parametrize("content, env, message", [
+    ('nonsense_key = 1\n', {}, "unknown key"),
+    ('', {"EMBEDSVC_MAX_BATCH_SIZE": "many"}, "bad value 'many'"),
+    ('', {"EMBEDSVC_MAX_BATCH_SIZE": "0"}, "at least 1"),
+    ('', {"EMBEDSVC_LISTEN": "nohost"}, "HOST:PORT"),
+])
+def test_bad_config(tmp_path, content, env, message):
+    file = tmp_path / "c.toml"
+    file.write_text(content)
+    with pytest.raises(InvalidInput, match=message):
+        load_config(str(file), env=env)
+
+
+def test_readme_documents_every_config_field():
+    readme = (ROOT / "README.md").read_text()
+    for name, default, doc in field_docs():
+        assert doc, f"ServerConfig.{name} has no comment"
+        assert f"`{name}`" in readme and f"EMBEDSVC_{name.upper()}" in readme, f"README lacks config field {name}"
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
+                           "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_port_taken_is_a_clear_startup_error(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        proc = serve("--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2, proc.stderr
+    assert "port is taken" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = serve("--listen", "127.0.0.1:0", "--data-dir", str(blocker / "data"))
+    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_path):
+    register_model(tiny_spec, replace=True)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), default_model=tiny_spec.name,
+                          preload_models=tiny_spec.name, metrics_port=-1, demo_size=0, max_batch_delay_ms=800,
+                          log_format="text")
+    server = ServerThread(config).start()
+    try:
+        with Client(server.address) as client:
+            client.create_collection("c", dim=4)
+            client.upsert("c", [Item("a", vector=[1, 0, 0, 0])])
+        outcome = {}
+
+        def slow_call():
+            with Client(server.address) as c:  # waits ~800 ms in the batch window
+                outcome["result"] = c.embed(["still answered"]).vectors["cls"].shape
+
+        thread = threading.Thread(target=slow_call)
+        thread.start()
+        time.sleep(0.3)
+        server.call(server.server.stop(grace=10))
+        thread.join(30)
+        assert outcome.get("result") == (1, 32)
+        assert list((tmp_path / "indexes").glob("collection-*.npz")), "no checkpoint written on shutdown"
+    finally:
+        server.stop()
+        MODEL_REGISTRY.pop(tiny_spec.name, None)
