@@ -48,6 +48,29 @@ def test_held_out_recall_with_cls(encoder, held_out):
     assert i2t.recall_at_1 >= 0.80
 
 
+def test_every_pooling_reports_held_out_recall(encoder, held_out):
+    """Figures for the closing note and README; only `cls` carries a target (the others are findings)."""
+    from embedsvc.pooling import fit_netvlad
+
+    scenes, images = held_out
+    fit_images = [render_scene(generate_scene("train", i), encoder.loaded.image_size) for i in range(300)]
+    fit_features = encoder.encode_images(fit_images)
+    state = fit_netvlad([(fit_features.tokens, fit_features.mask)], clusters=8, seed=0)
+    poolings = [bind_pooling(p, state if p.startswith("netvlad") else None)
+                for p in ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp")]
+    result = embed(encoder, [full_caption(s) for s in scenes] + images, poolings)
+    keys = [s.object_key() for s in scenes]
+    lines = []
+    for pooling, vectors in zip(poolings, result.vectors):
+        m = cross_modal_metrics(vectors[HELD_OUT:], vectors[:HELD_OUT], keys)
+        t2i, i2t, i2i = m["text_to_image"], m["image_to_text"], m["image_to_image"]
+        lines.append(f"| {pooling.name} | {t2i.recall_at_1:.3f} | {t2i.recall_at_10:.3f} | {t2i.median_rank:.0f} | "
+                     f"{i2t.recall_at_1:.3f} | {i2i.mean_average_precision:.3f} |")
+        assert np.isfinite(vectors).all() and t2i.queries == HELD_OUT
+    print("\n| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
+          + "\n".join(lines))
+
+
 def test_cls_equals_open_clip_on_the_shipped_checkpoint(encoder, held_out):
     _, images = held_out
     model = encoder.model

@@ -149,25 +149,23 @@ class Database:
                           [(collection_id, label) for label in old.values()])
         return old
 
-    def items(self, collection_id: int, ids: list[str], with_vectors: bool) -> dict[str, tuple]:
+    def _rows_by(self, key: str, collection_id: int, values: list, with_vectors: bool) -> dict:
+        """{key value: (the other of id/label, metadata json, vector bytes | None)} for the rows found."""
+        other = "label" if key == "id" else "id"
         column = "vector" if with_vectors else "NULL"
         found = {}
-        for chunk in _chunks(ids):
+        for chunk in _chunks(values):
             marks = ",".join("?" * len(chunk))
-            for row in self.query(f"SELECT id, label, metadata, {column} FROM items "
-                                  f"WHERE collection_id=? AND id IN ({marks})", (collection_id, *chunk)):
+            for row in self.query(f"SELECT {key}, {other}, metadata, {column} FROM items "
+                                  f"WHERE collection_id=? AND {key} IN ({marks})", (collection_id, *chunk)):
                 found[row[0]] = row[1:]
         return found
 
+    def items(self, collection_id: int, ids: list[str], with_vectors: bool) -> dict[str, tuple]:
+        return self._rows_by("id", collection_id, ids, with_vectors)
+
     def items_by_label(self, collection_id: int, labels: list[int], with_vectors: bool = False) -> dict[int, tuple]:
-        column = "vector" if with_vectors else "NULL"
-        found = {}
-        for chunk in _chunks(labels):
-            marks = ",".join("?" * len(chunk))
-            for row in self.query(f"SELECT label, id, metadata, {column} FROM items "
-                                  f"WHERE collection_id=? AND label IN ({marks})", (collection_id, *chunk)):
-                found[row[0]] = row[1:]
-        return found
+        return self._rows_by("label", collection_id, labels, with_vectors)
 
     def scan(self, collection_id: int, with_vectors: bool) -> Iterator[tuple]:
         """(label, id, metadata json, vector bytes | None) of every live item, in label order."""
