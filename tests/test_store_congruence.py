@@ -148,3 +148,17 @@ def test_hnsw_tombstones_trigger_rebuild(tmp_path):
     assert len(col.index.tombstones) == 0 and len(col.index) == N - 1200  # rebuilt from the truth
     truth = {f"i{i}": VECTORS[i] for i in range(1200, N)}
     assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.95
+
+
+def test_ivf_retrains_as_the_collection_grows(tmp_path):
+    store = Store(tmp_path)
+    store.create_collection(CollectionConfig("c", DIM, index="ivf"))
+    store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(2100)])
+    first = store.get_collection("c").index_factory
+    vectors = clustered(20000, 9)
+    for start in range(0, 20000, 2000):
+        store.upsert("c", [Item(f"j{i}", vectors[i]) for i in range(start, start + 2000)])
+    info = store.get_collection("c")
+    assert first == "IVF53,Flat" and info.index_factory != first, (first, info.index_factory)
+    truth = {f"i{i}": VECTORS[i] for i in range(2100)} | {f"j{i}": vectors[i] for i in range(20000)}
+    assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.95

@@ -151,7 +151,8 @@ def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
 
 def _collection(info: pb.CollectionInfo) -> Collection:
     c = info.config
-    return Collection(c.name, c.model, c.pooling.name, dict(c.pooling.params), pb.Metric.Name(c.metric), c.index,
+    metric = {pb.METRIC_INNER_PRODUCT: "inner_product"}.get(c.metric, "cosine")
+    return Collection(c.name, c.model, c.pooling.name, dict(c.pooling.params), metric, c.index,
                       info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
 
 

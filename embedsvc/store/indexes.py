@@ -62,6 +62,9 @@ EXACT_FILTER_SHARE = 0.05
 EXACT_FILTER_MIN = 2000
 # Rebuild a tombstoning index once tombstones exceed this share of live items.
 TOMBSTONE_REBUILD_SHARE = 0.2
+# Retrain a preset whose shape depends on n (IVF cells) once the collection is this many times larger
+# than when it was trained: an IVF trained on 2048 vectors has far too few cells for 100k.
+RETRAIN_GROWTH = 8
 
 
 def _faiss_metric(metric: str):
@@ -149,6 +152,7 @@ class FaissIndex:
         self.kind, self.dim, self.metric = kind, dim, metric
         self.preset = INDEX_PRESETS.get(kind)
         self.tombstones: set[int] = set()
+        self.trained_at = 0  # vectors the index was trained on
         self.index = None  # the real index, once built (and trained)
         self.exact = faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(metric)))  # until then
         if not self._needs_training(self._factory(0)):
@@ -219,6 +223,7 @@ class FaissIndex:
         index.train(sample)
         index.add_with_ids(vectors, labels)
         self.index, self.exact, self._built_factory = index, None, factory
+        self.trained_at = n
 
     def remove(self, labels: np.ndarray) -> None:
         import faiss
@@ -233,7 +238,11 @@ class FaissIndex:
             self.tombstones.update(labels.tolist())
 
     def needs_rebuild(self, live: int) -> bool:
-        return len(self.tombstones) > max(1000, TOMBSTONE_REBUILD_SHARE * live)
+        """Too many tombstones, or a preset index outgrown since training (its cells are too few)."""
+        outgrown = (self.preset is not None and self.preset.train_min and self.trained_at
+                    and live >= RETRAIN_GROWTH * self.trained_at
+                    and self.preset.factory(self.dim, live) != self.factory_string)
+        return bool(outgrown) or len(self.tombstones) > max(1000, TOMBSTONE_REBUILD_SHARE * live)
 
     def rebuild(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """Starts over from the live items (the store passes them from its source of truth)."""
@@ -310,7 +319,7 @@ class FaissIndex:
 
         target = self.index if self.index is not None else self.exact
         header = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "trained": self.index is not None,
-                  "factory": self.factory_string}
+                  "factory": self.factory_string, "trained_at": self.trained_at}
         arrays = {"index": faiss.serialize_index(target),
                   "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
         return header, arrays
@@ -323,6 +332,7 @@ class FaissIndex:
         self.kind, self.dim, self.metric = header["kind"], header["dim"], header["metric"]
         self.preset = INDEX_PRESETS.get(self.kind)
         self.tombstones = set(arrays["tombstones"].tolist())
+        self.trained_at = int(header.get("trained_at", 0))
         index = faiss.deserialize_index(arrays["index"])
         if header["trained"]:
             self.index, self.exact, self._built_factory = index, None, header["factory"]

@@ -284,7 +284,8 @@ class Store:
     def _maintain(self, col: _Collection) -> None:
         """Rebuilds a tombstoning index from the truth once tombstones pile up (write lock held)."""
         if col.index.needs_rebuild(len(col.label_of_id)):
-            log.info("rebuilding index of %s (%d tombstones)", col.config.name, len(col.index.tombstones))
+            log.info("rebuilding index of %s (%d live, %d tombstones, trained at %d)", col.config.name,
+                     len(col.label_of_id), len(col.index.tombstones), col.index.trained_at)
             labels, vectors = [], []
             for label, _, _, vector in self.db.scan(col.id, with_vectors=True):
                 labels.append(label)
