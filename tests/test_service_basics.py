@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
+from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, Item,
                              NotFoundError)
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import MODEL_REGISTRY, load_model, register_model

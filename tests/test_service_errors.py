@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
-from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes

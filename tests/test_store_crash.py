@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from crash_writer import COLLECTIONS, DIM, vector_for
 from embedsvc.store import Store

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import grpc
 import numpy as np
 
-from embedsvc.client.errors import EmbedsvcClientError, from_rpc_error
+from embedsvc.client.errors import from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLOURS = {

@@ -7,7 +7,6 @@ Blocking work (decoding, model forward, SQLite commits, FAISS searches) runs off
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import threading
@@ -22,7 +21,7 @@ import torch
 
 from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import decode_image
-from embedsvc.errors import EmptyText, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.errors import EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
@@ -208,8 +207,6 @@ class Engine:
 
     def _check_count(self, n: int, what: str) -> None:
         if n > self.config.max_items_per_request:
-            from embedsvc.errors import ResourceExhausted
-
             raise ResourceExhausted(f"{n} {what} in one request, over the limit of {self.config.max_items_per_request}; "
                                     f"split it")
 

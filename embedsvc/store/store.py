@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, InvalidInput, NotFound
+from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from embedsvc.store.checkpoint import fsync_dir, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
@@ -206,8 +205,6 @@ class Store:
         col = self._get(name)
         with col.lock.write():
             if require_empty and col.label_of_id:
-                from embedsvc.errors import FailedPrecondition
-
                 raise FailedPrecondition(f"collection {name!r} holds {len(col.label_of_id)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
             col.pooling_version = self.db.set_pooling_state(col.id, state)
