@@ -42,7 +42,14 @@ class ImageBytes:
     data: bytes
 
 
-Content = Union[Text, ImageBytes]
+@dataclass
+class DecodedImage:
+    """An image a caller already decoded (bulk jobs decode in their own workers to report bad files)."""
+
+    image: Any
+
+
+Content = Union[Text, ImageBytes, DecodedImage]
 
 
 @dataclass
@@ -72,6 +79,10 @@ class Query:
 class SearchOutcome:
     hits: list[Hit]
     truncated: bool
+
+
+def _image_payload(content: Content) -> Any:
+    return content.image if isinstance(content, DecodedImage) else content.data
 
 
 class ModelRuntime:
@@ -151,6 +162,8 @@ class Engine:
             if len(content.text) > self.config.max_text_chars:
                 raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
                                    f"{self.config.max_text_chars}")
+        elif isinstance(content, DecodedImage):
+            pass
         elif isinstance(content, ImageBytes):
             if len(content.data) > self.config.max_image_bytes:
                 raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
@@ -158,7 +171,9 @@ class Engine:
         else:
             raise InvalidInput(f"{where}: no content (set text or image)")
 
-    def _decode(self, runtime: ModelRuntime, data: bytes, where: str) -> torch.Tensor:
+    def _decode(self, runtime: ModelRuntime, data: Any, where: str) -> torch.Tensor:
+        if not isinstance(data, (bytes, bytearray)):  # already decoded
+            return runtime.encoder.loaded.preprocess(data)
         try:
             image = decode_image(data, self.config.max_image_pixels)
         except InvalidInput as exc:
@@ -172,13 +187,14 @@ class Engine:
             self._check_content(content, f"{where} {i}")
         loop = asyncio.get_running_loop()
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
-        images = [i for i, c in enumerate(contents) if isinstance(c, ImageBytes)]
+        images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
         if texts:
             jobs.append(runtime.text.submit([contents[i].text for i in texts]))
         if images:
             pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode, runtime,
-                                                                 contents[i].data, f"{where} {i}") for i in images))
+                                                                 _image_payload(contents[i]), f"{where} {i}")
+                                                   for i in images))
             jobs.append(runtime.image.submit(list(pixels)))
         results = await asyncio.gather(*jobs)
         out: list[Optional[TokenFeatures]] = [None] * len(contents)
@@ -292,6 +308,33 @@ class Engine:
         if self.metrics:
             self.metrics.collection_items.labels(name).set(count)
             self._tracked.add(name)
+
+    async def upsert_multi(self, names: Sequence[str], items: Sequence[UpsertRequestItem]) -> list[Any]:
+        """Upserts the same content items into several collections, with one forward pass per model:
+        the token features are computed once and each collection applies its own pooling."""
+        self._check_count(len(items), "items")
+        infos = [await self.run_blocking(self.store.get_collection, name) for name in names]
+        contents = [item.content for item in items]
+        if any(c is None for c in contents):
+            raise InvalidInput("upsert_multi takes content items (texts or images), not vectors")
+        by_model: dict[str, list] = {}
+        for info in infos:
+            if not info.config.model:
+                raise FailedPrecondition(f"collection {info.config.name!r} has no model to embed content with")
+            by_model.setdefault(info.config.model, []).append(info)
+        results = {}
+        for model, group in by_model.items():
+            poolings = [await self.collection_pooling(info) for info in group]
+            for pooling in poolings:
+                pooling.check_ready()
+            features = await self.features(await self.runtime_async(model), contents, "item")
+            for info, pooling in zip(group, poolings):
+                vectors = [pooling(f)[0].cpu().numpy() for f in features]
+                store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
+                result = await self.run_blocking(self.store.upsert, info.config.name, store_items)
+                self._track_count(info.config.name, result.count)
+                results[info.config.name] = result
+        return [results[name] for name in names]
 
     async def search(self, name: str, queries: Sequence[Query], top_k: int, flt: Optional[Filter], nprobe: int,
                      ef_search: int, include_metadata: bool, include_vectors: bool) -> list[SearchOutcome]:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from embedsvc.errors import InvalidInput
+from embedsvc.progress import Progress
 from embedsvc.eval import cross_modal_metrics
 from embedsvc.training.data import PairData, manifest_pairs, scene_pairs
 
@@ -140,28 +140,6 @@ def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> d
     return {k: v.as_dict() for k, v in metrics.items()}
 
 
-class _Progress:
-    """One status line: step, loss, pairs/s, ETA; redrawn in place on a terminal, else every 5%."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.started = total, stream, time.perf_counter()
-        self.tty = stream.isatty()
-        self.every = max(1, total // 20)
-
-    def update(self, step: int, loss: float, pairs: int) -> None:
-        if not self.tty and step % self.every and step != self.total:
-            return
-        elapsed = time.perf_counter() - self.started
-        rate = pairs / max(elapsed, 1e-9)
-        eta = elapsed / step * (self.total - step)
-        line = (f"step {step}/{self.total} loss {loss:.4f} {rate:.0f} pairs/s "
-                f"elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and step == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def train(config: TrainConfig) -> TrainResult:
     from open_clip.loss import ClipLoss
 
@@ -197,7 +175,7 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     rng = np.random.default_rng(config.seed)
-    progress = _Progress(config.steps)
+    progress = Progress(config.steps, unit="pairs", label="step ")
     history = []
     pairs = 0
     model.train()
@@ -213,7 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         pairs += len(images)
-        progress.update(step + 1, loss.item(), pairs)
+        progress.update(step + 1, pairs, f"loss {loss.item():.4f} ")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             metrics = evaluate(model, eval_data, device)
             history.append({"step": step + 1, "loss": loss.item(),

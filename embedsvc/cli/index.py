@@ -1,0 +1,35 @@
+"""`embedsvc index`: bulk indexing of an image folder, a manifest or WebDataset shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from embedsvc.jobs.index import IndexJob
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="bulk-index images into collections (local or through a server)",
+                       description="Index an image folder, a .csv/.jsonl/.parquet manifest or WebDataset .tar "
+                                   "shards. Re-running skips what is already stored.")
+    p.add_argument("source")
+    p.add_argument("--collection", dest="collections", action="append", required=True, metavar="NAME[=POOLING]",
+                   help="target collection, repeatable; NAME=POOLING creates it if missing (e.g. photos=cls)")
+    p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
+    for name in ("address", "model", "index", "batch_size", "workers", "report", "device"):
+        f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
+                       type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from embedsvc.jobs.index import run_index
+
+    job = IndexJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(IndexJob)})
+    summary = run_index(job)
+    print(f"indexed {summary.indexed}, already present {summary.already_present}, failed {len(summary.failed)} "
+          f"of {summary.total} in {summary.seconds:.1f}s; failures in {job.report}")
+    for source, reason in summary.failed[:20]:
+        print(f"  failed {source}: {reason}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Bulk jobs on top of the service layer: `embedsvc index`."""
