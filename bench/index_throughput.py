@@ -1,0 +1,59 @@
+"""Bulk indexing throughput (files on disk -> durable store) next to the raw model forward at the same batch.
+
+    python bench/index_throughput.py [--images 2000] [--batch-size 64] [--workers 2]
+
+Writes generated scenes as PNG files, runs `embedsvc index --local` on them into one `cls` collection,
+then times the bundled model's image forward alone on the same images, preprocessed in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from embedsvc.datasets import generate_scene, render_scene, write_scenes
+    from embedsvc.encoder import ClipEncoder
+    from embedsvc.jobs.index import IndexJob, run_index
+    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_scenes(root / "src", "val", args.images, size=72)
+        for f in (root / "src").glob("manifest.*"):
+            f.unlink()
+        job = IndexJob(str(root / "src"), ["bench=cls"], local=str(root / "data"), batch_size=args.batch_size,
+                       workers=args.workers, report=str(root / "report.jsonl"))
+        summary = run_index(job)
+        assert summary.indexed == args.images, summary
+        pipeline_rate = args.images / summary.indexing_seconds
+
+    encoder = ClipEncoder(load_model(get_model_spec(TINY_SCENES)), max_batch=args.batch_size)
+    pixels = encoder.preprocess([render_scene(generate_scene("val", i), 72) for i in range(args.images)])
+    encoder.encode_images(pixels[:args.batch_size])
+    started = time.perf_counter()
+    for start in range(0, args.images, args.batch_size):
+        encoder.encode_images(pixels[start:start + args.batch_size])
+    forward_rate = args.images / (time.perf_counter() - started)
+    print(f"# bulk indexing vs raw forward: {args.images} images, batch {args.batch_size}, {args.workers} workers, "
+          f"machine={platform.machine()} torch threads={torch.get_num_threads()}")
+    print("| stage | images/s |")
+    print("|---|---|")
+    print(f"| embedsvc index --local (read, decode, embed, fsynced store; start-up excluded) | {pipeline_rate:.0f} |")
+    print(f"| model forward alone (preprocessed, in memory) | {forward_rate:.0f} |")
+    print(f"ratio: {pipeline_rate / forward_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()
