@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from embedsvc.errors import EmbedsvcError
 
-SUBCOMMANDS = ("embed", "serve", "remote", "index", "train")
+SUBCOMMANDS = ("embed", "serve", "remote", "index", "compare", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,28 @@
+"""`embedsvc compare`: compare poolings on a captioned data set; writes a table, JSON and plots."""
+
+from __future__ import annotations
+
+from embedsvc.jobs.compare import DEFAULT_POOLINGS, CompareJob
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="compare poolings: recall, speed, memory; table, JSON, plots")
+    p.add_argument("--data", default="scenes", help="'scenes' (generated test split) or a manifest with captions")
+    p.add_argument("--size", type=int, default=1000, help="pairs to use (default: 1000)")
+    p.add_argument("--pooling", dest="poolings", action="append", default=None, metavar="SPEC",
+                   help=f"repeatable (default: {' '.join(DEFAULT_POOLINGS)}); e.g. netvlad:clusters=32;pca_dim=256")
+    p.add_argument("--index", default="flat", help="index preset for the collections (default: flat)")
+    p.add_argument("--model", default="", help="model registry name (default: the bundled model)")
+    p.add_argument("--out-dir", default="compare-out")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from embedsvc.jobs.compare import markdown_table, run_compare
+
+    job = CompareJob(data=args.data, size=args.size, poolings=tuple(args.poolings or DEFAULT_POOLINGS),
+                     index=args.index, model=args.model, out_dir=args.out_dir)
+    result = run_compare(job)
+    print(markdown_table(result))
+    print(f"\nwrote {job.out_dir}/results.md, results.json, recall_per_pooling.png, recall_vs_bytes.png")
+    return 0

@@ -1,0 +1,200 @@
+"""`embedsvc compare`: which pooling retrieves best, how fast, at what memory, on a captioned data set.
+
+For each pooling it embeds the corpus (one forward pass per tower feeds every pooling), fits NetVLAD
+on the corpus' own token features, builds a real collection (durable store, chosen index preset) and
+measures: text->image, image->text and image->image recall@1/5/10, median rank and mAP (exact, from
+the vectors, with eval helpers); encode time (the shared forward plus the pooling's own time); index
+build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
+index size / items). Writes results.md, results.json and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from embedsvc.encoder import ClipEncoder, decode_image
+from embedsvc.errors import InvalidInput, ModalityNotSupported
+from embedsvc.eval import cross_modal_metrics
+from embedsvc.pooling import bind_pooling, fit_netvlad
+
+DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
+
+
+@dataclass
+class CompareJob:
+    # "scenes" (the generated test split) or a CSV/JSONL manifest with captions.
+    data: str = "scenes"
+    # Pairs to use (scenes: the first N of the test split; manifest: the first N rows with captions).
+    size: int = 1000
+    # Poolings to compare (registry specs).
+    poolings: tuple[str, ...] = DEFAULT_POOLINGS
+    # Index preset for the collections.
+    index: str = "flat"
+    # Model registry name ("" = the bundled model).
+    model: str = ""
+    # Output folder for results.md, results.json and the plots.
+    out_dir: str = "compare-out"
+    # Text queries timed through the store per pooling.
+    latency_queries: int = 200
+
+
+def _load_pairs(job: CompareJob, image_size: int):
+    if job.data == "scenes":
+        from embedsvc.datasets import full_caption, generate_scene, render_scene
+
+        scenes = [generate_scene("test", i) for i in range(job.size)]
+        return [render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes], \
+            [s.object_key() for s in scenes], [s.id for s in scenes]
+    from embedsvc.datasets.manifest import read_manifest
+
+    rows = [r for r in read_manifest(job.data) if r.caption][:job.size]
+    if not rows:
+        raise InvalidInput(f"{job.data} has no rows with a caption to compare on")
+    images = [decode_image(r.path.read_bytes()) for r in rows]
+    return images, [r.caption for r in rows], None, [r.id for r in rows]
+
+
+def run_compare(job: CompareJob) -> dict:
+    import torch
+
+    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.store import CollectionConfig, Item, Store
+
+    encoder = ClipEncoder(load_model(get_model_spec(job.model or TINY_SCENES)))
+    images, captions, keys, ids = _load_pairs(job, encoder.loaded.image_size)
+    started = time.perf_counter()
+    image_features = encoder.encode_images(images)
+    text_features = encoder.encode_texts(captions)
+    forward_seconds = time.perf_counter() - started
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store(folder)
+        for number, spec in enumerate(job.poolings):
+            state = None
+            fit_seconds = 0.0
+            if spec.split(":")[0] == "netvlad":
+                t = time.perf_counter()
+                probe = bind_pooling(spec)
+                p = probe.params
+                state = fit_netvlad([(image_features.tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
+                fit_seconds = time.perf_counter() - t
+            pooling = bind_pooling(spec, state)
+            t = time.perf_counter()
+            image_vectors = pooling(image_features).numpy()
+            pooling_seconds = time.perf_counter() - t
+            try:
+                text_vectors = pooling(text_features).numpy()
+            except ModalityNotSupported:  # image-only pooling: image->image only
+                text_vectors = None
+            name = f"cmp-{number}-{spec.split(':')[0]}"
+            t = time.perf_counter()
+            store.create_collection(CollectionConfig(name, image_vectors.shape[1], index=job.index))
+            store.upsert(name, [Item(i, v) for i, v in zip(ids, image_vectors)])
+            build_seconds = time.perf_counter() - t
+            latencies = []
+            queries = text_vectors if text_vectors is not None else image_vectors
+            for q in queries[:job.latency_queries]:
+                t = time.perf_counter()
+                store.search(name, q[None], 10)
+                latencies.append((time.perf_counter() - t) * 1000)
+            header, arrays = store._collections[name].index.to_arrays()
+            bytes_per_vector = arrays["index"].nbytes / len(ids)
+            if text_vectors is not None:
+                metrics = cross_modal_metrics(image_vectors, text_vectors, keys)
+            else:
+                metrics = {}
+                if keys is not None:
+                    metrics = {"image_to_image": cross_modal_metrics(image_vectors, image_vectors, keys)["image_to_image"]}
+            rows.append({
+                "pooling": spec, "dim": int(image_vectors.shape[1]),
+                "metrics": {task: m.as_dict() for task, m in metrics.items()},
+                "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
+                "fit_seconds": fit_seconds, "index_build_seconds": build_seconds,
+                "search_p50_ms": float(np.percentile(latencies, 50)), "search_p99_ms": float(np.percentile(latencies, 99)),
+                "bytes_per_vector": bytes_per_vector,
+            })
+        store.close()
+    result = {"data": job.data, "size": len(ids), "model": encoder.loaded.spec.name, "index": job.index,
+              "device": str(encoder.device), "torch_threads": torch.get_num_threads(), "poolings": rows}
+    _write(job, result)
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    def m(row, task, key):
+        value = row["metrics"].get(task, {}).get(key)
+        return "-" if value is None else (f"{value:.0f}" if key == "median_rank" else f"{value:.3f}")
+
+    lines = ["| pooling | dim | t2i R@1 | t2i R@5 | t2i R@10 | t2i med. rank | t2i mAP | i2t R@1 | i2t R@10 | "
+             "i2i R@1 | i2i mAP | encode ms/item | build s | search p50 ms | p99 ms | bytes/vector |",
+             "|" + "---|" * 16]
+    for row in result["poolings"]:
+        lines.append(f"| {row['pooling']} | {row['dim']} | {m(row, 'text_to_image', 'recall_at_1')} | "
+                     f"{m(row, 'text_to_image', 'recall_at_5')} | {m(row, 'text_to_image', 'recall_at_10')} | "
+                     f"{m(row, 'text_to_image', 'median_rank')} | {m(row, 'text_to_image', 'mean_average_precision')} | "
+                     f"{m(row, 'image_to_text', 'recall_at_1')} | {m(row, 'image_to_text', 'recall_at_10')} | "
+                     f"{m(row, 'image_to_image', 'recall_at_1')} | {m(row, 'image_to_image', 'mean_average_precision')} | "
+                     f"{row['encode_ms_per_item']:.2f} | {row['index_build_seconds']:.2f} | {row['search_p50_ms']:.2f} | "
+                     f"{row['search_p99_ms']:.2f} | {row['bytes_per_vector']:.0f} |")
+    return "\n".join(lines)
+
+
+def _write(job: CompareJob, result: dict) -> None:
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown_table(result)
+    (out / "results.md").write_text(f"# Pooling comparison: {result['model']} on {result['data']} "
+                                    f"({result['size']} pairs, index {result['index']}, {result['device']})\n\n"
+                                    f"{table}\n")
+    _plots(result, out)
+
+
+def _plots(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["pooling"] for r in result["poolings"]]
+    tasks = [("text_to_image", "text->image"), ("image_to_text", "image->text"), ("image_to_image", "image->image")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.27
+    for k, (task, label) in enumerate(tasks):
+        values = [r["metrics"].get(task, {}).get("recall_at_1", 0.0) for r in result["poolings"]]
+        ax.bar(np.arange(len(names)) + (k - 1) * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20)
+    ax.set_ylabel("recall@1")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Recall@1 per pooling ({result['model']}, {result['size']} pairs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "recall_per_pooling.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for marker, (task, label) in zip("o^", (tasks[0], tasks[2])):
+        xs = [r["bytes_per_vector"] for r in result["poolings"] if task in r["metrics"]]
+        ys = [r["metrics"][task]["recall_at_1"] for r in result["poolings"] if task in r["metrics"]]
+        ax.scatter(xs, ys, marker=marker, s=45, label=label)
+    for k, r in enumerate(result["poolings"]):
+        task = "text_to_image" if "text_to_image" in r["metrics"] else "image_to_image"
+        y = r["metrics"].get(task, {}).get("recall_at_1", 0.0)
+        ax.annotate(r["pooling"], (r["bytes_per_vector"], y), textcoords="offset points",
+                    xytext=(6, 10 * (k % 3) - 8), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per vector (serialised index / items)")
+    ax.set_ylabel("recall@1")
+    ax.set_ylim(-0.02, 1)
+    ax.set_title("Recall@1 against memory per vector")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "recall_vs_bytes.png", dpi=110)
+    plt.close(fig)

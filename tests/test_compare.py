@@ -1,0 +1,33 @@
+"""`embedsvc compare` on the scenes test split: table, JSON and plots, `cls` figures equal to the model's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_compare_on_scenes(tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "embedsvc", "compare", "--out-dir", str(out), "--pooling", "cls",
+                           "--pooling", "avg", "--pooling", "netvlad:clusters=8", "--pooling", "spp:combine=concat"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["pooling"]: r for r in result["poolings"]}
+    assert result["size"] == 1000 and set(rows) == {"cls", "avg", "netvlad:clusters=8", "spp:combine=concat"}
+    cls = rows["cls"]["metrics"]
+    # the same figures as the bundled model's own evaluation (tests/test_bundled_model.py)
+    assert cls["text_to_image"]["recall_at_1"] == pytest.approx(0.896, abs=0.002)
+    assert cls["image_to_text"]["recall_at_1"] == pytest.approx(0.876, abs=0.002)
+    assert rows["netvlad:clusters=8"]["dim"] == 8 * 128
+    assert set(rows["spp:combine=concat"]["metrics"]) == {"image_to_image"}  # text refused, image->image kept
+    assert rows["cls"]["bytes_per_vector"] >= 128 * 4
+    for row in rows.values():
+        assert row["search_p99_ms"] >= row["search_p50_ms"] > 0 and row["encode_ms_per_item"] > 0
+    table = (out / "results.md").read_text()
+    assert "| cls | 128 | 0.896 |" in table and "| cls | 128 | 0.896 |" in proc.stdout
+    for plot in ("recall_per_pooling.png", "recall_vs_bytes.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 10_000
