@@ -103,3 +103,25 @@ def test_remote_index_equals_local(folder, tmp_path):
     assert [i.id for i in remote_items] == [i.id for i in local_items] and len(local_items) == 40
     for a, b in zip(remote_items, local_items):
         assert np.abs(a.vector - b.vector).max() < 1e-5
+
+
+def test_ray_engine_matches_in_process(folder, tmp_path):
+    pytest.importorskip("ray.data")
+    root, good, bad = folder
+    contents = {}
+    for engine in ("local", "ray"):
+        proc = index(str(root), "--collection", "c=cls", "--collection", "m=max",
+                     "--local", str(tmp_path / engine), "--engine", engine, "--batch-size", "32",
+                     "--report", str(tmp_path / f"{engine}.jsonl"), cwd=tmp_path)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert "indexed 292" in out and "failed 8 of 300" in out, out
+        assert {json.loads(l)["path"] for l in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
+        store = Store(tmp_path / engine)
+        contents[engine] = {name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
+                            for name in ("c", "m")}
+        store.db.close()
+    for name in ("c", "m"):
+        assert set(contents["ray"][name]) == set(contents["local"][name]) == good
+        diff = max(float(np.abs(contents["ray"][name][i] - contents["local"][name][i]).max()) for i in good)
+        assert diff < 1e-5, f"{name}: max difference {diff}"

@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--collection", dest="collections", action="append", required=True, metavar="NAME[=POOLING]",
                    help="target collection, repeatable; NAME=POOLING creates it if missing (e.g. photos=cls)")
     p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
-    for name in ("address", "model", "index", "batch_size", "workers", "report", "device"):
+    for name in ("address", "model", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
+                 "ray_address"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
                        type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")

@@ -45,6 +45,12 @@ class IndexJob:
     report: str = "index-report.jsonl"
     # "auto", "cpu" or "cuda[:N]" (local only).
     device: str = "auto"
+    # "local" (in-process threads) or "ray" (Ray Data actor pool; needs `local`, and ray installed).
+    engine: str = "local"
+    # Ray actors (each loads the model; one GPU each where there are GPUs).
+    ray_actors: int = 1
+    # Ray cluster address; empty starts a local Ray instance.
+    ray_address: str = ""
 
 
 @dataclass
@@ -107,6 +113,22 @@ class _LocalSink:
 
         items = [UpsertRequestItem(r.id, DecodedImage(image), None, _metadata(r)) for r, image, _ in batch]
         self.loop.run_until_complete(self.engine.upsert_multi(self.names, items))
+
+    def write_vectors(self, ids: list[str], vectors: list, metadata: list[dict]) -> None:
+        from embedsvc.store import Item
+
+        for name, matrix in zip(self.names, vectors):
+            self.store.upsert(name, [Item(i, v, m) for i, v, m in zip(ids, matrix, metadata)])
+
+    def targets(self) -> tuple[str, list[dict]]:
+        """The one model and, per collection, its pooling and fitted state: what Ray actors need."""
+        infos = [self.store.get_collection(name) for name in self.names]
+        models = {info.config.model for info in infos}
+        if len(models) != 1 or "" in models:
+            raise InvalidInput("the ray engine needs target collections that share one model")
+        return models.pop(), [{"pooling": info.config.pooling, "params": dict(info.config.pooling_params),
+                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim}
+                              for info in infos]
 
     def close(self) -> None:
         self.loop.run_until_complete(self.engine.close())
@@ -172,6 +194,46 @@ def _decode(record: Record):
         return record, None, f"could not read: {exc.strerror or exc}"
 
 
+def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
+    with open(path, "w") as f:
+        for source, reason in failed:
+            f.write(json.dumps({"path": source, "reason": reason}) + "\n")
+
+
+def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: float) -> IndexSummary:
+    try:
+        from embedsvc.jobs.ray_engine import embed_with_ray
+    except ImportError:
+        raise InvalidInput("the ray engine needs Ray Data: pip install 'ray[data]'") from None
+    model, targets = sink.targets()
+    failed = [(r.source, r.refused) for r in records if r.refused]
+    present = sink.present([r.id for r in records])
+    todo = [r for r in records if not r.refused and r.id not in present]
+    by_id = {r.id: r for r in todo}
+    rows = []
+    for r in todo:  # files are read by the actors (absolute paths); archive members travel as bytes
+        on_disk = Path(r.source).is_file()
+        rows.append({"id": r.id, "path": str(Path(r.source).resolve()) if on_disk else "",
+                     "data": b"" if on_disk else r.read()})
+    indexed = 0
+    progress = Progress(len(records), unit="items", label="indexed ")
+    loop_started = time.perf_counter()
+    if rows:
+        for batch in embed_with_ray(rows, model, targets, job.batch_size, job.ray_actors, job.device,
+                                    job.ray_address or None):
+            ok = [k for k, reason in enumerate(batch["reason"]) if not reason]
+            failed += [(by_id[batch["id"][k]].source, batch["reason"][k]) for k in range(len(batch["id"])) if k not in ok]
+            ids = [str(batch["id"][k]) for k in ok]
+            if ids:
+                sink.write_vectors(ids, [batch[f"vector_{t}"][ok] for t in range(len(targets))],
+                                   [_metadata(by_id[i]) for i in ids])
+                indexed += len(ids)
+            progress.update(len(present) + indexed + len(failed), indexed)
+    _write_report(job.report, failed)
+    return IndexSummary(len(records), indexed, len(present), failed, time.perf_counter() - started,
+                        time.perf_counter() - loop_started)
+
+
 def run_index(job: IndexJob) -> IndexSummary:
     started = time.perf_counter()
     records = open_source(job.source)
@@ -182,7 +244,16 @@ def run_index(job: IndexJob) -> IndexSummary:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InvalidInput(f"{job.source}: id {dup!r} appears more than once; ids must be unique")
     targets = _targets(job.collections)
+    if job.engine not in ("local", "ray"):
+        raise InvalidInput(f"--engine must be local or ray, got {job.engine!r}")
+    if job.engine == "ray" and not job.local:
+        raise InvalidInput("--engine ray writes into a data directory: add --local DATA_DIR")
     sink = _LocalSink(job, targets) if job.local else _RemoteSink(job, targets)
+    if job.engine == "ray":
+        try:
+            return _run_ray(job, records, sink, started)
+        finally:
+            sink.close()
     failed: list[tuple[str, str]] = []
     indexed = present = 0
     progress = Progress(len(records), unit="items", label="indexed ")
@@ -214,8 +285,5 @@ def run_index(job: IndexJob) -> IndexSummary:
     finally:
         loop_seconds = time.perf_counter() - loop_started
         sink.close()
-        report = Path(job.report)
-        with open(report, "w") as f:
-            for source, reason in failed:
-                f.write(json.dumps({"path": source, "reason": reason}) + "\n")
+        _write_report(job.report, failed)
     return IndexSummary(len(records), indexed, present, failed, time.perf_counter() - started, loop_seconds)

@@ -1,0 +1,76 @@
+"""The Ray Data engine of `embedsvc index`: decode + embed on an actor pool, writes on the driver.
+
+The same job grows from one machine to a Ray cluster without code changes: each actor loads the model
+once (one GPU per actor where there are GPUs), `map_batches` streams batches of (id, bytes or path)
+through it, and the driver writes the returned vectors into the durable store batch by batch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+class EmbedActor:
+    """Decodes and embeds a batch for every target collection's pooling with one forward pass."""
+
+    def __init__(self, model: str, targets: list[dict], device: str = "auto"):
+        from embedsvc.encoder import ClipEncoder
+        from embedsvc.models import get_model_spec, load_model
+        from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling
+
+        self.encoder = ClipEncoder(load_model(get_model_spec(model), device=device))
+        self.poolings = [bind_pooling(PoolingSpec(t["pooling"], t["params"]),
+                                      NetVLADState.from_bytes(t["state"]) if t["state"] else None) for t in targets]
+        self.dims = [t["dim"] for t in targets]
+
+    def __call__(self, batch: dict) -> dict:
+        from embedsvc.encoder.images import decode_image
+        from embedsvc.errors import EmbedsvcError
+
+        images, reasons = [], []
+        for path, data in zip(batch["path"], batch["data"]):
+            try:
+                raw = open(path, "rb").read() if path else bytes(data)
+                images.append(decode_image(raw))
+                reasons.append("")
+            except FileNotFoundError:
+                images.append(None)
+                reasons.append("file not found")
+            except (EmbedsvcError, OSError) as exc:
+                images.append(None)
+                reasons.append(str(exc))
+        good = [i for i, image in enumerate(images) if image is not None]
+        out = {"id": batch["id"], "reason": np.array(reasons, dtype=object)}
+        features = self.encoder.encode_images([images[i] for i in good]) if good else None
+        for k, (pooling, dim) in enumerate(zip(self.poolings, self.dims)):
+            vectors = np.zeros((len(reasons), dim), dtype=np.float32)
+            if features is not None:
+                vectors[good] = pooling(features).cpu().numpy()
+            out[f"vector_{k}"] = vectors
+        return out
+
+
+def embed_with_ray(rows: list[dict], model: str, targets: list[dict], batch_size: int, actors: int,
+                   device: str = "auto", address: Optional[str] = None) -> Iterator[dict]:
+    """Yields batches {id, reason, vector_0..} in any order; starts a local Ray instance unless one is running."""
+    import ray
+    import ray.data
+    import torch
+
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        started_here = True
+    try:
+        gpus = 1 if torch.cuda.is_available() else 0
+        dataset = ray.data.from_items(rows)
+        embedded = dataset.map_batches(EmbedActor, fn_constructor_kwargs={"model": model, "targets": targets,
+                                                                          "device": device},
+                                       concurrency=actors, batch_size=batch_size, num_gpus=gpus,
+                                       batch_format="numpy")
+        yield from embedded.iter_batches(batch_size=batch_size, batch_format="numpy")
+    finally:
+        if started_here:
+            ray.shutdown()
