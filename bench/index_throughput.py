@@ -27,26 +27,36 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--random-arch", default="", help="index with a random-init open_clip architecture "
+                        "(e.g. ViT-B-32) instead of the bundled model: a model whose forward dominates")
     args = parser.parse_args()
+    from embedsvc.models import ModelSpec, register_model
+
+    model = TINY_SCENES
+    if args.random_arch:
+        model = register_model(ModelSpec(name=f"bench-{args.random_arch}", architecture=args.random_arch,
+                                         random_init=True)).name
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        write_scenes(root / "src", "val", args.images, size=72)
+        size = load_model(get_model_spec(model)).image_size
+        write_scenes(root / "src", "val", args.images, size=size)
         for f in (root / "src").glob("manifest.*"):
             f.unlink()
-        job = IndexJob(str(root / "src"), ["bench=cls"], local=str(root / "data"), batch_size=args.batch_size,
+        job = IndexJob(str(root / "src"), ["bench=cls"], local=str(root / "data"), model=model, batch_size=args.batch_size,
                        workers=args.workers, report=str(root / "report.jsonl"))
         summary = run_index(job)
         assert summary.indexed == args.images, summary
         pipeline_rate = args.images / summary.indexing_seconds
 
-    encoder = ClipEncoder(load_model(get_model_spec(TINY_SCENES)), max_batch=args.batch_size)
-    pixels = encoder.preprocess([render_scene(generate_scene("val", i), 72) for i in range(args.images)])
+    encoder = ClipEncoder(load_model(get_model_spec(model)), max_batch=args.batch_size)
+    pixels = encoder.preprocess([render_scene(generate_scene("val", i), size) for i in range(args.images)])
     encoder.encode_images(pixels[:args.batch_size])
     started = time.perf_counter()
     for start in range(0, args.images, args.batch_size):
         encoder.encode_images(pixels[start:start + args.batch_size])
     forward_rate = args.images / (time.perf_counter() - started)
-    print(f"# bulk indexing vs raw forward: {args.images} images, batch {args.batch_size}, {args.workers} workers, "
+    print(f"# bulk indexing vs raw forward: model {model}, {args.images} images, batch {args.batch_size}, "
+          f"{args.workers} workers, "
           f"machine={platform.machine()} torch threads={torch.get_num_threads()}")
     print("| stage | images/s |")
     print("|---|---|")
