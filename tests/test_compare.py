@@ -31,3 +31,14 @@ def test_compare_on_scenes(tmp_path):
     assert "| cls | 128 | 0.896 |" in table and "| cls | 128 | 0.896 |" in proc.stdout
     for plot in ("recall_per_pooling.png", "recall_vs_bytes.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 10_000
+
+
+def test_trained_attention_head_recovers_alignment(tmp_path):
+    """Fixed poolings of patch tokens align poorly with text; a head trained on frozen tokens of the
+    training split (disjoint from the evaluated test split) recovers much of it."""
+    from embedsvc.jobs.compare import CompareJob, run_compare
+
+    result = run_compare(CompareJob(size=500, poolings=("avg",), train_head=2000, head_steps=200,
+                                    out_dir=str(tmp_path)))
+    rows = {r["pooling"]: r["metrics"]["text_to_image"]["recall_at_1"] for r in result["poolings"]}
+    assert rows["attention-head (trained)"] > max(0.3, 3 * rows["avg"]), rows

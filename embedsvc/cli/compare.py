@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--index", default="flat", help="index preset for the collections (default: flat)")
     p.add_argument("--model", default="", help="model registry name (default: the bundled model)")
     p.add_argument("--out-dir", default="compare-out")
+    p.add_argument("--train-head", type=int, default=0, metavar="N",
+                   help="also train an attention-pooling head on frozen tokens of N training scenes (e.g. 5000)")
+    p.add_argument("--head-steps", type=int, default=400)
     p.set_defaults(run=run)
 
 
@@ -21,7 +24,8 @@ def run(args) -> int:
     from embedsvc.jobs.compare import markdown_table, run_compare
 
     job = CompareJob(data=args.data, size=args.size, poolings=tuple(args.poolings or DEFAULT_POOLINGS),
-                     index=args.index, model=args.model, out_dir=args.out_dir)
+                     index=args.index, model=args.model, out_dir=args.out_dir, train_head=args.train_head,
+                     head_steps=args.head_steps)
     result = run_compare(job)
     print(markdown_table(result))
     print(f"\nwrote {job.out_dir}/results.md, results.json, recall_per_pooling.png, recall_vs_bytes.png")

@@ -43,6 +43,11 @@ class CompareJob:
     out_dir: str = "compare-out"
     # Text queries timed through the store per pooling.
     latency_queries: int = 200
+    # Also train an attention-pooling head on frozen tokens of this many training-split scenes (0: no head).
+    # Scenes data only: the head needs a training split disjoint from the evaluated test split.
+    train_head: int = 0
+    # Optimiser steps for the head.
+    head_steps: int = 400
 
 
 def _load_pairs(job: CompareJob, image_size: int):
@@ -73,19 +78,26 @@ def run_compare(job: CompareJob) -> dict:
     image_features = encoder.encode_images(images)
     text_features = encoder.encode_texts(captions)
     forward_seconds = time.perf_counter() - started
+    heads = {}
+    if job.train_head:
+        heads["attention-head (trained)"] = _train_head(job, encoder)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         store = Store(folder)
-        for number, spec in enumerate(job.poolings):
+        for number, spec in enumerate([*job.poolings, *heads]):
             state = None
             fit_seconds = 0.0
-            if spec.split(":")[0] == "netvlad":
+            if spec in heads:
+                head, fit_seconds = heads[spec]
+                pooling = _HeadPooling(head)
+            elif spec.split(":")[0] == "netvlad":
                 t = time.perf_counter()
                 probe = bind_pooling(spec)
                 p = probe.params
                 state = fit_netvlad([(image_features.tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
                 fit_seconds = time.perf_counter() - t
-            pooling = bind_pooling(spec, state)
+            if spec not in heads:
+                pooling = bind_pooling(spec, state)
             t = time.perf_counter()
             image_vectors = pooling(image_features).numpy()
             pooling_seconds = time.perf_counter() - t
@@ -93,7 +105,7 @@ def run_compare(job: CompareJob) -> dict:
                 text_vectors = pooling(text_features).numpy()
             except ModalityNotSupported:  # image-only pooling: image->image only
                 text_vectors = None
-            name = f"cmp-{number}-{spec.split(':')[0]}"
+            name = f"cmp-{number}"
             t = time.perf_counter()
             store.create_collection(CollectionConfig(name, image_vectors.shape[1], index=job.index))
             store.upsert(name, [Item(i, v) for i, v in zip(ids, image_vectors)])
@@ -125,6 +137,44 @@ def run_compare(job: CompareJob) -> dict:
               "device": str(encoder.device), "torch_threads": torch.get_num_threads(), "poolings": rows}
     _write(job, result)
     return result
+
+
+class _HeadPooling:
+    """A trained head used like a pooling: images through the head, texts by their native vector."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def __call__(self, features):
+        import torch
+
+        from embedsvc.pooling import l2_normalize
+        from embedsvc.pooling.features import TEXT
+
+        with torch.no_grad():
+            if features.modality == TEXT:
+                return l2_normalize(features.native)
+            return l2_normalize(self.head(features.tokens, features.mask))
+
+
+def _train_head(job: CompareJob, encoder):
+    """Trains the head on the scenes' train split: image tokens against the native embedding of a
+    caption of the same image (the full caption, or another of its captions)."""
+    import torch
+
+    from embedsvc.datasets import generate_scene, render_scene, scene_captions
+    from embedsvc.pooling.attention import train_attention_head
+
+    if job.data != "scenes":
+        raise InvalidInput("--train-head needs the scenes data (its train split); manifests have no split")
+    started = time.perf_counter()
+    scenes = [generate_scene("train", i) for i in range(job.train_head)]
+    features = encoder.encode_images([render_scene(s, encoder.loaded.image_size) for s in scenes])
+    rng = np.random.default_rng(0)
+    captions = [c[0] if rng.random() < 0.7 else c[int(rng.integers(len(c)))] for c in map(scene_captions, scenes)]
+    targets = encoder.encode_texts(captions).native
+    head = train_attention_head(features.tokens, features.mask, targets, steps=job.head_steps)
+    return head, time.perf_counter() - started
 
 
 def markdown_table(result: dict) -> str:
