@@ -125,3 +125,44 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
         assert set(contents["ray"][name]) == set(contents["local"][name]) == good
         diff = max(float(np.abs(contents["ray"][name][i] - contents["local"][name][i]).max()) for i in good)
         assert diff < 1e-5, f"{name}: max difference {diff}"
+
+
+def test_webdataset_and_parquet_sources(folder, tmp_path):
+    import io
+    import tarfile
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    root, good, _ = folder
+    names = sorted(good)[:6]
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        def add(name, data: bytes):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for k, name in enumerate(names):
+            add(f"sample{k}.png", (root / name).read_bytes())
+            add(f"sample{k}.txt", f"caption {k}".encode())
+            add(f"sample{k}.json", json.dumps({"n": k}).encode())
+        add("broken.jpg", b"not a jpeg")
+        add("orphan.txt", b"no image here")
+    proc = index(str(shard), "--collection", "w=cls", "--local", str(tmp_path / "wds"), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "indexed 6" in out and "failed 2 of 8" in out, out + err
+    store = Store(tmp_path / "wds")
+    items, missing = store.get("w", ["sample3"])
+    assert not missing and items[0].metadata == {"n": 3, "caption": "caption 3"}
+    store.db.close()
+
+    table = pa.table({"id": [f"p{k}" for k in range(6)], "path": [str(root / n) for n in names],
+                      "caption": [f"c{k}" for k in range(6)], "album": ["x"] * 6})
+    pq.write_table(table, tmp_path / "m.parquet")
+    proc = index(str(tmp_path / "m.parquet"), "--collection", "p=cls", "--local", str(tmp_path / "pq"), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "indexed 6" in out, out + err
+    store = Store(tmp_path / "pq")
+    assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
+    store.db.close()
