@@ -160,10 +160,18 @@ class Client:
     """Client(address) for an embedsvc server. `timeout` is the default per-call deadline in seconds."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, credentials: Optional[grpc.ChannelCredentials] = None,
-                 metadata: Sequence[tuple[str, str]] = ()):
+                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
+        """token: API token (sent as 'authorization: Bearer'); tls: connect with TLS, trusting `ca_file`
+        (else the system roots); cert_file + key_file: client certificate for mutual TLS."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
+        if credentials is None and (tls or ca_file or cert_file):
+            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+        if token:
+            metadata = (*metadata, ("authorization", f"Bearer {token}"))
         self.channel = (grpc.secure_channel(address, credentials, options) if credentials
                         else grpc.insecure_channel(address, options))
         self.embed_stub = pb_grpc.EmbedServiceStub(self.channel)

@@ -15,7 +15,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -160,7 +159,6 @@ class _HeadPooling:
 def _train_head(job: CompareJob, encoder):
     """Trains the head on the scenes' train split: image tokens against the native embedding of a
     caption of the same image (the full caption, or another of its captions)."""
-    import torch
 
     from embedsvc.datasets import generate_scene, render_scene, scene_captions
     from embedsvc.pooling.attention import train_attention_head

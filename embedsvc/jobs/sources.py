@@ -7,7 +7,7 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.errors import InvalidInput

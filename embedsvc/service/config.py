@@ -68,6 +68,16 @@ class ServerConfig:
     checkpoint_every: int = 20_000
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
+    # JSON file of API tokens with scopes (see README, "Security"); empty with auth_tokens empty: auth off.
+    auth_tokens_file: str = ""
+    # The same JSON inline (e.g. from EMBEDSVC_AUTH_TOKENS, a Kubernetes Secret); added to the file's tokens.
+    auth_tokens: str = ""
+    # TLS certificate chain (PEM) of the server; with tls_key_file, the port serves TLS only.
+    tls_cert_file: str = ""
+    # TLS private key (PEM) of the server.
+    tls_key_file: str = ""
+    # CA bundle (PEM) that client certificates must chain to: set for mutual TLS.
+    tls_client_ca_file: str = ""
     # Log format: "json" (one object per line) or "text".
     log_format: str = "json"
     # Log level.
@@ -84,6 +94,10 @@ class ServerConfig:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if self.log_format not in ("json", "text"):
             raise InvalidInput("config log_format must be json or text")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidInput("config tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if ":" not in self.listen:
             raise InvalidInput(f"config listen must be HOST:PORT, got {self.listen!r}")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Optional
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
+from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
@@ -64,6 +66,8 @@ class EmbedsvcServer:
 
 async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store, preloads models."""
+    tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
+    credentials = _server_credentials(config)
     store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
                   max_top_k=config.max_top_k)
     metrics = Metrics()
@@ -76,14 +80,17 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    interceptors = [AuthInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                             interceptors=interceptors)
     pb_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(engine), server)
     pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.listen)
+        port = (server.add_secure_port(config.listen, credentials) if credentials
+                else server.add_insecure_port(config.listen))
     except RuntimeError as exc:
         port = 0
         cause = exc
@@ -105,6 +112,19 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
             raise InvalidInput(f"cannot serve metrics on {host}:{config.metrics_port}: {exc.strerror or exc}; "
                                f"pick another --metrics-port (or -1 to disable)") from None
     return EmbedsvcServer(server, engine, store, health_servicer, metrics_http), port
+
+
+def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]:
+    if not config.tls_cert_file:
+        return None
+    try:
+        chain = Path(config.tls_cert_file).read_bytes()
+        key = Path(config.tls_key_file).read_bytes()
+        client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:
