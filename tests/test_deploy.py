@@ -1,0 +1,87 @@
+"""deploy/: the manifests are well-formed and agree with each other and with the server's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedsvc.service.auth import load_tokens
+from embedsvc.service.config import ServerConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def k8s() -> dict[str, dict]:
+    docs = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), path
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def env_config(env: dict) -> ServerConfig:
+    unknown = [k for k in env if k.startswith("EMBEDSVC_") and k[9:].lower() not in FIELDS]
+    assert not unknown, f"not config settings: {unknown}"
+    return load_config(env=env)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfiles_match_config(name):
+    text = (DEPLOY / name).read_text()
+    env = dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text))
+    config = env_config(env)
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}
+    assert int(config.listen.rsplit(":", 1)[1]) in exposed and config.metrics_port in exposed
+    assert config.listen.startswith("0.0.0.0:")  # reachable from outside the container
+    assert re.search(r'^ENTRYPOINT \["embedsvc", "serve"\]$', text, re.M)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["embedsvc"] == "embedsvc.cli:main"
+    assert "nvidia/cuda" in text if name.endswith("gpu") else "python:3.11" in text
+    assert f"VOLUME {config.data_dir}" in text
+
+
+def test_kubernetes_manifests_agree():
+    docs = k8s()
+    assert set(docs) == {"ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service"}
+    config = env_config(docs["ConfigMap"]["data"])
+    assert load_tokens(inline=docs["Secret"]["stringData"]["EMBEDSVC_AUTH_TOKENS"])
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": int(config.listen.rsplit(":", 1)[1]), "metrics": config.metrics_port}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"]["port"] == ports["grpc"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert refs == {docs["ConfigMap"]["metadata"]["name"], docs["Secret"]["metadata"]["name"]}
+    mount = container["volumeMounts"][0]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert mount["mountPath"] == config.data_dir
+    service = docs["Service"]["spec"]
+    assert {p["targetPort"] for p in service["ports"]} == set(ports)
+    assert service["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_compose_and_prometheus_agree():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    service = compose["services"]["embedsvc"]
+    text = (DEPLOY / service["build"]["dockerfile"].split("/")[-1]).read_text()
+    config = env_config({**dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text)),
+                         **{k: v for k, v in service["environment"].items() if k != "EMBEDSVC_AUTH_TOKENS_FILE"}})
+    assert "EMBEDSVC_AUTH_TOKENS_FILE" in service["environment"]
+    assert load_tokens(str(DEPLOY / compose["secrets"]["embedsvc_tokens"]["file"]))
+    assert any(v.endswith(":" + config.data_dir) for v in service["volumes"])
+    published = {int(p.split(":")[1]) for p in service["ports"]}
+    assert published == {int(config.listen.rsplit(":", 1)[1]), config.metrics_port}
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"embedsvc:{config.metrics_port}"]
