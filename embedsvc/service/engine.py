@@ -189,12 +189,13 @@ class Engine:
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
-        if texts:
-            jobs.append(runtime.text.submit([contents[i].text for i in texts]))
-        if images:
+        if images:  # decode first: a bad image fails the request before any forward pass is queued
             pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode, runtime,
                                                                  _image_payload(contents[i]), f"{where} {i}")
                                                    for i in images))
+        if texts:
+            jobs.append(runtime.text.submit([contents[i].text for i in texts]))
+        if images:
             jobs.append(runtime.image.submit(list(pixels)))
         results = await asyncio.gather(*jobs)
         out: list[Optional[TokenFeatures]] = [None] * len(contents)
