@@ -18,10 +18,11 @@ from embedsvc.client import Client, EmbedsvcClientError, Item
 DIM = 8
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, preload: bool = False) -> tuple[subprocess.Popen, str]:
     log = open(data_dir.parent / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             str(data_dir), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
+                             str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
+                             "--metrics-port", "-1",
                              "--log-format", "text", "--log-level", "WARNING"],
                             stderr=subprocess.PIPE, stdout=log, text=True)
     deadline = time.monotonic() + 120
