@@ -141,3 +141,10 @@ def test_metrics_endpoint(server, client):
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
     assert 'embedsvc_requests_total{code="OK",method="Embed"}' in body
     assert "embedsvc_batch_size_bucket" in body and "embedsvc_model_load_seconds" in body
+
+
+def test_long_text_is_truncated_and_the_response_says_so(client):
+    result = client.embed(["word " * 300, "short"])
+    assert result.truncated == [True, False]
+    hits_response = client.embed(["a red circle"], poolings=["cls"])
+    assert hits_response.truncated == [False]
