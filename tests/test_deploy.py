@@ -41,6 +41,9 @@ def test_dockerfiles_match_config(name):
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}
     assert int(config.listen.rsplit(":", 1)[1]) in exposed and config.metrics_port in exposed
     assert config.listen.startswith("0.0.0.0:")  # reachable from outside the container
+    defaults = ServerConfig()  # same ports as a bare `embedsvc serve`
+    assert config.listen.rsplit(":", 1)[1] == defaults.listen.rsplit(":", 1)[1]
+    assert config.metrics_port == defaults.metrics_port
     assert re.search(r'^ENTRYPOINT \["embedsvc", "serve"\]$', text, re.M)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["embedsvc"] == "embedsvc.cli:main"

@@ -101,12 +101,7 @@ class _LocalSink:
                     name, job.model, PoolingSpec.parse(pooling), "cosine", job.index))
 
     def present(self, ids: list[str]) -> set[str]:
-        found = None
-        for name in self.names:
-            items, _ = self.store.get(name, ids)
-            have = {item.id for item in items}
-            found = have if found is None else found & have
-        return found or set()
+        return _present_in_all(self.store.get, self.names, ids)
 
     def write(self, batch: list[tuple[Record, object, bytes]]) -> None:
         from embedsvc.service.engine import DecodedImage, UpsertRequestItem
@@ -154,12 +149,7 @@ class _RemoteSink:
                 self.client.create_collection(name, model=job.model, pooling=pooling, index=job.index)
 
     def present(self, ids: list[str]) -> set[str]:
-        found = None
-        for name in self.names:
-            items, _ = self.client.get(name, ids)
-            have = {item.id for item in items}
-            found = have if found is None else found & have
-        return found or set()
+        return _present_in_all(self.client.get, self.names, ids)
 
     def write(self, batch) -> None:
         from embedsvc.client import Item
@@ -170,6 +160,16 @@ class _RemoteSink:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _present_in_all(get, names: list[str], ids: list[str]) -> set[str]:
+    """Ids already stored in every target collection (`get` is Store.get or Client.get)."""
+    found = None
+    for name in names:
+        items, _ = get(name, ids)
+        have = {item.id for item in items}
+        found = have if found is None else found & have
+    return found or set()
 
 
 def _metadata(record: Record) -> dict:
