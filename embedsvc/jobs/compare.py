@@ -115,8 +115,7 @@ def run_compare(job: CompareJob) -> dict:
                 t = time.perf_counter()
                 store.search(name, q[None], 10)
                 latencies.append((time.perf_counter() - t) * 1000)
-            header, arrays = store._collections[name].index.to_arrays()
-            bytes_per_vector = arrays["index"].nbytes / len(ids)
+            bytes_per_vector = store.index_size_bytes(name) / len(ids)
             if text_vectors is not None:
                 metrics = cross_modal_metrics(image_vectors, text_vectors, keys)
             else:

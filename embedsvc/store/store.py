@@ -210,6 +210,13 @@ class Store:
             col.pooling_version = self.db.set_pooling_state(col.id, state)
             return col.pooling_version
 
+    def index_size_bytes(self, name: str) -> int:
+        """Size of the collection's serialised FAISS index: what it costs in memory and on disk."""
+        col = self._get(name)
+        with col.lock.read():
+            _, arrays = col.index.to_arrays()
+        return int(sum(a.nbytes for a in arrays.values()))
+
     def pooling_state(self, name: str) -> Optional[bytes]:
         return self.db.pooling_state(self._get(name).id)
 
