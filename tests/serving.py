@@ -7,6 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from embedsvc.models import register_model
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_collection
 
@@ -54,3 +55,12 @@ def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerT
         yield server
     finally:
         server.stop()
+
+
+def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
+    """A local server on a free port serving a test model spec (registered here), no demo, no metrics."""
+    register_model(spec, replace=True)
+    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), default_model=spec.name, preload_models=spec.name,
+                    metrics_port=-1, demo_size=0, log_format="text")
+    settings.update(overrides)
+    return ServerConfig(**settings)

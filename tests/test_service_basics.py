@@ -12,20 +12,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, Item,
                              NotFoundError)
 from embedsvc.encoder import ClipEncoder, embed
-from embedsvc.models import MODEL_REGISTRY, load_model, register_model
+from embedsvc.models import MODEL_REGISTRY, load_model
 from embedsvc.pooling import bind_pooling
-from embedsvc.service.config import ServerConfig
 
 from conftest import png_bytes
-from serving import running_server
+from serving import running_server, tiny_config
 
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    register_model(tiny_spec, replace=True)
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("data")),
-                          default_model=tiny_spec.name, preload_models=tiny_spec.name, metrics_port=0,
-                          demo_size=0, log_format="text")
+    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0)
     with running_server(config) as s:
         yield s
     MODEL_REGISTRY.pop(tiny_spec.name, None)

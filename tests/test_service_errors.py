@@ -10,23 +10,19 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY, register_model
-from embedsvc.service.config import ServerConfig
+from embedsvc.models import MODEL_REGISTRY
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import running_server
+from serving import running_server, tiny_config
 
 C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    register_model(tiny_spec, replace=True)
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("data")),
-                          default_model=tiny_spec.name, preload_models=tiny_spec.name, metrics_port=-1, demo_size=0,
-                          max_message_bytes=1_000_000, max_queue=8, max_batch_delay_ms=300, max_items_per_request=50,
-                          max_top_k=100, log_format="text")
+    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), max_message_bytes=1_000_000, max_queue=8,
+                         max_batch_delay_ms=300, max_items_per_request=50, max_top_k=100)
     with running_server(config) as s:
         with Client(s.address) as c:
             c.create_collection("c", pooling="cls")

@@ -14,10 +14,10 @@ import pytest
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
-from embedsvc.models import MODEL_REGISTRY, register_model
+from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.config import ServerConfig, field_docs, load_config
 
-from serving import ServerThread
+from serving import ServerThread, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +77,7 @@ def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path):
 
 
 def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_path):
-    register_model(tiny_spec, replace=True)
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path), default_model=tiny_spec.name,
-                          preload_models=tiny_spec.name, metrics_port=-1, demo_size=0, max_batch_delay_ms=800,
-                          log_format="text")
+    config = tiny_config(tiny_spec, tmp_path, max_batch_delay_ms=800)
     server = ServerThread(config).start()
     try:
         with Client(server.address) as client:
