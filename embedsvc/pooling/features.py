@@ -42,14 +42,6 @@ class TokenFeatures:
         if not self.truncated:
             self.truncated = [False] * b
 
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.tokens.shape[2]
-
     def select(self, index: list[int]) -> "TokenFeatures":
         """The features of a subset of the batch, in the given order."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)

@@ -185,9 +185,6 @@ class Database:
         return self.query("SELECT added, removed FROM changes WHERE collection_id=? AND lsn>? ORDER BY lsn",
                           (collection_id, lsn))
 
-    def count_changes_after(self, collection_id: int, lsn: int) -> int:
-        return self.query("SELECT COUNT(*) FROM changes WHERE collection_id=? AND lsn>?", (collection_id, lsn))[0][0]
-
     def truncate_log(self, collection_id: int, lsn: int) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM changes WHERE collection_id=? AND lsn<=?", (collection_id, lsn))
