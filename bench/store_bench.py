@@ -74,7 +74,7 @@ def store_run(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int)
         t = time.perf_counter()
         store.checkpoint()
         checkpoint_seconds = time.perf_counter() - t
-        store.db.close()
+        store.close(checkpoint=False)
     return n / add_seconds, percentiles(latencies), checkpoint_seconds
 
 

@@ -31,6 +31,14 @@ class ResourceExhausted(EmbedsvcError):
     """A limit was reached (queue full, too many items); retry later or send less."""
 
 
+class Aborted(EmbedsvcError):
+    """A concurrent change (e.g. a pooling re-fit) invalidated the request; retry it."""
+
+
+class Unavailable(EmbedsvcError):
+    """Something the request needs is out of service for now (e.g. a read-only data directory); retry later."""
+
+
 # --- specific errors, each in one category -------------------------------------------------------
 
 
@@ -72,3 +80,15 @@ class ImageTooLarge(InvalidInput):
 
 class EmptyText(InvalidInput):
     """A text input is empty or only whitespace."""
+
+
+class DataDirLocked(FailedPrecondition):
+    """Another process holds the data directory's single-writer lock."""
+
+
+class StorageUnavailable(Unavailable):
+    """The store's files cannot be written now (read-only, full or failing disk)."""
+
+
+class NonFiniteVector(InvalidInput):
+    """A computation on an input produced NaN or infinity (numerical overflow)."""

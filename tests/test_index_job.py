@@ -61,7 +61,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
 
     store = Store(tmp_path / "d")
     partial = store.get_collection("photos").count
-    store.db.close()
+    store.close(checkpoint=False)
     assert 0 < partial < 292, partial
 
     second = index(*args, cwd=tmp_path)
@@ -78,7 +78,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
         assert store.get_collection(name).count == 292
         items, missing = store.get(name, sorted(good))
         assert not missing and {i.id for i in items} == good
-    store.db.close()
+    store.close(checkpoint=False)
 
 
 def test_remote_index_equals_local(folder, tmp_path):
@@ -99,7 +99,7 @@ def test_remote_index_equals_local(folder, tmp_path):
             remote_items, _ = client.get("c", sorted(good)[:40], include_vectors=True)
     store = Store(tmp_path / "local")
     local_items, _ = store.get("c", sorted(good)[:40], include_vectors=True)
-    store.db.close()
+    store.close(checkpoint=False)
     assert [i.id for i in remote_items] == [i.id for i in local_items] and len(local_items) == 40
     for a, b in zip(remote_items, local_items):
         assert np.abs(a.vector - b.vector).max() < 1e-5
@@ -120,7 +120,7 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
         store = Store(tmp_path / engine)
         contents[engine] = {name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
                             for name in ("c", "m")}
-        store.db.close()
+        store.close(checkpoint=False)
     for name in ("c", "m"):
         assert set(contents["ray"][name]) == set(contents["local"][name]) == good
         diff = max(float(np.abs(contents["ray"][name][i] - contents["local"][name][i]).max()) for i in good)
@@ -155,7 +155,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     store = Store(tmp_path / "wds")
     items, missing = store.get("w", ["sample3"])
     assert not missing and items[0].metadata == {"n": 3, "caption": "caption 3"}
-    store.db.close()
+    store.close(checkpoint=False)
 
     table = pa.table({"id": [f"p{k}" for k in range(6)], "path": [str(root / n) for n in names],
                       "caption": [f"c{k}" for k in range(6)], "album": ["x"] * 6})
@@ -165,4 +165,4 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     assert proc.returncode == 0 and "indexed 6" in out, out + err
     store = Store(tmp_path / "pq")
     assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
-    store.db.close()
+    store.close(checkpoint=False)

@@ -79,7 +79,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path):
                 assert store.get_collection(name).count == len(expected[name])
             check_search_agrees(store, expected)
         finally:
-            store.db.close()
+            store.close(checkpoint=False)
     assert total_acked > 100, f"only {total_acked} writes were acknowledged across {KILLS} kills"
 
 

@@ -39,8 +39,14 @@ def signed_gem(tokens: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tens
     On non-negative features this is GeM (Radenovic et al.) exactly; p=1 is the mean, and growing p
     moves towards the signed value of largest magnitude per dimension. Projected CLIP features are
     signed, so plain x^p (undefined for x<0 and fractional p) cannot be used.
+
+    Computed on each dimension's values divided by their largest magnitude s (so |x/s| <= 1 and no
+    power overflows, whatever p and the feature scale), then scaled back: GeM is homogeneous,
+    gem(x) = s * gem(x / s).
     """
     w, count = _weights(mask, tokens)
-    powered = tokens.sign() * tokens.abs().pow(p)
-    m = (powered * w).sum(dim=1) / count
-    return m.sign() * m.abs().pow(1.0 / p)
+    real = mask.unsqueeze(-1)
+    scale = tokens.abs().masked_fill(~real, 0).amax(dim=1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+    ratio = (tokens / scale).masked_fill(~real, 0)
+    m = (ratio.sign() * ratio.abs().pow(p) * w).sum(dim=1) / count
+    return scale.squeeze(1) * m.sign() * m.abs().pow(1.0 / p)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import torch
 
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.errors import InvalidPoolingParams, ModalityNotSupported, PoolingNotFitted, UnknownPooling
+from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
+                             UnknownPooling)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
@@ -267,7 +268,11 @@ class BoundPooling:
         """[B, out] L2-normalised float32 vectors."""
         self.check_ready()
         self.check_modality(features.modality)
-        return l2_normalize(self.definition.fn(features, self.params, self.state).float())
+        out = l2_normalize(self.definition.fn(features, self.params, self.state).float())
+        if not torch.isfinite(out).all():  # a last wall: no pooling answers OK with NaN or infinity
+            raise NonFiniteVector(f"pooling {self.name} produced a non-finite vector for this input (numerical "
+                                  f"overflow); try other parameters or another pooling")
+        return out
 
 
 def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None) -> BoundPooling:

@@ -21,7 +21,7 @@ import torch
 
 from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import decode_image
-from embedsvc.errors import EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
+from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
@@ -113,7 +113,7 @@ class Engine:
         self.io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self._models: dict[str, ModelRuntime] = {}
         self._model_lock = threading.Lock()
-        self._poolings: dict[tuple[str, int], BoundPooling] = {}
+        self._poolings: dict[str, tuple[int, BoundPooling]] = {}  # collection uid -> (pooling version, pooling)
         self._tracked: set[str] = set()  # collections with an items gauge
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -247,16 +247,17 @@ class Engine:
         return await self.run_blocking(self.store.create_collection, config)
 
     async def collection_pooling(self, info: CollectionInfo) -> BoundPooling:
-        key = (info.config.name, info.pooling_version)
-        if key not in self._poolings:
+        """The collection's bound pooling, cached by the collection's identity (uid) and pooling version:
+        a re-created name or a re-fitted codebook never reuses a stale entry."""
+        cached = self._poolings.get(info.uid)
+        if cached is None or cached[0] != info.pooling_version:
             spec = PoolingSpec(info.config.pooling, info.config.pooling_params)
             state = None
             if info.pooling_version:
                 blob = await self.run_blocking(self.store.pooling_state, info.config.name)
                 state = NetVLADState.from_bytes(blob)
-            self._poolings = {k: v for k, v in self._poolings.items() if k[0] != info.config.name}
-            self._poolings[key] = bind_pooling(spec, state)
-        return self._poolings[key]
+            cached = self._poolings[info.uid] = (info.pooling_version, bind_pooling(spec, state))
+        return cached[1]
 
     async def _embed_for(self, info: CollectionInfo, contents: Sequence[Content], where: str
                          ) -> tuple[np.ndarray, list[bool]]:
@@ -277,20 +278,43 @@ class Engine:
 
     async def upsert(self, name: str, items: Sequence[UpsertRequestItem]) -> Any:
         self._check_count(len(items), "items")
-        info = await self.run_blocking(self.store.get_collection, name)
-        to_embed = [i for i, item in enumerate(items) if item.content is not None]
-        vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
-        for i, item in enumerate(items):
+        for item in items:
             if item.content is None and item.vector is None:
                 raise InvalidInput(f"item {item.id!r} has neither content nor vector")
-        if to_embed:
-            embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
-            for row, i in enumerate(to_embed):
-                vectors[i] = embedded[row]
-        store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
-        result = await self.run_blocking(self.store.upsert, name, store_items)
+        to_embed = [i for i, item in enumerate(items) if item.content is not None]
+
+        async def attempt():
+            info = await self.run_blocking(self.store.get_collection, name)
+            vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
+            if to_embed:
+                embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
+                for row, i in enumerate(to_embed):
+                    vectors[i] = embedded[row]
+            store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
+            return await self._commit(info, store_items, embedded=bool(to_embed))
+
+        result = await self._retry_aborted(attempt)
         self._track_count(name, result.count)
         return result
+
+    async def _commit(self, info: CollectionInfo, items: list[Item], embedded: bool):
+        """Stores items; vectors embedded here are committed only if the collection is still the one
+        (uid) and the pooling state (version) they were computed with."""
+        if not embedded:
+            return await self.run_blocking(self.store.upsert, info.config.name, items)
+        return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, uid=info.uid,
+                                                                 pooling_version=info.pooling_version))
+
+    @staticmethod
+    async def _retry_aborted(attempt: Callable, attempts: int = 3):
+        """Re-embeds and retries when a concurrent re-fit or re-creation invalidated the vectors."""
+        for number in range(attempts):
+            try:
+                return await attempt()
+            except Aborted:
+                if number == attempts - 1:
+                    raise
+                log.info("upsert raced a pooling re-fit or a re-creation of its collection; re-embedding")
 
     async def delete(self, name: str, ids: list[str]):
         self._check_count(len(ids), "ids")
@@ -299,7 +323,9 @@ class Engine:
         return result
 
     async def drop_collection(self, name: str) -> int:
+        info = await self.run_blocking(self.store.get_collection, name)
         removed = await self.run_blocking(self.store.drop_collection, name)
+        self._poolings.pop(info.uid, None)
         if self.metrics and name in self._tracked:
             self.metrics.collection_items.remove(name)
         self._tracked.discard(name)
@@ -332,7 +358,11 @@ class Engine:
             for info, pooling in zip(group, poolings):
                 vectors = [pooling(f)[0].cpu().numpy() for f in features]
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
-                result = await self.run_blocking(self.store.upsert, info.config.name, store_items)
+                try:
+                    result = await self._commit(info, store_items, embedded=True)
+                except Aborted:  # re-fitted or re-created meanwhile: embed again for this one collection
+                    result = await self.upsert(info.config.name, [
+                        UpsertRequestItem(item.id, item.content, None, item.metadata) for item in items])
                 self._track_count(info.config.name, result.count)
                 results[info.config.name] = result
         return [results[name] for name in names]

@@ -8,20 +8,33 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+TMP_MARK = ".tmp-"
+
 
 def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Each call writes its own temporary file, so concurrent writers never collide on one name."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def is_temporary(path: Path) -> bool:
+    """A leftover of an atomic write that never reached its rename (the process died mid-write)."""
+    return path.name.startswith(".") and TMP_MARK in path.name
 
 
 def fsync_dir(folder: Path) -> None:

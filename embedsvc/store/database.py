@@ -1,8 +1,10 @@
 """The store's source of truth: SQLite in WAL mode with synchronous=FULL.
 
-Tables: `collections` (config, label counter, fitted pooling state), `items` (id -> label, vector,
-metadata) and `changes`, the log of label additions and removals that FAISS checkpoints are replayed
-from. Each write is one transaction; once commit returns it is on disk.
+Tables: `meta` (the store's identity, a UUID made with the database), `collections` (config, label
+counter, fitted pooling state), `items` (id -> label, vector, metadata) and `changes`, the log of label
+additions and removals that FAISS checkpoints are replayed from. Each write is one transaction; once
+commit returns it is on disk. A write the disk refuses (read-only, full, I/O error) is rolled back and
+reported as StorageUnavailable; the next write tries again, so the store recovers by itself.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from embedsvc.errors import Aborted, FailedPrecondition, NotFound, StorageUnavailable
+
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS collections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL UNIQUE,
@@ -59,27 +68,45 @@ class Database:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.executescript(SCHEMA)
+            self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
+            self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise FailedPrecondition(f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
+                                     f"or move it away to start with an empty store") from None
 
     def close(self) -> None:
         with self._lock:
             self.conn.close()
 
+    def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable:
+        return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
+                                  f"was stored: make it writable (or free space) and retry")
+
     @contextmanager
     def transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception."""
+        """BEGIN IMMEDIATE ... COMMIT; rolled back on any exception. Disk refusals become StorageUnavailable."""
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise self._unavailable(exc) from None
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # a failed COMMIT may have rolled back already
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise self._unavailable(exc) from None
                 raise
-            self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: Iterable = ()) -> list:
         with self._lock:
@@ -125,12 +152,22 @@ class Database:
                                    (collection_id, *chunk)).fetchall())
         return found
 
-    def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str]
-               ) -> tuple[np.ndarray, dict[str, int]]:
-        """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}."""
+    def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str],
+               pooling_version: Optional[int] = None) -> tuple[np.ndarray, dict[str, int]]:
+        """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
+
+        `pooling_version`: the version of the pooling state the vectors were computed with; checked in
+        the same transaction, so vectors of a codebook replaced meanwhile are never committed."""
         with self.transaction() as c:
+            row = c.execute("SELECT next_label, pooling_version FROM collections WHERE id=?",
+                            (collection_id,)).fetchone()
+            if row is None:
+                raise NotFound("the collection was dropped while the request ran; nothing was stored")
+            start, current_version = row
+            if pooling_version is not None and pooling_version != current_version:
+                raise Aborted(f"the collection's pooling was re-fitted (version {pooling_version} -> "
+                              f"{current_version}) while these items were embedded; nothing was stored: retry")
             old = self.labels_of(c, collection_id, ids)
-            start = c.execute("SELECT next_label FROM collections WHERE id=?", (collection_id,)).fetchone()[0]
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
             c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, vector, metadata) VALUES (?,?,?,?,?)",

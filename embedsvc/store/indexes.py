@@ -10,6 +10,7 @@ out at search time, and ask for a rebuild when tombstones pass a share of the li
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -73,20 +74,63 @@ def _faiss_metric(metric: str):
     return faiss.METRIC_INNER_PRODUCT  # cosine = inner product on normalised vectors
 
 
+# FAISS factory strings a collection may use: the families the store can add to with ids, remove from
+# (or tombstone), search through an ID selector and serialise. Anything else (IDMap wrappers, NSG,
+# LSH, refinements...) is refused before FAISS parses it: FAISS's parser crashes on hostile strings.
+MAX_FACTORY_CHARS = 64
+_N = r"[1-9][0-9]{0,5}"
+FACTORY_GRAMMAR = re.compile(
+    rf"(?:(?P<pre>PCAR?(?P<pca>{_N})|OPQ(?P<opq>{_N})(?:_(?P<opq_dim>{_N}))?),)?"
+    rf"(?:Flat"
+    rf"|HNSW(?P<hnsw>{_N})(?:,Flat|_SQ(?:4|6|8|fp16))?"
+    rf"|IVF(?P<ivf>{_N})(?:_HNSW(?P<ivf_hnsw>{_N}))?,(?:Flat|SQ(?:4|6|8|fp16)|PQ(?P<pq>{_N})(?:x(?P<pq_bits>{_N}))?))"
+)
+FACTORY_HELP = ("[PCA<d>,|OPQ<m>[_<d>],] then Flat | HNSW<M>[,Flat|_SQ8] | IVF<n>[_HNSW<M>],Flat|SQ8|PQ<m>[x<bits>]"
+                " (e.g. HNSW16, IVF256,PQ32)")
+
+
+def _check_factory(kind: str, dim: int) -> None:
+    """Grammar, then bounds FAISS would otherwise assert on (or crash on) when it builds the index."""
+    if len(kind) > MAX_FACTORY_CHARS:
+        raise InvalidInput(f"bad index type {kind[:40]!r}... ({len(kind)} characters): index types are at most "
+                           f"{MAX_FACTORY_CHARS} characters; use a preset ({', '.join(INDEX_PRESETS)}) or a FAISS "
+                           f"factory string of the form {FACTORY_HELP}")
+    prefix = f"bad index type {kind!r}"
+    match = FACTORY_GRAMMAR.fullmatch(kind)
+    if match is None:
+        raise InvalidInput(f"{prefix}: not a preset ({', '.join(INDEX_PRESETS)}) nor a supported FAISS factory "
+                           f"string; supported: {FACTORY_HELP}")
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None and v.isdigit()}
+    inner = g.get("pca") or g.get("opq_dim") or dim
+    problems = []
+    if inner > dim:
+        problems.append(f"the pre-transform outputs {inner} dimensions, more than the vectors' {dim}")
+    for key, top in (("hnsw", 256), ("ivf_hnsw", 256), ("pq_bits", 16), ("ivf", 262_144)):
+        if key in g and g[key] > top:
+            problems.append(f"{key.replace('_', ' ')} {g[key]} is over {top}")
+    for key in ("pq", "opq"):
+        if key in g and inner % g[key]:
+            problems.append(f"{key.upper()}{g[key]} must divide the dimension {inner}")
+    if problems:
+        raise InvalidInput(f"{prefix} for dimension {dim}: {'; '.join(problems)}")
+
+
 def validate_index_kind(kind: str, dim: int, metric: str) -> None:
-    """Refuses an unknown preset or a factory string FAISS cannot build, at collection creation."""
+    """Refuses an unknown metric, or an index type that is neither a preset nor a supported factory string."""
     import faiss
 
     if metric not in METRICS:
         raise InvalidInput(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if kind in INDEX_PRESETS:
         return
+    if not isinstance(kind, str) or not kind:
+        raise InvalidInput(f"index type must be a preset ({', '.join(INDEX_PRESETS)}) or a FAISS factory string")
+    _check_factory(kind, dim)
     try:
         faiss.index_factory(dim, kind, _faiss_metric(metric))
     except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
         first_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"bad index type {kind!r} for dimension {dim}: not a preset ({', '.join(INDEX_PRESETS)}) "
-                           f"and FAISS cannot build it as a factory string ({first_line})") from None
+        raise InvalidInput(f"bad index type {kind!r} for dimension {dim}: FAISS cannot build it ({first_line})") from None
 
 
 class VectorIndex(Protocol):

@@ -10,7 +10,7 @@ import numpy as np
 
 from embedsvc.errors import InvalidInput
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ID_BYTES = 512
 
 
@@ -34,7 +34,7 @@ class CollectionConfig:
     index: str = "flat"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
+        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
             raise InvalidInput(f"collection name {self.name!r} must be 1-64 characters of letters, digits, '_', '.' "
                                f"or '-', starting with a letter or digit")
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
@@ -62,6 +62,8 @@ class CollectionInfo:
     index_trained: bool
     # The FAISS factory string in use.
     index_factory: str
+    # A string unique to this incarnation of the collection (a dropped and re-created name gets a new uid).
+    uid: str = ""
 
 
 @dataclass

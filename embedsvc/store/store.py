@@ -1,16 +1,23 @@
 """Durable collections of vectors: SQLite is the truth, FAISS indexes are checkpointed derived state.
 
-Write path: validate -> one SQLite transaction (fsynced) -> apply to the in-memory index and metadata
-index under the collection's write lock -> acknowledge. Start-up: load each collection's checkpoint
-(index + the log position it includes) and replay the log after it; a missing or unreadable
-checkpoint means a rebuild from the items table. Searches hold the read lock, so they run alongside
-each other and never see half a batch.
+One process at a time owns a data directory (an exclusive OS lock, see lock.py). Write path: validate
+-> one SQLite transaction (fsynced; the pooling version the vectors were made with is checked in it)
+-> apply to the in-memory index and metadata index under the collection's write lock -> acknowledge.
+Checkpoints run in a background thread, one at a time per collection, never on the write path: a
+failed checkpoint is logged and retried and never changes the outcome of a committed write.
+Start-up: each checkpoint must belong to this store (its UUID), this collection (id and creation
+time), this index type, and after the log replay hold exactly the live items of the items table; a
+checkpoint that fails any check, or fails to load or replay, is replaced by a rebuild from the items
+table. A collection whose index cannot even be rebuilt is marked unavailable (its searches and writes
+get FAILED_PRECONDITION) while every other collection serves. Searches hold the read lock, so they run
+alongside each other and never see half a batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +25,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
-from embedsvc.store.checkpoint import fsync_dir, read_checkpoint, write_checkpoint
+from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.store.checkpoint import fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
+from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex, validate_metadata
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
                                    UpsertResult, validate_id, validate_vectors)
@@ -30,6 +38,13 @@ from embedsvc.store.rwlock import RWLock
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOP_K = 1000
+# Inner-product collections: vectors (and queries) of at most this norm keep every score finite in
+# float32 (|q.x| <= |q||x| <= 1e36 < 3.4e38).
+MAX_INNER_PRODUCT_NORM = 1e18
+MAX_NPROBE = 65_536
+MAX_EF_SEARCH = 32_768
+CHECKPOINT_RETRY_SECONDS = 30.0
+_CHECKPOINT_FILE = re.compile(r"collection-(\d+)\.npz")
 
 
 class CollectionNotFound(NotFound):
@@ -53,14 +68,32 @@ class _Collection:
     applied_lsn: int = 0
     id_of_label: dict[int, str] = field(default_factory=dict)
     label_of_id: dict[str, int] = field(default_factory=dict)
+    # Unique to this incarnation (store UUID + collection id): a re-created name gets a new one.
+    uid: str = ""
+    # Set (under the write lock) once the collection is dropped; a request that raced the drop sees it.
+    dropped: bool = False
+    # Why the collection cannot serve (its index could not be loaded nor rebuilt); None when it can.
+    unavailable: Optional[str] = None
+    # One checkpoint at a time; taken before `lock`.
+    checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def info(self) -> CollectionInfo:
+        trained = self.index.trained if self.index is not None else False
+        factory = self.index.factory_string if self.index is not None else ""
         return CollectionInfo(self.config, len(self.label_of_id), self.created_ms, self.pooling_version,
-                              self.index.trained, self.index.factory_string)
+                              trained, factory, self.uid)
+
+    def check_usable(self) -> None:
+        """Called with the collection's lock held: refuses a dropped or unavailable collection."""
+        if self.dropped:
+            raise CollectionNotFound(f"collection {self.config.name!r} was dropped while the request ran")
+        if self.unavailable:
+            raise FailedPrecondition(f"collection {self.config.name!r} is unavailable: {self.unavailable}; its "
+                                     f"items are kept (Get reads them); drop and re-create it to serve again")
 
 
 class Store:
-    """All collections under one data directory."""
+    """All collections under one data directory, owned by this process alone."""
 
     def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
                  max_top_k: int = DEFAULT_MAX_TOP_K):
@@ -74,55 +107,95 @@ class Store:
             probe.unlink()
         except OSError as exc:
             raise InvalidInput(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from None
+        self._dir_lock = DataDirLock(self.data_dir)
+        try:
+            self.db = Database(self.data_dir / "store.sqlite3")
+        except BaseException:
+            self._dir_lock.release()
+            raise
         if omp_threads:
             faiss.omp_set_num_threads(omp_threads)
         self.checkpoint_every = checkpoint_every
         self.max_top_k = max_top_k
-        self.db = Database(self.data_dir / "store.sqlite3")
         self._registry_lock = threading.Lock()  # guards the dict of collections, not their contents
         self._collections: dict[str, _Collection] = {}
-        for cid, name, config, created_ms, pooling_version in self.db.collections():
-            self._collections[name] = self._open(cid, CollectionConfig.from_json(json.loads(config)),
-                                                 created_ms, pooling_version)
+        rows = self.db.collections()
+        self._remove_stray_files({cid for cid, *_ in rows})
+        for cid, name, config, created_ms, pooling_version in rows:
+            self._collections[name] = self._open(cid, config, created_ms, pooling_version)
+        self._checkpointer = _Checkpointer(self)
+        self._closed = False
+        for col in self._collections.values():
+            self._maybe_checkpoint(col)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _checkpoint_path(self, cid: int) -> Path:
         return self.data_dir / "indexes" / f"collection-{cid}.npz"
 
-    def _open(self, cid: int, config: CollectionConfig, created_ms: int, pooling_version: int) -> _Collection:
-        metadata = MetadataIndex()
-        id_of_label, label_of_id = {}, {}
+    def _remove_stray_files(self, live_ids: set[int]) -> None:
+        """Temporary files of writes that died before their rename, and checkpoints of dropped collections."""
+        for path in (self.data_dir / "indexes").iterdir():
+            match = _CHECKPOINT_FILE.fullmatch(path.name)
+            if is_temporary(path) or (match and int(match.group(1)) not in live_ids):
+                log.info("removing stray file %s", path)
+                path.unlink(missing_ok=True)
+
+    def _open(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
+        config = CollectionConfig.from_json(json.loads(config_json))
+        col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(),
+                          uid=f"{self.db.uuid}-{cid}")
         for label, item_id, meta, _ in self.db.scan(cid, with_vectors=False):
-            metadata.add(label, json.loads(meta))
-            id_of_label[label], label_of_id[item_id] = item_id, label
-        index, lsn = self._load_index(cid, config)
-        col = _Collection(cid, config, created_ms, pooling_version, index, metadata, checkpoint_lsn=lsn,
-                          applied_lsn=lsn, id_of_label=id_of_label, label_of_id=label_of_id)
-        self._replay(col)
-        log.info("opened collection %s: %d items, replayed to lsn %d", config.name, len(label_of_id), col.applied_lsn)
+            col.metadata.add(label, json.loads(meta))
+            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
+        reason = self._load_checkpoint(col)  # None: loaded; "": there is none; else why it is unusable
+        if reason is not None:
+            if reason:
+                log.warning("collection %s: %s; rebuilding its index from the items table", config.name, reason)
+            try:
+                self._rebuild(col)
+            except Exception as exc:  # noqa: BLE001 - one broken collection must not keep the others offline
+                col.unavailable = f"its index could not be rebuilt ({type(exc).__name__}: {exc})"
+                log.error("collection %s is unavailable: %s", config.name, col.unavailable)
+                return col
+        log.info("opened collection %s: %d items, replayed to lsn %d", config.name, len(col.label_of_id),
+                 col.applied_lsn)
         return col
 
-    def _load_index(self, cid: int, config: CollectionConfig) -> tuple[FaissIndex, int]:
-        path = self._checkpoint_path(cid)
+    def _load_checkpoint(self, col: _Collection) -> Optional[str]:
+        """Loads the collection's checkpoint and replays the log after it; returns why it was unusable."""
+        path = self._checkpoint_path(col.id)
         try:
             loaded = read_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means: rebuild from the truth
-            log.warning("checkpoint %s unreadable (%s): rebuilding from the items table", path, exc)
-            loaded = None
-        if loaded is not None:
-            header, arrays = loaded
-            if header.get("kind") == config.index and header.get("dim") == config.dim:
-                return FaissIndex.from_arrays(header, arrays), int(header["lsn"])
-        # No checkpoint: everything in the log is replayed onto an empty index.
-        return FaissIndex(config.index, config.dim, config.metric), -1
+            return f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {exc})"
+        if loaded is None:
+            return ""
+        header, arrays = loaded
+        expected = {"store_uuid": self.db.uuid, "collection_id": col.id, "created_ms": col.created_ms,
+                    "kind": col.config.index, "dim": col.config.dim, "metric": col.config.metric}
+        wrong = [key for key, value in expected.items() if header.get(key) != value]
+        if wrong or not isinstance(header.get("lsn"), int):
+            return f"checkpoint {path.name} belongs to another store, collection or index ({', '.join(wrong) or 'lsn'})"
+        try:
+            col.index = FaissIndex.from_arrays(header, arrays)
+            col.applied_lsn = col.checkpoint_lsn = header["lsn"]
+            self._replay(col)
+        except Exception as exc:  # noqa: BLE001
+            return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
+        if len(col.index) != len(col.label_of_id):
+            return (f"checkpoint {path.name} holds {len(col.index)} vectors after the log replay but the items table "
+                    f"{len(col.label_of_id)}")
+        return None
+
+    def _rebuild(self, col: _Collection) -> None:
+        """A fresh index of every live item; the log is covered up to its end."""
+        col.index = FaissIndex(col.config.index, col.config.dim, col.config.metric)
+        last = self.db.last_lsn(col.id)
+        self._load_all(col)
+        col.applied_lsn, col.checkpoint_lsn = last, -1  # -1: checkpoint soon
 
     def _replay(self, col: _Collection) -> None:
-        if col.applied_lsn < 0:  # fresh index: load every live item, then continue after the log's end
-            last = self.db.last_lsn(col.id)
-            self._load_all(col)
-            col.applied_lsn = col.checkpoint_lsn = last
-            return
         changes = self.db.changes_after(col.id, col.applied_lsn)
         if not changes:
             return
@@ -150,18 +223,39 @@ class Store:
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Writes the index of one collection (or all) atomically, then trims the log it covers."""
         for col in [self._get(name)] if name else list(self._collections.values()):
-            with col.lock.read():
-                if col.applied_lsn == col.checkpoint_lsn and self._checkpoint_path(col.id).exists():
-                    continue
-                header, arrays = col.index.to_arrays()
-                header["lsn"] = col.applied_lsn
-                write_checkpoint(self._checkpoint_path(col.id), header, arrays)
-                col.checkpoint_lsn = col.applied_lsn
-            self.db.truncate_log(col.id, col.checkpoint_lsn)
+            self._checkpoint_one(col)
 
-    def close(self) -> None:
-        self.checkpoint()
+    def _checkpoint_one(self, col: _Collection) -> None:
+        path = self._checkpoint_path(col.id)
+        with col.checkpoint_lock:
+            if col.dropped or col.unavailable or col.index is None:
+                return
+            with col.lock.read():  # a consistent snapshot; the file is written outside the lock
+                if col.applied_lsn == col.checkpoint_lsn and path.exists():
+                    return
+                header, arrays = col.index.to_arrays()
+                lsn = col.applied_lsn
+                header.update(lsn=lsn, store_uuid=self.db.uuid, collection_id=col.id, created_ms=col.created_ms,
+                              count=len(col.index))
+            write_checkpoint(path, header, arrays)
+            col.checkpoint_lsn = lsn
+            self.db.truncate_log(col.id, lsn)
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Stops the checkpointer, checkpoints every collection (unless told not to), releases the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        self._checkpointer.stop()
+        if checkpoint:
+            for col in list(self._collections.values()):
+                try:
+                    self._checkpoint_one(col)
+                except Exception as exc:  # noqa: BLE001 - the log still covers it: replayed at the next start
+                    log.warning("checkpoint of %s failed at shutdown (%s); the log will be replayed on start",
+                                col.config.name, exc)
         self.db.close()
+        self._dir_lock.release()
 
     # -- collections --------------------------------------------------------------------------
 
@@ -176,9 +270,9 @@ class Store:
         with self._registry_lock:
             if config.name in self._collections:
                 raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
+            index = FaissIndex(config.index, config.dim, config.metric)
             cid, created = self.db.create_collection(config.name, config.to_json())
-            col = _Collection(cid, config, created, 0, FaissIndex(config.index, config.dim, config.metric),
-                              MetadataIndex())
+            col = _Collection(cid, config, created, 0, index, MetadataIndex(), uid=f"{self.db.uuid}-{cid}")
             self._collections[config.name] = col
         return col.info()
 
@@ -191,8 +285,9 @@ class Store:
     def drop_collection(self, name: str) -> int:
         with self._registry_lock:
             col = self._get(name)
-            with col.lock.write():
+            with col.checkpoint_lock, col.lock.write():
                 removed = self.db.drop_collection(col.id)
+                col.dropped = True
                 self._collections.pop(name)
                 path = self._checkpoint_path(col.id)
                 if path.exists():
@@ -204,6 +299,7 @@ class Store:
         """Stores a fitted pooling state (e.g. NetVLAD codebook); vectors of an older state must not mix."""
         col = self._get(name)
         with col.lock.write():
+            col.check_usable()
             if require_empty and col.label_of_id:
                 raise FailedPrecondition(f"collection {name!r} holds {len(col.label_of_id)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
@@ -214,6 +310,7 @@ class Store:
         """Size of the collection's serialised FAISS index: what it costs in memory and on disk."""
         col = self._get(name)
         with col.lock.read():
+            col.check_usable()
             _, arrays = col.index.to_arrays()
         return int(sum(a.nbytes for a in arrays.values()))
 
@@ -222,9 +319,17 @@ class Store:
 
     # -- items --------------------------------------------------------------------------------
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False) -> UpsertResult:
-        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids."""
+    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
+               pooling_version: Optional[int] = None, uid: Optional[str] = None) -> UpsertResult:
+        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids.
+
+        Vectors the caller computed with a collection's pooling pass the `uid` and `pooling_version` they
+        were computed for: if the collection was re-created or re-fitted since, nothing is stored (Aborted).
+        """
         col = self._get(name)
+        if uid is not None and uid != col.uid:
+            raise Aborted(f"collection {name!r} was dropped and re-created while these items were embedded; "
+                          f"nothing was stored: retry")
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
         latest: dict[str, Item] = {}
@@ -238,50 +343,75 @@ class Store:
                                    f"vectors of dimension {col.config.dim}")
         vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
                                    col.config.dim)
-        if col.config.metric == "cosine":
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise InvalidInput(f"item {ids[int(np.flatnonzero(norms[:, 0] == 0)[0])]!r} has a zero vector, "
-                                   f"which has no direction for cosine similarity")
-            vectors = vectors / norms
+        vectors = _prepare(vectors, col.config.metric, [f"item {i!r}" for i in ids])
         metadata = [validate_metadata(latest[i].metadata, f"item {i!r}") for i in ids]
         with col.lock.write():
+            col.check_usable()
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {existing[0]!r}; "
                                         f"use upsert to replace them")
-            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata])
-            col.index.remove(np.array(list(old.values()), dtype=np.int64))
-            col.index.add(labels, vectors)
-            for item_id, label, meta in zip(ids, labels.tolist(), metadata):
-                if item_id in old:
-                    col.metadata.remove(old[item_id])
-                    col.id_of_label.pop(old[item_id], None)
-                col.metadata.add(label, meta)
-                col.id_of_label[label], col.label_of_id[item_id] = item_id, label
-            col.applied_lsn = self.db.last_lsn(col.id)
-            self._maintain(col)
+            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version)
+            self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
             count = len(col.label_of_id)
         self._maybe_checkpoint(col)
         return UpsertResult(len(ids) - len(old), len(old), count)
+
+    def _apply_upsert(self, col: _Collection, ids, labels, old, vectors, metadata) -> None:
+        for item_id, label, meta in zip(ids, labels.tolist(), metadata):
+            if item_id in old:
+                col.metadata.remove(old[item_id])
+                col.id_of_label.pop(old[item_id], None)
+            col.metadata.add(label, meta)
+            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
+        col.index.remove(np.array(list(old.values()), dtype=np.int64))
+        col.index.add(labels, vectors)
+
+    def _apply(self, col: _Collection, change) -> None:
+        """Applies a committed change to the in-memory state (write lock held). The change is durable
+        whatever happens here: if applying it fails, the index is rebuilt from the items table, and if
+        even that fails the collection is marked unavailable; the caller's write still succeeded."""
+        try:
+            change()
+            col.applied_lsn = self.db.last_lsn(col.id)
+            self._maintain(col)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("collection %s: applying a committed write to the index failed; rebuilding it",
+                          col.config.name)
+            try:
+                self._reload(col)
+            except Exception as again:  # noqa: BLE001
+                col.unavailable = f"its index failed ({type(exc).__name__}: {exc}) and could not be rebuilt ({again})"
+                log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
+
+    def _reload(self, col: _Collection) -> None:
+        """In-memory state anew from the items table (write lock held)."""
+        col.metadata, col.id_of_label, col.label_of_id = MetadataIndex(), {}, {}
+        for label, item_id, meta, _ in self.db.scan(col.id, with_vectors=False):
+            col.metadata.add(label, json.loads(meta))
+            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
+        self._rebuild(col)
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         """Removes ids; missing ones are reported (strict: refused, nothing removed)."""
         col = self._get(name)
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
+            col.check_usable()
             missing = [i for i in ids if i not in col.label_of_id]
             if strict and missing:
                 raise ItemsNotFound(f"{len(missing)} id(s) not in {name!r}, e.g. {missing[0]!r}; nothing was deleted")
             old = self.db.delete(col.id, [i for i in ids if i in col.label_of_id])
-            col.index.remove(np.array(list(old.values()), dtype=np.int64))
-            for item_id, label in old.items():
-                col.metadata.remove(label)
-                col.id_of_label.pop(label, None)
-                col.label_of_id.pop(item_id, None)
-            col.applied_lsn = self.db.last_lsn(col.id)
-            self._maintain(col)
+
+            def change() -> None:
+                for item_id, label in old.items():
+                    col.metadata.remove(label)
+                    col.id_of_label.pop(label, None)
+                    col.label_of_id.pop(item_id, None)
+                col.index.remove(np.array(list(old.values()), dtype=np.int64))
+
+            self._apply(col, change)
         self._maybe_checkpoint(col)
         return DeleteResult(len(old), missing)
 
@@ -298,8 +428,9 @@ class Store:
                               np.stack(vectors) if vectors else np.zeros((0, col.config.dim), np.float32))
 
     def _maybe_checkpoint(self, col: _Collection) -> None:
-        if col.applied_lsn - col.checkpoint_lsn >= self.checkpoint_every:
-            self.checkpoint(col.config.name)
+        """Asks the background checkpointer; never checkpoints on the caller's (write) path."""
+        if col.checkpoint_lsn < 0 or col.applied_lsn - col.checkpoint_lsn >= self.checkpoint_every:
+            self._checkpointer.request(col)
 
     def get(self, name: str, ids: Iterable[str], include_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         col = self._get(name)
@@ -325,11 +456,14 @@ class Store:
         col = self._get(name)
         if not isinstance(top_k, int) or not 1 <= top_k <= self.max_top_k:
             raise InvalidInput(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
+        if not 0 <= nprobe <= MAX_NPROBE or not 0 <= ef_search <= MAX_EF_SEARCH:
+            raise InvalidInput(f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
+                               f"(0 = the collection's default), got {nprobe} and {ef_search}")
         queries = validate_vectors(queries, col.config.dim, "query")
-        if col.config.metric == "cosine":
-            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        queries = _prepare(queries, col.config.metric, [f"query {i}" for i in range(len(queries))])
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         with col.lock.read():
+            col.check_usable()
             allowed = None
             if flt is not None and flt.must:
                 allowed = np.fromiter(col.metadata.labels(flt), dtype=np.int64)
@@ -352,3 +486,65 @@ class Store:
                             hit.vector = np.frombuffer(rows[label][2], dtype=np.float32).copy()
         return results
 
+
+
+def _prepare(vectors: np.ndarray, metric: str, names: Sequence[str]) -> np.ndarray:
+    """Cosine: unit vectors, normalised in float64 so that no finite float32 input overflows or
+    underflows (only an exact zero vector has no direction). Inner product: norms bounded so that
+    no score can overflow float32."""
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+    if metric == "cosine":
+        zero = np.flatnonzero(norms[:, 0] == 0)
+        if len(zero):
+            raise InvalidInput(f"{names[zero[0]]} is a zero vector, which has no direction for cosine similarity")
+        return (vectors.astype(np.float64) / norms).astype(np.float32)
+    big = np.flatnonzero(norms[:, 0] > MAX_INNER_PRODUCT_NORM)
+    if len(big):
+        raise InvalidInput(f"{names[big[0]]} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
+                           f"inner products of such vectors overflow float32; scale the vectors down")
+    return vectors
+
+
+class _Checkpointer:
+    """One background thread writes checkpoints that writers ask for; failures are retried later."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._pending: dict[str, _Collection] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+        self._thread.start()
+
+    def request(self, col: _Collection) -> None:
+        with self._cond:
+            self._pending[col.uid] = col
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch, self._pending = list(self._pending.values()), {}
+            failed = []
+            for col in batch:
+                try:
+                    self.store._checkpoint_one(col)
+                except Exception as exc:  # noqa: BLE001 - the log still holds every change: nothing is lost
+                    log.warning("checkpoint of %s failed (%s: %s); retrying in %.0f s", col.config.name,
+                                type(exc).__name__, exc, CHECKPOINT_RETRY_SECONDS)
+                    failed.append(col)
+            if failed:
+                with self._cond:
+                    self._cond.wait(CHECKPOINT_RETRY_SECONDS)
+                    for col in failed:
+                        self._pending.setdefault(col.uid, col)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
