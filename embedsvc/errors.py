@@ -72,3 +72,7 @@ class ImageTooLarge(InvalidInput):
 
 class EmptyText(InvalidInput):
     """A text input is empty or only whitespace."""
+
+
+class RequestTooLarge(ResourceExhausted):
+    """A request body or message is over the configured byte limit (HTTP 413)."""
