@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import decode_image
+from embedsvc.encoder.images import decode_image, thumbnail_jpeg
 from embedsvc.errors import EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
@@ -275,7 +275,9 @@ class Engine:
         vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
         return vectors, [f.truncated[0] for f in features]
 
-    async def upsert(self, name: str, items: Sequence[UpsertRequestItem]) -> Any:
+    async def upsert(self, name: str, items: Sequence[UpsertRequestItem], thumbnails: Optional[bool] = None) -> Any:
+        """Embeds and stores items; with thumbnails (default: config.store_thumbnails) image items keep a small
+        JPEG for display, written in the same transaction."""
         self._check_count(len(items), "items")
         info = await self.run_blocking(self.store.get_collection, name)
         to_embed = [i for i, item in enumerate(items) if item.content is not None]
@@ -288,9 +290,24 @@ class Engine:
             for row, i in enumerate(to_embed):
                 vectors[i] = embedded[row]
         store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
-        result = await self.run_blocking(self.store.upsert, name, store_items)
+        keep = self.config.store_thumbnails if thumbnails is None else thumbnails
+        media = await self._thumbnails(items) if keep else None
+        result = await self.run_blocking(self.store.upsert, name, store_items, thumbnails=media)
         self._track_count(name, result.count)
         return result
+
+    async def _thumbnails(self, items: Sequence[UpsertRequestItem]) -> dict[str, tuple[str, bytes]]:
+        """{id: ("image/jpeg", bytes)} for the image items (the last of a repeated id decides)."""
+        def make(content: Content) -> bytes:
+            if isinstance(content, DecodedImage):
+                return thumbnail_jpeg(content.image)
+            return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels))
+
+        latest = {item.id: item.content for item in items}
+        images = {i: c for i, c in latest.items() if isinstance(c, (ImageBytes, DecodedImage))}
+        loop = asyncio.get_running_loop()
+        made = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, make, c) for c in images.values()))
+        return {i: ("image/jpeg", data) for i, data in zip(images, made)}
 
     async def delete(self, name: str, ids: list[str]):
         self._check_count(len(ids), "ids")

@@ -1,7 +1,7 @@
 """The store's source of truth: SQLite in WAL mode with synchronous=FULL.
 
 Tables: `collections` (config, label counter, fitted pooling state), `items` (id -> label, vector,
-metadata) and `changes`, the log of label additions and removals that FAISS checkpoints are replayed
+metadata), `thumbnails` (id -> small image for display, optional) and `changes`, the log of label additions and removals that FAISS checkpoints are replayed
 from. Each write is one transaction; once commit returns it is on disk.
 """
 
@@ -43,6 +43,13 @@ CREATE TABLE IF NOT EXISTS changes (
     removed INTEGER
 );
 CREATE INDEX IF NOT EXISTS changes_by_collection ON changes (collection_id, lsn);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    collection_id INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (collection_id, id)
+) WITHOUT ROWID;
 """
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
@@ -102,6 +109,7 @@ class Database:
             count = c.execute("SELECT COUNT(*) FROM items WHERE collection_id=?", (collection_id,)).fetchone()[0]
             c.execute("DELETE FROM items WHERE collection_id=?", (collection_id,))
             c.execute("DELETE FROM changes WHERE collection_id=?", (collection_id,))
+            c.execute("DELETE FROM thumbnails WHERE collection_id=?", (collection_id,))
             c.execute("DELETE FROM collections WHERE id=?", (collection_id,))
             return count
 
@@ -125,9 +133,11 @@ class Database:
                                    (collection_id, *chunk)).fetchall())
         return found
 
-    def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str]
-               ) -> tuple[np.ndarray, dict[str, int]]:
-        """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}."""
+    def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str],
+               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> tuple[np.ndarray, dict[str, int]]:
+        """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
+        `thumbnails` {id: (media type, bytes)} are written in the same transaction; a replaced item loses its
+        old thumbnail unless it brings a new one."""
         with self.transaction() as c:
             old = self.labels_of(c, collection_id, ids)
             start = c.execute("SELECT next_label FROM collections WHERE id=?", (collection_id,)).fetchone()[0]
@@ -138,6 +148,7 @@ class Database:
                            for i, l, v, m in zip(ids, labels.tolist(), vectors, metadata)])
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
                           [(collection_id, int(l), old.get(i)) for i, l in zip(ids, labels.tolist())])
+            self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
         return labels, old
 
     def delete(self, collection_id: int, ids: list[str]) -> dict[str, int]:
@@ -145,9 +156,21 @@ class Database:
         with self.transaction() as c:
             old = self.labels_of(c, collection_id, ids)
             c.executemany("DELETE FROM items WHERE collection_id=? AND id=?", [(collection_id, i) for i in old])
+            self._replace_thumbnails(c, collection_id, list(old), None)
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,NULL,?)",
                           [(collection_id, label) for label in old.values()])
         return old
+
+    def _replace_thumbnails(self, c: sqlite3.Connection, collection_id: int, removed: list[str],
+                            added: Optional[dict[str, tuple[str, bytes]]]) -> None:
+        c.executemany("DELETE FROM thumbnails WHERE collection_id=? AND id=?", [(collection_id, i) for i in removed])
+        c.executemany("INSERT OR REPLACE INTO thumbnails (collection_id, id, media_type, data) VALUES (?,?,?,?)",
+                      [(collection_id, i, kind, data) for i, (kind, data) in (added or {}).items()])
+
+    def thumbnail(self, collection_id: int, item_id: str) -> Optional[tuple[str, bytes]]:
+        rows = self.query("SELECT media_type, data FROM thumbnails WHERE collection_id=? AND id=?",
+                          (collection_id, item_id))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def _rows_by(self, key: str, collection_id: int, values: list, with_vectors: bool) -> dict:
         """{key value: (the other of id/label, metadata json, vector bytes | None)} for the rows found."""

@@ -222,8 +222,10 @@ class Store:
 
     # -- items --------------------------------------------------------------------------------
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False) -> UpsertResult:
-        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids."""
+    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
+               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids.
+        `thumbnails` {id: (media type, bytes)}: small images for display, stored with the items."""
         col = self._get(name)
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
@@ -251,7 +253,8 @@ class Store:
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {existing[0]!r}; "
                                         f"use upsert to replace them")
-            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata])
+            kept = {i: t for i, t in (thumbnails or {}).items() if i in latest}
+            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], kept)
             col.index.remove(np.array(list(old.values()), dtype=np.int64))
             col.index.add(labels, vectors)
             for item_id, label, meta in zip(ids, labels.tolist(), metadata):
@@ -315,6 +318,15 @@ class Store:
         if missing:
             raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
         return items[0].vector
+
+    def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
+        """(media type, bytes) of an item's stored thumbnail."""
+        col = self._get(name)
+        found = self.db.thumbnail(col.id, validate_id(item_id))
+        if found is None:
+            where = "has no thumbnail" if item_id in col.label_of_id else "is not in the collection"
+            raise ItemsNotFound(f"item {item_id!r} of {name!r} {where}")
+        return found
 
     # -- search -------------------------------------------------------------------------------
 
