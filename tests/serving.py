@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,6 +15,8 @@ from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_co
 
 class ServerThread:
     def __init__(self, config: ServerConfig, demo: bool = False):
+        if config.listen.endswith(":0") and config.http_listen == ServerConfig.http_listen:
+            config = dataclasses.replace(config, http_listen="127.0.0.1:0")  # test servers take no fixed port
         self.config = config
         self.demo = demo
         self.loop = asyncio.new_event_loop()
