@@ -341,6 +341,7 @@ class Engine:
                 raise FailedPrecondition(f"collection {info.config.name!r} has no model to embed content with")
             by_model.setdefault(info.config.model, []).append(info)
         results = {}
+        media = await self._thumbnails(items) if self.config.store_thumbnails else None
         for model, group in by_model.items():
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
@@ -349,7 +350,7 @@ class Engine:
             for info, pooling in zip(group, poolings):
                 vectors = [pooling(f)[0].cpu().numpy() for f in features]
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
-                result = await self.run_blocking(self.store.upsert, info.config.name, store_items)
+                result = await self.run_blocking(self.store.upsert, info.config.name, store_items, thumbnails=media)
                 self._track_count(info.config.name, result.count)
                 results[info.config.name] = result
         return [results[name] for name in names]
