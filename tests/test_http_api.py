@@ -11,6 +11,8 @@ import sqlite3
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from embedsvc.errors import InvalidInput
@@ -256,3 +258,23 @@ def test_a_taken_http_port_is_a_clear_startup_error(tiny_spec, tmp_path):
     MODEL_REGISTRY.pop(tiny_spec.name, None)
     with pytest.raises(InvalidInput, match="http_listen must be HOST:PORT"):
         ServerConfig(http_listen="8080").validate()
+
+
+FIELD_NAMES = sorted({f.json_name for e in ENDPOINTS for f in e.request_type.DESCRIPTOR.fields}
+                     | {"text", "image", "vector", "values", "id", "content", "metadata", "stringValue", "numberValue",
+                        "must", "key", "equals", "range", "gte", "name", "params", "config", "dim"})
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=6), inner, max_size=4),
+                    max_leaves=16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(endpoint=st.sampled_from([e for e in ENDPOINTS if e.body]), body=JSON)
+def test_random_json_gets_an_answer_never_a_500(server, endpoint, body):
+    srv, http = server
+    response = http.request(endpoint.method, endpoint.path.format(name="pics"), content=json.dumps(body),
+                            headers={"content-type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()) == {"code", "message"} and response.json()["message"]
