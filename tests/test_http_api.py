@@ -278,3 +278,34 @@ def test_random_json_gets_an_answer_never_a_500(server, endpoint, body):
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert set(response.json()) == {"code", "message"} and response.json()["message"]
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_http_serves_tls_with_the_grpc_certificates(tmp_path, mutual):
+    pytest.importorskip("cryptography")
+    from test_security import _certificates
+
+    certs = _certificates(tmp_path)
+    config = ServerConfig(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=str(tmp_path / "d"),
+                          metrics_port=-1, demo_size=0, preload_models="", log_format="text",
+                          tls_cert_file=certs["server"], tls_key_file=certs["server_key"],
+                          tls_client_ca_file=certs["ca"] if mutual else "")
+    with running_server(config) as srv:
+        url = f"https://127.0.0.1:{srv.server.http_port}/v1/collections"
+        cert = (certs["client"], certs["client_key"]) if mutual else None
+        with httpx.Client(verify=_context(certs["ca"], cert), timeout=20) as https:
+            assert https.get(url).json() == {"collections": []}
+        with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port
+            httpx.get(url.replace("https", "http"), timeout=5)
+        if mutual:
+            with pytest.raises(httpx.TransportError):  # no client certificate
+                httpx.get(url, verify=_context(certs["ca"]), timeout=5)
+
+
+def _context(ca: str, cert=None):
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
