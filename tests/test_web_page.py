@@ -135,6 +135,8 @@ def test_the_compare_view_renders_one_column_per_collection(browser, demo):
     query = full_caption(generate_scene("val", 14))
     page = page_of(browser, demo.http_url)
     page.check("#compare")
+    for box in page.locator("#compare-list input").all():  # the scenes under each pooling, nothing else
+        box.set_checked((box.get_attribute("value") or "").startswith("scenes"))
     assert page.locator("#compare-list input:checked").count() == 3
     page.fill("#text", query)
     page.keyboard.press("Enter")
@@ -166,3 +168,40 @@ def test_a_protected_server_asks_for_a_token(browser, tmp_path):
         page.keyboard.press("Enter")
         page.wait_for_selector("section.column .hit img")  # thumbnails load with the token too
         page.close()
+
+
+def test_items_without_thumbnails_show_their_uri(browser, demo):
+    import base64
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 40, 40)).save(buffer, format="PNG")  # metadata strings hold 4 KiB at most
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    base = demo.http_url + "/v1/collections"
+    assert httpx.post(base, json={"config": {"name": "linked"}}, timeout=60).status_code == 200
+    httpx.post(base + "/linked/items", json={"items": [
+        {"id": "with-uri", "content": {"text": "a picture elsewhere"}, "metadata": {"uri": {"stringValue": uri}}},
+        {"id": "bare", "content": {"text": "no picture at all"}}]}, timeout=60).raise_for_status()
+    page = page_of(browser, demo.http_url)
+    page.select_option("#collection", "linked")
+    page.fill("#text", "a picture elsewhere")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".hit[data-id='with-uri'] img")
+    assert page.locator(".hit[data-id='with-uri'] img").get_attribute("src") == uri
+    assert page.locator(".hit[data-id='bare'] .placeholder").inner_text() == "bare"
+    page.close()
+
+
+def test_the_docs_page_renders_the_openapi_offline(browser, demo):
+    from embedsvc.service.http import ENDPOINTS
+
+    page = browser.new_page()
+    page.route("http*://**", lambda r: r.continue_() if r.request.url.startswith(demo.http_url) else r.abort())
+    page.goto(demo.http_url + "/docs")
+    page.wait_for_function("document.querySelectorAll('#endpoints details').length > 0")
+    summaries = page.locator("#endpoints summary").all_inner_texts()
+    assert len(summaries) >= len(ENDPOINTS) + 3  # every RPC, the thumbnail and the two probes
+    assert any("/v1/collections/{name}/search" in s for s in summaries)
+    assert page.locator("#schema-SearchRequest").count() == 1
+    page.close()
