@@ -1,8 +1,9 @@
 """The store's source of truth: SQLite in WAL mode with synchronous=FULL.
 
 Tables: `collections` (config, label counter, fitted pooling state), `items` (id -> label, vector,
-metadata), `thumbnails` (id -> small image for display, optional) and `changes`, the log of label additions and removals that FAISS checkpoints are replayed
-from. Each write is one transaction; once commit returns it is on disk.
+metadata) and `changes`, the log of label additions and removals that FAISS checkpoints are replayed
+from; `thumbnails` (id -> small image for display, optional) is written with the items. Each write is
+one transaction; once commit returns it is on disk.
 """
 
 from __future__ import annotations
