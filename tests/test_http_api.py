@@ -309,3 +309,10 @@ def _context(ca: str, cert=None):
     if cert:
         context.load_cert_chain(*cert)
     return context
+
+
+def test_the_http_socket_is_tcp_so_responses_are_not_held_back_by_nagle(server):
+    srv, http = server
+    # asyncio sets TCP_NODELAY on accepted connections only when the listening socket says IPPROTO_TCP; without
+    # it every keep-alive response waited ~40 ms for a delayed ACK (bench/http_vs_grpc.py showed it).
+    assert srv.server.http.sock.proto == socket.IPPROTO_TCP
