@@ -66,6 +66,11 @@ def test_json_lines_upsert_is_batched_like_a_stream(server):
     message = error(http.post("/v1/collections/vec/items", content=bad, headers={"content-type": "application/x-ndjson"}),
                     400, "INVALID_ARGUMENT", "line 2")
     assert "UpsertItem" in message
+    late = "\n".join([json.dumps({"id": f"w{i}", "vector": {"values": [1, 0, i]}}) for i in range(9)] + ["{broken"])
+    error(http.post("/v1/collections/vec/items", content=late, headers={"content-type": "application/x-ndjson"}),
+          400, "INVALID_ARGUMENT", "line 10 is not a valid UpsertItem")
+    assert "the 8 items of the lines before were stored" in http.post(
+        "/v1/collections/vec/items", content=late, headers={"content-type": "application/x-ndjson"}).json()["message"]
     got = http.post("/v1/collections/vec/get", json={"ids": ["v3", "ok"]}).json()
     assert [i["id"] for i in got["items"]] == ["v3"] and got["missingIds"] == ["ok"]
 

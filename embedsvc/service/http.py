@@ -258,14 +258,20 @@ class HttpApi:
 
     async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
         """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream)."""
-        batch = pb.UpsertRequest(collection=collection)
+        batch, stored = pb.UpsertRequest(collection=collection), 0
         lines = (await request.body()).split(b"\n")
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            batch.items.append(parse_json(line, pb.UpsertItem, f"line {number}"))
+            try:
+                batch.items.append(parse_json(line, pb.UpsertItem, f"line {number}"))
+            except InvalidInput as exc:
+                if stored:  # each batch is stored before the next one is parsed
+                    raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
+                raise
             if len(batch.items) == self.config.max_items_per_request:
                 yield batch
+                stored += len(batch.items)
                 batch = pb.UpsertRequest(collection=collection)
         if batch.items or not any(line.strip() for line in lines):
             yield batch
