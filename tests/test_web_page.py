@@ -6,6 +6,7 @@ EMBEDSVC_SCREENSHOTS=1 also writes docs/search-page.png and docs/compare-view.pn
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -128,6 +129,19 @@ def test_an_image_upload_finds_that_image_first(browser, demo, tmp_path):
     page.wait_for_selector("section.column .hit")
     assert hits(page)[0] == scene.id
     assert float(page.locator("section.column .hit .score").first.inner_text()) > 0.9
+    # Dropped on the drop zone instead: the same search.
+    other = generate_scene("val", 12)
+    buffer = io.BytesIO()
+    render_scene(other, 128).save(buffer, format="PNG")
+    page.evaluate("""(b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(buffer.getvalue()).decode())
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('image dropped.png')")
+    assert hits(page)[0] == other.id
     page.close()
 
 
@@ -171,8 +185,6 @@ def test_a_protected_server_asks_for_a_token(browser, tmp_path):
 
 
 def test_items_without_thumbnails_show_their_uri(browser, demo):
-    import base64
-
     from PIL import Image
 
     buffer = io.BytesIO()
