@@ -192,8 +192,10 @@ class HttpApi:
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
                                                                                         grpc.StatusCode.INVALID_ARGUMENT)
-        message = (f"no route {request.method} {request.url.path}; /docs lists the API" if exc.status_code in (404, 405)
-                   else str(exc.detail))
+        path = request.url.path
+        message = {404: f"no route {request.method} {path}; /docs lists the API",
+                   405: f"{path} does not take {request.method}; /docs lists the API"}.get(exc.status_code,
+                                                                                         str(exc.detail))
         return JSONResponse({"code": code.name, "message": message}, status_code=exc.status_code)
 
     async def _guarded(self, rpc: str, grpc_method: str, request: Request,
@@ -219,7 +221,8 @@ class HttpApi:
             log.exception("internal error in %s", rpc)
             return error_response(code, f"internal error in {rpc}; the server log has details")
         finally:
-            peer = f"ipv4:{request.client.host}:{request.client.port}" if request.client else ""
+            client = request.client
+            peer = f"{'ipv6' if ':' in client.host else 'ipv4'}:{client.host}:{client.port}" if client else ""
             calls.record(self.engine, rpc, code.name, time.perf_counter() - started, peer, "http")
 
     def _handler(self, endpoint: Endpoint):
