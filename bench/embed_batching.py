@@ -27,7 +27,7 @@ from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 def start_server(extra: list[str], data_dir: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--log-level", "WARNING", *extra],
+                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level", "WARNING", *extra],
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         match = re.search(r"serving on \S+:(\d+)", line)

@@ -92,3 +92,7 @@ class StorageUnavailable(Unavailable):
 
 class NonFiniteVector(InvalidInput):
     """A computation on an input produced NaN or infinity (numerical overflow)."""
+
+
+class RequestTooLarge(ResourceExhausted):
+    """A request body or message is over the configured byte limit (HTTP 413)."""

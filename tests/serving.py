@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -14,6 +15,8 @@ from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_co
 
 class ServerThread:
     def __init__(self, config: ServerConfig, demo: bool = False):
+        if config.listen.endswith(":0") and config.http_listen == ServerConfig.http_listen:
+            config = dataclasses.replace(config, http_listen="127.0.0.1:0")  # test servers take no fixed port
         self.config = config
         self.demo = demo
         self.loop = asyncio.new_event_loop()
@@ -41,6 +44,10 @@ class ServerThread:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
     def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:
             self.call(self.server.stop(grace))
@@ -58,9 +65,11 @@ def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerT
 
 
 def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
-    """A local server on a free port serving a test model spec (registered here), no demo, no metrics."""
+    """A local server on a free port serving a test model spec (registered here), no demo, no metrics, no HTTP
+    (pass http_listen="127.0.0.1:0" for the HTTP API on a free port)."""
     register_model(spec, replace=True)
     settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), default_model=spec.name, preload_models=spec.name,
-                    metrics_port=-1, demo_size=0, log_format="text")
+                    metrics_port=-1, demo_size=0, log_format="text",
+                    http_listen="")
     settings.update(overrides)
     return ServerConfig(**settings)

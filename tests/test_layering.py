@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "embedsvc"
 CORE = ("models", "encoder", "pooling", "store")
 FORBIDDEN_FOR_CORE = ("grpc", "grpc_health", "grpc_reflection", "embedsvc.service", "embedsvc.client", "embedsvc.cli",
-                      "embedsvc.v1")
+                      "embedsvc.v1", "starlette", "uvicorn", "multipart", "httpx")
 
 
 def imports(path: Path) -> set[str]:

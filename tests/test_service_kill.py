@@ -22,7 +22,7 @@ def start_server(data_dir: Path, preload: bool = False, *extra: str) -> tuple[su
     log = open(data_dir.parent / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
-                             "--metrics-port", "-1", *extra,
+                             "--metrics-port", "-1", "--http-listen", "", *extra,
                              "--log-format", "text", "--log-level", "WARNING"],
                             stderr=subprocess.PIPE, stdout=log, text=True)
     deadline = time.monotonic() + 120

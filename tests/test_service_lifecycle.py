@@ -56,7 +56,7 @@ def test_readme_documents_every_config_field():
 
 def serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                           "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=120)
+                           "--metrics-port", "-1", "--http-listen", "", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_port_taken_is_a_clear_startup_error(tmp_path):

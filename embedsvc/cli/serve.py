@@ -1,4 +1,4 @@
-"""`embedsvc serve`: run the gRPC server until SIGTERM/SIGINT, then shut down gracefully."""
+"""`embedsvc serve`: run the gRPC and HTTP server until SIGTERM/SIGINT, then shut down gracefully."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ log = logging.getLogger("embedsvc.serve")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC server", description="Run the embedsvc gRPC server. Settings: "
+    p = sub.add_parser("serve", help="run the server (gRPC and HTTP)", description="Run the embedsvc server: gRPC, HTTP/JSON and the search page. Settings: "
                        "defaults < --config file < EMBEDSVC_* environment variables < these flags.")
     p.add_argument("--config", help="TOML or JSON config file")
     hints = typing.get_type_hints(ServerConfig)
@@ -47,7 +47,10 @@ async def serve(config: ServerConfig) -> int:
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
     metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    if server.http:
+        metrics = f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" + metrics
     log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
+                               "http_port": server.http_port,
                                "data_dir": config.data_dir})
     print(f"embedsvc serving on {host}:{port}{metrics} (data: {config.data_dir}); Ctrl-C or SIGTERM to stop",
           file=sys.stderr, flush=True)

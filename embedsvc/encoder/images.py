@@ -59,3 +59,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+THUMBNAIL_SIDE = 256
+
+
+def thumbnail_jpeg(image: Image.Image, side: int = THUMBNAIL_SIDE, quality: int = 80) -> bytes:
+    """A small JPEG of a decoded image (longest side `side` px, never upscaled), for showing search hits."""
+    small = _to_rgb(image).copy()
+    small.thumbnail((side, side))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

@@ -63,34 +63,43 @@ def required_scope(method: str) -> Optional[str]:
     return "write" if method.rsplit("/", 1)[-1] in WRITE_METHODS else "read"
 
 
+def find_token(tokens: list[Token], presented: str) -> Optional[Token]:
+    found = None
+    for token in tokens:  # compare against every token: timing does not reveal which matched
+        if hmac.compare_digest(token.secret.encode(), presented.encode()):
+            found = token
+    return found
+
+
+def authorize(tokens: list[Token], method: str, header: str) -> Optional[tuple[grpc.StatusCode, str]]:
+    """None if the `authorization` header value may call `method`; else the status and message to refuse with.
+    Shared by the gRPC interceptor and the HTTP API, so both accept the same tokens and scopes."""
+    scope = required_scope(method)
+    if scope is None or not tokens:
+        return None
+    if not header:
+        return grpc.StatusCode.UNAUTHENTICATED, "missing credentials: send 'authorization: Bearer <token>'"
+    presented = header[7:] if header.lower().startswith("bearer ") else ""
+    token = find_token(tokens, presented) if presented else None
+    if token is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
+    if scope not in token.scopes:
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"token {token.name!r} lacks the {scope!r} scope needed for {method.rsplit('/', 1)[-1]}")
+    return None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[Token]):
         self.tokens = tokens
 
-    def _find(self, presented: str) -> Optional[Token]:
-        found = None
-        for token in self.tokens:  # compare against every token: timing does not reveal which matched
-            if hmac.compare_digest(token.secret.encode(), presented.encode()):
-                found = token
-        return found
-
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        scope = required_scope(details.method)
         handler = await continuation(details)
-        if scope is None or handler is None:
+        if handler is None:
             return handler
         header = dict(details.invocation_metadata or ()).get("authorization", "")
-        if not header:
-            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
-                         "missing credentials: send metadata 'authorization: Bearer <token>'")
-        presented = header[7:] if header.lower().startswith("bearer ") else ""
-        token = self._find(presented) if presented else None
-        if token is None:
-            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
-        if scope not in token.scopes:
-            return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         f"token {token.name!r} lacks the {scope!r} scope needed for {details.method.rsplit('/', 1)[-1]}")
-        return handler
+        refusal = authorize(self.tokens, details.method, header)
+        return handler if refusal is None else _deny(handler, *refusal)
 
 
 def _deny(handler, code: grpc.StatusCode, message: str):

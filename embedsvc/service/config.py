@@ -22,6 +22,10 @@ ENV_PREFIX = "EMBEDSVC_"
 class ServerConfig:
     # Address the gRPC server listens on; port 0 picks a free port (tests).
     listen: str = "127.0.0.1:50051"
+    # Address of the HTTP/JSON API and search page (same process and engine as gRPC); empty disables it.
+    http_listen: str = "127.0.0.1:8080"
+    # Keep a 256 px JPEG thumbnail of every image item upserted, for the search page (the demo always does).
+    store_thumbnails: bool = False
     # Folder of the durable store (SQLite database and FAISS checkpoints).
     data_dir: str = "embedsvc-data"
     # Model used when a request or collection names none.
@@ -100,6 +104,8 @@ class ServerConfig:
             raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if ":" not in self.listen:
             raise InvalidInput(f"config listen must be HOST:PORT, got {self.listen!r}")
+        if self.http_listen and ":" not in self.http_listen:
+            raise InvalidInput(f"config http_listen must be HOST:PORT (or empty to disable), got {self.http_listen!r}")
         return self
 
     @property

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import decode_image
+from embedsvc.encoder.images import decode_image, thumbnail_jpeg
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
@@ -276,12 +276,16 @@ class Engine:
         vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
         return vectors, [f.truncated[0] for f in features]
 
-    async def upsert(self, name: str, items: Sequence[UpsertRequestItem]) -> Any:
+    async def upsert(self, name: str, items: Sequence[UpsertRequestItem], thumbnails: Optional[bool] = None) -> Any:
+        """Embeds and stores items; with thumbnails (default: config.store_thumbnails) image items keep a small
+        JPEG for display, written in the same transaction."""
         self._check_count(len(items), "items")
         for item in items:
             if item.content is None and item.vector is None:
                 raise InvalidInput(f"item {item.id!r} has neither content nor vector")
         to_embed = [i for i, item in enumerate(items) if item.content is not None]
+        keep = self.config.store_thumbnails if thumbnails is None else thumbnails
+        media = await self._thumbnails(items) if keep else None
 
         async def attempt():
             info = await self.run_blocking(self.store.get_collection, name)
@@ -291,19 +295,18 @@ class Engine:
                 for row, i in enumerate(to_embed):
                     vectors[i] = embedded[row]
             store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
-            return await self._commit(info, store_items, embedded=bool(to_embed))
+            return await self._commit(info, store_items, bool(to_embed), media)
 
         result = await self._retry_aborted(attempt)
         self._track_count(name, result.count)
         return result
 
-    async def _commit(self, info: CollectionInfo, items: list[Item], embedded: bool):
+    async def _commit(self, info: CollectionInfo, items: list[Item], embedded: bool, thumbnails=None):
         """Stores items; vectors embedded here are committed only if the collection is still the one
         (uid) and the pooling state (version) they were computed with."""
-        if not embedded:
-            return await self.run_blocking(self.store.upsert, info.config.name, items)
-        return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, uid=info.uid,
-                                                                 pooling_version=info.pooling_version))
+        check = dict(uid=info.uid, pooling_version=info.pooling_version) if embedded else {}
+        return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, thumbnails=thumbnails,
+                                                                 **check))
 
     @staticmethod
     async def _retry_aborted(attempt: Callable, attempts: int = 3):
@@ -315,6 +318,19 @@ class Engine:
                 if number == attempts - 1:
                     raise
                 log.info("upsert raced a pooling re-fit or a re-creation of its collection; re-embedding")
+
+    async def _thumbnails(self, items: Sequence[UpsertRequestItem]) -> dict[str, tuple[str, bytes]]:
+        """{id: ("image/jpeg", bytes)} for the image items (the last of a repeated id decides)."""
+        def make(content: Content) -> bytes:
+            if isinstance(content, DecodedImage):
+                return thumbnail_jpeg(content.image)
+            return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels))
+
+        latest = {item.id: item.content for item in items}
+        images = {i: c for i, c in latest.items() if isinstance(c, (ImageBytes, DecodedImage))}
+        loop = asyncio.get_running_loop()
+        made = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, make, c) for c in images.values()))
+        return {i: ("image/jpeg", data) for i, data in zip(images, made)}
 
     async def delete(self, name: str, ids: list[str]):
         self._check_count(len(ids), "ids")
@@ -350,6 +366,7 @@ class Engine:
                 raise FailedPrecondition(f"collection {info.config.name!r} has no model to embed content with")
             by_model.setdefault(info.config.model, []).append(info)
         results = {}
+        media = await self._thumbnails(items) if self.config.store_thumbnails else None
         for model, group in by_model.items():
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
@@ -359,10 +376,11 @@ class Engine:
                 vectors = [pooling(f)[0].cpu().numpy() for f in features]
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
-                    result = await self._commit(info, store_items, embedded=True)
+                    result = await self._commit(info, store_items, True, media)
                 except Aborted:  # re-fitted or re-created meanwhile: embed again for this one collection
                     result = await self.upsert(info.config.name, [
-                        UpsertRequestItem(item.id, item.content, None, item.metadata) for item in items])
+                        UpsertRequestItem(item.id, item.content, None, item.metadata) for item in items],
+                        thumbnails=media is not None)
                 self._track_count(info.config.name, result.count)
                 results[info.config.name] = result
         return [results[name] for name in names]

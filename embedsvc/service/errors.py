@@ -1,4 +1,4 @@
-"""The one place where domain errors become gRPC status codes."""
+"""The one place where domain errors become gRPC status codes, and status codes become HTTP statuses."""
 
 from __future__ import annotations
 
@@ -16,9 +16,33 @@ STATUS = [
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
+# gRPC code -> HTTP status, as Google's HTTP/gRPC mapping (google.rpc.Code) has it.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     for kind, code in STATUS:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def http_status_for(code: grpc.StatusCode, exc: BaseException | None = None) -> int:
+    """The HTTP status of a refusal; an oversized body is 413 though its code is RESOURCE_EXHAUSTED."""
+    if isinstance(exc, errors.RequestTooLarge):
+        return 413
+    return HTTP_STATUS.get(code, 500)

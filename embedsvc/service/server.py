@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
+from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
@@ -35,9 +36,11 @@ class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
     def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: Store,
-                 health_servicer: health.aio.HealthServicer, metrics_http=None):
+                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None):
         self.grpc_server, self.engine, self.store = grpc_server, engine, store
         self.health = health_servicer
+        self.http = http  # embedsvc.service.http.HttpServer, or None when http_listen is empty
+        self.http_port = http.port if http else None
         self.metrics_http = metrics_http
         self.metrics_port = metrics_http.server_port if metrics_http else None
         self._stopped = False
@@ -46,6 +49,8 @@ class EmbedsvcServer:
         await self.grpc_server.start()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.http:
+            await self.http.start()
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -56,7 +61,10 @@ class EmbedsvcServer:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace if grace is not None else self.engine.config.shutdown_grace_seconds)
+        if self.http:
+            self.http.drain()
+        grace = grace if grace is not None else self.engine.config.shutdown_grace_seconds
+        await asyncio.gather(self.grpc_server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         await self.engine.close()
         self.store.close()
         if self.metrics_http:
@@ -111,7 +119,20 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
             store.close()
             raise InvalidInput(f"cannot serve metrics on {host}:{config.metrics_port}: {exc.strerror or exc}; "
                                f"pick another --metrics-port (or -1 to disable)") from None
-    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http), port
+    http = None
+    if config.http_listen:
+        from embedsvc.service.http import HttpServer
+
+        try:
+            http = HttpServer.bind(engine, tokens)
+        except InvalidInput:
+            await server.stop(0)
+            if metrics_http:
+                metrics_http.shutdown()
+            await engine.close()
+            store.close()
+            raise
+    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http, http), port
 
 
 def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]:
@@ -129,14 +150,22 @@ def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials
 
 async def index_demo_collection(engine: Engine, size: int) -> int:
     """Indexes generated scenes into 'scenes' when the store is empty, so a new user can search at once."""
-    from embedsvc.datasets import full_caption, generate_scene, render_scene
-
     if size <= 0 or engine.store.list_collections():
         return 0
     started = time.perf_counter()
+    await index_scenes(engine, DEMO_COLLECTION, size)
+    log.info("indexed %d demo scenes into %r in %.1fs", size, DEMO_COLLECTION, time.perf_counter() - started)
+    return size
+
+
+async def index_scenes(engine: Engine, name: str, size: int, pooling: Optional[PoolingSpec] = None) -> None:
+    """Creates collection `name` of the first `size` generated validation scenes, thumbnails kept (for the
+    search page; the compare view shows the same scenes under other poolings)."""
+    from embedsvc.datasets import full_caption, generate_scene, render_scene
+
     runtime = await engine.runtime_async(engine.config.default_model)
     image_size = runtime.encoder.loaded.image_size
-    await engine.create_collection(DEMO_COLLECTION, engine.config.default_model, None, "cosine", "flat")
+    await engine.create_collection(name, engine.config.default_model, pooling, "cosine", "flat")
     loop = asyncio.get_running_loop()
 
     def render(index: int):
@@ -150,11 +179,9 @@ async def index_demo_collection(engine: Engine, size: int) -> int:
     for start in range(0, size, 128):
         batch = await asyncio.gather(*(loop.run_in_executor(engine.decode_pool, render, i)
                                        for i in range(start, min(size, start + 128))))
-        await engine.upsert(DEMO_COLLECTION, [
+        await engine.upsert(name, [
             UpsertRequestItem(scene.id, ImageBytes(png), None, {
                 "caption": full_caption(scene), "objects": len(scene.objects),
                 "colours": " ".join(sorted({o.colour for o in scene.objects})),
                 "shapes": " ".join(sorted({o.shape for o in scene.objects}))})
-            for scene, png in batch])
-    log.info("indexed %d demo scenes into %r in %.1fs", size, DEMO_COLLECTION, time.perf_counter() - started)
-    return size
+            for scene, png in batch], thumbnails=True)

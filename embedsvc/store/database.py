@@ -1,10 +1,11 @@
 """The store's source of truth: SQLite in WAL mode with synchronous=FULL.
 
 Tables: `meta` (the store's identity, a UUID made with the database), `collections` (config, label
-counter, fitted pooling state), `items` (id -> label, vector, metadata) and `changes`, the log of label
-additions and removals that FAISS checkpoints are replayed from. Each write is one transaction; once
-commit returns it is on disk. A write the disk refuses (read-only, full, I/O error) is rolled back and
-reported as StorageUnavailable; the next write tries again, so the store recovers by itself.
+counter, fitted pooling state), `items` (id -> label, vector, metadata), `changes`, the log of label
+additions and removals that FAISS checkpoints are replayed from, and `thumbnails` (id -> small image for
+display, optional), written with the items. Each write is one transaction; once commit returns it is on
+disk. A write the disk refuses (read-only, full, I/O error) is rolled back and reported as
+StorageUnavailable; the next write tries again, so the store recovers by itself.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ CREATE TABLE IF NOT EXISTS changes (
     removed INTEGER
 );
 CREATE INDEX IF NOT EXISTS changes_by_collection ON changes (collection_id, lsn);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    collection_id INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (collection_id, id)
+) WITHOUT ROWID;
 """
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
@@ -129,6 +137,7 @@ class Database:
             count = c.execute("SELECT COUNT(*) FROM items WHERE collection_id=?", (collection_id,)).fetchone()[0]
             c.execute("DELETE FROM items WHERE collection_id=?", (collection_id,))
             c.execute("DELETE FROM changes WHERE collection_id=?", (collection_id,))
+            c.execute("DELETE FROM thumbnails WHERE collection_id=?", (collection_id,))
             c.execute("DELETE FROM collections WHERE id=?", (collection_id,))
             return count
 
@@ -153,11 +162,14 @@ class Database:
         return found
 
     def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str],
-               pooling_version: Optional[int] = None) -> tuple[np.ndarray, dict[str, int]]:
+               pooling_version: Optional[int] = None, thumbnails: Optional[dict[str, tuple[str, bytes]]] = None
+               ) -> tuple[np.ndarray, dict[str, int]]:
         """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
 
         `pooling_version`: the version of the pooling state the vectors were computed with; checked in
-        the same transaction, so vectors of a codebook replaced meanwhile are never committed."""
+        the same transaction, so vectors of a codebook replaced meanwhile are never committed.
+        `thumbnails` {id: (media type, bytes)} are written in the same transaction; a replaced item loses its
+        old thumbnail unless it brings a new one."""
         with self.transaction() as c:
             row = c.execute("SELECT next_label, pooling_version FROM collections WHERE id=?",
                             (collection_id,)).fetchone()
@@ -175,6 +187,7 @@ class Database:
                            for i, l, v, m in zip(ids, labels.tolist(), vectors, metadata)])
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
                           [(collection_id, int(l), old.get(i)) for i, l in zip(ids, labels.tolist())])
+            self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
         return labels, old
 
     def delete(self, collection_id: int, ids: list[str]) -> dict[str, int]:
@@ -182,9 +195,21 @@ class Database:
         with self.transaction() as c:
             old = self.labels_of(c, collection_id, ids)
             c.executemany("DELETE FROM items WHERE collection_id=? AND id=?", [(collection_id, i) for i in old])
+            self._replace_thumbnails(c, collection_id, list(old), None)
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,NULL,?)",
                           [(collection_id, label) for label in old.values()])
         return old
+
+    def _replace_thumbnails(self, c: sqlite3.Connection, collection_id: int, removed: list[str],
+                            added: Optional[dict[str, tuple[str, bytes]]]) -> None:
+        c.executemany("DELETE FROM thumbnails WHERE collection_id=? AND id=?", [(collection_id, i) for i in removed])
+        c.executemany("INSERT OR REPLACE INTO thumbnails (collection_id, id, media_type, data) VALUES (?,?,?,?)",
+                      [(collection_id, i, kind, data) for i, (kind, data) in (added or {}).items()])
+
+    def thumbnail(self, collection_id: int, item_id: str) -> Optional[tuple[str, bytes]]:
+        rows = self.query("SELECT media_type, data FROM thumbnails WHERE collection_id=? AND id=?",
+                          (collection_id, item_id))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def _rows_by(self, key: str, collection_id: int, values: list, with_vectors: bool) -> dict:
         """{key value: (the other of id/label, metadata json, vector bytes | None)} for the rows found."""

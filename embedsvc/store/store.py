@@ -320,11 +320,13 @@ class Store:
     # -- items --------------------------------------------------------------------------------
 
     def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
-               pooling_version: Optional[int] = None, uid: Optional[str] = None) -> UpsertResult:
+               pooling_version: Optional[int] = None, uid: Optional[str] = None,
+               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
         """Inserts or replaces items; durable when this returns. insert_only refuses existing ids.
 
         Vectors the caller computed with a collection's pooling pass the `uid` and `pooling_version` they
         were computed for: if the collection was re-created or re-fitted since, nothing is stored (Aborted).
+        `thumbnails` {id: (media type, bytes)}: small images for display, stored with the items.
         """
         col = self._get(name)
         if uid is not None and uid != col.uid:
@@ -352,7 +354,9 @@ class Store:
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {existing[0]!r}; "
                                         f"use upsert to replace them")
-            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version)
+            kept = {i: t for i, t in (thumbnails or {}).items() if i in latest}
+            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version,
+                                         kept)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
             count = len(col.label_of_id)
         self._maybe_checkpoint(col)
@@ -446,6 +450,15 @@ class Store:
         if missing:
             raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
         return items[0].vector
+
+    def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
+        """(media type, bytes) of an item's stored thumbnail."""
+        col = self._get(name)
+        found = self.db.thumbnail(col.id, validate_id(item_id))
+        if found is None:
+            where = "has no thumbnail" if item_id in col.label_of_id else "is not in the collection"
+            raise ItemsNotFound(f"item {item_id!r} of {name!r} {where}")
+        return found
 
     # -- search -------------------------------------------------------------------------------
 

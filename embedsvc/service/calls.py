@@ -1,0 +1,258 @@
+"""The API's operations, protobuf request -> engine -> protobuf response, shared by both transports.
+
+The gRPC servicers and the HTTP handlers are thin wrappers over these functions, so the two can only
+differ in framing (and tests/test_http_congruence.py checks they do not differ in results). Streaming
+RPCs take an async iterable of request messages: a gRPC stream, or the batches of an HTTP body.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterable, Optional
+
+import numpy as np
+
+from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.models import MODEL_REGISTRY
+from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
+from embedsvc.pooling.features import IMAGE, TEXT
+from embedsvc.service.engine import Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.store import CollectionInfo, Condition, Filter
+from embedsvc.v1 import embedsvc_pb2 as pb
+
+METRICS = {pb.METRIC_UNSPECIFIED: "cosine", pb.METRIC_COSINE: "cosine", pb.METRIC_INNER_PRODUCT: "inner_product"}
+METRIC_ENUM = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}
+MODALITY = {TEXT: pb.MODALITY_TEXT, IMAGE: pb.MODALITY_IMAGE}
+
+log = logging.getLogger("embedsvc.rpc")
+
+
+def record(engine: Engine, method: str, code: str, seconds: float, peer: str, transport: str) -> None:
+    """Counts, times and logs one request, whichever transport carried it (metrics keep their labels)."""
+    if engine.metrics:
+        engine.metrics.requests.labels(method, code).inc()
+        engine.metrics.latency.labels(method).observe(seconds)
+    log.info("rpc", extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer,
+                           "transport": transport})
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def pooling_from_pb(spec: pb.PoolingSpec) -> Optional[PoolingSpec]:
+    return PoolingSpec(spec.name, dict(spec.params)) if spec.name else None
+
+
+def content_from_pb(content: pb.Content, where: str):
+    kind = content.WhichOneof("kind")
+    if kind == "text":
+        return Text(content.text)
+    if kind == "image":
+        return ImageBytes(content.image)
+    raise InvalidInput(f"{where}: set text or image")
+
+
+def value_from_pb(value: pb.MetadataValue, where: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput(f"{where}: metadata value has no string, number or bool set")
+    return getattr(value, kind)
+
+
+def value_to_pb(value: Any) -> pb.MetadataValue:
+    if isinstance(value, bool):
+        return pb.MetadataValue(bool_value=value)
+    if isinstance(value, (int, float)):
+        return pb.MetadataValue(number_value=float(value))
+    return pb.MetadataValue(string_value=str(value))
+
+
+def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
+    conditions = []
+    for c in flt.must:
+        test = c.WhichOneof("test")
+        if test == "equals":
+            conditions.append(Condition(c.key, equals=value_from_pb(c.equals, f"filter on {c.key!r}")))
+        elif test == "in":
+            values = tuple(value_from_pb(v, f"filter on {c.key!r}") for v in getattr(c, "in").values)
+            conditions.append(Condition(c.key, any_of=values))
+        elif test == "range":
+            r = c.range
+            if not r.HasField("gte") and not r.HasField("lte"):
+                raise InvalidInput(f"filter on {c.key!r}: a range needs gte, lte or both")
+            conditions.append(Condition(c.key, gte=r.gte if r.HasField("gte") else None,
+                                        lte=r.lte if r.HasField("lte") else None))
+        else:
+            raise InvalidInput(f"filter on {c.key!r}: set equals, in or range")
+    return Filter(tuple(conditions)) if conditions else None
+
+
+def vector_from_pb(vector: pb.Vector) -> np.ndarray:
+    return np.asarray(vector.values, dtype=np.float32)
+
+
+def info_to_pb(info: CollectionInfo) -> pb.CollectionInfo:
+    c = info.config
+    definition = POOLINGS.get(c.pooling)
+    if definition is None or not definition.requires_fit:
+        state = pb.POOLING_STATE_NOT_REQUIRED
+    else:
+        state = pb.POOLING_STATE_FITTED if info.pooling_version else pb.POOLING_STATE_NEEDS_FIT
+    config = pb.CollectionConfig(name=c.name, model=c.model, metric=METRIC_ENUM[c.metric], index=c.index, dim=c.dim,
+                                 pooling=pb.PoolingSpec(name=c.pooling, params=c.pooling_params))
+    return pb.CollectionInfo(config=config, dim=c.dim, count=info.count, pooling_state=state,
+                             pooling_version=info.pooling_version, created_unix_ms=info.created_ms,
+                             index_trained=info.index_trained)
+
+
+def tokens_to_pb(features) -> pb.TokenFeatures:
+    mask = features.mask[0]
+    tokens = features.tokens[0][mask].cpu().numpy().astype("<f4")
+    grid = features.grid or (0, 0)
+    return pb.TokenFeatures(num_tokens=tokens.shape[0], dim=tokens.shape[1], data=tokens.tobytes(),
+                            grid_height=grid[0], grid_width=grid[1])
+
+
+# -- operations, one per RPC ------------------------------------------------------------------
+
+
+async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    poolings = [PoolingSpec(p.name, dict(p.params)) for p in request.poolings]
+    contents = [content_from_pb(c, f"input {i}") for i, c in enumerate(request.inputs)]
+    model, results = await engine.embed(request.model, poolings, contents, request.include_tokens)
+    names = [p.name for p in poolings] or ["cls"]
+    out = pb.EmbedResponse(model=model)
+    for r in results:
+        result = out.results.add(modality=MODALITY[r.modality], truncated=r.truncated)
+        for name, vector in zip(names, r.vectors):
+            result.embeddings.add(pooling=name, vector=pb.Vector(values=vector.tolist()))
+        if r.tokens is not None:
+            result.tokens.CopyFrom(tokens_to_pb(r.tokens))
+    return out
+
+
+async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+    loaded = engine.loaded_models()
+    out = pb.ListModelsResponse(default_model=engine.config.default_model)
+    for name, spec in sorted(MODEL_REGISTRY.items()):
+        info = out.models.add(name=name, architecture=spec.architecture, weights=spec.weights, loaded=name in loaded)
+        if name in loaded:
+            m = loaded[name].encoder.loaded
+            info.embed_dim, info.image_size, info.context_length = m.embed_dim, m.image_size, m.context_length
+            info.vision_tower, info.device = m.vision_tower, str(m.device)
+            info.dtype = str(m.dtype).replace("torch.", "")
+    for name, definition in POOLINGS.items():
+        out.poolings.add(name=name, description=definition.description,
+                         modalities=[MODALITY[m] for m in definition.modalities],
+                         defaults=params_to_strings(definition.params_cls()), requires_fit=definition.requires_fit)
+    return out
+
+
+async def create_collection(engine: Engine, request: pb.CreateCollectionRequest) -> pb.CollectionInfo:
+    c = request.config
+    info = await engine.create_collection(c.name, c.model, pooling_from_pb(c.pooling), METRICS.get(c.metric, "cosine"),
+                                          c.index, c.dim)
+    return info_to_pb(info)
+
+
+async def get_collection(engine: Engine, request: pb.GetCollectionRequest) -> pb.CollectionInfo:
+    return info_to_pb(await engine.run_blocking(engine.store.get_collection, request.name))
+
+
+async def list_collections(engine: Engine, request: pb.ListCollectionsRequest) -> pb.ListCollectionsResponse:
+    infos = await engine.run_blocking(engine.store.list_collections)
+    return pb.ListCollectionsResponse(collections=[info_to_pb(i) for i in infos])
+
+
+async def drop_collection(engine: Engine, request: pb.DropCollectionRequest) -> pb.DropCollectionResponse:
+    return pb.DropCollectionResponse(items_removed=await engine.drop_collection(request.name))
+
+
+async def upsert(engine: Engine, messages: AsyncIterable[pb.UpsertRequest]) -> pb.UpsertResponse:
+    collection, inserted, replaced, count = "", 0, 0, 0
+    async for message in messages:
+        if message.collection and collection and message.collection != collection:
+            raise InvalidInput(f"one Upsert stream writes one collection: got {message.collection!r} after "
+                               f"{collection!r}")
+        collection = collection or message.collection
+        if not collection:
+            raise InvalidInput("the first Upsert message must name the collection")
+        items = []
+        for item in message.items:
+            payload = item.WhichOneof("payload")
+            metadata = {k: value_from_pb(v, f"item {item.id!r} metadata {k!r}") for k, v in item.metadata.items()}
+            items.append(UpsertRequestItem(
+                item.id, content_from_pb(item.content, f"item {item.id!r}") if payload == "content" else None,
+                vector_from_pb(item.vector) if payload == "vector" else None, metadata))
+        if not items:
+            continue
+        try:
+            result = await engine.upsert(collection, items)
+        except EmbedsvcError as exc:
+            if inserted or replaced:
+                raise type(exc)(f"{exc} (this message was not stored; {inserted + replaced} items from earlier "
+                                f"messages of the stream were)") from None
+            raise
+        inserted, replaced, count = inserted + result.inserted, replaced + result.replaced, result.count
+    if not collection:
+        raise InvalidInput("empty Upsert stream: name the collection and send items")
+    return pb.UpsertResponse(inserted=inserted, replaced=replaced, count=count)
+
+
+async def delete(engine: Engine, request: pb.DeleteRequest) -> pb.DeleteResponse:
+    result = await engine.delete(request.collection, list(request.ids))
+    return pb.DeleteResponse(deleted=result.deleted, missing_ids=result.missing)
+
+
+async def get(engine: Engine, request: pb.GetRequest) -> pb.GetResponse:
+    engine._check_count(len(request.ids), "ids")
+    items, missing = await engine.run_blocking(engine.store.get, request.collection, list(request.ids),
+                                               request.include_vectors)
+    out = pb.GetResponse(missing_ids=missing)
+    for item in items:
+        stored = out.items.add(id=item.id)
+        for k, v in item.metadata.items():
+            stored.metadata[k].CopyFrom(value_to_pb(v))
+        if item.vector is not None:
+            stored.vector.values.extend(item.vector.tolist())
+    return out
+
+
+def query_from_pb(q: pb.Query, i: int) -> Query:
+    kind = q.WhichOneof("kind")
+    if kind in ("text", "image"):
+        return Query(content=Text(q.text) if kind == "text" else ImageBytes(q.image))
+    if kind == "vector":
+        return Query(vector=vector_from_pb(q.vector))
+    if kind == "id":
+        return Query(item_id=q.id)
+    raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
+
+
+async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse:
+    queries = [query_from_pb(q, i) for i, q in enumerate(request.queries)]
+    outcomes = await engine.search(request.collection, queries, request.top_k or 10, filter_from_pb(request.filter),
+                                   request.params.nprobe, request.params.ef_search, request.include_metadata,
+                                   request.include_vectors)
+    out = pb.SearchResponse()
+    for outcome in outcomes:
+        result = out.results.add(truncated=outcome.truncated)
+        for hit in outcome.hits:
+            h = result.hits.add(id=hit.id, score=hit.score)
+            for k, v in (hit.metadata or {}).items():
+                h.metadata[k].CopyFrom(value_to_pb(v))
+            if hit.vector is not None:
+                h.vector.values.extend(hit.vector.tolist())
+    return out
+
+
+async def fit_pooling(engine: Engine, messages: AsyncIterable[pb.FitPoolingRequest]) -> pb.FitPoolingResponse:
+    collection, params, samples = "", {}, []
+    async for message in messages:
+        collection = collection or message.collection
+        params = params or dict(message.params)
+        samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
+    if not collection:
+        raise InvalidInput("the first FitPooling message must name the collection")
+    info, descriptors, seconds = await engine.fit_pooling(collection, samples, params)
+    return pb.FitPoolingResponse(collection=info_to_pb(info), descriptors=descriptors, seconds=seconds)

@@ -1,0 +1,396 @@
+"""HTTP/JSON API and search page: Starlette on uvicorn, in the gRPC server's own event loop.
+
+Each endpoint parses its body into the RPC's protobuf request with `json_format` (so field names are
+the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
+servicer calls, and renders the protobuf response the same way. Tokens, scopes and limits are the
+gRPC server's; domain errors become HTTP statuses in embedsvc.service.errors, with the gRPC code name
+in the JSON body: {"code": "NOT_FOUND", "message": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+import grpc
+import uvicorn
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge
+from embedsvc.service import calls
+from embedsvc.service.auth import Token, authorize
+from embedsvc.service.config import ServerConfig
+from embedsvc.service.engine import Engine
+from embedsvc.service.errors import http_status_for, status_for
+from embedsvc.v1 import embedsvc_pb2 as pb
+
+log = logging.getLogger("embedsvc.http")
+
+WEB = resources.files("embedsvc.service") / "web"
+JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
+
+
+def _service_of(rpc: str) -> str:
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        if rpc in service.methods_by_name:
+            return service.full_name
+    return "embedsvc.v1.IndexService"  # HTTP-only reads (thumbnails) take the read scope like Get
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One HTTP route of one RPC: the request message the body parses into, and which path segment fills
+    which request field (`{name}` -> `collection`, say)."""
+
+    method: str
+    path: str
+    rpc: str
+    request_type: type
+    response_type: type
+    call: Callable[[Engine, Any], Awaitable[Message]]
+    summary: str
+    path_field: str = ""
+    body: bool = True
+    streaming: bool = False
+    extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
+
+    @property
+    def grpc_method(self) -> str:
+        return f"/{_service_of(self.rpc)}/{self.rpc}"
+
+
+ENDPOINTS = [
+    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
+             "Embed texts and images with one model and one or more poolings."),
+    Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
+             "List models and poolings.", body=False),
+    Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
+             calls.list_collections, "Describe every collection.", body=False),
+    Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
+             calls.create_collection, "Create a collection."),
+    Endpoint("GET", "/v1/collections/{name}", "GetCollection", pb.GetCollectionRequest, pb.CollectionInfo,
+             calls.get_collection, "Describe one collection.", path_field="name", body=False),
+    Endpoint("DELETE", "/v1/collections/{name}", "DropCollection", pb.DropCollectionRequest,
+             pb.DropCollectionResponse, calls.drop_collection, "Drop a collection and its items.",
+             path_field="name", body=False),
+    Endpoint("POST", "/v1/collections/{name}/items", "Upsert", pb.UpsertRequest, pb.UpsertResponse, calls.upsert,
+             "Insert or replace items: an UpsertRequest as JSON, or JSON lines (one UpsertItem per line, "
+             "application/x-ndjson) for bulk.", path_field="collection", streaming=True,
+             extra_content=("application/x-ndjson",)),
+    Endpoint("POST", "/v1/collections/{name}/get", "Get", pb.GetRequest, pb.GetResponse, calls.get,
+             "Read items by id.", path_field="collection"),
+    Endpoint("POST", "/v1/collections/{name}/delete", "Delete", pb.DeleteRequest, pb.DeleteResponse, calls.delete,
+             "Remove items by id.", path_field="collection"),
+    Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
+             "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
+             "'request' with the rest of the SearchRequest as JSON), vector or id.", path_field="collection",
+             extra_content=("multipart/form-data",)),
+    Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
+             calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",
+             path_field="collection", streaming=True),
+]
+THUMBNAIL_PATH = "/v1/collections/{name}/items/{id:path}/thumbnail"
+
+
+class Refused(Exception):
+    """A request refused before the engine saw it (auth, draining), with its gRPC code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseException] = None) -> JSONResponse:
+    return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
+
+
+def to_json(message: Message) -> dict:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def parse_json(data: bytes, message_type: type, where: str = "request body") -> Message:
+    """The body as the RPC's protobuf message; any malformation is INVALID_ARGUMENT with the parser's words."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{where} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        return message_type()
+    try:
+        return json_format.Parse(text, message_type())
+    except (json_format.ParseError, ValueError, RecursionError, TypeError) as exc:
+        raise InvalidInput(f"{where} is not a valid {message_type.DESCRIPTOR.name} in JSON: {exc}") from None
+
+
+async def _one(message: Message) -> AsyncIterator[Message]:
+    yield message
+
+
+class BodyLimit:
+    """ASGI middleware: refuses bodies over `limit` bytes (max_message_bytes), by header or while reading."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _refusal(self, size: str) -> RequestTooLarge:
+        return RequestTooLarge(f"request body is {size} bytes, over the limit of {self.limit:,} "
+                               f"(max_message_bytes); send less per request")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            exc = self._refusal(f"{int(length):,}")
+            return await error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._refusal(f"over {self.limit:,}")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+class HttpApi:
+    """The Starlette application over one engine."""
+
+    def __init__(self, engine: Engine, tokens: list[Token]):
+        self.engine, self.tokens = engine, tokens
+        self.config: ServerConfig = engine.config
+        self.ready = False  # true between start and the beginning of shutdown
+        routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
+        routes += [Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                   Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                   Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                   Route("/", self.static("index.html"))]
+        routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
+        app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        self.app = BodyLimit(app, self.config.max_message_bytes)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
+                                                                                        grpc.StatusCode.INVALID_ARGUMENT)
+        path = request.url.path
+        message = {404: f"no route {request.method} {path}; /docs lists the API",
+                   405: f"{path} does not take {request.method}; /docs lists the API"}.get(exc.status_code,
+                                                                                         str(exc.detail))
+        return JSONResponse({"code": code.name, "message": message}, status_code=exc.status_code)
+
+    async def _guarded(self, rpc: str, grpc_method: str, request: Request,
+                       work: Callable[[], Awaitable[Response]]) -> Response:
+        """Auth, readiness, metrics, logs and error mapping around one API request."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if not self.ready:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            refusal = authorize(self.tokens, grpc_method, request.headers.get("authorization", ""))
+            if refusal is not None:
+                raise Refused(*refusal)
+            return await work()
+        except Refused as exc:
+            code = exc.code
+            return error_response(code, str(exc))
+        except EmbedsvcError as exc:
+            code = status_for(exc)
+            return error_response(code, str(exc), exc)
+        except Exception:  # noqa: BLE001 - a bug must not take the server down
+            code = grpc.StatusCode.INTERNAL
+            log.exception("internal error in %s", rpc)
+            return error_response(code, f"internal error in {rpc}; the server log has details")
+        finally:
+            client = request.client
+            peer = f"{'ipv6' if ':' in client.host else 'ipv4'}:{client.host}:{client.port}" if client else ""
+            calls.record(self.engine, rpc, code.name, time.perf_counter() - started, peer, "http")
+
+    def _handler(self, endpoint: Endpoint):
+        async def handle(request: Request) -> Response:
+            async def work() -> Response:
+                message = await self._request(endpoint, request)
+                response = await endpoint.call(self.engine, message)
+                return JSONResponse(to_json(response))
+
+            return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
+
+        handle.__name__ = endpoint.rpc
+        return handle
+
+    async def _request(self, endpoint: Endpoint, request: Request):
+        """The RPC's argument: one message (path segment filled in), or for streaming RPCs an iterable of them."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if endpoint.streaming and kind in JSON_LINES:
+            return self._json_lines(request, request.path_params["name"])
+        if endpoint.rpc == "Search" and kind == "multipart/form-data":
+            message = await self._multipart_search(request)
+        elif endpoint.body:
+            if kind and kind != "application/json" and not kind.endswith("+json"):
+                raise InvalidInput(f"send the body as application/json (got {kind!r})"
+                                   + ("; or application/x-ndjson, one item per line" if endpoint.streaming else ""))
+            message = parse_json(await request.body(), endpoint.request_type)
+        else:
+            message = endpoint.request_type()
+        if endpoint.path_field:
+            name = request.path_params["name"]
+            given = getattr(message, endpoint.path_field)
+            if given and given != name:
+                raise InvalidInput(f"the body names {endpoint.path_field} {given!r} but the path names {name!r}")
+            setattr(message, endpoint.path_field, name)
+        return _one(message) if endpoint.streaming else message
+
+    async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
+        """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream)."""
+        batch, stored = pb.UpsertRequest(collection=collection), 0
+        lines = (await request.body()).split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.items.append(parse_json(line, pb.UpsertItem, f"line {number}"))
+            except InvalidInput as exc:
+                if stored:  # each batch is stored before the next one is parsed
+                    raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
+                raise
+            if len(batch.items) == self.config.max_items_per_request:
+                yield batch
+                stored += len(batch.items)
+                batch = pb.UpsertRequest(collection=collection)
+        if batch.items or not any(line.strip() for line in lines):
+            yield batch
+
+    async def _multipart_search(self, request: Request) -> pb.SearchRequest:
+        limit = self.config.max_items_per_request
+        try:
+            form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.max_message_bytes)
+        except HTTPException as exc:  # malformed multipart, too many parts
+            raise InvalidInput(f"multipart body: {exc.detail}") from None
+        message = parse_json(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
+        if form.get("text"):
+            message.queries.add(text=str(form["text"]))
+        for upload in form.getlist("image"):
+            if isinstance(upload, str):
+                raise InvalidInput("form field 'image' must be a file upload (curl -F image=@photo.jpg)")
+            message.queries.add(image=await upload.read())
+        await form.close()
+        return message
+
+    # -- routes besides the RPCs ----------------------------------------------------------------
+
+    async def thumbnail(self, request: Request) -> Response:
+        name, item_id = request.path_params["name"], request.path_params["id"]
+
+        async def work() -> Response:
+            media_type, data = await self.engine.run_blocking(self.engine.store.thumbnail, name, item_id)
+            return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=300"})
+
+        return await self._guarded("GetThumbnail", "/embedsvc.v1.IndexService/GetThumbnail", request, work)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
+
+    async def openapi(self, request: Request) -> Response:
+        from embedsvc.service.openapi import openapi_document
+
+        return JSONResponse(openapi_document(ENDPOINTS, THUMBNAIL_PATH, bool(self.tokens)))
+
+    def static(self, name: str):
+        async def serve(request: Request) -> Response:
+            return Response((WEB / name).read_bytes(), media_type=STATIC[name],
+                            headers={"cache-control": "no-cache"})
+
+        return serve
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: `embedsvc serve` owns SIGTERM/SIGINT for both transports."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HttpServer:
+    """The bound socket and the uvicorn server that serves HttpApi on it, as a task of the running loop."""
+
+    def __init__(self, api: HttpApi, sock: socket.socket, config: ServerConfig):
+        self.api, self.sock = api, sock
+        self.port = sock.getsockname()[1]
+        self.host = config.http_listen.rsplit(":", 1)[0]
+        tls = {}
+        if config.tls_cert_file:
+            tls = dict(ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file)
+            if config.tls_client_ca_file:
+                tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.scheme = "https" if tls else "http"
+        self.server = _QuietServer(uvicorn.Config(
+            api.app, lifespan="off", log_config=None, access_log=False, server_header=False,
+            timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+            limit_concurrency=config.max_concurrent_rpcs * 2, **tls))
+        self.task = None
+
+    @classmethod
+    def bind(cls, engine: Engine, tokens: list[Token]) -> "HttpServer":
+        """Binds http_listen now, so a taken port fails start-up like the gRPC port does."""
+        config = engine.config
+        host, port = config.http_listen.rsplit(":", 1)
+        host = host.strip("[]") or "0.0.0.0"
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+            # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it Nagle's
+            # algorithm and delayed ACKs add 40 ms to every keep-alive response.
+            sock = socket.socket(*infos[0][:3])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot serve HTTP on {config.http_listen}: the port is taken or the address is not "
+                               f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
+                               f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)") from None
+        sock.set_inheritable(True)
+        return cls(HttpApi(engine, tokens), sock, config)
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started and not self.task.done():
+            await asyncio.sleep(0.01)
+        if self.task.done():
+            self.task.result()  # raises what stopped it
+        self.api.ready = True
+
+    def drain(self) -> None:
+        """/readyz turns 503 and new API requests are refused with UNAVAILABLE; in-flight ones finish."""
+        self.api.ready = False
+
+    async def stop(self, grace: float) -> None:
+        """Stops accepting, lets in-flight requests finish for up to `grace` seconds."""
+        self.drain()
+        if self.task is not None:
+            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
+            self.server.should_exit = True
+            await self.task
+        self.sock.close()
