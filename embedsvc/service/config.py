@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 ENV_PREFIX = "EMBEDSVC_"
 
@@ -46,14 +46,22 @@ class ServerConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     # Largest decoded image accepted, in pixels (decompression-bomb guard).
     max_image_pixels: int = 40_000_000
+    # Most decoded pixels (sum over the images, from their headers) one request or streamed message may carry.
+    max_request_pixels: int = 500_000_000
     # Longest text accepted, in characters; tokens past the model's context are truncated and reported.
     max_text_chars: int = 4096
     # Most inputs, items, ids or queries in one request (or one streamed message).
     max_items_per_request: int = 1024
+    # Most samples one FitPooling call may stream (all messages together).
+    max_fit_samples: int = 20_000
     # Largest top_k a search may ask for.
     max_top_k: int = 1000
-    # Concurrent RPCs served; more wait in gRPC's queue.
+    # Embedsvc RPCs served at once, counted from their first request message (health never waits).
     max_concurrent_rpcs: int = 256
+    # RPCs that wait for one of those slots (until their deadline); more get RESOURCE_EXHAUSTED.
+    max_waiting_rpcs: int = 1024
+    # Seconds a call may take to send its (next) request message; then DEADLINE_EXCEEDED.
+    request_message_timeout_seconds: float = 30.0
     # torch intra-op threads (0: all cores).
     torch_threads: int = 0
     # FAISS OpenMP threads (0: all cores); lower it when many searches run at once.
@@ -86,10 +94,12 @@ class ServerConfig:
     def validate(self) -> "ServerConfig":
         positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
-                    "checkpoint_every"]
+                    "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_message_timeout_seconds > 0:
+            raise InvalidInput("config request_message_timeout_seconds must be > 0")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if self.log_format not in ("json", "text"):
@@ -99,7 +109,7 @@ class ServerConfig:
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if ":" not in self.listen:
-            raise InvalidInput(f"config listen must be HOST:PORT, got {self.listen!r}")
+            raise InvalidInput(f"config listen must be HOST:PORT, got {quoted(self.listen)}")
         return self
 
     @property
@@ -123,7 +133,7 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
             return float(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"config {name}: bad value {raw!r} ({exc})") from None
+        raise InvalidInput(f"config {name}: bad value {quoted(raw)} ({exc})") from None
 
 
 def field_docs() -> list[tuple[str, str, str]]:

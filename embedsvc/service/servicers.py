@@ -11,12 +11,12 @@ from typing import Any, Optional
 import grpc
 import numpy as np
 
-from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service.engine import Engine, ImageBytes, Query, Text, UpsertRequestItem
-from embedsvc.service.errors import status_for
+from embedsvc.service.errors import status_details, status_for
 from embedsvc.store import CollectionInfo, Condition, Filter
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
@@ -40,13 +40,14 @@ def rpc(method: str):
                 return await fn(self, request, context)
             except EmbedsvcError as exc:
                 code = status_for(exc)
-                await context.abort(code, str(exc))
+                await context.abort(code, status_details(exc))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
+            except grpc.aio.AbortError:  # refused on the way in (see admission.py), already logged
+                code = grpc.StatusCode.ABORTED
+                raise
+            except Exception:  # noqa: BLE001 - a bug must not take the server down
                 code = grpc.StatusCode.INTERNAL
                 log.exception("internal error in %s", method)
                 await context.abort(code, f"internal error in {method}; the server log has details")
@@ -100,18 +101,18 @@ def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
     for c in flt.must:
         test = c.WhichOneof("test")
         if test == "equals":
-            conditions.append(Condition(c.key, equals=value_from_pb(c.equals, f"filter on {c.key!r}")))
+            conditions.append(Condition(c.key, equals=value_from_pb(c.equals, f"filter on {quoted(c.key)}")))
         elif test == "in":
-            values = tuple(value_from_pb(v, f"filter on {c.key!r}") for v in getattr(c, "in").values)
+            values = tuple(value_from_pb(v, f"filter on {quoted(c.key)}") for v in getattr(c, "in").values)
             conditions.append(Condition(c.key, any_of=values))
         elif test == "range":
             r = c.range
             if not r.HasField("gte") and not r.HasField("lte"):
-                raise InvalidInput(f"filter on {c.key!r}: a range needs gte, lte or both")
+                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs gte, lte or both")
             conditions.append(Condition(c.key, gte=r.gte if r.HasField("gte") else None,
                                         lte=r.lte if r.HasField("lte") else None))
         else:
-            raise InvalidInput(f"filter on {c.key!r}: set equals, in or range")
+            raise InvalidInput(f"filter on {quoted(c.key)}: set equals, in or range")
     return Filter(tuple(conditions)) if conditions else None
 
 
@@ -213,17 +214,17 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
         collection, inserted, replaced, count = "", 0, 0, 0
         async for message in request_iterator:
             if message.collection and collection and message.collection != collection:
-                raise InvalidInput(f"one Upsert stream writes one collection: got {message.collection!r} after "
-                                   f"{collection!r}")
+                raise InvalidInput(f"one Upsert stream writes one collection: got {quoted(message.collection)} after "
+                                   f"{quoted(collection)}")
             collection = collection or message.collection
             if not collection:
                 raise InvalidInput("the first Upsert message must name the collection")
             items = []
             for item in message.items:
                 payload = item.WhichOneof("payload")
-                metadata = {k: value_from_pb(v, f"item {item.id!r} metadata {k!r}") for k, v in item.metadata.items()}
+                metadata = {k: value_from_pb(v, f"item {quoted(item.id)} metadata {quoted(k)}") for k, v in item.metadata.items()}
                 items.append(UpsertRequestItem(
-                    item.id, content_from_pb(item.content, f"item {item.id!r}") if payload == "content" else None,
+                    item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
                     vector_from_pb(item.vector) if payload == "vector" else None, metadata))
             if not items:
                 continue
@@ -289,9 +290,14 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
     @rpc("FitPooling")
     async def FitPooling(self, request_iterator, context) -> pb.FitPoolingResponse:
         collection, params, samples = "", {}, []
+        limit = self.engine.config.max_fit_samples
         async for message in request_iterator:
             collection = collection or message.collection
             params = params or dict(message.params)
+            self.engine._check_count(len(message.samples), "samples")
+            if len(samples) + len(message.samples) > limit:
+                raise ResourceExhausted(f"FitPooling streamed more than {limit:,} samples (max_fit_samples); "
+                                        f"fit on a sample of your data")
             samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
         if not collection:
             raise InvalidInput("the first FitPooling message must name the collection")

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 METRICS = ("cosine", "inner_product")
 
@@ -78,14 +78,14 @@ def validate_index_kind(kind: str, dim: int, metric: str) -> None:
     import faiss
 
     if metric not in METRICS:
-        raise InvalidInput(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise InvalidInput(f"unknown metric {quoted(metric)}; choose one of {', '.join(METRICS)}")
     if kind in INDEX_PRESETS:
         return
     try:
         faiss.index_factory(dim, kind, _faiss_metric(metric))
     except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
         first_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"bad index type {kind!r} for dimension {dim}: not a preset ({', '.join(INDEX_PRESETS)}) "
+        raise InvalidInput(f"bad index type {quoted(kind)} for dimension {dim}: not a preset ({', '.join(INDEX_PRESETS)}) "
                            f"and FAISS cannot build it as a factory string ({first_line})") from None
 
 

@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.checkpoint import fsync_dir, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
@@ -169,13 +169,13 @@ class Store:
         try:
             return self._collections[name]
         except KeyError:
-            raise CollectionNotFound(f"collection {name!r} does not exist; ListCollections shows those that do") from None
+            raise CollectionNotFound(f"collection {quoted(name)} does not exist; ListCollections shows those that do") from None
 
     def create_collection(self, config: CollectionConfig) -> CollectionInfo:
         validate_index_kind(config.index, config.dim, config.metric)
         with self._registry_lock:
             if config.name in self._collections:
-                raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
+                raise AlreadyExists(f"collection {quoted(config.name)} already exists; drop it first or pick another name")
             cid, created = self.db.create_collection(config.name, config.to_json())
             col = _Collection(cid, config, created, 0, FaissIndex(config.index, config.dim, config.metric),
                               MetadataIndex())
@@ -205,7 +205,7 @@ class Store:
         col = self._get(name)
         with col.lock.write():
             if require_empty and col.label_of_id:
-                raise FailedPrecondition(f"collection {name!r} holds {len(col.label_of_id)} items embedded with the "
+                raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.label_of_id)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
             col.pooling_version = self.db.set_pooling_state(col.id, state)
             return col.pooling_version
@@ -234,22 +234,22 @@ class Store:
         for item_id, item in latest.items():
             size = np.asarray(item.vector).size
             if size != col.config.dim:
-                raise InvalidInput(f"item {item_id!r} has a vector of dimension {size}; collection {name!r} holds "
+                raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {size}; collection {quoted(name)} holds "
                                    f"vectors of dimension {col.config.dim}")
         vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
                                    col.config.dim)
         if col.config.metric == "cosine":
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             if (norms == 0).any():
-                raise InvalidInput(f"item {ids[int(np.flatnonzero(norms[:, 0] == 0)[0])]!r} has a zero vector, "
+                raise InvalidInput(f"item {quoted(ids[int(np.flatnonzero(norms[:, 0] == 0)[0])])} has a zero vector, "
                                    f"which has no direction for cosine similarity")
             vectors = vectors / norms
-        metadata = [validate_metadata(latest[i].metadata, f"item {i!r}") for i in ids]
+        metadata = [validate_metadata(latest[i].metadata, f"item {quoted(i)}") for i in ids]
         with col.lock.write():
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
-                    raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {existing[0]!r}; "
+                    raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
                                         f"use upsert to replace them")
             labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata])
             col.index.remove(np.array(list(old.values()), dtype=np.int64))
@@ -273,7 +273,7 @@ class Store:
         with col.lock.write():
             missing = [i for i in ids if i not in col.label_of_id]
             if strict and missing:
-                raise ItemsNotFound(f"{len(missing)} id(s) not in {name!r}, e.g. {missing[0]!r}; nothing was deleted")
+                raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
             old = self.db.delete(col.id, [i for i in ids if i in col.label_of_id])
             col.index.remove(np.array(list(old.values()), dtype=np.int64))
             for item_id, label in old.items():
@@ -313,7 +313,7 @@ class Store:
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
-            raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
+            raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
         return items[0].vector
 
     # -- search -------------------------------------------------------------------------------
