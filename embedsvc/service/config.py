@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 from embedsvc.errors import InvalidInput, quoted
 
 ENV_PREFIX = "EMBEDSVC_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass
@@ -102,6 +103,8 @@ class ServerConfig:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise InvalidInput(f"config log_level must be one of {', '.join(LOG_LEVELS)}, got {quoted(self.log_level)}")
         if self.log_format not in ("json", "text"):
             raise InvalidInput("config log_format must be json or text")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -163,12 +166,18 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
         file = Path(path)
         if not file.is_file():
             raise InvalidInput(f"config file {file} does not exist")
-        if file.suffix == ".toml":
-            import tomllib
+        try:
+            if file.suffix == ".toml":
+                import tomllib
 
-            data = tomllib.loads(file.read_text())
-        else:
-            data = json.loads(file.read_text())
+                data = tomllib.loads(file.read_text())
+            else:
+                data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError, JSONDecodeError: ValueError
+            raise InvalidInput(f"config file {file}: cannot read it as {'TOML' if file.suffix == '.toml' else 'JSON'} "
+                               f"({exc})") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"config file {file}: expected a table of settings, got {type(data).__name__}")
         unknown = sorted(set(data) - names)
         if unknown:
             raise InvalidInput(f"config file {file}: unknown key(s) {', '.join(unknown)}")

@@ -7,6 +7,7 @@ Blocking work (decoding, model forward, SQLite commits, FAISS searches) runs off
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -147,11 +148,26 @@ class Engine:
     def _register_models_file(self, path: Path) -> None:
         if not path.is_file():
             raise InvalidInput(f"models file {path} does not exist")
-        for entry in json.loads(path.read_text()):
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInput(f"models file {path}: cannot read it as JSON ({exc})") from None
+        shape = 'a list of {"name", "architecture", "checkpoint" | "pretrained", "config_file"}'
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InvalidInput(f"models file {path}: expected {shape}")
+        for entry in entries:
             for key in ("checkpoint", "config_file"):
-                if entry.get(key) and not Path(entry[key]).is_absolute():
+                if isinstance(entry.get(key), str) and entry[key] and not Path(entry[key]).is_absolute():
                     entry[key] = str(path.parent / entry[key])
-            register_model(ModelSpec(**entry), replace=True)
+            unknown = set(entry) - {f.name for f in dataclasses.fields(ModelSpec)}
+            if unknown:
+                raise InvalidInput(f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; "
+                                   f"expected {shape}")
+            try:
+                spec = ModelSpec(**entry)
+            except TypeError as exc:  # a required key missing
+                raise InvalidInput(f"models file {path}: {exc}; expected {shape}") from None
+            register_model(spec, replace=True)
 
     def runtime(self, name: str) -> ModelRuntime:
         """The model's runtime, loading it on first use (loading blocks: call from a worker thread)."""
