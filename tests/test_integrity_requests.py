@@ -200,7 +200,8 @@ def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
 
 @pytest.fixture(scope="module")
 def fit_server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4)
+    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4,
+                         max_fit_bytes=3000)
     with running_server(config) as server:
         with Client(server.address) as c:
             c.create_collection("vlad", pooling="netvlad:clusters=2")
@@ -221,7 +222,9 @@ def _texts(n):
     ([pb.FitPoolingRequest(collection="vlad", samples=_texts(5))], "over the limit of 4"),
     ([pb.FitPoolingRequest(collection="vlad", samples=_texts(4)), pb.FitPoolingRequest(samples=_texts(4))],
      "max_fit_samples"),
-], ids=["per-message", "total"])
+    ([pb.FitPoolingRequest(collection="vlad", samples=[pb.Content(text="a blue square " * 60)] * 2),
+      pb.FitPoolingRequest(samples=[pb.Content(text="a blue square " * 60)] * 2)], "max_fit_bytes"),
+], ids=["per-message", "total", "bytes"])
 def test_fit_pooling_caps(fit_server, messages, words):
     with pytest.raises(grpc.RpcError) as info:
         _fit(fit_server, messages)

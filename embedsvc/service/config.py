@@ -53,8 +53,10 @@ class ServerConfig:
     max_text_chars: int = 4096
     # Most inputs, items, ids or queries in one request (or one streamed message).
     max_items_per_request: int = 1024
-    # Most samples one FitPooling call may stream (all messages together).
-    max_fit_samples: int = 20_000
+    # Most samples one FitPooling call may stream (all messages together); each holds ~50 KB of features.
+    max_fit_samples: int = 10_000
+    # Most encoded bytes of samples one FitPooling call may stream; they are held until the fit runs.
+    max_fit_bytes: int = 1024 * 1024 * 1024
     # Largest top_k a search may ask for.
     max_top_k: int = 1000
     # Embedsvc RPCs served at once, counted from their first request message (health never waits).
@@ -95,7 +97,8 @@ class ServerConfig:
     def validate(self) -> "ServerConfig":
         positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
-                    "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples"]
+                    "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
+                    "max_fit_bytes"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")

@@ -44,8 +44,8 @@ def rpc(method: str):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except grpc.aio.AbortError:  # refused on the way in (see admission.py), already logged
-                code = grpc.StatusCode.ABORTED
+            except grpc.aio.AbortError:  # a streamed message refused on the way in (admission.py)
+                code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except Exception:  # noqa: BLE001 - a bug must not take the server down
                 code = grpc.StatusCode.INTERNAL
@@ -289,15 +289,17 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
 
     @rpc("FitPooling")
     async def FitPooling(self, request_iterator, context) -> pb.FitPoolingResponse:
-        collection, params, samples = "", {}, []
-        limit = self.engine.config.max_fit_samples
+        collection, params, samples, held = "", {}, [], 0
+        config = self.engine.config
         async for message in request_iterator:
             collection = collection or message.collection
             params = params or dict(message.params)
             self.engine._check_count(len(message.samples), "samples")
-            if len(samples) + len(message.samples) > limit:
-                raise ResourceExhausted(f"FitPooling streamed more than {limit:,} samples (max_fit_samples); "
-                                        f"fit on a sample of your data")
+            held += message.ByteSize()
+            if len(samples) + len(message.samples) > config.max_fit_samples or held > config.max_fit_bytes:
+                raise ResourceExhausted(f"FitPooling streamed more than {config.max_fit_samples:,} samples "
+                                        f"(max_fit_samples) or {config.max_fit_bytes:,} bytes (max_fit_bytes); fit "
+                                        f"on a sample of your data")
             samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
         if not collection:
             raise InvalidInput("the first FitPooling message must name the collection")
