@@ -175,7 +175,7 @@ def test_request_pixel_budget(tiny_spec, tmp_path):
 
 def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
     large_image = png_bytes((3000, 3000))
-    config = tiny_config(tiny_spec, tmp_path / "d", decode_workers=2)
+    config = tiny_config(tiny_spec, tmp_path / "d", decode_workers=1)  # one worker: turns are plain to see
     with running_server(config) as server, Client(server.address, timeout=300) as c:
         c.embed([png_bytes()])
         finished = {}
@@ -187,7 +187,7 @@ def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
             return finished[name] - started
 
         with ThreadPoolExecutor(2) as pool:
-            large = pool.submit(embed, "large", [large_image] * 24)
+            large = pool.submit(embed, "large", [large_image] * 10)
             time.sleep(0.3)  # the large request is decoding
             small = pool.submit(embed, "small", [png_bytes((8, 8))])
             large_seconds, small_seconds = large.result(), small.result()
