@@ -230,7 +230,14 @@ def test_bad_tls_pair_is_reported_as_such(tmp_path, swap):
     ("m.json", "{broken", ("--models-file",), "models file"),
     ("m.json", '[{"name": "x", "architecture": "ViT-B-32", "bogus": 1}]', ("--models-file",), "models file"),
     (None, None, ("--log-level", "LOUD"), "log_level must be one of"),
-], ids=["config-json", "config-toml", "config-list", "models-json", "models-key", "log-level"])
+    (None, None, ("--listen", "127.0.0.1:99999"), "port of 0-65535"),
+    (None, None, ("--metrics-port", "99999"), "metrics_port must be"),
+    (None, None, ("--shutdown-grace-seconds", "-1"), "shutdown_grace_seconds"),
+    (None, None, ("--device", "tpu"), "unknown device"),
+    (None, None, ("--precision", "fp8"), "unknown precision"),
+    (None, None, ("--default-model", "nope"), "unknown model 'nope'"),
+], ids=["config-json", "config-toml", "config-list", "models-json", "models-key", "log-level", "listen-port",
+        "metrics-port", "grace", "device", "precision", "default-model"])
 def test_other_start_up_errors_are_one_line_and_exit_2(tmp_path, name, content, args, words):
     if name:
         path = tmp_path / name

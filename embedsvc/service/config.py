@@ -114,8 +114,13 @@ class ServerConfig:
             raise InvalidInput("config tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        if ":" not in self.listen:
-            raise InvalidInput(f"config listen must be HOST:PORT, got {quoted(self.listen)}")
+        port = self.listen.rsplit(":", 1)[-1] if ":" in self.listen else ""
+        if not port.isdigit() or int(port) > 65535:
+            raise InvalidInput(f"config listen must be HOST:PORT with a port of 0-65535, got {quoted(self.listen)}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidInput(f"config metrics_port must be -1 (off) or 0-65535, got {self.metrics_port}")
+        if self.shutdown_grace_seconds < 0:
+            raise InvalidInput("config shutdown_grace_seconds must be >= 0")
         return self
 
     @property

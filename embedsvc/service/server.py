@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
+from embedsvc.models import get_model_spec, resolve_device, resolve_precision
 from embedsvc.service.admission import AdmissionInterceptor
 from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
@@ -70,10 +71,16 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store, preloads models."""
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
     credentials = _server_credentials(config)
+    resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
     store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
                   max_top_k=config.max_top_k)
     metrics = Metrics()
-    engine = Engine(config, store, metrics)
+    try:
+        engine = Engine(config, store, metrics)
+        get_model_spec(config.default_model)  # after the models file registered its models
+    except BaseException:
+        store.close()
+        raise
     loop = asyncio.get_running_loop()
     for name in config.preload:
         await loop.run_in_executor(None, engine.runtime, name)
