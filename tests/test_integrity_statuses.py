@@ -82,7 +82,7 @@ def test_malformed_protobuf_is_invalid_argument_and_one_log_line(channel, method
 @pytest.mark.parametrize("params, words", [
     ({"seed": "-1"}, "seed must be between"), ({"seed": str(2**70)}, "seed must be between"),
     ({"max_descriptors": "0"}, "max_descriptors must be at least 1"),
-    ({"max_descriptors": "-5"}, "max_descriptors must be at least 1"), ({"seed": "x"}, "must be integers"),
+    ({"max_descriptors": "-5"}, "max_descriptors must be at least 1"), ({"seed": "x"}, "seed must be an integer"),
 ])
 def test_fit_pooling_parameters(channel, params, words):
     request = pb.FitPoolingRequest(collection="vlad", params=params,

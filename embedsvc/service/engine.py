@@ -96,16 +96,20 @@ def _fit_params(params: dict[str, str]) -> tuple[int, int]:
     if unknown:
         raise InvalidInput(f"unknown fit parameter(s) {', '.join(sorted(quoted(u) for u in unknown))}; allowed: "
                            f"seed, max_descriptors")
-    try:
-        seed = int(params.get("seed", 0))
-        max_descriptors = int(params.get("max_descriptors", 200_000))
-    except ValueError as exc:
-        raise InvalidInput(f"fit parameters must be integers ({quoted(str(exc))})") from None
+    seed, max_descriptors = _int_param(params, "seed", 0), _int_param(params, "max_descriptors", 200_000)
     if not 0 <= seed <= FIT_SEED_MAX:
         raise InvalidInput(f"fit parameter seed must be between 0 and {FIT_SEED_MAX}, got {seed}")
     if max_descriptors < 1:
         raise InvalidInput(f"fit parameter max_descriptors must be at least 1, got {max_descriptors}")
     return seed, max_descriptors
+
+
+def _int_param(params: dict[str, str], key: str, default: int) -> int:
+    raw = params.get(key, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"fit parameter {key} must be an integer, got {quoted(raw)}") from None
 
 
 class ModelRuntime:
