@@ -116,7 +116,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         if scope not in token.scopes:
             return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         f"token {quoted(token.name)} lacks the {quoted(scope)} scope needed for {details.method.rsplit('/', 1)[-1]}")
+                         f"token {quoted(token.name)} lacks the {quoted(scope)} scope needed for "
+                         f"{details.method.rsplit('/', 1)[-1]}")
         return handler
 
 

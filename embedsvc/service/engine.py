@@ -437,8 +437,8 @@ class Engine:
         sizes = {np.asarray(v).size for v in vectors}
         if len(sizes) != 1 or info.config.dim not in sizes:
             bad = next(i for i, v in enumerate(vectors) if np.asarray(v).size != info.config.dim)
-            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} holds "
-                               f"vectors of dimension {info.config.dim}")
+            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
+                               f"holds vectors of dimension {info.config.dim}")
         hits = await self.run_blocking(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
                               include_metadata, include_vectors, exclude if any(exclude) else None)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
@@ -451,7 +451,8 @@ class Engine:
             raise FailedPrecondition(f"collection {quoted(name)} has no model and nothing to fit")
         bound = bind_pooling(PoolingSpec(info.config.pooling, info.config.pooling_params))
         if not bound.definition.requires_fit:
-            raise FailedPrecondition(f"collection {quoted(name)} uses pooling {quoted(bound.name)}, which learns nothing")
+            raise FailedPrecondition(f"collection {quoted(name)} uses pooling {quoted(bound.name)}, which learns "
+                                     f"nothing")
         if info.count:
             raise FailedPrecondition(f"collection {quoted(name)} holds {info.count} items embedded with the current "
                                      f"pooling state; fit a new (empty) collection")

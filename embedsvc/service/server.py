@@ -144,7 +144,8 @@ def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials
         try:
             ssl.create_default_context(cafile=config.tls_client_ca_file)
         except (ssl.SSLError, ValueError) as exc:
-            raise InvalidInput(f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle ({exc})") from None
+            raise InvalidInput(f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle "
+                               f"({exc})") from None
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 

@@ -222,7 +222,8 @@ class IndexServicer(pb_grpc.IndexServiceServicer):
             items = []
             for item in message.items:
                 payload = item.WhichOneof("payload")
-                metadata = {k: value_from_pb(v, f"item {quoted(item.id)} metadata {quoted(k)}") for k, v in item.metadata.items()}
+                metadata = {k: value_from_pb(v, f"item {quoted(item.id)} metadata {quoted(k)}")
+                            for k, v in item.metadata.items()}
                 items.append(UpsertRequestItem(
                     item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
                     vector_from_pb(item.vector) if payload == "vector" else None, metadata))
