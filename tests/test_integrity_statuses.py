@@ -174,6 +174,10 @@ def test_jpeg_declaring_more_pixels_than_its_data_is_invalid(client):
         client.embed([bytes(data)])
     assert info.value.code == C.INVALID_ARGUMENT and "truncated or inconsistent" in info.value.details
     assert client.embed([buffer.getvalue()]).vectors["cls"].shape[0] == 1  # the honest file still embeds
+    for progressive in (False, True):  # large flat images compress far, and are still whole
+        flat = io.BytesIO()
+        Image.new("RGB", (3000, 3000), (90, 90, 90)).save(flat, "JPEG", quality=5, progressive=progressive)
+        assert client.embed([flat.getvalue()]).vectors["cls"].shape[0] == 1
 
 
 # -- 17. start-up errors of `embedsvc serve` --------------------------------------------------------------

@@ -73,7 +73,7 @@ def check_resized_size(size: tuple[int, int], short_side: int, max_pixels: int) 
     width, height = size
     if not short_side or not width or not height:
         return
-    long_side = -(-max(width, height) * short_side // min(width, height))
+    long_side = _ceil_div(max(width, height) * short_side, min(width, height))
     if long_side * short_side > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height}: resized to the model's {short_side}-pixel input it would be "
@@ -91,16 +91,20 @@ def _check_jpeg_has_data(image: Image.Image, file_bytes: int) -> None:
     JPEGs, which could be smaller, are exotic; they are refused as well when they fall under the bound.)
     """
     width, height = image.size
-    layers = getattr(image, "layer", None) or [("", 1, 1, 0)]
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)]  # (component id, h sampling, v sampling, table)
     h_max = max(layer[1] for layer in layers)
     v_max = max(layer[2] for layer in layers)
-    blocks = sum(-(-(-(-width * layer[1] // h_max)) // 8) * -(-(-(-height * layer[2] // v_max)) // 8)
-                 for layer in layers)
+    blocks = sum(_ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8)
+                 for _, h, v, _ in layers)
     if file_bytes * 8 < blocks:
         raise ImageDecodeError(
             f"could not decode image ({file_bytes:,} bytes): the JPEG header declares {width}x{height} pixels "
             f"({blocks:,} blocks), more than {file_bytes:,} bytes can hold: truncated or inconsistent"
         )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
