@@ -2,8 +2,9 @@
 
 Tokens come from `auth_tokens_file` (JSON) or the `auth_tokens` setting (the same JSON, e.g. from the
 EMBEDSVC_AUTH_TOKENS environment variable): {"tokens": [{"name": "indexer", "token": "...",
-"scopes": ["read", "write"]}]}. Clients send `authorization: Bearer <token>`. Health and reflection
-stay open. Tokens are compared in constant time and never logged; only the token's name is.
+"scopes": ["read", "write"]}]}; a setting that lists no tokens is refused rather than read as "auth off".
+Clients send exactly one `authorization: Bearer <token>`. Health and reflection stay open. A refused call
+is answered on its headers, before its message is read. Tokens are compared in constant time and never logged; only the token's name is.
 """
 
 from __future__ import annotations
