@@ -96,3 +96,19 @@ class NonFiniteVector(InvalidInput):
 
 class RequestTooLarge(ResourceExhausted):
     """A request body or message is over the configured byte limit (HTTP 413)."""
+
+
+QUOTE_LIMIT = 100
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """`repr` of a user-supplied value for an error message, cut to `limit` characters with the full length.
+
+    Messages become gRPC status details, which travel in metadata of limited size: quoting a 16 KB name
+    whole would turn the real status into RESOURCE_EXHAUSTED "Stream removed".
+    """
+    text = value if isinstance(value, (str, bytes)) else repr(value)
+    if len(text) <= limit:
+        return repr(value)
+    unit = "bytes" if isinstance(text, bytes) else "characters"
+    return f"{text[:limit]!r}... ({len(text):,} {unit})"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.errors import EmptyText, UnsupportedModel
+from embedsvc.errors import EmptyText, UnsupportedModel, quoted
 from embedsvc.models.loader import LoadedModel
 
 
@@ -135,12 +135,12 @@ def _concat(parts: list[TokenFeatures]) -> TokenFeatures:
 
 def _check_vit(visual, name: str) -> None:
     if visual.attn_pool is not None:
-        raise UnsupportedModel(f"model {name!r}: attentional-pool (CoCa-style) ViT tokens are learned queries, "
+        raise UnsupportedModel(f"model {quoted(name)}: attentional-pool (CoCa-style) ViT tokens are learned queries, "
                                f"not patches; embedsvc pools patch tokens of plain ViTs only")
     if visual.pool_type not in ("tok", "avg"):
-        raise UnsupportedModel(f"model {name!r}: ViT pool_type {visual.pool_type!r} has no native pooled output")
+        raise UnsupportedModel(f"model {quoted(name)}: ViT pool_type {quoted(visual.pool_type)} has no native pooled output")
     if visual.proj is None:
-        raise UnsupportedModel(f"model {name!r}: ViT has no projection to the joint space")
+        raise UnsupportedModel(f"model {quoted(name)}: ViT has no projection to the joint space")
 
 
 def _text_tower(model, name: str) -> dict:
@@ -158,5 +158,5 @@ def _text_tower(model, name: str) -> dict:
                     transformer=text.transformer, attn_mask=text.attn_mask, ln_final=text.ln_final,
                     projection=text.text_projection, pool_type=text.pool_type, eos_id=text.eos_id,
                     pad_id=text.pad_id)
-    raise UnsupportedModel(f"model {name!r}: text tower {type(text).__name__} exposes no token features embedsvc "
+    raise UnsupportedModel(f"model {quoted(name)}: text tower {type(text).__name__} exposes no token features embedsvc "
                            f"can pool; use an open_clip model with the built-in text transformer")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from embedsvc.errors import InvalidInput, UnsupportedModel, WeightsUnavailable
+from embedsvc.errors import InvalidInput, UnsupportedModel, WeightsUnavailable, quoted
 from embedsvc.models.device import resolve_device, resolve_precision, torch_dtype
 from embedsvc.models.registry import ModelSpec
 
@@ -81,7 +81,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
     except Exception as exc:  # noqa: BLE001 - mismatches surface as RuntimeError, AssertionError, KeyError,
         # unpickling or safetensors errors depending on where they are found; all mean "wrong file".
         raise InvalidInput(
-            f"could not load model {spec.name!r} ({spec.architecture}, weights {spec.weights}): {exc}"
+            f"could not load model {quoted(spec.name)} ({spec.architecture}, weights {spec.weights}): {exc}"
         ) from exc
     model.eval()
 
@@ -92,7 +92,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         vision_tower = "resnet"
     else:
         raise UnsupportedModel(
-            f"model {spec.name!r}: vision tower {type(visual).__name__} exposes no token features embedsvc "
+            f"model {quoted(spec.name)}: vision tower {type(visual).__name__} exposes no token features embedsvc "
             f"can pool; use a native open_clip ViT or ModifiedResNet (RN50...) architecture"
         )
     image_size = visual.image_size
@@ -121,9 +121,9 @@ def _register_architecture(spec: ModelSpec) -> None:
 
     path = Path(spec.config_file)
     if not path.is_file():
-        raise WeightsUnavailable(f"model {spec.name!r}: config file {path} does not exist")
+        raise WeightsUnavailable(f"model {quoted(spec.name)}: config file {path} does not exist")
     if path.stem != spec.architecture:
-        raise InvalidInput(f"model {spec.name!r}: config file must be named {spec.architecture}.json, got {path.name}")
+        raise InvalidInput(f"model {quoted(spec.name)}: config file must be named {spec.architecture}.json, got {path.name}")
     open_clip.add_model_config(str(path))
 
 
@@ -131,7 +131,7 @@ def _checked_checkpoint(checkpoint: str) -> str:
     path = Path(checkpoint)
     if path.suffix not in CHECKPOINT_SUFFIXES:
         raise InvalidInput(
-            f"checkpoint {path} has suffix {path.suffix!r}; expected one of {', '.join(CHECKPOINT_SUFFIXES)} "
+            f"checkpoint {path} has suffix {quoted(path.suffix)}; expected one of {', '.join(CHECKPOINT_SUFFIXES)} "
             f"(an open_clip state dict)"
         )
     if not path.is_file():
@@ -151,7 +151,7 @@ def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str
     cfg = get_pretrained_cfg(architecture, tag)
     if not cfg:
         tags = ", ".join(list_pretrained_tags_by_model(architecture)) or "none"
-        raise InvalidInput(f"{architecture} has no pretrained tag {tag!r}; known tags: {tags}")
+        raise InvalidInput(f"{architecture} has no pretrained tag {quoted(tag)}; known tags: {tags}")
     if cfg.get("file"):
         if os.path.isfile(cfg["file"]):
             return cfg["file"], cfg
@@ -172,7 +172,7 @@ def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str
             return target, cfg
         candidates.append(f"{url} saved as {target}")
     raise WeightsUnavailable(
-        f"weights for {architecture} pretrained={tag!r} are not on this machine, and embedsvc does not download "
+        f"weights for {architecture} pretrained={quoted(tag)} are not on this machine, and embedsvc does not download "
         f"at run time. Fetch them where there is network ({'; or '.join(candidates)}) and copy them here, "
         f"or pass a local checkpoint file instead (--checkpoint PATH, or a model spec with checkpoint=...)"
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from embedsvc.errors import InvalidInput, UnknownModel
+from embedsvc.errors import InvalidInput, UnknownModel, quoted
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelSpec:
         sources = [self.pretrained is not None, self.checkpoint is not None, self.random_init]
         if sum(sources) != 1:
             raise InvalidInput(
-                f"model {self.name!r}: give exactly one weight source (pretrained tag, checkpoint file, "
+                f"model {quoted(self.name)}: give exactly one weight source (pretrained tag, checkpoint file, "
                 f"or random_init=True), got {sum(sources)}"
             )
 
@@ -57,7 +57,7 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {}
 def register_model(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
     """Adds a spec to the registry; a name is registered once unless `replace` is set."""
     if spec.name in MODEL_REGISTRY and not replace and MODEL_REGISTRY[spec.name] != spec:
-        raise InvalidInput(f"model name {spec.name!r} is already registered with another spec")
+        raise InvalidInput(f"model name {quoted(spec.name)} is already registered with another spec")
     MODEL_REGISTRY[spec.name] = spec
     return spec
 
@@ -69,7 +69,7 @@ def get_model_spec(name: str) -> ModelSpec:
     except KeyError:
         known = ", ".join(sorted(MODEL_REGISTRY)) or "none"
         raise UnknownModel(
-            f"unknown model {name!r}; registered models: {known}. To load an open_clip architecture, "
+            f"unknown model {quoted(name)}; registered models: {known}. To load an open_clip architecture, "
             f"give its name with a weight source (--pretrained TAG or --checkpoint PATH)"
         ) from None
 
@@ -98,7 +98,7 @@ def resolve_model_spec(
         config_file = str(path)
     if name not in open_clip.list_models():
         raise UnknownModel(
-            f"unknown open_clip architecture {name!r}; see open_clip.list_models() (e.g. ViT-B-32, RN50)"
+            f"unknown open_clip architecture {quoted(name)}; see open_clip.list_models() (e.g. ViT-B-32, RN50)"
         )
     if checkpoint is not None:
         checkpoint = str(Path(checkpoint).expanduser())

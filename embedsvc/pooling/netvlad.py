@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 from embedsvc.pooling.functional import l2_normalize
 
 STATE_FORMAT = "embedsvc.netvlad/1"
@@ -102,7 +102,7 @@ class NetVLADState(torch.nn.Module):
         except Exception as exc:  # noqa: BLE001 - any parse failure means: not a state file
             raise InvalidInput(f"{where} is not a safetensors file ({exc})") from None
         if meta.get("format") != STATE_FORMAT:
-            raise InvalidInput(f"{where} is not a NetVLAD state file (format {meta.get('format')!r})")
+            raise InvalidInput(f"{where} is not a NetVLAD state file (format {quoted(meta.get('format'))})")
         return cls(tensors["centroids"], float(meta["alpha"]), tensors.get("pca_mean"), tensors.get("pca_matrix"))
 
     def save(self, path: str | Path) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
-                             UnknownPooling)
+                             UnknownPooling, quoted)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
@@ -115,7 +115,7 @@ def _coerce(name: str, key: str, hint: Any, value: Any) -> Any:
             return result
         return value
     except (TypeError, ValueError) as exc:
-        raise InvalidPoolingParams(f"{name}: bad value {value!r} for {key}: {exc}") from None
+        raise InvalidPoolingParams(f"{name}: bad value {quoted(value)} for {key}: {exc}") from None
 
 
 def params_to_strings(params: Any) -> dict[str, str]:
@@ -230,7 +230,7 @@ class PoolingSpec:
         for part in filter(None, (p.strip() for p in rest.split(";"))):
             key, eq, value = part.partition("=")
             if not eq:
-                raise InvalidPoolingParams(f"{name}: parameter {part!r} must be written key=value")
+                raise InvalidPoolingParams(f"{name}: parameter {quoted(part)} must be written key=value")
             params[key.strip()] = value.strip()
         return cls(name.strip(), params)
 
@@ -282,7 +282,7 @@ def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None) 
     try:
         definition = POOLINGS[spec.name]
     except KeyError:
-        raise UnknownPooling(f"unknown pooling {spec.name!r}; available: {', '.join(POOLINGS)}") from None
+        raise UnknownPooling(f"unknown pooling {quoted(spec.name)}; available: {', '.join(POOLINGS)}") from None
     params = parse_params(spec.name, definition.params_cls, dict(spec.params))
     return BoundPooling(definition, params, state)
 

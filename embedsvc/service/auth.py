@@ -2,8 +2,9 @@
 
 Tokens come from `auth_tokens_file` (JSON) or the `auth_tokens` setting (the same JSON, e.g. from the
 EMBEDSVC_AUTH_TOKENS environment variable): {"tokens": [{"name": "indexer", "token": "...",
-"scopes": ["read", "write"]}]}. Clients send `authorization: Bearer <token>`. Health and reflection
-stay open. Tokens are compared in constant time and never logged; only the token's name is.
+"scopes": ["read", "write"]}]}; a setting that lists no tokens is refused rather than read as "auth off".
+Clients send exactly one `authorization: Bearer <token>`. Health and reflection stay open. A refused call
+is answered on its headers, before its message is read. Tokens are compared in constant time and never logged; only the token's name is.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import grpc
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 SCOPES = ("read", "write")
 WRITE_METHODS = {"CreateCollection", "DropCollection", "Upsert", "Delete", "FitPooling"}
@@ -31,28 +32,49 @@ class Token:
 
 
 def load_tokens(file: str = "", inline: str = "") -> list[Token]:
-    """Tokens from a JSON file and/or inline JSON; [] means auth is off."""
+    """Tokens from a JSON file and/or inline JSON; [] (neither given) means auth is off."""
     sources = []
     if file:
         path = Path(file)
         if not path.is_file():
             raise InvalidInput(f"auth tokens file {path} does not exist")
-        sources.append((str(path), path.read_text()))
+        try:
+            sources.append((str(path), path.read_text()))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"cannot read auth tokens file {path}: {exc}") from None
     if inline:
         sources.append(("auth_tokens setting", inline))
     tokens = []
     for where, text in sources:
-        try:
-            entries = json.loads(text)["tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InvalidInput(f"{where}: expected {{\"tokens\": [{{\"name\", \"token\", \"scopes\"}}]}} ({exc})") from None
-        for entry in entries:
-            scopes = frozenset(entry.get("scopes", []))
-            if not entry.get("token") or len(entry["token"]) < 16:
-                raise InvalidInput(f"{where}: token {entry.get('name', '?')!r} must be at least 16 characters")
-            if not scopes or not scopes <= set(SCOPES):
-                raise InvalidInput(f"{where}: token {entry.get('name', '?')!r} scopes must be among {SCOPES}")
-            tokens.append(Token(str(entry.get("name", "unnamed")), entry["token"], scopes))
+        tokens += _parse_tokens(where, text)
+    return tokens
+
+
+def _parse_tokens(where: str, text: str) -> list[Token]:
+    shape = '{"tokens": [{"name": "...", "token": "<16+ characters>", "scopes": ["read", "write"]}]}'
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{where}: not JSON ({exc}); expected {shape}") from None
+    entries = document.get("tokens") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise InvalidInput(f"{where}: expected {shape}")
+    if not entries:
+        raise InvalidInput(f"{where}: \"tokens\" is empty, which would turn auth off; add a token, or remove the "
+                           f"setting to run without auth")
+    tokens = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InvalidInput(f"{where}: token {n} is {type(entry).__name__}, not an object; expected {shape}")
+        name, secret, scopes = entry.get("name", f"#{n}"), entry.get("token"), entry.get("scopes", [])
+        if not isinstance(name, str):
+            raise InvalidInput(f"{where}: token {n}: name must be a string")
+        if not isinstance(secret, str) or len(secret) < 16:
+            raise InvalidInput(f"{where}: token {quoted(name)} must be a string of at least 16 characters")
+        if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
+                or not set(scopes) <= set(SCOPES)):
+            raise InvalidInput(f"{where}: token {quoted(name)} scopes must be a non-empty list among {SCOPES}")
+        tokens.append(Token(name, secret, frozenset(scopes)))
     return tokens
 
 
@@ -71,12 +93,16 @@ def find_token(tokens: list[Token], presented: str) -> Optional[Token]:
     return found
 
 
-def authorize(tokens: list[Token], method: str, header: str) -> Optional[tuple[grpc.StatusCode, str]]:
-    """None if the `authorization` header value may call `method`; else the status and message to refuse with.
-    Shared by the gRPC interceptor and the HTTP API, so both accept the same tokens and scopes."""
+def authorize(tokens: list[Token], method: str, headers: Sequence[str]) -> Optional[tuple[grpc.StatusCode, str]]:
+    """None if the `authorization` header values may call `method`; else the status and message to refuse with.
+    Shared by the gRPC interceptor and the HTTP API, so both accept the same tokens and scopes. More than
+    one header is ambiguous and refused."""
     scope = required_scope(method)
     if scope is None or not tokens:
         return None
+    if len(headers) > 1:
+        return grpc.StatusCode.UNAUTHENTICATED, f"{len(headers)} authorization headers: send exactly one"
+    header = headers[0] if headers else ""
     if not header:
         return grpc.StatusCode.UNAUTHENTICATED, "missing credentials: send 'authorization: Bearer <token>'"
     presented = header[7:] if header.lower().startswith("bearer ") else ""
@@ -85,7 +111,7 @@ def authorize(tokens: list[Token], method: str, header: str) -> Optional[tuple[g
         return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
     if scope not in token.scopes:
         return (grpc.StatusCode.PERMISSION_DENIED,
-                f"token {token.name!r} lacks the {scope!r} scope needed for {method.rsplit('/', 1)[-1]}")
+                f"token {quoted(token.name)} lacks the {quoted(scope)} scope needed for {method.rsplit('/', 1)[-1]}")
     return None
 
 
@@ -97,19 +123,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        header = dict(details.invocation_metadata or ()).get("authorization", "")
-        refusal = authorize(self.tokens, details.method, header)
+        headers = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                   for k, v in details.invocation_metadata or () if k == "authorization"]
+        refusal = authorize(self.tokens, details.method, headers)
         return handler if refusal is None else _deny(handler, *refusal)
 
 
 def _deny(handler, code: grpc.StatusCode, message: str):
-    async def abort_unary(request, context):
+    """A handler that answers at once, before any request message: an unauthorised call holds nothing."""
+
+    async def abort(request_iterator, context):
         await context.abort(code, message)
 
-    async def abort_stream(request_iterator, context):
-        await context.abort(code, message)
-
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(abort_unary, handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(abort, None, handler.response_serializer)

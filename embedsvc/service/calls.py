@@ -12,7 +12,7 @@ from typing import Any, AsyncIterable, Optional
 
 import numpy as np
 
-from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
@@ -72,18 +72,18 @@ def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
     for c in flt.must:
         test = c.WhichOneof("test")
         if test == "equals":
-            conditions.append(Condition(c.key, equals=value_from_pb(c.equals, f"filter on {c.key!r}")))
+            conditions.append(Condition(c.key, equals=value_from_pb(c.equals, f"filter on {quoted(c.key)}")))
         elif test == "in":
-            values = tuple(value_from_pb(v, f"filter on {c.key!r}") for v in getattr(c, "in").values)
+            values = tuple(value_from_pb(v, f"filter on {quoted(c.key)}") for v in getattr(c, "in").values)
             conditions.append(Condition(c.key, any_of=values))
         elif test == "range":
             r = c.range
             if not r.HasField("gte") and not r.HasField("lte"):
-                raise InvalidInput(f"filter on {c.key!r}: a range needs gte, lte or both")
+                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs gte, lte or both")
             conditions.append(Condition(c.key, gte=r.gte if r.HasField("gte") else None,
                                         lte=r.lte if r.HasField("lte") else None))
         else:
-            raise InvalidInput(f"filter on {c.key!r}: set equals, in or range")
+            raise InvalidInput(f"filter on {quoted(c.key)}: set equals, in or range")
     return Filter(tuple(conditions)) if conditions else None
 
 
@@ -172,17 +172,17 @@ async def upsert(engine: Engine, messages: AsyncIterable[pb.UpsertRequest]) -> p
     collection, inserted, replaced, count = "", 0, 0, 0
     async for message in messages:
         if message.collection and collection and message.collection != collection:
-            raise InvalidInput(f"one Upsert stream writes one collection: got {message.collection!r} after "
-                               f"{collection!r}")
+            raise InvalidInput(f"one Upsert stream writes one collection: got {quoted(message.collection)} after "
+                               f"{quoted(collection)}")
         collection = collection or message.collection
         if not collection:
             raise InvalidInput("the first Upsert message must name the collection")
         items = []
         for item in message.items:
             payload = item.WhichOneof("payload")
-            metadata = {k: value_from_pb(v, f"item {item.id!r} metadata {k!r}") for k, v in item.metadata.items()}
+            metadata = {k: value_from_pb(v, f"item {quoted(item.id)} metadata {quoted(k)}") for k, v in item.metadata.items()}
             items.append(UpsertRequestItem(
-                item.id, content_from_pb(item.content, f"item {item.id!r}") if payload == "content" else None,
+                item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
                 vector_from_pb(item.vector) if payload == "vector" else None, metadata))
         if not items:
             continue
@@ -247,10 +247,17 @@ async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse
 
 
 async def fit_pooling(engine: Engine, messages: AsyncIterable[pb.FitPoolingRequest]) -> pb.FitPoolingResponse:
-    collection, params, samples = "", {}, []
+    collection, params, samples, held = "", {}, [], 0
+    config = engine.config
     async for message in messages:
         collection = collection or message.collection
         params = params or dict(message.params)
+        engine._check_count(len(message.samples), "samples")
+        held += message.ByteSize()
+        if len(samples) + len(message.samples) > config.max_fit_samples or held > config.max_fit_bytes:
+            raise ResourceExhausted(f"FitPooling streamed more than {config.max_fit_samples:,} samples "
+                                    f"(max_fit_samples) or {config.max_fit_bytes:,} bytes (max_fit_bytes); fit "
+                                    f"on a sample of your data")
         samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
     if not collection:
         raise InvalidInput("the first FitPooling message must name the collection")

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 ENV_PREFIX = "EMBEDSVC_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass
@@ -50,14 +51,24 @@ class ServerConfig:
     max_image_bytes: int = 16 * 1024 * 1024
     # Largest decoded image accepted, in pixels (decompression-bomb guard).
     max_image_pixels: int = 40_000_000
+    # Most decoded pixels (sum over the images, from their headers) one request or streamed message may carry.
+    max_request_pixels: int = 500_000_000
     # Longest text accepted, in characters; tokens past the model's context are truncated and reported.
     max_text_chars: int = 4096
     # Most inputs, items, ids or queries in one request (or one streamed message).
     max_items_per_request: int = 1024
+    # Most samples one FitPooling call may stream (all messages together); each holds ~50 KB of features.
+    max_fit_samples: int = 10_000
+    # Most encoded bytes of samples one FitPooling call may stream; they are held until the fit runs.
+    max_fit_bytes: int = 1024 * 1024 * 1024
     # Largest top_k a search may ask for.
     max_top_k: int = 1000
-    # Concurrent RPCs served; more wait in gRPC's queue.
+    # Embedsvc RPCs served at once, counted from their first request message (health never waits).
     max_concurrent_rpcs: int = 256
+    # RPCs that wait for one of those slots (until their deadline); more get RESOURCE_EXHAUSTED.
+    max_waiting_rpcs: int = 1024
+    # Seconds a call may take to send its (next) request message; then DEADLINE_EXCEEDED.
+    request_message_timeout_seconds: float = 30.0
     # torch intra-op threads (0: all cores).
     torch_threads: int = 0
     # FAISS OpenMP threads (0: all cores); lower it when many searches run at once.
@@ -90,22 +101,34 @@ class ServerConfig:
     def validate(self) -> "ServerConfig":
         positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
-                    "checkpoint_every"]
+                    "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
+                    "max_fit_bytes"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
+        if not self.request_message_timeout_seconds > 0:
+            raise InvalidInput("config request_message_timeout_seconds must be > 0")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise InvalidInput(f"config log_level must be one of {', '.join(LOG_LEVELS)}, got {quoted(self.log_level)}")
         if self.log_format not in ("json", "text"):
             raise InvalidInput("config log_format must be json or text")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidInput("config tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        if ":" not in self.listen:
-            raise InvalidInput(f"config listen must be HOST:PORT, got {self.listen!r}")
-        if self.http_listen and ":" not in self.http_listen:
-            raise InvalidInput(f"config http_listen must be HOST:PORT (or empty to disable), got {self.http_listen!r}")
+        port = self.listen.rsplit(":", 1)[-1] if ":" in self.listen else ""
+        if not port.isdigit() or int(port) > 65535:
+            raise InvalidInput(f"config listen must be HOST:PORT with a port of 0-65535, got {quoted(self.listen)}")
+        http_port = self.http_listen.rsplit(":", 1)[-1] if ":" in self.http_listen else ""
+        if self.http_listen and (not http_port.isdigit() or int(http_port) > 65535):
+            raise InvalidInput(f"config http_listen must be HOST:PORT with a port of 0-65535 (or empty to disable), "
+                               f"got {quoted(self.http_listen)}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidInput(f"config metrics_port must be -1 (off) or 0-65535, got {self.metrics_port}")
+        if self.shutdown_grace_seconds < 0:
+            raise InvalidInput("config shutdown_grace_seconds must be >= 0")
         return self
 
     @property
@@ -129,7 +152,7 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
             return float(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"config {name}: bad value {raw!r} ({exc})") from None
+        raise InvalidInput(f"config {name}: bad value {quoted(raw)} ({exc})") from None
 
 
 def field_docs() -> list[tuple[str, str, str]]:
@@ -159,12 +182,18 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
         file = Path(path)
         if not file.is_file():
             raise InvalidInput(f"config file {file} does not exist")
-        if file.suffix == ".toml":
-            import tomllib
+        try:
+            if file.suffix == ".toml":
+                import tomllib
 
-            data = tomllib.loads(file.read_text())
-        else:
-            data = json.loads(file.read_text())
+                data = tomllib.loads(file.read_text())
+            else:
+                data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError, JSONDecodeError: ValueError
+            raise InvalidInput(f"config file {file}: cannot read it as {'TOML' if file.suffix == '.toml' else 'JSON'} "
+                               f"({exc})") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"config file {file}: expected a table of settings, got {type(data).__name__}")
         unknown = sorted(set(data) - names)
         if unknown:
             raise InvalidInput(f"config file {file}: unknown key(s) {', '.join(unknown)}")

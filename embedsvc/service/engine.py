@@ -7,6 +7,8 @@ Blocking work (decoding, model forward, SQLite commits, FAISS searches) runs off
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -20,8 +22,8 @@ import numpy as np
 import torch
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import decode_image, thumbnail_jpeg
-from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
+from embedsvc.encoder.images import check_resized_size, decode_image, header_pixels, thumbnail_jpeg
+from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
@@ -85,6 +87,31 @@ def _image_payload(content: Content) -> Any:
     return content.image if isinstance(content, DecodedImage) else content.data
 
 
+FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
+
+
+def _fit_params(params: dict[str, str]) -> tuple[int, int]:
+    """FitPooling's (seed, max_descriptors), checked before any work."""
+    unknown = set(params) - {"seed", "max_descriptors"}
+    if unknown:
+        raise InvalidInput(f"unknown fit parameter(s) {', '.join(sorted(quoted(u) for u in unknown))}; allowed: "
+                           f"seed, max_descriptors")
+    seed, max_descriptors = _int_param(params, "seed", 0), _int_param(params, "max_descriptors", 200_000)
+    if not 0 <= seed <= FIT_SEED_MAX:
+        raise InvalidInput(f"fit parameter seed must be between 0 and {FIT_SEED_MAX}, got {seed}")
+    if max_descriptors < 1:
+        raise InvalidInput(f"fit parameter max_descriptors must be at least 1, got {max_descriptors}")
+    return seed, max_descriptors
+
+
+def _int_param(params: dict[str, str], key: str, default: int) -> int:
+    raw = params.get(key, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"fit parameter {key} must be an integer, got {quoted(raw)}") from None
+
+
 class ModelRuntime:
     """One loaded model with its two batchers (text, image) and its forward thread."""
 
@@ -125,11 +152,26 @@ class Engine:
     def _register_models_file(self, path: Path) -> None:
         if not path.is_file():
             raise InvalidInput(f"models file {path} does not exist")
-        for entry in json.loads(path.read_text()):
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidInput(f"models file {path}: cannot read it as JSON ({exc})") from None
+        shape = 'a list of {"name", "architecture", "checkpoint" | "pretrained", "config_file"}'
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InvalidInput(f"models file {path}: expected {shape}")
+        for entry in entries:
             for key in ("checkpoint", "config_file"):
-                if entry.get(key) and not Path(entry[key]).is_absolute():
+                if isinstance(entry.get(key), str) and entry[key] and not Path(entry[key]).is_absolute():
                     entry[key] = str(path.parent / entry[key])
-            register_model(ModelSpec(**entry), replace=True)
+            unknown = set(entry) - {f.name for f in dataclasses.fields(ModelSpec)}
+            if unknown:
+                raise InvalidInput(f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; "
+                                   f"expected {shape}")
+            try:
+                spec = ModelSpec(**entry)
+            except TypeError as exc:  # a required key missing
+                raise InvalidInput(f"models file {path}: {exc}; expected {shape}") from None
+            register_model(spec, replace=True)
 
     def runtime(self, name: str) -> ModelRuntime:
         """The model's runtime, loading it on first use (loading blocks: call from a worker thread)."""
@@ -172,27 +214,60 @@ class Engine:
             raise InvalidInput(f"{where}: no content (set text or image)")
 
     def _decode(self, runtime: ModelRuntime, data: Any, where: str) -> torch.Tensor:
-        if not isinstance(data, (bytes, bytearray)):  # already decoded
-            return runtime.encoder.loaded.preprocess(data)
+        short_side = runtime.encoder.loaded.image_size  # preprocessing resizes the shorter side to this
         try:
-            image = decode_image(data, self.config.max_image_pixels)
+            if isinstance(data, (bytes, bytearray)):
+                image = decode_image(data, self.config.max_image_pixels, short_side)
+            else:  # already decoded
+                image = data
+                check_resized_size(image.size, short_side, self.config.max_image_pixels)
         except InvalidInput as exc:
             raise type(exc)(f"{where}: {exc}") from None
         return runtime.encoder.loaded.preprocess(image)
+
+    def _check_pixel_budget(self, payloads: Sequence[Any]) -> None:
+        """RESOURCE_EXHAUSTED when the images' header sizes add up to more than max_request_pixels."""
+        total = sum(header_pixels(p) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+                    for p in payloads)
+        if total > self.config.max_request_pixels:
+            raise ResourceExhausted(f"{len(payloads)} images of {total:,} pixels in one request, over the limit of "
+                                    f"{self.config.max_request_pixels:,} (max_request_pixels); send fewer or "
+                                    f"smaller images per request")
+
+    async def _in_decode_pool(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Runs one request's jobs in the decode pool, at most decode_workers of them at a time.
+
+        The pool's queue is first in, first out: submitting a large request's images all at once would
+        put every later request behind all of them. With a few in flight per request, requests take the
+        pool in turns, and a small request waits for about one image per worker, not for a whole batch.
+        """
+        gate = asyncio.Semaphore(self.config.decode_workers)
+        loop = asyncio.get_running_loop()
+
+        async def run(job):
+            async with gate:
+                return await loop.run_in_executor(self.decode_pool, job)
+
+        tasks = [asyncio.ensure_future(run(job)) for job in jobs]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:  # a failed image (or a cancelled call) stops this request's remaining decodes
+            for task in tasks:
+                task.cancel()
 
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input"
                        ) -> list[TokenFeatures]:
         """Token features per content, via the batchers; images decoded in the worker pool."""
         for i, content in enumerate(contents):
             self._check_content(content, f"{where} {i}")
-        loop = asyncio.get_running_loop()
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
         if images:  # decode first: a bad image fails the request before any forward pass is queued
-            pixels = await asyncio.gather(*(loop.run_in_executor(self.decode_pool, self._decode, runtime,
-                                                                 _image_payload(contents[i]), f"{where} {i}")
-                                                   for i in images))
+            payloads = [_image_payload(contents[i]) for i in images]
+            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads)])
+            pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
+                                                 for i, payload in zip(images, payloads)])
         if texts:
             jobs.append(runtime.text.submit([contents[i].text for i in texts]))
         if images:
@@ -262,7 +337,7 @@ class Engine:
     async def _embed_for(self, info: CollectionInfo, contents: Sequence[Content], where: str
                          ) -> tuple[np.ndarray, list[bool]]:
         if not info.config.model:
-            raise FailedPrecondition(f"collection {info.config.name!r} holds raw vectors and has no model: "
+            raise FailedPrecondition(f"collection {quoted(info.config.name)} holds raw vectors and has no model: "
                                      f"send vectors, not texts or images")
         pooling = await self.collection_pooling(info)
         pooling.check_ready()
@@ -270,7 +345,7 @@ class Engine:
             try:
                 pooling.check_modality(modality)
             except FailedPrecondition as exc:
-                raise type(exc)(f"collection {info.config.name!r} ({pooling.name}): {exc}") from None
+                raise type(exc)(f"collection {quoted(info.config.name)} ({pooling.name}): {exc}") from None
         runtime = await self.runtime_async(info.config.model)
         features = await self.features(runtime, contents, where)
         vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
@@ -282,7 +357,7 @@ class Engine:
         self._check_count(len(items), "items")
         for item in items:
             if item.content is None and item.vector is None:
-                raise InvalidInput(f"item {item.id!r} has neither content nor vector")
+                raise InvalidInput(f"item {quoted(item.id)} has neither content nor vector")
         to_embed = [i for i, item in enumerate(items) if item.content is not None]
         keep = self.config.store_thumbnails if thumbnails is None else thumbnails
         media = await self._thumbnails(items) if keep else None
@@ -363,7 +438,7 @@ class Engine:
         by_model: dict[str, list] = {}
         for info in infos:
             if not info.config.model:
-                raise FailedPrecondition(f"collection {info.config.name!r} has no model to embed content with")
+                raise FailedPrecondition(f"collection {quoted(info.config.name)} has no model to embed content with")
             by_model.setdefault(info.config.model, []).append(info)
         results = {}
         media = await self._thumbnails(items) if self.config.store_thumbnails else None
@@ -410,39 +485,33 @@ class Engine:
         sizes = {np.asarray(v).size for v in vectors}
         if len(sizes) != 1 or info.config.dim not in sizes:
             bad = next(i for i, v in enumerate(vectors) if np.asarray(v).size != info.config.dim)
-            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {name!r} holds "
-                               f"vectors of dimension {info.config.dim}")
+            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
+                               f"holds vectors of dimension {info.config.dim}")
         hits = await self.run_blocking(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
                               include_metadata, include_vectors, exclude if any(exclude) else None)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
 
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
         started = time.perf_counter()
+        seed, max_descriptors = _fit_params(params)
         info = await self.run_blocking(self.store.get_collection, name)
         if not info.config.model:
-            raise FailedPrecondition(f"collection {name!r} has no model and nothing to fit")
+            raise FailedPrecondition(f"collection {quoted(name)} has no model and nothing to fit")
         bound = bind_pooling(PoolingSpec(info.config.pooling, info.config.pooling_params))
         if not bound.definition.requires_fit:
-            raise FailedPrecondition(f"collection {name!r} uses pooling {bound.name!r}, which learns nothing")
+            raise FailedPrecondition(f"collection {quoted(name)} uses pooling {quoted(bound.name)}, which learns "
+                                     f"nothing")
         if info.count:
-            raise FailedPrecondition(f"collection {name!r} holds {info.count} items embedded with the current "
+            raise FailedPrecondition(f"collection {quoted(name)} holds {info.count} items embedded with the current "
                                      f"pooling state; fit a new (empty) collection")
         if not samples:
             raise InvalidInput("FitPooling needs sample texts or images")
-        unknown = set(params) - {"seed", "max_descriptors"}
-        if unknown:
-            raise InvalidInput(f"unknown fit parameter(s) {', '.join(sorted(unknown))}; allowed: seed, max_descriptors")
         runtime = await self.runtime_async(info.config.model)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
             features += await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
         p = bound.params
         token_sets = [(f.tokens, f.mask) for f in features]
-        try:
-            seed = int(params.get("seed", 0))
-            max_descriptors = int(params.get("max_descriptors", 200_000))
-        except ValueError as exc:
-            raise InvalidInput(f"fit parameters: {exc}") from None
         state = await asyncio.get_running_loop().run_in_executor(
             self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors))
         if state.output_dim != info.config.dim:

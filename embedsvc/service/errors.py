@@ -46,3 +46,16 @@ def http_status_for(code: grpc.StatusCode, exc: BaseException | None = None) -> 
     if isinstance(exc, errors.RequestTooLarge):
         return 413
     return HTTP_STATUS.get(code, 500)
+
+
+# Status details travel in HTTP/2 trailers (grpc's metadata limit is 8-16 KB): a message that long would
+# replace the real status with RESOURCE_EXHAUSTED "Stream removed". Messages quote input through
+# errors.quoted; this cap is the second wall.
+MAX_DETAILS_CHARS = 2000
+
+
+def status_details(exc: BaseException) -> str:
+    text = str(exc)
+    if len(text) <= MAX_DETAILS_CHARS:
+        return text
+    return text[:MAX_DETAILS_CHARS] + f"... (message cut at {MAX_DETAILS_CHARS} of {len(text):,} characters)"

@@ -29,12 +29,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge
+from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge, quoted
 from embedsvc.service import calls
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine
-from embedsvc.service.errors import http_status_for, status_for
+from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 log = logging.getLogger("embedsvc.http")
@@ -206,7 +206,7 @@ class HttpApi:
         try:
             if not self.ready:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-            refusal = authorize(self.tokens, grpc_method, request.headers.get("authorization", ""))
+            refusal = authorize(self.tokens, grpc_method, request.headers.getlist("authorization"))
             if refusal is not None:
                 raise Refused(*refusal)
             return await work()
@@ -215,7 +215,7 @@ class HttpApi:
             return error_response(code, str(exc))
         except EmbedsvcError as exc:
             code = status_for(exc)
-            return error_response(code, str(exc), exc)
+            return error_response(code, status_details(exc), exc)
         except Exception:  # noqa: BLE001 - a bug must not take the server down
             code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", rpc)
@@ -246,7 +246,7 @@ class HttpApi:
             message = await self._multipart_search(request)
         elif endpoint.body:
             if kind and kind != "application/json" and not kind.endswith("+json"):
-                raise InvalidInput(f"send the body as application/json (got {kind!r})"
+                raise InvalidInput(f"send the body as application/json (got {quoted(kind)})"
                                    + ("; or application/x-ndjson, one item per line" if endpoint.streaming else ""))
             message = parse_json(await request.body(), endpoint.request_type)
         else:
@@ -255,7 +255,7 @@ class HttpApi:
             name = request.path_params["name"]
             given = getattr(message, endpoint.path_field)
             if given and given != name:
-                raise InvalidInput(f"the body names {endpoint.path_field} {given!r} but the path names {name!r}")
+                raise InvalidInput(f"the body names {endpoint.path_field} {quoted(given)} but the path names {quoted(name)}")
             setattr(message, endpoint.path_field, name)
         return _one(message) if endpoint.streaming else message
 

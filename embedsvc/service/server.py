@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
+from embedsvc.models import get_model_spec, resolve_device, resolve_precision
+from embedsvc.service.admission import AdmissionInterceptor
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
@@ -76,21 +79,34 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store, preloads models."""
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
     credentials = _server_credentials(config)
+    resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
     store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
                   max_top_k=config.max_top_k)
     metrics = Metrics()
-    engine = Engine(config, store, metrics)
+    try:
+        engine = Engine(config, store, metrics)
+        get_model_spec(config.default_model)  # after the models file registered its models
+    except BaseException:
+        store.close()
+        raise
     loop = asyncio.get_running_loop()
     for name in config.preload:
         await loop.run_in_executor(None, engine.runtime, name)
     for info in store.list_collections():
         engine._track_count(info.config.name, info.count)
+    # No maximum_concurrent_rpcs: grpc would count half-open calls and health checks; AdmissionInterceptor
+    # counts only calls that passed auth and sent their message. Keepalive finds dead peers; pings from
+    # clients are limited (ping floods), idle connections are closed.
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    interceptors = [AuthInterceptor(tokens)] if tokens else []
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-                             interceptors=interceptors)
+               ("grpc.so_reuseport", 0),
+               ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
+               ("grpc.max_connection_idle_ms", 300_000)]
+    admission = AdmissionInterceptor(config.max_concurrent_rpcs, config.max_waiting_rpcs,
+                                     config.request_message_timeout_seconds)
+    interceptors = [AuthInterceptor(tokens), admission] if tokens else [admission]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(engine), server)
     pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
@@ -144,8 +160,25 @@ def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials
         client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
     except OSError as exc:
         raise InvalidInput(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    _check_key_pair(config.tls_cert_file, config.tls_key_file)
+    if client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=config.tls_client_ca_file)
+        except (ssl.SSLError, ValueError) as exc:
+            raise InvalidInput(f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle "
+                               f"({exc})") from None
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def _check_key_pair(cert_file: str, key_file: str) -> None:
+    """A PEM certificate chain and its private key, checked before binding: grpc reports a bad pair only as
+    a failed bind, which reads like "port in use"."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise InvalidInput(f"TLS: tls_cert_file {cert_file} and tls_key_file {key_file} are not a PEM certificate "
+                           f"chain and its private key (swapped, or not PEM?): {exc}") from None
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:

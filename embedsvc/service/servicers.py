@@ -12,7 +12,7 @@ import grpc
 from embedsvc.errors import EmbedsvcError
 from embedsvc.service import calls
 from embedsvc.service.engine import Engine
-from embedsvc.service.errors import status_for
+from embedsvc.service.errors import status_details, status_for
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -31,13 +31,14 @@ def rpc(method: str):
                 return await fn(self, request, context)
             except EmbedsvcError as exc:
                 code = status_for(exc)
-                await context.abort(code, str(exc))
+                await context.abort(code, status_details(exc))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
+            except grpc.aio.AbortError:  # a streamed message refused on the way in (admission.py)
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:  # noqa: BLE001 - a bug must not take the server down
                 code = grpc.StatusCode.INTERNAL
                 log.exception("internal error in %s", method)
                 await context.abort(code, f"internal error in {method}; the server log has details")

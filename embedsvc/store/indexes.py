@@ -16,7 +16,7 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 METRICS = ("cosine", "inner_product")
 
@@ -120,7 +120,7 @@ def validate_index_kind(kind: str, dim: int, metric: str) -> None:
     import faiss
 
     if metric not in METRICS:
-        raise InvalidInput(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        raise InvalidInput(f"unknown metric {quoted(metric)}; choose one of {', '.join(METRICS)}")
     if kind in INDEX_PRESETS:
         return
     if not isinstance(kind, str) or not kind:
@@ -130,7 +130,7 @@ def validate_index_kind(kind: str, dim: int, metric: str) -> None:
         faiss.index_factory(dim, kind, _faiss_metric(metric))
     except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
         first_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"bad index type {kind!r} for dimension {dim}: FAISS cannot build it ({first_line})") from None
+        raise InvalidInput(f"bad index type {quoted(kind)} for dimension {dim}: FAISS cannot build it ({first_line})") from None
 
 
 class VectorIndex(Protocol):

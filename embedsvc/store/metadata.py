@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 Value = Union[str, float, int, bool]
 MAX_KEY_BYTES = 128
@@ -34,15 +34,15 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") ->
     out = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
-            raise InvalidInput(f"{prefix}metadata key {key!r} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
+            raise InvalidInput(f"{prefix}metadata key {quoted(key)} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
         if isinstance(value, bool) or isinstance(value, str):
             if isinstance(value, str) and len(value.encode()) > MAX_STRING_BYTES:
-                raise InvalidInput(f"{prefix}metadata value of {key!r} is over {MAX_STRING_BYTES} bytes")
+                raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is over {MAX_STRING_BYTES} bytes")
         elif isinstance(value, (int, float)):
             if not math.isfinite(value):
-                raise InvalidInput(f"{prefix}metadata value of {key!r} is {value}; numbers must be finite")
+                raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is {value}; numbers must be finite")
         else:
-            raise InvalidInput(f"{prefix}metadata value of {key!r} has type {type(value).__name__}; "
+            raise InvalidInput(f"{prefix}metadata value of {quoted(key)} has type {type(value).__name__}; "
                                f"use a string, number or boolean")
         out[key] = value
     return out
@@ -61,9 +61,9 @@ class Condition:
     def __post_init__(self) -> None:
         kinds = sum([self.equals is not None, self.any_of is not None, self.gte is not None or self.lte is not None])
         if kinds != 1:
-            raise InvalidInput(f"filter on {self.key!r} must have exactly one of equals, in, or a range")
+            raise InvalidInput(f"filter on {quoted(self.key)} must have exactly one of equals, in, or a range")
         if self.any_of is not None and not self.any_of:
-            raise InvalidInput(f"filter on {self.key!r}: 'in' needs at least one value")
+            raise InvalidInput(f"filter on {quoted(self.key)}: 'in' needs at least one value")
 
     def matches(self, metadata: Mapping[str, Value]) -> bool:
         if self.key not in metadata:
@@ -94,7 +94,7 @@ class Filter:
         for expression in expressions:
             key, eq, raw = expression.partition("=")
             if not eq or not key:
-                raise InvalidInput(f"filter {expression!r} must be written key=value or key=a|b")
+                raise InvalidInput(f"filter {quoted(expression)} must be written key=value or key=a|b")
             values = tuple(_parse_scalar(v) for v in raw.split("|"))
             conditions.append(Condition(key, any_of=values) if len(values) > 1 else Condition(key, equals=values[0]))
         return cls(tuple(conditions))

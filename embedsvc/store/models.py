@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ID_BYTES = 512
@@ -35,7 +35,7 @@ class CollectionConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise InvalidInput(f"collection name {self.name!r} must be 1-64 characters of letters, digits, '_', '.' "
+            raise InvalidInput(f"collection name {quoted(self.name)} must be 1-64 characters of letters, digits, '_', '.' "
                                f"or '-', starting with a letter or digit")
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
             raise InvalidInput(f"collection dimension must be 1..65536, got {self.dim}")
@@ -105,14 +105,14 @@ class DeleteResult:
 
 def validate_id(item_id: Any) -> str:
     if not isinstance(item_id, str) or not item_id:
-        raise InvalidInput(f"item id {item_id!r} must be a non-empty string")
+        raise InvalidInput(f"item id {quoted(item_id)} must be a non-empty string")
     if len(item_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
         raise InvalidInput(f"item id of {len(item_id.encode('utf-8', 'surrogatepass'))} bytes is over the "
                            f"{MAX_ID_BYTES}-byte limit")
     try:
         item_id.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidInput(f"item id {item_id!r} is not valid UTF-8 (lone surrogate)") from None
+        raise InvalidInput(f"item id {quoted(item_id)} is not valid UTF-8 (lone surrogate)") from None
     return item_id
 
 

@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.checkpoint import fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
@@ -86,9 +86,9 @@ class _Collection:
     def check_usable(self) -> None:
         """Called with the collection's lock held: refuses a dropped or unavailable collection."""
         if self.dropped:
-            raise CollectionNotFound(f"collection {self.config.name!r} was dropped while the request ran")
+            raise CollectionNotFound(f"collection {quoted(self.config.name)} was dropped while the request ran")
         if self.unavailable:
-            raise FailedPrecondition(f"collection {self.config.name!r} is unavailable: {self.unavailable}; its "
+            raise FailedPrecondition(f"collection {quoted(self.config.name)} is unavailable: {self.unavailable}; its "
                                      f"items are kept (Get reads them); drop and re-create it to serve again")
 
 
@@ -263,13 +263,13 @@ class Store:
         try:
             return self._collections[name]
         except KeyError:
-            raise CollectionNotFound(f"collection {name!r} does not exist; ListCollections shows those that do") from None
+            raise CollectionNotFound(f"collection {quoted(name)} does not exist; ListCollections shows those that do") from None
 
     def create_collection(self, config: CollectionConfig) -> CollectionInfo:
         validate_index_kind(config.index, config.dim, config.metric)
         with self._registry_lock:
             if config.name in self._collections:
-                raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
+                raise AlreadyExists(f"collection {quoted(config.name)} already exists; drop it first or pick another name")
             index = FaissIndex(config.index, config.dim, config.metric)
             cid, created = self.db.create_collection(config.name, config.to_json())
             col = _Collection(cid, config, created, 0, index, MetadataIndex(), uid=f"{self.db.uuid}-{cid}")
@@ -301,7 +301,7 @@ class Store:
         with col.lock.write():
             col.check_usable()
             if require_empty and col.label_of_id:
-                raise FailedPrecondition(f"collection {name!r} holds {len(col.label_of_id)} items embedded with the "
+                raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.label_of_id)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
             col.pooling_version = self.db.set_pooling_state(col.id, state)
             return col.pooling_version
@@ -330,7 +330,7 @@ class Store:
         """
         col = self._get(name)
         if uid is not None and uid != col.uid:
-            raise Aborted(f"collection {name!r} was dropped and re-created while these items were embedded; "
+            raise Aborted(f"collection {quoted(name)} was dropped and re-created while these items were embedded; "
                           f"nothing was stored: retry")
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
@@ -341,18 +341,18 @@ class Store:
         for item_id, item in latest.items():
             size = np.asarray(item.vector).size
             if size != col.config.dim:
-                raise InvalidInput(f"item {item_id!r} has a vector of dimension {size}; collection {name!r} holds "
+                raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {size}; collection {quoted(name)} holds "
                                    f"vectors of dimension {col.config.dim}")
         vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
                                    col.config.dim)
-        vectors = _prepare(vectors, col.config.metric, [f"item {i!r}" for i in ids])
-        metadata = [validate_metadata(latest[i].metadata, f"item {i!r}") for i in ids]
+        vectors = _prepare(vectors, col.config.metric, [f"item {quoted(i)}" for i in ids])
+        metadata = [validate_metadata(latest[i].metadata, f"item {quoted(i)}") for i in ids]
         with col.lock.write():
             col.check_usable()
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
-                    raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {existing[0]!r}; "
+                    raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
                                         f"use upsert to replace them")
             kept = {i: t for i, t in (thumbnails or {}).items() if i in latest}
             labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version,
@@ -405,7 +405,7 @@ class Store:
             col.check_usable()
             missing = [i for i in ids if i not in col.label_of_id]
             if strict and missing:
-                raise ItemsNotFound(f"{len(missing)} id(s) not in {name!r}, e.g. {missing[0]!r}; nothing was deleted")
+                raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
             old = self.db.delete(col.id, [i for i in ids if i in col.label_of_id])
 
             def change() -> None:
@@ -448,7 +448,7 @@ class Store:
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
-            raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
+            raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
         return items[0].vector
 
     def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
@@ -457,7 +457,7 @@ class Store:
         found = self.db.thumbnail(col.id, validate_id(item_id))
         if found is None:
             where = "has no thumbnail" if item_id in col.label_of_id else "is not in the collection"
-            raise ItemsNotFound(f"item {item_id!r} of {name!r} {where}")
+            raise ItemsNotFound(f"item {quoted(item_id)} of {quoted(name)} {where}")
         return found
 
     # -- search -------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""Admission of embedsvc RPCs: the request message is read and parsed here, then a slot is taken.
+
+grpc's own `maximum_concurrent_rpcs` counts a call from its headers on: calls that send headers and never
+a message (or never a token) fill it, and health checks are refused with everyone else. Instead, every
+embedsvc method is served as a client-streaming handler that
+
+- waits at most `message_timeout` seconds for each request message (DEADLINE_EXCEEDED after),
+- parses the bytes itself, so a malformed message is INVALID_ARGUMENT with one log line (grpc.aio would
+  answer UNKNOWN or INTERNAL and log a traceback per call),
+- only then takes one of `max_active` slots; up to `max_waiting` more calls wait for a slot (until their
+  deadline), later ones get RESOURCE_EXHAUSTED.
+
+The auth interceptor runs before this one and refuses bad tokens without reading a message, so
+unauthenticated calls hold nothing. Health and reflection are not wrapped and never wait for a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+log = logging.getLogger("embedsvc.rpc")
+
+WRAPPED_PREFIX = "/embedsvc."
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, max_active: int, max_waiting: int, message_timeout: float):
+        self.max_active, self.max_waiting, self.message_timeout = max_active, max_waiting, message_timeout
+        self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at the first call
+        self._waiting = 0
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(WRAPPED_PREFIX) or handler.response_streaming:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.request_streaming:
+            behaviour = self._streaming(handler, method)
+        else:
+            behaviour = self._unary(handler, method)
+        # raw bytes in (deserializer None): parsing happens in _parse
+        return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
+
+    def _unary(self, handler, method: str):
+        async def behaviour(request_iterator, context):
+            raw = await self._next(request_iterator, context, method)
+            if raw is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call ended without a request "
+                                                                      f"message")
+            request = await self._parse(handler, raw, context, method)
+            async with self._slot(context, method):
+                return await handler.unary_unary(request, context)
+
+        return behaviour
+
+    def _streaming(self, handler, method: str):
+        async def behaviour(request_iterator, context):
+            async with contextlib.AsyncExitStack() as slot:
+                admitted = False
+
+                async def messages():
+                    nonlocal admitted
+                    while (raw := await self._next(request_iterator, context, method)) is not None:
+                        message = await self._parse(handler, raw, context, method)
+                        if not admitted:  # the first message: from here on the call does work
+                            await slot.enter_async_context(self._slot(context, method))
+                            admitted = True
+                        yield message
+
+                return await handler.stream_unary(messages(), context)
+
+        return behaviour
+
+    async def _next(self, request_iterator, context, method: str):
+        """The next raw message, None at the end of the stream; a bounded wait."""
+        try:
+            return await asyncio.wait_for(request_iterator.__anext__(), self.message_timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no request message within {self.message_timeout:g} s of the call (or of the "
+                               f"previous message); send the message with the headers")
+
+    async def _parse(self, handler, raw: bytes, context, method: str):
+        try:
+            return handler.request_deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, upb sometimes others
+            await self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"malformed request: {len(raw)} bytes that do not parse as the {method} request "
+                               f"message ({str(exc)[:200]})")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, context, method: str):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_active)
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            await self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server busy: {self.max_active} calls running and {self._waiting} waiting; retry "
+                               f"with backoff")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    async def _refuse(context, method: str, code: grpc.StatusCode, message: str):
+        log.warning("%s refused with %s: %s", method, code.name, message,
+                    extra={"rpc": method, "code": code.name, "peer": context.peer()})
+        await context.abort(code, message)
