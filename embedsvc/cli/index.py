@@ -9,7 +9,7 @@ from embedsvc.jobs.index import IndexJob
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="bulk-index images into collections (local or through a server)",
+    p = sub.add_parser("index",
                        description="Index an image folder, a .csv/.jsonl/.parquet manifest or WebDataset .tar "
                                    "shards. Re-running skips what is already stored.")
     p.add_argument("source")

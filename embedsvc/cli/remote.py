@@ -19,7 +19,7 @@ def _common(p) -> None:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("search", help="search a collection by text, image, id or vector")
+    s = sub.add_parser("search")
     s.add_argument("collection")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--text")
@@ -32,7 +32,7 @@ def register(sub) -> None:
     _common(s)
     s.set_defaults(run=run_search)
 
-    c = sub.add_parser("collections", help="list, create or drop collections")
+    c = sub.add_parser("collections")
     actions = c.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list")
     _common(ls)

@@ -10,7 +10,7 @@ from embedsvc.training.train import TrainConfig
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train an open_clip model on image-caption pairs",
+    p = sub.add_parser("train",
                        description="Train any open_clip architecture config with the contrastive loss. "
                                    "Writes NAME.safetensors, NAME.json and model_card.md into --out-dir.")
     p.add_argument("--config", dest="config_file", help="open_clip model config JSON (registered as its file stem)")

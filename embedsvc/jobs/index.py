@@ -179,7 +179,7 @@ def _metadata(record: Record) -> dict:
     return meta
 
 
-def _decode(record: Record):
+def decode_record(record: Record):
     """(record, image, bytes) or (record, None, reason)."""
     if record.refused:
         return record, None, record.refused
@@ -263,7 +263,7 @@ def run_index(job: IndexJob) -> IndexSummary:
         with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read") as pool:
             def submit(chunk):
                 done = sink.present([r.id for r in chunk])
-                return len(done), [pool.submit(_decode, r) for r in chunk if r.id not in done]
+                return len(done), [pool.submit(decode_record, r) for r in chunk if r.id not in done]
 
             pending = submit(chunks[0]) if chunks else None
             for number, chunk in enumerate(chunks):
