@@ -6,6 +6,7 @@ import dataclasses
 import sys
 import typing
 
+from embedsvc.cli.models import add_model_arguments, resolve_model
 from embedsvc.training.train import TrainConfig
 
 
@@ -16,12 +17,14 @@ def register(sub) -> None:
     p.add_argument("--config", dest="config_file", help="open_clip model config JSON (registered as its file stem)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "config_file":
+        if f.name in ("config_file", "init"):
             continue
         kind = hints[f.name]
         kind = kind if kind in (int, float) else str
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                        help=f"(default: {f.default})")
+    add_model_arguments(p, flag="--init", what="start from this model (architecture and weights) instead of "
+                        "random weights, e.g. --init embedsvc-tiny-scenes or --checkpoint out/NAME.safetensors")
     p.set_defaults(run=run)
 
 
@@ -31,11 +34,15 @@ def run(args) -> int:
     from embedsvc.training import train
 
     logging.getLogger("embedsvc").setLevel(logging.INFO)
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "init"}
+    if args.model or args.pretrained or args.checkpoint:
+        values["init"] = resolve_model(args).name
+    config = TrainConfig(**values)
     result = train(config)
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     t2i = result.metrics["text_to_image"]
     print(f"wrote {result.checkpoint} and {result.config_file}; held-out text->image R@1 {t2i['recall_at_1']:.3f} "
-          f"R@10 {t2i['recall_at_10']:.3f}; {result.seconds / 60:.1f} min; card: {result.card}")
+          f"(chance {t2i['chance_recall_at_1']:.3f}) R@10 {t2i['recall_at_10']:.3f} (chance "
+          f"{t2i['chance_recall_at_10']:.3f}); {result.seconds / 60:.1f} min; card: {result.card}")
     return 0
