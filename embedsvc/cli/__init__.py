@@ -67,11 +67,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.cli_log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except EmbedsvcError as exc:
-        print(f"embedsvc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the server wrote
+        print(f"embedsvc {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Our domain errors, and a server's answers (the client is imported only by commands that talk to one)."""
+    client_errors = sys.modules.get("embedsvc.client.errors")
+    return isinstance(exc, EmbedsvcError) or (client_errors is not None and
+                                              isinstance(exc, client_errors.EmbedsvcClientError))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
     add_model_arguments(p, what="the model of collections this job creates (default: the server's default model)")
     for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
-                 "ray_address"):
+                 "ray_address", "fit_sample"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
                        type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")
@@ -35,8 +35,8 @@ def run(args) -> int:
     loads_here = options.has_weight_source or args.models_file or args.model_config
     if loads_here and not args.local:
         raise InvalidInput("--pretrained, --checkpoint, --model-config and --models-file load a model in this "
-                           "process: add --local DATA_DIR, or register the model with the server (embedsvc "
-                           "serve --models-file FILE) and pass --model NAME")
+                           "process: add --local DATA_DIR, or register the model with the server "
+                           "(`embedsvc serve --models-file FILE`) and pass --model NAME")
     values["model"] = resolve_model(args).name if args.local and (loads_here or options.models_file) else options.model
     job = IndexJob(**values)
     summary = run_index(job)

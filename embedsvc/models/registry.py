@@ -163,6 +163,8 @@ def spec_from_options(options: ModelOptions, default: str = "") -> ModelSpec:
     name, config_file = options.model, options.model_config
     if options.checkpoint is not None:
         checkpoint = Path(options.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise InvalidInput(f"checkpoint {checkpoint} does not exist")
         name = name or checkpoint.stem
         beside = checkpoint.with_name(f"{name}.json")
         if config_file is None and beside.is_file():

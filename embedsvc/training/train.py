@@ -179,6 +179,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     from embedsvc.models.device import resolve_device
 
+    for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
+        if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
+            raise InvalidInput(f"manifest {manifest} does not exist")
     started = time.perf_counter()
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
