@@ -108,7 +108,7 @@ def _codes(values: Sequence[Hashable]) -> np.ndarray:
     return np.array([seen.setdefault(v, len(seen)) for v in values], dtype=np.int64)
 
 
-def cross_modal_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray,
+def cross_modal_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray, *,
                         captions: Optional[Sequence[Hashable]] = None, labels: Optional[Sequence[Hashable]] = None,
                         image_keys: Optional[Sequence[Hashable]] = None) -> dict[str, RetrievalMetrics]:
     """Image i has caption `captions[i]` embedded as `text_vectors[i]`.

@@ -173,12 +173,14 @@ def run_compare(job: CompareJob) -> dict:
                 latencies.append((time.perf_counter() - t) * 1000)
             bytes_per_vector = store.index_size_bytes(name) / len(ids)
             if text_vectors is not None:
-                metrics = cross_modal_metrics(image_vectors, text_vectors, captions, pairs.labels, keys)
+                metrics = cross_modal_metrics(image_vectors, text_vectors, captions=captions, labels=pairs.labels,
+                                              image_keys=keys)
             else:
                 metrics = {}
                 if keys is not None or pairs.labels is not None:
-                    metrics = {"image_to_image": cross_modal_metrics(image_vectors, image_vectors, captions,
-                                                                     pairs.labels, keys)["image_to_image"]}
+                    metrics = {"image_to_image": cross_modal_metrics(
+                        image_vectors, image_vectors, captions=captions, labels=pairs.labels,
+                        image_keys=keys)["image_to_image"]}
             rows.append({
                 "pooling": spec, "dim": int(image_vectors.shape[1]),
                 "metrics": {task: m.as_dict() for task, m in metrics.items()},

@@ -169,8 +169,8 @@ def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> d
         ids = torch.stack([c[0] for c in data.captions[start:start + batch]]).to(device)
         texts.append(F.normalize(model.encode_text(ids), dim=-1).cpu())
     captions = [c[0].numpy().tobytes() for c in data.captions]  # identical token ids: identical texts
-    metrics = cross_modal_metrics(torch.cat(images).numpy(), torch.cat(texts).numpy(), captions,
-                                  getattr(data, "labels", None), data.keys)
+    metrics = cross_modal_metrics(torch.cat(images).numpy(), torch.cat(texts).numpy(), captions=captions,
+                                  labels=data.labels, image_keys=data.keys)
     return {k: v.as_dict() for k, v in metrics.items()}
 
 
