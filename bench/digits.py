@@ -2,7 +2,7 @@
 ("a handwritten digit seven", a `label` column), `embedsvc train` of a small CLIP, then `embedsvc compare`
 of the trained checkpoint and of the bundled model on the held-out rows, side by side with chance levels.
 
-    python bench/digits.py [--out digits-out] [--steps 300]
+    python bench/digits.py [--out digits-out] [--steps 300] [--batch-size 64] [--threads 0]
 
 Needs scikit-learn (the dev extra); load_digits ships inside it, nothing is downloaded.
 """
@@ -21,7 +21,7 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 # A small ViT CLIP for 32 px digits: 4x4 patches of 8 px, 64-d joint space, short text context.
 MODEL = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 128, "patch_size": 8},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 96, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--out", default="digits-out")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: all cores)")
     args = parser.parse_args()
     out = Path(args.out)
     train, heldout = write_manifests(out)
@@ -68,7 +69,7 @@ def main() -> int:
     started = time.perf_counter()
     cli("train", "--config", str(config), "--data", str(train), "--eval-data", str(heldout), "--eval-size", "1000",
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "0.001", "--warmup-steps", "30",
-        "--out-dir", str(out / "model"))
+        "--threads", str(args.threads), "--out-dir", str(out / "model"))
     train_minutes = (time.perf_counter() - started) / 60
     poolings = [a for p in ("cls", "avg", "gem:p=3") for a in ("--pooling", p)]
     cli("compare", "--checkpoint", str(out / "model" / "digits-clip.safetensors"), "--data", str(heldout),

@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--collection", dest="collections", action="append", required=True, metavar="NAME[=POOLING]",
                    help="target collection, repeatable; NAME=POOLING creates it if missing (e.g. photos=cls)")
     p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
-    add_model_arguments(p, what="the model of collections this job creates (default: the server's default model)")
+    add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
     for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
                  "ray_address", "fit_sample"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)

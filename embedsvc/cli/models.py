@@ -20,12 +20,12 @@ MODELS_FILE_ENV = "EMBEDSVC_MODELS_FILE"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, flag: str = "--model", random_init: bool = False,
-                        models_file: bool = True, what: str = "the model") -> None:
+                        models_file: bool = True, what: str = "the model", default: str = "the bundled model") -> None:
     """Adds the group; `flag` renames --model (train: --init), `random_init` adds --random-init."""
     group = parser.add_argument_group("model", f"{what}: a registered name, or an architecture with a weight source")
     group.add_argument(flag, dest="model", default="", metavar="NAME",
                        help="registered model name, or an open_clip architecture together with --pretrained or "
-                            "--checkpoint (default: the bundled model, or the checkpoint's file stem)")
+                            f"--checkpoint (default: {default}; with --checkpoint, its file stem)")
     source = group.add_mutually_exclusive_group()
     source.add_argument("--pretrained", metavar="TAG", help="open_clip pretrained tag (weights must be in the local cache)")
     source.add_argument("--checkpoint", metavar="PATH", help="local open_clip state dict (.pt/.bin/.safetensors)")

@@ -24,7 +24,8 @@ def register(sub) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default,
                        help=f"(default: {f.default})")
     add_model_arguments(p, flag="--init", what="start from this model (architecture and weights) instead of "
-                        "random weights, e.g. --init embedsvc-tiny-scenes or --checkpoint out/NAME.safetensors")
+                        "random weights, e.g. --init embedsvc-tiny-scenes or --checkpoint out/NAME.safetensors",
+                        default="none: random weights from --config or --architecture")
     p.set_defaults(run=run)
 
 
