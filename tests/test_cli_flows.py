@@ -192,3 +192,21 @@ def test_the_parser_and_remote_commands_import_no_torch():
                      and line.split("|")[1].strip().isdigit()), default=0)
         print(f"embedsvc {' '.join(args)}: {time.perf_counter() - started:.2f} s wall, largest cumulative import "
               f"{total / 1e6:.2f} s (parser build {seconds} s)")
+
+
+def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp_path):
+    import os
+
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([{"name": "mine", "architecture": tiny_spec.architecture,
+                                   "checkpoint": tiny_spec.checkpoint, "config_file": tiny_spec.config_file}]))
+    env = {**os.environ, "EMBEDSVC_MODELS_FILE": str(models)}
+    proc = subprocess.run([sys.executable, "-m", "embedsvc", "embed", "--model", "mine", "--text", "hi", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == "mine" and len(out["results"][0]["embeddings"]["cls"]) == 32
+    proc = cli("compare", "--model", "mine", "--models-file", str(models), "--data", str(scenes), "--pooling", "cls",
+               "--out-dir", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["model"] == "mine"
