@@ -42,6 +42,7 @@ def vector(i: int) -> np.ndarray:
     return np.random.default_rng(i).standard_normal(DIM).astype(np.float32)
 
 
+@pytest.mark.slow  # 4 server kills under streamed load (54 s measured)
 def test_kill_during_streamed_upsert_loses_no_acknowledged_item(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
