@@ -9,6 +9,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # 1000 scenes, four poolings, plots (239 s measured on 2 shared cores)
 def test_compare_on_scenes(tmp_path):
     out = tmp_path / "cmp"
     proc = subprocess.run([sys.executable, "-m", "embedsvc", "compare", "--out-dir", str(out), "--pooling", "cls",
@@ -36,6 +37,7 @@ def test_compare_on_scenes(tmp_path):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 10_000
 
 
+@pytest.mark.slow  # trains a pooling head on 2000 scenes (334 s measured)
 def test_trained_attention_head_recovers_alignment(tmp_path):
     """Fixed poolings of patch tokens align poorly with text; a head trained on frozen tokens of the
     training split (disjoint from the evaluated test split) recovers much of it."""
