@@ -110,6 +110,9 @@ class _LocalSink:
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.store.get, self.names, ids)
 
+    def items(self, name: str) -> int:
+        return self.store.get_collection(name).count
+
     def fit_state(self, name: str) -> str:
         from embedsvc.pooling import POOLINGS
 
@@ -174,6 +177,9 @@ class _RemoteSink:
 
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.client.get, self.names, ids)
+
+    def items(self, name: str) -> int:
+        return self.client.get_collection(name).count
 
     def fit_state(self, name: str) -> str:
         state = self.client.get_collection(name).pooling_state  # POOLING_STATE_NEEDS_FIT, ...
@@ -284,6 +290,10 @@ def fit_targets(sink, names: list[str], records: list[Record], sample: int, work
         if fixed:
             raise FailedPrecondition(f"collection {fixed[0]!r} uses a pooling that learns nothing; only NetVLAD "
                                      f"collections are fitted")
+        full = next((name for name in names if sink.items(name)), None)  # before sampling: refit needs empty
+        if full:
+            raise FailedPrecondition(f"collection {full!r} holds {sink.items(full)} items embedded with its current "
+                                     f"codebook; fit a new (empty) collection")
     todo = [name for name, state in states.items() if state == NEEDS_FIT or not only_unfitted]
     if not todo:
         return []
