@@ -65,7 +65,8 @@ def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
         assert proc.returncode == 0 and "fitted pn on 12 images" in proc.stdout, proc.stderr
         listed = cli("collections", "list", *address).stdout
         assert re.search(r"pn\titems=0\t.*pooling=netvlad", listed), listed
-        assert cli("index", str(scenes), "--collection", "pn", *address).returncode == 0  # fitted: no refit
+        assert cli("index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"),
+                   *address).returncode == 0  # fitted: no refit
         assert len(hits(cli("search", "pn", "--text", "a blue square", "--json", *address))) == 10
 
     local = tmp_path / "local"
