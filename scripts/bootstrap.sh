@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Creates (once) the project's virtual environment and installs embedsvc into it, idempotently.
-# Usage: scripts/bootstrap.sh [dev]      Environment: EMBEDSVC_VENV (default .venv), PYTHON (default python3),
+# One environment for running and testing: it always installs the dev extra (a superset of what serving
+# needs), so switching between scripts/run.sh and scripts/test.sh never reinstalls.
+# Usage: scripts/bootstrap.sh           Environment: EMBEDSVC_VENV (default .venv), PYTHON (default python3),
 #        TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1", the pair this workplace serves from disk).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${EMBEDSVC_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-extra=${1:-}
+extra=dev
 torch_spec=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs embedsvc with its dev extra into .venv (idempotently) and runs the test suite.
+# Installs embedsvc with its dev extra into .venv (idempotently; the same environment as scripts/run.sh)
+# and runs the test suite.
 # Extra arguments go to pytest. Slow tests (training, soak) are skipped unless EMBEDSVC_SLOW=1.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/bootstrap.sh" dev
+"$root/scripts/bootstrap.sh"
 venv=${EMBEDSVC_VENV:-$root/.venv}
 cd "$root"
 marker=("-m" "not slow")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from embedsvc.client import Client
 
@@ -28,6 +29,7 @@ def clients(address: str, workers: int, seconds: float, embed: bool) -> list[sub
                              env=env) for w in range(workers)]
 
 
+@pytest.mark.slow  # 10 SIGKILLs under load from client processes (290 s measured on 2 shared cores)
 def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -94,6 +96,7 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+@pytest.mark.slow  # a 20 s soak from 4 client processes, with start-up (85 s measured)
 def test_bounded_soak(tmp_path):
     seconds = float(os.environ.get("EMBEDSVC_SOAK_SECONDS", "20"))
     data = tmp_path / "data"

@@ -105,6 +105,7 @@ def test_remote_index_equals_local(folder, tmp_path):
         assert np.abs(a.vector - b.vector).max() < 1e-5
 
 
+@pytest.mark.slow  # starts a local Ray cluster and actor pool (233 s measured on 2 shared cores)
 def test_ray_engine_matches_in_process(folder, tmp_path):
     pytest.importorskip("ray.data")
     root, good, bad = folder

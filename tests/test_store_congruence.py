@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -105,7 +107,23 @@ def test_filters_match_brute_force_over_subset(stores, preset, flt, keep):
 
 def test_filter_matching_nothing_returns_no_hits(stores):
     by_preset, _ = stores
-    assert search_ids(by_preset["hnsw"], flt=Filter((Condition("group", equals="3"),))) == [[]] * len(QUERIES)
+    assert search_ids(by_preset["hnsw"], flt=Filter((Condition("group", equals=12345),))) == [[]] * len(QUERIES)
+    assert search_ids(by_preset["hnsw"], flt=Filter((Condition("nosuchkey", equals="x"),))) == [[]] * len(QUERIES)
+
+
+@pytest.mark.parametrize("condition, fragment", [
+    (Condition("group", equals="3"), "asks for '3' (string), but every stored 'group' value is a number"),
+    (Condition("group", any_of=("1", "7")), "every stored 'group' value is a number"),
+    (Condition("even", equals=1), "every stored 'even' value is a boolean"),
+    (Condition("even", gte=0), "asks for a range (number)"),
+])
+def test_filter_of_a_type_no_stored_value_has_is_invalid_not_empty(stores, condition, fragment):
+    from embedsvc.errors import InvalidInput
+
+    by_preset, _ = stores
+    for store in by_preset.values():
+        with pytest.raises(InvalidInput, match=re.escape(fragment)):
+            search_ids(store, flt=Filter((condition,)))
 
 
 def test_ivf_is_exact_until_trained(tmp_path):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from crash_writer import COLLECTIONS, DIM, vector_for
 from embedsvc.store import Store
@@ -56,6 +57,7 @@ def stored_state(store: Store, name: str) -> dict[str, int]:
     return {item.id: int(item.metadata["version"]) for item in items}
 
 
+@pytest.mark.slow  # a kill loop of 22 SIGKILLs (72 s measured on 2 shared cores)
 def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path):
     rng = np.random.default_rng(7)
     expected = {name: {} for name in COLLECTIONS}

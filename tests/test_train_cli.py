@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from embedsvc.datasets import write_scenes
 
@@ -19,6 +20,7 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd)
 
 
+@pytest.mark.slow  # trains (about a minute on 2 cores)
 def test_train_on_manifest_then_embed(tmp_path):
     data = tmp_path / "data"
     manifest = write_scenes(data, "train", 240, size=32)
@@ -63,3 +65,43 @@ def test_manifest_without_usable_rows(tmp_path):
     proc = run_cli("train", "--architecture", "ViT-B-32", "--data", str(manifest), "--steps", "1",
                    "--out-dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "no usable image-caption pairs" in proc.stderr
+
+
+@pytest.mark.slow  # trains twice, compares and indexes (over a minute)
+def test_trained_checkpoint_is_evaluated_continued_compared_and_indexed_from_the_cli(tmp_path):
+    """--eval-data holds out a separate manifest; --init continues from the result; compare and index take
+    --checkpoint (the model name and config default to the files `train` wrote)."""
+    data = tmp_path / "data"
+    train_manifest = write_scenes(data, "train", 64, size=32)
+    eval_manifest = write_scenes(tmp_path / "eval", "test", 24, size=32)
+    config = tmp_path / "mini-clip.json"
+    config.write_text(json.dumps(TINY_VIT_CONFIG))
+    first = tmp_path / "first"
+    common = ["--steps", "2", "--batch-size", "16", "--warmup-steps", "1", "--eval-size", "20"]
+    proc = run_cli("train", "--config", str(config), "--data", str(train_manifest), "--eval-data", str(eval_manifest),
+                   *common, "--out-dir", str(first))
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads((first / "model_card.json").read_text())
+    assert "64 training pairs; held out: the first 20 usable rows" in card["data"]
+    t2i = card["held_out"]["text_to_image"]
+    assert t2i["candidates"] == 20 and 0 < t2i["chance_recall_at_1"] <= 1 / 20 + 1e-9
+    assert "(chance" in proc.stdout
+
+    second = tmp_path / "second"
+    proc = run_cli("train", "--checkpoint", str(first / "mini-clip.safetensors"), "--data", str(train_manifest),
+                   *common, "--out-dir", str(second), "--name", "mini-clip-2")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((second / "mini-clip-2.json").read_text()) == json.loads((first / "mini-clip.json").read_text())
+
+    checkpoint = str(second / "mini-clip-2.safetensors")
+    proc = run_cli("compare", "--checkpoint", checkpoint, "--data", str(eval_manifest), "--pooling", "cls",
+                   "--out-dir", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert result["model"] == "mini-clip-2" and result["poolings"][0]["dim"] == 32
+    proc = run_cli("index", str(eval_manifest), "--collection", "mini=cls", "--local", str(tmp_path / "store"),
+                   "--checkpoint", checkpoint, "--report", str(tmp_path / "report.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert "indexed 24" in proc.stdout
+    proc = run_cli("index", str(eval_manifest), "--collection", "mini=cls", "--checkpoint", checkpoint)
+    assert proc.returncode == 2 and "add --local DATA_DIR" in proc.stderr and "Traceback" not in proc.stderr

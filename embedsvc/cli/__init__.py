@@ -1,4 +1,8 @@
-"""The one command line: `embedsvc embed | ...`. Each subcommand lives in its own module."""
+"""The one command line: `embedsvc embed | ...`. Each subcommand lives in its own module.
+
+Only the module of the command being run is imported (`embedsvc search --help` never imports torch);
+the others appear in the top-level help by their one line below.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +13,75 @@ from typing import Optional, Sequence
 
 from embedsvc.errors import EmbedsvcError
 
-SUBCOMMANDS = ("embed", "serve", "remote", "index", "compare", "train")
+# command -> (module under embedsvc.cli, one line for `embedsvc --help`)
+COMMANDS = {
+    "serve": ("serve", "run the gRPC server"),
+    "embed": ("embed", "embed texts and images with a model and poolings, print the vectors"),
+    "search": ("remote", "search a collection by text, image, id or vector"),
+    "collections": ("remote", "list, create, drop or fit collections"),
+    "index": ("index", "bulk-index images into collections (local or through a server)"),
+    "compare": ("compare", "compare poolings: recall, speed, memory; table, JSON, plots"),
+    "train": ("train", "train an open_clip model on image-caption pairs"),
+}
+SUBCOMMANDS = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Subcommands:
+    """Hands modules the subparsers object, adding each command's help line from COMMANDS."""
+
+    def __init__(self, sub):
+        self.sub = sub
+        self.added: set[str] = set()
+
+    def add_parser(self, name: str, **kwargs):
+        kwargs.setdefault("help", COMMANDS[name][1])
+        self.added.add(name)
+        return self.sub.add_parser(name, **kwargs)
+
+
+def _command_in(argv: Sequence[str]) -> Optional[str]:
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The full parser, or (given argv) one where only the command in argv is fully defined."""
     import importlib
 
     parser = argparse.ArgumentParser(prog="embedsvc", description="CLIP pooled-embedding retrieval service")
     parser.add_argument("--log-level", dest="cli_log_level", default="WARNING", help="logging level (default: WARNING)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"embedsvc.cli.{name}").register(sub)
+    sub = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    wanted = _command_in(argv) if argv is not None else None
+    modules = SUBCOMMANDS if argv is None else ([COMMANDS[wanted][0]] if wanted else [])
+    for module in modules:
+        importlib.import_module(f"embedsvc.cli.{module}").register(sub)
+    for name in COMMANDS:
+        if name not in sub.added:  # listed in the help; parsing it would have registered it fully
+            sub.add_parser(name)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.cli_log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except EmbedsvcError as exc:
-        print(f"embedsvc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the server wrote
+        print(f"embedsvc {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Our domain errors, and a server's answers (the client is imported only by commands that talk to one)."""
+    client_errors = sys.modules.get("embedsvc.client.errors")
+    return isinstance(exc, EmbedsvcError) or (client_errors is not None and
+                                              isinstance(exc, client_errors.EmbedsvcClientError))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+
+from embedsvc.cli.models import add_model_arguments, model_options
 from embedsvc.jobs.compare import DEFAULT_POOLINGS, CompareJob
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="compare poolings: recall, speed, memory; table, JSON, plots")
+    p = sub.add_parser("compare")
     p.add_argument("--data", default="scenes", help="'scenes' (generated test split) or a manifest with captions")
     p.add_argument("--size", type=int, default=1000, help="pairs to use (default: 1000)")
     p.add_argument("--pooling", dest="poolings", action="append", default=None, metavar="SPEC",
                    help=f"repeatable (default: {' '.join(DEFAULT_POOLINGS)}); e.g. netvlad:clusters=32;pca_dim=256")
     p.add_argument("--index", default="flat", help="index preset for the collections (default: flat)")
-    p.add_argument("--model", default="", help="model registry name (default: the bundled model)")
+    add_model_arguments(p)
+    p.add_argument("--label-column", default="auto", metavar="COLUMN",
+                   help="manifest column of class labels: images of one class are relevant to each other and to "
+                        "each other's captions (default: 'label' or 'class' when present; '' for captions only)")
     p.add_argument("--out-dir", default="compare-out")
     p.add_argument("--train-head", type=int, default=0, metavar="N",
                    help="also train an attention-pooling head on frozen tokens of N training scenes (e.g. 5000)")
@@ -21,12 +27,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from embedsvc.jobs.compare import markdown_table, run_compare
+    from embedsvc.jobs.compare import markdown_table, relevance_note, run_compare
 
     job = CompareJob(data=args.data, size=args.size, poolings=tuple(args.poolings or DEFAULT_POOLINGS),
-                     index=args.index, model=args.model, out_dir=args.out_dir, train_head=args.train_head,
-                     head_steps=args.head_steps)
+                     index=args.index, model=model_options(args), label_column=args.label_column,
+                     out_dir=args.out_dir, train_head=args.train_head, head_steps=args.head_steps)
     result = run_compare(job)
+    for row in result["skipped"][:20]:
+        print(f"  skipped {row['path']}: {row['reason']}", file=sys.stderr)
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} manifest rows that could not be used (all listed in "
+              f"{job.out_dir}/results.json)", file=sys.stderr)
+    note = relevance_note(result)
+    print(note, file=sys.stderr if note.startswith("warning") else sys.stdout)
     print(markdown_table(result))
     print(f"\nwrote {job.out_dir}/results.md, results.json, recall_per_pooling.png, recall_vs_bytes.png")
     return 0

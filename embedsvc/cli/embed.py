@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from embedsvc.cli.models import add_model_arguments, resolve_model
 from embedsvc.errors import EmptyText, InvalidInput
 
 
@@ -19,24 +20,12 @@ class _AppendInput(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model with an optional weight source; shared by every command that loads a model locally."""
-    parser.add_argument("--model", required=True, help="registered model name, or an open_clip architecture "
-                        "together with --pretrained or --checkpoint")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pretrained", help="open_clip pretrained tag (weights must be in the local cache)")
-    source.add_argument("--checkpoint", help="local open_clip state dict (.pt/.bin/.safetensors)")
-    source.add_argument("--random-init", action="store_true", help="random weights (tests and smoke runs only)")
-    parser.add_argument("--model-config", help="open_clip model config JSON for an architecture open_clip does not "
-                        "ship (e.g. NAME.json written by `embedsvc train`)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
-    parser.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-
-
 def register(sub) -> None:
-    p = sub.add_parser("embed", help="embed texts and images with a model and poolings, print the vectors",
+    p = sub.add_parser("embed",
                        description="Embed texts and images locally (no server) and print the vectors.")
-    add_model_arguments(p)
+    add_model_arguments(p, random_init=True)
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     p.add_argument("--pooling", action="append", default=None, metavar="SPEC",
                    help="pooling, repeatable: cls (default), avg, max, gem[:p=3], netvlad, "
                         "spp[:levels=1,2,4;combine=sum]")
@@ -51,10 +40,9 @@ def register(sub) -> None:
 
 def load_encoder(args):
     from embedsvc.encoder import ClipEncoder
-    from embedsvc.models import load_model, resolve_model_spec
+    from embedsvc.models import load_model
 
-    spec = resolve_model_spec(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                              random_init=args.random_init, config_file=args.model_config)
+    spec = resolve_model(args)
     if spec.random_init:
         print("embedsvc: warning: random-init weights; the vectors carry no meaning", file=sys.stderr)
     return ClipEncoder(load_model(spec, device=args.device, precision=args.precision))

@@ -5,19 +5,22 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from embedsvc.cli.models import add_model_arguments, model_options, resolve_model
+from embedsvc.errors import InvalidInput
 from embedsvc.jobs.index import IndexJob
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="bulk-index images into collections (local or through a server)",
+    p = sub.add_parser("index",
                        description="Index an image folder, a .csv/.jsonl/.parquet manifest or WebDataset .tar "
                                    "shards. Re-running skips what is already stored.")
     p.add_argument("source")
     p.add_argument("--collection", dest="collections", action="append", required=True, metavar="NAME[=POOLING]",
                    help="target collection, repeatable; NAME=POOLING creates it if missing (e.g. photos=cls)")
     p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
-    for name in ("address", "model", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
-                 "ray_address"):
+    add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
+    for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
+                 "ray_address", "fit_sample"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
                        type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")
@@ -27,7 +30,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from embedsvc.jobs.index import run_index
 
-    job = IndexJob(**{f.name: getattr(args, f.name) for f in dataclasses.fields(IndexJob)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexJob) if f.name != "model"}
+    options = model_options(args)
+    loads_here = options.has_weight_source or args.models_file or args.model_config
+    if loads_here and not args.local:
+        raise InvalidInput("--pretrained, --checkpoint, --model-config and --models-file load a model in this "
+                           "process: add --local DATA_DIR, or register the model with the server "
+                           "(`embedsvc serve --models-file FILE`) and pass --model NAME")
+    values["model"] = resolve_model(args).name if args.local and (loads_here or options.models_file) else options.model
+    job = IndexJob(**values)
     summary = run_index(job)
     print(f"indexed {summary.indexed}, already present {summary.already_present}, failed {len(summary.failed)} "
           f"of {summary.total} in {summary.seconds:.1f}s; failures in {job.report}")

@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from embedsvc.cli.filters import parse_filters
+from embedsvc.errors import InvalidInput
+
 
 def _client(args):
     from embedsvc.client import Client
@@ -19,7 +22,7 @@ def _common(p) -> None:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("search", help="search a collection by text, image, id or vector")
+    s = sub.add_parser("search")
     s.add_argument("collection")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--text")
@@ -27,12 +30,13 @@ def register(sub) -> None:
     q.add_argument("--id", help="id of a stored item (more like this)")
     s.add_argument("-k", "--top-k", type=int, default=10)
     s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="metadata filter, repeatable; KEY=a|b matches any of the values")
+                   help='metadata filter, repeatable: KEY=7 (number), KEY="7" (string; quote for the shell: '
+                        "'KEY=\"7\"'), KEY=true, KEY=a|b (any of the values)")
     s.add_argument("--json", action="store_true")
     _common(s)
     s.set_defaults(run=run_search)
 
-    c = sub.add_parser("collections", help="list, create or drop collections")
+    c = sub.add_parser("collections")
     actions = c.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list")
     _common(ls)
@@ -47,53 +51,27 @@ def register(sub) -> None:
     drop = actions.add_parser("drop")
     drop.add_argument("name")
     _common(drop)
+    fit = actions.add_parser("fit", help="fit a collection's learned pooling (NetVLAD codebook) on sample images",
+                             description="Fit the NetVLAD codebook of an empty collection on images sampled evenly "
+                                         "from an image folder or manifest, through a server or --local.")
+    fit.add_argument("name", metavar="NAME[=POOLING]", help="the collection; NAME=POOLING creates it if missing")
+    fit.add_argument("source", help="image folder, .csv/.jsonl/.parquet manifest or WebDataset .tar shards")
+    fit.add_argument("--sample", type=int, default=500, metavar="N", help="images to fit on (default: 500)")
+    fit.add_argument("--local", metavar="DATA_DIR", help="fit in-process in this data directory (no server)")
+    fit.add_argument("--index", default="flat", help="index type if the collection is created (default: flat)")
+    _common(fit)
     c.set_defaults(run=run_collections)
 
 
-def _client_errors(fn):
-    def wrapper(args):
-        from embedsvc.client import EmbedsvcClientError
-
-        try:
-            return fn(args)
-        except EmbedsvcClientError as exc:
-            print(f"embedsvc {args.command}: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
-def _parse_filter(expressions: list[str]) -> dict:
-    out = {}
-    for expression in expressions:
-        key, eq, raw = expression.partition("=")
-        if not eq:
-            raise SystemExit(f"embedsvc search: --filter {expression!r} must be KEY=VALUE")
-        values = [_scalar(v) for v in raw.split("|")]
-        out[key] = values if len(values) > 1 else values[0]
-    return out
-
-
-def _scalar(raw: str):
-    if raw in ("true", "false"):
-        return raw == "true"
-    try:
-        return float(raw)
-    except ValueError:
-        return raw
-
-
-@_client_errors
 def run_search(args) -> int:
     query = {"text": args.text} if args.text is not None else {"id": args.id} if args.id else None
     if args.image:
         path = Path(args.image)
         if not path.is_file():
-            print(f"embedsvc search: image file {path} does not exist", file=sys.stderr)
-            return 2
+            raise InvalidInput(f"image file {path} does not exist")
         query = {"image": path}
     with _client(args) as client:
-        hits = client.search(args.collection, top_k=args.top_k, filter=_parse_filter(args.filter), **query)
+        hits = client.search(args.collection, top_k=args.top_k, filter=parse_filters(args.filter), **query)
     if args.json:
         json.dump([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], sys.stdout)
         print()
@@ -104,8 +82,9 @@ def run_search(args) -> int:
     return 0
 
 
-@_client_errors
 def run_collections(args) -> int:
+    if args.action == "fit":
+        return _run_fit(args)
     with _client(args) as client:
         if args.action == "list":
             for c in client.list_collections():
@@ -119,3 +98,15 @@ def run_collections(args) -> int:
         else:
             print(f"dropped {args.name} ({client.drop_collection(args.name)} items)")
     return 0
+
+
+def _run_fit(args) -> int:
+    from embedsvc.jobs.index import IndexJob, run_fit
+
+    if args.sample < 1:
+        raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
+    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index)
+    for name, images, descriptors in run_fit(job, args.sample):
+        print(f"fitted {name} on {images} images ({descriptors} token descriptors)")
+    return 0
+

@@ -9,6 +9,7 @@ import signal
 import sys
 import typing
 
+from embedsvc.cli.models import add_model_arguments, model_options, resolve_model
 from embedsvc.service.config import ServerConfig, load_config
 
 log = logging.getLogger("embedsvc.serve")
@@ -19,7 +20,10 @@ def register(sub) -> None:
                        "defaults < --config file < EMBEDSVC_* environment variables < these flags.")
     p.add_argument("--config", help="TOML or JSON config file")
     hints = typing.get_type_hints(ServerConfig)
+    add_model_arguments(p, what="serve this model as the default (registered in the server, loaded at start-up)")
     for f in dataclasses.fields(ServerConfig):
+        if f.name == "models_file":  # the model option group's
+            continue
         kind = hints[f.name]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                        type=kind if kind in (int, float) else str, help=f"(default: {f.default})")
@@ -30,6 +34,12 @@ def run(args) -> int:
     from embedsvc.service.logs import configure_logging
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    options = model_options(args)
+    if options.model or options.has_weight_source:
+        spec = resolve_model(args)  # registered in this process, where the engine looks names up
+        overrides["default_model"] = spec.name
+        if args.preload_models is None:
+            overrides["preload_models"] = spec.name
     config = load_config(args.config, overrides=overrides)
     configure_logging(config.log_level, config.log_format)
     return asyncio.run(serve(config))

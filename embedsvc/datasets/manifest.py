@@ -1,9 +1,15 @@
-"""Reading image-caption manifests (CSV or JSONL) as users keep them: id, path, caption, metadata."""
+"""Reading image-caption manifests (CSV or JSONL) as users keep them: id, path, caption, metadata.
+
+Metadata typing: JSONL values keep their JSON types. A CSV metadata column whose every non-empty value
+parses as a number holds numbers (integers when every value is written as one, like pandas' inference);
+any other column holds strings. So `label` of 0..9 is numeric and `--filter label=7` finds it.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,8 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise InvalidInput(f"manifest {path}: expected a .csv or .jsonl file")
     if not records:
         raise InvalidInput(f"manifest {path} has no rows")
+    if path.suffix == ".csv":
+        records = _typed_columns(records)
     rows = []
     for number, record in enumerate(records, 1):
         raw_path = record.get("path")
@@ -61,3 +69,30 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             metadata={k: v for k, v in record.items() if k not in RESERVED and v not in (None, "")},
         ))
     return rows
+
+
+def _number(text: str):
+    """int or float for a finite number written in decimal or exponent form, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return value
+
+
+def _typed_columns(records: list[dict]) -> list[dict]:
+    """Metadata columns whose every non-empty value is a number become numbers (id, path, caption stay text)."""
+    columns = {k for r in records for k in r if k is not None and k not in RESERVED}
+    numeric = {c for c in columns
+               if any(r.get(c) not in (None, "") for r in records)
+               and all(_number(r[c].strip()) is not None for r in records if r.get(c) not in (None, ""))}
+    if not numeric:
+        return records
+    return [{k: _number(v.strip()) if k in numeric and v not in (None, "") else v for k, v in r.items()}
+            for r in records]
+

@@ -1,5 +1,6 @@
-"""Retrieval metrics on numpy arrays: recall@k, median rank, mAP."""
+"""Retrieval metrics on numpy arrays: recall@k, median rank, mAP, each with its chance level."""
 
-from embedsvc.eval.metrics import RetrievalMetrics, cross_modal_metrics, retrieval_metrics
+from embedsvc.eval.metrics import (RetrievalMetrics, chance_recall, cross_modal_metrics, relevance_summary,
+                                   retrieval_metrics)
 
-__all__ = ["RetrievalMetrics", "cross_modal_metrics", "retrieval_metrics"]
+__all__ = ["RetrievalMetrics", "chance_recall", "cross_modal_metrics", "relevance_summary", "retrieval_metrics"]

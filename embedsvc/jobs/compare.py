@@ -2,10 +2,12 @@
 
 For each pooling it embeds the corpus (one forward pass per tower feeds every pooling), fits NetVLAD
 on the corpus' own token features, builds a real collection (durable store, chosen index preset) and
-measures: text->image, image->text and image->image recall@1/5/10, median rank and mAP (exact, from
-the vectors, with eval helpers); encode time (the shared forward plus the pooling's own time); index
+measures: text->image, image->text and image->image recall@1/5/10, median rank and mAP, each beside its
+chance level (exact, from the vectors, with eval helpers; relevance by label column when the manifest has
+one, else by identical caption: see embedsvc.eval.metrics); encode time (the shared forward plus the pooling's own time); index
 build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
-index size / items). Writes results.md, results.json and two PNG plots.
+index size / items). Writes results.md, results.json and two PNG plots. Manifest rows whose image is
+missing or unreadable are skipped and reported by path, like `embedsvc index` does.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 
 from embedsvc.encoder import ClipEncoder, decode_image
 from embedsvc.errors import InvalidInput, ModalityNotSupported
-from embedsvc.eval import cross_modal_metrics
+from embedsvc.eval import cross_modal_metrics, relevance_summary
+from embedsvc.models.registry import ModelOptions
 from embedsvc.pooling import bind_pooling, fit_netvlad
 
 DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
@@ -36,8 +40,11 @@ class CompareJob:
     poolings: tuple[str, ...] = DEFAULT_POOLINGS
     # Index preset for the collections.
     index: str = "flat"
-    # Model registry name ("" = the bundled model).
-    model: str = ""
+    # Model: a registry name ("" = the bundled model) or the CLI's model options (e.g. a trained checkpoint).
+    model: Union[str, ModelOptions] = ""
+    # Manifest column whose equal values make images relevant to each other and to each other's captions;
+    # "auto": "label", else "class", when the manifest has it; "" = relevance by identical caption only.
+    label_column: str = "auto"
     # Output folder for results.md, results.json and the plots.
     out_dir: str = "compare-out"
     # Text queries timed through the store per pooling.
@@ -49,30 +56,77 @@ class CompareJob:
     head_steps: int = 400
 
 
-def _load_pairs(job: CompareJob, image_size: int):
+@dataclass
+class Pairs:
+    """The evaluated corpus: image i with caption i, plus what relevance is computed from."""
+
+    images: list
+    captions: list[str]
+    ids: list[str]
+    # Scenes: the colour-shape multiset per image (image->image relevance without labels).
+    keys: Optional[list] = None
+    # Values of the label column per image, or None.
+    labels: Optional[list] = None
+    label_column: str = ""
+    # Manifest rows that could not be used: (path, reason).
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _label_column(job: CompareJob, rows) -> str:
+    columns = set().union(*(r.metadata for r in rows))
+    if job.label_column != "auto":
+        if job.label_column and job.label_column not in columns:
+            raise InvalidInput(f"{job.data} has no column {job.label_column!r} (columns: {', '.join(sorted(columns))})")
+        return job.label_column
+    return next((c for c in ("label", "class") if c in columns), "")
+
+
+def _load_pairs(job: CompareJob, image_size: int) -> Pairs:
     if job.data == "scenes":
         from embedsvc.datasets import full_caption, generate_scene, render_scene
 
         scenes = [generate_scene("test", i) for i in range(job.size)]
-        return [render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes], \
-            [s.object_key() for s in scenes], [s.id for s in scenes]
-    from embedsvc.datasets.manifest import read_manifest
+        return Pairs([render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes],
+                     [s.id for s in scenes], keys=[s.object_key() for s in scenes])
+    from embedsvc.jobs.index import decode_record
+    from embedsvc.jobs.sources import manifest_records
 
-    rows = [r for r in read_manifest(job.data) if r.caption][:job.size]
+    rows = [r for r in manifest_records(Path(job.data)) if r.caption]
     if not rows:
         raise InvalidInput(f"{job.data} has no rows with a caption to compare on")
-    images = [decode_image(r.path.read_bytes()) for r in rows]
-    return images, [r.caption for r in rows], None, [r.id for r in rows]
+    column = _label_column(job, rows)
+    pairs = Pairs([], [], [], labels=[] if column else None, label_column=column)
+    for row in rows:
+        if len(pairs.ids) == job.size:
+            break
+        if column and column not in row.metadata:
+            pairs.skipped.append((row.source, f"no {column!r} value"))
+            continue
+        _, image, reason = decode_record(row)
+        if image is None:
+            pairs.skipped.append((row.source, reason))
+            continue
+        pairs.images.append(image)
+        pairs.captions.append(row.caption)
+        pairs.ids.append(row.id)
+        if column:
+            pairs.labels.append(row.metadata[column])
+    if not pairs.ids:
+        raise InvalidInput(f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
+                           f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
+    return pairs
 
 
 def run_compare(job: CompareJob) -> dict:
     import torch
 
-    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.models import TINY_SCENES, load_model, spec_from_options
     from embedsvc.store import CollectionConfig, Item, Store
 
-    encoder = ClipEncoder(load_model(get_model_spec(job.model or TINY_SCENES)))
-    images, captions, keys, ids = _load_pairs(job, encoder.loaded.image_size)
+    options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
+    encoder = ClipEncoder(load_model(spec_from_options(options, default=TINY_SCENES)))
+    pairs = _load_pairs(job, encoder.loaded.image_size)
+    images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids
     started = time.perf_counter()
     image_features = encoder.encode_images(images)
     text_features = encoder.encode_texts(captions)
@@ -95,6 +149,8 @@ def run_compare(job: CompareJob) -> dict:
                 p = probe.params
                 state = fit_netvlad([(image_features.tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
                 fit_seconds = time.perf_counter() - t
+                Path(job.out_dir).mkdir(parents=True, exist_ok=True)  # reusable: `embed --pooling-state FILE`
+                state.save(Path(job.out_dir) / f"state-{spec.replace(':', '-').replace(';', '-')}.safetensors")
             if spec not in heads:
                 pooling = bind_pooling(spec, state)
             t = time.perf_counter()
@@ -117,11 +173,14 @@ def run_compare(job: CompareJob) -> dict:
                 latencies.append((time.perf_counter() - t) * 1000)
             bytes_per_vector = store.index_size_bytes(name) / len(ids)
             if text_vectors is not None:
-                metrics = cross_modal_metrics(image_vectors, text_vectors, keys)
+                metrics = cross_modal_metrics(image_vectors, text_vectors, captions=captions, labels=pairs.labels,
+                                              image_keys=keys)
             else:
                 metrics = {}
-                if keys is not None:
-                    metrics = {"image_to_image": cross_modal_metrics(image_vectors, image_vectors, keys)["image_to_image"]}
+                if keys is not None or pairs.labels is not None:
+                    metrics = {"image_to_image": cross_modal_metrics(
+                        image_vectors, image_vectors, captions=captions, labels=pairs.labels,
+                        image_keys=keys)["image_to_image"]}
             rows.append({
                 "pooling": spec, "dim": int(image_vectors.shape[1]),
                 "metrics": {task: m.as_dict() for task, m in metrics.items()},
@@ -132,7 +191,9 @@ def run_compare(job: CompareJob) -> dict:
             })
         store.close()
     result = {"data": job.data, "size": len(ids), "model": encoder.loaded.spec.name, "index": job.index,
-              "device": str(encoder.device), "torch_threads": torch.get_num_threads(), "poolings": rows}
+              "device": str(encoder.device), "torch_threads": torch.get_num_threads(),
+              "relevance": relevance_summary(captions, pairs.labels, pairs.label_column),
+              "skipped": [{"path": p, "reason": r} for p, r in pairs.skipped], "poolings": rows}
     _write(job, result)
     return result
 
@@ -174,23 +235,48 @@ def _train_head(job: CompareJob, encoder):
     return head, time.perf_counter() - started
 
 
-def markdown_table(result: dict) -> str:
-    def m(row, task, key):
-        value = row["metrics"].get(task, {}).get(key)
-        return "-" if value is None else (f"{value:.0f}" if key == "median_rank" else f"{value:.3f}")
+_COLUMNS = [("text_to_image", "recall_at_1", "t2i R@1"), ("text_to_image", "recall_at_5", "t2i R@5"),
+            ("text_to_image", "recall_at_10", "t2i R@10"), ("text_to_image", "median_rank", "t2i med. rank"),
+            ("text_to_image", "mean_average_precision", "t2i mAP"), ("image_to_text", "recall_at_1", "i2t R@1"),
+            ("image_to_text", "recall_at_10", "i2t R@10"), ("image_to_image", "recall_at_1", "i2i R@1"),
+            ("image_to_image", "mean_average_precision", "i2i mAP")]
 
-    lines = ["| pooling | dim | t2i R@1 | t2i R@5 | t2i R@10 | t2i med. rank | t2i mAP | i2t R@1 | i2t R@10 | "
-             "i2i R@1 | i2i mAP | encode ms/item | build s | search p50 ms | p99 ms | bytes/vector |",
-             "|" + "---|" * 16]
+
+def _figure(metrics: dict, task: str, key: str) -> str:
+    value = metrics.get(task, {}).get(key)
+    return "-" if value is None else (f"{value:.0f}" if key.endswith("median_rank") else f"{value:.3f}")
+
+
+def markdown_table(result: dict) -> str:
+    """One row per pooling, and a last row with what a random ranking earns on the same queries."""
+    lines = ["| pooling | dim | " + " | ".join(c[2] for c in _COLUMNS) +
+             " | encode ms/item | build s | search p50 ms | p99 ms | bytes/vector |",
+             "|" + "---|" * (len(_COLUMNS) + 7)]
     for row in result["poolings"]:
-        lines.append(f"| {row['pooling']} | {row['dim']} | {m(row, 'text_to_image', 'recall_at_1')} | "
-                     f"{m(row, 'text_to_image', 'recall_at_5')} | {m(row, 'text_to_image', 'recall_at_10')} | "
-                     f"{m(row, 'text_to_image', 'median_rank')} | {m(row, 'text_to_image', 'mean_average_precision')} | "
-                     f"{m(row, 'image_to_text', 'recall_at_1')} | {m(row, 'image_to_text', 'recall_at_10')} | "
-                     f"{m(row, 'image_to_image', 'recall_at_1')} | {m(row, 'image_to_image', 'mean_average_precision')} | "
+        figures = " | ".join(_figure(row["metrics"], task, key) for task, key, _ in _COLUMNS)
+        lines.append(f"| {row['pooling']} | {row['dim']} | {figures} | "
                      f"{row['encode_ms_per_item']:.2f} | {row['index_build_seconds']:.2f} | {row['search_p50_ms']:.2f} | "
                      f"{row['search_p99_ms']:.2f} | {row['bytes_per_vector']:.0f} |")
+    chance = {}  # relevance is the same for every pooling: take each task's chance from any row that has it
+    for row in result["poolings"]:
+        for task, values in row["metrics"].items():
+            chance.setdefault(task, {k[len("chance_"):]: v for k, v in values.items() if k.startswith("chance_")})
+    lines.append("| chance (random ranking) | - | " + " | ".join(_figure(chance, task, key) for task, key, _ in _COLUMNS)
+                 + " | - | - | - | - | - |")
     return "\n".join(lines)
+
+
+def relevance_note(result: dict) -> str:
+    """How relevance was defined, with a warning when captions repeat (results.md and the CLI print it)."""
+    r = result["relevance"]
+    counts = f"{r['items']} images, {r['distinct_captions']} distinct captions"
+    if r["classes"] is not None:
+        counts += f", {r['classes']} classes"
+    note = f"Relevance {r['description']} ({counts})."
+    if r["distinct_captions"] < r["items"]:
+        note = (f"warning: captions repeat ({r['items'] - r['distinct_captions']} of {r['items']} images share a "
+                f"caption with another); identical captions are one text. " + note)
+    return note
 
 
 def _write(job: CompareJob, result: dict) -> None:
@@ -198,9 +284,10 @@ def _write(job: CompareJob, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown_table(result)
+    skipped = f"\n{len(result['skipped'])} manifest rows skipped (listed in results.json).\n" if result["skipped"] else ""
     (out / "results.md").write_text(f"# Pooling comparison: {result['model']} on {result['data']} "
                                     f"({result['size']} pairs, index {result['index']}, {result['device']})\n\n"
-                                    f"{table}\n")
+                                    f"{relevance_note(result)}\n{skipped}\n{table}\n")
     _plots(result, out)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,9 +19,13 @@ from pathlib import Path
 from typing import Optional
 
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
-from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.errors import EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
+
+
+# A target collection's learned-pooling state, as fit_targets reads it from either sink.
+NOT_REQUIRED, NEEDS_FIT, FITTED = "not required", "needs fit", "fitted"
 
 
 @dataclass
@@ -51,6 +56,8 @@ class IndexJob:
     ray_actors: int = 1
     # Ray cluster address; empty starts a local Ray instance.
     ray_address: str = ""
+    # Images sampled (evenly) from the source to fit a NetVLAD target that has no codebook yet.
+    fit_sample: int = 500
 
 
 @dataclass
@@ -103,6 +110,26 @@ class _LocalSink:
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.store.get, self.names, ids)
 
+    def items(self, name: str) -> int:
+        return self.store.get_collection(name).count
+
+    def fit_state(self, name: str) -> str:
+        from embedsvc.pooling import POOLINGS
+
+        info = self.store.get_collection(name)
+        definition = POOLINGS.get(info.config.pooling)
+        if not (definition and definition.requires_fit):
+            return NOT_REQUIRED
+        return FITTED if info.pooling_version else NEEDS_FIT
+
+    def fit(self, name: str, samples: list[tuple[Record, object, bytes]]) -> int:
+        """Fits the collection's pooling on decoded sample images; returns the token descriptors used."""
+        from embedsvc.service.engine import DecodedImage
+
+        _, descriptors, _ = self.loop.run_until_complete(
+            self.engine.fit_pooling(name, [DecodedImage(image) for _, image, _ in samples], {}))
+        return descriptors
+
     def write(self, batch: list[tuple[Record, object, bytes]]) -> None:
         from embedsvc.service.engine import DecodedImage, UpsertRequestItem
 
@@ -151,6 +178,16 @@ class _RemoteSink:
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.client.get, self.names, ids)
 
+    def items(self, name: str) -> int:
+        return self.client.get_collection(name).count
+
+    def fit_state(self, name: str) -> str:
+        state = self.client.get_collection(name).pooling_state  # POOLING_STATE_NEEDS_FIT, ...
+        return {"POOLING_STATE_NEEDS_FIT": NEEDS_FIT, "POOLING_STATE_FITTED": FITTED}.get(state, NOT_REQUIRED)
+
+    def fit(self, name: str, samples: list[tuple[Record, object, bytes]]) -> int:
+        return self.client.fit_pooling(name, [data for _, _, data in samples]).descriptors
+
     def write(self, batch) -> None:
         from embedsvc.client import Item
 
@@ -179,7 +216,7 @@ def _metadata(record: Record) -> dict:
     return meta
 
 
-def _decode(record: Record):
+def decode_record(record: Record):
     """(record, image, bytes) or (record, None, reason)."""
     if record.refused:
         return record, None, record.refused
@@ -234,6 +271,49 @@ def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: 
                         time.perf_counter() - loop_started)
 
 
+def sample_records(records: list[Record], count: int) -> list[Record]:
+    """`count` records spread evenly over the source (its order is often by class or time)."""
+    usable = [r for r in records if not r.refused]
+    if count >= len(usable):
+        return usable
+    step = len(usable) / count
+    return [usable[int(i * step)] for i in range(count)]
+
+
+def fit_targets(sink, names: list[str], records: list[Record], sample: int, workers: int = 4,
+                only_unfitted: bool = True) -> list[tuple[str, int, int]]:
+    """Fits the learned pooling of each named collection (the unfitted ones, by default) on a sample of
+    the source; returns (name, sample images, descriptors) per fit. Unusable sample files are skipped."""
+    states = {name: sink.fit_state(name) for name in names}
+    if not only_unfitted:
+        fixed = [name for name, state in states.items() if state == NOT_REQUIRED]
+        if fixed:
+            raise FailedPrecondition(f"collection {fixed[0]!r} uses a pooling that learns nothing; only NetVLAD "
+                                     f"collections are fitted")
+        full = next((name for name in names if sink.items(name)), None)  # before sampling: refit needs empty
+        if full:
+            raise FailedPrecondition(f"collection {full!r} holds {sink.items(full)} items embedded with its current "
+                                     f"codebook; fit a new (empty) collection")
+    todo = [name for name, state in states.items() if state == NEEDS_FIT or not only_unfitted]
+    if not todo:
+        return []
+    if sample < 1:
+        raise InvalidInput(f"{', '.join(todo)} need a fitted codebook before items go in: sample at least one image "
+                           f"(--fit-sample N), or fit first with `embedsvc collections fit NAME SOURCE`")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        decoded = list(pool.map(decode_record, sample_records(records, sample)))
+    good = [row for row in decoded if row[1] is not None]
+    if not good:
+        raise InvalidInput(f"no usable image among the {len(decoded)} sampled to fit {', '.join(todo)}")
+    done = []
+    for name in todo:
+        print(f"fitting the pooling of {name!r} on {len(good)} sample images of the source ...", file=sys.stderr,
+              flush=True)
+        done.append((name, len(good), sink.fit(name, good)))
+        print(f"fitted {name!r}: codebook from {done[-1][2]} token descriptors", file=sys.stderr, flush=True)
+    return done
+
+
 def run_index(job: IndexJob) -> IndexSummary:
     started = time.perf_counter()
     records = open_source(job.source)
@@ -249,6 +329,11 @@ def run_index(job: IndexJob) -> IndexSummary:
     if job.engine == "ray" and not job.local:
         raise InvalidInput("--engine ray writes into a data directory: add --local DATA_DIR")
     sink = _LocalSink(job, targets) if job.local else _RemoteSink(job, targets)
+    try:
+        fit_targets(sink, sink.names, records, job.fit_sample, job.workers)
+    except BaseException:
+        sink.close()
+        raise
     if job.engine == "ray":
         try:
             return _run_ray(job, records, sink, started)
@@ -263,7 +348,7 @@ def run_index(job: IndexJob) -> IndexSummary:
         with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read") as pool:
             def submit(chunk):
                 done = sink.present([r.id for r in chunk])
-                return len(done), [pool.submit(_decode, r) for r in chunk if r.id not in done]
+                return len(done), [pool.submit(decode_record, r) for r in chunk if r.id not in done]
 
             pending = submit(chunks[0]) if chunks else None
             for number, chunk in enumerate(chunks):
@@ -287,3 +372,18 @@ def run_index(job: IndexJob) -> IndexSummary:
         sink.close()
         _write_report(job.report, failed)
     return IndexSummary(len(records), indexed, present, failed, time.perf_counter() - started, loop_seconds)
+
+
+def run_fit(job: IndexJob, sample: int) -> list[tuple[str, int, int]]:
+    """`embedsvc collections fit`: fits the learned pooling of job's collections (created first when written
+    NAME=POOLING) on `sample` images of job's source, whether fitted before or not (refitting needs an
+    empty collection)."""
+    records = open_source(job.source)
+    if not records:
+        raise InvalidInput(f"{job.source} holds no items")
+    sink = _LocalSink(job, _targets(job.collections)) if job.local else _RemoteSink(job, _targets(job.collections))
+    try:
+        return fit_targets(sink, sink.names, records, sample, job.workers, only_unfitted=False)
+    finally:
+        sink.close()
+

@@ -104,3 +104,76 @@ def resolve_model_spec(
         checkpoint = str(Path(checkpoint).expanduser())
     return ModelSpec(name=name, architecture=name, pretrained=pretrained, checkpoint=checkpoint,
                      random_init=random_init, config_file=config_file)
+
+
+def register_models_file(path: str | Path) -> list[ModelSpec]:
+    """Registers every spec of a models file (a JSON list; relative paths are relative to the file)."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InvalidInput(f"models file {path} does not exist")
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"models file {path} is not valid JSON ({exc})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise InvalidInput(f"models file {path} must hold a JSON list of model specs")
+    specs = []
+    for entry in entries:
+        for key in ("checkpoint", "config_file"):
+            if entry.get(key) and not Path(entry[key]).is_absolute():
+                entry[key] = str(path.parent / entry[key])
+        try:
+            spec = ModelSpec(**entry)
+        except TypeError as exc:
+            raise InvalidInput(f"models file {path}: {exc}") from None
+        specs.append(register_model(spec, replace=True))
+    return specs
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model a command runs, as the CLI's one model option group gives it (see embedsvc/cli/models.py)."""
+
+    # Registered name (bundled or from the models file), or an open_clip architecture with a weight source;
+    # "" = `default` (or, with a checkpoint, the checkpoint's file stem).
+    model: str = ""
+    # open_clip pretrained tag, resolved from the local caches only.
+    pretrained: Optional[str] = None
+    # Local open_clip state dict.
+    checkpoint: Optional[str] = None
+    # open_clip model-config JSON for an architecture open_clip does not ship ("" with a checkpoint: the
+    # NAME.json beside it, when there is one, as `embedsvc train` writes them).
+    model_config: Optional[str] = None
+    # JSON list of model specs to register first.
+    models_file: Optional[str] = None
+    # Random weights (tests and smoke runs only).
+    random_init: bool = False
+
+    @property
+    def has_weight_source(self) -> bool:
+        return self.pretrained is not None or self.checkpoint is not None or self.random_init
+
+
+def spec_from_options(options: ModelOptions, default: str = "") -> ModelSpec:
+    """Resolves (and registers, so that the engine and collections can name it) the model of `options`."""
+    if options.models_file:
+        register_models_file(options.models_file)
+    name, config_file = options.model, options.model_config
+    if options.checkpoint is not None:
+        checkpoint = Path(options.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise InvalidInput(f"checkpoint {checkpoint} does not exist")
+        name = name or checkpoint.stem
+        beside = checkpoint.with_name(f"{name}.json")
+        if config_file is None and beside.is_file():
+            config_file = str(beside)
+    name = name or default
+    if not name:
+        raise InvalidInput("name a model: --model NAME (or --checkpoint PATH)")
+    if config_file is not None and not options.has_weight_source:
+        raise InvalidInput("--model-config describes an architecture: give its weights too (--checkpoint PATH)")
+    spec = resolve_model_spec(name, pretrained=options.pretrained, checkpoint=options.checkpoint,
+                              random_init=options.random_init, config_file=config_file)
+    return register_model(spec, replace=True) if options.has_weight_source else spec

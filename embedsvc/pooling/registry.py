@@ -261,8 +261,9 @@ class BoundPooling:
     def check_ready(self) -> None:
         """Refuses a learned pooling without state, before any compute is spent on it."""
         if self.definition.requires_fit and self.state is None:
-            raise PoolingNotFitted(f"{self.name} has no fitted codebook: fit it first (FitPooling / "
-                                   f"`embedsvc fit`) or load a saved state (--pooling-state)")
+            raise PoolingNotFitted(f"{self.name} has no fitted codebook: fit it first (`embedsvc collections fit "
+                                   f"NAME SOURCE`, or the FitPooling RPC), or give `embedsvc embed` a saved state "
+                                   f"(--pooling-state FILE, e.g. one `embedsvc compare` wrote)")
 
     def __call__(self, features: TokenFeatures) -> torch.Tensor:
         """[B, out] L2-normalised float32 vectors."""

@@ -19,6 +19,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ThirdPartyBelowInfo(logging.Filter):
+    """Demotes other libraries' chatter to DEBUG: open_clip logs INFO lines on the root logger (embedsvc
+    itself never logs there), and Ray and others emit deprecation warnings (through `warnings`, captured
+    as py.warnings, or their own loggers). They show with log_level=DEBUG and stay out of INFO logs."""
+
+    def __init__(self, threshold: int):
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._chatter(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return record.levelno >= self.threshold
+
+    @staticmethod
+    def _chatter(record: logging.LogRecord) -> bool:
+        if record.name == "root":
+            return record.levelno <= logging.INFO
+        if record.name == "py.warnings" or record.name.split(".")[0] == "ray":
+            text = record.getMessage()
+            return record.levelno <= logging.WARNING and ("Deprecat" in text or "deprecat" in text or
+                                                          "FutureWarning" in text)
+        return False
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
@@ -26,4 +51,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    handler.addFilter(ThirdPartyBelowInfo(root.level))
+    logging.captureWarnings(True)  # warnings.warn(...) of libraries: logged (and filtered) like the rest
     logging.getLogger("embedsvc.rpc").setLevel(max(root.level, logging.INFO))

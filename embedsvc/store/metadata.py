@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from embedsvc.errors import InvalidInput, quoted
 
@@ -13,6 +13,14 @@ Value = Union[str, float, int, bool]
 MAX_KEY_BYTES = 128
 MAX_STRING_BYTES = 4096
 MAX_KEYS = 64
+
+
+_KIND_NAMES = {"b": "boolean", "n": "number", "s": "string"}
+
+
+def _shown(value: Value) -> Value:
+    """7.0 as 7 in messages (numbers cross the wire as doubles)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _typed(value: Value) -> tuple:
@@ -87,27 +95,6 @@ class Filter:
     def matches(self, metadata: Mapping[str, Value]) -> bool:
         return all(c.matches(metadata) for c in self.must)
 
-    @classmethod
-    def parse(cls, expressions: Iterable[str]) -> "Filter":
-        """CLI form: 'key=value' (value parsed as number/bool when it looks like one) or 'key=a|b|c' for in."""
-        conditions = []
-        for expression in expressions:
-            key, eq, raw = expression.partition("=")
-            if not eq or not key:
-                raise InvalidInput(f"filter {quoted(expression)} must be written key=value or key=a|b")
-            values = tuple(_parse_scalar(v) for v in raw.split("|"))
-            conditions.append(Condition(key, any_of=values) if len(values) > 1 else Condition(key, equals=values[0]))
-        return cls(tuple(conditions))
-
-
-def _parse_scalar(raw: str) -> Value:
-    if raw in ("true", "false"):
-        return raw == "true"
-    try:
-        return float(raw) if any(c in raw for c in ".eE") else int(raw)
-    except ValueError:
-        return raw
-
 
 class MetadataIndex:
     """label -> metadata, and key -> typed value -> labels, for filter evaluation without a scan."""
@@ -127,8 +114,39 @@ class MetadataIndex:
             postings = self._postings[key][_typed(value)]
             postings.discard(label)
 
+    def stored_kinds(self, key: str) -> set[str]:
+        """The value types ("b", "n", "s") live items hold under `key`."""
+        return {kind for (kind, _), labels in self._postings.get(key, {}).items() if labels}
+
+    def check_types(self, condition: Condition) -> None:
+        """Refuses a condition that cannot match because every stored value of its key has another type
+        (e.g. the number 7 against labels stored as the string "7"): an error, never a silent empty result."""
+        stored = self.stored_kinds(condition.key)
+        if condition.equals is not None:
+            asked = [condition.equals]
+        elif condition.any_of is not None:
+            asked = list(condition.any_of)
+        else:
+            asked = [0.0]  # a range compares numbers
+        wanted = {_typed(v)[0] for v in asked}
+        if not stored or wanted & stored:
+            return
+        names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
+        shown = [_shown(v) for v in asked]
+        asks = "a range" if condition.gte is not None or condition.lte is not None else ", ".join(map(repr, shown))
+        hint = ""
+        if stored == {"s"} and condition.equals is not None:
+            hint = f'; to match the string, quote it (CLI: --filter \'{condition.key}="{shown[0]}"\')'
+        elif stored == {"n"} and isinstance(condition.equals, str):
+            hint = f"; to match the number, leave it unquoted (CLI: --filter {condition.key}={shown[0]})"
+        raise InvalidInput(f"filter on {condition.key!r} asks for {asks} ({names(wanted)}), but every stored "
+                           f"{condition.key!r} value is a {names(stored)}{hint}")
+
     def labels(self, flt: Filter) -> set[int]:
-        """Labels of live items matching every condition."""
+        """Labels of live items matching every condition. A condition whose type no stored value of its key
+        has is InvalidInput (see check_types)."""
+        for condition in flt.must:
+            self.check_types(condition)
         result: Optional[set[int]] = None
         for condition in flt.must:
             postings = self._postings.get(condition.key, {})

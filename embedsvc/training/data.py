@@ -31,6 +31,8 @@ class PairData:
     keys: list | None = None
     # Inputs that could not be used: (path, reason).
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Per image: its class label (the manifest's `label` or `class` column), or None when there is none.
+    labels: list | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,9 +59,13 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
     return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
 
 
+LABEL_COLUMNS = ("label", "class")
+
+
 def manifest_pairs(manifest: str, preprocess: Callable, tokenizer) -> PairData:
-    """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped."""
-    images, captions, ids, skipped = [], [], [], []
+    """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped.
+    A `label` (else `class`) column that every usable row fills becomes the evaluation's class labels."""
+    images, captions, ids, skipped, labels = [], [], [], [], []
     for row in read_manifest(manifest):
         if not row.caption:
             skipped.append((str(row.path), "no caption"))
@@ -75,8 +81,10 @@ def manifest_pairs(manifest: str, preprocess: Callable, tokenizer) -> PairData:
             continue
         captions.append(tokenizer([row.caption]))
         ids.append(row.id)
+        labels.append(next((row.metadata[c] for c in LABEL_COLUMNS if c in row.metadata), None))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     if not images:
         raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
-    return PairData(_pixels(images, preprocess), captions, ids, None, skipped)
+    return PairData(_pixels(images, preprocess), captions, ids, None, skipped,
+                    labels if all(label is not None for label in labels) else None)

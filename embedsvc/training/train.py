@@ -36,6 +36,9 @@ class TrainConfig:
     config_file: Optional[str] = None
     # Built-in open_clip architecture, used when config_file is None.
     architecture: str = "ViT-B-32"
+    # Registered model to start from (its architecture and weights; the CLI's `--init` option group
+    # registers it); None trains from random initialisation.
+    init: Optional[str] = None
     # Name of the trained model (output file stems). Default: the architecture name.
     name: Optional[str] = None
     # Image pooling the model is trained with: "cls" (CLS token, classic CLIP) or "avg" (mean of patches).
@@ -46,6 +49,8 @@ class TrainConfig:
     train_size: int = 20_000
     # Held-out pairs for the recall in the model card: the scenes test split, or a slice of the manifest.
     eval_size: int = 1000
+    # A separate manifest to evaluate on (its first eval_size usable rows); training then uses all of `data`.
+    eval_data: Optional[str] = None
     # Optimiser steps.
     steps: int = 2000
     # Pairs per step (the contrastive batch).
@@ -85,6 +90,8 @@ class TrainResult:
 def _build(config: TrainConfig, device: torch.device):
     import open_clip
 
+    if config.init:
+        return _build_from(config, device)
     if config.config_file:
         path = Path(config.config_file)
         if not path.is_file():
@@ -111,6 +118,30 @@ def _build(config: TrainConfig, device: torch.device):
     return name, model, preprocess, open_clip.get_tokenizer(name), config_file
 
 
+def _build_from(config: TrainConfig, device: torch.device):
+    """Starts from a registered model: its architecture config (written out beside the result) and weights."""
+    import open_clip
+
+    from embedsvc.models import get_model_spec, load_model
+
+    if config.config_file:
+        raise InvalidInput("--config and --init both name an architecture: give one (--init brings its own)")
+    spec = get_model_spec(config.init)
+    loaded = load_model(spec, device=str(device), precision="fp32")
+    model_cfg = json.loads(Path(spec.config_file).read_text()) if spec.config_file else \
+        open_clip.get_model_config(spec.architecture)
+    name = config.name or spec.architecture
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / f"{name}.json"
+    config_file.write_text(json.dumps(model_cfg, indent=2) + "\n")
+    open_clip.add_model_config(str(config_file))
+    torch.manual_seed(config.seed)
+    for p in loaded.model.parameters():
+        p.requires_grad_(True)
+    return name, loaded.model, loaded.preprocess, loaded.tokenizer, config_file
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -129,14 +160,17 @@ def _lr_at(step: int, config: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> dict:
-    """Held-out recall with each image's primary (full) caption as its only correct text."""
+    """Held-out retrieval with each image's primary (full) caption, by embedsvc.eval's definitions:
+    identical captions are one text; with labels, every image of a caption's class is relevant."""
     model.eval()
     images, texts = [], []
     for start in range(0, len(data), batch):
         images.append(F.normalize(model.encode_image(data.pixels[start:start + batch].to(device)), dim=-1).cpu())
         ids = torch.stack([c[0] for c in data.captions[start:start + batch]]).to(device)
         texts.append(F.normalize(model.encode_text(ids), dim=-1).cpu())
-    metrics = cross_modal_metrics(torch.cat(images).numpy(), torch.cat(texts).numpy(), data.keys)
+    captions = [c[0].numpy().tobytes() for c in data.captions]  # identical token ids: identical texts
+    metrics = cross_modal_metrics(torch.cat(images).numpy(), torch.cat(texts).numpy(), captions=captions,
+                                  labels=data.labels, image_keys=data.keys)
     return {k: v.as_dict() for k, v in metrics.items()}
 
 
@@ -145,6 +179,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     from embedsvc.models.device import resolve_device
 
+    for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
+        if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
+            raise InvalidInput(f"manifest {manifest} does not exist")
     started = time.perf_counter()
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
@@ -158,6 +195,15 @@ def train(config: TrainConfig) -> TrainResult:
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
         data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
                      f"{config.train_size - 1}); held-out: {config.eval_size} scenes of split 'test'")
+    elif config.eval_data:
+        train_data = manifest_pairs(config.data, preprocess, tokenizer)
+        eval_data = manifest_pairs(config.eval_data, preprocess, tokenizer)
+        n_eval = min(config.eval_size, len(eval_data))
+        eval_data = PairData(eval_data.pixels[:n_eval], eval_data.captions[:n_eval], eval_data.ids[:n_eval], None,
+                             eval_data.skipped, eval_data.labels[:n_eval] if eval_data.labels else None)
+        train_data.skipped = train_data.skipped + eval_data.skipped
+        data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
+                     f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
     else:
         all_data = manifest_pairs(config.data, preprocess, tokenizer)
         n_eval = min(config.eval_size, len(all_data) // 5)
@@ -165,7 +211,8 @@ def train(config: TrainConfig) -> TrainResult:
         eval_index, train_index = order[:n_eval].tolist(), order[n_eval:].tolist()
         def subset(index):
             return PairData(all_data.pixels[index], [all_data.captions[i] for i in index],
-                            [all_data.ids[i] for i in index], None)
+                            [all_data.ids[i] for i in index], None,
+                            labels=[all_data.labels[i] for i in index] if all_data.labels else None)
         train_data, eval_data = subset(train_index), subset(eval_index)
         train_data.skipped = all_data.skipped
         data_desc = (f"manifest {config.data}: {len(train_index)} training pairs, {n_eval} held out, "
@@ -224,8 +271,10 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
     }
     (out / "model_card.json").write_text(json.dumps(info, indent=2) + "\n")
     rows = "\n".join(
-        f"| {task} | {m['recall_at_1']:.3f} | {m['recall_at_5']:.3f} | {m['recall_at_10']:.3f} | "
-        f"{m['median_rank']:.0f} | {m['mean_average_precision']:.3f} | {m['queries']} |"
+        f"| {task} | {m['recall_at_1']:.3f} ({m['chance_recall_at_1']:.3f}) | {m['recall_at_5']:.3f} "
+        f"({m['chance_recall_at_5']:.3f}) | {m['recall_at_10']:.3f} ({m['chance_recall_at_10']:.3f}) | "
+        f"{m['median_rank']:.0f} ({m['chance_median_rank']:.0f}) | {m['mean_average_precision']:.3f} "
+        f"({m['chance_mean_average_precision']:.3f}) | {m['queries']} | {m['relevant_per_query']:.1f} |"
         for task, m in metrics.items())
     card = out / "model_card.md"
     card.write_text(f"""# {name}
@@ -238,10 +287,13 @@ Trained with `embedsvc train` (open_clip contrastive loss, AdamW, warm-up + cosi
 - Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
 - Checkpoint: {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.1f} MB, {config.save_dtype})
 
-## Held-out retrieval (native `cls` embedding; each image's full caption is its only correct text)
+## Held-out retrieval (native `cls` embedding; chance level of a random ranking in brackets)
 
-| task | R@1 | R@5 | R@10 | median rank | mAP | queries |
-|---|---|---|---|---|---|---|
+Relevance: identical captions are one text; with a `label`/`class` column, every image of a caption's class
+is relevant to it (and images of one class to each other); scenes: image->image by the same objects.
+
+| task | R@1 | R@5 | R@10 | median rank | mAP | queries | relevant per query |
+|---|---|---|---|---|---|---|---|
 {rows}
 """)
     return card

@@ -1,0 +1,213 @@
+"""The CLI as a user drives it against a real server on 127.0.0.1: NetVLAD end to end, typed metadata filters
+on CSV and JSONL manifests, one-line errors (exit 2) for every user error, and a parser that loads no torch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embedsvc.datasets import write_scenes
+from embedsvc.service.config import ServerConfig
+
+from serving import running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def server_config(data_dir) -> ServerConfig:
+    return ServerConfig(listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1, demo_size=0, log_format="text")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    return write_scenes(tmp_path_factory.mktemp("scenes"), "val", 40, size=72)
+
+
+def hits(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
+    with running_server(server_config(tmp_path / "served")) as server:
+        address = ["--address", server.address]
+        proc = cli("index", str(scenes), "--collection", "pv=netvlad:clusters=4", "--fit-sample", "20",
+                   "--report", str(tmp_path / "r.jsonl"), *address)
+        assert proc.returncode == 0, proc.stderr
+        assert "fitting the pooling of 'pv' on 20 sample images" in proc.stderr and "indexed 40" in proc.stdout
+        found = hits(cli("search", "pv", "--text", "a small red circle", "-k", "5", "--json", *address))
+        assert len(found) == 5 and all(h["metadata"]["caption"] for h in found)
+
+        # an empty NetVLAD collection: searching says how to fit it; `collections fit` fits it
+        assert cli("collections", "create", "pn", "--pooling", "netvlad:clusters=4", *address).returncode == 0
+        assert_one_line_error(cli("search", "pn", "--text", "a red star", *address),
+                              "FAILED_PRECONDITION", "`embedsvc collections fit NAME SOURCE`")
+        proc = cli("collections", "fit", "pn", str(scenes.parent / "images"), "--sample", "12", *address)
+        assert proc.returncode == 0 and "fitted pn on 12 images" in proc.stdout, proc.stderr
+        listed = cli("collections", "list", *address).stdout
+        assert re.search(r"pn\titems=0\t.*pooling=netvlad", listed), listed
+        assert cli("index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"),
+                   *address).returncode == 0  # fitted: no refit
+        assert len(hits(cli("search", "pn", "--text", "a blue square", "--json", *address))) == 10
+
+    local = tmp_path / "local"
+    proc = cli("index", str(scenes), "--collection", "lv=netvlad:clusters=4", "--fit-sample", "16", "--local",
+               str(local), "--report", str(tmp_path / "r2.jsonl"))
+    assert proc.returncode == 0 and "fitting the pooling of 'lv'" in proc.stderr, proc.stderr
+    with running_server(server_config(local)) as server:
+        found = hits(cli("search", "lv", "--text", "a large green star", "-k", "3", "--json", "--address",
+                         server.address))
+        assert len(found) == 3
+
+
+def _labelled_manifests(folder: Path, scenes: Path) -> tuple[Path, Path]:
+    """The same 10 images as CSV (label 0..9 infers as numbers, tag mixes words so stays text) and JSONL
+    (label a JSON number, tag a JSON string)."""
+    images = sorted((scenes.parent / "images").glob("*.png"))[:10]
+    rows = [{"id": f"item-{i}", "path": str(p), "caption": f"item {i}", "label": i % 5 + 5,
+             "tag": str(i % 5 + 5) if i % 2 else f"word{i}"} for i, p in enumerate(images)]
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "labels.csv", folder / "labels.jsonl"
+
+
+def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
+    csv_manifest, jsonl_manifest = _labelled_manifests(tmp_path, scenes)
+    with running_server(server_config(tmp_path / "served")) as server:
+        address = ["--address", server.address]
+        for name, manifest in (("fromcsv", csv_manifest), ("fromjsonl", jsonl_manifest)):
+            proc = cli("index", str(manifest), "--collection", f"{name}=cls", "--report", str(tmp_path / "r.jsonl"),
+                       *address)
+            assert proc.returncode == 0, proc.stderr
+
+            def search(flt):
+                return cli("search", name, "--text", "item", "--filter", flt, "--json", *address)
+
+            # label: numbers (7 = items 2 and 7); tag: strings ("7" on odd items with i % 5 == 2: item 7)
+            assert sorted(h["id"] for h in hits(search("label=7"))) == ["item-2", "item-7"]
+            assert all(h["metadata"]["label"] == 7 for h in hits(search("label=7")))
+            assert [h["id"] for h in hits(search('tag="7"'))] == ["item-7"]
+            assert sorted(h["id"] for h in hits(search('tag="7"|word2'))) == ["item-2", "item-7"]
+            assert_one_line_error(search('label="7"'), "INVALID_ARGUMENT", "'label'", "number")
+            assert_one_line_error(search("tag=7"), "INVALID_ARGUMENT", "'tag'", "string", """--filter 'tag="7"'""")
+
+
+@pytest.fixture(scope="module")
+def error_server(tmp_path_factory):
+    with running_server(server_config(tmp_path_factory.mktemp("errors"))) as server:
+        yield server
+
+
+def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp_path):
+    """Every documented CLI error case (README, "Errors"), run as a user runs it, in parallel."""
+    address = ["--address", error_server.address]
+    assert cli("collections", "create", "plain", *address).returncode == 0
+    cases = [
+        (["search", "nosuch", "--text", "x", *address], "NOT_FOUND"),
+        (["search", "plain", "--text", "x", "--filter", "novalue", *address], "KEY=VALUE"),
+        (["search", "plain", "--image", str(tmp_path / "none.png"), *address], "does not exist"),
+        (["search", "plain", "--text", "x", "--address", "127.0.0.1:9", "--timeout", "5"], "UNAVAILABLE"),
+        (["collections", "fit", "plain", str(scenes), *address], "learns nothing; only NetVLAD"),
+        (["collections", "fit", "fresh=netvlad", str(scenes), "--sample", "0", *address], "at least 1"),
+        (["index", str(scenes), "--collection", "x=netvlad", "--fit-sample", "0", *address], "collections fit"),
+        (["index", str(scenes), "--collection", "nosuch", *address], "does not exist"),
+        (["index", str(tmp_path / "nowhere"), "--collection", "x=cls", *address], "cannot read"),
+        (["index", str(scenes), "--collection", "x=cls", "--checkpoint", "w.pt", *address], "--local DATA_DIR"),
+        (["embed", "--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
+        (["compare", "--data", str(tmp_path / "missing.csv")], "does not exist"),
+        (["compare", "--checkpoint", str(tmp_path / "missing.safetensors"), "--pooling", "cls"], "does not exist"),
+        (["train", "--data", str(tmp_path / "missing.csv"), "--steps", "1", "--out-dir", str(tmp_path / "t")],
+         "does not exist"),
+    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "embedsvc", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
+    for (args, fragment), proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=600)
+        assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, out, err), fragment)
+
+
+def test_every_command_a_message_names_exists():
+    """Backticked `embedsvc ...` in any message or docstring of the package: the command, its action and
+    every --flag must be in the parser."""
+    from embedsvc.cli import build_parser
+
+    parser = build_parser()
+
+    def subparsers(p):
+        return next((a.choices for a in p._actions if isinstance(a, type(parser._subparsers._group_actions[0]))), {})
+
+    named = []
+    for path in (ROOT / "embedsvc").rglob("*.py"):
+        if "v1" in path.parts:
+            continue
+        for match in re.finditer(r"`embedsvc ([^`]*)`", path.read_text()):
+            named.append((path.name, match.group(1)))
+    assert len(named) > 10
+    for where, command in named:
+        p = parser
+        for word in command.split():
+            if word.startswith("--"):
+                assert word.split("=")[0] in p._option_string_actions, (where, command, word)
+            elif word in subparsers(p):
+                p = subparsers(p)[word]
+            elif word.islower() and p is parser:
+                pytest.fail(f"{where}: `embedsvc {command}` names no command")
+
+
+def test_the_parser_and_remote_commands_import_no_torch():
+    code = ("import sys, time; t = time.perf_counter(); from embedsvc.cli import build_parser; "
+            "[build_parser(a) for a in ([], ['search'], ['collections'])]; "
+            "print(round(time.perf_counter() - t, 3)); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seconds, torch_loaded = proc.stdout.split()
+    assert torch_loaded == "False"
+    for args in (["--help"], ["search", "--help"], ["collections", "--help"]):
+        started = time.perf_counter()
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "embedsvc", *args], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and "torch" not in {line.split("|")[-1].strip() for line in run.stderr.splitlines()}
+        total = max((int(line.split("|")[1]) for line in run.stderr.splitlines() if line.startswith("import time:")
+                     and line.split("|")[1].strip().isdigit()), default=0)
+        print(f"embedsvc {' '.join(args)}: {time.perf_counter() - started:.2f} s wall, largest cumulative import "
+              f"{total / 1e6:.2f} s (parser build {seconds} s)")
+
+
+def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp_path):
+    import os
+
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps([{"name": "mine", "architecture": tiny_spec.architecture,
+                                   "checkpoint": tiny_spec.checkpoint, "config_file": tiny_spec.config_file}]))
+    env = {**os.environ, "EMBEDSVC_MODELS_FILE": str(models)}
+    proc = subprocess.run([sys.executable, "-m", "embedsvc", "embed", "--model", "mine", "--text", "hi", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == "mine" and len(out["results"][0]["embeddings"]["cls"]) == 32
+    proc = cli("compare", "--model", "mine", "--models-file", str(models), "--data", str(scenes), "--pooling", "cls",
+               "--out-dir", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "cmp" / "results.json").read_text())["model"] == "mine"

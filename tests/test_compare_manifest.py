@@ -1,0 +1,125 @@
+"""`embedsvc compare` on a class-like manifest (many images per caption): every figure equals a plain numpy
+computation from `embedsvc embed` vectors; unusable rows are skipped and reported; a trained checkpoint
+can be compared from the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+CLASSES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+PER_CLASS = 10
+POOLINGS = ["cls", "avg", "max", "gem:p=3", "netvlad:clusters=4", "spp"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def class_manifest(tmp_path_factory):
+    """40 rendered single shapes, 10 per caption, with a label column; plus a missing and a corrupt file."""
+    from embedsvc.datasets import POSITIONS, SIZES, Scene, SceneObject, render_scene
+
+    folder = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, (colour, shape) in enumerate(CLASSES):
+        for k in range(PER_CLASS):
+            obj = SceneObject(shape, colour, SIZES[k % 2], POSITIONS[int(rng.integers(len(POSITIONS)))])
+            scene = Scene(f"c{label}-{k}", "test", k, (obj,), (128, 128, 128))
+            render_scene(scene, 72).save(folder / f"{scene.id}.png")
+            rows.append({"id": scene.id, "path": f"{scene.id}.png", "caption": f"a {colour} {shape}", "label": label})
+    good = list(rows)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    rows += [{"id": "gone", "path": "missing.png", "caption": "a red circle", "label": 0},
+             {"id": "bad", "path": "corrupt.png", "caption": "a red circle", "label": 0}]
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "path", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest, good
+
+
+def _numpy_metrics(queries: np.ndarray, items: np.ndarray, relevant: np.ndarray, exclude_self: bool = False) -> dict:
+    """Plain reference: rank = 1 + number of items scoring higher than the relevant one."""
+    sim = queries @ items.T
+    first, aps = [], []
+    for q in range(len(sim)):
+        scores = sim[q].copy()
+        if exclude_self:
+            scores[q] = -np.inf
+        rel = np.flatnonzero(relevant[q])
+        ranks = np.sort([1 + np.sum(scores > scores[j]) for j in rel])
+        first.append(ranks[0])
+        aps.append(np.mean([(i + 1) / r for i, r in enumerate(ranks)]))
+    first = np.array(first)
+    return {"recall_at_1": np.mean(first <= 1), "recall_at_5": np.mean(first <= 5), "recall_at_10": np.mean(first <= 10),
+            "median_rank": np.median(first), "mean_average_precision": np.mean(aps)}
+
+
+def test_compare_figures_equal_numpy_from_embed_vectors_and_bad_rows_are_skipped(class_manifest, tmp_path):
+    manifest, good = class_manifest
+    out = tmp_path / "cmp"
+    pooling_args = [a for p in POOLINGS for a in ("--pooling", p)]
+    proc = run_cli("compare", "--data", str(manifest), "--out-dir", str(out), *pooling_args)
+    assert proc.returncode == 0, proc.stderr
+    assert "missing.png: file not found" in proc.stderr and "corrupt.png" in proc.stderr
+    assert "skipped 2 manifest rows" in proc.stderr
+    assert "warning: captions repeat" in proc.stderr and "'label' column" in proc.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["size"] == len(good) and len(result["skipped"]) == 2
+    assert result["relevance"]["definition"] == "label" and result["relevance"]["distinct_captions"] == 4
+    assert "chance (random ranking)" in (out / "results.md").read_text()
+    rows = {r["pooling"]: r for r in result["poolings"]}
+
+    labels = np.array([r["label"] for r in good])
+    captions = sorted({r["caption"] for r in good}, key=[r["caption"] for r in good].index)
+    caption_label = np.array([next(r["label"] for r in good if r["caption"] == c) for c in captions])
+    args = [a for r in good for a in ("--image", str(manifest.parent / r["path"]))]
+    args += [a for c in captions for a in ("--text", c)]
+    state = out / "state-netvlad-clusters=4.safetensors"  # the codebook compare fitted, reused by embed
+    embedded = run_cli("embed", "--model", "embedsvc-tiny-scenes", *pooling_args, "--pooling-state", str(state),
+                       *args, "--json")
+    assert embedded.returncode == 0, embedded.stderr
+    results = json.loads(embedded.stdout)["results"]
+    for number, pooling in enumerate(POOLINGS):
+        vectors = np.array([list(r["embeddings"].values())[number] for r in results])
+        images, texts = vectors[:len(good)], vectors[len(good):]
+        t2i_rel = caption_label[:, None] == labels[None, :]
+        expected = {"text_to_image": _numpy_metrics(texts, images, t2i_rel),
+                    "image_to_text": _numpy_metrics(images, texts, t2i_rel.T),
+                    "image_to_image": _numpy_metrics(images, images, (labels[:, None] == labels[None, :])
+                                                     & ~np.eye(len(labels), dtype=bool), exclude_self=True)}
+        measured = rows[pooling]["metrics"]
+        for task, figures in expected.items():
+            for key, value in figures.items():
+                assert measured[task][key] == pytest.approx(value, abs=0.01), (pooling, task, key)
+        assert measured["text_to_image"]["relevant_per_query"] == PER_CLASS
+        assert measured["text_to_image"]["chance_recall_at_1"] == pytest.approx(0.25)
+
+
+def test_compare_without_label_column_uses_identical_captions(class_manifest, tmp_path):
+    manifest, good = class_manifest
+    proc = run_cli("compare", "--data", str(manifest), "--label-column", "", "--out-dir", str(tmp_path),
+                   "--pooling", "cls")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["relevance"]["definition"] == "caption"
+    cls = result["poolings"][0]["metrics"]
+    assert cls["text_to_image"]["queries"] == 4 and cls["image_to_text"]["candidates"] == 4
+    assert "image_to_image" not in cls  # no labels and no scene keys: not measured
+
+
+def test_compare_with_nothing_usable_is_one_line_and_exit_2(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,caption\nnope.png,a red circle\n")
+    proc = run_cli("compare", "--data", str(manifest), "--out-dir", str(tmp_path / "o"), "--pooling", "cls")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no usable image-caption pairs" in proc.stderr and "nope.png" in proc.stderr
