@@ -15,7 +15,7 @@ from embedsvc.errors import EmbedsvcError
 
 # command -> (module under embedsvc.cli, one line for `embedsvc --help`)
 COMMANDS = {
-    "serve": ("serve", "run the gRPC server"),
+    "serve": ("serve", "run the server (gRPC, HTTP/JSON and the search page)"),
     "embed": ("embed", "embed texts and images with a model and poolings, print the vectors"),
     "search": ("remote", "search a collection by text, image, id or vector"),
     "collections": ("remote", "list, create, drop or fit collections"),

@@ -16,7 +16,7 @@ log = logging.getLogger("embedsvc.serve")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="run the server (gRPC and HTTP)", description="Run the embedsvc server: gRPC, HTTP/JSON and the search page. Settings: "
+    p = sub.add_parser("serve", description="Run the embedsvc server: gRPC, HTTP/JSON and the search page. Settings: "
                        "defaults < --config file < EMBEDSVC_* environment variables < these flags.")
     p.add_argument("--config", help="TOML or JSON config file")
     hints = typing.get_type_hints(ServerConfig)
