@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from embedsvc.encoder import ClipEncoder, decode_image
+from embedsvc.encoder import ClipEncoder
 from embedsvc.errors import InvalidInput, ModalityNotSupported
 from embedsvc.eval import cross_modal_metrics, relevance_summary
 from embedsvc.models.registry import ModelOptions

@@ -108,26 +108,34 @@ def resolve_model_spec(
 
 def register_models_file(path: str | Path) -> list[ModelSpec]:
     """Registers every spec of a models file (a JSON list; relative paths are relative to the file)."""
+    import dataclasses
     import json
+
+    from embedsvc.errors import quoted
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidInput(f"models file {path} does not exist")
     try:
         entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"models file {path} is not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidInput(f"models file {path}: cannot read it as JSON ({exc})") from None
+    shape = 'a list of {"name", "architecture", "checkpoint" | "pretrained", "config_file"}'
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise InvalidInput(f"models file {path} must hold a JSON list of model specs")
+        raise InvalidInput(f"models file {path}: expected {shape}")
     specs = []
     for entry in entries:
         for key in ("checkpoint", "config_file"):
-            if entry.get(key) and not Path(entry[key]).is_absolute():
+            if isinstance(entry.get(key), str) and entry[key] and not Path(entry[key]).is_absolute():
                 entry[key] = str(path.parent / entry[key])
+        unknown = set(entry) - {f.name for f in dataclasses.fields(ModelSpec)}
+        if unknown:
+            raise InvalidInput(f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; "
+                               f"expected {shape}")
         try:
             spec = ModelSpec(**entry)
-        except TypeError as exc:
-            raise InvalidInput(f"models file {path}: {exc}") from None
+        except TypeError as exc:  # a required key missing
+            raise InvalidInput(f"models file {path}: {exc}; expected {shape}") from None
         specs.append(register_model(spec, replace=True))
     return specs
 

@@ -7,15 +7,12 @@ Blocking work (decoding, model forward, SQLite commits, FAISS searches) runs off
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import json
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -24,7 +21,8 @@ import torch
 from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import check_resized_size, decode_image, header_pixels, thumbnail_jpeg
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
-from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
+from embedsvc.models import get_model_spec, load_model
+from embedsvc.models.registry import register_models_file
 from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
@@ -145,33 +143,9 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         if config.models_file:
-            self._register_models_file(Path(config.models_file))
+            register_models_file(config.models_file)
 
     # -- models -------------------------------------------------------------------------------
-
-    def _register_models_file(self, path: Path) -> None:
-        if not path.is_file():
-            raise InvalidInput(f"models file {path} does not exist")
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InvalidInput(f"models file {path}: cannot read it as JSON ({exc})") from None
-        shape = 'a list of {"name", "architecture", "checkpoint" | "pretrained", "config_file"}'
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise InvalidInput(f"models file {path}: expected {shape}")
-        for entry in entries:
-            for key in ("checkpoint", "config_file"):
-                if isinstance(entry.get(key), str) and entry[key] and not Path(entry[key]).is_absolute():
-                    entry[key] = str(path.parent / entry[key])
-            unknown = set(entry) - {f.name for f in dataclasses.fields(ModelSpec)}
-            if unknown:
-                raise InvalidInput(f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; "
-                                   f"expected {shape}")
-            try:
-                spec = ModelSpec(**entry)
-            except TypeError as exc:  # a required key missing
-                raise InvalidInput(f"models file {path}: {exc}; expected {shape}") from None
-            register_model(spec, replace=True)
 
     def runtime(self, name: str) -> ModelRuntime:
         """The model's runtime, loading it on first use (loading blocks: call from a worker thread)."""
