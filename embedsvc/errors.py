@@ -31,6 +31,10 @@ class ResourceExhausted(EmbedsvcError):
     """A limit was reached (queue full, too many items); retry later or send less."""
 
 
+class Aborted(EmbedsvcError):
+    """A concurrent change (e.g. a pooling re-fit) invalidated the request; retry it."""
+
+
 # --- specific errors, each in one category -------------------------------------------------------
 
 

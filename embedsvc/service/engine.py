@@ -27,7 +27,7 @@ from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooli
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
-from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, Store
+from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ModelRuntime:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, store: Store, metrics=None):
+    def __init__(self, config: ServerConfig, store: VectorStore, metrics=None):
         self.config = config
         self.store = store
         self.metrics = metrics
@@ -113,7 +113,7 @@ class Engine:
         self.io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self._models: dict[str, ModelRuntime] = {}
         self._model_lock = threading.Lock()
-        self._poolings: dict[tuple[str, int], BoundPooling] = {}
+        self._poolings: dict[tuple[str, str, int], BoundPooling] = {}
         self._tracked: set[str] = set()  # collections with an items gauge
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -247,7 +247,7 @@ class Engine:
         return await self.run_blocking(self.store.create_collection, config)
 
     async def collection_pooling(self, info: CollectionInfo) -> BoundPooling:
-        key = (info.config.name, info.pooling_version)
+        key = (info.config.name, info.uid, info.pooling_version)  # uid: a re-created name is another collection
         if key not in self._poolings:
             spec = PoolingSpec(info.config.pooling, info.config.pooling_params)
             state = None
@@ -288,7 +288,8 @@ class Engine:
             for row, i in enumerate(to_embed):
                 vectors[i] = embedded[row]
         store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
-        result = await self.run_blocking(self.store.upsert, name, store_items)
+        result = await self.run_blocking(self.store.upsert, name, store_items,
+                                         pooling_version=info.pooling_version if to_embed else None)
         self._track_count(name, result.count)
         return result
 
@@ -332,7 +333,8 @@ class Engine:
             for info, pooling in zip(group, poolings):
                 vectors = [pooling(f)[0].cpu().numpy() for f in features]
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
-                result = await self.run_blocking(self.store.upsert, info.config.name, store_items)
+                result = await self.run_blocking(self.store.upsert, info.config.name, store_items,
+                                                 pooling_version=info.pooling_version)
                 self._track_count(info.config.name, result.count)
                 results[info.config.name] = result
         return [results[name] for name in names]

@@ -62,6 +62,8 @@ class CollectionInfo:
     index_trained: bool
     # The FAISS factory string in use.
     index_factory: str
+    # Unique to this incarnation of the collection: a dropped and re-created name gets a new uid.
+    uid: str = ""
 
 
 @dataclass
@@ -126,3 +128,39 @@ def validate_vectors(vectors: np.ndarray, dim: int, what: str = "vector") -> np.
     if bad.any():
         raise InvalidInput(f"{what} {int(np.flatnonzero(bad)[0])} contains NaN or infinity; values must be finite")
     return np.ascontiguousarray(array)
+
+
+def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str], np.ndarray, list[dict]]:
+    """Validated (ids, vectors, metadata) of an upsert batch, as every back end stores them: a repeated id
+    keeps its last item, cosine vectors are normalised (so inner product is the cosine)."""
+    from embedsvc.store.metadata import validate_metadata
+
+    latest: dict[str, Item] = {}
+    for item in items:
+        latest[validate_id(item.id)] = item  # a repeated id in one batch: the last one wins
+    ids = list(latest)
+    for item_id, item in latest.items():
+        size = np.asarray(item.vector).size
+        if size != config.dim:
+            raise InvalidInput(f"item {item_id!r} has a vector of dimension {size}; collection {name!r} holds "
+                               f"vectors of dimension {config.dim}")
+    vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
+                               config.dim)
+    if config.metric == "cosine":
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise InvalidInput(f"item {ids[int(np.flatnonzero(norms[:, 0] == 0)[0])]!r} has a zero vector, "
+                               f"which has no direction for cosine similarity")
+        vectors = vectors / norms
+    metadata = [validate_metadata(latest[i].metadata, f"item {i!r}") for i in ids]
+    return ids, vectors, metadata
+
+
+def prepare_queries(config: CollectionConfig, queries, top_k: int, max_top_k: int) -> np.ndarray:
+    """Validated query matrix (normalised for cosine) after checking top_k, as every back end searches."""
+    if not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
+        raise InvalidInput(f"top_k must be between 1 and {max_top_k}, got {top_k}")
+    queries = validate_vectors(queries, config.dim, "query")
+    if config.metric == "cosine":
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    return queries

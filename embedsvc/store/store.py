@@ -18,13 +18,13 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from embedsvc.store.checkpoint import fsync_dir, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
-from embedsvc.store.metadata import Filter, MetadataIndex, validate_metadata
+from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
-                                   UpsertResult, validate_id, validate_vectors)
+                                   UpsertResult, prepare_items, prepare_queries, validate_id)
 from embedsvc.store.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -222,30 +222,18 @@ class Store:
 
     # -- items --------------------------------------------------------------------------------
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False) -> UpsertResult:
-        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids."""
+    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
+               pooling_version: Optional[int] = None) -> UpsertResult:
+        """Inserts or replaces items; durable when this returns. insert_only refuses existing ids;
+        pooling_version (the version the vectors were pooled with) refuses them after a re-fit."""
         col = self._get(name)
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
-        latest: dict[str, Item] = {}
-        for item in items:
-            latest[validate_id(item.id)] = item  # a repeated id in one batch: the last one wins
-        ids = list(latest)
-        for item_id, item in latest.items():
-            size = np.asarray(item.vector).size
-            if size != col.config.dim:
-                raise InvalidInput(f"item {item_id!r} has a vector of dimension {size}; collection {name!r} holds "
-                                   f"vectors of dimension {col.config.dim}")
-        vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
-                                   col.config.dim)
-        if col.config.metric == "cosine":
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise InvalidInput(f"item {ids[int(np.flatnonzero(norms[:, 0] == 0)[0])]!r} has a zero vector, "
-                                   f"which has no direction for cosine similarity")
-            vectors = vectors / norms
-        metadata = [validate_metadata(latest[i].metadata, f"item {i!r}") for i in ids]
+        ids, vectors, metadata = prepare_items(name, col.config, items)
         with col.lock.write():
+            if pooling_version is not None and pooling_version != col.pooling_version:
+                raise Aborted(f"collection {name!r} was re-fitted (pooling version {col.pooling_version}, these "
+                              f"vectors were pooled with {pooling_version}); retry the request")
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
@@ -323,11 +311,7 @@ class Store:
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         col = self._get(name)
-        if not isinstance(top_k, int) or not 1 <= top_k <= self.max_top_k:
-            raise InvalidInput(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
-        queries = validate_vectors(queries, col.config.dim, "query")
-        if col.config.metric == "cosine":
-            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        queries = prepare_queries(col.config, queries, top_k, self.max_top_k)
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         with col.lock.read():
             allowed = None
