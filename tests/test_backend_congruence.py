@@ -4,6 +4,8 @@ or id injection on the Milvus side."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -269,3 +271,17 @@ def test_uid_pooling_state_and_versions(tmp_path):
     reopened = open_backend("milvus", tmp_path)  # nothing lives in the process: a new one sees it all
     assert [(c.config.name, c.uid) for c in reopened.list_collections()] == [("v", again.uid)]
     reopened.close()
+
+
+def test_bound_expressions_carry_no_user_text():
+    """The Milvus-server path (templates; Milvus Lite has none, so it is not run end to end here): every value is
+    a parameter, every key hex, so the expression text is the same whatever the user sent."""
+    from embedsvc.store.milvus import Expression
+
+    flt = Filter((Condition(HOSTILE_KEYS[0], equals=HOSTILE_VALUES[0]), Condition("n", any_of=(1, True, "x")),
+                  Condition("r", gte=1, lte=2.5)))
+    expr = Expression(bind=True)
+    text = expr.filter(flt)
+    assert re.fullmatch(r'[a-z0-9_\[\]"{}=<> ()]+', text), text  # hex keys, placeholders, operators only
+    assert expr.params == {"p0": HOSTILE_VALUES[0], "p1": 1.0, "p2": True, "p3": "x", "p4": 1.0, "p5": 2.5}
+    assert text.count("{p") == 6 and " or " in text

@@ -29,7 +29,6 @@ import logging
 import math
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -218,7 +217,8 @@ class MilvusStore:
         from pymilvus import DataType, MilvusClient
 
         if self.client.has_collection(CATALOGUE):
-            return
+            return self._run(CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1,
+                                                                              output_fields=["key"]))
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=1024)
         schema.add_field("kind", DataType.VARCHAR, max_length=32)
@@ -242,21 +242,24 @@ class MilvusStore:
         kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
         if expr.params:
             kwargs["filter_params"] = expr.params
-        with self._physical(name or collection):
-            return self.client.query(collection, **kwargs)
+        return self._run(collection, name or collection, lambda: self.client.query(collection, **kwargs))
 
-    @contextmanager
-    def _physical(self, name: str):
-        """Maps a collection dropped meanwhile (by any replica) to CollectionNotFound."""
-        try:
-            yield
-        except NotFound:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            text = str(exc).lower()
-            if "not found" in text or "not exist" in text or "can't find" in text:
-                raise _not_found(name) from None
-            raise
+    def _run(self, physical: str, name: str, call):
+        """Runs a call on one Milvus collection: loads it if it was released (e.g. Milvus Lite reopened in a
+        new process), and maps a collection dropped meanwhile (by any replica) to CollectionNotFound."""
+        for attempt in (0, 1):
+            try:
+                return call()
+            except NotFound:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pymilvus reports both as MilvusException with a message
+                text = str(exc).lower()
+                if attempt == 0 and ("released" in text or "not loaded" in text or "load()" in text):
+                    self.client.load_collection(physical)
+                    continue
+                if "not found" in text or "not exist" in text or "can't find" in text:
+                    raise _not_found(name) from None
+                raise
 
     def _row(self, key: str) -> Optional[dict]:
         expr = self._expr()
@@ -398,9 +401,8 @@ class MilvusStore:
                                 f"use upsert to replace them")
         rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": _filterable(m)}
                 for i, v, m in zip(ids, vectors, metadata)]
-        with self._physical(record.config.name):
-            for start in range(0, len(rows), WRITE_BATCH):
-                self.client.upsert(record.physical, rows[start:start + WRITE_BATCH])
+        for start in range(0, len(rows), WRITE_BATCH):
+            self._run(record.physical, name, lambda: self.client.upsert(record.physical, rows[start:start + WRITE_BATCH]))
         if pooling_version is not None:  # a re-fit that committed while we wrote: take the batch back
             try:
                 self._check_version(name, self._record(name), pooling_version)
@@ -416,12 +418,12 @@ class MilvusStore:
                           f"vectors were pooled with {pooling_version}); retry the request")
 
     def _delete_ids(self, record: _Record, ids: list[str]) -> None:
-        with self._physical(record.config.name):
-            for start in range(0, len(ids), ID_BATCH):
-                expr = self._expr()
-                flt = expr.ids(ids[start:start + ID_BATCH])
-                self.client.delete(record.physical, filter=flt,
-                                   **({"filter_params": expr.params} if expr.params else {}))
+        for start in range(0, len(ids), ID_BATCH):
+            expr = self._expr()
+            kwargs = {"filter": expr.ids(ids[start:start + ID_BATCH])}
+            if expr.params:
+                kwargs["filter_params"] = expr.params
+            self._run(record.physical, record.config.name, lambda: self.client.delete(record.physical, **kwargs))
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         record = self._record(name)
@@ -477,8 +479,7 @@ class MilvusStore:
             kwargs["filter"] = expression
         if expr.params:
             kwargs["filter_params"] = expr.params
-        with self._physical(record.config.name):
-            found = self.client.search(record.physical, **kwargs)
+        found = self._run(record.physical, name, lambda: self.client.search(record.physical, **kwargs))
         results = []
         for q, rows in enumerate(found):
             skip = exclude_ids[q] if exclude_ids is not None else None
