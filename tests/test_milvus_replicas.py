@@ -150,3 +150,17 @@ def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
     for x, y in zip(remote_items, local_items):
         assert np.abs(x.vector - y.vector).max() < 1e-5
     assert not Path(tmp_path / "unused").exists() or not list(Path(tmp_path / "unused").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store-backend", "milvus"], "needs milvus_uri"),
+    (["--store-backend", "milvus", "--milvus-uri", "http://127.0.0.1:{port}"], "cannot connect to Milvus"),
+    (["--store-backend", "cassandra"], "must be local or milvus"),
+])
+def test_bad_milvus_settings_are_clear_startup_errors(tmp_path, args, message):
+    args = [a.replace("{port}", str(free_port())) for a in args]
+    result = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
+                             "--metrics-port", "-1", "--listen", "127.0.0.1:0", *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

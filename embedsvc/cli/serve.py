@@ -47,9 +47,9 @@ async def serve(config: ServerConfig) -> int:
     await server.start()
     host = config.listen.rsplit(":", 1)[0]
     metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
-                               "data_dir": config.data_dir})
-    print(f"embedsvc serving on {host}:{port}{metrics} (data: {config.data_dir}); Ctrl-C or SIGTERM to stop",
+    data = config.data_dir if config.store_backend == "local" else f"milvus {config.milvus_uri}"
+    log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port, "data": data})
+    print(f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
           file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
