@@ -62,7 +62,7 @@ def bare_faiss(preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np
     selector = faiss.IDSelectorBatch(allowed)
     plain = timed_searches(lambda q: index.search(q[None], 10, params=params()), queries)
     filtered = timed_searches(lambda q: index.search(q[None], 10, params=params(selector)), queries)
-    return {"add": add_rate, "plain": plain, "filtered": filtered}
+    return {"add": add_rate, "plain": plain, "filtered": filtered, "seal": 0.0}
 
 
 def through_store(store, preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np.ndarray) -> dict:
@@ -75,10 +75,13 @@ def through_store(store, preset: str, vectors: np.ndarray, groups: np.ndarray, q
         store.upsert("bench", [Item(f"v{i}", vectors[i], {"group": int(groups[i]), "tag": f"t{i % 100}"})
                                for i in range(start, min(n, start + BATCH))])
     add_rate = n / (time.perf_counter() - started)
+    started = time.perf_counter()
+    store.checkpoint("bench")  # local: FAISS checkpoint; Milvus: flush, sealing the data into indexed segments
+    seal = time.perf_counter() - started
     flt = Filter((Condition("group", equals=3),))
     plain = timed_searches(lambda q: store.search("bench", q[None], 10), queries)
     filtered = timed_searches(lambda q: store.search("bench", q[None], 10, flt), queries)
-    return {"add": add_rate, "plain": plain, "filtered": filtered}
+    return {"add": add_rate, "plain": plain, "filtered": filtered, "seal": seal}
 
 
 def main() -> None:
@@ -100,24 +103,28 @@ def main() -> None:
     queries = clustered(args.searches, args.dim, 1)
     groups = np.random.default_rng(2).integers(0, GROUPS, args.n)
     rows = {}
+    print(f"# {args.n:,} x {args.dim}, preset {args.preset}, {args.searches} single-query top-10 searches each; "
+          f"filter keeps {np.mean(groups == 3):.1%}; {platform.machine()}, {platform.python_version()}\n")
+    print("| back end | upsert vectors/s | checkpoint / flush s | search p50 ms | p99 ms | filtered p50 ms | "
+          "filtered p99 ms |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+
+    def report(name: str, row: dict) -> None:
+        rows[name] = row
+        print(f"| {name} | {row['add']:,.0f} | {row['seal']:.1f} | {row['plain'][0]:.2f} | {row['plain'][1]:.2f} | "
+              f"{row['filtered'][0]:.2f} | {row['filtered'][1]:.2f} |", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        rows["bare FAISS"] = bare_faiss(args.preset, vectors, groups, queries)
+        report("bare FAISS", bare_faiss(args.preset, vectors, groups, queries))
         local = open_store("local", data_dir=f"{tmp}/local")
-        rows["local (SQLite + FAISS)"] = through_store(local, args.preset, vectors, groups, queries)
+        report("local (SQLite + FAISS)", through_store(local, args.preset, vectors, groups, queries))
         local.close()
         milvus = open_store("milvus", milvus_uri=args.milvus_uri or f"{tmp}/milvus.db")
         label = "Milvus server" if args.milvus_uri else "Milvus Lite (file)"
-        rows[label] = through_store(milvus, args.preset, vectors, groups, queries)
+        report(label, through_store(milvus, args.preset, vectors, groups, queries))
         milvus.drop_collection("bench")
         milvus.close()
-
-    print(f"# {args.n:,} x {args.dim}, preset {args.preset}, {args.searches} single-query top-10 searches each; "
-          f"filter keeps {np.mean(groups == 3):.1%}; {platform.machine()}, {platform.python_version()}\n")
-    print("| back end | upsert vectors/s | search p50 ms | p99 ms | filtered p50 ms | filtered p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['add']:,.0f} | {row['plain'][0]:.2f} | {row['plain'][1]:.2f} | "
-              f"{row['filtered'][0]:.2f} | {row['filtered'][1]:.2f} |")
+    print()
     base = rows["local (SQLite + FAISS)"]
     for name, row in rows.items():
         print(f"{name}: upsert {row['add'] / base['add']:.2f}x local, search p50 {row['plain'][0] / base['plain'][0]:.2f}x "

@@ -216,9 +216,9 @@ class MilvusStore:
     def _ensure_catalogue(self) -> None:
         from pymilvus import DataType, MilvusClient
 
-        if self.client.has_collection(CATALOGUE):
-            return self._run(CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1,
-                                                                              output_fields=["key"]))
+        if self.client.has_collection(CATALOGUE):  # a first query loads it where it was released
+            self._run(CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1, output_fields=["key"]))
+            return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=1024)
         schema.add_field("kind", DataType.VARCHAR, max_length=32)
@@ -497,7 +497,11 @@ class MilvusStore:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def checkpoint(self, name: Optional[str] = None) -> None:
-        """Nothing to do: Milvus persists every acknowledged write itself."""
+        """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
+        Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
+        records = [self._record(name)] if name else [self._record(i.config.name) for i in self.list_collections()]
+        for record in records:
+            self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
 
     def close(self) -> None:
         self.client.close()
