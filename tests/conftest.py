@@ -25,6 +25,17 @@ TINY_RN_CONFIG = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--store-backend", choices=("local", "milvus"), default=os.environ.get("EMBEDSVC_TEST_STORE_BACKEND", "local"),
+                     help="store back end of the in-process servers (tests/serving.py): milvus runs them on Milvus Lite")
+
+
+def pytest_configure(config):
+    import serving
+
+    serving.STORE_BACKEND = config.getoption("--store-backend")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from embedsvc.models import register_model
@@ -13,11 +14,23 @@ from embedsvc.service.config import ServerConfig
 from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_collection
 
 
+# Set by conftest from --store-backend: "milvus" runs every in-process server on Milvus Lite.
+STORE_BACKEND = "local"
+
+
+def with_test_backend(config: ServerConfig) -> ServerConfig:
+    """The config on the suite's store back end: with milvus, a Milvus Lite file inside its data_dir."""
+    if STORE_BACKEND != "milvus" or config.store_backend != "local":
+        return config
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    return dataclasses.replace(config, store_backend="milvus", milvus_uri=str(Path(config.data_dir) / "milvus.db"))
+
+
 class ServerThread:
     def __init__(self, config: ServerConfig, demo: bool = False):
         if config.listen.endswith(":0") and config.http_listen == ServerConfig.http_listen:
             config = dataclasses.replace(config, http_listen="127.0.0.1:0")  # test servers take no fixed port
-        self.config = config
+        self.config = with_test_backend(config)
         self.demo = demo
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

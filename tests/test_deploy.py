@@ -18,9 +18,9 @@ DEPLOY = ROOT / "deploy"
 FIELDS = {f.name for f in dataclasses.fields(ServerConfig)}
 
 
-def k8s() -> dict[str, dict]:
+def k8s(folder: str = "k8s") -> dict[str, dict]:
     docs = {}
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / folder).glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert {"apiVersion", "kind", "metadata"} <= set(doc), path
             docs[doc["kind"]] = doc
@@ -88,3 +88,55 @@ def test_compose_and_prometheus_agree():
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"embedsvc:{config.metrics_port}"]
+
+
+def test_compose_with_milvus_standalone_and_two_replicas():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.milvus.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"etcd", "minio", "standalone", "embedsvc"}
+    milvus = services["standalone"]
+    assert milvus["image"].startswith("milvusdb/milvus:v2.") and milvus["command"] == ["milvus", "run", "standalone"]
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379" and milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert "-listen-client-urls http://0.0.0.0:2379" in services["etcd"]["command"]
+    assert "minio server" in services["minio"]["command"]
+    embedsvc = services["embedsvc"]
+    assert embedsvc["deploy"]["replicas"] == 2 and "ports" not in embedsvc  # two containers, one service name
+    env = {k: v for k, v in embedsvc["environment"].items() if k != "EMBEDSVC_AUTH_TOKENS_FILE"}
+    text = (DEPLOY / embedsvc["build"]["dockerfile"].split("/")[-1]).read_text()
+    config = env_config({**dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text)), **env})
+    assert config.store_backend == "milvus" and config.demo_size == 0
+    host, port = config.milvus_uri.removeprefix("http://").split(":")
+    assert host == "standalone" and f"{port}:{port}" in milvus["ports"] and port == "19530"
+    assert embedsvc["depends_on"]["standalone"]["condition"] == "service_healthy"
+    assert {str(p) for p in embedsvc["expose"]} == {config.listen.rsplit(":", 1)[1], str(config.metrics_port)}
+    assert "volumes" not in embedsvc  # stateless: nothing to keep
+    assert load_tokens(str(DEPLOY / compose["secrets"]["embedsvc_tokens"]["file"]))
+
+
+def test_kubernetes_milvus_variant_is_stateless_and_autoscaled():
+    docs = k8s("k8s-milvus")
+    assert set(docs) == {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    config = env_config({**docs["ConfigMap"]["data"], "EMBEDSVC_MILVUS_TOKEN": docs["Secret"]["stringData"]["EMBEDSVC_MILVUS_TOKEN"]})
+    assert config.store_backend == "milvus" and config.milvus_token
+    assert load_tokens(inline=docs["Secret"]["stringData"]["EMBEDSVC_AUTH_TOKENS"])
+    deployment = docs["Deployment"]
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert "volumes" not in pod and "volumeMounts" not in container
+    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert refs == {docs["ConfigMap"]["metadata"]["name"], docs["Secret"]["metadata"]["name"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": int(config.listen.rsplit(":", 1)[1]), "metrics": config.metrics_port}
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["minReplicas"] == deployment["spec"]["replicas"] <= hpa["maxReplicas"]
+    service = docs["Service"]["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {p["targetPort"] for p in service["ports"]} == set(ports)
+    # Milvus comes from its own chart: the URI names the release and namespace the install command creates.
+    helm = (DEPLOY / "k8s-milvus" / "helm" / "README.md").read_text()
+    release, namespace = re.search(r"helm install (\S+) zilliztech/milvus --namespace (\S+)", helm).groups()
+    assert config.milvus_uri == f"http://{release}.{namespace}.svc.cluster.local:19530"
+    assert yaml.safe_load((DEPLOY / "k8s-milvus" / "helm" / "milvus-values.yaml").read_text())["cluster"]["enabled"]
+    assert not list((DEPLOY / "k8s-milvus").rglob("Chart.yaml"))  # referenced, not vendored

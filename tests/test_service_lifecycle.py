@@ -95,7 +95,8 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
         server.call(server.server.stop(grace=10))
         thread.join(30)
         assert outcome.get("result") == (1, 32)
-        assert list((tmp_path / "indexes").glob("collection-*.npz")), "no checkpoint written on shutdown"
+        if server.config.store_backend == "local":  # Milvus persists every write itself: nothing to checkpoint
+            assert list((tmp_path / "indexes").glob("collection-*.npz")), "no checkpoint written on shutdown"
     finally:
         server.stop()
         MODEL_REGISTRY.pop(tiny_spec.name, None)

@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("source")
     p.add_argument("--collection", dest="collections", action="append", required=True, metavar="NAME[=POOLING]",
                    help="target collection, repeatable; NAME=POOLING creates it if missing (e.g. photos=cls)")
-    p.add_argument("--local", metavar="DATA_DIR", help="write in-process into this data directory (no server)")
+    p.add_argument("--local", metavar="DATA_DIR|MILVUS_URI", help="write in-process into this data directory, or into "
+                   "Milvus (milvus:///path/file.db for Milvus Lite, http://host:19530), with no server")
     add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
     for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
                  "ray_address", "fit_sample"):

@@ -59,10 +59,10 @@ async def serve(config: ServerConfig) -> int:
     metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     if server.http:
         metrics = f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" + metrics
+    data = config.data_dir if config.store_backend == "local" else f"milvus {config.milvus_uri}"
     log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
-                               "http_port": server.http_port,
-                               "data_dir": config.data_dir})
-    print(f"embedsvc serving on {host}:{port}{metrics} (data: {config.data_dir}); Ctrl-C or SIGTERM to stop",
+                               "http_port": server.http_port, "data": data})
+    print(f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
           file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

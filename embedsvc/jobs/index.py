@@ -3,7 +3,7 @@
 Records are read and decoded in parallel worker threads (bad files are reported by path, never fatal),
 grouped in batches, embedded and written batch by batch. Each written batch is durable, so a job that
 is interrupted and run again skips what is already stored and finishes the rest (idempotent by id).
-Locally (`--local DATA_DIR`) one forward pass per batch feeds every target collection's pooling; through
+Locally (`--local DATA_DIR` or a Milvus URI) one forward pass per batch feeds every target collection's pooling; through
 a server each collection's Upsert stream embeds on the server.
 """
 
@@ -34,7 +34,8 @@ class IndexJob:
     source: str
     # Target collections: "NAME" (must exist) or "NAME=POOLING" (created if missing, e.g. "photos-gem=gem:p=3").
     collections: list[str]
-    # Data directory to write into in-process; None to go through the server at `address`.
+    # Data directory or Milvus URI (milvus:///path/file.db, http://host:19530) to write into in-process;
+    # None to go through the server at `address`.
     local: Optional[str] = None
     # Server address when not local.
     address: str = "127.0.0.1:50051"
@@ -89,12 +90,12 @@ class _LocalSink:
         from embedsvc.pooling import PoolingSpec
         from embedsvc.service.config import ServerConfig
         from embedsvc.service.engine import Engine
-        from embedsvc.store import Store
+        from embedsvc.store import open_store_at
 
         config = ServerConfig(data_dir=job.local, device=job.device, preload_models="", demo_size=0,
                               max_batch_size=job.batch_size, max_items_per_request=max(1024, job.batch_size),
                               decode_workers=job.workers)
-        self.store = Store(job.local)
+        self.store = open_store_at(job.local)  # a data directory or a Milvus URI
         self.engine = Engine(config, self.store)
         self.loop = asyncio.new_event_loop()
         self.names = [name for name, _ in targets]

@@ -27,8 +27,16 @@ class ServerConfig:
     http_listen: str = "127.0.0.1:8080"
     # Keep a 256 px JPEG thumbnail of every image item upserted, for the search page (the demo always does).
     store_thumbnails: bool = False
-    # Folder of the durable store (SQLite database and FAISS checkpoints).
+    # Folder of the durable store (SQLite database and FAISS checkpoints); unused with store_backend "milvus".
     data_dir: str = "embedsvc-data"
+    # Where collections live: "local" (SQLite + FAISS in data_dir, one process) or "milvus" (stateless replicas).
+    store_backend: str = "local"
+    # Milvus to use with store_backend "milvus": http://host:19530, or a Milvus Lite file (path ending in .db).
+    milvus_uri: str = ""
+    # Milvus credentials, "user:password" or an API key; empty for none.
+    milvus_token: str = ""
+    # Milvus database holding embedsvc's collections; empty for Milvus's default database.
+    milvus_db: str = ""
     # Model used when a request or collection names none.
     default_model: str = "embedsvc-tiny-scenes"
     # Models loaded at start-up, comma-separated; others load on first use.
@@ -118,6 +126,10 @@ class ServerConfig:
             raise InvalidInput("config tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise InvalidInput("config tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.store_backend not in ("local", "milvus"):
+            raise InvalidInput(f"config store_backend must be local or milvus, got {quoted(self.store_backend)}")
+        if self.store_backend == "milvus" and not self.milvus_uri:
+            raise InvalidInput("config store_backend milvus needs milvus_uri (http://host:19530 or a Milvus Lite .db file)")
         port = self.listen.rsplit(":", 1)[-1] if ":" in self.listen else ""
         if not port.isdigit() or int(port) > 65535:
             raise InvalidInput(f"config listen must be HOST:PORT with a port of 0-65535, got {quoted(self.listen)}")

@@ -27,7 +27,7 @@ from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooli
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
-from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, Store
+from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class ModelRuntime:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, store: Store, metrics=None):
+    def __init__(self, config: ServerConfig, store: VectorStore, metrics=None):
         self.config = config
         self.store = store
         self.metrics = metrics

@@ -22,7 +22,7 @@ from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
-from embedsvc.store import Store
+from embedsvc.store import VectorStore, open_store
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -38,7 +38,7 @@ DEMO_COLLECTION = "scenes"
 class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: Store,
+    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
                  health_servicer: health.aio.HealthServicer, metrics_http=None, http=None):
         self.grpc_server, self.engine, self.store = grpc_server, engine, store
         self.health = health_servicer
@@ -80,8 +80,10 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
     credentials = _server_credentials(config)
     resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
-    store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
-                  max_top_k=config.max_top_k)
+    store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
+                       milvus_token=config.milvus_token, milvus_db=config.milvus_db,
+                       checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
+                       max_top_k=config.max_top_k)
     metrics = Metrics()
     try:
         engine = Engine(config, store, metrics)

@@ -1,5 +1,8 @@
-"""Durable vector collections: SQLite as the source of truth, FAISS indexes as checkpointed derived state."""
+"""Durable vector collections: one interface (VectorStore), a local back end (SQLite as the source of truth,
+FAISS indexes as checkpointed derived state) and a Milvus one (embedsvc.store.milvus, imported on demand)."""
 
+from embedsvc.store.base import VectorStore
+from embedsvc.store.factory import open_store, open_store_at
 from embedsvc.store.indexes import INDEX_PRESETS, BruteForceIndex, FaissIndex, VectorIndex
 from embedsvc.store.metadata import Condition, Filter
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
@@ -8,4 +11,4 @@ from embedsvc.store.store import CollectionNotFound, ItemsNotFound, Store
 
 __all__ = ["INDEX_PRESETS", "BruteForceIndex", "CollectionConfig", "CollectionInfo", "CollectionNotFound", "Condition",
            "DeleteResult", "FaissIndex", "Filter", "Hit", "Item", "ItemsNotFound", "Store", "StoredItem",
-           "UpsertResult", "VectorIndex"]
+           "UpsertResult", "VectorIndex", "VectorStore", "open_store", "open_store_at"]

@@ -128,3 +128,60 @@ def validate_vectors(vectors: np.ndarray, dim: int, what: str = "vector") -> np.
     if bad.any():
         raise InvalidInput(f"{what} {int(np.flatnonzero(bad)[0])} contains NaN or infinity; values must be finite")
     return np.ascontiguousarray(array)
+
+
+# Inner-product collections: vectors (and queries) of at most this norm keep every score finite in
+# float32 (|q.x| <= |q||x| <= 1e36 < 3.4e38).
+MAX_INNER_PRODUCT_NORM = 1e18
+MAX_NPROBE = 65_536
+MAX_EF_SEARCH = 32_768
+
+
+def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str], np.ndarray, list[dict]]:
+    """Validated (ids, vectors, metadata) of an upsert batch, as every back end stores them: a repeated id
+    keeps its last item, cosine vectors are normalised (so inner product is the cosine)."""
+    from embedsvc.store.metadata import validate_metadata
+
+    latest: dict[str, Item] = {}
+    for item in items:
+        latest[validate_id(item.id)] = item  # a repeated id in one batch: the last one wins
+    ids = list(latest)
+    for item_id, item in latest.items():
+        size = np.asarray(item.vector).size
+        if size != config.dim:
+            raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {size}; collection {quoted(name)} "
+                               f"holds vectors of dimension {config.dim}")
+    vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
+                               config.dim)
+    vectors = prepare_vectors(vectors, config.metric, [f"item {quoted(i)}" for i in ids])
+    metadata = [validate_metadata(latest[i].metadata, f"item {quoted(i)}") for i in ids]
+    return ids, vectors, metadata
+
+
+def prepare_queries(config: CollectionConfig, queries, top_k: int, max_top_k: int, nprobe: int = 0,
+                    ef_search: int = 0) -> np.ndarray:
+    """Validated query matrix (normalised for cosine) after checking top_k and the search params."""
+    if not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
+        raise InvalidInput(f"top_k must be between 1 and {max_top_k}, got {top_k}")
+    if not 0 <= nprobe <= MAX_NPROBE or not 0 <= ef_search <= MAX_EF_SEARCH:
+        raise InvalidInput(f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
+                           f"(0 = the collection's default), got {nprobe} and {ef_search}")
+    queries = validate_vectors(queries, config.dim, "query")
+    return prepare_vectors(queries, config.metric, [f"query {i}" for i in range(len(queries))])
+
+
+def prepare_vectors(vectors: np.ndarray, metric: str, names) -> np.ndarray:
+    """Cosine: unit vectors, normalised in float64 so that no finite float32 input overflows or
+    underflows (only an exact zero vector has no direction). Inner product: norms bounded so that
+    no score can overflow float32."""
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+    if metric == "cosine":
+        zero = np.flatnonzero(norms[:, 0] == 0)
+        if len(zero):
+            raise InvalidInput(f"{names[zero[0]]} is a zero vector, which has no direction for cosine similarity")
+        return (vectors.astype(np.float64) / norms).astype(np.float32)
+    big = np.flatnonzero(norms[:, 0] > MAX_INNER_PRODUCT_NORM)
+    if len(big):
+        raise InvalidInput(f"{names[big[0]]} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
+                           f"inner products of such vectors overflow float32; scale the vectors down")
+    return vectors

@@ -30,19 +30,14 @@ from embedsvc.store.checkpoint import fsync_dir, is_temporary, read_checkpoint, 
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
 from embedsvc.store.lock import DataDirLock
-from embedsvc.store.metadata import Filter, MetadataIndex, validate_metadata
+from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
-                                   UpsertResult, validate_id, validate_vectors)
+                                   UpsertResult, prepare_items, prepare_queries, validate_id)
 from embedsvc.store.rwlock import RWLock
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOP_K = 1000
-# Inner-product collections: vectors (and queries) of at most this norm keep every score finite in
-# float32 (|q.x| <= |q||x| <= 1e36 < 3.4e38).
-MAX_INNER_PRODUCT_NORM = 1e18
-MAX_NPROBE = 65_536
-MAX_EF_SEARCH = 32_768
 CHECKPOINT_RETRY_SECONDS = 30.0
 _CHECKPOINT_FILE = re.compile(r"collection-(\d+)\.npz")
 
@@ -334,19 +329,7 @@ class Store:
                           f"nothing was stored: retry")
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
-        latest: dict[str, Item] = {}
-        for item in items:
-            latest[validate_id(item.id)] = item  # a repeated id in one batch: the last one wins
-        ids = list(latest)
-        for item_id, item in latest.items():
-            size = np.asarray(item.vector).size
-            if size != col.config.dim:
-                raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {size}; collection {quoted(name)} holds "
-                                   f"vectors of dimension {col.config.dim}")
-        vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
-                                   col.config.dim)
-        vectors = _prepare(vectors, col.config.metric, [f"item {quoted(i)}" for i in ids])
-        metadata = [validate_metadata(latest[i].metadata, f"item {quoted(i)}") for i in ids]
+        ids, vectors, metadata = prepare_items(name, col.config, items)
         with col.lock.write():
             col.check_usable()
             if insert_only:
@@ -354,7 +337,7 @@ class Store:
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
                                         f"use upsert to replace them")
-            kept = {i: t for i, t in (thumbnails or {}).items() if i in latest}
+            kept = {i: t for i, t in (thumbnails or {}).items() if i in set(ids)}
             labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version,
                                          kept)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
@@ -467,13 +450,7 @@ class Store:
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         col = self._get(name)
-        if not isinstance(top_k, int) or not 1 <= top_k <= self.max_top_k:
-            raise InvalidInput(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
-        if not 0 <= nprobe <= MAX_NPROBE or not 0 <= ef_search <= MAX_EF_SEARCH:
-            raise InvalidInput(f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
-                               f"(0 = the collection's default), got {nprobe} and {ef_search}")
-        queries = validate_vectors(queries, col.config.dim, "query")
-        queries = _prepare(queries, col.config.metric, [f"query {i}" for i in range(len(queries))])
+        queries = prepare_queries(col.config, queries, top_k, self.max_top_k, nprobe, ef_search)
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         with col.lock.read():
             col.check_usable()
@@ -500,22 +477,6 @@ class Store:
         return results
 
 
-
-def _prepare(vectors: np.ndarray, metric: str, names: Sequence[str]) -> np.ndarray:
-    """Cosine: unit vectors, normalised in float64 so that no finite float32 input overflows or
-    underflows (only an exact zero vector has no direction). Inner product: norms bounded so that
-    no score can overflow float32."""
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
-    if metric == "cosine":
-        zero = np.flatnonzero(norms[:, 0] == 0)
-        if len(zero):
-            raise InvalidInput(f"{names[zero[0]]} is a zero vector, which has no direction for cosine similarity")
-        return (vectors.astype(np.float64) / norms).astype(np.float32)
-    big = np.flatnonzero(norms[:, 0] > MAX_INNER_PRODUCT_NORM)
-    if len(big):
-        raise InvalidInput(f"{names[big[0]]} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
-                           f"inner products of such vectors overflow float32; scale the vectors down")
-    return vectors
 
 
 class _Checkpointer:

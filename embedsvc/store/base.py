@@ -1,0 +1,57 @@
+"""The store interface the service engine and jobs use; `Store` (local) and `MilvusStore` implement it.
+
+Both back ends raise the same domain errors (CollectionNotFound, AlreadyExists, InvalidInput,
+FailedPrecondition, ItemsNotFound, Aborted), so a request gets the same status whichever serves it;
+tests/test_backend_congruence.py drives both with the same operations.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from embedsvc.store.metadata import Filter
+from embedsvc.store.models import CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem, UpsertResult
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """Named collections of (id, vector, metadata) with filtered top-k search."""
+
+    def create_collection(self, config: CollectionConfig) -> CollectionInfo: ...
+
+    def get_collection(self, name: str) -> CollectionInfo: ...
+
+    def list_collections(self) -> list[CollectionInfo]: ...
+
+    def drop_collection(self, name: str) -> int: ...
+
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True) -> int: ...
+
+    def pooling_state(self, name: str) -> Optional[bytes]: ...
+
+    def index_size_bytes(self, name: str) -> int: ...
+
+    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
+               pooling_version: Optional[int] = None, uid: Optional[str] = None,
+               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+        """`uid` / `pooling_version`: the collection incarnation and pooling state the vectors were computed
+        for; if either changed, nothing is stored (Aborted)."""
+
+    def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]: ...
+
+    def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult: ...
+
+    def get(self, name: str, ids: Iterable[str], include_vectors: bool = False
+            ) -> tuple[list[StoredItem], list[str]]: ...
+
+    def vector_of(self, name: str, item_id: str) -> np.ndarray: ...
+
+    def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
+               nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
+               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]: ...
+
+    def checkpoint(self, name: Optional[str] = None) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,525 @@
+"""Collections on Milvus (Standalone, Distributed, or Milvus Lite in tests): the store of a stateless tier.
+
+Nothing is kept in the process: every call reads what it needs from Milvus, so any replica serves any
+collection, and a collection dropped or re-fitted through one replica is seen by the next call on another.
+
+Layout in the Milvus database:
+- `embedsvc_catalogue`: one row per collection (key "collection/<name>": config, created time, uid,
+  pooling version, the key of its fitted state), and fitted pooling states (NetVLAD codebooks) as
+  immutable base64 chunk rows "state/<uid>/<version>-<nonce>/<i>". Rewriting the collection row is the
+  commit point of a re-fit: readers see the old version and state or the new ones, never a mix.
+- `embedsvc_<uid>` per collection incarnation: `id` VARCHAR primary key, `vector` (normalised for cosine;
+  the metric is always inner product, as in the local store, so scores are the same numbers),
+  `metadata` JSON as given, and `filterable` JSON holding the same values under type-tagged hex keys.
+  Filters compile against `filterable` only: the keys in an expression are hex, so no user text is ever
+  spliced into one as a key; values are bound as template parameters where the server supports them
+  (Milvus >= 2.4) and written as escaped literals on Milvus Lite, which has no templates. The type tags
+  keep True apart from 1 and "1" while 1 == 1.0, exactly as the local store's filters do.
+- Every read uses consistency level Strong: a search waits until the query nodes have applied every
+  write acknowledged before it started, on any replica. Cost: each search waits for the newest
+  timestamp to be applied (a few ms to ~200 ms on a busy cluster, Milvus's default tick), where
+  Bounded would answer at once from slightly stale data.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
+from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_index_kind
+from embedsvc.store.metadata import Condition, Filter, Value
+from embedsvc.store.store import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
+from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
+                                   StoredItem, UpsertResult, prepare_items, prepare_queries, validate_id)
+
+log = logging.getLogger(__name__)
+
+CATALOGUE = "embedsvc_catalogue"
+CONSISTENCY = "Strong"
+CHUNK_CHARS = 60_000  # under VARCHAR's 65,535-byte limit
+WRITE_BATCH = 1000
+ID_BATCH = 500
+IVF_NLIST = 128
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+
+
+def _index_params(preset: str, dim: int) -> tuple[str, dict]:
+    """Milvus index type and build parameters for an embedsvc preset."""
+    return {
+        "flat": ("FLAT", {}),
+        "ivf": ("IVF_FLAT", {"nlist": IVF_NLIST}),
+        "hnsw": ("HNSW", {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}),
+        "ivfpq": ("IVF_PQ", {"nlist": IVF_NLIST, "m": pq_subquantizers(dim), "nbits": 8}),
+    }[preset]
+
+
+def _search_params(preset: str, top_k: int, nprobe: int, ef_search: int) -> dict:
+    if preset in ("ivf", "ivfpq"):
+        return {"nprobe": min(IVF_NLIST, nprobe or max(32, IVF_NLIST // 8))}
+    if preset == "hnsw":
+        return {"ef": max(ef_search or HNSW_EF_SEARCH, top_k)}
+    return {}
+
+
+# Milvus Lite builds these (its engine has FLAT, IVF_FLAT and HNSW); a Milvus server builds all four.
+LITE_PRESETS = ("flat", "ivf", "hnsw")
+
+
+# -- filters ------------------------------------------------------------------------------------
+
+
+def _tagged_key(key: str, value: Value) -> str:
+    """The `filterable` key of a metadata value: its type tag, then the key's UTF-8 bytes in hex."""
+    tag = "b" if isinstance(value, bool) else "n" if isinstance(value, (int, float)) else "s"
+    return tag + key.encode("utf-8").hex()
+
+
+def _filterable(metadata: dict[str, Value]) -> dict[str, Any]:
+    return {_tagged_key(k, v): (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+            for k, v in metadata.items()}
+
+
+def quote(text: str) -> str:
+    """A Milvus string literal: the escapes both Milvus's and Milvus Lite's grammars define."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(float(value))
+    if isinstance(value, str):
+        return quote(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    raise InvalidInput(f"cannot use {type(value).__name__} in a filter")
+
+
+class Expression:
+    """Builds one boolean expression; values are bound as template parameters or written as literals."""
+
+    def __init__(self, bind: bool):
+        self.bind = bind
+        self.params: dict[str, Any] = {}
+
+    def value(self, value: Any) -> str:
+        if not self.bind:
+            return literal(value)
+        name = f"p{len(self.params)}"
+        self.params[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return "{" + name + "}"
+
+    def equals(self, key: str, value: Value) -> str:
+        return f'filterable["{_tagged_key(key, value)}"] == {self.value(value)}'
+
+    def condition(self, condition: Condition) -> Optional[str]:
+        """The condition's expression, or None when it can match nothing (a NaN bound)."""
+        if condition.equals is not None:
+            return self.equals(condition.key, condition.equals)
+        if condition.any_of is not None:  # Milvus Lite has no `in` on JSON paths: an `or` of equalities
+            return "(" + " or ".join(self.equals(condition.key, v) for v in condition.any_of) + ")"
+        field = f'filterable["{_tagged_key(condition.key, 0.0)}"]'
+        parts = []
+        for bound, op in ((condition.gte, ">="), (condition.lte, "<=")):
+            if bound is None:
+                continue
+            bound = float(bound)
+            if math.isnan(bound):
+                return None
+            parts.append(f"{field} {op} {self.value(max(-1.7976931348623157e308, min(1.7976931348623157e308, bound)))}")
+        return "(" + " and ".join(parts) + ")"
+
+    def filter(self, flt: Optional[Filter]) -> Optional[str]:
+        """'' for no filter, None for one that matches nothing."""
+        if flt is None or not flt.must:
+            return ""
+        parts = [self.condition(c) for c in flt.must]
+        return None if any(p is None for p in parts) else " and ".join(parts)
+
+    def ids(self, ids: Sequence[str]) -> str:
+        return f"id in {self.value(list(ids))}"
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A collection's catalogue row."""
+
+    config: CollectionConfig
+    created_ms: int
+    uid: str
+    pooling_version: int
+    state_key: str = ""
+    state_chunks: int = 0
+
+    @property
+    def physical(self) -> str:
+        return f"embedsvc_{self.uid}"
+
+    def to_doc(self) -> dict:
+        return {"config": self.config.to_json(), "created_ms": self.created_ms, "uid": self.uid,
+                "pooling_version": self.pooling_version, "state_key": self.state_key,
+                "state_chunks": self.state_chunks}
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "_Record":
+        return cls(CollectionConfig.from_json(doc["config"]), int(doc["created_ms"]), doc["uid"],
+                   int(doc["pooling_version"]), doc.get("state_key", ""), int(doc.get("state_chunks", 0)))
+
+
+def normalise_uri(uri: str) -> str:
+    """`milvus:///path/file.db` -> the Lite file; `milvus://host:port` -> http://host:port; others unchanged."""
+    if uri.startswith("milvus://"):
+        rest = uri[len("milvus://"):]
+        return rest if rest.startswith("/") or rest.endswith(".db") else "http://" + rest
+    return uri
+
+
+class MilvusStore:
+    """The VectorStore interface over one Milvus database; holds no state besides the connection."""
+
+    def __init__(self, uri: str, *, token: str = "", db_name: str = "", max_top_k: int = 1000):
+        from pymilvus import MilvusClient
+
+        self.uri = normalise_uri(uri)
+        if not self.uri:
+            raise InvalidInput("the milvus back end needs milvus_uri (http://host:19530 or a Milvus Lite .db file)")
+        self.max_top_k = max_top_k
+        kwargs = {"uri": self.uri, "token": token}
+        if db_name:
+            kwargs["db_name"] = db_name
+        try:
+            self.client = MilvusClient(**kwargs)
+            version = self.client.get_server_version()
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; one clear line for the user
+            raise FailedPrecondition(f"cannot connect to Milvus at {self.uri}: {_first_line(exc)}") from None
+        self.lite = str(version).startswith("milvus_lite")
+        self.presets = LITE_PRESETS if self.lite else tuple(INDEX_PRESETS)
+        self.bind = not self.lite  # Milvus Lite has no expression templates
+        self._ensure_catalogue()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _ensure_catalogue(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(CATALOGUE):  # a first query loads it where it was released
+            self._run(CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1, output_fields=["key"]))
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=1024)
+        schema.add_field("kind", DataType.VARCHAR, max_length=32)
+        schema.add_field("owner", DataType.VARCHAR, max_length=64)
+        schema.add_field("doc", DataType.JSON)
+        schema.add_field("chunk", DataType.VARCHAR, max_length=65535)
+        schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field; unused
+        index = self.client.prepare_index_params()
+        index.add_index("v", index_type="FLAT", metric_type="IP")
+        try:
+            self.client.create_collection(CATALOGUE, schema=schema, index_params=index,
+                                          consistency_level=CONSISTENCY)
+        except Exception:  # noqa: BLE001 - another replica created it first
+            if not self.client.has_collection(CATALOGUE):
+                raise
+
+    def _expr(self) -> Expression:
+        return Expression(self.bind)
+
+    def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
+        kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
+        if expr.params:
+            kwargs["filter_params"] = expr.params
+        return self._run(collection, name or collection, lambda: self.client.query(collection, **kwargs))
+
+    def _run(self, physical: str, name: str, call):
+        """Runs a call on one Milvus collection: loads it if it was released (e.g. Milvus Lite reopened in a
+        new process), and maps a collection dropped meanwhile (by any replica) to CollectionNotFound."""
+        for attempt in (0, 1):
+            try:
+                return call()
+            except NotFound:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pymilvus reports both as MilvusException with a message
+                text = str(exc).lower()
+                if attempt == 0 and ("released" in text or "not loaded" in text or "load()" in text):
+                    self.client.load_collection(physical)
+                    continue
+                if "not found" in text or "not exist" in text or "can't find" in text:
+                    raise _not_found(name) from None
+                raise
+
+    def _row(self, key: str) -> Optional[dict]:
+        expr = self._expr()
+        rows = self._query(CATALOGUE, expr, f"key == {expr.value(key)}", ["doc"])
+        return rows[0]["doc"] if rows else None
+
+    def _record(self, name: str) -> _Record:
+        doc = self._row(f"collection/{name}")
+        if doc is None:
+            raise _not_found(name)
+        return _Record.from_doc(doc)
+
+    def _write_catalogue(self, rows: list[dict]) -> None:
+        for row in rows:
+            row.setdefault("chunk", "")
+            row.setdefault("owner", "")
+            row["v"] = [1.0, 0.0]
+        self.client.upsert(CATALOGUE, rows)
+
+    def _count(self, record: _Record) -> int:
+        rows = self._query(record.physical, self._expr(), "", ["count(*)"], record.config.name)
+        return int(rows[0]["count(*)"])
+
+    def _existing(self, record: _Record, ids: list[str]) -> set[str]:
+        found = set()
+        for start in range(0, len(ids), ID_BATCH):
+            expr = self._expr()
+            flt = expr.ids(ids[start:start + ID_BATCH])
+            found.update(row["id"] for row in self._query(record.physical, expr, flt, ["id"], record.config.name))
+        return found
+
+    def _info(self, record: _Record) -> CollectionInfo:
+        kind, params = _index_params(record.config.index, record.config.dim)
+        factory = f"milvus:{kind}" + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+        return CollectionInfo(record.config, self._count(record), record.created_ms, record.pooling_version,
+                              True, factory, record.uid)
+
+    # -- collections ----------------------------------------------------------------------------
+
+    def create_collection(self, config: CollectionConfig) -> CollectionInfo:
+        from pymilvus import DataType, MilvusClient
+
+        validate_index_kind(config.index, config.dim, config.metric)  # the local store's InvalidInput cases
+        if config.index not in self.presets:
+            what = "Milvus Lite" if self.lite else "the milvus back end"
+            raise FailedPrecondition(f"index {config.index!r} cannot be built by {what} at {self.uri}; it supports "
+                                     f"the presets {', '.join(self.presets)}")
+        key = f"collection/{config.name}"
+        if self._row(key) is not None:
+            raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
+        record = _Record(config, int(time.time() * 1000), uuid.uuid4().hex, 0)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=config.dim)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("filterable", DataType.JSON)
+        kind, params = _index_params(config.index, config.dim)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type=kind, metric_type="IP", params=params)
+        self.client.create_collection(record.physical, schema=schema, index_params=index,
+                                      consistency_level=CONSISTENCY)
+        self._write_catalogue([{"key": key, "kind": "collection", "owner": record.uid, "doc": record.to_doc()}])
+        if self._record(config.name).uid != record.uid:  # another replica created the same name meanwhile
+            self.client.drop_collection(record.physical)
+            raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
+        return self._info(record)
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        return self._info(self._record(name))
+
+    def list_collections(self) -> list[CollectionInfo]:
+        expr = self._expr()
+        rows = self._query(CATALOGUE, expr, f"kind == {expr.value('collection')}", ["doc"])
+        records = sorted((_Record.from_doc(r["doc"]) for r in rows), key=lambda r: r.config.name)
+        return [self._info(r) for r in records]
+
+    def drop_collection(self, name: str) -> int:
+        record = self._record(name)
+        count = self._count(record)
+        expr = self._expr()
+        self.client.delete(CATALOGUE, filter=f"key == {expr.value(f'collection/{name}')}",
+                           **({"filter_params": expr.params} if expr.params else {}))
+        self.client.drop_collection(record.physical)
+        expr = self._expr()
+        self.client.delete(CATALOGUE, filter=f"owner == {expr.value(record.uid)} and kind == {expr.value('state')}",
+                           **({"filter_params": expr.params} if expr.params else {}))
+        return count
+
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True) -> int:
+        """Writes the state as new immutable rows, then commits by rewriting the collection row."""
+        record = self._record(name)
+        count = self._count(record)
+        if require_empty and count:
+            raise FailedPrecondition(f"collection {name!r} holds {count} items embedded with the current pooling "
+                                     f"state; fit a new collection (or drop and recreate it)")
+        version = record.pooling_version + 1
+        state_key = f"state/{record.uid}/{version}-{uuid.uuid4().hex[:8]}"
+        text = base64.b64encode(state).decode("ascii")
+        chunks = [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
+        self._write_catalogue([{"key": f"{state_key}/{i}", "kind": "state", "owner": record.uid, "doc": {},
+                                "chunk": chunk} for i, chunk in enumerate(chunks)])
+        committed = _Record(record.config, record.created_ms, record.uid, version, state_key, len(chunks))
+        self._write_catalogue([{"key": f"collection/{name}", "kind": "collection", "owner": record.uid,
+                                "doc": committed.to_doc()}])
+        return version
+
+    def pooling_state(self, name: str) -> Optional[bytes]:
+        record = self._record(name)
+        if not record.state_key:
+            return None
+        expr = self._expr()
+        keys = [f"{record.state_key}/{i}" for i in range(record.state_chunks)]
+        rows = {r["key"]: r["chunk"] for r in self._query(CATALOGUE, expr, f"key in {expr.value(keys)}",
+                                                            ["key", "chunk"])}
+        return base64.b64decode("".join(rows[k] for k in keys))
+
+    def index_size_bytes(self, name: str) -> int:
+        """An estimate from the index type (Milvus does not report index sizes to clients)."""
+        record = self._record(name)
+        dim, preset = record.config.dim, record.config.index
+        per_vector = {"flat": 4 * dim, "ivf": 4 * dim + 8, "hnsw": 4 * dim + 8 * HNSW_M,
+                      "ivfpq": pq_subquantizers(dim) + 8}[preset]
+        return self._count(record) * per_vector
+
+    # -- items ----------------------------------------------------------------------------------
+
+    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
+               pooling_version: Optional[int] = None, uid: Optional[str] = None,
+               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+        """Inserts or replaces items; acknowledged once Milvus has logged the write. Thumbnails are kept by
+        the local back end only (Milvus holds vectors and metadata): a `uri` metadata field serves the page."""
+        record = self._record(name)
+        if uid is not None and uid != record.uid:
+            raise Aborted(f"collection {name!r} was dropped and re-created while these items were embedded; "
+                          f"nothing was stored: retry")
+        self._check_version(name, record, pooling_version)
+        if not items:
+            return UpsertResult(0, 0, self._count(record))
+        ids, vectors, metadata = prepare_items(name, record.config, items)
+        existing = self._existing(record, ids)
+        if insert_only and existing:
+            first = next(i for i in ids if i in existing)
+            raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {first!r}; "
+                                f"use upsert to replace them")
+        rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": _filterable(m)}
+                for i, v, m in zip(ids, vectors, metadata)]
+        for start in range(0, len(rows), WRITE_BATCH):
+            self._run(record.physical, name, lambda: self.client.upsert(record.physical, rows[start:start + WRITE_BATCH]))
+        if pooling_version is not None:  # a re-fit that committed while we wrote: take the batch back
+            try:
+                self._check_version(name, self._record(name), pooling_version)
+            except Aborted:
+                self._delete_ids(record, [i for i in ids if i not in existing])
+                raise
+        return UpsertResult(len(ids) - len(existing), len(existing), self._count(record))
+
+    @staticmethod
+    def _check_version(name: str, record: _Record, pooling_version: Optional[int]) -> None:
+        if pooling_version is not None and pooling_version != record.pooling_version:
+            raise Aborted(f"collection {name!r} was re-fitted (pooling version {record.pooling_version}, these "
+                          f"vectors were pooled with {pooling_version}); retry the request")
+
+    def _delete_ids(self, record: _Record, ids: list[str]) -> None:
+        for start in range(0, len(ids), ID_BATCH):
+            expr = self._expr()
+            kwargs = {"filter": expr.ids(ids[start:start + ID_BATCH])}
+            if expr.params:
+                kwargs["filter_params"] = expr.params
+            self._run(record.physical, record.config.name, lambda: self.client.delete(record.physical, **kwargs))
+
+    def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
+        record = self._record(name)
+        ids = list(dict.fromkeys(validate_id(i) for i in ids))
+        existing = self._existing(record, ids)
+        missing = [i for i in ids if i not in existing]
+        if strict and missing:
+            raise ItemsNotFound(f"{len(missing)} id(s) not in {name!r}, e.g. {missing[0]!r}; nothing was deleted")
+        self._delete_ids(record, [i for i in ids if i in existing])
+        return DeleteResult(len(existing), missing)
+
+    def get(self, name: str, ids: Iterable[str], include_vectors: bool = False
+            ) -> tuple[list[StoredItem], list[str]]:
+        record = self._record(name)
+        ids = [validate_id(i) for i in ids]
+        fields = ["id", "metadata"] + (["vector"] if include_vectors else [])
+        rows = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), ID_BATCH):
+            expr = self._expr()
+            flt = expr.ids(unique[start:start + ID_BATCH])
+            rows.update((r["id"], r) for r in self._query(record.physical, expr, flt, fields, name))
+        found = [StoredItem(i, dict(rows[i]["metadata"] or {}),
+                            np.asarray(rows[i]["vector"], dtype=np.float32) if include_vectors else None)
+                 for i in ids if i in rows]
+        return found, [i for i in ids if i not in rows]
+
+    def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
+        self._record(name)
+        raise ItemsNotFound(f"item {item_id!r} of {name!r} has no thumbnail: the milvus back end keeps none; give "
+                            f"items a `uri` metadata field for the search page")
+
+    def vector_of(self, name: str, item_id: str) -> np.ndarray:
+        items, missing = self.get(name, [item_id], include_vectors=True)
+        if missing:
+            raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
+        return items[0].vector
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
+               nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
+               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+        """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
+        record = self._record(name)
+        queries = prepare_queries(record.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        expr = self._expr()
+        expression = expr.filter(flt)
+        if expression is None:
+            return [[] for _ in range(len(queries))]
+        k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
+        fields = (["metadata"] if include_metadata else []) + (["vector"] if include_vectors else [])
+        kwargs = {"data": queries.tolist(), "anns_field": "vector", "limit": k, "output_fields": fields,
+                  "search_params": {"metric_type": "IP",
+                                    "params": _search_params(record.config.index, k, nprobe, ef_search)},
+                  "consistency_level": CONSISTENCY}
+        if expression:
+            kwargs["filter"] = expression
+        if expr.params:
+            kwargs["filter_params"] = expr.params
+        found = self._run(record.physical, name, lambda: self.client.search(record.physical, **kwargs))
+        results = []
+        for q, rows in enumerate(found):
+            skip = exclude_ids[q] if exclude_ids is not None else None
+            hits = []
+            for row in rows:
+                if row["id"] == skip:
+                    continue
+                entity = row.get("entity", {})
+                hits.append(Hit(row["id"], float(row["distance"]),
+                                dict(entity.get("metadata") or {}) if include_metadata else None,
+                                np.asarray(entity["vector"], dtype=np.float32) if include_vectors else None))
+            results.append(hits[:top_k])
+        return results
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def checkpoint(self, name: Optional[str] = None) -> None:
+        """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
+        Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
+        records = [self._record(name)] if name else [self._record(i.config.name) for i in self.list_collections()]
+        for record in records:
+            self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _not_found(name: str) -> NotFound:
+    return CollectionNotFound(f"collection {name!r} does not exist; ListCollections shows those that do")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,287 @@
+"""The same store operations against both back ends (local SQLite + FAISS, Milvus via Milvus Lite in a
+temporary file): identical flat results, ANN recall against brute force, filters, errors, and no filter
+or id injection on the Milvus side."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from embedsvc.errors import Aborted, EmbedsvcError
+from embedsvc.store import CollectionConfig, Condition, Filter, Item, open_store
+from embedsvc.store.milvus import MilvusStore
+
+pytest.importorskip("milvus_lite")
+
+DIM = 32
+N = 3000
+BACKENDS = ("local", "milvus")
+
+
+def clustered(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((30, dim))
+    x = centres[rng.integers(0, 30, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+VECTORS = clustered(N, 0)
+QUERIES = clustered(50, 1)
+REPLACED = clustered(N // 10, 3)
+HOSTILE_KEYS = ['k"]', "a' or 1==1 or 'b", 'x"] == 1 || metadata["y', "k && true", "]) or (true", "back\\slash",
+                "line\nbreak", "{p0}", "or"]
+HOSTILE_VALUES = ['" or true or "', "' or ''='", "v && id != \"\"", "[1, 2]", "\\", '\\"', "tab\there", "{p1}", "or"]
+
+
+def metadata(i: int) -> dict:
+    meta = {"group": int(i % 10), "even": i % 2 == 0, "name": f"n{i % 7}", "score": (i % 13) / 2}
+    if i % 3 == 0:
+        meta["mixed"] = [1, True, "1", 1.0][i % 4]  # the same "one" as int, bool, string and float
+    meta[HOSTILE_KEYS[i % len(HOSTILE_KEYS)]] = HOSTILE_VALUES[i % len(HOSTILE_VALUES)]
+    return meta
+
+
+def open_backend(backend: str, path) -> object:
+    if backend == "local":
+        return open_store("local", data_dir=str(path / "local"))
+    return open_store("milvus", milvus_uri=str(path / "milvus.db"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """Per back end and preset, a collection with the same items, then 20% deleted and 10% replaced."""
+    root = tmp_path_factory.mktemp("backends")
+    stores = {backend: open_backend(backend, root) for backend in BACKENDS}
+    truth = {f"item-{i}": VECTORS[i] for i in range(N)}
+    for i in range(0, N, 5):
+        truth.pop(f"item-{i}")
+    for j, i in enumerate(range(1, N, 10)):
+        truth[f"item-{i}"] = REPLACED[j]
+    for store in stores.values():
+        for preset in ("flat", "ivf", "hnsw"):
+            name = f"c-{preset}"
+            store.create_collection(CollectionConfig(name, DIM, index=preset))
+            for start in range(0, N, 1000):
+                store.upsert(name, [Item(f"item-{i}", VECTORS[i], metadata(i)) for i in range(start, min(N, start + 1000))])
+            store.delete(name, [f"item-{i}" for i in range(0, N, 5)])
+            store.upsert(name, [Item(f"item-{i}", REPLACED[j], metadata(i)) for j, i in enumerate(range(1, N, 10))])
+    yield stores, truth
+    for store in stores.values():
+        store.close()
+
+
+def brute_force(vectors: dict[str, np.ndarray], queries: np.ndarray, k: int) -> list[list[str]]:
+    ids = sorted(vectors)
+    scores = queries @ np.stack([vectors[i] for i in ids]).T
+    return [[ids[j] for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def recall(found, truth) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth) if t]))
+
+
+def ids_of(results) -> list[list[str]]:
+    return [[h.id for h in hits] for hits in results]
+
+
+def test_flat_results_are_identical_across_backends(loaded):
+    stores, truth = loaded
+    local, milvus = (stores[b].search("c-flat", QUERIES, 10, include_metadata=True) for b in BACKENDS)
+    assert ids_of(local) == ids_of(milvus) == brute_force(truth, QUERIES, 10)
+    for a, b in zip(local, milvus):
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+        assert [h.metadata for h in a] == [h.metadata for h in b]
+    expected = np.sort(QUERIES @ np.stack(list(truth.values())).T, axis=1)[:, ::-1][:, :10]
+    assert np.allclose([[h.score for h in hits] for hits in milvus], expected, atol=1e-5)
+    assert stores["milvus"].get_collection("c-flat").count == stores["local"].get_collection("c-flat").count == len(truth)
+
+
+@pytest.mark.parametrize("preset", ["ivf", "hnsw"])
+def test_ann_presets_recall_at_10_on_milvus(loaded, preset):
+    stores, truth = loaded
+    info = stores["milvus"].get_collection(f"c-{preset}")
+    assert info.count == len(truth)
+    r = recall(ids_of(stores["milvus"].search(f"c-{preset}", QUERIES, 10)), brute_force(truth, QUERIES, 10))
+    assert r >= 0.95, f"{preset} recall@10 {r:.3f} ({info.index_factory})"
+
+
+def test_ivfpq_is_refused_by_milvus_lite_naming_what_it_supports(tmp_path):
+    store = open_backend("milvus", tmp_path)
+    assert isinstance(store, MilvusStore) and store.lite
+    with pytest.raises(EmbedsvcError) as refused:
+        store.create_collection(CollectionConfig("pq", DIM, index="ivfpq"))
+    assert type(refused.value).__name__ == "FailedPrecondition"
+    assert "'ivfpq'" in str(refused.value) and "flat, ivf, hnsw" in str(refused.value)
+    assert store.list_collections() == []
+    store.close()
+
+
+FILTERS = [
+    Filter((Condition("group", equals=3),)),
+    Filter((Condition("group", equals=3.0),)),
+    Filter((Condition("even", equals=True),)),
+    Filter((Condition("even", equals=1),)),  # a number never equals a boolean
+    Filter((Condition("name", equals="n2"),)),
+    Filter((Condition("group", any_of=(1, 7, "3", True)),)),
+    Filter((Condition("group", any_of=(1, 7)), Condition("even", equals=False))),
+    Filter((Condition("score", gte=1.5, lte=4.0),)),
+    Filter((Condition("score", gte=5.0),)),
+    Filter((Condition("score", lte=0.0),)),
+    Filter((Condition("score", gte=float("-inf"), lte=float("inf")),)),
+    Filter((Condition("score", gte=float("nan")),)),
+    Filter((Condition("even", gte=0, lte=1),)),  # ranges are numeric: booleans never match
+    Filter((Condition("name", gte=0),)),  # nor strings
+    Filter((Condition("mixed", equals=1),)),
+    Filter((Condition("mixed", equals=True),)),
+    Filter((Condition("mixed", equals="1"),)),
+    Filter((Condition("mixed", any_of=(True, "1")),)),
+    Filter((Condition("absent", equals=1),)),
+    Filter((Condition("group", equals=99),)),
+    Filter(()),
+]
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=[repr(f.must)[:60] for f in FILTERS])
+def test_filters_agree_across_backends(loaded, flt):
+    stores, truth = loaded
+    local, milvus = (stores[b].search("c-flat", QUERIES[:10], 10, flt) for b in BACKENDS)
+    assert ids_of(local) == ids_of(milvus)
+    for a, b in zip(local, milvus):
+        assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+    keep = {i for i in truth if flt.matches(metadata(int(i.split("-")[1])))}
+    assert ids_of(milvus) == brute_force({i: truth[i] for i in keep}, QUERIES[:10], 10) if keep else \
+        ids_of(milvus) == [[]] * 10
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+@pytest.mark.parametrize("value", HOSTILE_VALUES + ["' or 1==1", 'n1" or "1"=="1'])
+def test_filter_injection_matches_literally(loaded, key, value):
+    """Hostile keys and values (quotes, brackets, &&, or, escapes, template braces) match only themselves."""
+    stores, _ = loaded
+    for flt in (Filter((Condition(key, equals=value),)), Filter((Condition(key, any_of=(value, "no such")),)),
+                Filter((Condition(key, equals=value), Condition("even", equals=True)))):
+        local, milvus = (ids_of(stores[b].search("c-flat", QUERIES[:5], 20, flt)) for b in BACKENDS)
+        assert local == milvus
+
+
+def test_hostile_ids_get_and_delete_only_themselves(tmp_path):
+    hostile = ['a" or id != "', "b' || true", 'c"] or [', "d\\", 'e\\"', "f\nnewline", "{p0}", "plain"]
+    results = {}
+    for backend in BACKENDS:
+        store = open_backend(backend, tmp_path)
+        store.create_collection(CollectionConfig("ids", 4))
+        store.upsert("ids", [Item(i, np.eye(4, dtype=np.float32)[n % 4] + 0.1, {"n": n}) for n, i in enumerate(hostile)])
+        found, missing = store.get("ids", [hostile[0], 'zz" or id != "', hostile[2]])
+        deleted = store.delete("ids", ['x" or id != "', hostile[1]])
+        results[backend] = ([i.id for i in found], missing, deleted, store.get_collection("ids").count,
+                            sorted(i.id for i in store.get("ids", hostile)[0]))
+        store.close()
+    assert results["local"] == results["milvus"]
+    assert results["milvus"][3] == len(hostile) - 1
+
+
+def test_items_get_exclude_and_vectors_agree(loaded):
+    stores, truth = loaded
+    out = {}
+    for backend in BACKENDS:
+        store = stores[backend]
+        found, missing = store.get("c-flat", ["item-1", "item-0", "item-2", "item-1"], include_vectors=True)
+        vector = store.vector_of("c-flat", "item-11")
+        like = store.search("c-flat", vector[None], 5, exclude_ids=["item-11"], include_vectors=True)
+        out[backend] = (found, missing, vector, like)
+    (lf, lm, lv, ll), (mf, mm, mv, ml) = out["local"], out["milvus"]
+    assert [i.id for i in lf] == [i.id for i in mf] == ["item-1", "item-2", "item-1"] and lm == mm == ["item-0"]
+    assert [i.metadata for i in lf] == [i.metadata for i in mf]
+    assert all(np.allclose(a.vector, b.vector, atol=1e-6) for a, b in zip(lf, mf))
+    assert np.allclose(lv, mv, atol=1e-6)
+    assert ids_of(ll) == ids_of(ml) and "item-11" not in ids_of(ml)[0]
+    assert all(np.allclose(a.vector, b.vector, atol=1e-6) for a, b in zip(ll[0], ml[0]))
+
+
+def _error_of(call) -> str:
+    try:
+        call()
+    except EmbedsvcError as exc:
+        return type(exc).__name__
+    return "no error"
+
+
+ERROR_CASES = {
+    "unknown collection get_collection": lambda s: s.get_collection("nope"),
+    "unknown collection search": lambda s: s.search("nope", QUERIES[:1], 5),
+    "unknown collection upsert": lambda s: s.upsert("nope", [Item("a", VECTORS[0])]),
+    "unknown collection delete": lambda s: s.delete("nope", ["a"]),
+    "unknown collection get": lambda s: s.get("nope", ["a"]),
+    "unknown collection drop": lambda s: s.drop_collection("nope"),
+    "unknown collection pooling_state": lambda s: s.pooling_state("nope"),
+    "duplicate collection": lambda s: s.create_collection(CollectionConfig("e", DIM)),
+    "bad collection name": lambda s: s.create_collection(CollectionConfig("bad name!", DIM)),
+    "unknown metric": lambda s: s.create_collection(CollectionConfig("m", DIM, metric="l2")),
+    "bad index string": lambda s: s.create_collection(CollectionConfig("m", DIM, index="NoSuchIndex,,")),
+    "wrong dimension": lambda s: s.upsert("e", [Item("a", VECTORS[0][:5])]),
+    "nan vector": lambda s: s.upsert("e", [Item("a", np.full(DIM, np.nan, np.float32))]),
+    "zero vector": lambda s: s.upsert("e", [Item("a", np.zeros(DIM, np.float32))]),
+    "empty id": lambda s: s.upsert("e", [Item("", VECTORS[0])]),
+    "long id": lambda s: s.upsert("e", [Item("x" * 600, VECTORS[0])]),
+    "bad metadata": lambda s: s.upsert("e", [Item("a", VECTORS[0], {"k": [1, 2]})]),
+    "insert_only existing": lambda s: s.upsert("e", [Item("have", VECTORS[1])], insert_only=True),
+    "strict delete missing": lambda s: s.delete("e", ["have", "missing"], strict=True),
+    "top_k zero": lambda s: s.search("e", QUERIES[:1], 0),
+    "top_k too large": lambda s: s.search("e", QUERIES[:1], 5000),
+    "query dimension": lambda s: s.search("e", QUERIES[:1, :5], 3),
+    "missing vector_of": lambda s: s.vector_of("e", "missing"),
+    "fit a non-empty collection": lambda s: s.set_pooling_state("e", b"state"),
+    "stale pooling version": lambda s: s.upsert("e", [Item("b", VECTORS[2])], pooling_version=7),
+}
+
+
+def test_errors_are_the_same_classes_on_both_backends(tmp_path):
+    outcomes = {}
+    for backend in BACKENDS:
+        store = open_backend(backend, tmp_path)
+        store.create_collection(CollectionConfig("e", DIM))
+        store.upsert("e", [Item("have", VECTORS[0])])
+        outcomes[backend] = {case: _error_of(lambda: call(store)) for case, call in ERROR_CASES.items()}
+        assert store.get_collection("e").count == 1  # nothing refused was written
+        store.close()
+    assert outcomes["local"] == outcomes["milvus"]
+    assert "no error" not in outcomes["milvus"].values(), outcomes["milvus"]
+    assert outcomes["milvus"]["stale pooling version"] == Aborted.__name__
+
+
+def test_uid_pooling_state_and_versions(tmp_path):
+    store = open_backend("milvus", tmp_path)
+    first = store.create_collection(CollectionConfig("v", DIM))
+    assert first.uid and first.pooling_version == 0 and store.pooling_state("v") is None
+    big = bytes(range(256)) * 1000  # several catalogue chunks
+    assert store.set_pooling_state("v", big) == 1
+    assert store.pooling_state("v") == big
+    assert store.set_pooling_state("v", b"second") == 2 and store.pooling_state("v") == b"second"
+    store.upsert("v", [Item("a", VECTORS[0])], pooling_version=2)
+    with pytest.raises(Aborted):
+        store.upsert("v", [Item("b", VECTORS[1])], pooling_version=1)
+    assert store.get("v", ["b"])[1] == ["b"]
+    assert store.drop_collection("v") == 1
+    again = store.create_collection(CollectionConfig("v", DIM))
+    assert again.uid != first.uid and again.pooling_version == 0 and again.count == 0
+    assert store.pooling_state("v") is None
+    store.close()
+    reopened = open_backend("milvus", tmp_path)  # nothing lives in the process: a new one sees it all
+    assert [(c.config.name, c.uid) for c in reopened.list_collections()] == [("v", again.uid)]
+    reopened.close()
+
+
+def test_bound_expressions_carry_no_user_text():
+    """The Milvus-server path (templates; Milvus Lite has none, so it is not run end to end here): every value is
+    a parameter, every key hex, so the expression text is the same whatever the user sent."""
+    from embedsvc.store.milvus import Expression
+
+    flt = Filter((Condition(HOSTILE_KEYS[0], equals=HOSTILE_VALUES[0]), Condition("n", any_of=(1, True, "x")),
+                  Condition("r", gte=1, lte=2.5)))
+    expr = Expression(bind=True)
+    text = expr.filter(flt)
+    assert re.fullmatch(r'[a-z0-9_\[\]"{}=<> ()]+', text), text  # hex keys, placeholders, operators only
+    assert expr.params == {"p0": HOSTILE_VALUES[0], "p1": 1.0, "p2": True, "p3": "x", "p4": 1.0, "p5": 2.5}
+    assert text.count("{p") == 6 and " or " in text

@@ -1,0 +1,166 @@
+"""Two embedsvc servers on one Milvus: stateless replicas; bulk jobs writing to Milvus.
+
+Milvus Lite is single-process when opened as a file, so the replicas meet at its gRPC server
+(`python -m milvus_lite server`, the package's documented entry point) on a local TCP port, as they
+would meet at a Milvus Standalone or cluster address.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedsvc.client import Client, Item
+from embedsvc.datasets import write_scenes
+from embedsvc.errors import Aborted
+from embedsvc.service.config import ServerConfig
+from embedsvc.store import CollectionConfig, open_store
+from embedsvc.store import Item as StoreItem
+
+from conftest import png_bytes
+from serving import running_server, tiny_config
+
+pytest.importorskip("milvus_lite")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory):
+    """A Milvus Lite gRPC server on 127.0.0.1, shared by every client of this module."""
+    port = free_port()
+    data = tmp_path_factory.mktemp("milvus") / "lite"
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "milvus_lite server did not start"
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(30)
+
+
+def replica_config(spec, tmp_path, uri: str, name: str) -> ServerConfig:
+    # Each replica gets its own (unused) data_dir: nothing of the milvus back end is kept there.
+    return tiny_config(spec, tmp_path / name, store_backend="milvus", milvus_uri=uri)
+
+
+def test_two_replicas_serve_the_same_collections(tiny_spec, tmp_path, milvus_uri):
+    with running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a, \
+            running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b, \
+            Client(a.address) as ca, Client(b.address) as cb:
+        ca.create_collection("shared", pooling="cls")
+        ca.upsert("shared", [Item("red", text="a red circle", metadata={"k": "x"}),
+                             Item("blue", text="a blue star", metadata={"k": "y"})])
+        # Strong consistency: the write acknowledged by a is in b's very next search.
+        assert [h.id for h in cb.search("shared", text="a red circle", top_k=2)][0] == "red"
+        assert [h.id for h in cb.search("shared", text="a red circle", filter={"k": "y"})] == ["blue"]
+        cb.delete("shared", ["blue"])
+        assert ca.get_collection("shared").count == 1
+        assert {c.name for c in cb.list_collections()} >= {"shared"}
+        assert not list((tmp_path / "a").glob("*.sqlite3")) and not list((tmp_path / "b").glob("*.sqlite3"))
+
+
+def test_a_refit_through_one_replica_is_seen_by_the_other_by_version(tiny_spec, tmp_path, milvus_uri):
+    samples_1 = [png_bytes(color=(i * 20, 100, 255 - i * 20)) for i in range(10)]
+    samples_2 = [png_bytes(color=(255 - i * 20, i * 25, 40)) for i in range(10)]
+    with running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a, \
+            running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b, \
+            Client(a.address) as ca, Client(b.address) as cb:
+        ca.create_collection("vlad", pooling="netvlad:clusters=4")
+        ca.fit_pooling("vlad", samples_1, {"seed": 1})
+        assert cb.search("vlad", text="a red circle", top_k=1) == []  # b loads and caches version 1
+        ca.fit_pooling("vlad", samples_2, {"seed": 2})  # a re-fits: version 2, another codebook
+        assert b.server.store.get_collection("vlad").pooling_version == 2
+        cb.upsert("vlad", [Item("t", text="a red circle"), Item("i", image=samples_2[3])])
+        # b pooled with version 2: a (which fitted it) finds the items at cosine 1 with its own embedding.
+        for query, item_id in (({"text": "a red circle"}), "t"), ({"image": samples_2[3]}, "i"):
+            top = ca.search("vlad", top_k=1, **query)[0]
+            assert top.id == item_id and top.score == pytest.approx(1.0, abs=1e-5)
+
+        # Dropped and re-created through b: same name, same version number 1, different uid and codebook.
+        cb.drop_collection("vlad")
+        cb.create_collection("vlad", pooling="netvlad:clusters=4")
+        cb.fit_pooling("vlad", samples_1, {"seed": 3})
+        assert a.server.store.get_collection("vlad").pooling_version == 1
+        ca.upsert("vlad", [Item("t", text="a red circle")])
+        top = cb.search("vlad", text="a red circle", top_k=1)[0]
+        assert top.id == "t" and top.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_vectors_pooled_before_a_concurrent_refit_are_refused(milvus_uri):
+    """Two clients of one Milvus: a write carrying the pooling version it was pooled with loses to a re-fit."""
+    first, second = open_store("milvus", milvus_uri=milvus_uri), open_store("milvus", milvus_uri=milvus_uri)
+    first.create_collection(CollectionConfig("race", 4))
+    version = first.set_pooling_state("race", b"v1")
+    seen = second.get_collection("race").pooling_version
+    assert seen == version == 1
+    first.set_pooling_state("race", b"v2")  # collection still empty: allowed
+    with pytest.raises(Aborted, match="re-fitted"):
+        second.upsert("race", [StoreItem("a", np.ones(4, np.float32))], pooling_version=seen)
+    assert second.get_collection("race").count == 0 and second.pooling_state("race") == b"v2"
+    first.drop_collection("race")
+    first.close()
+    second.close()
+
+
+def index(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "embedsvc", "index", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
+    write_scenes(tmp_path / "photos", "val", 12, size=72)
+    for f in (tmp_path / "photos").glob("manifest.*"):
+        f.unlink()
+    target = f"milvus://{tmp_path / 'job.db'}"
+    first = index(str(tmp_path / "photos"), "--collection", "c=cls", "--local", target, cwd=tmp_path)
+    assert first.returncode == 0 and "indexed 12" in first.stdout, first.stderr[-2000:]
+    again = index(str(tmp_path / "photos"), "--collection", "c=cls", "--local", target, cwd=tmp_path)
+    assert again.returncode == 0 and "already present 12" in again.stdout, again.stdout + again.stderr[-2000:]
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "unused"), metrics_port=-1, demo_size=0,
+                          log_format="text", store_backend="milvus", milvus_uri=str(tmp_path / "server.db"))
+    with running_server(config) as server:
+        remote = index(str(tmp_path / "photos"), "--collection", "c=cls", "--address", server.address, cwd=tmp_path)
+        assert remote.returncode == 0 and "indexed 12" in remote.stdout, remote.stderr[-2000:]
+        ids = sorted(f"images/val-{i:07d}.png" for i in range(12))
+        with Client(server.address) as client:
+            remote_items, _ = client.get("c", ids, include_vectors=True)
+    store = open_store("milvus", milvus_uri=target)
+    local_items, missing = store.get("c", ids, include_vectors=True)
+    store.close()
+    assert not missing and [i.id for i in remote_items] == [i.id for i in local_items] == ids
+    for x, y in zip(remote_items, local_items):
+        assert np.abs(x.vector - y.vector).max() < 1e-5
+    assert not Path(tmp_path / "unused").exists() or not list(Path(tmp_path / "unused").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--store-backend", "milvus"], "needs milvus_uri"),
+    (["--store-backend", "milvus", "--milvus-uri", "http://127.0.0.1:{port}"], "cannot connect to Milvus"),
+    (["--store-backend", "cassandra"], "must be local or milvus"),
+])
+def test_bad_milvus_settings_are_clear_startup_errors(tmp_path, args, message):
+    args = [a.replace("{port}", str(free_port())) for a in args]
+    result = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
+                             "--metrics-port", "-1", "--listen", "127.0.0.1:0", *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
