@@ -337,7 +337,8 @@ class Store:
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
                                         f"use upsert to replace them")
-            kept = {i: t for i, t in (thumbnails or {}).items() if i in set(ids)}
+            wanted = set(ids)
+            kept = {i: t for i, t in (thumbnails or {}).items() if i in wanted}
             labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version,
                                          kept)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
