@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from embedsvc.errors import Aborted, EmbedsvcError
+
+from embedsvc.errors import Aborted, EmbedsvcError, InvalidInput
 from embedsvc.store import CollectionConfig, Condition, Filter, Item, open_store
 from embedsvc.store.milvus import MilvusStore
 
@@ -145,7 +146,18 @@ FILTERS = [
 
 @pytest.mark.parametrize("flt", FILTERS, ids=[repr(f.must)[:60] for f in FILTERS])
 def test_filters_agree_across_backends(loaded, flt):
+    """Same hits and scores; a filter no stored value's type can match is refused by both, with one message."""
     stores, truth = loaded
+    refusals = {}
+    for backend in BACKENDS:
+        try:
+            stores[backend].search("c-flat", QUERIES[:10], 10, flt)
+        except InvalidInput as exc:
+            refusals[backend] = str(exc)
+    if refusals:
+        assert set(refusals) == set(BACKENDS) and len(set(refusals.values())) == 1, refusals
+        assert "every stored" in next(iter(refusals.values()))
+        return
     local, milvus = (stores[b].search("c-flat", QUERIES[:10], 10, flt) for b in BACKENDS)
     assert ids_of(local) == ids_of(milvus)
     for a, b in zip(local, milvus):

@@ -119,28 +119,8 @@ class MetadataIndex:
         return {kind for (kind, _), labels in self._postings.get(key, {}).items() if labels}
 
     def check_types(self, condition: Condition) -> None:
-        """Refuses a condition that cannot match because every stored value of its key has another type
-        (e.g. the number 7 against labels stored as the string "7"): an error, never a silent empty result."""
-        stored = self.stored_kinds(condition.key)
-        if condition.equals is not None:
-            asked = [condition.equals]
-        elif condition.any_of is not None:
-            asked = list(condition.any_of)
-        else:
-            asked = [0.0]  # a range compares numbers
-        wanted = {_typed(v)[0] for v in asked}
-        if not stored or wanted & stored:
-            return
-        names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
-        shown = [_shown(v) for v in asked]
-        asks = "a range" if condition.gte is not None or condition.lte is not None else ", ".join(map(repr, shown))
-        hint = ""
-        if stored == {"s"} and condition.equals is not None:
-            hint = f'; to match the string, quote it (CLI: --filter \'{condition.key}="{shown[0]}"\')'
-        elif stored == {"n"} and isinstance(condition.equals, str):
-            hint = f"; to match the number, leave it unquoted (CLI: --filter {condition.key}={shown[0]})"
-        raise InvalidInput(f"filter on {condition.key!r} asks for {asks} ({names(wanted)}), but every stored "
-                           f"{condition.key!r} value is a {names(stored)}{hint}")
+        """Refuses a condition that cannot match because every stored value of its key has another type."""
+        refuse_mistyped(condition, self.stored_kinds(condition.key))
 
     def labels(self, flt: Filter) -> set[int]:
         """Labels of live items matching every condition. A condition whose type no stored value of its key
@@ -164,3 +144,32 @@ class MetadataIndex:
             if not result:
                 return set()
         return result if result is not None else set(self.by_label)
+
+
+def wanted_kinds(condition: Condition) -> set[str]:
+    """The value types ("b", "n", "s") a condition can match."""
+    if condition.equals is not None:
+        return {_typed(condition.equals)[0]}
+    if condition.any_of is not None:
+        return {_typed(v)[0] for v in condition.any_of}
+    return {"n"}  # a range compares numbers
+
+
+def refuse_mistyped(condition: Condition, stored: set[str]) -> None:
+    """InvalidInput when the key's stored values (of types `stored`) all have a type the condition cannot
+    match (e.g. the number 7 against labels stored as the string "7"): an error, never a silent empty
+    result. Every back end calls this with the types it holds under the key."""
+    wanted = wanted_kinds(condition)
+    if not stored or wanted & stored:
+        return
+    asked = [condition.equals] if condition.equals is not None else list(condition.any_of or [0.0])
+    names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
+    shown = [_shown(v) for v in asked]
+    asks = "a range" if condition.gte is not None or condition.lte is not None else ", ".join(map(repr, shown))
+    hint = ""
+    if stored == {"s"} and condition.equals is not None:
+        hint = f'; to match the string, quote it (CLI: --filter \'{condition.key}="{shown[0]}"\')'
+    elif stored == {"n"} and isinstance(condition.equals, str):
+        hint = f"; to match the number, leave it unquoted (CLI: --filter {condition.key}={shown[0]})"
+    raise InvalidInput(f"filter on {quoted(condition.key)} asks for {asks} ({names(wanted)}), but every stored "
+                       f"{quoted(condition.key)} value is a {names(stored)}{hint}")

@@ -35,7 +35,7 @@ import numpy as np
 
 from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_index_kind
-from embedsvc.store.metadata import Condition, Filter, Value
+from embedsvc.store.metadata import Condition, Filter, Value, refuse_mistyped, wanted_kinds
 from embedsvc.store.store import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
 from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
                                    StoredItem, UpsertResult, prepare_items, prepare_queries, validate_id)
@@ -236,6 +236,19 @@ class MilvusStore:
 
     def _expr(self) -> Expression:
         return Expression(self.bind)
+
+    def _check_types(self, record: _Record, condition: Condition) -> None:
+        """As the local back end: a condition whose type no stored value of its key has is InvalidInput."""
+        def holds(kind: str) -> bool:
+            key = kind + condition.key.encode("utf-8").hex()
+            expression = f'exists filterable["{key}"]'
+            return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
+                record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+
+        wanted = wanted_kinds(condition)
+        if any(holds(kind) for kind in wanted):
+            return
+        refuse_mistyped(condition, {kind for kind in ("b", "n", "s") if kind not in wanted and holds(kind)})
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
         kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
@@ -474,6 +487,8 @@ class MilvusStore:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         record = self._record(name)
         queries = prepare_queries(record.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        for condition in flt.must if flt is not None else ():
+            self._check_types(record, condition)
         expr = self._expr()
         expression = expr.filter(flt)
         if expression is None:
