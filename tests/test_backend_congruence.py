@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 
-
 from embedsvc.errors import Aborted, EmbedsvcError, InvalidInput
 from embedsvc.store import CollectionConfig, Condition, Filter, Item, open_store
 from embedsvc.store.milvus import MilvusStore
