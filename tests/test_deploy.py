@@ -33,17 +33,24 @@ def env_config(env: dict) -> ServerConfig:
     return load_config(env=env)
 
 
+def service_ports(config: ServerConfig) -> dict[str, int]:
+    """The ports a deployment must publish: gRPC, the HTTP API and page, metrics."""
+    return {"grpc": int(config.listen.rsplit(":", 1)[1]), "http": int(config.http_listen.rsplit(":", 1)[1]),
+            "metrics": config.metrics_port}
+
+
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_dockerfiles_match_config(name):
     text = (DEPLOY / name).read_text()
     env = dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text))
     config = env_config(env)
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}
-    assert int(config.listen.rsplit(":", 1)[1]) in exposed and config.metrics_port in exposed
-    assert config.listen.startswith("0.0.0.0:")  # reachable from outside the container
+    assert exposed == set(service_ports(config).values())
+    assert config.listen.startswith("0.0.0.0:") and config.http_listen.startswith("0.0.0.0:")  # reachable from outside
     defaults = ServerConfig()  # same ports as a bare `embedsvc serve`
     assert config.listen.rsplit(":", 1)[1] == defaults.listen.rsplit(":", 1)[1]
     assert config.metrics_port == defaults.metrics_port
+    assert config.http_listen.rsplit(":", 1)[1] == defaults.http_listen.rsplit(":", 1)[1]
     assert re.search(r'^ENTRYPOINT \["embedsvc", "serve"\]$', text, re.M)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["embedsvc"] == "embedsvc.cli:main"
@@ -59,7 +66,7 @@ def test_kubernetes_manifests_agree():
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(config.listen.rsplit(":", 1)[1]), "metrics": config.metrics_port}
+    assert ports == service_ports(config)
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -84,7 +91,7 @@ def test_compose_and_prometheus_agree():
     assert load_tokens(str(DEPLOY / compose["secrets"]["embedsvc_tokens"]["file"]))
     assert any(v.endswith(":" + config.data_dir) for v in service["volumes"])
     published = {int(p.split(":")[1]) for p in service["ports"]}
-    assert published == {int(config.listen.rsplit(":", 1)[1]), config.metrics_port}
+    assert published == set(service_ports(config).values())
     prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == [f"embedsvc:{config.metrics_port}"]
@@ -108,7 +115,7 @@ def test_compose_with_milvus_standalone_and_two_replicas():
     host, port = config.milvus_uri.removeprefix("http://").split(":")
     assert host == "standalone" and f"{port}:{port}" in milvus["ports"] and port == "19530"
     assert embedsvc["depends_on"]["standalone"]["condition"] == "service_healthy"
-    assert {str(p) for p in embedsvc["expose"]} == {config.listen.rsplit(":", 1)[1], str(config.metrics_port)}
+    assert {int(p) for p in embedsvc["expose"]} == set(service_ports(config).values())
     assert "volumes" not in embedsvc  # stateless: nothing to keep
     assert load_tokens(str(DEPLOY / compose["secrets"]["embedsvc_tokens"]["file"]))
 
@@ -127,7 +134,7 @@ def test_kubernetes_milvus_variant_is_stateless_and_autoscaled():
     refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
     assert refs == {docs["ConfigMap"]["metadata"]["name"], docs["Secret"]["metadata"]["name"]}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": int(config.listen.rsplit(":", 1)[1]), "metrics": config.metrics_port}
+    assert ports == service_ports(config)
     hpa = docs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
     assert hpa["minReplicas"] == deployment["spec"]["replicas"] <= hpa["maxReplicas"]
