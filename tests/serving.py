@@ -64,3 +64,23 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
                     metrics_port=-1, demo_size=0, log_format="text")
     settings.update(overrides)
     return ServerConfig(**settings)
+
+
+@contextmanager
+def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
+    """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
+    the returned event is set (or the block ends)."""
+    runtime = server.server.engine.runtime(model)
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold():
+        started.set()
+        release.wait(60)
+
+    runtime.executor.submit(hold)
+    started.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()

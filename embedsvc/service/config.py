@@ -36,7 +36,7 @@ class ServerConfig:
     precision: str = "auto"
     # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
     max_batch_size: int = 64
-    # How long the first request of a batch waits for company, in milliseconds.
+    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch had, in milliseconds; an idle model runs a request at once.
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
