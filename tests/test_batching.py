@@ -121,3 +121,23 @@ def test_cancelled_request_is_dropped_before_the_forward(server):
         client.embed(["computed"])
     count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
     assert (count, total) == (1, 1)
+
+
+def test_embed_response_wire_bytes_equal_the_message_built_field_by_field():
+    from embedsvc.service.wire import embed_response
+    from embedsvc.v1 import embedsvc_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal((3, 512)).astype(np.float32), rng.standard_normal((3, 20)).astype(np.float32)]
+    modalities, truncated = [pb.MODALITY_TEXT, pb.MODALITY_IMAGE, pb.MODALITY_TEXT], [False, False, True]
+    tokens = [None, pb.TokenFeatures(num_tokens=1, dim=2, data=b"\0" * 8, grid_height=1, grid_width=1), None]
+    expected = pb.EmbedResponse(model="m")
+    for i in range(3):
+        result = expected.results.add(modality=modalities[i], truncated=truncated[i])
+        for name, matrix in zip(["cls", "gem"], vectors):
+            result.embeddings.add(pooling=name, vector=pb.Vector(values=matrix[i].tolist()))
+        if tokens[i] is not None:
+            result.tokens.CopyFrom(tokens[i])
+    built = embed_response("m", modalities, truncated, ["cls", "gem"], vectors,
+                           [t.SerializeToString() if t is not None else None for t in tokens])
+    assert built == expected

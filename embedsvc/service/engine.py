@@ -61,6 +61,16 @@ class Embedding:
 
 
 @dataclass
+class EmbeddedBatch:
+    """A request's embeddings as matrices, rows in input order."""
+
+    modalities: list[str]
+    vectors: list[np.ndarray]  # one [N, dim] float32 matrix per pooling
+    truncated: list[bool]
+    tokens: Optional[list[TokenFeatures]] = None  # per input, when asked for
+
+
+@dataclass
 class UpsertRequestItem:
     id: str
     content: Optional[Content]
@@ -180,9 +190,10 @@ class Engine:
             raise type(exc)(f"{where}: {exc}") from None
         return runtime.encoder.loaded.preprocess(image)
 
-    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input"
-                       ) -> list[TokenFeatures]:
-        """Token features per content, via the batchers; images decoded in the worker pool."""
+    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
+                       finish: Optional[Callable[[TokenFeatures], Any]] = None) -> list[tuple[list[int], Any]]:
+        """Per tower, (indexes of its contents, what the batcher returned for them): TokenFeatures of the
+        whole group, or with `finish`, finish(features) per batcher part, computed in the model thread."""
         for i, content in enumerate(contents):
             self._check_content(content, f"{where} {i}")
         loop = asyncio.get_running_loop()
@@ -194,18 +205,50 @@ class Engine:
                                                                  _image_payload(contents[i]), f"{where} {i}")
                                                    for i in images))
         if texts:
-            jobs.append(runtime.text.submit([contents[i].text for i in texts]))
+            jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
         if images:
-            jobs.append(runtime.image.submit(list(pixels)))
+            jobs.append(runtime.image.submit(list(pixels), finish))
         results = await asyncio.gather(*jobs)
-        out: list[Optional[TokenFeatures]] = [None] * len(contents)
-        for index, features in zip([x for x in (texts, images) if x], results):
-            for row, i in enumerate(index):
-                out[i] = features.select([row])
-        return out
+        return list(zip([x for x in (texts, images) if x], results))
+
+    async def pooled(self, runtime: ModelRuntime, contents: Sequence[Content], poolings: Sequence[BoundPooling],
+                     where: str = "input", include_tokens: bool = False) -> EmbeddedBatch:
+        """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
+        def finish(f: TokenFeatures):
+            return [pooling(f).cpu().numpy() for pooling in poolings], f.truncated, f if include_tokens else None
+
+        groups = await self.features(runtime, contents, where, finish)
+        n = len(contents)
+        vectors: list[Optional[np.ndarray]] = [None] * len(poolings)
+        truncated = np.zeros(n, dtype=bool)
+        modalities = [TEXT if isinstance(c, Text) else IMAGE for c in contents]
+        tokens: Optional[list] = [None] * n if include_tokens else None
+        for index, parts in groups:
+            rows = np.asarray(index)
+            for j in range(len(poolings)):
+                part_vectors = np.concatenate([part[0][j] for part in parts]) if len(parts) > 1 else parts[0][0][j]
+                if len(index) == n:  # one tower, inputs in order: the matrix as pooled
+                    vectors[j] = part_vectors
+                    continue
+                if vectors[j] is None:
+                    vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
+                vectors[j][rows] = part_vectors
+            truncated[rows] = [t for part in parts for t in part[1]]
+            if include_tokens:
+                rows_of = [(part[2], r) for part in parts for r in range(part[2].tokens.shape[0])]
+                for i, (f, r) in zip(index, rows_of):
+                    tokens[i] = f.select([r])
+        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens)
 
     async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
                     include_tokens: bool = False) -> tuple[str, list[Embedding]]:
+        """Per input, one vector per pooling (see embed_batch for the same as matrices)."""
+        name, batch = await self.embed_batch(model, poolings, contents, include_tokens)
+        return name, [Embedding(batch.modalities[i], [v[i] for v in batch.vectors], batch.truncated[i],
+                                batch.tokens[i] if batch.tokens else None) for i in range(len(contents))]
+
+    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
+                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]:
         if not contents:
             raise InvalidInput("no inputs: send at least one text or image")
         self._check_count(len(contents), "inputs")
@@ -215,12 +258,8 @@ class Engine:
             for modality in {TEXT if isinstance(c, Text) else IMAGE for c in contents}:
                 pooling.check_modality(modality)
         runtime = await self.runtime_async(model)
-        features = await self.features(runtime, contents)
-        out = []
-        for f in features:
-            vectors = [pooling(f)[0].cpu().numpy() for pooling in bound]
-            out.append(Embedding(f.modality, vectors, f.truncated[0], f if include_tokens else None))
-        return runtime.encoder.loaded.spec.name, out
+        batch = await self.pooled(runtime, contents, bound, include_tokens=include_tokens)
+        return runtime.encoder.loaded.spec.name, batch
 
     def _check_count(self, n: int, what: str) -> None:
         if n > self.config.max_items_per_request:
@@ -272,9 +311,8 @@ class Engine:
             except FailedPrecondition as exc:
                 raise type(exc)(f"collection {info.config.name!r} ({pooling.name}): {exc}") from None
         runtime = await self.runtime_async(info.config.model)
-        features = await self.features(runtime, contents, where)
-        vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
-        return vectors, [f.truncated[0] for f in features]
+        batch = await self.pooled(runtime, contents, [pooling], where)
+        return batch.vectors[0], batch.truncated
 
     async def upsert(self, name: str, items: Sequence[UpsertRequestItem]) -> Any:
         self._check_count(len(items), "items")
@@ -289,7 +327,7 @@ class Engine:
             if to_embed:
                 embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
                 for row, i in enumerate(to_embed):
-                    vectors[i] = embedded[row]
+                    vectors[i] = embedded[row]  # a row view: the store stacks them once
             store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
             return await self._commit(info, store_items, embedded=bool(to_embed))
 
@@ -354,9 +392,8 @@ class Engine:
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
                 pooling.check_ready()
-            features = await self.features(await self.runtime_async(model), contents, "item")
-            for info, pooling in zip(group, poolings):
-                vectors = [pooling(f)[0].cpu().numpy() for f in features]
+            batch = await self.pooled(await self.runtime_async(model), contents, poolings, "item")
+            for info, pooling, vectors in zip(group, poolings, batch.vectors):
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
                     result = await self._commit(info, store_items, embedded=True)
@@ -417,7 +454,8 @@ class Engine:
         runtime = await self.runtime_async(info.config.model)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
-            features += await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            features += [f for _, f in groups]
         p = bound.params
         token_sets = [(f.tokens, f.mask) for f in features]
         try:
