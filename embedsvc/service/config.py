@@ -54,9 +54,9 @@ class ServerConfig:
     max_top_k: int = 1000
     # Concurrent RPCs served; more wait in gRPC's queue.
     max_concurrent_rpcs: int = 256
-    # torch intra-op threads (0: all cores).
+    # torch intra-op threads (0: the CPUs this process may use: affinity mask, cgroup CPU quota).
     torch_threads: int = 0
-    # FAISS OpenMP threads (0: all cores); lower it when many searches run at once.
+    # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
     faiss_threads: int = 0
     # Threads that decode and preprocess images.
     decode_workers: int = 2

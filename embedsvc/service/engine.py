@@ -27,6 +27,7 @@ from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooli
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
+from embedsvc.service.cpu import usable_cpus
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, Store
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,7 @@ class Engine:
         self._model_lock = threading.Lock()
         self._poolings: dict[str, tuple[int, BoundPooling]] = {}  # collection uid -> (pooling version, pooling)
         self._tracked: set[str] = set()  # collections with an items gauge
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(config.torch_threads or usable_cpus())
         if config.models_file:
             self._register_models_file(Path(config.models_file))
 
@@ -409,30 +409,35 @@ class Engine:
         if not queries:
             raise InvalidInput("no queries: send at least one")
         self._check_count(len(queries), "queries")
-        info = await self.run_blocking(self.store.get_collection, name)
         vectors: list[Optional[np.ndarray]] = [None] * len(queries)
         truncated = [False] * len(queries)
-        exclude: list[Optional[str]] = [None] * len(queries)
         content_rows = [i for i, q in enumerate(queries) if q.content is not None]
+        info = None
         if content_rows:
+            info = await self.run_blocking(self.store.get_collection, name)
             embedded, flags = await self._embed_for(info, [queries[i].content for i in content_rows], "query")
             for row, i in enumerate(content_rows):
                 vectors[i], truncated[i] = embedded[row], flags[row]
-        for i, q in enumerate(queries):
-            if q.item_id is not None:
-                vectors[i] = await self.run_blocking(self.store.vector_of, name, q.item_id)
-                exclude[i] = q.item_id
-            elif q.vector is not None:
-                vectors[i] = np.asarray(q.vector, dtype=np.float32)
-            elif q.content is None:
-                raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
-        sizes = {np.asarray(v).size for v in vectors}
-        if len(sizes) != 1 or info.config.dim not in sizes:
-            bad = next(i for i, v in enumerate(vectors) if np.asarray(v).size != info.config.dim)
-            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {name!r} holds "
-                               f"vectors of dimension {info.config.dim}")
-        hits = await self.run_blocking(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
-                              include_metadata, include_vectors, exclude if any(exclude) else None)
+
+        def lookup_and_search():  # one hop off the event loop for the collection, stored ids and the search
+            config = (info or self.store.get_collection(name)).config
+            exclude: list[Optional[str]] = [None] * len(queries)
+            for i, q in enumerate(queries):
+                if q.item_id is not None:
+                    vectors[i] = self.store.vector_of(name, q.item_id)
+                    exclude[i] = q.item_id
+                elif q.vector is not None:
+                    vectors[i] = np.asarray(q.vector, dtype=np.float32)
+                elif q.content is None:
+                    raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
+            bad = next((i for i, v in enumerate(vectors) if np.asarray(v).size != config.dim), None)
+            if bad is not None:
+                raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {name!r} "
+                                   f"holds vectors of dimension {config.dim}")
+            return self.store.search(name, np.stack(vectors), top_k, flt, nprobe, ef_search, include_metadata,
+                                     include_vectors, exclude if any(exclude) else None)
+
+        hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
 
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:

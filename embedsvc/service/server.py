@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from embedsvc.errors import InvalidInput
 from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
+from embedsvc.service.cpu import usable_cpus
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
@@ -68,7 +69,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store, preloads models."""
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
     credentials = _server_credentials(config)
-    store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
+    store = Store(config.data_dir, checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads or usable_cpus(),
                   max_top_k=config.max_top_k)
     metrics = Metrics()
     engine = Engine(config, store, metrics)
