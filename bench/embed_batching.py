@@ -12,29 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import re
-import subprocess
-import sys
 import tempfile
 import time
 
 import grpc
 import numpy as np
 
+from common import start_server
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-
-
-def start_server(extra: list[str], data_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--log-level", "WARNING", *extra],
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        match = re.search(r"serving on \S+:(\d+)", line)
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}"
-        sys.stderr.write(line)
-    raise SystemExit("server did not start")
 
 
 async def one(stub, text: str) -> tuple[np.ndarray, float]:
