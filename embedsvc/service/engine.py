@@ -214,6 +214,7 @@ class Engine:
     async def pooled(self, runtime: ModelRuntime, contents: Sequence[Content], poolings: Sequence[BoundPooling],
                      where: str = "input", include_tokens: bool = False) -> EmbeddedBatch:
         """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
+        @torch.inference_mode()
         def finish(f: TokenFeatures):
             return [pooling(f).cpu().numpy() for pooling in poolings], f.truncated, f if include_tokens else None
 
