@@ -205,3 +205,14 @@ def test_checkpoints_of_the_idmap2_layout_still_load(inner):
     s1, l1 = loaded.search(QUERIES, 5, ef_search=1024)
     s2, l2 = reference.search(QUERIES, 5)
     assert np.mean(l1 == l2) >= 0.97 and len(loaded) == len(reference)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_an_empty_or_emptied_index_finds_nothing(kind):
+    index = FaissIndex(kind, DIM)
+    scores, labels = index.search(QUERIES[:2], 5)
+    assert (labels == -1).all() and labels.shape == (2, 5)
+    index.add(np.array([7, 3], dtype=np.int64), VECTORS[:2])
+    index.remove(np.array([3, 7], dtype=np.int64))
+    scores, labels = index.search(QUERIES[:2], 5)
+    assert (labels == -1).all() and len(index) == 0

@@ -373,6 +373,8 @@ class FaissIndex:
         selector = _bitmap_selector(bits) if bits is not None else None
         params = self._params(selector, allowed, live, k, nprobe, ef_search)
         scores, positions = self._target().search(queries, k, params=params)
+        if not len(self.labels):  # empty: FAISS found nothing (all -1)
+            return scores, positions
         return scores, np.where(positions >= 0, self.labels[np.maximum(positions, 0)], -1)
 
     def _live(self) -> np.ndarray:
