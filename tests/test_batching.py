@@ -141,3 +141,26 @@ def test_embed_response_wire_bytes_equal_the_message_built_field_by_field():
     built = embed_response("m", modalities, truncated, ["cls", "gem"], vectors,
                            [t.SerializeToString() if t is not None else None for t in tokens])
     assert built == expected
+
+
+def test_one_tower_gathers_while_the_other_runs_its_forward(server):
+    """Texts arriving one by one while an image batch holds the model form one text batch after it."""
+    time.sleep(DELAY_MS / 1000 * 1.1)  # idle: a lone text would otherwise run at once, alone
+    before = batch_stats(server, "text")
+    engine = server.server.engine
+
+    async def staggered():
+        image = asyncio.ensure_future(engine.embed("", [], [ImageBytes(png_bytes())]))
+        await asyncio.sleep(0.05)
+        texts = []
+        for i in range(6):
+            texts.append(asyncio.ensure_future(engine.embed("", [], [Text(f"late {i}")])))
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(image, *texts)
+
+    with model_busy(server):
+        future = asyncio.run_coroutine_threadsafe(staggered(), server.loop)
+        time.sleep(0.8)
+    future.result(60)
+    count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
+    assert (count, total) == (1, 6)

@@ -36,7 +36,7 @@ from embedsvc.pooling.features import TokenFeatures
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     inputs: list
     future: asyncio.Future
@@ -48,7 +48,8 @@ class DynamicBatcher:
 
     def __init__(self, name: str, encode: Callable[[list], TokenFeatures], executor: ThreadPoolExecutor,
                  max_batch: int, max_delay_s: float, max_queue: int,
-                 on_batch: Optional[Callable[[str, int, int], None]] = None):
+                 on_batch: Optional[Callable[[str, int, int], None]] = None,
+                 model_free: Optional[asyncio.Lock] = None):
         self.name = name
         self.encode = encode
         self.executor = executor
@@ -56,6 +57,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.on_batch = on_batch  # (name, batch size, queue depth) for metrics
+        self.model_free = model_free or asyncio.Lock()  # shared by the towers of one model: one forward at a time
         self.queued_inputs = 0
         self.batches = 0  # forward passes run, for tests and logs
         self._queue: collections.deque[_Pending] = collections.deque()
@@ -94,25 +96,26 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             await self._gather(loop)
-            live = self._take()
-            if not live:
-                continue
-            size = sum(len(p.inputs) for p in live)
-            self._target = size
-            if self.on_batch:
-                self.on_batch(self.name, size, self.queued_inputs)
-            try:
-                outcomes = await loop.run_in_executor(self.executor, self._forward, live)
-            except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            finally:
-                self._last_end = loop.time()
+            async with self.model_free:  # the other tower's forward may hold the model: keep gathering meanwhile
+                live = self._take()
+                if not live:
+                    continue
+                self._target = sum(len(p.inputs) for p in live)
+                try:
+                    outcomes, size = await loop.run_in_executor(self.executor, self._forward, live)
+                except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
+                    for p in live:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                finally:
+                    self._last_end = loop.time()
+            if size:
                 self.batches += 1
+                if self.on_batch:
+                    self.on_batch(self.name, size, self.queued_inputs)
             for p, (ok, value) in zip(live, outcomes):
                 if not p.future.done():
                     if ok:
@@ -156,12 +159,21 @@ class DynamicBatcher:
             size += len(p.inputs)
         return live
 
-    def _forward(self, live: list[_Pending]) -> list[tuple[bool, Any]]:
-        """Model thread: one forward for the batch, then each request's rows (views) and its finish."""
-        features = self.encode([x for p in live for x in p.inputs])
+    def _forward(self, live: list[_Pending]) -> tuple[list[tuple[bool, Any]], int]:
+        """Model thread: one forward for the batch, then each request's rows (views) and its finish;
+        requests cancelled since they were taken are left out. Returns the outcomes and the inputs encoded."""
+        cancelled = (False, asyncio.CancelledError())
+        running = [p for p in live if not p.future.done()]
+        taken = {id(p) for p in running}
+        if not running:
+            return [cancelled] * len(live), 0
+        features = self.encode([x for p in running for x in p.inputs])
         outcomes, start = [], 0
         for p in live:
-            part = features if len(live) == 1 else _rows(features, start, start + len(p.inputs))
+            if id(p) not in taken:
+                outcomes.append(cancelled)
+                continue
+            part = features if len(running) == 1 else _rows(features, start, start + len(p.inputs))
             start += len(p.inputs)
             if p.finish is None:
                 outcomes.append((True, part))
@@ -170,7 +182,7 @@ class DynamicBatcher:
                 outcomes.append((True, p.finish(part)))
             except Exception as exc:  # noqa: BLE001 - this request's error, not the batch's
                 outcomes.append((False, exc))
-        return outcomes
+        return outcomes, sum(len(p.inputs) for p in running)
 
     async def close(self) -> None:
         if self._worker is not None:

@@ -104,10 +104,12 @@ class ModelRuntime:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{encoder.loaded.spec.name}")
         name = encoder.loaded.spec.name
         delay = config.max_batch_delay_ms / 1000
+        model_free = asyncio.Lock()  # one forward at a time: the other tower keeps gathering meanwhile
         self.text = DynamicBatcher(f"{name}/text", encoder.encode_texts, self.executor, config.max_batch_size,
-                                   delay, config.max_queue, on_batch)
+                                   delay, config.max_queue, on_batch, model_free)
         self.image = DynamicBatcher(f"{name}/image", lambda xs: encoder.encode_images(torch.stack(xs)),
-                                    self.executor, config.max_batch_size, delay, config.max_queue, on_batch)
+                                    self.executor, config.max_batch_size, delay, config.max_queue, on_batch,
+                                    model_free)
 
     async def close(self) -> None:
         await self.text.close()
