@@ -6,7 +6,8 @@ event loop keeps serving, and never holds an idle model back for nothing:
 
 - when the model is idle, a request runs at once, alone if it is alone;
 - while a batch runs, arriving requests gather in the queue and the next batch takes all of them,
-  up to `max_batch` inputs (continuous batching, as Triton's and TEI's schedulers do);
+  up to `max_batch` inputs (continuous batching, as Triton's and TEI's schedulers do); the two towers
+  of a model share a lock (`model_free`), so one tower gathers while the other's forward runs;
 - under load (the previous batch ended less than `max_delay` ago), the worker waits for as many inputs
   as the previous batch had, so callers that are answered and come straight back share one batch again
   instead of being split into a small and a large one. `max_delay` bounds that wait, counted from the
@@ -14,7 +15,7 @@ event loop keeps serving, and never holds an idle model back for nothing:
 
 The queue is bounded in inputs: past `max_queue`, requests are refused with ResourceExhausted at once
 instead of piling up. A request cancelled while it waits (deadline, client gone) is dropped before it
-costs a forward pass. A request of more than `max_batch` inputs is split into parts of at most that size.
+costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split into parts of at most that size.
 A request may pass `finish`, run in the model thread on its own slice of the features (poolings, copies
 to numpy), so no per-item work is left for the event loop; an error there fails that request alone.
 """
