@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import re
-import subprocess
-import sys
 import tempfile
 import time
 
 import grpc
 import numpy as np
 
+from common import start_server
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 

@@ -86,3 +86,23 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
                     http_listen="")
     settings.update(overrides)
     return ServerConfig(**settings)
+
+
+@contextmanager
+def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
+    """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
+    the returned event is set (or the block ends)."""
+    runtime = server.server.engine.runtime(model)
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold():
+        started.set()
+        release.wait(60)
+
+    runtime.executor.submit(hold)
+    started.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()

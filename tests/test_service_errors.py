@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ from embedsvc.models import MODEL_REGISTRY
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import running_server, tiny_config
+from serving import model_busy, running_server, tiny_config
 
 C = grpc.StatusCode
 
@@ -22,7 +23,7 @@ C = grpc.StatusCode
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
     config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), max_message_bytes=1_000_000, max_queue=8,
-                         max_batch_delay_ms=300, max_items_per_request=50, max_top_k=100)
+                         max_items_per_request=50, max_top_k=100)
     with running_server(config) as s:
         with Client(s.address) as c:
             c.create_collection("c", pooling="cls")
@@ -89,7 +90,7 @@ def test_empty_upsert_stream(server):
 
 
 def test_queue_full(server):
-    """max_queue=8 inputs and a 300 ms batch window: concurrent 4-input requests overflow the queue."""
+    """max_queue=8 inputs, the model busy: concurrent 4-input requests overflow the queue."""
     def call(_):
         with Client(server.address, timeout=30) as c:
             try:
@@ -98,16 +99,19 @@ def test_queue_full(server):
             except EmbedsvcClientError as exc:
                 return exc.code.name + ":" + exc.details
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(call, range(8)))
+    with model_busy(server) as release, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(call, i) for i in range(8)]
+        time.sleep(1.0)  # all eight reach the queue while the model is held
+        release.set()
+        outcomes = [c.result() for c in calls]
     refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED")]
     assert refused and "already queued" in refused[0]
     assert "OK" in outcomes
 
 
-def test_deadline_exceeded(client):
-    """The batch window (300 ms) outlasts a 50 ms deadline: DEADLINE_EXCEEDED, and the work is dropped."""
-    with pytest.raises(EmbedsvcClientError) as info:
+def test_deadline_exceeded(server, client):
+    """A busy model outlasts a 50 ms deadline: DEADLINE_EXCEEDED, and the work is dropped."""
+    with model_busy(server), pytest.raises(EmbedsvcClientError) as info:
         client.embed(["a red circle"], timeout=0.05)
     assert info.value.code == C.DEADLINE_EXCEEDED
 

@@ -17,7 +17,7 @@ from embedsvc.errors import InvalidInput
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.config import ServerConfig, field_docs, load_config
 
-from serving import ServerThread, tiny_config
+from serving import ServerThread, model_busy, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path):
 
 
 def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_path):
-    config = tiny_config(tiny_spec, tmp_path, max_batch_delay_ms=800)
+    config = tiny_config(tiny_spec, tmp_path)
     server = ServerThread(config).start()
     try:
         with Client(server.address) as client:
@@ -86,13 +86,15 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
         outcome = {}
 
         def slow_call():
-            with Client(server.address) as c:  # waits ~800 ms in the batch window
+            with Client(server.address) as c:  # queued behind the held model
                 outcome["result"] = c.embed(["still answered"]).vectors["cls"].shape
 
-        thread = threading.Thread(target=slow_call)
-        thread.start()
-        time.sleep(0.3)
-        server.call(server.server.stop(grace=10))
+        with model_busy(server) as release:
+            thread = threading.Thread(target=slow_call)
+            thread.start()
+            time.sleep(0.3)
+            threading.Timer(0.5, release.set).start()  # the model frees up while the server drains
+            server.call(server.server.stop(grace=10))
         thread.join(30)
         assert outcome.get("result") == (1, 32)
         if server.config.store_backend == "local":  # Milvus persists every write itself: nothing to checkpoint

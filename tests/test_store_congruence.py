@@ -180,3 +180,57 @@ def test_ivf_retrains_as_the_collection_grows(tmp_path):
     assert first == "IVF53,Flat" and info.index_factory != first, (first, info.index_factory)
     truth = {f"i{i}": VECTORS[i] for i in range(2100)} | {f"j{i}": vectors[i] for i in range(20000)}
     assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.95
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_every_kind_congruent_after_unordered_adds_removals_and_a_checkpoint(kind):
+    """Labels out of order, removals (HNSW: tombstones), a filter, and a save/load round trip."""
+    import faiss
+
+    rng = np.random.default_rng(6)
+    labels = rng.permutation(np.arange(10, 10 + 3000) * 3).astype(np.int64)
+    faiss_index, reference = FaissIndex(kind, DIM), BruteForceIndex(DIM)
+    for index in (faiss_index, reference):
+        index.add(labels[:2500], VECTORS[:2500])
+        index.remove(labels[::11])
+        index.add(labels[2500:], VECTORS[2500:3000])
+    assert not isinstance(faiss_index.index, faiss.IndexIDMap2)  # no id-translating wrapper around the index
+    loaded = FaissIndex.from_arrays(*faiss_index.to_arrays())
+    allowed = rng.choice(labels, 300, replace=False)
+    for index in (faiss_index, loaded):
+        for allow in (None, allowed):
+            s1, l1 = index.search(QUERIES, 10, allow, nprobe=4096, ef_search=2048)
+            s2, l2 = reference.search(QUERIES, 10, allow)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(l1.tolist(), l2.tolist())])
+            assert recall >= (1.0 if kind == "flat" else 0.97), (kind, allow is None, recall)
+        assert len(index) == len(reference)
+
+
+@pytest.mark.parametrize("inner", ["Flat", "HNSW32"])
+def test_checkpoints_of_the_idmap2_layout_still_load(inner):
+    """Checkpoints written before positional labels hold an IndexIDMap2 around the index."""
+    import faiss
+
+    labels = np.arange(500, dtype=np.int64) * 5 + 1
+    old = faiss.IndexIDMap2(faiss.index_factory(DIM, inner, faiss.METRIC_INNER_PRODUCT))
+    old.add_with_ids(VECTORS[:500], labels)
+    header = {"kind": "flat" if inner == "Flat" else "hnsw", "dim": DIM, "metric": "cosine", "trained": True,
+              "factory": inner, "trained_at": 0}
+    tombstones = labels[:20] if inner != "Flat" else np.empty(0, dtype=np.int64)
+    loaded = FaissIndex.from_arrays(header, {"index": faiss.serialize_index(old), "tombstones": tombstones})
+    reference = BruteForceIndex(DIM)
+    reference.add(labels[20:] if len(tombstones) else labels, VECTORS[20:500] if len(tombstones) else VECTORS[:500])
+    s1, l1 = loaded.search(QUERIES, 5, ef_search=1024)
+    s2, l2 = reference.search(QUERIES, 5)
+    assert np.mean(l1 == l2) >= 0.97 and len(loaded) == len(reference)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_an_empty_or_emptied_index_finds_nothing(kind):
+    index = FaissIndex(kind, DIM)
+    scores, labels = index.search(QUERIES[:2], 5)
+    assert (labels == -1).all() and labels.shape == (2, 5)
+    index.add(np.array([7, 3], dtype=np.int64), VECTORS[:2])
+    index.remove(np.array([3, 7], dtype=np.int64))
+    scores, labels = index.search(QUERIES[:2], 5)
+    assert (labels == -1).all() and len(index) == 0

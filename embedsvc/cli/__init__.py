@@ -60,8 +60,17 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     return parser
 
 
+# Commands that serve model forwards, maybe on a shared node: OpenMP must sleep, not spin, when idle.
+SHARED_CPU_COMMANDS = ("serve", "index")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    words = [a for a in argv if not a.startswith("-")]
+    if words and words[0] in SHARED_CPU_COMMANDS:  # before the subcommands import torch and faiss
+        from embedsvc.service.cpu import apply_openmp_defaults
+
+        apply_openmp_defaults()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.cli_log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
@@ -77,6 +78,8 @@ class ClipEncoder:
             if not isinstance(text, str) or not text.strip():
                 raise EmptyText(f"text input {i} is empty: send at least one non-blank character")
         tokenizer = self.loaded.tokenizer
+        if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
+            return _simple_tokenize(tokenizer, texts)
         ids = tokenizer(list(texts))
         context = ids.shape[1]
         if hasattr(tokenizer, "encode"):
@@ -118,6 +121,22 @@ class ClipEncoder:
         else:
             mask = ids != t["pad_id"]
         return TokenFeatures(TEXT, tokens.float(), mask, native.float())
+
+
+def _simple_tokenize(tokenizer: SimpleTokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+    """SimpleTokenizer's ids (SOT, BPE, EOT; cut to the context with EOT last), each text encoded once:
+    the truncation flag comes from the same encoding instead of a second one."""
+    context = tokenizer.context_length
+    ids = torch.zeros(len(texts), context, dtype=torch.long)
+    truncated = []
+    for row, text in enumerate(texts):
+        tokens = [tokenizer.sot_token_id] + tokenizer.encode(text) + [tokenizer.eot_token_id]
+        truncated.append(len(tokens) > context)
+        if len(tokens) > context:
+            tokens = tokens[:context]
+            tokens[-1] = tokenizer.eot_token_id
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+    return ids, truncated
 
 
 def _concat(parts: list[TokenFeatures]) -> TokenFeatures:

@@ -1,21 +1,33 @@
-"""Dynamic batching: concurrent requests for one model and tower share one forward pass.
+"""Continuous batching: concurrent requests for one model and tower share one forward pass.
 
 Each request submits its inputs (texts, or preprocessed image tensors) and awaits its slice of the
-batch's token features. A worker per (model, tower) waits up to `max_delay` after the first waiting
-request, fills the batch up to `max_batch` inputs, and runs the model in a dedicated thread so the
-event loop keeps serving. The queue is bounded in inputs: past `max_queue`, requests are refused
-with ResourceExhausted at once instead of piling up. A request cancelled while it waits (deadline,
-client gone) is dropped before it costs a forward pass.
+batch's token features. One worker per (model, tower) runs the model in a dedicated thread so the
+event loop keeps serving, and never holds an idle model back for nothing:
+
+- when the model is idle, a request runs at once, alone if it is alone;
+- while a batch runs, arriving requests gather in the queue and the next batch takes all of them,
+  up to `max_batch` inputs (continuous batching, as Triton's and TEI's schedulers do); the two towers
+  of a model share a lock (`model_free`), so one tower gathers while the other's forward runs;
+- under load (the previous batch ended less than `max_delay` ago), the worker waits for as many inputs
+  as the previous batch had, so callers that are answered and come straight back share one batch again
+  instead of being split into a small and a large one. `max_delay` bounds that wait, counted from the
+  end of the previous forward: the model idles at most that long while requests are queued.
+
+The queue is bounded in inputs: past `max_queue`, requests are refused with ResourceExhausted at once
+instead of piling up. A request cancelled while it waits (deadline, client gone) is dropped before it
+costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split into parts of at most that size.
+A request may pass `finish`, run in the model thread on its own slice of the features (poolings, copies
+to numpy), so no per-item work is left for the event loop; an error there fails that request alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,11 +37,11 @@ from embedsvc.pooling.features import TokenFeatures
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     inputs: list
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    finish: Optional[Callable[[TokenFeatures], Any]] = None
 
 
 class DynamicBatcher:
@@ -37,7 +49,8 @@ class DynamicBatcher:
 
     def __init__(self, name: str, encode: Callable[[list], TokenFeatures], executor: ThreadPoolExecutor,
                  max_batch: int, max_delay_s: float, max_queue: int,
-                 on_batch: Optional[Callable[[str, int, int], None]] = None):
+                 on_batch: Optional[Callable[[str, int, int], None]] = None,
+                 model_free: Optional[asyncio.Lock] = None):
         self.name = name
         self.encode = encode
         self.executor = executor
@@ -45,81 +58,132 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.on_batch = on_batch  # (name, batch size, queue depth) for metrics
+        self.model_free = model_free or asyncio.Lock()  # shared by the towers of one model: one forward at a time
         self.queued_inputs = 0
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.batches = 0  # forward passes run, for tests and logs
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._target = 1  # inputs the next batch waits for while under load: the previous batch's size
+        self._last_end = float("-inf")  # loop time the previous forward finished
         self._worker: Optional[asyncio.Task] = None
 
-    async def submit(self, inputs: list) -> TokenFeatures:
+    async def submit(self, inputs: list, finish: Optional[Callable[[TokenFeatures], Any]] = None) -> Any:
+        """The inputs' TokenFeatures; with `finish`, the list of finish(features) per part of at most
+        max_batch inputs (one element unless the request was split), computed in the model thread."""
         if not inputs:
             raise ValueError("submit needs at least one input")
         if self.queued_inputs + len(inputs) > self.max_queue:
             raise ResourceExhausted(f"{self.name}: {self.queued_inputs} inputs already queued (limit {self.max_queue}); "
                                     f"retry with backoff or send smaller batches")
+        loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
-        parts = [inputs[i:i + self.max_batch] for i in range(0, len(inputs), self.max_batch)]
-        pending = [_Pending(part, asyncio.get_running_loop().create_future()) for part in parts]
+            self._worker = loop.create_task(self._run(), name=f"batcher-{self.name}")
+        pending = [_Pending(inputs[i:i + self.max_batch], loop.create_future(), finish)
+                   for i in range(0, len(inputs), self.max_batch)]
         self.queued_inputs += len(inputs)
-        for p in pending:
-            self._queue.put_nowait(p)
+        self._queue.extend(pending)
+        self._arrived.set()
         try:
             results = await asyncio.gather(*(p.future for p in pending))
         except BaseException:
             for p in pending:
                 p.future.cancel()  # whatever has not run yet is skipped by the worker
             raise
+        if finish is not None:
+            return results
         return results[0] if len(results) == 1 else _concat(results)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            size = len(first.inputs)
-            deadline = first.enqueued + self.max_delay_s
-            while size < self.max_batch:
-                timeout = deadline - time.perf_counter()
+            await self._gather(loop)
+            async with self.model_free:  # the other tower's forward may hold the model: keep gathering meanwhile
+                live = self._take()
+                if not live:
+                    continue
+                self._target = sum(len(p.inputs) for p in live)
                 try:
-                    nxt = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    break
-                if size + len(nxt.inputs) > self.max_batch:
-                    self._queue_front(nxt)
-                    break
-                batch.append(nxt)
-                size += len(nxt.inputs)
-            live = [p for p in batch if not p.future.done()]
-            for p in batch:
-                self.queued_inputs -= len(p.inputs)
-            if not live:
-                continue
-            inputs = [x for p in live for x in p.inputs]
-            if self.on_batch:
-                self.on_batch(self.name, len(inputs), self.queued_inputs)
-            try:
-                features = await loop.run_in_executor(self.executor, self.encode, inputs)
-            except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                continue
-            start = 0
-            for p in live:
-                rows = list(range(start, start + len(p.inputs)))
-                start += len(p.inputs)
+                    outcomes, size = await loop.run_in_executor(self.executor, self._forward, live)
+                except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
+                    for p in live:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                finally:
+                    self._last_end = loop.time()
+            if size:
+                self.batches += 1
+                if self.on_batch:
+                    self.on_batch(self.name, size, self.queued_inputs)
+            for p, (ok, value) in zip(live, outcomes):
                 if not p.future.done():
-                    p.future.set_result(features.select(rows))
+                    if ok:
+                        p.future.set_result(value)
+                    else:
+                        p.future.set_exception(value)
 
-    def _queue_front(self, pending: _Pending) -> None:
-        """Puts a request that did not fit back at the head of the queue."""
-        rest = []
-        while not self._queue.empty():
-            rest.append(self._queue.get_nowait())
-        self._queue.put_nowait(pending)
-        for p in rest:
-            self._queue.put_nowait(p)
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Returns when the next batch should start: at once when the model has been idle longer than
+        max_delay; under load, when the previous batch's number of inputs (or max_batch) is queued,
+        or when max_delay has passed since the previous forward ended."""
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._last_end + self.max_delay_s
+        want = min(self._target, self.max_batch)
+        while self.queued_inputs < want:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """Pops the queued requests that fit in one batch, in order; cancelled ones are dropped."""
+        live, size = [], 0
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():
+                self._queue.popleft()
+                self.queued_inputs -= len(p.inputs)
+                continue
+            if live and size + len(p.inputs) > self.max_batch:
+                break
+            self._queue.popleft()
+            self.queued_inputs -= len(p.inputs)
+            live.append(p)
+            size += len(p.inputs)
+        return live
+
+    def _forward(self, live: list[_Pending]) -> tuple[list[tuple[bool, Any]], int]:
+        """Model thread: one forward for the batch, then each request's rows (views) and its finish;
+        requests cancelled since they were taken are left out. Returns the outcomes and the inputs encoded."""
+        cancelled = (False, asyncio.CancelledError())
+        running = [p for p in live if not p.future.done()]
+        taken = {id(p) for p in running}
+        if not running:
+            return [cancelled] * len(live), 0
+        features = self.encode([x for p in running for x in p.inputs])
+        outcomes, start = [], 0
+        for p in live:
+            if id(p) not in taken:
+                outcomes.append(cancelled)
+                continue
+            part = features if len(running) == 1 else _rows(features, start, start + len(p.inputs))
+            start += len(p.inputs)
+            if p.finish is None:
+                outcomes.append((True, part))
+                continue
+            try:
+                outcomes.append((True, p.finish(part)))
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the batch's
+                outcomes.append((False, exc))
+        return outcomes, sum(len(p.inputs) for p in running)
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -128,6 +192,12 @@ class DynamicBatcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+
+
+def _rows(features: TokenFeatures, start: int, stop: int) -> TokenFeatures:
+    """Rows start:stop of a batch, as views (no copy)."""
+    return TokenFeatures(features.modality, features.tokens[start:stop], features.mask[start:stop],
+                         features.native[start:stop], features.grid, features.truncated[start:stop])
 
 
 def _concat(parts: list[TokenFeatures]) -> TokenFeatures:

@@ -17,6 +17,7 @@ from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service.engine import Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.service.wire import embed_response
 from embedsvc.store import CollectionInfo, Condition, Filter
 from embedsvc.v1 import embedsvc_pb2 as pb
 
@@ -119,16 +120,10 @@ def tokens_to_pb(features) -> pb.TokenFeatures:
 async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
     poolings = [PoolingSpec(p.name, dict(p.params)) for p in request.poolings]
     contents = [content_from_pb(c, f"input {i}") for i, c in enumerate(request.inputs)]
-    model, results = await engine.embed(request.model, poolings, contents, request.include_tokens)
-    names = [p.name for p in poolings] or ["cls"]
-    out = pb.EmbedResponse(model=model)
-    for r in results:
-        result = out.results.add(modality=MODALITY[r.modality], truncated=r.truncated)
-        for name, vector in zip(names, r.vectors):
-            result.embeddings.add(pooling=name, vector=pb.Vector(values=vector.tolist()))
-        if r.tokens is not None:
-            result.tokens.CopyFrom(tokens_to_pb(r.tokens))
-    return out
+    model, batch = await engine.embed_batch(request.model, poolings, contents, request.include_tokens)
+    tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
+    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated,
+                          [p.name for p in poolings] or ["cls"], batch.vectors, tokens)
 
 
 async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:

@@ -49,7 +49,7 @@ class ServerConfig:
     precision: str = "auto"
     # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
     max_batch_size: int = 64
-    # How long the first request of a batch waits for company, in milliseconds.
+    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch had, in milliseconds; an idle model runs a request at once.
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
@@ -77,9 +77,9 @@ class ServerConfig:
     max_waiting_rpcs: int = 1024
     # Seconds a call may take to send its (next) request message; then DEADLINE_EXCEEDED.
     request_message_timeout_seconds: float = 30.0
-    # torch intra-op threads (0: all cores).
+    # torch intra-op threads (0: the CPUs this process may use: affinity mask, cgroup CPU quota).
     torch_threads: int = 0
-    # FAISS OpenMP threads (0: all cores); lower it when many searches run at once.
+    # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
     faiss_threads: int = 0
     # Threads that decode and preprocess images.
     decode_workers: int = 2

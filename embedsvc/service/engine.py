@@ -27,6 +27,7 @@ from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooli
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
+from embedsvc.service.cpu import usable_cpus
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ class Embedding:
     vectors: list[np.ndarray]  # one per pooling
     truncated: bool
     tokens: Optional[TokenFeatures] = None
+
+
+@dataclass
+class EmbeddedBatch:
+    """A request's embeddings as matrices, rows in input order."""
+
+    modalities: list[str]
+    vectors: list[np.ndarray]  # one [N, dim] float32 matrix per pooling
+    truncated: list[bool]
+    tokens: Optional[list[TokenFeatures]] = None  # per input, when asked for
 
 
 @dataclass
@@ -118,10 +129,12 @@ class ModelRuntime:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{encoder.loaded.spec.name}")
         name = encoder.loaded.spec.name
         delay = config.max_batch_delay_ms / 1000
+        model_free = asyncio.Lock()  # one forward at a time: the other tower keeps gathering meanwhile
         self.text = DynamicBatcher(f"{name}/text", encoder.encode_texts, self.executor, config.max_batch_size,
-                                   delay, config.max_queue, on_batch)
+                                   delay, config.max_queue, on_batch, model_free)
         self.image = DynamicBatcher(f"{name}/image", lambda xs: encoder.encode_images(torch.stack(xs)),
-                                    self.executor, config.max_batch_size, delay, config.max_queue, on_batch)
+                                    self.executor, config.max_batch_size, delay, config.max_queue, on_batch,
+                                    model_free)
 
     async def close(self) -> None:
         await self.text.close()
@@ -140,8 +153,7 @@ class Engine:
         self._model_lock = threading.Lock()
         self._poolings: dict[str, tuple[int, BoundPooling]] = {}  # collection uid -> (pooling version, pooling)
         self._tracked: set[str] = set()  # collections with an items gauge
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        torch.set_num_threads(config.torch_threads or usable_cpus())
         if config.models_file:
             register_models_file(config.models_file)
 
@@ -229,9 +241,10 @@ class Engine:
             for task in tasks:
                 task.cancel()
 
-    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input"
-                       ) -> list[TokenFeatures]:
-        """Token features per content, via the batchers; images decoded in the worker pool."""
+    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
+                       finish: Optional[Callable[[TokenFeatures], Any]] = None) -> list[tuple[list[int], Any]]:
+        """Per tower, (indexes of its contents, what the batcher returned for them): TokenFeatures of the
+        whole group, or with `finish`, finish(features) per batcher part, computed in the model thread."""
         for i, content in enumerate(contents):
             self._check_content(content, f"{where} {i}")
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
@@ -243,18 +256,51 @@ class Engine:
             pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
                                                  for i, payload in zip(images, payloads)])
         if texts:
-            jobs.append(runtime.text.submit([contents[i].text for i in texts]))
+            jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
         if images:
-            jobs.append(runtime.image.submit(list(pixels)))
+            jobs.append(runtime.image.submit(list(pixels), finish))
         results = await asyncio.gather(*jobs)
-        out: list[Optional[TokenFeatures]] = [None] * len(contents)
-        for index, features in zip([x for x in (texts, images) if x], results):
-            for row, i in enumerate(index):
-                out[i] = features.select([row])
-        return out
+        return list(zip([x for x in (texts, images) if x], results))
+
+    async def pooled(self, runtime: ModelRuntime, contents: Sequence[Content], poolings: Sequence[BoundPooling],
+                     where: str = "input", include_tokens: bool = False) -> EmbeddedBatch:
+        """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
+        @torch.inference_mode()
+        def finish(f: TokenFeatures):
+            return [pooling(f).cpu().numpy() for pooling in poolings], f.truncated, f if include_tokens else None
+
+        groups = await self.features(runtime, contents, where, finish)
+        n = len(contents)
+        vectors: list[Optional[np.ndarray]] = [None] * len(poolings)
+        truncated = np.zeros(n, dtype=bool)
+        modalities = [TEXT if isinstance(c, Text) else IMAGE for c in contents]
+        tokens: Optional[list] = [None] * n if include_tokens else None
+        for index, parts in groups:
+            rows = np.asarray(index)
+            for j in range(len(poolings)):
+                part_vectors = np.concatenate([part[0][j] for part in parts]) if len(parts) > 1 else parts[0][0][j]
+                if len(index) == n:  # one tower, inputs in order: the matrix as pooled
+                    vectors[j] = part_vectors
+                    continue
+                if vectors[j] is None:
+                    vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
+                vectors[j][rows] = part_vectors
+            truncated[rows] = [t for part in parts for t in part[1]]
+            if include_tokens:
+                rows_of = [(part[2], r) for part in parts for r in range(part[2].tokens.shape[0])]
+                for i, (f, r) in zip(index, rows_of):
+                    tokens[i] = f.select([r])
+        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens)
 
     async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
                     include_tokens: bool = False) -> tuple[str, list[Embedding]]:
+        """Per input, one vector per pooling (see embed_batch for the same as matrices)."""
+        name, batch = await self.embed_batch(model, poolings, contents, include_tokens)
+        return name, [Embedding(batch.modalities[i], [v[i] for v in batch.vectors], batch.truncated[i],
+                                batch.tokens[i] if batch.tokens else None) for i in range(len(contents))]
+
+    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
+                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]:
         if not contents:
             raise InvalidInput("no inputs: send at least one text or image")
         self._check_count(len(contents), "inputs")
@@ -264,12 +310,8 @@ class Engine:
             for modality in {TEXT if isinstance(c, Text) else IMAGE for c in contents}:
                 pooling.check_modality(modality)
         runtime = await self.runtime_async(model)
-        features = await self.features(runtime, contents)
-        out = []
-        for f in features:
-            vectors = [pooling(f)[0].cpu().numpy() for pooling in bound]
-            out.append(Embedding(f.modality, vectors, f.truncated[0], f if include_tokens else None))
-        return runtime.encoder.loaded.spec.name, out
+        batch = await self.pooled(runtime, contents, bound, include_tokens=include_tokens)
+        return runtime.encoder.loaded.spec.name, batch
 
     def _check_count(self, n: int, what: str) -> None:
         if n > self.config.max_items_per_request:
@@ -321,9 +363,8 @@ class Engine:
             except FailedPrecondition as exc:
                 raise type(exc)(f"collection {quoted(info.config.name)} ({pooling.name}): {exc}") from None
         runtime = await self.runtime_async(info.config.model)
-        features = await self.features(runtime, contents, where)
-        vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
-        return vectors, [f.truncated[0] for f in features]
+        batch = await self.pooled(runtime, contents, [pooling], where)
+        return batch.vectors[0], batch.truncated
 
     async def upsert(self, name: str, items: Sequence[UpsertRequestItem], thumbnails: Optional[bool] = None) -> Any:
         """Embeds and stores items; with thumbnails (default: config.store_thumbnails) image items keep a small
@@ -342,7 +383,7 @@ class Engine:
             if to_embed:
                 embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
                 for row, i in enumerate(to_embed):
-                    vectors[i] = embedded[row]
+                    vectors[i] = embedded[row]  # a row view: the store stacks them once
             store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
             return await self._commit(info, store_items, bool(to_embed), media)
 
@@ -420,9 +461,8 @@ class Engine:
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
                 pooling.check_ready()
-            features = await self.features(await self.runtime_async(model), contents, "item")
-            for info, pooling in zip(group, poolings):
-                vectors = [pooling(f)[0].cpu().numpy() for f in features]
+            batch = await self.pooled(await self.runtime_async(model), contents, poolings, "item")
+            for info, pooling, vectors in zip(group, poolings, batch.vectors):
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
                     result = await self._commit(info, store_items, True, media)
@@ -439,30 +479,35 @@ class Engine:
         if not queries:
             raise InvalidInput("no queries: send at least one")
         self._check_count(len(queries), "queries")
-        info = await self.run_blocking(self.store.get_collection, name)
         vectors: list[Optional[np.ndarray]] = [None] * len(queries)
         truncated = [False] * len(queries)
-        exclude: list[Optional[str]] = [None] * len(queries)
         content_rows = [i for i, q in enumerate(queries) if q.content is not None]
+        info = None
         if content_rows:
+            info = await self.run_blocking(self.store.get_collection, name)
             embedded, flags = await self._embed_for(info, [queries[i].content for i in content_rows], "query")
             for row, i in enumerate(content_rows):
                 vectors[i], truncated[i] = embedded[row], flags[row]
-        for i, q in enumerate(queries):
-            if q.item_id is not None:
-                vectors[i] = await self.run_blocking(self.store.vector_of, name, q.item_id)
-                exclude[i] = q.item_id
-            elif q.vector is not None:
-                vectors[i] = np.asarray(q.vector, dtype=np.float32)
-            elif q.content is None:
-                raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
-        sizes = {np.asarray(v).size for v in vectors}
-        if len(sizes) != 1 or info.config.dim not in sizes:
-            bad = next(i for i, v in enumerate(vectors) if np.asarray(v).size != info.config.dim)
-            raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
-                               f"holds vectors of dimension {info.config.dim}")
-        hits = await self.run_blocking(self.store.search, name, np.stack(vectors), top_k, flt, nprobe, ef_search,
-                              include_metadata, include_vectors, exclude if any(exclude) else None)
+
+        def lookup_and_search():  # one hop off the event loop for the collection, stored ids and the search
+            config = (info or self.store.get_collection(name)).config
+            exclude: list[Optional[str]] = [None] * len(queries)
+            for i, q in enumerate(queries):
+                if q.item_id is not None:
+                    vectors[i] = self.store.vector_of(name, q.item_id)
+                    exclude[i] = q.item_id
+                elif q.vector is not None:
+                    vectors[i] = np.asarray(q.vector, dtype=np.float32)
+                elif q.content is None:
+                    raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
+            bad = next((i for i, v in enumerate(vectors) if np.asarray(v).size != config.dim), None)
+            if bad is not None:
+                raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
+                                   f"holds vectors of dimension {config.dim}")
+            return self.store.search(name, np.stack(vectors), top_k, flt, nprobe, ef_search, include_metadata,
+                                     include_vectors, exclude if any(exclude) else None)
+
+        hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
 
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
@@ -483,7 +528,8 @@ class Engine:
         runtime = await self.runtime_async(info.config.model)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
-            features += await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            features += [f for _, f in groups]
         p = bound.params
         token_sets = [(f.tokens, f.mask) for f in features]
         state = await asyncio.get_running_loop().run_in_executor(

@@ -19,6 +19,7 @@ from embedsvc.service.admission import AdmissionInterceptor
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor, load_tokens
 from embedsvc.service.config import ServerConfig
+from embedsvc.service.cpu import usable_cpus
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
@@ -82,7 +83,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
     store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
                        milvus_token=config.milvus_token, milvus_db=config.milvus_db,
-                       checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads,
+                       checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads or usable_cpus(),
                        max_top_k=config.max_top_k)
     metrics = Metrics()
     try:

@@ -187,7 +187,13 @@ class BruteForceIndex:
 
 
 class FaissIndex:
-    """A FAISS index behind the VectorIndex interface, with training, tombstones and serialisation."""
+    """A FAISS index behind the VectorIndex interface, with training, tombstones and serialisation.
+
+    Flat and graph indexes hold no ids of their own: FAISS numbers their vectors 0..n-1, and `labels`
+    maps those positions to the store's labels (sorted lookups, vectorised), so searches go straight to
+    the index instead of through an IndexIDMap2 wrapper that translates every candidate. Filters are an
+    IDSelectorBitmap over positions, built in numpy. IVF indexes store the labels in their lists.
+    """
 
     def __init__(self, kind: str, dim: int, metric: str = "cosine"):
         import faiss
@@ -195,10 +201,14 @@ class FaissIndex:
         validate_index_kind(kind, dim, metric)
         self.kind, self.dim, self.metric = kind, dim, metric
         self.preset = INDEX_PRESETS.get(kind)
-        self.tombstones: set[int] = set()
+        self.tombstones: set[int] = set()  # labels of removed vectors an index could not drop
         self.trained_at = 0  # vectors the index was trained on
         self.index = None  # the real index, once built (and trained)
-        self.exact = faiss.IndexIDMap2(faiss.IndexFlat(dim, _faiss_metric(metric)))  # until then
+        self.exact = faiss.IndexFlat(dim, _faiss_metric(metric))  # until then
+        self.labels = np.empty(0, dtype=np.int64)  # position -> label, for indexes without ids (flat, graphs)
+        self._lookup: Optional[tuple[np.ndarray, np.ndarray]] = None  # (sorted labels, their positions)
+        self._live_mask: Optional[np.ndarray] = None  # per position, False where tombstoned
+        self._live_bits: Optional[np.ndarray] = None  # the same, packed for an IDSelectorBitmap
         if not self._needs_training(self._factory(0)):
             self.index, self.exact = self._build(self._factory(0)), None
 
@@ -229,9 +239,7 @@ class FaissIndex:
         if hnsw is not None:
             hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             hnsw.hnsw.efSearch = HNSW_EF_SEARCH
-        if faiss.try_extract_index_ivf(base) is not None:
-            return base  # IVF stores ids itself and removes by id
-        return faiss.IndexIDMap2(base)
+        return base
 
     @property
     def trained(self) -> bool:
@@ -241,6 +249,32 @@ class FaissIndex:
     def factory_string(self) -> str:
         return self._factory(0) if self.index is None else getattr(self, "_built_factory", self._factory(0))
 
+    def _target(self):
+        return self.index if self.index is not None else self.exact
+
+    @property
+    def positional(self) -> bool:
+        """True when FAISS numbers the vectors and `labels` maps them (everything but IVF)."""
+        import faiss
+
+        return self.index is None or faiss.try_extract_index_ivf(self.index) is None
+
+    # -- labels <-> positions -----------------------------------------------------------------
+
+    def _positions_of(self, labels: np.ndarray) -> np.ndarray:
+        """Positions of the given labels that the index holds (others are skipped)."""
+        if self._lookup is None:
+            order = np.argsort(self.labels, kind="stable")
+            self._lookup = (self.labels[order], order.astype(np.int64))
+        keys, order = self._lookup
+        if not len(keys):
+            return np.empty(0, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, labels), len(keys) - 1)
+        return order[at[keys[at] == labels]]
+
+    def _changed(self) -> None:
+        self._lookup = self._live_mask = self._live_bits = None
+
     # -- writes -------------------------------------------------------------------------------
 
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
@@ -248,26 +282,31 @@ class FaissIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if not len(labels):
             return
-        if self.index is not None:
+        if self.index is not None and not self.positional:
             self.index.add_with_ids(vectors, labels)
             return
-        self.exact.add_with_ids(vectors, labels)
-        if self.exact.ntotal >= self.train_min():
+        self._target().add(vectors)
+        self.labels = np.concatenate([self.labels, labels])
+        self._changed()
+        if self.index is None and self.exact.ntotal >= self.train_min():
             self._train_from_exact()
 
     def _train_from_exact(self) -> None:
-        import faiss
-
         n = self.exact.ntotal
-        vectors = self.exact.index.reconstruct_n(0, n)
-        labels = faiss.vector_to_array(self.exact.id_map).astype(np.int64)
+        vectors = self.exact.reconstruct_n(0, n)
+        labels = self.labels
         factory = self._factory(n)
         index = self._build(factory)
         sample = vectors if n <= 200_000 else vectors[np.random.default_rng(0).choice(n, 200_000, replace=False)]
         index.train(sample)
-        index.add_with_ids(vectors, labels)
         self.index, self.exact, self._built_factory = index, None, factory
         self.trained_at = n
+        if self.positional:
+            index.add(vectors)
+        else:
+            index.add_with_ids(vectors, labels)
+            self.labels = np.empty(0, dtype=np.int64)
+        self._changed()
 
     def remove(self, labels: np.ndarray) -> None:
         import faiss
@@ -275,11 +314,19 @@ class FaissIndex:
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         if not len(labels):
             return
-        target = self.index if self.index is not None else self.exact
+        if not self.positional:
+            self.index.remove_ids(faiss.IDSelectorBatch(labels))
+            return
+        positions = self._positions_of(labels)
+        if not len(positions):
+            return
         try:
-            target.remove_ids(faiss.IDSelectorBatch(labels))
+            self._target().remove_ids(faiss.IDSelectorBatch(positions))
         except RuntimeError:  # HNSW and other graph indexes cannot remove
-            self.tombstones.update(labels.tolist())
+            self.tombstones.update(self.labels[positions].tolist())
+        else:  # FAISS compacts the remaining vectors in order; so does the label map
+            self.labels = np.delete(self.labels, positions)
+        self._changed()
 
     def needs_rebuild(self, live: int) -> bool:
         """Too many tombstones, or a preset index outgrown since training (its cells are too few)."""
@@ -297,41 +344,56 @@ class FaissIndex:
     # -- reads --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        target = self.index if self.index is not None else self.exact
-        return target.ntotal - len(self.tombstones)
+        return self._target().ntotal - len(self.tombstones)
 
     def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
-        import faiss
-
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        target = self.index if self.index is not None else self.exact
         live = len(self)
         if allowed is not None:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             if not len(allowed):
                 return _pad([[]] * len(queries), [[]] * len(queries), k)
-            if self.index is not None and _hnsw_of(self._base()) is not None and \
-                    len(allowed) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
-                return self._exact_over(queries, k, allowed)
-        selector = None
+        if not self.positional:
+            selector = _label_selector(allowed) if allowed is not None else None
+            params = self._params(selector, allowed, live, k, nprobe, ef_search)
+            return self.index.search(queries, k, params=params)
+        bits = None
         if allowed is not None:
-            selector = faiss.IDSelectorBatch(allowed)
+            positions = self._positions_of(allowed)
+            if self.tombstones:
+                positions = positions[self._live()[positions]]
+            if not len(positions):
+                return _pad([[]] * len(queries), [[]] * len(queries), k)
+            if self.index is not None and _hnsw_of(self.index) is not None and \
+                    len(positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
+                return self._exact_over(queries, k, positions)
+            bits = _bitmap(positions, self._target().ntotal)
         elif self.tombstones:
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.fromiter(self.tombstones, dtype=np.int64)))
+            bits = self._live_bitmap()
+        selector = _bitmap_selector(bits) if bits is not None else None
         params = self._params(selector, allowed, live, k, nprobe, ef_search)
-        scores, labels = target.search(queries, k, params=params)
-        return scores, labels
+        scores, positions = self._target().search(queries, k, params=params)
+        if not len(self.labels):  # empty: FAISS found nothing (all -1)
+            return scores, positions
+        return scores, np.where(positions >= 0, self.labels[np.maximum(positions, 0)], -1)
 
-    def _base(self):
-        import faiss
+    def _live(self) -> np.ndarray:
+        """Per position, False where tombstoned; reused until the index changes."""
+        if self._live_mask is None:
+            self._live_mask = np.ones(self._target().ntotal, dtype=bool)
+            self._live_mask[self._positions_of(np.fromiter(self.tombstones, dtype=np.int64))] = False
+        return self._live_mask
 
-        index = self.index if self.index is not None else self.exact
-        return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    def _live_bitmap(self) -> np.ndarray:
+        """The live positions as a selector bitmap, reused until the index changes."""
+        if self._live_bits is None:
+            self._live_bits = np.packbits(self._live(), bitorder="little")
+        return self._live_bits
 
     def _params(self, selector, allowed, live, k, nprobe, ef_search):
         import faiss
 
-        base = self._base() if self.index is not None else None
+        base = faiss.downcast_index(self.index) if self.index is not None else None
         share = 1.0 if allowed is None or not live else min(1.0, len(allowed) / live)
         ivf = faiss.try_extract_index_ivf(base) if base is not None else None
         if ivf is not None:
@@ -348,28 +410,33 @@ class FaissIndex:
             params = faiss.SearchParameters()
         if selector is not None:
             params.sel = selector
+            params._keep = selector  # the selector (and its bitmap) live as long as the params
         return params
 
-    def _exact_over(self, queries, k, allowed):
-        vectors = np.stack([self.index.reconstruct(int(label)) for label in allowed.tolist()])
+    def _exact_over(self, queries, k, positions):
+        vectors = self.index.reconstruct_batch(positions)
         scores = queries @ vectors.T
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return _pad([s[o] for s, o in zip(scores, order)], [allowed[o] for o in order], k)
+        labels = self.labels[positions]
+        return _pad([s[o] for s, o in zip(scores, order)], [labels[o] for o in order], k)
 
     # -- persistence --------------------------------------------------------------------------
 
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         import faiss
 
-        target = self.index if self.index is not None else self.exact
         header = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "trained": self.index is not None,
-                  "factory": self.factory_string, "trained_at": self.trained_at}
-        arrays = {"index": faiss.serialize_index(target),
+                  "factory": self.factory_string, "trained_at": self.trained_at, "positional": self.positional}
+        arrays = {"index": faiss.serialize_index(self._target()),
                   "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
+        if self.positional:
+            arrays["labels"] = self.labels
         return header, arrays
 
     @classmethod
     def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
+        """Loads a checkpoint; one written before positional labels (an IndexIDMap2 around a flat or graph
+        index) is unwrapped into the same layout."""
         import faiss
 
         self = cls.__new__(cls)
@@ -377,12 +444,47 @@ class FaissIndex:
         self.preset = INDEX_PRESETS.get(self.kind)
         self.tombstones = set(arrays["tombstones"].tolist())
         self.trained_at = int(header.get("trained_at", 0))
+        self._lookup = self._live_mask = self._live_bits = None
         index = faiss.deserialize_index(arrays["index"])
+        if isinstance(index, faiss.IndexIDMap2):
+            labels = faiss.vector_to_array(index.id_map).astype(np.int64)
+            index = faiss.clone_index(faiss.downcast_index(index.index))
+        elif header.get("positional"):
+            labels = np.asarray(arrays["labels"], dtype=np.int64)
+        else:
+            labels = np.empty(0, dtype=np.int64)
+        if labels.shape != (index.ntotal,) and faiss.try_extract_index_ivf(index) is None:
+            raise ValueError(f"checkpoint maps {labels.shape[0]} labels for {index.ntotal} vectors")
+        self.labels = labels
         if header["trained"]:
             self.index, self.exact, self._built_factory = index, None, header["factory"]
         else:
             self.index, self.exact = None, index
         return self
+
+
+def _bitmap(positions: np.ndarray, n: int) -> np.ndarray:
+    bits = np.zeros(n, dtype=bool)
+    bits[positions] = True
+    return np.packbits(bits, bitorder="little")
+
+
+def _bitmap_selector(bits: np.ndarray):
+    import faiss
+
+    selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # the size is in bytes
+    selector._bits = bits  # FAISS reads the numpy buffer: keep it alive with the selector
+    return selector
+
+
+def _label_selector(allowed: np.ndarray):
+    """IVF ids are the store's labels: a bitmap over the label range when that is compact, else a hash set."""
+    import faiss
+
+    top = int(allowed.max()) + 1
+    if top <= 64 * len(allowed) + 4096:
+        return _bitmap_selector(_bitmap(allowed, top))
+    return faiss.IDSelectorBatch(allowed)
 
 
 def _hnsw_of(index):

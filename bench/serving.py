@@ -1,0 +1,182 @@
+"""Request path vs the model's own speed: the raw forward next to served Embed calls, alternating in one run.
+
+    python bench/serving.py [--models bundled,ViT-B-32] [--slice 3] [--reps 3] [--modalities text,image]
+    python bench/serving.py --contention [--models bundled]
+
+Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
+in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
+(`embedsvc serve` on a local port; images sent as PNG bytes, decoded by the server) take turns in slices
+of --slice seconds, --reps rounds. Printed: items/s medians, the served/raw ratio as median (min-max)
+of the rounds, p50/p99 latency of a raw forward and of a served request.
+
+--contention: the served 32x1 throughput with a busy process pinned to one core, over the quiet figure,
+for the default OpenMP wait policy (PASSIVE, set by `embedsvc serve`) and for OMP_WAIT_POLICY=ACTIVE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from embedsvc.service.cpu import apply_openmp_defaults
+
+apply_openmp_defaults()  # the raw forward runs with the threads the server gets
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from common import alternate, inputs, local_encoder, model_flags, ms, ratio_summary, start_server  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+
+CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
+
+
+def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float):
+    latencies, items = [], 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or not latencies:
+        t = time.perf_counter()
+        if modality == "text":
+            encoder.encode_texts(texts[:batch])
+        else:
+            encoder.encode_images(pixels[:batch])
+        latencies.append(time.perf_counter() - t)
+        items += batch
+    return items / (time.perf_counter() - started), latencies
+
+
+async def served_slice(stub, requests: list, seconds: float):
+    latencies: list[float] = []
+    items = 0
+    started = time.perf_counter()
+
+    async def caller(request):
+        nonlocal items
+        while time.perf_counter() - started < seconds or not latencies:
+            t = time.perf_counter()
+            await stub.Embed(request, timeout=600)
+            latencies.append(time.perf_counter() - t)
+            items += len(request.inputs)
+
+    await asyncio.gather(*(caller(r) for r in requests))
+    return items / (time.perf_counter() - started), latencies
+
+
+def requests_for(modality: str, texts, pngs, callers: int, per: int) -> list:
+    def content(i):
+        return pb.Content(text=texts[i]) if modality == "text" else pb.Content(image=pngs[i])
+
+    return [pb.EmbedRequest(inputs=[content((c * per + j) % len(texts)) for j in range(per)]) for c in range(callers)]
+
+
+def compare(model: str, args) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        name, flags = model_flags(model, folder)
+        encoder = local_encoder(name, model)
+        texts, pngs, images = inputs(64, encoder.loaded.image_size)
+        pixels = encoder.preprocess(images)
+        proc, address = start_server(flags, folder + "/data")
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
+        stub = pb_grpc.EmbedServiceStub(channel)
+        try:
+            print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
+            print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
+                  "| served p50/p99 ms |")
+            print("|---|---|---|---|---|---|")
+            for modality in args.modalities.split(","):
+                for callers, per in CASES:
+                    batch = callers * per
+                    reqs = requests_for(modality, texts, pngs, callers, per)
+                    raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm both
+                    loop.run_until_complete(served_slice(stub, reqs, 0))
+                    runs = alternate({
+                        "raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice),
+                        "served": lambda: loop.run_until_complete(served_slice(stub, reqs, args.slice)),
+                    }, args.reps)
+                    raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
+                    raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
+                    served_lat = ms([x for _, lat in runs["served"] for x in lat])
+                    print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
+                          f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
+                          f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |",
+                          flush=True)
+        finally:
+            loop.run_until_complete(channel.close())
+            proc.terminate()
+            proc.wait(60)
+
+
+def contention(model: str, args) -> None:
+    """Quiet vs one core busy, alternating, for each wait policy."""
+    busy = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
+    os.kill(busy.pid, signal.SIGSTOP)
+    try:
+        print(f"\n## contention: {model}, 32 callers x 1 input, a busy process pinned to core 0 "
+              f"(usable CPUs {len(os.sched_getaffinity(0))}), slice {args.slice}s x {args.reps}")
+        print("| server OpenMP wait policy | modality | quiet items/s | busy-core items/s | busy/quiet |")
+        print("|---|---|---|---|---|")
+        for policy in ("PASSIVE", "ACTIVE"):
+            with tempfile.TemporaryDirectory() as folder:
+                name, flags = model_flags(model, folder)
+                texts, pngs, _ = inputs(64, 224 if model != "bundled" else 72)
+                proc, address = start_server(flags, folder + "/data", env={"OMP_WAIT_POLICY": policy,
+                                                                           "KMP_BLOCKTIME": "0" if policy == "PASSIVE"
+                                                                           else "200"})
+                loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(loop)
+                channel = grpc.aio.insecure_channel(address)
+                stub = pb_grpc.EmbedServiceStub(channel)
+
+                def slice_with(competing: bool, reqs):
+                    os.kill(busy.pid, signal.SIGCONT if competing else signal.SIGSTOP)
+                    try:
+                        return loop.run_until_complete(served_slice(stub, reqs, args.slice))
+                    finally:
+                        os.kill(busy.pid, signal.SIGSTOP)
+
+                try:
+                    for modality in args.modalities.split(","):
+                        reqs = requests_for(modality, texts, pngs, 32, 1)
+                        loop.run_until_complete(served_slice(stub, reqs, 0))
+                        runs = alternate({"quiet": lambda: slice_with(False, reqs),
+                                          "busy": lambda: slice_with(True, reqs)}, args.reps)
+                        quiet, loaded = [r for r, _ in runs["quiet"]], [r for r, _ in runs["busy"]]
+                        print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
+                              f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)
+                finally:
+                    loop.run_until_complete(channel.close())
+                    proc.terminate()
+                    proc.wait(60)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures "
+                        "(random weights)")
+    parser.add_argument("--modalities", default="text,image")
+    parser.add_argument("--slice", type=float, default=3.0, help="seconds per system per round")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--contention", action="store_true")
+    args = parser.parse_args()
+    print(f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    for model in args.models.split(","):
+        (contention if args.contention else compare)(model, args)
+
+
+if __name__ == "__main__":
+    main()

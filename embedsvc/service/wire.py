@@ -1,0 +1,58 @@
+"""Protobuf wire bytes for float matrices: an EmbedResponse built from numpy rows without Python floats.
+
+Setting `Vector.values` from Python (a list or a numpy row) converts every float on its own: 32 inputs
+x 512 dimensions cost about 2 ms, more than a small model's forward. A packed `repeated float` is, on the
+wire, a tag, a length and the little-endian floats, which numpy already holds; so the response is
+assembled as bytes and parsed once (a memcpy per vector in the upb runtime). Equality with the message
+built field by field is tested (tests/test_batching.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from embedsvc.v1 import embedsvc_pb2 as pb
+
+_LEN, _VARINT = 2, 0
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _key(number: int, kind: int) -> bytes:
+    return _varint(number << 3 | kind)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _key(number, _LEN) + _varint(len(payload)) + payload
+
+
+def embed_response(model: str, modalities: Sequence[int], truncated: Sequence[bool], names: Sequence[str],
+                   vectors: Sequence[np.ndarray], tokens: Optional[Sequence[Optional[bytes]]] = None
+                   ) -> pb.EmbedResponse:
+    """EmbedResponse with one result per row: `vectors` holds one [N, dim] matrix per pooling (`names`),
+    `tokens` optional serialized TokenFeatures per row. Field numbers follow embedsvc.proto."""
+    matrices = [np.ascontiguousarray(v, dtype="<f4") for v in vectors]
+    heads = []
+    for name, matrix in zip(names, matrices):
+        values = _key(1, _LEN) + _varint(matrix.shape[1] * 4)  # Vector.values, packed: tag, byte length
+        heads.append(_field(1, name.encode()) + _key(2, _LEN) + _varint(len(values) + matrix.shape[1] * 4) + values)
+    results = []
+    for i, modality in enumerate(modalities):
+        body = [_key(1, _VARINT) + _varint(modality)] if modality else []
+        body += [_field(2, head + matrix[i].tobytes()) for head, matrix in zip(heads, matrices)]
+        if truncated[i]:
+            body.append(_key(3, _VARINT) + b"\x01")
+        if tokens is not None and tokens[i] is not None:
+            body.append(_field(4, tokens[i]))
+        results.append(_field(2, b"".join(body)))
+    return pb.EmbedResponse.FromString(_field(1, model.encode()) + b"".join(results))
