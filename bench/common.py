@@ -18,7 +18,8 @@ import numpy as np
 def start_server(extra: list[str], data_dir: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """`embedsvc serve` on a free local port; returns the process and its address."""
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--log-level", "WARNING", *extra],
+                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level",
+                             "WARNING", *extra],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     for line in proc.stderr:
         match = re.search(r"serving on \S+:(\d+)", line)

@@ -23,18 +23,6 @@ from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 
-def start_server(extra: list[str], data_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level", "WARNING", *extra],
-                            stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        match = re.search(r"serving on \S+:(\d+)", line)
-        if match:
-            return proc, f"127.0.0.1:{match.group(1)}"
-        sys.stderr.write(line)
-    raise SystemExit("server did not start")
-
-
 async def one(stub, text: str) -> tuple[np.ndarray, float]:
     started = time.perf_counter()
     response = await stub.Embed(pb.EmbedRequest(inputs=[pb.Content(text=text)]), timeout=60)
