@@ -21,7 +21,8 @@ import numpy as np
 from embedsvc.encoder import ClipEncoder, decode_image
 from embedsvc.errors import InvalidInput, ModalityNotSupported
 from embedsvc.eval import cross_modal_metrics
-from embedsvc.pooling import bind_pooling, fit_netvlad
+from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
+from embedsvc.pooling.features import FINAL
 
 DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
 
@@ -74,7 +75,9 @@ def run_compare(job: CompareJob) -> dict:
     encoder = ClipEncoder(load_model(get_model_spec(job.model or TINY_SCENES)))
     images, captions, keys, ids = _load_pairs(job, encoder.loaded.image_size)
     started = time.perf_counter()
-    image_features = encoder.encode_images(images)
+    # one pass computes every token mode the poolings ask for (rows are pooling x token mode)
+    modes = tuple(dict.fromkeys((FINAL, *image_token_modes([bind_pooling(s) for s in job.poolings]))))
+    image_features = encoder.encode_images(images, modes)
     text_features = encoder.encode_texts(captions)
     forward_seconds = time.perf_counter() - started
     heads = {}
@@ -93,10 +96,11 @@ def run_compare(job: CompareJob) -> dict:
                 t = time.perf_counter()
                 probe = bind_pooling(spec)
                 p = probe.params
-                state = fit_netvlad([(image_features.tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
+                tokens = image_features.in_mode(probe.token_mode).tokens
+                state = fit_netvlad([(tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
                 fit_seconds = time.perf_counter() - t
             if spec not in heads:
-                pooling = bind_pooling(spec, state)
+                pooling = bind_pooling(spec, state, text_final_tokens=True)  # texts as a collection pools them
             t = time.perf_counter()
             image_vectors = pooling(image_features).numpy()
             pooling_seconds = time.perf_counter() - t
@@ -123,7 +127,7 @@ def run_compare(job: CompareJob) -> dict:
                 if keys is not None:
                     metrics = {"image_to_image": cross_modal_metrics(image_vectors, image_vectors, keys)["image_to_image"]}
             rows.append({
-                "pooling": spec, "dim": int(image_vectors.shape[1]),
+                "pooling": spec, "tokens": getattr(pooling, "token_mode", FINAL), "dim": int(image_vectors.shape[1]),
                 "metrics": {task: m.as_dict() for task, m in metrics.items()},
                 "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
                 "fit_seconds": fit_seconds, "index_build_seconds": build_seconds,

@@ -3,7 +3,8 @@
 Each request submits its inputs (texts, or preprocessed image tensors) and awaits its slice of the
 batch's token features. A worker per (model, tower) waits up to `max_delay` after the first waiting
 request, fills the batch up to `max_batch` inputs, and runs the model in a dedicated thread so the
-event loop keeps serving. The queue is bounded in inputs: past `max_queue`, requests are refused
+event loop keeps serving. A request names the token modes it needs; a batch computes the union of its
+requests' modes in its one pass (modes share the trunk, so mixing them costs only extra last blocks). The queue is bounded in inputs: past `max_queue`, requests are refused
 with ResourceExhausted at once instead of piling up. A request cancelled while it waits (deadline,
 client gone) is dropped before it costs a forward pass.
 """
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from embedsvc.errors import ResourceExhausted
-from embedsvc.pooling.features import TokenFeatures
+from embedsvc.pooling.features import FINAL, TokenFeatures
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,14 @@ log = logging.getLogger(__name__)
 class _Pending:
     inputs: list
     future: asyncio.Future
+    modes: tuple[str, ...] = (FINAL,)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class DynamicBatcher:
-    """Coalesces requests for one encoder function (texts or image tensors -> TokenFeatures)."""
+    """Coalesces requests for one encoder function ((texts or image tensors, token modes) -> TokenFeatures)."""
 
-    def __init__(self, name: str, encode: Callable[[list], TokenFeatures], executor: ThreadPoolExecutor,
+    def __init__(self, name: str, encode: Callable[[list, tuple], TokenFeatures], executor: ThreadPoolExecutor,
                  max_batch: int, max_delay_s: float, max_queue: int,
                  on_batch: Optional[Callable[[str, int, int], None]] = None):
         self.name = name
@@ -49,7 +51,8 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: Optional[asyncio.Task] = None
 
-    async def submit(self, inputs: list) -> TokenFeatures:
+    async def submit(self, inputs: list, modes: tuple[str, ...] = (FINAL,)) -> TokenFeatures:
+        """The features of `inputs`, with (at least) the token `modes`."""
         if not inputs:
             raise ValueError("submit needs at least one input")
         if self.queued_inputs + len(inputs) > self.max_queue:
@@ -58,7 +61,7 @@ class DynamicBatcher:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
         parts = [inputs[i:i + self.max_batch] for i in range(0, len(inputs), self.max_batch)]
-        pending = [_Pending(part, asyncio.get_running_loop().create_future()) for part in parts]
+        pending = [_Pending(part, asyncio.get_running_loop().create_future(), tuple(modes)) for part in parts]
         self.queued_inputs += len(inputs)
         for p in pending:
             self._queue.put_nowait(p)
@@ -68,7 +71,7 @@ class DynamicBatcher:
             for p in pending:
                 p.future.cancel()  # whatever has not run yet is skipped by the worker
             raise
-        return results[0] if len(results) == 1 else _concat(results)
+        return TokenFeatures.concat(results)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,10 +97,11 @@ class DynamicBatcher:
             if not live:
                 continue
             inputs = [x for p in live for x in p.inputs]
+            modes = tuple(dict.fromkeys(m for p in live for m in p.modes))
             if self.on_batch:
                 self.on_batch(self.name, len(inputs), self.queued_inputs)
             try:
-                features = await loop.run_in_executor(self.executor, self.encode, inputs)
+                features = await loop.run_in_executor(self.executor, self.encode, inputs, modes)
             except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
                 for p in live:
                     if not p.future.done():
@@ -129,8 +133,3 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
 
-
-def _concat(parts: list[TokenFeatures]) -> TokenFeatures:
-    first = parts[0]
-    return TokenFeatures(first.modality, torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
-                         torch.cat([p.native for p in parts]), first.grid, [t for p in parts for t in p.truncated])

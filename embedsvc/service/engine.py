@@ -23,7 +23,8 @@ from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import decode_image
 from embedsvc.errors import EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted
 from embedsvc.models import ModelSpec, get_model_spec, load_model, register_model
-from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
+from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
+                              params_to_strings)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
@@ -93,9 +94,9 @@ class ModelRuntime:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{encoder.loaded.spec.name}")
         name = encoder.loaded.spec.name
         delay = config.max_batch_delay_ms / 1000
-        self.text = DynamicBatcher(f"{name}/text", encoder.encode_texts, self.executor, config.max_batch_size,
-                                   delay, config.max_queue, on_batch)
-        self.image = DynamicBatcher(f"{name}/image", lambda xs: encoder.encode_images(torch.stack(xs)),
+        self.text = DynamicBatcher(f"{name}/text", lambda xs, modes: encoder.encode_texts(xs), self.executor,
+                                   config.max_batch_size, delay, config.max_queue, on_batch)
+        self.image = DynamicBatcher(f"{name}/image", lambda xs, modes: encoder.encode_images(torch.stack(xs), modes),
                                     self.executor, config.max_batch_size, delay, config.max_queue, on_batch)
 
     async def close(self) -> None:
@@ -180,9 +181,12 @@ class Engine:
             raise type(exc)(f"{where}: {exc}") from None
         return runtime.encoder.loaded.preprocess(image)
 
-    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input"
-                       ) -> list[TokenFeatures]:
-        """Token features per content, via the batchers; images decoded in the worker pool."""
+    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
+                       poolings: Sequence[BoundPooling] = ()) -> list[TokenFeatures]:
+        """Token features per content, via the batchers, with the image token modes `poolings` read;
+        images decoded in the worker pool."""
+        modes = image_token_modes(list(poolings))
+        runtime.encoder.check_token_modes(modes)
         for i, content in enumerate(contents):
             self._check_content(content, f"{where} {i}")
         loop = asyncio.get_running_loop()
@@ -196,7 +200,7 @@ class Engine:
         if texts:
             jobs.append(runtime.text.submit([contents[i].text for i in texts]))
         if images:
-            jobs.append(runtime.image.submit(list(pixels)))
+            jobs.append(runtime.image.submit(list(pixels), modes))
         results = await asyncio.gather(*jobs)
         out: list[Optional[TokenFeatures]] = [None] * len(contents)
         for index, features in zip([x for x in (texts, images) if x], results):
@@ -215,7 +219,7 @@ class Engine:
             for modality in {TEXT if isinstance(c, Text) else IMAGE for c in contents}:
                 pooling.check_modality(modality)
         runtime = await self.runtime_async(model)
-        features = await self.features(runtime, contents)
+        features = await self.features(runtime, contents, poolings=bound)
         out = []
         for f in features:
             vectors = [pooling(f)[0].cpu().numpy() for pooling in bound]
@@ -241,6 +245,7 @@ class Engine:
         get_model_spec(model)  # NOT_FOUND before anything is loaded
         bound = bind_pooling(pooling or PoolingSpec("cls"))
         runtime = await self.runtime_async(model)
+        runtime.encoder.check_token_modes((bound.token_mode,))
         config = CollectionConfig(name, bound.output_dim(runtime.encoder.loaded.embed_dim), model=model,
                                   pooling=bound.name, pooling_params=params_to_strings(bound.params),
                                   metric=metric, index=index or "flat")
@@ -255,7 +260,7 @@ class Engine:
                 blob = await self.run_blocking(self.store.pooling_state, info.config.name)
                 state = NetVLADState.from_bytes(blob)
             self._poolings = {k: v for k, v in self._poolings.items() if k[0] != info.config.name}
-            self._poolings[key] = bind_pooling(spec, state)
+            self._poolings[key] = bind_pooling(spec, state, text_final_tokens=True)
         return self._poolings[key]
 
     async def _embed_for(self, info: CollectionInfo, contents: Sequence[Content], where: str
@@ -271,7 +276,7 @@ class Engine:
             except FailedPrecondition as exc:
                 raise type(exc)(f"collection {info.config.name!r} ({pooling.name}): {exc}") from None
         runtime = await self.runtime_async(info.config.model)
-        features = await self.features(runtime, contents, where)
+        features = await self.features(runtime, contents, where, [pooling])
         vectors = np.stack([pooling(f)[0].cpu().numpy() for f in features])
         return vectors, [f.truncated[0] for f in features]
 
@@ -328,7 +333,7 @@ class Engine:
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
                 pooling.check_ready()
-            features = await self.features(await self.runtime_async(model), contents, "item")
+            features = await self.features(await self.runtime_async(model), contents, "item", poolings)
             for info, pooling in zip(group, poolings):
                 vectors = [pooling(f)[0].cpu().numpy() for f in features]
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
@@ -387,9 +392,10 @@ class Engine:
         runtime = await self.runtime_async(info.config.model)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
-            features += await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            features += await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample",
+                                            [bound])
         p = bound.params
-        token_sets = [(f.tokens, f.mask) for f in features]
+        token_sets = [(f.in_mode(bound.mode_for(f.modality)).tokens, f.mask) for f in features]
         try:
             seed = int(params.get("seed", 0))
             max_descriptors = int(params.get("max_descriptors", 200_000))
