@@ -4,9 +4,10 @@ Each request submits its inputs (texts, or preprocessed image tensors) and await
 batch's token features. A worker per (model, tower) waits up to `max_delay` after the first waiting
 request, fills the batch up to `max_batch` inputs, and runs the model in a dedicated thread so the
 event loop keeps serving. A request names the token modes it needs; a batch computes the union of its
-requests' modes in its one pass (modes share the trunk, so mixing them costs only extra last blocks). The queue is bounded in inputs: past `max_queue`, requests are refused
-with ResourceExhausted at once instead of piling up. A request cancelled while it waits (deadline,
-client gone) is dropped before it costs a forward pass.
+requests' modes in its one pass (modes share the trunk, so mixing them costs only extra last blocks).
+The queue is bounded in inputs: past `max_queue`, requests are refused with ResourceExhausted at once
+instead of piling up. A request cancelled while it waits (deadline, client gone) is dropped before it
+costs a forward pass.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
-
-import torch
 
 from embedsvc.errors import ResourceExhausted
 from embedsvc.pooling.features import FINAL, TokenFeatures
