@@ -62,6 +62,10 @@ class InvalidPoolingParams(InvalidInput):
     """A pooling parameter is unknown or out of range."""
 
 
+class UnsupportedTokenMode(InvalidInput):
+    """The tower (ResNet, text, or a ViT with non-standard blocks) has no such token mode."""
+
+
 class ModalityNotSupported(FailedPrecondition):
     """The pooling cannot be applied to this modality (e.g. spatial pyramid on text)."""
 

@@ -47,3 +47,29 @@ def test_trained_attention_head_recovers_alignment(tmp_path):
                                     out_dir=str(tmp_path)))
     rows = {r["pooling"]: r["metrics"]["text_to_image"]["recall_at_1"] for r in result["poolings"]}
     assert rows["attention-head (trained)"] > max(0.3, 3 * rows["avg"]), rows
+
+
+def test_token_modes_are_rows(tmp_path):
+    """`--pooling avg:tokens=clearclip` is its own row, computed from the same forward pass, with the figures a
+    direct embedding gives (texts pooled from their own tokens, as a collection pools them)."""
+    from embedsvc.datasets import full_caption, generate_scene, render_scene
+    from embedsvc.encoder import ClipEncoder, embed
+    from embedsvc.eval import cross_modal_metrics
+    from embedsvc.jobs.compare import CompareJob, run_compare
+    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.pooling import bind_pooling
+
+    specs = ("avg", "avg:tokens=clearclip", "max:tokens=naclip", "netvlad:clusters=4;tokens=maskclip")
+    result = run_compare(CompareJob(size=200, poolings=specs, latency_queries=5, out_dir=str(tmp_path)))
+    rows = {r["pooling"]: r for r in result["poolings"]}
+    assert [rows[s]["tokens"] for s in specs] == ["final", "clearclip", "naclip", "maskclip"]
+    encoder = ClipEncoder(load_model(get_model_spec(TINY_SCENES)))
+    scenes = [generate_scene("test", i) for i in range(200)]
+    images = [render_scene(s, encoder.loaded.image_size) for s in scenes]
+    texts = [full_caption(s) for s in scenes]
+    for spec in specs[1:3]:
+        pooling = bind_pooling(spec, text_final_tokens=True)
+        vectors = embed(encoder, texts + images, [pooling]).vectors[0]
+        expected = cross_modal_metrics(vectors[200:], vectors[:200], [s.object_key() for s in scenes])
+        assert rows[spec]["metrics"]["text_to_image"]["recall_at_1"] == expected["text_to_image"].recall_at_1
+    assert "| avg:tokens=clearclip |" in (tmp_path / "results.md").read_text()

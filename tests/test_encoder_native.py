@@ -97,18 +97,21 @@ def test_resnet_tokens_are_maskclip_value_projection(rn50):
 def test_one_forward_pass_feeds_several_poolings(tiny_encoder):
     calls = {"visual": 0, "text": 0}
     hooks = [
-        tiny_encoder.model.visual.transformer.register_forward_hook(lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
+        # the image trunk's first block runs once per pass (token modes only recompute the last block)
+        tiny_encoder.model.visual.transformer.resblocks[0].register_forward_hook(
+            lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
         tiny_encoder.model.transformer.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1)),
     ]
     try:
-        poolings = [bind_pooling(name) for name in ("cls", "avg", "max", "gem:p=2", "spp")]
+        poolings = [bind_pooling(name, text_final_tokens=True) for name in
+                    ("cls", "avg", "max", "gem:p=2", "spp", "avg:tokens=clearclip", "max:tokens=naclip")]
         result = embed(tiny_encoder, ["a red circle", png_bytes(), "a blue square", png_bytes(color=(0, 255, 0))],
                        poolings)
     finally:
         for hook in hooks:
             hook.remove()
     assert calls == {"visual": 1, "text": 1}
-    assert [v.shape for v in result.vectors] == [(4, 32)] * 5
+    assert [v.shape for v in result.vectors] == [(4, 32)] * 7
     assert result.modalities == ["text", "image", "text", "image"]
 
 

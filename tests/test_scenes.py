@@ -59,3 +59,28 @@ def test_write_scenes_manifest(tmp_path):
     assert all((tmp_path / r["path"]).is_file() for r in rows)
     first = json.loads((tmp_path / "manifest.jsonl").read_text().splitlines()[0])
     assert first["caption"] == rows[0]["caption"] and first["objects"]
+
+
+def test_augmented_render_keeps_the_captions_true():
+    """Deterministic per scene, unlike the plain render, and a lone coloured object's pixels are centred in the
+    cell its caption names (placement is free within the cell)."""
+    from embedsvc.datasets.augment import render_augmented
+
+    scene = generate_scene("train", 3)
+    assert np.array_equal(np.asarray(render_augmented(scene, 72)), np.asarray(render_augmented(scene, 72)))
+    assert not np.array_equal(np.asarray(render_augmented(scene, 72)), np.asarray(render_scene(scene, 72)))
+    checked = 0
+    for i in range(300):
+        scene = generate_scene("train", i)
+        obj = scene.objects[0]
+        if len(scene.objects) != 1 or obj.colour in ("white", "black", "yellow", "cyan"):
+            continue  # light/dark plain backgrounds can be near these
+        pixels = np.asarray(render_augmented(scene, 72)).astype(float)
+        near = np.abs(pixels - np.array(COLOURS[obj.colour])).max(axis=-1) < 40
+        if near.sum() < 20:
+            continue  # too dark a jitter, or mostly outline: nothing to locate
+        ys, xs = np.nonzero(near)
+        row, col = divmod(POSITIONS.index(obj.position), 3)
+        assert abs(ys.mean() - (row + 0.5) * 24) <= 16 and abs(xs.mean() - (col + 0.5) * 24) <= 16, (i, obj)
+        checked += 1
+    assert checked >= 15

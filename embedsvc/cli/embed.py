@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     p.add_argument("--pooling", action="append", default=None, metavar="SPEC",
                    help="pooling, repeatable: cls (default), avg, max, gem[:p=3], netvlad, "
-                        "spp[:levels=1,2,4;combine=sum]")
+                        "spp[:levels=1,2,4;combine=sum]; patch poolings take tokens=final|maskclip|clearclip|"
+                        "sclip|naclip (ViT image token mode), e.g. avg:tokens=clearclip")
     p.add_argument("--pooling-state", help="saved NetVLAD state (.safetensors) for the netvlad pooling")
     p.add_argument("--text", dest="inputs", action=_AppendInput, const="text", metavar="TEXT", help="a text (repeatable)")
     p.add_argument("--image", dest="inputs", action=_AppendInput, const="image", metavar="FILE",

@@ -11,7 +11,7 @@ from PIL import Image
 from embedsvc.encoder.encoder import ClipEncoder
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.pooling.registry import BoundPooling
+from embedsvc.pooling.registry import BoundPooling, image_token_modes
 
 Input = Union[str, bytes, Image.Image]
 
@@ -37,13 +37,17 @@ def modality_of(item: Input) -> str:
 def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[BoundPooling],
           max_pixels: int = DEFAULT_MAX_PIXELS, keep_features: bool = False) -> Embedded:
     """Texts are str, images are encoded bytes or PIL images. Every pooling is checked against every
-    modality present before any forward pass, so a refused combination costs no compute."""
+    modality present (and the image token modes against the model) before any forward pass, so a refused
+    combination costs no compute. One image pass computes every token mode the poolings read."""
     modalities = [modality_of(item) for item in inputs]
     for pooling in poolings:
         pooling.check_ready()
     for modality in set(modalities):
         for pooling in poolings:
             pooling.check_modality(modality)
+    modes = image_token_modes(list(poolings))
+    if IMAGE in modalities:
+        encoder.check_token_modes(modes)
     dims = [p.output_dim(encoder.loaded.embed_dim) for p in poolings]
     vectors = [np.zeros((len(inputs), dim), dtype=np.float32) for dim in dims]
     truncated = [False] * len(inputs)
@@ -57,7 +61,7 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
         else:
             images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels)
                       for item in (inputs[i] for i in index)]
-            features = encoder.encode_images(images)
+            features = encoder.encode_images(images, modes)
         for out, pooling in zip(vectors, poolings):
             out[index] = pooling(features).cpu().numpy()
         for row, i in enumerate(index):

@@ -4,6 +4,8 @@ Per pooling.md: ViT tokens are `ln_post(h)[:, 1:] @ proj` (CLS excluded); Modifi
 the final feature map passed per location through the attention pool's value and output projections
 (MaskCLIP); text tokens are `ln_final(x) @ text_projection` with SOT..EOT masked in. The native output
 is computed by the same operations open_clip's encode_image / encode_text run, so it equals them.
+ViT patch tokens can also be asked for in other token modes (embedsvc.encoder.token_modes), which share
+the trunk pass and change only the last block's computation; the native output never changes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.errors import EmptyText, UnsupportedModel, quoted
+from embedsvc.encoder.token_modes import vit_forward, vit_token_modes
+from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures
+from embedsvc.errors import EmptyText, UnsupportedModel, UnsupportedTokenMode, quoted
 from embedsvc.models.loader import LoadedModel
 
 
@@ -29,9 +32,20 @@ class ClipEncoder:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.max_batch = max_batch
-        self._text = _text_tower(self.model, loaded.spec.name)
+        self._text = text_tower(self.model, loaded.spec.name)
+        self.image_token_modes: tuple[str, ...] = (FINAL,)
         if loaded.vision_tower == "vit":
             _check_vit(self.model.visual, loaded.spec.name)
+            self.image_token_modes = vit_token_modes(self.model.visual)
+
+    def check_token_modes(self, modes, modality: str = IMAGE) -> None:
+        """Refuses, before any compute, token modes this model's tower for `modality` does not have."""
+        valid = self.image_token_modes if modality == IMAGE else (FINAL,)
+        bad = [m for m in modes if m not in valid]
+        if bad:
+            tower = f"{self.loaded.vision_tower} image tower" if modality == IMAGE else "text tower"
+            raise UnsupportedTokenMode(f"model {quoted(self.loaded.spec.name)}: the {tower} has no token mode "
+                                       f"{', '.join(bad)}; valid: {', '.join(valid)}")
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -40,33 +54,30 @@ class ClipEncoder:
         return torch.stack([self.loaded.preprocess(image) for image in images])
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor) -> TokenFeatures:
-        """Encodes decoded RGB images (or an already preprocessed [B, 3, H, W] batch)."""
+    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, modes: Sequence[str] = (FINAL,)
+                      ) -> TokenFeatures:
+        """Encodes decoded RGB images (or an already preprocessed [B, 3, H, W] batch). The result's tokens are
+        those of modes[0]; the other modes' tokens ride along (TokenFeatures.in_mode), from the same pass."""
+        modes = tuple(dict.fromkeys(modes)) or (FINAL,)
+        self.check_token_modes(modes)
         pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
-        parts = [self._encode_pixels(chunk) for chunk in torch.split(pixels, self.max_batch)]
-        return _concat(parts)
+        return TokenFeatures.concat([self._encode_pixels(chunk, modes) for chunk in torch.split(pixels, self.max_batch)])
 
-    def _encode_pixels(self, pixels: torch.Tensor) -> TokenFeatures:
+    def _encode_pixels(self, pixels: torch.Tensor, modes: tuple[str, ...]) -> TokenFeatures:
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         visual = self.model.visual
         if self.loaded.vision_tower == "vit":
-            x = visual._embeds(pixels)
-            x = visual.transformer(x)
-            pooled, tokens = visual._pool(x)
-            if visual.final_ln_after_pool:  # CLIPA: tokens come back before ln_post
-                tokens = visual.ln_post(tokens)
-            native = pooled @ visual.proj
-            tokens = tokens @ visual.proj
-            grid = tuple(visual.grid_size)
-        else:
-            x = visual.stem(pixels)
-            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
-            native = visual.attnpool(x)
-            grid = (x.shape[2], x.shape[3])
-            dense = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
-            pool = visual.attnpool
-            tokens = F.linear(F.linear(dense, pool.v_proj.weight, pool.v_proj.bias),
-                              pool.c_proj.weight, pool.c_proj.bias)
+            native, by_mode = vit_forward(visual, pixels, modes)
+            mask = torch.ones(native.shape[0], by_mode[modes[0]].shape[1], dtype=torch.bool, device=native.device)
+            return TokenFeatures(IMAGE, by_mode[modes[0]].float(), mask, native.float(), tuple(visual.grid_size),
+                                 mode=modes[0], other_modes={m: by_mode[m].float() for m in modes[1:]})
+        x = visual.stem(pixels)
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+        native = visual.attnpool(x)
+        grid = (x.shape[2], x.shape[3])
+        dense = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        pool = visual.attnpool
+        tokens = F.linear(F.linear(dense, pool.v_proj.weight, pool.v_proj.bias), pool.c_proj.weight, pool.c_proj.bias)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TokenFeatures(IMAGE, tokens.float(), mask, native.float(), grid)
 
@@ -91,35 +102,12 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> TokenFeatures:
         ids, truncated = self.tokenize(texts)
-        parts = [self._encode_ids(chunk) for chunk in torch.split(ids, self.max_batch)]
-        features = _concat(parts)
+        features = TokenFeatures.concat([self._encode_ids(chunk) for chunk in torch.split(ids, self.max_batch)])
         features.truncated = truncated
         return features
 
     def _encode_ids(self, ids: torch.Tensor) -> TokenFeatures:
-        from open_clip.transformer import text_global_pool
-
-        t = self._text
-        ids = ids.to(self.device)
-        cast_dtype = t["transformer"].get_cast_dtype()
-        x = t["token_embedding"](ids).to(cast_dtype)
-        x = x + t["positional_embedding"].to(cast_dtype)
-        x = t["transformer"](x, attn_mask=t["attn_mask"])
-        x = t["ln_final"](x)
-        pool_type, eos_id = t["pool_type"], t["eos_id"]
-        pooled = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
-        projection = t["projection"]
-        if isinstance(projection, torch.nn.Linear):
-            native, tokens = projection(pooled), projection(x)
-        else:
-            native, tokens = pooled @ projection, x @ projection
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        if pool_type == "argmax":
-            mask = positions[None, :] <= ids.argmax(dim=-1, keepdim=True)
-        elif pool_type == "eos":
-            mask = positions[None, :] <= (ids == eos_id).int().argmax(dim=-1, keepdim=True)
-        else:
-            mask = ids != t["pad_id"]
+        native, tokens, mask = text_forward(self._text, ids.to(self.device))
         return TokenFeatures(TEXT, tokens.float(), mask, native.float())
 
 
@@ -139,17 +127,31 @@ def _simple_tokenize(tokenizer: SimpleTokenizer, texts: Sequence[str]) -> tuple[
     return ids, truncated
 
 
-def _concat(parts: list[TokenFeatures]) -> TokenFeatures:
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return TokenFeatures(
-        first.modality,
-        torch.cat([p.tokens for p in parts]),
-        torch.cat([p.mask for p in parts]),
-        torch.cat([p.native for p in parts]),
-        first.grid,
-    )
+def text_forward(t: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(native [B, D], projected tokens [B, L, D], mask [B, L] of SOT..EOT) of a text tower (`text_tower`);
+    plain torch, so training can back-propagate through it."""
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = t["transformer"].get_cast_dtype()
+    x = t["token_embedding"](ids).to(cast_dtype)
+    x = x + t["positional_embedding"].to(cast_dtype)
+    x = t["transformer"](x, attn_mask=t["attn_mask"])
+    x = t["ln_final"](x)
+    pool_type, eos_id = t["pool_type"], t["eos_id"]
+    pooled = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
+    projection = t["projection"]
+    if isinstance(projection, torch.nn.Linear):
+        native, tokens = projection(pooled), projection(x)
+    else:
+        native, tokens = pooled @ projection, x @ projection
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    if pool_type == "argmax":
+        mask = positions[None, :] <= ids.argmax(dim=-1, keepdim=True)
+    elif pool_type == "eos":
+        mask = positions[None, :] <= (ids == eos_id).int().argmax(dim=-1, keepdim=True)
+    else:
+        mask = ids != t["pad_id"]
+    return native, tokens, mask
 
 
 def _check_vit(visual, name: str) -> None:
@@ -162,7 +164,7 @@ def _check_vit(visual, name: str) -> None:
         raise UnsupportedModel(f"model {quoted(name)}: ViT has no projection to the joint space")
 
 
-def _text_tower(model, name: str) -> dict:
+def text_tower(model, name: str) -> dict:
     """The text tower's parts, for open_clip's CLIP (flattened tower) and CustomTextCLIP alike."""
     from open_clip.transformer import TextTransformer
 

@@ -25,7 +25,8 @@ from embedsvc.encoder import ClipEncoder
 from embedsvc.errors import InvalidInput, ModalityNotSupported
 from embedsvc.eval import cross_modal_metrics, relevance_summary
 from embedsvc.models.registry import ModelOptions
-from embedsvc.pooling import bind_pooling, fit_netvlad
+from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
+from embedsvc.pooling.features import FINAL
 
 DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
 
@@ -128,7 +129,9 @@ def run_compare(job: CompareJob) -> dict:
     pairs = _load_pairs(job, encoder.loaded.image_size)
     images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids
     started = time.perf_counter()
-    image_features = encoder.encode_images(images)
+    # one pass computes every token mode the poolings ask for (rows are pooling x token mode)
+    modes = tuple(dict.fromkeys((FINAL, *image_token_modes([bind_pooling(s) for s in job.poolings]))))
+    image_features = encoder.encode_images(images, modes)
     text_features = encoder.encode_texts(captions)
     forward_seconds = time.perf_counter() - started
     heads = {}
@@ -147,12 +150,13 @@ def run_compare(job: CompareJob) -> dict:
                 t = time.perf_counter()
                 probe = bind_pooling(spec)
                 p = probe.params
-                state = fit_netvlad([(image_features.tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
+                tokens = image_features.in_mode(probe.token_mode).tokens
+                state = fit_netvlad([(tokens, image_features.mask)], p.clusters, p.alpha, p.pca_dim)
                 fit_seconds = time.perf_counter() - t
                 Path(job.out_dir).mkdir(parents=True, exist_ok=True)  # reusable: `embed --pooling-state FILE`
                 state.save(Path(job.out_dir) / f"state-{spec.replace(':', '-').replace(';', '-')}.safetensors")
             if spec not in heads:
-                pooling = bind_pooling(spec, state)
+                pooling = bind_pooling(spec, state, text_final_tokens=True)  # texts as a collection pools them
             t = time.perf_counter()
             image_vectors = pooling(image_features).numpy()
             pooling_seconds = time.perf_counter() - t
@@ -182,7 +186,7 @@ def run_compare(job: CompareJob) -> dict:
                         image_vectors, image_vectors, captions=captions, labels=pairs.labels,
                         image_keys=keys)["image_to_image"]}
             rows.append({
-                "pooling": spec, "dim": int(image_vectors.shape[1]),
+                "pooling": spec, "tokens": getattr(pooling, "token_mode", FINAL), "dim": int(image_vectors.shape[1]),
                 "metrics": {task: m.as_dict() for task, m in metrics.items()},
                 "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
                 "fit_seconds": fit_seconds, "index_build_seconds": build_seconds,

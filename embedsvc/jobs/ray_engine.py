@@ -18,12 +18,13 @@ class EmbedActor:
     def __init__(self, model: str, targets: list[dict], device: str = "auto"):
         from embedsvc.encoder import ClipEncoder
         from embedsvc.models import get_model_spec, load_model
-        from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling
+        from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, image_token_modes
 
         self.encoder = ClipEncoder(load_model(get_model_spec(model), device=device))
         self.poolings = [bind_pooling(PoolingSpec(t["pooling"], t["params"]),
                                       NetVLADState.from_bytes(t["state"]) if t["state"] else None) for t in targets]
         self.dims = [t["dim"] for t in targets]
+        self.modes = image_token_modes(self.poolings)
 
     def __call__(self, batch: dict) -> dict:
         from embedsvc.encoder.images import decode_image
@@ -43,7 +44,7 @@ class EmbedActor:
                 reasons.append(str(exc))
         good = [i for i, image in enumerate(images) if image is not None]
         out = {"id": batch["id"], "reason": np.array(reasons, dtype=object)}
-        features = self.encoder.encode_images([images[i] for i in good]) if good else None
+        features = self.encoder.encode_images([images[i] for i in good], self.modes) if good else None
         for k, (pooling, dim) in enumerate(zip(self.poolings, self.dims)):
             vectors = np.zeros((len(reasons), dim), dtype=np.float32)
             if features is not None:

@@ -11,6 +11,11 @@ IMAGE = "image"
 TEXT = "text"
 MODALITIES = (IMAGE, TEXT)
 
+# Token modes: how a ViT's last block computes the patch tokens (docs/token-modes.md). `final` is the real
+# last block (the only mode of text and ResNet towers); the others recompute it from the same trunk.
+FINAL = "final"
+TOKEN_MODES = (FINAL, "maskclip", "clearclip", "sclip", "naclip")
+
 
 @dataclass
 class TokenFeatures:
@@ -32,6 +37,10 @@ class TokenFeatures:
     grid: Optional[tuple[int, int]] = None
     # Per input: True when the text was cut to the context length.
     truncated: list[bool] = field(default_factory=list)
+    # The token mode `tokens` were computed with (see TOKEN_MODES).
+    mode: str = FINAL
+    # Tokens of the same inputs under other token modes, from the same forward pass: mode -> [B, N, D].
+    other_modes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         b, n, d = self.tokens.shape
@@ -42,8 +51,32 @@ class TokenFeatures:
         if not self.truncated:
             self.truncated = [False] * b
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.mode, *self.other_modes)
+
+    def in_mode(self, mode: str) -> "TokenFeatures":
+        """These inputs' features with the tokens of `mode` (which must have been computed)."""
+        if mode == self.mode:
+            return self
+        if mode not in self.other_modes:
+            raise KeyError(f"token mode {mode!r} was not computed for these features (have {', '.join(self.modes)})")
+        return TokenFeatures(self.modality, self.other_modes[mode], self.mask, self.native, self.grid,
+                             self.truncated, mode)
+
     def select(self, index: list[int]) -> "TokenFeatures":
         """The features of a subset of the batch, in the given order."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)
         return TokenFeatures(self.modality, self.tokens[idx], self.mask[idx], self.native[idx], self.grid,
-                             [self.truncated[i] for i in index])
+                             [self.truncated[i] for i in index], self.mode,
+                             {m: t[idx] for m, t in self.other_modes.items()})
+
+    @staticmethod
+    def concat(parts: list["TokenFeatures"]) -> "TokenFeatures":
+        """The features of several batches (same modality and modes), rows in order."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        return TokenFeatures(first.modality, torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
+                             torch.cat([p.native for p in parts]), first.grid, [t for p in parts for t in p.truncated],
+                             first.mode, {m: torch.cat([p.other_modes[m] for p in parts]) for m in first.other_modes})

@@ -14,9 +14,9 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
-from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
+from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TOKEN_MODES, TokenFeatures
 from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
-                             UnknownPooling, quoted)
+                             UnknownPooling, UnsupportedTokenMode, quoted)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
@@ -25,15 +25,28 @@ from embedsvc.pooling.spp import spatial_pyramid
 # -- parameters -----------------------------------------------------------------------------------
 
 
+# The values of every patch pooling's `tokens` parameter (validated by parse_params like any Literal).
+TokenMode = Literal[TOKEN_MODES]
+
+
 @dataclass(frozen=True)
 class NoParams:
     """Poolings without parameters."""
 
 
 @dataclass(frozen=True)
+class TokenParams:
+    # Token mode of the image patch tokens pooled (docs/token-modes.md): final (the model's own), maskclip,
+    # clearclip, sclip, naclip (ViT towers only). Texts always pool their own (final) tokens.
+    tokens: TokenMode = FINAL
+
+
+@dataclass(frozen=True)
 class GemParams:
     # Generalised-mean exponent: 1 is the mean, large values approach the max. Range (0, 64].
     p: float = 3.0
+    # Token mode of the image patch tokens pooled (see TokenParams).
+    tokens: TokenMode = FINAL
 
     def validate(self) -> None:
         if not 0 < self.p <= 64:
@@ -50,6 +63,8 @@ class NetVLADParams:
     pca_dim: int = 0
     # What a text is aggregated from: its tokens (SOT..EOT) or its native vector as a single descriptor.
     text_descriptors: Literal["tokens", "native"] = "tokens"
+    # Token mode of the image patch tokens aggregated (see TokenParams); the codebook is fitted on them.
+    tokens: TokenMode = FINAL
 
     def validate(self) -> None:
         if not 2 <= self.clusters <= 1024:
@@ -68,6 +83,8 @@ class SppParams:
     region: Literal["max", "avg"] = "max"
     # "sum": L2 per region, summed, L2 (D dims, text-comparable); "concat": sum(l^2)*D dims, image only.
     combine: Literal["sum", "concat"] = "sum"
+    # Token mode of the image patch tokens pooled (see TokenParams).
+    tokens: TokenMode = FINAL
 
     def validate(self) -> None:
         if not self.levels or any(not 1 <= level <= 16 for level in self.levels):
@@ -194,8 +211,8 @@ POOLINGS: dict[str, PoolingDef] = {
     d.name: d
     for d in (
         PoolingDef("cls", "the model's native pooled embedding (open_clip encode_image / encode_text)", NoParams, _cls),
-        PoolingDef("avg", "global average of the tokens (patches; text SOT..EOT)", NoParams, _avg),
-        PoolingDef("max", "global max per dimension over the tokens", NoParams, _max),
+        PoolingDef("avg", "global average of the tokens (patches; text SOT..EOT)", TokenParams, _avg),
+        PoolingDef("max", "global max per dimension over the tokens", TokenParams, _max),
         PoolingDef("gem", "generalised mean with exponent p, signed: sign(m)|m|^(1/p), m = mean(sign(x)|x|^p)",
                    GemParams, _gem),
         PoolingDef("netvlad", "NetVLAD residual aggregation over a fitted k-means codebook (K*D or PCA dims)",
@@ -224,7 +241,8 @@ class PoolingSpec:
 
     @classmethod
     def parse(cls, text: str) -> "PoolingSpec":
-        """'gem', 'gem:p=4' or 'spp:levels=1,2;combine=concat' (';' separates parameters)."""
+        """'gem', 'gem:p=4', 'avg:tokens=clearclip' or 'spp:levels=1,2;combine=concat' (';' separates
+        parameters)."""
         name, _, rest = text.partition(":")
         params = {}
         for part in filter(None, (p.strip() for p in rest.split(";"))):
@@ -242,10 +260,21 @@ class BoundPooling:
     definition: PoolingDef
     params: Any
     state: Optional[NetVLADState] = None
+    # A collection's pooling: texts (queries) pool the text tower's own tokens whatever the image token
+    # mode. Otherwise (Embed) a text input with a token mode other than `final` is refused.
+    text_final_tokens: bool = False
 
     @property
     def name(self) -> str:
         return self.definition.name
+
+    @property
+    def token_mode(self) -> str:
+        """The token mode of the image patch tokens this pooling reads."""
+        return getattr(self.params, "tokens", FINAL)
+
+    def mode_for(self, modality: str) -> str:
+        return FINAL if modality == TEXT else self.token_mode
 
     def output_dim(self, embed_dim: int) -> int:
         return self.definition.output_dim(self.params, embed_dim, self.state)
@@ -257,6 +286,10 @@ class BoundPooling:
         reason = reason or self.definition.refuses(self.params, modality)
         if reason:
             raise ModalityNotSupported(reason)
+        if modality == TEXT and self.token_mode != FINAL and not self.text_final_tokens:
+            raise UnsupportedTokenMode(f"{self.name}: tokens={self.token_mode} does not apply to text inputs: the "
+                                       f"text tower has one token mode, {FINAL}; embed texts with tokens={FINAL} "
+                                       f"(collections do this for text queries)")
 
     def check_ready(self) -> None:
         """Refuses a learned pooling without state, before any compute is spent on it."""
@@ -269,6 +302,7 @@ class BoundPooling:
         """[B, out] L2-normalised float32 vectors."""
         self.check_ready()
         self.check_modality(features.modality)
+        features = features.in_mode(self.mode_for(features.modality))
         out = l2_normalize(self.definition.fn(features, self.params, self.state).float())
         if not torch.isfinite(out).all():  # a last wall: no pooling answers OK with NaN or infinity
             raise NonFiniteVector(f"pooling {self.name} produced a non-finite vector for this input (numerical "
@@ -276,7 +310,14 @@ class BoundPooling:
         return out
 
 
-def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None) -> BoundPooling:
+def image_token_modes(poolings: list[BoundPooling]) -> tuple[str, ...]:
+    """The token modes an image forward pass must compute to feed all these poolings (native and
+    `cls` come with every mode); `final` when none needs patch tokens."""
+    return tuple(dict.fromkeys(p.token_mode for p in poolings)) or (FINAL,)
+
+
+def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None,
+                 text_final_tokens: bool = False) -> BoundPooling:
     """Resolves a spec against the registry and validates its parameters."""
     if isinstance(spec, str):
         spec = PoolingSpec.parse(spec)
@@ -285,7 +326,7 @@ def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None) 
     except KeyError:
         raise UnknownPooling(f"unknown pooling {quoted(spec.name)}; available: {', '.join(POOLINGS)}") from None
     params = parse_params(spec.name, definition.params_cls, dict(spec.params))
-    return BoundPooling(definition, params, state)
+    return BoundPooling(definition, params, state, text_final_tokens)
 
 
 def apply_poolings(features: TokenFeatures, poolings: list[BoundPooling]) -> list[torch.Tensor]:

@@ -18,6 +18,8 @@ instead of piling up. A request cancelled while it waits (deadline, client gone)
 costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split into parts of at most that size.
 A request may pass `finish`, run in the model thread on its own slice of the features (poolings, copies
 to numpy), so no per-item work is left for the event loop; an error there fails that request alone.
+A request names the token modes it needs; a batch computes the union of its requests' modes in its one
+pass (modes share the trunk, so mixing them costs only extra last blocks).
 """
 
 from __future__ import annotations
@@ -29,10 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
-
 from embedsvc.errors import ResourceExhausted
-from embedsvc.pooling.features import TokenFeatures
+from embedsvc.pooling.features import FINAL, TokenFeatures
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,13 @@ class _Pending:
     inputs: list
     future: asyncio.Future
     finish: Optional[Callable[[TokenFeatures], Any]] = None
+    modes: tuple[str, ...] = (FINAL,)
 
 
 class DynamicBatcher:
-    """Coalesces requests for one encoder function (texts or image tensors -> TokenFeatures)."""
+    """Coalesces requests for one encoder function ((texts or image tensors, token modes) -> TokenFeatures)."""
 
-    def __init__(self, name: str, encode: Callable[[list], TokenFeatures], executor: ThreadPoolExecutor,
+    def __init__(self, name: str, encode: Callable[[list, tuple], TokenFeatures], executor: ThreadPoolExecutor,
                  max_batch: int, max_delay_s: float, max_queue: int,
                  on_batch: Optional[Callable[[str, int, int], None]] = None,
                  model_free: Optional[asyncio.Lock] = None):
@@ -67,9 +68,11 @@ class DynamicBatcher:
         self._last_end = float("-inf")  # loop time the previous forward finished
         self._worker: Optional[asyncio.Task] = None
 
-    async def submit(self, inputs: list, finish: Optional[Callable[[TokenFeatures], Any]] = None) -> Any:
-        """The inputs' TokenFeatures; with `finish`, the list of finish(features) per part of at most
-        max_batch inputs (one element unless the request was split), computed in the model thread."""
+    async def submit(self, inputs: list, finish: Optional[Callable[[TokenFeatures], Any]] = None,
+                     modes: tuple[str, ...] = (FINAL,)) -> Any:
+        """The inputs' TokenFeatures, with (at least) the token `modes`; with `finish`, the list of
+        finish(features) per part of at most max_batch inputs (one element unless the request was split),
+        computed in the model thread."""
         if not inputs:
             raise ValueError("submit needs at least one input")
         if self.queued_inputs + len(inputs) > self.max_queue:
@@ -78,7 +81,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.name}")
-        pending = [_Pending(inputs[i:i + self.max_batch], loop.create_future(), finish)
+        pending = [_Pending(inputs[i:i + self.max_batch], loop.create_future(), finish, tuple(modes))
                    for i in range(0, len(inputs), self.max_batch)]
         self.queued_inputs += len(inputs)
         self._queue.extend(pending)
@@ -91,7 +94,7 @@ class DynamicBatcher:
             raise
         if finish is not None:
             return results
-        return results[0] if len(results) == 1 else _concat(results)
+        return TokenFeatures.concat(results)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,7 +171,8 @@ class DynamicBatcher:
         taken = {id(p) for p in running}
         if not running:
             return [cancelled] * len(live), 0
-        features = self.encode([x for p in running for x in p.inputs])
+        modes = tuple(dict.fromkeys(m for p in running for m in p.modes))
+        features = self.encode([x for p in running for x in p.inputs], modes)
         outcomes, start = [], 0
         for p in live:
             if id(p) not in taken:
@@ -195,12 +199,7 @@ class DynamicBatcher:
 
 
 def _rows(features: TokenFeatures, start: int, stop: int) -> TokenFeatures:
-    """Rows start:stop of a batch, as views (no copy)."""
+    """Rows start:stop of a batch, as views (no copy), every token mode included."""
     return TokenFeatures(features.modality, features.tokens[start:stop], features.mask[start:stop],
-                         features.native[start:stop], features.grid, features.truncated[start:stop])
-
-
-def _concat(parts: list[TokenFeatures]) -> TokenFeatures:
-    first = parts[0]
-    return TokenFeatures(first.modality, torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
-                         torch.cat([p.native for p in parts]), first.grid, [t for p in parts for t in p.truncated])
+                         features.native[start:stop], features.grid, features.truncated[start:stop], features.mode,
+                         {m: t[start:stop] for m, t in features.other_modes.items()})

@@ -23,7 +23,8 @@ from embedsvc.encoder.images import check_resized_size, decode_image, header_pix
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import get_model_spec, load_model
 from embedsvc.models.registry import register_models_file
-from embedsvc.pooling import BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, params_to_strings
+from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
+                              params_to_strings)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
@@ -130,9 +131,9 @@ class ModelRuntime:
         name = encoder.loaded.spec.name
         delay = config.max_batch_delay_ms / 1000
         model_free = asyncio.Lock()  # one forward at a time: the other tower keeps gathering meanwhile
-        self.text = DynamicBatcher(f"{name}/text", encoder.encode_texts, self.executor, config.max_batch_size,
-                                   delay, config.max_queue, on_batch, model_free)
-        self.image = DynamicBatcher(f"{name}/image", lambda xs: encoder.encode_images(torch.stack(xs)),
+        self.text = DynamicBatcher(f"{name}/text", lambda xs, modes: encoder.encode_texts(xs), self.executor,
+                                   config.max_batch_size, delay, config.max_queue, on_batch, model_free)
+        self.image = DynamicBatcher(f"{name}/image", lambda xs, modes: encoder.encode_images(torch.stack(xs), modes),
                                     self.executor, config.max_batch_size, delay, config.max_queue, on_batch,
                                     model_free)
 
@@ -242,9 +243,13 @@ class Engine:
                 task.cancel()
 
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
-                       finish: Optional[Callable[[TokenFeatures], Any]] = None) -> list[tuple[list[int], Any]]:
+                       finish: Optional[Callable[[TokenFeatures], Any]] = None,
+                       poolings: Sequence[BoundPooling] = ()) -> list[tuple[list[int], Any]]:
         """Per tower, (indexes of its contents, what the batcher returned for them): TokenFeatures of the
-        whole group, or with `finish`, finish(features) per batcher part, computed in the model thread."""
+        whole group, or with `finish`, finish(features) per batcher part, computed in the model thread.
+        Image features carry the token modes `poolings` read."""
+        modes = image_token_modes(list(poolings))
+        runtime.encoder.check_token_modes(modes)
         for i, content in enumerate(contents):
             self._check_content(content, f"{where} {i}")
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
@@ -258,7 +263,7 @@ class Engine:
         if texts:
             jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
         if images:
-            jobs.append(runtime.image.submit(list(pixels), finish))
+            jobs.append(runtime.image.submit(list(pixels), finish, modes))
         results = await asyncio.gather(*jobs)
         return list(zip([x for x in (texts, images) if x], results))
 
@@ -269,7 +274,7 @@ class Engine:
         def finish(f: TokenFeatures):
             return [pooling(f).cpu().numpy() for pooling in poolings], f.truncated, f if include_tokens else None
 
-        groups = await self.features(runtime, contents, where, finish)
+        groups = await self.features(runtime, contents, where, finish, poolings)
         n = len(contents)
         vectors: list[Optional[np.ndarray]] = [None] * len(poolings)
         truncated = np.zeros(n, dtype=bool)
@@ -332,6 +337,7 @@ class Engine:
         get_model_spec(model)  # NOT_FOUND before anything is loaded
         bound = bind_pooling(pooling or PoolingSpec("cls"))
         runtime = await self.runtime_async(model)
+        runtime.encoder.check_token_modes((bound.token_mode,))
         config = CollectionConfig(name, bound.output_dim(runtime.encoder.loaded.embed_dim), model=model,
                                   pooling=bound.name, pooling_params=params_to_strings(bound.params),
                                   metric=metric, index=index or "flat")
@@ -347,7 +353,7 @@ class Engine:
             if info.pooling_version:
                 blob = await self.run_blocking(self.store.pooling_state, info.config.name)
                 state = NetVLADState.from_bytes(blob)
-            cached = self._poolings[info.uid] = (info.pooling_version, bind_pooling(spec, state))
+            cached = self._poolings[info.uid] = (info.pooling_version, bind_pooling(spec, state, text_final_tokens=True))
         return cached[1]
 
     async def _embed_for(self, info: CollectionInfo, contents: Sequence[Content], where: str
@@ -528,10 +534,11 @@ class Engine:
         runtime = await self.runtime_async(info.config.model)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
-            groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample")
+            groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample",
+                                         poolings=[bound])
             features += [f for _, f in groups]
         p = bound.params
-        token_sets = [(f.tokens, f.mask) for f in features]
+        token_sets = [(f.in_mode(bound.mode_for(f.modality)).tokens, f.mask) for f in features]
         state = await asyncio.get_running_loop().run_in_executor(
             self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors))
         if state.output_dim != info.config.dim:

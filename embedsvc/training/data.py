@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from embedsvc.datasets.manifest import read_manifest
+from embedsvc.datasets.augment import render_augmented
 from embedsvc.datasets.scenes import generate_scene, render_scene, scene_captions
 from embedsvc.encoder.images import decode_image
 from embedsvc.errors import EmbedsvcError, InvalidInput
@@ -52,9 +53,14 @@ def _pixels(images, preprocess: Callable) -> torch.Tensor:
     return torch.stack([preprocess(image) for image in images])
 
 
-def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0) -> PairData:
+def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0,
+                augment: float = 0.0) -> PairData:
+    """`augment`: the share of scenes drawn by the augmented renderer instead of the plain one (the
+    choice per scene is a fixed function of its index, so a data set is reproducible)."""
     scenes = [generate_scene(split, i) for i in range(start, start + count)]
-    pixels = _pixels((render_scene(s, image_size) for s in scenes), preprocess)
+    chosen = np.random.default_rng([len(split), 0xA06]).random(start + count)[start:] < augment
+    pixels = _pixels(((render_augmented if pick else render_scene)(s, image_size) for s, pick in zip(scenes, chosen)),
+                     preprocess)
     captions = [tokenizer(scene_captions(s)) for s in scenes]
     return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
 

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embedsvc.encoder.encoder import text_forward, text_tower
+from embedsvc.encoder.token_modes import FINAL, vit_forward
 from embedsvc.errors import InvalidInput
+from embedsvc.pooling.functional import masked_max, masked_mean, signed_gem
 from embedsvc.progress import Progress
 from embedsvc.eval import cross_modal_metrics
 from embedsvc.training.data import PairData, manifest_pairs, scene_pairs
@@ -47,6 +50,12 @@ class TrainConfig:
     data: str = "scenes"
     # Scenes to render for training (data=scenes).
     train_size: int = 20_000
+    # Share of training scenes drawn by the augmented renderer (free placement and size, rotations, other
+    # backgrounds, outlines, aliasing, colour jitter; embedsvc.datasets.augment); 0: the plain renderer only.
+    augment: float = 0.0
+    # Patch-token poolings ("avg,max", also "gem") whose contrastive loss against the text is added to the
+    # native embedding's, so that pooled patch tokens align with text too (ViT towers); "": native only.
+    token_losses: str = ""
     # Held-out pairs for the recall in the model card: the scenes test split, or a slice of the manifest.
     eval_size: int = 1000
     # A separate manifest to evaluate on (its first eval_size usable rows); training then uses all of `data`.
@@ -118,6 +127,14 @@ def _build(config: TrainConfig, device: torch.device):
     return name, model, preprocess, open_clip.get_tokenizer(name), config_file
 
 
+def _init_source(config: TrainConfig) -> str:
+    if not config.init:
+        return "random weights"
+    from embedsvc.models import get_model_spec
+
+    return f"{config.init} ({get_model_spec(config.init).weights})"
+
+
 def _build_from(config: TrainConfig, device: torch.device):
     """Starts from a registered model: its architecture config (written out beside the result) and weights."""
     import open_clip
@@ -186,15 +203,20 @@ def train(config: TrainConfig) -> TrainResult:
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
     name, model, preprocess, tokenizer, config_file = _build(config, device)
+    token_pools = _token_pools(config.token_losses, model)
+    if not 0 <= config.augment <= 1:
+        raise InvalidInput(f"--augment is a share of the training scenes, in [0, 1]; got {config.augment}")
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
 
     log.info("preparing data (%s)", config.data)
     if config.data == "scenes":
-        train_data = scene_pairs("train", config.train_size, preprocess, tokenizer, image_size)
+        train_data = scene_pairs("train", config.train_size, preprocess, tokenizer, image_size,
+                                 augment=config.augment)
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
         data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
-                     f"{config.train_size - 1}); held-out: {config.eval_size} scenes of split 'test'")
+                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
+                     f"of split 'test'")
     elif config.eval_data:
         train_data = manifest_pairs(config.data, preprocess, tokenizer)
         eval_data = manifest_pairs(config.eval_data, preprocess, tokenizer)
@@ -230,8 +252,7 @@ def train(config: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         images, texts = train_data.sample_batch(rng, config.batch_size, config.primary_share)
-        image_features, text_features, logit_scale = model(images.to(device), texts.to(device))
-        loss = loss_fn(image_features, text_features, logit_scale)
+        loss = _loss(model, images.to(device), texts.to(device), loss_fn, token_pools)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -261,6 +282,40 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(checkpoint, config_file, card, metrics, seconds, train_data.skipped)
 
 
+_TOKEN_POOLS = {"avg": masked_mean, "max": masked_max, "gem": lambda t, m: signed_gem(t, m, 3.0)}
+
+
+def _token_pools(spec: str, model) -> dict:
+    """The pooling functions named by --token-losses, checked before any data is prepared."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _TOKEN_POOLS]
+    if unknown:
+        raise InvalidInput(f"--token-losses: unknown pooling(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(_TOKEN_POOLS)}")
+    if names and not hasattr(model.visual, "transformer"):
+        raise InvalidInput("--token-losses needs a ViT image tower (patch tokens)")
+    return {n: _TOKEN_POOLS[n] for n in names}
+
+
+def _loss(model, images: torch.Tensor, texts: torch.Tensor, loss_fn, token_pools: dict) -> torch.Tensor:
+    """The contrastive loss of the native embeddings plus, per pooling in `token_pools`, that of the pooled
+    projected image patch tokens against the same pooling of the texts' tokens (SOT..EOT): exactly the
+    vectors that pooling gives each modality at serving time. One forward pass per tower feeds all."""
+    if not token_pools:
+        image_features, text_features, logit_scale = model(images, texts)
+        return loss_fn(image_features, text_features, logit_scale)
+    logit_scale = model.logit_scale.exp()
+    image_native, image_tokens = vit_forward(model.visual, images)
+    image_tokens = image_tokens[FINAL]
+    image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
+    text_native, text_tokens, text_mask = text_forward(text_tower(model, "trained model"), texts)
+    loss = loss_fn(F.normalize(image_native, dim=-1), F.normalize(text_native, dim=-1), logit_scale)
+    for pool in token_pools.values():
+        loss = loss + loss_fn(F.normalize(pool(image_tokens, image_mask), dim=-1),
+                              F.normalize(pool(text_tokens, text_mask), dim=-1), logit_scale)
+    return loss
+
+
 def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metrics: dict, history: list,
                 prep_seconds: float, train_seconds: float, device, checkpoint: Path) -> Path:
     info = {
@@ -282,7 +337,8 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
 Trained with `embedsvc train` (open_clip contrastive loss, AdamW, warm-up + cosine schedule).
 
 - Data: {data_desc}
-- Image pooling trained: {config.image_pool}
+- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}
+- Initialised from: {_init_source(config)}
 - Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
 - Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
 - Checkpoint: {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.1f} MB, {config.save_dtype})
