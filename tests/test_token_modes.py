@@ -1,4 +1,4 @@
-"""Token modes (docs/token-modes.md) against plain re-implementations of each paper's formula on a random
+"""Token modes (docs/pooling.md) against plain re-implementations of each paper's formula on a random
 ViT-B-32, `cls` parity with every mode asked, one trunk for several modes, and refusals through the service."""
 
 from __future__ import annotations

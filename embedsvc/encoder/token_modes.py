@@ -1,5 +1,5 @@
 """Token modes: other computations of a ViT's last residual attention block, for patch tokens that align
-with text (see docs/token-modes.md for the formulas and papers).
+with text (see docs/pooling.md for the formulas and papers).
 
 One trunk pass runs every block but the last; the real last block gives the native embedding and the
 `final` tokens, and each other requested mode recomputes only the last block from that block's input.

@@ -11,7 +11,7 @@ IMAGE = "image"
 TEXT = "text"
 MODALITIES = (IMAGE, TEXT)
 
-# Token modes: how a ViT's last block computes the patch tokens (docs/token-modes.md). `final` is the real
+# Token modes: how a ViT's last block computes the patch tokens (docs/pooling.md). `final` is the real
 # last block (the only mode of text and ResNet towers); the others recompute it from the same trunk.
 FINAL = "final"
 TOKEN_MODES = (FINAL, "maskclip", "clearclip", "sclip", "naclip")

@@ -36,7 +36,7 @@ class NoParams:
 
 @dataclass(frozen=True)
 class TokenParams:
-    # Token mode of the image patch tokens pooled (docs/token-modes.md): final (the model's own), maskclip,
+    # Token mode of the image patch tokens pooled (docs/pooling.md): final (the model's own), maskclip,
     # clearclip, sclip, naclip (ViT towers only). Texts always pool their own (final) tokens.
     tokens: TokenMode = FINAL
 
