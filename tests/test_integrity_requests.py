@@ -21,7 +21,7 @@ from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import running_server, tiny_config
+from serving import model_busy, running_server, tiny_config
 
 TOKEN = "t" * 24
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -118,17 +118,17 @@ def test_half_open_calls_end_after_the_message_timeout(tiny_spec, tmp_path):
 
 def test_excess_rpcs_wait_for_a_slot_then_are_refused(tiny_spec, tmp_path):
     """max_concurrent_rpcs run, max_waiting_rpcs wait (the README's promise), the next is RESOURCE_EXHAUSTED."""
-    config = tiny_config(tiny_spec, tmp_path / "d", max_concurrent_rpcs=1, max_waiting_rpcs=1,
-                         max_batch_delay_ms=3000)  # each Embed holds its slot for 3 s in the batcher
+    config = tiny_config(tiny_spec, tmp_path / "d", max_concurrent_rpcs=1, max_waiting_rpcs=1)
     with running_server(config) as server, Client(server.address, timeout=60) as c:
         c.embed(["warm-up"])
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(2) as pool, model_busy(server) as release:  # the first Embed holds its slot
             running = pool.submit(c.embed, ["first"])
             time.sleep(0.5)
             waiting = pool.submit(c.embed, ["second"])
             time.sleep(0.5)
             with pytest.raises(EmbedsvcClientError) as info:
                 c.embed(["third"])
+            release.set()
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in info.value.details
             assert running.result().vectors["cls"].shape[0] == 1 and waiting.result().vectors["cls"].shape[0] == 1
 
