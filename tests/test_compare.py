@@ -70,6 +70,7 @@ def test_token_modes_are_rows(tmp_path):
     for spec in specs[1:3]:
         pooling = bind_pooling(spec, text_final_tokens=True)
         vectors = embed(encoder, texts + images, [pooling]).vectors[0]
-        expected = cross_modal_metrics(vectors[200:], vectors[:200], [s.object_key() for s in scenes])
+        expected = cross_modal_metrics(vectors[200:], vectors[:200], captions=texts,
+                                       image_keys=[s.object_key() for s in scenes])
         assert rows[spec]["metrics"]["text_to_image"]["recall_at_1"] == expected["text_to_image"].recall_at_1
     assert "| avg:tokens=clearclip |" in (tmp_path / "results.md").read_text()
