@@ -10,6 +10,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: tests must never reach a hub
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker: workers side by side must not oversubscribe
+    torch.set_num_threads(1)
 
 TINY_ARCH = "embedsvc-test-tiny-vit"
 TINY_RN_ARCH = "embedsvc-test-tiny-rn"

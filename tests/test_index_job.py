@@ -128,6 +128,7 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
         assert diff < 1e-5, f"{name}: max difference {diff}"
 
 
+@pytest.mark.slow  # two more source formats end to end (9 s)
 def test_webdataset_and_parquet_sources(folder, tmp_path):
     import io
     import tarfile

@@ -126,6 +126,7 @@ def index(*args, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # two index jobs and a server (16 s)
 def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
     write_scenes(tmp_path / "photos", "val", 12, size=72)
     for f in (tmp_path / "photos").glob("manifest.*"):

@@ -71,6 +71,7 @@ def test_bad_options_are_clear_errors(tmp_path, overrides, message):
         train(config)
 
 
+@pytest.mark.slow  # two training runs (10 s)
 def test_fine_tune_with_token_losses_and_augmented_scenes(tmp_path):
     config_file = tmp_path / "mini.json"
     config_file.write_text(json.dumps(TINY_VIT_CONFIG))
