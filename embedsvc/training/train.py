@@ -117,14 +117,23 @@ def _build(config: TrainConfig, device: torch.device):
     model_cfg = json.loads(json.dumps(model_cfg))
     model_cfg.setdefault("vision_cfg", {})["pool_type"] = "tok" if config.image_pool == "cls" else "avg"
     name = config.name or arch
+    config_file = _register_output_config(config, name, model_cfg)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    return name, model, preprocess, open_clip.get_tokenizer(name), config_file
+
+
+def _register_output_config(config: TrainConfig, name: str, model_cfg: dict) -> Path:
+    """Writes the model config beside the checkpoint to come (where loading finds it), registers it with
+    open_clip under `name`, and seeds initialisation."""
+    import open_clip
+
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{name}.json"
     config_file.write_text(json.dumps(model_cfg, indent=2) + "\n")
     open_clip.add_model_config(str(config_file))
     torch.manual_seed(config.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-    return name, model, preprocess, open_clip.get_tokenizer(name), config_file
+    return config_file
 
 
 def _init_source(config: TrainConfig) -> str:
@@ -148,12 +157,7 @@ def _build_from(config: TrainConfig, device: torch.device):
     model_cfg = json.loads(Path(spec.config_file).read_text()) if spec.config_file else \
         open_clip.get_model_config(spec.architecture)
     name = config.name or spec.architecture
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_file = out / f"{name}.json"
-    config_file.write_text(json.dumps(model_cfg, indent=2) + "\n")
-    open_clip.add_model_config(str(config_file))
-    torch.manual_seed(config.seed)
+    config_file = _register_output_config(config, name, model_cfg)
     for p in loaded.model.parameters():
         p.requires_grad_(True)
     return name, loaded.model, loaded.preprocess, loaded.tokenizer, config_file
