@@ -47,6 +47,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow  # a server, two index jobs and fits (19 s)
 def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
@@ -195,6 +196,7 @@ def test_the_parser_and_remote_commands_import_no_torch():
               f"{total / 1e6:.2f} s (parser build {seconds} s)")
 
 
+@pytest.mark.slow  # four CLI processes (9 s)
 def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp_path):
     import os
 
