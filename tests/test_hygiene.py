@@ -24,7 +24,7 @@ def test_run_and_test_scripts_share_one_install(tmp_path):
         fake = venv / "bin" / tool
         fake.write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {log}\n")
         fake.chmod(0o755)
-    env = {**os.environ, "EMBEDSVC_VENV": str(venv)}
+    env = {**{k: v for k, v in os.environ.items() if k != "EMBEDSVC_TEST_WORKERS"}, "EMBEDSVC_VENV": str(venv)}
     subprocess.run([str(ROOT / "scripts" / "run.sh"), "--help"], env=env, check=True, timeout=60)
     stamp_after_run = (venv / ".embedsvc-installed").read_text()
     installs_after_run = log.read_text().count("pip install")
