@@ -29,7 +29,7 @@ def test_run_and_test_scripts_share_one_install(tmp_path):
     stamp_after_run = (venv / ".embedsvc-installed").read_text()
     installs_after_run = log.read_text().count("pip install")
     subprocess.run([str(ROOT / "scripts" / "test.sh"), "-q"], env=env, check=True, timeout=60)
-    assert "python -m pytest -n auto -m not slow -q" in log.read_text()  # test.sh ran (the recorder) after bootstrap
+    assert "python -m pytest -n auto --dist loadfile -m not slow -q" in log.read_text()  # test.sh ran (the recorder) after bootstrap
     assert (venv / ".embedsvc-installed").read_text() == stamp_after_run
     assert log.read_text().count("pip install") == installs_after_run == 2  # torch, then embedsvc[dev]
     assert "[dev]" in log.read_text()
