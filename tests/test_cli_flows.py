@@ -178,8 +178,11 @@ def test_every_command_a_message_names_exists():
 
 
 def test_the_parser_and_remote_commands_import_no_torch():
+    """Also the index job's modules (a job that sends images to a server decodes only) and serve's start-up
+    checks (a bad setting fails before torch loads)."""
     code = ("import sys, time; t = time.perf_counter(); from embedsvc.cli import build_parser; "
-            "[build_parser(a) for a in ([], ['search'], ['collections'])]; "
+            "[build_parser(a) for a in ([], ['search'], ['collections'], ['index'])]; "
+            "import embedsvc.jobs.index, embedsvc.service.preflight; "
             "print(round(time.perf_counter() - t, 3)); print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

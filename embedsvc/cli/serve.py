@@ -32,6 +32,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from embedsvc.service.logs import configure_logging
+    from embedsvc.service.preflight import check_settings
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
     options = model_options(args)
@@ -42,6 +43,7 @@ def run(args) -> int:
             overrides["preload_models"] = spec.name
     config = load_config(args.config, overrides=overrides)
     configure_logging(config.log_level, config.log_format)
+    check_settings(config)  # before the model and torch imports: a bad setting costs a fraction of a second
     return asyncio.run(serve(config))
 
 

@@ -82,13 +82,16 @@ def _label_column(job: CompareJob, rows) -> str:
     return next((c for c in ("label", "class") if c in columns), "")
 
 
-def _load_pairs(job: CompareJob, image_size: int) -> Pairs:
-    if job.data == "scenes":
-        from embedsvc.datasets import full_caption, generate_scene, render_scene
+def _scene_pairs(job: CompareJob, image_size: int) -> Pairs:
+    from embedsvc.datasets import full_caption, generate_scene, render_scene
 
-        scenes = [generate_scene("test", i) for i in range(job.size)]
-        return Pairs([render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes],
-                     [s.id for s in scenes], keys=[s.object_key() for s in scenes])
+    scenes = [generate_scene("test", i) for i in range(job.size)]
+    return Pairs([render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes],
+                 [s.id for s in scenes], keys=[s.object_key() for s in scenes])
+
+
+def _manifest_pairs(job: CompareJob) -> Pairs:
+    """Read and decoded before the model loads: a manifest with nothing usable fails at once."""
     from embedsvc.jobs.index import decode_record
     from embedsvc.jobs.sources import manifest_records
 
@@ -125,8 +128,9 @@ def run_compare(job: CompareJob) -> dict:
     from embedsvc.store import CollectionConfig, Item, Store
 
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
+    pairs = _manifest_pairs(job) if job.data != "scenes" else None
     encoder = ClipEncoder(load_model(spec_from_options(options, default=TINY_SCENES)))
-    pairs = _load_pairs(job, encoder.loaded.image_size)
+    pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
     images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids
     started = time.perf_counter()
     # one pass computes every token mode the poolings ask for (rows are pooling x token mode)

@@ -1,12 +1,24 @@
-"""Model specs, their registry, and loading open_clip models without touching the network."""
+"""Model specs, their registry, and loading open_clip models without touching the network.
 
-from embedsvc.models.device import resolve_device, resolve_precision
-from embedsvc.models.loader import LoadedModel, load_model
+The registry imports no torch (the CLI and the server's start-up checks use it before any model loads);
+the device and loader names are resolved on first use (PEP 562)."""
+
+import importlib
+
 from embedsvc.models.registry import (MODEL_REGISTRY, ModelOptions, ModelSpec, get_model_spec, register_model,
                                      register_models_file, resolve_model_spec, spec_from_options)
 from embedsvc.models.bundled import TINY_SCENES, register_bundled
 
 register_bundled()
+
+_LAZY = {"resolve_device": "device", "resolve_precision": "device", "LoadedModel": "loader", "load_model": "loader"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"embedsvc.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MODEL_REGISTRY",

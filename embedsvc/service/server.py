@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
-from pathlib import Path
 from typing import Optional
 
 import grpc
@@ -14,14 +12,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
-from embedsvc.models import get_model_spec, resolve_device, resolve_precision
+from embedsvc.models import resolve_device, resolve_precision
 from embedsvc.service.admission import AdmissionInterceptor
 from embedsvc.pooling import PoolingSpec
-from embedsvc.service.auth import AuthInterceptor, load_tokens
+from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.cpu import usable_cpus
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
+from embedsvc.service.preflight import check_settings
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
 from embedsvc.store import VectorStore, open_store
 from embedsvc.v1 import embedsvc_pb2 as pb
@@ -78,8 +77,7 @@ class EmbedsvcServer:
 
 async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store, preloads models."""
-    tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)  # bad settings fail before anything opens
-    credentials = _server_credentials(config)
+    tokens, credentials = check_settings(config)  # bad settings fail before anything opens
     resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
     store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
                        milvus_token=config.milvus_token, milvus_db=config.milvus_db,
@@ -88,7 +86,6 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     metrics = Metrics()
     try:
         engine = Engine(config, store, metrics)
-        get_model_spec(config.default_model)  # after the models file registered its models
     except BaseException:
         store.close()
         raise
@@ -152,36 +149,6 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
             store.close()
             raise
     return EmbedsvcServer(server, engine, store, health_servicer, metrics_http, http), port
-
-
-def _server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]:
-    if not config.tls_cert_file:
-        return None
-    try:
-        chain = Path(config.tls_cert_file).read_bytes()
-        key = Path(config.tls_key_file).read_bytes()
-        client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
-    except OSError as exc:
-        raise InvalidInput(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-    _check_key_pair(config.tls_cert_file, config.tls_key_file)
-    if client_ca is not None:
-        try:
-            ssl.create_default_context(cafile=config.tls_client_ca_file)
-        except (ssl.SSLError, ValueError) as exc:
-            raise InvalidInput(f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle "
-                               f"({exc})") from None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
-
-
-def _check_key_pair(cert_file: str, key_file: str) -> None:
-    """A PEM certificate chain and its private key, checked before binding: grpc reports a bad pair only as
-    a failed bind, which reads like "port in use"."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=lambda: b"")
-    except (ssl.SSLError, ValueError) as exc:
-        raise InvalidInput(f"TLS: tls_cert_file {cert_file} and tls_key_file {key_file} are not a PEM certificate "
-                           f"chain and its private key (swapped, or not PEM?): {exc}") from None
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:

@@ -68,7 +68,21 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
 LABEL_COLUMNS = ("label", "class")
 
 
-def manifest_pairs(manifest: str, preprocess: Callable, tokenizer) -> PairData:
+@dataclass
+class ManifestImages:
+    """A manifest's usable rows, decoded but not yet preprocessed: read before any model is built, so that
+    a manifest with nothing usable fails at once."""
+
+    images: list
+    captions: list[str]
+    ids: list[str]
+    # Rows that could not be used: (path, reason).
+    skipped: list[tuple[str, str]]
+    # Per row: its class label, or None when some usable row has none.
+    labels: list | None
+
+
+def read_manifest_images(manifest: str) -> ManifestImages:
     """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped.
     A `label` (else `class`) column that every usable row fills becomes the evaluation's class labels."""
     images, captions, ids, skipped, labels = [], [], [], [], []
@@ -85,12 +99,18 @@ def manifest_pairs(manifest: str, preprocess: Callable, tokenizer) -> PairData:
         except (OSError, EmbedsvcError) as exc:
             skipped.append((str(row.path), str(exc)))
             continue
-        captions.append(tokenizer([row.caption]))
+        captions.append(row.caption)
         ids.append(row.id)
         labels.append(next((row.metadata[c] for c in LABEL_COLUMNS if c in row.metadata), None))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     if not images:
         raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
-    return PairData(_pixels(images, preprocess), captions, ids, None, skipped,
-                    labels if all(label is not None for label in labels) else None)
+    return ManifestImages(images, captions, ids, skipped,
+                          labels if all(label is not None for label in labels) else None)
+
+
+def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer) -> PairData:
+    """The model's tensors for rows read by `read_manifest_images`."""
+    return PairData(_pixels(rows.images, preprocess), [tokenizer([c]) for c in rows.captions], list(rows.ids), None,
+                    list(rows.skipped), rows.labels)

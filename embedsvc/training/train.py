@@ -26,7 +26,7 @@ from embedsvc.errors import InvalidInput
 from embedsvc.pooling.functional import masked_max, masked_mean, signed_gem
 from embedsvc.progress import Progress
 from embedsvc.eval import cross_modal_metrics
-from embedsvc.training.data import PairData, manifest_pairs, scene_pairs
+from embedsvc.training.data import PairData, manifest_pairs, read_manifest_images, scene_pairs
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,16 @@ def train(config: TrainConfig) -> TrainResult:
     for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
         if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
             raise InvalidInput(f"manifest {manifest} does not exist")
+    if not 0 <= config.augment <= 1:
+        raise InvalidInput(f"--augment is a share of the training scenes, in [0, 1]; got {config.augment}")
     started = time.perf_counter()
+    # Manifests are read and decoded before the model is built: one with nothing usable fails at once.
+    train_rows = read_manifest_images(config.data) if config.data != "scenes" else None
+    eval_rows = read_manifest_images(config.eval_data) if train_rows and config.eval_data else None
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
     name, model, preprocess, tokenizer, config_file = _build(config, device)
     token_pools = _token_pools(config.token_losses, model)
-    if not 0 <= config.augment <= 1:
-        raise InvalidInput(f"--augment is a share of the training scenes, in [0, 1]; got {config.augment}")
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
 
@@ -222,8 +225,8 @@ def train(config: TrainConfig) -> TrainResult:
                      f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
                      f"of split 'test'")
     elif config.eval_data:
-        train_data = manifest_pairs(config.data, preprocess, tokenizer)
-        eval_data = manifest_pairs(config.eval_data, preprocess, tokenizer)
+        train_data = manifest_pairs(train_rows, preprocess, tokenizer)
+        eval_data = manifest_pairs(eval_rows, preprocess, tokenizer)
         n_eval = min(config.eval_size, len(eval_data))
         eval_data = PairData(eval_data.pixels[:n_eval], eval_data.captions[:n_eval], eval_data.ids[:n_eval], None,
                              eval_data.skipped, eval_data.labels[:n_eval] if eval_data.labels else None)
@@ -231,7 +234,7 @@ def train(config: TrainConfig) -> TrainResult:
         data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
                      f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
     else:
-        all_data = manifest_pairs(config.data, preprocess, tokenizer)
+        all_data = manifest_pairs(train_rows, preprocess, tokenizer)
         n_eval = min(config.eval_size, len(all_data) // 5)
         order = np.random.default_rng(config.seed).permutation(len(all_data))
         eval_index, train_index = order[:n_eval].tolist(), order[n_eval:].tolist()
