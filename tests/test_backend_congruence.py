@@ -296,3 +296,18 @@ def test_bound_expressions_carry_no_user_text():
     assert re.fullmatch(r'[a-z0-9_\[\]"{}=<> ()]+', text), text  # hex keys, placeholders, operators only
     assert expr.params == {"p0": HOSTILE_VALUES[0], "p1": 1.0, "p2": True, "p3": "x", "p4": 1.0, "p5": 2.5}
     assert text.count("{p") == 6 and " or " in text
+
+
+@pytest.mark.parametrize("backend", ["local", "milvus"])
+def test_a_fit_for_a_dropped_incarnation_is_refused(tmp_path, backend):
+    """A FitPooling that started before a drop and re-create must not install its codebook on the new
+    collection (whose name it shares): the state names the incarnation it was fitted for."""
+    store = open_backend(backend, tmp_path)
+    old = store.create_collection(CollectionConfig("v", DIM))
+    store.drop_collection("v")
+    new = store.create_collection(CollectionConfig("v", DIM))
+    with pytest.raises(Aborted):
+        store.set_pooling_state("v", b"fitted for the old one", uid=old.uid)
+    assert store.pooling_state("v") is None and store.get_collection("v").pooling_version == 0
+    assert store.set_pooling_state("v", b"fitted for this one", uid=new.uid) == 1
+    store.close()

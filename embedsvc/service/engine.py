@@ -543,7 +543,7 @@ class Engine:
             self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors))
         if state.output_dim != info.config.dim:
             raise FailedPrecondition(f"fitted state has dimension {state.output_dim}, collection {info.config.dim}")
-        await self.run_blocking(self.store.set_pooling_state, name, state.to_bytes())
+        await self.run_blocking(self.store.set_pooling_state, name, state.to_bytes(), True, info.uid)
         descriptors = int(sum(int(f.mask.sum()) for f in features))
         return await self.run_blocking(self.store.get_collection, name), descriptors, time.perf_counter() - started
 

@@ -27,7 +27,10 @@ class VectorStore(Protocol):
 
     def drop_collection(self, name: str) -> int: ...
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True) -> int: ...
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
+                          uid: Optional[str] = None) -> int:
+        """`uid`: the collection incarnation the state was fitted for; if it was dropped and re-created
+        since, nothing is stored (Aborted)."""
 
     def pooling_state(self, name: str) -> Optional[bytes]: ...
 

@@ -38,7 +38,7 @@ from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_ind
 from embedsvc.store.metadata import Condition, Filter, Value, refuse_mistyped, wanted_kinds
 from embedsvc.store.store import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
 from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
-                                   StoredItem, UpsertResult, prepare_items, prepare_queries, validate_id)
+                                   StoredItem, UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,11 @@ class MilvusStore:
                            **({"filter_params": expr.params} if expr.params else {}))
         return count
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True) -> int:
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
+                          uid: Optional[str] = None) -> int:
         """Writes the state as new immutable rows, then commits by rewriting the collection row."""
         record = self._record(name)
+        check_incarnation(name, record.uid, uid)
         count = self._count(record)
         if require_empty and count:
             raise FailedPrecondition(f"collection {name!r} holds {count} items embedded with the current pooling "
@@ -404,9 +406,7 @@ class MilvusStore:
         """Inserts or replaces items; acknowledged once Milvus has logged the write. Thumbnails are kept by
         the local back end only (Milvus holds vectors and metadata): a `uri` metadata field serves the page."""
         record = self._record(name)
-        if uid is not None and uid != record.uid:
-            raise Aborted(f"collection {name!r} was dropped and re-created while these items were embedded; "
-                          f"nothing was stored: retry")
+        check_incarnation(name, record.uid, uid)
         self._check_version(name, record, pooling_version)
         if not items:
             return UpsertResult(0, 0, self._count(record))

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedsvc.errors import InvalidInput, quoted
+from embedsvc.errors import Aborted, InvalidInput, quoted
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ID_BYTES = 512
@@ -135,6 +135,13 @@ def validate_vectors(vectors: np.ndarray, dim: int, what: str = "vector") -> np.
 MAX_INNER_PRODUCT_NORM = 1e18
 MAX_NPROBE = 65_536
 MAX_EF_SEARCH = 32_768
+
+
+def check_incarnation(name: str, current: str, expected: Optional[str]) -> None:
+    """Writes computed for a collection carry its uid: a dropped and re-created name must not receive them."""
+    if expected is not None and expected != current:
+        raise Aborted(f"collection {quoted(name)} was dropped and re-created while this request was computed; "
+                      f"nothing was stored: retry")
 
 
 def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str], np.ndarray, list[dict]]:

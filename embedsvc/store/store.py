@@ -25,14 +25,14 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
+from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.checkpoint import fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
-                                   UpsertResult, prepare_items, prepare_queries, validate_id)
+                                   UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
 from embedsvc.store.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -290,11 +290,13 @@ class Store:
                     fsync_dir(path.parent)
         return removed
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True) -> int:
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
+                          uid: Optional[str] = None) -> int:
         """Stores a fitted pooling state (e.g. NetVLAD codebook); vectors of an older state must not mix."""
         col = self._get(name)
         with col.lock.write():
             col.check_usable()
+            check_incarnation(name, col.uid, uid)
             if require_empty and col.label_of_id:
                 raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.label_of_id)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
@@ -324,9 +326,7 @@ class Store:
         `thumbnails` {id: (media type, bytes)}: small images for display, stored with the items.
         """
         col = self._get(name)
-        if uid is not None and uid != col.uid:
-            raise Aborted(f"collection {quoted(name)} was dropped and re-created while these items were embedded; "
-                          f"nothing was stored: retry")
+        check_incarnation(name, col.uid, uid)
         if not items:
             return UpsertResult(0, 0, len(col.label_of_id))
         ids, vectors, metadata = prepare_items(name, col.config, items)
