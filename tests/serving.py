@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from embedsvc.models import register_model
+from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_collection
 
@@ -75,6 +75,16 @@ def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerT
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def tiny_server(spec, data_dir, **overrides) -> Iterator[ServerThread]:
+    """A running server of `tiny_config(spec, data_dir, **overrides)`; the spec is unregistered afterwards."""
+    try:
+        with running_server(tiny_config(spec, data_dir, **overrides)) as server:
+            yield server
+    finally:
+        MODEL_REGISTRY.pop(spec.name, None)
 
 
 def tiny_config(spec, data_dir, **overrides) -> ServerConfig:

@@ -10,12 +10,12 @@ import pytest
 
 from embedsvc.client import Client
 from embedsvc.encoder import ClipEncoder, embed
-from embedsvc.models import MODEL_REGISTRY, load_model
+from embedsvc.models import load_model
 from embedsvc.pooling import PoolingSpec, bind_pooling
 from embedsvc.service.engine import ImageBytes, Text
 
 from conftest import png_bytes
-from serving import model_busy, running_server, tiny_config
+from serving import model_busy, tiny_server
 
 DELAY_MS = 2000
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "spp:levels=1,2"]
@@ -23,10 +23,8 @@ POOLINGS = ["cls", "avg", "max", "gem:p=3", "spp:levels=1,2"]
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), max_batch_delay_ms=DELAY_MS, max_batch_size=16)
-    with running_server(config) as s:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), max_batch_delay_ms=DELAY_MS, max_batch_size=16) as s:
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 def batch_stats(server, tower: str) -> tuple[float, float]:

@@ -14,11 +14,10 @@ import pytest
 from google.protobuf import json_format
 from PIL import Image
 
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.errors import HTTP_STATUS
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-from serving import running_server, tiny_config
+from serving import tiny_server
 
 TRANSPORTS = ("grpc", "http")
 VOLATILE = {"createdUnixMs", "seconds"}  # differ between two collections made a moment apart
@@ -89,9 +88,8 @@ HTTP = {  # rpc -> (method, path); the path's {name} comes from the request
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("congruence"), http_listen="127.0.0.1:0",
-                         max_items_per_request=32, store_thumbnails=True)
-    with running_server(config) as srv:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("congruence"), http_listen="127.0.0.1:0",
+                     max_items_per_request=32, store_thumbnails=True) as srv:
         engine = srv.server.engine
         from embedsvc.pooling import PoolingSpec
         from embedsvc.service import calls
@@ -112,7 +110,6 @@ def server(tiny_spec, tmp_path_factory):
         with httpx.Client(base_url=srv.http_url, timeout=60) as http:
             yield srv, channel, http
         channel.close()
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 async def _aiter(messages):

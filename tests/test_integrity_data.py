@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, Store
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
 
 from conftest import png_bytes
-from serving import running_server, tiny_config
+from serving import running_server, tiny_config, tiny_server
 from test_integrity_store_faults import problem_lines
 
 
@@ -165,9 +164,8 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    with running_server(tiny_config(tiny_spec, tmp_path_factory.mktemp("data"))) as s:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data")) as s:
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 @pytest.fixture

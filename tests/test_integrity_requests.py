@@ -16,12 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import model_busy, running_server, tiny_config
+from serving import model_busy, running_server, tiny_config, tiny_server
 
 TOKEN = "t" * 24
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -203,13 +202,11 @@ def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
 
 @pytest.fixture(scope="module")
 def fit_server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4,
-                         max_fit_bytes=3000)
-    with running_server(config) as server:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4,
+                     max_fit_bytes=3000) as server:
         with Client(server.address) as c:
             c.create_collection("vlad", pooling="netvlad:clusters=2")
         yield server
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 def _fit(server, messages):

@@ -16,11 +16,10 @@ import pytest
 from PIL import Image
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
-from serving import running_server, tiny_config
+from serving import tiny_server
 
 C = grpc.StatusCode
 TOKEN = "s" * 24
@@ -33,14 +32,12 @@ def server(tiny_spec, tmp_path_factory):
     tokens = folder / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"name": "ops", "token": TOKEN, "scopes": ["read", "write"]},
                                              {"name": "other", "token": "o" * 24, "scopes": ["read"]}]}))
-    config = tiny_config(tiny_spec, folder / "d", auth_tokens_file=str(tokens))
-    with running_server(config) as s:
+    with tiny_server(tiny_spec, folder / "d", auth_tokens_file=str(tokens)) as s:
         with Client(s.address, token=TOKEN) as c:
             c.create_collection("v", dim=3)
             c.upsert("v", [Item(f"i{k}", vector=[1, k, 0], metadata={"k": k}) for k in range(15)])
             c.create_collection("vlad", pooling="netvlad:clusters=2")
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 @pytest.fixture

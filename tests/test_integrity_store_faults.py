@@ -17,10 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.store import CollectionConfig, Item as StoreItem, Store
 
-from serving import running_server, tiny_config
+from serving import running_server, tiny_config, tiny_server
 
 C = grpc.StatusCode
 
@@ -35,10 +34,8 @@ def code_of(call) -> grpc.StatusCode:
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), checkpoint_every=3)
-    with running_server(config) as s:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), checkpoint_every=3) as s:
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 @pytest.fixture

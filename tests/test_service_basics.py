@@ -12,19 +12,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, Item,
                              NotFoundError)
 from embedsvc.encoder import ClipEncoder, embed
-from embedsvc.models import MODEL_REGISTRY, load_model
+from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
 
 from conftest import png_bytes
-from serving import running_server, tiny_config
+from serving import tiny_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0)
-    with running_server(config) as s:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0) as s:
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 @pytest.fixture

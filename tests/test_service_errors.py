@@ -11,27 +11,24 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.models import MODEL_REGISTRY
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import model_busy, running_server, tiny_config
+from serving import model_busy, tiny_server
 
 C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("data"), max_message_bytes=1_000_000, max_queue=8,
-                         max_items_per_request=50, max_top_k=100)
-    with running_server(config) as s:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), max_message_bytes=1_000_000, max_queue=8,
+                     max_items_per_request=50, max_top_k=100) as s:
         with Client(s.address) as c:
             c.create_collection("c", pooling="cls")
             c.create_collection("grid", pooling="spp:combine=concat")
             c.create_collection("vlad", pooling="netvlad:clusters=4")
             c.upsert("c", [Item(f"i{k}", image=png_bytes(color=(40 * k, 80, 200 - 40 * k))) for k in range(5)])
         yield s
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
 
 
 @pytest.fixture

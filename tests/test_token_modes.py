@@ -157,13 +157,12 @@ def test_modes_refused_where_the_tower_lacks_them(rn50_checkpoint, vit_b32):
 def client(tmp_path_factory, tiny_spec, tiny_rn_spec):
     from embedsvc.client import Client
     from embedsvc.models import MODEL_REGISTRY, register_model
-    from serving import running_server, tiny_config
+    from serving import tiny_server
 
     register_model(tiny_rn_spec, replace=True)
-    with running_server(tiny_config(tiny_spec, tmp_path_factory.mktemp("modes"))) as server:
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("modes")) as server:
         with Client(server.address, timeout=60) as c:
             yield c
-    MODEL_REGISTRY.pop(tiny_spec.name, None)
     MODEL_REGISTRY.pop(tiny_rn_spec.name, None)
 
 
