@@ -3,15 +3,13 @@ of `cls` with open_clip on the shipped checkpoint. Loads the checkpoint in the p
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from embedsvc.datasets import COLOURS, SHAPES, full_caption, generate_scene, render_scene
+from embedsvc.datasets import full_caption, generate_scene, render_scene
+from embedsvc.datasets.foreign import foreign_set, prompts_of, zero_shot_scores
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.eval import cross_modal_metrics
 from embedsvc.models import TINY_SCENES, get_model_spec, load_model
@@ -87,69 +85,22 @@ def test_cls_equals_open_clip_on_the_shipped_checkpoint(encoder, held_out):
 # -- foreign drawings: numpy rasteriser, other backgrounds, sizes and placements ----------------------
 
 
-def _polygon_mask(xx, yy, points) -> np.ndarray:
-    """Even-odd point-in-polygon test on a pixel grid (works for the non-convex star)."""
-    inside = np.zeros(xx.shape, dtype=bool)
-    n = len(points)
-    for i in range(n):
-        (x1, y1), (x2, y2) = points[i], points[(i + 1) % n]
-        crosses = ((y1 > yy) != (y2 > yy)) & (xx < (x2 - x1) * (yy - y1) / (y2 - y1 + 1e-12) + x1)
-        inside ^= crosses
-    return inside
-
-
-def draw_foreign(shape: str, colour: tuple, rng: np.random.Generator, size: int = 144) -> Image.Image:
-    """One shape drawn with numpy (not the scenes renderer): textured or plain light/dark background,
-    free placement (not on the 3x3 grid) and a continuous size."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    style = rng.integers(3)
-    if style == 0:
-        bg = np.stack(np.broadcast_arrays(*(np.full((size, size), c) for c in rng.integers(190, 250, 3))), -1)
-    elif style == 1:
-        bg = np.stack(np.broadcast_arrays(*(np.full((size, size), c) for c in rng.integers(20, 70, 3))), -1)
-    else:
-        checker = ((xx // 12 + yy // 12) % 2)[..., None]
-        bg = 110 + 40 * checker + np.zeros((1, 1, 3))
-    r = rng.uniform(0.12, 0.3) * size
-    cx, cy = rng.uniform(r + 4, size - r - 4, 2)
-    angle = rng.uniform(0, 2 * math.pi)
-    if shape == "circle":
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-    elif shape == "square":
-        mask = (np.abs(xx - cx) <= r * 0.8) & (np.abs(yy - cy) <= r * 0.8)
-    elif shape == "cross":
-        w = r * 0.35
-        mask = ((np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= w)) | ((np.abs(xx - cx) <= w) & (np.abs(yy - cy) <= r))
-    else:
-        n, inner, start = {"triangle": (3, None, -math.pi / 2), "hexagon": (6, None, angle),
-                           "star": (5, 0.45, -math.pi / 2)}[shape]
-        steps = n * 2 if inner else n
-        points = [(cx + r * (inner if inner and k % 2 else 1) * math.cos(start + 2 * math.pi * k / steps),
-                   cy + r * (inner if inner and k % 2 else 1) * math.sin(start + 2 * math.pi * k / steps))
-                  for k in range(steps)]
-        mask = _polygon_mask(xx, yy, points)
-    pixels = np.where(mask[..., None], np.array(colour, dtype=np.float32), bg)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
 def test_zero_shot_on_foreign_drawings(encoder):
-    rng = np.random.default_rng(2026)
-    classes = [(c, s) for c in COLOURS for s in SHAPES]
-    prompts = [f"a {c} {s}" for c, s in classes]
-    truth, images = [], []
-    for _ in range(300):
-        k = int(rng.integers(len(classes)))
-        colour, shape = classes[k]
-        truth.append(k)
-        images.append(draw_foreign(shape, COLOURS[colour], rng))
+    classes, truth, images = foreign_set(300)
+    prompts = prompts_of(classes)
     result = embed(encoder, prompts + images, [bind_pooling("cls")])
     text, pics = result.vectors[0][:len(prompts)], result.vectors[0][len(prompts):]
-    predicted = np.argmax(pics @ text.T, axis=1)
-    accuracy = float(np.mean(predicted == np.array(truth)))
-    colour_acc = float(np.mean([classes[p][0] == classes[t][0] for p, t in zip(predicted, truth)]))
-    shape_acc = float(np.mean([classes[p][1] == classes[t][1] for p, t in zip(predicted, truth)]))
-    chance = 1 / len(classes)
-    print(f"\nzero-shot on {len(truth)} foreign drawings, {len(classes)} classes: accuracy {accuracy:.3f} "
-          f"(chance {chance:.3f}); colour {colour_acc:.3f} (chance {1 / len(COLOURS):.2f}), "
-          f"shape {shape_acc:.3f} (chance {1 / len(SHAPES):.2f})")
-    assert accuracy >= 5 * chance
+    z = zero_shot_scores(pics, text, classes, truth)
+    print(f"\nzero-shot on {len(truth)} foreign drawings, {len(classes)} classes: accuracy {z['accuracy']:.3f} "
+          f"(chance {z['chance']:.3f}); colour {z['colour']:.3f} (chance {z['chance_colour']:.2f}), "
+          f"shape {z['shape']:.3f} (chance {z['chance_shape']:.2f})")
+    assert z["accuracy"] >= 5 * z["chance"]
+
+
+def test_zero_shot_scores_on_a_known_case():
+    """Two classes; drawing 0 predicted right, drawing 1 predicted as class 0 (same colour, wrong shape)."""
+    classes = [("red", "circle"), ("red", "star")]
+    prompts = np.eye(2)
+    pictures = np.array([[1.0, 0.0], [0.9, 0.1]])
+    z = zero_shot_scores(pictures, prompts, classes, [0, 1])
+    assert (z["accuracy"], z["colour"], z["shape"]) == (0.5, 1.0, 0.5)
