@@ -18,15 +18,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("arch, fixture", [("ViT-B-32", "vit_b32_checkpoint"), ("RN50", "rn50_checkpoint")])
-def test_embed_json_cls_equals_open_clip(arch, fixture, request, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_spec", "tiny_rn_spec"])  # a ViT and a ModifiedResNet tower
+def test_embed_json_cls_equals_open_clip(fixture, request, tmp_path):
+    """The CLI path (checkpoint + model config, as `embedsvc train` writes them); the parity on ViT-B-32
+    and RN50 themselves is tests/test_encoder_native.py's."""
     import open_clip
 
-    checkpoint = request.getfixturevalue(fixture)
+    spec = request.getfixturevalue(fixture)
+    arch, checkpoint = spec.architecture, spec.checkpoint
     image_path = tmp_path / "scene.png"
     image_path.write_bytes(png_bytes(size=(120, 90)))
-    proc = run_cli("embed", "--model", arch, "--checkpoint", str(checkpoint), "--pooling", "cls", "--pooling", "avg",
-                   "--text", "a small red circle", "--image", str(image_path), "--json")
+    proc = run_cli("embed", "--model", arch, "--checkpoint", str(checkpoint), "--model-config", spec.config_file,
+                   "--pooling", "cls", "--pooling", "avg", "--text", "a small red circle", "--image", str(image_path),
+                   "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [r["modality"] for r in out["results"]] == ["text", "image"]
@@ -45,15 +49,16 @@ def test_embed_json_cls_equals_open_clip(arch, fixture, request, tmp_path):
     assert len(out["results"][1]["embeddings"]["avg"]) == model.visual.output_dim
 
 
-def test_embed_tokens_json(vit_b32_checkpoint, tmp_path):
+def test_embed_tokens_json(tiny_spec, tmp_path):
     image_path = tmp_path / "scene.webp"
     image_path.write_bytes(png_bytes(fmt="WEBP"))
-    proc = run_cli("embed", "--model", "ViT-B-32", "--checkpoint", str(vit_b32_checkpoint), "--text", "hi there",
-                   "--image", str(image_path), "--pooling", "max", "--json", "--tokens")
+    proc = run_cli("embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
+                   tiny_spec.config_file, "--text", "hi there", "--image", str(image_path), "--pooling", "max", "--json",
+                   "--tokens")
     assert proc.returncode == 0, proc.stderr
     text, image = json.loads(proc.stdout)["results"]
-    assert np.array(text["tokens"]).shape == (4, 512)  # SOT, hi, there, EOT
-    assert np.array(image["tokens"]).shape == (49, 512) and image["grid"] == [7, 7]
+    assert np.array(text["tokens"]).shape == (4, 32)  # SOT, hi, there, EOT in the 32-d joint space
+    assert np.array(image["tokens"]).shape == (16, 32) and image["grid"] == [4, 4]  # 32 px in 8 px patches
     tokens = np.array(image["tokens"], dtype=np.float32)
     expected = tokens.max(0) / np.linalg.norm(tokens.max(0))
     assert np.abs(np.array(image["embeddings"]["max"]) - expected).max() < 1e-5
@@ -69,11 +74,14 @@ def test_embed_tokens_json(vit_b32_checkpoint, tmp_path):
     (["--model", "ViT-B-32", "--random-init", "--image", "/nonexistent.png"], "does not exist"),
     (["--model", "ViT-B-32", "--random-init"], "nothing to embed"),
 ])
-def test_embed_errors_are_messages_not_tracebacks(args, message):
-    proc = run_cli("embed", *args)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_embed_errors_are_messages_not_tracebacks(args, message, capsys):
+    """In-process through the CLI's own entry point (what a subprocess runs; test_embed_corrupt_image and
+    tests/test_cli_flows.py run it as a process)."""
+    from embedsvc.cli import main
+
+    assert main(["embed", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("embedsvc embed: error:"), err
 
 
 def test_embed_corrupt_image(tmp_path):
