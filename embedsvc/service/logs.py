@@ -20,9 +20,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class ThirdPartyBelowInfo(logging.Filter):
-    """Demotes other libraries' chatter to DEBUG: open_clip logs INFO lines on the root logger (embedsvc
-    itself never logs there), and Ray and others emit deprecation warnings (through `warnings`, captured
-    as py.warnings, or their own loggers). They show with log_level=DEBUG and stay out of INFO logs."""
+    """Demotes other libraries' chatter to DEBUG: every INFO line not from an `embedsvc` logger (open_clip
+    on the root logger, faiss's loader, uvicorn's start and stop), and the deprecation warnings of Ray and
+    others (through `warnings`, captured as py.warnings, or their own loggers). They show with
+    log_level=DEBUG and stay out of INFO logs; other libraries' real warnings and errors stay."""
 
     def __init__(self, threshold: int):
         super().__init__()
@@ -35,8 +36,8 @@ class ThirdPartyBelowInfo(logging.Filter):
 
     @staticmethod
     def _chatter(record: logging.LogRecord) -> bool:
-        if record.name == "root":
-            return record.levelno <= logging.INFO
+        if record.levelno <= logging.INFO:
+            return record.name != "embedsvc" and not record.name.startswith("embedsvc.")
         if record.name == "py.warnings" or record.name.split(".")[0] == "ray":
             text = record.getMessage()
             return record.levelno <= logging.WARNING and ("Deprecat" in text or "deprecat" in text or
