@@ -245,3 +245,30 @@ def test_ivfpq_trains_without_polysemous_codes():
 
     ivf = faiss.downcast_index(faiss.try_extract_index_ivf(index.index))
     assert index.trained and ivf.do_polysemous_training is False
+
+
+@pytest.mark.parametrize("preset", ["flat", "hnsw", "ivf"])
+def test_a_repeated_filter_sees_every_write(tmp_path, preset):
+    """Repeated filters reuse their prepared selection until a write: each write below must show at once."""
+    store = Store(tmp_path)
+    store.create_collection(CollectionConfig("c", DIM, index=preset))
+    n = 5000  # past the IVF training threshold: the trained index, not the exact fallback
+    store.upsert("c", [Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i])}) for i in range(n)])
+    flt = Filter(must=(Condition("group", equals=3),))
+    query = VECTORS[n][None]
+    expected = {f"item-{i}" for i in range(n) if GROUPS[i] == 3}
+
+    def found(k=1000):  # the group holds about 500
+        return {h.id for h in store.search("c", query, k, flt, nprobe=10_000, ef_search=4096)[0]}
+
+    assert found() <= expected and search_ids(store, query, 1, flt)[0] != ["new"]
+    store.upsert("c", [Item("new", VECTORS[n], {"group": 3})])  # the query itself, in the group
+    assert search_ids(store, query, 1, flt) == [["new"]]
+    store.upsert("c", [Item("new", VECTORS[n], {"group": 4})])  # moved out of the group
+    assert "new" not in found()
+    moved = next(iter(expected))
+    store.upsert("c", [Item(moved, VECTORS[0], {"group": 5})])
+    store.delete("c", ["new"])
+    assert moved not in found() and "new" not in found()
+    assert found() <= expected - {moved}
+    store.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -352,32 +352,40 @@ class FaissIndex:
     def __len__(self) -> int:
         return self._target().ntotal - len(self.tombstones)
 
+    def select(self, allowed: np.ndarray) -> "Selection":
+        """The allowed labels in this index's own terms (positions, bitmap or selector), built once: the
+        store keeps it for a repeated filter until the next write changes the index."""
+        allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+        if not len(allowed):
+            return Selection(allowed)
+        if not self.positional:
+            return Selection(allowed, selector=_label_selector(allowed))
+        positions = self._positions_of(allowed)
+        if self.tombstones:
+            positions = positions[self._live()[positions]]
+        if not len(positions):
+            return Selection(allowed, positions)
+        return Selection(allowed, positions, _bitmap_selector(_bitmap(positions, self._target().ntotal)))
+
     def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
+        """`allowed`: labels (an array) or a `select` result of this index as it is now."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         live = len(self)
-        if allowed is not None:
-            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-            if not len(allowed):
-                return _pad([[]] * len(queries), [[]] * len(queries), k)
+        selection = allowed if allowed is None or isinstance(allowed, Selection) else self.select(allowed)
+        if selection is not None and selection.selector is None:  # nothing allowed
+            return _pad([[]] * len(queries), [[]] * len(queries), k)
         if not self.positional:
-            selector = _label_selector(allowed) if allowed is not None else None
-            params = self._params(selector, allowed, live, k, nprobe, ef_search)
+            selector = selection.selector if selection is not None else None
+            params = self._params(selector, selection and selection.labels, live, k, nprobe, ef_search)
             return self.index.search(queries, k, params=params)
-        bits = None
-        if allowed is not None:
-            positions = self._positions_of(allowed)
-            if self.tombstones:
-                positions = positions[self._live()[positions]]
-            if not len(positions):
-                return _pad([[]] * len(queries), [[]] * len(queries), k)
+        if selection is not None:
             if self.index is not None and _hnsw_of(self.index) is not None and \
-                    len(positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
-                return self._exact_over(queries, k, positions)
-            bits = _bitmap(positions, self._target().ntotal)
-        elif self.tombstones:
-            bits = self._live_bitmap()
-        selector = _bitmap_selector(bits) if bits is not None else None
-        params = self._params(selector, allowed, live, k, nprobe, ef_search)
+                    len(selection.positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
+                return self._exact_over(queries, k, selection.positions)
+            selector = selection.selector
+        else:
+            selector = _bitmap_selector(self._live_bitmap()) if self.tombstones else None
+        params = self._params(selector, selection and selection.labels, live, k, nprobe, ef_search)
         scores, positions = self._target().search(queries, k, params=params)
         if not len(self.labels):  # empty: FAISS found nothing (all -1)
             return scores, positions
@@ -481,6 +489,15 @@ def _bitmap_selector(bits: np.ndarray):
     selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # the size is in bytes
     selector._bits = bits  # FAISS reads the numpy buffer: keep it alive with the selector
     return selector
+
+
+@dataclass
+class Selection:
+    """A filter's allowed labels prepared for one index state; `selector` is None when nothing is allowed."""
+
+    labels: np.ndarray
+    positions: Optional[np.ndarray] = None  # positional indexes: where the allowed live vectors are
+    selector: Any = None  # a FAISS IDSelector (it keeps its bitmap alive)
 
 
 def _label_selector(allowed: np.ndarray):

@@ -50,6 +50,9 @@ class ItemsNotFound(NotFound):
     """Ids asked for (strictly) are not in the collection."""
 
 
+MAX_CACHED_FILTERS = 64  # per collection
+
+
 @dataclass
 class _Collection:
     id: int
@@ -71,6 +74,20 @@ class _Collection:
     unavailable: Optional[str] = None
     # One checkpoint at a time; taken before `lock`.
     checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Filter -> its index Selection, for repeated filters (a tenant, a category); emptied by every write.
+    selections: dict = field(default_factory=dict)
+
+    def selection(self, flt: Filter):
+        """Called with the read lock held: readers may fill the cache side by side (they compute the same
+        value); writers, holding the write lock, empty it."""
+        key = repr(flt.must)
+        found = self.selections.get(key)
+        if found is None:
+            if len(self.selections) >= MAX_CACHED_FILTERS:
+                self.selections.clear()
+            found = self.index.select(np.fromiter(self.metadata.labels(flt), dtype=np.int64))
+            self.selections[key] = found
+        return found
 
     def info(self) -> CollectionInfo:
         trained = self.index.trained if self.index is not None else False
@@ -332,6 +349,7 @@ class Store:
         ids, vectors, metadata = prepare_items(name, col.config, items)
         with col.lock.write():
             col.check_usable()
+            col.selections.clear()
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
@@ -387,6 +405,7 @@ class Store:
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
             col.check_usable()
+            col.selections.clear()
             missing = [i for i in ids if i not in col.label_of_id]
             if strict and missing:
                 raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
@@ -455,9 +474,7 @@ class Store:
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         with col.lock.read():
             col.check_usable()
-            allowed = None
-            if flt is not None and flt.must:
-                allowed = np.fromiter(col.metadata.labels(flt), dtype=np.int64)
+            allowed = col.selection(flt) if flt is not None and flt.must else None
             scores, labels = col.index.search(queries, k, allowed, nprobe, ef_search)
             results = []
             for q, (row_scores, row_labels) in enumerate(zip(scores, labels)):
