@@ -123,3 +123,27 @@ def test_compare_with_nothing_usable_is_one_line_and_exit_2(tmp_path):
     proc = run_cli("compare", "--data", str(manifest), "--out-dir", str(tmp_path / "o"), "--pooling", "cls")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no usable image-caption pairs" in proc.stderr and "nope.png" in proc.stderr
+
+
+def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp_path):
+    """A 40000x1 strip resized to the model's 72-pixel input would be 2,880,000x72 pixels: compare and
+    train's data skip it by path, before any resize allocates it."""
+    from PIL import Image
+
+    from embedsvc.jobs.compare import CompareJob, run_compare
+    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.training.data import manifest_pairs, read_manifest_images
+
+    Image.new("RGB", (40_000, 1), (200, 30, 30)).save(tmp_path / "strip.png")
+    for k in range(3):
+        Image.new("RGB", (64, 64), (40 * k, 200, 90)).save(tmp_path / f"ok{k}.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,caption\nstrip.png,a red strip\n" + "".join(f"ok{k}.png,a green square {k}\n"
+                                                                          for k in range(3)))
+    result = run_compare(CompareJob(data=str(manifest), poolings=("cls",), out_dir=str(tmp_path / "o"),
+                                    latency_queries=2))
+    assert result["size"] == 3 and [s["path"] for s in result["skipped"]] == [str(tmp_path / "strip.png")]
+    assert "2,880,000x72" in result["skipped"][0]["reason"]
+    loaded = load_model(get_model_spec(TINY_SCENES))
+    pairs = manifest_pairs(read_manifest_images(str(manifest)), loaded.preprocess, loaded.tokenizer, 72)
+    assert len(pairs) == 3 and pairs.skipped[0][0].endswith("strip.png") and "crop it" in pairs.skipped[0][1]

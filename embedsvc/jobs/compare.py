@@ -22,7 +22,8 @@ from typing import Optional, Union
 import numpy as np
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.errors import InvalidInput, ModalityNotSupported
+from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, check_resized_size
+from embedsvc.errors import ImageTooLarge, InvalidInput, ModalityNotSupported
 from embedsvc.eval import cross_modal_metrics, relevance_summary
 from embedsvc.models.registry import ModelOptions
 from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
@@ -71,6 +72,28 @@ class Pairs:
     label_column: str = ""
     # Manifest rows that could not be used: (path, reason).
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Per image: the manifest row's file (empty for scenes).
+    sources: list[str] = field(default_factory=list)
+
+    def drop_oversized(self, short_side: int) -> None:
+        """Skips images that the model's resize (shorter side to `short_side`) would blow past the pixel
+        limit, as the server refuses them: a 100000x1 strip must not allocate gigapixels here either."""
+        keep = []
+        for i, image in enumerate(self.images):
+            try:
+                check_resized_size(image.size, short_side, DEFAULT_MAX_PIXELS)
+                keep.append(i)
+            except ImageTooLarge as exc:
+                self.skipped.append((self.sources[i] if self.sources else self.ids[i], str(exc)))
+        if len(keep) == len(self.images):
+            return
+        if not keep:
+            raise InvalidInput(f"no usable image-caption pairs ({len(self.skipped)} rows skipped, e.g. "
+                               f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+        for name in ("images", "captions", "ids", "keys", "labels", "sources"):
+            values = getattr(self, name)
+            if values:
+                setattr(self, name, [values[i] for i in keep])
 
 
 def _label_column(job: CompareJob, rows) -> str:
@@ -111,6 +134,7 @@ def _manifest_pairs(job: CompareJob) -> Pairs:
             pairs.skipped.append((row.source, reason))
             continue
         pairs.images.append(image)
+        pairs.sources.append(row.source)
         pairs.captions.append(row.caption)
         pairs.ids.append(row.id)
         if column:
@@ -131,6 +155,7 @@ def run_compare(job: CompareJob) -> dict:
     pairs = _manifest_pairs(job) if job.data != "scenes" else None
     encoder = ClipEncoder(load_model(spec_from_options(options, default=TINY_SCENES)))
     pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
+    pairs.drop_oversized(encoder.loaded.image_size)
     images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids
     started = time.perf_counter()
     # one pass computes every token mode the poolings ask for (rows are pooling x token mode)

@@ -27,14 +27,14 @@ class EmbedActor:
         self.modes = image_token_modes(self.poolings)
 
     def __call__(self, batch: dict) -> dict:
-        from embedsvc.encoder.images import decode_image
+        from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
         from embedsvc.errors import EmbedsvcError
 
         images, reasons = [], []
         for path, data in zip(batch["path"], batch["data"]):
             try:
                 raw = open(path, "rb").read() if path else bytes(data)
-                images.append(decode_image(raw))
+                images.append(decode_image(raw, DEFAULT_MAX_PIXELS, self.encoder.loaded.image_size))
                 reasons.append("")
             except FileNotFoundError:
                 images.append(None)

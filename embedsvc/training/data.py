@@ -12,8 +12,8 @@ import torch
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.datasets.augment import render_augmented
 from embedsvc.datasets.scenes import generate_scene, render_scene, scene_captions
-from embedsvc.encoder.images import decode_image
-from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, check_resized_size, decode_image
+from embedsvc.errors import EmbedsvcError, ImageTooLarge, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,14 @@ class ManifestImages:
     skipped: list[tuple[str, str]]
     # Per row: its class label, or None when some usable row has none.
     labels: list | None
+    # Per row: its image file.
+    sources: list[str] = field(default_factory=list)
 
 
 def read_manifest_images(manifest: str) -> ManifestImages:
     """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped.
     A `label` (else `class`) column that every usable row fills becomes the evaluation's class labels."""
-    images, captions, ids, skipped, labels = [], [], [], [], []
+    images, captions, ids, skipped, labels, sources = [], [], [], [], [], []
     for row in read_manifest(manifest):
         if not row.caption:
             skipped.append((str(row.path), "no caption"))
@@ -101,16 +103,29 @@ def read_manifest_images(manifest: str) -> ManifestImages:
             continue
         captions.append(row.caption)
         ids.append(row.id)
+        sources.append(str(row.path))
         labels.append(next((row.metadata[c] for c in LABEL_COLUMNS if c in row.metadata), None))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     if not images:
         raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
     return ManifestImages(images, captions, ids, skipped,
-                          labels if all(label is not None for label in labels) else None)
+                          labels if all(label is not None for label in labels) else None, sources)
 
 
-def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer) -> PairData:
-    """The model's tensors for rows read by `read_manifest_images`."""
-    return PairData(_pixels(rows.images, preprocess), [tokenizer([c]) for c in rows.captions], list(rows.ids), None,
-                    list(rows.skipped), rows.labels)
+def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer, short_side: int) -> PairData:
+    """The model's tensors for rows read by `read_manifest_images`. An image that the resize (shorter side
+    to `short_side`) would blow past the pixel limit is skipped, as the server refuses it."""
+    keep, skipped = [], list(rows.skipped)
+    for i, image in enumerate(rows.images):
+        try:
+            check_resized_size(image.size, short_side, DEFAULT_MAX_PIXELS)
+            keep.append(i)
+        except ImageTooLarge as exc:
+            skipped.append((rows.sources[i], str(exc)))
+            log.warning("skipped %s: %s", rows.sources[i], exc)
+    if not keep:
+        raise InvalidInput(f"no usable image-caption pairs ({len(skipped)} rows skipped)")
+    return PairData(_pixels([rows.images[i] for i in keep], preprocess), [tokenizer([rows.captions[i]]) for i in keep],
+                    [rows.ids[i] for i in keep], None, skipped,
+                    [rows.labels[i] for i in keep] if rows.labels else None)

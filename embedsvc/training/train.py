@@ -225,8 +225,8 @@ def train(config: TrainConfig) -> TrainResult:
                      f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
                      f"of split 'test'")
     elif config.eval_data:
-        train_data = manifest_pairs(train_rows, preprocess, tokenizer)
-        eval_data = manifest_pairs(eval_rows, preprocess, tokenizer)
+        train_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
+        eval_data = manifest_pairs(eval_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(eval_data))
         eval_data = PairData(eval_data.pixels[:n_eval], eval_data.captions[:n_eval], eval_data.ids[:n_eval], None,
                              eval_data.skipped, eval_data.labels[:n_eval] if eval_data.labels else None)
@@ -234,7 +234,7 @@ def train(config: TrainConfig) -> TrainResult:
         data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
                      f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
     else:
-        all_data = manifest_pairs(train_rows, preprocess, tokenizer)
+        all_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(all_data) // 5)
         order = np.random.default_rng(config.seed).permutation(len(all_data))
         eval_index, train_index = order[:n_eval].tolist(), order[n_eval:].tolist()
