@@ -79,7 +79,7 @@ class _Collection:
 
     def selection(self, flt: Filter):
         """Called with the read lock held: readers may fill the cache side by side (they compute the same
-        value); writers, holding the write lock, empty it."""
+        value); every write, holding the write lock, empties it (Store._apply)."""
         key = repr(flt.must)
         found = self.selections.get(key)
         if found is None:
@@ -349,7 +349,6 @@ class Store:
         ids, vectors, metadata = prepare_items(name, col.config, items)
         with col.lock.write():
             col.check_usable()
-            col.selections.clear()
             if insert_only:
                 existing = [i for i in ids if i in col.label_of_id]
                 if existing:
@@ -378,6 +377,7 @@ class Store:
         """Applies a committed change to the in-memory state (write lock held). The change is durable
         whatever happens here: if applying it fails, the index is rebuilt from the items table, and if
         even that fails the collection is marked unavailable; the caller's write still succeeded."""
+        col.selections.clear()  # every in-memory change comes through here: no prepared filter outlives it
         try:
             change()
             col.applied_lsn = self.db.last_lsn(col.id)
@@ -405,7 +405,6 @@ class Store:
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
             col.check_usable()
-            col.selections.clear()
             missing = [i for i in ids if i not in col.label_of_id]
             if strict and missing:
                 raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
