@@ -82,6 +82,20 @@ def check_resized_size(size: tuple[int, int], short_side: int, max_pixels: int) 
         )
 
 
+def split_by_resized_size(images, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+                          ) -> tuple[list[int], dict[int, str]]:
+    """(indexes of the decoded images that `check_resized_size` accepts, {index: reason} for the others):
+    offline jobs skip what the server would refuse."""
+    keep, refused = [], {}
+    for i, image in enumerate(images):
+        try:
+            check_resized_size(image.size, short_side, max_pixels)
+            keep.append(i)
+        except ImageTooLarge as exc:
+            refused[i] = str(exc)
+    return keep, refused
+
+
 def _check_jpeg_has_data(image: Image.Image, file_bytes: int) -> None:
     """Refuses a JPEG too small to hold the blocks its header declares.
 

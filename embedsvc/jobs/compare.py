@@ -22,8 +22,8 @@ from typing import Optional, Union
 import numpy as np
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, check_resized_size
-from embedsvc.errors import ImageTooLarge, InvalidInput, ModalityNotSupported
+from embedsvc.encoder.images import split_by_resized_size
+from embedsvc.errors import InvalidInput, ModalityNotSupported
 from embedsvc.eval import cross_modal_metrics, relevance_summary
 from embedsvc.models.registry import ModelOptions
 from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
@@ -78,13 +78,8 @@ class Pairs:
     def drop_oversized(self, short_side: int) -> None:
         """Skips images that the model's resize (shorter side to `short_side`) would blow past the pixel
         limit, as the server refuses them: a 100000x1 strip must not allocate gigapixels here either."""
-        keep = []
-        for i, image in enumerate(self.images):
-            try:
-                check_resized_size(image.size, short_side, DEFAULT_MAX_PIXELS)
-                keep.append(i)
-            except ImageTooLarge as exc:
-                self.skipped.append((self.sources[i] if self.sources else self.ids[i], str(exc)))
+        keep, refused = split_by_resized_size(self.images, short_side)
+        self.skipped += [(self.sources[i] if self.sources else self.ids[i], reason) for i, reason in refused.items()]
         if len(keep) == len(self.images):
             return
         if not keep:

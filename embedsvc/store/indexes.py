@@ -374,10 +374,10 @@ class FaissIndex:
         selection = allowed if allowed is None or isinstance(allowed, Selection) else self.select(allowed)
         if selection is not None and selection.selector is None:  # nothing allowed
             return _pad([[]] * len(queries), [[]] * len(queries), k)
+        labels = selection.labels if selection is not None else None
         if not self.positional:
             selector = selection.selector if selection is not None else None
-            params = self._params(selector, selection and selection.labels, live, k, nprobe, ef_search)
-            return self.index.search(queries, k, params=params)
+            return self.index.search(queries, k, params=self._params(selector, labels, live, k, nprobe, ef_search))
         if selection is not None:
             if self.index is not None and _hnsw_of(self.index) is not None and \
                     len(selection.positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
@@ -385,7 +385,7 @@ class FaissIndex:
             selector = selection.selector
         else:
             selector = _bitmap_selector(self._live_bitmap()) if self.tombstones else None
-        params = self._params(selector, selection and selection.labels, live, k, nprobe, ef_search)
+        params = self._params(selector, labels, live, k, nprobe, ef_search)
         scores, positions = self._target().search(queries, k, params=params)
         if not len(self.labels):  # empty: FAISS found nothing (all -1)
             return scores, positions

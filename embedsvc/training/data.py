@@ -12,8 +12,8 @@ import torch
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.datasets.augment import render_augmented
 from embedsvc.datasets.scenes import generate_scene, render_scene, scene_captions
-from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, check_resized_size, decode_image
-from embedsvc.errors import EmbedsvcError, ImageTooLarge, InvalidInput
+from embedsvc.encoder.images import decode_image, split_by_resized_size
+from embedsvc.errors import EmbedsvcError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,10 @@ def read_manifest_images(manifest: str) -> ManifestImages:
 def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer, short_side: int) -> PairData:
     """The model's tensors for rows read by `read_manifest_images`. An image that the resize (shorter side
     to `short_side`) would blow past the pixel limit is skipped, as the server refuses it."""
-    keep, skipped = [], list(rows.skipped)
-    for i, image in enumerate(rows.images):
-        try:
-            check_resized_size(image.size, short_side, DEFAULT_MAX_PIXELS)
-            keep.append(i)
-        except ImageTooLarge as exc:
-            skipped.append((rows.sources[i], str(exc)))
-            log.warning("skipped %s: %s", rows.sources[i], exc)
+    keep, refused = split_by_resized_size(rows.images, short_side)
+    skipped = list(rows.skipped) + [(rows.sources[i], reason) for i, reason in refused.items()]
+    for i, reason in refused.items():
+        log.warning("skipped %s: %s", rows.sources[i], reason)
     if not keep:
         raise InvalidInput(f"no usable image-caption pairs ({len(skipped)} rows skipped)")
     return PairData(_pixels([rows.images[i] for i in keep], preprocess), [tokenizer([rows.captions[i]]) for i in keep],
