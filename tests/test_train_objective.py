@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from embedsvc.errors import InvalidInput
-from embedsvc.training.train import TrainConfig, _loss, _token_pools, train
+from embedsvc.training.train import TrainConfig, _loss, _token_pools, contrastive_loss, train
 
 from conftest import TINY_VIT_CONFIG
 
@@ -32,14 +32,12 @@ def _text_tokens(model, ids):
 
 
 def test_loss_is_the_sum_of_native_avg_and_max_contrastive_losses(tiny_encoder):
-    from open_clip.loss import ClipLoss
-
     model = tiny_encoder.model
     torch.manual_seed(0)
     images = torch.randn(6, 3, 32, 32)
     ids = tiny_encoder.loaded.tokenizer([f"a {c} circle" for c in ("red", "blue", "green", "pink", "cyan", "white")])
     with torch.no_grad():
-        ours = _loss(model, images, ids, ClipLoss(), _token_pools("avg,max", model))
+        ours = _loss(model, images, ids, _token_pools("avg,max", model))
         scale = model.logit_scale.exp()
         model.visual.output_tokens = True
         try:
@@ -53,14 +51,67 @@ def test_loss_is_the_sum_of_native_avg_and_max_contrastive_losses(tiny_encoder):
         text_max = text.masked_fill(~mask[..., None], float("-inf")).amax(1)
         expected = (_clip_loss(native, text_native, scale) + _clip_loss(patches.mean(1), text_avg, scale)
                     + _clip_loss(patches.amax(1), text_max, scale))
-        native_only = _loss(model, images, ids, ClipLoss(), {})
+        native_only = _loss(model, images, ids, {})
     assert abs(float(ours) - float(expected)) < 1e-4
     assert abs(float(native_only) - float(_clip_loss(native, text_native, scale))) < 1e-4
 
 
+
+def test_contrastive_loss_matches_open_clip_and_hard_negatives_join_each_images_softmax():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(1)
+    images, texts, negatives = (F.normalize(torch.randn(n, 8), dim=-1) for n in (5, 5, 3))
+    scale = torch.tensor(10.0)
+    assert abs(float(contrastive_loss(images, texts, scale)) - float(ClipLoss()(images, texts, scale))) < 1e-5
+    i2t = torch.stack([-torch.log_softmax(scale * torch.cat([texts, negatives]) @ images[i], 0)[i] for i in range(5)])
+    t2i = torch.stack([-torch.log_softmax(scale * images @ texts[i], 0)[i] for i in range(5)])
+    expected = (i2t.mean() + t2i.mean()) / 2
+    assert abs(float(contrastive_loss(images, texts, scale, negatives)) - float(expected)) < 1e-5
+    # a negative equal to an image's own caption halves that image's probability: the loss rises
+    assert contrastive_loss(images, texts, scale, texts[:1]) > contrastive_loss(images, texts, scale)
+
+
+def test_weighted_token_losses_with_hard_negatives(tiny_encoder):
+    model = tiny_encoder.model
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    tokenizer = tiny_encoder.loaded.tokenizer
+    ids = tokenizer([f"a {c} circle" for c in ("red", "blue", "green", "pink")])
+    negatives = tokenizer([f"a {c} square" for c in ("red", "blue", "green", "pink")])
+    pools = _token_pools("avg", model)
+    with torch.no_grad():
+        native = _loss(model, images, ids, {}, negatives)
+        both = _loss(model, images, ids, pools, negatives, token_weight=1.0)
+        weighted = _loss(model, images, ids, pools, negatives, token_weight=0.25)
+        scale = model.logit_scale.exp()
+        image = F.normalize(model.encode_image(images), dim=-1)
+        text = F.normalize(model.encode_text(torch.cat([ids, negatives])), dim=-1)
+        expected_native = contrastive_loss(image, text[:4], scale, text[4:])
+    assert abs(float(native) - float(expected_native)) < 1e-4
+    assert abs(float(weighted) - (float(native) + 0.25 * (float(both) - float(native)))) < 1e-4
+
+
+def test_hard_negative_captions_are_false_and_differ_in_one_object():
+    import numpy as np
+
+    from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, negative_captions,
+                                          scene_captions)
+
+    rng = np.random.default_rng(0)
+    for index in range(200):
+        scene = generate_scene("train", index)
+        positives = scene_captions(scene) + lone_object_captions(scene)
+        negatives = negative_captions(scene, rng)
+        assert len(negatives) == len(positives)
+        assert not set(negatives) & set(positives)
+        changed = [a != b for a, b in zip(positives[0].split(), negatives[0].split())]
+        assert sum(changed) == 1  # the full caption: exactly one shape or colour word swapped
+
 @pytest.mark.parametrize("overrides, message", [
     ({"token_losses": "avg,bogus"}, "unknown pooling(s) bogus; choose from avg, max, gem"),
     ({"augment": 1.5}, "--augment is a share"),
+    ({"hard_negatives": 1, "data": "missing.csv"}, "--hard-negatives needs --data scenes"),
 ])
 def test_bad_options_are_clear_errors(tmp_path, overrides, message):
     config_file = tmp_path / "mini.json"

@@ -173,6 +173,36 @@ def scene_captions(scene: Scene) -> list[str]:
     return captions
 
 
+def lone_object_captions(scene: Scene) -> list[str]:
+    """Extra training captions of a one-object scene: its colour and shape alone ("a red circle"), the
+    way zero-shot prompts and users name a thing."""
+    return [scene.objects[0].phrase(False, False)] if len(scene.objects) == 1 else []
+
+
+def swapped(scene: Scene, rng: np.random.Generator, shape_share: float = 0.75) -> Scene:
+    """The scene with one object's shape (else its colour) changed: what a hard negative caption
+    describes, so that a contrastive model must look at that attribute to tell the two apart."""
+    objects = list(scene.objects)
+    k = int(rng.integers(len(objects)))
+    obj = objects[k]
+    if rng.random() < shape_share:
+        obj = SceneObject(str(rng.choice([s for s in SHAPES if s != obj.shape])), obj.colour, obj.size, obj.position)
+    else:
+        obj = SceneObject(obj.shape, str(rng.choice([c for c in COLOURS if c != obj.colour])), obj.size, obj.position)
+    objects[k] = obj
+    return Scene(scene.id, scene.split, scene.index, tuple(objects), scene.background)
+
+
+def negative_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Per caption of `scene_captions(scene) + lone_object_captions(scene)`, the same caption of a swapped
+    scene (a swap keeps places, so the two lists align); where that caption is still true of the scene (it
+    names only untouched objects), the swapped scene's full caption, which never is."""
+    truths = set(scene_captions(scene) + lone_object_captions(scene))
+    other = swapped(scene, rng)
+    candidates = scene_captions(other) + lone_object_captions(other)
+    return [candidates[0] if caption in truths else caption for caption in candidates]
+
+
 def scenes(split: str, count: int, start: int = 0) -> Iterator[Scene]:
     for index in range(start, start + count):
         yield generate_scene(split, index)

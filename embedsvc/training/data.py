@@ -11,7 +11,8 @@ import torch
 
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.datasets.augment import render_augmented
-from embedsvc.datasets.scenes import generate_scene, render_scene, scene_captions
+from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, negative_captions, render_scene,
+                                      scene_captions)
 from embedsvc.encoder.images import decode_image, split_by_resized_size
 from embedsvc.errors import EmbedsvcError, InvalidInput
 
@@ -34,19 +35,25 @@ class PairData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Per image: its class label (the manifest's `label` or `class` column), or None when there is none.
     labels: list | None = None
+    # Per image: token ids of hard negative captions, row k a false variant of caption k; None: none known.
+    negatives: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def sample_batch(self, rng: np.random.Generator, batch_size: int, primary_share: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random images, each with its full caption (with probability `primary_share`) or another one."""
+    def sample_batch(self, rng: np.random.Generator, batch_size: int,
+                     primary_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Random images, each with its full caption (with probability `primary_share`) or another one, and
+        (when the data has them) that caption's hard negative."""
         index = rng.choice(len(self), size=min(batch_size, len(self)), replace=False)
-        rows = []
+        rows, negatives = [], []
         for i in index:
             options = self.captions[i]
             pick = 0 if len(options) == 1 or rng.random() < primary_share else int(rng.integers(1, len(options)))
             rows.append(options[pick])
-        return self.pixels[index], torch.stack(rows)
+            if self.negatives is not None:
+                negatives.append(self.negatives[i][pick])
+        return self.pixels[index], torch.stack(rows), torch.stack(negatives) if negatives else None
 
 
 def _pixels(images, preprocess: Callable) -> torch.Tensor:
@@ -54,15 +61,20 @@ def _pixels(images, preprocess: Callable) -> torch.Tensor:
 
 
 def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0,
-                augment: float = 0.0) -> PairData:
+                augment: float = 0.0, negatives: bool = False) -> PairData:
     """`augment`: the share of scenes drawn by the augmented renderer instead of the plain one (the
-    choice per scene is a fixed function of its index, so a data set is reproducible)."""
+    choice per scene is a fixed function of its index, so a data set is reproducible). `negatives`: also
+    one hard negative per caption (one object's shape or colour swapped), and the lone-object captions."""
     scenes = [generate_scene(split, i) for i in range(start, start + count)]
     chosen = np.random.default_rng([len(split), 0xA06]).random(start + count)[start:] < augment
     pixels = _pixels(((render_augmented if pick else render_scene)(s, image_size) for s, pick in zip(scenes, chosen)),
                      preprocess)
-    captions = [tokenizer(scene_captions(s)) for s in scenes]
-    return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
+    if not negatives:
+        captions = [tokenizer(scene_captions(s)) for s in scenes]
+        return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
+    captions = [tokenizer(scene_captions(s) + lone_object_captions(s)) for s in scenes]
+    false = [tokenizer(negative_captions(s, np.random.default_rng([s.index, 0x4E6]))) for s in scenes]
+    return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes], negatives=false)
 
 
 LABEL_COLUMNS = ("label", "class")

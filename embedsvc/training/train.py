@@ -56,6 +56,12 @@ class TrainConfig:
     # Patch-token poolings ("avg,max", also "gem") whose contrastive loss against the text is added to the
     # native embedding's, so that pooled patch tokens align with text too (ViT towers); "": native only.
     token_losses: str = ""
+    # Weight of each patch-token loss against the native embedding's (1: equal).
+    token_loss_weight: float = 1.0
+    # 1: each scene caption brings a hard negative, the same caption with one object's shape (else colour)
+    # swapped, among the texts every image is contrasted with (NegCLIP-style), so that colour and place alone
+    # no longer tell captions apart; scenes data only. 0: in-batch negatives only.
+    hard_negatives: int = 0
     # Held-out pairs for the recall in the model card: the scenes test split, or a slice of the manifest.
     eval_size: int = 1000
     # A separate manifest to evaluate on (its first eval_size usable rows); training then uses all of `data`.
@@ -196,10 +202,10 @@ def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> d
 
 
 def train(config: TrainConfig) -> TrainResult:
-    from open_clip.loss import ClipLoss
-
     from embedsvc.models.device import resolve_device
 
+    if config.hard_negatives and config.data != "scenes":
+        raise InvalidInput("--hard-negatives needs --data scenes (a manifest's captions cannot be swapped)")
     for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
         if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
             raise InvalidInput(f"manifest {manifest} does not exist")
@@ -219,7 +225,7 @@ def train(config: TrainConfig) -> TrainResult:
     log.info("preparing data (%s)", config.data)
     if config.data == "scenes":
         train_data = scene_pairs("train", config.train_size, preprocess, tokenizer, image_size,
-                                 augment=config.augment)
+                                 augment=config.augment, negatives=bool(config.hard_negatives))
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
         data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
                      f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
@@ -249,7 +255,6 @@ def train(config: TrainConfig) -> TrainResult:
     prep_seconds = time.perf_counter() - started
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = ClipLoss()
     rng = np.random.default_rng(config.seed)
     progress = Progress(config.steps, unit="pairs", label="step ")
     history = []
@@ -258,8 +263,9 @@ def train(config: TrainConfig) -> TrainResult:
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        images, texts = train_data.sample_batch(rng, config.batch_size, config.primary_share)
-        loss = _loss(model, images.to(device), texts.to(device), loss_fn, token_pools)
+        images, texts, negatives = train_data.sample_batch(rng, config.batch_size, config.primary_share)
+        loss = _loss(model, images.to(device), texts.to(device), token_pools,
+                     None if negatives is None else negatives.to(device), config.token_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -304,22 +310,40 @@ def _token_pools(spec: str, model) -> dict:
     return {n: _TOKEN_POOLS[n] for n in names}
 
 
-def _loss(model, images: torch.Tensor, texts: torch.Tensor, loss_fn, token_pools: dict) -> torch.Tensor:
-    """The contrastive loss of the native embeddings plus, per pooling in `token_pools`, that of the pooled
-    projected image patch tokens against the same pooling of the texts' tokens (SOT..EOT): exactly the
-    vectors that pooling gives each modality at serving time. One forward pass per tower feeds all."""
-    if not token_pools:
-        image_features, text_features, logit_scale = model(images, texts)
-        return loss_fn(image_features, text_features, logit_scale)
+def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+                     negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Symmetric InfoNCE (open_clip's ClipLoss on one process) of L2-normalised rows, image i matching text i;
+    `negatives` ([M, D]) are extra texts that match no image, in every image's softmax."""
+    logits = scale * images @ texts.T
+    target = torch.arange(len(images), device=images.device)
+    image_logits = logits if negatives is None else torch.cat([logits, scale * images @ negatives.T], dim=1)
+    return (F.cross_entropy(image_logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
+          negatives: Optional[torch.Tensor] = None, token_weight: float = 1.0) -> torch.Tensor:
+    """The contrastive loss of the native embeddings plus, per pooling in `token_pools` and weighted by
+    `token_weight`, that of the pooled projected image patch tokens against the same pooling of the texts'
+    tokens (SOT..EOT): exactly the vectors that pooling gives each modality at serving time. `negatives`:
+    hard negative texts (token ids) in every image's softmax, for each loss. One forward pass per tower."""
     logit_scale = model.logit_scale.exp()
+    all_texts = texts if negatives is None else torch.cat([texts, negatives])
+    split = len(texts)
+
+    def pair(image_vectors, text_vectors):
+        text_vectors = F.normalize(text_vectors, dim=-1)
+        return contrastive_loss(F.normalize(image_vectors, dim=-1), text_vectors[:split], logit_scale,
+                                None if negatives is None else text_vectors[split:])
+
+    if not token_pools:
+        return pair(model.encode_image(images), model.encode_text(all_texts))
     image_native, image_tokens = vit_forward(model.visual, images)
     image_tokens = image_tokens[FINAL]
     image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
-    text_native, text_tokens, text_mask = text_forward(text_tower(model, "trained model"), texts)
-    loss = loss_fn(F.normalize(image_native, dim=-1), F.normalize(text_native, dim=-1), logit_scale)
+    text_native, text_tokens, text_mask = text_forward(text_tower(model, "trained model"), all_texts)
+    loss = pair(image_native, text_native)
     for pool in token_pools.values():
-        loss = loss + loss_fn(F.normalize(pool(image_tokens, image_mask), dim=-1),
-                              F.normalize(pool(text_tokens, text_mask), dim=-1), logit_scale)
+        loss = loss + token_weight * pair(pool(image_tokens, image_mask), pool(text_tokens, text_mask))
     return loss
 
 
@@ -344,7 +368,7 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
 Trained with `embedsvc train` (open_clip contrastive loss, AdamW, warm-up + cosine schedule).
 
 - Data: {data_desc}
-- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}
+- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}{f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""}; hard negatives: {"one per caption (a shape or colour swapped)" if config.hard_negatives else "none"}
 - Initialised from: {_init_source(config)}
 - Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
 - Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
