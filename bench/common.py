@@ -15,12 +15,14 @@ from typing import Callable
 import numpy as np
 
 
-def start_server(extra: list[str], data_dir: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    """`embedsvc serve` on a free local port; returns the process and its address."""
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level",
-                             "WARNING", *extra],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+def start_server(extra: list[str], data_dir: str, env: dict | None = None,
+                 command: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`embedsvc serve` (or `command`, which prints the same "serving on" line) on a free local port;
+    returns the process and its address."""
+    command = command or [sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
+                          data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level",
+                          "WARNING", *extra]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     for line in proc.stderr:
         match = re.search(r"serving on \S+:(\d+)", line)
         if match:

@@ -2,6 +2,12 @@
 
     python bench/serving.py [--models bundled,ViT-B-32] [--slice 3] [--reps 3] [--modalities text,image]
     python bench/serving.py --contention [--models bundled]
+    python bench/serving.py --floor [--models bundled]
+
+--floor adds a third system, a server that does no work (bench/floor_server.py): the transport's own
+cost. On a machine where the forward and the RPCs share the CPUs, served/raw cannot exceed
+floor/(raw + floor) (one item costs 1/raw of CPU in the forward plus 1/floor in the RPC); the
+table prints that bound beside the measured ratio.
 
 Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
 in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from embedsvc.service.cpu import apply_openmp_defaults
 
@@ -85,36 +92,56 @@ def compare(model: str, args) -> None:
         texts, pngs, images = inputs(64, encoder.loaded.image_size)
         pixels = encoder.preprocess(images)
         proc, address = start_server(flags, folder + "/data")
+        floor = floor_address = None
+        if args.floor:
+            floor, floor_address = start_server([], "", command=[sys.executable, str(Path(__file__).parent / "floor_server.py"),
+                                                                 str(encoder.loaded.embed_dim)])
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
+        options = [("grpc.max_receive_message_length", 1 << 26)]
+        channel = grpc.aio.insecure_channel(address, options=options)
         stub = pb_grpc.EmbedServiceStub(channel)
+        floor_channel = grpc.aio.insecure_channel(floor_address, options=options) if floor else None
+        floor_stub = pb_grpc.EmbedServiceStub(floor_channel) if floor else None
         try:
             print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
             print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
-                  "| served p50/p99 ms |")
-            print("|---|---|---|---|---|---|")
+                  "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if floor else ""))
+            print("|---|---|---|---|---|---|" + ("---|---|---|" if floor else ""))
             for modality in args.modalities.split(","):
                 for callers, per in CASES:
                     batch = callers * per
                     reqs = requests_for(modality, texts, pngs, callers, per)
                     raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm both
                     loop.run_until_complete(served_slice(stub, reqs, 0))
-                    runs = alternate({
+                    systems = {
                         "raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice),
                         "served": lambda: loop.run_until_complete(served_slice(stub, reqs, args.slice)),
-                    }, args.reps)
+                    }
+                    if floor:
+                        loop.run_until_complete(served_slice(floor_stub, reqs, 0))
+                        systems["floor"] = lambda: loop.run_until_complete(served_slice(floor_stub, reqs, args.slice))
+                    runs = alternate(systems, args.reps)
                     raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                     raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
                     served_lat = ms([x for _, lat in runs["served"] for x in lat])
                     print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
                           f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
-                          f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |",
-                          flush=True)
+                          f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
+                          + (floor_columns(runs) if floor else ""), flush=True)
         finally:
             loop.run_until_complete(channel.close())
-            proc.terminate()
-            proc.wait(60)
+            for process in (proc, floor):
+                if process:
+                    process.terminate()
+                    process.wait(60)
+
+
+def floor_columns(runs: dict) -> str:
+    raw, floor = ([r for r, _ in runs[k]] for k in ("raw", "floor"))
+    bounds = [f / (r + f) for r, f in zip(raw, floor)]
+    return (f" {statistics.median(floor):.0f} | {ms([x for _, lat in runs['floor'] for x in lat])[0]:.2f} "
+            f"| {statistics.median(bounds):.2f} |")
 
 
 def contention(model: str, args) -> None:
@@ -171,6 +198,7 @@ def main() -> None:
     parser.add_argument("--slice", type=float, default=3.0, help="seconds per system per round")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--contention", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="also time a server that does no work")
     args = parser.parse_args()
     print(f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

@@ -99,6 +99,15 @@ def tiny_encoder(tiny_spec):
 
 
 @pytest.fixture(scope="session")
+def bundled_encoder():
+    """The shipped model, as served (CPU, fp32)."""
+    from embedsvc.encoder import ClipEncoder
+    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+
+    return ClipEncoder(load_model(get_model_spec(TINY_SCENES), device="cpu", precision="fp32"))
+
+
+@pytest.fixture(scope="session")
 def vit_b32_checkpoint(model_dir) -> Path:
     return _save_random("ViT-B-32", model_dir / "ViT-B-32.pt", seed=1)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
+from embedsvc.encoder.preprocess import split_transform
 from embedsvc.encoder.token_modes import vit_forward, vit_token_modes
 from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures
 from embedsvc.errors import EmptyText, UnsupportedModel, UnsupportedTokenMode, quoted
@@ -33,6 +34,7 @@ class ClipEncoder:
         self.dtype = loaded.dtype
         self.max_batch = max_batch
         self._text = text_tower(self.model, loaded.spec.name)
+        self._split = split_transform(loaded.preprocess)
         self.image_token_modes: tuple[str, ...] = (FINAL,)
         if loaded.vision_tower == "vit":
             _check_vit(self.model.visual, loaded.spec.name)
@@ -53,18 +55,30 @@ class ClipEncoder:
         """The model's own transform (resize to its input size, crop, normalise), stacked on CPU."""
         return torch.stack([self.loaded.preprocess(image) for image in images])
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One image ready to stack into an `encode_images` batch: the transform's geometry only, as uint8
+        [3, H, W] (normalised with its batch, embedsvc.encoder.preprocess), or the whole transform's float
+        tensor where it cannot be cut. Cheap to call from decode workers."""
+        return self._split.to_uint8(image) if self._split else self.loaded.preprocess(image)
+
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, modes: Sequence[str] = (FINAL,)
                       ) -> TokenFeatures:
-        """Encodes decoded RGB images (or an already preprocessed [B, 3, H, W] batch). The result's tokens are
-        those of modes[0]; the other modes' tokens ride along (TokenFeatures.in_mode), from the same pass."""
+        """Encodes decoded RGB images, or a [B, 3, H, W] batch: float, as the model's transform gives, or
+        uint8 as `prepare` gives. The result's tokens are those of modes[0]; the other modes' tokens ride
+        along (TokenFeatures.in_mode), from the same pass."""
         modes = tuple(dict.fromkeys(modes)) or (FINAL,)
         self.check_token_modes(modes)
-        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.prepare(image) for image in images])
         return TokenFeatures.concat([self._encode_pixels(chunk, modes) for chunk in torch.split(pixels, self.max_batch)])
 
     def _encode_pixels(self, pixels: torch.Tensor, modes: tuple[str, ...]) -> TokenFeatures:
-        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            if self._split is None:
+                raise TypeError("uint8 pixels need a transform that ends ToTensor, Normalize; pass floats")
+            pixels = self._split.normalize(pixels, self.device, self.dtype)
+        else:
+            pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         visual = self.model.visual
         if self.loaded.vision_tower == "vit":
             native, by_mode = vit_forward(visual, pixels, modes)

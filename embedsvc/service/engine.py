@@ -210,7 +210,7 @@ class Engine:
                 check_resized_size(image.size, short_side, self.config.max_image_pixels)
         except InvalidInput as exc:
             raise type(exc)(f"{where}: {exc}") from None
-        return runtime.encoder.loaded.preprocess(image)
+        return runtime.encoder.prepare(image)
 
     def _check_pixel_budget(self, payloads: Sequence[Any]) -> None:
         """RESOURCE_EXHAUSTED when the images' header sizes add up to more than max_request_pixels."""
