@@ -3,11 +3,13 @@
     python bench/serving.py [--models bundled,ViT-B-32] [--slice 3] [--reps 3] [--modalities text,image]
     python bench/serving.py --contention [--models bundled]
     python bench/serving.py --floor [--models bundled]
+    python bench/serving.py --versus "--decode-nice 10" [--models bundled]
 
 --floor adds a third system, a server that does no work (bench/floor_server.py): the transport's own
 cost. On a machine where the forward and the RPCs share the CPUs, served/raw cannot exceed
 floor/(raw + floor) (one item costs 1/raw of CPU in the forward plus 1/floor in the RPC); the
-table prints that bound beside the measured ratio.
+table prints that bound beside the measured ratio. --versus FLAGS adds a second `embedsvc serve` started with
+those extra flags, alternating with the first: an A/B of a server setting in one run.
 
 Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
 in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
@@ -45,6 +47,11 @@ from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
+# --contention's OpenMP settings of the server: the passive default, spinning, and a short bounded spin
+# (libgomp spins GOMP_SPINCOUNT times before it sleeps; an explicit policy in the environment wins over serve's).
+POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
+            "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200"},
+            "SPIN10K": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}}
 
 
 def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float):
@@ -92,6 +99,9 @@ def compare(model: str, args) -> None:
         texts, pngs, images = inputs(64, encoder.loaded.image_size)
         pixels = encoder.preprocess(images)
         proc, address = start_server(flags, folder + "/data")
+        versus = versus_address = None
+        if args.versus:
+            versus, versus_address = start_server(flags + args.versus.split(), folder + "/data-versus")
         floor = floor_address = None
         if args.floor:
             floor, floor_address = start_server([], "", command=[sys.executable, str(Path(__file__).parent / "floor_server.py"),
@@ -103,13 +113,18 @@ def compare(model: str, args) -> None:
         stub = pb_grpc.EmbedServiceStub(channel)
         floor_channel = grpc.aio.insecure_channel(floor_address, options=options) if floor else None
         floor_stub = pb_grpc.EmbedServiceStub(floor_channel) if floor else None
+        versus_channel = grpc.aio.insecure_channel(versus_address, options=options) if versus else None
+        versus_stub = pb_grpc.EmbedServiceStub(versus_channel) if versus else None
         try:
             print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
             print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
-                  "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if floor else ""))
-            print("|---|---|---|---|---|---|" + ("---|---|---|" if floor else ""))
+                  "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if floor else "")
+                  + (f" items/s with {args.versus} | with/without |" if versus else ""))
+            print("|---|---|---|---|---|---|" + ("---|---|---|" if floor else "") + ("---|---|" if versus else ""))
             for modality in args.modalities.split(","):
                 for callers, per in CASES:
+                    if args.cases and f"{callers}x{per}" not in args.cases.split(","):
+                        continue
                     batch = callers * per
                     reqs = requests_for(modality, texts, pngs, callers, per)
                     raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm both
@@ -121,6 +136,9 @@ def compare(model: str, args) -> None:
                     if floor:
                         loop.run_until_complete(served_slice(floor_stub, reqs, 0))
                         systems["floor"] = lambda: loop.run_until_complete(served_slice(floor_stub, reqs, args.slice))
+                    if versus:
+                        loop.run_until_complete(served_slice(versus_stub, reqs, 0))
+                        systems["versus"] = lambda: loop.run_until_complete(served_slice(versus_stub, reqs, args.slice))
                     runs = alternate(systems, args.reps)
                     raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                     raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
@@ -128,10 +146,11 @@ def compare(model: str, args) -> None:
                     print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
                           f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
                           f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
-                          + (floor_columns(runs) if floor else ""), flush=True)
+                          + (floor_columns(runs) if floor else "") + (versus_columns(runs) if versus else ""),
+                          flush=True)
         finally:
             loop.run_until_complete(channel.close())
-            for process in (proc, floor):
+            for process in (proc, floor, versus):
                 if process:
                     process.terminate()
                     process.wait(60)
@@ -144,6 +163,11 @@ def floor_columns(runs: dict) -> str:
             f"| {statistics.median(bounds):.2f} |")
 
 
+def versus_columns(runs: dict) -> str:
+    served, versus = ([r for r, _ in runs[k]] for k in ("served", "versus"))
+    return f" {statistics.median(versus):.0f} | {ratio_summary(versus, served)} |"
+
+
 def contention(model: str, args) -> None:
     """Quiet vs one core busy, alternating, for each wait policy."""
     busy = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
@@ -153,13 +177,11 @@ def contention(model: str, args) -> None:
               f"(usable CPUs {len(os.sched_getaffinity(0))}), slice {args.slice}s x {args.reps}")
         print("| server OpenMP wait policy | modality | quiet items/s | busy-core items/s | busy/quiet |")
         print("|---|---|---|---|---|")
-        for policy in ("PASSIVE", "ACTIVE"):
+        for policy in args.policies.split(","):
             with tempfile.TemporaryDirectory() as folder:
                 name, flags = model_flags(model, folder)
                 texts, pngs, _ = inputs(64, 224 if model != "bundled" else 72)
-                proc, address = start_server(flags, folder + "/data", env={"OMP_WAIT_POLICY": policy,
-                                                                           "KMP_BLOCKTIME": "0" if policy == "PASSIVE"
-                                                                           else "200"})
+                proc, address = start_server(flags, folder + "/data", env=POLICIES[policy])
                 loop = asyncio.new_event_loop()
                 asyncio.set_event_loop(loop)
                 channel = grpc.aio.insecure_channel(address)
@@ -198,7 +220,11 @@ def main() -> None:
     parser.add_argument("--slice", type=float, default=3.0, help="seconds per system per round")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--contention", action="store_true")
+    parser.add_argument("--policies", default="PASSIVE,ACTIVE", help=f"--contention's server OpenMP settings, of "
+                        f"{', '.join(POLICIES)}")
     parser.add_argument("--floor", action="store_true", help="also time a server that does no work")
+    parser.add_argument("--versus", default="", help="extra `embedsvc serve` flags of a second server to A/B")
+    parser.add_argument("--cases", default="", help="only these cases, e.g. 32x1,1x32")
     args = parser.parse_args()
     print(f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

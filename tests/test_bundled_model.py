@@ -1,5 +1,7 @@
-"""The shipped model `embedsvc-tiny-scenes`: held-out retrieval, zero-shot on foreign drawings, and equality
-of `cls` with open_clip on the shipped checkpoint. Loads the checkpoint in the package, not a retrained one."""
+"""The shipped models `embedsvc-tiny-scenes` (v1) and `embedsvc-tiny-scenes-2` (v2, the default): held-out
+retrieval per pooling, zero-shot on foreign drawings, and equality of `cls` with open_clip on the shipped
+checkpoints. Loads the checkpoints in the package, not retrained ones. Each model carries its own floors: v1's
+patch poolings are findings (they do not retrieve), v2's are what it was trained for."""
 
 from __future__ import annotations
 
@@ -12,17 +14,37 @@ from embedsvc.datasets import full_caption, generate_scene, render_scene
 from embedsvc.datasets.foreign import foreign_set, prompts_of, zero_shot_scores
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.eval import cross_modal_metrics
-from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+from embedsvc.models import DEFAULT_MODEL, TINY_SCENES, TINY_SCENES_2, get_model_spec, load_model
 from embedsvc.pooling import bind_pooling
 
 HELD_OUT = 1000
+# embedsvc-tiny-scenes.safetensors as shipped in 0.1
+V1_SHA256 = "2af07c37de702c4af2072727d897da7804cf4f3557ce067fd8f0be1a215f9bdd"
+# Per model, the least text->image R@1 on the held-out scenes per pooling, and the least zero-shot shape accuracy
+# on foreign drawings (measured: README "The bundled models").
+FLOORS = {
+    TINY_SCENES: {"t2i": {"cls": 0.80}, "shape": 0.2},
+    TINY_SCENES_2: {"t2i": {"cls": 0.88, "avg": 0.6, "max": 0.6, "gem": 0.6, "netvlad": 0.4, "spp": 0.6},
+                    "shape": 0.35},
+}
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    spec = get_model_spec(TINY_SCENES)  # registered from the package's assets
+@pytest.fixture(scope="module", params=list(FLOORS))
+def encoder(request):
+    spec = get_model_spec(request.param)  # registered from the package's assets
     assert "assets/models" in spec.checkpoint.replace("\\", "/")
     return ClipEncoder(load_model(spec, device="cpu"))
+
+
+def test_v2_is_the_default_and_v1_keeps_its_weights():
+    from embedsvc.service.config import ServerConfig
+
+    assert DEFAULT_MODEL == TINY_SCENES_2 == ServerConfig().default_model == ServerConfig().preload_models
+    import hashlib
+    from pathlib import Path
+
+    v1 = Path(get_model_spec(TINY_SCENES).checkpoint).read_bytes()  # collections bound to v1 must keep matching
+    assert hashlib.sha256(v1).hexdigest() == V1_SHA256
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +64,13 @@ def test_held_out_recall_with_cls(encoder, held_out):
     t2i, i2t = metrics["text_to_image"], metrics["image_to_text"]
     print(f"\nheld-out {HELD_OUT}: t2i R@1 {t2i.recall_at_1:.3f} R@10 {t2i.recall_at_10:.3f}; "
           f"i2t R@1 {i2t.recall_at_1:.3f}; i2i mAP {metrics['image_to_image'].mean_average_precision:.3f}")
-    assert t2i.recall_at_1 >= 0.80
+    assert t2i.recall_at_1 >= FLOORS[encoder.loaded.spec.name]["t2i"]["cls"]
     assert t2i.recall_at_10 >= 0.98
     assert i2t.recall_at_1 >= 0.80
 
 
 def test_every_pooling_reports_held_out_recall(encoder, held_out):
-    """Figures for the closing note and README; only `cls` carries a target (the others are findings)."""
+    """Figures for the closing note and README, each pooling held to its model's floor."""
     from embedsvc.pooling import fit_netvlad
 
     scenes, images = held_out
@@ -67,7 +89,9 @@ def test_every_pooling_reports_held_out_recall(encoder, held_out):
         lines.append(f"| {pooling.name} | {t2i.recall_at_1:.3f} | {t2i.recall_at_10:.3f} | {t2i.median_rank:.0f} | "
                      f"{i2t.recall_at_1:.3f} | {i2i.mean_average_precision:.3f} |")
         assert np.isfinite(vectors).all() and t2i.queries == len(set(captions))
-    print("\n| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
+        floor = FLOORS[encoder.loaded.spec.name]["t2i"].get(pooling.name, 0.0)
+        assert t2i.recall_at_1 >= floor, f"{pooling.name}: t2i R@1 {t2i.recall_at_1:.3f} under {floor}"
+    print(f"\n{encoder.loaded.spec.name}\n| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
           + "\n".join(lines))
 
 
@@ -95,6 +119,7 @@ def test_zero_shot_on_foreign_drawings(encoder):
           f"(chance {z['chance']:.3f}); colour {z['colour']:.3f} (chance {z['chance_colour']:.2f}), "
           f"shape {z['shape']:.3f} (chance {z['chance_shape']:.2f})")
     assert z["accuracy"] >= 5 * z["chance"]
+    assert z["shape"] >= FLOORS[encoder.loaded.spec.name]["shape"]
 
 
 def test_zero_shot_scores_on_a_known_case():

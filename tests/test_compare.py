@@ -56,14 +56,14 @@ def test_token_modes_are_rows(tmp_path):
     from embedsvc.encoder import ClipEncoder, embed
     from embedsvc.eval import cross_modal_metrics
     from embedsvc.jobs.compare import CompareJob, run_compare
-    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.models import DEFAULT_MODEL, get_model_spec, load_model
     from embedsvc.pooling import bind_pooling
 
     specs = ("avg", "avg:tokens=clearclip", "max:tokens=naclip", "netvlad:clusters=4;tokens=maskclip")
     result = run_compare(CompareJob(size=200, poolings=specs, latency_queries=5, out_dir=str(tmp_path)))
     rows = {r["pooling"]: r for r in result["poolings"]}
     assert [rows[s]["tokens"] for s in specs] == ["final", "clearclip", "naclip", "maskclip"]
-    encoder = ClipEncoder(load_model(get_model_spec(TINY_SCENES)))
+    encoder = ClipEncoder(load_model(get_model_spec(DEFAULT_MODEL)))
     scenes = [generate_scene("test", i) for i in range(200)]
     images = [render_scene(s, encoder.loaded.image_size) for s in scenes]
     texts = [full_caption(s) for s in scenes]

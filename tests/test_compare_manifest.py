@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from embedsvc.models import DEFAULT_MODEL
+
 CLASSES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 PER_CLASS = 10
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "netvlad:clusters=4", "spp"]
@@ -85,7 +87,7 @@ def test_compare_figures_equal_numpy_from_embed_vectors_and_bad_rows_are_skipped
     args = [a for r in good for a in ("--image", str(manifest.parent / r["path"]))]
     args += [a for c in captions for a in ("--text", c)]
     state = out / "state-netvlad-clusters=4.safetensors"  # the codebook compare fitted, reused by embed
-    embedded = run_cli("embed", "--model", "embedsvc-tiny-scenes", *pooling_args, "--pooling-state", str(state),
+    embedded = run_cli("embed", "--model", DEFAULT_MODEL, *pooling_args, "--pooling-state", str(state),
                        *args, "--json")
     assert embedded.returncode == 0, embedded.stderr
     results = json.loads(embedded.stdout)["results"]
@@ -131,7 +133,7 @@ def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp
     from PIL import Image
 
     from embedsvc.jobs.compare import CompareJob, run_compare
-    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.models import DEFAULT_MODEL, get_model_spec, load_model
     from embedsvc.training.data import manifest_pairs, read_manifest_images
 
     Image.new("RGB", (40_000, 1), (200, 30, 30)).save(tmp_path / "strip.png")
@@ -144,6 +146,6 @@ def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp
                                     latency_queries=2))
     assert result["size"] == 3 and [s["path"] for s in result["skipped"]] == [str(tmp_path / "strip.png")]
     assert "2,880,000x72" in result["skipped"][0]["reason"]
-    loaded = load_model(get_model_spec(TINY_SCENES))
+    loaded = load_model(get_model_spec(DEFAULT_MODEL))
     pairs = manifest_pairs(read_manifest_images(str(manifest)), loaded.preprocess, loaded.tokenizer, 72)
     assert len(pairs) == 3 and pairs.skipped[0][0].endswith("strip.png") and "crop it" in pairs.skipped[0][1]

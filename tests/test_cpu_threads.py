@@ -53,3 +53,34 @@ def test_usable_cpus_respects_affinity_and_cgroup_quota(tmp_path):
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     applied = apply_openmp_defaults(env)
     assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "OMP_WAIT_POLICY" not in applied and env["KMP_BLOCKTIME"] == "0"
+
+
+def test_lower_thread_priority_raises_only_the_calling_threads_nice_value():
+    import threading
+
+    from embedsvc.service.cpu import lower_thread_priority
+
+    seen = {}
+
+    def worker():
+        lower_thread_priority(5)
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["worker"] == min(19, before + 5)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread is untouched
+    lower_thread_priority(0)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_decode_nice_is_checked():
+    import pytest
+
+    from embedsvc.errors import InvalidInput
+    from embedsvc.service.config import ServerConfig
+
+    with pytest.raises(InvalidInput, match="decode_nice must be between 0 and 19, got 20"):
+        ServerConfig(decode_nice=20).validate()

@@ -79,7 +79,7 @@ def test_readme_curl_examples_work_verbatim(default_server, tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     embed, upsert, bulk, search, by_image = json_documents(run.stdout)
-    assert embed["model"] == "embedsvc-tiny-scenes"
+    assert embed["model"] == "embedsvc-tiny-scenes-2"
     vectors = [np.array(e["vector"]["values"]) for e in embed["results"][0]["embeddings"]]
     assert [e["pooling"] for e in embed["results"][0]["embeddings"]] == ["cls", "avg"]
     assert all(v.shape == (128,) and abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)

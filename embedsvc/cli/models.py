@@ -50,6 +50,6 @@ def model_options(args):
 
 def resolve_model(args, default: str = ""):
     """The ModelSpec the group names, registered so that engines and collections find it by name."""
-    from embedsvc.models import TINY_SCENES, spec_from_options
+    from embedsvc.models import DEFAULT_MODEL, spec_from_options
 
-    return spec_from_options(model_options(args), default=default or TINY_SCENES)
+    return spec_from_options(model_options(args), default=default or DEFAULT_MODEL)

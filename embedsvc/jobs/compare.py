@@ -143,12 +143,12 @@ def _manifest_pairs(job: CompareJob) -> Pairs:
 def run_compare(job: CompareJob) -> dict:
     import torch
 
-    from embedsvc.models import TINY_SCENES, load_model, spec_from_options
+    from embedsvc.models import DEFAULT_MODEL, load_model, spec_from_options
     from embedsvc.store import CollectionConfig, Item, Store
 
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
     pairs = _manifest_pairs(job) if job.data != "scenes" else None
-    encoder = ClipEncoder(load_model(spec_from_options(options, default=TINY_SCENES)))
+    encoder = ClipEncoder(load_model(spec_from_options(options, default=DEFAULT_MODEL)))
     pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
     pairs.drop_oversized(encoder.loaded.image_size)
     images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids

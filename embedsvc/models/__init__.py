@@ -7,7 +7,7 @@ import importlib
 
 from embedsvc.models.registry import (MODEL_REGISTRY, ModelOptions, ModelSpec, get_model_spec, register_model,
                                      register_models_file, resolve_model_spec, spec_from_options)
-from embedsvc.models.bundled import TINY_SCENES, register_bundled
+from embedsvc.models.bundled import DEFAULT_MODEL, TINY_SCENES, TINY_SCENES_2, register_bundled
 
 register_bundled()
 
@@ -22,7 +22,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODEL_REGISTRY",
+    "DEFAULT_MODEL",
     "TINY_SCENES",
+    "TINY_SCENES_2",
     "LoadedModel",
     "ModelOptions",
     "ModelSpec",

@@ -38,9 +38,9 @@ class ServerConfig:
     # Milvus database holding embedsvc's collections; empty for Milvus's default database.
     milvus_db: str = ""
     # Model used when a request or collection names none.
-    default_model: str = "embedsvc-tiny-scenes"
+    default_model: str = "embedsvc-tiny-scenes-2"
     # Models loaded at start-up, comma-separated; others load on first use.
-    preload_models: str = "embedsvc-tiny-scenes"
+    preload_models: str = "embedsvc-tiny-scenes-2"
     # JSON file of extra model specs: [{"name", "architecture", "checkpoint" | "pretrained", "config_file"}].
     models_file: str = ""
     # "auto" (cuda if available, else cpu), "cpu" or "cuda[:N]".
@@ -83,6 +83,9 @@ class ServerConfig:
     faiss_threads: int = 0
     # Threads that decode and preprocess images.
     decode_workers: int = 2
+    # Nice increment of those threads (0-19): on a CPU the forward fills, decodes yield to the forward's
+    # OpenMP team instead of stalling it (one preempted thread holds every other at the next barrier).
+    decode_nice: int = 0
     # Port of the Prometheus /metrics endpoint on the listen host; -1 disables it, 0 picks a free port.
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
@@ -118,6 +121,8 @@ class ServerConfig:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if not 0 <= self.decode_nice <= 19:
+            raise InvalidInput(f"config decode_nice must be between 0 and 19, got {self.decode_nice}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise InvalidInput(f"config log_level must be one of {', '.join(LOG_LEVELS)}, got {quoted(self.log_level)}")
         if self.log_format not in ("json", "text"):

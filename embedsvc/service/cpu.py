@@ -52,3 +52,17 @@ def apply_openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> dic
     applied = {key: value for key, value in chosen.items() if key not in environ}
     environ.update(applied)
     return applied
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Raises the calling thread's nice value by `increment` (Linux schedules threads by their own nice
+    value). Meant as a ThreadPoolExecutor initializer; a no-op where unsupported."""
+    if increment <= 0:
+        return
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError):
+        pass

@@ -28,7 +28,7 @@ from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pool
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.service.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.cpu import usable_cpus
+from embedsvc.service.cpu import lower_thread_priority, usable_cpus
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ class Engine:
         self.config = config
         self.store = store
         self.metrics = metrics
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode",
+                                              initializer=lower_thread_priority, initargs=(config.decode_nice,))
         self.io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self._models: dict[str, ModelRuntime] = {}
         self._model_lock = threading.Lock()

@@ -147,7 +147,11 @@ def _init_source(config: TrainConfig) -> str:
         return "random weights"
     from embedsvc.models import get_model_spec
 
-    return f"{config.init} ({get_model_spec(config.init).weights})"
+    weights = get_model_spec(config.init).weights
+    kind, _, where = weights.partition(":")
+    if kind == "checkpoint" and Path(where).is_absolute() and Path(where).is_relative_to(Path.cwd()):
+        weights = f"checkpoint:{Path(where).relative_to(Path.cwd())}"  # the card names no machine's folders
+    return f"{config.init} ({weights})"
 
 
 def _build_from(config: TrainConfig, device: torch.device):
