@@ -193,11 +193,26 @@ def swapped(scene: Scene, rng: np.random.Generator, shape_share: float = 0.75) -
     return Scene(scene.id, scene.split, scene.index, tuple(objects), scene.background)
 
 
+def true_captions(scene: Scene) -> set[str]:
+    """Every caption of the generators' forms that holds for `scene`: its captions, its lone-object captions,
+    and each relation that holds between any two of its objects (`scene_captions` writes only the first
+    relation per pair, so "a red star above a blue circle" may hold though only "left of" was written)."""
+    truths = set(scene_captions(scene) + lone_object_captions(scene))
+    places = {o: divmod(POSITIONS.index(o.position), 3) for o in scene.objects}
+    for a in scene.objects:
+        for b in scene.objects:
+            if a is not b:
+                truths.update(f"{a.phrase(False, False)} {word} {b.phrase(False, False)}"
+                              for word, holds in _RELATIONS if holds(places[a], places[b]))
+    return truths
+
+
 def negative_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     """Per caption of `scene_captions(scene) + lone_object_captions(scene)`, the same caption of a swapped
-    scene (a swap keeps places, so the two lists align); where that caption is still true of the scene (it
-    names only untouched objects), the swapped scene's full caption, which never is."""
-    truths = set(scene_captions(scene) + lone_object_captions(scene))
+    scene (a swap keeps places, so the two lists align); where that caption still holds for the scene (it
+    names only untouched objects, or a relation between others), the swapped scene's full caption, which never
+    does."""
+    truths = true_captions(scene)
     other = swapped(scene, rng)
     candidates = scene_captions(other) + lone_object_captions(other)
     return [candidates[0] if caption in truths else caption for caption in candidates]

@@ -12,7 +12,7 @@ import torch
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.datasets.augment import render_augmented
 from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, negative_captions, render_scene,
-                                      scene_captions)
+                                      scene_captions, true_captions)
 from embedsvc.encoder.images import decode_image, split_by_resized_size
 from embedsvc.errors import EmbedsvcError, InvalidInput
 
@@ -37,23 +37,56 @@ class PairData:
     labels: list | None = None
     # Per image: token ids of hard negative captions, row k a false variant of caption k; None: none known.
     negatives: list[torch.Tensor] | None = None
+    # With negatives: per image, the ids (into `vocabulary`) of its hard negatives, row by row, and of every
+    # caption true of it, so that a negative true of another image in the batch is left out of its softmax.
+    negative_ids: list[list[int]] | None = None
+    truth_ids: list[set[int]] | None = None
+    vocabulary: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def sample_batch(self, rng: np.random.Generator, batch_size: int,
-                     primary_share: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def sample_batch(self, rng: np.random.Generator, batch_size: int, primary_share: float) -> Batch:
         """Random images, each with its full caption (with probability `primary_share`) or another one, and
         (when the data has them) that caption's hard negative."""
         index = rng.choice(len(self), size=min(batch_size, len(self)), replace=False)
-        rows, negatives = [], []
+        rows, picks = [], []
         for i in index:
             options = self.captions[i]
             pick = 0 if len(options) == 1 or rng.random() < primary_share else int(rng.integers(1, len(options)))
             rows.append(options[pick])
-            if self.negatives is not None:
-                negatives.append(self.negatives[i][pick])
-        return self.pixels[index], torch.stack(rows), torch.stack(negatives) if negatives else None
+            picks.append(pick)
+        if self.negatives is None:
+            return Batch(self.pixels[index], torch.stack(rows))
+        negatives = torch.stack([self.negatives[i][pick] for i, pick in zip(index, picks)])
+        mask = negative_mask([self.truth_ids[i] for i in index],
+                             [self.negative_ids[i][pick] for i, pick in zip(index, picks)])
+        return Batch(self.pixels[index], torch.stack(rows), negatives, torch.from_numpy(mask))
+
+
+@dataclass
+class Batch:
+    """One training step's pairs: image i matches text i; negatives match no image except where masked."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    # [M, context] token ids of hard negative captions, or None.
+    negatives: torch.Tensor | None = None
+    # [B, M] bool: True where negative m is true of image b (left out of b's softmax).
+    negative_mask: torch.Tensor | None = None
+
+
+def negative_mask(truths: list[set], negatives: list) -> np.ndarray:
+    """[len(truths), len(negatives)] bool: True where negative m is one of image b's true captions."""
+    columns: dict = {}
+    for m, negative in enumerate(negatives):
+        columns.setdefault(negative, []).append(m)
+    mask = np.zeros((len(truths), len(negatives)), dtype=bool)
+    for b, truth in enumerate(truths):
+        for caption in truth:
+            if caption in columns:
+                mask[b, columns[caption]] = True
+    return mask
 
 
 def _pixels(images, preprocess: Callable) -> torch.Tensor:
@@ -72,9 +105,13 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
     if not negatives:
         captions = [tokenizer(scene_captions(s)) for s in scenes]
         return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
-    captions = [tokenizer(scene_captions(s) + lone_object_captions(s)) for s in scenes]
-    false = [tokenizer(negative_captions(s, np.random.default_rng([s.index, 0x4E6]))) for s in scenes]
-    return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes], negatives=false)
+    texts = [scene_captions(s) + lone_object_captions(s) for s in scenes]
+    false = [negative_captions(s, np.random.default_rng([s.index, 0x4E6])) for s in scenes]
+    vocabulary: dict[str, int] = {}
+    ids_of = lambda captions: [vocabulary.setdefault(c, len(vocabulary)) for c in captions]  # noqa: E731
+    return PairData(pixels, [tokenizer(t) for t in texts], [s.id for s in scenes], [s.object_key() for s in scenes],
+                    negatives=[tokenizer(f) for f in false], negative_ids=[ids_of(f) for f in false],
+                    truth_ids=[set(ids_of(sorted(true_captions(s)))) for s in scenes], vocabulary=list(vocabulary))
 
 
 LABEL_COLUMNS = ("label", "class")

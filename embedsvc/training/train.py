@@ -1,4 +1,5 @@
-"""Contrastive training (open_clip's ClipLoss, AdamW, warmup + cosine schedule) of any open_clip config.
+"""Contrastive training (open_clip's CLIP loss, plus optional hard negatives; AdamW, warmup + cosine schedule)
+of any open_clip config.
 
 Writes `<name>.safetensors` (an open_clip state dict), `<name>.json` (the model config, so that the
 architecture can be registered where the checkpoint is loaded) and a model card (data, steps, time,
@@ -213,6 +214,10 @@ def train(config: TrainConfig) -> TrainResult:
     for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
         if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
             raise InvalidInput(f"manifest {manifest} does not exist")
+    if config.hard_negatives not in (0, 1):
+        raise InvalidInput(f"--hard-negatives is 0 (off) or 1 (one per caption), got {config.hard_negatives}")
+    if not (math.isfinite(config.token_loss_weight) and config.token_loss_weight >= 0):
+        raise InvalidInput(f"--token-loss-weight must be a finite number >= 0, got {config.token_loss_weight}")
     if not 0 <= config.augment <= 1:
         raise InvalidInput(f"--augment is a share of the training scenes, in [0, 1]; got {config.augment}")
     started = time.perf_counter()
@@ -267,15 +272,16 @@ def train(config: TrainConfig) -> TrainResult:
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        images, texts, negatives = train_data.sample_batch(rng, config.batch_size, config.primary_share)
-        loss = _loss(model, images.to(device), texts.to(device), token_pools,
-                     None if negatives is None else negatives.to(device), config.token_loss_weight)
+        batch = train_data.sample_batch(rng, config.batch_size, config.primary_share)
+        loss = _loss(model, batch.images.to(device), batch.texts.to(device), token_pools,
+                     None if batch.negatives is None else batch.negatives.to(device), config.token_loss_weight,
+                     None if batch.negative_mask is None else batch.negative_mask.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        pairs += len(images)
+        pairs += len(batch.images)
         progress.update(step + 1, pairs, f"loss {loss.item():.4f} ")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             metrics = evaluate(model, eval_data, device)
@@ -315,21 +321,30 @@ def _token_pools(spec: str, model) -> dict:
 
 
 def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-                     negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     negatives: Optional[torch.Tensor] = None,
+                     negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE (open_clip's ClipLoss on one process) of L2-normalised rows, image i matching text i;
-    `negatives` ([M, D]) are extra texts that match no image, in every image's softmax."""
+    `negatives` ([M, D]) are extra texts in every image's softmax, except where `negative_mask` ([B, M]) is
+    True: a negative that is true of that image."""
     logits = scale * images @ texts.T
     target = torch.arange(len(images), device=images.device)
-    image_logits = logits if negatives is None else torch.cat([logits, scale * images @ negatives.T], dim=1)
+    image_logits = logits
+    if negatives is not None:
+        extra = scale * images @ negatives.T
+        if negative_mask is not None:
+            extra = extra.masked_fill(negative_mask, float("-inf"))
+        image_logits = torch.cat([logits, extra], dim=1)
     return (F.cross_entropy(image_logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
-          negatives: Optional[torch.Tensor] = None, token_weight: float = 1.0) -> torch.Tensor:
+          negatives: Optional[torch.Tensor] = None, token_weight: float = 1.0,
+          negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The contrastive loss of the native embeddings plus, per pooling in `token_pools` and weighted by
     `token_weight`, that of the pooled projected image patch tokens against the same pooling of the texts'
     tokens (SOT..EOT): exactly the vectors that pooling gives each modality at serving time. `negatives`:
-    hard negative texts (token ids) in every image's softmax, for each loss. One forward pass per tower."""
+    hard negative texts (token ids) in every image's softmax, for each loss, but where `negative_mask` says a
+    negative is true of that image. One forward pass per tower."""
     logit_scale = model.logit_scale.exp()
     all_texts = texts if negatives is None else torch.cat([texts, negatives])
     split = len(texts)
@@ -337,7 +352,7 @@ def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
     def pair(image_vectors, text_vectors):
         text_vectors = F.normalize(text_vectors, dim=-1)
         return contrastive_loss(F.normalize(image_vectors, dim=-1), text_vectors[:split], logit_scale,
-                                None if negatives is None else text_vectors[split:])
+                                None if negatives is None else text_vectors[split:], negative_mask)
 
     if not token_pools:
         return pair(model.encode_image(images), model.encode_text(all_texts))
@@ -369,10 +384,10 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
     card = out / "model_card.md"
     card.write_text(f"""# {name}
 
-Trained with `embedsvc train` (open_clip contrastive loss, AdamW, warm-up + cosine schedule).
+Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosine schedule).
 
 - Data: {data_desc}
-- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}{f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""}; hard negatives: {"one per caption (a shape or colour swapped)" if config.hard_negatives else "none"}
+- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}{f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""}; hard negatives: {"one per caption (a shape or colour swapped; lone objects also captioned by colour and shape alone)" if config.hard_negatives else "none"}
 - Initialised from: {_init_source(config)}
 - Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
 - Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
