@@ -32,11 +32,12 @@ def start_server(extra: list[str], data_dir: str, env: dict | None = None,
 
 
 def model_flags(model: str, folder: str) -> tuple[str, list[str]]:
-    """(model name, serve flags): 'bundled' or an open_clip architecture with random weights."""
+    """(model name, serve flags): 'bundled' (the default bundled model) or an open_clip architecture with random
+    weights. The name is also the server's default, so requests that name no model get it."""
     if model == "bundled":
-        from embedsvc.models import TINY_SCENES
+        from embedsvc.models import DEFAULT_MODEL
 
-        return TINY_SCENES, ["--preload-models", TINY_SCENES]
+        return DEFAULT_MODEL, ["--preload-models", DEFAULT_MODEL, "--default-model", DEFAULT_MODEL]
     name = f"bench-{model}"
     path = Path(folder) / "models.json"
     path.write_text(json.dumps([{"name": name, "architecture": model, "random_init": True}]))

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from embedsvc.models import DEFAULT_MODEL
+
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # A small ViT CLIP for 32 px digits: 4x4 patches of 8 px, 64-d joint space, short text context.
 MODEL = {
@@ -80,7 +82,7 @@ def main() -> int:
     print("\n| model | pooling | t2i R@1 | t2i mAP | i2t R@1 (= zero-shot accuracy) | i2i R@1 | i2i mAP |")
     print("|---|---|---|---|---|---|---|")
     chance = None
-    for model, folder in (("trained (digits-clip)", "compare-trained"), ("bundled embedsvc-tiny-scenes", "compare-bundled")):
+    for model, folder in (("trained (digits-clip)", "compare-trained"), (f"bundled {DEFAULT_MODEL}", "compare-bundled")):
         result = json.loads((out / folder / "results.json").read_text())
         for row in result["poolings"]:
             m = row["metrics"]

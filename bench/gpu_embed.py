@@ -1,6 +1,6 @@
 """Encoder throughput on the GPU (fp16, batched) next to the CPU (fp32), for the bundled model or any spec.
 
-    python bench/gpu_embed.py [--model embedsvc-tiny-scenes] [--batches 1,8,32,128,512] [--seconds 3]
+    python bench/gpu_embed.py [--model embedsvc-tiny-scenes-2] [--batches 1,8,32,128,512] [--seconds 3]
 
 Prints images/s and texts/s per device and batch size, and the largest |fp16 - fp32| cosine gap.
 Without CUDA it measures the CPU only and says so; serving on GPU needs no flag (device "auto").
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from embedsvc.datasets import full_caption, generate_scene, render_scene
 from embedsvc.encoder import ClipEncoder
-from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+from embedsvc.models import DEFAULT_MODEL, get_model_spec, load_model
 
 
 def rate(fn, n: int, seconds: float, sync) -> float:
@@ -32,7 +32,7 @@ def rate(fn, n: int, seconds: float, sync) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=TINY_SCENES)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batches", default="1,8,32,128,512")
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()

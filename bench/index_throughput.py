@@ -26,7 +26,7 @@ def main() -> None:
     from embedsvc.datasets import generate_scene, render_scene, write_scenes
     from embedsvc.encoder import ClipEncoder
     from embedsvc.jobs.index import IndexJob, run_index
-    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.models import DEFAULT_MODEL, get_model_spec, load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     from embedsvc.models import ModelSpec, register_model
 
-    model = TINY_SCENES
+    model = DEFAULT_MODEL
     if args.random_arch:
         model = register_model(ModelSpec(name=f"bench-{args.random_arch}", architecture=args.random_arch,
                                          random_init=True)).name

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -93,67 +96,72 @@ def requests_for(modality: str, texts, pngs, callers: int, per: int) -> list:
 
 
 def compare(model: str, args) -> None:
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         name, flags = model_flags(model, folder)
         encoder = local_encoder(name, model)
         texts, pngs, images = inputs(64, encoder.loaded.image_size)
         pixels = encoder.preprocess(images)
-        proc, address = start_server(flags, folder + "/data")
-        versus = versus_address = None
-        if args.versus:
-            versus, versus_address = start_server(flags + args.versus.split(), folder + "/data-versus")
-        floor = floor_address = None
-        if args.floor:
-            floor, floor_address = start_server([], "", command=[sys.executable, str(Path(__file__).parent / "floor_server.py"),
-                                                                 str(encoder.loaded.embed_dim)])
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        options = [("grpc.max_receive_message_length", 1 << 26)]
-        channel = grpc.aio.insecure_channel(address, options=options)
-        stub = pb_grpc.EmbedServiceStub(channel)
-        floor_channel = grpc.aio.insecure_channel(floor_address, options=options) if floor else None
-        floor_stub = pb_grpc.EmbedServiceStub(floor_channel) if floor else None
-        versus_channel = grpc.aio.insecure_channel(versus_address, options=options) if versus else None
-        versus_stub = pb_grpc.EmbedServiceStub(versus_channel) if versus else None
-        try:
-            print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
-            print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
-                  "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if floor else "")
-                  + (f" items/s with {args.versus} | with/without |" if versus else ""))
-            print("|---|---|---|---|---|---|" + ("---|---|---|" if floor else "") + ("---|---|" if versus else ""))
-            for modality in args.modalities.split(","):
-                for callers, per in CASES:
-                    if args.cases and f"{callers}x{per}" not in args.cases.split(","):
-                        continue
-                    batch = callers * per
-                    reqs = requests_for(modality, texts, pngs, callers, per)
-                    raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm both
+        stack.callback(loop.close)
+
+        def stub_of(command: list[str] | None, extra: list[str], data: str):
+            """A started server's stub; the server stops and its channel closes when the block ends."""
+            proc, address = start_server(flags + extra, data, command=command)
+            stack.callback(_stop, proc)
+            channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
+            stack.callback(lambda: loop.run_until_complete(channel.close()))
+            return pb_grpc.EmbedServiceStub(channel)
+
+        stubs = {"served": stub_of(None, [], folder + "/data")}
+        if args.versus:
+            stubs["versus"] = stub_of(None, shlex.split(args.versus), folder + "/data-versus")
+        if args.floor:
+            stubs["floor"] = stub_of([sys.executable, str(Path(__file__).parent / "floor_server.py"),
+                                      str(encoder.loaded.embed_dim)], [], "")
+        print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
+        print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
+              "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if args.floor else "")
+              + (f" items/s with {args.versus} | with/without |" if args.versus else ""))
+        print("|---|---|---|---|---|---|" + ("---|---|---|" if args.floor else "") + ("---|---|" if args.versus else ""))
+        for modality in args.modalities.split(","):
+            for callers, per in selected_cases(args.cases):
+                batch = callers * per
+                reqs = requests_for(modality, texts, pngs, callers, per)
+                raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm every system
+                systems = {"raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice)}
+                for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
-                    systems = {
-                        "raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice),
-                        "served": lambda: loop.run_until_complete(served_slice(stub, reqs, args.slice)),
-                    }
-                    if floor:
-                        loop.run_until_complete(served_slice(floor_stub, reqs, 0))
-                        systems["floor"] = lambda: loop.run_until_complete(served_slice(floor_stub, reqs, args.slice))
-                    if versus:
-                        loop.run_until_complete(served_slice(versus_stub, reqs, 0))
-                        systems["versus"] = lambda: loop.run_until_complete(served_slice(versus_stub, reqs, args.slice))
-                    runs = alternate(systems, args.reps)
-                    raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
-                    raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
-                    served_lat = ms([x for _, lat in runs["served"] for x in lat])
-                    print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
-                          f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
-                          f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
-                          + (floor_columns(runs) if floor else "") + (versus_columns(runs) if versus else ""),
-                          flush=True)
-        finally:
-            loop.run_until_complete(channel.close())
-            for process in (proc, floor, versus):
-                if process:
-                    process.terminate()
-                    process.wait(60)
+                    systems[key] = functools.partial(lambda s: loop.run_until_complete(served_slice(s, reqs, args.slice)),
+                                                     stub)
+                runs = alternate(systems, args.reps)
+                raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
+                raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
+                served_lat = ms([x for _, lat in runs["served"] for x in lat])
+                print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
+                      f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
+                      f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
+                      + (floor_columns(runs) if args.floor else "") + (versus_columns(runs) if args.versus else ""),
+                      flush=True)
+
+
+def _stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def selected_cases(spec: str) -> list[tuple[int, int]]:
+    """CASES, or those named in `spec` ("32x1,1x32"); an unknown name is an error, not a silent skip."""
+    if not spec:
+        return list(CASES)
+    names = {f"{c}x{p}": (c, p) for c, p in CASES}
+    unknown = [n for n in spec.split(",") if n not in names]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
+    return [names[n] for n in spec.split(",")]
 
 
 def floor_columns(runs: dict) -> str:
@@ -226,6 +234,9 @@ def main() -> None:
     parser.add_argument("--versus", default="", help="extra `embedsvc serve` flags of a second server to A/B")
     parser.add_argument("--cases", default="", help="only these cases, e.g. 32x1,1x32")
     args = parser.parse_args()
+    unknown = [p for p in args.policies.split(",") if p not in POLICIES]
+    if unknown:
+        parser.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
     print(f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     for model in args.models.split(","):

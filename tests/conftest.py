@@ -100,11 +100,11 @@ def tiny_encoder(tiny_spec):
 
 @pytest.fixture(scope="session")
 def bundled_encoder():
-    """The shipped model, as served (CPU, fp32)."""
+    """The default bundled model (v2), on the CPU in fp32 as the server runs it there."""
     from embedsvc.encoder import ClipEncoder
-    from embedsvc.models import TINY_SCENES, get_model_spec, load_model
+    from embedsvc.models import DEFAULT_MODEL, get_model_spec, load_model
 
-    return ClipEncoder(load_model(get_model_spec(TINY_SCENES), device="cpu", precision="fp32"))
+    return ClipEncoder(load_model(get_model_spec(DEFAULT_MODEL), device="cpu", precision="fp32"))
 
 
 @pytest.fixture(scope="session")

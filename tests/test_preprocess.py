@@ -33,14 +33,42 @@ def test_cut_transform_equals_the_models_whole_transform(request, model_fixture)
         assert float((cut - whole).abs().max()) < 1e-6
 
 
-def test_encode_images_gives_the_same_features_from_pil_uint8_and_float(bundled_encoder):
+def test_encode_images_gives_the_same_features_from_pil_and_from_the_whole_transform(bundled_encoder):
     images = _images()
-    from_pil = bundled_encoder.encode_images(images)
-    from_float = bundled_encoder.encode_images(bundled_encoder.preprocess(images))
-    from_uint8 = bundled_encoder.encode_images(torch.stack([bundled_encoder.prepare(i) for i in images]))
-    for other in (from_float, from_uint8):
-        assert float((from_pil.native - other.native).abs().max()) < 1e-5
-        assert float((from_pil.tokens - other.tokens).abs().max()) < 1e-5
+    from_pil = bundled_encoder.encode_images(images)  # the cut transform
+    from_float = bundled_encoder.encode_images(bundled_encoder.preprocess(images))  # the whole one, per image
+    assert float((from_pil.native - from_float.native).abs().max()) < 1e-5
+    assert float((from_pil.tokens - from_float.tokens).abs().max()) < 1e-5
+
+
+def test_served_image_embeddings_equal_open_clips_own(tiny_spec, tmp_path):
+    """Through a real server (decode workers cut the transform, the model thread normalises the batch): cls
+    equals open_clip's encode_image on its whole transform."""
+    import torch.nn.functional as F
+
+    from embedsvc.client import Client
+    from embedsvc.models import load_model
+
+    from conftest import png_bytes
+    from serving import tiny_server
+
+    files = [png_bytes(size=(40 + 7 * i, 33 + 5 * i), color=(40 * i, 200 - 30 * i, 90)) for i in range(4)]
+    loaded = load_model(tiny_spec)
+    from embedsvc.encoder.images import decode_image
+
+    with torch.no_grad():
+        pixels = torch.stack([loaded.preprocess(decode_image(f)) for f in files])
+        expected = F.normalize(loaded.model.encode_image(pixels), dim=-1).numpy()
+    with tiny_server(tiny_spec, tmp_path) as server, Client(server.address, timeout=60) as client:
+        served = client.embed(files).vectors["cls"]
+    assert float(np.abs(served - expected).max()) < 1e-5
+
+
+def test_an_image_still_not_rgb_after_the_geometry_is_converted():
+    split = split_transform(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
+    grey = Image.fromarray(np.full((20, 30), 77, dtype=np.uint8), mode="L")
+    pixels = split.to_uint8(grey)
+    assert pixels.shape == (3, 8, 8) and (pixels == 77).all()
 
 
 def test_transforms_of_other_shapes_are_not_cut():

@@ -15,6 +15,7 @@ returns None and callers run the whole transform per image.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SplitTransform:
     # The PIL steps before the tensor conversion (resize, crop, mode), in order.
     geometry: tuple[Callable[[Image.Image], Image.Image], ...]
@@ -43,9 +44,14 @@ class SplitTransform:
     def normalize(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """A stacked uint8 [B, 3, H, W] batch as the model's float input on `device`."""
         x = pixels.to(device, non_blocking=True).float().div_(255)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self._constants(x.device)
         return x.sub_(mean).div_(std).to(dtype)
+
+    @functools.lru_cache(maxsize=4)
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as [1, 3, 1, 1] tensors on `device`, made once per device."""
+        return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1))
 
 
 def split_transform(preprocess) -> Optional[SplitTransform]:

@@ -22,7 +22,7 @@ BUNDLED = {
     TINY_SCENES: "tiny ViT CLIP trained on embedsvc's generated scenes (shapes, colours, sizes, places); v1: "
                  "only cls retrieves across modalities",
     TINY_SCENES_2: "v1 trained on with augmented scenes, hard negative captions and patch-token losses: "
-                   "every pooling retrieves across modalities",
+                   "cls, avg, max, gem, netvlad and spp retrieve across modalities (final tokens)",
 }
 
 

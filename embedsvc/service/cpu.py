@@ -57,9 +57,11 @@ def apply_openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> dic
 def lower_thread_priority(increment: int) -> None:
     """Raises the calling thread's nice value by `increment` (Linux schedules threads by their own nice
     value). Meant as a ThreadPoolExecutor initializer; a no-op where unsupported."""
-    if increment <= 0:
-        return
+    import sys
     import threading
+
+    if increment <= 0 or not sys.platform.startswith("linux"):  # elsewhere the id would name a process
+        return
 
     try:
         tid = threading.get_native_id()
