@@ -9,7 +9,8 @@
 cost. On a machine where the forward and the RPCs share the CPUs, served/raw cannot exceed
 floor/(raw + floor) (one item costs 1/raw of CPU in the forward plus 1/floor in the RPC); the
 table prints that bound beside the measured ratio. --versus FLAGS adds a second `embedsvc serve` started with
-those extra flags, alternating with the first: an A/B of a server setting in one run.
+those extra flags (words NAME=VALUE: environment variables, e.g. --versus GOMP_SPINCOUNT=10000), alternating
+with the first: an A/B of a server setting in one run.
 
 Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
 in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
@@ -29,6 +30,7 @@ import contextlib
 import functools
 import os
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -54,7 +56,7 @@ CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
 # (libgomp spins GOMP_SPINCOUNT times before it sleeps; an explicit policy in the environment wins over serve's).
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
             "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200"},
-            "SPIN10K": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}}
+            "SPIN10K": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}}
 
 
 def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float):
@@ -106,8 +108,11 @@ def compare(model: str, args) -> None:
         stack.callback(loop.close)
 
         def stub_of(command: list[str] | None, extra: list[str], data: str):
-            """A started server's stub; the server stops and its channel closes when the block ends."""
-            proc, address = start_server(flags + extra, data, command=command)
+            """A started server's stub; the server stops and its channel closes when the block ends. Words of
+            `extra` shaped NAME=VALUE set the server's environment, the others are flags."""
+            env = dict(w.split("=", 1) for w in extra if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w))
+            proc, address = start_server(flags + [w for w in extra if w.split("=", 1)[0] not in env], data,
+                                         env=env, command=command)
             stack.callback(_stop, proc)
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
             stack.callback(lambda: loop.run_until_complete(channel.close()))

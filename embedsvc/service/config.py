@@ -84,8 +84,9 @@ class ServerConfig:
     # Threads that decode and preprocess images.
     decode_workers: int = 2
     # Nice increment of those threads (0-19): on a CPU the forward fills, decodes yield to the forward's
-    # OpenMP team instead of stalling it (one preempted thread holds every other at the next barrier).
-    decode_nice: int = 0
+    # OpenMP team instead of stalling it (one preempted thread holds every other at the next barrier); 0: same
+    # priority.
+    decode_nice: int = 10
     # Port of the Prometheus /metrics endpoint on the listen host; -1 disables it, 0 picks a free port.
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
