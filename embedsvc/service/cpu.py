@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import MutableMapping, Optional
 
@@ -57,12 +59,8 @@ def apply_openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> dic
 def lower_thread_priority(increment: int) -> None:
     """Raises the calling thread's nice value by `increment` (Linux schedules threads by their own nice
     value). Meant as a ThreadPoolExecutor initializer; a no-op where unsupported."""
-    import sys
-    import threading
-
     if increment <= 0 or not sys.platform.startswith("linux"):  # elsewhere the id would name a process
         return
-
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))

@@ -75,6 +75,10 @@ class Batch:
     # [B, M] bool: True where negative m is true of image b (left out of b's softmax).
     negative_mask: torch.Tensor | None = None
 
+    def to(self, device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device) for t in
+                       (self.images, self.texts, self.negatives, self.negative_mask)))
+
 
 def negative_mask(truths: list[set], negatives: list) -> np.ndarray:
     """[len(truths), len(negatives)] bool: True where negative m is one of image b's true captions."""
@@ -108,7 +112,10 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
     texts = [scene_captions(s) + lone_object_captions(s) for s in scenes]
     false = [negative_captions(s, np.random.default_rng([s.index, 0x4E6])) for s in scenes]
     vocabulary: dict[str, int] = {}
-    ids_of = lambda captions: [vocabulary.setdefault(c, len(vocabulary)) for c in captions]  # noqa: E731
+
+    def ids_of(captions) -> list[int]:
+        return [vocabulary.setdefault(c, len(vocabulary)) for c in captions]
+
     return PairData(pixels, [tokenizer(t) for t in texts], [s.id for s in scenes], [s.object_key() for s in scenes],
                     negatives=[tokenizer(f) for f in false], negative_ids=[ids_of(f) for f in false],
                     truth_ids=[set(ids_of(sorted(true_captions(s)))) for s in scenes], vocabulary=list(vocabulary))

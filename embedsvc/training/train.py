@@ -206,13 +206,12 @@ def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> d
     return {k: v.as_dict() for k, v in metrics.items()}
 
 
-def train(config: TrainConfig) -> TrainResult:
-    from embedsvc.models.device import resolve_device
-
+def _check_options(config: TrainConfig) -> None:
+    """Refuses bad options before any model is built or data prepared: a typo costs nothing."""
     if config.hard_negatives and config.data != "scenes":
         raise InvalidInput("--hard-negatives needs --data scenes (a manifest's captions cannot be swapped)")
     for manifest in (config.data if config.data != "scenes" else None, config.eval_data):
-        if manifest and not Path(manifest).is_file():  # before building a model: a typo costs nothing
+        if manifest and not Path(manifest).is_file():
             raise InvalidInput(f"manifest {manifest} does not exist")
     if config.hard_negatives not in (0, 1):
         raise InvalidInput(f"--hard-negatives is 0 (off) or 1 (one per caption), got {config.hard_negatives}")
@@ -220,6 +219,12 @@ def train(config: TrainConfig) -> TrainResult:
         raise InvalidInput(f"--token-loss-weight must be a finite number >= 0, got {config.token_loss_weight}")
     if not 0 <= config.augment <= 1:
         raise InvalidInput(f"--augment is a share of the training scenes, in [0, 1]; got {config.augment}")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    from embedsvc.models.device import resolve_device
+
+    _check_options(config)
     started = time.perf_counter()
     # Manifests are read and decoded before the model is built: one with nothing usable fails at once.
     train_rows = read_manifest_images(config.data) if config.data != "scenes" else None
@@ -272,10 +277,9 @@ def train(config: TrainConfig) -> TrainResult:
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        batch = train_data.sample_batch(rng, config.batch_size, config.primary_share)
-        loss = _loss(model, batch.images.to(device), batch.texts.to(device), token_pools,
-                     None if batch.negatives is None else batch.negatives.to(device), config.token_loss_weight,
-                     None if batch.negative_mask is None else batch.negative_mask.to(device))
+        batch = train_data.sample_batch(rng, config.batch_size, config.primary_share).to(device)
+        loss = _loss(model, batch.images, batch.texts, token_pools, batch.negatives, config.token_loss_weight,
+                     batch.negative_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -366,6 +370,14 @@ def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
     return loss
 
 
+def _objective(config: TrainConfig) -> str:
+    """The model card's line on what the loss included beyond the native contrastive one."""
+    weight = f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""
+    negatives = ("one per caption (a shape or colour swapped; lone objects also captioned by colour and shape alone)"
+                 if config.hard_negatives else "none")
+    return f"patch-token losses: {config.token_losses or 'none'}{weight}; hard negatives: {negatives}"
+
+
 def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metrics: dict, history: list,
                 prep_seconds: float, train_seconds: float, device, checkpoint: Path) -> Path:
     info = {
@@ -387,7 +399,7 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
 Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosine schedule).
 
 - Data: {data_desc}
-- Image pooling trained: {config.image_pool}; patch-token losses: {config.token_losses or "none"}{f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""}; hard negatives: {"one per caption (a shape or colour swapped; lone objects also captioned by colour and shape alone)" if config.hard_negatives else "none"}
+- Image pooling trained: {config.image_pool}; {_objective(config)}
 - Initialised from: {_init_source(config)}
 - Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
 - Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
