@@ -82,6 +82,27 @@ def test_token_shapes_and_masks(full_size):
     assert text.mask.sum(dim=1).tolist() == expected_lengths
 
 
+def test_texts_run_only_the_longest_span(vit_b32):
+    """The text forward stops at the longest text's EOT: same native vectors and real-position tokens as
+    the full 77-position context, per text alone and in a batch with a longer one."""
+    from embedsvc.encoder.encoder import text_forward
+
+    encoder = vit_b32
+    ids, _ = encoder.tokenize(TEXTS)
+    with torch.inference_mode():
+        full_native, full_tokens, full_mask = text_forward(encoder._text, ids)
+        batch = encoder.encode_texts(TEXTS)
+        alone = encoder.encode_texts(TEXTS[2:])  # "x": SOT x EOT
+    longest = int(full_mask.sum(dim=1).max())
+    assert ids.shape[1] == 77 and batch.tokens.shape[1] == longest < 20 and alone.tokens.shape[1] == 3
+    assert torch.equal(batch.mask, full_mask[:, :longest])
+    assert torch.abs(batch.native - full_native).max().item() < 1e-5
+    assert torch.abs(alone.native[0] - full_native[2]).max().item() < 1e-5
+    for row in range(len(TEXTS)):
+        real = full_mask[row]
+        assert torch.abs(batch.tokens[row][real[:longest]] - full_tokens[row][real]).max().item() < 1e-5
+
+
 def test_resnet_tokens_are_maskclip_value_projection(rn50):
     encoder = rn50
     visual = encoder.model.visual

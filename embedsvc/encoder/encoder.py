@@ -116,6 +116,7 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> TokenFeatures:
         ids, truncated = self.tokenize(texts)
+        ids = trim_to_span(self._text, ids)
         features = TokenFeatures.concat([self._encode_ids(chunk) for chunk in torch.split(ids, self.max_batch)])
         features.truncated = truncated
         return features
@@ -141,15 +142,29 @@ def _simple_tokenize(tokenizer: SimpleTokenizer, texts: Sequence[str]) -> tuple[
     return ids, truncated
 
 
+def trim_to_span(t: dict, ids: torch.Tensor) -> torch.Tensor:
+    """The ids cut to the longest text's SOT..EOT span where that cannot change any output: under a causal
+    mask no position sees a later one, and argmax/eos pooling reads a position within the span. Short
+    texts then cost a fraction of the context (a 10-token query is 1/7 of CLIP's 77 positions); the
+    positions cut were padding that every pooling masks out."""
+    if t["attn_mask"] is None or t["pool_type"] not in ("argmax", "eos"):
+        return ids
+    length = max(1, int(_text_mask(ids, t["pool_type"], t["eos_id"], t["pad_id"]).sum(dim=1).max()))
+    return ids[:, :length]
+
+
 def text_forward(t: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(native [B, D], projected tokens [B, L, D], mask [B, L] of SOT..EOT) of a text tower (`text_tower`);
-    plain torch, so training can back-propagate through it."""
+    """(native [B, D], projected tokens [B, L, D], mask [B, L] of SOT..EOT) of a text tower (`text_tower`)
+    over ids of the full context or cut by `trim_to_span`; plain torch, so training can back-propagate
+    through it."""
     from open_clip.transformer import text_global_pool
 
+    length = ids.shape[1]
+    attn_mask = t["attn_mask"]
     cast_dtype = t["transformer"].get_cast_dtype()
     x = t["token_embedding"](ids).to(cast_dtype)
-    x = x + t["positional_embedding"].to(cast_dtype)
-    x = t["transformer"](x, attn_mask=t["attn_mask"])
+    x = x + t["positional_embedding"][:length].to(cast_dtype)
+    x = t["transformer"](x, attn_mask=attn_mask[:length, :length] if attn_mask is not None else None)
     x = t["ln_final"](x)
     pool_type, eos_id = t["pool_type"], t["eos_id"]
     pooled = text_global_pool(x, ids, pool_type, eos_token_id=eos_id)
@@ -158,14 +173,17 @@ def text_forward(t: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         native, tokens = projection(pooled), projection(x)
     else:
         native, tokens = pooled @ projection, x @ projection
+    return native, tokens, _text_mask(ids, pool_type, eos_id, t["pad_id"])
+
+
+def _text_mask(ids: torch.Tensor, pool_type: str, eos_id, pad_id: int) -> torch.Tensor:
+    """[B, L] True on SOT..EOT (the positions the native pooling can read), from the ids alone."""
     positions = torch.arange(ids.shape[1], device=ids.device)
     if pool_type == "argmax":
-        mask = positions[None, :] <= ids.argmax(dim=-1, keepdim=True)
-    elif pool_type == "eos":
-        mask = positions[None, :] <= (ids == eos_id).int().argmax(dim=-1, keepdim=True)
-    else:
-        mask = ids != t["pad_id"]
-    return native, tokens, mask
+        return positions[None, :] <= ids.argmax(dim=-1, keepdim=True)
+    if pool_type == "eos":
+        return positions[None, :] <= (ids == eos_id).int().argmax(dim=-1, keepdim=True)
+    return ids != pad_id
 
 
 def _check_vit(visual, name: str) -> None:

@@ -22,7 +22,8 @@ class TokenFeatures:
     """Token features of a batch, all in the joint (projected) embedding space, float32.
 
     Image tokens are patch (or ResNet grid) tokens only: the CLS token is never among them.
-    Text tokens span the whole context; `mask` marks SOT..EOT.
+    Text tokens span the context up to the batch's longest SOT..EOT (padding past it is never computed);
+    `mask` marks each text's SOT..EOT.
     """
 
     # "image" or "text".
