@@ -15,6 +15,11 @@ def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=dim, eps=EPS)
 
 
+def _all_real(mask: torch.Tensor) -> bool:
+    """Image tokens are all real: the masking ops can be skipped (a pooling's cost is its full-size ops)."""
+    return bool(mask.all())
+
+
 def _weights(mask: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask as [B, N, 1] float weights and the per-row token count [B, 1] (at least 1)."""
     w = mask.to(like.dtype).unsqueeze(-1)
@@ -23,14 +28,24 @@ def _weights(mask: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Global average pooling over the real tokens."""
+    if _all_real(mask):
+        return tokens.mean(dim=1)
     w, count = _weights(mask, tokens)
     return (tokens * w).sum(dim=1) / count
 
 
 def masked_max(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Global max pooling per dimension over the real tokens."""
-    filled = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-    return filled.amax(dim=1)
+    if _all_real(mask):
+        return tokens.amax(dim=1)
+    return tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def signed_power(x: torch.Tensor, p: float) -> torch.Tensor:
+    """sign(x)|x|^p; one op where p is an odd integer (x^p keeps the sign), two for an even one."""
+    if float(p).is_integer():
+        return x.pow(int(p)) if int(p) % 2 else x.sign() * x.pow(int(p))
+    return x.sign() * x.abs().pow(p)
 
 
 def signed_gem(tokens: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -42,11 +57,12 @@ def signed_gem(tokens: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tens
 
     Computed on each dimension's values divided by their largest magnitude s (so |x/s| <= 1 and no
     power overflows, whatever p and the feature scale), then scaled back: GeM is homogeneous,
-    gem(x) = s * gem(x / s).
+    gem(x) = s * gem(x / s). Padding is set to 0 before the power, which p > 0 keeps at 0.
     """
-    w, count = _weights(mask, tokens)
-    real = mask.unsqueeze(-1)
-    scale = tokens.abs().masked_fill(~real, 0).amax(dim=1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
-    ratio = (tokens / scale).masked_fill(~real, 0)
-    m = (ratio.sign() * ratio.abs().pow(p) * w).sum(dim=1) / count
+    all_real = _all_real(mask)
+    if not all_real:
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0)
+    scale = tokens.abs().amax(dim=1, keepdim=True)
+    powered = signed_power(tokens / scale.clamp_min(torch.finfo(tokens.dtype).tiny), p)
+    m = powered.mean(dim=1) if all_real else powered.sum(dim=1) / _weights(mask, tokens)[1]
     return scale.squeeze(1) * m.sign() * m.abs().pow(1.0 / p)
