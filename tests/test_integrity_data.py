@@ -270,3 +270,52 @@ def test_gem_is_finite_and_exact_for_every_allowed_p(client, p):
         m = np.mean(np.sign(x) * np.abs(x) ** p, axis=0)
         reference = np.sign(m) * np.abs(m) ** (1 / p)
         assert np.abs(vector - reference / np.linalg.norm(reference)).max() < 1e-4
+
+
+# -- a model name that now loads other weights ----------------------------------------------------
+
+def test_collection_refuses_to_embed_with_other_weights_than_its_vectors_came_from(tiny_spec, tmp_path):
+    """A models file that points a collection's model name at new weights would have mixed two unrelated
+    vector spaces in one collection, silently: content upserts and content queries are FAILED_PRECONDITION
+    naming both fingerprints, vector search and reads keep working, and the original weights serve again."""
+    from dataclasses import replace
+
+    import hashlib
+
+    from conftest import TINY_ARCH, _save_random
+
+    def file_sha256(path):
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    other = replace(tiny_spec, checkpoint=str(_save_random(TINY_ARCH, tmp_path / "retrained.pt", seed=7)))
+    data = tmp_path / "data"
+    with tiny_server(tiny_spec, data) as server, Client(server.address) as client:
+        info = client.create_collection("c", model=tiny_spec.name)
+        client.upsert("c", [Item("a", text="a red circle")])
+        (stored,), _ = client.get("c", ["a"], include_vectors=True)
+        recorded = server.server.store.get_collection("c").config
+    with tiny_server(other, data) as server, Client(server.address) as client:
+        for attempt in (lambda: client.upsert("c", [Item("b", text="a blue star")]),
+                        lambda: client.search("c", text="a red circle")):
+            with pytest.raises(EmbedsvcClientError) as error:
+                attempt()
+            assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            message = str(error.value)
+            assert file_sha256(tiny_spec.checkpoint)[:12] in message and file_sha256(other.checkpoint)[:12] in message
+        assert [h.id for h in client.search("c", vector=stored.vector, top_k=1)] == ["a"]
+        assert client.get_collection("c").count == 1
+        client.upsert("c", [Item("v", vector=stored.vector)])  # vectors need no model
+    with tiny_server(tiny_spec, data) as server, Client(server.address) as client:
+        client.upsert("c", [Item("b", text="a blue star")])
+        assert client.get_collection("c").count == 3
+    assert info.name == "c" and recorded.weights == file_sha256(tiny_spec.checkpoint)
+
+
+def test_collections_without_recorded_weights_keep_embedding(tiny_spec, tmp_path):
+    """Collections created before weights were recorded (no "weights" in their config) are not refused."""
+    store = Store(tmp_path / "data")
+    store.create_collection(CollectionConfig("old", 32, model=tiny_spec.name, pooling="cls"))
+    store.close()
+    with tiny_server(tiny_spec, tmp_path / "data") as server, Client(server.address) as client:
+        client.upsert("old", [Item("a", text="a red circle")])
+        assert [h.id for h in client.search("old", text="a red circle", top_k=1)] == ["a"]

@@ -149,6 +149,11 @@ class _LocalSink:
         models = {info.config.model for info in infos}
         if len(models) != 1 or "" in models:
             raise InvalidInput("the ray engine needs target collections that share one model")
+        from embedsvc.models import get_model_spec, weights_sha256
+
+        loaded = weights_sha256(get_model_spec(infos[0].config.model))
+        for info in infos:  # the actors load the model by name: it must still name the collections' weights
+            info.config.check_weights(loaded)
         return models.pop(), [{"pooling": info.config.pooling, "params": dict(info.config.pooling_params),
                                "state": self.store.pooling_state(info.config.name), "dim": info.config.dim}
                               for info in infos]

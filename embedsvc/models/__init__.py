@@ -11,7 +11,8 @@ from embedsvc.models.bundled import DEFAULT_MODEL, TINY_SCENES, TINY_SCENES_2, r
 
 register_bundled()
 
-_LAZY = {"resolve_device": "device", "resolve_precision": "device", "LoadedModel": "loader", "load_model": "loader"}
+_LAZY = {"resolve_device": "device", "resolve_precision": "device", "LoadedModel": "loader", "load_model": "loader",
+         "weights_sha256": "loader"}
 
 
 def __getattr__(name: str):
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "TINY_SCENES",
     "TINY_SCENES_2",
+    "weights_sha256",
     "LoadedModel",
     "ModelOptions",
     "ModelSpec",

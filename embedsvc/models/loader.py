@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -46,6 +47,9 @@ class LoadedModel:
     vision_tower: str
     # Seconds the load took.
     load_seconds: float
+    # sha256 (hex) of the weights file loaded; "" for random weights. Collections record it at creation, so
+    # a name that later loads other weights cannot mix their vectors with the stored ones.
+    weights_sha256: str = ""
 
 
 def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
@@ -84,6 +88,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
             f"could not load model {quoted(spec.name)} ({spec.architecture}, weights {spec.weights}): {exc}"
         ) from exc
     model.eval()
+    weights_sha256 = file_sha256(kwargs["pretrained"]) if "pretrained" in kwargs else ""
 
     visual = getattr(model, "visual", None)
     if isinstance(visual, VisionTransformer):
@@ -110,10 +115,30 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         context_length=int(model.context_length),
         vision_tower=vision_tower,
         load_seconds=elapsed,
+        weights_sha256=weights_sha256,
     )
     log.info("loaded model %s (%s, %s) on %s as %s in %.1fs", spec.name, spec.architecture, spec.weights,
              torch_device, open_clip_precision, elapsed)
     return loaded
+
+
+def weights_sha256(spec: ModelSpec, cache_dir: Optional[str] = None) -> str:
+    """What `load_model(spec).weights_sha256` will be, without building the model (for checks before a job
+    hands the model name to other processes)."""
+    if spec.checkpoint is not None:
+        return file_sha256(_checked_checkpoint(spec.checkpoint))
+    if spec.pretrained is not None:
+        return file_sha256(_cached_pretrained_file(spec.architecture, spec.pretrained, cache_dir)[0])
+    return ""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (about a second per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _register_architecture(spec: ModelSpec) -> None:

@@ -174,6 +174,13 @@ class Engine:
                                                   self.config, self.metrics.observe_batch if self.metrics else None)
             return self._models[name]
 
+    async def collection_runtime(self, info: CollectionInfo) -> ModelRuntime:
+        """The runtime of a collection's model, refused when the name now loads other weights than the ones the
+        stored vectors came from: new vectors would not be comparable with them."""
+        runtime = await self.runtime_async(info.config.model)
+        info.config.check_weights(runtime.encoder.loaded.weights_sha256)
+        return runtime
+
     async def runtime_async(self, name: str) -> ModelRuntime:
         name = name or self.config.default_model
         if name in self._models:
@@ -341,7 +348,7 @@ class Engine:
         runtime.encoder.check_token_modes((bound.token_mode,))
         config = CollectionConfig(name, bound.output_dim(runtime.encoder.loaded.embed_dim), model=model,
                                   pooling=bound.name, pooling_params=params_to_strings(bound.params),
-                                  metric=metric, index=index or "flat")
+                                  metric=metric, index=index or "flat", weights=runtime.encoder.loaded.weights_sha256)
         return await self.run_blocking(self.store.create_collection, config)
 
     async def collection_pooling(self, info: CollectionInfo) -> BoundPooling:
@@ -369,7 +376,7 @@ class Engine:
                 pooling.check_modality(modality)
             except FailedPrecondition as exc:
                 raise type(exc)(f"collection {quoted(info.config.name)} ({pooling.name}): {exc}") from None
-        runtime = await self.runtime_async(info.config.model)
+        runtime = await self.collection_runtime(info)
         batch = await self.pooled(runtime, contents, [pooling], where)
         return batch.vectors[0], batch.truncated
 
@@ -468,7 +475,10 @@ class Engine:
             poolings = [await self.collection_pooling(info) for info in group]
             for pooling in poolings:
                 pooling.check_ready()
-            batch = await self.pooled(await self.runtime_async(model), contents, poolings, "item")
+            runtime = await self.runtime_async(model)
+            for info in group:
+                info.config.check_weights(runtime.encoder.loaded.weights_sha256)
+            batch = await self.pooled(runtime, contents, poolings, "item")
             for info, pooling, vectors in zip(group, poolings, batch.vectors):
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
@@ -532,7 +542,7 @@ class Engine:
                                      f"pooling state; fit a new (empty) collection")
         if not samples:
             raise InvalidInput("FitPooling needs sample texts or images")
-        runtime = await self.runtime_async(info.config.model)
+        runtime = await self.collection_runtime(info)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
             groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample",

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedsvc.errors import Aborted, InvalidInput, quoted
+from embedsvc.errors import Aborted, FailedPrecondition, InvalidInput, quoted
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ID_BYTES = 512
@@ -32,6 +32,9 @@ class CollectionConfig:
     metric: str = "cosine"
     # Index preset ("flat", "ivf", "hnsw", "ivfpq") or FAISS factory string.
     index: str = "flat"
+    # sha256 of the model's weights file when the collection was created: content is embedded only while
+    # the model name loads these weights. "" = not recorded (vector-only, random weights, older collections).
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
@@ -40,9 +43,21 @@ class CollectionConfig:
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
             raise InvalidInput(f"collection dimension must be 1..65536, got {self.dim}")
 
+    def check_weights(self, loaded_sha256: str) -> None:
+        """Refuses to embed for this collection with other weights than its vectors came from: vectors of two
+        weight sets live in unrelated spaces, and searches over a mix return wrong neighbours, not errors."""
+        if self.weights and self.weights != loaded_sha256:
+            now = f"weights sha256 {loaded_sha256[:12]}" if loaded_sha256 else "random weights"
+            raise FailedPrecondition(
+                f"collection {quoted(self.name)} holds vectors of model {quoted(self.model)} with weights sha256 "
+                f"{self.weights[:12]}, but {quoted(self.model)} now loads {now}; its new vectors would not match "
+                f"the stored ones. Point the model name at the original weights again (models file), or create "
+                f"a new collection and re-index into it")
+
     def to_json(self) -> dict:
         return {"name": self.name, "dim": self.dim, "model": self.model, "pooling": self.pooling,
-                "pooling_params": dict(self.pooling_params), "metric": self.metric, "index": self.index}
+                "pooling_params": dict(self.pooling_params), "metric": self.metric, "index": self.index,
+                **({"weights": self.weights} if self.weights else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> "CollectionConfig":
