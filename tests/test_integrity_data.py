@@ -319,3 +319,26 @@ def test_collections_without_recorded_weights_keep_embedding(tiny_spec, tmp_path
     with tiny_server(tiny_spec, tmp_path / "data") as server, Client(server.address) as client:
         client.upsert("old", [Item("a", text="a red circle")])
         assert [h.id for h in client.search("old", text="a red circle", top_k=1)] == ["a"]
+
+
+def test_ray_targets_refuse_a_model_name_that_now_loads_other_weights(tiny_spec, tmp_path):
+    """`index --engine ray` hands its workers the model name: the parent checks the weights first."""
+    from dataclasses import replace
+
+    from conftest import TINY_ARCH, _save_random
+    from embedsvc.errors import FailedPrecondition
+    from embedsvc.jobs.index import IndexJob, _LocalSink
+    from embedsvc.models import MODEL_REGISTRY, register_model
+
+    job = IndexJob(source="unused", collections=["c=cls"], local=str(tmp_path / "data"), model=tiny_spec.name)
+    register_model(tiny_spec, replace=True)
+    sink = _LocalSink(job, [("c", "cls")])
+    try:
+        assert sink.targets()[0] == tiny_spec.name
+        register_model(replace(tiny_spec, checkpoint=str(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=8))),
+                       replace=True)
+        with pytest.raises(FailedPrecondition, match="now loads weights sha256"):
+            sink.targets()
+    finally:
+        sink.close()
+        MODEL_REGISTRY.pop(tiny_spec.name, None)
