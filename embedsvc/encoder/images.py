@@ -41,7 +41,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: 
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy of an upright image (most are)
             return _to_rgb(image)
     except (ImageTooLarge, ImageDecodeError):  # ours, already worded
         raise

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
 from embedsvc.errors import EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
+from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
 
 
 # A target collection's learned-pooling state, as fit_targets reads it from either sink.
@@ -97,7 +100,10 @@ class _LocalSink:
                               decode_workers=job.workers)
         self.store = open_store_at(job.local)  # a data directory or a Milvus URI
         self.engine = Engine(config, self.store)
+        # The engine's loop runs in its own thread, so that writes from several threads can be in flight.
         self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self._loop_thread.start()
         self.names = [name for name, _ in targets]
         existing = {c.config.name for c in self.store.list_collections()}
         for name, pooling in targets:
@@ -105,8 +111,12 @@ class _LocalSink:
                 if pooling is None:
                     raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write {name}=POOLING "
                                        f"(e.g. {name}=cls) to create it")
-                self.loop.run_until_complete(self.engine.create_collection(
+                self._run(self.engine.create_collection(
                     name, job.model, PoolingSpec.parse(pooling), "cosine", job.index))
+
+    def _run(self, coro):
+        """Runs a coroutine on the engine's loop and waits for it; callable from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.store.get, self.names, ids)
@@ -127,7 +137,7 @@ class _LocalSink:
         """Fits the collection's pooling on decoded sample images; returns the token descriptors used."""
         from embedsvc.service.engine import DecodedImage
 
-        _, descriptors, _ = self.loop.run_until_complete(
+        _, descriptors, _ = self._run(
             self.engine.fit_pooling(name, [DecodedImage(image) for _, image, _ in samples], {}))
         return descriptors
 
@@ -135,7 +145,7 @@ class _LocalSink:
         from embedsvc.service.engine import DecodedImage, UpsertRequestItem
 
         items = [UpsertRequestItem(r.id, DecodedImage(image), None, _metadata(r)) for r, image, _ in batch]
-        self.loop.run_until_complete(self.engine.upsert_multi(self.names, items))
+        self._run(self.engine.upsert_multi(self.names, items))
 
     def write_vectors(self, ids: list[str], vectors: list, metadata: list[dict]) -> None:
         from embedsvc.store import Item
@@ -159,8 +169,12 @@ class _LocalSink:
                               for info in infos]
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.engine.close())
-        self.loop.close()
+        try:
+            self._run(self.engine.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join()
+            self.loop.close()
         self.store.close()
 
 
@@ -220,6 +234,9 @@ def _metadata(record: Record) -> dict:
     if record.caption:
         meta["caption"] = record.caption
     return meta
+
+
+WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 
 
 def decode_record(record: Record):
@@ -351,10 +368,23 @@ def run_index(job: IndexJob) -> IndexSummary:
     chunks = [records[i:i + job.batch_size] for i in range(0, len(records), job.batch_size)]
     loop_started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read") as pool:
+        # Readers decode beside the forward: niced like serve's decoders, so its OpenMP team keeps its cores.
+        # WRITES_IN_FLIGHT batches are written at once: one batch's preprocessing and commit overlap the
+        # other's forward pass instead of leaving the model idle.
+        with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read", initializer=lower_thread_priority,
+                                initargs=(DEFAULT_DECODE_NICE,)) as pool, \
+                ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="write") as writer:
             def submit(chunk):
                 done = sink.present([r.id for r in chunk])
                 return len(done), [pool.submit(decode_record, r) for r in chunk if r.id not in done]
+
+            writes: deque = deque()
+
+            def finish_write():
+                nonlocal indexed
+                future, rows = writes.popleft()
+                future.result()
+                indexed += rows
 
             pending = submit(chunks[0]) if chunks else None
             for number, chunk in enumerate(chunks):
@@ -370,9 +400,12 @@ def run_index(job: IndexJob) -> IndexSummary:
                     else:
                         good.append((record, image, payload))
                 if good:
-                    sink.write(good)
-                    indexed += len(good)
+                    writes.append((writer.submit(sink.write, good), len(good)))
+                    if len(writes) >= WRITES_IN_FLIGHT:
+                        finish_write()
                 progress.update(min(len(records), (number + 1) * job.batch_size), indexed)
+            while writes:
+                finish_write()
     finally:
         loop_seconds = time.perf_counter() - loop_started
         sink.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from embedsvc.errors import InvalidInput, quoted
+from embedsvc.service.cpu import DEFAULT_DECODE_NICE
 
 ENV_PREFIX = "EMBEDSVC_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -86,7 +87,7 @@ class ServerConfig:
     # Nice increment of those threads (0-19): on a CPU the forward fills, decodes yield to the forward's
     # OpenMP team instead of stalling it (one preempted thread holds every other at the next barrier); 0: same
     # priority.
-    decode_nice: int = 10
+    decode_nice: int = DEFAULT_DECODE_NICE
     # Port of the Prometheus /metrics endpoint on the listen host; -1 disables it, 0 picks a free port.
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import MutableMapping, Optional
 
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# Nice value added to threads that decode images beside a CPU forward: the forward's OpenMP team then waits
+# less for a core a decoder holds (serve's decode_nice default; index's reader threads).
+DEFAULT_DECODE_NICE = 10
 
 
 def usable_cpus() -> int:
