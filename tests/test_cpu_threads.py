@@ -89,3 +89,27 @@ def test_decode_nice_is_checked():
     for bad in (20, -1):
         with pytest.raises(InvalidInput, match=f"decode_nice must be between 0 and 19, got {bad}"):
             ServerConfig(decode_nice=bad).validate()
+
+
+def test_faiss_threads_hold_in_the_threads_that_search(tmp_path):
+    """OpenMP's thread count is a per-thread setting: the store's `omp_threads` (the server's faiss_threads)
+    must hold in its worker threads, where the server searches and writes, not only where it was opened."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+    import numpy as np
+
+    from embedsvc.store import CollectionConfig, Item, Store
+
+    store = Store(tmp_path / "d", omp_threads=1)
+    try:
+        store.create_collection(CollectionConfig("c", 4))
+        with ThreadPoolExecutor(max_workers=1) as worker:  # one thread: what it searched with, it keeps
+            assert worker.submit(faiss.omp_set_num_threads, 3).result() is None
+            worker.submit(store.upsert, "c", [Item("a", np.ones(4, np.float32))]).result()
+            assert worker.submit(faiss.omp_get_max_threads).result() == 1
+            worker.submit(faiss.omp_set_num_threads, 3).result()
+            hits = worker.submit(store.search, "c", np.ones((1, 4), np.float32), 1).result()
+            assert [h.id for h in hits[0]] == ["a"] and worker.submit(faiss.omp_get_max_threads).result() == 1
+    finally:
+        store.close()

@@ -125,8 +125,8 @@ class Store:
         except BaseException:
             self._dir_lock.release()
             raise
-        if omp_threads:
-            faiss.omp_set_num_threads(omp_threads)
+        self.omp_threads = omp_threads
+        self._use_faiss_threads()
         self.checkpoint_every = checkpoint_every
         self.max_top_k = max_top_k
         self._registry_lock = threading.Lock()  # guards the dict of collections, not their contents
@@ -139,6 +139,15 @@ class Store:
         self._closed = False
         for col in self._collections.values():
             self._maybe_checkpoint(col)
+
+    def _use_faiss_threads(self) -> None:
+        """Applies `omp_threads` to the calling thread. OpenMP keeps the setting per thread, and FAISS runs in
+        whichever thread calls it (the server's store pool, the checkpointer): set once at start-up, it held
+        for the opening thread only, and searches ran on every core."""
+        import faiss
+
+        if self.omp_threads and faiss.omp_get_max_threads() != self.omp_threads:
+            faiss.omp_set_num_threads(self.omp_threads)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -342,6 +351,7 @@ class Store:
         were computed for: if the collection was re-created or re-fitted since, nothing is stored (Aborted).
         `thumbnails` {id: (media type, bytes)}: small images for display, stored with the items.
         """
+        self._use_faiss_threads()
         col = self._get(name)
         check_incarnation(name, col.uid, uid)
         if not items:
@@ -401,6 +411,7 @@ class Store:
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         """Removes ids; missing ones are reported (strict: refused, nothing removed)."""
+        self._use_faiss_threads()
         col = self._get(name)
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
@@ -468,6 +479,7 @@ class Store:
                nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
+        self._use_faiss_threads()
         col = self._get(name)
         queries = prepare_queries(col.config, queries, top_k, self.max_top_k, nprobe, ef_search)
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
