@@ -109,8 +109,6 @@ class Store:
 
     def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
                  max_top_k: int = DEFAULT_MAX_TOP_K):
-        import faiss
-
         self.data_dir = Path(data_dir)
         try:
             (self.data_dir / "indexes").mkdir(parents=True, exist_ok=True)
