@@ -150,3 +150,18 @@ def test_resnet_tiny_from_safetensors(tiny_rn_spec):
         ref = encoder.model.encode_image(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
         ours = encoder.encode_images(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))).native
     assert torch.abs(ours - ref).max().item() < 1e-5
+
+
+def test_text_fit_across_forward_batches_of_different_spans(tiny_spec, tmp_path):
+    """FitPooling with texts: the batcher runs them in several forwards, each up to its own longest text; the
+    fitted codebook uses every real token (one descriptor each), as with one batch of the full context."""
+    from embedsvc.client import Client
+    from serving import tiny_server
+
+    texts = ["a red circle", "blue", "a large green triangle on the left of a small yellow square at the top",
+             "x", "two stars"]
+    with tiny_server(tiny_spec, tmp_path / "data", max_batch_size=2) as server, Client(server.address) as client:
+        client.create_collection("v", model=tiny_spec.name, pooling="netvlad:clusters=2")
+        response = client.fit_pooling("v", texts, params={"seed": "0"})
+        tokenizer = server.server.engine.runtime(tiny_spec.name).encoder.loaded.tokenizer
+        assert response.descriptors == sum(len(tokenizer.encode(t)) + 2 for t in texts)

@@ -161,3 +161,25 @@ def test_checkpoint_and_reopen_replays_the_log(tmp_path):
     assert [(h.id, h.metadata) for h in hits] == [("i3", {"n": -1})]
     ids = {h.id for h in reopened.search("c", np.ones((1, 4), np.float32), 50)[0]}
     assert "i1" not in ids and "late" in ids and len(ids) == 39
+
+
+def test_a_config_written_by_a_later_version_still_opens(tmp_path):
+    """A key this version does not know (a later release's field) is ignored, not a TypeError that keeps
+    the whole data directory (or a Milvus catalogue) from opening."""
+    import json
+    import sqlite3
+
+    store = Store(tmp_path / "d")
+    store.create_collection(CollectionConfig("c", 4))
+    store.upsert("c", [Item("a", np.ones(4, np.float32))])
+    store.close()
+    db = sqlite3.connect(tmp_path / "d" / "store.sqlite3")
+    (config,), = db.execute("SELECT config FROM collections").fetchall()
+    db.execute("UPDATE collections SET config = ?", (json.dumps({**json.loads(config), "from_the_future": 1}),))
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "d")
+    try:
+        assert store.get_collection("c").count == 1
+    finally:
+        store.close()

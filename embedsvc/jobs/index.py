@@ -105,14 +105,18 @@ class _LocalSink:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._loop_thread.start()
         self.names = [name for name, _ in targets]
-        existing = {c.config.name for c in self.store.list_collections()}
-        for name, pooling in targets:
-            if name not in existing:
-                if pooling is None:
-                    raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write {name}=POOLING "
-                                       f"(e.g. {name}=cls) to create it")
-                self._run(self.engine.create_collection(
-                    name, job.model, PoolingSpec.parse(pooling), "cosine", job.index))
+        try:
+            existing = {c.config.name for c in self.store.list_collections()}
+            for name, pooling in targets:
+                if name not in existing:
+                    if pooling is None:
+                        raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write "
+                                           f"{name}=POOLING (e.g. {name}=cls) to create it")
+                    self._run(self.engine.create_collection(
+                        name, job.model, PoolingSpec.parse(pooling), "cosine", job.index))
+        except BaseException:
+            self.close()
+            raise
 
     def _run(self, coro):
         """Runs a coroutine on the engine's loop and waits for it; callable from any thread."""
@@ -169,13 +173,22 @@ class _LocalSink:
                               for info in infos]
 
     def close(self) -> None:
+        """Cancels writes still running on the loop (their callers get CancelledError instead of waiting
+        forever), then closes the engine, the loop and the store."""
+        async def cancel_the_rest():
+            rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
         try:
+            self._run(cancel_the_rest())
             self._run(self.engine.close())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._loop_thread.join()
             self.loop.close()
-        self.store.close()
+            self.store.close()
 
 
 class _RemoteSink:

@@ -74,10 +74,17 @@ class TokenFeatures:
 
     @staticmethod
     def concat(parts: list["TokenFeatures"]) -> "TokenFeatures":
-        """The features of several batches (same modality and modes), rows in order."""
+        """The features of several batches (same modality and modes), rows in order. Text batches run up to
+        their own longest text, so shorter ones are padded with masked-out zero tokens."""
         first = parts[0]
         if len(parts) == 1:
             return first
-        return TokenFeatures(first.modality, torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
-                             torch.cat([p.native for p in parts]), first.grid, [t for p in parts for t in p.truncated],
-                             first.mode, {m: torch.cat([p.other_modes[m] for p in parts]) for m in first.other_modes})
+        n = max(p.tokens.shape[1] for p in parts)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [B, n, ...], zeros (False) appended
+            return t if t.shape[1] == n else torch.cat([t, t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))], 1)
+
+        return TokenFeatures(first.modality, torch.cat([padded(p.tokens) for p in parts]),
+                             torch.cat([padded(p.mask) for p in parts]), torch.cat([p.native for p in parts]),
+                             first.grid, [t for p in parts for t in p.truncated], first.mode,
+                             {m: torch.cat([padded(p.other_modes[m]) for p in parts]) for m in first.other_modes})

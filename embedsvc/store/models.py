@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
@@ -61,7 +61,10 @@ class CollectionConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "CollectionConfig":
-        return cls(**data)
+        """Keys a later version added are ignored, so a data directory or Milvus catalogue it wrote still opens
+        here (without what those keys guard)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 @dataclass(frozen=True)

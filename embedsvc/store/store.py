@@ -139,9 +139,9 @@ class Store:
             self._maybe_checkpoint(col)
 
     def _use_faiss_threads(self) -> None:
-        """Applies `omp_threads` to the calling thread. OpenMP keeps the setting per thread, and FAISS runs in
-        whichever thread calls it (the server's store pool, the checkpointer): set once at start-up, it held
-        for the opening thread only, and searches ran on every core."""
+        """Applies `omp_threads` to the calling thread (searches, writes, start-up). OpenMP keeps the setting per
+        thread, and FAISS runs in whichever thread calls it (the server's store pool): set once at start-up, it
+        held for the opening thread only, and searches ran on every core."""
         import faiss
 
         if self.omp_threads and faiss.omp_get_max_threads() != self.omp_threads:
