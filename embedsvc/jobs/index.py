@@ -26,6 +26,8 @@ from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
 
+WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
+
 
 # A target collection's learned-pooling state, as fit_targets reads it from either sink.
 NOT_REQUIRED, NEEDS_FIT, FITTED = "not required", "needs fit", "fitted"
@@ -247,9 +249,6 @@ def _metadata(record: Record) -> dict:
     if record.caption:
         meta["caption"] = record.caption
     return meta
-
-
-WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 
 
 def decode_record(record: Record):

@@ -26,7 +26,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "TINY_SCENES",
     "TINY_SCENES_2",
-    "weights_sha256",
     "LoadedModel",
     "ModelOptions",
     "ModelSpec",
@@ -38,4 +37,5 @@ __all__ = [
     "resolve_model_spec",
     "resolve_precision",
     "spec_from_options",
+    "weights_sha256",
 ]
