@@ -13,7 +13,7 @@ from embedsvc.errors import ImageDecodeError, ImageTooLarge
 from conftest import png_bytes
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "HEIF", "AVIF"])
 def test_supported_formats_decode_to_rgb(fmt):
     image = decode_image(png_bytes(size=(30, 20), fmt=fmt))
     assert image.mode == "RGB" and image.size == (30, 20)
@@ -26,7 +26,7 @@ def test_zero_bytes():
 
 @pytest.mark.parametrize("data", [b"not an image at all", b"%PDF-1.4 fake", bytes(range(256)) * 4])
 def test_garbage(data):
-    with pytest.raises(ImageDecodeError, match="JPEG, PNG, WebP or GIF"):
+    with pytest.raises(ImageDecodeError, match="not a JPEG, PNG, WebP, GIF, HEIC/HEIF or AVIF file"):
         decode_image(data)
 
 
@@ -51,7 +51,7 @@ def test_decompression_bomb_refused_from_header():
     buffer = io.BytesIO()
     Image.new("1", (30000, 30000)).save(buffer, format="PNG")
     assert len(buffer.getvalue()) < 1_000_000
-    with pytest.raises(ImageTooLarge, match="900000000 pixels.*limit is 40,000,000"):
+    with pytest.raises(ImageTooLarge, match="900000000 pixels.*limit is 150,000,000"):
         decode_image(buffer.getvalue())
 
 

@@ -39,11 +39,11 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def load_encoder(args):
+def load_encoder(args, spec=None):
     from embedsvc.encoder import ClipEncoder
     from embedsvc.models import load_model
 
-    spec = resolve_model(args)
+    spec = spec or resolve_model(args)
     if spec.random_init:
         print("embedsvc: warning: random-init weights; the vectors carry no meaning", file=sys.stderr)
     return ClipEncoder(load_model(spec, device=args.device, precision=args.precision))
@@ -51,6 +51,7 @@ def load_encoder(args):
 
 def run(args) -> int:
     from embedsvc.encoder import decode_image, embed
+    from embedsvc.models import input_size
     from embedsvc.pooling import NetVLADState, bind_pooling
 
     if not args.inputs:
@@ -58,6 +59,8 @@ def run(args) -> int:
     state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
     poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
     inputs = []
+    spec = resolve_model(args)
+    side = input_size(spec) if any(kind == "image" for kind, _ in args.inputs) else 0  # decode at the model's size
     for kind, value in args.inputs:
         if kind == "text":
             if not value.strip():
@@ -67,13 +70,13 @@ def run(args) -> int:
             path = Path(value)
             if not path.is_file():
                 raise InvalidInput(f"image file {path} does not exist")
-            inputs.append(decode_image(path.read_bytes()))
+            inputs.append(decode_image(path.read_bytes(), short_side=side))
     for pooling in poolings:
         pooling.check_ready()
     for modality in {kind for kind, _ in args.inputs}:  # refuse before paying for the model load
         for pooling in poolings:
             pooling.check_modality(modality)
-    encoder = load_encoder(args)
+    encoder = load_encoder(args, spec)
     result = embed(encoder, inputs, poolings, keep_features=args.tokens)
     if args.json:
         rows = []

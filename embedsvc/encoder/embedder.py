@@ -36,7 +36,8 @@ def modality_of(item: Input) -> str:
 
 def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[BoundPooling],
           max_pixels: int = DEFAULT_MAX_PIXELS, keep_features: bool = False) -> Embedded:
-    """Texts are str, images are encoded bytes or PIL images. Every pooling is checked against every
+    """Texts are str, images are encoded bytes (decoded at the model's size, as the server does) or PIL
+    images. Every pooling is checked against every
     modality present (and the image token modes against the model) before any forward pass, so a refused
     combination costs no compute. One image pass computes every token mode the poolings read."""
     modalities = [modality_of(item) for item in inputs]
@@ -59,7 +60,8 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
         if modality == TEXT:
             features = encoder.encode_texts([inputs[i] for i in index])
         else:
-            images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels)
+            images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels,
+                                                                              encoder.loaded.image_size)
                       for item in (inputs[i] for i in index)]
             features = encoder.encode_images(images, modes)
         for out, pooling in zip(vectors, poolings):

@@ -108,8 +108,9 @@ def _scene_pairs(job: CompareJob, image_size: int) -> Pairs:
                  [s.id for s in scenes], keys=[s.object_key() for s in scenes])
 
 
-def _manifest_pairs(job: CompareJob) -> Pairs:
-    """Read and decoded before the model loads: a manifest with nothing usable fails at once."""
+def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
+    """Read and decoded (at the model's input size, `short_side`) before the model loads: a manifest with
+    nothing usable fails at once."""
     from embedsvc.jobs.index import decode_record
     from embedsvc.jobs.sources import manifest_records
 
@@ -124,7 +125,7 @@ def _manifest_pairs(job: CompareJob) -> Pairs:
         if column and column not in row.metadata:
             pairs.skipped.append((row.source, f"no {column!r} value"))
             continue
-        _, image, reason = decode_record(row)
+        _, image, reason = decode_record(row, short_side, keep_bytes=False)
         if image is None:
             pairs.skipped.append((row.source, reason))
             continue
@@ -143,12 +144,13 @@ def _manifest_pairs(job: CompareJob) -> Pairs:
 def run_compare(job: CompareJob) -> dict:
     import torch
 
-    from embedsvc.models import DEFAULT_MODEL, load_model, spec_from_options
+    from embedsvc.models import DEFAULT_MODEL, input_size, load_model, spec_from_options
     from embedsvc.store import CollectionConfig, Item, Store
 
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
-    pairs = _manifest_pairs(job) if job.data != "scenes" else None
-    encoder = ClipEncoder(load_model(spec_from_options(options, default=DEFAULT_MODEL)))
+    spec = spec_from_options(options, default=DEFAULT_MODEL)
+    pairs = _manifest_pairs(job, input_size(spec)) if job.data != "scenes" else None
+    encoder = ClipEncoder(load_model(spec))
     pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
     pairs.drop_oversized(encoder.loaded.image_size)
     images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids

@@ -10,6 +10,7 @@ a server each collection's Upsert stream embeds on the server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 import threading
@@ -20,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
+from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
 from embedsvc.errors import EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
+# The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
+# its model's size.
+REMOTE_CHECK_SIDE = 224
 
 
 # A target collection's learned-pooling state, as fit_targets reads it from either sink.
@@ -107,6 +111,10 @@ class _LocalSink:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self._loop_thread.start()
         self.names = [name for name, _ in targets]
+        # Readers keep decoded images, not their files' bytes: the engine embeds the images.
+        self.keeps_bytes = False
+        # Most decoded pixels one write may carry: the engine refuses more (max_request_pixels).
+        self.pixel_budget = config.max_request_pixels
         try:
             existing = {c.config.name for c in self.store.list_collections()}
             for name, pooling in targets:
@@ -119,6 +127,17 @@ class _LocalSink:
         except BaseException:
             self.close()
             raise
+
+    @functools.cached_property
+    def image_side(self) -> int:
+        """The input side of the largest among the targets' models (loading them): what readers decode for."""
+        models = {self.store.get_collection(name).config.model for name in self.names} - {""}
+        return max((self.engine.runtime(m).encoder.loaded.image_size for m in models), default=0)
+
+    @staticmethod
+    def pixels(row: tuple[Record, object, bytes]) -> int:
+        """What a decoded row counts against the engine's pixel budget: the image held."""
+        return row[1].size[0] * row[1].size[1]
 
     def _run(self, coro):
         """Runs a coroutine on the engine's loop and waits for it; callable from any thread."""
@@ -198,9 +217,14 @@ class _RemoteSink:
 
     def __init__(self, job: IndexJob, targets):
         from embedsvc.client import Client, NotFoundError
+        from embedsvc.service.config import ServerConfig
 
         self.client = Client(job.address, timeout=600)
         self.names = [name for name, _ in targets]
+        self.image_side, self.keeps_bytes = REMOTE_CHECK_SIDE, True
+        # The server's budget is its own; a job splits writes by the default, counting each file's declared
+        # size (never less than what the server counts: it decodes JPEGs scaled down).
+        self.pixel_budget = ServerConfig().max_request_pixels
         for name, pooling in targets:
             try:
                 self.client.get_collection(name)
@@ -209,6 +233,10 @@ class _RemoteSink:
                     raise InvalidInput(f"collection {name!r} does not exist on {job.address}; write {name}=POOLING "
                                        f"to create it") from None
                 self.client.create_collection(name, model=job.model, pooling=pooling, index=job.index)
+
+    @staticmethod
+    def pixels(row: tuple[Record, object, bytes]) -> int:
+        return header_pixels(row[2])
 
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.client.get, self.names, ids)
@@ -251,19 +279,34 @@ def _metadata(record: Record) -> dict:
     return meta
 
 
-def decode_record(record: Record):
-    """(record, image, bytes) or (record, None, reason)."""
+def decode_record(record: Record, short_side: int = 0, keep_bytes: bool = True):
+    """(record, image, bytes) or (record, None, reason). The image is decoded at the size a model of input side
+    `short_side` needs (decode_image); without `keep_bytes` the bytes are dropped (b"") once decoded."""
     if record.refused:
         return record, None, record.refused
     try:
         data = record.read()
-        return record, decode_image(data, DEFAULT_MAX_PIXELS), data
+        return record, decode_image(data, DEFAULT_MAX_PIXELS, short_side), data if keep_bytes else b""
     except FileNotFoundError:
         return record, None, "file not found"
     except EmbedsvcError as exc:
         return record, None, str(exc)
     except OSError as exc:
         return record, None, f"could not read: {exc.strerror or exc}"
+
+
+def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
+    """Consecutive runs of `rows` whose pixels(row) add up to at most `budget` (a row over it alone): a batch
+    of large images is written in several parts instead of being refused."""
+    parts, part, total = [], [], 0
+    for row in rows:
+        n = pixels(row)
+        if part and total + n > budget:
+            parts.append(part)
+            part, total = [], 0
+        part.append(row)
+        total += n
+    return parts + [part] if part else parts
 
 
 def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
@@ -335,8 +378,9 @@ def fit_targets(sink, names: list[str], records: list[Record], sample: int, work
     if sample < 1:
         raise InvalidInput(f"{', '.join(todo)} need a fitted codebook before items go in: sample at least one image "
                            f"(--fit-sample N), or fit first with `embedsvc collections fit NAME SOURCE`")
+    read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
-        decoded = list(pool.map(decode_record, sample_records(records, sample)))
+        decoded = list(pool.map(read, sample_records(records, sample)))
     good = [row for row in decoded if row[1] is not None]
     if not good:
         raise InvalidInput(f"no usable image among the {len(decoded)} sampled to fit {', '.join(todo)}")
@@ -386,9 +430,11 @@ def run_index(job: IndexJob) -> IndexSummary:
         with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read", initializer=lower_thread_priority,
                                 initargs=(DEFAULT_DECODE_NICE,)) as pool, \
                 ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="write") as writer:
+            read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
+
             def submit(chunk):
                 done = sink.present([r.id for r in chunk])
-                return len(done), [pool.submit(decode_record, r) for r in chunk if r.id not in done]
+                return len(done), [pool.submit(read, r) for r in chunk if r.id not in done]
 
             writes: deque = deque()
 
@@ -411,8 +457,8 @@ def run_index(job: IndexJob) -> IndexSummary:
                         failed.append((record.source, payload))
                     else:
                         good.append((record, image, payload))
-                if good:
-                    writes.append((writer.submit(sink.write, good), len(good)))
+                for part in split_by_pixels(good, sink.pixels, sink.pixel_budget):
+                    writes.append((writer.submit(sink.write, part), len(part)))
                     if len(writes) >= WRITES_IN_FLIGHT:
                         finish_write()
                 progress.update(min(len(records), (number + 1) * job.batch_size), indexed)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 from embedsvc.datasets.manifest import read_manifest
 from embedsvc.errors import InvalidInput
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".avif")
 
 
 @dataclass

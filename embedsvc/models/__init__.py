@@ -12,7 +12,7 @@ from embedsvc.models.bundled import DEFAULT_MODEL, TINY_SCENES, TINY_SCENES_2, r
 register_bundled()
 
 _LAZY = {"resolve_device": "device", "resolve_precision": "device", "LoadedModel": "loader", "load_model": "loader",
-         "weights_sha256": "loader"}
+         "weights_sha256": "loader", "input_size": "loader"}
 
 
 def __getattr__(name: str):
@@ -30,6 +30,7 @@ __all__ = [
     "ModelOptions",
     "ModelSpec",
     "get_model_spec",
+    "input_size",
     "load_model",
     "register_model",
     "register_models_file",

@@ -122,6 +122,22 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
     return loaded
 
 
+def input_size(spec: ModelSpec) -> int:
+    """What `load_model(spec).image_size` will be, from the architecture's config without building the model:
+    jobs decode their images at the model's size before loading it. 0 when the config is unknown here."""
+    import open_clip
+
+    if spec.config_file is not None:
+        _register_architecture(spec)
+    return config_input_size(open_clip.get_model_config(spec.architecture))
+
+
+def config_input_size(model_cfg: Optional[dict]) -> int:
+    """The image side of an open_clip model config (0 when it names none)."""
+    size = ((model_cfg or {}).get("vision_cfg") or {}).get("image_size", 0)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
 def weights_sha256(spec: ModelSpec, cache_dir: Optional[str] = None) -> str:
     """What `load_model(spec).weights_sha256` will be, without building the model (for checks before a job
     hands the model name to other processes)."""

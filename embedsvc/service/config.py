@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from PIL import Image
+
 from embedsvc.errors import InvalidInput, quoted
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE
 
 ENV_PREFIX = "EMBEDSVC_"
+# Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
+PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -58,9 +62,14 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # Largest encoded image accepted, in bytes.
     max_image_bytes: int = 16 * 1024 * 1024
-    # Largest decoded image accepted, in pixels (decompression-bomb guard).
-    max_image_pixels: int = 40_000_000
-    # Most decoded pixels (sum over the images, from their headers) one request or streamed message may carry.
+    # Largest image decoded, in pixels, checked from its header before decoding: a JPEG decodes DCT-scaled
+    # toward the model's input (a 48 MP photo at 1/8: 0.75 MP), other formats whole.
+    max_image_pixels: int = 50_000_000
+    # Largest width x height an image file may declare, however it decodes (decompression-bomb guard; at most
+    # 178956970, where Pillow refuses by itself).
+    max_image_header_pixels: int = 150_000_000
+    # Most decoded pixels (summed over the images, counted as for max_image_pixels) one request or streamed
+    # message may carry.
     max_request_pixels: int = 500_000_000
     # Longest text accepted, in characters; tokens past the model's context are truncated and reported.
     max_text_chars: int = 4096
@@ -113,12 +122,16 @@ class ServerConfig:
 
     def validate(self) -> "ServerConfig":
         positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
+                    "max_image_header_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
                     "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
                     "max_fit_bytes"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_image_header_pixels > PILLOW_PIXEL_LIMIT:
+            raise InvalidInput(f"config max_image_header_pixels must be at most {PILLOW_PIXEL_LIMIT} (Pillow refuses "
+                               f"larger images itself), got {self.max_image_header_pixels}")
         if not self.request_message_timeout_seconds > 0:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
         if self.max_batch_delay_ms < 0:

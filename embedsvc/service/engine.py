@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import check_resized_size, decode_image, header_pixels, thumbnail_jpeg
+from embedsvc.encoder.images import (THUMBNAIL_SIDE, check_resized_size, decode_image, decoded_pixels, fit_to_model,
+                                     thumbnail_jpeg)
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import get_model_spec, load_model
 from embedsvc.models.registry import register_models_file
@@ -212,22 +213,24 @@ class Engine:
         short_side = runtime.encoder.loaded.image_size  # preprocessing resizes the shorter side to this
         try:
             if isinstance(data, (bytes, bytearray)):
-                image = decode_image(data, self.config.max_image_pixels, short_side)
-            else:  # already decoded
-                image = data
-                check_resized_size(image.size, short_side, self.config.max_image_pixels)
+                image = decode_image(data, self.config.max_image_pixels, short_side,
+                                     self.config.max_image_header_pixels)
+            else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
+                check_resized_size(data.size, short_side, self.config.max_image_pixels)
+                image = fit_to_model(data, short_side)
         except InvalidInput as exc:
             raise type(exc)(f"{where}: {exc}") from None
         return runtime.encoder.prepare(image)
 
-    def _check_pixel_budget(self, payloads: Sequence[Any]) -> None:
-        """RESOURCE_EXHAUSTED when the images' header sizes add up to more than max_request_pixels."""
-        total = sum(header_pixels(p) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+    def _check_pixel_budget(self, payloads: Sequence[Any], short_side: int) -> None:
+        """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
+        at the model's input size) add up to more than max_request_pixels."""
+        total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
                     for p in payloads)
         if total > self.config.max_request_pixels:
-            raise ResourceExhausted(f"{len(payloads)} images of {total:,} pixels in one request, over the limit of "
-                                    f"{self.config.max_request_pixels:,} (max_request_pixels); send fewer or "
-                                    f"smaller images per request")
+            raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
+                                    f"limit of {self.config.max_request_pixels:,} (max_request_pixels); send fewer "
+                                    f"or smaller images per request")
 
     async def _in_decode_pool(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
         """Runs one request's jobs in the decode pool, at most decode_workers of them at a time.
@@ -265,7 +268,8 @@ class Engine:
         jobs = []
         if images:  # decode first: a bad image fails the request before any forward pass is queued
             payloads = [_image_payload(contents[i]) for i in images]
-            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads)])
+            short_side = runtime.encoder.loaded.image_size
+            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads, short_side)])
             pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
                                                  for i, payload in zip(images, payloads)])
         if texts:
@@ -428,7 +432,8 @@ class Engine:
         def make(content: Content) -> bytes:
             if isinstance(content, DecodedImage):
                 return thumbnail_jpeg(content.image)
-            return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels))
+            return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels, THUMBNAIL_SIDE,
+                                               self.config.max_image_header_pixels, for_model=False))
 
         latest = {item.id: item.content for item in items}
         images = {i: c for i, c in latest.items() if isinstance(c, (ImageBytes, DecodedImage))}

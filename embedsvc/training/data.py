@@ -138,11 +138,14 @@ class ManifestImages:
     labels: list | None
     # Per row: its image file.
     sources: list[str] = field(default_factory=list)
+    # The model input size the images were decoded for (0: decoded whole).
+    short_side: int = 0
 
 
-def read_manifest_images(manifest: str) -> ManifestImages:
+def read_manifest_images(manifest: str, short_side: int = 0) -> ManifestImages:
     """Reads every row; a missing or undecodable image, or a row without caption, is reported and skipped.
-    A `label` (else `class`) column that every usable row fills becomes the evaluation's class labels."""
+    Images decode at the size a model of input side `short_side` needs (decode_image). A `label` (else
+    `class`) column that every usable row fills becomes the evaluation's class labels."""
     images, captions, ids, skipped, labels, sources = [], [], [], [], [], []
     for row in read_manifest(manifest):
         if not row.caption:
@@ -150,7 +153,7 @@ def read_manifest_images(manifest: str) -> ManifestImages:
             continue
         try:
             data = row.path.read_bytes()
-            images.append(decode_image(data))
+            images.append(decode_image(data, short_side=short_side))
         except FileNotFoundError:
             skipped.append((str(row.path), "file not found"))
             continue
@@ -166,12 +169,15 @@ def read_manifest_images(manifest: str) -> ManifestImages:
     if not images:
         raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
     return ManifestImages(images, captions, ids, skipped,
-                          labels if all(label is not None for label in labels) else None, sources)
+                          labels if all(label is not None for label in labels) else None, sources, short_side)
 
 
 def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer, short_side: int) -> PairData:
     """The model's tensors for rows read by `read_manifest_images`. An image that the resize (shorter side
     to `short_side`) would blow past the pixel limit is skipped, as the server refuses it."""
+    if rows.short_side and rows.short_side < short_side:
+        raise InvalidInput(f"images were decoded for a {rows.short_side}-pixel input, the model takes {short_side}: "
+                           f"read the manifest with read_manifest_images(path, {short_side})")
     keep, refused = split_by_resized_size(rows.images, short_side)
     skipped = list(rows.skipped) + [(rows.sources[i], reason) for i, reason in refused.items()]
     for i, reason in refused.items():

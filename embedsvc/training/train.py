@@ -103,6 +103,21 @@ class TrainResult:
     skipped: list = field(default_factory=list)
 
 
+def _input_size(config: TrainConfig) -> int:
+    """The input side of the model `_build` makes, from its config alone (0 when not found: `_build` says why)."""
+    import open_clip
+
+    from embedsvc.models import get_model_spec, input_size
+    from embedsvc.models.loader import config_input_size
+
+    if config.init:
+        return input_size(get_model_spec(config.init))
+    if config.config_file:
+        path = Path(config.config_file)
+        return config_input_size(json.loads(path.read_text())) if path.is_file() else 0
+    return config_input_size(open_clip.get_model_config(config.architecture))
+
+
 def _build(config: TrainConfig, device: torch.device):
     import open_clip
 
@@ -226,9 +241,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     _check_options(config)
     started = time.perf_counter()
-    # Manifests are read and decoded before the model is built: one with nothing usable fails at once.
-    train_rows = read_manifest_images(config.data) if config.data != "scenes" else None
-    eval_rows = read_manifest_images(config.eval_data) if train_rows and config.eval_data else None
+    # Manifests are read and decoded (at the model's input size) before the model is built: one with nothing
+    # usable fails at once.
+    side = _input_size(config) if config.data != "scenes" else 0
+    train_rows = read_manifest_images(config.data, side) if config.data != "scenes" else None
+    eval_rows = read_manifest_images(config.eval_data, side) if train_rows and config.eval_data else None
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
     name, model, preprocess, tokenizer, config_file = _build(config, device)

@@ -1,0 +1,196 @@
+"""Real photos at the model's speed: camera-sized JPEGs decode at the size the model needs (vectors as a full decode
+gives them), index with default flags in bounded memory, and a request of many large photos fits its budget; HEIC
+and AVIF decode upright under all eight EXIF orientations, under the same safety rules."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from embedsvc.client import Client, EmbedsvcClientError, Item
+from embedsvc.datasets.photos import CAMERA_48MP, encode, photo, photo_image
+from embedsvc.encoder import ClipEncoder, decode_image
+from embedsvc.errors import ImageDecodeError, ImageTooLarge
+from embedsvc.models import load_model, resolve_model_spec
+from embedsvc.store import Store
+
+from serving import tiny_server
+
+ORIENTATIONS = range(1, 9)
+# Runs argv[1:] and prints its peak RSS. Through this small process, not straight from pytest: a child's
+# ru_maxrss starts from the high-water mark of the process it was forked from (pytest holds models).
+MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    """Six 12 MP JPEGs (q90) of six different real photos."""
+    return [photo(i) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def vit_b32(vit_b32_checkpoint):
+    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
+
+
+# -- decoding at the model's size ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("short_side", [72, 224])
+def test_a_large_photo_decodes_near_the_models_size(photos, short_side):
+    from embedsvc.encoder.images import REDUCING_GAP, decoded_pixels
+
+    most = 2 * REDUCING_GAP * short_side  # reduced by whole factors while the shorter side stays >= half this
+    jpeg = decode_image(photos[0], short_side=short_side)
+    assert short_side <= min(jpeg.size) < most and jpeg.size[0] > jpeg.size[1], jpeg.size
+    # the header says how many pixels the decoder will produce (the JPEG's DCT scale, before the reduction)
+    assert decoded_pixels(photos[0], short_side) == 500 * 375
+    png = io.BytesIO()
+    photo_image(0, (2000, 1500)).save(png, format="PNG")
+    reduced = decode_image(png.getvalue(), short_side=short_side)  # no DCT scaling: decoded whole, reduced at once
+    assert short_side <= min(reduced.size) < most, reduced.size
+    assert decoded_pixels(png.getvalue(), short_side) == 2000 * 1500
+
+
+@pytest.mark.parametrize("model", ["bundled_encoder", "vit_b32"])
+def test_vectors_of_the_fast_decode_match_a_full_decode_and_the_models_own_transform(request, photos, model):
+    encoder = request.getfixturevalue(model)
+    side = encoder.loaded.image_size
+    fast = encoder.encode_images([decode_image(p, short_side=side) for p in photos]).native
+    whole = torch.stack([encoder.loaded.preprocess(decode_image(p)) for p in photos])  # full decode, whole transform
+    full = encoder.encode_images(whole).native
+    cosine = F.cosine_similarity(fast, full).numpy()
+    assert cosine.min() >= 0.99 and np.median(cosine) >= 0.995, cosine
+
+
+def test_header_limit_and_decoded_limit_are_separate(photos):
+    # 12 MP declared, 0.19 MP decoded at 1/8: the decoded size is what max_pixels bounds ...
+    assert decode_image(photos[0], max_pixels=200_000, short_side=224).size == (500, 375)
+    with pytest.raises(ImageTooLarge, match="decoded, over the limit of 100,000"):
+        decode_image(photos[0], max_pixels=100_000, short_side=224)
+    # ... and what the file declares is bounded too (a decompression-bomb guard), before anything is decoded
+    with pytest.raises(ImageTooLarge, match="declares 4000x3000 = 12,000,000 pixels, over the limit of 10,000,000"):
+        decode_image(photos[0], short_side=224, max_header_pixels=10_000_000)
+
+
+# -- HEIC / AVIF, EXIF orientation ---------------------------------------------------------------------------
+
+
+def _quadrants(size=(120, 80)) -> Image.Image:
+    """Four flat quadrants of distinct colours: any turn or flip moves them."""
+    w, h = size
+    a = np.zeros((h, w, 3), dtype=np.uint8)
+    a[:h // 2, :w // 2] = (230, 30, 30)
+    a[:h // 2, w // 2:] = (30, 230, 30)
+    a[h // 2:, :w // 2] = (30, 30, 230)
+    a[h // 2:, w // 2:] = (230, 230, 30)
+    return Image.fromarray(a)
+
+
+def _encoded(image: Image.Image, fmt: str, orientation: int) -> bytes:
+    return encode(image, fmt, 95, orientation)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_heic_and_avif_decode_upright_like_png(fmt, orientation):
+    image = _quadrants()
+    expected = np.asarray(decode_image(_encoded(image, "PNG", orientation)), dtype=float)
+    decoded = decode_image(_encoded(image, fmt, orientation))
+    assert decoded.mode == "RGB" and decoded.size == (expected.shape[1], expected.shape[0])
+    if orientation in (5, 6, 7, 8):
+        assert decoded.size == (80, 120)  # turned a quarter
+    assert np.abs(np.asarray(decoded, dtype=float) - expected).mean() < 6
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF", "AVIF"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_orientation_holds_when_decoding_at_the_models_size(fmt, orientation):
+    """Draft sizes refer to the stored orientation: the image is scaled, then turned."""
+    image = _quadrants((1200, 800))
+    decoded = decode_image(_encoded(image, fmt, orientation), short_side=32)
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(_encoded(image, "PNG", orientation)))).convert("RGB")
+    expected = expected.resize(decoded.size, Image.Resampling.BOX)
+    assert min(decoded.size) <= 200  # decoded small (JPEG: DCT scale; HEIF and AVIF: whole, then reduced)
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(expected, dtype=float)).mean() < 6
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_follow_the_safety_rules(fmt):
+    data = _encoded(_quadrants((200, 150)), fmt, 1)
+    with pytest.raises(ImageTooLarge, match="over the limit of 10,000"):  # header-first
+        decode_image(data, max_pixels=10_000)
+    with pytest.raises(ImageTooLarge, match="declares 200x150"):
+        decode_image(data, max_header_pixels=10_000)
+    for cut in (len(data) // 2, len(data) - 10):
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+            decode_image(data[:cut])
+
+
+# -- bulk indexing: default flags, bounded memory ------------------------------------------------------------
+
+
+def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(tmp_path):
+    """41 x 12 MP + one 48 MP JPEG (540 MP declared: over max_request_pixels in one default batch of 64),
+    a HEIC and an AVIF. The job's peak RSS stays bounded (torch, open_clip and FAISS alone take ~0.9 GiB):
+    decoded images are model-sized, not 36 MB each."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    distinct = [photo(i) for i in range(3)]
+    for k in range(41):
+        (folder / f"p{k:02d}.jpg").write_bytes(distinct[k % 3])
+    (folder / "big.jpg").write_bytes(photo(3, CAMERA_48MP))
+    (folder / "phone.heic").write_bytes(photo(4, (1600, 1200), fmt="HEIF", orientation=6))
+    (folder / "web.avif").write_bytes(photo(5, (1600, 1200), fmt="AVIF"))
+    proc = subprocess.run([sys.executable, "-c", MEASURED, sys.executable, "-m", "embedsvc", "index", str(folder),
+                           "--collection", "p=cls", "--local", str(tmp_path / "d")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "indexed 44, already present 0, failed 0 of 44" in proc.stdout, proc.stdout + proc.stderr
+    peak_mib = int(proc.stderr.rsplit("peak-rss-kib ", 1)[1]) / 1024
+    assert peak_mib < 1536, f"peak RSS of the index job {peak_mib:.0f} MiB"
+    store = Store(tmp_path / "d")
+    assert store.get_collection("p").count == 44
+    store.close(checkpoint=False)
+
+
+def test_batches_split_by_their_pixels():
+    from embedsvc.jobs.index import split_by_pixels
+
+    rows = [5, 5, 5, 12, 1, 1]
+    assert split_by_pixels(rows, lambda n: n, 10) == [[5, 5], [5], [12], [1, 1]]
+    assert split_by_pixels(rows, lambda n: n, 100) == [rows]
+    assert split_by_pixels([], lambda n: n, 10) == []
+
+
+# -- the request path ----------------------------------------------------------------------------------------
+
+
+def test_a_request_of_large_photos_fits_the_decoded_pixel_budget(tiny_spec, tmp_path, photos):
+    """max_request_pixels counts decoded pixels: three 12 MP JPEGs (36 MP in their headers) decode at 1/8 for a
+    32-pixel model and fit a 5 MP budget; a PNG, decoded whole, counts whole."""
+    png = io.BytesIO()
+    photo_image(0, (2400, 1800)).save(png, format="PNG")
+    with tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=5_000_000) as server, \
+            Client(server.address, timeout=120) as client:
+        served = client.embed(photos[:3]).vectors["cls"]
+        client.create_collection("c")
+        assert client.upsert("c", [Item(str(k), image=p) for k, p in enumerate(photos[:3])]).count == 3
+        with pytest.raises(EmbedsvcClientError) as info:
+            client.embed([png.getvalue(), png.getvalue()])
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "8,640,000 decoded pixels" in info.value.details and "max_request_pixels" in info.value.details
+    encoder = ClipEncoder(load_model(tiny_spec))
+    local = F.normalize(encoder.encode_images([decode_image(p, short_side=encoder.loaded.image_size)
+                                               for p in photos[:3]]).native, dim=-1).numpy()
+    assert np.abs(served - local).max() < 1e-5  # the server decodes through the same function
