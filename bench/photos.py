@@ -215,23 +215,24 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     index, floor = rounds["index"], rounds["floor"]
     print(f"\n## {model} ({name}, {encoder.loaded.image_size} px), {args.photos} photos of 4000x3000, "
           f"{args.reps} rounds, torch threads {torch.get_num_threads()}")
-    print("| figure | embedsvc | floor | ratio |")
+    print("| figure | embedsvc | reference | comparison |")
     print("|---|---|---|---|")
-    print(f"| decode + preprocess of one photo, p50 ms (floor: full decode + the model's transform) "
+    print(f"| decode + preprocess of one photo, p50 ms (reference: full decode + the model's transform) "
           f"| {statistics.median(rounds['fast']):.1f} | {statistics.median(rounds['full']):.1f} "
           f"| {span([b / a for a, b in zip(rounds['fast'], rounds['full'])])}x less |")
     print(f"| index --local, default flags: indexed / failed of {index[0]['total']} "
           f"| {min(r['indexed'] for r in index)} / {max(r['failed'] for r in index)} | | |")
-    print(f"| index --local images/s (floor: DCT-scaled decode + the same model, one process) "
+    print(f"| index --local images/s (reference: a floor, DCT-scaled decode + the same model in one process) "
           f"| {statistics.median(r['rate'] for r in index):.1f} | {statistics.median(r['rate'] for r in floor):.1f} "
           f"| {span([a['rate'] / b['rate'] for a, b in zip(index, floor)])} |")
-    print(f"| peak RSS MiB | {statistics.median(r['peak_rss_mib'] for r in index):.0f} "
-          f"(max {max(r['peak_rss_mib'] for r in index):.0f}) | {statistics.median(r['peak_rss_mib'] for r in floor):.0f} "
-          f"| {span([a['peak_rss_mib'] / b['peak_rss_mib'] for a, b in zip(index, floor)])} |")
+    index_rss, floor_rss = [r["peak_rss_mib"] for r in index], [r["peak_rss_mib"] for r in floor]
+    print(f"| peak RSS MiB, index --local (reference: the floor) | {statistics.median(index_rss):.0f} "
+          f"(max {max(index_rss):.0f}) | {statistics.median(floor_rss):.0f} "
+          f"| {span([a / b for a, b in zip(index_rss, floor_rss)])} |")
     bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
-    print(f"| Embed of one photo, p50 ms (floor: decode floor {statistics.median(rounds['decode']):.1f} + forward "
+    print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + forward "
           f"{statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
-          f"| {statistics.median(bounds):.1f} | +{span([s - b for s, b in zip(rounds['served'], bounds)])} ms |",
+          f"| {statistics.median(bounds):.1f} | {span([s - b for s, b in zip(rounds['served'], bounds)])} ms over |",
           flush=True)
 
 

@@ -62,6 +62,17 @@ def test_a_large_photo_decodes_near_the_models_size(photos, short_side):
     assert decoded_pixels(png.getvalue(), short_side) == 2000 * 1500
 
 
+def test_a_multi_picture_jpeg_decodes_scaled_too():
+    """MPO: a JPEG with more pictures after the first, as phones write them (depth maps, HDR gain maps)."""
+    first, second = photo_image(0, (1600, 1200)), photo_image(1, (400, 300))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    decoded = decode_image(buffer.getvalue(), short_side=72)
+    assert decoded.size == (200, 150)  # the first picture at 1/8
+    expected = first.resize((200, 150), Image.Resampling.BOX)
+    assert np.abs(np.asarray(decoded, dtype=float) - np.asarray(expected, dtype=float)).mean() < 6
+
+
 @pytest.mark.parametrize("model", ["bundled_encoder", "vit_b32"])
 def test_vectors_of_the_fast_decode_match_a_full_decode_and_the_models_own_transform(request, photos, model):
     encoder = request.getfixturevalue(model)
