@@ -9,10 +9,11 @@ real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). 
 - decode + preprocess of one photo to the model's input, single thread: a full decode with the model's own
   transform against embedsvc's decode (JPEG DCT scaling, then the transform's geometry), and their ratio;
 - `embedsvc index --local` with default flags (batch 64, 4 readers) against a floor that decodes with DCT scaling
-  in a thread per CPU and runs the same model's forward in the same process (images/s, start-up excluded), and
+  in a thread per CPU (niced as index's readers are) and runs the same model's forward in the same process
+  (images/s, start-up excluded), and
   the peak RSS of each (each runs in its own process, measured from a small parent: see MEASURED);
 - served Embed of one photo (p50 over --requests sequential calls to `embedsvc serve`) against the decode floor
-  plus the model's forward at batch 1 (p50s measured in this process).
+  (in a thread niced as serve's decoders) plus the model's forward at batch 1, p50s measured in this process.
 
 The systems take turns, --reps rounds; ratios are medians with the rounds' min-max.
 """
@@ -69,12 +70,13 @@ def child_index(folder: str, model: str, data: str) -> dict:
 
 
 def child_floor(folder: str, model: str) -> dict:
-    """Read, DCT-scaled decode and the model's geometry in a thread per CPU; the forward in batches of 64."""
+    """Read, DCT-scaled decode and the model's geometry in a thread per CPU; the forward in batches of 64. The
+    decode threads are niced as index's readers are, so that other load on the machine weighs on both alike."""
     from PIL import Image
 
     from embedsvc.encoder import ClipEncoder
     from embedsvc.models import get_model_spec, load_model
-    from embedsvc.service.cpu import usable_cpus
+    from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
     encoder = ClipEncoder(load_model(get_model_spec(register(model))), max_batch=64)
     side = encoder.loaded.image_size
@@ -88,7 +90,7 @@ def child_floor(folder: str, model: str) -> dict:
     import torch
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(usable_cpus()) as pool:
+    with ThreadPoolExecutor(usable_cpus(), initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
         pixels = pool.map(prepare, files)
         batch = []
         for item in pixels:
@@ -144,21 +146,29 @@ def decode_times(encoder, photos: list[bytes]) -> tuple[list[float], list[float]
 
 
 def floor_request_times(encoder, photos: list[bytes], n: int) -> tuple[list[float], list[float]]:
-    """Seconds of n decode floors (DCT-scaled decode + geometry) and n forwards of one image."""
+    """Seconds of n decode floors (DCT-scaled decode + geometry, in a thread niced as serve's decoders) and n
+    forwards of one image."""
     import torch
     from PIL import Image
 
+    from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
+
     side = encoder.loaded.image_size
-    decode, forward = [], []
-    for k in range(n):
+
+    def decode_one(data: bytes):
         t = time.perf_counter()
-        image = Image.open(io.BytesIO(photos[k % len(photos)]))
+        image = Image.open(io.BytesIO(data))
         image.draft("RGB", (side, side))
-        pixels = encoder.prepare(image.convert("RGB"))
-        decode.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        encoder.encode_images(torch.stack([pixels]))
-        forward.append(time.perf_counter() - t)
+        return encoder.prepare(image.convert("RGB")), time.perf_counter() - t
+
+    decode, forward = [], []
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
+        for k in range(n):
+            pixels, seconds = pool.submit(decode_one, photos[k % len(photos)]).result()
+            decode.append(seconds)
+            t = time.perf_counter()
+            encoder.encode_images(torch.stack([pixels]))
+            forward.append(time.perf_counter() - t)
     return decode, forward
 
 
