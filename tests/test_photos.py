@@ -175,6 +175,14 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
     store.close(checkpoint=False)
 
 
+def test_a_negative_reader_count_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "embedsvc", "index", str(tmp_path), "--collection", "p=cls",
+                           "--local", str(tmp_path / "d"), "--workers", "-1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--workers must be at least 1 (or 0 for one per CPU)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_batches_split_by_their_pixels():
     from embedsvc.jobs.index import split_by_pixels
 

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pix
 from embedsvc.errors import EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
-from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
+from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 # The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
@@ -54,8 +54,9 @@ class IndexJob:
     index: str = "flat"
     # Items per batch (one forward pass, one durable write per collection).
     batch_size: int = 64
-    # Threads that read and decode images.
-    workers: int = 4
+    # Threads that read and decode images (0: one per usable CPU, at least 4: decoding takes every core the
+    # forward leaves).
+    workers: int = 0
     # Where failures are written, one JSON object per line.
     report: str = "index-report.jsonl"
     # "auto", "cpu" or "cuda[:N]" (local only).
@@ -393,8 +394,16 @@ def fit_targets(sink, names: list[str], records: list[Record], sample: int, work
     return done
 
 
+def _with_readers(job: IndexJob) -> IndexJob:
+    """The job with its reader count resolved (workers 0: one per usable CPU, at least 4)."""
+    if job.workers < 0:
+        raise InvalidInput(f"--workers must be at least 1 (or 0 for one per CPU), got {job.workers}")
+    return replace(job, workers=job.workers or max(4, usable_cpus()))
+
+
 def run_index(job: IndexJob) -> IndexSummary:
     started = time.perf_counter()
+    job = _with_readers(job)
     records = open_source(job.source)
     if not records:
         raise InvalidInput(f"{job.source} holds no items")
@@ -475,6 +484,7 @@ def run_fit(job: IndexJob, sample: int) -> list[tuple[str, int, int]]:
     """`embedsvc collections fit`: fits the learned pooling of job's collections (created first when written
     NAME=POOLING) on `sample` images of job's source, whether fitted before or not (refitting needs an
     empty collection)."""
+    job = _with_readers(job)
     records = open_source(job.source)
     if not records:
         raise InvalidInput(f"{job.source} holds no items")
