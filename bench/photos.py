@@ -12,8 +12,9 @@ real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). 
   in a thread per CPU (niced as index's readers are) and runs the same model's forward in the same process
   (images/s, start-up excluded), and
   the peak RSS of each (each runs in its own process, measured from a small parent: see MEASURED);
-- served Embed of one photo (p50 over --requests sequential calls to `embedsvc serve`) against the decode floor
-  (in a thread niced as serve's decoders) plus the model's forward at batch 1, p50s measured in this process.
+- served Embed of one photo (--requests sequential calls to `embedsvc serve`), each call followed by its floor
+  in this process: the decode floor (in a thread niced as serve's decoders) plus the model's forward at batch 1;
+  p50s, and the p50 of the per-call difference.
 
 The systems take turns, --reps rounds; ratios are medians with the rounds' min-max.
 """
@@ -145,13 +146,15 @@ def decode_times(encoder, photos: list[bytes]) -> tuple[list[float], list[float]
     return full, fast
 
 
-def floor_request_times(encoder, photos: list[bytes], n: int) -> tuple[list[float], list[float]]:
-    """Seconds of n decode floors (DCT-scaled decode + geometry, in a thread niced as serve's decoders) and n
-    forwards of one image."""
+def request_times(stub, encoder, photos: list[bytes], n: int) -> dict[str, list[float]]:
+    """n served Embed calls of one photo, each followed by its floor on the same photo: the decode floor
+    (DCT-scaled decode + the transform's geometry, in a thread niced as serve's decoders) and the forward of that
+    one image. Paired call by call, so that a change in the machine's load weighs on both."""
     import torch
     from PIL import Image
 
     from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
+    from embedsvc.v1 import embedsvc_pb2 as pb
 
     side = encoder.loaded.image_size
 
@@ -161,26 +164,18 @@ def floor_request_times(encoder, photos: list[bytes], n: int) -> tuple[list[floa
         image.draft("RGB", (side, side))
         return encoder.prepare(image.convert("RGB")), time.perf_counter() - t
 
-    decode, forward = [], []
+    out: dict[str, list[float]] = {"served": [], "decode": [], "forward": []}
     with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
         for k in range(n):
-            pixels, seconds = pool.submit(decode_one, photos[k % len(photos)]).result()
-            decode.append(seconds)
+            data = photos[k % len(photos)]
+            t = time.perf_counter()
+            stub.Embed(pb.EmbedRequest(inputs=[pb.Content(image=data)]), timeout=120)
+            out["served"].append(time.perf_counter() - t)
+            pixels, seconds = pool.submit(decode_one, data).result()
+            out["decode"].append(seconds)
             t = time.perf_counter()
             encoder.encode_images(torch.stack([pixels]))
-            forward.append(time.perf_counter() - t)
-    return decode, forward
-
-
-def served_times(stub, photos: list[bytes], n: int) -> list[float]:
-    from embedsvc.v1 import embedsvc_pb2 as pb
-
-    out = []
-    for k in range(n):
-        request = pb.EmbedRequest(inputs=[pb.Content(image=photos[k % len(photos)])])
-        t = time.perf_counter()
-        stub.Embed(request, timeout=120)
-        out.append(time.perf_counter() - t)
+            out["forward"].append(time.perf_counter() - t)
     return out
 
 
@@ -205,19 +200,19 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     try:
         channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 26)])
         stub = pb_grpc.EmbedServiceStub(channel)
-        served_times(stub, photos, 2)  # warm
-        floor_request_times(encoder, photos, 2)
-        rounds: dict[str, list] = {k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward")}
+        request_times(stub, encoder, photos, 2)  # warm
+        rounds: dict[str, list] = {k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward",
+                                                   "over")}
         for rep in range(args.reps):
             full, fast = decode_times(encoder, photos[:args.decodes])
             rounds["full"].append(p50_ms(full))
             rounds["fast"].append(p50_ms(fast))
             rounds["index"].append(run_child("index", str(folder), model, str(work / f"data-{model}-{rep}")))
             rounds["floor"].append(run_child("floor", str(folder), model))
-            rounds["served"].append(p50_ms(served_times(stub, photos, args.requests)))
-            decode, forward = floor_request_times(encoder, photos, args.requests)
-            rounds["decode"].append(p50_ms(decode))
-            rounds["forward"].append(p50_ms(forward))
+            calls = request_times(stub, encoder, photos, args.requests)
+            for key in ("served", "decode", "forward"):
+                rounds[key].append(p50_ms(calls[key]))
+            rounds["over"].append(p50_ms([s - d - f for s, d, f in zip(*calls.values())]))
         channel.close()
     finally:
         proc.terminate()
@@ -242,7 +237,7 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
     print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + forward "
           f"{statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
-          f"| {statistics.median(bounds):.1f} | {span([s - b for s, b in zip(rounds['served'], bounds)])} ms over |",
+          f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |",
           flush=True)
 
 
@@ -252,7 +247,7 @@ def main() -> None:
     parser.add_argument("--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures "
                         "with random weights")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=30, help="sequential Embed calls per round")
+    parser.add_argument("--requests", type=int, default=60, help="sequential Embed calls per round")
     parser.add_argument("--decodes", type=int, default=10, help="photos timed per round for decode + preprocess")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
