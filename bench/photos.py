@@ -14,7 +14,8 @@ real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). 
   the peak RSS of each (each runs in its own process, measured from a small parent: see MEASURED);
 - served Embed of one photo (--requests sequential calls to `embedsvc serve`), each call followed by its floor
   in this process: the decode floor (in a thread niced as serve's decoders) plus the model's forward at batch 1;
-  p50s, and the p50 of the per-call difference.
+  p50s, and the p50 of the per-call difference; and the same request to a server that does no work
+  (bench/floor_server.py): what moving the photo through gRPC costs.
 
 The systems take turns, --reps rounds; ratios are medians with the rounds' min-max.
 """
@@ -146,10 +147,11 @@ def decode_times(encoder, photos: list[bytes]) -> tuple[list[float], list[float]
     return full, fast
 
 
-def request_times(stub, encoder, photos: list[bytes], n: int) -> dict[str, list[float]]:
-    """n served Embed calls of one photo, each followed by its floor on the same photo: the decode floor
-    (DCT-scaled decode + the transform's geometry, in a thread niced as serve's decoders) and the forward of that
-    one image. Paired call by call, so that a change in the machine's load weighs on both."""
+def request_times(stub, rpc_floor, encoder, photos: list[bytes], n: int) -> dict[str, list[float]]:
+    """n served Embed calls of one photo, each followed by its floors on the same photo: the decode floor
+    (DCT-scaled decode + the transform's geometry, in a thread niced as serve's decoders), the forward of that
+    one image, and the same request to a server that does no work (`rpc_floor`: what moving the photo through
+    gRPC costs). Paired call by call, so that a change in the machine's load weighs on all."""
     import torch
     from PIL import Image
 
@@ -164,13 +166,17 @@ def request_times(stub, encoder, photos: list[bytes], n: int) -> dict[str, list[
         image.draft("RGB", (side, side))
         return encoder.prepare(image.convert("RGB")), time.perf_counter() - t
 
-    out: dict[str, list[float]] = {"served": [], "decode": [], "forward": []}
+    out: dict[str, list[float]] = {"served": [], "decode": [], "forward": [], "rpc": []}
     with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
         for k in range(n):
             data = photos[k % len(photos)]
+            request = pb.EmbedRequest(inputs=[pb.Content(image=data)])
             t = time.perf_counter()
-            stub.Embed(pb.EmbedRequest(inputs=[pb.Content(image=data)]), timeout=120)
+            stub.Embed(request, timeout=120)
             out["served"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            rpc_floor.Embed(request, timeout=120)
+            out["rpc"].append(time.perf_counter() - t)
             pixels, seconds = pool.submit(decode_one, data).result()
             out["decode"].append(seconds)
             t = time.perf_counter()
@@ -197,26 +203,33 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     name, flags = model_flags(model, str(work))
     encoder = local_encoder(name, model)
     proc, address = start_server(flags, str(work / f"serve-{model}"))
+    floor_proc, floor_address = start_server([], "", command=[sys.executable, str(Path(__file__).parent /
+                                                                                  "floor_server.py"),
+                                                              str(encoder.loaded.embed_dim)])
     try:
         channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 26)])
-        stub = pb_grpc.EmbedServiceStub(channel)
-        request_times(stub, encoder, photos, 2)  # warm
+        floor_channel = grpc.insecure_channel(floor_address, options=[("grpc.max_send_message_length", 1 << 26)])
+        stub, rpc_floor = pb_grpc.EmbedServiceStub(channel), pb_grpc.EmbedServiceStub(floor_channel)
+        request_times(stub, rpc_floor, encoder, photos, 2)  # warm
         rounds: dict[str, list] = {k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward",
-                                                   "over")}
+                                                   "rpc", "over", "over_rpc")}
         for rep in range(args.reps):
             full, fast = decode_times(encoder, photos[:args.decodes])
             rounds["full"].append(p50_ms(full))
             rounds["fast"].append(p50_ms(fast))
             rounds["index"].append(run_child("index", str(folder), model, str(work / f"data-{model}-{rep}")))
             rounds["floor"].append(run_child("floor", str(folder), model))
-            calls = request_times(stub, encoder, photos, args.requests)
-            for key in ("served", "decode", "forward"):
+            calls = request_times(stub, rpc_floor, encoder, photos, args.requests)
+            for key in ("served", "decode", "forward", "rpc"):
                 rounds[key].append(p50_ms(calls[key]))
-            rounds["over"].append(p50_ms([s - d - f for s, d, f in zip(*calls.values())]))
+            rounds["over"].append(p50_ms([s - d - f for s, d, f, _ in zip(*calls.values())]))
+            rounds["over_rpc"].append(p50_ms([s - d - f - r for s, d, f, r in zip(*calls.values())]))
         channel.close()
+        floor_channel.close()
     finally:
-        proc.terminate()
-        proc.wait(60)
+        for process in (proc, floor_proc):
+            process.terminate()
+            process.wait(60)
     index, floor = rounds["index"], rounds["floor"]
     print(f"\n## {model} ({name}, {encoder.loaded.image_size} px), {args.photos} photos of 4000x3000, "
           f"{args.reps} rounds, torch threads {torch.get_num_threads()}")
@@ -237,7 +250,9 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
     print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + forward "
           f"{statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
-          f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |",
+          f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |")
+    print(f"| the same request to a server that does no work (bench/floor_server.py), p50 ms; served over decode "
+          f"floor + forward + it | {statistics.median(rounds['rpc']):.1f} | | {span(rounds['over_rpc'])} ms over |",
           flush=True)
 
 
