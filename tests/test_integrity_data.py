@@ -302,7 +302,7 @@ def test_inner_product_scores_stay_finite(client):
 def test_gem_is_finite_and_exact_for_every_allowed_p(client, p):
     texts = ["a small green triangle in the bottom right", "two red stars"]
     result = client.embed(texts, poolings=[f"gem:p={p}"], include_tokens=True)
-    vectors = result.vectors["gem"]
+    vectors = result.vectors[f"gem:p={p}"]
     assert np.isfinite(vectors).all()
     for vector, tokens in zip(vectors, result.tokens):  # float64 reference of the formula
         x = tokens.astype(np.float64)
