@@ -88,7 +88,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         state_dict = _state_dict_from_bytes(data, weights_path) if weights_path is not None else None
         del data
         with _quiet_random_init_warning(state_dict is not None):
-            # pretrained_text=False: no tower fetches base weights of its own (the CLIP weights come next).
+            # pretrained_text=False: no text tower fetches base weights of its own (weights come from disk or nowhere).
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.architecture, device=torch_device, precision=open_clip_precision, pretrained_text=False,
                 **kwargs
