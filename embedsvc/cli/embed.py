@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from embedsvc.cli.models import add_model_arguments, resolve_model
-from embedsvc.errors import EmptyText, InvalidInput
+from embedsvc.errors import EmptyText, InvalidInput, quoted
 
 
 class _AppendInput(argparse.Action):
@@ -55,8 +55,12 @@ def run(args) -> int:
 
     if not args.inputs:
         raise InvalidInput("nothing to embed: give at least one --text or --image")
+    specs = args.pooling or ["cls"]
+    repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
+    if repeated is not None:  # the output keys vectors by spec: a second copy would overwrite the first
+        raise InvalidInput(f"--pooling {quoted(repeated)} is given twice; give each spec once")
     state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
-    poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
+    poolings = [bind_pooling(spec, state) for spec in specs]
     inputs = []
     for kind, value in args.inputs:
         if kind == "text":
@@ -79,7 +83,7 @@ def run(args) -> int:
         rows = []
         for i, (kind, value) in enumerate(args.inputs):
             row = {"input": value, "modality": result.modalities[i], "truncated": result.truncated[i],
-                   "embeddings": {p.name: result.vectors[j][i].tolist() for j, p in enumerate(poolings)}}
+                   "embeddings": {spec: result.vectors[j][i].tolist() for j, spec in enumerate(specs)}}
             if args.tokens:
                 f = result.features[i]
                 row["tokens"] = f.tokens[0][f.mask[0]].cpu().tolist()
@@ -89,9 +93,9 @@ def run(args) -> int:
         sys.stdout.write("\n")
         return 0
     for i, (kind, value) in enumerate(args.inputs):
-        for j, pooling in enumerate(poolings):
+        for j, spec in enumerate(specs):
             vec = result.vectors[j][i]
             head = ", ".join(f"{v:+.4f}" for v in vec[:6])
             note = " (truncated)" if result.truncated[i] else ""
-            print(f"{kind} {value!r}{note} {pooling.name} dim={len(vec)} [{head}, ...]")
+            print(f"{kind} {value!r}{note} {spec} dim={len(vec)} [{head}, ...]")
     return 0

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import grpc
 import numpy as np
 
-from embedsvc.client.errors import from_rpc_error
+from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -27,6 +27,8 @@ class Embeddings:
     """One matrix per pooling ([N, dim] float32, rows in input order), and per-input flags."""
 
     model: str
+    # Keyed by each pooling spec as the caller wrote it ("gem:p=3"; a (name, params) tuple as "name:k=v;k=v"),
+    # so two specs of one pooling ("gem:p=3", "gem:p=4") each keep their vectors; "cls" when none was given.
     vectors: dict[str, np.ndarray]
     modalities: list[str]
     truncated: list[bool]
@@ -149,6 +151,35 @@ def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
 
 
+def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """Where a pooling's vectors go in Embeddings.vectors: the spec as written, a tuple written as a string."""
+    if isinstance(spec, str):
+        return spec
+    name, params = spec
+    return f"{name}:{';'.join(f'{k}={v}' for k, v in params.items())}" if params else name
+
+
+def _pooling_keys(poolings: Sequence[Union[str, tuple]]) -> list[str]:
+    """One key per requested pooling, in request order; the server's default (cls) when none is given."""
+    keys = [_pooling_key(p) for p in poolings] or ["cls"]
+    repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if repeated is not None:
+        raise InvalidArgumentError(f"pooling {repeated!r} is asked for twice in one embed call; give each spec once "
+                                   f"(its vectors are returned under the spec)")
+    return keys
+
+
+def _pooled_vectors(response: pb.EmbedResponse, names: list[str], keys: list[str]) -> dict[str, np.ndarray]:
+    """Each requested spec's [N, dim] matrix, taken by position (the server answers in request order)."""
+    for result in response.results:
+        answered = [e.pooling for e in result.embeddings]
+        if answered != names:
+            raise EmbedsvcClientError(f"the server answered poolings {answered} for {names} requested; the "
+                                      f"vectors cannot be matched to the specs")
+    return {key: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
+            for j, key in enumerate(keys)}
+
+
 def _collection(info: pb.CollectionInfo) -> Collection:
     c = info.config
     metric = {pb.METRIC_INNER_PRODUCT: "inner_product"}.get(c.metric, "cosine")
@@ -196,12 +227,12 @@ class Client:
     @_wrap_errors
     def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
               include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+        """Vectors of each input under each pooling spec (Embeddings.vectors is keyed by the spec as written)."""
+        keys = _pooling_keys(poolings)
         request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
         response = self._call(self.embed_stub.Embed, request, timeout)
-        names = [p.name for p in request.poolings]
-        vectors = {name: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
-                   for j, name in enumerate(names)}
+        vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
         tokens = None
         if include_tokens:
             tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
