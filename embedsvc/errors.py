@@ -102,6 +102,10 @@ class RequestTooLarge(ResourceExhausted):
     """A request body or message is over the configured byte limit (HTTP 413)."""
 
 
+class UnusableFile(InvalidInput):
+    """A source path that is not read as an image: not a regular file, over the byte limit, or unreadable."""
+
+
 QUOTE_LIMIT = 100
 
 
