@@ -119,6 +119,10 @@ class CrossOriginRefused(PermissionDenied):
     """A browser page of another origin, not in http_cors_origins, tried to change something (HTTP 403)."""
 
 
+class UnusableFile(InvalidInput):
+    """A source path that is not read as an image: not a regular file, over the byte limit, or unreadable."""
+
+
 QUOTE_LIMIT = 100
 
 

@@ -168,3 +168,102 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     store = Store(tmp_path / "pq")
     assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
     store.close(checkpoint=False)
+
+
+def _limited_memory() -> None:
+    """Guard for the job under test: a regression that reads a device or a huge file whole dies with
+    MemoryError at 6 GiB of data instead of taking the test machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30))
+
+
+def _unusable(root: Path, good_image: bytes) -> dict[str, str]:
+    """Paths `index` must skip and report, created under root, each with a fragment of its reason."""
+    import os
+
+    root.mkdir()
+    bad = {}
+    # sparse (no disk), larger than this machine's memory: reading it whole fails at once instead of swapping
+    huge = root / "huge.png"
+    huge.write_bytes(good_image)
+    os.truncate(huge, max(30 * 10**9, 2 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+    bad[str(huge)] = "too large"
+    os.mkfifo(root / "pipe.png")  # opening it for reading would block until a writer comes
+    bad[str(root / "pipe.png")] = "FIFO"
+    (root / "zero.png").symlink_to("/dev/zero")  # a device that never ends
+    bad[str(root / "zero.png")] = "character device"
+    (root / "loop.png").symlink_to("loop.png")
+    bad[str(root / "loop.png")] = "symlink loop"
+    (root / "gone.png").symlink_to(root / "deleted.png")  # a file removed after it was listed reads the same
+    bad[str(root / "gone.png")] = "file not found"
+    (root / "album.png").symlink_to(root.parent, target_is_directory=True)  # not followed: no cycles
+    bad[str(root / "album.png")] = "directory"
+    if os.geteuid() != 0:  # root reads any file
+        (root / "locked.png").write_bytes(good_image)
+        (root / "locked.png").chmod(0)
+        bad[str(root / "locked.png")] = "permission denied"
+    return bad
+
+
+@pytest.mark.parametrize("source,engine", [("folder", "local"), ("manifest", "local"),
+                                           pytest.param("manifest", "ray", marks=pytest.mark.slow)])  # Ray: 71 s
+def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_path, source, engine):
+    """Huge files, FIFOs, devices, directories, symlink loops and vanished files: each is reported with its
+    reason and counted, none is opened or read whole, and the good images are indexed (exit 0)."""
+    if engine == "ray":
+        pytest.importorskip("ray.data")
+    root, good, _ = folder
+    names = sorted(good)[:6]
+    photos = tmp_path / "photos"
+    bad = _unusable(photos, (root / names[0]).read_bytes())
+    for k, name in enumerate(names):
+        (photos / f"good-{k}.png").write_bytes((root / name).read_bytes())
+    if source == "manifest":  # rows of the same files, plus a device, a directory and a missing file
+        bad.update({"/dev/zero": "character device", str(tmp_path): "directory",
+                    str(tmp_path / "missing.png"): "file not found"})
+        rows = [{"id": f"row-{k}", "path": path} for k, path in enumerate(sorted(bad))]
+        rows += [{"id": f"good-{k}", "path": str(photos / f"good-{k}.png")} for k in range(len(names))]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "index",
+                             str(photos if source == "folder" else tmp_path / "rows.jsonl"),
+                             "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4",
+                             "--engine", engine],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limited_memory)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("index did not finish in 300 s: a reader blocked (on the FIFO?)")
+    assert proc.returncode == 0, err[-3000:]
+    assert f"indexed {len(names)}, already present 0, failed {len(bad)} of {len(bad) + len(names)}" in out, out
+    lines = (tmp_path / "index-report.jsonl").read_text().splitlines()
+    report = {r["path"]: r["reason"] for r in map(json.loads, lines)}
+    assert set(report) == set(bad), report
+    for path, fragment in bad.items():
+        assert fragment in report[path], (path, report[path])
+    store = Store(tmp_path / "d")
+    assert store.get_collection("c").count == len(names)
+    store.close(checkpoint=False)
+
+
+def test_webdataset_members_over_the_limit_are_refused_unread(tmp_path):
+    """A key whose image, caption or metadata member is over the byte limit is reported, its members unread."""
+    import io
+    import tarfile
+
+    from embedsvc.jobs.sources import webdataset_records
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, size in (("big.png", 300), ("big.txt", 5), ("long.png", 50), ("long.txt", 300), ("ok.png", 100),
+                           ("ok.json", 10)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"{}" + b" " * (size - 2)))
+    records = {r.id: r for r in webdataset_records([shard], 100)}
+    assert records["big"].refused.startswith("too large: 300 bytes (big.png), over the limit of 100")
+    assert records["long"].refused.startswith("too large: 300 bytes (long.txt), over the limit of 100")
+    assert records["ok"].refused is None and records["ok"].read() == b"{}" + b" " * 98

@@ -10,6 +10,13 @@ from embedsvc.errors import InvalidInput
 from embedsvc.jobs.index import IndexJob
 
 
+HELP = {
+    "index": "index type of collections this job creates (default: flat); when given, existing targets must have it",
+    "max_image_bytes": f"larger image files are skipped and reported, never read (default: the server's default "
+                       f"max_image_bytes, {IndexJob.max_image_bytes})",
+}
+
+
 def register(sub) -> None:
     p = sub.add_parser("index",
                        description="Index an image folder, a .csv/.jsonl/.parquet manifest or WebDataset .tar "
@@ -21,10 +28,11 @@ def register(sub) -> None:
                    "Milvus (milvus:///path/file.db for Milvus Lite, http://host:19530), with no server")
     add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
     for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
-                 "ray_address", "fit_sample"):
+                 "ray_address", "fit_sample", "max_image_bytes"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
-                       type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")
+                       type=int if isinstance(f.default, int) else str,
+                       help=HELP.get(name, f"(default: {f.default})"))
     p.set_defaults(run=run)
 
 
