@@ -10,15 +10,19 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 
 from embedsvc.client import Client, Item
 from embedsvc.datasets import write_scenes
-from embedsvc.errors import Aborted
+from embedsvc.errors import Aborted, AlreadyExists
 from embedsvc.service.config import ServerConfig
 from embedsvc.store import CollectionConfig, open_store
 from embedsvc.store import Item as StoreItem
@@ -35,13 +39,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def milvus_uri(tmp_path_factory):
-    """A Milvus Lite gRPC server on 127.0.0.1, shared by every client of this module."""
+@contextmanager
+def lite_server(data: Path) -> Iterator[str]:
+    """A Milvus Lite gRPC server on 127.0.0.1. One worker thread: Milvus Lite's server documents that its
+    engine is not safe under concurrent writes to one collection (a Milvus server is), so requests are
+    applied one at a time, as a Milvus server's log would order them; replicas still interleave freely."""
     port = free_port()
-    data = tmp_path_factory.mktemp("milvus") / "lite"
     proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
-                             "--host", "127.0.0.1", "--port", str(port)],
+                             "--host", "127.0.0.1", "--port", str(port), "--max-workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while True:
@@ -52,9 +57,18 @@ def milvus_uri(tmp_path_factory):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "milvus_lite server did not start"
             time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory):
+    """One Milvus Lite server shared by every client of this module."""
+    with lite_server(tmp_path_factory.mktemp("milvus") / "lite") as uri:
+        yield uri
 
 
 def replica_config(spec, tmp_path, uri: str, name: str) -> ServerConfig:
@@ -119,6 +133,65 @@ def test_vectors_pooled_before_a_concurrent_refit_are_refused(milvus_uri):
     first.drop_collection("race")
     first.close()
     second.close()
+
+
+RACES, RACE_BATCHES, RACE_BATCH = 20, 3, 5
+
+
+def physical_collections(uri: str) -> set[str]:
+    """The Milvus collections embedsvc made for its collections (all but the catalogue), read with pymilvus."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        return {n for n in client.list_collections() if n.startswith("embedsvc_") and n != "embedsvc_catalogue"}
+    finally:
+        client.close()
+
+
+def create_and_write(store, name: str, side: int, barrier: threading.Barrier) -> tuple[bool, list[str]]:
+    """One replica: create `name` at the barrier, then upsert batches into it; (created, acknowledged ids)."""
+    barrier.wait(30)
+    try:
+        store.create_collection(CollectionConfig(name, 4))
+        created = True
+    except AlreadyExists:
+        created = False
+    acknowledged = []
+    for batch in range(RACE_BATCHES):
+        ids = [f"{side}-{batch}-{i}" for i in range(RACE_BATCH)]
+        store.upsert(name, [StoreItem(i, np.full(4, 1.0 + side, np.float32)) for i in ids])
+        acknowledged += ids
+    return created, acknowledged
+
+
+def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_item(tmp_path):
+    """Two replicas create the same name at once, then write into it at once: exactly one creation succeeds,
+    every acknowledged item is readable through both, and Milvus holds no collection the catalogue lost."""
+    with lite_server(tmp_path / "lite") as uri:
+        stores = [open_store("milvus", milvus_uri=uri) for _ in range(2)]
+        double, lost, split = [], {}, []
+        with ThreadPoolExecutor(2) as pool:
+            for race in range(RACES):
+                name, barrier = f"race{race}", threading.Barrier(2)
+                outcomes = [f.result() for f in [pool.submit(create_and_write, stores[side], name, side, barrier)
+                                                 for side in (0, 1)]]
+                if all(created for created, _ in outcomes):
+                    double.append(name)
+                acknowledged = [i for _, ids in outcomes for i in ids]
+                for store in stores:
+                    _, missing = store.get(name, acknowledged)
+                    if missing:
+                        lost[name] = missing
+                if len({store.get_collection(name).uid for store in stores}) != 1:
+                    split.append(name)
+        reachable = {f"embedsvc_{c.uid}" for c in stores[0].list_collections()}
+        orphans = physical_collections(uri) - reachable
+        for store in stores:
+            store.close()
+    failures = {"both got OK": double, "acknowledged items lost": lost, "replicas disagree": split,
+                "collections no catalogue row reaches": sorted(orphans)}
+    assert not any(failures.values()), f"{RACES} races: {failures}"
 
 
 def index(*args, cwd) -> subprocess.CompletedProcess:
