@@ -24,7 +24,7 @@ from embedsvc.client import Client, Item
 from embedsvc.datasets import write_scenes
 from embedsvc.errors import Aborted, AlreadyExists
 from embedsvc.service.config import ServerConfig
-from embedsvc.store import CollectionConfig, open_store
+from embedsvc.store import CollectionConfig, CollectionNotFound, open_store
 from embedsvc.store import Item as StoreItem
 
 from conftest import png_bytes
@@ -135,7 +135,7 @@ def test_vectors_pooled_before_a_concurrent_refit_are_refused(milvus_uri):
     second.close()
 
 
-RACES, RACE_BATCHES, RACE_BATCH = 20, 3, 5
+RACE_BATCHES, RACE_BATCH = 3, 5
 
 
 def physical_collections(uri: str) -> set[str]:
@@ -165,14 +165,15 @@ def create_and_write(store, name: str, side: int, barrier: threading.Barrier) ->
     return created, acknowledged
 
 
-def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_item(tmp_path):
+@pytest.mark.parametrize("races", [5, pytest.param(20, marks=pytest.mark.slow)])  # ~0.75 s a race
+def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_item(tmp_path, races):
     """Two replicas create the same name at once, then write into it at once: exactly one creation succeeds,
     every acknowledged item is readable through both, and Milvus holds no collection the catalogue lost."""
     with lite_server(tmp_path / "lite") as uri:
         stores = [open_store("milvus", milvus_uri=uri) for _ in range(2)]
         double, lost, split = [], {}, []
         with ThreadPoolExecutor(2) as pool:
-            for race in range(RACES):
+            for race in range(races):
                 name, barrier = f"race{race}", threading.Barrier(2)
                 outcomes = [f.result() for f in [pool.submit(create_and_write, stores[side], name, side, barrier)
                                                  for side in (0, 1)]]
@@ -191,7 +192,45 @@ def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_
             store.close()
     failures = {"both got OK": double, "acknowledged items lost": lost, "replicas disagree": split,
                 "collections no catalogue row reaches": sorted(orphans)}
-    assert not any(failures.values()), f"{RACES} races: {failures}"
+    assert not any(failures.values()), f"{races} races: {failures}"
+
+
+REFIT_CYCLES = 5
+
+
+def test_a_refit_racing_a_drop_and_recreate_never_touches_the_new_incarnation(milvus_uri):
+    """One replica re-fits a name over and over while another drops and re-creates it: every re-creation
+    succeeds and serves its own items, through both replicas (a re-fit commits to its own incarnation only)."""
+    fitter, admin = open_store("milvus", milvus_uri=milvus_uri), open_store("milvus", milvus_uri=milvus_uri)
+    admin.create_collection(CollectionConfig("refit", 4))
+    stop = threading.Event()
+
+    def refit() -> int:
+        fits = 0
+        while not stop.is_set():
+            try:
+                fitter.set_pooling_state("refit", b"codebook", require_empty=False)
+                fits += 1
+            except CollectionNotFound:  # between a drop and the re-create
+                pass
+        return fits
+
+    with ThreadPoolExecutor(1) as pool:
+        fits = pool.submit(refit)
+        try:
+            for cycle in range(REFIT_CYCLES):
+                admin.drop_collection("refit")
+                info = admin.create_collection(CollectionConfig("refit", 4))
+                admin.upsert("refit", [StoreItem(f"c{cycle}", np.ones(4, np.float32))])
+                for store in (admin, fitter):
+                    assert store.get_collection("refit").uid == info.uid, f"cycle {cycle}"
+                    assert store.get("refit", [f"c{cycle}"])[1] == [], f"cycle {cycle}"
+        finally:
+            stop.set()
+        assert fits.result() > 0
+    admin.drop_collection("refit")
+    fitter.close()
+    admin.close()
 
 
 def index(*args, cwd) -> subprocess.CompletedProcess:
