@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -231,6 +232,76 @@ def test_a_refit_racing_a_drop_and_recreate_never_touches_the_new_incarnation(mi
     admin.drop_collection("refit")
     fitter.close()
     admin.close()
+
+
+def test_creates_abandoned_midway_and_orphaned_collections_are_swept(milvus_uri):
+    """A replica that died mid-create leaves its claim, and its Milvus collection if it got that far; earlier
+    versions left collections no catalogue row names. Those an hour old are swept, at open or by a create of the
+    name; a create still in progress and a collection made a moment ago are left alone."""
+    from pymilvus import MilvusClient
+
+    from embedsvc.store.milvus import MilvusStore, _new_uid
+
+    def hour_ago() -> float:
+        return time.time() - 3600
+
+    died = MilvusStore(milvus_uri, clock=hour_ago)  # a replica whose claims are an hour old
+    built = died._claim(CollectionConfig("died_built", 4))  # died after building its collection
+    died._build(built)
+    busy = open_store("milvus", milvus_uri=milvus_uri)
+    in_progress = busy._claim(CollectionConfig("busy", 4))  # still creating: claimed and built, not committed
+    busy._build(in_progress)
+    client = MilvusClient(uri=milvus_uri)
+    old_orphan, new_orphan = (f"embedsvc_{_new_uid(int(t * 1000))}" for t in (hour_ago(), time.time()))
+    legacy_orphan = f"embedsvc_{uuid.uuid4().hex}"  # an earlier version's loser of a create race
+    for physical in (old_orphan, new_orphan, legacy_orphan):
+        client.create_collection(physical, dimension=4)
+
+    fresh = open_store("milvus", milvus_uri=milvus_uri)  # opening sweeps
+    left = physical_collections(milvus_uri)
+    assert not {built.physical, old_orphan, legacy_orphan} & left
+    assert {in_progress.physical, new_orphan} <= left
+    claimed = died._claim(CollectionConfig("died_claimed", 4))  # died after claiming, after that sweep
+    for name in ("died_built", "died_claimed"):  # both names are free again
+        assert fresh.create_collection(CollectionConfig(name, 4)).uid not in (built.uid, claimed.uid)
+        fresh.drop_collection(name)
+    busy._commit(in_progress, time.monotonic())  # the create in progress completes unharmed
+    assert fresh.get_collection("busy").uid == in_progress.uid
+    fresh.drop_collection("busy")
+    client.drop_collection(new_orphan)
+    client.close()
+    for store in (died, busy, fresh):
+        store.close()
+
+
+def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_uri):
+    """Earlier versions kept one catalogue row per name; a store opened on such a catalogue serves its
+    collections unchanged (uid, pooling state, items) from incarnation rows and leaves no old row."""
+    from pymilvus import MilvusClient
+
+    store = open_store("milvus", milvus_uri=milvus_uri)
+    store.create_collection(CollectionConfig("legacy", 4))
+    store.set_pooling_state("legacy", b"codebook")
+    store.upsert("legacy", [StoreItem("a", np.ones(4, np.float32))])
+    before = store.get_collection("legacy")
+    client = MilvusClient(uri=milvus_uri)
+    docs = {r["kind"]: r["doc"] for r in client.query("embedsvc_catalogue", filter='owner == "legacy"',
+                                                        output_fields=["kind", "doc"])}
+    old = {**{k: docs["incarnation"][k] for k in ("config", "created_ms", "uid")},
+           **{k: docs["pooling"][k] for k in ("pooling_version", "state_key", "state_chunks")}}
+    client.delete("embedsvc_catalogue", filter='owner == "legacy"')
+    client.upsert("embedsvc_catalogue", [{"key": "collection/legacy", "kind": "collection", "owner": before.uid,
+                                          "doc": old, "chunk": "", "v": [1.0, 0.0]}])
+    reopened = open_store("milvus", milvus_uri=milvus_uri)
+    after = reopened.get_collection("legacy")
+    assert (after.uid, after.created_ms, after.pooling_version, after.count) == \
+        (before.uid, before.created_ms, 1, 1)
+    assert reopened.pooling_state("legacy") == b"codebook" and reopened.get("legacy", ["a"])[1] == []
+    assert client.query("embedsvc_catalogue", filter='kind == "collection"', output_fields=["key"]) == []
+    reopened.drop_collection("legacy")
+    client.close()
+    for s in (store, reopened):
+        s.close()
 
 
 def index(*args, cwd) -> subprocess.CompletedProcess:

@@ -4,10 +4,19 @@ Nothing is kept in the process: every call reads what it needs from Milvus, so a
 collection, and a collection dropped or re-fitted through one replica is seen by the next call on another.
 
 Layout in the Milvus database:
-- `embedsvc_catalogue`: one row per collection (key "collection/<name>": config, created time, uid,
-  pooling version, the key of its fitted state), and fitted pooling states (NetVLAD codebooks) as
-  immutable base64 chunk rows "state/<uid>/<version>-<nonce>/<i>". Rewriting the collection row is the
-  commit point of a re-fit: readers see the old version and state or the new ones, never a mix.
+- `embedsvc_catalogue`, rows keyed so that no two writers ever share one (Milvus has no compare-and-set):
+  "incarnation/<uid>" per collection incarnation (owner: the name; config, created time, status claimed,
+  live or dropping), "pooling/<uid>" (owner: the name; pooling version and the key of its fitted state),
+  and fitted pooling states (NetVLAD codebooks) as immutable base64 chunk rows
+  "state/<uid>/<version>-<nonce>/<i>" (owner: the uid). A name resolves to its live incarnation only.
+  Rewriting the pooling row is the commit point of a re-fit: readers see the old version and state or the
+  new ones, never a mix; a re-fit racing a drop and re-create writes only the dropped incarnation's row.
+- Creating: claim (an incarnation row "claimed"), settle against other replicas' claims by Strong reads
+  (_settle: never two winners), build `embedsvc_<uid>`, commit (the row turns "live"); losers build nothing
+  and get AlreadyExists once the winner is live. Dropping: the row turns "dropping" (the commit point),
+  then the collection goes, then the rows. A replica that dies midway leaves a claimed or dropping row,
+  finished CLAIM_TTL_S later by sweep() at open (or by a create meeting the claim); sweep() also drops
+  collections that no row names.
 - `embedsvc_<uid>` per collection incarnation: `id` VARCHAR primary key, `vector` (normalised for cosine;
   the metric is always inner product, as in the local store, so scores are the same numbers),
   `metadata` JSON as given, and `filterable` JSON holding the same values under type-tagged hex keys.
@@ -205,14 +214,15 @@ class _Record:
 
 
 def _new_uid(now_ms: int) -> str:
-    """32 hex digits: the creation time in ms (12), then 80 random bits; claims order by it."""
-    return f"{now_ms:012x}{secrets.token_hex(10)}"
+    """32 hex digits: the creation time in ms (12), "0" (where a uuid4, the uid of earlier versions, has "4"),
+    then 76 random bits. Claims order by it; sweep() dates collections by it."""
+    return f"{now_ms:012x}0{secrets.token_hex(10)[:19]}"
 
 
 def _uid_age_ms(uid: str, now_ms: int) -> float:
-    """How long ago the uid was made; infinite for one not made by _new_uid (older embedsvc versions)."""
-    made = int(uid[:12], 16)
-    return now_ms - made if made <= now_ms + ORPHAN_AGE_MS else math.inf
+    """How long ago the uid was made (negative if made by a clock ahead of ours); infinite for an earlier
+    version's uid, which carries no time."""
+    return now_ms - int(uid[:12], 16) if uid[12] == "0" else math.inf
 
 
 def normalise_uri(uri: str) -> str:
@@ -393,6 +403,7 @@ class MilvusStore:
                                      f"the presets {', '.join(self.presets)}")
         started = time.monotonic()
         while True:
+            claimed = time.monotonic()
             claim = self._claim(config)
             try:
                 won = self._settle(claim, started)
@@ -403,7 +414,7 @@ class MilvusStore:
                 break
         try:
             self._build(claim)
-            self._commit(claim, started)
+            self._commit(claim, claimed)
         except BaseException:
             self._purge(claim.uid)
             raise
@@ -477,13 +488,14 @@ class MilvusStore:
         self.client.create_collection(record.physical, schema=schema, index_params=index,
                                       consistency_level=CONSISTENCY)
 
-    def _commit(self, claim: _Record, started: float) -> None:
-        """Turns the won claim live, unless it ran so long that others may have taken it for abandoned."""
+    def _commit(self, claim: _Record, claimed: float) -> None:
+        """Turns the won claim live, unless it is so old (`claimed`: when it was written, monotonic) that
+        others may have taken it for abandoned."""
         name = claim.config.name
         records, live = self._named(name)
         if live is not None:  # only if clocks disagree by more than the protocol tolerates
             raise _exists(name)
-        if time.monotonic() - started > CREATE_LIMIT_S or claim.uid not in {r.uid for r in records}:
+        if time.monotonic() - claimed > CREATE_LIMIT_S or claim.uid not in {r.uid for r in records}:
             raise Aborted(f"creating collection {name!r} took over {CREATE_LIMIT_S:.0f} s; nothing was created, retry")
         self._write_catalogue([claim.row(LIVE, self._now_ms())])
 
@@ -673,9 +685,10 @@ class MilvusStore:
 
     def sweep(self) -> None:
         """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then
-        their rows), Milvus collections and pooling rows no incarnation row names. Each create writes its
-        claim before its collection, so a collection without a row is no create in progress; the age check
-        (from the uid) is a second guard, for writers of other versions."""
+        their rows); drops Milvus collections, and deletes pooling and state rows, that no incarnation row
+        names. Each create writes its claim before its collection, so a collection without a row is no create
+        in progress (earlier versions' losers of a create race are such collections); the uid's age is a second
+        guard: what was made a moment ago is left to its maker."""
         now = self._now_ms()
         physical = {m.group(1) for n in self.client.list_collections() if (m := PHYSICAL.fullmatch(n))}
         expr = self._expr()
