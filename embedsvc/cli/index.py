@@ -52,5 +52,11 @@ def run(args) -> int:
     print(f"indexed {summary.indexed}, already present {summary.already_present}, failed {len(summary.failed)} "
           f"of {summary.total} in {summary.seconds:.1f}s; failures in {job.report}")
     for source, reason in summary.failed[:20]:
-        print(f"  failed {source}: {reason}", file=sys.stderr)
+        print(f"  failed {printable(source)}: {printable(reason)}", file=sys.stderr)
     return 0
+
+
+def printable(text: str) -> str:
+    """text with control and unprintable characters escaped as in Python literals: a file named with a newline or
+    a terminal escape sequence can neither forge report lines nor drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

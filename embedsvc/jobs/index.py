@@ -86,6 +86,10 @@ def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
     out = []
     for spec in specs:
         name, eq, pooling = spec.partition("=")
+        twice = next((earlier for earlier in specs[:len(out)] if earlier.partition("=")[0] == name), None)
+        if twice is not None:  # else the second create fails after the first, or one collection is written twice
+            raise InvalidInput(f"collection {name!r} is named twice (--collection {twice}, --collection {spec}); "
+                               f"name each target once")
         out.append((name, pooling if eq else None))
     if not out:
         raise InvalidInput("name at least one --collection")
@@ -331,7 +335,7 @@ def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: 
         raise InvalidInput("the ray engine needs Ray Data: pip install 'ray[data]'") from None
     model, targets = sink.targets()
     failed = [(r.source, r.refused) for r in records if r.refused]
-    present = sink.present([r.id for r in records])
+    present = sink.present([r.id for r in records if not r.refused])
     todo = [r for r in records if not r.refused and r.id not in present]
     by_id = {r.id: r for r in todo}
     rows = []
@@ -407,7 +411,25 @@ def _source_records(job: IndexJob) -> list[Record]:
     records = open_source(job.source, job.max_image_bytes)
     if not records:
         raise InvalidInput(f"{job.source} holds no items")
+    for record in records:
+        refuse_unstorable(record)
     return records
+
+
+def refuse_unstorable(record: Record) -> None:
+    """Refuses, before anything is read, a record whose id or metadata every store refuses (a file name that is
+    not UTF-8, a path over the id limit, a caption over the string limit): written in a batch, it would fail the
+    batch, and with it the job."""
+    from embedsvc.store.metadata import validate_metadata
+    from embedsvc.store.models import validate_id
+
+    if record.refused:
+        return
+    try:
+        validate_id(record.id)
+        validate_metadata(_metadata(record), "item")
+    except InvalidInput as exc:
+        record.refused = f"not storable: {exc}"
 
 
 def run_index(job: IndexJob) -> IndexSummary:
@@ -446,7 +468,7 @@ def run_index(job: IndexJob) -> IndexSummary:
                                 initargs=(DEFAULT_DECODE_NICE,)) as pool, \
                 ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="write") as writer:
             def submit(chunk):
-                done = sink.present([r.id for r in chunk])
+                done = sink.present([r.id for r in chunk if not r.refused])  # a refused id may be unstorable
                 return len(done), [pool.submit(decode_record, r) for r in chunk if r.id not in done]
 
             writes: deque = deque()

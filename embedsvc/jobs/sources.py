@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import stat
@@ -13,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from embedsvc.datasets.manifest import read_manifest
+from embedsvc.datasets.manifest import check_manifest_file, read_manifest
 from embedsvc.errors import InvalidInput, UnusableFile
 from embedsvc.service.config import ServerConfig
 
@@ -128,6 +129,7 @@ def folder_records(root: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list
 
 
 def manifest_records(manifest: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
+    check_manifest_file(manifest)
     if manifest.suffix == ".parquet":
         rows = _parquet_rows(manifest)
     else:
@@ -160,43 +162,92 @@ def _parquet_rows(manifest: Path):
 
 def webdataset_records(shards: list[Path], max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
     """Members grouped by key (name up to the first dot after the last slash): one image per key, with
-    optional .txt/.caption (caption) and .json (metadata). A key with a member over max_bytes is refused
-    unread."""
+    optional .txt/.caption (caption) and .json (metadata). A key with a member over max_bytes, or one that is
+    not a regular file (a link, a device), is refused unread; so is one whose .json is not a JSON object. A shard
+    that is not a tar archive, or ends early, is reported as one refused record (the members before the break
+    are kept)."""
     records = []
     for shard in shards:
-        lock = threading.Lock()
-        archive = tarfile.open(shard)
+        archive, members, broken = _tar_members(shard)
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        for member in archive.getmembers():
-            if not member.isfile():
+        for member in members:
+            if member.isdir():
                 continue
             folder, _, name = member.name.rpartition("/")
             key, _, ext = name.partition(".")
             groups.setdefault(f"{folder}/{key}" if folder else key, {})[ext.lower()] = member
-
-        def reader(member, archive=archive, lock=lock):
-            with lock:  # tarfile objects are not thread-safe
-                return archive.extractfile(member).read()
-
-        for key, members in groups.items():
-            image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "gif") if e in members), None)
-            caption_member = members.get("txt") or members.get("caption")
-            source = f"{shard}:{key}"
-            oversized = next((m for m in (members.get(image_ext), caption_member, members.get("json"))
-                              if m is not None and m.size > max_bytes), None)
-            if oversized is not None:
-                records.append(Record(key, source, lambda: b"", None, {},
-                                      _too_large(oversized.size, max_bytes, oversized.name)))
-                continue
-            caption = reader(caption_member).decode("utf-8", "replace").strip() if caption_member else None
-            metadata = json.loads(reader(members["json"])) if "json" in members else {}
-            if image_ext is None:
-                records.append(Record(key, source, lambda: b"", caption, metadata,
-                                      f"no image member (found {', '.join(sorted(members))})"))
-            else:
-                records.append(Record(key, source, lambda m=members[image_ext]: reader(m), caption,
-                                      {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))}))
+        reader = partial(_read_member, archive, threading.Lock(), shard)  # tarfile objects are not thread-safe
+        records += [_webdataset_record(shard, key, group, reader, max_bytes) for key, group in groups.items()]
+        if broken:
+            records.append(Record(str(shard), str(shard), lambda: b"", refused=broken))
     return records
+
+
+def _tar_members(shard: Path) -> tuple[Optional[tarfile.TarFile], list[tarfile.TarInfo], Optional[str]]:
+    """The open archive, the members read before its end or a break, and why it broke, if it did."""
+    try:
+        archive = tarfile.open(shard)
+    except (tarfile.TarError, OSError) as exc:
+        reason = _os_reason(shard, exc) if isinstance(exc, OSError) else "not a tar archive (plain or gz/bz2/xz)"
+        return None, [], f"shard not read: {reason}"
+    members = []
+    try:
+        while (member := archive.next()) is not None:
+            members.append(member)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return archive, members, f"shard read up to member {len(members)} only: {exc}"
+    return archive, members, None
+
+
+def _read_member(archive: tarfile.TarFile, lock: threading.Lock, shard: Path, member: tarfile.TarInfo) -> bytes:
+    try:
+        with lock:
+            return archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UnusableFile(f"could not read {member.name} from {shard}: {exc}") from None
+
+
+_MEMBER_KINDS = ((tarfile.TarInfo.issym, "a symlink"), (tarfile.TarInfo.islnk, "a hard link"),
+                 (tarfile.TarInfo.isfifo, "a FIFO"), (tarfile.TarInfo.ischr, "a character device"),
+                 (tarfile.TarInfo.isblk, "a block device"))
+
+
+def _webdataset_record(shard: Path, key: str, members: dict[str, tarfile.TarInfo], reader, max_bytes: int) -> Record:
+    image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "gif") if e in members), None)
+    caption_member = members.get("txt") or members.get("caption")
+    source = f"{shard}:{key}"
+
+    def refused(reason: str, caption=None, metadata=None) -> Record:
+        return Record(key, source, lambda: b"", caption, metadata or {}, reason)
+
+    odd = next((m for m in members.values() if not m.isfile()), None)
+    if odd is not None:
+        kind = next((name for test, name in _MEMBER_KINDS if test(odd)), "of an unknown kind")
+        return refused(f"not a regular file: member {odd.name} is {kind}" +
+                       (f" (to {odd.linkname})" if odd.issym() or odd.islnk() else ""))
+    oversized = next((m for m in (members.get(image_ext), caption_member, members.get("json"))
+                      if m is not None and m.size > max_bytes), None)
+    if oversized is not None:
+        return refused(_too_large(oversized.size, max_bytes, oversized.name))
+    try:
+        caption = reader(caption_member).decode("utf-8", "replace").strip() if caption_member else None
+        metadata = _member_json(members["json"], reader(members["json"])) if "json" in members else {}
+    except UnusableFile as exc:
+        return refused(str(exc))
+    if image_ext is None:
+        return refused(f"no image member (found {', '.join(sorted(members))})", caption, metadata)
+    return Record(key, source, partial(reader, members[image_ext]), caption,
+                  {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))})
+
+
+def _member_json(member: tarfile.TarInfo, data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise UnusableFile(f"metadata member {member.name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UnusableFile(f"metadata member {member.name} must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def open_source(source: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
@@ -207,7 +258,8 @@ def open_source(source: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[R
         return folder_records(path, max_bytes)
     if path.suffix in (".csv", ".jsonl", ".ndjson", ".parquet"):
         return manifest_records(path, max_bytes)
-    shards = sorted(Path().glob(source)) if any(c in source for c in "*?[") else [path]
+    # glob.glob, not Path().glob: that one refuses an absolute pattern (/data/shards/*.tar)
+    shards = sorted(map(Path, glob.glob(source))) if any(c in source for c in "*?[") else [path]
     if shards and all(s.suffix == ".tar" and s.is_file() for s in shards):
         return webdataset_records(shards, max_bytes)
     raise InvalidInput(f"cannot read {source!r}: give an image folder, a .csv/.jsonl/.parquet manifest, "
