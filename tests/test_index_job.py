@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -420,3 +421,16 @@ def test_a_collection_named_twice_is_refused_before_anything_is_created(tmp_path
             run_index(IndexJob(str(tmp_path / "photos"), targets, local=str(tmp_path / "d"),
                                report=str(tmp_path / "r.jsonl")))
     assert not (tmp_path / "d").exists()
+
+
+def test_a_job_that_stores_nothing_because_every_path_failed_exits_1(tmp_path):
+    """Nothing silently wrong: a folder whose every file is unusable is not a success (exit 0 would read as done)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.png").write_bytes(b"not a png")
+    os.mkfifo(photos / "pipe.jpg")
+    proc = index(str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "indexed 0, already present 0, failed 2 of 2" in out, out
+    assert "nothing was indexed: all 2 paths failed" in err, err

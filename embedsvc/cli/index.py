@@ -53,6 +53,10 @@ def run(args) -> int:
           f"of {summary.total} in {summary.seconds:.1f}s; failures in {job.report}")
     for source, reason in summary.failed[:20]:
         print(f"  failed {printable(source)}: {printable(reason)}", file=sys.stderr)
+    if summary.failed and not summary.indexed and not summary.already_present:
+        print(f"embedsvc index: nothing was indexed: all {len(summary.failed)} paths failed (reasons above and in "
+              f"{job.report})", file=sys.stderr)
+        return 1
     return 0
 
 
