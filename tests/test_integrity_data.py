@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.errors import DataDirLocked
+from embedsvc.errors import DataDirLocked, FailedPrecondition
 from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, Store
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
@@ -112,6 +112,53 @@ def test_a_holder_in_another_process_is_named_even_without_its_lock_file(tmp_pat
         holder.kill()
         holder.wait(10)
     Store(tmp_path).close()
+
+
+RACER = """
+import sys
+from embedsvc.errors import DataDirLocked
+from embedsvc.store import Store
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    try:
+        Store(sys.argv[1]).close(checkpoint=False)
+    except DataDirLocked:
+        pass
+"""
+
+
+def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
+    """Openers started together on one directory: each gets the store or DataDirLocked. A write probe of one fixed
+    name, made and removed before the lock, let one opener remove the other's and report the directory 'not
+    writable: No such file or directory' (about 1 round in 100 on 2 cores)."""
+    rounds = 1000
+    racer = subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(rounds)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert racer.stdout.readline().strip() == "ready"
+    outcomes = {"opened": 0, "locked": 0}
+    try:
+        for _ in range(rounds):
+            try:
+                Store(tmp_path).close(checkpoint=False)
+                outcomes["opened"] += 1
+            except DataDirLocked:
+                outcomes["locked"] += 1
+    finally:
+        _, err = racer.communicate(timeout=120)
+    assert racer.returncode == 0, err  # the racer met nothing but the lock either
+    assert outcomes["opened"] > 0, outcomes
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_a_clear_refusal(tmp_path, kind):
+    """`LOCK` made a directory (or a FIFO) by hand: a one-line refusal naming it, not an OSError traceback."""
+    lock = tmp_path / "LOCK"
+    lock.mkdir() if kind == "directory" else os.mkfifo(lock)
+    with pytest.raises(FailedPrecondition, match=f"{lock}.*not a regular file") as refused:
+        Store(tmp_path)
+    assert f"is a {kind}" in str(refused.value).lower(), refused.value
+    lock.rmdir() if kind == "directory" else lock.unlink()
+    Store(tmp_path).close()  # and the directory itself was left unlocked
 
 
 # -- 2. checkpoints tied to their store and collection --------------------------------------------
