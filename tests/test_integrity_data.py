@@ -428,3 +428,32 @@ def test_ray_targets_refuse_a_model_name_that_now_loads_other_weights(tiny_spec,
     finally:
         sink.close()
         MODEL_REGISTRY.pop(tiny_spec.name, None)
+
+
+def test_ray_workers_refuse_weights_other_than_the_collections(tiny_spec, tmp_path):
+    """The parent's check hashes the file; each Ray worker loads it again, later and maybe on another node. A file
+    replaced in between (or another node's copy) embedded into the collection with other weights, silently: each
+    worker checks the fingerprint of the bytes it loaded itself."""
+    import shutil
+
+    from conftest import TINY_ARCH, _save_random
+    from dataclasses import replace
+    from embedsvc.jobs.index import IndexJob, _LocalSink
+    from embedsvc.jobs.ray_engine import EmbedActor
+    from embedsvc.models import MODEL_REGISTRY, register_model
+
+    weights = tmp_path / "weights.pt"
+    shutil.copy(tiny_spec.checkpoint, weights)
+    spec = replace(tiny_spec, checkpoint=str(weights))
+    register_model(spec, replace=True)
+    job = IndexJob(source="unused", collections=["c=cls"], local=str(tmp_path / "data"), model=spec.name)
+    sink = _LocalSink(job, [("c", "cls")])
+    try:
+        model, targets = sink.targets()  # the parent's check passes...
+        assert EmbedActor(model, targets).dims == [32]  # ...and a worker loading the same file embeds
+        os.replace(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=9), weights)  # ...then the file changes
+        with pytest.raises(FailedPrecondition, match="now loads weights sha256"):
+            EmbedActor(model, targets)
+    finally:
+        sink.close()
+        MODEL_REGISTRY.pop(spec.name, None)
