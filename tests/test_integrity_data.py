@@ -135,7 +135,7 @@ def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
     racer = subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(rounds)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     assert racer.stdout.readline().strip() == "ready"
-    outcomes = {"opened": 0, "locked": 0}
+    outcomes = {"opened": 0, "locked": 0}  # either may be 0: which process wins each round is the scheduler's
     try:
         for _ in range(rounds):
             try:
@@ -146,7 +146,7 @@ def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
     finally:
         _, err = racer.communicate(timeout=120)
     assert racer.returncode == 0, err  # the racer met nothing but the lock either
-    assert outcomes["opened"] > 0, outcomes
+    assert sum(outcomes.values()) == rounds, outcomes
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
