@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,9 +113,10 @@ class Store:
         self.data_dir = Path(data_dir)
         try:
             (self.data_dir / "indexes").mkdir(parents=True, exist_ok=True)
-            probe = self.data_dir / ".write-probe"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A nameless (or uniquely named) file: a fixed name let two openers racing here remove each other's
+            # probe, and the loser reported the directory not writable instead of meeting the lock.
+            with tempfile.TemporaryFile(dir=self.data_dir, prefix=".write-probe-"):
+                pass
         except OSError as exc:
             raise InvalidInput(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from None
         self._dir_lock = DataDirLock(self.data_dir)
