@@ -97,6 +97,7 @@ class Sampler:
 
 
 def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
@@ -123,7 +124,7 @@ def stop_server(proc: subprocess.Popen) -> float:
     return time.perf_counter() - started
 
 
-def p50_ms(call, items) -> float:
+def p50_ms(call, items) -> float:  # noqa: D103 - the kinds' searches
     call(items[0])
     times = []
     for item in items:
@@ -133,15 +134,21 @@ def p50_ms(call, items) -> float:
     return float(np.median(times) * 1000)
 
 
-def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str]) -> dict:
+def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: "Bare") -> dict:
     from embedsvc.client import Client, Item
 
     data = folder / "data"
+    started = time.perf_counter()
     proc, address = start_server(data, folder / "server.log", backend)
+    from embedsvc.client import Client as _C
+
+    with _C(address, timeout=600) as probe:
+        probe.list_collections()
+    empty_start = time.perf_counter() - started
     time.sleep(1.0)
     base_rss = tree_rss(proc.pid)
     raw = size * dim * 4
-    out = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20}
+    out = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
     client = Client(address, timeout=600)
     client.create_collection(NAME, dim=dim)
     sampler = Sampler(proc.pid)
@@ -164,8 +171,10 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     out["rates"] = rates
     qs = queries(nq, dim)
     search = lambda q, flt=None: client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)  # noqa
-    out["p50_ms"] = p50_ms(search, qs)
-    out["p50_filtered_ms"] = p50_ms(lambda q: search(q, {"bucket": 3}), qs)
+    # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
+    out["p50_ms"], out["bare_p50_ms"] = paired_p50(search, bare.search, qs)
+    out["p50_filtered_ms"], out["bare_p50_filtered_ms"] = paired_p50(lambda q: search(q, {"bucket": 3}),
+                                                                     bare.search_filtered, qs)
     out["peak_rss"] = (sampler.stop() - base_rss) / raw
     time.sleep(2.0)
     out["settled_rss"] = (tree_rss(proc.pid) - base_rss) / raw
@@ -173,6 +182,14 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     client.close()
     out["stop_s"] = stop_server(proc)
     out["disk_after_stop"] = disk_bytes(data) / raw
+    if not backend or backend[0] != "--store-backend":  # the local store alone, without the server's start-up
+        from embedsvc.store import Store
+
+        started = time.perf_counter()
+        store = Store(data)
+        store.search(NAME, qs[:1], 10)
+        out["store_open_s"] = time.perf_counter() - started
+        store.close(checkpoint=False)
     started = time.perf_counter()
     proc, address = start_server(data, folder / "server.log", backend)
     with Client(address, timeout=600) as again:
@@ -186,20 +203,37 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     return out
 
 
-def bare_faiss(size: int, dim: int, nq: int) -> dict:
-    import faiss
+class Bare:
+    """The same vectors in a FAISS IndexFlatIP in this process, and the bucket-3 filter as a prebuilt bitmap."""
 
-    index = faiss.IndexFlatIP(dim)
-    for start in range(0, size, 100_000):
-        index.add(vectors_chunk(start, min(100_000, size - start), dim))
-    qs = queries(nq, dim)
-    bits = np.packbits(np.arange(size) % 10 == 3, bitorder="little")
-    selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-    params = faiss.SearchParameters(sel=selector)
-    out = {"p50_ms": p50_ms(lambda q: index.search(q[None], 10), qs),
-           "p50_filtered_ms": p50_ms(lambda q: index.search(q[None], 10, params=params), qs)}
-    del index
-    return out
+    def __init__(self, size: int, dim: int):
+        import faiss
+
+        self.index = faiss.IndexFlatIP(dim)
+        for start in range(0, size, 100_000):
+            self.index.add(vectors_chunk(start, min(100_000, size - start), dim))
+        self.bits = np.packbits(np.arange(size) % 10 == 3, bitorder="little")
+        self.params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self.bits)))
+
+    def search(self, q: np.ndarray):
+        return self.index.search(q[None], 10)
+
+    def search_filtered(self, q: np.ndarray):
+        return self.index.search(q[None], 10, params=self.params)
+
+
+def paired_p50(call, bare_call, items) -> tuple[float, float]:
+    call(items[0])
+    bare_call(items[0])
+    ours, theirs = [], []
+    for item in items:
+        t = time.perf_counter()
+        call(item)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bare_call(item)
+        theirs.append(time.perf_counter() - t)
+    return float(np.median(ours) * 1000), float(np.median(theirs) * 1000)
 
 
 def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) -> dict:
@@ -236,21 +270,24 @@ def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) 
             "checkpoint_s": close_s}
 
 
-def report_flat(label: str, size: int, got: dict, bare: dict) -> None:
+def report_flat(label: str, size: int, got: dict) -> None:
     rates = got["rates"]
     print(f"\n{label}: {size:,} x 512-d flat cosine ({got['raw_mib']:,.0f} MiB raw), empty server "
           f"{got['empty_rss_mib']:.0f} MiB RSS")
     print("| figure | value |")
     print("|---|---|")
-    print(f"| restart until a search answers | {got['restart_s']:.1f} s (graceful stop took {got['stop_s']:.1f} s) |")
+    print(f"| restart until a search answers | {got['restart_s']:.1f} s (an empty server: {got['empty_start_s']:.1f} s; "
+          f"graceful stop took {got['stop_s']:.1f} s) |")
+    if "store_open_s" in got:
+        print(f"| of which the store: open + first search, in process | {got['store_open_s']:.2f} s |")
     print(f"| server RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
           f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x |")
     print(f"| data directory over raw (after load / after stop) | {got['disk']:.2f}x / {got['disk_after_stop']:.2f}x |")
     print(f"| upsert rate through the client, first / last tenth (min, max) | {rates[0]:,.0f}/s / {rates[-1]:,.0f}/s "
           f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |")
     print(f"| search p50 top-10 unfiltered / 10% filter | {got['p50_ms']:.2f} / {got['p50_filtered_ms']:.2f} ms; "
-          f"bare FAISS {bare['p50_ms']:.2f} / {bare['p50_filtered_ms']:.2f} ms; ratio "
-          f"{got['p50_ms'] / bare['p50_ms']:.2f}x / {got['p50_filtered_ms'] / bare['p50_filtered_ms']:.2f}x |")
+          f"bare FAISS {got['bare_p50_ms']:.2f} / {got['bare_p50_filtered_ms']:.2f} ms; ratio "
+          f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x |")
 
 
 def main() -> None:
@@ -263,6 +300,8 @@ def main() -> None:
     parser.add_argument("--kinds-size", type=int, default=0, help="size for --kinds (default: --size)")
     parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
     parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
+    parser.add_argument("--faiss-threads", type=int, default=1,
+                        help="FAISS threads of the server and of bare FAISS (1: no OpenMP wake-ups in the timings)")
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     if args.size < 10 * args.batch:
@@ -279,17 +318,22 @@ def main() -> None:
     print(f"# bench/scale.py --size {args.size}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.1f} at start")
     try:
-        bare = bare_faiss(args.size, args.dim, args.queries) if not args.no_local or args.milvus else None
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
+        threads = ["--faiss-threads", str(args.faiss_threads)]
+        bare = Bare(args.size, args.dim) if not args.no_local or args.milvus else None
         if not args.no_local:
-            got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", [])
-            report_flat("local store", args.size, got, bare)
+            got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
+            report_flat("local store", args.size, got)
         if args.milvus:
             uri = f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "milvus",
-                           ["--store-backend", "milvus", "--milvus-uri", uri])
+                           ["--store-backend", "milvus", "--milvus-uri", uri, *threads], bare)
             got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)
-            report_flat("Milvus Lite", args.size, got, bare)
+            report_flat("Milvus Lite", args.size, got)
+        del bare
         if kinds:
             size = args.kinds_size or args.size
             print(f"\napproximate indexes through Store, {size:,} x {args.dim}-d")
