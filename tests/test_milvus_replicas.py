@@ -7,6 +7,7 @@ would meet at a Milvus Standalone or cluster address.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -271,6 +272,48 @@ def test_creates_abandoned_midway_and_orphaned_collections_are_swept(milvus_uri)
     client.drop_collection(new_orphan)
     client.close()
     for store in (died, busy, fresh):
+        store.close()
+
+
+def test_a_create_waiting_on_a_dead_replicas_claim_proceeds_once_that_claim_is_swept(milvus_uri):
+    """A replica that died between claim and commit blocks the name until its claim is CLAIM_TTL_S old; a create
+    that yielded to it must claim again once it is swept, not wait out CREATE_LIMIT_S and answer ABORTED."""
+    from embedsvc.store.milvus import CLAIM_TTL_S, CREATE_LIMIT_S, MilvusStore
+
+    expires_in = 3.0
+
+    def nearly_stale() -> float:  # the dead replica's claim turns abandoned `expires_in` s from now
+        return time.time() - (CLAIM_TTL_S - expires_in)
+
+    died = MilvusStore(milvus_uri, clock=nearly_stale)
+    dead = died._claim(CollectionConfig("after_death", 4))
+    died._build(dead)
+    survivor = open_store("milvus", milvus_uri=milvus_uri)
+    started = time.monotonic()
+    info = survivor.create_collection(CollectionConfig("after_death", 4))
+    took = time.monotonic() - started
+    assert info.uid != dead.uid and survivor.get_collection("after_death").uid == info.uid
+    assert took < CREATE_LIMIT_S - expires_in, f"the create waited {took:.1f} s"
+    assert f"embedsvc_{dead.uid}" not in physical_collections(milvus_uri)
+    survivor.drop_collection("after_death")
+    for store in (died, survivor):
+        store.close()
+
+
+@pytest.mark.slow  # waits out CREATE_LIMIT_S (20 s)
+def test_a_create_blocked_by_a_dead_replicas_claim_says_when_to_retry(milvus_uri):
+    from embedsvc.store.milvus import CLAIM_TTL_S, MilvusStore
+
+    age = 30.0
+    died = MilvusStore(milvus_uri, clock=lambda: time.time() - age)
+    dead = died._claim(CollectionConfig("blocked", 4))
+    survivor = open_store("milvus", milvus_uri=milvus_uri)
+    with pytest.raises(Aborted, match=r"claimed \d+ s ago; if that replica died.*retry in (\d+) s") as caught:
+        survivor.create_collection(CollectionConfig("blocked", 4))
+    retry_in = int(re.search(r"retry in (\d+) s", str(caught.value)).group(1))
+    assert 0 < retry_in <= CLAIM_TTL_S - age
+    died._purge(dead.uid)
+    for store in (died, survivor):
         store.close()
 
 

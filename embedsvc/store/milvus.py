@@ -442,7 +442,8 @@ class MilvusStore:
             records, live = self._named(name)
             if live is not None:
                 raise _exists(name)
-            rivals = [r.uid for r in self._claims(records) if r.uid != claim.uid]
+            claims = [r for r in self._claims(records) if r.uid != claim.uid]
+            rivals = [r.uid for r in claims]
             if not yielded:
                 if claim.uid not in {r.uid for r in records if r.status == CLAIMED}:
                     raise Aborted(f"the claim to create collection {name!r} was taken for abandoned (this replica "
@@ -452,13 +453,22 @@ class MilvusStore:
                 if min(rivals) < claim.uid:
                     self._delete_keys([f"incarnation/{claim.uid}"])
                     yielded = True
-            elif min(rivals, default=claim.uid) > claim.uid:
+            elif all(rival > claim.uid for rival in rivals):  # every earlier claim vanished uncommitted
                 return False
             if time.monotonic() - started > CREATE_LIMIT_S:
-                raise Aborted(f"another replica's creation of collection {name!r} has not settled in "
-                              f"{CREATE_LIMIT_S:.0f} s; retry")
+                raise self._unsettled(name, claims)
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(2 * delay, SETTLE_POLL_S[1])
+
+    def _unsettled(self, name: str, claims: list[_Record]) -> Aborted:
+        """ABORTED for a contest that outlasted CREATE_LIMIT_S, saying when the oldest claim in the way is taken
+        for abandoned (a replica that died between claim and commit blocks the name until then)."""
+        head = f"another replica's creation of collection {name!r} has not settled in {CREATE_LIMIT_S:.0f} s"
+        if not claims:
+            return Aborted(f"{head}; retry")
+        age_s = max(0.0, (self._now_ms() - min(r.since_ms for r in claims)) / 1000)
+        return Aborted(f"{head}: it was claimed {age_s:.0f} s ago; if that replica died, its claim is cleared "
+                       f"{CLAIM_TTL_S:.0f} s after it was made: retry in {max(1.0, CLAIM_TTL_S - age_s):.0f} s")
 
     def _claims(self, records: list[_Record]) -> list[_Record]:
         """The current claims among a name's rows; claims CLAIM_TTL_S old are of replicas that died: swept."""
