@@ -317,6 +317,58 @@ def test_a_create_blocked_by_a_dead_replicas_claim_says_when_to_retry(milvus_uri
         store.close()
 
 
+def test_listing_and_checkpointing_while_another_replica_drops_collections(milvus_uri):
+    """A replica listing (or checkpointing every collection, or starting up, which lists) while another drops
+    collections answers with those still there; a collection dropped under it is left out, not NOT_FOUND."""
+    lister, dropper = open_store("milvus", milvus_uri=milvus_uri), open_store("milvus", milvus_uri=milvus_uri)
+    names = [f"listed{i:02d}" for i in range(12)]
+    for name in names:
+        dropper.create_collection(CollectionConfig(name, 4))
+    errors, listings, stop = [], [], threading.Event()
+
+    def list_until_stopped() -> None:
+        while not stop.is_set():
+            for call in (lister.list_collections, lister.checkpoint):
+                try:
+                    listings.append(call())
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(f"{call.__name__}: {type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=list_until_stopped)
+    thread.start()
+    try:
+        for name in reversed(names):  # the lister reads them in name order: the last ones dropped under it
+            dropper.drop_collection(name)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, f"{len(errors)} failures, e.g. {errors[:3]}"
+    assert len(listings) > 2 and not {c.config.name for c in lister.list_collections()} & set(names)
+    for store in (lister, dropper):
+        store.close()
+
+
+def test_a_name_whose_milvus_collection_was_lost_can_be_dropped_and_created_again(milvus_uri, caplog):
+    """A live catalogue row whose Milvus collection is gone (dropped outside embedsvc, or replicas' clocks beyond
+    the tolerated skew) must not wedge the name: listing leaves it out and logs why, a drop frees it."""
+    from pymilvus import MilvusClient
+
+    store = open_store("milvus", milvus_uri=milvus_uri)
+    lost = store.create_collection(CollectionConfig("lost", 4))
+    client = MilvusClient(uri=milvus_uri)
+    client.drop_collection(f"embedsvc_{lost.uid}")
+    client.close()
+    assert "lost" not in {c.config.name for c in store.list_collections()}
+    assert f"embedsvc_{lost.uid} is gone: drop the collection" in caplog.text
+    assert store.drop_collection("lost") == 0
+    again = store.create_collection(CollectionConfig("lost", 4))
+    assert again.uid != lost.uid and store.get_collection("lost").count == 0
+    store.drop_collection("lost")
+    with pytest.raises(CollectionNotFound):
+        store.drop_collection("lost")
+    store.close()
+
+
 def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_uri):
     """Earlier versions kept one catalogue row per name; a store opened on such a catalogue serves its
     collections unchanged (uid, pooling state, items) from incarnation rows and leaves no old row."""

@@ -516,12 +516,35 @@ class MilvusStore:
         expr = self._expr()
         rows = self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)
         records = sorted((live for _, live in _resolve(rows).values() if live is not None), key=lambda r: r.config.name)
-        return [self._info(r) for r in records]
+        infos = []
+        for record in records:
+            try:
+                infos.append(self._info(record))
+            except CollectionNotFound:
+                self._lost(record)  # not listed: dropped since the catalogue was read, or lost (logged)
+        return infos
+
+    def _lost(self, record: _Record) -> bool:
+        """Called when a live record's Milvus collection was not found: False if the name no longer resolves to
+        it (dropped, by any replica, since it was read); True, logged, if its row is still live though its
+        collection is gone (dropped outside embedsvc, or clocks that disagreed beyond what creation tolerates):
+        drop_collection frees such a name."""
+        live = self._named(record.config.name)[1]
+        if live is None or live.uid != record.uid:
+            return False
+        log.error("collection %r is live in %s but its Milvus collection %s is gone: drop the collection to free "
+                  "the name", record.config.name, CATALOGUE, record.physical)
+        return True
 
     def drop_collection(self, name: str) -> int:
         """Marks the incarnation dropping (from then on no replica resolves the name to it), then purges it."""
         record = self._record(name)
-        count = self._count(record)
+        try:
+            count = self._count(record)
+        except CollectionNotFound:
+            if not self._lost(record):
+                raise
+            count = 0
         self._write_catalogue([record.row(DROPPING, self._now_ms())])
         self._purge(record.uid)
         return count
@@ -689,9 +712,18 @@ class MilvusStore:
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
-        records = [self._record(name)] if name else [self._record(i.config.name) for i in self.list_collections()]
-        for record in records:
-            self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+        if name:
+            record = self._record(name)
+            self._run(record.physical, name, lambda: self.client.flush(record.physical))
+            return
+        expr = self._expr()
+        for _, record in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
+            if record is None:
+                continue
+            try:
+                self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+            except CollectionNotFound:
+                pass  # dropped since the catalogue was read: nothing of it to seal
 
     def sweep(self) -> None:
         """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then
