@@ -200,15 +200,16 @@ def test_a_task_with_nothing_to_measure_is_not_measured_never_zero(class_manifes
     rows = [dict(r, label=n) for n, r in enumerate(good[::5])]
     data = _manifest(tmp_path, manifest.parent, rows)
     proc = run_cli("compare", "--data", str(data), "--out-dir", str(tmp_path / "o"), "--pooling", "cls",
-                   "--pooling", "spp")
+                   "--pooling", "spp:combine=concat")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "o" / "results.json").read_text())
     metrics = {r["pooling"]: r["metrics"] for r in result["poolings"]}
-    assert "image_to_image" not in metrics["cls"] and metrics["spp"] == {}  # spp: text refused, i2i unmeasurable
-    assert metrics["cls"]["text_to_image"]["queries"] == len(rows)
+    assert "image_to_image" not in metrics["cls"] and metrics["spp:combine=concat"] == {}  # images only: no i2i
+    assert metrics["cls"]["text_to_image"]["queries"] == len({r["caption"] for r in rows})
     report = (tmp_path / "o" / "results.md").read_text()
     for text in (proc.stdout, report):
         table = [line for line in text.splitlines() if line.startswith("| cls |")]
         assert len(table) == 1 and table[0].count("not measured") == 2, table  # i2i R@1, i2i mAP
-    why = "image->image not measured: no image has another image of its label"
+    why = "image->image not measured: no image has another image of its label (cls, spp:combine=concat)"
     assert why in proc.stderr and why in report
+    assert "text->image not measured: spp:combine=concat pools images only" in proc.stderr

@@ -5,6 +5,8 @@ evaluated by both back ends' condition code against a plain Python reading of th
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embedsvc.errors import InvalidInput
 from embedsvc.store import Condition, Filter
@@ -118,5 +120,19 @@ def test_conditions_select_what_plain_python_selects(text, expected):
 
 
 def test_a_range_bound_is_exclusive_or_inclusive_only_as_written():
-    assert Filter((Condition("n", gt=2),)).matches({"n": 2.0000001}) and not Filter((Condition("n", gt=2),)).matches({"n": 2})
-    assert Filter((Condition("n", lt=2),)).matches({"n": 1.9999}) and not Filter((Condition("n", lt=2),)).matches({"n": 2})
+    above, below, at_least = (Filter((Condition("n", **b),)) for b in ({"gt": 2}, {"lt": 2}, {"gte": 2}))
+    assert above.matches({"n": 2.0000001}) and not above.matches({"n": 2})
+    assert below.matches({"n": 1.9999}) and not below.matches({"n": 2})
+    assert at_least.matches({"n": 2}) and not at_least.matches({"n": 1.9999})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list('ab7 .-+e"\\|=<>!_\t')) | st.characters(), max_size=40))
+def test_any_text_parses_or_is_refused_with_the_forms(text):
+    """No text crashes the parser or reaches the store as something else: a Filter, None, or InvalidInput."""
+    try:
+        parsed = parse_filter_text(text)
+    except InvalidInput as exc:
+        assert FORMS in str(exc)
+        return
+    assert parsed is None or all(c.key for c in parsed.must)

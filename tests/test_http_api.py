@@ -104,8 +104,8 @@ def test_filter_text_is_the_cli_grammar_parsed_by_the_server(server):
 
     srv, http = server
     rows = [{"n": n, "kind": ["a", "b", "c"][n % 3]} for n in range(8)]
-    items = [{"id": f"r{n}", "vector": {"values": [1, n, 0]},
-              "metadata": {"n": {"numberValue": r["n"]}, "kind": {"stringValue": r["kind"]}}} for n, r in enumerate(rows)]
+    items = [{"id": f"r{r['n']}", "vector": {"values": [1, r["n"], 0]},
+              "metadata": {"n": {"numberValue": r["n"]}, "kind": {"stringValue": r["kind"]}}} for r in rows]
     assert http.post("/v1/collections", json={"config": {"name": "ranks", "dim": 3}}).status_code == 200
     assert http.post("/v1/collections/ranks/items", json={"items": items}).status_code == 200
 

@@ -8,5 +8,5 @@ from embedsvc.client.errors import (AlreadyExistsError, DeadlineExceededError, E
 
 __all__ = ["AlreadyExistsError", "Client", "Collection", "DeadlineExceededError", "Embeddings", "EmbedsvcClientError",
            "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError", "PermissionDeniedError",
-           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError", "UnknownFilterKeyWarning",
-           "UpsertStats"]
+           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
+           "UnknownFilterKeyWarning", "UpsertStats"]

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Optional
 
-from embedsvc.errors import InvalidInput
+from embedsvc.errors import InvalidInput, quoted
 from embedsvc.store.metadata import Condition, Filter, Value
 
 FORMS = ('KEY=VALUE, KEY=A|B (any of), KEY>=X, KEY>X, KEY<=X or KEY<X (X a number); clauses separated by spaces '
@@ -64,8 +64,8 @@ class _Scanner:
 
     def fail(self, problem: str) -> InvalidInput:
         clause = re.match(r"\S*", self.text[self.start:]).group()  # up to the next space: enough to find it
-        where = f" in {clause!r}" if clause and clause != self.text.strip() else ""
-        return InvalidInput(f"filter {self.text.strip()!r}: {problem}{where}; write {FORMS}")
+        where = f" in {quoted(clause)}" if clause and clause != self.text.strip() else ""
+        return InvalidInput(f"filter {quoted(self.text.strip())}: {problem}{where}; write {FORMS}")
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -92,7 +92,7 @@ class _Scanner:
         else:
             condition = Condition(key, **{_RANGES[op]: self.bound()})
         if self.peek() and not self.peek().isspace():
-            raise self.fail(f"unexpected {self.peek()!r} after {self.text[self.start:self.pos]!r}: put a space "
+            raise self.fail(f"unexpected {self.peek()!r} after {quoted(self.text[self.start:self.pos])}: put a space "
                             f"between clauses, or quote a value that holds \" | = < >")
         return condition
 
@@ -119,7 +119,7 @@ class _Scanner:
         quoted = self.peek() == '"'
         word = self.word(_NOT_IN_VALUE)
         if word is None or quoted or not _NUMBER.fullmatch(word) or not math.isfinite(float(word)):
-            raise self.fail(f"a range bound must be a number, not {word!r}" if word is not None
+            raise self.fail(f"a range bound must be a number, not {quoted(word)}" if word is not None
                             else "a range bound must be a number")
         if self.peek() == "|":
             raise self.fail("a range bound must be a number, not a list (any-of is KEY=A|B)")
