@@ -109,16 +109,16 @@ class _Scanner:
         return op
 
     def value(self) -> Value:
-        quoted = self.peek() == '"'
+        is_quoted = self.peek() == '"'
         word = self.word(_NOT_IN_VALUE)
         if word is None:
             raise self.fail('empty value (write KEY="" for the empty string)')
-        return word if quoted else typed_word(word)
+        return word if is_quoted else typed_word(word)
 
     def bound(self) -> float:
-        quoted = self.peek() == '"'
+        is_quoted = self.peek() == '"'
         word = self.word(_NOT_IN_VALUE)
-        if word is None or quoted or not _NUMBER.fullmatch(word) or not math.isfinite(float(word)):
+        if word is None or is_quoted or not _NUMBER.fullmatch(word) or not math.isfinite(float(word)):
             raise self.fail(f"a range bound must be a number, not {quoted(word)}" if word is not None
                             else "a range bound must be a number")
         if self.peek() == "|":
@@ -129,13 +129,13 @@ class _Scanner:
         """A quoted string (escapes \\" and \\\\), or a run of characters up to whitespace or one of `stop`;
         None when there is none here."""
         if self.peek() == '"':
-            return self.quoted()
+            return self.quoted_string()
         begin = self.pos
         while self.peek() and not self.peek().isspace() and self.peek() not in stop:
             self.pos += 1
         return self.text[begin:self.pos] or None
 
-    def quoted(self) -> str:
+    def quoted_string(self) -> str:
         self.pos += 1
         out = []
         while True:
