@@ -4,8 +4,9 @@ from embedsvc.client.client import Client, Collection, Embeddings, Hit, Item, St
 from embedsvc.client.errors import (AlreadyExistsError, DeadlineExceededError, EmbedsvcClientError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
-                                    UnavailableError)
+                                    UnavailableError, UnknownFilterKeyWarning)
 
 __all__ = ["AlreadyExistsError", "Client", "Collection", "DeadlineExceededError", "Embeddings", "EmbedsvcClientError",
            "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError", "PermissionDeniedError",
-           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError", "UpsertStats"]
+           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
+           "UnknownFilterKeyWarning", "UpsertStats"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -14,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import grpc
 import numpy as np
 
-from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, from_rpc_error
+from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -337,11 +338,13 @@ class Client:
     @_wrap_errors
     def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
                vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
-               top_k: int = 10, filter: Optional[Mapping[str, Any]] = None, nprobe: int = 0, ef_search: int = 0,
-               include_metadata: bool = True, include_vectors: bool = False, timeout: Optional[float] = None
-               ) -> Union[list[Hit], list[list[Hit]]]:
+               top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
+               ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
+               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
         """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
-        those keys) returns a list of hit lists."""
+        those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
+        parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
+        (UnknownFilterKeyWarning)."""
         single = queries is None
         if single:
             given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
@@ -351,8 +354,9 @@ class Client:
         request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
                                    include_vectors=include_vectors,
                                    params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        flt = _filter(filter)
-        if flt is not None:
+        if isinstance(filter, str):
+            request.filter_text = filter
+        elif (flt := _filter(filter)) is not None:
             request.filter.CopyFrom(flt)
         for q in queries:
             (kind, value), = q.items()
@@ -363,6 +367,8 @@ class Client:
             else:
                 request.queries.add(**{kind: value})
         response = self._call(self.index_stub.Search, request, timeout)
+        if response.unknown_filter_keys:
+            warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=3)
         results = [[Hit(h.id, h.score, _metadata(h.metadata),
                         np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
                    for r in response.results]

@@ -107,7 +107,8 @@ ENDPOINTS = [
              "Remove items by id.", path_field="collection"),
     Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
              "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
-             "'request' with the rest of the SearchRequest as JSON), vector or id.", path_field="collection",
+             "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
+             "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).", path_field="collection",
              extra_content=("multipart/form-data",)),
     Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
              calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",

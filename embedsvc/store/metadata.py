@@ -72,20 +72,31 @@ def _is_utf8(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Condition:
-    """One test on one key: equals, in (any of) or a numeric range (inclusive bounds)."""
+    """One test on one key: equals, in (any of) or a numeric range (gte/lte inclusive, gt/lt exclusive bounds)."""
 
     key: str
     equals: Optional[Value] = None
     any_of: Optional[tuple[Value, ...]] = None
     gte: Optional[float] = None
     lte: Optional[float] = None
+    gt: Optional[float] = None
+    lt: Optional[float] = None
 
     def __post_init__(self) -> None:
-        kinds = sum([self.equals is not None, self.any_of is not None, self.gte is not None or self.lte is not None])
+        kinds = sum([self.equals is not None, self.any_of is not None, self.is_range])
         if kinds != 1:
             raise InvalidInput(f"filter on {quoted(self.key)} must have exactly one of equals, in, or a range")
         if self.any_of is not None and not self.any_of:
             raise InvalidInput(f"filter on {quoted(self.key)}: 'in' needs at least one value")
+
+    @property
+    def is_range(self) -> bool:
+        return any(bound is not None for bound in (self.gte, self.lte, self.gt, self.lt))
+
+    def in_range(self, value: float) -> bool:
+        """Whether a number lies within every bound set (a NaN bound admits nothing)."""
+        return ((self.gte is None or value >= self.gte) and (self.gt is None or value > self.gt) and
+                (self.lte is None or value <= self.lte) and (self.lt is None or value < self.lt))
 
     def matches(self, metadata: Mapping[str, Value]) -> bool:
         if self.key not in metadata:
@@ -97,7 +108,7 @@ class Condition:
             return _typed(value) in {_typed(v) for v in self.any_of}
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return (self.gte is None or value >= self.gte) and (self.lte is None or value <= self.lte)
+        return self.in_range(value)
 
 
 @dataclass(frozen=True)
@@ -136,9 +147,8 @@ class _Column:
         elif condition.any_of is not None:
             wanted = {_typed(v) for v in condition.any_of}
         else:
-            return np.array([c for c, (kind, value) in enumerate(self.typed) if kind == "n"
-                             and (condition.gte is None or value >= condition.gte)
-                             and (condition.lte is None or value <= condition.lte)], dtype=np.int32)
+            return np.array([c for c, (kind, value) in enumerate(self.typed)
+                             if kind == "n" and condition.in_range(value)], dtype=np.int32)
         return np.array([c for c, typed in enumerate(self.typed) if typed in wanted], dtype=np.int32)
 
 
@@ -201,6 +211,10 @@ class MetadataIndex:
         if column is None:
             return set()
         return {column.typed[c][0] for c in np.flatnonzero(column.live).tolist()}
+
+    def holds_key(self, key: str) -> bool:
+        """Whether any live item has a value under `key`."""
+        return bool(self.stored_kinds(key))
 
     def check_types(self, condition: Condition) -> None:
         """Refuses a condition that cannot match because every stored value of its key has another type."""
@@ -278,7 +292,7 @@ def refuse_mistyped(condition: Condition, stored: set[str]) -> None:
     asked = [condition.equals] if condition.equals is not None else list(condition.any_of or [0.0])
     names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
     shown = [_shown(v) for v in asked]
-    asks = "a range" if condition.gte is not None or condition.lte is not None else ", ".join(map(repr, shown))
+    asks = "a range" if condition.is_range else ", ".join(map(repr, shown))
     hint = ""
     if stored == {"s"} and condition.equals is not None:
         hint = f'; to match the string, quote it (CLI: --filter \'{condition.key}="{shown[0]}"\')'

@@ -153,7 +153,7 @@ class Expression:
             return "(" + " or ".join(self.equals(condition.key, v) for v in condition.any_of) + ")"
         field = f'filterable["{_tagged_key(condition.key, 0.0)}"]'
         parts = []
-        for bound, op in ((condition.gte, ">="), (condition.lte, "<=")):
+        for bound, op in ((condition.gte, ">="), (condition.gt, ">"), (condition.lte, "<="), (condition.lt, "<")):
             if bound is None:
                 continue
             bound = float(bound)
@@ -291,15 +291,25 @@ class MilvusStore:
     def _check_types(self, record: _Record, condition: Condition) -> None:
         """As the local back end: a condition whose type no stored value of its key has is InvalidInput."""
         def holds(kind: str) -> bool:
-            key = kind + condition.key.encode("utf-8").hex()
-            expression = f'exists filterable["{key}"]'
-            return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
-                record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+            return self._holds(record, [kind + condition.key.encode("utf-8").hex()])
 
         wanted = wanted_kinds(condition)
         if any(holds(kind) for kind in wanted):
             return
         refuse_mistyped(condition, {kind for kind in ("b", "n", "s") if kind not in wanted and holds(kind)})
+
+    def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
+        """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
+        expression = " or ".join(f'exists filterable["{key}"]' for key in tagged_keys)
+        return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
+            record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The keys no live item holds, in the order given (one query per key: asked only when a filter matched
+        nothing)."""
+        record = self._record(name)
+        return [key for key in keys
+                if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
         kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}

@@ -700,6 +700,12 @@ class Store:
 
     # -- search -------------------------------------------------------------------------------
 
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The keys no live item holds, in the order given."""
+        col = self._get(name)
+        with col.lock.read():
+            return [key for key in keys if not col.metadata.holds_key(key)]
+
     def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
                nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
