@@ -73,7 +73,8 @@ _ADDED_COLUMNS = (("collections", "vector_generation", "INTEGER NOT NULL DEFAULT
                   ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
                   ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"))
 # A disk that refuses a vector file write: reported like SQLite's refusals (nothing stored, retry).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM}
+# EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
 
@@ -162,11 +163,15 @@ class Database:
             c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
                       (layout.generation, layout.base_count, layout.base_label, collection_id))
 
-    def create_collection(self, name: str, config: dict) -> tuple[int, int]:
+    def create_collection(self, name: str, config: dict, make_files: Callable[[int], None]) -> tuple[int, int]:
+        """`make_files(collection id)` creates the collection's files durably before the commit: a collection
+        is never committed without them (a disk that refuses them refuses the collection, and its name stays
+        free); files of a collection whose commit never came are strays that the next start-up removes."""
         created = int(time.time() * 1000)
         with self.transaction() as c:
             cur = c.execute("INSERT INTO collections (name, config, created_ms) VALUES (?, ?, ?)",
                             (name, json.dumps(config), created))
+            make_files(cur.lastrowid)
             return cur.lastrowid, created
 
     def drop_collection(self, collection_id: int) -> int:
