@@ -192,3 +192,28 @@ def test_a_compaction_the_full_disk_refuses_leaves_its_space_free_for_writes(tin
     finally:
         store.close()
 
+
+
+@pytest.mark.parametrize("left", [0, 8192], ids=["no byte free", "a few KiB free"])
+def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(tiny_disk, left):
+    """A full disk at start-up is not a broken database: it was reported as "not a usable SQLite database ...
+    move it away to start with an empty store" (advice that throws the data away), or, with no byte free, as
+    a traceback from the lock file."""
+    data = tiny_disk / "data"
+    shutil.copytree(HERE / "data" / "store-format1", data)  # a directory that also needs migrating
+    filler = tiny_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - left)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
+                           "--metrics-port", "-1", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "free space" in lines[-1] and "move it away" not in lines[-1], lines[-1]
+    filler.unlink()
+    store = Store(data)
+    try:
+        assert {c.config.name: c.count for c in store.list_collections()} == {"flat": 210, "graph": 210, "empty": 0}
+    finally:
+        store.close()

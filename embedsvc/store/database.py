@@ -102,6 +102,9 @@ class Database:
                     self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
+        except sqlite3.OperationalError as exc:  # the disk refused (full, read-only, I/O error): not a bad database
+            raise FailedPrecondition(f"{path} cannot be opened now ({exc}): free space on its disk or make it "
+                                     f"writable, then start again; the database is kept as it was") from None
         except sqlite3.DatabaseError as exc:
             raise FailedPrecondition(f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
                                      f"or move it away to start with an empty store") from None
