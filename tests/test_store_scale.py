@@ -9,8 +9,11 @@ import logging
 import mmap
 import shutil
 import sqlite3
+import itertools
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +137,71 @@ def test_replaced_rows_are_compacted_away_and_everything_still_answers(tmp_path,
             assert all(i.metadata == {"v": 3} for i in items if i.id != "late")
             assert [row[0].id for row in s.search("g", queries[:20], 1)] == list(latest)[:20]
             assert s.get_collection("c").count == s.get_collection("g").count + 1 == 300
+        finally:
+            s.close()
+
+
+def test_checkpoints_racing_each_other_never_compact_a_vector_file_twice(tmp_path, monkeypatch):
+    """Store.checkpoint from two threads (a caller's and the background checkpointer's alike) while writes go
+    on: each checkpoint may compact. Both decided to compact the same file before either switched, and the
+    second wrote its "next" generation over the file the first had just put in use: the rows of items never
+    replaced since became zeros, live and after a restart, with no error to the writer."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_DEAD", 1)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave often, so the two checkpoints meet within a few compactions
+    store = Store(tmp_path, checkpoint_every=10**9)
+    stable = unit(50, 8, seed=5)
+    compactions = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "vector file compacted" in record.getMessage():
+                compactions.append(record)
+
+    handler = Count()
+    logger = logging.getLogger("embedsvc.store.store")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    errors, stop = [], threading.Event()
+
+    def writes():
+        for version in itertools.count():
+            if stop.is_set():
+                return
+            store.upsert("c", [Item(f"churn{k}", v) for k, v in enumerate(unit(3, 8, seed=100 + version))])
+
+    def checkpoints():
+        while not stop.is_set():
+            try:
+                store.checkpoint("c")
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                stop.set()
+
+    try:
+        store.create_collection(CollectionConfig("c", 8))
+        store.upsert("c", [Item(f"s{k}", v) for k, v in enumerate(stable)])
+        threads = [threading.Thread(target=f) for f in (writes, checkpoints, checkpoints)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(compactions) < 40 and not stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert not errors, errors
+    assert len(compactions) >= 40
+    for opened in (store, None):
+        s = opened or Store(tmp_path)
+        try:
+            items, missing = s.get("c", [f"s{k}" for k in range(50)], include_vectors=True)
+            assert not missing and all(np.allclose(i.vector, stable[int(i.id[1:])], atol=1e-6) for i in items)
         finally:
             s.close()
 

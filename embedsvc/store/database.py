@@ -73,7 +73,8 @@ _ADDED_COLUMNS = (("collections", "vector_generation", "INTEGER NOT NULL DEFAULT
                   ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
                   ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"))
 # A disk that refuses a vector file write: reported like SQLite's refusals (nothing stored, retry).
-_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM}
+# EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
 
@@ -101,6 +102,9 @@ class Database:
                     self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
+        except sqlite3.OperationalError as exc:  # the disk refused (full, read-only, I/O error): not a bad database
+            raise FailedPrecondition(f"{path} cannot be opened now ({exc}): free space on its disk or make it "
+                                     f"writable, then start again; the database is kept as it was") from None
         except sqlite3.DatabaseError as exc:
             raise FailedPrecondition(f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
                                      f"or move it away to start with an empty store") from None
@@ -162,11 +166,15 @@ class Database:
             c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
                       (layout.generation, layout.base_count, layout.base_label, collection_id))
 
-    def create_collection(self, name: str, config: dict) -> tuple[int, int]:
+    def create_collection(self, name: str, config: dict, make_files: Callable[[int], None]) -> tuple[int, int]:
+        """`make_files(collection id)` creates the collection's files durably before the commit: a collection
+        is never committed without them (a disk that refuses them refuses the collection, and its name stays
+        free); files of a collection whose commit never came are strays that the next start-up removes."""
         created = int(time.time() * 1000)
         with self.transaction() as c:
             cur = c.execute("INSERT INTO collections (name, config, created_ms) VALUES (?, ?, ?)",
                             (name, json.dumps(config), created))
+            make_files(cur.lastrowid)
             return cur.lastrowid, created
 
     def drop_collection(self, collection_id: int) -> int:

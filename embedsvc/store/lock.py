@@ -34,8 +34,13 @@ class DataDirLock:
         except BaseException:
             self.release()
             raise
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk: the owner's pid cannot be recorded
+            self.release()
+            raise FailedPrecondition(f"data directory {self.folder} cannot be written now ({exc.strerror or exc}): "
+                                     f"free space on its disk or make it writable, then start again") from None
 
     def _lock_directory(self) -> int:
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -461,28 +461,56 @@ class Store:
     def _maybe_compact(self, col: _Collection) -> None:
         """Rewrites the vector file without its dead rows once they outnumber the live ones (write lock held
         for the rewrite; amortised, it costs a constant per replaced or deleted item)."""
-        vectors = col.vectors
-        if vectors is None or col.dropped:
-            return
-        dead = vectors.used - len(col.ids)
-        if dead < max(COMPACT_MIN_DEAD, len(col.ids)):
+        if not self._compaction_due(col):
             return
         with col.checkpoint_lock, col.lock.write():
-            if col.dropped or col.unavailable:
+            # Decided again under the locks, on the file in use now: a compaction that ran meanwhile (another
+            # thread's checkpoint) switched it, and compacting the closed one again would write the next
+            # generation over the file now in use.
+            if col.dropped or col.unavailable or not self._compaction_due(col):
                 return
+            vectors = col.vectors
+            dead = vectors.used - len(col.ids)
             _, next_label = self.db.layout(col.id)
             live = col.ids.live_labels()
             started = time.monotonic()
-            layout = vectors.write_compacted(live, next_label)
-            self.db.set_layout(col.id, layout)
-            col.vectors = VectorFile(self.folder, col.id, col.config.dim, layout, next_label)
+            col.vectors = self._switch_generation(col, vectors.write_compacted(live, next_label), next_label)
             if isinstance(col.index, FileFlatIndex):
                 col.index.attach(col.vectors)
             col.selections.clear()
             vectors.close(trim=False)
-            remove_generations(self.folder, col.id, keep=layout.generation)
+            remove_generations(self.folder, col.id, keep=col.vectors.layout.generation)
             log.info("collection %s: vector file compacted (%d dead rows dropped, %d live, %.1f s)", col.config.name,
                      dead, len(live), time.monotonic() - started)
+
+    @staticmethod
+    def _compaction_due(col: _Collection) -> bool:
+        vectors = col.vectors
+        if vectors is None or col.dropped:
+            return False
+        return vectors.used - len(col.ids) >= max(COMPACT_MIN_DEAD, len(col.ids))
+
+    def _switch_generation(self, col: _Collection, layout: Layout, next_label: int) -> VectorFile:
+        """Opens the new generation, then commits it as the one in use (write lock held). Opened first: a
+        failure to open it after the commit kept the old file in memory, where the next acknowledged writes
+        went while the database named the new one, and a restart lost them. A generation not committed is
+        removed, its space given back."""
+        try:
+            fresh = VectorFile(self.folder, col.id, col.config.dim, layout, next_label)
+        except BaseException:
+            col.vectors.remove_generation(layout.generation)
+            raise
+        try:
+            self.db.set_layout(col.id, layout)
+        except BaseException:
+            if self.db.layout(col.id)[0] == layout:  # the commit is in despite the error: the switch stands
+                log.warning("collection %s: switching to generation %d reported an error, but the database holds "
+                            "it: serving from it", col.config.name, layout.generation)
+                return fresh
+            fresh.close(trim=False)
+            col.vectors.remove_generation(layout.generation)
+            raise
+        return fresh
 
     def close(self, checkpoint: bool = True) -> None:
         """Stops the checkpointer, checkpoints every collection (unless told not to), releases the lock."""
@@ -517,10 +545,21 @@ class Store:
             if config.name in self._collections:
                 raise AlreadyExists(f"collection {quoted(config.name)} already exists; drop it first or pick another name")
             FaissIndex(config.index, config.dim, config.metric)  # what FAISS refuses fails before anything is stored
-            cid, created = self.db.create_collection(config.name, config.to_json())
+            made: list[VectorFile] = []
+
+            def make_files(cid: int) -> None:
+                remove_generations(self.folder, cid, keep=None)
+                made.append(VectorFile(self.folder, cid, config.dim, Layout(), 0, create=True))
+
+            try:
+                cid, created = self.db.create_collection(config.name, config.to_json(), make_files)
+            except BaseException:
+                for vectors in made:  # not committed (or committed empty, and a missing file is made anew)
+                    vectors.close(trim=False)
+                    vectors.path.unlink(missing_ok=True)
+                raise
             col = _Collection(cid, config, created, 0, None, MetadataIndex(), uid=f"{self.db.uuid}-{cid}")
-            remove_generations(self.folder, cid, keep=None)
-            col.vectors = VectorFile(self.folder, cid, config.dim, Layout(), 0, create=True)
+            col.vectors = made[0]
             col.index = self._new_index(col)
             self._collections[config.name] = col
         return col.info()

@@ -63,21 +63,28 @@ class VectorFile:
                                       f"{layout.base_count}")
         else:
             self.base_labels = np.empty(0, dtype=np.int64)
+        self.used = self.slot_count(next_label)
+        # A file that holds no committed row may be missing (a crash between the commit that made the
+        # collection and the file's creation, in data directories of earlier versions): it is made anew.
+        create = create or (not self.used and not self.path.exists())
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         try:
             self.fd = os.open(self.path, flags, 0o644)
         except FileNotFoundError:
             raise VectorFileError(f"vector file {self.path.name} is missing") from None
         if create:
-            fsync_dir(folder)
-        self.used = self.slot_count(next_label)
+            try:
+                fsync_dir(folder)
+            except BaseException:
+                os.close(self.fd)
+                raise
         size = os.fstat(self.fd).st_size
         if size < self.used * self.row_bytes:
             os.close(self.fd)
             raise VectorFileError(f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database "
                                   f"committed {self.used}")
         self.capacity = size // self.row_bytes
-        self._map()
+        self._mmap, self.matrix = self._map(self.capacity)
 
     @staticmethod
     def file_path(folder: Path, collection_id: int, generation: int) -> Path:
@@ -90,13 +97,12 @@ class VectorFile:
     def slot_count(self, next_label: int) -> int:
         return self.layout.base_count + max(0, next_label - self.layout.base_label)
 
-    def _map(self) -> None:
-        """Maps the whole capacity; `matrix[:used]` are the committed rows, read in place."""
-        if self.capacity:
-            self._mmap = mmap.mmap(self.fd, self.capacity * self.row_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
-            self.matrix = np.frombuffer(self._mmap, dtype=np.float32).reshape(self.capacity, self.dim)
-        else:
-            self._mmap, self.matrix = None, np.empty((0, self.dim), dtype=np.float32)
+    def _map(self, capacity: int) -> tuple[Optional[mmap.mmap], np.ndarray]:
+        """Maps `capacity` rows; `matrix[:used]` are the committed rows, read in place."""
+        if not capacity:
+            return None, np.empty((0, self.dim), dtype=np.float32)
+        mapped = mmap.mmap(self.fd, capacity * self.row_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
+        return mapped, np.frombuffer(mapped, dtype=np.float32).reshape(capacity, self.dim)
 
     # -- labels <-> slots ---------------------------------------------------------------------
 
@@ -150,9 +156,13 @@ class VectorFile:
         self.used = self.slot_count(next_label)
 
     def _grow(self, rows: int) -> None:
-        self.capacity = max(rows, MIN_CAPACITY, int(self.capacity * GROWTH))
-        os.ftruncate(self.fd, self.capacity * self.row_bytes)  # sparse: no disk until written
-        self._map()
+        """The file and its map, larger; `capacity` changes only once both did. A file the disk refused to
+        grow (a size limit) left the old capacity believed larger than the map, and the next write's rows
+        were committed past the map's end: searched out of bounds, unreadable by Get."""
+        capacity = max(rows, MIN_CAPACITY, int(self.capacity * GROWTH))
+        os.ftruncate(self.fd, capacity * self.row_bytes)  # sparse: no disk until written
+        self._mmap, self.matrix = self._map(capacity)
+        self.capacity = capacity
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         """A copy of the committed rows of these labels (all must have one)."""
@@ -186,12 +196,25 @@ class VectorFile:
         start-up removes."""
         live_labels = np.ascontiguousarray(live_labels, dtype=np.int64)
         generation = self.layout.generation + 1
-        with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
-            for start in range(0, len(live_labels), chunk_rows):
-                f.write(memoryview(self.vectors(live_labels[start:start + chunk_rows])).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)
+        try:
+            with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
+                for start in range(0, len(live_labels), chunk_rows):
+                    f.write(memoryview(self.vectors(live_labels[start:start + chunk_rows])).cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+            return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)
+        except BaseException:
+            # A half-written generation on a full disk held its last free bytes: every write was refused
+            # until the next start-up removed it.
+            self.remove_generation(generation)
+            raise
+
+    def remove_generation(self, generation: int) -> None:
+        """Deletes one generation's files (never the one in use: the caller knows it is not committed)."""
+        if generation == self.layout.generation:
+            raise VectorFileError(f"generation {generation} of collection {self.collection_id} is in use")
+        self.file_path(self.folder, self.collection_id, generation).unlink(missing_ok=True)
+        self.labels_path(self.folder, self.collection_id, generation).unlink(missing_ok=True)
 
     @classmethod
     def write_labels(cls, folder: Path, collection_id: int, generation: int, labels: np.ndarray,
