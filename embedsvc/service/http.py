@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge, quoted
-from embedsvc.service import calls
+from embedsvc.service import calls, json_body, openai_api
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine
@@ -67,6 +67,7 @@ class Endpoint:
     body: bool = True
     streaming: bool = False
     extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
+    extend: Optional[Callable[[dict], dict]] = None  # adds fields beside the response message's (OpenAI's, say)
 
     @property
     def grpc_method(self) -> str:
@@ -77,7 +78,8 @@ ENDPOINTS = [
     Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
              "Embed texts and images with one model and one or more poolings."),
     Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
-             "List models and poolings.", body=False),
+             "List models and poolings; also OpenAI's model list (object, data).", body=False,
+             extend=openai_api.with_model_list),
     Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
              calls.list_collections, "Describe every collection.", body=False),
     Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
@@ -118,8 +120,11 @@ def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseExcept
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
-def to_json(message: Message) -> dict:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+def json_response(endpoint: Endpoint, message: Message) -> Response:
+    """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields."""
+    document = json_body.document(message)
+    return Response(json_body.dumps(endpoint.extend(document) if endpoint.extend else document),
+                    media_type="application/json")
 
 
 def parse_json(data: bytes, message_type: type, where: str = "request body") -> Message:
@@ -186,6 +191,7 @@ class HttpApi:
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         self.app = BodyLimit(app, self.config.max_message_bytes)
+        openai_api.install(self, app)  # POST /v1/embeddings, and OpenAI's error bodies there
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -230,7 +236,7 @@ class HttpApi:
             async def work() -> Response:
                 message = await self._request(endpoint, request)
                 response = await endpoint.call(self.engine, message)
-                return JSONResponse(to_json(response))
+                return json_response(endpoint, response)
 
             return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
 
