@@ -16,18 +16,24 @@ from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
 
 from conftest import png_bytes
-from serving import tiny_server
+from serving import BlockingAsyncClient, tiny_server
+
+
+@pytest.fixture(scope="module", params=["Client", "AsyncClient"])
+def client_kind(request):
+    """Every test runs with both clients (they share their request and response code; this checks it)."""
+    return Client if request.param == "Client" else BlockingAsyncClient
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(tiny_spec, tmp_path_factory, client_kind):  # one per client: the tests name their collections
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0) as s:
         yield s
 
 
 @pytest.fixture
-def client(server):
-    with Client(server.address, timeout=60) as c:
+def client(server, client_kind):
+    with client_kind(server.address, timeout=60) as c:
         yield c
 
 
@@ -142,3 +148,23 @@ def test_long_text_is_truncated_and_the_response_says_so(client):
     assert result.truncated == [True, False]
     hits_response = client.embed(["a red circle"], poolings=["cls"])
     assert hits_response.truncated == [False]
+
+
+def test_async_client_calls_overlap_in_one_event_loop(server):
+    """AsyncClient as asyncio code uses it: calls gathered in one loop, each answered as alone, errors typed."""
+    import asyncio
+
+    from embedsvc.client import AsyncClient
+
+    texts = [f"a red circle number {i}" for i in range(6)]
+
+    async def main():
+        async with AsyncClient(server.address, timeout=60) as client:
+            together = await asyncio.gather(*(client.embed([t]) for t in texts))
+            alone = await client.embed(texts)
+            with pytest.raises(NotFoundError):
+                await client.get_collection("no-such-collection")
+            return together, alone
+
+    together, alone = asyncio.run(main())
+    assert np.abs(np.concatenate([r.vectors["cls"] for r in together]) - alone.vectors["cls"]).max() < 1e-5
