@@ -7,5 +7,6 @@ from embedsvc.client.errors import (AlreadyExistsError, DeadlineExceededError, E
                                     UnavailableError)
 
 __all__ = ["AlreadyExistsError", "AsyncClient", "Client", "Collection", "DeadlineExceededError", "Embeddings",
-           "EmbedsvcClientError", "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError", "PermissionDeniedError",
-           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError", "UpsertStats"]
+           "EmbedsvcClientError", "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError",
+           "PermissionDeniedError", "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
+           "UpsertStats"]
