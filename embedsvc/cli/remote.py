@@ -6,19 +6,17 @@ import json
 import sys
 from pathlib import Path
 
+from embedsvc.cli import connect
 from embedsvc.cli.filters import parse_filters
 from embedsvc.errors import InvalidInput
 
 
 def _client(args):
-    from embedsvc.client import Client
-
-    return Client(args.address, timeout=args.timeout)
+    return connect.client(args.address, args.timeout)
 
 
 def _common(p) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051", help="server address (default: 127.0.0.1:50051)")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
+    connect.add_address_arguments(p)
 
 
 def register(sub) -> None:
@@ -105,7 +103,8 @@ def _run_fit(args) -> int:
 
     if args.sample < 1:
         raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
-    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index)
+    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index,
+                   token=connect.token() or "")
     for name, images, descriptors in run_fit(job, args.sample):
         print(f"fitted {name} on {images} images ({descriptors} token descriptors)")
     return 0
