@@ -195,3 +195,27 @@ def test_tokens_and_scopes_are_embeds(tiny_spec, tmp_path):
         with pytest.raises(openai.PermissionDeniedError) as caught:
             sdk(WRITE).embeddings.create(model=tiny_spec.name, input="a")
         assert "read" in caught.value.body["message"]
+
+
+def test_openapi_documents_the_endpoint_and_the_responses_match_it(server, tiny_spec):
+    from jsonschema import Draft202012Validator
+
+    from embedsvc.service.openai_api import FIELDS
+
+    srv, sdk, client = server
+    document = httpx.get(srv.http_url + "/openapi.json").json()
+
+    def check(schema: str, instance) -> None:
+        Draft202012Validator({**document, "$ref": f"#/components/schemas/{schema}"}).validate(instance)
+
+    operation = document["paths"]["/v1/embeddings"]["post"]
+    request = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(document["components"]["schemas"][request]["properties"]) == set(FIELDS)
+    for encoding in ("float", "base64"):
+        check("OpenAIEmbeddingsResponse", httpx.post(srv.http_url + "/v1/embeddings", json={
+            "model": tiny_spec.name, "input": ["a", data_url(RED)], "encoding_format": encoding}).json())
+    check("OpenAIError", httpx.post(srv.http_url + "/v1/embeddings", json={"model": "nope", "input": "a"}).json())
+    assert operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+    models = document["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    Draft202012Validator({**document, **models}).validate(httpx.get(srv.http_url + "/v1/models").json())
+    assert {"$ref": "#/components/schemas/OpenAIModelList"} in models["allOf"]
