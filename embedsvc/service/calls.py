@@ -16,6 +16,7 @@ from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quot
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
+from embedsvc.service import json_body
 from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response
 from embedsvc.store import CollectionInfo, Condition, Filter
@@ -131,6 +132,15 @@ async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
     tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
     return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors,
                           tokens)
+
+
+async def embed_json(engine: Engine, request: pb.EmbedRequest) -> dict:
+    """Embed's response as the HTTP API writes it (protobuf's JSON mapping), from the matrices straight to the
+    JSON document: no EmbedResponse in between (tests/test_json_body.py checks the two agree)."""
+    model, names, batch = await embed_rows(engine, request)
+    tokens = [tokens_to_pb(t) for t in batch.tokens] if batch.tokens else None
+    return json_body.embed_document(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names,
+                                    batch.vectors, tokens)
 
 
 async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:

@@ -61,7 +61,7 @@ class Endpoint:
     rpc: str
     request_type: type
     response_type: type
-    call: Callable[[Engine, Any], Awaitable[Message]]
+    call: Callable[[Engine, Any], Awaitable[Message | dict]]  # a dict: the response already in JSON form
     summary: str
     path_field: str = ""
     body: bool = True
@@ -75,7 +75,7 @@ class Endpoint:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
+    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed_json,
              "Embed texts and images with one model and one or more poolings."),
     Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
              "List models and poolings; also OpenAI's model list (object, data).", body=False,
@@ -120,9 +120,9 @@ def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseExcept
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
-def json_response(endpoint: Endpoint, message: Message) -> Response:
+def json_response(endpoint: Endpoint, message: Message | dict) -> Response:
     """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields."""
-    document = json_body.document(message)
+    document = message if isinstance(message, dict) else json_body.document(message)
     return Response(json_body.dumps(endpoint.extend(document) if endpoint.extend else document),
                     media_type="application/json")
 

@@ -11,7 +11,7 @@ equality and that no per-float Python code runs).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -95,42 +95,31 @@ def _json_floats(values: np.ndarray) -> Any:
             for v in values.tolist()]
 
 
-# EmbedResponse is the hot path (a 32-input embed answers in a few milliseconds): its dict is built directly,
-# in MessageToDict's shape, while its messages have exactly these fields; a proto change that adds one sends
-# it down the generic path until this is updated (tests/test_json_body.py compares both with MessageToDict).
-EMBED_FIELDS = {pb.EmbedResponse: ("model", "results"),
-                pb.EmbedResult: ("modality", "embeddings", "truncated", "tokens"),
-                pb.PooledEmbedding: ("pooling", "vector")}
-EMBED_FAST = all(tuple(f.name for f in t.DESCRIPTOR.fields) == names for t, names in EMBED_FIELDS.items())
 MODALITY = {v.number: v.name for v in pb.Modality.DESCRIPTOR.values}
 
 
-def _embed_document(message: pb.EmbedResponse) -> dict:
-    results, vectors = [], []
-    for r in message.results:
-        embeddings = []
-        for e in r.embeddings:
-            embeddings.append({"pooling": e.pooling})
-            if e.HasField("vector"):
-                vectors.append(np.asarray(e.vector.values, dtype=np.float32))
-                embeddings[-1]["vector"] = {"values": len(vectors) - 1}
-        result = {"modality": MODALITY.get(r.modality, r.modality), "embeddings": embeddings, "truncated": r.truncated}
-        if r.HasField("tokens"):
-            result["tokens"] = json_format.MessageToDict(r.tokens, always_print_fields_with_no_presence=True)
+def embed_document(model: str, modalities: Sequence[int], truncated: Sequence[bool], names: Sequence[str],
+                   vectors: Sequence[np.ndarray], tokens: Optional[Sequence[Optional[pb.TokenFeatures]]] = None
+                   ) -> dict:
+    """What `document(wire.embed_response(...))` gives for the same arguments (tokens as messages, not bytes),
+    built from the matrices without an EmbedResponse in between: Embed is the hot path over HTTP."""
+    rows = []
+    for matrix in vectors:
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        rows.append(list(matrix) if np.isfinite(matrix).all() else [_json_floats(row) for row in matrix])
+    results = []
+    for i, modality in enumerate(modalities):
+        result = {"modality": MODALITY.get(modality, modality), "truncated": bool(truncated[i]),
+                  "embeddings": [{"pooling": name, "vector": {"values": r[i]}} for name, r in zip(names, rows)]}
+        if tokens is not None and tokens[i] is not None:
+            result["tokens"] = json_format.MessageToDict(tokens[i], always_print_fields_with_no_presence=True)
         results.append(result)
-    values = floats(vectors)
-    for result in results:
-        for e in result["embeddings"]:
-            if "vector" in e:
-                e["vector"]["values"] = values[e["vector"]["values"]]
-    return {"model": message.model, "results": results}
+    return {"model": model, "results": results}
 
 
 def document(message: Message) -> dict:
     """The message as MessageToDict(always_print_fields_with_no_presence=True) gives it (key order aside),
-    vectors as float32 arrays. Consumes the message: its vectors may be emptied."""
-    if EMBED_FAST and isinstance(message, pb.EmbedResponse):
-        return _embed_document(message)
+    vectors as float32 arrays. Consumes the message: its vectors are emptied."""
     vectors: list[np.ndarray] = []
     _take_vectors(message, vectors)
     out = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
