@@ -2,7 +2,8 @@
 
 Each endpoint parses its body into the RPC's protobuf request with `json_format` (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
-servicer calls, and renders the protobuf response the same way. Tokens, scopes and limits are the
+servicer calls, and renders the response in the same mapping (embedsvc.service.json_body: vectors written in
+C; OpenAI's /v1/embeddings is embedsvc.service.openai_api). Tokens, scopes and limits are the
 gRPC server's; domain errors become HTTP statuses in embedsvc.service.errors, with the gRPC code name
 in the JSON body: {"code": "NOT_FOUND", "message": "..."}.
 """
