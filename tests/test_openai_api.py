@@ -141,6 +141,8 @@ REFUSALS = [  # (request fields, SDK exception, HTTP status, param, words in the
     ({"input": "x", "model": "text-embedding-3-small"}, openai.NotFoundError, 404, "model", "GET /v1/models"),
     ({"input": "x", "model": "{model}:nonesuch"}, openai.BadRequestError, 400, None, "nonesuch"),
     ({"input": "x", "model": "{model}:gem", "pooling": "avg"}, openai.BadRequestError, 400, "pooling", "once"),
+    ({"input": "x", "model": "{model}:"}, openai.BadRequestError, 400, "model", "pooling is empty"),
+    ({"input": "x", "model": "{model}:gem:p"}, openai.BadRequestError, 400, "model", "key=value"),
     ({"input": ["x"] * 9}, openai.RateLimitError, 429, None, "over the limit of 8"),
     ({"input": "x", "temperature": 1}, openai.BadRequestError, 400, "temperature", "unknown field"),
 ]

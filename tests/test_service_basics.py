@@ -168,3 +168,16 @@ def test_async_client_calls_overlap_in_one_event_loop(server):
 
     together, alone = asyncio.run(main())
     assert np.abs(np.concatenate([r.vectors["cls"] for r in together]) - alone.vectors["cls"]).max() < 1e-5
+
+
+def test_both_clients_offer_every_call_with_the_same_arguments():
+    import inspect
+
+    from embedsvc.client import AsyncClient
+    from embedsvc.client.client import API_METHODS
+
+    assert "embed" in API_METHODS and "fit_pooling" in API_METHODS
+    for name in API_METHODS:
+        blocking, awaiting = getattr(Client, name), getattr(AsyncClient, name)
+        assert inspect.signature(blocking) == inspect.signature(awaiting), name
+        assert not inspect.iscoroutinefunction(blocking) and inspect.iscoroutinefunction(awaiting), name

@@ -217,7 +217,7 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 # -- the API, once: each method is a generator that yields the RPCs it makes ---------------------------------
 #
 # A method yields (stub, rpc, request or message iterator, timeout), is sent each response, and returns the
-# result. Client runs it blocking and AsyncClient awaiting it (see _Blocking and _Awaiting), so both clients
+# result. Client runs it blocking and AsyncClient awaiting it (see _blocking and _awaiting), so both clients
 # build the same requests and decode the same responses with the same code.
 
 Rpc = tuple[str, str, Any, Optional[float]]
@@ -384,6 +384,18 @@ class Client(_Channel):
         super().__init__(address, grpc, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
                          credentials, metadata)
 
+    embed = _blocking(_Api.embed)
+    list_models = _blocking(_Api.list_models)
+    create_collection = _blocking(_Api.create_collection)
+    get_collection = _blocking(_Api.get_collection)
+    list_collections = _blocking(_Api.list_collections)
+    drop_collection = _blocking(_Api.drop_collection)
+    upsert = _blocking(_Api.upsert)
+    delete = _blocking(_Api.delete)
+    get = _blocking(_Api.get)
+    search = _blocking(_Api.search)
+    fit_pooling = _blocking(_Api.fit_pooling)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -405,6 +417,18 @@ class AsyncClient(_Channel):
         super().__init__(address, grpc.aio, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
                          credentials, metadata)
 
+    embed = _awaiting(_Api.embed)
+    list_models = _awaiting(_Api.list_models)
+    create_collection = _awaiting(_Api.create_collection)
+    get_collection = _awaiting(_Api.get_collection)
+    list_collections = _awaiting(_Api.list_collections)
+    drop_collection = _awaiting(_Api.drop_collection)
+    upsert = _awaiting(_Api.upsert)
+    delete = _awaiting(_Api.delete)
+    get = _awaiting(_Api.get)
+    search = _awaiting(_Api.search)
+    fit_pooling = _awaiting(_Api.fit_pooling)
+
     async def close(self) -> None:
         await self.channel.close()
 
@@ -414,7 +438,3 @@ class AsyncClient(_Channel):
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-
-for _name in API_METHODS:
-    setattr(Client, _name, _blocking(getattr(_Api, _name)))
-    setattr(AsyncClient, _name, _awaiting(getattr(_Api, _name)))

@@ -106,7 +106,7 @@ def _optional(body: dict, key: str, kind: type) -> Any:
 def resolve_model(model: str, pooling: Optional[str]) -> tuple[str, Optional[PoolingSpec]]:
     """(registered model, pooling) of `model`, a registered name optionally followed by ':' and a pooling
     spec, and of the `pooling` field; the longest registered name that `model` starts with wins."""
-    name, suffix = model, ""
+    name = model
     if model not in MODEL_REGISTRY:
         known = [n for n in MODEL_REGISTRY if model.startswith(n + ":")]
         if not known:
@@ -115,17 +115,17 @@ def resolve_model(model: str, pooling: Optional[str]) -> tuple[str, Optional[Poo
             error.param = "model"
             raise error
         name = max(known, key=len)
-        suffix = model[len(name) + 1:]
-    if suffix and pooling:
+    by_model = name != model  # the pooling comes after the name
+    if by_model and pooling is not None:
         raise ParamError("pooling", f"the model {quoted(model)} names a pooling and so does the pooling field "
                                     f"({quoted(pooling)}): give it once")
-    spec = suffix or pooling
+    spec, param = (model[len(name) + 1:], "model") if by_model else (pooling, "pooling")
     if spec is not None and not spec.strip():
-        raise ParamError("pooling", "the pooling is empty: write a pooling spec such as cls, avg or gem:p=3")
+        raise ParamError(param, "the pooling is empty: write a pooling spec such as cls, avg or gem:p=3")
     try:
         return name, PoolingSpec.parse(spec) if spec else None
     except InvalidInput as exc:
-        raise ParamError("model" if suffix else "pooling", str(exc)) from None
+        raise ParamError(param, str(exc)) from None
 
 
 def contents(value: Any) -> list[pb.Content]:
