@@ -78,7 +78,8 @@ def main() -> None:
             with httpx.Client(base_url=srv.http_url, timeout=60) as http:
                 for name, batch in requests.items():
                     grpc_calls[name](batch[0])  # warm up both
-                    http.post(http_paths[name], content=json_format.MessageToJson(batch[0]))
+                    http.post(http_paths[name], content=json_format.MessageToJson(batch[0]),
+                              headers={"content-type": "application/json"}).raise_for_status()
                     g, h = [], []
                     for request in batch:
                         started = time.perf_counter()

@@ -4,6 +4,7 @@ on CSV and JSONL manifests, one-line errors (exit 2) for every user error, and a
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from embedsvc.datasets import write_scenes
+from embedsvc.errors import AlreadyExists
 from embedsvc.service.config import ServerConfig
 
 from serving import running_server
@@ -216,3 +218,52 @@ def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp
                "--out-dir", str(tmp_path / "cmp"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["model"] == "mine"
+
+
+
+MISMATCHES = [  # (--collection, other options, what the existing collection has, what the job asks for)
+    ("shaped=avg", {}, "pooling cls", "pooling avg"),
+    ("shaped", {"index": "hnsw"}, "index flat", "index hnsw"),
+    ("shaped=cls", {"model": "ViT-B-32"}, "model 'embedsvc-tiny-scenes-2'", "model 'ViT-B-32'"),
+    ("ipc=cls", {}, "metric inner_product", "metric cosine"),
+    ("gemc=gem:p=4", {}, "pooling gem:p=3.0;tokens=final", "pooling gem:p=4"),
+]
+
+
+def test_index_into_an_existing_collection_of_another_definition_is_an_error(error_server, scenes, tmp_path):
+    """NAME=POOLING, --model and --index must match an existing collection, through a server and --local: asking
+    for avg on a cls collection used to print "already present" and index nothing as avg."""
+    from embedsvc.client import Client
+    from embedsvc.jobs.index import IndexJob, run_index
+    from embedsvc.store import CollectionConfig, Store
+
+    images, data, report = str(scenes.parent / "images"), tmp_path / "local", str(tmp_path / "r.jsonl")
+    with Client(error_server.address) as client:
+        client.create_collection("shaped", pooling="cls")
+        client.create_collection("ipc", pooling="cls", metric="inner_product")
+        client.create_collection("gemc", pooling="gem:p=3")
+    run_index(IndexJob(images, ["shaped=cls", "gemc=gem:p=3"], local=str(data), report=report))
+    store = Store(data)
+    store.create_collection(CollectionConfig("ipc", store.get_collection("shaped").config.dim,
+                                             model="embedsvc-tiny-scenes-2", pooling="cls", metric="inner_product"))
+    store.close(checkpoint=False)
+    where = {"server": {"address": error_server.address}, "local": {"local": str(data)}}
+    # as a user runs it: one line, exit 2
+    procs = [subprocess.Popen([sys.executable, "-m", "embedsvc", "index", images, "--collection", "shaped=avg",
+                               "--report", report, *(f"--{k}", v)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k, v in (("address", error_server.address), ("local", str(data)))]
+    for (target, options, have, want), (mode, sink) in itertools.product(MISMATCHES, where.items()):
+        with pytest.raises(AlreadyExists) as caught:
+            run_index(IndexJob(images, [target], report=report, **sink, **options))
+        assert f"collection '{target.partition('=')[0]}' exists with {have}, but this job asks for {want}" in \
+            str(caught.value), (mode, str(caught.value))
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, out, err),
+                              "collection 'shaped' exists with pooling cls, but this job asks for pooling avg")
+    with Client(error_server.address) as client:
+        assert all(client.get_collection(name).count == 0 for name in ("shaped", "ipc", "gemc"))
+    # the same definition written another way (defaults spelled out or left out, --index flat) is no mismatch
+    for mode, sink in where.items():
+        summary = run_index(IndexJob(images, ["gemc=gem", "shaped=cls"], report=report, index="flat", **sink))
+        assert (summary.indexed, summary.already_present) == ((40, 0) if mode == "server" else (0, 40)), mode

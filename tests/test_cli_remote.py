@@ -43,7 +43,8 @@ def server(tiny_spec, tmp_path_factory):
 def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path):
     image = tmp_path / "scene.png"
     image.write_bytes(png_bytes(size=(60, 40)))
-    inputs = ["--text", "a small red circle", "--image", str(image), "--pooling", "cls", "--pooling", "max",
+    specs = ["cls", "gem:p=3", "gem:p=4"]  # two specs of one pooling: keyed apart, by the spec as written
+    inputs = ["--text", "a small red circle", "--image", str(image), *[a for s in specs for a in ("--pooling", s)],
               "--json", "--tokens"]
     here = cli("embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
                tiny_spec.config_file, *inputs)
@@ -54,9 +55,10 @@ def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path)
     for local_row, remote_row in zip(here, remote, strict=True):
         assert {k: local_row[k] for k in ("input", "modality", "truncated", "grid")} == \
                {k: remote_row[k] for k in ("input", "modality", "truncated", "grid")}
-        assert local_row["embeddings"].keys() == remote_row["embeddings"].keys() == {"cls", "max"}
-        for name in ("cls", "max"):
+        assert list(local_row["embeddings"]) == list(remote_row["embeddings"]) == specs
+        for name in specs:
             np.testing.assert_allclose(remote_row["embeddings"][name], local_row["embeddings"][name], atol=1e-5)
+        assert not np.allclose(remote_row["embeddings"]["gem:p=3"], remote_row["embeddings"]["gem:p=4"])
         np.testing.assert_allclose(remote_row["tokens"], local_row["tokens"], atol=1e-5)
     assert remote[1]["grid"] == [4, 4] and remote[0]["grid"] is None
 
@@ -65,6 +67,12 @@ def test_embed_address_refuses_what_only_a_local_load_uses(server, tiny_spec):
     line = one_line_error(cli("embed", "--address", server.address, "--checkpoint", tiny_spec.checkpoint,
                               "--device", "cpu", "--text", "x"))
     assert "--checkpoint, --device cpu shape a model loaded in this process" in line and "drop --address" in line
+
+
+def test_embed_address_refuses_a_pooling_given_twice(server):
+    line = one_line_error(cli("embed", "--address", server.address, "--pooling", "gem:p=3", "--pooling", "avg",
+                              "--pooling", "gem:p=3", "--text", "x", env={"EMBEDSVC_TOKEN": TOKEN}))
+    assert "--pooling 'gem:p=3' is given twice" in line
 
 
 def test_remote_commands_read_the_address_and_token_from_the_environment(server, tmp_path):

@@ -137,7 +137,7 @@ HOSTILE = [
     ("deep nesting", "/v1/embed", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
      "INVALID_ARGUMENT", ""),
     ("a list body", "/v1/embed", b"[1, 2]", "application/json", 400, "INVALID_ARGUMENT", ""),
-    ("wrong media type", "/v1/embed", b"inputs=x", "application/x-www-form-urlencoded", 400, "INVALID_ARGUMENT",
+    ("wrong media type", "/v1/embed", b"inputs=x", "application/x-www-form-urlencoded", 415, "INVALID_ARGUMENT",
      "application/json"),
     ("broken multipart", "/v1/collections/pics/search", b"--x\r\nnonsense", "multipart/form-data; boundary=x", 400,
      "INVALID_ARGUMENT", ""),

@@ -138,7 +138,8 @@ def call_http(http: httpx.Client, rpc: str, request):
             body = "\n".join(json_format.MessageToJson(i, indent=None) for m in request for i in m.items)
             response = http.request(method, path, content=body, headers={"content-type": "application/x-ndjson"})
         else:
-            response = http.request(method, path, content=json_format.MessageToJson(first))
+            response = http.request(method, path, content=json_format.MessageToJson(first),
+                                    headers={"content-type": "application/json"})
     else:
         response_type = {"Embed": pb.EmbedResponse, "ListModels": pb.ListModelsResponse,
                          "CreateCollection": pb.CollectionInfo, "GetCollection": pb.CollectionInfo,

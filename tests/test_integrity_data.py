@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
+from embedsvc.errors import DataDirLocked
 from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, Store
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
@@ -73,6 +74,44 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
         holder.kill()
         holder.wait(10)
     Store(tmp_path).close()  # the kernel released the lock with the process
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_opener_in(tiny_spec, tmp_path):
+    """Issue 22 item 6: `rm DATA_DIR/LOCK` beside a live server let a second store open the directory."""
+    data = tmp_path / "data"
+    with running_server(tiny_config(tiny_spec, data)) as server:
+        with Client(server.address) as client:
+            client.create_collection("kv", dim=4)
+        (data / "LOCK").unlink()
+        with pytest.raises(DataDirLocked) as refused:
+            Store(data)
+        message = str(refused.value)
+        assert f"pid {os.getpid()}" in message and "--address" in message, message
+        assert "never delete" in message.lower() and "LOCK" in message, message
+        with Client(server.address) as client:  # the live server is untouched and still writes
+            client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
+            assert client.get_collection("kv").count == 1
+    reopened = Store(data)  # released at shutdown
+    assert reopened.get_collection("kv").count == 1
+    reopened.close()
+
+
+def test_a_holder_in_another_process_is_named_even_without_its_lock_file(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import Store; "
+                               f"Store({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "LOCK").unlink()
+        with pytest.raises(DataDirLocked, match=f"(?i)pid {holder.pid}\\b.*never delete"):
+            Store(tmp_path)
+        (tmp_path / "LOCK").write_text("")  # a LOCK file put back empty changes nothing either
+        with pytest.raises(DataDirLocked, match=f"pid {holder.pid}\\b"):
+            Store(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    Store(tmp_path).close()
 
 
 # -- 2. checkpoints tied to their store and collection --------------------------------------------
@@ -263,7 +302,7 @@ def test_inner_product_scores_stay_finite(client):
 def test_gem_is_finite_and_exact_for_every_allowed_p(client, p):
     texts = ["a small green triangle in the bottom right", "two red stars"]
     result = client.embed(texts, poolings=[f"gem:p={p}"], include_tokens=True)
-    vectors = result.vectors["gem"]
+    vectors = result.vectors[f"gem:p={p}"]
     assert np.isfinite(vectors).all()
     for vector, tokens in zip(vectors, result.tokens):  # float64 reference of the formula
         x = tokens.astype(np.float64)

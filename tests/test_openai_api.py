@@ -46,7 +46,7 @@ def server(tiny_spec, tmp_path_factory):
 
 
 def grpc_vectors(client: Client, inputs, pooling="cls") -> np.ndarray:
-    return client.embed(inputs, poolings=[pooling]).vectors[pooling.split(":")[0]]
+    return client.embed(inputs, poolings=[pooling]).vectors[pooling]
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64", None])
@@ -182,6 +182,41 @@ def test_errors_outside_the_route_take_openais_shape_too(server, tiny_spec):
     assert set(native.json()) == {"code", "message"}
 
 
+@pytest.mark.parametrize("kind", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_post_without_a_json_type_is_415_in_openais_shape(server, tiny_spec, kind):
+    """Like every write, /v1/embeddings reads application/json only (what the SDKs send): a body type a page of
+    another site may send without a preflight never reaches the route, and the refusal is OpenAI's body."""
+    srv, sdk, client = server
+    body = json.dumps({"model": tiny_spec.name, "input": "a red square"}).encode()
+    refused = httpx.post(srv.http_url + "/v1/embeddings", content=body, headers={"content-type": kind} if kind else {})
+    assert refused.status_code == 415, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_argument", None)
+    assert "application/json" in error["message"] and (repr(kind) if kind else "no content-type") in error[
+        "message"].lower()
+    for accepted in ("application/json; charset=utf-8", "application/vnd.example+json"):
+        response = httpx.post(srv.http_url + "/v1/embeddings", content=body, headers={"content-type": accepted})
+        assert response.status_code == 200 and len(response.json()["data"]) == 1
+
+
+def test_browser_refusals_are_the_sdks_typed_errors_in_openais_shape(server, tiny_spec):
+    """A page of another origin (403) and a rebound Host name (421) are refused before the route, in OpenAI's body."""
+    srv, sdk, client = server
+    foreign = sdk.with_options(default_headers={"origin": "https://attacker.example"})
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        foreign.embeddings.create(model=tiny_spec.name, input="a red square")
+    assert caught.value.status_code == 403 and set(caught.value.body) == {"message", "type", "param", "code"}
+    assert (caught.value.body["type"], caught.value.body["code"]) == ("permission_error", "permission_denied")
+    assert "http_cors_origins" in caught.value.body["message"]
+    rebound = sdk.with_options(default_headers={"host": "attacker.example"})
+    with pytest.raises(openai.APIStatusError) as caught:
+        rebound.embeddings.create(model=tiny_spec.name, input="a red square")
+    assert caught.value.status_code == 421 and set(caught.value.body) == {"message", "type", "param", "code"}
+    assert (caught.value.body["type"], caught.value.body["code"]) == ("permission_error", "permission_denied")
+    assert "http_allowed_hosts" in caught.value.body["message"]
+    assert sdk.embeddings.create(model=tiny_spec.name, input="a red square").data  # the SDK's own requests pass
+
+
 def test_tokens_and_scopes_are_embeds(tiny_spec, tmp_path):
     tokens = json.dumps({"tokens": [{"name": "reader", "token": READ, "scopes": ["read"]},
                                     {"name": "writer", "token": WRITE, "scopes": ["write"]}]})
@@ -218,6 +253,8 @@ def test_openapi_documents_the_endpoint_and_the_responses_match_it(server, tiny_
             "model": tiny_spec.name, "input": ["a", data_url(RED)], "encoding_format": encoding}).json())
     check("OpenAIError", httpx.post(srv.http_url + "/v1/embeddings", json={"model": "nope", "input": "a"}).json())
     assert operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
+    assert {"403", "415", "421"} <= set(operation["responses"])
+    assert operation["responses"]["415"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
     models = document["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     Draft202012Validator({**document, **models}).validate(httpx.get(srv.http_url + "/v1/models").json())
     assert {"$ref": "#/components/schemas/OpenAIModelList"} in models["allOf"]

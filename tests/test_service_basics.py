@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, Item,
+from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
                              NotFoundError)
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
@@ -57,10 +57,25 @@ def test_embed_equals_local_encoder(client, tiny_spec):
     poolings = ["cls", "avg", "gem:p=3", "spp:levels=1,2"]
     remote = client.embed(inputs, poolings, include_tokens=True)
     expected = embed(local, inputs, [bind_pooling(p) for p in poolings])
-    for j, name in enumerate(["cls", "avg", "gem", "spp"]):
-        assert np.abs(remote.vectors[name] - expected.vectors[j]).max() < 1e-5
+    for j, spec in enumerate(poolings):
+        assert np.abs(remote.vectors[spec] - expected.vectors[j]).max() < 1e-5
     assert remote.modalities == ["text", "image", "text"]
     assert remote.tokens[1].shape == (16, 32) and remote.tokens[0].shape[0] == 5  # 4x4 patches; SOT a red circle EOT
+
+
+def test_two_specs_of_one_pooling_in_one_call_each_get_their_vectors(client):
+    """Issue 22 item 11: vectors were keyed by pooling name, so gem:p=3 and gem:p=4 collided and one was lost."""
+    inputs = [png_bytes(), "a red circle"]
+    specs = ["gem:p=3", "gem:p=4", ("gem", {"p": 6})]
+    together = client.embed(inputs, specs)
+    assert list(together.vectors) == ["gem:p=3", "gem:p=4", "gem:p=6"]
+    for spec, key in zip(specs, together.vectors):
+        alone = client.embed(inputs, [spec]).vectors[key]
+        assert alone.shape == (2, 32) and np.abs(together.vectors[key] - alone).max() < 1e-5
+    assert np.abs(together.vectors["gem:p=3"] - together.vectors["gem:p=4"]).max() > 1e-3  # really two exponents
+    with pytest.raises(InvalidArgumentError, match="pooling 'gem:p=3' is asked for twice"):
+        client.embed(inputs, ["gem:p=3", "cls", ("gem", {"p": 3})])
+    assert list(client.embed(["x"], []).vectors) == ["cls"]  # no poolings: the server's default, named
 
 
 def test_list_models(client, tiny_spec):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 from embedsvc.cli import connect
 from embedsvc.cli.models import add_model_arguments, resolve_model
-from embedsvc.errors import EmptyText, InvalidInput
+from embedsvc.errors import EmptyText, InvalidInput, quoted
 
 if TYPE_CHECKING:  # numpy loads with the model or the client, not for --help
     import numpy as np
@@ -56,7 +56,7 @@ class Row:
 
     modality: str
     truncated: bool
-    vectors: list[tuple[str, np.ndarray]]  # (pooling name, vector) per --pooling, in order
+    vectors: list[tuple[str, np.ndarray]]  # (spec as given, vector) per --pooling, in order
     tokens: Optional[np.ndarray] = None  # [num_tokens, dim], with --tokens
     grid: Optional[tuple[int, int]] = None  # image token grid, with --tokens
 
@@ -89,12 +89,22 @@ def _inputs(args) -> list[tuple[str, object]]:
     return inputs
 
 
-def _embed_local(args, inputs) -> tuple[str, list[Row]]:
+def _specs(args) -> list[str]:
+    """The --pooling specs in order (cls when none); a spec given twice is refused, since the output keys
+    vectors by spec and a second copy would overwrite the first."""
+    specs = args.pooling or ["cls"]
+    repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
+    if repeated is not None:
+        raise InvalidInput(f"--pooling {quoted(repeated)} is given twice; give each spec once")
+    return specs
+
+
+def _embed_local(args, inputs, specs) -> tuple[str, list[Row]]:
     from embedsvc.encoder import decode_image, embed
     from embedsvc.pooling import NetVLADState, bind_pooling
 
     state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
-    poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
+    poolings = [bind_pooling(spec, state) for spec in specs]
     for pooling in poolings:
         pooling.check_ready()
     for modality in {kind for kind, _ in inputs}:  # refuse before paying for the model load
@@ -106,7 +116,7 @@ def _embed_local(args, inputs) -> tuple[str, list[Row]]:
     rows = []
     for i in range(len(inputs)):
         row = Row(result.modalities[i], result.truncated[i],
-                  [(p.name, result.vectors[j][i]) for j, p in enumerate(poolings)])
+                  [(spec, result.vectors[j][i]) for j, spec in enumerate(specs)])
         if args.tokens:
             f = result.features[i]
             row.tokens, row.grid = f.tokens[0][f.mask[0]].cpu().numpy(), f.grid
@@ -119,7 +129,7 @@ LOCAL_ONLY = {"pretrained": "--pretrained", "checkpoint": "--checkpoint", "model
               "models_file": "--models-file", "random_init": "--random-init", "pooling_state": "--pooling-state"}
 
 
-def _embed_remote(args, inputs) -> tuple[str, list[Row]]:
+def _embed_remote(args, inputs, specs) -> tuple[str, list[Row]]:
     given = [flag for key, flag in LOCAL_ONLY.items() if getattr(args, key, None)]
     given += [f"--{key} {getattr(args, key)}" for key in ("device", "precision") if getattr(args, key) != "auto"]
     if given:
@@ -127,9 +137,8 @@ def _embed_remote(args, inputs) -> tuple[str, list[Row]]:
                            f"embeds with its own models (--model NAME picks one of them): drop --address to embed "
                            f"here, or drop {given[0].split()[0]}")
     with connect.client(args.address) as client:
-        result = client.embed([value for _, value in inputs], args.pooling or ["cls"], model=args.model,
-                              include_tokens=args.tokens)
-    rows = [Row(result.modalities[i], result.truncated[i], [(name, v[i]) for name, v in result.vectors.items()])
+        result = client.embed([value for _, value in inputs], specs, model=args.model, include_tokens=args.tokens)
+    rows = [Row(result.modalities[i], result.truncated[i], [(spec, result.vectors[spec][i]) for spec in specs])
             for i in range(len(inputs))]
     if args.tokens:
         for row, tokens, grid in zip(rows, result.tokens, result.grids):
@@ -138,8 +147,8 @@ def _embed_remote(args, inputs) -> tuple[str, list[Row]]:
 
 
 def run(args) -> int:
-    inputs = _inputs(args)
-    model, rows = _embed_remote(args, inputs) if args.address else _embed_local(args, inputs)
+    inputs, specs = _inputs(args), _specs(args)
+    model, rows = _embed_remote(args, inputs, specs) if args.address else _embed_local(args, inputs, specs)
     if args.json:
         out = []
         for (kind, value), row in zip(args.inputs, rows):

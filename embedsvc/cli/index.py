@@ -11,6 +11,13 @@ from embedsvc.errors import InvalidInput
 from embedsvc.jobs.index import IndexJob
 
 
+HELP = {
+    "index": "index type of collections this job creates (default: flat); when given, existing targets must have it",
+    "max_image_bytes": f"larger image files are skipped and reported, never read (default: the server's default "
+                       f"max_image_bytes, {IndexJob.max_image_bytes})",
+}
+
+
 def register(sub) -> None:
     p = sub.add_parser("index",
                        description="Index an image folder, a .csv/.jsonl/.parquet manifest or WebDataset .tar "
@@ -23,10 +30,11 @@ def register(sub) -> None:
     add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
     p.add_argument("--address", default=connect.default_address(), help=connect.address_help())
     for name in ("index", "batch_size", "workers", "report", "device", "engine", "ray_actors", "ray_address",
-                 "fit_sample"):
+                 "fit_sample", "max_image_bytes"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
-                       type=int if isinstance(f.default, int) else str, help=f"(default: {f.default})")
+                       type=int if isinstance(f.default, int) else str,
+                       help=HELP.get(name, f"(default: {f.default})"))
     p.set_defaults(run=run)
 
 
@@ -47,5 +55,15 @@ def run(args) -> int:
     print(f"indexed {summary.indexed}, already present {summary.already_present}, failed {len(summary.failed)} "
           f"of {summary.total} in {summary.seconds:.1f}s; failures in {job.report}")
     for source, reason in summary.failed[:20]:
-        print(f"  failed {source}: {reason}", file=sys.stderr)
+        print(f"  failed {printable(source)}: {printable(reason)}", file=sys.stderr)
+    if summary.failed and not summary.indexed and not summary.already_present:
+        print(f"embedsvc index: nothing was indexed: all {len(summary.failed)} paths failed (reasons above and in "
+              f"{job.report})", file=sys.stderr)
+        return 1
     return 0
+
+
+def printable(text: str) -> str:
+    """text with control and unprintable characters escaped as in Python literals: a file named with a newline or
+    a terminal escape sequence can neither forge report lines nor drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

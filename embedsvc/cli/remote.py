@@ -56,7 +56,8 @@ def register(sub) -> None:
     fit.add_argument("source", help="image folder, .csv/.jsonl/.parquet manifest or WebDataset .tar shards")
     fit.add_argument("--sample", type=int, default=500, metavar="N", help="images to fit on (default: 500)")
     fit.add_argument("--local", metavar="DATA_DIR", help="fit in-process in this data directory (no server)")
-    fit.add_argument("--index", default="flat", help="index type if the collection is created (default: flat)")
+    fit.add_argument("--index", default="", help="index type if the collection is created (default: flat); when "
+                     "given, an existing collection must have it")
     _common(fit)
     c.set_defaults(run=run_collections)
 

@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from embedsvc.client.errors import from_rpc_error
+from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -30,6 +30,8 @@ class Embeddings:
     """One matrix per pooling ([N, dim] float32, rows in input order), and per-input flags."""
 
     model: str
+    # Keyed by each pooling spec as the caller wrote it ("gem:p=3"; a (name, params) tuple as "name:k=v;k=v"),
+    # so two specs of one pooling ("gem:p=3", "gem:p=4") each keep their vectors; "cls" when none was given.
     vectors: dict[str, np.ndarray]
     modalities: list[str]
     truncated: list[bool]
@@ -142,6 +144,35 @@ def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
 
 
+def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """Where a pooling's vectors go in Embeddings.vectors: the spec as written, a tuple written as a string."""
+    if isinstance(spec, str):
+        return spec
+    name, params = spec
+    return f"{name}:{';'.join(f'{k}={v}' for k, v in params.items())}" if params else name
+
+
+def _pooling_keys(poolings: Sequence[Union[str, tuple]]) -> list[str]:
+    """One key per requested pooling, in request order; the server's default (cls) when none is given."""
+    keys = [_pooling_key(p) for p in poolings] or ["cls"]
+    repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if repeated is not None:
+        raise InvalidArgumentError(f"pooling {repeated!r} is asked for twice in one embed call; give each spec once "
+                                   f"(its vectors are returned under the spec)")
+    return keys
+
+
+def _pooled_vectors(response: pb.EmbedResponse, names: list[str], keys: list[str]) -> dict[str, np.ndarray]:
+    """Each requested spec's [N, dim] matrix, taken by position (the server answers in request order)."""
+    for result in response.results:
+        answered = [e.pooling for e in result.embeddings]
+        if answered != names:
+            raise EmbedsvcClientError(f"the server answered poolings {answered} for {names} requested; the "
+                                      f"vectors cannot be matched to the specs")
+    return {key: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
+            for j, key in enumerate(keys)}
+
+
 def _collection(info: pb.CollectionInfo) -> Collection:
     c = info.config
     metric = {pb.METRIC_INNER_PRODUCT: "inner_product"}.get(c.metric, "cosine")
@@ -149,10 +180,8 @@ def _collection(info: pb.CollectionInfo) -> Collection:
                       info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
 
 
-def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse) -> Embeddings:
-    names = [p.name for p in request.poolings] or ["cls"]
-    vectors = {name: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
-               for j, name in enumerate(names)}
+def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list[str]) -> Embeddings:
+    vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
     tokens = grids = None
     if request.include_tokens:
         tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
@@ -226,10 +255,12 @@ Rpc = tuple[str, str, Any, Optional[float]]
 class _Api:
     def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
               include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
-        """One matrix per pooling; with include_tokens, each input's token features (and image token grid)."""
+        """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
+        input's token features (and image token grid). A spec given twice is refused before anything is sent."""
+        keys = _pooling_keys(poolings)
         request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
-        return _embeddings(request, (yield "embed", "Embed", request, timeout))
+        return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
     def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
         return (yield "embed", "ListModels", pb.ListModelsRequest(), timeout)

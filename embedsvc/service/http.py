@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -25,12 +26,14 @@ import uvicorn
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge, quoted
+from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTooLarge,
+                             UnsupportedMediaType, quoted)
 from embedsvc.service import calls, json_body, openai_api
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
@@ -73,6 +76,13 @@ class Endpoint:
     @property
     def grpc_method(self) -> str:
         return f"/{_service_of(self.rpc)}/{self.rpc}"
+
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
+        other names); BrowserGuard refuses others with 415."""
+        lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
+        return ("application/json",) + self.extra_content + lines
 
 
 ENDPOINTS = [
@@ -177,6 +187,133 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # every method but GET, HEAD, OPTIONS changes or costs
+PROBES = ("/healthz", "/readyz")  # answer for any Host: orchestrators probe by pod IP or service name
+CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
+
+
+def host_name(authority: str) -> str:
+    """The name in a Host header (`name:port`, `[v6]:port`): lowercase, without port, brackets or final dot."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0].rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class BrowserGuard:
+    """ASGI middleware: what a web page in someone's browser must not make the API do.
+
+    A Host the server does not answer for is 421: DNS rebinding points an attacker's name at this server, and its
+    page is then same-origin with it (an IP literal cannot be rebound). A write (and its CORS preflight) from a page
+    of another origin not in http_cors_origins is 403: browsers send a POST across sites without asking when its
+    type is text/plain, multipart or none. A write must declare a body type its endpoint reads (415), which no
+    page can send across origins without a preflight. Pages of allowed origins get CORS answers.
+    """
+
+    def __init__(self, app, config: ServerConfig, media_types: Callable[[dict], Optional[tuple[str, ...]]]):
+        self.app, self.media_types = app, media_types
+        self.any_host = "*" in config.allowed_hosts
+        listen_host = host_name(config.http_listen.rsplit(":", 1)[0])
+        self.hosts = {"localhost", listen_host} | set(config.allowed_hosts)
+        self.suffixes = tuple(h for h in config.allowed_hosts if h.startswith("."))
+        self.cors_origins, self.any_origin = set(config.cors_origins), "*" in config.cors_origins
+        # With CORS on, responses differ by Origin: caches (the browser's too) must key on it.
+        self.vary = bool(config.cors_origins)
+
+    def host_allowed(self, name: str) -> bool:
+        return (self.any_host or _is_ip(name) or name in self.hosts
+                or any(name.endswith(s) or name == s[1:] for s in self.suffixes))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
+        refusal = self._refusal(scope, headers, method, host, origin)
+        cross = origin is not None and not self._same_origin(origin, host)
+        cors = cross and refusal is None and self._cors_allowed(origin)
+        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+            return await self._preflight(origin)(scope, receive, send)
+        if refusal is None:
+            refusal = self._media_type_refusal(scope, headers, method)
+        if cors or self.vary:
+            send = self._with_cors(send, origin if cors else None)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        log.info("refused %s %s: %s", method, scope["path"], refusal,
+                 extra={"host": host, "origin": origin, "transport": "http"})
+        return await error_response(status_for(refusal), str(refusal), refusal)(scope, receive, send)
+
+    def _refusal(self, scope, headers: Headers, method: str, host: str,
+                 origin: Optional[str]) -> Optional[EmbedsvcError]:
+        if host and scope["path"] not in PROBES and not self.host_allowed(host_name(host)):
+            return MisdirectedRequest(
+                f"this server does not answer for host {quoted(host_name(host))}; if that is its name, add it to "
+                f"http_allowed_hosts (EMBEDSVC_HTTP_ALLOWED_HOSTS)")
+        preflight = method == "OPTIONS" and "access-control-request-method" in headers
+        if (origin is not None and (method in WRITES or preflight) and not self._same_origin(origin, host)
+                and not self._cors_allowed(origin)):
+            asked = headers.get("access-control-request-method", "") if preflight else method
+            return CrossOriginRefused(
+                f"a page of {quoted(origin)} may not {asked.upper()} here: it is neither this server's origin "
+                f"nor in http_cors_origins (EMBEDSVC_HTTP_CORS_ORIGINS)")
+        return None
+
+    @staticmethod
+    def _same_origin(origin: str, host: str) -> bool:
+        """The page came from this server by the name the browser used: its host:port is the request's Host (any
+        scheme, so a proxy that ends TLS and keeps the Host changes nothing)."""
+        return "://" in origin and origin.split("://", 1)[1].lower() == host.lower()
+
+    def _cors_allowed(self, origin: str) -> bool:
+        return self.any_origin or origin.lower() in self.cors_origins
+
+    def _media_type_refusal(self, scope, headers: Headers, method: str) -> Optional[UnsupportedMediaType]:
+        """A write needs a Content-Type its endpoint reads; a DELETE only if it has a body."""
+        if method not in WRITES:
+            return None
+        if method == "DELETE" and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+            return None
+        types = self.media_types(scope)
+        if types is None:  # no such route: the application's 404 or 405 says so
+            return None
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in types or (kind.endswith("+json") and kind.startswith("application/")):
+            return None
+        choices = "application/json" + (", application/x-ndjson (one item per line)" if JSON_LINES[0] in types
+                                        else "") + (", multipart/form-data" if "multipart/form-data" in types else "")
+        got = f"got {quoted(kind)}" if kind else "got no Content-Type header"
+        return UnsupportedMediaType(f"{method} {scope['path']} reads {choices}; {got}")
+
+    @staticmethod
+    def _preflight(origin: str) -> Response:
+        return Response(status_code=204, headers={
+            "access-control-allow-origin": origin, "access-control-allow-methods": "GET, POST, DELETE",
+            "access-control-allow-headers": "authorization, content-type",
+            "access-control-max-age": str(CORS_MAX_AGE), "vary": "Origin"})
+
+    @staticmethod
+    def _with_cors(send, origin: Optional[str]):
+        """`send` adding Vary: Origin, and Access-Control-Allow-Origin for an allowed `origin`."""
+        added = [(b"vary", b"Origin")] + ([(b"access-control-allow-origin", origin.encode("latin-1"))] if origin
+                                          else [])
+
+        async def cors_send(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), *added])
+            await send(message)
+
+        return cors_send
+
+
 class HttpApi:
     """The Starlette application over one engine."""
 
@@ -184,17 +321,32 @@ class HttpApi:
         self.engine, self.tokens = engine, tokens
         self.config: ServerConfig = engine.config
         self.ready = False  # true between start and the beginning of shutdown
-        routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
-        routes += [Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                   Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                   Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                   Route("/", self.static("index.html"))]
+        api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
+        openai_route = openai_api.route(self)  # POST /v1/embeddings
+        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                               Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = BodyLimit(app, self.config.max_message_bytes)
-        openai_api.install(self, app)  # POST /v1/embeddings, and OpenAI's error bodies there
+        body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
+        body_types.append((openai_route, openai_api.MEDIA_TYPES))
+        guarded = BrowserGuard(BodyLimit(app, self.config.max_message_bytes), self.config,
+                               self._body_types_of(body_types))
+        self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], Optional[tuple[str, ...]]]:
+        """The media types of the endpoint a request's path and method name, or None for no endpoint."""
+        def body_types(scope: dict) -> Optional[tuple[str, ...]]:
+            for route, media_types in routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    return media_types
+            return None
+
+        return body_types
 
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
@@ -251,10 +403,7 @@ class HttpApi:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
             message = await self._multipart_search(request)
-        elif endpoint.body:
-            if kind and kind != "application/json" and not kind.endswith("+json"):
-                raise InvalidInput(f"send the body as application/json (got {quoted(kind)})"
-                                   + ("; or application/x-ndjson, one item per line" if endpoint.streaming else ""))
+        elif endpoint.body:  # application/json: BrowserGuard refused other types
             message = parse_json(await request.body(), endpoint.request_type)
         else:
             message = endpoint.request_type()

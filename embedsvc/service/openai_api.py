@@ -4,7 +4,8 @@ OpenAI's SDKs, and what is built on them (langchain-openai's OpenAIEmbeddings...
 base_url "http://host:port/v1". A request becomes an EmbedRequest and runs calls.embed_rows, the operation of
 gRPC Embed, so the vectors are Embed's; tokens, scopes (Embed's: read) and limits are the HTTP API's. Errors
 keep their HTTP status and take OpenAI's body, {"error": {"message", "type", "param", "code"}}, on this path
-whoever answers (the route, the body limit, the router), so the SDKs raise their typed exceptions.
+whoever answers (the route, BrowserGuard's 421/403/415, the body limit, the router), so the SDKs raise their
+typed exceptions. Like every write, the POST must be application/json (the SDKs send it).
 
 embedsvc's own choices, in OpenAI's shape: `model` names a registered model, optionally with a pooling after
 a ':' (`embedsvc-tiny-scenes-2:gem:p=3`), or the pooling comes in the extra field `pooling`; an input string
@@ -201,15 +202,17 @@ def with_model_list(document: dict) -> dict:
 # -- HTTP ---------------------------------------------------------------------------------------------
 
 
-def install(api, app) -> None:
-    """Adds the route to the Starlette app of `api` (an HttpApi) and OpenAI's error bodies around its ASGI app."""
+# What BrowserGuard lets through to the route (the SDKs send application/json); others are refused with 415.
+MEDIA_TYPES = ("application/json",)
+
+
+def route(api) -> Route:
+    """POST /v1/embeddings on `api` (an HttpApi). The HttpApi puts OpenAIErrors around its whole ASGI app, so its
+    refusals (BrowserGuard's, the body limit's, the router's) take OpenAI's body on this path too."""
 
     async def embeddings(request: Request) -> Response:
         async def work() -> Response:
             try:
-                kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                if kind and kind != "application/json":
-                    raise ParamError(None, f"send the body as application/json (got {quoted(kind)})")
                 parsed = parse_request(await request.body())
                 model, _, batch = await calls.embed_rows(api.engine, parsed.embed)
                 runtime = api.engine.loaded_models().get(model)
@@ -222,11 +225,12 @@ def install(api, app) -> None:
 
         return await api._guarded("OpenAIEmbeddings", EMBED_METHOD, request, work)
 
-    app.router.routes.append(Route(PATH, embeddings, methods=["POST"]))
-    api.app = OpenAIErrors(api.app)
+    return Route(PATH, embeddings, methods=["POST"])
 
 
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# 421 is BrowserGuard's PERMISSION_DENIED for a Host the server does not answer for.
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 421: "permission_error",
+               429: "rate_limit_error"}
 
 
 def error_body(status: int, native: bytes, param: Optional[str]) -> bytes:

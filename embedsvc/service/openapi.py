@@ -29,9 +29,13 @@ SCALARS = {
 ERROR = {"type": "object", "required": ["code", "message"], "properties": {
     "code": {"type": "string", "description": "gRPC status code name, e.g. INVALID_ARGUMENT"},
     "message": {"type": "string", "description": "what went wrong and what to do about it"}}}
-ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED", "403": "PERMISSION_DENIED",
+ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED",
+                  "403": "PERMISSION_DENIED: a token without the scope, or a write from a page of another origin "
+                         "not in http_cors_origins",
                   "404": "NOT_FOUND", "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over max_message_bytes",
+                  "421": "PERMISSION_DENIED: a Host the server does not answer for (http_allowed_hosts)",
                   "429": "RESOURCE_EXHAUSTED: a limit or a full queue", "503": "UNAVAILABLE: shutting down"}
+UNSUPPORTED_MEDIA_TYPE = "INVALID_ARGUMENT: no Content-Type, or one this endpoint does not read"
 
 
 def _ref(descriptor) -> dict:
@@ -90,6 +94,8 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
             for extra in e.extra_content:
                 content[extra] = {"schema": {"type": "string"}}
             operation["requestBody"] = {"required": True, "content": content}
+            operation["responses"]["415"] = {"description": UNSUPPORTED_MEDIA_TYPE, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         paths.setdefault(path, {})[e.method.lower()] = operation
     thumbnail = thumbnail_path.replace("{id:path}", "{id}")
     paths[thumbnail] = {"get": {
@@ -102,7 +108,7 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
                                 "responses": {"200": {"description": "OK"}, "503": {"description": "not ready"}}}}
     schemas = _all_messages(pb.DESCRIPTOR)
     schemas["Error"] = ERROR
-    openai_api.add_to_openapi(paths, schemas, ERROR_STATUSES)
+    openai_api.add_to_openapi(paths, schemas, {**ERROR_STATUSES, "415": UNSUPPORTED_MEDIA_TYPE})
     document = {
         "openapi": "3.1.0",
         "info": {"title": "embedsvc HTTP/JSON API", "version": embedsvc.__version__,

@@ -41,6 +41,10 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") ->
         raise InvalidInput(f"{prefix}metadata has {len(metadata)} keys; at most {MAX_KEYS} are allowed")
     out = {}
     for key, value in metadata.items():
+        if isinstance(key, str) and not _is_utf8(key):
+            raise InvalidInput(f"{prefix}metadata key {quoted(key)} is not valid UTF-8 (lone surrogate)")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is not valid UTF-8 (lone surrogate)")
         if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
             raise InvalidInput(f"{prefix}metadata key {quoted(key)} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
         if isinstance(value, bool) or isinstance(value, str):
@@ -54,6 +58,15 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") ->
                                f"use a string, number or boolean")
         out[key] = value
     return out
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a str with lone surrogates (a file name's undecodable bytes, a JSON "\\udcff"): no store keeps it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
