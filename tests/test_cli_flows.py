@@ -117,6 +117,50 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
             assert_one_line_error(search("tag=7"), "INVALID_ARGUMENT", "'tag'", "string", """--filter 'tag="7"'""")
 
 
+def test_filter_grammar_ranges_unknown_keys_and_bad_text(scenes, tmp_path):
+    """The grammar of docs and page: KEY>=X, KEY>X, KEY<=X, KEY<X and any-of, each returning exactly the items a
+    plain reading of the manifest selects; text that does not parse is one line naming the accepted forms (exit
+    2); a key no item holds is a warning on stderr, not a silent empty list."""
+    images = sorted((scenes.parent / "images").glob("*.png"))[:12]
+    rows = [{"id": f"item-{i}", "path": str(p), "caption": f"item {i}", "sort_order": 250 * i,
+             "vendor": ["acme", "globex", "initech"][i % 3]} for i, p in enumerate(images)]
+    manifest = tmp_path / "orders.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with running_server(server_config(tmp_path / "served")) as server:
+        address = ["--address", server.address]
+        proc = cli("index", str(manifest), "--collection", "orders=cls", "--report", str(tmp_path / "r.jsonl"),
+                   *address)
+        assert proc.returncode == 0, proc.stderr
+
+        def search(*filters):
+            return cli("search", "orders", "--text", "item", "-k", "50", "--json", *address,
+                       *[a for f in filters for a in ("--filter", f)])
+
+        cases = {("sort_order>=1000",): lambda r: r["sort_order"] >= 1000,
+                 ("sort_order>1000",): lambda r: r["sort_order"] > 1000,
+                 ("sort_order<=500",): lambda r: r["sort_order"] <= 500,
+                 ("sort_order<500",): lambda r: r["sort_order"] < 500,
+                 ("sort_order>250 sort_order<2000",): lambda r: 250 < r["sort_order"] < 2000,
+                 ("sort_order>=500", "vendor=acme|initech"):
+                     lambda r: r["sort_order"] >= 500 and r["vendor"] in ("acme", "initech")}
+        for filters, selects in cases.items():
+            proc = search(*filters)
+            expected = sorted(r["id"] for r in rows if selects(r))
+            assert expected and sorted(h["id"] for h in hits(proc)) == expected, filters
+            assert proc.stderr == "", proc.stderr
+
+        for text in ("sort_order=>1000", "sort_order=", "sort_order>=lots", "vendor!=acme", "vendor"):
+            assert_one_line_error(search(text), "INVALID_ARGUMENT", "KEY=VALUE", "KEY=A|B", "KEY>=X", "KEY>X",
+                                  "KEY<=X", "KEY<X")
+
+        proc = search("sort_ordr>=1000")
+        assert proc.returncode == 0 and json.loads(proc.stdout) == []
+        assert proc.stderr.startswith("warning: ") and "'sort_ordr'" in proc.stderr and "orders" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        proc = search("vendor=nobody")  # a held key whose value nothing has: empty, and rightly no warning
+        assert json.loads(proc.stdout) == [] and proc.stderr == ""
+
+
 @pytest.fixture(scope="module")
 def error_server(tmp_path_factory):
     with running_server(server_config(tmp_path_factory.mktemp("errors"))) as server:

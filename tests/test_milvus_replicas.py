@@ -7,6 +7,7 @@ would meet at a Milvus Standalone or cluster address.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -272,6 +273,100 @@ def test_creates_abandoned_midway_and_orphaned_collections_are_swept(milvus_uri)
     client.close()
     for store in (died, busy, fresh):
         store.close()
+
+
+def test_a_create_waiting_on_a_dead_replicas_claim_proceeds_once_that_claim_is_swept(milvus_uri):
+    """A replica that died between claim and commit blocks the name until its claim is CLAIM_TTL_S old; a create
+    that yielded to it must claim again once it is swept, not wait out CREATE_LIMIT_S and answer ABORTED."""
+    from embedsvc.store.milvus import CLAIM_TTL_S, CREATE_LIMIT_S, MilvusStore
+
+    expires_in = 3.0
+
+    def nearly_stale() -> float:  # the dead replica's claim turns abandoned `expires_in` s from now
+        return time.time() - (CLAIM_TTL_S - expires_in)
+
+    died = MilvusStore(milvus_uri, clock=nearly_stale)
+    dead = died._claim(CollectionConfig("after_death", 4))
+    died._build(dead)
+    survivor = open_store("milvus", milvus_uri=milvus_uri)
+    started = time.monotonic()
+    info = survivor.create_collection(CollectionConfig("after_death", 4))
+    took = time.monotonic() - started
+    assert info.uid != dead.uid and survivor.get_collection("after_death").uid == info.uid
+    assert took < CREATE_LIMIT_S - expires_in, f"the create waited {took:.1f} s"
+    assert f"embedsvc_{dead.uid}" not in physical_collections(milvus_uri)
+    survivor.drop_collection("after_death")
+    for store in (died, survivor):
+        store.close()
+
+
+@pytest.mark.slow  # waits out CREATE_LIMIT_S (20 s)
+def test_a_create_blocked_by_a_dead_replicas_claim_says_when_to_retry(milvus_uri):
+    from embedsvc.store.milvus import CLAIM_TTL_S, MilvusStore
+
+    age = 30.0
+    died = MilvusStore(milvus_uri, clock=lambda: time.time() - age)
+    dead = died._claim(CollectionConfig("blocked", 4))
+    survivor = open_store("milvus", milvus_uri=milvus_uri)
+    with pytest.raises(Aborted, match=r"claimed \d+ s ago; if that replica died.*retry in (\d+) s") as caught:
+        survivor.create_collection(CollectionConfig("blocked", 4))
+    retry_in = int(re.search(r"retry in (\d+) s", str(caught.value)).group(1))
+    assert 0 < retry_in <= CLAIM_TTL_S - age
+    died._purge(dead.uid)
+    for store in (died, survivor):
+        store.close()
+
+
+def test_listing_and_checkpointing_while_another_replica_drops_collections(milvus_uri):
+    """A replica listing (or checkpointing every collection, or starting up, which lists) while another drops
+    collections answers with those still there; a collection dropped under it is left out, not NOT_FOUND."""
+    lister, dropper = open_store("milvus", milvus_uri=milvus_uri), open_store("milvus", milvus_uri=milvus_uri)
+    names = [f"listed{i:02d}" for i in range(12)]
+    for name in names:
+        dropper.create_collection(CollectionConfig(name, 4))
+    errors, listings, stop = [], [], threading.Event()
+
+    def list_until_stopped() -> None:
+        while not stop.is_set():
+            for call in (lister.list_collections, lister.checkpoint):
+                try:
+                    listings.append(call())
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(f"{call.__name__}: {type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=list_until_stopped)
+    thread.start()
+    try:
+        for name in reversed(names):  # the lister reads them in name order: the last ones dropped under it
+            dropper.drop_collection(name)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, f"{len(errors)} failures, e.g. {errors[:3]}"
+    assert len(listings) > 2 and not {c.config.name for c in lister.list_collections()} & set(names)
+    for store in (lister, dropper):
+        store.close()
+
+
+def test_a_name_whose_milvus_collection_was_lost_can_be_dropped_and_created_again(milvus_uri, caplog):
+    """A live catalogue row whose Milvus collection is gone (dropped outside embedsvc, or replicas' clocks beyond
+    the tolerated skew) must not wedge the name: listing leaves it out and logs why, a drop frees it."""
+    from pymilvus import MilvusClient
+
+    store = open_store("milvus", milvus_uri=milvus_uri)
+    lost = store.create_collection(CollectionConfig("lost", 4))
+    client = MilvusClient(uri=milvus_uri)
+    client.drop_collection(f"embedsvc_{lost.uid}")
+    client.close()
+    assert "lost" not in {c.config.name for c in store.list_collections()}
+    assert f"embedsvc_{lost.uid} is gone: drop the collection" in caplog.text
+    assert store.drop_collection("lost") == 0
+    again = store.create_collection(CollectionConfig("lost", 4))
+    assert again.uid != lost.uid and store.get_collection("lost").count == 0
+    store.drop_collection("lost")
+    with pytest.raises(CollectionNotFound):
+        store.drop_collection("lost")
+    store.close()
 
 
 def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_uri):

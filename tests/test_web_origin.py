@@ -5,6 +5,7 @@ deleted an item, and the rebound page could read and write as if it were the ser
 
 from __future__ import annotations
 
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -100,9 +101,10 @@ def visit(browser, url: str):
     return page, statuses
 
 
-def test_another_sites_page_can_no_longer_create_or_delete(browser, sites, api):
+def test_another_sites_page_can_no_longer_create_or_delete(browser, sites, api, caplog):
     attacker, _ = sites
-    page, statuses = visit(browser, attacker + "/")
+    caplog.set_level(logging.INFO, logger="embedsvc.http")
+    page, _ = visit(browser, attacker + "/")
     no_cors = {"mode": "no-cors", "blob": True}
     results = page.evaluate(ATTACK, [api.http_url, [
         ["POST", "/v1/collections", {"config": {"name": "pwned", "dim": 3}}, no_cors],
@@ -115,11 +117,14 @@ def test_another_sites_page_can_no_longer_create_or_delete(browser, sites, api):
         ["GET", "/v1/collections", None, {}],  # a read: answered, but without CORS headers the page cannot see it
     ]])
     page.close()
-    assert results[:3] == ["answered"] * 3, results  # the requests reached the server...
-    assert results[3:] == ["failed: TypeError"] * 3, results  # ...the preflighted ones and the read did not return
-    assert [s for s in statuses if s[0] == "POST"][:3] == [
-        ("POST", "collections", 403), ("POST", "collections/victim/delete", 403),
-        ("POST", "collections/victim/delete", 403)], statuses
+    # the no-cors ones reached the server (statuses below) but their opaque answers are blocked too (CORP); the
+    # preflighted ones were stopped at the preflight, and the read has no CORS headers
+    assert results == ["failed: TypeError"] * 6, results
+    refused = [r.getMessage() for r in caplog.records if r.name == "embedsvc.http"]
+    assert [line.split(":")[0] for line in refused[:3]] == [
+        "refused POST /v1/collections", "refused POST /v1/collections/victim/delete",
+        "refused POST /v1/collections/victim/delete"], refused
+    assert all("may not POST" in line for line in refused[:3]), refused  # 403: another origin's writes
     assert state(api) == ({"victim"}, ["keep"])
 
 
@@ -156,3 +161,34 @@ def test_a_configured_front_end_may_write_with_a_token_and_read_the_answers(brow
     assert results[2][1]["deleted"] == "1" and results[4][1] == {"itemsRemoved": "0"}
     assert results[5][1]["code"] == "NOT_FOUND"  # the front end reads error bodies too
     assert "friendly" not in state(api)[0]
+
+
+def test_another_sites_page_cannot_probe_thumbnails_through_img(browser, sites, tiny_spec, tmp_path):
+    """Without tokens, an <img> of another site loaded a thumbnail (no CORS needed for images): onload or onerror
+    told the page whether an item exists, and naturalWidth/Height its picture's shape. Now every answer is
+    Cross-Origin-Resource-Policy: same-origin, so such loads fail alike; the server's own page still shows them."""
+    import base64
+
+    from conftest import png_bytes
+    from serving import tiny_config
+
+    attacker, _ = sites
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", store_thumbnails=True)
+    with running_server(config) as srv:
+        api = srv.http_url
+        httpx.post(api + "/v1/collections", json={"config": {"name": "photos", "dim": 32, "model": tiny_spec.name}}
+                   ).raise_for_status()
+        httpx.post(api + "/v1/collections/photos/items", json={"items": [
+            {"id": "private", "content": {"image": base64.b64encode(png_bytes((300, 120))).decode()}}]}
+                   ).raise_for_status()
+        probe = """async (url) => await new Promise((done) => { const img = new Image();
+          img.onload = () => done(["loaded", img.naturalWidth, img.naturalHeight]); img.onerror = () => done(["error"]);
+          img.src = url; })"""
+        thumbnail = api + "/v1/collections/photos/items/{}/thumbnail"
+        page, _ = visit(browser, attacker + "/")
+        seen = [page.evaluate(probe, thumbnail.format(item)) for item in ("private", "absent")]
+        page.close()
+        assert seen == [["error"], ["error"]], seen
+        own, _ = visit(browser, api + "/")
+        assert own.evaluate(probe, thumbnail.format("private")) == ["loaded", 256, 102]
+        own.close()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from embedsvc.cli import connect
-from embedsvc.cli.filters import parse_filters
 from embedsvc.errors import InvalidInput
+
+FILTER_HELP = ("metadata filter, repeatable, all must hold: KEY=7 (number), KEY=true (boolean), KEY=red or "
+               "KEY=\"7\" (string; quote for the shell: 'KEY=\"7\"'), KEY=a|b (any of), KEY>=X, KEY>X, KEY<=X, KEY<X "
+               "(X a number); several clauses may share one --filter, separated by spaces")
 
 
 def _client(args):
@@ -27,9 +31,7 @@ def register(sub) -> None:
     q.add_argument("--image", help="image file")
     q.add_argument("--id", help="id of a stored item (more like this)")
     s.add_argument("-k", "--top-k", type=int, default=10)
-    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help='metadata filter, repeatable: KEY=7 (number), KEY="7" (string; quote for the shell: '
-                        "'KEY=\"7\"'), KEY=true, KEY=a|b (any of the values)")
+    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help=FILTER_HELP)
     s.add_argument("--json", action="store_true")
     _common(s)
     s.set_defaults(run=run_search)
@@ -69,8 +71,17 @@ def run_search(args) -> int:
         if not path.is_file():
             raise InvalidInput(f"image file {path} does not exist")
         query = {"image": path}
-    with _client(args) as client:
-        hits = client.search(args.collection, top_k=args.top_k, filter=parse_filters(args.filter), **query)
+    from embedsvc.client import UnknownFilterKeyWarning
+
+    with _client(args) as client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnknownFilterKeyWarning)
+        # the server parses the text (embedsvc.store.filter_text): one grammar for the CLI, the page and HTTP
+        hits = client.search(args.collection, top_k=args.top_k, filter=" ".join(args.filter), **query)
+    for warning in caught:  # ours as one line each; anything else as Python shows it
+        if issubclass(warning.category, UnknownFilterKeyWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if args.json:
         json.dump([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], sys.stdout)
         print()

@@ -4,9 +4,9 @@ from embedsvc.client.client import AsyncClient, Client, Collection, Embeddings, 
 from embedsvc.client.errors import (AlreadyExistsError, DeadlineExceededError, EmbedsvcClientError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
-                                    UnavailableError)
+                                    UnavailableError, UnknownFilterKeyWarning)
 
 __all__ = ["AlreadyExistsError", "AsyncClient", "Client", "Collection", "DeadlineExceededError", "Embeddings",
            "EmbedsvcClientError", "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError",
            "PermissionDeniedError", "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
-           "UpsertStats"]
+           "UnknownFilterKeyWarning", "UpsertStats"]

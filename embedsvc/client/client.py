@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
@@ -17,7 +18,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, from_rpc_error
+from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -211,8 +212,9 @@ def _search_request(collection, text, image, vector, id, queries, top_k, filter,
     request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
                                include_vectors=include_vectors, params=pb.SearchParams(nprobe=nprobe,
                                                                                        ef_search=ef_search))
-    flt = _filter(filter)
-    if flt is not None:
+    if isinstance(filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
+        request.filter_text = filter
+    elif (flt := _filter(filter)) is not None:
         request.filter.CopyFrom(flt)
     if queries is None:
         given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
@@ -320,14 +322,18 @@ class _Api:
 
     def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
                vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
-               top_k: int = 10, filter: Optional[Mapping[str, Any]] = None, nprobe: int = 0, ef_search: int = 0,
-               include_metadata: bool = True, include_vectors: bool = False, timeout: Optional[float] = None
-               ) -> Union[list[Hit], list[list[Hit]]]:
+               top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
+               ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
+               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
         """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
-        those keys) returns a list of hit lists."""
+        those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
+        parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
+        (UnknownFilterKeyWarning)."""
         request = _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
                                   include_metadata, include_vectors)
         response = yield "index", "Search", request, timeout
+        if response.unknown_filter_keys:  # stacklevel 3: past this generator and its driver, to the caller
+            warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=3)
         results = [[Hit(h.id, h.score, _metadata(h.metadata),
                         np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
                    for r in response.results]
@@ -468,4 +474,3 @@ class AsyncClient(_Channel):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-

@@ -181,10 +181,11 @@ class _LocalSink:
         from embedsvc.models import get_model_spec, weights_sha256
 
         loaded = weights_sha256(get_model_spec(infos[0].config.model))
-        for info in infos:  # the actors load the model by name: it must still name the collections' weights
+        for info in infos:  # fail early, before Ray starts; each actor checks again what it loads itself
             info.config.check_weights(loaded)
         return models.pop(), [{"pooling": info.config.pooling, "params": dict(info.config.pooling_params),
-                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim}
+                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim,
+                               "config": info.config.to_json()}  # each actor checks the weights it loads
                               for info in infos]
 
     def close(self) -> None:

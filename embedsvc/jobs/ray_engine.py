@@ -23,7 +23,12 @@ class EmbedActor:
         from embedsvc.models import get_model_spec, load_model
         from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, image_token_modes
 
-        self.encoder = ClipEncoder(load_model(get_model_spec(model), device=device))
+        from embedsvc.store import CollectionConfig
+
+        loaded = load_model(get_model_spec(model), device=device)
+        for target in targets:  # the bytes this actor loaded, maybe on another node and after the driver's check
+            CollectionConfig.from_json(target["config"]).check_weights(loaded.weights_sha256)
+        self.encoder = ClipEncoder(loaded)
         self.poolings = [bind_pooling(PoolingSpec(t["pooling"], t["params"]),
                                       NetVLADState.from_bytes(t["state"]) if t["state"] else None) for t in targets]
         self.dims = [t["dim"] for t in targets]

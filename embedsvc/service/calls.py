@@ -20,6 +20,7 @@ from embedsvc.service import json_body
 from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response
 from embedsvc.store import CollectionInfo, Condition, Filter
+from embedsvc.store.filter_text import parse_filter_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 METRICS = {pb.METRIC_UNSPECIFIED: "cosine", pb.METRIC_COSINE: "cosine", pb.METRIC_INNER_PRODUCT: "inner_product"}
@@ -79,11 +80,10 @@ def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
             values = tuple(value_from_pb(v, f"filter on {quoted(c.key)}") for v in getattr(c, "in").values)
             conditions.append(Condition(c.key, any_of=values))
         elif test == "range":
-            r = c.range
-            if not r.HasField("gte") and not r.HasField("lte"):
-                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs gte, lte or both")
-            conditions.append(Condition(c.key, gte=r.gte if r.HasField("gte") else None,
-                                        lte=r.lte if r.HasField("lte") else None))
+            bounds = {b: getattr(c.range, b) for b in ("gte", "gt", "lte", "lt") if c.range.HasField(b)}
+            if not bounds:
+                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs a bound (gte, gt, lte or lt)")
+            conditions.append(Condition(c.key, **bounds))
         else:
             raise InvalidInput(f"filter on {quoted(c.key)}: set equals, in or range")
     return Filter(tuple(conditions)) if conditions else None
@@ -241,12 +241,21 @@ def query_from_pb(q: pb.Query, i: int) -> Query:
     raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
 
 
+def search_filter(request: pb.SearchRequest) -> Optional[Filter]:
+    """The request's filter: structured, or text in the grammar of embedsvc.store.filter_text."""
+    if request.filter_text and request.HasField("filter"):
+        raise InvalidInput("set filter or filter_text, not both")
+    return parse_filter_text(request.filter_text) if request.filter_text else filter_from_pb(request.filter)
+
+
 async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse:
     queries = [query_from_pb(q, i) for i, q in enumerate(request.queries)]
-    outcomes = await engine.search(request.collection, queries, request.top_k or 10, filter_from_pb(request.filter),
-                                   request.params.nprobe, request.params.ef_search, request.include_metadata,
-                                   request.include_vectors)
+    flt = search_filter(request)
+    outcomes = await engine.search(request.collection, queries, request.top_k or 10, flt, request.params.nprobe,
+                                   request.params.ef_search, request.include_metadata, request.include_vectors)
     out = pb.SearchResponse()
+    if flt is not None and not any(outcome.hits for outcome in outcomes):  # say why, when it may be a typo
+        out.unknown_filter_keys.extend(await engine.missing_filter_keys(request.collection, flt))
     for outcome in outcomes:
         result = out.results.add(truncated=outcome.truncated)
         for hit in outcome.hits:

@@ -102,7 +102,7 @@ class ServerConfig:
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
     demo_size: int = 500
-    # Write a collection's FAISS checkpoint after this many logged changes.
+    # Write a collection's checkpoint after this many logged changes (and no sooner than a quarter of its items).
     checkpoint_every: int = 20_000
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0

@@ -533,6 +533,11 @@ class Engine:
         hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
 
+    async def missing_filter_keys(self, name: str, flt: Filter) -> list[str]:
+        """The filter's keys that no item of the collection holds (a filter on them matches nothing)."""
+        keys = list(dict.fromkeys(condition.key for condition in flt.must))
+        return await self.run_blocking(self.store.missing_keys, name, keys)
+
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
         started = time.perf_counter()
         seed, max_descriptors = _fit_params(params)

@@ -110,7 +110,8 @@ ENDPOINTS = [
              "Remove items by id.", path_field="collection"),
     Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
              "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
-             "'request' with the rest of the SearchRequest as JSON), vector or id.", path_field="collection",
+             "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
+             "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).", path_field="collection",
              extra_content=("multipart/form-data",)),
     Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
              calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",
@@ -244,8 +245,7 @@ class BrowserGuard:
             return await self._preflight(origin)(scope, receive, send)
         if refusal is None:
             refusal = self._media_type_refusal(scope, headers, method)
-        if cors or self.vary:
-            send = self._with_cors(send, origin if cors else None)
+        send = self._with_cors(send, origin if cors else None)
         if refusal is None:
             return await self.app(scope, receive, send)
         log.info("refused %s %s: %s", method, scope["path"], refusal,
@@ -300,11 +300,13 @@ class BrowserGuard:
             "access-control-allow-headers": "authorization, content-type",
             "access-control-max-age": str(CORS_MAX_AGE), "vary": "Origin"})
 
-    @staticmethod
-    def _with_cors(send, origin: Optional[str]):
-        """`send` adding Vary: Origin, and Access-Control-Allow-Origin for an allowed `origin`."""
-        added = [(b"vary", b"Origin")] + ([(b"access-control-allow-origin", origin.encode("latin-1"))] if origin
-                                          else [])
+    def _with_cors(self, send, origin: Optional[str]):
+        """`send` adding Cross-Origin-Resource-Policy: same-origin (an <img> or <script> of another site loads
+        nothing, so its onload/onerror and an image's size cannot tell what exists), Vary: Origin with CORS on,
+        and Access-Control-Allow-Origin for an allowed `origin` (CORS-mode fetches are not subject to CORP)."""
+        added = [(b"cross-origin-resource-policy", b"same-origin")]
+        added += [(b"vary", b"Origin")] if self.vary or origin else []
+        added += [(b"access-control-allow-origin", origin.encode("latin-1"))] if origin else []
 
         async def cors_send(message):
             if message["type"] == "http.response.start":

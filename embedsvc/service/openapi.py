@@ -13,6 +13,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import embedsvc
 from embedsvc.service import openai_api
+from embedsvc.store.filter_text import FORMS
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 F = FieldDescriptor
@@ -37,6 +38,17 @@ ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAU
                   "429": "RESOURCE_EXHAUSTED: a limit or a full queue", "503": "UNAVAILABLE: shutting down"}
 UNSUPPORTED_MEDIA_TYPE = "INVALID_ARGUMENT: no Content-Type, or one this endpoint does not read"
 
+# Field notes the docs page shows beside a field's type, where the type alone does not say how to use it.
+FIELD_NOTES = {
+    ("SearchRequest", "filter_text"): f"the filter as text, as `embedsvc search --filter` and the search page take "
+                                      f"it: {FORMS}. Example: objects>=2 colour=red|blue. Set filter or filterText, "
+                                      f"not both; text that does not parse is 400 INVALID_ARGUMENT.",
+    ("SearchRequest", "filter"): "the filter as conditions (equals, in, range with gte/gt/lte/lt), all of which must "
+                                 "hold; filterText is the same as text",
+    ("SearchResponse", "unknown_filter_keys"): "filter keys no item of the collection holds (a typo?), so the filter "
+                                               "matched nothing; checked when a filtered search found no hits",
+}
+
 
 def _ref(descriptor) -> dict:
     return {"$ref": f"#/components/schemas/{descriptor.name}"}
@@ -56,6 +68,9 @@ def _field_schema(f: FieldDescriptor) -> dict:
 
 def _message_schema(descriptor: Descriptor) -> dict:
     schema = {"type": "object", "properties": {f.json_name: _field_schema(f) for f in descriptor.fields}}
+    for f in descriptor.fields:
+        if (descriptor.name, f.name) in FIELD_NOTES:
+            schema["properties"][f.json_name]["description"] = FIELD_NOTES[descriptor.name, f.name]
     oneofs = [o for o in descriptor.oneofs if not o.name.startswith("_")]  # "_gte": proto3 optional, not a choice
     if oneofs:
         schema["description"] = "; ".join(f"set at most one of {', '.join(f.json_name for f in o.fields)}"

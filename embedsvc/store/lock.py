@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +54,7 @@ class DataDirLock:
         """`LOCK`, locked and still the file at its path (not unlinked or replaced between the open and the flock)."""
         path = self.folder / LOCK_NAME
         for _ in range(_LOCK_FILE_ATTEMPTS):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a holder of an older embedsvc, which locks LOCK alone
@@ -65,6 +66,26 @@ class DataDirLock:
             os.close(fd)
         raise DataDirLocked(f"data directory {self.folder}: {path} keeps being replaced while it is being locked; "
                             f"stop whatever deletes or rewrites it")
+
+    def _open_lock_file(self, path: Path) -> int:
+        """`LOCK` opened (created if missing); anything but a regular file there is refused, naming what it is
+        (a directory or FIFO made by hand raised a bare OSError, or failed only at the truncation after the lock)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            kind = _kind_of(path)
+            if kind == "regular file":
+                raise FailedPrecondition(f"cannot open the lock file {path} of data directory {self.folder}: "
+                                         f"{exc.strerror or exc}; make it readable and writable by this user") from None
+            fd = None
+        else:
+            kind = _kind_of(fd)
+        if kind != "regular file":
+            if fd is not None:
+                os.close(fd)
+            raise FailedPrecondition(f"{path} is a {kind}, not a regular file: embedsvc keeps its lock file there. "
+                                     f"Move that {kind} out of data directory {self.folder} and start again")
+        return fd
 
     def _in_use(self, holder: str) -> DataDirLocked:
         return DataDirLocked(
@@ -80,6 +101,19 @@ class DataDirLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
                 setattr(self, name, None)
+
+
+def _kind_of(target) -> str:
+    """What a path or fd is, in words: "regular file", "directory", "FIFO", ... ("missing" when gone)."""
+    try:
+        mode = os.fstat(target).st_mode if isinstance(target, int) else os.stat(target).st_mode
+    except OSError:
+        return "missing"
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -153,7 +153,7 @@ class Expression:
             return "(" + " or ".join(self.equals(condition.key, v) for v in condition.any_of) + ")"
         field = f'filterable["{_tagged_key(condition.key, 0.0)}"]'
         parts = []
-        for bound, op in ((condition.gte, ">="), (condition.lte, "<=")):
+        for bound, op in ((condition.gte, ">="), (condition.gt, ">"), (condition.lte, "<="), (condition.lt, "<")):
             if bound is None:
                 continue
             bound = float(bound)
@@ -291,15 +291,25 @@ class MilvusStore:
     def _check_types(self, record: _Record, condition: Condition) -> None:
         """As the local back end: a condition whose type no stored value of its key has is InvalidInput."""
         def holds(kind: str) -> bool:
-            key = kind + condition.key.encode("utf-8").hex()
-            expression = f'exists filterable["{key}"]'
-            return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
-                record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+            return self._holds(record, [kind + condition.key.encode("utf-8").hex()])
 
         wanted = wanted_kinds(condition)
         if any(holds(kind) for kind in wanted):
             return
         refuse_mistyped(condition, {kind for kind in ("b", "n", "s") if kind not in wanted and holds(kind)})
+
+    def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
+        """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
+        expression = " or ".join(f'exists filterable["{key}"]' for key in tagged_keys)
+        return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
+            record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The keys no live item holds, in the order given (one query per key: asked only when a filter matched
+        nothing)."""
+        record = self._record(name)
+        return [key for key in keys
+                if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
         kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
@@ -442,7 +452,8 @@ class MilvusStore:
             records, live = self._named(name)
             if live is not None:
                 raise _exists(name)
-            rivals = [r.uid for r in self._claims(records) if r.uid != claim.uid]
+            claims = [r for r in self._claims(records) if r.uid != claim.uid]
+            rivals = [r.uid for r in claims]
             if not yielded:
                 if claim.uid not in {r.uid for r in records if r.status == CLAIMED}:
                     raise Aborted(f"the claim to create collection {name!r} was taken for abandoned (this replica "
@@ -452,13 +463,22 @@ class MilvusStore:
                 if min(rivals) < claim.uid:
                     self._delete_keys([f"incarnation/{claim.uid}"])
                     yielded = True
-            elif min(rivals, default=claim.uid) > claim.uid:
+            elif all(rival > claim.uid for rival in rivals):  # every earlier claim vanished uncommitted
                 return False
             if time.monotonic() - started > CREATE_LIMIT_S:
-                raise Aborted(f"another replica's creation of collection {name!r} has not settled in "
-                              f"{CREATE_LIMIT_S:.0f} s; retry")
+                raise self._unsettled(name, claims)
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(2 * delay, SETTLE_POLL_S[1])
+
+    def _unsettled(self, name: str, claims: list[_Record]) -> Aborted:
+        """ABORTED for a contest that outlasted CREATE_LIMIT_S, saying when the oldest claim in the way is taken
+        for abandoned (a replica that died between claim and commit blocks the name until then)."""
+        head = f"another replica's creation of collection {name!r} has not settled in {CREATE_LIMIT_S:.0f} s"
+        if not claims:
+            return Aborted(f"{head}; retry")
+        age_s = max(0.0, (self._now_ms() - min(r.since_ms for r in claims)) / 1000)
+        return Aborted(f"{head}: it was claimed {age_s:.0f} s ago; if that replica died, its claim is cleared "
+                       f"{CLAIM_TTL_S:.0f} s after it was made: retry in {max(1.0, CLAIM_TTL_S - age_s):.0f} s")
 
     def _claims(self, records: list[_Record]) -> list[_Record]:
         """The current claims among a name's rows; claims CLAIM_TTL_S old are of replicas that died: swept."""
@@ -506,12 +526,35 @@ class MilvusStore:
         expr = self._expr()
         rows = self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)
         records = sorted((live for _, live in _resolve(rows).values() if live is not None), key=lambda r: r.config.name)
-        return [self._info(r) for r in records]
+        infos = []
+        for record in records:
+            try:
+                infos.append(self._info(record))
+            except CollectionNotFound:
+                self._lost(record)  # not listed: dropped since the catalogue was read, or lost (logged)
+        return infos
+
+    def _lost(self, record: _Record) -> bool:
+        """Called when a live record's Milvus collection was not found: False if the name no longer resolves to
+        it (dropped, by any replica, since it was read); True, logged, if its row is still live though its
+        collection is gone (dropped outside embedsvc, or clocks that disagreed beyond what creation tolerates):
+        drop_collection frees such a name."""
+        live = self._named(record.config.name)[1]
+        if live is None or live.uid != record.uid:
+            return False
+        log.error("collection %r is live in %s but its Milvus collection %s is gone: drop the collection to free "
+                  "the name", record.config.name, CATALOGUE, record.physical)
+        return True
 
     def drop_collection(self, name: str) -> int:
         """Marks the incarnation dropping (from then on no replica resolves the name to it), then purges it."""
         record = self._record(name)
-        count = self._count(record)
+        try:
+            count = self._count(record)
+        except CollectionNotFound:
+            if not self._lost(record):
+                raise
+            count = 0
         self._write_catalogue([record.row(DROPPING, self._now_ms())])
         self._purge(record.uid)
         return count
@@ -679,9 +722,18 @@ class MilvusStore:
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
-        records = [self._record(name)] if name else [self._record(i.config.name) for i in self.list_collections()]
-        for record in records:
-            self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+        if name:
+            record = self._record(name)
+            self._run(record.physical, name, lambda: self.client.flush(record.physical))
+            return
+        expr = self._expr()
+        for _, record in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
+            if record is None:
+                continue
+            try:
+                self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+            except CollectionNotFound:
+                pass  # dropped since the catalogue was read: nothing of it to seal
 
     def sweep(self) -> None:
         """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then
