@@ -10,24 +10,30 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
-                             NotFoundError)
+                             NotFoundError, UnknownFilterKeyWarning)
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
 
 from conftest import png_bytes
-from serving import tiny_server
+from serving import BlockingAsyncClient, tiny_server
+
+
+@pytest.fixture(scope="module", params=["Client", "AsyncClient"])
+def client_kind(request):
+    """Every test runs with both clients (they share their request and response code; this checks it)."""
+    return Client if request.param == "Client" else BlockingAsyncClient
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(tiny_spec, tmp_path_factory, client_kind):  # one per client: the tests name their collections
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0) as s:
         yield s
 
 
 @pytest.fixture
-def client(server):
-    with Client(server.address, timeout=60) as c:
+def client(server, client_kind):
+    with client_kind(server.address, timeout=60) as c:
         yield c
 
 
@@ -152,8 +158,62 @@ def test_metrics_endpoint(server, client):
     assert "embedsvc_batch_size_bucket" in body and "embedsvc_model_load_seconds" in body
 
 
+def test_search_takes_filter_text_and_warns_of_unknown_keys(client, client_kind):
+    """Both clients: a filter as text in the CLI's grammar (parsed by the server), a typed error for bad text, and
+    UnknownFilterKeyWarning, pointing at the caller's line, for a key no item holds."""
+    client.create_collection("ranked", dim=3)
+    client.upsert("ranked", [Item(f"r{n}", vector=[1, 0, n / 10], metadata={"n": n, "kind": "ab"[n % 2]})
+                             for n in range(6)])
+    hits = client.search("ranked", vector=[1, 0, 0], top_k=20, filter="n>=3 kind=b")
+    assert sorted(h.id for h in hits) == ["r3", "r5"]
+    with pytest.warns(UnknownFilterKeyWarning, match="'ranked' has the metadata key 'm'") as caught:
+        assert client.search("ranked", vector=[1, 0, 0], filter="m>=1") == []
+    if client_kind is Client:  # BlockingAsyncClient runs the call on its loop: no caller's line to point at
+        assert [w.filename for w in caught] == [__file__]
+    with pytest.raises(InvalidArgumentError, match="KEY>=X"):
+        client.search("ranked", vector=[1, 0, 0], filter="n=>5")
+
+
 def test_long_text_is_truncated_and_the_response_says_so(client):
     result = client.embed(["word " * 300, "short"])
     assert result.truncated == [True, False]
     hits_response = client.embed(["a red circle"], poolings=["cls"])
     assert hits_response.truncated == [False]
+
+
+def test_async_client_calls_overlap_in_one_event_loop(server):
+    """AsyncClient as asyncio code uses it: calls gathered in one loop, each answered as alone, errors typed."""
+    import asyncio
+
+    from embedsvc.client import AsyncClient
+
+    texts = [f"a red circle number {i}" for i in range(6)]
+
+    async def main():
+        async with AsyncClient(server.address, timeout=60) as client:
+            together = await asyncio.gather(*(client.embed([t]) for t in texts))
+            alone = await client.embed(texts)
+            with pytest.raises(NotFoundError):
+                await client.get_collection("no-such-collection")
+            await client.create_collection("async-filtered", dim=2)
+            await client.upsert("async-filtered", [Item("a", vector=[1, 0], metadata={"n": 1})])
+            with pytest.warns(UnknownFilterKeyWarning, match="key 'm'") as caught:
+                assert await client.search("async-filtered", vector=[1, 0], filter="m=1") == []
+            assert [w.filename for w in caught] == [__file__]  # the awaiting line, as with Client
+            return together, alone
+
+    together, alone = asyncio.run(main())
+    assert np.abs(np.concatenate([r.vectors["cls"] for r in together]) - alone.vectors["cls"]).max() < 1e-5
+
+
+def test_both_clients_offer_every_call_with_the_same_arguments():
+    import inspect
+
+    from embedsvc.client import AsyncClient
+    from embedsvc.client.client import API_METHODS
+
+    assert "embed" in API_METHODS and "fit_pooling" in API_METHODS
+    for name in API_METHODS:
+        blocking, awaiting = getattr(Client, name), getattr(AsyncClient, name)
+        assert inspect.signature(blocking) == inspect.signature(awaiting), name
+        assert not inspect.iscoroutinefunction(blocking) and inspect.iscoroutinefunction(awaiting), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from embedsvc.cli import connect
 from embedsvc.cli.models import add_model_arguments, model_options, resolve_model
 from embedsvc.errors import InvalidInput
 from embedsvc.jobs.index import IndexJob
@@ -27,8 +28,9 @@ def register(sub) -> None:
     p.add_argument("--local", metavar="DATA_DIR|MILVUS_URI", help="write in-process into this data directory, or into "
                    "Milvus (milvus:///path/file.db for Milvus Lite, http://host:19530), with no server")
     add_model_arguments(p, what="the model of collections this job creates", default="the server's default model")
-    for name in ("address", "index", "batch_size", "workers", "report", "device", "engine", "ray_actors",
-                 "ray_address", "fit_sample", "max_image_bytes"):
+    p.add_argument("--address", default=connect.default_address(), help=connect.address_help())
+    for name in ("index", "batch_size", "workers", "report", "device", "engine", "ray_actors", "ray_address",
+                 "fit_sample", "max_image_bytes"):
         f = next(x for x in dataclasses.fields(IndexJob) if x.name == name)
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=f.default,
                        type=int if isinstance(f.default, int) else str,
@@ -39,7 +41,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from embedsvc.jobs.index import run_index
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexJob) if f.name != "model"}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(IndexJob) if f.name not in ("model", "token")}
+    values["token"] = connect.token() or ""
     options = model_options(args)
     loads_here = options.has_weight_source or args.models_file or args.model_config
     if loads_here and not args.local:

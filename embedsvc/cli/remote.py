@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from embedsvc.cli import connect
 from embedsvc.errors import InvalidInput
 
 FILTER_HELP = ("metadata filter, repeatable, all must hold: KEY=7 (number), KEY=true (boolean), KEY=red or "
@@ -15,14 +16,11 @@ FILTER_HELP = ("metadata filter, repeatable, all must hold: KEY=7 (number), KEY=
 
 
 def _client(args):
-    from embedsvc.client import Client
-
-    return Client(args.address, timeout=args.timeout)
+    return connect.client(args.address, args.timeout)
 
 
 def _common(p) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051", help="server address (default: 127.0.0.1:50051)")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
+    connect.add_address_arguments(p)
 
 
 def register(sub) -> None:
@@ -117,7 +115,8 @@ def _run_fit(args) -> int:
 
     if args.sample < 1:
         raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
-    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index)
+    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index,
+                   token=connect.token() or "")
     for name, images, descriptors in run_fit(job, args.sample):
         print(f"fitted {name} on {images} images ({descriptors} token descriptors)")
     return 0

@@ -33,6 +33,7 @@ from embedsvc.eval import TASKS, cross_modal_metrics, not_measured, relevance_su
 from embedsvc.models.registry import ModelOptions
 from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
 from embedsvc.pooling.features import FINAL
+from embedsvc.progress import Progress
 
 DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
 # Scenes compared when no size is given (the generated test split has no end).
@@ -182,6 +183,22 @@ def _manifest_pairs(job: CompareJob) -> Pairs:
     return pairs
 
 
+def _encode(encoder: ClipEncoder, images: list, captions: list[str], modes: tuple[str, ...]):
+    """(image features, text features) of the pairs, encoded a batch at a time with a progress line: a large
+    set takes minutes."""
+    from embedsvc.pooling.features import TokenFeatures
+
+    progress = Progress(len(images) + len(captions), unit="inputs", label="encoded ")
+    step, parts = 256, ([], [])
+    for start in range(0, max(len(images), len(captions)), step):
+        if start < len(images):
+            parts[0].append(encoder.encode_images(images[start:start + step], modes))
+        if start < len(captions):
+            parts[1].append(encoder.encode_texts(captions[start:start + step]))
+        progress.update(min(len(images), start + step) + min(len(captions), start + step))
+    return TokenFeatures.concat(parts[0]), TokenFeatures.concat(parts[1])
+
+
 def _limit(job: CompareJob, rows: int) -> tuple[Optional[int], str]:
     """How many of `rows` manifest rows to draw at random and why; (None, "") to use them all."""
     if job.size is None and rows > MAX_DEFAULT_PAIRS:
@@ -223,8 +240,7 @@ def run_compare(job: CompareJob) -> dict:
     started = time.perf_counter()
     # one pass computes every token mode the poolings ask for (rows are pooling x token mode)
     modes = tuple(dict.fromkeys((FINAL, *image_token_modes([bind_pooling(s) for s in job.poolings]))))
-    image_features = encoder.encode_images(images, modes)
-    text_features = encoder.encode_texts(captions)
+    image_features, text_features = _encode(encoder, images, captions, modes)
     forward_seconds = time.perf_counter() - started
     heads = {}
     if job.train_head:
@@ -232,7 +248,10 @@ def run_compare(job: CompareJob) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         store = Store(folder)
-        for number, spec in enumerate([*job.poolings, *heads]):
+        specs = [*job.poolings, *heads]
+        progress = Progress(len(specs), unit="poolings", label="pooling ")
+        for number, spec in enumerate(specs):
+            progress.update(number)
             state = None
             fit_seconds = 0.0
             if spec in heads:
@@ -278,6 +297,7 @@ def run_compare(job: CompareJob) -> dict:
                 "bytes_per_vector": bytes_per_vector,
             })
         store.close()
+        progress.update(len(specs))
     result = {"data": job.data, "size": len(ids), "sample": asdict(pairs.sample) if pairs.sample else None,
               "model": encoder.loaded.spec.name, "index": job.index,
               "device": str(encoder.device), "torch_threads": torch.get_num_threads(),

@@ -46,6 +46,8 @@ class IndexJob:
     local: Optional[str] = None
     # Server address when not local.
     address: str = "127.0.0.1:50051"
+    # API token for the server (the CLI reads $EMBEDSVC_TOKEN); never printed.
+    token: str = field(default="", repr=False)
     # Model for collections this job creates ("" = the default model).
     model: str = ""
     # Index type for collections this job creates ("" = flat); when given, existing targets must have it too.
@@ -211,7 +213,7 @@ class _RemoteSink:
     def __init__(self, job: IndexJob, targets):
         from embedsvc.client import Client, NotFoundError
 
-        self.client = Client(job.address, timeout=600)
+        self.client = Client(job.address, timeout=600, token=job.token or None)
         self.names = [name for name, _ in targets]
         try:
             existing = {}

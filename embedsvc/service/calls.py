@@ -16,7 +16,8 @@ from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quot
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
-from embedsvc.service.engine import Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.service import json_body
+from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response
 from embedsvc.store import CollectionInfo, Condition, Filter
 from embedsvc.store.filter_text import parse_filter_text
@@ -117,13 +118,29 @@ def tokens_to_pb(features) -> pb.TokenFeatures:
 # -- operations, one per RPC ------------------------------------------------------------------
 
 
-async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+async def embed_rows(engine: Engine, request: pb.EmbedRequest) -> tuple[str, list[str], EmbeddedBatch]:
+    """Embed's work: (the model's name, the pooling names, the matrices), before any framing. The gRPC and HTTP
+    Embed pack them into an EmbedResponse; OpenAI's /v1/embeddings writes them in its own shape."""
     poolings = [PoolingSpec(p.name, dict(p.params)) for p in request.poolings]
     contents = [content_from_pb(c, f"input {i}") for i, c in enumerate(request.inputs)]
     model, batch = await engine.embed_batch(request.model, poolings, contents, request.include_tokens)
+    return model, [p.name for p in poolings] or ["cls"], batch
+
+
+async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    model, names, batch = await embed_rows(engine, request)
     tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
-    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated,
-                          [p.name for p in poolings] or ["cls"], batch.vectors, tokens)
+    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors,
+                          tokens)
+
+
+async def embed_json(engine: Engine, request: pb.EmbedRequest) -> dict:
+    """Embed's response as the HTTP API writes it (protobuf's JSON mapping), from the matrices straight to the
+    JSON document: no EmbedResponse in between (tests/test_json_body.py checks the two agree)."""
+    model, names, batch = await embed_rows(engine, request)
+    tokens = [tokens_to_pb(t) for t in batch.tokens] if batch.tokens else None
+    return json_body.embed_document(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names,
+                                    batch.vectors, tokens)
 
 
 async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:

@@ -2,7 +2,8 @@
 
 Each endpoint parses its body into the RPC's protobuf request with `json_format` (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
-servicer calls, and renders the protobuf response the same way. Tokens, scopes and limits are the
+servicer calls, and renders the response in the same mapping (embedsvc.service.json_body: vectors written in
+C; OpenAI's /v1/embeddings is embedsvc.service.openai_api). Tokens, scopes and limits are the
 gRPC server's; domain errors become HTTP statuses in embedsvc.service.errors, with the gRPC code name
 in the JSON body: {"code": "NOT_FOUND", "message": "..."}.
 """
@@ -33,7 +34,7 @@ from starlette.routing import Match, Route
 
 from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTooLarge,
                              UnsupportedMediaType, quoted)
-from embedsvc.service import calls
+from embedsvc.service import calls, json_body, openai_api
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine
@@ -64,12 +65,13 @@ class Endpoint:
     rpc: str
     request_type: type
     response_type: type
-    call: Callable[[Engine, Any], Awaitable[Message]]
+    call: Callable[[Engine, Any], Awaitable[Message | dict]]  # a dict: the response already in JSON form
     summary: str
     path_field: str = ""
     body: bool = True
     streaming: bool = False
     extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
+    extend: Optional[Callable[[dict], dict]] = None  # adds fields beside the response message's (OpenAI's, say)
 
     @property
     def grpc_method(self) -> str:
@@ -84,10 +86,11 @@ class Endpoint:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
+    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed_json,
              "Embed texts and images with one model and one or more poolings."),
     Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
-             "List models and poolings.", body=False),
+             "List models and poolings; also OpenAI's model list (object, data).", body=False,
+             extend=openai_api.with_model_list),
     Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
              calls.list_collections, "Describe every collection.", body=False),
     Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
@@ -129,8 +132,11 @@ def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseExcept
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
-def to_json(message: Message) -> dict:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+def json_response(endpoint: Endpoint, message: Message | dict) -> Response:
+    """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields."""
+    document = message if isinstance(message, dict) else json_body.document(message)
+    return Response(json_body.dumps(endpoint.extend(document) if endpoint.extend else document),
+                    media_type="application/json")
 
 
 def parse_json(data: bytes, message_type: type, where: str = "request body") -> Message:
@@ -318,24 +324,28 @@ class HttpApi:
         self.config: ServerConfig = engine.config
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
-        routes = api_routes + [Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+        openai_route = openai_api.route(self)  # POST /v1/embeddings
+        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
                                Route("/healthz", self.healthz), Route("/readyz", self.readyz),
                                Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
                                Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = BrowserGuard(BodyLimit(app, self.config.max_message_bytes), self.config,
-                                self._body_types_of(api_routes))
+        body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
+        body_types.append((openai_route, openai_api.MEDIA_TYPES))
+        guarded = BrowserGuard(BodyLimit(app, self.config.max_message_bytes), self.config,
+                               self._body_types_of(body_types))
+        self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
 
     @staticmethod
-    def _body_types_of(routes: list[Route]) -> Callable[[dict], Optional[tuple[str, ...]]]:
+    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], Optional[tuple[str, ...]]]:
         """The media types of the endpoint a request's path and method name, or None for no endpoint."""
         def body_types(scope: dict) -> Optional[tuple[str, ...]]:
-            for route, endpoint in zip(routes, ENDPOINTS):
+            for route, media_types in routes:
                 if route.matches(scope)[0] is Match.FULL:
-                    return endpoint.media_types
+                    return media_types
             return None
 
         return body_types
@@ -381,7 +391,7 @@ class HttpApi:
             async def work() -> Response:
                 message = await self._request(endpoint, request)
                 response = await endpoint.call(self.engine, message)
-                return JSONResponse(to_json(response))
+                return json_response(endpoint, response)
 
             return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
 

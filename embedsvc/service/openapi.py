@@ -12,6 +12,7 @@ import functools
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import embedsvc
+from embedsvc.service import openai_api
 from embedsvc.store.filter_text import FORMS
 from embedsvc.v1 import embedsvc_pb2 as pb
 
@@ -122,6 +123,7 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
                                 "responses": {"200": {"description": "OK"}, "503": {"description": "not ready"}}}}
     schemas = _all_messages(pb.DESCRIPTOR)
     schemas["Error"] = ERROR
+    openai_api.add_to_openapi(paths, schemas, {**ERROR_STATUSES, "415": UNSUPPORTED_MEDIA_TYPE})
     document = {
         "openapi": "3.1.0",
         "info": {"title": "embedsvc HTTP/JSON API", "version": embedsvc.__version__,
