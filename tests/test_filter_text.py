@@ -136,3 +136,48 @@ def test_any_text_parses_or_is_refused_with_the_forms(text):
         assert FORMS in str(exc)
         return
     assert parsed is None or all(c.key for c in parsed.must)
+
+
+@pytest.mark.parametrize("text, conditions", [
+    ("k=٣", [Condition("k", equals="٣")]),  # an Arabic-Indic digit is a word, not the number 3
+    ("k=𝟙|١٢", [Condition("k", any_of=("𝟙", "١٢"))]),
+    ("k=１", [Condition("k", equals="１")]),  # a full-width digit
+])
+def test_only_ascii_digits_make_a_number(text, conditions):
+    """float() reads any Unicode decimal digit; the grammar's numbers are ASCII, so `k=٣` matches the stored
+    string "٣" and never the number 3."""
+    assert list(parse_filter_text(text).must) == conditions
+    with pytest.raises(InvalidInput, match="a number"):
+        parse_filter_text(text.replace("=", ">", 1).split("|")[0])
+
+
+@pytest.mark.parametrize("text", ["k=1e309", "k=-1e400", "k=" + "9" * 400, "k=red|1e309", "k>1e309", "k<=-1e400"])
+def test_a_number_no_double_holds_is_refused_not_read_as_a_string(text):
+    """`k=1e309` is written as a number; silently meaning the string "1e309" would miss every stored number
+    (or be refused with the hint to leave it unquoted, which it was)."""
+    with pytest.raises(InvalidInput) as caught:
+        parse_filter_text(text)
+    message = str(caught.value)
+    assert "beyond" in message and "quote it" in message and FORMS in message, message
+    assert list(parse_filter_text('k="1e309"').must) == [Condition("k", equals="1e309")]
+
+
+def test_a_filter_has_at_most_max_conditions_and_values():
+    """A filter's cost grows with its conditions (each scans its key's distinct values; on Milvus each is
+    queried), so a 64 MiB text of clauses would hold a search, and the writers behind its lock, for hours."""
+    from embedsvc.store.filter_text import MAX_FILTER_TEXT_CHARS
+    from embedsvc.store.metadata import MAX_CONDITIONS, MAX_FILTER_VALUES
+
+    assert len(parse_filter_text(" ".join(f"k{i}={i}" for i in range(MAX_CONDITIONS))).must) == MAX_CONDITIONS
+    with pytest.raises(InvalidInput, match=f"{MAX_CONDITIONS + 1} conditions; at most {MAX_CONDITIONS} are allowed"):
+        parse_filter_text(" ".join(f"k{i}={i}" for i in range(MAX_CONDITIONS + 1)))
+    with pytest.raises(InvalidInput, match=f"at most {MAX_CONDITIONS}"):
+        Filter(tuple(Condition("k", gte=i) for i in range(MAX_CONDITIONS + 1)))
+    values = "|".join(str(i) for i in range(MAX_FILTER_VALUES))
+    assert len(parse_filter_text(f"k={values}").must[0].any_of) == MAX_FILTER_VALUES
+    with pytest.raises(InvalidInput, match=f"at most {MAX_FILTER_VALUES} are allowed"):
+        parse_filter_text(f"k={values}|x")
+    with pytest.raises(InvalidInput, match=f"at most {MAX_FILTER_VALUES}"):
+        Filter((Condition("k", any_of=tuple(range(MAX_FILTER_VALUES))), Condition("j", any_of=("x",))))
+    with pytest.raises(InvalidInput, match=f"over {MAX_FILTER_TEXT_CHARS} characters"):
+        parse_filter_text('k="' + "a" * MAX_FILTER_TEXT_CHARS + '"')

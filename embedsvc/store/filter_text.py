@@ -20,7 +20,7 @@ import re
 from typing import Optional
 
 from embedsvc.errors import InvalidInput, quoted
-from embedsvc.store.metadata import Condition, Filter, Value
+from embedsvc.store.metadata import MAX_FILTER_VALUES, Condition, Filter, Value
 
 FORMS = ('KEY=VALUE, KEY=A|B (any of), KEY>=X, KEY>X, KEY<=X or KEY<X (X a number); clauses separated by spaces '
          'must all hold; VALUE 7 is a number, true/false a boolean, other words strings, "7" or "a b" quoted strings')
@@ -28,12 +28,18 @@ _OPERATORS = (">=", "<=", "=", ">", "<")  # longest first
 _OPERATOR_CHARS = "=<>"
 _NOT_IN_VALUE = set(_OPERATOR_CHARS + '"|')
 _NOT_IN_KEY = _NOT_IN_VALUE | {"!"}
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII: float() also reads "٣"
 _RANGES = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
+# Keys are at most 128 bytes and values 4096, and a filter at most MAX_CONDITIONS conditions of MAX_FILTER_VALUES
+# values in all: a longer text is refused before it is scanned (the scan runs on the server's event loop).
+MAX_FILTER_TEXT_CHARS = 256 * 1024
 
 
 def parse_filter_text(text: str) -> Optional[Filter]:
     """The filter a text means (None for blank text), or InvalidInput naming the problem and the accepted forms."""
+    if len(text) > MAX_FILTER_TEXT_CHARS:
+        raise InvalidInput(f"filter {quoted(text.strip())} is over {MAX_FILTER_TEXT_CHARS} characters; send fewer "
+                           f"or shorter clauses")
     scanner = _Scanner(text)
     conditions = []
     while scanner.skip_spaces():
@@ -42,16 +48,14 @@ def parse_filter_text(text: str) -> Optional[Filter]:
 
 
 def typed_word(word: str) -> Value:
-    """An unquoted value: true/false a boolean, a decimal number a number (an int when written as one), else a
-    string ("nan", "inf" and "1_000" stay words)."""
+    """An unquoted value: true/false a boolean, an ASCII decimal number a number (an int when written as one),
+    else a string ("nan", "inf", "1_000" and "٣" stay words). The scanner refuses numerals beyond a double
+    (1e309) before this: they are written as numbers, so reading them as strings would be silently wrong."""
     if word in ("true", "false"):
         return word == "true"
     if not _NUMBER.fullmatch(word):
         return word
-    number = float(word)
-    if not math.isfinite(number):  # 1e999
-        return word
-    return int(word) if re.fullmatch(r"[+-]?\d+", word) else number
+    return int(word) if re.fullmatch(r"[+-]?[0-9]+", word) else float(word)
 
 
 class _Scanner:
@@ -88,6 +92,9 @@ class _Scanner:
             while self.peek() == "|":
                 self.pos += 1
                 values.append(self.value())
+                if len(values) > MAX_FILTER_VALUES:
+                    raise self.fail(f"more than {MAX_FILTER_VALUES} values; at most {MAX_FILTER_VALUES} are "
+                                    f"allowed in all")
             condition = Condition(key, equals=values[0]) if len(values) == 1 else Condition(key, any_of=tuple(values))
         else:
             condition = Condition(key, **{_RANGES[op]: self.bound()})
@@ -113,17 +120,24 @@ class _Scanner:
         word = self.word(_NOT_IN_VALUE)
         if word is None:
             raise self.fail('empty value (write KEY="" for the empty string)')
-        return word if is_quoted else typed_word(word)
+        return word if is_quoted else typed_word(self.finite(word))
 
     def bound(self) -> float:
         is_quoted = self.peek() == '"'
         word = self.word(_NOT_IN_VALUE)
-        if word is None or is_quoted or not _NUMBER.fullmatch(word) or not math.isfinite(float(word)):
+        if word is None or is_quoted or not _NUMBER.fullmatch(word):
             raise self.fail(f"a range bound must be a number, not {quoted(word)}" if word is not None
                             else "a range bound must be a number")
         if self.peek() == "|":
             raise self.fail("a range bound must be a number, not a list (any-of is KEY=A|B)")
-        return typed_word(word)
+        return typed_word(self.finite(word))
+
+    def finite(self, word: str) -> str:
+        """The word, unless it is a numeral no double holds (1e309, 400 nines): refused, never read as a string."""
+        if _NUMBER.fullmatch(word) and not math.isfinite(float(word)):
+            raise self.fail(f"{quoted(word)} is beyond the range of a number (about 1.8e308); to mean the string, "
+                            f"quote it")
+        return word
 
     def word(self, stop: set) -> Optional[str]:
         """A quoted string (escapes \\" and \\\\), or a run of characters up to whitespace or one of `stop`;

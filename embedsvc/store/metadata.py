@@ -14,6 +14,10 @@ Value = Union[str, float, int, bool]
 MAX_KEY_BYTES = 128
 MAX_STRING_BYTES = 4096
 MAX_KEYS = 64
+# A filter's cost grows with its conditions (each scans its key's distinct values here, and is a query of its
+# own on Milvus) and values: bounded, so one request cannot hold a collection's lock, and writers, for hours.
+MAX_CONDITIONS = 64
+MAX_FILTER_VALUES = 4096  # over all of a filter's any-of lists
 
 
 _KIND_NAMES = {"b": "boolean", "n": "number", "s": "string"}
@@ -116,6 +120,13 @@ class Filter:
     """All conditions must hold."""
 
     must: tuple[Condition, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if len(self.must) > MAX_CONDITIONS:
+            raise InvalidInput(f"filter has {len(self.must)} conditions; at most {MAX_CONDITIONS} are allowed")
+        values = sum(len(c.any_of) for c in self.must if c.any_of is not None)
+        if values > MAX_FILTER_VALUES:
+            raise InvalidInput(f"filter lists {values} values; at most {MAX_FILTER_VALUES} are allowed in all")
 
     def matches(self, metadata: Mapping[str, Value]) -> bool:
         return all(c.matches(metadata) for c in self.must)

@@ -288,10 +288,14 @@ class MilvusStore:
     def _expr(self) -> Expression:
         return Expression(self.bind)
 
-    def _check_types(self, record: _Record, condition: Condition) -> None:
-        """As the local back end: a condition whose type no stored value of its key has is InvalidInput."""
+    def _check_types(self, record: _Record, condition: Condition, held: dict[str, bool]) -> None:
+        """As the local back end: a condition whose type no stored value of its key has is InvalidInput. `held`
+        keeps each answer for the search's other conditions (`n>2 n<5` asks about n once: each is a query)."""
         def holds(kind: str) -> bool:
-            return self._holds(record, [kind + condition.key.encode("utf-8").hex()])
+            tagged = kind + condition.key.encode("utf-8").hex()
+            if tagged not in held:
+                held[tagged] = self._holds(record, [tagged])
+            return held[tagged]
 
         wanted = wanted_kinds(condition)
         if any(holds(kind) for kind in wanted):
@@ -686,8 +690,9 @@ class MilvusStore:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         record = self._record(name)
         queries = prepare_queries(record.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        held: dict[str, bool] = {}
         for condition in flt.must if flt is not None else ():
-            self._check_types(record, condition)
+            self._check_types(record, condition, held)
         expr = self._expr()
         expression = expr.filter(flt)
         if expression is None:
