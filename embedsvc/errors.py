@@ -39,6 +39,10 @@ class Unavailable(EmbedsvcError):
     """Something the request needs is out of service for now (e.g. a read-only data directory); retry later."""
 
 
+class DeadlineExceeded(EmbedsvcError):
+    """Time ran out: the request (or part of it) did not arrive or finish in time."""
+
+
 # --- specific errors, each in one category -------------------------------------------------------
 
 
@@ -100,6 +104,10 @@ class NonFiniteVector(InvalidInput):
 
 class RequestTooLarge(ResourceExhausted):
     """A request body or message is over the configured byte limit (HTTP 413)."""
+
+
+class RequestTimedOut(DeadlineExceeded):
+    """A client sent its request body too slowly (HTTP 408)."""
 
 
 QUOTE_LIMIT = 100

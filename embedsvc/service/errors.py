@@ -14,6 +14,7 @@ STATUS = [
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 # gRPC code -> HTTP status, as Google's HTTP/gRPC mapping (google.rpc.Code) has it.
@@ -42,9 +43,12 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 
 
 def http_status_for(code: grpc.StatusCode, exc: BaseException | None = None) -> int:
-    """The HTTP status of a refusal; an oversized body is 413 though its code is RESOURCE_EXHAUSTED."""
+    """The HTTP status of a refusal; an oversized body is 413 though its code is RESOURCE_EXHAUSTED, a body that
+    came too slowly 408 though its code is DEADLINE_EXCEEDED (504 says a gateway waited on an upstream)."""
     if isinstance(exc, errors.RequestTooLarge):
         return 413
+    if isinstance(exc, errors.RequestTimedOut):
+        return 408
     return HTTP_STATUS.get(code, 500)
 
 
