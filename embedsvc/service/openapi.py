@@ -29,8 +29,9 @@ ERROR = {"type": "object", "required": ["code", "message"], "properties": {
     "code": {"type": "string", "description": "gRPC status code name, e.g. INVALID_ARGUMENT"},
     "message": {"type": "string", "description": "what went wrong and what to do about it"}}}
 ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED", "403": "PERMISSION_DENIED",
-                  "404": "NOT_FOUND", "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over max_message_bytes",
-                  "429": "RESOURCE_EXHAUSTED: a limit or a full queue", "503": "UNAVAILABLE: shutting down"}
+                  "404": "NOT_FOUND", "408": "DEADLINE_EXCEEDED: the body came slower than http_body_timeout_seconds",
+                  "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over http_max_body_bytes",
+                  "429": "RESOURCE_EXHAUSTED: a limit, a full queue or a busy server", "503": "UNAVAILABLE: shutting down"}
 
 
 def _ref(descriptor) -> dict:
