@@ -112,7 +112,8 @@ def attacked(port: int, idle: int, trickling: int):
 
 def test_idle_and_trickling_connections_do_not_starve_probes_or_authorised_calls(tiny_spec, tmp_path):
     _fd_room(4096)
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", auth_tokens_file=_tokens(tmp_path))
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", auth_tokens_file=_tokens(tmp_path),
+                         http_header_timeout_seconds=120)  # they stay open however slow this machine is
     with running_server(config) as server:
         with httpx.Client(base_url=server.http_url, headers=AUTH, timeout=30) as http:
             assert http.post("/v1/collections", json={"config": {"name": "v", "dim": 3}}).status_code == 200
@@ -133,7 +134,8 @@ def test_idle_and_trickling_connections_do_not_starve_probes_or_authorised_calls
 
 def test_over_the_connection_cap_the_oldest_idle_connections_are_closed(tiny_spec, tmp_path):
     _fd_room(2048)
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=40)
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=40,
+                         http_header_timeout_seconds=120)  # only the cap closes them
     with running_server(config) as server, attacked(server.server.http_port, idle=100, trickling=100) as attackers:
         opened = [s for pair in zip(attackers.idle, attackers.trickling) for s in pair]  # in the order opened
         # the 200th connection closed the 160th: the server has taken in all of them, and kept the newest
@@ -430,3 +432,29 @@ def test_vectors_read_from_their_wire_bytes_equal_their_values():
             read = vector_values(message)
             assert read.dtype == np.float32 and read.flags.writeable and read.flags.owndata
             assert read.tobytes() == np.asarray(message.values, dtype=np.float32).tobytes()
+
+
+def test_http_requests_take_the_admission_slots_grpc_calls_take(tiny_spec, tmp_path):
+    """max_concurrent_rpcs run and max_waiting_rpcs wait, gRPC and HTTP together; the next is 429 "server busy"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import model_busy
+
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", max_concurrent_rpcs=1,
+                         max_waiting_rpcs=1)
+    with running_server(config) as server, Client(server.address, timeout=60) as client, \
+            httpx.Client(base_url=server.http_url, timeout=60) as http:
+        slots = server.server.http.api.slots
+        client.embed(["warm-up"])
+        with ThreadPoolExecutor(2) as pool, model_busy(server) as release:
+            running = pool.submit(client.embed, ["over gRPC"])  # holds the one slot, its forward waits
+            _wait_until(lambda: slots.full, 30, "the gRPC call to take the slot")
+            waiting = pool.submit(http.post, "/v1/embed", json={"inputs": [{"text": "over HTTP"}]})
+            _wait_until(lambda: slots.waiting == 1, 30, "the HTTP request to wait for a slot")
+            refused = http.post("/v1/embed", json={"inputs": [{"text": "one too many"}]})
+            assert http.get("/healthz").status_code == 200  # probes take no slot
+            release.set()
+            assert refused.status_code == 429 and refused.json()["code"] == "RESOURCE_EXHAUSTED"
+            assert "server busy" in refused.json()["message"]
+            assert running.result().vectors["cls"].shape[0] == 1
+            assert len(waiting.result().json()["results"]) == 1

@@ -55,6 +55,14 @@ class Slots:
     def release(self) -> None:
         self._slots.release()
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def full(self) -> bool:
+        return self._slots is not None and self._slots.locked()
+
     @contextlib.asynccontextmanager
     async def held(self):
         await self.acquire()
