@@ -6,9 +6,12 @@ Every field is documented here and in the README's configuration table (generate
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -27,6 +30,13 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # Address of the HTTP/JSON API and search page (same process and engine as gRPC); empty disables it.
     http_listen: str = "127.0.0.1:8080"
+    # Host names the HTTP API answers for besides IP addresses, localhost and http_listen's host, comma-separated:
+    # "api.example.com", ".example.com" (it and its subdomains), "*" (any name: no DNS-rebinding guard); other
+    # names get 421.
+    http_allowed_hosts: str = ""
+    # Origins (scheme://host[:port]) of web front ends on other origins that may call the HTTP API from a browser
+    # (CORS), comma-separated, or "*" for any; other pages' writes get 403 and their reads no CORS headers.
+    http_cors_origins: str = ""
     # Keep a 256 px JPEG thumbnail of every image item upserted, for the search page (the demo always does).
     store_thumbnails: bool = False
     # Folder of the durable store (SQLite database and FAISS checkpoints); unused with store_backend "milvus".
@@ -108,7 +118,7 @@ class ServerConfig:
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
     demo_size: int = 500
-    # Write a collection's FAISS checkpoint after this many logged changes.
+    # Write a collection's checkpoint after this many logged changes (and no sooner than a quarter of its items).
     checkpoint_every: int = 20_000
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
@@ -171,6 +181,7 @@ class ServerConfig:
         if self.http_listen and (not http_port.isdigit() or int(http_port) > 65535):
             raise InvalidInput(f"config http_listen must be HOST:PORT with a port of 0-65535 (or empty to disable), "
                                f"got {quoted(self.http_listen)}")
+        _ = self.allowed_hosts, self.cors_origins  # parsed here: a bad entry stops start-up, not a request
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidInput(f"config metrics_port must be -1 (off) or 0-65535, got {self.metrics_port}")
         if self.shutdown_grace_seconds < 0:
@@ -180,6 +191,56 @@ class ServerConfig:
     @property
     def preload(self) -> list[str]:
         return [m.strip() for m in self.preload_models.split(",") if m.strip()]
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """http_allowed_hosts, lowercased: "*", names, or ".suffix" patterns."""
+        return tuple(_allowed_host(entry) for entry in _entries(self.http_allowed_hosts))
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """http_cors_origins as browsers write an Origin header (lowercase, no default port), or "*"."""
+        return tuple(_origin(entry) for entry in _entries(self.http_cors_origins))
+
+
+HOST_NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _entries(text: str) -> list[str]:
+    return [entry.strip().lower() for entry in text.split(",") if entry.strip()]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _allowed_host(entry: str) -> str:
+    if entry == "*" or _is_ip(entry) or HOST_NAME.fullmatch(entry):
+        return entry.strip("[]").rstrip(".")
+    raise InvalidInput(f"config http_allowed_hosts: {quoted(entry)} is not a host name; write names without "
+                       f"scheme or port (api.example.com, .example.com for it and its subdomains, or *)")
+
+
+def _origin(entry: str) -> str:
+    if entry == "*":
+        return entry
+    try:
+        parts = urllib.parse.urlsplit(entry)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None
+            or parts.path or parts.query or parts.fragment or entry.endswith(("?", "#"))):
+        raise InvalidInput(f"config http_cors_origins: {quoted(entry)} is not an origin; write scheme://host[:port] "
+                           f"with no path, as the browser's address bar shows the front end "
+                           f"(https://app.example.com, http://localhost:3000), or *")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
 
 
 def base64_size(size: int) -> int:

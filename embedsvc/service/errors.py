@@ -15,6 +15,7 @@ STATUS = [
     (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 # gRPC code -> HTTP status, as Google's HTTP/gRPC mapping (google.rpc.Code) has it.
@@ -42,13 +43,21 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Refusals HTTP tells apart though their gRPC code is shared (first match wins).
+HTTP_STATUS_OF_ERROR = [
+    (errors.RequestTooLarge, 413),  # RESOURCE_EXHAUSTED
+    (errors.RequestTimedOut, 408),  # DEADLINE_EXCEEDED (504 would say a gateway waited on an upstream)
+    (errors.UnsupportedMediaType, 415),  # INVALID_ARGUMENT
+    (errors.MisdirectedRequest, 421),  # PERMISSION_DENIED
+]
+
+
 def http_status_for(code: grpc.StatusCode, exc: BaseException | None = None) -> int:
-    """The HTTP status of a refusal; an oversized body is 413 though its code is RESOURCE_EXHAUSTED, a body that
-    came too slowly 408 though its code is DEADLINE_EXCEEDED (504 says a gateway waited on an upstream)."""
-    if isinstance(exc, errors.RequestTooLarge):
-        return 413
-    if isinstance(exc, errors.RequestTimedOut):
-        return 408
+    """The HTTP status of a refusal: its code's, unless its error has a status of its own (408, 413, 415,
+    421)."""
+    for kind, status in HTTP_STATUS_OF_ERROR:
+        if isinstance(exc, kind):
+            return status
     return HTTP_STATUS.get(code, 500)
 
 

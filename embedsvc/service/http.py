@@ -1,16 +1,19 @@
 """HTTP/JSON API and search page: Starlette on uvicorn, in the gRPC server's own event loop.
 
 Each endpoint parses its body into the RPC's protobuf request as `json_format` does (so field names are
-the proto's JSON mapping, lowerCamelCase; large bodies in threads, in short steps: embedsvc.service.jsonbody),
-calls the same function of embedsvc.service.calls the gRPC servicer calls, and renders the protobuf response
-the same way. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors become HTTP
-statuses in embedsvc.service.errors, with the gRPC code name in the JSON body: {"code": "NOT_FOUND", ...}.
+the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
+servicer calls, and renders the response in the same mapping (vectors written in C); large bodies are parsed
+and large responses rendered in threads, in short steps (embedsvc.service.json_body). OpenAI's /v1/embeddings
+is embedsvc.service.openai_api. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors
+become HTTP statuses in embedsvc.service.errors, with the gRPC code name in the JSON body:
+{"code": "NOT_FOUND", "message": "..."}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -24,13 +27,15 @@ import grpc
 import uvicorn
 from google.protobuf.message import Message
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTimedOut, RequestTooLarge, quoted
-from embedsvc.service import calls, jsonbody
+from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
+                             RequestTooLarge, UnsupportedMediaType, quoted)
+from embedsvc.service import calls, json_body, openai_api
 from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
@@ -44,9 +49,12 @@ log = logging.getLogger("embedsvc.http")
 WEB = resources.files("embedsvc.service") / "web"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
-# Bodies and responses up to this size are parsed and rendered on the event loop (a few ms at most); larger ones
-# in the API's codec threads, in short steps (embedsvc.service.jsonbody), so the loop serving gRPC keeps running.
-INLINE_BYTES = 16 * 1024
+# Bodies and responses up to these sizes are parsed and rendered on the event loop (about 1 ms at most); larger
+# ones in the API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps
+# running. A response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay
+# inline; a protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
+INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
+INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
 CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time; more wait their turn
 
 
@@ -67,23 +75,32 @@ class Endpoint:
     rpc: str
     request_type: type
     response_type: type
-    call: Callable[[Engine, Any], Awaitable[Message]]
+    call: Callable[[Engine, Any], Awaitable[Message | dict]]  # a dict: the response already in JSON form
     summary: str
     path_field: str = ""
     body: bool = True
     streaming: bool = False
     extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
+    extend: Optional[Callable[[dict], dict]] = None  # adds fields beside the response message's (OpenAI's, say)
 
     @property
     def grpc_method(self) -> str:
         return f"/{_service_of(self.rpc)}/{self.rpc}"
 
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
+        other names); BrowserGuard refuses others with 415."""
+        lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
+        return ("application/json",) + self.extra_content + lines
+
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
+    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed_json,
              "Embed texts and images with one model and one or more poolings."),
     Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
-             "List models and poolings.", body=False),
+             "List models and poolings; also OpenAI's model list (object, data).", body=False,
+             extend=openai_api.with_model_list),
     Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
              calls.list_collections, "Describe every collection.", body=False),
     Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
@@ -103,7 +120,8 @@ ENDPOINTS = [
              "Remove items by id.", path_field="collection"),
     Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
              "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
-             "'request' with the rest of the SearchRequest as JSON), vector or id.", path_field="collection",
+             "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
+             "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).", path_field="collection",
              extra_content=("multipart/form-data",)),
     Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
              calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",
@@ -177,6 +195,134 @@ class BodyLimit:
         return await self.app(scope, limited, closing)
 
 
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # every method but GET, HEAD, OPTIONS changes or costs
+PROBES = ("/healthz", "/readyz")  # answer for any Host: orchestrators probe by pod IP or service name
+CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
+
+
+def host_name(authority: str) -> str:
+    """The name in a Host header (`name:port`, `[v6]:port`): lowercase, without port, brackets or final dot."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0].rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class BrowserGuard:
+    """ASGI middleware: what a web page in someone's browser must not make the API do.
+
+    A Host the server does not answer for is 421: DNS rebinding points an attacker's name at this server, and its
+    page is then same-origin with it (an IP literal cannot be rebound). A write (and its CORS preflight) from a page
+    of another origin not in http_cors_origins is 403: browsers send a POST across sites without asking when its
+    type is text/plain, multipart or none. A write must declare a body type its endpoint reads (415), which no
+    page can send across origins without a preflight. Pages of allowed origins get CORS answers.
+    """
+
+    def __init__(self, app, config: ServerConfig, media_types: Callable[[dict], Optional[tuple[str, ...]]]):
+        self.app, self.media_types = app, media_types
+        self.any_host = "*" in config.allowed_hosts
+        listen_host = host_name(config.http_listen.rsplit(":", 1)[0])
+        self.hosts = {"localhost", listen_host} | set(config.allowed_hosts)
+        self.suffixes = tuple(h for h in config.allowed_hosts if h.startswith("."))
+        self.cors_origins, self.any_origin = set(config.cors_origins), "*" in config.cors_origins
+        # With CORS on, responses differ by Origin: caches (the browser's too) must key on it.
+        self.vary = bool(config.cors_origins)
+
+    def host_allowed(self, name: str) -> bool:
+        return (self.any_host or _is_ip(name) or name in self.hosts
+                or any(name.endswith(s) or name == s[1:] for s in self.suffixes))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
+        refusal = self._refusal(scope, headers, method, host, origin)
+        cross = origin is not None and not self._same_origin(origin, host)
+        cors = cross and refusal is None and self._cors_allowed(origin)
+        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+            return await self._preflight(origin)(scope, receive, send)
+        if refusal is None:
+            refusal = self._media_type_refusal(scope, headers, method)
+        send = self._with_cors(send, origin if cors else None)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        log.info("refused %s %s: %s", method, scope["path"], refusal,
+                 extra={"host": host, "origin": origin, "transport": "http"})
+        return await error_response(status_for(refusal), str(refusal), refusal)(scope, receive, send)
+
+    def _refusal(self, scope, headers: Headers, method: str, host: str,
+                 origin: Optional[str]) -> Optional[EmbedsvcError]:
+        if host and scope["path"] not in PROBES and not self.host_allowed(host_name(host)):
+            return MisdirectedRequest(
+                f"this server does not answer for host {quoted(host_name(host))}; if that is its name, add it to "
+                f"http_allowed_hosts (EMBEDSVC_HTTP_ALLOWED_HOSTS)")
+        preflight = method == "OPTIONS" and "access-control-request-method" in headers
+        if (origin is not None and (method in WRITES or preflight) and not self._same_origin(origin, host)
+                and not self._cors_allowed(origin)):
+            asked = headers.get("access-control-request-method", "") if preflight else method
+            return CrossOriginRefused(
+                f"a page of {quoted(origin)} may not {asked.upper()} here: it is neither this server's origin "
+                f"nor in http_cors_origins (EMBEDSVC_HTTP_CORS_ORIGINS)")
+        return None
+
+    @staticmethod
+    def _same_origin(origin: str, host: str) -> bool:
+        """The page came from this server by the name the browser used: its host:port is the request's Host (any
+        scheme, so a proxy that ends TLS and keeps the Host changes nothing)."""
+        return "://" in origin and origin.split("://", 1)[1].lower() == host.lower()
+
+    def _cors_allowed(self, origin: str) -> bool:
+        return self.any_origin or origin.lower() in self.cors_origins
+
+    def _media_type_refusal(self, scope, headers: Headers, method: str) -> Optional[UnsupportedMediaType]:
+        """A write needs a Content-Type its endpoint reads; a DELETE only if it has a body."""
+        if method not in WRITES:
+            return None
+        if method == "DELETE" and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+            return None
+        types = self.media_types(scope)
+        if types is None:  # no such route: the application's 404 or 405 says so
+            return None
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in types or (kind.endswith("+json") and kind.startswith("application/")):
+            return None
+        choices = "application/json" + (", application/x-ndjson (one item per line)" if JSON_LINES[0] in types
+                                        else "") + (", multipart/form-data" if "multipart/form-data" in types else "")
+        got = f"got {quoted(kind)}" if kind else "got no Content-Type header"
+        return UnsupportedMediaType(f"{method} {scope['path']} reads {choices}; {got}")
+
+    @staticmethod
+    def _preflight(origin: str) -> Response:
+        return Response(status_code=204, headers={
+            "access-control-allow-origin": origin, "access-control-allow-methods": "GET, POST, DELETE",
+            "access-control-allow-headers": "authorization, content-type",
+            "access-control-max-age": str(CORS_MAX_AGE), "vary": "Origin"})
+
+    def _with_cors(self, send, origin: Optional[str]):
+        """`send` adding Cross-Origin-Resource-Policy: same-origin (an <img> or <script> of another site loads
+        nothing, so its onload/onerror and an image's size cannot tell what exists), Vary: Origin with CORS on,
+        and Access-Control-Allow-Origin for an allowed `origin` (CORS-mode fetches are not subject to CORP)."""
+        added = [(b"cross-origin-resource-policy", b"same-origin")]
+        added += [(b"vary", b"Origin")] if self.vary or origin else []
+        added += [(b"access-control-allow-origin", origin.encode("latin-1"))] if origin else []
+
+        async def cors_send(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), *added])
+            await send(message)
+
+        return cors_send
+
+
 class HttpApi:
     """The Starlette application over one engine."""
 
@@ -185,16 +331,32 @@ class HttpApi:
         self.config: ServerConfig = engine.config
         self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
         self.ready = False  # true between start and the beginning of shutdown
-        routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
-        routes += [Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                   Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                   Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                   Route("/", self.static("index.html"))]
+        api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
+        openai_route = openai_api.route(self)  # POST /v1/embeddings
+        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                               Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
+        body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
+        body_types.append((openai_route, openai_api.MEDIA_TYPES))
+        limited = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
+        guarded = BrowserGuard(limited, self.config, self._body_types_of(body_types))
+        self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], Optional[tuple[str, ...]]]:
+        """The media types of the endpoint a request's path and method name, or None for no endpoint."""
+        def body_types(scope: dict) -> Optional[tuple[str, ...]]:
+            for route, media_types in routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    return media_types
+            return None
+
+        return body_types
 
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
@@ -241,12 +403,21 @@ class HttpApi:
     async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
         """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
         than max_items_per_request items is refused, as the engine would, before it is built."""
-        return await self._off_loop(len(data), jsonbody.parse, data, message_type, where,
+        return await self._off_loop(len(data), json_body.parse, data, message_type, where,
                                     self.config.max_items_per_request, self.engine._check_count)
 
-    async def _render(self, message: Message) -> Response:
-        return Response(await self._off_loop(message.ByteSize(), jsonbody.render, message),
-                        media_type="application/json")
+    async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
+        """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
+        (`extend`); rendered here when small, in a codec thread and in pieces when large."""
+        def render(piecewise: bool) -> bytes:
+            document = json_body.document(response) if isinstance(response, Message) else response
+            document = extend(document) if extend else document
+            return json_body.render(document) if piecewise else json_body.dumps(document)
+
+        small = (response.ByteSize() <= INLINE_BYTES if isinstance(response, Message)
+                 else json_body.weight(response, INLINE_DOCUMENT_BYTES) <= INLINE_DOCUMENT_BYTES)
+        body = render(False) if small else await asyncio.get_running_loop().run_in_executor(self.codec, render, True)
+        return Response(body, media_type="application/json")
 
     def _handler(self, endpoint: Endpoint):
         async def handle(request: Request) -> Response:
@@ -254,7 +425,7 @@ class HttpApi:
                 message = await self._request(endpoint, request)
                 async with self.slots.held():  # the request is in whole: now it is work, counted as gRPC's is
                     response = await endpoint.call(self.engine, message)
-                return await self._render(response)
+                return await self.respond(response, endpoint.extend)
 
             return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
 
@@ -268,10 +439,7 @@ class HttpApi:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
             message = await self._multipart_search(request)
-        elif endpoint.body:
-            if kind and kind != "application/json" and not kind.endswith("+json"):
-                raise InvalidInput(f"send the body as application/json (got {quoted(kind)})"
-                                   + ("; or application/x-ndjson, one item per line" if endpoint.streaming else ""))
+        elif endpoint.body:  # application/json: BrowserGuard refused other types
             message = await self._parse(await request.body(), endpoint.request_type)
         else:
             message = endpoint.request_type()
@@ -290,7 +458,7 @@ class HttpApi:
         start, line, stored = 0, 0, 0
         while True:
             try:
-                items, start, line = await self._off_loop(len(body) - start, jsonbody.parse_lines, body, start, line,
+                items, start, line = await self._off_loop(len(body) - start, json_body.parse_lines, body, start, line,
                                                           self.config.max_items_per_request, pb.UpsertItem)
             except InvalidInput as exc:
                 if stored:  # each batch is stored before the next one is parsed
