@@ -39,6 +39,10 @@ class Unavailable(EmbedsvcError):
     """Something the request needs is out of service for now (e.g. a read-only data directory); retry later."""
 
 
+class DeadlineExceeded(EmbedsvcError):
+    """Time ran out: the request (or part of it) did not arrive or finish in time."""
+
+
 class PermissionDenied(EmbedsvcError):
     """The caller may not do this (here: a browser page of an origin the server does not trust)."""
 
@@ -104,6 +108,10 @@ class NonFiniteVector(InvalidInput):
 
 class RequestTooLarge(ResourceExhausted):
     """A request body or message is over the configured byte limit (HTTP 413)."""
+
+
+class RequestTimedOut(DeadlineExceeded):
+    """A client sent its request body too slowly (HTTP 408)."""
 
 
 class UnsupportedMediaType(InvalidInput):

@@ -22,7 +22,7 @@ from embedsvc.service.http import ENDPOINTS
 from serving import ServerThread, running_server, tiny_config, tiny_server
 
 READ, WRITE = "r" * 24, "w" * 24
-LIMIT = 64 * 1024  # max_message_bytes of the test server: small, so "huge" is cheap to send
+LIMIT = 64 * 1024  # http_max_body_bytes of the test server: small, so "huge" is cheap to send
 
 
 def png(colour, size=(48, 40)) -> bytes:
@@ -38,7 +38,7 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("http"), http_listen="127.0.0.1:0", store_thumbnails=True,
-                     max_message_bytes=LIMIT, max_items_per_request=8, max_image_bytes=20_000) as srv:
+                     http_max_body_bytes=LIMIT, max_items_per_request=8, max_image_bytes=20_000) as srv:
         with httpx.Client(base_url=srv.http_url, timeout=60) as http:
             assert http.post("/v1/collections", json={"config": {"name": "pics"}}).status_code == 200
             assert http.post("/v1/collections", json={"config": {"name": "vec", "dim": 3}}).status_code == 200
@@ -189,8 +189,8 @@ HOSTILE = [
      "application/json", 429, "RESOURCE_EXHAUSTED", "limit of 8"),
     ("image over max_image_bytes", "/v1/embed", json.dumps({"inputs": [{"image": b64(b"\0" * 30_000)}]}).encode(),
      "application/json", 400, "INVALID_ARGUMENT", "limit"),
-    ("body over max_message_bytes", "/v1/embed", b'{"inputs": [{"text": "' + b"x" * LIMIT + b'"}]}',
-     "application/json", 413, "RESOURCE_EXHAUSTED", "max_message_bytes"),
+    ("body over http_max_body_bytes", "/v1/embed", b'{"inputs": [{"text": "' + b"x" * LIMIT + b'"}]}',
+     "application/json", 413, "RESOURCE_EXHAUSTED", "http_max_body_bytes"),
     ("path traversal", "/v1/collections/..%2F..%2Fetc%2Fpasswd/search", b'{"queries": [{"text": "x"}]}',
      "application/json", 404, "NOT_FOUND", ""),
     ("traversal in a new name", "/v1/collections", b'{"config": {"name": "../../etc"}}', "application/json", 400,
@@ -217,7 +217,7 @@ def test_a_chunked_body_over_the_limit_is_cut_off(server):
             yield b"x" * (LIMIT // 4)
 
     error(http.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"}), 413,
-          "RESOURCE_EXHAUSTED", "max_message_bytes")
+          "RESOURCE_EXHAUSTED", "http_max_body_bytes")
     with socket.create_connection(("127.0.0.1", srv.server.http_port), timeout=10) as raw:  # garbage on the wire
         raw.sendall(b"\x16\x03\x01 this is not http\r\n\r\n")
         raw.recv(1024)

@@ -38,7 +38,7 @@ TEXTS = ["a red square", "two blue circles on a green field"]
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("openai"), http_listen="127.0.0.1:0",
-                     max_message_bytes=LIMIT, max_items_per_request=8) as srv:
+                     http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2, max_items_per_request=8) as srv:
         with Client(srv.address) as grpc_client:
             sdk = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
             yield srv, sdk, grpc_client
@@ -172,7 +172,7 @@ def test_errors_outside_the_route_take_openais_shape_too(server, tiny_spec):
     huge = httpx.post(srv.http_url + "/v1/embeddings", json={"model": tiny_spec.name, "input": "x" * LIMIT})
     assert huge.status_code == 413
     error = huge.json()["error"]
-    assert error["code"] == "resource_exhausted" and "max_message_bytes" in error["message"]
+    assert error["code"] == "resource_exhausted" and "http_max_body_bytes" in error["message"]
     wrong_method = httpx.get(srv.http_url + "/v1/embeddings")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
     not_json = httpx.post(srv.http_url + "/v1/embeddings", content=b"{nope",

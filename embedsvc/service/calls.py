@@ -18,7 +18,7 @@ from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
 from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
-from embedsvc.service.wire import embed_response
+from embedsvc.service.wire import embed_response, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter
 from embedsvc.store.filter_text import parse_filter_text
 from embedsvc.v1 import embedsvc_pb2 as pb
@@ -90,7 +90,7 @@ def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
 
 
 def vector_from_pb(vector: pb.Vector) -> np.ndarray:
-    return np.asarray(vector.values, dtype=np.float32)
+    return vector_values(vector)
 
 
 def info_to_pb(info: CollectionInfo) -> pb.CollectionInfo:

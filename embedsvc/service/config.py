@@ -20,6 +20,7 @@ from embedsvc.errors import InvalidInput, quoted
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE
 
 ENV_PREFIX = "EMBEDSVC_"
+JSON_ENVELOPE_BYTES = 4096  # an HTTP request's JSON around its images: field names, ids, poolings, metadata
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -64,7 +65,7 @@ class ServerConfig:
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
-    # Largest gRPC message accepted or sent, in bytes.
+    # Largest gRPC message accepted or sent, in bytes (HTTP bodies: http_max_body_bytes).
     max_message_bytes: int = 64 * 1024 * 1024
     # Largest encoded image accepted, in bytes.
     max_image_bytes: int = 16 * 1024 * 1024
@@ -82,12 +83,27 @@ class ServerConfig:
     max_fit_bytes: int = 1024 * 1024 * 1024
     # Largest top_k a search may ask for.
     max_top_k: int = 1000
-    # Embedsvc RPCs served at once, counted from their first request message (health never waits).
+    # Embedsvc RPCs and HTTP API requests served at once, counted from their first request message or whole body
+    # (health and probes never wait).
     max_concurrent_rpcs: int = 256
-    # RPCs that wait for one of those slots (until their deadline); more get RESOURCE_EXHAUSTED.
+    # RPCs and HTTP API requests that wait for one of those slots (gRPC until their deadline); more get
+    # RESOURCE_EXHAUSTED.
     max_waiting_rpcs: int = 1024
     # Seconds a call may take to send its (next) request message; then DEADLINE_EXCEEDED.
     request_message_timeout_seconds: float = 30.0
+    # Seconds an HTTP client has to send a request's headers, from connecting or from its previous response; then
+    # the connection is closed (408 if part of a request came). A byte at a time does not extend it.
+    http_header_timeout_seconds: float = 10.0
+    # Seconds an HTTP request's body may take to arrive after its headers; then 408 DEADLINE_EXCEEDED.
+    http_body_timeout_seconds: float = 30.0
+    # Seconds an idle HTTP keep-alive connection stays open (at most http_header_timeout_seconds).
+    http_keepalive_timeout_seconds: float = 5.0
+    # Open HTTP connections; one more closes the oldest that is not serving a request (at most half the file
+    # descriptors the process may open).
+    http_max_connections: int = 2048
+    # Largest HTTP request body, in bytes: one image of max_image_bytes in base64 (4/3 of it) with room to spare;
+    # several images per request fit while they are smaller. Must hold one such image.
+    http_max_body_bytes: int = 32 * 1024 * 1024
     # torch intra-op threads (0: the CPUs this process may use: affinity mask, cgroup CPU quota).
     torch_threads: int = 0
     # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
@@ -125,12 +141,23 @@ class ServerConfig:
         positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
                     "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
-                    "max_fit_bytes"]
+                    "max_fit_bytes", "http_max_connections"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
         if not self.request_message_timeout_seconds > 0:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
+        for name in ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_keepalive_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.http_keepalive_timeout_seconds > self.http_header_timeout_seconds:
+            raise InvalidInput(f"config http_keepalive_timeout_seconds ({self.http_keepalive_timeout_seconds:g}) must not "
+                               f"exceed http_header_timeout_seconds ({self.http_header_timeout_seconds:g}): the next "
+                               f"request's headers are due within that")
+        one_image = base64_size(self.max_image_bytes) + JSON_ENVELOPE_BYTES
+        if self.http_listen and self.http_max_body_bytes < one_image:
+            raise InvalidInput(f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
+                               f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if not 0 <= self.decode_nice <= 19:
@@ -214,6 +241,11 @@ def _origin(entry: str) -> str:
                            f"(https://app.example.com, http://localhost:3000), or *")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
+
+
+def base64_size(size: int) -> int:
+    """Characters of `size` bytes in base64, as JSON carries them."""
+    return -(-size // 3) * 4
 
 
 def _convert(name: str, hint: Any, raw: Any) -> Any:

@@ -1,11 +1,12 @@
 """HTTP/JSON API and search page: Starlette on uvicorn, in the gRPC server's own event loop.
 
-Each endpoint parses its body into the RPC's protobuf request with `json_format` (so field names are
+Each endpoint parses its body into the RPC's protobuf request as `json_format` does (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
-servicer calls, and renders the response in the same mapping (embedsvc.service.json_body: vectors written in
-C; OpenAI's /v1/embeddings is embedsvc.service.openai_api). Tokens, scopes and limits are the
-gRPC server's; domain errors become HTTP statuses in embedsvc.service.errors, with the gRPC code name
-in the JSON body: {"code": "NOT_FOUND", "message": "..."}.
+servicer calls, and renders the response in the same mapping (vectors written in C); large bodies are parsed
+and large responses rendered in threads, in short steps (embedsvc.service.json_body). OpenAI's /v1/embeddings
+is embedsvc.service.openai_api. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors
+become HTTP statuses in embedsvc.service.errors, with the gRPC code name in the JSON body:
+{"code": "NOT_FOUND", "message": "..."}.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import logging
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import grpc
 import uvicorn
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -32,13 +33,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTooLarge,
-                             UnsupportedMediaType, quoted)
+from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
+                             RequestTooLarge, UnsupportedMediaType, quoted)
 from embedsvc.service import calls, json_body, openai_api
+from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
+from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 log = logging.getLogger("embedsvc.http")
@@ -46,6 +49,13 @@ log = logging.getLogger("embedsvc.http")
 WEB = resources.files("embedsvc.service") / "web"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
+# Bodies and responses up to these sizes are parsed and rendered on the event loop (about 1 ms at most); larger
+# ones in the API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps
+# running. A response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay
+# inline; a protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
+INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
+INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
+CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time; more wait their turn
 
 
 def _service_of(rpc: str) -> str:
@@ -132,40 +142,21 @@ def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseExcept
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
-def json_response(endpoint: Endpoint, message: Message | dict) -> Response:
-    """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields."""
-    document = message if isinstance(message, dict) else json_body.document(message)
-    return Response(json_body.dumps(endpoint.extend(document) if endpoint.extend else document),
-                    media_type="application/json")
-
-
-def parse_json(data: bytes, message_type: type, where: str = "request body") -> Message:
-    """The body as the RPC's protobuf message; any malformation is INVALID_ARGUMENT with the parser's words."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{where} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        return message_type()
-    try:
-        return json_format.Parse(text, message_type())
-    except (json_format.ParseError, ValueError, RecursionError, TypeError) as exc:
-        raise InvalidInput(f"{where} is not a valid {message_type.DESCRIPTOR.name} in JSON: {exc}") from None
-
-
 async def _one(message: Message) -> AsyncIterator[Message]:
     yield message
 
 
 class BodyLimit:
-    """ASGI middleware: refuses bodies over `limit` bytes (max_message_bytes), by header or while reading."""
+    """ASGI middleware: refuses bodies over `limit` bytes (http_max_body_bytes), by header or while reading, and
+    bodies that do not arrive within `timeout` seconds of their headers (http_body_timeout_seconds; 408, and the
+    connection closes). The headers' own deadline and the cap on connections are embedsvc.service.httpconn's."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     def _refusal(self, size: str) -> RequestTooLarge:
         return RequestTooLarge(f"request body is {size} bytes, over the limit of {self.limit:,} "
-                               f"(max_message_bytes); send less per request")
+                               f"(http_max_body_bytes); send less per request")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -174,18 +165,34 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             exc = self._refusal(f"{int(length):,}")
             return await error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc)(scope, receive, send)
-        received = 0
+        loop = asyncio.get_running_loop()
+        deadline, received, whole, late = loop.time() + self.timeout, 0, False, False
 
         async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._refusal(f"over {self.limit:,}")
+            nonlocal received, whole, late
+            if whole:  # the body is in: later reads wait for a disconnect, without a deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                late = True
+                raise RequestTimedOut(f"the request body did not arrive within http_body_timeout_seconds "
+                                      f"({self.timeout:g} s) of its headers; send it faster, or less per "
+                                      f"request") from None
+            if message["type"] == "http.disconnect":
+                raise Refused(grpc.StatusCode.CANCELLED, "the client closed the connection before its body came")
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self._refusal(f"over {self.limit:,}")
+            whole = not message.get("more_body", False)
             return message
 
-        return await self.app(scope, limited, send)
+        async def closing(message):
+            if late and message["type"] == "http.response.start":  # the rest of a late body is not waited for
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, limited, closing)
 
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # every method but GET, HEAD, OPTIONS changes or costs
@@ -319,9 +326,10 @@ class BrowserGuard:
 class HttpApi:
     """The Starlette application over one engine."""
 
-    def __init__(self, engine: Engine, tokens: list[Token]):
-        self.engine, self.tokens = engine, tokens
+    def __init__(self, engine: Engine, tokens: list[Token], slots: Slots):
+        self.engine, self.tokens, self.slots = engine, tokens, slots
         self.config: ServerConfig = engine.config
+        self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
@@ -333,8 +341,8 @@ class HttpApi:
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
         body_types.append((openai_route, openai_api.MEDIA_TYPES))
-        guarded = BrowserGuard(BodyLimit(app, self.config.max_message_bytes), self.config,
-                               self._body_types_of(body_types))
+        limited = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
+        guarded = BrowserGuard(limited, self.config, self._body_types_of(body_types))
         self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -386,12 +394,38 @@ class HttpApi:
             peer = f"{'ipv6' if ':' in client.host else 'ipv4'}:{client.host}:{client.port}" if client else ""
             calls.record(self.engine, rpc, code.name, time.perf_counter() - started, peer, "http")
 
+    async def _off_loop(self, size: int, fn: Callable, *args):
+        """fn(*args) here when `size` is small, else in a codec thread."""
+        if size <= INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
+
+    async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
+        """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
+        than max_items_per_request items is refused, as the engine would, before it is built."""
+        return await self._off_loop(len(data), json_body.parse, data, message_type, where,
+                                    self.config.max_items_per_request, self.engine._check_count)
+
+    async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
+        """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
+        (`extend`); rendered here when small, in a codec thread and in pieces when large."""
+        def render(piecewise: bool) -> bytes:
+            document = json_body.document(response) if isinstance(response, Message) else response
+            document = extend(document) if extend else document
+            return json_body.render(document) if piecewise else json_body.dumps(document)
+
+        small = (response.ByteSize() <= INLINE_BYTES if isinstance(response, Message)
+                 else json_body.weight(response, INLINE_DOCUMENT_BYTES) <= INLINE_DOCUMENT_BYTES)
+        body = render(False) if small else await asyncio.get_running_loop().run_in_executor(self.codec, render, True)
+        return Response(body, media_type="application/json")
+
     def _handler(self, endpoint: Endpoint):
         async def handle(request: Request) -> Response:
             async def work() -> Response:
                 message = await self._request(endpoint, request)
-                response = await endpoint.call(self.engine, message)
-                return json_response(endpoint, response)
+                async with self.slots.held():  # the request is in whole: now it is work, counted as gRPC's is
+                    response = await endpoint.call(self.engine, message)
+                return await self.respond(response, endpoint.extend)
 
             return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
 
@@ -406,7 +440,7 @@ class HttpApi:
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
             message = await self._multipart_search(request)
         elif endpoint.body:  # application/json: BrowserGuard refused other types
-            message = parse_json(await request.body(), endpoint.request_type)
+            message = await self._parse(await request.body(), endpoint.request_type)
         else:
             message = endpoint.request_type()
         if endpoint.path_field:
@@ -418,32 +452,31 @@ class HttpApi:
         return _one(message) if endpoint.streaming else message
 
     async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
-        """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream)."""
-        batch, stored = pb.UpsertRequest(collection=collection), 0
-        lines = (await request.body()).split(b"\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream);
+        each batch is parsed (off the loop when large) after the one before was stored."""
+        body = await request.body()
+        start, line, stored = 0, 0, 0
+        while True:
             try:
-                batch.items.append(parse_json(line, pb.UpsertItem, f"line {number}"))
+                items, start, line = await self._off_loop(len(body) - start, json_body.parse_lines, body, start, line,
+                                                          self.config.max_items_per_request, pb.UpsertItem)
             except InvalidInput as exc:
                 if stored:  # each batch is stored before the next one is parsed
                     raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
                 raise
-            if len(batch.items) == self.config.max_items_per_request:
-                yield batch
-                stored += len(batch.items)
-                batch = pb.UpsertRequest(collection=collection)
-        if batch.items or not any(line.strip() for line in lines):
-            yield batch
+            if items or not stored:  # a body of blank lines is one empty batch, as before
+                yield pb.UpsertRequest(collection=collection, items=items)
+            stored += len(items)
+            if start >= len(body):
+                return
 
     async def _multipart_search(self, request: Request) -> pb.SearchRequest:
         limit = self.config.max_items_per_request
         try:
-            form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.max_message_bytes)
+            form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.http_max_body_bytes)
         except HTTPException as exc:  # malformed multipart, too many parts
             raise InvalidInput(f"multipart body: {exc.detail}") from None
-        message = parse_json(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
+        message = await self._parse(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
         if form.get("text"):
             message.queries.add(text=str(form["text"]))
         for upload in form.getlist("image"):
@@ -494,7 +527,11 @@ class _QuietServer(uvicorn.Server):
 
 
 class HttpServer:
-    """The bound socket and the uvicorn server that serves HttpApi on it, as a task of the running loop."""
+    """The bound socket and the uvicorn server that serves HttpApi on it, as a task of the running loop.
+
+    No `limit_concurrency`: uvicorn counts open connections in it, so idle ones made every request 503. Open
+    connections are capped by the ConnectionGuard instead (oldest idle closed first), and work by the slots
+    shared with gRPC."""
 
     def __init__(self, api: HttpApi, sock: socket.socket, config: ServerConfig):
         self.api, self.sock = api, sock
@@ -506,14 +543,15 @@ class HttpServer:
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
+        self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds)
         self.server = _QuietServer(uvicorn.Config(
-            api.app, lifespan="off", log_config=None, access_log=False, server_header=False,
-            timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            limit_concurrency=config.max_concurrent_rpcs * 2, **tls))
+            api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
+            server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))
         self.task = None
 
     @classmethod
-    def bind(cls, engine: Engine, tokens: list[Token]) -> "HttpServer":
+    def bind(cls, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
         """Binds http_listen now, so a taken port fails start-up like the gRPC port does."""
         config = engine.config
         host, port = config.http_listen.rsplit(":", 1)
@@ -530,7 +568,7 @@ class HttpServer:
                                f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
                                f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)") from None
         sock.set_inheritable(True)
-        return cls(HttpApi(engine, tokens), sock, config)
+        return cls(HttpApi(engine, tokens, slots), sock, config)
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
@@ -552,3 +590,4 @@ class HttpServer:
             self.server.should_exit = True
             await self.task
         self.sock.close()
+        self.api.codec.shutdown(wait=False, cancel_futures=True)

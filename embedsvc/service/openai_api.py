@@ -20,7 +20,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 from starlette.requests import Request
@@ -36,6 +36,7 @@ from embedsvc.v1 import embedsvc_pb2 as pb
 PATH = "/v1/embeddings"
 EMBED_METHOD = "/embedsvc.v1.EmbedService/Embed"  # same tokens and scope as Embed
 PARAM_KEY = "embedsvc.openai_param"  # the ASGI scope key where a refusal names the request field at fault
+INPUT = frozenset({"input"})  # the array max_items_per_request limits, as Embed's inputs
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "pooling", "truncate")
 ENCODINGS = ("float", "base64")
 URL = re.compile(r"https?://\S+", re.IGNORECASE)
@@ -63,10 +64,13 @@ class EmbeddingsRequest:
 # -- the request ------------------------------------------------------------------------------------
 
 
-def parse_request(data: bytes) -> EmbeddingsRequest:
+def parse_request(data: bytes, max_items: int = 0,
+                  check_count: Optional[Callable[[int, str], None]] = None) -> EmbeddingsRequest:
+    """The request, decoded in short steps when large (json_body.loads); with `check_count`, an `input` of more
+    than `max_items` items is refused before any of them is read."""
     try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        body = json_body.loads(data, max_items, INPUT, check_count)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ParamError(None, f"request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ParamError(None, f"request body must be a JSON object, got {type(body).__name__}")
@@ -213,12 +217,14 @@ def route(api) -> Route:
     async def embeddings(request: Request) -> Response:
         async def work() -> Response:
             try:
-                parsed = parse_request(await request.body())
-                model, _, batch = await calls.embed_rows(api.engine, parsed.embed)
+                data = await request.body()
+                parsed = await api._off_loop(len(data), parse_request, data, api.config.max_items_per_request,
+                                             lambda count, _: api.engine._check_count(count, "inputs"))
+                async with api.slots.held():  # in whole: now it is work, counted as gRPC's is
+                    model, _, batch = await calls.embed_rows(api.engine, parsed.embed)
                 runtime = api.engine.loaded_models().get(model)
                 context = runtime.encoder.loaded.context_length if runtime else 0
-                return Response(json_body.dumps(embedding_document(parsed, batch, context)),
-                                media_type="application/json")
+                return await api.respond(embedding_document(parsed, batch, context))
             except Exception as exc:
                 request.scope[PARAM_KEY] = getattr(exc, "param", None)
                 raise

@@ -33,9 +33,10 @@ ERROR = {"type": "object", "required": ["code", "message"], "properties": {
 ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED",
                   "403": "PERMISSION_DENIED: a token without the scope, or a write from a page of another origin "
                          "not in http_cors_origins",
-                  "404": "NOT_FOUND", "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over max_message_bytes",
+                  "404": "NOT_FOUND", "408": "DEADLINE_EXCEEDED: the body came slower than http_body_timeout_seconds",
+                  "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over http_max_body_bytes",
                   "421": "PERMISSION_DENIED: a Host the server does not answer for (http_allowed_hosts)",
-                  "429": "RESOURCE_EXHAUSTED: a limit or a full queue", "503": "UNAVAILABLE: shutting down"}
+                  "429": "RESOURCE_EXHAUSTED: a limit, a full queue or a busy server", "503": "UNAVAILABLE: shutting down"}
 UNSUPPORTED_MEDIA_TYPE = "INVALID_ARGUMENT: no Content-Type, or one this endpoint does not read"
 
 # Field notes the docs page shows beside a field's type, where the type alone does not say how to use it.
