@@ -152,6 +152,48 @@ def test_over_the_connection_cap_the_oldest_idle_connections_are_closed(tiny_spe
         assert not any(_closed_by_server(sock, timeout=0.05) for sock in opened[-20:])  # newest: still open
 
 
+PIPELINED = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000  # 22 MB of responses
+
+
+def _not_reading(port: int) -> socket.socket:
+    """A client that pipelines requests for 22 MB of responses and reads none of them."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(PIPELINED)
+    return sock
+
+
+def test_clients_that_do_not_read_their_responses_neither_fill_the_cap_nor_stay(tiny_spec, tmp_path):
+    """A response its client does not read blocked its request forever: such connections were never closed for
+    room, so http_max_connections of them made every new connection, probes included, close unanswered."""
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=4,
+                         http_header_timeout_seconds=120, http_send_timeout_seconds=120)  # only the cap closes them
+    with running_server(config) as server, ExitStack() as stack:
+        guard = server.server.http.guard
+        readers = [stack.enter_context(_not_reading(server.server.http_port)) for _ in range(4)]
+        _wait_until(lambda: len(guard.open) == 4 and all(c.flow.write_paused for c in guard.open), 60,
+                    "the server's output to the four to stall")
+        with httpx.Client(base_url=server.http_url, timeout=10) as fresh:
+            assert fresh.get("/healthz").status_code == 200
+            assert fresh.get("/readyz").status_code == 200
+        assert len(readers) == 4 and _open_connections(server) <= 4
+
+
+def test_a_response_its_client_does_not_read_is_dropped_after_http_send_timeout_seconds(tiny_spec, tmp_path):
+    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_header_timeout_seconds=120,
+                         http_body_timeout_seconds=120, http_send_timeout_seconds=0.5)
+    with running_server(config) as server, ExitStack() as stack:
+        state = server.server.http.server.server_state
+        for _ in range(3):
+            stack.enter_context(_not_reading(server.server.http_port))
+        _wait_until(lambda: server.server.http.guard.open and state.total_requests > 0, 60, "responses to start")
+        # the requests' tasks end and the connections with their buffered output are gone, unread
+        _wait_until(lambda: not state.connections and not state.tasks, 60, "the stuck connections to be dropped")
+        with httpx.Client(base_url=server.http_url, timeout=10) as fresh:
+            assert fresh.get("/healthz").status_code == 200
+
+
 def _closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
     """True once the server has closed the connection (what it wrote before closing is skipped)."""
     sock.settimeout(timeout)
@@ -218,6 +260,7 @@ def test_headers_bodies_and_keep_alive_have_deadlines(tiny_spec, tmp_path):
 def test_connection_settings_are_validated():
     for bad, words in [(dict(http_header_timeout_seconds=0), "http_header_timeout_seconds"),
                        (dict(http_body_timeout_seconds=-1), "http_body_timeout_seconds"),
+                       (dict(http_send_timeout_seconds=0), "http_send_timeout_seconds"),
                        (dict(http_keepalive_timeout_seconds=20, http_header_timeout_seconds=10),
                         "http_keepalive_timeout_seconds"),
                        (dict(http_max_connections=0), "http_max_connections"),

@@ -96,6 +96,9 @@ class ServerConfig:
     http_header_timeout_seconds: float = 10.0
     # Seconds an HTTP request's body may take to arrive after its headers; then 408 DEADLINE_EXCEEDED.
     http_body_timeout_seconds: float = 30.0
+    # Seconds an HTTP response may stay stuck because its client does not read it (less than 64 KiB taken while
+    # the server's buffer is full or a closed connection's output unsent); then the connection is dropped.
+    http_send_timeout_seconds: float = 30.0
     # Seconds an idle HTTP keep-alive connection stays open (at most http_header_timeout_seconds).
     http_keepalive_timeout_seconds: float = 5.0
     # Open HTTP connections; one more closes the oldest that is not serving a request (at most half the file
@@ -147,7 +150,8 @@ class ServerConfig:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
         if not self.request_message_timeout_seconds > 0:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
-        for name in ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_keepalive_timeout_seconds"):
+        for name in ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_send_timeout_seconds",
+                     "http_keepalive_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"config {name} must be > 0, got {getattr(self, name)}")
         if self.http_keepalive_timeout_seconds > self.http_header_timeout_seconds:

@@ -543,7 +543,8 @@ class HttpServer:
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
-        self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds)
+        self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
+                                     config.http_send_timeout_seconds)
         self.server = _QuietServer(uvicorn.Config(
             api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,

@@ -8,8 +8,13 @@ GuardedH11 is uvicorn's h11 protocol with two additions:
 - the next request's headers must be complete within `header_timeout` of the connection opening or of the
   previous response (the unread rest of that request's body included); then the connection is closed, after
   a 408 in JSON when part of a request came;
+- a response its client does not read (the transport's buffer over its high-water mark, or the rest of a closed
+  connection's output unsent) must shrink by SEND_PROGRESS_BYTES (or to nothing) in each `send_timeout`; else
+  the connection is dropped, its buffer freed and its request's task ended (without this, a client pipelining
+  requests and reading nothing held its connection and task forever);
 - one connection over `max_connections` closes the oldest that is not serving a request (idle, or its headers
-  incomplete); failing that, the oldest whose body is still arriving; failing that, the new one.
+  incomplete); failing that, the oldest whose body is still arriving or whose response is not being read;
+  failing that, the new one. One whose output is stuck is dropped, not closed: closing waits for the output.
 
 A body's deadline is the application's (BodyLimit in embedsvc.service.http answers 408 in JSON); real work is
 bounded by the admission slots the HTTP API shares with gRPC (embedsvc.service.admission), not here.
@@ -31,6 +36,7 @@ log = logging.getLogger("embedsvc.http")
 
 WAITING, BODY, RUNNING = "waiting", "body", "running"  # for a request; its body arriving; served by the app
 WARN_EVERY_SECONDS = 60.0
+SEND_PROGRESS_BYTES = 64 * 1024  # a stuck response's client must take this much of it per http_send_timeout_seconds
 
 
 def _timeout_response(seconds: float) -> bytes:
@@ -44,8 +50,8 @@ def _timeout_response(seconds: float) -> bytes:
 class ConnectionGuard:
     """The open connections of one HTTP server, oldest first, and the deadline of their headers."""
 
-    def __init__(self, max_connections: int, header_timeout: float):
-        self.max_connections, self.header_timeout = max_connections, header_timeout
+    def __init__(self, max_connections: int, header_timeout: float, send_timeout: float):
+        self.max_connections, self.header_timeout, self.send_timeout = max_connections, header_timeout, send_timeout
         self.open: dict[GuardedH11, None] = {}  # insertion order: oldest first
         self.closed_for_room = 0  # since the last warning, one a minute at most
         self.warned = -WARN_EVERY_SECONDS
@@ -59,7 +65,7 @@ class ConnectionGuard:
         if len(self.open) > self.max_connections:
             victim = self._victim(connection)
             self.lost(victim)
-            victim.transport.close()  # a body being read ends its request: the client is gone
+            victim.drop()  # a body being read ends its request: the client is gone
             self._warn(connection.loop.time())
 
     def _warn(self, now: float) -> None:
@@ -74,14 +80,16 @@ class ConnectionGuard:
         self.open.pop(connection, None)
 
     def _victim(self, newcomer: "GuardedH11") -> "GuardedH11":
-        receiving = None
+        slow = None
         for connection in self.open:
+            if connection is newcomer:
+                continue
             state = connection.state()
-            if state == WAITING and connection is not newcomer:
+            if state == WAITING:
                 return connection
-            if state == BODY and receiving is None:
-                receiving = connection
-        return receiving or newcomer
+            if slow is None and (state == BODY or connection.flow.write_paused):
+                slow = connection
+        return slow or newcomer
 
 
 class GuardedH11(H11Protocol):
@@ -91,6 +99,8 @@ class GuardedH11(H11Protocol):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.header_deadline: Optional[asyncio.TimerHandle] = None
+        self.send_deadline: Optional[asyncio.TimerHandle] = None
+        self.unsent = 0  # output waiting when send_deadline was armed
 
     def state(self) -> str:
         if self.cycle is None or self.cycle.response_complete:
@@ -104,6 +114,7 @@ class GuardedH11(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        self._unwatch_output()
         self.guard.lost(self)
         super().connection_lost(exc)
 
@@ -115,8 +126,57 @@ class GuardedH11(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request, whose headers are complete
-        if not self.transport.is_closing() and self.state() == WAITING:
+        if self.transport.is_closing():
+            self._watch_output()
+        elif self.state() == WAITING:
             self._arm()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_output()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.transport.is_closing():
+            self._unwatch_output()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._watch_output()
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(msg)
+        self._watch_output()
+
+    def drop(self) -> None:
+        """Closes the connection; at once, discarding its output, when some is still unsent."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def _watch_output(self) -> None:
+        """Output is waiting on the client (writing paused, or closing with bytes unsent): it has send_timeout."""
+        if self.send_deadline is None and self.transport.get_write_buffer_size():
+            self.unsent = self.transport.get_write_buffer_size()
+            self.send_deadline = self.loop.call_later(self.guard.send_timeout, self._send_late)
+
+    def _unwatch_output(self) -> None:
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
+            self.send_deadline = None
+
+    def _send_late(self) -> None:
+        self.send_deadline = None
+        unsent = self.transport.get_write_buffer_size()
+        if not unsent or not (self.flow.write_paused or self.transport.is_closing()):
+            return
+        if self.unsent - unsent >= SEND_PROGRESS_BYTES:  # slow, but reading: another period
+            self._watch_output()
+        else:
+            log.info("dropped an HTTP connection whose client read less than 64 KiB of its response in "
+                     "http_send_timeout_seconds (%g s)", self.guard.send_timeout)
+            self.transport.abort()  # connection_lost ends the request's task: its send returns
 
     def _arm(self) -> None:
         self._disarm()
@@ -135,6 +195,7 @@ class GuardedH11(H11Protocol):
         if started:  # part of a request came: say why it ends (nothing came: just close)
             self.transport.write(_timeout_response(self.guard.header_timeout))
         self.transport.close()
+        self._watch_output()
 
 
 def connection_cap(configured: int) -> int:
