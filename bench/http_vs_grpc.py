@@ -1,10 +1,11 @@
 """What the HTTP/JSON transport costs next to gRPC, on one server, in one run.
 
-    python bench/http_vs_grpc.py [--items 2000] [--dim 128] [--queries 300]
+    python bench/http_vs_grpc.py [--items 2000] [--dim 128] [--queries 300] [--batch 32]
 
-Starts a server (vector-only collection, no model), then times the same single-query top-10 vector
-search and the same text embed over both transports from one client connection each, and prints p50/p99
-and the HTTP/gRPC ratio of the p50s. Keep-alive on both: it measures the per-request framing, not connects.
+Starts a server (vector-only collection, the default model for embeds), then times the same single-query
+top-10 vector search, the same one-text embed and the same embed of --batch texts over both transports, one
+client connection each, requests alternating between the transports, and prints p50/p99 and the HTTP/gRPC
+ratio of the p50s. Keep-alive on both: it measures the per-request framing, not connects.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32, help="texts per request of the batch embed")
     args = parser.parse_args()
 
     import grpc
@@ -62,9 +64,13 @@ def main() -> None:
                     values=q.tolist()))]) for q in queries],
                 "embed": [pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i}")])
                           for i in range(args.queries)],
+                f"embed {args.batch}": [pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i} {j}")
+                                                                for j in range(args.batch)])
+                                        for i in range(args.queries)],
             }
-            grpc_calls = {"search": index.Search, "embed": embed.Embed}
-            http_paths = {"search": "/v1/collections/v/search", "embed": "/v1/embed"}
+            grpc_calls = {"search": index.Search, "embed": embed.Embed, f"embed {args.batch}": embed.Embed}
+            http_paths = {"search": "/v1/collections/v/search", "embed": "/v1/embed",
+                          f"embed {args.batch}": "/v1/embed"}
             print(f"# {platform.processor() or platform.machine()}, {args.items} x {args.dim} vectors, "
                   f"{args.queries} requests each")
             print("| request | gRPC p50 ms | gRPC p99 ms | HTTP p50 ms | HTTP p99 ms | HTTP/gRPC p50 |")
@@ -72,7 +78,8 @@ def main() -> None:
             with httpx.Client(base_url=srv.http_url, timeout=60) as http:
                 for name, batch in requests.items():
                     grpc_calls[name](batch[0])  # warm up both
-                    http.post(http_paths[name], content=json_format.MessageToJson(batch[0]))
+                    http.post(http_paths[name], content=json_format.MessageToJson(batch[0]),
+                              headers={"content-type": "application/json"}).raise_for_status()
                     g, h = [], []
                     for request in batch:
                         started = time.perf_counter()

@@ -39,6 +39,14 @@ class Unavailable(EmbedsvcError):
     """Something the request needs is out of service for now (e.g. a read-only data directory); retry later."""
 
 
+class DeadlineExceeded(EmbedsvcError):
+    """Time ran out: the request (or part of it) did not arrive or finish in time."""
+
+
+class PermissionDenied(EmbedsvcError):
+    """The caller may not do this (here: a browser page of an origin the server does not trust)."""
+
+
 # --- specific errors, each in one category -------------------------------------------------------
 
 
@@ -100,6 +108,27 @@ class NonFiniteVector(InvalidInput):
 
 class RequestTooLarge(ResourceExhausted):
     """A request body or message is over the configured byte limit (HTTP 413)."""
+
+
+class RequestTimedOut(DeadlineExceeded):
+    """A client sent its request body too slowly (HTTP 408)."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """A write's body is missing its Content-Type or has one the endpoint does not read (HTTP 415): a type
+    browsers may send cross-site without asking first (text/plain, none) never reaches a handler."""
+
+
+class MisdirectedRequest(PermissionDenied):
+    """The request names a Host the server does not answer for (HTTP 421): a DNS-rebinding page's name."""
+
+
+class CrossOriginRefused(PermissionDenied):
+    """A browser page of another origin, not in http_cors_origins, tried to change something (HTTP 403)."""
+
+
+class UnusableFile(InvalidInput):
+    """A source path that is not read as an image: not a regular file, over the byte limit, or unreadable."""
 
 
 QUOTE_LIMIT = 100

@@ -98,6 +98,40 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     return ServerConfig(**settings)
 
 
+class BlockingAsyncClient:
+    """A real AsyncClient, its calls run to completion on an event loop of its own: a test suite written for
+    Client runs unchanged against AsyncClient (tests/test_service_basics.py runs both)."""
+
+    def __init__(self, address: str, **options):
+        from embedsvc.client import AsyncClient
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def connect():  # grpc.aio channels belong to the loop they are made in
+            return AsyncClient(address, **options)
+
+        self.client = self._run(connect())
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(600)
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.client, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+        return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
+
+    def __enter__(self) -> "BlockingAsyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run(self.client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 @contextmanager
 def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
     """Holds the model's forward thread, as a long forward pass would: requests queue behind it until

@@ -131,6 +131,13 @@ FILTERS = [
     Filter((Condition("score", lte=0.0),)),
     Filter((Condition("score", gte=float("-inf"), lte=float("inf")),)),
     Filter((Condition("score", gte=float("nan")),)),
+    Filter((Condition("score", gt=1.5, lt=4.0),)),  # exclusive bounds: 1.5 and 4.0 are stored, and left out
+    Filter((Condition("score", gt=1.5), Condition("score", lte=4.0))),
+    Filter((Condition("score", gt=5.5),)),
+    Filter((Condition("score", lt=0.5),)),
+    Filter((Condition("score", gt=float("-inf"), lt=float("inf")),)),
+    Filter((Condition("score", lt=float("nan")),)),
+    Filter((Condition("even", gt=0),)),
     Filter((Condition("even", gte=0, lte=1),)),  # ranges are numeric: booleans never match
     Filter((Condition("name", gte=0),)),  # nor strings
     Filter((Condition("mixed", equals=1),)),
@@ -164,6 +171,20 @@ def test_filters_agree_across_backends(loaded, flt):
     keep = {i for i in truth if flt.matches(metadata(int(i.split("-")[1])))}
     assert ids_of(milvus) == brute_force({i: truth[i] for i in keep}, QUERIES[:10], 10) if keep else \
         ids_of(milvus) == [[]] * 10
+
+
+def test_both_backends_name_the_filter_keys_no_item_holds(loaded):
+    """A key no live item holds (a typo, or `sort_order>` read as a key) is reported, whatever its type would be;
+    keys held by deleted items only count as missing."""
+    stores, _ = loaded
+    keys = ["group", "even", "name", "mixed", "sort_order>", "absent", HOSTILE_KEYS[1], 'k"] or exists x']
+    for store in stores.values():
+        assert store.missing_keys("c-flat", keys) == ["sort_order>", "absent", 'k"] or exists x']
+        store.create_collection(CollectionConfig("gone-keys", DIM))
+        store.upsert("gone-keys", [Item("a", VECTORS[0], {"only": 1}), Item("b", VECTORS[1], {"kept": "x"})])
+        store.delete("gone-keys", ["a"])
+        assert store.missing_keys("gone-keys", ["only", "kept"]) == ["only"]
+        store.drop_collection("gone-keys")
 
 
 @pytest.mark.parametrize("key", HOSTILE_KEYS)

@@ -64,7 +64,27 @@ def test_embed_tokens_json(tiny_spec, tmp_path):
     assert np.abs(np.array(image["embeddings"]["max"]) - expected).max() < 1e-5
 
 
+def test_embed_json_keeps_two_specs_of_one_pooling_apart(tiny_encoder, tiny_spec, capsys):
+    """Issue 22 item 11: the JSON keyed vectors by pooling name, so gem:p=3 and gem:p=4 collided."""
+    from embedsvc.cli import main
+    from embedsvc.encoder import embed
+    from embedsvc.pooling import bind_pooling
+
+    specs = ["gem:p=3", "gem:p=4"]
+    assert main(["embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
+                 tiny_spec.config_file, "--pooling", specs[0], "--pooling", specs[1], "--text", "a red circle",
+                 "--json"]) == 0
+    embeddings = json.loads(capsys.readouterr().out)["results"][0]["embeddings"]
+    assert list(embeddings) == specs
+    expected = embed(tiny_encoder, ["a red circle"], [bind_pooling(s) for s in specs]).vectors
+    for j, spec in enumerate(specs):
+        assert np.abs(np.array(embeddings[spec], dtype=np.float32) - expected[j][0]).max() < 1e-5
+    assert np.abs(np.array(embeddings[specs[0]]) - np.array(embeddings[specs[1]])).max() > 1e-3
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--model", "ViT-B-32", "--random-init", "--pooling", "gem:p=3", "--pooling", "gem:p=3", "--text", "a"],
+     "--pooling 'gem:p=3' is given twice"),
     (["--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
     (["--model", "ViT-B-32", "--checkpoint", "/nonexistent/w.pt", "--text", "x"], "does not exist"),
     (["--model", "ViT-B-32", "--random-init", "--text", "   "], "empty"),

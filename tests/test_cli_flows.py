@@ -4,6 +4,7 @@ on CSV and JSONL manifests, one-line errors (exit 2) for every user error, and a
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from embedsvc.datasets import write_scenes
+from embedsvc.errors import AlreadyExists
 from embedsvc.service.config import ServerConfig
 
 from serving import running_server
@@ -113,6 +115,50 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
             assert sorted(h["id"] for h in hits(search('tag="7"|word2'))) == ["item-2", "item-7"]
             assert_one_line_error(search('label="7"'), "INVALID_ARGUMENT", "'label'", "number")
             assert_one_line_error(search("tag=7"), "INVALID_ARGUMENT", "'tag'", "string", """--filter 'tag="7"'""")
+
+
+def test_filter_grammar_ranges_unknown_keys_and_bad_text(scenes, tmp_path):
+    """The grammar of docs and page: KEY>=X, KEY>X, KEY<=X, KEY<X and any-of, each returning exactly the items a
+    plain reading of the manifest selects; text that does not parse is one line naming the accepted forms (exit
+    2); a key no item holds is a warning on stderr, not a silent empty list."""
+    images = sorted((scenes.parent / "images").glob("*.png"))[:12]
+    rows = [{"id": f"item-{i}", "path": str(p), "caption": f"item {i}", "sort_order": 250 * i,
+             "vendor": ["acme", "globex", "initech"][i % 3]} for i, p in enumerate(images)]
+    manifest = tmp_path / "orders.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with running_server(server_config(tmp_path / "served")) as server:
+        address = ["--address", server.address]
+        proc = cli("index", str(manifest), "--collection", "orders=cls", "--report", str(tmp_path / "r.jsonl"),
+                   *address)
+        assert proc.returncode == 0, proc.stderr
+
+        def search(*filters):
+            return cli("search", "orders", "--text", "item", "-k", "50", "--json", *address,
+                       *[a for f in filters for a in ("--filter", f)])
+
+        cases = {("sort_order>=1000",): lambda r: r["sort_order"] >= 1000,
+                 ("sort_order>1000",): lambda r: r["sort_order"] > 1000,
+                 ("sort_order<=500",): lambda r: r["sort_order"] <= 500,
+                 ("sort_order<500",): lambda r: r["sort_order"] < 500,
+                 ("sort_order>250 sort_order<2000",): lambda r: 250 < r["sort_order"] < 2000,
+                 ("sort_order>=500", "vendor=acme|initech"):
+                     lambda r: r["sort_order"] >= 500 and r["vendor"] in ("acme", "initech")}
+        for filters, selects in cases.items():
+            proc = search(*filters)
+            expected = sorted(r["id"] for r in rows if selects(r))
+            assert expected and sorted(h["id"] for h in hits(proc)) == expected, filters
+            assert proc.stderr == "", proc.stderr
+
+        for text in ("sort_order=>1000", "sort_order=", "sort_order>=lots", "vendor!=acme", "vendor"):
+            assert_one_line_error(search(text), "INVALID_ARGUMENT", "KEY=VALUE", "KEY=A|B", "KEY>=X", "KEY>X",
+                                  "KEY<=X", "KEY<X")
+
+        proc = search("sort_ordr>=1000")
+        assert proc.returncode == 0 and json.loads(proc.stdout) == []
+        assert proc.stderr.startswith("warning: ") and "'sort_ordr'" in proc.stderr and "orders" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        proc = search("vendor=nobody")  # a held key whose value nothing has: empty, and rightly no warning
+        assert json.loads(proc.stdout) == [] and proc.stderr == ""
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +262,52 @@ def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp
                "--out-dir", str(tmp_path / "cmp"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["model"] == "mine"
+
+
+
+MISMATCHES = [  # (--collection, other options, what the existing collection has, what the job asks for)
+    ("shaped=avg", {}, "pooling cls", "pooling avg"),
+    ("shaped", {"index": "hnsw"}, "index flat", "index hnsw"),
+    ("shaped=cls", {"model": "ViT-B-32"}, "model 'embedsvc-tiny-scenes-2'", "model 'ViT-B-32'"),
+    ("ipc=cls", {}, "metric inner_product", "metric cosine"),
+    ("gemc=gem:p=4", {}, "pooling gem:p=3.0;tokens=final", "pooling gem:p=4"),
+]
+
+
+def test_index_into_an_existing_collection_of_another_definition_is_an_error(error_server, scenes, tmp_path):
+    """NAME=POOLING, --model and --index must match an existing collection, through a server and --local: asking
+    for avg on a cls collection used to print "already present" and index nothing as avg."""
+    from embedsvc.client import Client
+    from embedsvc.jobs.index import IndexJob, run_index
+    from embedsvc.store import CollectionConfig, Store
+
+    images, data, report = str(scenes.parent / "images"), tmp_path / "local", str(tmp_path / "r.jsonl")
+    with Client(error_server.address) as client:
+        client.create_collection("shaped", pooling="cls")
+        client.create_collection("ipc", pooling="cls", metric="inner_product")
+        client.create_collection("gemc", pooling="gem:p=3")
+    run_index(IndexJob(images, ["shaped=cls", "gemc=gem:p=3"], local=str(data), report=report))
+    store = Store(data)
+    store.create_collection(CollectionConfig("ipc", store.get_collection("shaped").config.dim,
+                                             model="embedsvc-tiny-scenes-2", pooling="cls", metric="inner_product"))
+    store.close(checkpoint=False)
+    where = {"server": {"address": error_server.address}, "local": {"local": str(data)}}
+    # as a user runs it: one line, exit 2
+    procs = [subprocess.Popen([sys.executable, "-m", "embedsvc", "index", images, "--collection", "shaped=avg",
+                               "--report", report, *(f"--{k}", v)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k, v in (("address", error_server.address), ("local", str(data)))]
+    for (target, options, have, want), (mode, sink) in itertools.product(MISMATCHES, where.items()):
+        with pytest.raises(AlreadyExists) as caught:
+            run_index(IndexJob(images, [target], report=report, **sink, **options))
+        assert f"collection '{target.partition('=')[0]}' exists with {have}, but this job asks for {want}" in \
+            str(caught.value), (mode, str(caught.value))
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, out, err),
+                              "collection 'shaped' exists with pooling cls, but this job asks for pooling avg")
+    with Client(error_server.address) as client:
+        assert all(client.get_collection(name).count == 0 for name in ("shaped", "ipc", "gemc"))
+    # the same definition written another way (defaults spelled out or left out, --index flat) is no mismatch
+    for mode, sink in where.items():
+        summary = run_index(IndexJob(images, ["gemc=gem", "shaped=cls"], report=report, index="flat", **sink))
+        assert (summary.indexed, summary.already_present) == ((40, 0) if mode == "server" else (0, 40)), mode

@@ -149,3 +149,67 @@ def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp
     loaded = load_model(get_model_spec(DEFAULT_MODEL))
     pairs = manifest_pairs(read_manifest_images(str(manifest)), loaded.preprocess, loaded.tokenizer, 72)
     assert len(pairs) == 3 and pairs.skipped[0][0].endswith("strip.png") and "crop it" in pairs.skipped[0][1]
+
+
+def _manifest(folder, images, rows: list[dict]):
+    """A manifest in `folder` of `rows` whose paths are relative to `images`."""
+    manifest = folder / "rows.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(dict(r, path=str(images / r["path"])) for r in rows)
+    return manifest
+
+
+def test_a_cut_is_a_seeded_random_sample_announced_with_its_counts(class_manifest, tmp_path):
+    """The manifest is ordered by class (a vendor's rows together): its first 10 rows are one class. --size 10
+    draws 10 usable rows at random (seeded: the same 10 again), so several classes are compared, and says so."""
+    manifest, good = class_manifest
+    runs = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        proc = run_cli("compare", "--data", str(manifest), "--size", "10", "--out-dir", str(out), "--pooling", "cls")
+        assert proc.returncode == 0, proc.stderr
+        runs.append((proc, json.loads((out / "results.json").read_text()), (out / "results.md").read_text()))
+    (proc, result, report), (_, again, _) = runs
+    assert result["size"] == 10 and result["relevance"]["classes"] >= 3  # the first 10 rows hold one class
+    sample = result["sample"]
+    assert sample == again["sample"] and sample["ids"] == again["sample"]["ids"]
+    assert sample["used"] == 10 and sample["rows"] == len(good) + 2 and sample["seed"] == 0
+    assert len({i.split("-")[0] for i in sample["ids"]}) >= 3 and set(sample["ids"]) <= {r["id"] for r in good}
+    announced = f"a random sample of 10 of the {len(good) + 2} manifest rows with a caption"
+    assert announced in proc.stderr and "warning" in proc.stderr and announced in report
+    assert "image_to_image" in result["poolings"][0]["metrics"]
+
+
+def test_by_default_the_whole_manifest_is_compared(class_manifest, tmp_path):
+    """1,010 rows (the 40 images, each listed many times under its own id): all of them, no cut, nothing said."""
+    from embedsvc.jobs.compare import CompareJob, run_compare
+
+    manifest, good = class_manifest
+    rows = [dict(good[n % len(good)], id=f"row-{n}") for n in range(1010)]
+    result = run_compare(CompareJob(data=str(_manifest(tmp_path, manifest.parent, rows)), poolings=("cls",),
+                                    out_dir=str(tmp_path / "o"), latency_queries=2))
+    assert result["size"] == 1010 and result["sample"] is None
+    assert "sample" not in (tmp_path / "o" / "results.md").read_text()
+
+
+def test_a_task_with_nothing_to_measure_is_not_measured_never_zero(class_manifest, tmp_path):
+    """One image per label: no image has another relevant image, so image->image cannot be measured; it is absent
+    from the JSON and says "not measured" (with why) in the table, the report and on stderr, never 0.000."""
+    manifest, good = class_manifest
+    rows = [dict(r, label=n) for n, r in enumerate(good[::5])]
+    data = _manifest(tmp_path, manifest.parent, rows)
+    proc = run_cli("compare", "--data", str(data), "--out-dir", str(tmp_path / "o"), "--pooling", "cls",
+                   "--pooling", "spp:combine=concat")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "o" / "results.json").read_text())
+    metrics = {r["pooling"]: r["metrics"] for r in result["poolings"]}
+    assert "image_to_image" not in metrics["cls"] and metrics["spp:combine=concat"] == {}  # images only: no i2i
+    assert metrics["cls"]["text_to_image"]["queries"] == len({r["caption"] for r in rows})
+    report = (tmp_path / "o" / "results.md").read_text()
+    for text in (proc.stdout, report):
+        table = [line for line in text.splitlines() if line.startswith("| cls |")]
+        assert len(table) == 1 and table[0].count("not measured") == 2, table  # i2i R@1, i2i mAP
+    why = "image->image not measured: no image has another image of its label (cls, spp:combine=concat)"
+    assert why in proc.stderr and why in report
+    assert "text->image not measured: spp:combine=concat pools images only" in proc.stderr

@@ -106,3 +106,13 @@ def test_without_captions_each_text_describes_only_its_image_and_keys_group_imag
     assert m["text_to_image"].recall_at_1 == pytest.approx(1 / 3)
     assert m["image_to_text"].recall_at_1 == pytest.approx(1 / 3)
     assert m["image_to_image"].queries == 2  # image 1 has no other image with key "b"
+
+
+def test_a_task_without_a_query_that_has_a_relevant_item_is_not_measured():
+    """Every label once (or every scene key once): no image has another relevant image, so image->image has no
+    query to measure. It is absent, never a row of zeros that reads as a measured 0.000."""
+    assert retrieval_metrics(np.ones((2, 3)), np.zeros((2, 3), dtype=bool)) is None
+    images = np.eye(3)
+    for groups in ({"labels": [0, 1, 2]}, {"image_keys": ["a", "b", "c"]}):
+        m = cross_modal_metrics(images, images, captions=["x", "y", "z"], **groups)
+        assert set(m) == {"text_to_image", "image_to_text"}, groups

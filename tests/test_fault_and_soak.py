@@ -1,5 +1,6 @@
-"""Faults and endurance against a real `embedsvc serve` process: SIGKILL under mixed load, 10 times;
-and a bounded soak from several client processes with zero errors and bounded memory growth."""
+"""Faults and endurance against a real `embedsvc serve` process: SIGKILL under mixed load from gRPC and HTTP
+writers, 10 times (EMBEDSVC_KILLS to change); and a bounded soak from several client processes with zero errors
+and bounded memory growth."""
 
 from __future__ import annotations
 
@@ -16,26 +17,27 @@ import pytest
 
 from embedsvc.client import Client
 
-from test_service_kill import start_server
+from test_service_kill import serve_process, start_server
 
 HERE = Path(__file__).parent
-KILLS = 10
+KILLS = int(os.environ.get("EMBEDSVC_KILLS", "10"))
 
 
-def clients(address: str, workers: int, seconds: float, embed: bool) -> list[subprocess.Popen]:
+def clients(addresses: list[str], seconds: float, embed: bool) -> list[subprocess.Popen]:
+    """One load_client process per address (gRPC host:port or HTTP URL), each writing its own ids."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     return [subprocess.Popen([sys.executable, str(HERE / "load_client.py"), address, str(w), str(seconds),
                               "1" if embed else "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=env) for w in range(workers)]
+                             env=env) for w, address in enumerate(addresses)]
 
 
-@pytest.mark.slow  # 10 SIGKILLs under load from client processes (290 s measured on 2 shared cores)
+@pytest.mark.slow  # 10 SIGKILLs under load from gRPC and HTTP client processes (290 s measured on 2 shared cores)
 def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     expected: dict[str, int] = {}
     pending: list[dict] = []  # writes in flight at the kill: all or nothing, either way
-    acked_writes = 0
+    acked_writes = http_acked = 0
     rng = np.random.default_rng(3)
 
     def apply(state: dict, op: dict) -> None:
@@ -46,7 +48,8 @@ def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
                 state.pop(i, None)
 
     for kill in range(KILLS + 1):
-        proc, address = start_server(data)
+        served = serve_process(data, http=True)
+        proc, address = served.proc, served.address
         with Client(address, timeout=20) as client:
             if kill == 0:
                 client.create_collection("load", dim=8, index="hnsw")
@@ -67,11 +70,11 @@ def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
             break
-        workers = clients(address, 3, 30, embed=False)
+        workers = clients([address, address, served.http_url, served.http_url], 30, embed=False)
         time.sleep(float(rng.uniform(1.5, 3.0)))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        for worker in workers:
+        for number, worker in enumerate(workers):
             out, _ = worker.communicate(timeout=60)
             in_flight = None
             for line in out.splitlines():
@@ -81,12 +84,13 @@ def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
                 elif "ack" in event and in_flight is not None:
                     apply(expected, in_flight)  # each worker writes its own ids: its order is the order of effect
                     acked_writes += 1
+                    http_acked += number >= 2
                     in_flight = None
             if in_flight is not None:
                 pending.append(in_flight)
-    print(f"\nfault test: {KILLS} SIGKILLs under load, {acked_writes} acknowledged writes, "
-          f"{len(expected)} items verified after the last restart")
-    assert acked_writes > 50
+    print(f"\nfault test: {KILLS} SIGKILLs under gRPC and HTTP writers, {acked_writes} acknowledged writes "
+          f"({http_acked} over HTTP), {len(expected)} items verified after the last restart")
+    assert acked_writes > 50 and http_acked > 20, f"{acked_writes} writes acknowledged, {http_acked} over HTTP"
 
 
 def rss_kb(pid: int) -> int:
@@ -107,7 +111,7 @@ def test_bounded_soak(tmp_path):
             client.create_collection("load", dim=8)
             client.embed(["warm up"])  # load the model before measuring memory
         rss_before = rss_kb(proc.pid)
-        workers = clients(address, 4, seconds, embed=True)
+        workers = clients([address] * 4, seconds, embed=True)
         requests = errors = 0
         for worker in workers:
             out, _ = worker.communicate(timeout=seconds + 120)

@@ -22,7 +22,7 @@ from embedsvc.service.http import ENDPOINTS
 from serving import ServerThread, running_server, tiny_config, tiny_server
 
 READ, WRITE = "r" * 24, "w" * 24
-LIMIT = 64 * 1024  # max_message_bytes of the test server: small, so "huge" is cheap to send
+LIMIT = 64 * 1024  # http_max_body_bytes of the test server: small, so "huge" is cheap to send
 
 
 def png(colour, size=(48, 40)) -> bytes:
@@ -38,7 +38,7 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def server(tiny_spec, tmp_path_factory):
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("http"), http_listen="127.0.0.1:0", store_thumbnails=True,
-                     max_message_bytes=LIMIT, max_items_per_request=8, max_image_bytes=20_000) as srv:
+                     http_max_body_bytes=LIMIT, max_items_per_request=8, max_image_bytes=20_000) as srv:
         with httpx.Client(base_url=srv.http_url, timeout=60) as http:
             assert http.post("/v1/collections", json={"config": {"name": "pics"}}).status_code == 200
             assert http.post("/v1/collections", json={"config": {"name": "vec", "dim": 3}}).status_code == 200
@@ -96,6 +96,49 @@ def test_search_by_upload_base64_vector_and_id_with_filter(server):
     assert len(text["results"]) == 2  # the text field and the upload are two queries
 
 
+def test_filter_text_is_the_cli_grammar_parsed_by_the_server(server):
+    """`filterText` takes the CLI's grammar (ranges with strict and inclusive bounds, any-of, typed values); text
+    that does not parse is 400 INVALID_ARGUMENT naming the accepted forms; a key no item holds is named in
+    `unknownFilterKeys`; the structured `filter` and the text are one or the other."""
+    from embedsvc.store.filter_text import FORMS
+
+    srv, http = server
+    rows = [{"n": n, "kind": ["a", "b", "c"][n % 3]} for n in range(8)]
+    items = [{"id": f"r{r['n']}", "vector": {"values": [1, r["n"], 0]},
+              "metadata": {"n": {"numberValue": r["n"]}, "kind": {"stringValue": r["kind"]}}} for r in rows]
+    assert http.post("/v1/collections", json={"config": {"name": "ranks", "dim": 3}}).status_code == 200
+    assert http.post("/v1/collections/ranks/items", json={"items": items}).status_code == 200
+
+    def search(**body):
+        return http.post("/v1/collections/ranks/search", json={"queries": [{"vector": {"values": [1, 0, 0]}}],
+                                                              "topK": 20, **body})
+
+    for text, selects in {"n>=5": lambda r: r["n"] >= 5, "n>5": lambda r: r["n"] > 5, "n<2": lambda r: r["n"] < 2,
+                          "n<=2 kind=a|c": lambda r: r["n"] <= 2 and r["kind"] in ("a", "c"),
+                          "n>1 n<6 kind=b": lambda r: 1 < r["n"] < 6 and r["kind"] == "b"}.items():
+        reply = search(filterText=text).json()
+        assert sorted(h["id"] for h in reply["results"][0]["hits"]) == [f"r{r['n']}" for r in rows if selects(r)], text
+        assert reply["unknownFilterKeys"] == []
+    strict = search(filter={"must": [{"key": "n", "range": {"gt": 5}}]}).json()
+    assert sorted(h["id"] for h in strict["results"][0]["hits"]) == ["r6", "r7"]
+    for text in ("n=>5", "n=", "n>=five", "kind!=a", 'kind="a'):
+        message = error(search(filterText=text), 400, "INVALID_ARGUMENT", FORMS)
+        assert repr(text) in message or text in message
+    error(search(filterText="n>=5", filter={"must": [{"key": "n", "equals": {"numberValue": 1}}]}), 400,
+          "INVALID_ARGUMENT", "not both")
+    missing = search(filterText="m>=5 kind=a").json()
+    assert missing["results"][0]["hits"] == [] and missing["unknownFilterKeys"] == ["m"]
+    assert search(filterText="kind=z").json()["unknownFilterKeys"] == []  # a held key: empty is the answer
+    from embedsvc.client import Client, InvalidArgumentError, UnknownFilterKeyWarning
+
+    with Client(srv.address, timeout=60) as client:  # over gRPC: the Python client takes the same text
+        assert sorted(h.id for h in client.search("ranks", vector=[1, 0, 0], top_k=20, filter="n>5")) == ["r6", "r7"]
+        with pytest.warns(UnknownFilterKeyWarning, match="'ranks' has the metadata key 'm'"):
+            assert client.search("ranks", vector=[1, 0, 0], filter="m>=5") == []
+        with pytest.raises(InvalidArgumentError, match="KEY>=X"):
+            client.search("ranks", vector=[1, 0, 0], filter="n=>5")
+
+
 def test_thumbnails_are_stored_served_and_removed_with_their_items(server):
     srv, http = server
     big = png((10, 200, 10), size=(600, 300))
@@ -137,7 +180,7 @@ HOSTILE = [
     ("deep nesting", "/v1/embed", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
      "INVALID_ARGUMENT", ""),
     ("a list body", "/v1/embed", b"[1, 2]", "application/json", 400, "INVALID_ARGUMENT", ""),
-    ("wrong media type", "/v1/embed", b"inputs=x", "application/x-www-form-urlencoded", 400, "INVALID_ARGUMENT",
+    ("wrong media type", "/v1/embed", b"inputs=x", "application/x-www-form-urlencoded", 415, "INVALID_ARGUMENT",
      "application/json"),
     ("broken multipart", "/v1/collections/pics/search", b"--x\r\nnonsense", "multipart/form-data; boundary=x", 400,
      "INVALID_ARGUMENT", ""),
@@ -146,8 +189,8 @@ HOSTILE = [
      "application/json", 429, "RESOURCE_EXHAUSTED", "limit of 8"),
     ("image over max_image_bytes", "/v1/embed", json.dumps({"inputs": [{"image": b64(b"\0" * 30_000)}]}).encode(),
      "application/json", 400, "INVALID_ARGUMENT", "limit"),
-    ("body over max_message_bytes", "/v1/embed", b'{"inputs": [{"text": "' + b"x" * LIMIT + b'"}]}',
-     "application/json", 413, "RESOURCE_EXHAUSTED", "max_message_bytes"),
+    ("body over http_max_body_bytes", "/v1/embed", b'{"inputs": [{"text": "' + b"x" * LIMIT + b'"}]}',
+     "application/json", 413, "RESOURCE_EXHAUSTED", "http_max_body_bytes"),
     ("path traversal", "/v1/collections/..%2F..%2Fetc%2Fpasswd/search", b'{"queries": [{"text": "x"}]}',
      "application/json", 404, "NOT_FOUND", ""),
     ("traversal in a new name", "/v1/collections", b'{"config": {"name": "../../etc"}}', "application/json", 400,
@@ -174,7 +217,7 @@ def test_a_chunked_body_over_the_limit_is_cut_off(server):
             yield b"x" * (LIMIT // 4)
 
     error(http.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"}), 413,
-          "RESOURCE_EXHAUSTED", "max_message_bytes")
+          "RESOURCE_EXHAUSTED", "http_max_body_bytes")
     with socket.create_connection(("127.0.0.1", srv.server.http_port), timeout=10) as raw:  # garbage on the wire
         raw.sendall(b"\x16\x03\x01 this is not http\r\n\r\n")
         raw.recv(1024)
@@ -230,7 +273,9 @@ def test_openapi_lists_every_endpoint_with_proto_json_names(server):
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
     assert {e.rpc for e in ENDPOINTS} | {"GetThumbnail", "healthz", "readyz"} <= operations
     search = document["components"]["schemas"]["SearchRequest"]["properties"]
-    assert {"topK", "includeMetadata", "queries", "filter"} <= set(search)
+    assert {"topK", "includeMetadata", "queries", "filter", "filterText"} <= set(search)
+    from embedsvc.store.filter_text import FORMS
+    assert FORMS in search["filterText"]["description"]  # the grammar, in the docs page's field table too
     assert document["components"]["schemas"]["CollectionInfo"]["properties"]["count"]["type"] == "string"  # uint64
     docs = http.get("/docs")
     assert docs.headers["content-type"].startswith("text/html") and "openapi.json" in docs.text

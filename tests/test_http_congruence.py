@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import re
@@ -137,7 +138,8 @@ def call_http(http: httpx.Client, rpc: str, request):
             body = "\n".join(json_format.MessageToJson(i, indent=None) for m in request for i in m.items)
             response = http.request(method, path, content=body, headers={"content-type": "application/x-ndjson"})
         else:
-            response = http.request(method, path, content=json_format.MessageToJson(first))
+            response = http.request(method, path, content=json_format.MessageToJson(first),
+                                    headers={"content-type": "application/json"})
     else:
         response_type = {"Embed": pb.EmbedResponse, "ListModels": pb.ListModelsResponse,
                          "CreateCollection": pb.CollectionInfo, "GetCollection": pb.CollectionInfo,
@@ -148,7 +150,12 @@ def call_http(http: httpx.Client, rpc: str, request):
     if response.status_code != 200:
         payload = response.json()
         return payload["code"], (payload["message"], response.status_code)
-    return "OK", json_format.ParseDict(response.json(), response_type())
+    payload = response.json()
+    if rpc == "ListModels":  # OpenAI's model list rides beside the message's fields: the same models
+        openai_list = {"object": payload.pop("object"), "data": payload.pop("data")}
+        assert openai_list == {"object": "list", "data": [{"id": m["name"], "object": "model", "created": 0,
+                                                           "owned_by": "embedsvc"} for m in payload["models"]]}
+    return "OK", json_format.ParseDict(payload, response_type())
 
 
 def normalised(message, transport: str):
@@ -207,3 +214,26 @@ def test_stores_written_by_either_transport_hold_the_same_vectors(server):
     http_items = call_http(http, "Get", pb.GetRequest(collection="up-http", ids=ids, include_vectors=True))[1]
     assert len(grpc_items.items) == len(ids)
     assert_close(json_format.MessageToDict(grpc_items), json_format.MessageToDict(http_items))
+
+
+def test_openai_embeddings_answer_what_grpc_embed_answers(server, tiny_spec):
+    """POST /v1/embeddings runs Embed: the same vectors for each pooling, and Embed's refusals with its code and
+    message (OpenAI's body: the code in lower case)."""
+    srv, channel, http = server
+    for pooling in (pb.PoolingSpec(name="cls"), pb.PoolingSpec(name="gem", params={"p": "3"})):
+        request = pb.EmbedRequest(model=tiny_spec.name, poolings=[pooling],
+                                  inputs=[pb.Content(text="a red square"), pb.Content(image=IMAGES[0])])
+        code, reply = call_grpc(channel, "Embed", request)
+        suffix = ":gem:p=3" if pooling.name == "gem" else ""
+        response = http.post("/v1/embeddings", json={"model": tiny_spec.name + suffix, "encoding_format": "float",
+                                                     "input": ["a red square", "data:image/png;base64,"
+                                                               + base64.b64encode(IMAGES[0]).decode()]})
+        assert code == "OK" and response.status_code == 200, response.text
+        assert_close([list(r.embeddings[0].vector.values) for r in reply.results],
+                     [d["embedding"] for d in response.json()["data"]])
+    request = pb.EmbedRequest(inputs=[pb.Content(text="x")] * 33)  # over max_items_per_request
+    g_code, g_message = call_grpc(channel, "Embed", request)
+    response = http.post("/v1/embeddings", json={"model": tiny_spec.name, "input": ["x"] * 33})
+    assert response.json()["error"]["code"] == g_code.lower() == "resource_exhausted"
+    assert response.json()["error"]["message"] == g_message
+    assert response.status_code == HTTP_STATUS[getattr(grpc.StatusCode, g_code)]

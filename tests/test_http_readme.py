@@ -1,4 +1,5 @@
-"""The README's curl examples, verbatim (only the port changed), against `embedsvc serve` on its defaults."""
+"""The README's curl and OpenAI SDK examples, verbatim (only the port changed), against `embedsvc serve` on its
+defaults."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ MARKER = "<!-- tests/test_http_readme.py runs this block -->"
 DEMO_SIZE = 100  # the defaults index 500; fewer keeps the test short and changes nothing the examples use
 
 
-def readme_block() -> str:
+def readme_block(marker: str = MARKER, language: str = "bash") -> str:
     text = README.read_text()
-    match = re.search(re.escape(MARKER) + r"\n```bash\n(.*?)\n```", text, re.S)
-    assert match, f"README lacks the curl block after {MARKER}"
+    match = re.search(re.escape(marker) + rf"\n```{language}\n(.*?)\n```", text, re.S)
+    assert match, f"README lacks the {language} block after {marker}"
     return match.group(1)
 
 
@@ -45,8 +46,9 @@ def json_documents(text: str) -> list:
     return out
 
 
-@pytest.fixture
-def default_server(tmp_path):
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("readme-server")
     port = free_port()
     env = dict(os.environ, EMBEDSVC_HTTP_LISTEN=f"127.0.0.1:{port}", EMBEDSVC_LISTEN="127.0.0.1:0",
                EMBEDSVC_METRICS_PORT="-1", EMBEDSVC_DATA_DIR=str(tmp_path / "embedsvc-data"),
@@ -91,3 +93,17 @@ def test_readme_curl_examples_work_verbatim(default_server, tmp_path):
     assert (tmp_path / "scene.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG thumbnail
     assert by_image["results"][0]["hits"][0]["id"] == "val-0000003"
     assert len(by_image["results"][0]["hits"]) == 3
+
+
+def test_readme_openai_sdk_example_works_verbatim_and_prints_what_it_says(default_server, tmp_path):
+    block = readme_block("<!-- tests/test_http_readme.py runs this Python block -->", "python")
+    printed = readme_block("<!-- tests/test_http_readme.py checks this output -->", "text")
+    assert "localhost:8080" in block
+    thumbnail = httpx.get(f"http://127.0.0.1:{default_server}/v1/collections/scenes/items/val-0000003/thumbnail")
+    (tmp_path / "scene.jpg").write_bytes(thumbnail.raise_for_status().content)  # the curl example's download
+    script = block.replace("localhost:8080", f"localhost:{default_server}")
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "no-tiktoken-cache")))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == printed.strip()
+    assert not (tmp_path / "no-tiktoken-cache").exists()  # langchain fetched no tokenizer

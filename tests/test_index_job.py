@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,3 +170,267 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     store = Store(tmp_path / "pq")
     assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
     store.close(checkpoint=False)
+
+
+def _limited_memory() -> None:
+    """Guard for the job under test: a regression that reads a device or a huge file whole dies with
+    MemoryError at 6 GiB of data instead of taking the test machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30))
+
+
+def _unusable(root: Path, good_image: bytes) -> dict[str, str]:
+    """Paths `index` must skip and report, created under root, each with a fragment of its reason."""
+    import os
+
+    root.mkdir()
+    bad = {}
+    # sparse (no disk), larger than this machine's memory: reading it whole fails at once instead of swapping
+    huge = root / "huge.png"
+    huge.write_bytes(good_image)
+    os.truncate(huge, max(30 * 10**9, 2 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+    bad[str(huge)] = "too large"
+    os.mkfifo(root / "pipe.png")  # opening it for reading would block until a writer comes
+    bad[str(root / "pipe.png")] = "FIFO"
+    (root / "zero.png").symlink_to("/dev/zero")  # a device that never ends
+    bad[str(root / "zero.png")] = "character device"
+    (root / "loop.png").symlink_to("loop.png")
+    bad[str(root / "loop.png")] = "symlink loop"
+    (root / "gone.png").symlink_to(root / "deleted.png")  # a file removed after it was listed reads the same
+    bad[str(root / "gone.png")] = "file not found"
+    (root / "album.png").symlink_to(root.parent, target_is_directory=True)  # not followed: no cycles
+    bad[str(root / "album.png")] = "directory"
+    if os.geteuid() != 0:  # root reads any file
+        (root / "locked.png").write_bytes(good_image)
+        (root / "locked.png").chmod(0)
+        bad[str(root / "locked.png")] = "permission denied"
+    return bad
+
+
+@pytest.mark.parametrize("source,engine", [("folder", "local"), ("manifest", "local"),
+                                           pytest.param("manifest", "ray", marks=pytest.mark.slow)])  # Ray: 71 s
+def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_path, source, engine):
+    """Huge files, FIFOs, devices, directories, symlink loops and vanished files: each is reported with its
+    reason and counted, none is opened or read whole, and the good images are indexed (exit 0)."""
+    if engine == "ray":
+        pytest.importorskip("ray.data")
+    root, good, _ = folder
+    names = sorted(good)[:6]
+    photos = tmp_path / "photos"
+    bad = _unusable(photos, (root / names[0]).read_bytes())
+    for k, name in enumerate(names):
+        (photos / f"good-{k}.png").write_bytes((root / name).read_bytes())
+    if source == "manifest":  # rows of the same files, plus a device, a directory and a missing file
+        bad.update({"/dev/zero": "character device", str(tmp_path): "directory",
+                    str(tmp_path / "missing.png"): "file not found"})
+        rows = [{"id": f"row-{k}", "path": path} for k, path in enumerate(sorted(bad))]
+        rows += [{"id": f"good-{k}", "path": str(photos / f"good-{k}.png")} for k in range(len(names))]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "index",
+                             str(photos if source == "folder" else tmp_path / "rows.jsonl"),
+                             "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4",
+                             "--engine", engine],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limited_memory)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("index did not finish in 300 s: a reader blocked (on the FIFO?)")
+    assert proc.returncode == 0, err[-3000:]
+    assert f"indexed {len(names)}, already present 0, failed {len(bad)} of {len(bad) + len(names)}" in out, out
+    lines = (tmp_path / "index-report.jsonl").read_text().splitlines()
+    report = {r["path"]: r["reason"] for r in map(json.loads, lines)}
+    assert set(report) == set(bad), report
+    for path, fragment in bad.items():
+        assert fragment in report[path], (path, report[path])
+    store = Store(tmp_path / "d")
+    assert store.get_collection("c").count == len(names)
+    store.close(checkpoint=False)
+
+
+def test_webdataset_members_over_the_limit_are_refused_unread(tmp_path):
+    """A key whose image, caption or metadata member is over the byte limit is reported, its members unread."""
+    import io
+    import tarfile
+
+    from embedsvc.jobs.sources import webdataset_records
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, size in (("big.png", 300), ("big.txt", 5), ("long.png", 50), ("long.txt", 300), ("ok.png", 100),
+                           ("ok.json", 10)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"{}" + b" " * (size - 2)))
+    records = {r.id: r for r in webdataset_records([shard], 100)}
+    assert records["big"].refused.startswith("too large: 300 bytes (big.png), over the limit of 100")
+    assert records["long"].refused.startswith("too large: 300 bytes (long.txt), over the limit of 100")
+    assert records["ok"].refused is None and records["ok"].read() == b"{}" + b" " * 98
+
+
+def test_file_names_no_store_keeps_are_reported_and_odd_names_cannot_forge_stderr(folder, tmp_path):
+    """A file name that is not UTF-8 or a path over the id limit used to stop the whole job (exit 2) at its batch;
+    each is now one reported failure. A name with a newline or a terminal escape is printed escaped on stderr."""
+    import os
+
+    root, good, _ = folder
+    image = (root / sorted(good)[0]).read_bytes()
+    photos = tmp_path / "photos"
+    deep = photos / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    undecodable = photos / os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: a lone surrogate in Python
+    odd = {undecodable: image, deep / ("f" * 200 + ".png"): image, photos / "two\nlines.png": image,
+           photos / "esc\x1b]0;pwned\x07.png": b"not a png"}
+    for path, data in odd.items():
+        path.write_bytes(data)
+    for k in range(3):
+        (photos / f"good-{k}.png").write_bytes(image)
+    proc = index(str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4",
+                 cwd=tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "indexed 4, already present 0, failed 3 of 7" in out, out + err
+    report = {r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "index-report.jsonl").read_text().splitlines())}
+    assert set(report) == {str(p) for p in odd if "two" not in p.name}, report
+    assert "not valid UTF-8" in report[str(undecodable)] and "byte limit" in report[str(deep / ("f" * 200 + ".png"))]
+    assert "\x1b" not in err and r"esc\x1b]0;pwned\x07.png" in err
+    failed = [line for line in err.splitlines() if line.startswith("  failed ")]
+    assert len(failed) == 3 and all(line.count(": ") >= 1 for line in failed), failed
+    store = Store(tmp_path / "d")
+    items, missing = store.get("c", ["two\nlines.png", "good-0.png"])
+    assert not missing and len(items) == 2
+    store.close(checkpoint=False)
+
+
+def test_manifest_rows_no_store_keeps_are_reported_not_fatal(folder, tmp_path):
+    """A caption over the metadata string limit, an undecodable value, a nested value: each row is reported, the
+    others indexed (they used to fail their batch and stop the job). An id of 0 is the id "0", not the path."""
+    from embedsvc.jobs.index import IndexJob, run_index
+
+    root, good, _ = folder
+    path = str(root / sorted(good)[0])
+    rows = [{"id": "long", "path": path, "caption": "x" * 5000}, {"id": "surrogate", "path": path, "note": "\udcff"},
+            {"id": "nested", "path": path, "exif": {"iso": 100}}, {"id": 0, "path": path, "caption": "fine"},
+            {"id": "ok", "path": path, "n": 1}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_index(IndexJob(str(tmp_path / "rows.jsonl"), ["c=cls"], local=str(tmp_path / "d"),
+                                 report=str(tmp_path / "r.jsonl")))
+    assert (summary.indexed, len(summary.failed)) == (2, 3), summary.failed
+    reasons = dict(summary.failed)
+    assert len(reasons) == 1 and path in reasons  # three rows of one file: the report names the file
+    assert [r.split(":")[0] for _, r in summary.failed] == ["not storable"] * 3
+    assert "over 4096 bytes" in summary.failed[0][1] and "not valid UTF-8" in summary.failed[1][1]
+    assert "has type dict" in summary.failed[2][1]
+    store = Store(tmp_path / "d")
+    items, missing = store.get("c", ["0", "ok"])
+    assert not missing and {i.id: i.metadata for i in items} == {"0": {"caption": "fine"}, "ok": {"n": 1}}
+    store.close(checkpoint=False)
+
+
+def test_webdataset_links_devices_bad_json_and_broken_shards_are_reported(tmp_path):
+    """Tar members that are links or devices, a .json that is not an object, a shard that is not a tar or ends
+    early: each is a refused record with its reason (they used to be dropped silently or stop the job)."""
+    import io
+    import tarfile
+
+    from embedsvc.jobs.index import decode_record
+    from embedsvc.jobs.sources import open_source
+
+    def shard(name: str, members: list[tuple[str, bytes, bytes]]) -> bytes:
+        with tarfile.open(tmp_path / name, "w") as tar:
+            for member, kind, data in members:
+                info = tarfile.TarInfo(member)
+                info.type, info.size, info.linkname = kind, len(data), "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+                tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        return (tmp_path / name).read_bytes()
+
+    data = shard("a.tar", [("ok.png", tarfile.REGTYPE, b"png"), ("ok.json", tarfile.REGTYPE, b'{"n": 1}'),
+                           ("sym.png", tarfile.SYMTYPE, b""), ("dev.png", tarfile.CHRTYPE, b""),
+                           ("fifo.png", tarfile.FIFOTYPE, b""), ("badjson.png", tarfile.REGTYPE, b"png"),
+                           ("badjson.json", tarfile.REGTYPE, b"{nope"), ("list.png", tarfile.REGTYPE, b"png"),
+                           ("list.json", tarfile.REGTYPE, b"[1]"), ("last.png", tarfile.REGTYPE, b"x" * 2000)])
+    (tmp_path / "b.tar").write_bytes(b"no tar here" * 100)
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        cut = tar.getmember("last.png").offset_data + 1000
+    (tmp_path / "c.tar").write_bytes(data[:cut])  # cut inside the last member's data
+    records = {r.source: r for r in open_source(str(tmp_path / "[abc].tar"))}
+    a, b, c = (str(tmp_path / f"{x}.tar") for x in "abc")
+    expected = {f"{a}:sym": "member sym.png is a symlink (to /etc/passwd)", f"{a}:dev": "is a character device",
+                f"{a}:fifo": "member fifo.png is a FIFO", f"{a}:badjson": "badjson.json is not valid JSON",
+                f"{a}:list": "list.json must hold a JSON object, not list", b: "not a tar archive",
+                c: "shard read up to member 10 only"}  # an absolute glob: Path().glob used to refuse it
+    for source, fragment in expected.items():
+        assert fragment in (records[source].refused or ""), (source, records[source].refused)
+    assert records[f"{a}:ok"].refused is None and records[f"{a}:ok"].metadata == {"n": 1}
+    assert records[f"{c}:ok"].refused is None and records[f"{c}:ok"].read() == b"png"
+    _, image, reason = decode_record(records[f"{c}:last"])  # its header was read, its data is cut
+    assert image is None and f"could not read last.png from {c}" in reason, reason
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("list.jsonl", '[1, 2]\n', "rows.jsonl:1: expected a JSON object, not list"),
+    ("number.jsonl", '{"path": 5}\n', "row 1: 'path' must be a string, not int"),
+    ("extra.csv", "id,path\na,x.png,surplus\n", "row 1 has more values than the header has columns"),
+    ("latin1.csv", b"id,path\na,caf\xe9.png\n", "is not UTF-8 text (byte 0xe9"),
+    ("fifo.jsonl", None, "is not a regular file"),
+    ("fifo.parquet", None, "is not a regular file"),
+])
+def test_malformed_manifests_are_one_clear_error(tmp_path, name, text, fragment):
+    """Rows that are not objects, paths that are not strings, surplus CSV values, non-UTF-8 text and a FIFO named
+    as the manifest: an InvalidInput naming the row (exit 2), where they were tracebacks or 'does not exist'."""
+    import os
+
+    from embedsvc.errors import InvalidInput
+    from embedsvc.jobs.sources import open_source
+
+    manifest = tmp_path / ("rows" + Path(name).suffix)
+    if text is None:
+        os.mkfifo(manifest)
+    elif isinstance(text, bytes):
+        manifest.write_bytes(text)
+    else:
+        manifest.write_text(text)
+    with pytest.raises(InvalidInput, match=re.escape(fragment)):
+        open_source(str(manifest))
+
+
+def test_manifest_byte_order_mark_and_id_zero_are_read_as_written(tmp_path):
+    """A CSV saved with a BOM (Excel) used to lose its id column to the path; an id of 0 was replaced by the path."""
+    from embedsvc.jobs.sources import open_source
+
+    (tmp_path / "m.csv").write_text("\ufeffid,path,label\nx1,a.png,3\n", encoding="utf-8")
+    (tmp_path / "m.jsonl").write_text('{"id": 0, "path": "a.png"}\n')
+    csv_row, = open_source(str(tmp_path / "m.csv"))
+    assert (csv_row.id, csv_row.metadata) == ("x1", {"label": 3})
+    assert [r.id for r in open_source(str(tmp_path / "m.jsonl"))] == ["0"]
+
+
+def test_a_collection_named_twice_is_refused_before_anything_is_created(tmp_path):
+    """`--collection n=cls --collection n=avg` used to create n as cls, then fail on the second as 'already
+    exists'; `n=cls n` wrote every item twice into n."""
+    from embedsvc.errors import InvalidInput
+    from embedsvc.jobs.index import IndexJob, run_index
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"png")
+    for targets in (["n=cls", "n=avg"], ["n=cls", "n"], ["m", "n=cls", "m=cls"]):
+        with pytest.raises(InvalidInput, match=f"collection '{targets[-1][0]}' is named twice"):
+            run_index(IndexJob(str(tmp_path / "photos"), targets, local=str(tmp_path / "d"),
+                               report=str(tmp_path / "r.jsonl")))
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_job_that_stores_nothing_because_every_path_failed_exits_1(tmp_path):
+    """Nothing silently wrong: a folder whose every file is unusable is not a success (exit 0 would read as done)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.png").write_bytes(b"not a png")
+    os.mkfifo(photos / "pipe.jpg")
+    proc = index(str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    assert "indexed 0, already present 0, failed 2 of 2" in out, out
+    assert "nothing was indexed: all 2 paths failed" in err, err

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
+from embedsvc.errors import DataDirLocked, FailedPrecondition
 from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, Store
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
@@ -73,6 +74,91 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
         holder.kill()
         holder.wait(10)
     Store(tmp_path).close()  # the kernel released the lock with the process
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_opener_in(tiny_spec, tmp_path):
+    """Issue 22 item 6: `rm DATA_DIR/LOCK` beside a live server let a second store open the directory."""
+    data = tmp_path / "data"
+    with running_server(tiny_config(tiny_spec, data)) as server:
+        with Client(server.address) as client:
+            client.create_collection("kv", dim=4)
+        (data / "LOCK").unlink()
+        with pytest.raises(DataDirLocked) as refused:
+            Store(data)
+        message = str(refused.value)
+        assert f"pid {os.getpid()}" in message and "--address" in message, message
+        assert "never delete" in message.lower() and "LOCK" in message, message
+        with Client(server.address) as client:  # the live server is untouched and still writes
+            client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
+            assert client.get_collection("kv").count == 1
+    reopened = Store(data)  # released at shutdown
+    assert reopened.get_collection("kv").count == 1
+    reopened.close()
+
+
+def test_a_holder_in_another_process_is_named_even_without_its_lock_file(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import Store; "
+                               f"Store({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "LOCK").unlink()
+        with pytest.raises(DataDirLocked, match=f"(?i)pid {holder.pid}\\b.*never delete"):
+            Store(tmp_path)
+        (tmp_path / "LOCK").write_text("")  # a LOCK file put back empty changes nothing either
+        with pytest.raises(DataDirLocked, match=f"pid {holder.pid}\\b"):
+            Store(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    Store(tmp_path).close()
+
+
+RACER = """
+import sys
+from embedsvc.errors import DataDirLocked
+from embedsvc.store import Store
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    try:
+        Store(sys.argv[1]).close(checkpoint=False)
+    except DataDirLocked:
+        pass
+"""
+
+
+def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
+    """Openers started together on one directory: each gets the store or DataDirLocked. A write probe of one fixed
+    name, made and removed before the lock, let one opener remove the other's and report the directory 'not
+    writable: No such file or directory' (about 1 round in 100 on 2 cores)."""
+    rounds = 1000
+    racer = subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(rounds)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert racer.stdout.readline().strip() == "ready"
+    outcomes = {"opened": 0, "locked": 0}  # either may be 0: which process wins each round is the scheduler's
+    try:
+        for _ in range(rounds):
+            try:
+                Store(tmp_path).close(checkpoint=False)
+                outcomes["opened"] += 1
+            except DataDirLocked:
+                outcomes["locked"] += 1
+    finally:
+        _, err = racer.communicate(timeout=120)
+    assert racer.returncode == 0, err  # the racer met nothing but the lock either
+    assert sum(outcomes.values()) == rounds, outcomes
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_a_clear_refusal(tmp_path, kind):
+    """`LOCK` made a directory (or a FIFO) by hand: a one-line refusal naming it, not an OSError traceback."""
+    lock = tmp_path / "LOCK"
+    lock.mkdir() if kind == "directory" else os.mkfifo(lock)
+    with pytest.raises(FailedPrecondition, match=f"{lock}.*not a regular file") as refused:
+        Store(tmp_path)
+    assert f"is a {kind}" in str(refused.value).lower(), refused.value
+    lock.rmdir() if kind == "directory" else lock.unlink()
+    Store(tmp_path).close()  # and the directory itself was left unlocked
 
 
 # -- 2. checkpoints tied to their store and collection --------------------------------------------
@@ -263,7 +349,7 @@ def test_inner_product_scores_stay_finite(client):
 def test_gem_is_finite_and_exact_for_every_allowed_p(client, p):
     texts = ["a small green triangle in the bottom right", "two red stars"]
     result = client.embed(texts, poolings=[f"gem:p={p}"], include_tokens=True)
-    vectors = result.vectors["gem"]
+    vectors = result.vectors[f"gem:p={p}"]
     assert np.isfinite(vectors).all()
     for vector, tokens in zip(vectors, result.tokens):  # float64 reference of the formula
         x = tokens.astype(np.float64)
@@ -342,3 +428,32 @@ def test_ray_targets_refuse_a_model_name_that_now_loads_other_weights(tiny_spec,
     finally:
         sink.close()
         MODEL_REGISTRY.pop(tiny_spec.name, None)
+
+
+def test_ray_workers_refuse_weights_other_than_the_collections(tiny_spec, tmp_path):
+    """The parent's check hashes the file; each Ray worker loads it again, later and maybe on another node. A file
+    replaced in between (or another node's copy) embedded into the collection with other weights, silently: each
+    worker checks the fingerprint of the bytes it loaded itself."""
+    import shutil
+
+    from conftest import TINY_ARCH, _save_random
+    from dataclasses import replace
+    from embedsvc.jobs.index import IndexJob, _LocalSink
+    from embedsvc.jobs.ray_engine import EmbedActor
+    from embedsvc.models import MODEL_REGISTRY, register_model
+
+    weights = tmp_path / "weights.pt"
+    shutil.copy(tiny_spec.checkpoint, weights)
+    spec = replace(tiny_spec, checkpoint=str(weights))
+    register_model(spec, replace=True)
+    job = IndexJob(source="unused", collections=["c=cls"], local=str(tmp_path / "data"), model=spec.name)
+    sink = _LocalSink(job, [("c", "cls")])
+    try:
+        model, targets = sink.targets()  # the parent's check passes...
+        assert EmbedActor(model, targets).dims == [32]  # ...and a worker loading the same file embeds
+        os.replace(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=9), weights)  # ...then the file changes
+        with pytest.raises(FailedPrecondition, match="now loads weights sha256"):
+            EmbedActor(model, targets)
+    finally:
+        sink.close()
+        MODEL_REGISTRY.pop(spec.name, None)

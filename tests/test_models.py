@@ -109,3 +109,57 @@ def test_gpu_half_precision_close_to_fp32(tiny_spec):
     a = torch.nn.functional.normalize(fp32.encode_images(pixels).native, dim=-1)
     b = torch.nn.functional.normalize(fp16.encode_images(pixels).native.cpu(), dim=-1)
     assert np.all((a * b).sum(-1).numpy() > 0.999)
+
+
+def test_the_weights_hashed_are_the_weights_loaded(tiny_spec, tmp_path, monkeypatch):
+    """Issue 22 item 7: the file was hashed apart from the load, so one replaced in between was loaded under the
+    other's fingerprint. Here the checkpoint is replaced on disk right after the loader's first open of it."""
+    import builtins
+    import hashlib
+    import io
+    import os
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path / "weights.pt"
+    shutil.copy(tiny_spec.checkpoint, path)
+    original = torch.load(path, weights_only=True)
+    replacement = tmp_path / "replacement.pt"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in original.items()}, replacement)
+    states = {hashlib.sha256(p.read_bytes()).hexdigest(): torch.load(p, weights_only=True) for p in (path, replacement)}
+
+    real_open, opens = builtins.open, []
+
+    def open_then_replace(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+            opens.append(file)
+            if len(opens) == 1:  # whoever opens the path next reads the other file
+                os.replace(replacement, path)
+        return handle
+
+    monkeypatch.setattr(builtins, "open", open_then_replace)
+    monkeypatch.setattr(io, "open", open_then_replace)
+    loaded = load_model(ModelSpec(name="swapped", architecture=tiny_spec.architecture, checkpoint=str(path),
+                                  config_file=tiny_spec.config_file))
+    monkeypatch.undo()
+    assert opens, "the loader never opened the checkpoint through open(): the swap did not happen"
+    hashed = states[loaded.weights_sha256]
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in hashed.items())
+
+
+def test_wrapped_checkpoints_load_as_open_clip_loads_them(tiny_spec, tmp_path):
+    """A training checkpoint ({'state_dict': ...}, DataParallel 'module.' keys) loads; a pickle of something
+    else is a clear error. The loader parses the bytes itself now, so it keeps open_clip's unwrapping."""
+    state = torch.load(tiny_spec.checkpoint, weights_only=True)
+    wrapped = tmp_path / "trained.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
+    loaded = load_model(ModelSpec(name="wrapped", architecture=tiny_spec.architecture, checkpoint=str(wrapped),
+                                  config_file=tiny_spec.config_file))
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
+    not_weights = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_weights)
+    with pytest.raises(InvalidInput, match="holds list, not a state dict"):
+        load_model(ModelSpec(name="list", architecture=tiny_spec.architecture, checkpoint=str(not_weights),
+                             config_file=tiny_spec.config_file))

@@ -9,25 +9,31 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, Item,
-                             NotFoundError)
+from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
+                             NotFoundError, UnknownFilterKeyWarning)
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
 
 from conftest import png_bytes
-from serving import tiny_server
+from serving import BlockingAsyncClient, tiny_server
+
+
+@pytest.fixture(scope="module", params=["Client", "AsyncClient"])
+def client_kind(request):
+    """Every test runs with both clients (they share their request and response code; this checks it)."""
+    return Client if request.param == "Client" else BlockingAsyncClient
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(tiny_spec, tmp_path_factory, client_kind):  # one per client: the tests name their collections
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0) as s:
         yield s
 
 
 @pytest.fixture
-def client(server):
-    with Client(server.address, timeout=60) as c:
+def client(server, client_kind):
+    with client_kind(server.address, timeout=60) as c:
         yield c
 
 
@@ -51,10 +57,25 @@ def test_embed_equals_local_encoder(client, tiny_spec):
     poolings = ["cls", "avg", "gem:p=3", "spp:levels=1,2"]
     remote = client.embed(inputs, poolings, include_tokens=True)
     expected = embed(local, inputs, [bind_pooling(p) for p in poolings])
-    for j, name in enumerate(["cls", "avg", "gem", "spp"]):
-        assert np.abs(remote.vectors[name] - expected.vectors[j]).max() < 1e-5
+    for j, spec in enumerate(poolings):
+        assert np.abs(remote.vectors[spec] - expected.vectors[j]).max() < 1e-5
     assert remote.modalities == ["text", "image", "text"]
     assert remote.tokens[1].shape == (16, 32) and remote.tokens[0].shape[0] == 5  # 4x4 patches; SOT a red circle EOT
+
+
+def test_two_specs_of_one_pooling_in_one_call_each_get_their_vectors(client):
+    """Issue 22 item 11: vectors were keyed by pooling name, so gem:p=3 and gem:p=4 collided and one was lost."""
+    inputs = [png_bytes(), "a red circle"]
+    specs = ["gem:p=3", "gem:p=4", ("gem", {"p": 6})]
+    together = client.embed(inputs, specs)
+    assert list(together.vectors) == ["gem:p=3", "gem:p=4", "gem:p=6"]
+    for spec, key in zip(specs, together.vectors):
+        alone = client.embed(inputs, [spec]).vectors[key]
+        assert alone.shape == (2, 32) and np.abs(together.vectors[key] - alone).max() < 1e-5
+    assert np.abs(together.vectors["gem:p=3"] - together.vectors["gem:p=4"]).max() > 1e-3  # really two exponents
+    with pytest.raises(InvalidArgumentError, match="pooling 'gem:p=3' is asked for twice"):
+        client.embed(inputs, ["gem:p=3", "cls", ("gem", {"p": 3})])
+    assert list(client.embed(["x"], []).vectors) == ["cls"]  # no poolings: the server's default, named
 
 
 def test_list_models(client, tiny_spec):
@@ -137,8 +158,62 @@ def test_metrics_endpoint(server, client):
     assert "embedsvc_batch_size_bucket" in body and "embedsvc_model_load_seconds" in body
 
 
+def test_search_takes_filter_text_and_warns_of_unknown_keys(client, client_kind):
+    """Both clients: a filter as text in the CLI's grammar (parsed by the server), a typed error for bad text, and
+    UnknownFilterKeyWarning, pointing at the caller's line, for a key no item holds."""
+    client.create_collection("ranked", dim=3)
+    client.upsert("ranked", [Item(f"r{n}", vector=[1, 0, n / 10], metadata={"n": n, "kind": "ab"[n % 2]})
+                             for n in range(6)])
+    hits = client.search("ranked", vector=[1, 0, 0], top_k=20, filter="n>=3 kind=b")
+    assert sorted(h.id for h in hits) == ["r3", "r5"]
+    with pytest.warns(UnknownFilterKeyWarning, match="'ranked' has the metadata key 'm'") as caught:
+        assert client.search("ranked", vector=[1, 0, 0], filter="m>=1") == []
+    if client_kind is Client:  # BlockingAsyncClient runs the call on its loop: no caller's line to point at
+        assert [w.filename for w in caught] == [__file__]
+    with pytest.raises(InvalidArgumentError, match="KEY>=X"):
+        client.search("ranked", vector=[1, 0, 0], filter="n=>5")
+
+
 def test_long_text_is_truncated_and_the_response_says_so(client):
     result = client.embed(["word " * 300, "short"])
     assert result.truncated == [True, False]
     hits_response = client.embed(["a red circle"], poolings=["cls"])
     assert hits_response.truncated == [False]
+
+
+def test_async_client_calls_overlap_in_one_event_loop(server):
+    """AsyncClient as asyncio code uses it: calls gathered in one loop, each answered as alone, errors typed."""
+    import asyncio
+
+    from embedsvc.client import AsyncClient
+
+    texts = [f"a red circle number {i}" for i in range(6)]
+
+    async def main():
+        async with AsyncClient(server.address, timeout=60) as client:
+            together = await asyncio.gather(*(client.embed([t]) for t in texts))
+            alone = await client.embed(texts)
+            with pytest.raises(NotFoundError):
+                await client.get_collection("no-such-collection")
+            await client.create_collection("async-filtered", dim=2)
+            await client.upsert("async-filtered", [Item("a", vector=[1, 0], metadata={"n": 1})])
+            with pytest.warns(UnknownFilterKeyWarning, match="key 'm'") as caught:
+                assert await client.search("async-filtered", vector=[1, 0], filter="m=1") == []
+            assert [w.filename for w in caught] == [__file__]  # the awaiting line, as with Client
+            return together, alone
+
+    together, alone = asyncio.run(main())
+    assert np.abs(np.concatenate([r.vectors["cls"] for r in together]) - alone.vectors["cls"]).max() < 1e-5
+
+
+def test_both_clients_offer_every_call_with_the_same_arguments():
+    import inspect
+
+    from embedsvc.client import AsyncClient
+    from embedsvc.client.client import API_METHODS
+
+    assert "embed" in API_METHODS and "fit_pooling" in API_METHODS
+    for name in API_METHODS:
+        blocking, awaiting = getattr(Client, name), getattr(AsyncClient, name)
+        assert inspect.signature(blocking) == inspect.signature(awaiting), name
+        assert not inspect.iscoroutinefunction(blocking) and inspect.iscoroutinefunction(awaiting), name

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,20 @@ from embedsvc.client import Client, EmbedsvcClientError, Item
 DIM = 8
 
 
-def start_server(data_dir: Path, preload: bool = False, *extra: str) -> tuple[subprocess.Popen, str]:
+@dataclass(frozen=True)
+class Served:
+    """A real `embedsvc serve` process and where it listens (http_url is "" with HTTP off)."""
+
+    proc: subprocess.Popen
+    address: str
+    http_url: str = ""
+
+
+def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool = False) -> Served:
     log = open(data_dir.parent / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
-                             "--metrics-port", "-1", "--http-listen", "", *extra,
+                             "--metrics-port", "-1", "--http-listen", "127.0.0.1:0" if http else "", *extra,
                              "--log-format", "text", "--log-level", "WARNING"],
                             stderr=subprocess.PIPE, stdout=log, text=True)
     deadline = time.monotonic() + 120
@@ -33,9 +43,16 @@ def start_server(data_dir: Path, preload: bool = False, *extra: str) -> tuple[su
         match = re.search(r"serving on (\S+):(\d+)", line)
         if match:
             threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
-            return proc, f"127.0.0.1:{match.group(2)}"
+            url = re.search(r"HTTP API and search page on (http\S*?)/?,? ", line)
+            assert url or not http, f"no HTTP address in {line!r}"
+            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "")
     proc.kill()
     raise AssertionError("server did not start: " + proc.stderr.read())
+
+
+def start_server(data_dir: Path, preload: bool = False, *extra: str) -> tuple[subprocess.Popen, str]:
+    served = serve_process(data_dir, *extra, preload=preload)
+    return served.proc, served.address
 
 
 def vector(i: int) -> np.ndarray:

@@ -195,7 +195,7 @@ def test_service_collection_with_a_mode_is_searched_by_text(client):
     images = {f"i{k}": png_bytes(color=(60 * k, 90, 200 - 60 * k)) for k in range(4)}
     client.create_collection("clear", pooling="avg:tokens=clearclip")
     client.upsert("clear", [Item(key, image=data) for key, data in images.items()])
-    clear = client.embed(list(images.values()), ["avg:tokens=clearclip"]).vectors["avg"]
+    clear = client.embed(list(images.values()), ["avg:tokens=clearclip"]).vectors["avg:tokens=clearclip"]
     final = client.embed(list(images.values()), ["avg"]).vectors["avg"]
     assert client.search("clear", image=images["i2"], top_k=1)[0].id == "i2"
     stored, _ = client.get("clear", ["i2"], include_vectors=True)

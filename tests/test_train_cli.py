@@ -105,3 +105,27 @@ def test_trained_checkpoint_is_evaluated_continued_compared_and_indexed_from_the
     assert "indexed 24" in proc.stdout
     proc = run_cli("index", str(eval_manifest), "--collection", "mini=cls", "--checkpoint", checkpoint)
     assert proc.returncode == 2 and "add --local DATA_DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_card_says_not_measured_for_a_task_with_no_query(tmp_path):
+    """Held-out rows of distinct labels: no image has another of its label, so image->image has nothing to measure.
+    The card says "not measured" and the JSON leaves the task out; neither shows 0.000 as if measured."""
+    import torch
+
+    from embedsvc.eval import cross_modal_metrics, not_measured
+    from embedsvc.training.train import TrainConfig, _write_card
+
+    vectors = np.eye(4)
+    metrics = {k: v.as_dict() for k, v in cross_modal_metrics(vectors, vectors, captions=list("abcd"),
+                                                                labels=[0, 1, 2, 3]).items()}
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(b"weights")
+    card = _write_card(tmp_path, "m", TrainConfig(data="m.csv"), "manifest m.csv", metrics, [], 1.0, 60.0,
+                       torch.device("cpu"), checkpoint, not_measured(metrics, labels=True, image_keys=False))
+    rows = {line.split("|")[1].strip(): line for line in card.read_text().splitlines() if line.startswith("| ")}
+    assert "1.000 (0.250)" in rows["text_to_image"]
+    assert "not measured" in rows["image_to_image"] and "0.000" not in rows["image_to_image"]
+    assert "no image has another image of its label" in rows["image_to_image"]
+    written = json.loads((tmp_path / "model_card.json").read_text())
+    assert set(written["held_out"]) == {"text_to_image", "image_to_text"}
+    assert "its label" in written["not_measured"]["image_to_image"]

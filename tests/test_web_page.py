@@ -119,6 +119,53 @@ def test_a_text_query_shows_the_expected_first_hit(browser, demo):
     page.close()
 
 
+def _scene_metadata(index: int) -> dict:
+    scene = generate_scene("val", index)
+    return {"objects": len(scene.objects), "colours": " ".join(sorted({o.colour for o in scene.objects})),
+            "shapes": " ".join(sorted({o.shape for o in scene.objects}))}
+
+
+PAGE_FILTERS = {
+    "objects>2": lambda m: m["objects"] > 2,
+    "objects<2": lambda m: m["objects"] < 2,
+    "objects>=2 objects<=3": lambda m: 2 <= m["objects"] <= 3,
+    "objects > 1": None,  # spaces around the operator: refused, as by the CLI
+    "shapes=circle|square objects<3": lambda m: m["shapes"] in ("circle", "square") and m["objects"] < 3,
+    "objects=>2": None,
+    "objects=": None,
+    "objects!=2": None,
+}
+
+
+def test_the_page_applies_the_cli_grammar(browser, demo):
+    """Every text of the table gives, on the page, exactly the scenes a plain reading of their metadata selects
+    (the same text the CLI and `filterText` take: the server parses it, one parser); text that does not parse
+    shows INVALID_ARGUMENT with the accepted forms; a key no item holds is said, not an empty grid alone."""
+    metadata = {generate_scene("val", i).id: _scene_metadata(i) for i in range(60)}
+    query = full_caption(generate_scene("val", 3))
+    page = page_of(browser, demo.http_url)
+    page.fill("#top-k", "60")
+    for text, selects in PAGE_FILTERS.items():
+        page.fill("#filter", text)
+        page.fill("#text", query)
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('section.column .hit, section.column p')")
+        if selects is None:
+            error = page.locator("section.column p.error").inner_text()
+            assert "INVALID_ARGUMENT" in error, (text, error)
+            assert all(form in error for form in ("KEY=A|B", "KEY>X", "KEY<=X")), (text, error)
+            continue
+        expected = {i for i, m in metadata.items() if selects(m)}
+        assert expected and set(hits(page)) == expected, text
+        assert hits(page) == [i for i, _ in api_search(demo, "scenes", {"text": query}, top_k=60, filterText=text)]
+    page.fill("#filter", "object>=2")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('section.column p')")
+    note = page.locator("section.column p").inner_text()
+    assert hits(page) == [] and "'object'" in note and "no item" in note, note
+    page.close()
+
+
 def test_an_image_upload_finds_that_image_first(browser, demo, tmp_path):
     scene = generate_scene("val", 11)
     picture = tmp_path / "query.png"

@@ -1,14 +1,20 @@
-"""`embedsvc embed`: embed texts and images locally and print the vectors."""
+"""`embedsvc embed`: embed texts and images, locally or through a server (--address), and print the vectors."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
+from embedsvc.cli import connect
 from embedsvc.cli.models import add_model_arguments, resolve_model
-from embedsvc.errors import EmptyText, InvalidInput
+from embedsvc.errors import EmptyText, InvalidInput, quoted
+
+if TYPE_CHECKING:  # numpy loads with the model or the client, not for --help
+    import numpy as np
 
 
 class _AppendInput(argparse.Action):
@@ -22,7 +28,12 @@ class _AppendInput(argparse.Action):
 
 def register(sub) -> None:
     p = sub.add_parser("embed",
-                       description="Embed texts and images locally (no server) and print the vectors.")
+                       description="Embed texts and images and print the vectors: locally (the model loads in this "
+                                   "process), or through a running server with --address.")
+    p.add_argument("--address", nargs="?", const=connect.default_address(), default=None, metavar="HOST:PORT",
+                   help="embed through the server at this address instead of loading the model here; --address "
+                        f"alone: ${connect.ADDRESS_ENV}, else {connect.DEFAULT_ADDRESS} (the API token comes from "
+                        f"${connect.TOKEN_ENV})")
     add_model_arguments(p, random_init=True)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
@@ -39,6 +50,17 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
+@dataclass
+class Row:
+    """One input's result, whichever way it was embedded."""
+
+    modality: str
+    truncated: bool
+    vectors: list[tuple[str, np.ndarray]]  # (spec as given, vector) per --pooling, in order
+    tokens: Optional[np.ndarray] = None  # [num_tokens, dim], with --tokens
+    grid: Optional[tuple[int, int]] = None  # image token grid, with --tokens
+
+
 def load_encoder(args, spec=None):
     from embedsvc.encoder import ClipEncoder
     from embedsvc.models import load_model
@@ -49,52 +71,102 @@ def load_encoder(args, spec=None):
     return ClipEncoder(load_model(spec, device=args.device, precision=args.precision))
 
 
-def run(args) -> int:
-    from embedsvc.encoder import decode_image, embed
-    from embedsvc.models import input_size
-    from embedsvc.pooling import NetVLADState, bind_pooling
-
+def _inputs(args) -> list[tuple[str, object]]:
+    """(kind, text or image bytes) per --text/--image, checked before any model loads or call is made."""
     if not args.inputs:
         raise InvalidInput("nothing to embed: give at least one --text or --image")
-    state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
-    poolings = [bind_pooling(spec, state) for spec in (args.pooling or ["cls"])]
     inputs = []
-    spec = resolve_model(args)
-    side = input_size(spec) if any(kind == "image" for kind, _ in args.inputs) else 0  # decode at the model's size
     for kind, value in args.inputs:
         if kind == "text":
             if not value.strip():
                 raise EmptyText("a --text value is empty: give at least one non-blank character")
-            inputs.append(value)
+            inputs.append((kind, value))
         else:
             path = Path(value)
             if not path.is_file():
                 raise InvalidInput(f"image file {path} does not exist")
-            inputs.append(decode_image(path.read_bytes(), short_side=side))
+            inputs.append((kind, path.read_bytes()))
+    return inputs
+
+
+def _specs(args) -> list[str]:
+    """The --pooling specs in order (cls when none); a spec given twice is refused, since the output keys
+    vectors by spec and a second copy would overwrite the first."""
+    specs = args.pooling or ["cls"]
+    repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
+    if repeated is not None:
+        raise InvalidInput(f"--pooling {quoted(repeated)} is given twice; give each spec once")
+    return specs
+
+
+def _embed_local(args, inputs, specs) -> tuple[str, list[Row]]:
+    from embedsvc.encoder import decode_image, embed
+    from embedsvc.models import input_size
+    from embedsvc.pooling import NetVLADState, bind_pooling
+
+    state = NetVLADState.load(args.pooling_state) if args.pooling_state else None
+    poolings = [bind_pooling(spec, state) for spec in specs]
     for pooling in poolings:
         pooling.check_ready()
-    for modality in {kind for kind, _ in args.inputs}:  # refuse before paying for the model load
+    for modality in {kind for kind, _ in inputs}:  # refuse before paying for the model load
         for pooling in poolings:
             pooling.check_modality(modality)
-    encoder = load_encoder(args, spec)
-    result = embed(encoder, inputs, poolings, keep_features=args.tokens)
+    model_spec = resolve_model(args)
+    side = input_size(model_spec) if any(kind == "image" for kind, _ in inputs) else 0  # decode at the model's size
+    decoded = [value if kind == "text" else decode_image(value, short_side=side) for kind, value in inputs]
+    encoder = load_encoder(args, model_spec)
+    result = embed(encoder, decoded, poolings, keep_features=args.tokens)
+    rows = []
+    for i in range(len(inputs)):
+        row = Row(result.modalities[i], result.truncated[i],
+                  [(spec, result.vectors[j][i]) for j, spec in enumerate(specs)])
+        if args.tokens:
+            f = result.features[i]
+            row.tokens, row.grid = f.tokens[0][f.mask[0]].cpu().numpy(), f.grid
+        rows.append(row)
+    return encoder.loaded.spec.name, rows
+
+
+# Options that shape a local model load; a server loads its own models, so with --address they are refused.
+LOCAL_ONLY = {"pretrained": "--pretrained", "checkpoint": "--checkpoint", "model_config": "--model-config",
+              "models_file": "--models-file", "random_init": "--random-init", "pooling_state": "--pooling-state"}
+
+
+def _embed_remote(args, inputs, specs) -> tuple[str, list[Row]]:
+    given = [flag for key, flag in LOCAL_ONLY.items() if getattr(args, key, None)]
+    given += [f"--{key} {getattr(args, key)}" for key in ("device", "precision") if getattr(args, key) != "auto"]
+    if given:
+        raise InvalidInput(f"{', '.join(given)} shape a model loaded in this process; with --address the server "
+                           f"embeds with its own models (--model NAME picks one of them): drop --address to embed "
+                           f"here, or drop {given[0].split()[0]}")
+    with connect.client(args.address) as client:
+        result = client.embed([value for _, value in inputs], specs, model=args.model, include_tokens=args.tokens)
+    rows = [Row(result.modalities[i], result.truncated[i], [(spec, result.vectors[spec][i]) for spec in specs])
+            for i in range(len(inputs))]
+    if args.tokens:
+        for row, tokens, grid in zip(rows, result.tokens, result.grids):
+            row.tokens, row.grid = tokens, grid
+    return result.model, rows
+
+
+def run(args) -> int:
+    inputs, specs = _inputs(args), _specs(args)
+    model, rows = _embed_remote(args, inputs, specs) if args.address else _embed_local(args, inputs, specs)
     if args.json:
-        rows = []
-        for i, (kind, value) in enumerate(args.inputs):
-            row = {"input": value, "modality": result.modalities[i], "truncated": result.truncated[i],
-                   "embeddings": {p.name: result.vectors[j][i].tolist() for j, p in enumerate(poolings)}}
+        out = []
+        for (kind, value), row in zip(args.inputs, rows):
+            item = {"input": value, "modality": row.modality, "truncated": row.truncated,
+                    "embeddings": {name: vector.tolist() for name, vector in row.vectors}}
             if args.tokens:
-                f = result.features[i]
-                row["tokens"] = f.tokens[0][f.mask[0]].cpu().tolist()
-                row["grid"] = list(f.grid) if f.grid else None
-            rows.append(row)
-        json.dump({"model": encoder.loaded.spec.name, "results": rows}, sys.stdout)
+                item["tokens"] = row.tokens.tolist()
+                item["grid"] = list(row.grid) if row.grid else None
+            out.append(item)
+        json.dump({"model": model, "results": out}, sys.stdout)
         sys.stdout.write("\n")
         return 0
-    for i, (kind, value) in enumerate(args.inputs):
-        for j, pooling in enumerate(poolings):
-            vec = result.vectors[j][i]
+    for (kind, value), row in zip(args.inputs, rows):
+        for name, vec in row.vectors:
             head = ", ".join(f"{v:+.4f}" for v in vec[:6])
-            note = " (truncated)" if result.truncated[i] else ""
-            print(f"{kind} {value!r}{note} {pooling.name} dim={len(vec)} [{head}, ...]")
+            note = " (truncated)" if row.truncated else ""
+            print(f"{kind} {value!r}{note} {name} dim={len(vec)} [{head}, ...]")
     return 0

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from embedsvc.cli.filters import parse_filters
+from embedsvc.cli import connect
 from embedsvc.errors import InvalidInput
+
+FILTER_HELP = ("metadata filter, repeatable, all must hold: KEY=7 (number), KEY=true (boolean), KEY=red or "
+               "KEY=\"7\" (string; quote for the shell: 'KEY=\"7\"'), KEY=a|b (any of), KEY>=X, KEY>X, KEY<=X, KEY<X "
+               "(X a number); several clauses may share one --filter, separated by spaces")
 
 
 def _client(args):
-    from embedsvc.client import Client
-
-    return Client(args.address, timeout=args.timeout)
+    return connect.client(args.address, args.timeout)
 
 
 def _common(p) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051", help="server address (default: 127.0.0.1:50051)")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
+    connect.add_address_arguments(p)
 
 
 def register(sub) -> None:
@@ -29,9 +31,7 @@ def register(sub) -> None:
     q.add_argument("--image", help="image file")
     q.add_argument("--id", help="id of a stored item (more like this)")
     s.add_argument("-k", "--top-k", type=int, default=10)
-    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help='metadata filter, repeatable: KEY=7 (number), KEY="7" (string; quote for the shell: '
-                        "'KEY=\"7\"'), KEY=true, KEY=a|b (any of the values)")
+    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help=FILTER_HELP)
     s.add_argument("--json", action="store_true")
     _common(s)
     s.set_defaults(run=run_search)
@@ -58,7 +58,8 @@ def register(sub) -> None:
     fit.add_argument("source", help="image folder, .csv/.jsonl/.parquet manifest or WebDataset .tar shards")
     fit.add_argument("--sample", type=int, default=500, metavar="N", help="images to fit on (default: 500)")
     fit.add_argument("--local", metavar="DATA_DIR", help="fit in-process in this data directory (no server)")
-    fit.add_argument("--index", default="flat", help="index type if the collection is created (default: flat)")
+    fit.add_argument("--index", default="", help="index type if the collection is created (default: flat); when "
+                     "given, an existing collection must have it")
     _common(fit)
     c.set_defaults(run=run_collections)
 
@@ -70,8 +71,17 @@ def run_search(args) -> int:
         if not path.is_file():
             raise InvalidInput(f"image file {path} does not exist")
         query = {"image": path}
-    with _client(args) as client:
-        hits = client.search(args.collection, top_k=args.top_k, filter=parse_filters(args.filter), **query)
+    from embedsvc.client import UnknownFilterKeyWarning
+
+    with _client(args) as client, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnknownFilterKeyWarning)
+        # the server parses the text (embedsvc.store.filter_text): one grammar for the CLI, the page and HTTP
+        hits = client.search(args.collection, top_k=args.top_k, filter=" ".join(args.filter), **query)
+    for warning in caught:  # ours as one line each; anything else as Python shows it
+        if issubclass(warning.category, UnknownFilterKeyWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if args.json:
         json.dump([{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits], sys.stdout)
         print()
@@ -105,7 +115,8 @@ def _run_fit(args) -> int:
 
     if args.sample < 1:
         raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
-    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index)
+    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index,
+                   token=connect.token() or "")
     for name, images, descriptors in run_fit(job, args.sample):
         print(f"fitted {name} on {images} images ({descriptors} token descriptors)")
     return 0

@@ -1,4 +1,5 @@
-"""A synchronous Python client: numpy arrays and plain dataclasses in and out, typed errors.
+"""Python clients, blocking (`Client`) and asyncio (`AsyncClient`): numpy arrays and plain dataclasses in and
+out, typed errors. Both run the same request-building and response-decoding code (`_Api`).
 
 Imports only the generated API code and this package's own helpers.
 """
@@ -6,15 +7,18 @@ Imports only the generated API code and this package's own helpers.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
+import grpc.aio
 import numpy as np
 
-from embedsvc.client.errors import from_rpc_error
+from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -27,10 +31,13 @@ class Embeddings:
     """One matrix per pooling ([N, dim] float32, rows in input order), and per-input flags."""
 
     model: str
+    # Keyed by each pooling spec as the caller wrote it ("gem:p=3"; a (name, params) tuple as "name:k=v;k=v"),
+    # so two specs of one pooling ("gem:p=3", "gem:p=4") each keep their vectors; "cls" when none was given.
     vectors: dict[str, np.ndarray]
     modalities: list[str]
     truncated: list[bool]
-    tokens: Optional[list[np.ndarray]] = None
+    tokens: Optional[list[np.ndarray]] = None  # with include_tokens: [num_tokens, dim] per input
+    grids: Optional[list[Optional[tuple[int, int]]]] = None  # with include_tokens: image token grids; None for text
 
 
 @dataclass
@@ -78,17 +85,6 @@ class UpsertStats:
     inserted: int
     replaced: int
     count: int
-
-
-def _wrap_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-
-    return wrapper
 
 
 def _content(value: Input) -> pb.Content:
@@ -149,6 +145,35 @@ def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
 
 
+def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """Where a pooling's vectors go in Embeddings.vectors: the spec as written, a tuple written as a string."""
+    if isinstance(spec, str):
+        return spec
+    name, params = spec
+    return f"{name}:{';'.join(f'{k}={v}' for k, v in params.items())}" if params else name
+
+
+def _pooling_keys(poolings: Sequence[Union[str, tuple]]) -> list[str]:
+    """One key per requested pooling, in request order; the server's default (cls) when none is given."""
+    keys = [_pooling_key(p) for p in poolings] or ["cls"]
+    repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if repeated is not None:
+        raise InvalidArgumentError(f"pooling {repeated!r} is asked for twice in one embed call; give each spec once "
+                                   f"(its vectors are returned under the spec)")
+    return keys
+
+
+def _pooled_vectors(response: pb.EmbedResponse, names: list[str], keys: list[str]) -> dict[str, np.ndarray]:
+    """Each requested spec's [N, dim] matrix, taken by position (the server answers in request order)."""
+    for result in response.results:
+        answered = [e.pooling for e in result.embeddings]
+        if answered != names:
+            raise EmbedsvcClientError(f"the server answered poolings {answered} for {names} requested; the "
+                                      f"vectors cannot be matched to the specs")
+    return {key: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
+            for j, key in enumerate(keys)}
+
+
 def _collection(info: pb.CollectionInfo) -> Collection:
     c = info.config
     metric = {pb.METRIC_INNER_PRODUCT: "inner_product"}.get(c.metric, "cosine")
@@ -156,7 +181,235 @@ def _collection(info: pb.CollectionInfo) -> Collection:
                       info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
 
 
-class Client:
+def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list[str]) -> Embeddings:
+    vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
+    tokens = grids = None
+    if request.include_tokens:
+        tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
+                  for r in response.results]
+        grids = [(r.tokens.grid_height, r.tokens.grid_width) if r.tokens.grid_height else None
+                 for r in response.results]
+    return Embeddings(response.model, vectors, [pb.Modality.Name(r.modality).split("_")[-1].lower()
+                                                for r in response.results],
+                      [r.truncated for r in response.results], tokens, grids)
+
+
+def _item(item: Item) -> pb.UpsertItem:
+    out = pb.UpsertItem(id=item.id)
+    if item.vector is not None:
+        out.vector.values.extend(np.asarray(item.vector, dtype=np.float32).reshape(-1).tolist())
+    elif item.text is not None:
+        out.content.text = item.text
+    elif item.image is not None:
+        out.content.CopyFrom(_content(item.image))
+    for k, v in item.metadata.items():
+        out.metadata[k].CopyFrom(_value(v))
+    return out
+
+
+def _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
+                    include_metadata, include_vectors) -> pb.SearchRequest:
+    request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
+                               include_vectors=include_vectors, params=pb.SearchParams(nprobe=nprobe,
+                                                                                       ef_search=ef_search))
+    if isinstance(filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
+        request.filter_text = filter
+    elif (flt := _filter(filter)) is not None:
+        request.filter.CopyFrom(flt)
+    if queries is None:
+        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of text=, image=, vector=, id=")
+        queries = [given]
+    for q in queries:
+        (kind, value), = q.items()
+        if kind == "vector":
+            request.queries.add(vector=pb.Vector(values=np.asarray(value, np.float32).reshape(-1).tolist()))
+        elif kind == "image":
+            request.queries.add(image=_content(value).image)
+        else:
+            request.queries.add(**{kind: value})
+    return request
+
+
+def _batches(iterable: Iterable, size: int) -> Iterator[list]:
+    """Lists of up to `size` items; at least one (maybe empty) list."""
+    iterator, first = iter(iterable), True
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk and not first:
+            return
+        yield chunk
+        first = False
+        if not chunk:
+            return
+
+
+# -- the API, once: each method is a generator that yields the RPCs it makes ---------------------------------
+#
+# A method yields (stub, rpc, request or message iterator, timeout), is sent each response, and returns the
+# result. Client runs it blocking and AsyncClient awaiting it (see _blocking and _awaiting), so both clients
+# build the same requests and decode the same responses with the same code.
+
+Rpc = tuple[str, str, Any, Optional[float]]
+
+
+class _Api:
+    def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
+              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+        """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
+        input's token features (and image token grid). A spec given twice is refused before anything is sent."""
+        keys = _pooling_keys(poolings)
+        request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
+                                  inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
+        return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
+
+    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
+        return (yield "embed", "ListModels", pb.ListModelsRequest(), timeout)
+
+    # -- collections --------------------------------------------------------------------------
+
+    def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
+                          metric: str = "cosine", index: str = "flat", dim: int = 0,
+                          timeout: Optional[float] = None) -> Collection:
+        metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
+        config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
+                                     metric=metric_enum, index=index, dim=dim)
+        return _collection((yield "index", "CreateCollection", pb.CreateCollectionRequest(config=config), timeout))
+
+    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
+        return _collection((yield "index", "GetCollection", pb.GetCollectionRequest(name=name), timeout))
+
+    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
+        response = yield "index", "ListCollections", pb.ListCollectionsRequest(), timeout
+        return [_collection(c) for c in response.collections]
+
+    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
+        return (yield "index", "DropCollection", pb.DropCollectionRequest(name=name), timeout).items_removed
+
+    # -- items --------------------------------------------------------------------------------
+
+    def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
+               timeout: Optional[float] = None) -> UpsertStats:
+        """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
+        messages = (pb.UpsertRequest(collection=collection if n == 0 else "", items=[_item(i) for i in chunk])
+                    for n, chunk in enumerate(_batches(items, batch_size)))
+        response = yield "index", "Upsert", messages, timeout
+        return UpsertStats(response.inserted, response.replaced, response.count)
+
+    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
+               chunk: int = 1000) -> tuple[int, list[str]]:
+        """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
+        deleted, missing = 0, []
+        for part in _batches(ids, chunk):
+            response = yield "index", "Delete", pb.DeleteRequest(collection=collection, ids=part), timeout
+            deleted += response.deleted
+            missing += list(response.missing_ids)
+        return deleted, missing
+
+    def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
+            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
+        """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
+        items, missing = [], []
+        for part in _batches(ids, chunk):
+            response = yield "index", "Get", pb.GetRequest(collection=collection, ids=part,
+                                                           include_vectors=include_vectors), timeout
+            items += [StoredItem(i.id, _metadata(i.metadata),
+                                 np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
+                      for i in response.items]
+            missing += list(response.missing_ids)
+        return items, missing
+
+    def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
+               vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
+               top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
+               ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
+               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
+        """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
+        those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
+        parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
+        (UnknownFilterKeyWarning)."""
+        request = _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
+                                  include_metadata, include_vectors)
+        response = yield "index", "Search", request, timeout
+        if response.unknown_filter_keys:  # stacklevel 3: past this generator and its driver, to the caller
+            warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=3)
+        results = [[Hit(h.id, h.score, _metadata(h.metadata),
+                        np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
+                   for r in response.results]
+        return results[0] if queries is None else results
+
+    def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
+                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
+        messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
+                                         params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
+                                         samples=[_content(x) for x in chunk])
+                    for n, chunk in enumerate(_batches(samples, batch_size)))
+        return (yield "index", "FitPooling", messages, timeout)
+
+
+API_METHODS = [name for name, value in vars(_Api).items() if inspect.isgeneratorfunction(value)]
+
+
+class _Channel:
+    """What both clients share: channel options, credentials, the token and the default deadline."""
+
+    def __init__(self, address: str, grpc_module, timeout: Optional[float], max_message_bytes: int,
+                 token: Optional[str], tls: bool, ca_file: Optional[str], cert_file: Optional[str],
+                 key_file: Optional[str], credentials: Optional[grpc.ChannelCredentials],
+                 metadata: Sequence[tuple[str, str]]):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if credentials is None and (tls or ca_file or cert_file):
+            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+        if token:
+            metadata = (*metadata, ("authorization", f"Bearer {token}"))
+        self.channel = (grpc_module.secure_channel(address, credentials, options) if credentials
+                        else grpc_module.insecure_channel(address, options))
+        self.stubs = {"embed": pb_grpc.EmbedServiceStub(self.channel), "index": pb_grpc.IndexServiceStub(self.channel)}
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def _invoke(self, rpc: Rpc):
+        stub, method, request, timeout = rpc
+        return getattr(self.stubs[stub], method)(request, timeout=self.timeout if timeout is None else timeout,
+                                                 metadata=self.metadata)
+
+
+def _blocking(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        steps = method(self, *args, **kwargs)
+        try:
+            rpc = next(steps)
+            while True:
+                rpc = steps.send(self._invoke(rpc))
+        except StopIteration as done:
+            return done.value
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    return run
+
+
+def _awaiting(method):
+    @functools.wraps(method)
+    async def run(self, *args, **kwargs):
+        steps = method(self, *args, **kwargs)
+        try:
+            rpc = next(steps)
+            while True:
+                rpc = steps.send(await self._invoke(rpc))
+        except StopIteration as done:
+            return done.value
+        except grpc.RpcError as error:  # grpc.aio's AioRpcError is one
+            raise from_rpc_error(error) from None
+
+    return run
+
+
+class Client(_Channel):
     """Client(address) for an embedsvc server. `timeout` is the default per-call deadline in seconds."""
 
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
@@ -165,19 +418,20 @@ class Client:
                  credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
         """token: API token (sent as 'authorization: Bearer'); tls: connect with TLS, trusting `ca_file`
         (else the system roots); cert_file + key_file: client certificate for mutual TLS."""
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        if credentials is None and (tls or ca_file or cert_file):
-            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
-            credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
-        if token:
-            metadata = (*metadata, ("authorization", f"Bearer {token}"))
-        self.channel = (grpc.secure_channel(address, credentials, options) if credentials
-                        else grpc.insecure_channel(address, options))
-        self.embed_stub = pb_grpc.EmbedServiceStub(self.channel)
-        self.index_stub = pb_grpc.IndexServiceStub(self.channel)
-        self.timeout = timeout
-        self.metadata = tuple(metadata)
+        super().__init__(address, grpc, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
+                         credentials, metadata)
+
+    embed = _blocking(_Api.embed)
+    list_models = _blocking(_Api.list_models)
+    create_collection = _blocking(_Api.create_collection)
+    get_collection = _blocking(_Api.get_collection)
+    list_collections = _blocking(_Api.list_collections)
+    drop_collection = _blocking(_Api.drop_collection)
+    upsert = _blocking(_Api.upsert)
+    delete = _blocking(_Api.delete)
+    get = _blocking(_Api.get)
+    search = _blocking(_Api.search)
+    fit_pooling = _blocking(_Api.fit_pooling)
 
     def close(self) -> None:
         self.channel.close()
@@ -188,171 +442,35 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout):
-        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata)
 
-    # -- embedding ----------------------------------------------------------------------------
+class AsyncClient(_Channel):
+    """Client's asyncio twin on grpc.aio: the same methods and arguments, awaited. Create and use it in one
+    event loop: `async with AsyncClient(address) as client: await client.embed(["a red circle"])`."""
 
-    @_wrap_errors
-    def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
-              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
-        request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
-                                  inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
-        response = self._call(self.embed_stub.Embed, request, timeout)
-        names = [p.name for p in request.poolings]
-        vectors = {name: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
-                   for j, name in enumerate(names)}
-        tokens = None
-        if include_tokens:
-            tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
-                      for r in response.results]
-        return Embeddings(response.model, vectors, [pb.Modality.Name(r.modality).split("_")[-1].lower()
-                                                    for r in response.results],
-                          [r.truncated for r in response.results], tokens)
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
+                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
+        super().__init__(address, grpc.aio, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
+                         credentials, metadata)
 
-    @_wrap_errors
-    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
-        return self._call(self.embed_stub.ListModels, pb.ListModelsRequest(), timeout)
+    embed = _awaiting(_Api.embed)
+    list_models = _awaiting(_Api.list_models)
+    create_collection = _awaiting(_Api.create_collection)
+    get_collection = _awaiting(_Api.get_collection)
+    list_collections = _awaiting(_Api.list_collections)
+    drop_collection = _awaiting(_Api.drop_collection)
+    upsert = _awaiting(_Api.upsert)
+    delete = _awaiting(_Api.delete)
+    get = _awaiting(_Api.get)
+    search = _awaiting(_Api.search)
+    fit_pooling = _awaiting(_Api.fit_pooling)
 
-    # -- collections --------------------------------------------------------------------------
+    async def close(self) -> None:
+        await self.channel.close()
 
-    @_wrap_errors
-    def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
-                          metric: str = "cosine", index: str = "flat", dim: int = 0,
-                          timeout: Optional[float] = None) -> Collection:
-        metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
-        config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
-                                     metric=metric_enum, index=index, dim=dim)
-        return _collection(self._call(self.index_stub.CreateCollection, pb.CreateCollectionRequest(config=config),
-                                      timeout))
+    async def __aenter__(self) -> "AsyncClient":
+        return self
 
-    @_wrap_errors
-    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
-        return _collection(self._call(self.index_stub.GetCollection, pb.GetCollectionRequest(name=name), timeout))
-
-    @_wrap_errors
-    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
-        response = self._call(self.index_stub.ListCollections, pb.ListCollectionsRequest(), timeout)
-        return [_collection(c) for c in response.collections]
-
-    @_wrap_errors
-    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
-        return self._call(self.index_stub.DropCollection, pb.DropCollectionRequest(name=name), timeout).items_removed
-
-    # -- items --------------------------------------------------------------------------------
-
-    @staticmethod
-    def _item(item: Item) -> pb.UpsertItem:
-        out = pb.UpsertItem(id=item.id)
-        if item.vector is not None:
-            out.vector.values.extend(np.asarray(item.vector, dtype=np.float32).reshape(-1).tolist())
-        elif item.text is not None:
-            out.content.text = item.text
-        elif item.image is not None:
-            out.content.CopyFrom(_content(item.image))
-        for k, v in item.metadata.items():
-            out.metadata[k].CopyFrom(_value(v))
-        return out
-
-    @_wrap_errors
-    def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
-               timeout: Optional[float] = None) -> UpsertStats:
-        """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
-
-        def messages() -> Iterator[pb.UpsertRequest]:
-            iterator = iter(items)
-            first = True
-            while True:
-                chunk = list(itertools.islice(iterator, batch_size))
-                if not chunk:
-                    if first:
-                        yield pb.UpsertRequest(collection=collection)
-                    return
-                yield pb.UpsertRequest(collection=collection if first else "", items=[self._item(i) for i in chunk])
-                first = False
-
-        response = self.index_stub.Upsert(messages(), timeout=self.timeout if timeout is None else timeout,
-                                          metadata=self.metadata)
-        return UpsertStats(response.inserted, response.replaced, response.count)
-
-    @_wrap_errors
-    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
-               chunk: int = 1000) -> tuple[int, list[str]]:
-        """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
-        deleted, missing = 0, []
-        ids = list(ids)
-        for start in range(0, max(len(ids), 1), chunk):
-            response = self._call(self.index_stub.Delete,
-                                  pb.DeleteRequest(collection=collection, ids=ids[start:start + chunk]), timeout)
-            deleted += response.deleted
-            missing += list(response.missing_ids)
-        return deleted, missing
-
-    @_wrap_errors
-    def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
-        """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
-        items, missing = [], []
-        ids = list(ids)
-        for start in range(0, max(len(ids), 1), chunk):
-            response = self._call(self.index_stub.Get, pb.GetRequest(collection=collection, ids=ids[start:start + chunk],
-                                                                     include_vectors=include_vectors), timeout)
-            items += [StoredItem(i.id, _metadata(i.metadata),
-                                 np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
-                      for i in response.items]
-            missing += list(response.missing_ids)
-        return items, missing
-
-    @_wrap_errors
-    def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
-               vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
-               top_k: int = 10, filter: Optional[Mapping[str, Any]] = None, nprobe: int = 0, ef_search: int = 0,
-               include_metadata: bool = True, include_vectors: bool = False, timeout: Optional[float] = None
-               ) -> Union[list[Hit], list[list[Hit]]]:
-        """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
-        those keys) returns a list of hit lists."""
-        single = queries is None
-        if single:
-            given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
-            if len(given) != 1:
-                raise ValueError("give exactly one of text=, image=, vector=, id=")
-            queries = [given]
-        request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
-                                   include_vectors=include_vectors,
-                                   params=pb.SearchParams(nprobe=nprobe, ef_search=ef_search))
-        flt = _filter(filter)
-        if flt is not None:
-            request.filter.CopyFrom(flt)
-        for q in queries:
-            (kind, value), = q.items()
-            if kind == "vector":
-                request.queries.add(vector=pb.Vector(values=np.asarray(value, np.float32).reshape(-1).tolist()))
-            elif kind == "image":
-                request.queries.add(image=_content(value).image)
-            else:
-                request.queries.add(**{kind: value})
-        response = self._call(self.index_stub.Search, request, timeout)
-        results = [[Hit(h.id, h.score, _metadata(h.metadata),
-                        np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
-                   for r in response.results]
-        return results[0] if single else results
-
-    @_wrap_errors
-    def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
-        def messages():
-            iterator = iter(samples)
-            first = True
-            while True:
-                chunk = list(itertools.islice(iterator, batch_size))
-                if not chunk and not first:
-                    return
-                yield pb.FitPoolingRequest(collection=collection if first else "",
-                                           params={k: str(v) for k, v in (params or {}).items()} if first else {},
-                                           samples=[_content(x) for x in chunk])
-                first = False
-                if not chunk:
-                    return
-
-        return self.index_stub.FitPooling(messages(), timeout=self.timeout if timeout is None else timeout,
-                                          metadata=self.metadata)
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,4 +1,5 @@
-"""Typed client errors, one per status code a caller may want to handle; each carries the code."""
+"""Typed client errors, one per status code a caller may want to handle; each carries the code. And the warning
+for a filter on keys no item holds."""
 
 from __future__ import annotations
 
@@ -64,3 +65,14 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, NotFoundError, Alrea
 def from_rpc_error(error: grpc.RpcError) -> EmbedsvcClientError:
     code = error.code()
     return _BY_CODE.get(code, EmbedsvcClientError)(error.details() or code.name, code)
+
+
+class UnknownFilterKeyWarning(UserWarning):
+    """A search's filter names metadata keys that no item of the collection holds, so it matched nothing (a typo?).
+    `keys` are those keys, `collection` the collection searched."""
+
+    def __init__(self, collection: str, keys: list[str]):
+        self.collection, self.keys = collection, keys
+        names = ", ".join(repr(k) for k in keys)
+        super().__init__(f"no item of collection {collection!r} has the metadata key{'s' * (len(keys) > 1)} {names}: "
+                         f"the filter matches nothing")

@@ -34,22 +34,12 @@ class ManifestRow:
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Rows of a .csv (header required) or .jsonl manifest; `path` is required in every row."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"manifest {path} does not exist")
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".ndjson"):
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise InvalidInput(f"{path}:{number}: not valid JSON ({exc})") from None
-    else:
-        raise InvalidInput(f"manifest {path}: expected a .csv or .jsonl file")
+    check_manifest_file(path)
+    try:
+        records = _records(path)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#x}: {exc.reason}); "
+                           f"save it as UTF-8") from None
     if not records:
         raise InvalidInput(f"manifest {path} has no rows")
     if path.suffix == ".csv":
@@ -59,16 +49,51 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raw_path = record.get("path")
         if not raw_path:
             raise InvalidInput(f"{path}: row {number} has no 'path' value")
+        if not isinstance(raw_path, str):
+            raise InvalidInput(f"{path}: row {number}: 'path' must be a string, not {type(raw_path).__name__}")
         image_path = Path(raw_path)
         if not image_path.is_absolute():
             image_path = path.parent / image_path
         rows.append(ManifestRow(
-            id=str(record.get("id") or raw_path),
+            id=str(raw_path if record.get("id") in (None, "") else record["id"]),  # an id of 0 is the id "0"
             path=image_path,
             caption=record.get("caption") or None,
             metadata={k: v for k, v in record.items() if k not in RESERVED and v not in (None, "")},
         ))
     return rows
+
+
+def check_manifest_file(path: Path) -> None:
+    """A manifest must be a regular file: a FIFO or a device would be waited on or read without end."""
+    if not path.exists():
+        raise InvalidInput(f"manifest {path} does not exist")
+    if not path.is_file():
+        raise InvalidInput(f"manifest {path} is not a regular file (a folder, FIFO or device?)")
+
+
+def _records(path: Path) -> list[dict]:
+    """The rows of a .csv (a UTF-8 byte-order mark allowed) or .jsonl file, as dicts."""
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            records = list(csv.DictReader(f))
+        for number, record in enumerate(records, 1):
+            if None in record:  # DictReader keeps a row's values beyond the header under the key None
+                raise InvalidInput(f"{path}: row {number} has more values than the header has columns")
+        return records
+    if path.suffix not in (".jsonl", ".ndjson"):
+        raise InvalidInput(f"manifest {path}: expected a .csv or .jsonl file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InvalidInput(f"{path}:{number}: not valid JSON ({exc})") from None
+                if not isinstance(record, dict):
+                    raise InvalidInput(f"{path}:{number}: expected a JSON object, not {type(record).__name__}")
+                records.append(record)
+    return records
 
 
 def _number(text: str):

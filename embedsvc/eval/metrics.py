@@ -2,7 +2,8 @@
 
 Conventions: ranks are 1-based; a query's rank is that of its best-ranked relevant item; recall@k is
 the fraction of queries with a relevant item in the top k; AP averages precision at each relevant
-item's rank over all relevant items; queries with no relevant item are left out. Ties in score are
+item's rank over all relevant items; queries with no relevant item are left out, and a task where no query has
+one is not measured (absent, never a row of zeros that reads as a measured 0.000). Ties in score are
 broken against the query (a relevant item tied with an irrelevant one ranks below it), so a constant
 scorer earns no credit. Identical captions are one text (see `cross_modal_metrics`), so the pessimistic
 tie-break no longer makes a query fail against a duplicate of its own caption.
@@ -16,13 +17,15 @@ first relevant rank: the median of its expectation (N + 1) / (r + 1)).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
 # How relevance was defined, as `cross_modal_metrics` reports it.
 BY_LABEL = "label"
 BY_CAPTION = "caption"
+# The tasks `cross_modal_metrics` measures, in report order.
+TASKS = ("text_to_image", "image_to_text", "image_to_image")
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,10 @@ def chance_average_precision(n: int, r: np.ndarray) -> np.ndarray:
     return (harmonic + share * (n - harmonic)) / n
 
 
-def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> RetrievalMetrics:
+def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+                      ) -> Optional[RetrievalMetrics]:
     """similarity [Q, N] (higher is closer; -inf marks an item the query may not retrieve, e.g. itself),
-    relevant [Q, N] bool."""
+    relevant [Q, N] bool. None when no query has a relevant item: there is nothing to measure."""
     similarity = np.asarray(similarity, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=bool)
     if similarity.shape != relevant.shape:
@@ -88,7 +92,7 @@ def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence
     keep = relevant.any(axis=1)
     ranks = _ranks(similarity[keep], relevant[keep])
     if not ranks:
-        return RetrievalMetrics(0.0, 0.0, 0.0, float("nan"), 0.0, 0, similarity.shape[1])
+        return None
     # an excluded item (-inf, the query itself) is no candidate
     n = int(np.isfinite(similarity[keep][0]).sum())
     r = relevant[keep].sum(axis=1)
@@ -119,7 +123,8 @@ def cross_modal_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray, *,
     are the image's caption (with labels: every caption of an image of the same label); any of them
     counts for recall. image->image: other images with the same label, else the same `image_keys`
     (e.g. the same objects in a scene), else not measured. Without `captions`, caption i is taken as
-    distinct for every i (each text describes only its own image)."""
+    distinct for every i (each text describes only its own image). A task no query can be measured on
+    (e.g. image->image when every label occurs once) is left out: see `not_measured` for why."""
     image_vectors = np.asarray(image_vectors, dtype=np.float64)
     text_vectors = np.asarray(text_vectors, dtype=np.float64)
     n = len(image_vectors)
@@ -143,7 +148,25 @@ def cross_modal_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray, *,
         image_sim = image_vectors @ image_vectors.T
         image_sim[identity] = -np.inf  # a query never retrieves itself
         results["image_to_image"] = retrieval_metrics(image_sim, (groups[:, None] == groups[None, :]) & ~identity)
-    return results
+    return {task: m for task, m in results.items() if m is not None}
+
+
+def not_measured(measured: Mapping[str, Any], *, labels: bool, image_keys: bool) -> dict[str, str]:
+    """Why each task missing from `measured` (a `cross_modal_metrics` result, as objects or dicts) was not
+    measured, given whether labels or image keys defined relevance; reports print these instead of a figure."""
+    reasons = {}
+    for task in TASKS:
+        if task in measured:
+            continue
+        if task != "image_to_image":
+            reasons[task] = "no query has a relevant item"
+        elif labels:
+            reasons[task] = "no image has another image of its label"
+        elif image_keys:
+            reasons[task] = "no image has another image with the same objects"
+        else:
+            reasons[task] = "no labels tell which images are alike (a label column would)"
+    return reasons
 
 
 def relevance_summary(captions: Optional[Sequence[Hashable]], labels: Optional[Sequence[Hashable]],

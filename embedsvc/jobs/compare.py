@@ -8,6 +8,11 @@ one, else by identical caption: see embedsvc.eval.metrics); encode time (the sha
 build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
 index size / items). Writes results.md, results.json and two PNG plots. Manifest rows whose image is
 missing or unreadable are skipped and reported by path, like `embedsvc index` does.
+
+Nothing is cut or left out silently: a manifest is compared whole unless `size` asks for fewer rows (or it
+has more than MAX_DEFAULT_PAIRS), and then on a seeded random sample, announced with its counts, never its
+first rows (which may all be one vendor's or one class's); a task with nothing to measure is reported as not
+measured, with why, never as 0.000.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,20 +29,29 @@ import numpy as np
 from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import split_by_resized_size
 from embedsvc.errors import InvalidInput, ModalityNotSupported
-from embedsvc.eval import cross_modal_metrics, relevance_summary
+from embedsvc.eval import TASKS, cross_modal_metrics, not_measured, relevance_summary
 from embedsvc.models.registry import ModelOptions
 from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
 from embedsvc.pooling.features import FINAL
+from embedsvc.progress import Progress
 
 DEFAULT_POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=16", "spp")
+# Scenes compared when no size is given (the generated test split has no end).
+DEFAULT_SCENES = 1000
+# Manifest rows compared when no size is given: every decoded image and the N x N similarities are held in
+# memory, so a larger manifest is sampled (announced) rather than exhausting it.
+MAX_DEFAULT_PAIRS = 10_000
 
 
 @dataclass
 class CompareJob:
     # "scenes" (the generated test split) or a CSV/JSONL manifest with captions.
     data: str = "scenes"
-    # Pairs to use (scenes: the first N of the test split; manifest: the first N rows with captions).
-    size: int = 1000
+    # Pairs to use. Scenes: the first N of the test split (None: DEFAULT_SCENES). Manifest: None compares every
+    # row with a caption (a random sample of MAX_DEFAULT_PAIRS beyond that); N draws a random sample of N.
+    size: Optional[int] = None
+    # Seed of the random sample of manifest rows (the same seed, the same rows).
+    seed: int = 0
     # Poolings to compare (registry specs).
     poolings: tuple[str, ...] = DEFAULT_POOLINGS
     # Index preset for the collections.
@@ -74,6 +88,8 @@ class Pairs:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Per image: the manifest row's file (empty for scenes).
     sources: list[str] = field(default_factory=list)
+    # How the manifest was cut, when it was (see Sample); None when every row with a caption was used.
+    sample: Optional["Sample"] = None
 
     def drop_oversized(self, short_side: int) -> None:
         """Skips images that the model's resize (shorter side to `short_side`) would blow past the pixel
@@ -89,6 +105,25 @@ class Pairs:
             values = getattr(self, name)
             if values:
                 setattr(self, name, [values[i] for i in keep])
+        if self.sample is not None:
+            self.sample.used, self.sample.ids = len(self.ids), list(self.ids)
+
+
+@dataclass
+class Sample:
+    """A cut of the manifest: `used` usable rows drawn at random (seeded) from its `rows` rows with a caption."""
+
+    rows: int
+    used: int
+    seed: int
+    # Why there was a cut: the size asked for, or the default's cap.
+    reason: str
+    # The ids compared, in manifest order.
+    ids: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"compared a random sample of {self.used} of the {self.rows} manifest rows with a caption "
+                f"(seed {self.seed}; {self.reason})")
 
 
 def _label_column(job: CompareJob, rows) -> str:
@@ -103,7 +138,7 @@ def _label_column(job: CompareJob, rows) -> str:
 def _scene_pairs(job: CompareJob, image_size: int) -> Pairs:
     from embedsvc.datasets import full_caption, generate_scene, render_scene
 
-    scenes = [generate_scene("test", i) for i in range(job.size)]
+    scenes = [generate_scene("test", i) for i in range(job.size or DEFAULT_SCENES)]
     return Pairs([render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes],
                  [s.id for s in scenes], keys=[s.object_key() for s in scenes])
 
@@ -119,26 +154,74 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
         raise InvalidInput(f"{job.data} has no rows with a caption to compare on")
     column = _label_column(job, rows)
     pairs = Pairs([], [], [], labels=[] if column else None, label_column=column)
-    for row in rows:
-        if len(pairs.ids) == job.size:
+    limit, reason = _limit(job, len(rows))
+    order = range(len(rows)) if limit is None else np.random.default_rng(job.seed).permutation(len(rows)).tolist()
+    kept = []  # (manifest index, row, image): decoded in sampling order until `limit` are usable
+    for index in order:
+        if limit is not None and len(kept) == limit:
             break
+        row = rows[index]
         if column and column not in row.metadata:
             pairs.skipped.append((row.source, f"no {column!r} value"))
             continue
-        _, image, reason = decode_record(row, short_side, keep_bytes=False)
+        _, image, why = decode_record(row, short_side, keep_bytes=False)
         if image is None:
-            pairs.skipped.append((row.source, reason))
+            pairs.skipped.append((row.source, why))
             continue
+        kept.append((index, row, image))
+    for _, row, image in sorted(kept, key=lambda k: k[0]):  # manifest order, whichever way they were drawn
         pairs.images.append(image)
         pairs.sources.append(row.source)
         pairs.captions.append(row.caption)
         pairs.ids.append(row.id)
         if column:
             pairs.labels.append(row.metadata[column])
+    if limit is not None:
+        pairs.sample = Sample(len(rows), len(pairs.ids), job.seed, reason, list(pairs.ids))
     if not pairs.ids:
         raise InvalidInput(f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
                            f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
     return pairs
+
+
+def _encode(encoder: ClipEncoder, images: list, captions: list[str], modes: tuple[str, ...]):
+    """(image features, text features) of the pairs, encoded a batch at a time with a progress line: a large
+    set takes minutes."""
+    from embedsvc.pooling.features import TokenFeatures
+
+    progress = Progress(len(images) + len(captions), unit="inputs", label="encoded ")
+    step, parts = 256, ([], [])
+    for start in range(0, max(len(images), len(captions)), step):
+        if start < len(images):
+            parts[0].append(encoder.encode_images(images[start:start + step], modes))
+        if start < len(captions):
+            parts[1].append(encoder.encode_texts(captions[start:start + step]))
+        progress.update(min(len(images), start + step) + min(len(captions), start + step))
+    return TokenFeatures.concat(parts[0]), TokenFeatures.concat(parts[1])
+
+
+def _limit(job: CompareJob, rows: int) -> tuple[Optional[int], str]:
+    """How many of `rows` manifest rows to draw at random and why; (None, "") to use them all."""
+    if job.size is None and rows > MAX_DEFAULT_PAIRS:
+        return MAX_DEFAULT_PAIRS, (f"the default caps at {MAX_DEFAULT_PAIRS:,}, as every image and the pairs' "
+                                   f"similarities are held in memory; --size N chooses another sample size")
+    if job.size is not None and job.size < rows:
+        return job.size, f"--size {job.size}; leave --size out to compare every row"
+    return None, ""
+
+
+def _measure(image_vectors, text_vectors, pairs: Pairs, spec: str) -> tuple[dict, dict[str, str]]:
+    """The measured tasks' metrics, and why each other task was not measured."""
+    groups = dict(captions=pairs.captions, labels=pairs.labels, image_keys=pairs.keys)
+    if text_vectors is not None:
+        metrics = cross_modal_metrics(image_vectors, text_vectors, **groups)
+    else:  # an image-only pooling: image->image from the image vectors alone
+        metrics = {task: m for task, m in cross_modal_metrics(image_vectors, image_vectors, **groups).items()
+                   if task == "image_to_image"}
+    reasons = not_measured(metrics, labels=pairs.labels is not None, image_keys=pairs.keys is not None)
+    if text_vectors is None:
+        reasons.update({task: f"{spec} pools images only (texts refused)" for task in TASKS[:2]})
+    return {task: m.as_dict() for task, m in metrics.items()}, reasons
 
 
 def run_compare(job: CompareJob) -> dict:
@@ -147,18 +230,19 @@ def run_compare(job: CompareJob) -> dict:
     from embedsvc.models import DEFAULT_MODEL, input_size, load_model, spec_from_options
     from embedsvc.store import CollectionConfig, Item, Store
 
+    if job.size is not None and job.size < 1:
+        raise InvalidInput(f"--size must be at least 1, got {job.size} (leave it out to compare every manifest row)")
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
     spec = spec_from_options(options, default=DEFAULT_MODEL)
     pairs = _manifest_pairs(job, input_size(spec)) if job.data != "scenes" else None
     encoder = ClipEncoder(load_model(spec))
     pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
     pairs.drop_oversized(encoder.loaded.image_size)
-    images, captions, keys, ids = pairs.images, pairs.captions, pairs.keys, pairs.ids
+    images, captions, ids = pairs.images, pairs.captions, pairs.ids
     started = time.perf_counter()
     # one pass computes every token mode the poolings ask for (rows are pooling x token mode)
     modes = tuple(dict.fromkeys((FINAL, *image_token_modes([bind_pooling(s) for s in job.poolings]))))
-    image_features = encoder.encode_images(images, modes)
-    text_features = encoder.encode_texts(captions)
+    image_features, text_features = _encode(encoder, images, captions, modes)
     forward_seconds = time.perf_counter() - started
     heads = {}
     if job.train_head:
@@ -166,7 +250,10 @@ def run_compare(job: CompareJob) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         store = Store(folder)
-        for number, spec in enumerate([*job.poolings, *heads]):
+        specs = [*job.poolings, *heads]
+        progress = Progress(len(specs), unit="poolings", label="pooling ")
+        for number, spec in enumerate(specs):
+            progress.update(number)
             state = None
             fit_seconds = 0.0
             if spec in heads:
@@ -202,25 +289,19 @@ def run_compare(job: CompareJob) -> dict:
                 store.search(name, q[None], 10)
                 latencies.append((time.perf_counter() - t) * 1000)
             bytes_per_vector = store.index_size_bytes(name) / len(ids)
-            if text_vectors is not None:
-                metrics = cross_modal_metrics(image_vectors, text_vectors, captions=captions, labels=pairs.labels,
-                                              image_keys=keys)
-            else:
-                metrics = {}
-                if keys is not None or pairs.labels is not None:
-                    metrics = {"image_to_image": cross_modal_metrics(
-                        image_vectors, image_vectors, captions=captions, labels=pairs.labels,
-                        image_keys=keys)["image_to_image"]}
+            metrics, unmeasured = _measure(image_vectors, text_vectors, pairs, spec)
             rows.append({
                 "pooling": spec, "tokens": getattr(pooling, "token_mode", FINAL), "dim": int(image_vectors.shape[1]),
-                "metrics": {task: m.as_dict() for task, m in metrics.items()},
+                "metrics": metrics, "not_measured": unmeasured,
                 "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
                 "fit_seconds": fit_seconds, "index_build_seconds": build_seconds,
                 "search_p50_ms": float(np.percentile(latencies, 50)), "search_p99_ms": float(np.percentile(latencies, 99)),
                 "bytes_per_vector": bytes_per_vector,
             })
         store.close()
-    result = {"data": job.data, "size": len(ids), "model": encoder.loaded.spec.name, "index": job.index,
+        progress.update(len(specs))
+    result = {"data": job.data, "size": len(ids), "sample": asdict(pairs.sample) if pairs.sample else None,
+              "model": encoder.loaded.spec.name, "index": job.index,
               "device": str(encoder.device), "torch_threads": torch.get_num_threads(),
               "relevance": relevance_summary(captions, pairs.labels, pairs.label_column),
               "skipped": [{"path": p, "reason": r} for p, r in pairs.skipped], "poolings": rows}
@@ -274,7 +355,27 @@ _COLUMNS = [("text_to_image", "recall_at_1", "t2i R@1"), ("text_to_image", "reca
 
 def _figure(metrics: dict, task: str, key: str) -> str:
     value = metrics.get(task, {}).get(key)
-    return "-" if value is None else (f"{value:.0f}" if key.endswith("median_rank") else f"{value:.3f}")
+    return NOT_MEASURED if value is None else (f"{value:.0f}" if key.endswith("median_rank") else f"{value:.3f}")
+
+
+NOT_MEASURED = "not measured"
+_TASK_NAMES = {"text_to_image": "text->image", "image_to_text": "image->text", "image_to_image": "image->image"}
+
+
+def sample_note(result: dict) -> str:
+    """The cut of the manifest, as a warning line; "" when every row with a caption was compared."""
+    sample = result.get("sample")
+    return f"warning: {Sample(**sample).describe()}" if sample else ""
+
+
+def unmeasured_notes(result: dict) -> list[str]:
+    """One line per task and reason that some pooling could not be measured on, naming the poolings."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for row in result["poolings"]:
+        for task, reason in row.get("not_measured", {}).items():
+            by_reason.setdefault((task, reason), []).append(row["pooling"])
+    return [f"{_TASK_NAMES[task]} {NOT_MEASURED}: {reason} ({', '.join(poolings)})"
+            for (task, reason), poolings in by_reason.items()]
 
 
 def markdown_table(result: dict) -> str:
@@ -315,9 +416,11 @@ def _write(job: CompareJob, result: dict) -> None:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown_table(result)
     skipped = f"\n{len(result['skipped'])} manifest rows skipped (listed in results.json).\n" if result["skipped"] else ""
+    cut = f"\n{sample_note(result)}\n" if result.get("sample") else ""
+    unmeasured = "".join(f"\n- {note}" for note in unmeasured_notes(result))
     (out / "results.md").write_text(f"# Pooling comparison: {result['model']} on {result['data']} "
                                     f"({result['size']} pairs, index {result['index']}, {result['device']})\n\n"
-                                    f"{relevance_note(result)}\n{skipped}\n{table}\n")
+                                    f"{relevance_note(result)}\n{cut}{skipped}\n{table}\n{unmeasured}\n")
     _plots(result, out)
 
 
@@ -331,8 +434,8 @@ def _plots(result: dict, out: Path) -> None:
     tasks = [("text_to_image", "text->image"), ("image_to_text", "image->text"), ("image_to_image", "image->image")]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.27
-    for k, (task, label) in enumerate(tasks):
-        values = [r["metrics"].get(task, {}).get("recall_at_1", 0.0) for r in result["poolings"]]
+    for k, (task, label) in enumerate(tasks):  # an unmeasured task draws no bar (NaN), not a bar of height 0
+        values = [r["metrics"].get(task, {}).get("recall_at_1", np.nan) for r in result["poolings"]]
         ax.bar(np.arange(len(names)) + (k - 1) * width, values, width, label=label)
     ax.set_xticks(np.arange(len(names)), names, rotation=20)
     ax.set_ylabel("recall@1")
@@ -350,7 +453,9 @@ def _plots(result: dict, out: Path) -> None:
         ax.scatter(xs, ys, marker=marker, s=45, label=label)
     for k, r in enumerate(result["poolings"]):
         task = "text_to_image" if "text_to_image" in r["metrics"] else "image_to_image"
-        y = r["metrics"].get(task, {}).get("recall_at_1", 0.0)
+        if task not in r["metrics"]:
+            continue  # nothing measured: no point to label
+        y = r["metrics"][task]["recall_at_1"]
         ax.annotate(r["pooling"], (r["bytes_per_vector"], y), textcoords="offset points",
                     xytext=(6, 10 * (k % 3) - 8), fontsize=8)
     ax.set_xscale("log")

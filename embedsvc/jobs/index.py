@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
-from embedsvc.errors import EmbedsvcError, FailedPrecondition, InvalidInput
+from embedsvc.errors import AlreadyExists, EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
+from embedsvc.service.config import ServerConfig
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
@@ -48,10 +49,12 @@ class IndexJob:
     local: Optional[str] = None
     # Server address when not local.
     address: str = "127.0.0.1:50051"
+    # API token for the server (the CLI reads $EMBEDSVC_TOKEN); never printed.
+    token: str = field(default="", repr=False)
     # Model for collections this job creates ("" = the default model).
     model: str = ""
-    # Index type for collections this job creates.
-    index: str = "flat"
+    # Index type for collections this job creates ("" = flat); when given, existing targets must have it too.
+    index: str = ""
     # Items per batch (one forward pass, one durable write per collection).
     batch_size: int = 64
     # Threads that read and decode images (0: one per usable CPU, at least 4: decoding takes every core the
@@ -69,6 +72,8 @@ class IndexJob:
     ray_address: str = ""
     # Images sampled (evenly) from the source to fit a NetVLAD target that has no codebook yet.
     fit_sample: int = 500
+    # Largest image file read, in bytes (the server's default limit); larger ones are reported, never read.
+    max_image_bytes: int = ServerConfig.max_image_bytes
 
 
 @dataclass
@@ -87,6 +92,10 @@ def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
     out = []
     for spec in specs:
         name, eq, pooling = spec.partition("=")
+        twice = next((earlier for earlier in specs[:len(out)] if earlier.partition("=")[0] == name), None)
+        if twice is not None:  # else the second create fails after the first, or one collection is written twice
+            raise InvalidInput(f"collection {name!r} is named twice (--collection {twice}, --collection {spec}); "
+                               f"name each target once")
         out.append((name, pooling if eq else None))
     if not out:
         raise InvalidInput("name at least one --collection")
@@ -98,7 +107,6 @@ class _LocalSink:
 
     def __init__(self, job: IndexJob, targets):
         from embedsvc.pooling import PoolingSpec
-        from embedsvc.service.config import ServerConfig
         from embedsvc.service.engine import Engine
         from embedsvc.store import open_store_at
 
@@ -117,14 +125,17 @@ class _LocalSink:
         # Most decoded pixels one write may carry: the engine refuses more (max_request_pixels).
         self.pixel_budget = config.max_request_pixels
         try:
-            existing = {c.config.name for c in self.store.list_collections()}
+            existing = {c.config.name: c.config for c in self.store.list_collections()}
+            for name, pooling in targets:  # every target checked before any is created
+                if name in existing:
+                    check_existing(name, existing[name], asked_of(job, pooling, lambda: config.default_model))
+                elif pooling is None:
+                    raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write "
+                                       f"{name}=POOLING (e.g. {name}=cls) to create it")
             for name, pooling in targets:
                 if name not in existing:
-                    if pooling is None:
-                        raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write "
-                                           f"{name}=POOLING (e.g. {name}=cls) to create it")
                     self._run(self.engine.create_collection(
-                        name, job.model, PoolingSpec.parse(pooling), "cosine", job.index))
+                        name, job.model, PoolingSpec.parse(pooling), "cosine", job.index or "flat"))
         except BaseException:
             self.close()
             raise
@@ -188,10 +199,11 @@ class _LocalSink:
         from embedsvc.models import get_model_spec, weights_sha256
 
         loaded = weights_sha256(get_model_spec(infos[0].config.model))
-        for info in infos:  # the actors load the model by name: it must still name the collections' weights
+        for info in infos:  # fail early, before Ray starts; each actor checks again what it loads itself
             info.config.check_weights(loaded)
         return models.pop(), [{"pooling": info.config.pooling, "params": dict(info.config.pooling_params),
-                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim}
+                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim,
+                               "config": info.config.to_json()}  # each actor checks the weights it loads
                               for info in infos]
 
     def close(self) -> None:
@@ -218,22 +230,32 @@ class _RemoteSink:
 
     def __init__(self, job: IndexJob, targets):
         from embedsvc.client import Client, NotFoundError
-        from embedsvc.service.config import ServerConfig
 
-        self.client = Client(job.address, timeout=600)
+        self.client = Client(job.address, timeout=600, token=job.token or None)
         self.names = [name for name, _ in targets]
         self.image_side, self.keeps_bytes = REMOTE_CHECK_SIDE, True
         # The server's budget is its own; a job splits writes by the default, counting each file's declared
         # size (never less than what the server counts: it decodes JPEGs scaled down).
         self.pixel_budget = ServerConfig().max_request_pixels
-        for name, pooling in targets:
-            try:
-                self.client.get_collection(name)
-            except NotFoundError:
-                if pooling is None:
-                    raise InvalidInput(f"collection {name!r} does not exist on {job.address}; write {name}=POOLING "
-                                       f"to create it") from None
-                self.client.create_collection(name, model=job.model, pooling=pooling, index=job.index)
+        try:
+            existing = {}
+            for name, pooling in targets:  # every target checked before any is created
+                try:
+                    existing[name] = self.client.get_collection(name)
+                except NotFoundError:
+                    if pooling is None:
+                        raise InvalidInput(f"collection {name!r} does not exist on {job.address}; write "
+                                           f"{name}=POOLING to create it") from None
+            server_default = functools.cache(lambda: self.client.list_models().default_model)  # asked once, if needed
+            for name, pooling in targets:
+                if name in existing:
+                    check_existing(name, existing[name], asked_of(job, pooling, server_default))
+            for name, pooling in targets:
+                if name not in existing:
+                    self.client.create_collection(name, model=job.model, pooling=pooling, index=job.index or "flat")
+        except BaseException:
+            self.client.close()
+            raise
 
     @staticmethod
     def pixels(row: tuple[Record, object, bytes]) -> int:
@@ -261,6 +283,40 @@ class _RemoteSink:
 
     def close(self) -> None:
         self.client.close()
+
+
+def asked_of(job: IndexJob, pooling: Optional[str], default_model: Callable[[], str]) -> dict[str, tuple]:
+    """What the job asks of an existing target, field by field: (value to compare, how to show it). NAME=POOLING
+    asks for the collection the job would create (model, pooling, metric cosine); --model and --index, when
+    given, ask for themselves."""
+    asked = {}
+    if job.model or pooling is not None:
+        model = job.model or default_model()
+        asked["model"] = (model, f"model {model!r}" + ("" if job.model else " (the default)"))
+    if pooling is not None:
+        from embedsvc.pooling import bind_pooling, params_to_strings  # imports torch: only for an existing target
+
+        bound = bind_pooling(pooling)
+        asked["pooling"] = ((bound.name, params_to_strings(bound.params)), f"pooling {pooling}")
+        asked["metric"] = ("cosine", "metric cosine")
+    if job.index:
+        asked["index"] = (job.index, f"index {job.index}")
+    return asked
+
+
+def check_existing(name: str, config, asked: dict[str, tuple]) -> None:
+    """Refuses an existing target that differs from what the job asks for (`config`: a CollectionConfig or a
+    client Collection): its items would be embedded otherwise than asked, under a message that all is well."""
+    params = dict(config.pooling_params)
+    pooling = config.pooling + (":" + ";".join(f"{k}={v}" for k, v in sorted(params.items())) if params else "")
+    have = {"model": (config.model, f"model {config.model!r}"),
+            "pooling": ((config.pooling, params), f"pooling {pooling or 'none (vectors only)'}"),
+            "metric": (config.metric, f"metric {config.metric}"), "index": (config.index, f"index {config.index}")}
+    differ = [field for field, (value, _) in asked.items() if have[field][0] != value]
+    if differ:
+        raise AlreadyExists(f"collection {name!r} exists with {', '.join(have[f][1] for f in differ)}, but this job "
+                            f"asks for {', '.join(asked[f][1] for f in differ)}; to use it as it is, write "
+                            f"--collection {name} without =POOLING, --model or --index, or name a new collection")
 
 
 def _present_in_all(get, names: list[str], ids: list[str]) -> set[str]:
@@ -323,20 +379,19 @@ def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: 
         raise InvalidInput("the ray engine needs Ray Data: pip install 'ray[data]'") from None
     model, targets = sink.targets()
     failed = [(r.source, r.refused) for r in records if r.refused]
-    present = sink.present([r.id for r in records])
+    present = sink.present([r.id for r in records if not r.refused])
     todo = [r for r in records if not r.refused and r.id not in present]
     by_id = {r.id: r for r in todo}
     rows = []
-    for r in todo:  # files are read by the actors (absolute paths); archive members travel as bytes
-        on_disk = Path(r.source).is_file()
-        rows.append({"id": r.id, "path": str(Path(r.source).resolve()) if on_disk else "",
-                     "data": b"" if on_disk else r.read()})
+    for r in todo:  # files are read by the actors (absolute paths, bounded reads); archive members travel as bytes
+        rows.append({"id": r.id, "path": os.path.abspath(r.path) if r.path else "",
+                     "data": b"" if r.path else r.read()})
     indexed = 0
     progress = Progress(len(records), unit="items", label="indexed ")
     loop_started = time.perf_counter()
     if rows:
         for batch in embed_with_ray(rows, model, targets, job.batch_size, job.ray_actors, job.device,
-                                    job.ray_address or None):
+                                    job.ray_address or None, job.max_image_bytes):
             ok = [k for k, reason in enumerate(batch["reason"]) if not reason]
             failed += [(by_id[batch["id"][k]].source, batch["reason"][k]) for k in range(len(batch["id"])) if k not in ok]
             ids = [str(batch["id"][k]) for k in ok]
@@ -401,12 +456,38 @@ def _with_readers(job: IndexJob) -> IndexJob:
     return replace(job, workers=job.workers or max(4, usable_cpus()))
 
 
+def _source_records(job: IndexJob) -> list[Record]:
+    """The source's records, image files over job.max_image_bytes refused unread."""
+    if job.max_image_bytes < 1:
+        raise InvalidInput(f"--max-image-bytes must be at least 1, got {job.max_image_bytes}")
+    records = open_source(job.source, job.max_image_bytes)
+    if not records:
+        raise InvalidInput(f"{job.source} holds no items")
+    for record in records:
+        refuse_unstorable(record)
+    return records
+
+
+def refuse_unstorable(record: Record) -> None:
+    """Refuses, before anything is read, a record whose id or metadata every store refuses (a file name that is
+    not UTF-8, a path over the id limit, a caption over the string limit): written in a batch, it would fail the
+    batch, and with it the job."""
+    from embedsvc.store.metadata import validate_metadata
+    from embedsvc.store.models import validate_id
+
+    if record.refused:
+        return
+    try:
+        validate_id(record.id)
+        validate_metadata(_metadata(record), "item")
+    except InvalidInput as exc:
+        record.refused = f"not storable: {exc}"
+
+
 def run_index(job: IndexJob) -> IndexSummary:
     started = time.perf_counter()
     job = _with_readers(job)
-    records = open_source(job.source)
-    if not records:
-        raise InvalidInput(f"{job.source} holds no items")
+    records = _source_records(job)
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -442,7 +523,7 @@ def run_index(job: IndexJob) -> IndexSummary:
             read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
 
             def submit(chunk):
-                done = sink.present([r.id for r in chunk])
+                done = sink.present([r.id for r in chunk if not r.refused])  # a refused id may be unstorable
                 return len(done), [pool.submit(read, r) for r in chunk if r.id not in done]
 
             writes: deque = deque()
@@ -485,9 +566,7 @@ def run_fit(job: IndexJob, sample: int) -> list[tuple[str, int, int]]:
     NAME=POOLING) on `sample` images of job's source, whether fitted before or not (refitting needs an
     empty collection)."""
     job = _with_readers(job)
-    records = open_source(job.source)
-    if not records:
-        raise InvalidInput(f"{job.source} holds no items")
+    records = _source_records(job)
     sink = _LocalSink(job, _targets(job.collections)) if job.local else _RemoteSink(job, _targets(job.collections))
     try:
         return fit_targets(sink, sink.names, records, sample, job.workers, only_unfitted=False)

@@ -11,20 +11,29 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from embedsvc.jobs.sources import DEFAULT_MAX_IMAGE_BYTES, read_image_file
+
 
 class EmbedActor:
     """Decodes and embeds a batch for every target collection's pooling with one forward pass."""
 
-    def __init__(self, model: str, targets: list[dict], device: str = "auto"):
+    def __init__(self, model: str, targets: list[dict], device: str = "auto",
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         from embedsvc.encoder import ClipEncoder
         from embedsvc.models import get_model_spec, load_model
         from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, image_token_modes
 
-        self.encoder = ClipEncoder(load_model(get_model_spec(model), device=device))
+        from embedsvc.store import CollectionConfig
+
+        loaded = load_model(get_model_spec(model), device=device)
+        for target in targets:  # the bytes this actor loaded, maybe on another node and after the driver's check
+            CollectionConfig.from_json(target["config"]).check_weights(loaded.weights_sha256)
+        self.encoder = ClipEncoder(loaded)
         self.poolings = [bind_pooling(PoolingSpec(t["pooling"], t["params"]),
                                       NetVLADState.from_bytes(t["state"]) if t["state"] else None) for t in targets]
         self.dims = [t["dim"] for t in targets]
         self.modes = image_token_modes(self.poolings)
+        self.max_image_bytes = max_image_bytes
 
     def __call__(self, batch: dict) -> dict:
         from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
@@ -33,7 +42,7 @@ class EmbedActor:
         images, reasons = [], []
         for path, data in zip(batch["path"], batch["data"]):
             try:
-                raw = open(path, "rb").read() if path else bytes(data)
+                raw = read_image_file(path, self.max_image_bytes) if path else bytes(data)
                 images.append(decode_image(raw, DEFAULT_MAX_PIXELS, self.encoder.loaded.image_size))
                 reasons.append("")
             except FileNotFoundError:
@@ -54,8 +63,10 @@ class EmbedActor:
 
 
 def embed_with_ray(rows: list[dict], model: str, targets: list[dict], batch_size: int, actors: int,
-                   device: str = "auto", address: Optional[str] = None) -> Iterator[dict]:
-    """Yields batches {id, reason, vector_0..} in any order; starts a local Ray instance unless one is running."""
+                   device: str = "auto", address: Optional[str] = None,
+                   max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[dict]:
+    """Yields batches {id, reason, vector_0..} in any order; starts a local Ray instance unless one is running.
+    Actors read the files of rows with a path, `max_image_bytes` at most (regular files only)."""
     import ray
     import ray.data
     import torch
@@ -68,7 +79,8 @@ def embed_with_ray(rows: list[dict], model: str, targets: list[dict], batch_size
         gpus = 1 if torch.cuda.is_available() else 0
         dataset = ray.data.from_items(rows)
         embedded = dataset.map_batches(EmbedActor, fn_constructor_kwargs={"model": model, "targets": targets,
-                                                                          "device": device},
+                                                                          "device": device,
+                                                                          "max_image_bytes": max_image_bytes},
                                        concurrency=actors, batch_size=batch_size, num_gpus=gpus,
                                        batch_format="numpy")
         yield from embedded.iter_batches(batch_size=batch_size, batch_format="numpy")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import time
@@ -66,29 +68,40 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         _register_architecture(spec)
 
     kwargs: dict[str, Any] = {}
+    weights_path: Optional[str] = None
     if spec.checkpoint is not None:
-        kwargs["pretrained"] = _checked_checkpoint(spec.checkpoint)
+        weights_path = _checked_checkpoint(spec.checkpoint)
     elif spec.pretrained is not None:
-        path, tag_cfg = _cached_pretrained_file(spec.architecture, spec.pretrained, cache_dir)
-        kwargs["pretrained"] = path
+        weights_path, tag_cfg = _cached_pretrained_file(spec.architecture, spec.pretrained, cache_dir)
         for ours, theirs in (("image_mean", "mean"), ("image_std", "std"),
                              ("image_interpolation", "interpolation"), ("image_resize_mode", "resize_mode")):
             if tag_cfg.get(theirs) is not None:
                 kwargs[ours] = tag_cfg[theirs]
         if tag_cfg.get("quick_gelu"):
             kwargs["force_quick_gelu"] = True
+    # The bytes hashed are the bytes loaded: the file is read once (hashing it apart from open_clip's own read
+    # of the path let a file replaced in between load under the other file's fingerprint). They are parsed and
+    # dropped before the model is built, so memory peaks at twice the file's size, as open_clip's own load did.
+    data, weights_sha256 = _read_weights(weights_path) if weights_path is not None else (b"", "")
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.architecture, device=torch_device, precision=open_clip_precision, **kwargs
-        )
+        state_dict = _state_dict_from_bytes(data, weights_path) if weights_path is not None else None
+        del data
+        with _quiet_random_init_warning(state_dict is not None):
+            # pretrained_text=False: no text tower fetches base weights of its own (weights come from disk or nowhere).
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.architecture, device=torch_device, precision=open_clip_precision, pretrained_text=False,
+                **kwargs
+            )
+        if state_dict is not None:
+            _load_state_dict(model, state_dict)
+            del state_dict
     except Exception as exc:  # noqa: BLE001 - mismatches surface as RuntimeError, AssertionError, KeyError,
         # unpickling or safetensors errors depending on where they are found; all mean "wrong file".
         raise InvalidInput(
             f"could not load model {quoted(spec.name)} ({spec.architecture}, weights {spec.weights}): {exc}"
         ) from exc
     model.eval()
-    weights_sha256 = file_sha256(kwargs["pretrained"]) if "pretrained" in kwargs else ""
 
     visual = getattr(model, "visual", None)
     if isinstance(visual, VisionTransformer):
@@ -155,6 +168,78 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _read_weights(path: str) -> tuple[bytes, str]:
+    """The whole weights file and its hex sha256, from one read (memory: the file's size, until it is parsed)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise WeightsUnavailable(f"weights file {path} cannot be read: {exc.strerror or exc}") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _state_dict_from_bytes(data: bytes, path: str) -> dict[str, torch.Tensor]:
+    """Parses a state dict as open_clip's load_state_dict parses a file (format by suffix, 'state_dict'
+    unwrapped, DataParallel's 'module.' prefix removed), from bytes already read and hashed."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        checkpoint = load_safetensors(data)
+    else:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"{path} holds {type(checkpoint).__name__ if checkpoint else 'nothing'}, not a state dict")
+    if next(iter(checkpoint)).startswith("module"):
+        checkpoint = {key[7:]: value for key, value in checkpoint.items()}
+    return checkpoint
+
+
+def _load_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Loads strictly, with the key fixes of open_clip's factory.load_checkpoint (3.x), which takes a path only:
+    third-party layouts, the old text layout, scalar vs 1-d logit scale and bias, stale position ids, and
+    positional embeddings resized to the model's grid and context."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state_dict = convert_state_dict(model, state_dict)
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    for key in ("logit_scale", "logit_bias"):
+        param = getattr(model, key, None)
+        if key in state_dict and param is not None and param.ndim != state_dict[key].ndim:
+            state_dict[key] = state_dict[key].reshape(param.shape)
+    if "logit_bias" not in state_dict and getattr(model, "logit_bias", None) is not None:
+        state_dict["logit_bias"] = torch.zeros_like(state_dict["logit_scale"])
+    position_id_key = "text.transformer.embeddings.position_ids"
+    if position_id_key in state_dict and not hasattr(model, position_id_key):
+        del state_dict[position_id_key]
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
+
+
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns that a model created without a weights path is "initialized randomly"; a false alarm
+    when its weights are loaded right after, so it is dropped then (open_clip logs it on the root logger)."""
+    if not active:
+        yield
+        return
+    root, dropped = logging.getLogger(), _RandomInitWarningFilter()
+    root.addFilter(dropped)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropped)
 
 
 def _register_architecture(spec: ModelSpec) -> None:

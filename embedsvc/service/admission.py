@@ -7,8 +7,8 @@ embedsvc method is served as a client-streaming handler that
 - waits at most `message_timeout` seconds for each request message (DEADLINE_EXCEEDED after),
 - parses the bytes itself, so a malformed message is INVALID_ARGUMENT with one log line (grpc.aio would
   answer UNKNOWN or INTERNAL and log a traceback per call),
-- only then takes one of `max_active` slots; up to `max_waiting` more calls wait for a slot (until their
-  deadline), later ones get RESOURCE_EXHAUSTED.
+- only then takes one of `max_active` slots (Slots, shared with the HTTP API's requests); up to `max_waiting`
+  more calls wait for a slot (until their deadline), later ones get RESOURCE_EXHAUSTED.
 
 The auth interceptor runs before this one and refuses bad tokens without reading a message, so
 unauthenticated calls hold nothing. Health and reflection are not wrapped and never wait for a slot.
@@ -22,16 +22,59 @@ import logging
 
 import grpc
 
+from embedsvc.errors import ResourceExhausted
+
 log = logging.getLogger("embedsvc.rpc")
 
 WRAPPED_PREFIX = "/embedsvc."
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, max_active: int, max_waiting: int, message_timeout: float):
-        self.max_active, self.max_waiting, self.message_timeout = max_active, max_waiting, message_timeout
+class Slots:
+    """`max_active` calls served at once, and up to `max_waiting` more waiting for one. gRPC calls and HTTP API
+    requests share one Slots: each takes a slot once its request has arrived whole, so the limit counts work,
+    not connections or half-sent requests."""
+
+    def __init__(self, max_active: int, max_waiting: int):
+        self.max_active, self.max_waiting = max_active, max_waiting
         self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at the first call
         self._waiting = 0
+
+    async def acquire(self) -> None:
+        """Waits for a slot; ResourceExhausted ("server busy") when max_waiting calls already wait."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_active)
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            raise ResourceExhausted(f"server busy: {self.max_active} calls running and {self._waiting} waiting; "
+                                    f"retry with backoff")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def full(self) -> bool:
+        return self._slots is not None and self._slots.locked()
+
+    @contextlib.asynccontextmanager
+    async def held(self):
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, slots: Slots, message_timeout: float):
+        self.slots, self.message_timeout = slots, message_timeout
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -96,21 +139,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _slot(self, context, method: str):
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_active)
-        if self._slots.locked() and self._waiting >= self.max_waiting:
-            await self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"server busy: {self.max_active} calls running and {self._waiting} waiting; retry "
-                               f"with backoff")
-        self._waiting += 1
         try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
+            await self.slots.acquire()
+        except ResourceExhausted as exc:
+            await self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             yield
         finally:
-            self._slots.release()
+            self.slots.release()
 
     @staticmethod
     async def _refuse(context, method: str, code: grpc.StatusCode, message: str):

@@ -16,9 +16,11 @@ from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quot
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
-from embedsvc.service.engine import Engine, ImageBytes, Query, Text, UpsertRequestItem
-from embedsvc.service.wire import embed_response
+from embedsvc.service import json_body
+from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.service.wire import embed_response, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter
+from embedsvc.store.filter_text import parse_filter_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 METRICS = {pb.METRIC_UNSPECIFIED: "cosine", pb.METRIC_COSINE: "cosine", pb.METRIC_INNER_PRODUCT: "inner_product"}
@@ -78,18 +80,17 @@ def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
             values = tuple(value_from_pb(v, f"filter on {quoted(c.key)}") for v in getattr(c, "in").values)
             conditions.append(Condition(c.key, any_of=values))
         elif test == "range":
-            r = c.range
-            if not r.HasField("gte") and not r.HasField("lte"):
-                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs gte, lte or both")
-            conditions.append(Condition(c.key, gte=r.gte if r.HasField("gte") else None,
-                                        lte=r.lte if r.HasField("lte") else None))
+            bounds = {b: getattr(c.range, b) for b in ("gte", "gt", "lte", "lt") if c.range.HasField(b)}
+            if not bounds:
+                raise InvalidInput(f"filter on {quoted(c.key)}: a range needs a bound (gte, gt, lte or lt)")
+            conditions.append(Condition(c.key, **bounds))
         else:
             raise InvalidInput(f"filter on {quoted(c.key)}: set equals, in or range")
     return Filter(tuple(conditions)) if conditions else None
 
 
 def vector_from_pb(vector: pb.Vector) -> np.ndarray:
-    return np.asarray(vector.values, dtype=np.float32)
+    return vector_values(vector)
 
 
 def info_to_pb(info: CollectionInfo) -> pb.CollectionInfo:
@@ -117,13 +118,29 @@ def tokens_to_pb(features) -> pb.TokenFeatures:
 # -- operations, one per RPC ------------------------------------------------------------------
 
 
-async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+async def embed_rows(engine: Engine, request: pb.EmbedRequest) -> tuple[str, list[str], EmbeddedBatch]:
+    """Embed's work: (the model's name, the pooling names, the matrices), before any framing. The gRPC and HTTP
+    Embed pack them into an EmbedResponse; OpenAI's /v1/embeddings writes them in its own shape."""
     poolings = [PoolingSpec(p.name, dict(p.params)) for p in request.poolings]
     contents = [content_from_pb(c, f"input {i}") for i, c in enumerate(request.inputs)]
     model, batch = await engine.embed_batch(request.model, poolings, contents, request.include_tokens)
+    return model, [p.name for p in poolings] or ["cls"], batch
+
+
+async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    model, names, batch = await embed_rows(engine, request)
     tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
-    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated,
-                          [p.name for p in poolings] or ["cls"], batch.vectors, tokens)
+    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors,
+                          tokens)
+
+
+async def embed_json(engine: Engine, request: pb.EmbedRequest) -> dict:
+    """Embed's response as the HTTP API writes it (protobuf's JSON mapping), from the matrices straight to the
+    JSON document: no EmbedResponse in between (tests/test_json_body.py checks the two agree)."""
+    model, names, batch = await embed_rows(engine, request)
+    tokens = [tokens_to_pb(t) for t in batch.tokens] if batch.tokens else None
+    return json_body.embed_document(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names,
+                                    batch.vectors, tokens)
 
 
 async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
@@ -224,12 +241,21 @@ def query_from_pb(q: pb.Query, i: int) -> Query:
     raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
 
 
+def search_filter(request: pb.SearchRequest) -> Optional[Filter]:
+    """The request's filter: structured, or text in the grammar of embedsvc.store.filter_text."""
+    if request.filter_text and request.HasField("filter"):
+        raise InvalidInput("set filter or filter_text, not both")
+    return parse_filter_text(request.filter_text) if request.filter_text else filter_from_pb(request.filter)
+
+
 async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse:
     queries = [query_from_pb(q, i) for i, q in enumerate(request.queries)]
-    outcomes = await engine.search(request.collection, queries, request.top_k or 10, filter_from_pb(request.filter),
-                                   request.params.nprobe, request.params.ef_search, request.include_metadata,
-                                   request.include_vectors)
+    flt = search_filter(request)
+    outcomes = await engine.search(request.collection, queries, request.top_k or 10, flt, request.params.nprobe,
+                                   request.params.ef_search, request.include_metadata, request.include_vectors)
     out = pb.SearchResponse()
+    if flt is not None and not any(outcome.hits for outcome in outcomes):  # say why, when it may be a typo
+        out.unknown_filter_keys.extend(await engine.missing_filter_keys(request.collection, flt))
     for outcome in outcomes:
         result = out.results.add(truncated=outcome.truncated)
         for hit in outcome.hits:

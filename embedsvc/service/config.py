@@ -6,9 +6,12 @@ Every field is documented here and in the README's configuration table (generate
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -21,6 +24,7 @@ from embedsvc.service.cpu import DEFAULT_DECODE_NICE
 ENV_PREFIX = "EMBEDSVC_"
 # Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
+JSON_ENVELOPE_BYTES = 4096  # an HTTP request's JSON around its images: field names, ids, poolings, metadata
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -30,6 +34,13 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # Address of the HTTP/JSON API and search page (same process and engine as gRPC); empty disables it.
     http_listen: str = "127.0.0.1:8080"
+    # Host names the HTTP API answers for besides IP addresses, localhost and http_listen's host, comma-separated:
+    # "api.example.com", ".example.com" (it and its subdomains), "*" (any name: no DNS-rebinding guard); other
+    # names get 421.
+    http_allowed_hosts: str = ""
+    # Origins (scheme://host[:port]) of web front ends on other origins that may call the HTTP API from a browser
+    # (CORS), comma-separated, or "*" for any; other pages' writes get 403 and their reads no CORS headers.
+    http_cors_origins: str = ""
     # Keep a 256 px JPEG thumbnail of every image item upserted, for the search page (the demo always does).
     store_thumbnails: bool = False
     # Folder of the durable store (SQLite database and FAISS checkpoints); unused with store_backend "milvus".
@@ -58,7 +69,7 @@ class ServerConfig:
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
-    # Largest gRPC message accepted or sent, in bytes.
+    # Largest gRPC message accepted or sent, in bytes (HTTP bodies: http_max_body_bytes).
     max_message_bytes: int = 64 * 1024 * 1024
     # Largest encoded image accepted, in bytes.
     max_image_bytes: int = 16 * 1024 * 1024
@@ -81,12 +92,30 @@ class ServerConfig:
     max_fit_bytes: int = 1024 * 1024 * 1024
     # Largest top_k a search may ask for.
     max_top_k: int = 1000
-    # Embedsvc RPCs served at once, counted from their first request message (health never waits).
+    # Embedsvc RPCs and HTTP API requests served at once, counted from their first request message or whole body
+    # (health and probes never wait).
     max_concurrent_rpcs: int = 256
-    # RPCs that wait for one of those slots (until their deadline); more get RESOURCE_EXHAUSTED.
+    # RPCs and HTTP API requests that wait for one of those slots (gRPC until their deadline); more get
+    # RESOURCE_EXHAUSTED.
     max_waiting_rpcs: int = 1024
     # Seconds a call may take to send its (next) request message; then DEADLINE_EXCEEDED.
     request_message_timeout_seconds: float = 30.0
+    # Seconds an HTTP client has to send a request's headers, from connecting or from its previous response; then
+    # the connection is closed (408 if part of a request came). A byte at a time does not extend it.
+    http_header_timeout_seconds: float = 10.0
+    # Seconds an HTTP request's body may take to arrive after its headers; then 408 DEADLINE_EXCEEDED.
+    http_body_timeout_seconds: float = 30.0
+    # Seconds an HTTP response may stay stuck because its client does not read it (less than 64 KiB taken while
+    # the server's buffer is full or a closed connection's output unsent); then the connection is dropped.
+    http_send_timeout_seconds: float = 30.0
+    # Seconds an idle HTTP keep-alive connection stays open (at most http_header_timeout_seconds).
+    http_keepalive_timeout_seconds: float = 5.0
+    # Open HTTP connections; one more closes the oldest that is not serving a request (at most half the file
+    # descriptors the process may open).
+    http_max_connections: int = 2048
+    # Largest HTTP request body, in bytes: one image of max_image_bytes in base64 (4/3 of it) with room to spare;
+    # several images per request fit while they are smaller. Must hold one such image.
+    http_max_body_bytes: int = 32 * 1024 * 1024
     # torch intra-op threads (0: the CPUs this process may use: affinity mask, cgroup CPU quota).
     torch_threads: int = 0
     # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
@@ -101,7 +130,7 @@ class ServerConfig:
     metrics_port: int = 9100
     # Index this many generated scenes into a demo collection "scenes" when the store starts empty (0: none).
     demo_size: int = 500
-    # Write a collection's FAISS checkpoint after this many logged changes.
+    # Write a collection's checkpoint after this many logged changes (and no sooner than a quarter of its items).
     checkpoint_every: int = 20_000
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
@@ -125,7 +154,7 @@ class ServerConfig:
                     "max_image_header_pixels",
                     "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
                     "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
-                    "max_fit_bytes"]
+                    "max_fit_bytes", "http_max_connections"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
@@ -134,6 +163,18 @@ class ServerConfig:
                                f"larger images itself), got {self.max_image_header_pixels}")
         if not self.request_message_timeout_seconds > 0:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
+        for name in ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_send_timeout_seconds",
+                     "http_keepalive_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.http_keepalive_timeout_seconds > self.http_header_timeout_seconds:
+            raise InvalidInput(f"config http_keepalive_timeout_seconds ({self.http_keepalive_timeout_seconds:g}) must not "
+                               f"exceed http_header_timeout_seconds ({self.http_header_timeout_seconds:g}): the next "
+                               f"request's headers are due within that")
+        one_image = base64_size(self.max_image_bytes) + JSON_ENVELOPE_BYTES
+        if self.http_listen and self.http_max_body_bytes < one_image:
+            raise InvalidInput(f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
+                               f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if not 0 <= self.decode_nice <= 19:
@@ -157,6 +198,7 @@ class ServerConfig:
         if self.http_listen and (not http_port.isdigit() or int(http_port) > 65535):
             raise InvalidInput(f"config http_listen must be HOST:PORT with a port of 0-65535 (or empty to disable), "
                                f"got {quoted(self.http_listen)}")
+        _ = self.allowed_hosts, self.cors_origins  # parsed here: a bad entry stops start-up, not a request
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidInput(f"config metrics_port must be -1 (off) or 0-65535, got {self.metrics_port}")
         if self.shutdown_grace_seconds < 0:
@@ -166,6 +208,61 @@ class ServerConfig:
     @property
     def preload(self) -> list[str]:
         return [m.strip() for m in self.preload_models.split(",") if m.strip()]
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """http_allowed_hosts, lowercased: "*", names, or ".suffix" patterns."""
+        return tuple(_allowed_host(entry) for entry in _entries(self.http_allowed_hosts))
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """http_cors_origins as browsers write an Origin header (lowercase, no default port), or "*"."""
+        return tuple(_origin(entry) for entry in _entries(self.http_cors_origins))
+
+
+HOST_NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _entries(text: str) -> list[str]:
+    return [entry.strip().lower() for entry in text.split(",") if entry.strip()]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _allowed_host(entry: str) -> str:
+    if entry == "*" or _is_ip(entry) or HOST_NAME.fullmatch(entry):
+        return entry.strip("[]").rstrip(".")
+    raise InvalidInput(f"config http_allowed_hosts: {quoted(entry)} is not a host name; write names without "
+                       f"scheme or port (api.example.com, .example.com for it and its subdomains, or *)")
+
+
+def _origin(entry: str) -> str:
+    if entry == "*":
+        return entry
+    try:
+        parts = urllib.parse.urlsplit(entry)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None
+            or parts.path or parts.query or parts.fragment or entry.endswith(("?", "#"))):
+        raise InvalidInput(f"config http_cors_origins: {quoted(entry)} is not an origin; write scheme://host[:port] "
+                           f"with no path, as the browser's address bar shows the front end "
+                           f"(https://app.example.com, http://localhost:3000), or *")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
+
+
+def base64_size(size: int) -> int:
+    """Characters of `size` bytes in base64, as JSON carries them."""
+    return -(-size // 3) * 4
 
 
 def _convert(name: str, hint: Any, raw: Any) -> Any:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -71,6 +71,8 @@ class EmbeddedBatch:
     vectors: list[np.ndarray]  # one [N, dim] float32 matrix per pooling
     truncated: list[bool]
     tokens: Optional[list[TokenFeatures]] = None  # per input, when asked for
+    # Per input, the text tokens the model read (SOT and EOT included, after any cut); 0 for images.
+    token_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -284,12 +286,15 @@ class Engine:
         """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
         @torch.inference_mode()
         def finish(f: TokenFeatures):
-            return [pooling(f).cpu().numpy() for pooling in poolings], f.truncated, f if include_tokens else None
+            counts = f.mask.sum(dim=1).tolist() if f.modality == TEXT else [0] * f.mask.shape[0]
+            pooled = [pooling(f).cpu().numpy() for pooling in poolings]
+            return pooled, f.truncated, f if include_tokens else None, counts
 
         groups = await self.features(runtime, contents, where, finish, poolings)
         n = len(contents)
         vectors: list[Optional[np.ndarray]] = [None] * len(poolings)
         truncated = np.zeros(n, dtype=bool)
+        token_counts = np.zeros(n, dtype=np.int64)
         modalities = [TEXT if isinstance(c, Text) else IMAGE for c in contents]
         tokens: Optional[list] = [None] * n if include_tokens else None
         for index, parts in groups:
@@ -303,11 +308,12 @@ class Engine:
                     vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
                 vectors[j][rows] = part_vectors
             truncated[rows] = [t for part in parts for t in part[1]]
+            token_counts[rows] = [c for part in parts for c in part[3]]
             if include_tokens:
                 rows_of = [(part[2], r) for part in parts for r in range(part[2].tokens.shape[0])]
                 for i, (f, r) in zip(index, rows_of):
                     tokens[i] = f.select([r])
-        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens)
+        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens, token_counts.tolist())
 
     async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
                     include_tokens: bool = False) -> tuple[str, list[Embedding]]:
@@ -531,6 +537,11 @@ class Engine:
 
         hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
+
+    async def missing_filter_keys(self, name: str, flt: Filter) -> list[str]:
+        """The filter's keys that no item of the collection holds (a filter on them matches nothing)."""
+        keys = list(dict.fromkeys(condition.key for condition in flt.must))
+        return await self.run_blocking(self.store.missing_keys, name, keys)
 
     async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
         started = time.perf_counter()

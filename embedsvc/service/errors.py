@@ -14,6 +14,8 @@ STATUS = [
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Aborted, grpc.StatusCode.ABORTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 # gRPC code -> HTTP status, as Google's HTTP/gRPC mapping (google.rpc.Code) has it.
@@ -41,10 +43,21 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Refusals HTTP tells apart though their gRPC code is shared (first match wins).
+HTTP_STATUS_OF_ERROR = [
+    (errors.RequestTooLarge, 413),  # RESOURCE_EXHAUSTED
+    (errors.RequestTimedOut, 408),  # DEADLINE_EXCEEDED (504 would say a gateway waited on an upstream)
+    (errors.UnsupportedMediaType, 415),  # INVALID_ARGUMENT
+    (errors.MisdirectedRequest, 421),  # PERMISSION_DENIED
+]
+
+
 def http_status_for(code: grpc.StatusCode, exc: BaseException | None = None) -> int:
-    """The HTTP status of a refusal; an oversized body is 413 though its code is RESOURCE_EXHAUSTED."""
-    if isinstance(exc, errors.RequestTooLarge):
-        return 413
+    """The HTTP status of a refusal: its code's, unless its error has a status of its own (408, 413, 415,
+    421)."""
+    for kind, status in HTTP_STATUS_OF_ERROR:
+        if isinstance(exc, kind):
+            return status
     return HTTP_STATUS.get(code, 500)
 
 

@@ -1,40 +1,47 @@
 """HTTP/JSON API and search page: Starlette on uvicorn, in the gRPC server's own event loop.
 
-Each endpoint parses its body into the RPC's protobuf request with `json_format` (so field names are
+Each endpoint parses its body into the RPC's protobuf request as `json_format` does (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
-servicer calls, and renders the protobuf response the same way. Tokens, scopes and limits are the
-gRPC server's; domain errors become HTTP statuses in embedsvc.service.errors, with the gRPC code name
-in the JSON body: {"code": "NOT_FOUND", "message": "..."}.
+servicer calls, and renders the response in the same mapping (vectors written in C); large bodies are parsed
+and large responses rendered in threads, in short steps (embedsvc.service.json_body). OpenAI's /v1/embeddings
+is embedsvc.service.openai_api. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors
+become HTTP statuses in embedsvc.service.errors, with the gRPC code name in the JSON body:
+{"code": "NOT_FOUND", "message": "..."}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import grpc
 import uvicorn
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from embedsvc.errors import EmbedsvcError, InvalidInput, RequestTooLarge, quoted
-from embedsvc.service import calls
+from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
+                             RequestTooLarge, UnsupportedMediaType, quoted)
+from embedsvc.service import calls, json_body, openai_api
+from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
+from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 log = logging.getLogger("embedsvc.http")
@@ -42,6 +49,13 @@ log = logging.getLogger("embedsvc.http")
 WEB = resources.files("embedsvc.service") / "web"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
+# Bodies and responses up to these sizes are parsed and rendered on the event loop (about 1 ms at most); larger
+# ones in the API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps
+# running. A response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay
+# inline; a protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
+INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
+INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
+CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time; more wait their turn
 
 
 def _service_of(rpc: str) -> str:
@@ -61,23 +75,32 @@ class Endpoint:
     rpc: str
     request_type: type
     response_type: type
-    call: Callable[[Engine, Any], Awaitable[Message]]
+    call: Callable[[Engine, Any], Awaitable[Message | dict]]  # a dict: the response already in JSON form
     summary: str
     path_field: str = ""
     body: bool = True
     streaming: bool = False
     extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
+    extend: Optional[Callable[[dict], dict]] = None  # adds fields beside the response message's (OpenAI's, say)
 
     @property
     def grpc_method(self) -> str:
         return f"/{_service_of(self.rpc)}/{self.rpc}"
 
+    @property
+    def media_types(self) -> tuple[str, ...]:
+        """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
+        other names); BrowserGuard refuses others with 415."""
+        lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
+        return ("application/json",) + self.extra_content + lines
+
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed,
+    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed_json,
              "Embed texts and images with one model and one or more poolings."),
     Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
-             "List models and poolings.", body=False),
+             "List models and poolings; also OpenAI's model list (object, data).", body=False,
+             extend=openai_api.with_model_list),
     Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
              calls.list_collections, "Describe every collection.", body=False),
     Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
@@ -97,7 +120,8 @@ ENDPOINTS = [
              "Remove items by id.", path_field="collection"),
     Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
              "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
-             "'request' with the rest of the SearchRequest as JSON), vector or id.", path_field="collection",
+             "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
+             "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).", path_field="collection",
              extra_content=("multipart/form-data",)),
     Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
              calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",
@@ -118,37 +142,21 @@ def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseExcept
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
-def to_json(message: Message) -> dict:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-
-
-def parse_json(data: bytes, message_type: type, where: str = "request body") -> Message:
-    """The body as the RPC's protobuf message; any malformation is INVALID_ARGUMENT with the parser's words."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{where} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        return message_type()
-    try:
-        return json_format.Parse(text, message_type())
-    except (json_format.ParseError, ValueError, RecursionError, TypeError) as exc:
-        raise InvalidInput(f"{where} is not a valid {message_type.DESCRIPTOR.name} in JSON: {exc}") from None
-
-
 async def _one(message: Message) -> AsyncIterator[Message]:
     yield message
 
 
 class BodyLimit:
-    """ASGI middleware: refuses bodies over `limit` bytes (max_message_bytes), by header or while reading."""
+    """ASGI middleware: refuses bodies over `limit` bytes (http_max_body_bytes), by header or while reading, and
+    bodies that do not arrive within `timeout` seconds of their headers (http_body_timeout_seconds; 408, and the
+    connection closes). The headers' own deadline and the cap on connections are embedsvc.service.httpconn's."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     def _refusal(self, size: str) -> RequestTooLarge:
         return RequestTooLarge(f"request body is {size} bytes, over the limit of {self.limit:,} "
-                               f"(max_message_bytes); send less per request")
+                               f"(http_max_body_bytes); send less per request")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -157,37 +165,198 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.limit:
             exc = self._refusal(f"{int(length):,}")
             return await error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc)(scope, receive, send)
-        received = 0
+        loop = asyncio.get_running_loop()
+        deadline, received, whole, late = loop.time() + self.timeout, 0, False, False
 
         async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._refusal(f"over {self.limit:,}")
+            nonlocal received, whole, late
+            if whole:  # the body is in: later reads wait for a disconnect, without a deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                late = True
+                raise RequestTimedOut(f"the request body did not arrive within http_body_timeout_seconds "
+                                      f"({self.timeout:g} s) of its headers; send it faster, or less per "
+                                      f"request") from None
+            if message["type"] == "http.disconnect":
+                raise Refused(grpc.StatusCode.CANCELLED, "the client closed the connection before its body came")
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self._refusal(f"over {self.limit:,}")
+            whole = not message.get("more_body", False)
             return message
 
-        return await self.app(scope, limited, send)
+        async def closing(message):
+            if late and message["type"] == "http.response.start":  # the rest of a late body is not waited for
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, limited, closing)
+
+
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # every method but GET, HEAD, OPTIONS changes or costs
+PROBES = ("/healthz", "/readyz")  # answer for any Host: orchestrators probe by pod IP or service name
+CORS_MAX_AGE = 600  # seconds a browser may keep a preflight's answer
+
+
+def host_name(authority: str) -> str:
+    """The name in a Host header (`name:port`, `[v6]:port`): lowercase, without port, brackets or final dot."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0].rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class BrowserGuard:
+    """ASGI middleware: what a web page in someone's browser must not make the API do.
+
+    A Host the server does not answer for is 421: DNS rebinding points an attacker's name at this server, and its
+    page is then same-origin with it (an IP literal cannot be rebound). A write (and its CORS preflight) from a page
+    of another origin not in http_cors_origins is 403: browsers send a POST across sites without asking when its
+    type is text/plain, multipart or none. A write must declare a body type its endpoint reads (415), which no
+    page can send across origins without a preflight. Pages of allowed origins get CORS answers.
+    """
+
+    def __init__(self, app, config: ServerConfig, media_types: Callable[[dict], Optional[tuple[str, ...]]]):
+        self.app, self.media_types = app, media_types
+        self.any_host = "*" in config.allowed_hosts
+        listen_host = host_name(config.http_listen.rsplit(":", 1)[0])
+        self.hosts = {"localhost", listen_host} | set(config.allowed_hosts)
+        self.suffixes = tuple(h for h in config.allowed_hosts if h.startswith("."))
+        self.cors_origins, self.any_origin = set(config.cors_origins), "*" in config.cors_origins
+        # With CORS on, responses differ by Origin: caches (the browser's too) must key on it.
+        self.vary = bool(config.cors_origins)
+
+    def host_allowed(self, name: str) -> bool:
+        return (self.any_host or _is_ip(name) or name in self.hosts
+                or any(name.endswith(s) or name == s[1:] for s in self.suffixes))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
+        refusal = self._refusal(scope, headers, method, host, origin)
+        cross = origin is not None and not self._same_origin(origin, host)
+        cors = cross and refusal is None and self._cors_allowed(origin)
+        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+            return await self._preflight(origin)(scope, receive, send)
+        if refusal is None:
+            refusal = self._media_type_refusal(scope, headers, method)
+        send = self._with_cors(send, origin if cors else None)
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        log.info("refused %s %s: %s", method, scope["path"], refusal,
+                 extra={"host": host, "origin": origin, "transport": "http"})
+        return await error_response(status_for(refusal), str(refusal), refusal)(scope, receive, send)
+
+    def _refusal(self, scope, headers: Headers, method: str, host: str,
+                 origin: Optional[str]) -> Optional[EmbedsvcError]:
+        if host and scope["path"] not in PROBES and not self.host_allowed(host_name(host)):
+            return MisdirectedRequest(
+                f"this server does not answer for host {quoted(host_name(host))}; if that is its name, add it to "
+                f"http_allowed_hosts (EMBEDSVC_HTTP_ALLOWED_HOSTS)")
+        preflight = method == "OPTIONS" and "access-control-request-method" in headers
+        if (origin is not None and (method in WRITES or preflight) and not self._same_origin(origin, host)
+                and not self._cors_allowed(origin)):
+            asked = headers.get("access-control-request-method", "") if preflight else method
+            return CrossOriginRefused(
+                f"a page of {quoted(origin)} may not {asked.upper()} here: it is neither this server's origin "
+                f"nor in http_cors_origins (EMBEDSVC_HTTP_CORS_ORIGINS)")
+        return None
+
+    @staticmethod
+    def _same_origin(origin: str, host: str) -> bool:
+        """The page came from this server by the name the browser used: its host:port is the request's Host (any
+        scheme, so a proxy that ends TLS and keeps the Host changes nothing)."""
+        return "://" in origin and origin.split("://", 1)[1].lower() == host.lower()
+
+    def _cors_allowed(self, origin: str) -> bool:
+        return self.any_origin or origin.lower() in self.cors_origins
+
+    def _media_type_refusal(self, scope, headers: Headers, method: str) -> Optional[UnsupportedMediaType]:
+        """A write needs a Content-Type its endpoint reads; a DELETE only if it has a body."""
+        if method not in WRITES:
+            return None
+        if method == "DELETE" and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
+            return None
+        types = self.media_types(scope)
+        if types is None:  # no such route: the application's 404 or 405 says so
+            return None
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in types or (kind.endswith("+json") and kind.startswith("application/")):
+            return None
+        choices = "application/json" + (", application/x-ndjson (one item per line)" if JSON_LINES[0] in types
+                                        else "") + (", multipart/form-data" if "multipart/form-data" in types else "")
+        got = f"got {quoted(kind)}" if kind else "got no Content-Type header"
+        return UnsupportedMediaType(f"{method} {scope['path']} reads {choices}; {got}")
+
+    @staticmethod
+    def _preflight(origin: str) -> Response:
+        return Response(status_code=204, headers={
+            "access-control-allow-origin": origin, "access-control-allow-methods": "GET, POST, DELETE",
+            "access-control-allow-headers": "authorization, content-type",
+            "access-control-max-age": str(CORS_MAX_AGE), "vary": "Origin"})
+
+    def _with_cors(self, send, origin: Optional[str]):
+        """`send` adding Cross-Origin-Resource-Policy: same-origin (an <img> or <script> of another site loads
+        nothing, so its onload/onerror and an image's size cannot tell what exists), Vary: Origin with CORS on,
+        and Access-Control-Allow-Origin for an allowed `origin` (CORS-mode fetches are not subject to CORP)."""
+        added = [(b"cross-origin-resource-policy", b"same-origin")]
+        added += [(b"vary", b"Origin")] if self.vary or origin else []
+        added += [(b"access-control-allow-origin", origin.encode("latin-1"))] if origin else []
+
+        async def cors_send(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), *added])
+            await send(message)
+
+        return cors_send
 
 
 class HttpApi:
     """The Starlette application over one engine."""
 
-    def __init__(self, engine: Engine, tokens: list[Token]):
-        self.engine, self.tokens = engine, tokens
+    def __init__(self, engine: Engine, tokens: list[Token], slots: Slots):
+        self.engine, self.tokens, self.slots = engine, tokens, slots
         self.config: ServerConfig = engine.config
+        self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
         self.ready = False  # true between start and the beginning of shutdown
-        routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
-        routes += [Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                   Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                   Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                   Route("/", self.static("index.html"))]
+        api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
+        openai_route = openai_api.route(self)  # POST /v1/embeddings
+        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                               Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
-        self.app = BodyLimit(app, self.config.max_message_bytes)
+        body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
+        body_types.append((openai_route, openai_api.MEDIA_TYPES))
+        limited = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
+        guarded = BrowserGuard(limited, self.config, self._body_types_of(body_types))
+        self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], Optional[tuple[str, ...]]]:
+        """The media types of the endpoint a request's path and method name, or None for no endpoint."""
+        def body_types(scope: dict) -> Optional[tuple[str, ...]]:
+            for route, media_types in routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    return media_types
+            return None
+
+        return body_types
 
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
@@ -225,12 +394,38 @@ class HttpApi:
             peer = f"{'ipv6' if ':' in client.host else 'ipv4'}:{client.host}:{client.port}" if client else ""
             calls.record(self.engine, rpc, code.name, time.perf_counter() - started, peer, "http")
 
+    async def _off_loop(self, size: int, fn: Callable, *args):
+        """fn(*args) here when `size` is small, else in a codec thread."""
+        if size <= INLINE_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
+
+    async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
+        """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
+        than max_items_per_request items is refused, as the engine would, before it is built."""
+        return await self._off_loop(len(data), json_body.parse, data, message_type, where,
+                                    self.config.max_items_per_request, self.engine._check_count)
+
+    async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
+        """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
+        (`extend`); rendered here when small, in a codec thread and in pieces when large."""
+        def render(piecewise: bool) -> bytes:
+            document = json_body.document(response) if isinstance(response, Message) else response
+            document = extend(document) if extend else document
+            return json_body.render(document) if piecewise else json_body.dumps(document)
+
+        small = (response.ByteSize() <= INLINE_BYTES if isinstance(response, Message)
+                 else json_body.weight(response, INLINE_DOCUMENT_BYTES) <= INLINE_DOCUMENT_BYTES)
+        body = render(False) if small else await asyncio.get_running_loop().run_in_executor(self.codec, render, True)
+        return Response(body, media_type="application/json")
+
     def _handler(self, endpoint: Endpoint):
         async def handle(request: Request) -> Response:
             async def work() -> Response:
                 message = await self._request(endpoint, request)
-                response = await endpoint.call(self.engine, message)
-                return JSONResponse(to_json(response))
+                async with self.slots.held():  # the request is in whole: now it is work, counted as gRPC's is
+                    response = await endpoint.call(self.engine, message)
+                return await self.respond(response, endpoint.extend)
 
             return await self._guarded(endpoint.rpc, endpoint.grpc_method, request, work)
 
@@ -244,11 +439,8 @@ class HttpApi:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
             message = await self._multipart_search(request)
-        elif endpoint.body:
-            if kind and kind != "application/json" and not kind.endswith("+json"):
-                raise InvalidInput(f"send the body as application/json (got {quoted(kind)})"
-                                   + ("; or application/x-ndjson, one item per line" if endpoint.streaming else ""))
-            message = parse_json(await request.body(), endpoint.request_type)
+        elif endpoint.body:  # application/json: BrowserGuard refused other types
+            message = await self._parse(await request.body(), endpoint.request_type)
         else:
             message = endpoint.request_type()
         if endpoint.path_field:
@@ -260,32 +452,31 @@ class HttpApi:
         return _one(message) if endpoint.streaming else message
 
     async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
-        """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream)."""
-        batch, stored = pb.UpsertRequest(collection=collection), 0
-        lines = (await request.body()).split(b"\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream);
+        each batch is parsed (off the loop when large) after the one before was stored."""
+        body = await request.body()
+        start, line, stored = 0, 0, 0
+        while True:
             try:
-                batch.items.append(parse_json(line, pb.UpsertItem, f"line {number}"))
+                items, start, line = await self._off_loop(len(body) - start, json_body.parse_lines, body, start, line,
+                                                          self.config.max_items_per_request, pb.UpsertItem)
             except InvalidInput as exc:
                 if stored:  # each batch is stored before the next one is parsed
                     raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
                 raise
-            if len(batch.items) == self.config.max_items_per_request:
-                yield batch
-                stored += len(batch.items)
-                batch = pb.UpsertRequest(collection=collection)
-        if batch.items or not any(line.strip() for line in lines):
-            yield batch
+            if items or not stored:  # a body of blank lines is one empty batch, as before
+                yield pb.UpsertRequest(collection=collection, items=items)
+            stored += len(items)
+            if start >= len(body):
+                return
 
     async def _multipart_search(self, request: Request) -> pb.SearchRequest:
         limit = self.config.max_items_per_request
         try:
-            form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.max_message_bytes)
+            form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.http_max_body_bytes)
         except HTTPException as exc:  # malformed multipart, too many parts
             raise InvalidInput(f"multipart body: {exc.detail}") from None
-        message = parse_json(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
+        message = await self._parse(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
         if form.get("text"):
             message.queries.add(text=str(form["text"]))
         for upload in form.getlist("image"):
@@ -336,7 +527,11 @@ class _QuietServer(uvicorn.Server):
 
 
 class HttpServer:
-    """The bound socket and the uvicorn server that serves HttpApi on it, as a task of the running loop."""
+    """The bound socket and the uvicorn server that serves HttpApi on it, as a task of the running loop.
+
+    No `limit_concurrency`: uvicorn counts open connections in it, so idle ones made every request 503. Open
+    connections are capped by the ConnectionGuard instead (oldest idle closed first), and work by the slots
+    shared with gRPC."""
 
     def __init__(self, api: HttpApi, sock: socket.socket, config: ServerConfig):
         self.api, self.sock = api, sock
@@ -348,14 +543,16 @@ class HttpServer:
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
+        self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
+                                     config.http_send_timeout_seconds)
         self.server = _QuietServer(uvicorn.Config(
-            api.app, lifespan="off", log_config=None, access_log=False, server_header=False,
-            timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            limit_concurrency=config.max_concurrent_rpcs * 2, **tls))
+            api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
+            server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))
         self.task = None
 
     @classmethod
-    def bind(cls, engine: Engine, tokens: list[Token]) -> "HttpServer":
+    def bind(cls, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
         """Binds http_listen now, so a taken port fails start-up like the gRPC port does."""
         config = engine.config
         host, port = config.http_listen.rsplit(":", 1)
@@ -372,7 +569,7 @@ class HttpServer:
                                f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
                                f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)") from None
         sock.set_inheritable(True)
-        return cls(HttpApi(engine, tokens), sock, config)
+        return cls(HttpApi(engine, tokens, slots), sock, config)
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
@@ -394,3 +591,4 @@ class HttpServer:
             self.server.should_exit = True
             await self.task
         self.sock.close()
+        self.api.codec.shutdown(wait=False, cancel_futures=True)

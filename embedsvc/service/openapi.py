@@ -12,6 +12,8 @@ import functools
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import embedsvc
+from embedsvc.service import openai_api
+from embedsvc.store.filter_text import FORMS
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 F = FieldDescriptor
@@ -28,9 +30,25 @@ SCALARS = {
 ERROR = {"type": "object", "required": ["code", "message"], "properties": {
     "code": {"type": "string", "description": "gRPC status code name, e.g. INVALID_ARGUMENT"},
     "message": {"type": "string", "description": "what went wrong and what to do about it"}}}
-ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED", "403": "PERMISSION_DENIED",
-                  "404": "NOT_FOUND", "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over max_message_bytes",
-                  "429": "RESOURCE_EXHAUSTED: a limit or a full queue", "503": "UNAVAILABLE: shutting down"}
+ERROR_STATUSES = {"400": "INVALID_ARGUMENT or FAILED_PRECONDITION", "401": "UNAUTHENTICATED",
+                  "403": "PERMISSION_DENIED: a token without the scope, or a write from a page of another origin "
+                         "not in http_cors_origins",
+                  "404": "NOT_FOUND", "408": "DEADLINE_EXCEEDED: the body came slower than http_body_timeout_seconds",
+                  "409": "ALREADY_EXISTS", "413": "RESOURCE_EXHAUSTED: body over http_max_body_bytes",
+                  "421": "PERMISSION_DENIED: a Host the server does not answer for (http_allowed_hosts)",
+                  "429": "RESOURCE_EXHAUSTED: a limit, a full queue or a busy server", "503": "UNAVAILABLE: shutting down"}
+UNSUPPORTED_MEDIA_TYPE = "INVALID_ARGUMENT: no Content-Type, or one this endpoint does not read"
+
+# Field notes the docs page shows beside a field's type, where the type alone does not say how to use it.
+FIELD_NOTES = {
+    ("SearchRequest", "filter_text"): f"the filter as text, as `embedsvc search --filter` and the search page take "
+                                      f"it: {FORMS}. Example: objects>=2 colour=red|blue. Set filter or filterText, "
+                                      f"not both; text that does not parse is 400 INVALID_ARGUMENT.",
+    ("SearchRequest", "filter"): "the filter as conditions (equals, in, range with gte/gt/lte/lt), all of which must "
+                                 "hold; filterText is the same as text",
+    ("SearchResponse", "unknown_filter_keys"): "filter keys no item of the collection holds (a typo?), so the filter "
+                                               "matched nothing; checked when a filtered search found no hits",
+}
 
 
 def _ref(descriptor) -> dict:
@@ -51,6 +69,9 @@ def _field_schema(f: FieldDescriptor) -> dict:
 
 def _message_schema(descriptor: Descriptor) -> dict:
     schema = {"type": "object", "properties": {f.json_name: _field_schema(f) for f in descriptor.fields}}
+    for f in descriptor.fields:
+        if (descriptor.name, f.name) in FIELD_NOTES:
+            schema["properties"][f.json_name]["description"] = FIELD_NOTES[descriptor.name, f.name]
     oneofs = [o for o in descriptor.oneofs if not o.name.startswith("_")]  # "_gte": proto3 optional, not a choice
     if oneofs:
         schema["description"] = "; ".join(f"set at most one of {', '.join(f.json_name for f in o.fields)}"
@@ -89,6 +110,8 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
             for extra in e.extra_content:
                 content[extra] = {"schema": {"type": "string"}}
             operation["requestBody"] = {"required": True, "content": content}
+            operation["responses"]["415"] = {"description": UNSUPPORTED_MEDIA_TYPE, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         paths.setdefault(path, {})[e.method.lower()] = operation
     thumbnail = thumbnail_path.replace("{id:path}", "{id}")
     paths[thumbnail] = {"get": {
@@ -101,6 +124,7 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
                                 "responses": {"200": {"description": "OK"}, "503": {"description": "not ready"}}}}
     schemas = _all_messages(pb.DESCRIPTOR)
     schemas["Error"] = ERROR
+    openai_api.add_to_openapi(paths, schemas, {**ERROR_STATUSES, "415": UNSUPPORTED_MEDIA_TYPE})
     document = {
         "openapi": "3.1.0",
         "info": {"title": "embedsvc HTTP/JSON API", "version": embedsvc.__version__,

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from embedsvc.errors import InvalidInput
 from embedsvc.models import resolve_device, resolve_precision
-from embedsvc.service.admission import AdmissionInterceptor
+from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
@@ -103,8 +103,8 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
                ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
                ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
                ("grpc.max_connection_idle_ms", 300_000)]
-    admission = AdmissionInterceptor(config.max_concurrent_rpcs, config.max_waiting_rpcs,
-                                     config.request_message_timeout_seconds)
+    slots = Slots(config.max_concurrent_rpcs, config.max_waiting_rpcs)  # shared with the HTTP API
+    admission = AdmissionInterceptor(slots, config.request_message_timeout_seconds)
     interceptors = [AuthInterceptor(tokens), admission] if tokens else [admission]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(engine), server)
@@ -140,7 +140,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
         from embedsvc.service.http import HttpServer
 
         try:
-            http = HttpServer.bind(engine, tokens)
+            http = HttpServer.bind(engine, tokens, slots)
         except InvalidInput:
             await server.stop(0)
             if metrics_http:

@@ -1,4 +1,5 @@
-"""Protobuf wire bytes for float matrices: an EmbedResponse built from numpy rows without Python floats.
+"""Protobuf wire bytes for float matrices: an EmbedResponse built from numpy rows without Python floats, and
+vectors read into numpy the same way.
 
 Setting `Vector.values` from Python (a list or a numpy row) converts every float on its own: 32 inputs
 x 512 dimensions cost about 2 ms, more than a small model's forward. A packed `repeated float` is, on the
@@ -56,3 +57,18 @@ def embed_response(model: str, modalities: Sequence[int], truncated: Sequence[bo
             body.append(_field(4, tokens[i]))
         results.append(_field(2, b"".join(body)))
     return pb.EmbedResponse.FromString(_field(1, model.encode()) + b"".join(results))
+
+
+def vector_values(vector: pb.Vector) -> np.ndarray:
+    """Vector.values as float32, read from the packed field's wire bytes: iterating the field costs ~35 ns a
+    value on the event loop (130 ms for a request of 1,024 vectors of 3,600), the bytes are one memcpy."""
+    data = vector.SerializeToString()
+    if not data.startswith(_key(1, _LEN)):
+        return np.asarray(vector.values, dtype=np.float32)  # no values
+    length, offset, shift = 0, 1, 0
+    while True:
+        byte = data[offset]
+        length, offset, shift = length | (byte & 0x7F) << shift, offset + 1, shift + 7
+        if not byte & 0x80:
+            break
+    return np.frombuffer(data, dtype="<f4", count=length // 4, offset=offset).astype(np.float32)  # own copy

@@ -55,6 +55,9 @@ class VectorStore(Protocol):
                nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]: ...
 
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The metadata keys no live item holds, in the order given: why a filter on them matched nothing."""
+
     def checkpoint(self, name: Optional[str] = None) -> None: ...
 
     def close(self) -> None: ...

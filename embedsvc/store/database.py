@@ -1,15 +1,18 @@
 """The store's source of truth: SQLite in WAL mode with synchronous=FULL.
 
 Tables: `meta` (the store's identity, a UUID made with the database), `collections` (config, label
-counter, fitted pooling state), `items` (id -> label, vector, metadata), `changes`, the log of label
-additions and removals that FAISS checkpoints are replayed from, and `thumbnails` (id -> small image for
-display, optional), written with the items. Each write is one transaction; once commit returns it is on
-disk. A write the disk refuses (read-only, full, I/O error) is rolled back and reported as
+counter, fitted pooling state, where its vector file's rows are), `items` (id -> label, metadata; the
+vectors are in the collection's vector file, see vectors.py, synced before the transaction that commits
+their labels), `changes`, the log of label additions and removals that checkpoints are replayed from, and
+`thumbnails` (id -> small image for display, optional), written with the items. Each write is one
+transaction; once commit returns it is on disk. Databases of the first format (vectors in the items table)
+are migrated on open (Store). A write the disk refuses (read-only, full, I/O error) is rolled back and reported as
 StorageUnavailable; the next write tries again, so the store recovers by itself.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -17,11 +20,12 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
 from embedsvc.errors import Aborted, FailedPrecondition, NotFound, StorageUnavailable
+from embedsvc.store.vectors import Layout
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -35,13 +39,15 @@ CREATE TABLE IF NOT EXISTS collections (
     created_ms INTEGER NOT NULL,
     next_label INTEGER NOT NULL DEFAULT 0,
     pooling_version INTEGER NOT NULL DEFAULT 0,
-    pooling_state BLOB
+    pooling_state BLOB,
+    vector_generation INTEGER NOT NULL DEFAULT 0,
+    vector_base_count INTEGER NOT NULL DEFAULT 0,
+    vector_base_label INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS items (
     collection_id INTEGER NOT NULL,
     id TEXT NOT NULL,
     label INTEGER NOT NULL,
-    vector BLOB NOT NULL,
     metadata TEXT NOT NULL,
     PRIMARY KEY (collection_id, id)
 ) WITHOUT ROWID;
@@ -62,6 +68,14 @@ CREATE TABLE IF NOT EXISTS thumbnails (
 ) WITHOUT ROWID;
 """
 
+# Columns the first format lacked (added on open); the items table's vector column is moved out by Store.
+_ADDED_COLUMNS = (("collections", "vector_generation", "INTEGER NOT NULL DEFAULT 0"),
+                  ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
+                  ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"))
+# A disk that refuses a vector file write: reported like SQLite's refusals (nothing stored, retry).
+# EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
 
 
@@ -81,9 +95,16 @@ class Database:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA journal_size_limit=67108864")  # the WAL shrinks back after a bulk load
             self.conn.executescript(SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in self._columns(table):
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
+        except sqlite3.OperationalError as exc:  # the disk refused (full, read-only, I/O error): not a bad database
+            raise FailedPrecondition(f"{path} cannot be opened now ({exc}): free space on its disk or make it "
+                                     f"writable, then start again; the database is kept as it was") from None
         except sqlite3.DatabaseError as exc:
             raise FailedPrecondition(f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
                                      f"or move it away to start with an empty store") from None
@@ -91,6 +112,14 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+    def _columns(self, table: str) -> list[str]:
+        return [row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")]
+
+    def items_hold_vectors(self) -> bool:
+        """True for a database of the first format, whose items table has a vector column."""
+        with self._lock:
+            return "vector" in self._columns("items")
 
     def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable:
         return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
@@ -112,7 +141,8 @@ class Database:
                     self.conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass  # a failed COMMIT may have rolled back already
-                if isinstance(exc, sqlite3.OperationalError):
+                if isinstance(exc, sqlite3.OperationalError) or (isinstance(exc, OSError)
+                                                                 and exc.errno in _DISK_ERRNOS):
                     raise self._unavailable(exc) from None
                 raise
 
@@ -125,11 +155,26 @@ class Database:
     def collections(self) -> list[tuple]:
         return self.query("SELECT id, name, config, created_ms, pooling_version FROM collections ORDER BY name")
 
-    def create_collection(self, name: str, config: dict) -> tuple[int, int]:
+    def layout(self, collection_id: int) -> tuple[Layout, int]:
+        """Where the collection's vector rows are, and its next label (rows in use end there)."""
+        row = self.query("SELECT vector_generation, vector_base_count, vector_base_label, next_label FROM collections "
+                         "WHERE id=?", (collection_id,))[0]
+        return Layout(*row[:3]), row[3]
+
+    def set_layout(self, collection_id: int, layout: Layout) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
+                      (layout.generation, layout.base_count, layout.base_label, collection_id))
+
+    def create_collection(self, name: str, config: dict, make_files: Callable[[int], None]) -> tuple[int, int]:
+        """`make_files(collection id)` creates the collection's files durably before the commit: a collection
+        is never committed without them (a disk that refuses them refuses the collection, and its name stays
+        free); files of a collection whose commit never came are strays that the next start-up removes."""
         created = int(time.time() * 1000)
         with self.transaction() as c:
             cur = c.execute("INSERT INTO collections (name, config, created_ms) VALUES (?, ?, ?)",
                             (name, json.dumps(config), created))
+            make_files(cur.lastrowid)
             return cur.lastrowid, created
 
     def drop_collection(self, collection_id: int) -> int:
@@ -161,11 +206,12 @@ class Database:
                                    (collection_id, *chunk)).fetchall())
         return found
 
-    def upsert(self, collection_id: int, ids: list[str], vectors: np.ndarray, metadata: list[str],
+    def upsert(self, collection_id: int, ids: list[str], metadata: list[str], write_vectors: Callable[[int], None],
                pooling_version: Optional[int] = None, thumbnails: Optional[dict[str, tuple[str, bytes]]] = None
                ) -> tuple[np.ndarray, dict[str, int]]:
         """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
 
+        `write_vectors(first label)` stores the batch's vectors durably (the vector file) before the commit.
         `pooling_version`: the version of the pooling state the vectors were computed with; checked in
         the same transaction, so vectors of a codebook replaced meanwhile are never committed.
         `thumbnails` {id: (media type, bytes)} are written in the same transaction; a replaced item loses its
@@ -182,12 +228,12 @@ class Database:
             old = self.labels_of(c, collection_id, ids)
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
-            c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, vector, metadata) VALUES (?,?,?,?,?)",
-                          [(collection_id, i, int(l), v.tobytes(), m)
-                           for i, l, v, m in zip(ids, labels.tolist(), vectors, metadata)])
+            c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
+                          [(collection_id, i, l, m) for i, l, m in zip(ids, labels.tolist(), metadata)])
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
-                          [(collection_id, int(l), old.get(i)) for i, l in zip(ids, labels.tolist())])
+                          [(collection_id, l, old.get(i)) for i, l in zip(ids, labels.tolist())])
             self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
+            write_vectors(start)
         return labels, old
 
     def delete(self, collection_id: int, ids: list[str]) -> dict[str, int]:
@@ -211,31 +257,59 @@ class Database:
                           (collection_id, item_id))
         return (rows[0][0], rows[0][1]) if rows else None
 
-    def _rows_by(self, key: str, collection_id: int, values: list, with_vectors: bool) -> dict:
-        """{key value: (the other of id/label, metadata json, vector bytes | None)} for the rows found."""
+    def _rows_by(self, key: str, collection_id: int, values: list) -> dict:
+        """{key value: (the other of id/label, metadata json)} for the rows found."""
         other = "label" if key == "id" else "id"
-        column = "vector" if with_vectors else "NULL"
         found = {}
         for chunk in _chunks(values):
             marks = ",".join("?" * len(chunk))
-            for row in self.query(f"SELECT {key}, {other}, metadata, {column} FROM items "
+            for row in self.query(f"SELECT {key}, {other}, metadata FROM items "
                                   f"WHERE collection_id=? AND {key} IN ({marks})", (collection_id, *chunk)):
                 found[row[0]] = row[1:]
         return found
 
-    def items(self, collection_id: int, ids: list[str], with_vectors: bool) -> dict[str, tuple]:
-        return self._rows_by("id", collection_id, ids, with_vectors)
+    def items(self, collection_id: int, ids: list[str]) -> dict[str, tuple]:
+        return self._rows_by("id", collection_id, ids)
 
-    def items_by_label(self, collection_id: int, labels: list[int], with_vectors: bool = False) -> dict[int, tuple]:
-        return self._rows_by("label", collection_id, labels, with_vectors)
+    def items_by_label(self, collection_id: int, labels: list[int]) -> dict[int, tuple]:
+        return self._rows_by("label", collection_id, labels)
 
-    def scan(self, collection_id: int, with_vectors: bool) -> Iterator[tuple]:
-        """(label, id, metadata json, vector bytes | None) of every live item, in label order."""
-        column = "vector" if with_vectors else "NULL"
+    def scan(self, collection_id: int) -> list[tuple]:
+        """(label, id, metadata json) of every live item, in label order."""
         with self._lock:
-            rows = self.conn.execute(f"SELECT label, id, metadata, {column} FROM items WHERE collection_id=? "
-                                     f"ORDER BY label", (collection_id,)).fetchall()
-        return iter(rows)
+            return self.conn.execute("SELECT label, id, metadata FROM items WHERE collection_id=? ORDER BY label",
+                                     (collection_id,)).fetchall()
+
+    def count(self, collection_id: int) -> int:
+        return self.query("SELECT COUNT(*) FROM items WHERE collection_id=?", (collection_id,))[0][0]
+
+    # -- migration from the first format --------------------------------------------------------
+
+    def old_vectors(self, collection_id: int, chunk: int = 8192) -> Iterator[tuple[list[int], list[bytes]]]:
+        """(labels, vector bytes) of a first-format collection's items in label order, a chunk at a time."""
+        last = -1
+        while True:
+            rows = self.query("SELECT label, vector FROM items WHERE collection_id=? AND label>? ORDER BY label "
+                              "LIMIT ?", (collection_id, last, chunk))
+            if not rows:
+                return
+            yield [r[0] for r in rows], [r[1] for r in rows]
+            last = rows[-1][0]
+
+    def drop_vector_column(self, layouts: dict[int, Layout]) -> None:
+        """One transaction: the items table without its vector column, and where each collection's rows now are."""
+        with self.transaction() as c:
+            c.execute("CREATE TABLE items_new (collection_id INTEGER NOT NULL, id TEXT NOT NULL, label INTEGER NOT "
+                      "NULL, metadata TEXT NOT NULL, PRIMARY KEY (collection_id, id)) WITHOUT ROWID")
+            c.execute("INSERT INTO items_new SELECT collection_id, id, label, metadata FROM items")
+            c.execute("DROP TABLE items")
+            c.execute("ALTER TABLE items_new RENAME TO items")
+            c.execute("CREATE UNIQUE INDEX items_by_label ON items (collection_id, label)")
+            for cid, layout in layouts.items():
+                c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? "
+                          "WHERE id=?", (layout.generation, layout.base_count, layout.base_label, cid))
+        with self._lock:
+            self.conn.execute("VACUUM")  # gives the moved vectors' pages back to the file system
 
     # -- log ----------------------------------------------------------------------------------
 

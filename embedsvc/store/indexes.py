@@ -449,7 +449,7 @@ class FaissIndex:
 
     @classmethod
     def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
-        """Loads a checkpoint; one written before positional labels (an IndexIDMap2 around a flat or graph
+        """Loads a checkpoint of the first format (whole index serialised in memory); one written before positional labels (an IndexIDMap2 around a flat or graph
         index) is unwrapped into the same layout."""
         import faiss
 
@@ -475,6 +475,46 @@ class FaissIndex:
         else:
             self.index, self.exact = None, index
         return self
+
+    def checkpoint_parts(self) -> tuple[dict, dict]:
+        """(header, members) of a checkpoint; the "index" member is the FAISS index itself, which
+        write_checkpoint streams to the file (no serialised copy in memory)."""
+        header = {"trained": self.index is not None, "factory": self.factory_string, "trained_at": self.trained_at,
+                  "positional": self.positional}
+        arrays = {"index": self._target(), "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
+        if self.positional:
+            arrays["labels"] = self.labels
+        return header, arrays
+
+    @classmethod
+    def from_checkpoint(cls, kind: str, dim: int, metric: str, header: dict, reader) -> "FaissIndex":
+        """Loads what checkpoint_parts wrote, reading the index straight from the file (a CheckpointReader)."""
+        import faiss
+
+        self = cls.__new__(cls)
+        self.kind, self.dim, self.metric = kind, dim, metric
+        self.preset = INDEX_PRESETS.get(self.kind)
+        self.tombstones = set(reader.array("tombstones").tolist())
+        self.trained_at = int(header.get("trained_at", 0))
+        self._lookup = self._live_mask = self._live_bits = None
+        index = reader.faiss_index()
+        if index.d != dim:
+            raise ValueError(f"checkpoint index has dimension {index.d}, the collection {dim}")
+        labels = np.asarray(reader.array("labels"), dtype=np.int64) if header.get("positional") else \
+            np.empty(0, dtype=np.int64)
+        if labels.shape != (index.ntotal,) and faiss.try_extract_index_ivf(index) is None:
+            raise ValueError(f"checkpoint maps {labels.shape[0]} labels for {index.ntotal} vectors")
+        self.labels = labels
+        if header["trained"]:
+            self.index, self.exact, self._built_factory = index, None, header["factory"]
+        else:
+            self.index, self.exact = None, index
+        return self
+
+    def size_bytes(self) -> int:
+        from embedsvc.store.checkpoint import serialized_size
+
+        return serialized_size(self._target())
 
 
 def _bitmap(positions: np.ndarray, n: int) -> np.ndarray:
@@ -515,3 +555,135 @@ def _hnsw_of(index):
 
     index = faiss.downcast_index(index)
     return index if isinstance(index, faiss.IndexHNSW) else None
+
+
+# Index types served straight from the collection's vector file (vectors.py) instead of a FAISS index of
+# their own: exact inner product needs nothing but the vectors, so they are stored and mapped once.
+FILE_BACKED = ("flat", "Flat")
+
+
+def file_backed(kind: str) -> bool:
+    return kind in FILE_BACKED
+
+
+class FileFlatIndex:
+    """Exact inner-product search over a VectorFile's rows in place (the same FAISS kernel IndexFlatIP runs,
+    `knn_inner_product`, with the same ID selectors), so nothing is copied at start-up or at a checkpoint.
+
+    Positions are the file's slots; a slot is live until its label is removed or replaced. The vectors are
+    written by the store before the commit; `add` marks their slots live."""
+
+    tombstones: frozenset = frozenset()  # nothing to rebuild: dead slots go at the file's compaction
+    trained = True
+    trained_at = 0
+    positional = True
+
+    def __init__(self, kind: str, dim: int, metric: str, vectors):
+        self.kind, self.dim, self.metric = kind, dim, metric
+        self.factory_string = "Flat"
+        self.vectors = vectors  # embedsvc.store.vectors.VectorFile
+        self._live = np.zeros(max(vectors.capacity, 1), dtype=bool)
+        self._count = 0
+        self._live_bits: Optional[np.ndarray] = None
+
+    def attach(self, vectors) -> None:
+        """Serves from another generation of the file (after a compaction): the live slots move with it."""
+        labels = self.vectors.labels_of(np.flatnonzero(self._live[:self.vectors.used]))
+        self.vectors = vectors
+        self._live = np.zeros(max(vectors.capacity, 1), dtype=bool)
+        self._count = 0
+        self.add(labels, None)
+
+    def _changed(self) -> None:
+        self._live_bits = None
+
+    def add(self, labels: np.ndarray, vectors: Optional[np.ndarray] = None) -> None:
+        """Marks the labels' slots live; their rows are already in the file."""
+        slots = self.vectors.slots_of(labels)
+        if len(slots) and slots.min() < 0:
+            raise ValueError(f"labels {np.asarray(labels)[slots < 0][:3].tolist()} have no row in the vector file")
+        if len(self._live) < self.vectors.capacity:
+            grown = np.zeros(self.vectors.capacity, dtype=bool)
+            grown[:len(self._live)] = self._live
+            self._live = grown
+        fresh = slots[~self._live[slots]]
+        self._live[fresh] = True
+        self._count += len(np.unique(fresh))
+        self._changed()
+
+    def remove(self, labels: np.ndarray) -> None:
+        slots = self.vectors.slots_of(labels)
+        slots = np.unique(slots[slots >= 0])
+        slots = slots[self._live[slots]]
+        self._live[slots] = False
+        self._count -= len(slots)
+        self._changed()
+
+    def live_labels(self) -> np.ndarray:
+        return self.vectors.labels_of(np.flatnonzero(self._live[:self.vectors.used]))
+
+    def dead_rows(self) -> int:
+        return self.vectors.used - self._count
+
+    def needs_rebuild(self, live: int) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self._count
+
+    def select(self, allowed: np.ndarray) -> "Selection":
+        allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+        if not len(allowed):
+            return Selection(allowed)
+        slots = self.vectors.slots_of(allowed)
+        slots = slots[slots >= 0]
+        slots = slots[self._live[slots]]
+        if not len(slots):
+            return Selection(allowed, slots)
+        return Selection(allowed, slots, _bitmap_selector(_bitmap(slots, self.vectors.used)))
+
+    def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
+        """`allowed`: labels (an array) or a `select` result of this index as it is now."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        selection = allowed if allowed is None or isinstance(allowed, Selection) else self.select(allowed)
+        if selection is not None and selection.selector is None:
+            return _pad([[]] * len(queries), [[]] * len(queries), k)
+        used = self.vectors.used
+        if not used:
+            return _pad([[]] * len(queries), [[]] * len(queries), k)
+        if selection is not None:
+            selector = selection.selector
+        elif self._count < used:  # replaced or deleted rows: search the live ones only
+            if self._live_bits is None:
+                self._live_bits = np.packbits(self._live[:used], bitorder="little")
+            selector = _bitmap_selector(self._live_bits)
+        else:
+            selector = None
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        slots = np.empty((len(queries), k), dtype=np.int64)
+        matrix = self.vectors.matrix
+        faiss.knn_inner_product(faiss.swig_ptr(queries), faiss.swig_ptr(matrix), self.dim, len(queries), used, k,
+                                faiss.swig_ptr(scores), faiss.swig_ptr(slots), selector)
+        found = slots >= 0
+        labels = np.full_like(slots, -1)
+        labels[found] = self.vectors.labels_of(slots[found])
+        scores[~found] = -np.inf
+        return scores, labels
+
+    def shell(self) -> np.ndarray:
+        """What a checkpoint records of this index: an empty IndexFlat of its dimension and metric (the
+        vectors are the collection's vector file)."""
+        import faiss
+
+        return faiss.serialize_index(faiss.IndexFlat(self.dim, _faiss_metric(self.metric)))
+
+    def check_shell(self, blob: np.ndarray) -> None:
+        import faiss
+
+        index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))  # already of its own class
+        flat = isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)) and index.metric_type == _faiss_metric(self.metric)
+        if not flat or index.ntotal or index.d != self.dim:
+            raise ValueError(f"the checkpoint holds a {type(index).__name__} of {index.ntotal} vectors, not the "
+                             f"empty flat index of a file-backed collection")

@@ -4,10 +4,19 @@ Nothing is kept in the process: every call reads what it needs from Milvus, so a
 collection, and a collection dropped or re-fitted through one replica is seen by the next call on another.
 
 Layout in the Milvus database:
-- `embedsvc_catalogue`: one row per collection (key "collection/<name>": config, created time, uid,
-  pooling version, the key of its fitted state), and fitted pooling states (NetVLAD codebooks) as
-  immutable base64 chunk rows "state/<uid>/<version>-<nonce>/<i>". Rewriting the collection row is the
-  commit point of a re-fit: readers see the old version and state or the new ones, never a mix.
+- `embedsvc_catalogue`, rows keyed so that no two writers ever share one (Milvus has no compare-and-set):
+  "incarnation/<uid>" per collection incarnation (owner: the name; config, created time, status claimed,
+  live or dropping), "pooling/<uid>" (owner: the name; pooling version and the key of its fitted state),
+  and fitted pooling states (NetVLAD codebooks) as immutable base64 chunk rows
+  "state/<uid>/<version>-<nonce>/<i>" (owner: the uid). A name resolves to its live incarnation only.
+  Rewriting the pooling row is the commit point of a re-fit: readers see the old version and state or the
+  new ones, never a mix; a re-fit racing a drop and re-create writes only the dropped incarnation's row.
+- Creating: claim (an incarnation row "claimed"), settle against other replicas' claims by Strong reads
+  (_settle: never two winners), build `embedsvc_<uid>`, commit (the row turns "live"); losers build nothing
+  and get AlreadyExists once the winner is live. Dropping: the row turns "dropping" (the commit point),
+  then the collection goes, then the rows. A replica that dies midway leaves a claimed or dropping row,
+  finished CLAIM_TTL_S later by sweep() at open (or by a create meeting the claim); sweep() also drops
+  collections that no row names.
 - `embedsvc_<uid>` per collection incarnation: `id` VARCHAR primary key, `vector` (normalised for cosine;
   the metric is always inner product, as in the local store, so scores are the same numbers),
   `metadata` JSON as given, and `filterable` JSON holding the same values under type-tagged hex keys.
@@ -24,12 +33,16 @@ Layout in the Milvus database:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import math
+import random
+import re
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -49,6 +62,16 @@ WRITE_BATCH = 1000
 ID_BATCH = 500
 IVF_NLIST = 128
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+# Catalogue row kinds, and the statuses of an incarnation row.
+INCARNATION, POOLING, STATE, LEGACY = "incarnation", "pooling", "state", "collection"
+CLAIMED, LIVE, DROPPING = "claimed", "live", "dropping"
+# A create that has not committed CREATE_LIMIT_S after its claim gives up (monotonic clock); a claimed or
+# dropping row CLAIM_TTL_S old (wall clock) belongs to a replica that died, and is swept with its collection.
+# The gap is the clock skew between replicas the protocol tolerates.
+CREATE_LIMIT_S, CLAIM_TTL_S = 20.0, 60.0
+ORPHAN_AGE_MS = int(CLAIM_TTL_S * 1000)
+SETTLE_POLL_S = (0.01, 0.2)  # back-off between catalogue reads while a contested create settles
+PHYSICAL = re.compile(r"embedsvc_([0-9a-f]{32})")
 
 
 def _index_params(preset: str, dim: int) -> tuple[str, dict]:
@@ -130,7 +153,7 @@ class Expression:
             return "(" + " or ".join(self.equals(condition.key, v) for v in condition.any_of) + ")"
         field = f'filterable["{_tagged_key(condition.key, 0.0)}"]'
         parts = []
-        for bound, op in ((condition.gte, ">="), (condition.lte, "<=")):
+        for bound, op in ((condition.gte, ">="), (condition.gt, ">"), (condition.lte, "<="), (condition.lt, "<")):
             if bound is None:
                 continue
             bound = float(bound)
@@ -155,28 +178,51 @@ class Expression:
 
 @dataclass(frozen=True)
 class _Record:
-    """A collection's catalogue row."""
+    """A collection incarnation: its catalogue row, and the pooling state its `pooling/<uid>` row points at."""
 
     config: CollectionConfig
     created_ms: int
     uid: str
-    pooling_version: int
+    pooling_version: int = 0
     state_key: str = ""
     state_chunks: int = 0
+    status: str = LIVE
+    since_ms: int = 0  # when the row took its status (a claim or a drop is abandoned CLAIM_TTL_S after it)
 
     @property
     def physical(self) -> str:
         return f"embedsvc_{self.uid}"
 
-    def to_doc(self) -> dict:
-        return {"config": self.config.to_json(), "created_ms": self.created_ms, "uid": self.uid,
-                "pooling_version": self.pooling_version, "state_key": self.state_key,
-                "state_chunks": self.state_chunks}
+    def row(self, status: str, since_ms: int) -> dict:
+        """The incarnation row in `status`: keyed by the uid, so no other incarnation ever writes it."""
+        return {"key": f"incarnation/{self.uid}", "kind": INCARNATION, "owner": self.config.name,
+                "doc": {"config": self.config.to_json(), "created_ms": self.created_ms, "uid": self.uid,
+                        "status": status, "since_ms": since_ms}}
+
+    def pooling_row(self) -> dict:
+        return {"key": f"pooling/{self.uid}", "kind": POOLING, "owner": self.config.name,
+                "doc": {"uid": self.uid, "pooling_version": self.pooling_version, "state_key": self.state_key,
+                        "state_chunks": self.state_chunks}}
 
     @classmethod
-    def from_doc(cls, doc: dict) -> "_Record":
-        return cls(CollectionConfig.from_json(doc["config"]), int(doc["created_ms"]), doc["uid"],
-                   int(doc["pooling_version"]), doc.get("state_key", ""), int(doc.get("state_chunks", 0)))
+    def from_rows(cls, incarnation: dict, pooling: Optional[dict]) -> "_Record":
+        pooling = pooling or {}
+        return cls(CollectionConfig.from_json(incarnation["config"]), int(incarnation["created_ms"]),
+                   incarnation["uid"], int(pooling.get("pooling_version", 0)), pooling.get("state_key", ""),
+                   int(pooling.get("state_chunks", 0)), incarnation.get("status", LIVE),
+                   int(incarnation.get("since_ms", incarnation["created_ms"])))
+
+
+def _new_uid(now_ms: int) -> str:
+    """32 hex digits: the creation time in ms (12), "0" (where a uuid4, the uid of earlier versions, has "4"),
+    then 76 random bits. Claims order by it; sweep() dates collections by it."""
+    return f"{now_ms:012x}0{secrets.token_hex(10)[:19]}"
+
+
+def _uid_age_ms(uid: str, now_ms: int) -> float:
+    """How long ago the uid was made (negative if made by a clock ahead of ours); infinite for an earlier
+    version's uid, which carries no time."""
+    return now_ms - int(uid[:12], 16) if uid[12] == "0" else math.inf
 
 
 def normalise_uri(uri: str) -> str:
@@ -190,9 +236,12 @@ def normalise_uri(uri: str) -> str:
 class MilvusStore:
     """The VectorStore interface over one Milvus database; holds no state besides the connection."""
 
-    def __init__(self, uri: str, *, token: str = "", db_name: str = "", max_top_k: int = 1000):
+    def __init__(self, uri: str, *, token: str = "", db_name: str = "", max_top_k: int = 1000,
+                 clock: Callable[[], float] = time.time):
+        """`clock`: the wall clock that dates claims and drops (tests set it back to age them)."""
         from pymilvus import MilvusClient
 
+        self.clock = clock
         self.uri = normalise_uri(uri)
         if not self.uri:
             raise InvalidInput("the milvus back end needs milvus_uri (http://host:19530 or a Milvus Lite .db file)")
@@ -209,6 +258,8 @@ class MilvusStore:
         self.presets = LITE_PRESETS if self.lite else tuple(INDEX_PRESETS)
         self.bind = not self.lite  # Milvus Lite has no expression templates
         self._ensure_catalogue()
+        self._migrate_legacy_rows()
+        self.sweep()
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -237,18 +288,32 @@ class MilvusStore:
     def _expr(self) -> Expression:
         return Expression(self.bind)
 
-    def _check_types(self, record: _Record, condition: Condition) -> None:
-        """As the local back end: a condition whose type no stored value of its key has is InvalidInput."""
+    def _check_types(self, record: _Record, condition: Condition, held: dict[str, bool]) -> None:
+        """As the local back end: a condition whose type no stored value of its key has is InvalidInput. `held`
+        keeps each answer for the search's other conditions (`n>2 n<5` asks about n once: each is a query)."""
         def holds(kind: str) -> bool:
-            key = kind + condition.key.encode("utf-8").hex()
-            expression = f'exists filterable["{key}"]'
-            return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
-                record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+            tagged = kind + condition.key.encode("utf-8").hex()
+            if tagged not in held:
+                held[tagged] = self._holds(record, [tagged])
+            return held[tagged]
 
         wanted = wanted_kinds(condition)
         if any(holds(kind) for kind in wanted):
             return
         refuse_mistyped(condition, {kind for kind in ("b", "n", "s") if kind not in wanted and holds(kind)})
+
+    def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
+        """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
+        expression = " or ".join(f'exists filterable["{key}"]' for key in tagged_keys)
+        return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
+            record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The keys no live item holds, in the order given (one query per key: asked only when a filter matched
+        nothing)."""
+        record = self._record(name)
+        return [key for key in keys
+                if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
         kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
@@ -273,16 +338,23 @@ class MilvusStore:
                     raise _not_found(name) from None
                 raise
 
-    def _row(self, key: str) -> Optional[dict]:
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _rows(self, flt: str, expr: Expression, fields: Sequence[str] = ("key", "kind", "doc")) -> list[dict]:
+        return self._query(CATALOGUE, expr, flt, list(fields))
+
+    def _named(self, name: str) -> tuple[list[_Record], Optional[_Record]]:
+        """Every incarnation row of `name` (any status), and the live one with its pooling state, if any."""
         expr = self._expr()
-        rows = self._query(CATALOGUE, expr, f"key == {expr.value(key)}", ["doc"])
-        return rows[0]["doc"] if rows else None
+        rows = self._rows(f"owner == {expr.value(name)} and kind in {expr.value([INCARNATION, POOLING])}", expr)
+        return _resolve(rows).get(name, ([], None))
 
     def _record(self, name: str) -> _Record:
-        doc = self._row(f"collection/{name}")
-        if doc is None:
+        live = self._named(name)[1]
+        if live is None:
             raise _not_found(name)
-        return _Record.from_doc(doc)
+        return live
 
     def _write_catalogue(self, rows: list[dict]) -> None:
         for row in rows:
@@ -290,6 +362,29 @@ class MilvusStore:
             row.setdefault("owner", "")
             row["v"] = [1.0, 0.0]
         self.client.upsert(CATALOGUE, rows)
+
+    def _delete_catalogue(self, flt: str, expr: Expression) -> None:
+        self.client.delete(CATALOGUE, filter=flt, **({"filter_params": expr.params} if expr.params else {}))
+
+    def _delete_keys(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), ID_BATCH):
+            expr = self._expr()
+            self._delete_catalogue(f"key in {expr.value(list(keys[start:start + ID_BATCH]))}", expr)
+
+    def _drop_physical(self, physical: str) -> None:
+        try:
+            self.client.drop_collection(physical)
+        except Exception:  # noqa: BLE001 - a Milvus that refuses to drop a missing collection: gone is gone
+            if self.client.has_collection(physical):
+                raise
+
+    def _purge(self, uid: str) -> None:
+        """Removes an incarnation: its Milvus collection first, its incarnation row last, so a collection
+        never outlives every row that names it (a crash in between leaves a row for sweep() to finish)."""
+        self._drop_physical(f"embedsvc_{uid}")
+        expr = self._expr()
+        self._delete_catalogue(f"owner == {expr.value(uid)} and kind == {expr.value(STATE)}", expr)
+        self._delete_keys([f"pooling/{uid}", f"incarnation/{uid}"])
 
     def _count(self, record: _Record) -> int:
         rows = self._query(record.physical, self._expr(), "", ["count(*)"], record.config.name)
@@ -312,57 +407,166 @@ class MilvusStore:
     # -- collections ----------------------------------------------------------------------------
 
     def create_collection(self, config: CollectionConfig) -> CollectionInfo:
-        from pymilvus import DataType, MilvusClient
-
+        """Claims the name in the catalogue, settles the claim against other replicas' (see _settle), then
+        builds the Milvus collection and commits by turning the claim live: a name resolves only to a live
+        incarnation, so nothing is written into one that loses, and a loser builds nothing."""
         validate_index_kind(config.index, config.dim, config.metric)  # the local store's InvalidInput cases
         if config.index not in self.presets:
             what = "Milvus Lite" if self.lite else "the milvus back end"
             raise FailedPrecondition(f"index {config.index!r} cannot be built by {what} at {self.uri}; it supports "
                                      f"the presets {', '.join(self.presets)}")
-        key = f"collection/{config.name}"
-        if self._row(key) is not None:
-            raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
-        record = _Record(config, int(time.time() * 1000), uuid.uuid4().hex, 0)
+        started = time.monotonic()
+        while True:
+            claimed = time.monotonic()
+            claim = self._claim(config)
+            try:
+                won = self._settle(claim, started)
+            except BaseException:
+                self._delete_keys([f"incarnation/{claim.uid}"])
+                raise
+            if won:
+                break
+        try:
+            self._build(claim)
+            self._commit(claim, claimed)
+        except BaseException:
+            self._purge(claim.uid)
+            raise
+        return self._info(claim)
+
+    def _claim(self, config: CollectionConfig) -> _Record:
+        """Writes a claim row for a new incarnation of the name, unless a live one exists."""
+        if self._named(config.name)[1] is not None:
+            raise _exists(config.name)
+        now = self._now_ms()
+        claim = _Record(config, now, _new_uid(now), status=CLAIMED, since_ms=now)
+        self._write_catalogue([claim.row(CLAIMED, now)])
+        return claim
+
+    def _settle(self, claim: _Record, started: float) -> bool:
+        """True once the claim has won; False when it yielded to earlier claims that then vanished without
+        committing (claim again); AlreadyExists once another incarnation of the name is live.
+
+        Milvus has no compare-and-set, so this uses what Strong reads give: a read sees every write acknowledged
+        before it began. A claim wins on a read (after writing it) that finds no other claim. Of two claimants,
+        the one whose read missed the other's claim read before that claim was written, so the other's read sees
+        it: never two winners. Two that see each other: the later uid withdraws, the earlier waits for that."""
+        name, yielded, delay = claim.config.name, False, SETTLE_POLL_S[0]
+        while True:
+            records, live = self._named(name)
+            if live is not None:
+                raise _exists(name)
+            claims = [r for r in self._claims(records) if r.uid != claim.uid]
+            rivals = [r.uid for r in claims]
+            if not yielded:
+                if claim.uid not in {r.uid for r in records if r.status == CLAIMED}:
+                    raise Aborted(f"the claim to create collection {name!r} was taken for abandoned (this replica "
+                                  f"stalled or its clock is off by over {CLAIM_TTL_S - CREATE_LIMIT_S:.0f} s); retry")
+                if not rivals:
+                    return True
+                if min(rivals) < claim.uid:
+                    self._delete_keys([f"incarnation/{claim.uid}"])
+                    yielded = True
+            elif all(rival > claim.uid for rival in rivals):  # every earlier claim vanished uncommitted
+                return False
+            if time.monotonic() - started > CREATE_LIMIT_S:
+                raise self._unsettled(name, claims)
+            time.sleep(random.uniform(delay / 2, delay))
+            delay = min(2 * delay, SETTLE_POLL_S[1])
+
+    def _unsettled(self, name: str, claims: list[_Record]) -> Aborted:
+        """ABORTED for a contest that outlasted CREATE_LIMIT_S, saying when the oldest claim in the way is taken
+        for abandoned (a replica that died between claim and commit blocks the name until then)."""
+        head = f"another replica's creation of collection {name!r} has not settled in {CREATE_LIMIT_S:.0f} s"
+        if not claims:
+            return Aborted(f"{head}; retry")
+        age_s = max(0.0, (self._now_ms() - min(r.since_ms for r in claims)) / 1000)
+        return Aborted(f"{head}: it was claimed {age_s:.0f} s ago; if that replica died, its claim is cleared "
+                       f"{CLAIM_TTL_S:.0f} s after it was made: retry in {max(1.0, CLAIM_TTL_S - age_s):.0f} s")
+
+    def _claims(self, records: list[_Record]) -> list[_Record]:
+        """The current claims among a name's rows; claims CLAIM_TTL_S old are of replicas that died: swept."""
+        now, current = self._now_ms(), []
+        for record in records:
+            if record.status != CLAIMED:
+                continue
+            if now - record.since_ms > CLAIM_TTL_S * 1000:
+                log.warning("sweeping an abandoned claim on collection %r (uid %s, %.0f s old)",
+                            record.config.name, record.uid, (now - record.since_ms) / 1000)
+                self._purge(record.uid)
+            else:
+                current.append(record)
+        return current
+
+    def _build(self, record: _Record) -> None:
+        from pymilvus import DataType, MilvusClient
+
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=config.dim)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=record.config.dim)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("filterable", DataType.JSON)
-        kind, params = _index_params(config.index, config.dim)
+        kind, params = _index_params(record.config.index, record.config.dim)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=kind, metric_type="IP", params=params)
         self.client.create_collection(record.physical, schema=schema, index_params=index,
                                       consistency_level=CONSISTENCY)
-        self._write_catalogue([{"key": key, "kind": "collection", "owner": record.uid, "doc": record.to_doc()}])
-        if self._record(config.name).uid != record.uid:  # another replica created the same name meanwhile
-            self.client.drop_collection(record.physical)
-            raise AlreadyExists(f"collection {config.name!r} already exists; drop it first or pick another name")
-        return self._info(record)
+
+    def _commit(self, claim: _Record, claimed: float) -> None:
+        """Turns the won claim live, unless it is so old (`claimed`: when it was written, monotonic) that
+        others may have taken it for abandoned."""
+        name = claim.config.name
+        records, live = self._named(name)
+        if live is not None:  # only if clocks disagree by more than the protocol tolerates
+            raise _exists(name)
+        if time.monotonic() - claimed > CREATE_LIMIT_S or claim.uid not in {r.uid for r in records}:
+            raise Aborted(f"creating collection {name!r} took over {CREATE_LIMIT_S:.0f} s; nothing was created, retry")
+        self._write_catalogue([claim.row(LIVE, self._now_ms())])
 
     def get_collection(self, name: str) -> CollectionInfo:
         return self._info(self._record(name))
 
     def list_collections(self) -> list[CollectionInfo]:
         expr = self._expr()
-        rows = self._query(CATALOGUE, expr, f"kind == {expr.value('collection')}", ["doc"])
-        records = sorted((_Record.from_doc(r["doc"]) for r in rows), key=lambda r: r.config.name)
-        return [self._info(r) for r in records]
+        rows = self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)
+        records = sorted((live for _, live in _resolve(rows).values() if live is not None), key=lambda r: r.config.name)
+        infos = []
+        for record in records:
+            try:
+                infos.append(self._info(record))
+            except CollectionNotFound:
+                self._lost(record)  # not listed: dropped since the catalogue was read, or lost (logged)
+        return infos
+
+    def _lost(self, record: _Record) -> bool:
+        """Called when a live record's Milvus collection was not found: False if the name no longer resolves to
+        it (dropped, by any replica, since it was read); True, logged, if its row is still live though its
+        collection is gone (dropped outside embedsvc, or clocks that disagreed beyond what creation tolerates):
+        drop_collection frees such a name."""
+        live = self._named(record.config.name)[1]
+        if live is None or live.uid != record.uid:
+            return False
+        log.error("collection %r is live in %s but its Milvus collection %s is gone: drop the collection to free "
+                  "the name", record.config.name, CATALOGUE, record.physical)
+        return True
 
     def drop_collection(self, name: str) -> int:
+        """Marks the incarnation dropping (from then on no replica resolves the name to it), then purges it."""
         record = self._record(name)
-        count = self._count(record)
-        expr = self._expr()
-        self.client.delete(CATALOGUE, filter=f"key == {expr.value(f'collection/{name}')}",
-                           **({"filter_params": expr.params} if expr.params else {}))
-        self.client.drop_collection(record.physical)
-        expr = self._expr()
-        self.client.delete(CATALOGUE, filter=f"owner == {expr.value(record.uid)} and kind == {expr.value('state')}",
-                           **({"filter_params": expr.params} if expr.params else {}))
+        try:
+            count = self._count(record)
+        except CollectionNotFound:
+            if not self._lost(record):
+                raise
+            count = 0
+        self._write_catalogue([record.row(DROPPING, self._now_ms())])
+        self._purge(record.uid)
         return count
 
     def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
                           uid: Optional[str] = None) -> int:
-        """Writes the state as new immutable rows, then commits by rewriting the collection row."""
+        """Writes the state as new immutable rows, then commits by rewriting the incarnation's pooling row
+        (keyed by its uid: a re-fit racing a drop and re-create never touches the new incarnation)."""
         record = self._record(name)
         check_incarnation(name, record.uid, uid)
         count = self._count(record)
@@ -373,11 +577,10 @@ class MilvusStore:
         state_key = f"state/{record.uid}/{version}-{uuid.uuid4().hex[:8]}"
         text = base64.b64encode(state).decode("ascii")
         chunks = [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
-        self._write_catalogue([{"key": f"{state_key}/{i}", "kind": "state", "owner": record.uid, "doc": {},
+        self._write_catalogue([{"key": f"{state_key}/{i}", "kind": STATE, "owner": record.uid, "doc": {},
                                 "chunk": chunk} for i, chunk in enumerate(chunks)])
-        committed = _Record(record.config, record.created_ms, record.uid, version, state_key, len(chunks))
-        self._write_catalogue([{"key": f"collection/{name}", "kind": "collection", "owner": record.uid,
-                                "doc": committed.to_doc()}])
+        committed = dataclasses.replace(record, pooling_version=version, state_key=state_key, state_chunks=len(chunks))
+        self._write_catalogue([committed.pooling_row()])
         return version
 
     def pooling_state(self, name: str) -> Optional[bytes]:
@@ -487,8 +690,9 @@ class MilvusStore:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         record = self._record(name)
         queries = prepare_queries(record.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        held: dict[str, bool] = {}
         for condition in flt.must if flt is not None else ():
-            self._check_types(record, condition)
+            self._check_types(record, condition, held)
         expr = self._expr()
         expression = expr.filter(flt)
         if expression is None:
@@ -523,12 +727,81 @@ class MilvusStore:
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
-        records = [self._record(name)] if name else [self._record(i.config.name) for i in self.list_collections()]
-        for record in records:
-            self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+        if name:
+            record = self._record(name)
+            self._run(record.physical, name, lambda: self.client.flush(record.physical))
+            return
+        expr = self._expr()
+        for _, record in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
+            if record is None:
+                continue
+            try:
+                self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+            except CollectionNotFound:
+                pass  # dropped since the catalogue was read: nothing of it to seal
+
+    def sweep(self) -> None:
+        """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then
+        their rows); drops Milvus collections, and deletes pooling and state rows, that no incarnation row
+        names. Each create writes its claim before its collection, so a collection without a row is no create
+        in progress (earlier versions' losers of a create race are such collections); the uid's age is a second
+        guard: what was made a moment ago is left to its maker."""
+        now = self._now_ms()
+        physical = {m.group(1) for n in self.client.list_collections() if (m := PHYSICAL.fullmatch(n))}
+        expr = self._expr()
+        extras = self._rows(f"kind in {expr.value([POOLING, STATE])}", expr, ("key", "kind", "owner", "doc"))
+        expr = self._expr()  # read after the collections and extras: whatever they hold was named by then
+        records = [_Record.from_rows(r["doc"], None) for r in self._rows(f"kind == {expr.value(INCARNATION)}", expr)]
+        abandoned = [r for r in records if r.status != LIVE and now - r.since_ms > CLAIM_TTL_S * 1000]
+        for record in abandoned:
+            self._purge(record.uid)
+        known = {r.uid for r in records}
+        orphans = sorted(uid for uid in physical - known if _uid_age_ms(uid, now) > ORPHAN_AGE_MS)
+        for uid in orphans:
+            self._drop_physical(f"embedsvc_{uid}")
+        stray = [r["key"] for r in extras if (uid := r["doc"]["uid"] if r["kind"] == POOLING else r["owner"])
+                 not in known and _uid_age_ms(uid, now) > ORPHAN_AGE_MS]
+        self._delete_keys(stray)
+        if abandoned or orphans or stray:
+            log.warning("swept %d abandoned creates or drops, %d Milvus collections no catalogue row named and "
+                        "%d stray catalogue rows", len(abandoned), len(orphans), len(stray))
+
+    def _migrate_legacy_rows(self) -> None:
+        """Catalogues of earlier versions keep one row per name, "collection/<name>", which a drop or re-fit
+        racing a re-create could overwrite; each becomes a live incarnation row and a pooling row."""
+        expr = self._expr()
+        rows = self._rows(f"kind == {expr.value(LEGACY)}", expr)
+        for row in rows:
+            record = _Record.from_rows(row["doc"], row["doc"])  # the old row holds both halves
+            self._write_catalogue([record.row(LIVE, record.created_ms), record.pooling_row()])
+            self._delete_keys([row["key"]])
+        if rows:
+            log.info("moved %d collection rows of %s to per-incarnation rows", len(rows), CATALOGUE)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _resolve(rows: list[dict]) -> dict[str, tuple[list[_Record], Optional[_Record]]]:
+    """Catalogue rows by collection name: every incarnation row, and the live one with its pooling state."""
+    pooling = {r["doc"]["uid"]: r["doc"] for r in rows if r["kind"] == POOLING}
+    named: dict[str, list[_Record]] = {}
+    for row in rows:
+        if row["kind"] == INCARNATION:
+            record = _Record.from_rows(row["doc"], pooling.get(row["doc"]["uid"]))
+            named.setdefault(record.config.name, []).append(record)
+    resolved = {}
+    for name, records in named.items():
+        live = sorted((r for r in records if r.status == LIVE), key=lambda r: r.uid)
+        if len(live) > 1:  # only if replicas' clocks disagree by more than the create protocol tolerates
+            log.error("collection %r has %d live incarnations (%s); every replica serves the earliest",
+                      name, len(live), ", ".join(r.uid for r in live))
+        resolved[name] = (records, live[0] if live else None)
+    return resolved
+
+
+def _exists(name: str) -> AlreadyExists:
+    return AlreadyExists(f"collection {name!r} already exists; drop it first or pick another name")
 
 
 def _not_found(name: str) -> NotFound:

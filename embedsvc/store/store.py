@@ -1,15 +1,20 @@
-"""Durable collections of vectors: SQLite is the truth, FAISS indexes are checkpointed derived state.
+"""Durable collections of vectors: SQLite and the vector files are the truth, indexes and columns are
+checkpointed derived state.
 
 One process at a time owns a data directory (an exclusive OS lock, see lock.py). Write path: validate
--> one SQLite transaction (fsynced; the pooling version the vectors were made with is checked in it)
--> apply to the in-memory index and metadata index under the collection's write lock -> acknowledge.
-Checkpoints run in a background thread, one at a time per collection, never on the write path: a
-failed checkpoint is logged and retried and never changes the outcome of a committed write.
-Start-up: each checkpoint must belong to this store (its UUID), this collection (id and creation
-time), this index type, and after the log replay hold exactly the live items of the items table; a
-checkpoint that fails any check, or fails to load or replay, is replaced by a rebuild from the items
-table. A collection whose index cannot even be rebuilt is marked unavailable (its searches and writes
-get FAILED_PRECONDITION) while every other collection serves. Searches hold the read lock, so they run
+-> one SQLite transaction (fsynced; the pooling version the vectors were made with is checked in it) that
+first appends the vectors to the collection's vector file and syncs it (vectors.py), then commits ids,
+labels, metadata and the log -> apply to the in-memory index, ids and metadata columns under the
+collection's write lock -> acknowledge. Flat collections search their vector file in place (memory-mapped):
+no copy of the vectors is made at start-up or by checkpoints. Checkpoints run in a background thread, one
+at a time per collection, never on the write path: a failed checkpoint is logged and retried and never
+changes the outcome of a committed write. A checkpoint holds the ids and metadata in columns and, for index
+types other than flat, the FAISS index (streamed to and from the file).
+Start-up: each checkpoint must belong to this store (its UUID), this collection (id and creation time),
+this index type, and after the log replay hold exactly as many items as the items table; a checkpoint that
+fails any check, or fails to load or replay, is replaced by a rebuild from the items table and the vector
+file. A collection whose index cannot even be rebuilt is marked unavailable (its searches and writes get
+FAILED_PRECONDITION) while every other collection serves. Searches hold the read lock, so they run
 alongside each other and never see half a batch.
 """
 
@@ -17,28 +22,40 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
-from embedsvc.store.checkpoint import fsync_dir, is_temporary, read_checkpoint, write_checkpoint
+from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
-from embedsvc.store.indexes import FaissIndex, validate_index_kind
+from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
                                    UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
 from embedsvc.store.rwlock import RWLock
+from embedsvc.store.vectors import VECTOR_FILE, Layout, VectorFile, VectorFileError, remove_generations
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOP_K = 1000
 CHECKPOINT_RETRY_SECONDS = 30.0
+# A checkpoint is due after checkpoint_every changes, and no sooner than this share of the collection's
+# items: checkpoints of a growing collection cost O(n) each, so their total stays linear in its size.
+CHECKPOINT_SHARE = 0.25
+# Compact a vector file once its dead rows (replaced, deleted) outnumber both this and its live rows.
+COMPACT_MIN_DEAD = 10_000
+CHECKPOINT_FORMAT = 2  # 1: the whole FAISS index serialised in the .npz, ids and metadata read from SQLite
+FILL_CHUNK = 65_536  # vectors added to a rebuilt index at a time (bounded extra memory)
+PROGRESS_SECONDS = 5.0  # a long replay or rebuild logs a progress line this often
 _CHECKPOINT_FILE = re.compile(r"collection-(\d+)\.npz")
 
 
@@ -52,6 +69,44 @@ class ItemsNotFound(NotFound):
 
 MAX_CACHED_FILTERS = 64  # per collection
 
+Index = Union[FaissIndex, FileFlatIndex]
+
+
+class _Ids:
+    """id <-> label of the live items: a dict one way, an object array indexed by label the other."""
+
+    def __init__(self) -> None:
+        self.label_of: dict[str, int] = {}
+        self.by_label = np.empty(0, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.label_of)
+
+    def add(self, labels: Sequence[int], ids: Sequence[str]) -> None:
+        if not len(labels):
+            return
+        top = int(max(labels)) + 1
+        if top > len(self.by_label):
+            grown = np.empty(max(top, 1024, int(len(self.by_label) * 1.5)), dtype=object)
+            grown[:len(self.by_label)] = self.by_label
+            self.by_label = grown
+        self.label_of.update(zip(ids, labels))
+        self.by_label[np.asarray(labels, dtype=np.int64)] = np.asarray(ids, dtype=object)
+
+    def remove(self, ids: Iterable[str]) -> list[int]:
+        """Labels the ids had (they are gone now)."""
+        labels = [self.label_of.pop(i) for i in ids]
+        self.by_label[labels] = None
+        return labels
+
+    def id_of(self, label: int) -> Optional[str]:
+        return self.by_label[label] if 0 <= label < len(self.by_label) else None
+
+    def live_labels(self) -> np.ndarray:
+        labels = np.fromiter(self.label_of.values(), dtype=np.int64, count=len(self.label_of))
+        labels.sort()
+        return labels
+
 
 @dataclass
 class _Collection:
@@ -59,13 +114,13 @@ class _Collection:
     config: CollectionConfig
     created_ms: int
     pooling_version: int
-    index: FaissIndex
+    index: Optional[Index]
     metadata: MetadataIndex
+    vectors: Optional[VectorFile] = None
     lock: RWLock = field(default_factory=RWLock)
     checkpoint_lsn: int = 0
     applied_lsn: int = 0
-    id_of_label: dict[int, str] = field(default_factory=dict)
-    label_of_id: dict[str, int] = field(default_factory=dict)
+    ids: _Ids = field(default_factory=_Ids)
     # Unique to this incarnation (store UUID + collection id): a re-created name gets a new one.
     uid: str = ""
     # Set (under the write lock) once the collection is dropped; a request that raced the drop sees it.
@@ -85,14 +140,14 @@ class _Collection:
         if found is None:
             if len(self.selections) >= MAX_CACHED_FILTERS:
                 self.selections.clear()
-            found = self.index.select(np.fromiter(self.metadata.labels(flt), dtype=np.int64))
+            found = self.index.select(self.metadata.labels(flt))
             self.selections[key] = found
         return found
 
     def info(self) -> CollectionInfo:
         trained = self.index.trained if self.index is not None else False
         factory = self.index.factory_string if self.index is not None else ""
-        return CollectionInfo(self.config, len(self.label_of_id), self.created_ms, self.pooling_version,
+        return CollectionInfo(self.config, len(self.ids), self.created_ms, self.pooling_version,
                               trained, factory, self.uid)
 
     def check_usable(self) -> None:
@@ -104,17 +159,34 @@ class _Collection:
                                      f"items are kept (Get reads them); drop and re-create it to serve again")
 
 
+class _Progress:
+    """Logs `done of total` every PROGRESS_SECONDS during a long start-up step."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            log.info("%s: %d of %d (%.0f%%, %.0f s)", self.what, done, self.total, 100 * done / max(1, self.total),
+                     now - self.started)
+
+
 class Store:
     """All collections under one data directory, owned by this process alone."""
 
     def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
                  max_top_k: int = DEFAULT_MAX_TOP_K):
         self.data_dir = Path(data_dir)
+        self.folder = self.data_dir / "indexes"
         try:
-            (self.data_dir / "indexes").mkdir(parents=True, exist_ok=True)
-            probe = self.data_dir / ".write-probe"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # A nameless (or uniquely named) file: a fixed name let two openers racing here remove each other's
+            # probe, and the loser reported the directory not writable instead of meeting the lock.
+            with tempfile.TemporaryFile(dir=self.data_dir, prefix=".write-probe-"):
+                pass
         except OSError as exc:
             raise InvalidInput(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from None
         self._dir_lock = DataDirLock(self.data_dir)
@@ -131,6 +203,8 @@ class Store:
         self._collections: dict[str, _Collection] = {}
         rows = self.db.collections()
         self._remove_stray_files({cid for cid, *_ in rows})
+        if self.db.items_hold_vectors():
+            self._migrate([(cid, name, config) for cid, name, config, *_ in rows])
         for cid, name, config, created_ms, pooling_version in rows:
             self._collections[name] = self._open(cid, config, created_ms, pooling_version)
         self._checkpointer = _Checkpointer(self)
@@ -150,69 +224,173 @@ class Store:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _checkpoint_path(self, cid: int) -> Path:
-        return self.data_dir / "indexes" / f"collection-{cid}.npz"
+        return self.folder / f"collection-{cid}.npz"
 
     def _remove_stray_files(self, live_ids: set[int]) -> None:
-        """Temporary files of writes that died before their rename, and checkpoints of dropped collections."""
-        for path in (self.data_dir / "indexes").iterdir():
-            match = _CHECKPOINT_FILE.fullmatch(path.name)
+        """Temporary files of writes that died before their rename, and files of dropped collections."""
+        for path in self.folder.iterdir():
+            match = _CHECKPOINT_FILE.fullmatch(path.name) or VECTOR_FILE.fullmatch(path.name)
             if is_temporary(path) or (match and int(match.group(1)) not in live_ids):
                 log.info("removing stray file %s", path)
                 path.unlink(missing_ok=True)
+
+    def _migrate(self, collections: list[tuple[int, str, str]]) -> None:
+        """First format -> this one: each collection's vectors move from the items table to a vector file
+        (synced), then one transaction drops the column and records where the rows are. A crash before that
+        commit leaves the first format as it was (the new files are strays the next start removes)."""
+        layouts = {}
+        for cid, name, config_json in collections:
+            dim = CollectionConfig.from_json(json.loads(config_json)).dim
+            layout, next_label = self.db.layout(cid)
+            count = self.db.count(cid)
+            progress = _Progress(f"moving the vectors of collection {name} to its vector file", count)
+            generation = layout.generation + 1
+            path = VectorFile.file_path(self.folder, cid, generation)
+            labels, done = [], 0
+            with open(path, "wb") as f:
+                for chunk_labels, chunk_vectors in self.db.old_vectors(cid):
+                    for vector in chunk_vectors:
+                        if len(vector) != dim * 4:
+                            raise FailedPrecondition(f"collection {quoted(name)} holds a vector of {len(vector)} "
+                                                     f"bytes, not {dim * 4}; the store cannot be migrated")
+                        f.write(vector)
+                    labels.extend(chunk_labels)
+                    done += len(chunk_labels)
+                    progress(done)
+                f.flush()
+                os.fsync(f.fileno())
+            layouts[cid] = VectorFile.write_labels(self.folder, cid, generation, np.array(labels, dtype=np.int64),
+                                                   next_label)
+        fsync_dir(self.folder)
+        self.db.drop_vector_column(layouts)
+        log.info("migrated the data directory: vectors of %d collection(s) moved to vector files", len(layouts))
 
     def _open(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
         config = CollectionConfig.from_json(json.loads(config_json))
         col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(),
                           uid=f"{self.db.uuid}-{cid}")
-        for label, item_id, meta, _ in self.db.scan(cid, with_vectors=False):
-            col.metadata.add(label, json.loads(meta))
-            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
+        layout, next_label = self.db.layout(cid)
+        remove_generations(self.folder, cid, keep=layout.generation)
+        try:
+            col.vectors = VectorFile(self.folder, cid, config.dim, layout, next_label)
+        except (OSError, ValueError, VectorFileError) as exc:
+            col.unavailable = f"its vectors cannot be read ({exc})"
+            log.error("collection %s is unavailable: %s", config.name, col.unavailable)
+            self._load_rows(col)
+            return col
         reason = self._load_checkpoint(col)  # None: loaded; "": there is none; else why it is unusable
         if reason is not None:
             if reason:
                 log.warning("collection %s: %s; rebuilding its index from the items table", config.name, reason)
             try:
-                self._rebuild(col)
+                self._reload(col)
             except Exception as exc:  # noqa: BLE001 - one broken collection must not keep the others offline
                 col.unavailable = f"its index could not be rebuilt ({type(exc).__name__}: {exc})"
                 log.error("collection %s is unavailable: %s", config.name, col.unavailable)
                 return col
-        log.info("opened collection %s: %d items, replayed to lsn %d", config.name, len(col.label_of_id),
-                 col.applied_lsn)
+        log.info("opened collection %s: %d items, replayed to lsn %d", config.name, len(col.ids), col.applied_lsn)
         return col
+
+    def _new_index(self, col: _Collection) -> Index:
+        config = col.config
+        if file_backed(config.index):
+            return FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
+        return FaissIndex(config.index, config.dim, config.metric)
 
     def _load_checkpoint(self, col: _Collection) -> Optional[str]:
         """Loads the collection's checkpoint and replays the log after it; returns why it was unusable."""
         path = self._checkpoint_path(col.id)
+        if not path.is_file():
+            return ""
         try:
-            loaded = read_checkpoint(path)
+            reader = CheckpointReader(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means: rebuild from the truth
             return f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {exc})"
-        if loaded is None:
-            return ""
-        header, arrays = loaded
-        expected = {"store_uuid": self.db.uuid, "collection_id": col.id, "created_ms": col.created_ms,
-                    "kind": col.config.index, "dim": col.config.dim, "metric": col.config.metric}
-        wrong = [key for key, value in expected.items() if header.get(key) != value]
-        if wrong or not isinstance(header.get("lsn"), int):
-            return f"checkpoint {path.name} belongs to another store, collection or index ({', '.join(wrong) or 'lsn'})"
-        try:
-            col.index = FaissIndex.from_arrays(header, arrays)
-            col.applied_lsn = col.checkpoint_lsn = header["lsn"]
-            self._replay(col)
-        except Exception as exc:  # noqa: BLE001
-            return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
-        if len(col.index) != len(col.label_of_id):
+        with reader:
+            header = reader.header
+            expected = {"store_uuid": self.db.uuid, "collection_id": col.id, "created_ms": col.created_ms,
+                        "kind": col.config.index, "dim": col.config.dim, "metric": col.config.metric}
+            wrong = [key for key, value in expected.items() if header.get(key) != value]
+            if wrong or not isinstance(header.get("lsn"), int):
+                return (f"checkpoint {path.name} belongs to another store, collection or index "
+                        f"({', '.join(wrong) or 'lsn'})")
+            try:
+                if header.get("format") == CHECKPOINT_FORMAT:
+                    self._load_columns(col, header, reader)
+                    col.index = self._index_from(col, header, reader)
+                elif file_backed(col.config.index):  # first format: its index copies the vector file
+                    return f"checkpoint {path.name} is of the first format, which a flat collection no longer uses"
+                else:
+                    self._load_rows(col)
+                    col.index = FaissIndex.from_arrays(header, read_checkpoint(path)[1])
+                col.applied_lsn = col.checkpoint_lsn = header["lsn"]
+                self._replay(col)
+            except Exception as exc:  # noqa: BLE001
+                col.ids, col.metadata = _Ids(), MetadataIndex()
+                return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
+        stored = self.db.count(col.id)
+        if len(col.index) != stored or len(col.ids) != stored:
             return (f"checkpoint {path.name} holds {len(col.index)} vectors after the log replay but the items table "
-                    f"{len(col.label_of_id)}")
+                    f"{stored}")
         return None
 
-    def _rebuild(self, col: _Collection) -> None:
-        """A fresh index of every live item; the log is covered up to its end."""
-        col.index = FaissIndex(col.config.index, col.config.dim, col.config.metric)
+    def _index_from(self, col: _Collection, header: dict, reader: CheckpointReader) -> Index:
+        config = col.config
+        if file_backed(config.index):
+            index = FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
+            index.check_shell(reader.array("index"))
+            index.add(reader.array("live"), None)
+            return index
+        return FaissIndex.from_checkpoint(config.index, config.dim, config.metric, header["index"], reader)
+
+    def _load_columns(self, col: _Collection, header: dict, reader: CheckpointReader) -> None:
+        """Ids and metadata as the checkpoint holds them (arrays, no per-item parsing)."""
+        live = np.asarray(reader.array("live"), dtype=np.int64)
+        offsets = np.asarray(reader.array("id_offsets"), dtype=np.int64)
+        blob = reader.array("ids").tobytes()
+        if offsets.shape != (len(live) + 1,) or (len(offsets) and offsets[-1] != len(blob)):
+            raise ValueError("the checkpoint's ids and labels differ in length")
+        bounds = offsets.tolist()
+        ids = [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])]
+        col.ids = _Ids()
+        col.ids.add(live.tolist(), ids)
+        if len(col.ids) != len(live):
+            raise ValueError("the checkpoint repeats an id")
+        col.metadata = MetadataIndex.from_snapshot(header["metadata"], {k: reader.array(k) for k in
+                                                                        (f"meta{i}" for i in range(
+                                                                            len(header["metadata"]["keys"])))})
+
+    def _load_rows(self, col: _Collection) -> None:
+        """Ids and metadata from the items table (no checkpoint to load them from)."""
+        rows = self.db.scan(col.id)
+        col.ids, col.metadata = _Ids(), MetadataIndex()
+        if not rows:
+            return
+        labels = [r[0] for r in rows]
+        col.ids.add(labels, [r[1] for r in rows])
+        metadata = json.loads("[" + ",".join(r[2] for r in rows) + "]")  # one parse, not one per row
+        del rows
+        col.metadata.add_many(labels, metadata)
+
+    def _reload(self, col: _Collection) -> None:
+        """In-memory state anew from the items table and the vector file; the log is covered up to its end."""
         last = self.db.last_lsn(col.id)
-        self._load_all(col)
+        self._load_rows(col)
+        col.index = self._filled(col, col.ids.live_labels())
         col.applied_lsn, col.checkpoint_lsn = last, -1  # -1: checkpoint soon
+
+    def _filled(self, col: _Collection, labels: np.ndarray) -> Index:
+        """A new index of these labels' vectors, added a chunk at a time (bounded extra memory)."""
+        index = self._new_index(col)
+        if isinstance(index, FileFlatIndex):
+            index.add(labels, None)
+            return index
+        progress = _Progress(f"building the {col.config.index} index of collection {col.config.name}", len(labels))
+        for start in range(0, len(labels), FILL_CHUNK):
+            chunk = labels[start:start + FILL_CHUNK]
+            index.add(chunk, col.vectors.vectors(chunk))
+            progress(start + len(chunk))
+        return index
 
     def _replay(self, col: _Collection) -> None:
         changes = self.db.changes_after(col.id, col.applied_lsn)
@@ -222,43 +400,117 @@ class Store:
         removed = {r for _, r in changes if r is not None}
         added_set = set(added)
         # Labels added after the checkpoint were never in the index: nothing to remove for them.
-        col.index.remove(np.array(sorted(removed - added_set), dtype=np.int64))
-        live = [a for a in added if a not in removed and a in col.id_of_label]
-        rows = self.db.items_by_label(col.id, live, with_vectors=True)
-        if rows:
-            labels = np.array(sorted(rows), dtype=np.int64)
-            vectors = np.stack([np.frombuffer(rows[l][2], dtype=np.float32) for l in labels.tolist()])
-            col.index.add(labels, vectors)
-        col.applied_lsn = self.db.last_lsn(col.id)
-
-    def _load_all(self, col: _Collection) -> None:
-        labels, vectors = [], []
-        for label, _, _, vector in self.db.scan(col.id, with_vectors=True):
-            labels.append(label)
-            vectors.append(np.frombuffer(vector, dtype=np.float32))
+        gone = np.array(sorted(removed - added_set), dtype=np.int64)
+        col.index.remove(gone)
+        col.metadata.remove_many(gone)
+        col.ids.remove([col.ids.id_of(int(label)) for label in gone.tolist() if col.ids.id_of(int(label)) is not None])
+        live = sorted(a for a in added if a not in removed)
+        rows = self.db.items_by_label(col.id, live)
+        labels = [label for label in live if label in rows]
         if labels:
-            col.index.add(np.array(labels, dtype=np.int64), np.stack(vectors))
+            progress = _Progress(f"replaying the log of collection {col.config.name}", len(labels))
+            col.ids.add(labels, [rows[label][0] for label in labels])
+            col.metadata.add_many(labels, [json.loads(rows[label][1]) for label in labels])
+            array = np.array(labels, dtype=np.int64)
+            for start in range(0, len(array), FILL_CHUNK):
+                chunk = array[start:start + FILL_CHUNK]
+                col.index.add(chunk, None if isinstance(col.index, FileFlatIndex) else col.vectors.vectors(chunk))
+                progress(start + len(chunk))
+        col.applied_lsn = self.db.last_lsn(col.id)
 
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Writes the index of one collection (or all) atomically, then trims the log it covers."""
         for col in [self._get(name)] if name else list(self._collections.values()):
             self._checkpoint_one(col)
 
+    def _checkpoint_parts(self, col: _Collection) -> tuple[dict, dict]:
+        """(header, members) of the collection now (read lock held): copies of the small arrays; the FAISS
+        index of a non-flat collection itself, streamed by the caller while it still holds the lock."""
+        labels = col.ids.live_labels()
+        ids = col.ids.by_label[labels]
+        meta_header, arrays = col.metadata.snapshot(int(labels[-1]) + 1 if len(labels) else 0)
+        header = {"format": CHECKPOINT_FORMAT, "kind": col.config.index, "dim": col.config.dim,
+                  "metric": col.config.metric, "lsn": col.applied_lsn, "store_uuid": self.db.uuid,
+                  "collection_id": col.id, "created_ms": col.created_ms, "count": len(col.index),
+                  "metadata": meta_header}
+        arrays.update(live=labels, ids=ids)
+        if isinstance(col.index, FileFlatIndex):
+            arrays["index"] = col.index.shell()
+        else:
+            header["index"], index_arrays = col.index.checkpoint_parts()
+            arrays.update(index_arrays)
+        return header, arrays
+
     def _checkpoint_one(self, col: _Collection) -> None:
         path = self._checkpoint_path(col.id)
         with col.checkpoint_lock:
             if col.dropped or col.unavailable or col.index is None:
                 return
-            with col.lock.read():  # a consistent snapshot; the file is written outside the lock
+            with col.lock.read():
                 if col.applied_lsn == col.checkpoint_lsn and path.exists():
                     return
-                header, arrays = col.index.to_arrays()
-                lsn = col.applied_lsn
-                header.update(lsn=lsn, store_uuid=self.db.uuid, collection_id=col.id, created_ms=col.created_ms,
-                              count=len(col.index))
-            write_checkpoint(path, header, arrays)
-            col.checkpoint_lsn = lsn
-            self.db.truncate_log(col.id, lsn)
+                header, arrays = self._checkpoint_parts(col)
+                if not isinstance(col.index, FileFlatIndex):  # the FAISS index is written from the live one
+                    write_checkpoint(path, header, _encoded_ids(arrays))
+            if isinstance(col.index, FileFlatIndex):  # a snapshot of arrays: written outside the lock
+                write_checkpoint(path, header, _encoded_ids(arrays))
+            col.checkpoint_lsn = header["lsn"]
+            self.db.truncate_log(col.id, header["lsn"])
+        self._maybe_compact(col)
+
+    def _maybe_compact(self, col: _Collection) -> None:
+        """Rewrites the vector file without its dead rows once they outnumber the live ones (write lock held
+        for the rewrite; amortised, it costs a constant per replaced or deleted item)."""
+        if not self._compaction_due(col):
+            return
+        with col.checkpoint_lock, col.lock.write():
+            # Decided again under the locks, on the file in use now: a compaction that ran meanwhile (another
+            # thread's checkpoint) switched it, and compacting the closed one again would write the next
+            # generation over the file now in use.
+            if col.dropped or col.unavailable or not self._compaction_due(col):
+                return
+            vectors = col.vectors
+            dead = vectors.used - len(col.ids)
+            _, next_label = self.db.layout(col.id)
+            live = col.ids.live_labels()
+            started = time.monotonic()
+            col.vectors = self._switch_generation(col, vectors.write_compacted(live, next_label), next_label)
+            if isinstance(col.index, FileFlatIndex):
+                col.index.attach(col.vectors)
+            col.selections.clear()
+            vectors.close(trim=False)
+            remove_generations(self.folder, col.id, keep=col.vectors.layout.generation)
+            log.info("collection %s: vector file compacted (%d dead rows dropped, %d live, %.1f s)", col.config.name,
+                     dead, len(live), time.monotonic() - started)
+
+    @staticmethod
+    def _compaction_due(col: _Collection) -> bool:
+        vectors = col.vectors
+        if vectors is None or col.dropped:
+            return False
+        return vectors.used - len(col.ids) >= max(COMPACT_MIN_DEAD, len(col.ids))
+
+    def _switch_generation(self, col: _Collection, layout: Layout, next_label: int) -> VectorFile:
+        """Opens the new generation, then commits it as the one in use (write lock held). Opened first: a
+        failure to open it after the commit kept the old file in memory, where the next acknowledged writes
+        went while the database named the new one, and a restart lost them. A generation not committed is
+        removed, its space given back."""
+        try:
+            fresh = VectorFile(self.folder, col.id, col.config.dim, layout, next_label)
+        except BaseException:
+            col.vectors.remove_generation(layout.generation)
+            raise
+        try:
+            self.db.set_layout(col.id, layout)
+        except BaseException:
+            if self.db.layout(col.id)[0] == layout:  # the commit is in despite the error: the switch stands
+                log.warning("collection %s: switching to generation %d reported an error, but the database holds "
+                            "it: serving from it", col.config.name, layout.generation)
+                return fresh
+            fresh.close(trim=False)
+            col.vectors.remove_generation(layout.generation)
+            raise
+        return fresh
 
     def close(self, checkpoint: bool = True) -> None:
         """Stops the checkpointer, checkpoints every collection (unless told not to), releases the lock."""
@@ -273,6 +525,9 @@ class Store:
                 except Exception as exc:  # noqa: BLE001 - the log still covers it: replayed at the next start
                     log.warning("checkpoint of %s failed at shutdown (%s); the log will be replayed on start",
                                 col.config.name, exc)
+        for col in list(self._collections.values()):
+            if col.vectors is not None:
+                col.vectors.close()
         self.db.close()
         self._dir_lock.release()
 
@@ -289,9 +544,23 @@ class Store:
         with self._registry_lock:
             if config.name in self._collections:
                 raise AlreadyExists(f"collection {quoted(config.name)} already exists; drop it first or pick another name")
-            index = FaissIndex(config.index, config.dim, config.metric)
-            cid, created = self.db.create_collection(config.name, config.to_json())
-            col = _Collection(cid, config, created, 0, index, MetadataIndex(), uid=f"{self.db.uuid}-{cid}")
+            FaissIndex(config.index, config.dim, config.metric)  # what FAISS refuses fails before anything is stored
+            made: list[VectorFile] = []
+
+            def make_files(cid: int) -> None:
+                remove_generations(self.folder, cid, keep=None)
+                made.append(VectorFile(self.folder, cid, config.dim, Layout(), 0, create=True))
+
+            try:
+                cid, created = self.db.create_collection(config.name, config.to_json(), make_files)
+            except BaseException:
+                for vectors in made:  # not committed (or committed empty, and a missing file is made anew)
+                    vectors.close(trim=False)
+                    vectors.path.unlink(missing_ok=True)
+                raise
+            col = _Collection(cid, config, created, 0, None, MetadataIndex(), uid=f"{self.db.uuid}-{cid}")
+            col.vectors = made[0]
+            col.index = self._new_index(col)
             self._collections[config.name] = col
         return col.info()
 
@@ -309,9 +578,11 @@ class Store:
                 col.dropped = True
                 self._collections.pop(name)
                 path = self._checkpoint_path(col.id)
-                if path.exists():
-                    path.unlink()
-                    fsync_dir(path.parent)
+                path.unlink(missing_ok=True)
+                if col.vectors is not None:
+                    col.vectors.close(trim=False)
+                remove_generations(self.folder, col.id, keep=None)
+                fsync_dir(self.folder)
         return removed
 
     def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
@@ -321,19 +592,20 @@ class Store:
         with col.lock.write():
             col.check_usable()
             check_incarnation(name, col.uid, uid)
-            if require_empty and col.label_of_id:
-                raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.label_of_id)} items embedded with the "
+            if require_empty and len(col.ids):
+                raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.ids)} items embedded with the "
                                          f"current pooling state; fit a new collection (or drop and recreate it)")
             col.pooling_version = self.db.set_pooling_state(col.id, state)
             return col.pooling_version
 
     def index_size_bytes(self, name: str) -> int:
-        """Size of the collection's serialised FAISS index: what it costs in memory and on disk."""
+        """What the collection's index costs in memory: its vectors' rows (flat) or its serialised FAISS index."""
         col = self._get(name)
         with col.lock.read():
             col.check_usable()
-            _, arrays = col.index.to_arrays()
-        return int(sum(a.nbytes for a in arrays.values()))
+            if isinstance(col.index, FileFlatIndex):
+                return len(col.index) * col.config.dim * 4
+            return col.index.size_bytes()
 
     def pooling_state(self, name: str) -> Optional[bytes]:
         return self.db.pooling_state(self._get(name).id)
@@ -353,35 +625,35 @@ class Store:
         col = self._get(name)
         check_incarnation(name, col.uid, uid)
         if not items:
-            return UpsertResult(0, 0, len(col.label_of_id))
+            return UpsertResult(0, 0, len(col.ids))
         ids, vectors, metadata = prepare_items(name, col.config, items)
+        encoded = [json.dumps(m) for m in metadata]
         with col.lock.write():
             col.check_usable()
             if insert_only:
-                existing = [i for i in ids if i in col.label_of_id]
+                existing = [i for i in ids if i in col.ids.label_of]
                 if existing:
                     raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
                                         f"use upsert to replace them")
             wanted = set(ids)
             kept = {i: t for i, t in (thumbnails or {}).items() if i in wanted}
-            labels, old = self.db.upsert(col.id, ids, vectors, [json.dumps(m) for m in metadata], pooling_version,
-                                         kept)
+            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: col.vectors.append(start, vectors),
+                                         pooling_version, kept)
+            col.vectors.committed(int(labels[-1]) + 1)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
-            count = len(col.label_of_id)
+            count = len(col.ids)
         self._maybe_checkpoint(col)
         return UpsertResult(len(ids) - len(old), len(old), count)
 
     def _apply_upsert(self, col: _Collection, ids, labels, old, vectors, metadata) -> None:
-        for item_id, label, meta in zip(ids, labels.tolist(), metadata):
-            if item_id in old:
-                col.metadata.remove(old[item_id])
-                col.id_of_label.pop(old[item_id], None)
-            col.metadata.add(label, meta)
-            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
-        col.index.remove(np.array(list(old.values()), dtype=np.int64))
+        replaced = np.array(col.ids.remove(list(old)), dtype=np.int64)
+        col.metadata.remove_many(replaced)
+        col.index.remove(replaced)
+        col.ids.add(labels.tolist(), ids)
+        col.metadata.add_many(labels.tolist(), metadata)
         col.index.add(labels, vectors)
 
-    def _apply(self, col: _Collection, change) -> None:
+    def _apply(self, col: _Collection, change: Callable[[], None]) -> None:
         """Applies a committed change to the in-memory state (write lock held). The change is durable
         whatever happens here: if applying it fails, the index is rebuilt from the items table, and if
         even that fails the collection is marked unavailable; the caller's write still succeeded."""
@@ -399,14 +671,6 @@ class Store:
                 col.unavailable = f"its index failed ({type(exc).__name__}: {exc}) and could not be rebuilt ({again})"
                 log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 
-    def _reload(self, col: _Collection) -> None:
-        """In-memory state anew from the items table (write lock held)."""
-        col.metadata, col.id_of_label, col.label_of_id = MetadataIndex(), {}, {}
-        for label, item_id, meta, _ in self.db.scan(col.id, with_vectors=False):
-            col.metadata.add(label, json.loads(meta))
-            col.id_of_label[label], col.label_of_id[item_id] = item_id, label
-        self._rebuild(col)
-
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         """Removes ids; missing ones are reported (strict: refused, nothing removed)."""
         self._use_faiss_threads()
@@ -414,17 +678,15 @@ class Store:
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
             col.check_usable()
-            missing = [i for i in ids if i not in col.label_of_id]
+            missing = [i for i in ids if i not in col.ids.label_of]
             if strict and missing:
                 raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
-            old = self.db.delete(col.id, [i for i in ids if i in col.label_of_id])
+            old = self.db.delete(col.id, [i for i in ids if i in col.ids.label_of])
 
             def change() -> None:
-                for item_id, label in old.items():
-                    col.metadata.remove(label)
-                    col.id_of_label.pop(label, None)
-                    col.label_of_id.pop(item_id, None)
-                col.index.remove(np.array(list(old.values()), dtype=np.int64))
+                labels = np.array(col.ids.remove(list(old)), dtype=np.int64)
+                col.metadata.remove_many(labels)
+                col.index.remove(labels)
 
             self._apply(col, change)
         self._maybe_checkpoint(col)
@@ -432,28 +694,32 @@ class Store:
 
     def _maintain(self, col: _Collection) -> None:
         """Rebuilds a tombstoning index from the truth once tombstones pile up (write lock held)."""
-        if col.index.needs_rebuild(len(col.label_of_id)):
+        if col.index.needs_rebuild(len(col.ids)):
             log.info("rebuilding index of %s (%d live, %d tombstones, trained at %d)", col.config.name,
-                     len(col.label_of_id), len(col.index.tombstones), col.index.trained_at)
-            labels, vectors = [], []
-            for label, _, _, vector in self.db.scan(col.id, with_vectors=True):
-                labels.append(label)
-                vectors.append(np.frombuffer(vector, dtype=np.float32))
-            col.index.rebuild(np.array(labels, dtype=np.int64),
-                              np.stack(vectors) if vectors else np.zeros((0, col.config.dim), np.float32))
+                     len(col.ids), len(col.index.tombstones), col.index.trained_at)
+            col.index = self._filled(col, col.ids.live_labels())
 
     def _maybe_checkpoint(self, col: _Collection) -> None:
         """Asks the background checkpointer; never checkpoints on the caller's (write) path."""
-        if col.checkpoint_lsn < 0 or col.applied_lsn - col.checkpoint_lsn >= self.checkpoint_every:
+        due = max(self.checkpoint_every, CHECKPOINT_SHARE * len(col.ids))
+        if col.checkpoint_lsn < 0 or col.applied_lsn - col.checkpoint_lsn >= due:
             self._checkpointer.request(col)
+
+    def _vectors_of(self, col: _Collection, labels: list[int]) -> np.ndarray:
+        """Called with the read lock held (the file's layout does not change under it)."""
+        if col.vectors is None:
+            raise FailedPrecondition(f"collection {quoted(col.config.name)} is unavailable: {col.unavailable}")
+        return col.vectors.vectors(np.array(labels, dtype=np.int64))
 
     def get(self, name: str, ids: Iterable[str], include_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         col = self._get(name)
         ids = [validate_id(i) for i in ids]
-        rows = self.db.items(col.id, ids, include_vectors)
-        found = [StoredItem(i, json.loads(rows[i][1]),
-                            np.frombuffer(rows[i][2], dtype=np.float32).copy() if include_vectors else None)
-                 for i in ids if i in rows]
+        with col.lock.read():
+            rows = self.db.items(col.id, ids)
+            found_ids = [i for i in ids if i in rows]
+            vectors = self._vectors_of(col, [rows[i][0] for i in found_ids]) if include_vectors else None
+        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if include_vectors else None)
+                 for k, i in enumerate(found_ids)]
         return found, [i for i in ids if i not in rows]
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
@@ -467,11 +733,17 @@ class Store:
         col = self._get(name)
         found = self.db.thumbnail(col.id, validate_id(item_id))
         if found is None:
-            where = "has no thumbnail" if item_id in col.label_of_id else "is not in the collection"
+            where = "has no thumbnail" if item_id in col.ids.label_of else "is not in the collection"
             raise ItemsNotFound(f"item {quoted(item_id)} of {quoted(name)} {where}")
         return found
 
     # -- search -------------------------------------------------------------------------------
+
+    def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
+        """The keys no live item holds, in the order given."""
+        col = self._get(name)
+        with col.lock.read():
+            return [key for key in keys if not col.metadata.holds_key(key)]
 
     def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
                nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
@@ -488,22 +760,40 @@ class Store:
             results = []
             for q, (row_scores, row_labels) in enumerate(zip(scores, labels)):
                 skip = exclude_ids[q] if exclude_ids is not None else None
-                hits = [Hit(col.id_of_label[l], float(s)) for s, l in zip(row_scores.tolist(), row_labels.tolist())
-                        if l >= 0 and l in col.id_of_label and col.id_of_label[l] != skip]
+                hits = []
+                for s, label in zip(row_scores.tolist(), row_labels.tolist()):
+                    item_id = col.ids.id_of(label) if label >= 0 else None
+                    if item_id is not None and item_id != skip:
+                        hits.append(Hit(item_id, float(s)))
                 results.append(hits[:top_k])
             if include_metadata or include_vectors:
-                wanted = sorted({col.label_of_id[h.id] for hits in results for h in hits})
-                rows = self.db.items_by_label(col.id, wanted, with_vectors=include_vectors) if include_vectors else {}
-                for hits in results:
-                    for hit in hits:
-                        label = col.label_of_id[hit.id]
-                        if include_metadata:
-                            hit.metadata = dict(col.metadata.by_label.get(label, {}))
-                        if include_vectors and label in rows:
-                            hit.vector = np.frombuffer(rows[label][2], dtype=np.float32).copy()
+                self._fill_hits(col, results, include_metadata, include_vectors)
         return results
 
+    def _fill_hits(self, col: _Collection, results: list[list[Hit]], include_metadata: bool,
+                   include_vectors: bool) -> None:
+        """Metadata (as stored) and vectors of the hits (read lock held)."""
+        wanted = sorted({col.ids.label_of[h.id] for hits in results for h in hits})
+        rows = self.db.items_by_label(col.id, wanted) if include_metadata else {}
+        vectors = dict(zip(wanted, self._vectors_of(col, wanted))) if include_vectors else {}
+        for hits in results:
+            for hit in hits:
+                label = col.ids.label_of[hit.id]
+                if include_metadata:
+                    hit.metadata = json.loads(rows[label][1]) if label in rows else {}
+                if include_vectors:
+                    hit.vector = vectors[label].copy()
 
+
+def _encoded_ids(arrays: dict) -> dict:
+    """The ids member (an object array of str) as UTF-8 bytes and offsets, which .npy stores without pickle."""
+    ids = arrays.pop("ids")
+    encoded = [i.encode() for i in ids.tolist()]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    arrays["ids"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    arrays["id_offsets"] = offsets
+    return arrays
 
 
 class _Checkpointer:

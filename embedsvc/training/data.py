@@ -15,6 +15,7 @@ from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, nega
                                       scene_captions, true_captions)
 from embedsvc.encoder.images import decode_image, split_by_resized_size
 from embedsvc.errors import EmbedsvcError, InvalidInput
+from embedsvc.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,14 @@ def negative_mask(truths: list[set], negatives: list) -> np.ndarray:
     return mask
 
 
-def _pixels(images, preprocess: Callable) -> torch.Tensor:
-    return torch.stack([preprocess(image) for image in images])
+def _pixels(images, preprocess: Callable, count: int, what: str) -> torch.Tensor:
+    """The images through the model's transform, with a progress line: thousands take minutes."""
+    progress = Progress(count, unit="images", label=f"preparing {what} ")
+    out = []
+    for image in images:
+        out.append(preprocess(image))
+        progress.update(len(out))
+    return torch.stack(out)
 
 
 def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0,
@@ -105,7 +112,7 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
     scenes = [generate_scene(split, i) for i in range(start, start + count)]
     chosen = np.random.default_rng([len(split), 0xA06]).random(start + count)[start:] < augment
     pixels = _pixels(((render_augmented if pick else render_scene)(s, image_size) for s, pick in zip(scenes, chosen)),
-                     preprocess)
+                     preprocess, count, f"{split} scenes")
     if not negatives:
         captions = [tokenizer(scene_captions(s)) for s in scenes]
         return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
@@ -184,6 +191,7 @@ def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer, short_
         log.warning("skipped %s: %s", rows.sources[i], reason)
     if not keep:
         raise InvalidInput(f"no usable image-caption pairs ({len(skipped)} rows skipped)")
-    return PairData(_pixels([rows.images[i] for i in keep], preprocess), [tokenizer([rows.captions[i]]) for i in keep],
+    return PairData(_pixels([rows.images[i] for i in keep], preprocess, len(keep), "manifest images"),
+                    [tokenizer([rows.captions[i]]) for i in keep],
                     [rows.ids[i] for i in keep], None, skipped,
                     [rows.labels[i] for i in keep] if rows.labels else None)

@@ -26,7 +26,7 @@ from embedsvc.encoder.token_modes import FINAL, vit_forward
 from embedsvc.errors import InvalidInput
 from embedsvc.pooling.functional import masked_max, masked_mean, signed_gem
 from embedsvc.progress import Progress
-from embedsvc.eval import cross_modal_metrics
+from embedsvc.eval import TASKS, cross_modal_metrics, not_measured
 from embedsvc.training.data import PairData, manifest_pairs, read_manifest_images, scene_pairs
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,9 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoint = out / f"{name}.safetensors"
     save_file(state, str(checkpoint), metadata={"format": "open_clip state dict", "architecture": name})
     seconds = time.perf_counter() - started
-    card = _write_card(out, name, config, data_desc, metrics, history, prep_seconds, train_seconds, device, checkpoint)
+    unmeasured = not_measured(metrics, labels=eval_data.labels is not None, image_keys=eval_data.keys is not None)
+    card = _write_card(out, name, config, data_desc, metrics, history, prep_seconds, train_seconds, device, checkpoint,
+                       unmeasured)
     return TrainResult(checkpoint, config_file, card, metrics, seconds, train_data.skipped)
 
 
@@ -395,21 +397,30 @@ def _objective(config: TrainConfig) -> str:
     return f"patch-token losses: {config.token_losses or 'none'}{weight}; hard negatives: {negatives}"
 
 
+def _card_row(task: str, m: Optional[dict], reason: str) -> str:
+    """One task's row of the card's table; a task that was not measured says so and why, never 0.000."""
+    if m is None:
+        return f"| {task} | not measured: {reason} | | | | | | |"
+    return (f"| {task} | {m['recall_at_1']:.3f} ({m['chance_recall_at_1']:.3f}) | {m['recall_at_5']:.3f} "
+            f"({m['chance_recall_at_5']:.3f}) | {m['recall_at_10']:.3f} ({m['chance_recall_at_10']:.3f}) | "
+            f"{m['median_rank']:.0f} ({m['chance_median_rank']:.0f}) | {m['mean_average_precision']:.3f} "
+            f"({m['chance_mean_average_precision']:.3f}) | {m['queries']} | {m['relevant_per_query']:.1f} |")
+
+
 def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metrics: dict, history: list,
-                prep_seconds: float, train_seconds: float, device, checkpoint: Path) -> Path:
+                prep_seconds: float, train_seconds: float, device, checkpoint: Path,
+                unmeasured: Optional[dict[str, str]] = None) -> Path:
+    """model_card.json and model_card.md; `unmeasured`: why each task absent from `metrics` was not measured."""
+    unmeasured = unmeasured or {}
     info = {
         "name": name, "config": asdict(config), "data": data_desc, "device": str(device),
         "torch_threads": torch.get_num_threads(), "data_seconds": round(prep_seconds, 1),
         "train_seconds": round(train_seconds, 1), "checkpoint_bytes": checkpoint.stat().st_size,
-        "held_out": metrics, "history": history,
+        "held_out": metrics, **({"not_measured": unmeasured} if unmeasured else {}), "history": history,
     }
     (out / "model_card.json").write_text(json.dumps(info, indent=2) + "\n")
-    rows = "\n".join(
-        f"| {task} | {m['recall_at_1']:.3f} ({m['chance_recall_at_1']:.3f}) | {m['recall_at_5']:.3f} "
-        f"({m['chance_recall_at_5']:.3f}) | {m['recall_at_10']:.3f} ({m['chance_recall_at_10']:.3f}) | "
-        f"{m['median_rank']:.0f} ({m['chance_median_rank']:.0f}) | {m['mean_average_precision']:.3f} "
-        f"({m['chance_mean_average_precision']:.3f}) | {m['queries']} | {m['relevant_per_query']:.1f} |"
-        for task, m in metrics.items())
+    rows = "\n".join(_card_row(task, metrics.get(task), unmeasured.get(task, "no query to measure"))
+                     for task in TASKS if task in metrics or task in unmeasured)
     card = out / "model_card.md"
     card.write_text(f"""# {name}
 

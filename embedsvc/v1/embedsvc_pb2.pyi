@@ -374,12 +374,16 @@ class ValueList(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[MetadataValue, _Mapping]]] = ...) -> None: ...
 
 class Range(_message.Message):
-    __slots__ = ("gte", "lte")
+    __slots__ = ("gte", "lte", "gt", "lt")
     GTE_FIELD_NUMBER: _ClassVar[int]
     LTE_FIELD_NUMBER: _ClassVar[int]
+    GT_FIELD_NUMBER: _ClassVar[int]
+    LT_FIELD_NUMBER: _ClassVar[int]
     gte: float
     lte: float
-    def __init__(self, gte: _Optional[float] = ..., lte: _Optional[float] = ...) -> None: ...
+    gt: float
+    lt: float
+    def __init__(self, gte: _Optional[float] = ..., lte: _Optional[float] = ..., gt: _Optional[float] = ..., lt: _Optional[float] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("must",)
@@ -396,7 +400,7 @@ class SearchParams(_message.Message):
     def __init__(self, nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "top_k", "filter", "params", "include_metadata", "include_vectors")
+    __slots__ = ("collection", "queries", "top_k", "filter", "params", "include_metadata", "include_vectors", "filter_text")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +408,7 @@ class SearchRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_METADATA_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_TEXT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _containers.RepeatedCompositeFieldContainer[Query]
     top_k: int
@@ -411,7 +416,8 @@ class SearchRequest(_message.Message):
     params: SearchParams
     include_metadata: bool
     include_vectors: bool
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., include_metadata: _Optional[bool] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+    filter_text: str
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., include_metadata: _Optional[bool] = ..., include_vectors: _Optional[bool] = ..., filter_text: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "metadata", "vector")
@@ -441,10 +447,12 @@ class QueryResult(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "unknown_filter_keys")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FILTER_KEYS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[QueryResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ...) -> None: ...
+    unknown_filter_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[QueryResult, _Mapping]]] = ..., unknown_filter_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FitPoolingRequest(_message.Message):
     __slots__ = ("collection", "samples", "params")

@@ -84,34 +84,12 @@ function targets() {
 
 // -- queries --------------------------------------------------------------------------------
 
-function parseFilter(text) {
-  const must = [];
-  const pattern = /([\w.-]+)\s*(>=|<=|=)\s*("[^"]*"|\S+)/g;
-  let match;
-  while ((match = pattern.exec(text)) !== null) {
-    const [, key, op, raw] = match;
-    const value = raw.startsWith('"') ? raw.slice(1, -1) : raw;
-    if (op === "=") {
-      const values = raw.startsWith('"') ? [value] : value.split("|");
-      must.push(values.length > 1 ? { key, in: { values: values.map(metadataValue) } }
-                                  : { key, equals: metadataValue(values[0]) });
-    } else {
-      must.push({ key, range: op === ">=" ? { gte: Number(value) } : { lte: Number(value) } });
-    }
-  }
-  if (text.trim() && !must.length) throw new Error("filter: write key=value, key>=number or key<=number");
-  return must.length ? { must } : undefined;
-}
-
-function metadataValue(text) {
-  if (text === "true" || text === "false") return { boolValue: text === "true" };
-  if (text !== "" && !isNaN(Number(text))) return { numberValue: Number(text) };
-  return { stringValue: text };
-}
-
+// The filter box's text goes to the server as is: it parses the grammar of `embedsvc search --filter`
+// (embedsvc/store/filter_text.py), so the page, the CLI and the HTTP API cannot disagree on what it means.
 function searchOptions() {
-  return { topK: Math.max(1, Number($("top-k").value) || 12), includeMetadata: true,
-           filter: parseFilter($("filter").value) };
+  const filterText = $("filter").value.trim();
+  return Object.assign({ topK: Math.max(1, Number($("top-k").value) || 12), includeMetadata: true },
+                       filterText ? { filterText } : {});
 }
 
 function describe(query) {
@@ -138,8 +116,7 @@ async function run(query) {
   if (query.kind !== "text") $("text").value = "";  // Search (Enter) then re-runs this query, e.g. with a filter
   const names = targets();
   if (!names.length) { showMessage("Pick a collection first."); return; }
-  let options;
-  try { options = searchOptions(); } catch (error) { showMessage(error.message); return; }
+  const options = searchOptions();
   showMessage("");
   setStatus("Searching " + names.join(", ") + " for " + describe(query) + "\u2026");
   state.thumbs.forEach((url) => URL.revokeObjectURL(url));
@@ -151,7 +128,7 @@ async function run(query) {
   await Promise.all(names.map(async (name, i) => {
     try {
       const reply = await searchOne(name, query);
-      fill(columns[i], name, reply.results[0].hits);
+      fill(columns[i], name, reply.results[0].hits, reply.unknownFilterKeys || []);
     } catch (error) {
       columns[i].list.replaceChildren();
       const p = document.createElement("p");
@@ -162,7 +139,7 @@ async function run(query) {
     }
   }));
   setStatus(describe(query) + " in " + names.length + " collection" + (names.length > 1 ? "s" : "") + ", " +
-            Math.round(performance.now() - started) + " ms" + (options.filter ? ", filtered" : "") +
+            Math.round(performance.now() - started) + " ms" + (options.filterText ? ", filtered" : "") +
             ". Click (or Enter on) a result for more like it.");
 }
 
@@ -182,10 +159,14 @@ function column(name) {
   return { section, list };
 }
 
-function fill(col, collection, hits) {
+function fill(col, collection, hits, unknownKeys) {
   if (!hits.length) {
     const p = document.createElement("p");
-    p.textContent = "No hits (check the filter).";
+    p.textContent = unknownKeys.length
+      ? "No hits: no item in " + collection + " has the metadata key " +
+        unknownKeys.map((k) => "'" + k + "'").join(", ") + ", so the filter matches nothing."
+      : "No hits (check the filter).";
+    if (unknownKeys.length) p.setAttribute("role", "alert");
     col.section.append(p);
   }
   col.list.replaceChildren(...hits.map((hit, rank) => {

@@ -1,0 +1,354 @@
+"""One collection at scale through the real server and client, next to bare FAISS, in one run.
+
+    python bench/scale.py --size 100000            # the flat table (what issue 24 asks), ~2 min
+    python bench/scale.py --size 1000000           # the same at 1M (~2 GiB of vectors; needs ~5 GiB free)
+    python bench/scale.py --size 100000 --kinds hnsw,ivf,ivfpq   # + approximate indexes in-process
+    python bench/scale.py --size 100000 --milvus   # + the same flat table on the Milvus back end (Lite file)
+
+Flat table: random 512-d vectors (seeded, unit norm) upserted through embedsvc.client in messages of
+--batch, metadata {"bucket": i % 10} (so a bucket filter allows 10%). Figures: the upsert rate per tenth
+of the load (steady means the last tenth within 20% of the first), server RSS over the raw vector bytes
+(peak during the load, settled after it, after a restart; each above the empty server's own RSS), the
+data directory's disk use (allocated blocks) over the raw bytes, the time from starting the server until a
+search answers (graceful restart: the previous server checkpointed on SIGTERM), and single-query top-10
+p50 through the client (include_metadata off) next to bare FAISS (IndexFlatIP; a prebuilt IDSelectorBitmap
+for the filter) in this process, which costs the gRPC round trip on top of the search.
+Kinds: HNSW/IVF/IVF-PQ collections built through Store in this process: build rate, RSS over raw, recall@10
+against exact search, p50 at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEED = 24
+NAME = "scale"
+
+
+def vectors_chunk(start: int, count: int, dim: int) -> np.ndarray:
+    """Rows start..start+count of the benchmark's vectors (a pure function of the row range's chunks)."""
+    out = np.empty((count, dim), dtype=np.float32)
+    for row in range(start, start + count, 1000):
+        block = np.random.default_rng([SEED, row // 1000]).standard_normal((1000, dim)).astype(np.float32)
+        take = min(1000 - row % 1000, start + count - row)
+        out[row - start:row - start + take] = block[row % 1000:row % 1000 + take]
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def queries(count: int, dim: int) -> np.ndarray:
+    q = np.random.default_rng([SEED, 10**9]).standard_normal((count, dim)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and its children (Milvus Lite runs its server as a child)."""
+    total = rss_bytes(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return total + sum(tree_rss(int(c)) for c in children)
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
+class Sampler:
+    """The peak RSS of a process tree, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
+                             str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
+                             "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
+                            stderr=subprocess.PIPE, stdout=log, text=True)
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        log.write(line)
+        match = re.search(r"serving on (\S+):(\d+)", line)
+        if match:
+            threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
+            return proc, f"127.0.0.1:{match.group(2)}"
+    proc.kill()
+    raise SystemExit(f"server did not start; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> float:
+    started = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(1800)
+    return time.perf_counter() - started
+
+
+def p50_ms(call, items) -> float:  # noqa: D103 - the kinds' searches
+    call(items[0])
+    times = []
+    for item in items:
+        t = time.perf_counter()
+        call(item)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000)
+
+
+def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: "Bare") -> dict:
+    from embedsvc.client import Client, Item
+
+    data = folder / "data"
+    started = time.perf_counter()
+    proc, address = start_server(data, folder / "server.log", backend)
+    from embedsvc.client import Client as _C
+
+    with _C(address, timeout=600) as probe:
+        probe.list_collections()
+    empty_start = time.perf_counter() - started
+    time.sleep(1.0)
+    base_rss = tree_rss(proc.pid)
+    raw = size * dim * 4
+    out = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
+    client = Client(address, timeout=600)
+    client.create_collection(NAME, dim=dim)
+    sampler = Sampler(proc.pid)
+    rates, tenth = [], max(batch, size // 10)
+
+    def items(start: int, count: int):
+        vectors = vectors_chunk(start, count, dim)
+        for i in range(count):
+            yield Item(f"item-{start + i}", vector=vectors[i], metadata={"bucket": (start + i) % 10})
+
+    load_started = time.perf_counter()
+    for start in range(0, size, tenth):
+        count = min(tenth, size - start)
+        t = time.perf_counter()
+        client.upsert(NAME, items(start, count), batch_size=batch)
+        rates.append(count / (time.perf_counter() - t))
+        print(f"  loaded {start + count:>9,} ({rates[-1]:,.0f}/s, server RSS {tree_rss(proc.pid) / 2**20:,.0f} MiB)",
+              file=sys.stderr, flush=True)
+    out["load_s"] = time.perf_counter() - load_started
+    out["rates"] = rates
+    qs = queries(nq, dim)
+    search = lambda q, flt=None: client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)  # noqa
+    # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
+    out["p50_ms"], out["bare_p50_ms"] = paired_p50(search, bare.search, qs)
+    out["p50_filtered_ms"], out["bare_p50_filtered_ms"] = paired_p50(lambda q: search(q, {"bucket": 3}),
+                                                                     bare.search_filtered, qs)
+    out["peak_rss"] = (sampler.stop() - base_rss) / raw
+    time.sleep(2.0)
+    out["settled_rss"] = (tree_rss(proc.pid) - base_rss) / raw
+    out["disk"] = disk_bytes(data) / raw
+    client.close()
+    out["stop_s"] = stop_server(proc)
+    out["disk_after_stop"] = disk_bytes(data) / raw
+    if not backend or backend[0] != "--store-backend":  # the local store alone, without the server's start-up
+        from embedsvc.store import Store
+
+        started = time.perf_counter()
+        store = Store(data)
+        store.search(NAME, qs[:1], 10)
+        out["store_open_s"] = time.perf_counter() - started
+        store.close(checkpoint=False)
+    started = time.perf_counter()
+    proc, address = start_server(data, folder / "server.log", backend)
+    with Client(address, timeout=600) as again:
+        hits = again.search(NAME, vector=qs[0], top_k=10, include_metadata=False)
+        out["restart_s"] = time.perf_counter() - started
+        assert len(hits) == 10
+        again.search(NAME, vector=qs[1], top_k=10, filter={"bucket": 3}, include_metadata=False)
+        time.sleep(1.0)
+        out["restart_rss"] = (tree_rss(proc.pid) - base_rss) / raw
+    stop_server(proc)
+    return out
+
+
+class Bare:
+    """The same vectors in a FAISS IndexFlatIP in this process, and the bucket-3 filter as a prebuilt bitmap."""
+
+    def __init__(self, size: int, dim: int):
+        import faiss
+
+        self.index = faiss.IndexFlatIP(dim)
+        for start in range(0, size, 100_000):
+            self.index.add(vectors_chunk(start, min(100_000, size - start), dim))
+        self.bits = np.packbits(np.arange(size) % 10 == 3, bitorder="little")
+        self.params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self.bits)))
+
+    def search(self, q: np.ndarray):
+        return self.index.search(q[None], 10)
+
+    def search_filtered(self, q: np.ndarray):
+        return self.index.search(q[None], 10, params=self.params)
+
+
+def paired_p50(call, bare_call, items) -> tuple[float, float]:
+    call(items[0])
+    bare_call(items[0])
+    ours, theirs = [], []
+    for item in items:
+        t = time.perf_counter()
+        call(item)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        bare_call(item)
+        theirs.append(time.perf_counter() - t)
+    return float(np.median(ours) * 1000), float(np.median(theirs) * 1000)
+
+
+def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) -> dict:
+    """An approximate index through Store in this process: build, memory, recall against exact, p50."""
+    import faiss
+
+    from embedsvc.store import CollectionConfig, Item, Store
+
+    raw = size * dim * 4
+    before = rss_bytes(os.getpid())
+    store = Store(folder / f"kind-{kind}", checkpoint_every=10**9)
+    store.create_collection(CollectionConfig(kind, dim, index=kind))
+    started = time.perf_counter()
+    for start in range(0, size, batch):
+        vectors = vectors_chunk(start, min(batch, size - start), dim)
+        store.upsert(kind, [Item(f"item-{start + i}", v) for i, v in enumerate(vectors)])
+    build_s = time.perf_counter() - started
+    qs = queries(nq, dim)
+    found = [[int(h.id.split("-")[1]) for h in store.search(kind, q[None], 10)[0]] for q in qs]
+    p50 = p50_ms(lambda q: store.search(kind, q[None], 10), qs)
+    rss = (rss_bytes(os.getpid()) - before) / raw
+    info = store.get_collection(kind)
+    checkpoint_started = time.perf_counter()
+    store.close()
+    close_s = time.perf_counter() - checkpoint_started
+    exact = faiss.IndexFlatIP(dim)
+    for start in range(0, size, 100_000):
+        exact.add(vectors_chunk(start, min(100_000, size - start), dim))
+    _, truth = exact.search(qs, 10)
+    del exact
+    recall = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
+    shutil.rmtree(folder / f"kind-{kind}", ignore_errors=True)
+    return {"factory": info.index_factory, "build_rate": size / build_s, "rss": rss, "recall": recall, "p50_ms": p50,
+            "checkpoint_s": close_s}
+
+
+def report_flat(label: str, size: int, got: dict) -> None:
+    rates = got["rates"]
+    print(f"\n{label}: {size:,} x 512-d flat cosine ({got['raw_mib']:,.0f} MiB raw), empty server "
+          f"{got['empty_rss_mib']:.0f} MiB RSS")
+    print("| figure | value |")
+    print("|---|---|")
+    print(f"| restart until a search answers | {got['restart_s']:.1f} s (an empty server: {got['empty_start_s']:.1f} s; "
+          f"graceful stop took {got['stop_s']:.1f} s) |")
+    if "store_open_s" in got:
+        print(f"| of which the store: open + first search, in process | {got['store_open_s']:.2f} s |")
+    print(f"| server RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
+          f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x |")
+    print(f"| data directory over raw (after load / after stop) | {got['disk']:.2f}x / {got['disk_after_stop']:.2f}x |")
+    print(f"| upsert rate through the client, first / last tenth (min, max) | {rates[0]:,.0f}/s / {rates[-1]:,.0f}/s "
+          f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |")
+    print(f"| search p50 top-10 unfiltered / 10% filter | {got['p50_ms']:.2f} / {got['p50_filtered_ms']:.2f} ms; "
+          f"bare FAISS {got['bare_p50_ms']:.2f} / {got['bare_p50_filtered_ms']:.2f} ms; ratio "
+          f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--kinds", default="", help="comma-separated approximate presets to build too (hnsw,ivf,ivfpq)")
+    parser.add_argument("--kinds-size", type=int, default=0, help="size for --kinds (default: --size)")
+    parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
+    parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
+    parser.add_argument("--faiss-threads", type=int, default=1,
+                        help="FAISS threads of the server and of bare FAISS (1: no OpenMP wake-ups in the timings)")
+    parser.add_argument("--dir", default="", help="work folder (default: a temporary one, removed at the end)")
+    args = parser.parse_args()
+    if args.size < 10 * args.batch:
+        parser.error(f"--size must be at least 10 x --batch ({10 * args.batch})")
+    kinds = [k for k in args.kinds.split(",") if k]
+    from embedsvc.store.indexes import INDEX_PRESETS
+
+    unknown = [k for k in kinds if k not in INDEX_PRESETS or k == "flat"]
+    if unknown:
+        parser.error(f"unknown --kinds {unknown}; choose from hnsw, ivf, ivfpq")
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="embedsvc-scale-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(f"# bench/scale.py --size {args.size}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.1f} at start")
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
+        threads = ["--faiss-threads", str(args.faiss_threads)]
+        bare = Bare(args.size, args.dim) if not args.no_local or args.milvus else None
+        if not args.no_local:
+            got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
+            report_flat("local store", args.size, got)
+        if args.milvus:
+            uri = f"{folder / 'milvus' / 'lite.db'}"
+            (folder / "milvus").mkdir(parents=True, exist_ok=True)
+            got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "milvus",
+                           ["--store-backend", "milvus", "--milvus-uri", uri, *threads], bare)
+            got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)
+            report_flat("Milvus Lite", args.size, got)
+        del bare
+        if kinds:
+            size = args.kinds_size or args.size
+            print(f"\napproximate indexes through Store, {size:,} x {args.dim}-d")
+            print("| index | factory | build rate | RSS over raw | recall@10 vs exact | p50 | checkpoint at close |")
+            print("|---|---|---|---|---|---|---|")
+            for kind in kinds:
+                r = run_kind(kind, size, args.dim, args.batch, args.queries, folder)
+                print(f"| {kind} | {r['factory']} | {r['build_rate']:,.0f}/s | {r['rss']:.2f}x | {r['recall']:.3f} | "
+                      f"{r['p50_ms']:.2f} ms | {r['checkpoint_s']:.1f} s |", flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"# load average {load[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
