@@ -110,6 +110,7 @@ class _LocalSink:
         from embedsvc.service.engine import Engine
         from embedsvc.store import open_store_at
 
+        job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
         config = ServerConfig(data_dir=job.local, device=job.device, preload_models="", demo_size=0,
                               max_batch_size=job.batch_size, max_items_per_request=max(1024, job.batch_size),
                               decode_workers=job.workers)
