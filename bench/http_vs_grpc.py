@@ -1,6 +1,6 @@
 """What the HTTP/JSON transport costs next to gRPC, on one server, in one run.
 
-    python bench/http_vs_grpc.py [--items 2000] [--dim 128] [--queries 300] [--batch 32]
+    python bench/http_vs_grpc.py [--items 2000] [--dim 128] [--queries 300] [--batch 32] [--model ViT-B-32]
 
 Starts a server (vector-only collection, the default model for embeds), then times the same single-query
 top-10 vector search, the same one-text embed and the same embed of --batch texts over both transports, one
@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32, help="texts per request of the batch embed")
+    parser.add_argument("--model", default="bundled",
+                        help="model of the embeds: 'bundled' (the default model) or an open_clip architecture with "
+                             "random weights, e.g. ViT-B-32 (the size users serve)")
     args = parser.parse_args()
 
     import grpc
@@ -48,8 +51,15 @@ def main() -> None:
     vectors = rng.standard_normal((args.items, args.dim)).astype(np.float32)
     queries = rng.standard_normal((args.queries, args.dim)).astype(np.float32)
     with tempfile.TemporaryDirectory() as data:
+        model = ServerConfig.default_model
+        if args.model != "bundled":
+            from embedsvc.models import ModelSpec, register_model
+
+            model = register_model(ModelSpec(name=f"bench-{args.model}", architecture=args.model, random_init=True),
+                                   replace=True).name
         config = ServerConfig(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=data, metrics_port=-1,
-                              demo_size=0, log_level="WARNING", log_format="text")
+                              demo_size=0, log_level="WARNING", log_format="text", default_model=model,
+                              preload_models=model)
         with running_server(config) as srv:
             channel = grpc.insecure_channel(srv.address)
             index = pb_grpc.IndexServiceStub(channel)
@@ -72,7 +82,7 @@ def main() -> None:
             http_paths = {"search": "/v1/collections/v/search", "embed": "/v1/embed",
                           f"embed {args.batch}": "/v1/embed"}
             print(f"# {platform.processor() or platform.machine()}, {args.items} x {args.dim} vectors, "
-                  f"{args.queries} requests each")
+                  f"{args.queries} requests each, embeds by {model}")
             print("| request | gRPC p50 ms | gRPC p99 ms | HTTP p50 ms | HTTP p99 ms | HTTP/gRPC p50 |")
             print("|---|---|---|---|---|---|")
             with httpx.Client(base_url=srv.http_url, timeout=60) as http:
