@@ -24,17 +24,8 @@ TMP_MARK = ".tmp-"
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Each call writes its own temporary file, so concurrent writers never collide on one name."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def is_temporary(path: Path) -> bool:

@@ -467,6 +467,12 @@ class FaissIndex:
             labels = np.asarray(arrays["labels"], dtype=np.int64)
         else:
             labels = np.empty(0, dtype=np.int64)
+        return self._loaded(index, labels, header)
+
+    def _loaded(self, index, labels: np.ndarray, header: dict) -> "FaissIndex":
+        """Takes a checkpoint's index and labels as this index's, once they are checked to belong together."""
+        import faiss
+
         if labels.shape != (index.ntotal,) and faiss.try_extract_index_ivf(index) is None:
             raise ValueError(f"checkpoint maps {labels.shape[0]} labels for {index.ntotal} vectors")
         self.labels = labels
@@ -489,8 +495,6 @@ class FaissIndex:
     @classmethod
     def from_checkpoint(cls, kind: str, dim: int, metric: str, header: dict, reader) -> "FaissIndex":
         """Loads what checkpoint_parts wrote, reading the index straight from the file (a CheckpointReader)."""
-        import faiss
-
         self = cls.__new__(cls)
         self.kind, self.dim, self.metric = kind, dim, metric
         self.preset = INDEX_PRESETS.get(self.kind)
@@ -502,14 +506,7 @@ class FaissIndex:
             raise ValueError(f"checkpoint index has dimension {index.d}, the collection {dim}")
         labels = np.asarray(reader.array("labels"), dtype=np.int64) if header.get("positional") else \
             np.empty(0, dtype=np.int64)
-        if labels.shape != (index.ntotal,) and faiss.try_extract_index_ivf(index) is None:
-            raise ValueError(f"checkpoint maps {labels.shape[0]} labels for {index.ntotal} vectors")
-        self.labels = labels
-        if header["trained"]:
-            self.index, self.exact, self._built_factory = index, None, header["factory"]
-        else:
-            self.index, self.exact = None, index
-        return self
+        return self._loaded(index, labels, header)
 
     def size_bytes(self) -> int:
         from embedsvc.store.checkpoint import serialized_size
