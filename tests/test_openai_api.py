@@ -258,3 +258,18 @@ def test_openapi_documents_the_endpoint_and_the_responses_match_it(server, tiny_
     models = document["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     Draft202012Validator({**document, **models}).validate(httpx.get(srv.http_url + "/v1/models").json())
     assert {"$ref": "#/components/schemas/OpenAIModelList"} in models["allOf"]
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("input", "\\ud800", "input"), ("input", ["ok", "\\udfff x"], "input"), ("model", "{model}:\\ud800", "model"),
+    ("pooling", "gem:p=\\ud800", "pooling"), ("encoding_format", "", "encoding_format")])
+def test_text_no_model_can_read_is_a_400_naming_its_field(server, tiny_spec, field, value, param):
+    """A lone UTF-16 surrogate (valid JSON, not Unicode) was a 500 from deep in the protobuf; an empty
+    encoding_format was read as float. Both are the caller's to fix, and the answer says where."""
+    srv, sdk, client = server
+    body = {"model": tiny_spec.name, "input": "a red square"}
+    body[field] = value.replace("{model}", tiny_spec.name) if isinstance(value, str) else value
+    raw = json.dumps(body).replace("\\\\u", "\\u").encode()  # the escapes reach the server as JSON escapes
+    response = httpx.post(srv.http_url + "/v1/embeddings", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text

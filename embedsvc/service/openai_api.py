@@ -81,11 +81,17 @@ def parse_request(data: bytes, max_items: int = 0,
     if "input" not in body or "model" not in body:
         missing = "input" if "input" not in body else "model"
         raise ParamError(missing, f"{quoted(missing)} is required")
+    for key, value in body.items():  # JSON may escape a lone UTF-16 surrogate; no text of a model can hold one
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str) and not _is_unicode(text):
+                raise ParamError(key, f"{key} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
+                                      f"pair), which is not text: send valid Unicode")
     model = body["model"]
     if not isinstance(model, str):
         raise ParamError("model", f"model must be a string, got {type(model).__name__}")
     name, pooling = resolve_model(model, _optional(body, "pooling", str))
-    encoding = _optional(body, "encoding_format", str) or "float"
+    encoding = _optional(body, "encoding_format", str)
+    encoding = "float" if encoding is None else encoding
     if encoding not in ENCODINGS:
         raise ParamError("encoding_format", f"encoding_format must be float or base64, got {quoted(encoding)}")
     dimensions = _optional(body, "dimensions", int)
@@ -98,6 +104,14 @@ def parse_request(data: bytes, max_items: int = 0,
 
 
 KINDS = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _optional(body: dict, key: str, kind: type) -> Any:
