@@ -354,10 +354,15 @@ API_METHODS = [name for name, value in vars(_Api).items() if inspect.isgenerator
 class _Channel:
     """What both clients share: channel options, credentials, the token and the default deadline."""
 
-    def __init__(self, address: str, grpc_module, timeout: Optional[float], max_message_bytes: int,
-                 token: Optional[str], tls: bool, ca_file: Optional[str], cert_file: Optional[str],
-                 key_file: Optional[str], credentials: Optional[grpc.ChannelCredentials],
-                 metadata: Sequence[tuple[str, str]]):
+    grpc_module: Any = grpc  # grpc (blocking channels) or grpc.aio
+
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
+                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
+                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
+        """token: API token (sent as 'authorization: Bearer'); tls: connect with TLS, trusting `ca_file`
+        (else the system roots); cert_file + key_file: client certificate for mutual TLS."""
+        grpc_module = self.grpc_module
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if credentials is None and (tls or ca_file or cert_file):
@@ -412,15 +417,6 @@ def _awaiting(method):
 class Client(_Channel):
     """Client(address) for an embedsvc server. `timeout` is the default per-call deadline in seconds."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
-                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
-                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
-        """token: API token (sent as 'authorization: Bearer'); tls: connect with TLS, trusting `ca_file`
-        (else the system roots); cert_file + key_file: client certificate for mutual TLS."""
-        super().__init__(address, grpc, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
-                         credentials, metadata)
-
     embed = _blocking(_Api.embed)
     list_models = _blocking(_Api.list_models)
     create_collection = _blocking(_Api.create_collection)
@@ -447,12 +443,7 @@ class AsyncClient(_Channel):
     """Client's asyncio twin on grpc.aio: the same methods and arguments, awaited. Create and use it in one
     event loop: `async with AsyncClient(address) as client: await client.embed(["a red circle"])`."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
-                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
-                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
-        super().__init__(address, grpc.aio, timeout, max_message_bytes, token, tls, ca_file, cert_file, key_file,
-                         credentials, metadata)
+    grpc_module = grpc.aio
 
     embed = _awaiting(_Api.embed)
     list_models = _awaiting(_Api.list_models)
