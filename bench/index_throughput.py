@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedsvc.service.cpu import apply_openmp_defaults
+from embedsvc.cpu import apply_openmp_defaults
 
 apply_openmp_defaults()  # as `embedsvc index` does, before torch loads: both halves run with it
 

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from embedsvc.service.cpu import apply_openmp_defaults
+from embedsvc.cpu import apply_openmp_defaults
 
 apply_openmp_defaults()  # as `embedsvc index` and `serve` do, before torch loads: every system runs with it
 
@@ -78,7 +78,7 @@ def child_floor(folder: str, model: str) -> dict:
 
     from embedsvc.encoder import ClipEncoder
     from embedsvc.models import get_model_spec, load_model
-    from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
+    from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
     encoder = ClipEncoder(load_model(get_model_spec(register(model))), max_batch=64)
     side = encoder.loaded.image_size
@@ -155,7 +155,7 @@ def request_times(stub, rpc_floor, encoder, photos: list[bytes], n: int) -> dict
     import torch
     from PIL import Image
 
-    from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
+    from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
     from embedsvc.v1 import embedsvc_pb2 as pb
 
     side = encoder.loaded.image_size

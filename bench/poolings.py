@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from embedsvc.service.cpu import apply_openmp_defaults
+from embedsvc.cpu import apply_openmp_defaults
 
 apply_openmp_defaults()
 

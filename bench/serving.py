@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedsvc.service.cpu import apply_openmp_defaults
+from embedsvc.cpu import apply_openmp_defaults
 
 apply_openmp_defaults()  # the raw forward runs with the threads the server gets
 

@@ -12,7 +12,7 @@ from embedsvc.client import Client
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
 from embedsvc.pooling import PoolingSpec, bind_pooling
-from embedsvc.service.engine import ImageBytes, Text
+from embedsvc.engine.engine import ImageBytes, Text
 
 from conftest import png_bytes
 from serving import model_busy, tiny_server

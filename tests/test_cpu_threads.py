@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from embedsvc.service.cpu import apply_openmp_defaults, cgroup_cpu_quota, usable_cpus
+from embedsvc.cpu import apply_openmp_defaults, cgroup_cpu_quota, usable_cpus
 
 PROBE = ("import os, sys; from embedsvc.cli import main; sys.argv[1:] = {argv!r}; "
          "import embedsvc.cli.serve as s; s.run = lambda args: print(os.environ.get('OMP_WAIT_POLICY'), "
@@ -35,7 +35,7 @@ def test_the_environment_overrides_the_defaults():
 
 def test_torch_is_not_loaded_before_the_defaults_apply():
     """The subcommands import torch; apply_openmp_defaults must run first, so check the order directly."""
-    code = ("import sys, os; from embedsvc.service.cpu import apply_openmp_defaults; "
+    code = ("import sys, os; from embedsvc.cpu import apply_openmp_defaults; "
             "assert 'torch' not in sys.modules; apply_openmp_defaults(); import torch; "
             "print(torch.get_num_threads())")
     environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -58,7 +58,7 @@ def test_usable_cpus_respects_affinity_and_cgroup_quota(tmp_path):
 def test_lower_thread_priority_raises_only_the_calling_threads_nice_value():
     import threading
 
-    from embedsvc.service.cpu import lower_thread_priority
+    from embedsvc.cpu import lower_thread_priority
 
     seen = {}
 

@@ -206,7 +206,7 @@ def test_checkpoint_of_another_store_is_rejected_and_rebuilt(tmp_path, caplog):
     foreign = tmp_path / "b" / "indexes" / "collection-1.npz"
     foreign.write_bytes((tmp_path / "a" / "indexes" / "collection-1.npz").read_bytes())
     del vectors
-    with caplog.at_level(logging.WARNING, logger="embedsvc.store.store"):
+    with caplog.at_level(logging.WARNING, logger="embedsvc.store.local"):
         assert_serves_exactly(tmp_path / "b", "c", unit(30, seed=2))
     warnings = [r for r in caplog.records if "rebuilding its index" in r.getMessage()]
     assert len(warnings) == 1 and "another store" in warnings[0].getMessage()
@@ -233,7 +233,7 @@ def test_unusable_checkpoints_mean_a_rebuild(tmp_path, damage, caplog):
         path.write_bytes((tmp_path / "indexes" / "collection-2.npz").read_bytes())
     else:
         write_checkpoint(path, header, arrays)
-    with caplog.at_level(logging.WARNING, logger="embedsvc.store.store"):
+    with caplog.at_level(logging.WARNING, logger="embedsvc.store.local"):
         assert_serves_exactly(tmp_path, "c", vectors)
     assert sum("rebuilding its index" in r.getMessage() for r in caplog.records) == 1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import embedsvc.store.store as store_module
+import embedsvc.store.local as store_module
 from embedsvc.errors import StorageUnavailable
 from embedsvc.store import CollectionConfig, Item, Store
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import embedsvc.store.store as store_module
+import embedsvc.store.local as store_module
 from embedsvc.store import CollectionConfig, Condition, Filter, Item, Store
 
 HERE = Path(__file__).parent
@@ -159,7 +159,7 @@ def test_checkpoints_racing_each_other_never_compact_a_vector_file_twice(tmp_pat
                 compactions.append(record)
 
     handler = Count()
-    logger = logging.getLogger("embedsvc.store.store")
+    logger = logging.getLogger("embedsvc.store.local")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
@@ -212,7 +212,7 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(HERE / "data" / "store-format1", data)
     expected = {f"id-{i}": format1_item(i, 1 if i < 40 else 0) for i in range(230) if not 40 <= i < 60}
-    with caplog.at_level(logging.INFO, logger="embedsvc.store.store"):
+    with caplog.at_level(logging.INFO, logger="embedsvc.store.local"):
         store = Store(data)
     try:
         columns = [row[1] for row in sqlite3.connect(data / "store.sqlite3").execute("PRAGMA table_info(items)")]
@@ -234,7 +234,7 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
     finally:
         store.close()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="embedsvc.store.store"):
+    with caplog.at_level(logging.WARNING, logger="embedsvc.store.local"):
         store = Store(data)  # the second start loads the checkpoints this format wrote, without a warning
     try:
         assert not caplog.records, [r.getMessage() for r in caplog.records]

@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = [a for a in argv if not a.startswith("-")]
     if words and words[0] in SHARED_CPU_COMMANDS:  # before the subcommands import torch and faiss
-        from embedsvc.service.cpu import apply_openmp_defaults
+        from embedsvc.cpu import apply_openmp_defaults
 
         apply_openmp_defaults()
     parser = build_parser(argv)

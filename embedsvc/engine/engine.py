@@ -27,9 +27,9 @@ from embedsvc.models.registry import register_models_file
 from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
                               params_to_strings)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.service.batching import DynamicBatcher
+from embedsvc.engine.batching import DynamicBatcher
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.cpu import lower_thread_priority, usable_cpus
+from embedsvc.cpu import lower_thread_priority, usable_cpus
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)

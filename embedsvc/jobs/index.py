@@ -26,7 +26,7 @@ from embedsvc.errors import AlreadyExists, EmbedsvcError, FailedPrecondition, In
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
+from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 # The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
@@ -107,7 +107,7 @@ class _LocalSink:
 
     def __init__(self, job: IndexJob, targets):
         from embedsvc.pooling import PoolingSpec
-        from embedsvc.service.engine import Engine
+        from embedsvc.engine.engine import Engine
         from embedsvc.store import open_store_at
 
         job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
@@ -173,14 +173,14 @@ class _LocalSink:
 
     def fit(self, name: str, samples: list[tuple[Record, object, bytes]]) -> int:
         """Fits the collection's pooling on decoded sample images; returns the token descriptors used."""
-        from embedsvc.service.engine import DecodedImage
+        from embedsvc.engine.engine import DecodedImage
 
         _, descriptors, _ = self._run(
             self.engine.fit_pooling(name, [DecodedImage(image) for _, image, _ in samples], {}))
         return descriptors
 
     def write(self, batch: list[tuple[Record, object, bytes]]) -> None:
-        from embedsvc.service.engine import DecodedImage, UpsertRequestItem
+        from embedsvc.engine.engine import DecodedImage, UpsertRequestItem
 
         items = [UpsertRequestItem(r.id, DecodedImage(image), None, _metadata(r)) for r, image, _ in batch]
         self._run(self.engine.upsert_multi(self.names, items))

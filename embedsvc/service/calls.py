@@ -17,7 +17,7 @@ from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
-from embedsvc.service.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.engine.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter
 from embedsvc.store.filter_text import parse_filter_text

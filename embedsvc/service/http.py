@@ -39,7 +39,7 @@ from embedsvc.service import calls, json_body, openai_api
 from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.engine import Engine
+from embedsvc.engine.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb

@@ -17,8 +17,8 @@ from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.cpu import usable_cpus
-from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
+from embedsvc.cpu import usable_cpus
+from embedsvc.engine.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.preflight import check_settings
 from embedsvc.service.servicers import EmbedServicer, IndexServicer

@@ -11,7 +11,7 @@ import grpc
 
 from embedsvc.errors import EmbedsvcError
 from embedsvc.service import calls
-from embedsvc.service.engine import Engine
+from embedsvc.engine.engine import Engine
 from embedsvc.service.errors import status_details, status_for
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc

@@ -7,7 +7,7 @@ from embedsvc.store.indexes import INDEX_PRESETS, BruteForceIndex, FaissIndex, V
 from embedsvc.store.metadata import Condition, Filter
 from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
                                    UpsertResult)
-from embedsvc.store.store import CollectionNotFound, ItemsNotFound, Store
+from embedsvc.store.local import CollectionNotFound, ItemsNotFound, Store
 
 __all__ = ["INDEX_PRESETS", "BruteForceIndex", "CollectionConfig", "CollectionInfo", "CollectionNotFound", "Condition",
            "DeleteResult", "FaissIndex", "Filter", "Hit", "Item", "ItemsNotFound", "Store", "StoredItem",

@@ -49,7 +49,7 @@ import numpy as np
 from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_index_kind
 from embedsvc.store.metadata import Condition, Filter, Value, refuse_mistyped, wanted_kinds
-from embedsvc.store.store import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
+from embedsvc.store.local import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
 from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
                                    StoredItem, UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
 
