@@ -1,6 +1,7 @@
-"""The service core without gRPC: models, batchers, poolings per collection, and the store, wired.
+"""The application core without a transport: models, batchers, poolings per collection, and the store, wired.
 
-Servicers convert protobuf to the plain types here and back; everything that decides lives here.
+The service's operations (gRPC servicers, HTTP API) and bulk jobs convert their inputs to the plain types here
+and back; everything that decides lives here.
 Blocking work (decoding, model forward, SQLite commits, FAISS searches) runs off the event loop.
 """
 
@@ -18,18 +19,18 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from embedsvc.cpu import lower_thread_priority, usable_cpus
 from embedsvc.encoder import ClipEncoder
 from embedsvc.encoder.images import (THUMBNAIL_SIDE, check_resized_size, decode_image, decoded_pixels, fit_to_model,
                                      thumbnail_jpeg)
+from embedsvc.engine.batching import DynamicBatcher
+from embedsvc.engine.config import EngineConfig
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import get_model_spec, load_model
 from embedsvc.models.registry import register_models_file
 from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
                               params_to_strings)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.engine.batching import DynamicBatcher
-from embedsvc.service.config import ServerConfig
-from embedsvc.cpu import lower_thread_priority, usable_cpus
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _int_param(params: dict[str, str], key: str, default: int) -> int:
 class ModelRuntime:
     """One loaded model with its two batchers (text, image) and its forward thread."""
 
-    def __init__(self, encoder: ClipEncoder, config: ServerConfig, on_batch):
+    def __init__(self, encoder: ClipEncoder, config: EngineConfig, on_batch):
         self.encoder = encoder
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{encoder.loaded.spec.name}")
         name = encoder.loaded.spec.name
@@ -147,7 +148,7 @@ class ModelRuntime:
 
 
 class Engine:
-    def __init__(self, config: ServerConfig, store: VectorStore, metrics=None):
+    def __init__(self, config: EngineConfig, store: VectorStore, metrics=None):
         self.config = config
         self.store = store
         self.metrics = metrics

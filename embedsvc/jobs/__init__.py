@@ -1,1 +1,1 @@
-"""Bulk jobs on top of the service layer: `embedsvc index`."""
+"""Bulk jobs on top of the engine (never a server's transport): `embedsvc index`, `embedsvc compare`."""

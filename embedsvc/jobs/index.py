@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
+from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
+from embedsvc.engine.config import EngineConfig
 from embedsvc.errors import AlreadyExists, EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
-from embedsvc.service.config import ServerConfig
-from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 # The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
@@ -73,7 +73,7 @@ class IndexJob:
     # Images sampled (evenly) from the source to fit a NetVLAD target that has no codebook yet.
     fit_sample: int = 500
     # Largest image file read, in bytes (the server's default limit); larger ones are reported, never read.
-    max_image_bytes: int = ServerConfig.max_image_bytes
+    max_image_bytes: int = EngineConfig.max_image_bytes
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
 
 
 class _LocalSink:
-    """Writes through the service engine in this process: one forward pass per batch for all targets."""
+    """Writes through an engine in this process: one forward pass per batch for all targets."""
 
     def __init__(self, job: IndexJob, targets):
         from embedsvc.pooling import PoolingSpec
@@ -111,9 +111,8 @@ class _LocalSink:
         from embedsvc.store import open_store_at
 
         job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
-        config = ServerConfig(data_dir=job.local, device=job.device, preload_models="", demo_size=0,
-                              max_batch_size=job.batch_size, max_items_per_request=max(1024, job.batch_size),
-                              decode_workers=job.workers)
+        config = EngineConfig(device=job.device, max_batch_size=job.batch_size,
+                              max_items_per_request=max(1024, job.batch_size), decode_workers=job.workers)
         self.store = open_store_at(job.local)  # a data directory or a Milvus URI
         self.engine = Engine(config, self.store)
         # The engine's loop runs in its own thread, so that writes from several threads can be in flight.
@@ -237,7 +236,7 @@ class _RemoteSink:
         self.image_side, self.keeps_bytes = REMOTE_CHECK_SIDE, True
         # The server's budget is its own; a job splits writes by the default, counting each file's declared
         # size (never less than what the server counts: it decodes JPEGs scaled down).
-        self.pixel_budget = ServerConfig().max_request_pixels
+        self.pixel_budget = EngineConfig.max_request_pixels
         try:
             existing = {}
             for name, pooling in targets:  # every target checked before any is created

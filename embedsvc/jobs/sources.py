@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from embedsvc.datasets.manifest import check_manifest_file, read_manifest
+from embedsvc.engine.config import EngineConfig
 from embedsvc.errors import InvalidInput, UnusableFile
-from embedsvc.service.config import ServerConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".avif")
-# Largest image file read, by default: what a server accepts (ServerConfig.max_image_bytes).
-DEFAULT_MAX_IMAGE_BYTES = ServerConfig.max_image_bytes
+# Largest image file read, by default: what a server accepts (max_image_bytes).
+DEFAULT_MAX_IMAGE_BYTES = EngineConfig.max_image_bytes
 
 
 @dataclass

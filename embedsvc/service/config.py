@@ -20,6 +20,7 @@ from PIL import Image
 
 from embedsvc.errors import InvalidInput, quoted
 from embedsvc.cpu import DEFAULT_DECODE_NICE
+from embedsvc.engine.config import EngineConfig
 
 ENV_PREFIX = "EMBEDSVC_"
 # Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
@@ -204,6 +205,10 @@ class ServerConfig:
         if self.shutdown_grace_seconds < 0:
             raise InvalidInput("config shutdown_grace_seconds must be >= 0")
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The settings the engine reads, from the fields of the same names."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
 
     @property
     def preload(self) -> list[str]:

@@ -326,9 +326,9 @@ class BrowserGuard:
 class HttpApi:
     """The Starlette application over one engine."""
 
-    def __init__(self, engine: Engine, tokens: list[Token], slots: Slots):
+    def __init__(self, config: ServerConfig, engine: Engine, tokens: list[Token], slots: Slots):
         self.engine, self.tokens, self.slots = engine, tokens, slots
-        self.config: ServerConfig = engine.config
+        self.config = config
         self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
@@ -552,9 +552,8 @@ class HttpServer:
         self.task = None
 
     @classmethod
-    def bind(cls, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
+    def bind(cls, config: ServerConfig, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
         """Binds http_listen now, so a taken port fails start-up like the gRPC port does."""
-        config = engine.config
         host, port = config.http_listen.rsplit(":", 1)
         host = host.strip("[]") or "0.0.0.0"
         try:
@@ -569,7 +568,7 @@ class HttpServer:
                                f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
                                f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)") from None
         sock.set_inheritable(True)
-        return cls(HttpApi(engine, tokens, slots), sock, config)
+        return cls(HttpApi(config, engine, tokens, slots), sock, config)
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))

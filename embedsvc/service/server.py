@@ -38,9 +38,9 @@ DEMO_COLLECTION = "scenes"
 class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
                  health_servicer: health.aio.HealthServicer, metrics_http=None, http=None):
-        self.grpc_server, self.engine, self.store = grpc_server, engine, store
+        self.config, self.grpc_server, self.engine, self.store = config, grpc_server, engine, store
         self.health = health_servicer
         self.http = http  # embedsvc.service.http.HttpServer, or None when http_listen is empty
         self.http_port = http.port if http else None
@@ -66,7 +66,7 @@ class EmbedsvcServer:
         await self.health.enter_graceful_shutdown()
         if self.http:
             self.http.drain()
-        grace = grace if grace is not None else self.engine.config.shutdown_grace_seconds
+        grace = grace if grace is not None else self.config.shutdown_grace_seconds
         await asyncio.gather(self.grpc_server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         await self.engine.close()
         self.store.close()
@@ -85,7 +85,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
                        max_top_k=config.max_top_k)
     metrics = Metrics()
     try:
-        engine = Engine(config, store, metrics)
+        engine = Engine(config.engine_config(), store, metrics)
     except BaseException:
         store.close()
         raise
@@ -140,7 +140,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
         from embedsvc.service.http import HttpServer
 
         try:
-            http = HttpServer.bind(engine, tokens, slots)
+            http = HttpServer.bind(config, engine, tokens, slots)
         except InvalidInput:
             await server.stop(0)
             if metrics_http:
@@ -148,7 +148,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
             await engine.close()
             store.close()
             raise
-    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http, http), port
+    return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http), port
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:
