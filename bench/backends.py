@@ -66,7 +66,7 @@ def bare_faiss(preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np
 
 
 def through_store(store, preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np.ndarray) -> dict:
-    from embedsvc.store import CollectionConfig, Condition, Filter, Item
+    from embedsvc.store import CollectionConfig, Condition, Filter, Item, SearchOptions
 
     n, dim = vectors.shape
     store.create_collection(CollectionConfig("bench", dim, index=preset))
@@ -79,8 +79,8 @@ def through_store(store, preset: str, vectors: np.ndarray, groups: np.ndarray, q
     store.checkpoint("bench")  # local: FAISS checkpoint; Milvus: flush, sealing the data into indexed segments
     seal = time.perf_counter() - started
     flt = Filter((Condition("group", equals=3),))
-    plain = timed_searches(lambda q: store.search("bench", q[None], 10), queries)
-    filtered = timed_searches(lambda q: store.search("bench", q[None], 10, flt), queries)
+    plain = timed_searches(lambda q: store.search("bench", q[None], SearchOptions(10)), queries)
+    filtered = timed_searches(lambda q: store.search("bench", q[None], SearchOptions(10, flt)), queries)
     return {"add": add_rate, "plain": plain, "filtered": filtered, "seal": seal}
 
 

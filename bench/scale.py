@@ -183,11 +183,11 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     out["stop_s"] = stop_server(proc)
     out["disk_after_stop"] = disk_bytes(data) / raw
     if not backend or backend[0] != "--store-backend":  # the local store alone, without the server's start-up
-        from embedsvc.store import Store
+        from embedsvc.store import LocalStore, SearchOptions
 
         started = time.perf_counter()
-        store = Store(data)
-        store.search(NAME, qs[:1], 10)
+        store = LocalStore(data)
+        store.search(NAME, qs[:1], SearchOptions(10))
         out["store_open_s"] = time.perf_counter() - started
         store.close(checkpoint=False)
     started = time.perf_counter()
@@ -240,11 +240,11 @@ def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) 
     """An approximate index through Store in this process: build, memory, recall against exact, p50."""
     import faiss
 
-    from embedsvc.store import CollectionConfig, Item, Store
+    from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
     raw = size * dim * 4
     before = rss_bytes(os.getpid())
-    store = Store(folder / f"kind-{kind}", checkpoint_every=10**9)
+    store = LocalStore(folder / f"kind-{kind}", checkpoint_every=10**9)
     store.create_collection(CollectionConfig(kind, dim, index=kind))
     started = time.perf_counter()
     for start in range(0, size, batch):
@@ -252,8 +252,8 @@ def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) 
         store.upsert(kind, [Item(f"item-{start + i}", v) for i, v in enumerate(vectors)])
     build_s = time.perf_counter() - started
     qs = queries(nq, dim)
-    found = [[int(h.id.split("-")[1]) for h in store.search(kind, q[None], 10)[0]] for q in qs]
-    p50 = p50_ms(lambda q: store.search(kind, q[None], 10), qs)
+    found = [[int(h.id.split("-")[1]) for h in store.search(kind, q[None], SearchOptions(10))[0]] for q in qs]
+    p50 = p50_ms(lambda q: store.search(kind, q[None], SearchOptions(10)), qs)
     rss = (rss_bytes(os.getpid()) - before) / raw
     info = store.get_collection(kind)
     checkpoint_started = time.perf_counter()

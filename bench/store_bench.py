@@ -55,11 +55,11 @@ def bare_faiss(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int
 
 
 def store_run(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int):
-    from embedsvc.store import CollectionConfig, Item, Store
+    from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
     n, dim = vectors.shape
     with tempfile.TemporaryDirectory() as folder:
-        store = Store(folder, checkpoint_every=10**9)
+        store = LocalStore(folder, checkpoint_every=10**9)
         store.create_collection(CollectionConfig("bench", dim, index=preset))
         started = time.perf_counter()
         for start in range(0, n, batch):
@@ -69,7 +69,7 @@ def store_run(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int)
         latencies = []
         for q in queries:
             t = time.perf_counter()
-            store.search("bench", q[None], 10)
+            store.search("bench", q[None], SearchOptions(10))
             latencies.append(time.perf_counter() - t)
         t = time.perf_counter()
         store.checkpoint()

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from embedsvc.store import CollectionConfig, Item, Store
+from embedsvc.store import CollectionConfig, Item, LocalStore
 
 DIM = 16
 POOL = 400
@@ -25,7 +25,7 @@ def vector_for(item_id: str, version: int) -> np.ndarray:
 
 
 def main(data_dir: str, seed: int) -> None:
-    store = Store(data_dir, checkpoint_every=150)  # frequent checkpoints: kills land around them too
+    store = LocalStore(data_dir, checkpoint_every=150)  # frequent checkpoints: kills land around them too
     for name, index in COLLECTIONS.items():
         if name not in {c.config.name for c in store.list_collections()}:
             store.create_collection(CollectionConfig(name, DIM, index=index))

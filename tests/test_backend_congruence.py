@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedsvc.errors import Aborted, EmbedsvcError, InvalidInput
-from embedsvc.store import CollectionConfig, Condition, Filter, Item, open_store
+from embedsvc.store import CollectionConfig, Condition, Filter, Item, SearchOptions, open_store
 from embedsvc.store.milvus import MilvusStore
 
 pytest.importorskip("milvus_lite")
@@ -88,7 +88,7 @@ def ids_of(results) -> list[list[str]]:
 
 def test_flat_results_are_identical_across_backends(loaded):
     stores, truth = loaded
-    local, milvus = (stores[b].search("c-flat", QUERIES, 10, include_metadata=True) for b in BACKENDS)
+    local, milvus = (stores[b].search("c-flat", QUERIES, SearchOptions(10, include_metadata=True)) for b in BACKENDS)
     assert ids_of(local) == ids_of(milvus) == brute_force(truth, QUERIES, 10)
     for a, b in zip(local, milvus):
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
@@ -103,7 +103,8 @@ def test_ann_presets_recall_at_10_on_milvus(loaded, preset):
     stores, truth = loaded
     info = stores["milvus"].get_collection(f"c-{preset}")
     assert info.count == len(truth)
-    r = recall(ids_of(stores["milvus"].search(f"c-{preset}", QUERIES, 10)), brute_force(truth, QUERIES, 10))
+    found = ids_of(stores["milvus"].search(f"c-{preset}", QUERIES, SearchOptions(10)))
+    r = recall(found, brute_force(truth, QUERIES, 10))
     assert r >= 0.95, f"{preset} recall@10 {r:.3f} ({info.index_factory})"
 
 
@@ -157,14 +158,14 @@ def test_filters_agree_across_backends(loaded, flt):
     refusals = {}
     for backend in BACKENDS:
         try:
-            stores[backend].search("c-flat", QUERIES[:10], 10, flt)
+            stores[backend].search("c-flat", QUERIES[:10], SearchOptions(10, flt))
         except InvalidInput as exc:
             refusals[backend] = str(exc)
     if refusals:
         assert set(refusals) == set(BACKENDS) and len(set(refusals.values())) == 1, refusals
         assert "every stored" in next(iter(refusals.values()))
         return
-    local, milvus = (stores[b].search("c-flat", QUERIES[:10], 10, flt) for b in BACKENDS)
+    local, milvus = (stores[b].search("c-flat", QUERIES[:10], SearchOptions(10, flt)) for b in BACKENDS)
     assert ids_of(local) == ids_of(milvus)
     for a, b in zip(local, milvus):
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
@@ -194,7 +195,7 @@ def test_filter_injection_matches_literally(loaded, key, value):
     stores, _ = loaded
     for flt in (Filter((Condition(key, equals=value),)), Filter((Condition(key, any_of=(value, "no such")),)),
                 Filter((Condition(key, equals=value), Condition("even", equals=True)))):
-        local, milvus = (ids_of(stores[b].search("c-flat", QUERIES[:5], 20, flt)) for b in BACKENDS)
+        local, milvus = (ids_of(stores[b].search("c-flat", QUERIES[:5], SearchOptions(20, flt))) for b in BACKENDS)
         assert local == milvus
 
 
@@ -221,7 +222,7 @@ def test_items_get_exclude_and_vectors_agree(loaded):
         store = stores[backend]
         found, missing = store.get("c-flat", ["item-1", "item-0", "item-2", "item-1"], include_vectors=True)
         vector = store.vector_of("c-flat", "item-11")
-        like = store.search("c-flat", vector[None], 5, exclude_ids=["item-11"], include_vectors=True)
+        like = store.search("c-flat", vector[None], SearchOptions(5, include_vectors=True), exclude_ids=["item-11"])
         out[backend] = (found, missing, vector, like)
     (lf, lm, lv, ll), (mf, mm, mv, ml) = out["local"], out["milvus"]
     assert [i.id for i in lf] == [i.id for i in mf] == ["item-1", "item-2", "item-1"] and lm == mm == ["item-0"]
@@ -242,7 +243,7 @@ def _error_of(call) -> str:
 
 ERROR_CASES = {
     "unknown collection get_collection": lambda s: s.get_collection("nope"),
-    "unknown collection search": lambda s: s.search("nope", QUERIES[:1], 5),
+    "unknown collection search": lambda s: s.search("nope", QUERIES[:1], SearchOptions(5)),
     "unknown collection upsert": lambda s: s.upsert("nope", [Item("a", VECTORS[0])]),
     "unknown collection delete": lambda s: s.delete("nope", ["a"]),
     "unknown collection get": lambda s: s.get("nope", ["a"]),
@@ -260,9 +261,9 @@ ERROR_CASES = {
     "bad metadata": lambda s: s.upsert("e", [Item("a", VECTORS[0], {"k": [1, 2]})]),
     "insert_only existing": lambda s: s.upsert("e", [Item("have", VECTORS[1])], insert_only=True),
     "strict delete missing": lambda s: s.delete("e", ["have", "missing"], strict=True),
-    "top_k zero": lambda s: s.search("e", QUERIES[:1], 0),
-    "top_k too large": lambda s: s.search("e", QUERIES[:1], 5000),
-    "query dimension": lambda s: s.search("e", QUERIES[:1, :5], 3),
+    "top_k zero": lambda s: s.search("e", QUERIES[:1], SearchOptions(0)),
+    "top_k too large": lambda s: s.search("e", QUERIES[:1], SearchOptions(5000)),
+    "query dimension": lambda s: s.search("e", QUERIES[:1, :5], SearchOptions(3)),
     "missing vector_of": lambda s: s.vector_of("e", "missing"),
     "fit a non-empty collection": lambda s: s.set_pooling_state("e", b"state"),
     "stale pooling version": lambda s: s.upsert("e", [Item("b", VECTORS[2])], pooling_version=7),
@@ -281,6 +282,25 @@ def test_errors_are_the_same_classes_on_both_backends(tmp_path):
     assert outcomes["local"] == outcomes["milvus"]
     assert "no error" not in outcomes["milvus"].values(), outcomes["milvus"]
     assert outcomes["milvus"]["stale pooling version"] == Aborted.__name__
+
+
+LONG_ID = "x" * 500  # storable (ids take up to 512 bytes), but too long to quote whole in a status message
+
+
+@pytest.mark.parametrize("call", [lambda s: s.delete("e", [LONG_ID], strict=True),
+                                  lambda s: s.vector_of("e", LONG_ID)], ids=["strict delete", "vector_of"])
+def test_messages_quote_user_input_alike_on_both_backends(tmp_path, call):
+    """Both back ends quote ids with errors.quoted: cut to QUOTE_LIMIT characters with the full length."""
+    messages = {}
+    for backend in BACKENDS:
+        store = open_backend(backend, tmp_path)
+        store.create_collection(CollectionConfig("e", DIM))
+        with pytest.raises(EmbedsvcError) as caught:
+            call(store)
+        messages[backend] = str(caught.value)
+        store.close()
+    assert messages["milvus"] == messages["local"]
+    assert "(500 characters)" in messages["milvus"] and LONG_ID not in messages["milvus"], messages
 
 
 def test_uid_pooling_state_and_versions(tmp_path):
@@ -308,7 +328,7 @@ def test_uid_pooling_state_and_versions(tmp_path):
 def test_bound_expressions_carry_no_user_text():
     """The Milvus-server path (templates; Milvus Lite has none, so it is not run end to end here): every value is
     a parameter, every key hex, so the expression text is the same whatever the user sent."""
-    from embedsvc.store.milvus import Expression
+    from embedsvc.store.milvus_filter import Expression
 
     flt = Filter((Condition(HOSTILE_KEYS[0], equals=HOSTILE_VALUES[0]), Condition("n", any_of=(1, True, "x")),
                   Condition("r", gte=1, lte=2.5)))

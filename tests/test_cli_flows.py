@@ -279,7 +279,7 @@ def test_index_into_an_existing_collection_of_another_definition_is_an_error(err
     for avg on a cls collection used to print "already present" and index nothing as avg."""
     from embedsvc.client import Client
     from embedsvc.jobs.index import IndexJob, run_index
-    from embedsvc.store import CollectionConfig, Store
+    from embedsvc.store import CollectionConfig, LocalStore
 
     images, data, report = str(scenes.parent / "images"), tmp_path / "local", str(tmp_path / "r.jsonl")
     with Client(error_server.address) as client:
@@ -287,7 +287,7 @@ def test_index_into_an_existing_collection_of_another_definition_is_an_error(err
         client.create_collection("ipc", pooling="cls", metric="inner_product")
         client.create_collection("gemc", pooling="gem:p=3")
     run_index(IndexJob(images, ["shaped=cls", "gemc=gem:p=3"], local=str(data), report=report))
-    store = Store(data)
+    store = LocalStore(data)
     store.create_collection(CollectionConfig("ipc", store.get_collection("shaped").config.dim,
                                              model="embedsvc-tiny-scenes-2", pooling="cls", metric="inner_product"))
     store.close(checkpoint=False)

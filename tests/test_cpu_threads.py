@@ -99,9 +99,9 @@ def test_faiss_threads_hold_in_the_threads_that_search(tmp_path):
     import faiss
     import numpy as np
 
-    from embedsvc.store import CollectionConfig, Item, Store
+    from embedsvc.store import CollectionConfig, Item, LocalStore
 
-    store = Store(tmp_path / "d", omp_threads=1)
+    store = LocalStore(tmp_path / "d", omp_threads=1)
     try:
         store.create_collection(CollectionConfig("c", 4))
         with ThreadPoolExecutor(max_workers=1) as worker:  # one thread: what it searched with, it keeps

@@ -17,7 +17,7 @@ import pytest
 from embedsvc.client import Client
 from embedsvc.datasets import write_scenes
 from embedsvc.service.config import ServerConfig
-from embedsvc.store import Store
+from embedsvc.store import LocalStore
 
 from serving import running_server
 
@@ -61,7 +61,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
     first.send_signal(signal.SIGKILL)
     first.wait(30)
 
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     partial = store.get_collection("photos").count
     store.close(checkpoint=False)
     assert 0 < partial < 292, partial
@@ -75,7 +75,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
     report = [json.loads(line) for line in (tmp_path / "index-report.jsonl").read_text().splitlines()]
     assert {r["path"] for r in report} == bad
 
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     for name in ("photos", "photos-max"):
         assert store.get_collection(name).count == 292
         items, missing = store.get(name, sorted(good))
@@ -99,7 +99,7 @@ def test_remote_index_equals_local(folder, tmp_path):
         assert remote.returncode == 0 and "indexed 40" in out, err
         with Client(server.address) as client:
             remote_items, _ = client.get("c", sorted(good)[:40], include_vectors=True)
-    store = Store(tmp_path / "local")
+    store = LocalStore(tmp_path / "local")
     local_items, _ = store.get("c", sorted(good)[:40], include_vectors=True)
     store.close(checkpoint=False)
     assert [i.id for i in remote_items] == [i.id for i in local_items] and len(local_items) == 40
@@ -120,7 +120,7 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         assert "indexed 292" in out and "failed 8 of 300" in out, out
         assert {json.loads(l)["path"] for l in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
-        store = Store(tmp_path / engine)
+        store = LocalStore(tmp_path / engine)
         contents[engine] = {name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
                             for name in ("c", "m")}
         store.close(checkpoint=False)
@@ -156,7 +156,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     proc = index(str(shard), "--collection", "w=cls", "--local", str(tmp_path / "wds"), cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "indexed 6" in out and "failed 2 of 8" in out, out + err
-    store = Store(tmp_path / "wds")
+    store = LocalStore(tmp_path / "wds")
     items, missing = store.get("w", ["sample3"])
     assert not missing and items[0].metadata == {"n": 3, "caption": "caption 3"}
     store.close(checkpoint=False)
@@ -167,7 +167,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     proc = index(str(tmp_path / "m.parquet"), "--collection", "p=cls", "--local", str(tmp_path / "pq"), cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "indexed 6" in out, out + err
-    store = Store(tmp_path / "pq")
+    store = LocalStore(tmp_path / "pq")
     assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
     store.close(checkpoint=False)
 
@@ -246,7 +246,7 @@ def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_pa
     assert set(report) == set(bad), report
     for path, fragment in bad.items():
         assert fragment in report[path], (path, report[path])
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     assert store.get_collection("c").count == len(names)
     store.close(checkpoint=False)
 
@@ -299,7 +299,7 @@ def test_file_names_no_store_keeps_are_reported_and_odd_names_cannot_forge_stder
     assert "\x1b" not in err and r"esc\x1b]0;pwned\x07.png" in err
     failed = [line for line in err.splitlines() if line.startswith("  failed ")]
     assert len(failed) == 3 and all(line.count(": ") >= 1 for line in failed), failed
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     items, missing = store.get("c", ["two\nlines.png", "good-0.png"])
     assert not missing and len(items) == 2
     store.close(checkpoint=False)
@@ -324,7 +324,7 @@ def test_manifest_rows_no_store_keeps_are_reported_not_fatal(folder, tmp_path):
     assert [r.split(":")[0] for _, r in summary.failed] == ["not storable"] * 3
     assert "over 4096 bytes" in summary.failed[0][1] and "not valid UTF-8" in summary.failed[1][1]
     assert "has type dict" in summary.failed[2][1]
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     items, missing = store.get("c", ["0", "ok"])
     assert not missing and {i.id: i.metadata for i in items} == {"0": {"caption": "fine"}, "ok": {"n": 1}}
     store.close(checkpoint=False)
@@ -366,7 +366,8 @@ def test_webdataset_links_devices_bad_json_and_broken_shards_are_reported(tmp_pa
         assert fragment in (records[source].refused or ""), (source, records[source].refused)
     assert records[f"{a}:ok"].refused is None and records[f"{a}:ok"].metadata == {"n": 1}
     assert records[f"{c}:ok"].refused is None and records[f"{c}:ok"].read() == b"png"
-    _, image, reason = decode_record(records[f"{c}:last"])  # its header was read, its data is cut
+    decoded = decode_record(records[f"{c}:last"])  # its header was read, its data is cut
+    image, reason = decoded.image, decoded.reason
     assert image is None and f"could not read last.png from {c}" in reason, reason
 
 

@@ -18,7 +18,7 @@ import pytest
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.errors import DataDirLocked, FailedPrecondition
 from embedsvc.pooling import NetVLADState
-from embedsvc.store import CollectionConfig, Item as StoreItem, Store
+from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore, SearchOptions
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
 
 from conftest import png_bytes
@@ -57,23 +57,23 @@ def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, t
             assert f"pid {os.getpid()}" in lines[0] and "--address" in lines[0], lines[0]
         with Client(server.address) as client:  # the live server is untouched
             assert client.get_collection("kv").count == 1
-    reopened = Store(data)  # released at shutdown
+    reopened = LocalStore(data)  # released at shutdown
     assert reopened.get_collection("kv").count == 1
     reopened.close()
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import Store; "
-                               f"Store({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import LocalStore; "
+                               f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(Exception, match=f"pid {holder.pid}"):
-            Store(tmp_path)
+            LocalStore(tmp_path)
     finally:
         holder.kill()
         holder.wait(10)
-    Store(tmp_path).close()  # the kernel released the lock with the process
+    LocalStore(tmp_path).close()  # the kernel released the lock with the process
 
 
 def test_deleting_the_lock_file_does_not_let_a_second_opener_in(tiny_spec, tmp_path):
@@ -84,44 +84,44 @@ def test_deleting_the_lock_file_does_not_let_a_second_opener_in(tiny_spec, tmp_p
             client.create_collection("kv", dim=4)
         (data / "LOCK").unlink()
         with pytest.raises(DataDirLocked) as refused:
-            Store(data)
+            LocalStore(data)
         message = str(refused.value)
         assert f"pid {os.getpid()}" in message and "--address" in message, message
         assert "never delete" in message.lower() and "LOCK" in message, message
         with Client(server.address) as client:  # the live server is untouched and still writes
             client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
             assert client.get_collection("kv").count == 1
-    reopened = Store(data)  # released at shutdown
+    reopened = LocalStore(data)  # released at shutdown
     assert reopened.get_collection("kv").count == 1
     reopened.close()
 
 
 def test_a_holder_in_another_process_is_named_even_without_its_lock_file(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import Store; "
-                               f"Store({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import LocalStore; "
+                               f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         (tmp_path / "LOCK").unlink()
         with pytest.raises(DataDirLocked, match=f"(?i)pid {holder.pid}\\b.*never delete"):
-            Store(tmp_path)
+            LocalStore(tmp_path)
         (tmp_path / "LOCK").write_text("")  # a LOCK file put back empty changes nothing either
         with pytest.raises(DataDirLocked, match=f"pid {holder.pid}\\b"):
-            Store(tmp_path)
+            LocalStore(tmp_path)
     finally:
         holder.kill()
         holder.wait(10)
-    Store(tmp_path).close()
+    LocalStore(tmp_path).close()
 
 
 RACER = """
 import sys
 from embedsvc.errors import DataDirLocked
-from embedsvc.store import Store
+from embedsvc.store import LocalStore
 print("ready", flush=True)
 for _ in range(int(sys.argv[2])):
     try:
-        Store(sys.argv[1]).close(checkpoint=False)
+        LocalStore(sys.argv[1]).close(checkpoint=False)
     except DataDirLocked:
         pass
 """
@@ -139,7 +139,7 @@ def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
     try:
         for _ in range(rounds):
             try:
-                Store(tmp_path).close(checkpoint=False)
+                LocalStore(tmp_path).close(checkpoint=False)
                 outcomes["opened"] += 1
             except DataDirLocked:
                 outcomes["locked"] += 1
@@ -155,16 +155,16 @@ def test_a_lock_path_that_is_not_a_file_is_a_clear_refusal(tmp_path, kind):
     lock = tmp_path / "LOCK"
     lock.mkdir() if kind == "directory" else os.mkfifo(lock)
     with pytest.raises(FailedPrecondition, match=f"{lock}.*not a regular file") as refused:
-        Store(tmp_path)
+        LocalStore(tmp_path)
     assert f"is a {kind}" in str(refused.value).lower(), refused.value
     lock.rmdir() if kind == "directory" else lock.unlink()
-    Store(tmp_path).close()  # and the directory itself was left unlocked
+    LocalStore(tmp_path).close()  # and the directory itself was left unlocked
 
 
 # -- 2. checkpoints tied to their store and collection --------------------------------------------
 
 def make_store(path, n: int = 30, name: str = "c", seed: int = 0) -> np.ndarray:
-    store = Store(path)
+    store = LocalStore(path)
     store.create_collection(CollectionConfig(name, 4))
     vectors = unit(n, seed=seed)
     store.upsert(name, [StoreItem(f"{name}-{i}", v) for i, v in enumerate(vectors)])
@@ -173,10 +173,10 @@ def make_store(path, n: int = 30, name: str = "c", seed: int = 0) -> np.ndarray:
 
 
 def assert_serves_exactly(path, name: str, vectors: np.ndarray) -> None:
-    store = Store(path)
+    store = LocalStore(path)
     try:
         assert store.get_collection(name).count == len(vectors)
-        hits = store.search(name, vectors, top_k=1)
+        hits = store.search(name, vectors, SearchOptions(top_k=1))
         assert [h[0].id for h in hits] == [f"{name}-{i}" for i in range(len(vectors))]
         assert np.allclose([h[0].score for h in hits], 1.0, atol=1e-5)
     finally:
@@ -189,13 +189,13 @@ def test_checkpoint_of_a_deleted_database_is_not_adopted(tmp_path):
     assert checkpoint.exists()
     for suffix in ("", "-wal", "-shm"):
         (tmp_path / f"store.sqlite3{suffix}").unlink(missing_ok=True)
-    store = Store(tmp_path)  # a new, empty store: the orphan checkpoint goes at start
+    store = LocalStore(tmp_path)  # a new, empty store: the orphan checkpoint goes at start
     assert not checkpoint.exists()
     store.create_collection(CollectionConfig("new", 4))  # gets id 1 again
     store.upsert("new", [StoreItem("only", [0, 0, 1, 0])])
     store.close(checkpoint=False)
-    store = Store(tmp_path)
-    hits = store.search("new", np.eye(4, dtype=np.float32), top_k=5)
+    store = LocalStore(tmp_path)
+    hits = store.search("new", np.eye(4, dtype=np.float32), SearchOptions(top_k=5))
     assert {h.id for row in hits for h in row} == {"only"}
     store.close()
 
@@ -215,7 +215,7 @@ def test_checkpoint_of_another_store_is_rejected_and_rebuilt(tmp_path, caplog):
 @pytest.mark.parametrize("damage", ["undeserialisable blob", "no lsn", "empty index", "another collection"])
 def test_unusable_checkpoints_mean_a_rebuild(tmp_path, damage, caplog):
     vectors = make_store(tmp_path)
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("other", 4))
     store.upsert("other", [StoreItem("x", [1, 0, 0, 0])])
     store.close()
@@ -242,7 +242,7 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path):
     make_store(tmp_path)
     leftover = tmp_path / "indexes" / ".collection-1.npz.tmp-12345"
     leftover.write_bytes(b"half a checkpoint")
-    Store(tmp_path).close()
+    LocalStore(tmp_path).close()
     assert not leftover.exists()
 
 
@@ -399,7 +399,7 @@ def test_collection_refuses_to_embed_with_other_weights_than_its_vectors_came_fr
 
 def test_collections_without_recorded_weights_keep_embedding(tiny_spec, tmp_path):
     """Collections created before weights were recorded (no "weights" in their config) are not refused."""
-    store = Store(tmp_path / "data")
+    store = LocalStore(tmp_path / "data")
     store.create_collection(CollectionConfig("old", 32, model=tiny_spec.name, pooling="cls"))
     store.close()
     with tiny_server(tiny_spec, tmp_path / "data") as server, Client(server.address) as client:

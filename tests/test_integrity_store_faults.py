@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.store import CollectionConfig, Item as StoreItem, Store
+from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore
 
 from serving import running_server, tiny_config, tiny_server
 
@@ -67,24 +67,25 @@ def test_unsupported_index_strings_are_refused_before_faiss_sees_them(client, se
 def test_supported_factory_strings_add_remove_filter_and_reload(tmp_path, index):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((1200, 16)).astype(np.float32)
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", 16, index=index))
     store.upsert("c", [StoreItem(f"i{k}", v, {"even": k % 2 == 0}) for k, v in enumerate(vectors)])
     store.delete("c", [f"i{k}" for k in range(10)])
     store.close()
-    store = Store(tmp_path)
-    from embedsvc.store import Condition, Filter
+    store = LocalStore(tmp_path)
+    from embedsvc.store import Condition, Filter, SearchOptions
 
-    hits = store.search("c", vectors[20:25], 5, Filter((Condition("even", equals=True),)), include_metadata=True)
+    even = Filter((Condition("even", equals=True),))
+    hits = store.search("c", vectors[20:25], SearchOptions(5, even, include_metadata=True))
     assert all(h.metadata["even"] for row in hits for h in row) and all(row for row in hits)
-    found = {h.id for row in store.search("c", vectors[:10], 20) for h in row}
+    found = {h.id for row in store.search("c", vectors[:10], SearchOptions(20)) for h in row}
     assert not found & {f"i{k}" for k in range(10)}
     store.close()
 
 
 def test_collection_whose_index_cannot_be_built_is_unavailable_while_others_serve(tiny_spec, tmp_path):
     data = tmp_path / "data"
-    store = Store(data)
+    store = LocalStore(data)
     store.create_collection(CollectionConfig("good", 4))
     store.create_collection(CollectionConfig("broken", 4))
     store.upsert("good", [StoreItem("g", [1, 0, 0, 0])])

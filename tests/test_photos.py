@@ -20,7 +20,7 @@ from embedsvc.datasets.photos import CAMERA_48MP, encode, photo, photo_image
 from embedsvc.encoder import ClipEncoder, decode_image
 from embedsvc.errors import ImageDecodeError, ImageTooLarge
 from embedsvc.models import load_model, resolve_model_spec
-from embedsvc.store import Store
+from embedsvc.store import LocalStore
 
 from serving import tiny_server
 
@@ -170,7 +170,7 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
     assert "indexed 44, already present 0, failed 0 of 44" in proc.stdout, proc.stdout + proc.stderr
     peak_mib = int(proc.stderr.rsplit("peak-rss-kib ", 1)[1]) / 1024
     assert peak_mib < 1536, f"peak RSS of the index job {peak_mib:.0f} MiB"
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     assert store.get_collection("p").count == 44
     store.close(checkpoint=False)
 

@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from embedsvc.store import BruteForceIndex, CollectionConfig, Condition, FaissIndex, Filter, Item, Store
+from embedsvc.store import (BruteForceIndex, CollectionConfig, Condition, FaissIndex, Filter, Item, LocalStore,
+                            SearchOptions)
 
 DIM = 48
 N = 6000
@@ -43,7 +44,7 @@ def stores(tmp_path_factory):
     truth = {f"item-{i}": VECTORS[i] for i in range(N)}
     replaced = clustered(N // 10, 3)
     for preset in ("flat", "ivf", "hnsw", "ivfpq"):
-        store = Store(tmp_path_factory.mktemp(preset))
+        store = LocalStore(tmp_path_factory.mktemp(preset))
         store.create_collection(CollectionConfig("c", DIM, index=preset))
         for start in range(0, N, 500):
             store.upsert("c", [Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i]), "even": i % 2 == 0})
@@ -59,8 +60,8 @@ def stores(tmp_path_factory):
     return out, truth
 
 
-def search_ids(store: Store, queries=QUERIES, k=10, flt=None) -> list[list[str]]:
-    return [[h.id for h in hits] for hits in store.search("c", queries, k, flt)]
+def search_ids(store: LocalStore, queries=QUERIES, k=10, flt=None) -> list[list[str]]:
+    return [[h.id for h in hits] for hits in store.search("c", queries, SearchOptions(k, flt))]
 
 
 def test_flat_is_identical_to_brute_force(stores):
@@ -127,7 +128,7 @@ def test_filter_of_a_type_no_stored_value_has_is_invalid_not_empty(stores, condi
 
 
 def test_ivf_is_exact_until_trained(tmp_path):
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", DIM, index="ivf"))
     store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(1000)])
     assert not store.get_collection("c").index_trained
@@ -155,13 +156,14 @@ def test_faiss_index_congruent_with_brute_force_index():
 
 
 def test_hnsw_tombstones_trigger_rebuild(tmp_path):
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", DIM, index="hnsw"))
     store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(N)])
     store.delete("c", [f"i{i}" for i in range(0, 900)])
     col = store._collections["c"]
     assert len(col.index.tombstones) == 900  # under the rebuild threshold: tombstoned
-    assert all(h.id not in {f"i{i}" for i in range(900)} for hits in store.search("c", QUERIES, 20) for h in hits)
+    found = store.search("c", QUERIES, SearchOptions(20))
+    assert all(h.id not in {f"i{i}" for i in range(900)} for hits in found for h in hits)
     store.delete("c", [f"i{i}" for i in range(900, 1200)])
     assert len(col.index.tombstones) == 0 and len(col.index) == N - 1200  # rebuilt from the truth
     truth = {f"i{i}": VECTORS[i] for i in range(1200, N)}
@@ -169,7 +171,7 @@ def test_hnsw_tombstones_trigger_rebuild(tmp_path):
 
 
 def test_ivf_retrains_as_the_collection_grows(tmp_path):
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", DIM, index="ivf"))
     store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(2100)])
     first = store.get_collection("c").index_factory
@@ -250,7 +252,7 @@ def test_ivfpq_trains_without_polysemous_codes():
 @pytest.mark.parametrize("preset", ["flat", "hnsw", "ivf"])
 def test_a_repeated_filter_sees_every_write(tmp_path, preset):
     """Repeated filters reuse their prepared selection until a write: each write below must show at once."""
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", DIM, index=preset))
     n = 5000  # past the IVF training threshold: the trained index, not the exact fallback
     store.upsert("c", [Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i])}) for i in range(n)])
@@ -259,7 +261,7 @@ def test_a_repeated_filter_sees_every_write(tmp_path, preset):
     expected = {f"item-{i}" for i in range(n) if GROUPS[i] == 3}
 
     def found(k=1000):  # the group holds about 500
-        return {h.id for h in store.search("c", query, k, flt, nprobe=10_000, ef_search=4096)[0]}
+        return {h.id for h in store.search("c", query, SearchOptions(k, flt, nprobe=10_000, ef_search=4096))[0]}
 
     assert found() <= expected and search_ids(store, query, 1, flt)[0] != ["new"]
     store.upsert("c", [Item("new", VECTORS[n], {"group": 3})])  # the query itself, in the group

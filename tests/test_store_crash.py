@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from crash_writer import COLLECTIONS, DIM, vector_for
-from embedsvc.store import Store
+from embedsvc.store import LocalStore, SearchOptions
 
 KILLS = 22
 HERE = Path(__file__).parent
@@ -51,7 +51,7 @@ def run_until_killed(data_dir: Path, seed: int, rng: np.random.Generator) -> tup
     return acked, pending
 
 
-def stored_state(store: Store, name: str) -> dict[str, int]:
+def stored_state(store: LocalStore, name: str) -> dict[str, int]:
     ids = [f"id-{i}" for i in range(400)]
     items, _ = store.get(name, ids)
     return {item.id: int(item.metadata["version"]) for item in items}
@@ -67,7 +67,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path):
         for op in acked:
             apply(expected, op)
         total_acked += len(acked)
-        store = Store(tmp_path)
+        store = LocalStore(tmp_path)
         try:
             if pending is not None:
                 # the op in flight is all there or not there at all, never half
@@ -85,7 +85,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path):
     assert total_acked > 100, f"only {total_acked} writes were acknowledged across {KILLS} kills"
 
 
-def check_search_agrees(store: Store, expected: dict) -> None:
+def check_search_agrees(store: LocalStore, expected: dict) -> None:
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((20, DIM)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -96,7 +96,7 @@ def check_search_agrees(store: Store, expected: dict) -> None:
         matrix = np.stack([vector_for(i, items[i]) for i in ids])
         scores = queries @ matrix.T
         truth = [[ids[j] for j in np.argsort(-row)[:10]] for row in scores]
-        found = [[h.id for h in hits] for hits in store.search(name, queries, 10)]
+        found = [[h.id for h in hits] for hits in store.search(name, queries, SearchOptions(10))]
         if COLLECTIONS[name] == "flat":
             # exact search: the same hits rank by rank, up to float32 summation-order ties
             position = {item_id: j for j, item_id in enumerate(ids)}

@@ -15,7 +15,7 @@ import pytest
 
 import embedsvc.store.local as store_module
 from embedsvc.errors import StorageUnavailable
-from embedsvc.store import CollectionConfig, Item, Store
+from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
 HERE = Path(__file__).parent
 
@@ -63,9 +63,9 @@ FILE_SIZE_LIMIT = r"""
 import resource, sys
 import numpy as np
 from embedsvc.errors import StorageUnavailable
-from embedsvc.store import CollectionConfig, Item, Store
+from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
-store = Store(sys.argv[1], checkpoint_every=10**9)
+store = LocalStore(sys.argv[1], checkpoint_every=10**9)
 store.create_collection(CollectionConfig("c", 512))
 vectors = np.random.default_rng(0).standard_normal((2210, 512)).astype(np.float32)
 store.upsert("c", [Item(f"a{k}", v) for k, v in enumerate(vectors[:10])])  # the file: 1024 rows of 2 KiB
@@ -80,7 +80,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 store.upsert("c", [Item(f"c{k}", v) for k, v in enumerate(vectors[1110:])])
 ids = [f"a{k}" for k in range(10)] + [f"c{k}" for k in range(1100)]
 items, missing = store.get("c", ids, include_vectors=True)
-hits = store.search("c", vectors[[0, 1500, 2209]], 1)
+hits = store.search("c", vectors[[0, 1500, 2209]], SearchOptions(1))
 print("FOUND", len(items), len(missing), store.get_collection("c").count, " ".join(row[0].id for row in hits))
 """
 
@@ -96,7 +96,7 @@ def test_a_file_size_limit_refuses_the_write_and_the_next_writes_are_served_from
     refused, found = proc.stdout.strip().splitlines()[-2:]
     assert refused.startswith("REFUSED ") and "nothing was stored" in refused, refused
     assert found == "FOUND 1110 0 1110 a0 c390 c1099", found
-    store = Store(tmp_path / "data")
+    store = LocalStore(tmp_path / "data")
     try:
         vectors = np.random.default_rng(0).standard_normal((2210, 512)).astype(np.float32)
         stored = store.vector_of("c", "c1099")
@@ -111,7 +111,7 @@ def test_a_collection_whose_vector_file_cannot_be_made_is_not_created_and_its_na
     SQLite's IntegrityError, and after a restart it was unavailable ("vector file ... is missing"), as after
     a crash between that commit and the file's creation."""
     data = few_inodes / "data"
-    store = Store(data)
+    store = LocalStore(data)
     try:
         store.create_collection(CollectionConfig("a", 8))
         store.upsert("a", [Item("x", np.ones(8, np.float32))])
@@ -132,10 +132,10 @@ def test_a_collection_whose_vector_file_cannot_be_made_is_not_created_and_its_na
         store.upsert("b", [Item("y", np.ones(8, np.float32))])
     finally:
         store.close()
-    store = Store(data)
+    store = LocalStore(data)
     try:
         assert {c.config.name: c.count for c in store.list_collections()} == {"a": 1, "b": 1}
-        assert store.search("b", np.ones((1, 8), np.float32), 1)[0][0].id == "y"
+        assert store.search("b", np.ones((1, 8), np.float32), SearchOptions(1))[0][0].id == "y"
     finally:
         store.close()
 
@@ -144,14 +144,14 @@ def test_a_collection_committed_without_its_vector_file_opens_empty(tmp_path):
     """What a crash between the collection's commit and its vector file's creation left (data directories of
     the code before the fix): no row was ever committed, so a missing file holds nothing and is made anew
     instead of marking the collection unavailable."""
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("a", 8))
     store.close()
     (tmp_path / "indexes" / "collection-1.g0.f32").unlink()
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     try:
         store.upsert("a", [Item("x", np.ones(8, np.float32))])
-        assert store.search("a", np.ones((1, 8), np.float32), 1)[0][0].id == "x"
+        assert store.search("a", np.ones((1, 8), np.float32), SearchOptions(1))[0][0].id == "x"
     finally:
         store.close()
 
@@ -161,7 +161,7 @@ def test_a_compaction_the_full_disk_refuses_leaves_its_space_free_for_writes(tin
     last free bytes, and every write was refused until the next restart."""
     monkeypatch.setattr(store_module, "COMPACT_MIN_DEAD", 100)
     data = tiny_disk / "data"
-    store = Store(data, checkpoint_every=10**9)
+    store = LocalStore(data, checkpoint_every=10**9)
     latest = {}
     try:
         store.create_collection(CollectionConfig("c", 256))
@@ -183,12 +183,12 @@ def test_a_compaction_the_full_disk_refuses_leaves_its_space_free_for_writes(tin
         assert sorted(p.name for p in (data / "indexes").glob("*.f32")) == ["collection-1.g1.f32"]
     finally:
         store.close()
-    store = Store(data)
+    store = LocalStore(data)
     try:
         items, missing = store.get("c", sorted(latest), include_vectors=True)
         assert not missing and all(np.allclose(i.vector, latest[i.id], atol=1e-6) for i in items)
         ids = sorted(latest)
-        assert [row[0].id for row in store.search("c", np.stack([latest[i] for i in ids]), 1)] == ids
+        assert [row[0].id for row in store.search("c", np.stack([latest[i] for i in ids]), SearchOptions(1))] == ids
     finally:
         store.close()
 
@@ -212,7 +212,7 @@ def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "free space" in lines[-1] and "move it away" not in lines[-1], lines[-1]
     filler.unlink()
-    store = Store(data)
+    store = LocalStore(data)
     try:
         assert {c.config.name: c.count for c in store.list_collections()} == {"flat": 210, "graph": 210, "empty": 0}
     finally:

@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
-from embedsvc.store import CollectionConfig, Condition, Filter, Item, ItemsNotFound, Store
+from embedsvc.store import CollectionConfig, Condition, Filter, Item, ItemsNotFound, LocalStore, SearchOptions
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(tmp_path)
+    s = LocalStore(tmp_path)
     s.create_collection(CollectionConfig("c", 4))
     s.upsert("c", [Item("a", [1, 0, 0, 0], {"k": "x"}), Item("b", [0, 1, 0, 0], {"k": 2})])
     yield s
     s.close()
 
 
-def still_usable(store: Store) -> None:
-    hits = store.search("c", np.array([[1, 0, 0, 0]], dtype=np.float32), 2)[0]
+def still_usable(store: LocalStore) -> None:
+    hits = store.search("c", np.array([[1, 0, 0, 0]], dtype=np.float32), SearchOptions(2))[0]
     assert [h.id for h in hits] == ["a", "b"]
 
 
@@ -63,7 +63,7 @@ def test_bad_vectors(store, vector, message):
 ])
 def test_bad_queries(store, query, k, message):
     with pytest.raises(InvalidInput, match=message):
-        store.search("c", np.array(query, dtype=np.float32), k)
+        store.search("c", np.array(query, dtype=np.float32), SearchOptions(k))
     still_usable(store)
 
 
@@ -114,7 +114,7 @@ def test_factory_string_collection(store):
     info = store.create_collection(CollectionConfig("custom", 4, index="HNSW8"))
     assert info.index_factory == "HNSW8"
     store.upsert("custom", [Item("a", [1, 0, 0, 0])])
-    assert store.search("custom", np.array([[1, 0, 0, 0]], np.float32), 1)[0][0].id == "a"
+    assert store.search("custom", np.array([[1, 0, 0, 0]], np.float32), SearchOptions(1))[0][0].id == "a"
 
 
 def test_pooling_state_requires_an_empty_collection(store):
@@ -126,7 +126,7 @@ def test_pooling_state_requires_an_empty_collection(store):
 
 
 def test_more_like_this_excludes_the_item(store):
-    hits = store.search("c", np.array([[1, 0, 0, 0]], np.float32), 5, exclude_ids=["a"])[0]
+    hits = store.search("c", np.array([[1, 0, 0, 0]], np.float32), SearchOptions(5), exclude_ids=["a"])[0]
     assert [h.id for h in hits] == ["b"]
 
 
@@ -142,24 +142,24 @@ def test_unwritable_data_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InvalidInput, match="not writable"):
-        Store(blocker / "data")
+        LocalStore(blocker / "data")
 
 
 def test_checkpoint_and_reopen_replays_the_log(tmp_path):
-    store = Store(tmp_path, checkpoint_every=10**9)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)
     store.create_collection(CollectionConfig("c", 4, index="hnsw"))
     store.upsert("c", [Item(f"i{i}", np.eye(4)[i % 4] + 0.01 * i, {"n": i}) for i in range(40)])
     store.checkpoint()
     store.delete("c", ["i1", "i2"])
     store.upsert("c", [Item("i3", [0, 0, 0, 1], {"n": -1}), Item("late", [1, 1, 1, 1])])
     store.close(checkpoint=False)  # no close(): the log after the checkpoint must be replayed
-    reopened = Store(tmp_path)
+    reopened = LocalStore(tmp_path)
     assert reopened.get_collection("c").count == 39
     assert reopened.get("c", ["i1", "i2"])[1] == ["i1", "i2"]
-    hits = reopened.search("c", np.array([[0, 0, 0, 1]], np.float32), 3,
-                           Filter((Condition("n", equals=-1),)), include_metadata=True)[0]
+    hits = reopened.search("c", np.array([[0, 0, 0, 1]], np.float32),
+                           SearchOptions(3, Filter((Condition("n", equals=-1),)), include_metadata=True))[0]
     assert [(h.id, h.metadata) for h in hits] == [("i3", {"n": -1})]
-    ids = {h.id for h in reopened.search("c", np.ones((1, 4), np.float32), 50)[0]}
+    ids = {h.id for h in reopened.search("c", np.ones((1, 4), np.float32), SearchOptions(50))[0]}
     assert "i1" not in ids and "late" in ids and len(ids) == 39
 
 
@@ -169,7 +169,7 @@ def test_a_config_written_by_a_later_version_still_opens(tmp_path):
     import json
     import sqlite3
 
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     store.create_collection(CollectionConfig("c", 4))
     store.upsert("c", [Item("a", np.ones(4, np.float32))])
     store.close()
@@ -178,7 +178,7 @@ def test_a_config_written_by_a_later_version_still_opens(tmp_path):
     db.execute("UPDATE collections SET config = ?", (json.dumps({**json.loads(config), "from_the_future": 1}),))
     db.commit()
     db.close()
-    store = Store(tmp_path / "d")
+    store = LocalStore(tmp_path / "d")
     try:
         assert store.get_collection("c").count == 1
     finally:

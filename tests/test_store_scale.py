@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import embedsvc.store.local as store_module
-from embedsvc.store import CollectionConfig, Condition, Filter, Item, Store
+from embedsvc.store import CollectionConfig, Condition, Filter, Item, LocalStore, SearchOptions
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "data"))
@@ -40,23 +40,23 @@ def exact_top(vectors: dict[str, np.ndarray], queries: np.ndarray, k: int) -> li
 
 def test_flat_collection_searches_its_vector_file_in_place_after_a_restart(tmp_path):
     vectors = unit(3000, 64)
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", 64))
     store.upsert("c", [Item(f"i{k}", v, {"even": k % 2 == 0}) for k, v in enumerate(vectors)])
     store.close()
     checkpoint = tmp_path / "indexes" / "collection-1.npz"
     assert checkpoint.stat().st_size < 0.1 * vectors.nbytes  # ids and metadata columns, not the vectors again
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     try:
         owner = store._collections["c"].index.vectors.matrix
         while isinstance(owner, np.ndarray):
             owner = owner.base
         owner = owner.obj if isinstance(owner, memoryview) else owner
         assert isinstance(owner, mmap.mmap)  # the rows FAISS searches are the file's pages: no copy was made
-        hits = store.search("c", vectors[:50], 1)
+        hits = store.search("c", vectors[:50], SearchOptions(1))
         assert [h[0].id for h in hits] == [f"i{k}" for k in range(50)]
         truth = exact_top({f"i{k}": v for k, v in enumerate(vectors) if k % 2 == 0}, vectors[:20], 5)
-        found = store.search("c", vectors[:20], 5, Filter((Condition("even", equals=True),)))
+        found = store.search("c", vectors[:20], SearchOptions(5, Filter((Condition("even", equals=True),))))
         assert [[h.id for h in row] for row in found] == truth
     finally:
         store.close()
@@ -65,7 +65,7 @@ def test_flat_collection_searches_its_vector_file_in_place_after_a_restart(tmp_p
 CHECKPOINT_MEMORY = r"""
 import json, sys
 import numpy as np
-from embedsvc.store import CollectionConfig, Item, Store
+from embedsvc.store import CollectionConfig, Item, LocalStore
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -73,7 +73,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 path, kind, n, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-store = Store(path, checkpoint_every=10**9)
+store = LocalStore(path, checkpoint_every=10**9)
 store.create_collection(CollectionConfig("c", dim, index=kind))
 rng = np.random.default_rng(0)
 for start in range(0, n, 4000):
@@ -107,7 +107,7 @@ def test_a_checkpoint_write_holds_no_copy_of_the_index(tmp_path, kind):
 
 def test_replaced_rows_are_compacted_away_and_everything_still_answers(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "COMPACT_MIN_DEAD", 100)
-    store = Store(tmp_path, checkpoint_every=10**9)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)
     store.create_collection(CollectionConfig("c", 16))
     store.create_collection(CollectionConfig("g", 16, index="hnsw"))
     latest = {}
@@ -128,28 +128,29 @@ def test_replaced_rows_are_compacted_away_and_everything_still_answers(tmp_path,
     store.upsert("c", [Item("late", np.ones(16, np.float32))])
     latest["late"] = np.ones(16, np.float32) / 4
     for opened in (store, None):
-        s = opened or Store(tmp_path)
+        s = opened or LocalStore(tmp_path)
         try:
             queries = np.stack(list(latest.values())[:40])
-            assert [[h.id for h in row] for row in s.search("c", queries, 3)] == exact_top(latest, queries, 3)
+            found = s.search("c", queries, SearchOptions(3))
+            assert [[h.id for h in row] for row in found] == exact_top(latest, queries, 3)
             items, missing = s.get("c", sorted(latest), include_vectors=True)
             assert not missing and all(np.allclose(i.vector, latest[i.id], atol=1e-6) for i in items)
             assert all(i.metadata == {"v": 3} for i in items if i.id != "late")
-            assert [row[0].id for row in s.search("g", queries[:20], 1)] == list(latest)[:20]
+            assert [row[0].id for row in s.search("g", queries[:20], SearchOptions(1))] == list(latest)[:20]
             assert s.get_collection("c").count == s.get_collection("g").count + 1 == 300
         finally:
             s.close()
 
 
 def test_checkpoints_racing_each_other_never_compact_a_vector_file_twice(tmp_path, monkeypatch):
-    """Store.checkpoint from two threads (a caller's and the background checkpointer's alike) while writes go
+    """LocalStore.checkpoint from two threads (a caller's and the background checkpointer's alike) while writes go
     on: each checkpoint may compact. Both decided to compact the same file before either switched, and the
     second wrote its "next" generation over the file the first had just put in use: the rows of items never
     replaced since became zeros, live and after a restart, with no error to the writer."""
     monkeypatch.setattr(store_module, "COMPACT_MIN_DEAD", 1)
     previous = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # threads interleave often, so the two checkpoints meet within a few compactions
-    store = Store(tmp_path, checkpoint_every=10**9)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)
     stable = unit(50, 8, seed=5)
     compactions = []
 
@@ -198,7 +199,7 @@ def test_checkpoints_racing_each_other_never_compact_a_vector_file_twice(tmp_pat
     assert not errors, errors
     assert len(compactions) >= 40
     for opened in (store, None):
-        s = opened or Store(tmp_path)
+        s = opened or LocalStore(tmp_path)
         try:
             items, missing = s.get("c", [f"s{k}" for k in range(50)], include_vectors=True)
             assert not missing and all(np.allclose(i.vector, stable[int(i.id[1:])], atol=1e-6) for i in items)
@@ -213,7 +214,7 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
     shutil.copytree(HERE / "data" / "store-format1", data)
     expected = {f"id-{i}": format1_item(i, 1 if i < 40 else 0) for i in range(230) if not 40 <= i < 60}
     with caplog.at_level(logging.INFO, logger="embedsvc.store.local"):
-        store = Store(data)
+        store = LocalStore(data)
     try:
         columns = [row[1] for row in sqlite3.connect(data / "store.sqlite3").execute("PRAGMA table_info(items)")]
         assert "vector" not in columns
@@ -226,8 +227,9 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
                 assert np.allclose(stored.vector, vector, atol=1e-6) and stored.metadata == metadata
             ids = sorted(expected)
             queries = np.stack([expected[i][1] for i in ids])
-            assert [row[0].id for row in store.search(name, queries, 1)] == ids
-            hits = store.search(name, queries[:10], 5, Filter((Condition("group", equals=2),)), include_metadata=True)
+            assert [row[0].id for row in store.search(name, queries, SearchOptions(1))] == ids
+            hits = store.search(name, queries[:10],
+                                SearchOptions(5, Filter((Condition("group", equals=2),)), include_metadata=True))
             assert all(h.metadata["group"] == 2 for row in hits for h in row) and all(len(row) == 5 for row in hits)
         assert store.get_collection("empty").count == 0
         store.upsert("empty", [Item("x", np.ones(FORMAT1_DIM, np.float32))])
@@ -235,7 +237,7 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
         store.close()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="embedsvc.store.local"):
-        store = Store(data)  # the second start loads the checkpoints this format wrote, without a warning
+        store = LocalStore(data)  # the second start loads the checkpoints this format wrote, without a warning
     try:
         assert not caplog.records, [r.getMessage() for r in caplog.records]
         assert {c.config.name: c.count for c in store.list_collections()} == {"flat": 210, "graph": 210, "empty": 1}

@@ -5,25 +5,25 @@ from __future__ import annotations
 import pytest
 
 from embedsvc.errors import InvalidInput, NotFound
-from embedsvc.store import CollectionConfig, Item, Store
+from embedsvc.store import CollectionConfig, Item, LocalStore
 
 JPEG = ("image/jpeg", b"\xff\xd8 a small picture")
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(tmp_path)
+    s = LocalStore(tmp_path)
     s.create_collection(CollectionConfig("c", 2))
     yield s
     s.close()
 
 
 def test_thumbnails_are_durable_and_follow_their_items(tmp_path):
-    store = Store(tmp_path)
+    store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", 2))
     store.upsert("c", [Item("a", [1, 0]), Item("b", [0, 1]), Item("c", [1, 1])], thumbnails={"a": JPEG, "b": JPEG})
     store.close()
-    reopened = Store(tmp_path)
+    reopened = LocalStore(tmp_path)
     assert reopened.thumbnail("c", "a") == JPEG
     with pytest.raises(NotFound, match="has no thumbnail"):
         reopened.thumbnail("c", "c")

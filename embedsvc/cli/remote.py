@@ -117,7 +117,7 @@ def _run_fit(args) -> int:
         raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
     job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index,
                    token=connect.token() or "")
-    for name, images, descriptors in run_fit(job, args.sample):
-        print(f"fitted {name} on {images} images ({descriptors} token descriptors)")
+    for fitted in run_fit(job, args.sample):
+        print(f"fitted {fitted.name} on {fitted.images} images ({fitted.descriptors} token descriptors)")
     return 0
 

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from embedsvc.models.registry import register_models_file
 from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
                               params_to_strings)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
-from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, VectorStore
+from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, SearchOptions, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,31 @@ class Query:
 class SearchOutcome:
     hits: list[Hit]
     truncated: bool
+
+
+class TowerOutput(NamedTuple):
+    """What one tower's batcher returned for a request's contents of that tower (Engine.features)."""
+
+    index: list[int]  # the positions of these contents among the request's
+    result: Any  # TokenFeatures of the group, or a list of finish(features), one per batcher part
+
+
+class PooledPart(NamedTuple):
+    """Engine.pooled's finish: one batcher part pooled in the model thread."""
+
+    vectors: list[np.ndarray]  # one [rows, dim] matrix per pooling
+    truncated: list[bool]
+    tokens: Optional[TokenFeatures]  # when asked for
+    token_counts: list[int]
+
+
+@dataclass
+class FitOutcome:
+    """A fitted collection (its new pooling version), the token descriptors the fit read, and its seconds."""
+
+    info: CollectionInfo
+    descriptors: int
+    seconds: float
 
 
 def _image_payload(content: Content) -> Any:
@@ -258,8 +283,8 @@ class Engine:
 
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
                        finish: Optional[Callable[[TokenFeatures], Any]] = None,
-                       poolings: Sequence[BoundPooling] = ()) -> list[tuple[list[int], Any]]:
-        """Per tower, (indexes of its contents, what the batcher returned for them): TokenFeatures of the
+                       poolings: Sequence[BoundPooling] = ()) -> list[TowerOutput]:
+        """Per tower, the indexes of its contents and what the batcher returned for them: TokenFeatures of the
         whole group, or with `finish`, finish(features) per batcher part, computed in the model thread.
         Image features carry the token modes `poolings` read."""
         modes = image_token_modes(list(poolings))
@@ -280,16 +305,16 @@ class Engine:
         if images:
             jobs.append(runtime.image.submit(list(pixels), finish, modes))
         results = await asyncio.gather(*jobs)
-        return list(zip([x for x in (texts, images) if x], results))
+        return [TowerOutput(index, result) for index, result in zip([x for x in (texts, images) if x], results)]
 
     async def pooled(self, runtime: ModelRuntime, contents: Sequence[Content], poolings: Sequence[BoundPooling],
                      where: str = "input", include_tokens: bool = False) -> EmbeddedBatch:
         """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
         @torch.inference_mode()
-        def finish(f: TokenFeatures):
+        def finish(f: TokenFeatures) -> PooledPart:
             counts = f.mask.sum(dim=1).tolist() if f.modality == TEXT else [0] * f.mask.shape[0]
             pooled = [pooling(f).cpu().numpy() for pooling in poolings]
-            return pooled, f.truncated, f if include_tokens else None, counts
+            return PooledPart(pooled, f.truncated, f if include_tokens else None, counts)
 
         groups = await self.features(runtime, contents, where, finish, poolings)
         n = len(contents)
@@ -301,17 +326,18 @@ class Engine:
         for index, parts in groups:
             rows = np.asarray(index)
             for j in range(len(poolings)):
-                part_vectors = np.concatenate([part[0][j] for part in parts]) if len(parts) > 1 else parts[0][0][j]
+                part_vectors = (np.concatenate([part.vectors[j] for part in parts]) if len(parts) > 1
+                                else parts[0].vectors[j])
                 if len(index) == n:  # one tower, inputs in order: the matrix as pooled
                     vectors[j] = part_vectors
                     continue
                 if vectors[j] is None:
                     vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
                 vectors[j][rows] = part_vectors
-            truncated[rows] = [t for part in parts for t in part[1]]
-            token_counts[rows] = [c for part in parts for c in part[3]]
+            truncated[rows] = [t for part in parts for t in part.truncated]
+            token_counts[rows] = [c for part in parts for c in part.token_counts]
             if include_tokens:
-                rows_of = [(part[2], r) for part in parts for r in range(part[2].tokens.shape[0])]
+                rows_of = [(part.tokens, r) for part in parts for r in range(part.tokens.tokens.shape[0])]
                 for i, (f, r) in zip(index, rows_of):
                     tokens[i] = f.select([r])
         return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens, token_counts.tolist())
@@ -503,8 +529,7 @@ class Engine:
                 results[info.config.name] = result
         return [results[name] for name in names]
 
-    async def search(self, name: str, queries: Sequence[Query], top_k: int, flt: Optional[Filter], nprobe: int,
-                     ef_search: int, include_metadata: bool, include_vectors: bool) -> list[SearchOutcome]:
+    async def search(self, name: str, queries: Sequence[Query], options: SearchOptions) -> list[SearchOutcome]:
         if not queries:
             raise InvalidInput("no queries: send at least one")
         self._check_count(len(queries), "queries")
@@ -533,8 +558,7 @@ class Engine:
             if bad is not None:
                 raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
                                    f"holds vectors of dimension {config.dim}")
-            return self.store.search(name, np.stack(vectors), top_k, flt, nprobe, ef_search, include_metadata,
-                                     include_vectors, exclude if any(exclude) else None)
+            return self.store.search(name, np.stack(vectors), options, exclude if any(exclude) else None)
 
         hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]
@@ -544,7 +568,7 @@ class Engine:
         keys = list(dict.fromkeys(condition.key for condition in flt.must))
         return await self.run_blocking(self.store.missing_keys, name, keys)
 
-    async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> tuple[CollectionInfo, int, float]:
+    async def fit_pooling(self, name: str, samples: Sequence[Content], params: dict[str, str]) -> FitOutcome:
         started = time.perf_counter()
         seed, max_descriptors = _fit_params(params)
         info = await self.run_blocking(self.store.get_collection, name)
@@ -564,7 +588,7 @@ class Engine:
         for start in range(0, len(samples), self.config.max_batch_size * 4):
             groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample",
                                          poolings=[bound])
-            features += [f for _, f in groups]
+            features += [group.result for group in groups]
         p = bound.params
         token_sets = [(f.in_mode(bound.mode_for(f.modality)).tokens, f.mask) for f in features]
         state = await asyncio.get_running_loop().run_in_executor(
@@ -573,7 +597,8 @@ class Engine:
             raise FailedPrecondition(f"fitted state has dimension {state.output_dim}, collection {info.config.dim}")
         await self.run_blocking(self.store.set_pooling_state, name, state.to_bytes(), True, info.uid)
         descriptors = int(sum(int(f.mask.sum()) for f in features))
-        return await self.run_blocking(self.store.get_collection, name), descriptors, time.perf_counter() - started
+        return FitOutcome(await self.run_blocking(self.store.get_collection, name), descriptors,
+                          time.perf_counter() - started)
 
     async def close(self) -> None:
         for runtime in self._models.values():

@@ -164,11 +164,11 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
         if column and column not in row.metadata:
             pairs.skipped.append((row.source, f"no {column!r} value"))
             continue
-        _, image, why = decode_record(row, short_side, keep_bytes=False)
-        if image is None:
-            pairs.skipped.append((row.source, why))
+        decoded = decode_record(row, short_side, keep_bytes=False)
+        if decoded.image is None:
+            pairs.skipped.append((row.source, decoded.reason))
             continue
-        kept.append((index, row, image))
+        kept.append((index, row, decoded.image))
     for _, row, image in sorted(kept, key=lambda k: k[0]):  # manifest order, whichever way they were drawn
         pairs.images.append(image)
         pairs.sources.append(row.source)
@@ -228,7 +228,7 @@ def run_compare(job: CompareJob) -> dict:
     import torch
 
     from embedsvc.models import DEFAULT_MODEL, input_size, load_model, spec_from_options
-    from embedsvc.store import CollectionConfig, Item, Store
+    from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
     if job.size is not None and job.size < 1:
         raise InvalidInput(f"--size must be at least 1, got {job.size} (leave it out to compare every manifest row)")
@@ -249,7 +249,7 @@ def run_compare(job: CompareJob) -> dict:
         heads["attention-head (trained)"] = _train_head(job, encoder)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        store = Store(folder)
+        store = LocalStore(folder)
         specs = [*job.poolings, *heads]
         progress = Progress(len(specs), unit="poolings", label="pooling ")
         for number, spec in enumerate(specs):
@@ -286,7 +286,7 @@ def run_compare(job: CompareJob) -> dict:
             queries = text_vectors if text_vectors is not None else image_vectors
             for q in queries[:job.latency_queries]:
                 t = time.perf_counter()
-                store.search(name, q[None], 10)
+                store.search(name, q[None], SearchOptions(10))
                 latencies.append((time.perf_counter() - t) * 1000)
             bytes_per_vector = store.index_size_bytes(name) / len(ids)
             metrics, unmeasured = _measure(image_vectors, text_vectors, pairs, spec)

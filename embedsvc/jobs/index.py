@@ -19,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
@@ -74,6 +74,23 @@ class IndexJob:
     fit_sample: int = 500
     # Largest image file read, in bytes (the server's default limit); larger ones are reported, never read.
     max_image_bytes: int = EngineConfig.max_image_bytes
+
+
+class DecodedRecord(NamedTuple):
+    """A record as a reader left it: its image, or the reason it has none."""
+
+    record: Record
+    image: Any  # a PIL image, decoded for the model's input side; None when the record is unusable
+    data: bytes = b""  # the file's bytes, when kept (a server decodes them again)
+    reason: str = ""  # why there is no image
+
+
+class FittedTarget(NamedTuple):
+    """One collection whose pooling a job fitted: on how many sample images, from how many token descriptors."""
+
+    name: str
+    images: int
+    descriptors: int
 
 
 @dataclass
@@ -147,9 +164,9 @@ class _LocalSink:
         return max((self.engine.runtime(m).encoder.loaded.image_size for m in models), default=0)
 
     @staticmethod
-    def pixels(row: tuple[Record, object, bytes]) -> int:
+    def pixels(row: DecodedRecord) -> int:
         """What a decoded row counts against the engine's pixel budget: the image held."""
-        return row[1].size[0] * row[1].size[1]
+        return row.image.size[0] * row.image.size[1]
 
     def _run(self, coro):
         """Runs a coroutine on the engine's loop and waits for it; callable from any thread."""
@@ -170,18 +187,18 @@ class _LocalSink:
             return NOT_REQUIRED
         return FITTED if info.pooling_version else NEEDS_FIT
 
-    def fit(self, name: str, samples: list[tuple[Record, object, bytes]]) -> int:
+    def fit(self, name: str, samples: list[DecodedRecord]) -> int:
         """Fits the collection's pooling on decoded sample images; returns the token descriptors used."""
         from embedsvc.engine.engine import DecodedImage
 
-        _, descriptors, _ = self._run(
-            self.engine.fit_pooling(name, [DecodedImage(image) for _, image, _ in samples], {}))
-        return descriptors
+        fitted = self._run(self.engine.fit_pooling(name, [DecodedImage(row.image) for row in samples], {}))
+        return fitted.descriptors
 
-    def write(self, batch: list[tuple[Record, object, bytes]]) -> None:
+    def write(self, batch: list[DecodedRecord]) -> None:
         from embedsvc.engine.engine import DecodedImage, UpsertRequestItem
 
-        items = [UpsertRequestItem(r.id, DecodedImage(image), None, _metadata(r)) for r, image, _ in batch]
+        items = [UpsertRequestItem(row.record.id, DecodedImage(row.image), None, _metadata(row.record))
+                 for row in batch]
         self._run(self.engine.upsert_multi(self.names, items))
 
     def write_vectors(self, ids: list[str], vectors: list, metadata: list[dict]) -> None:
@@ -258,8 +275,8 @@ class _RemoteSink:
             raise
 
     @staticmethod
-    def pixels(row: tuple[Record, object, bytes]) -> int:
-        return header_pixels(row[2])
+    def pixels(row: DecodedRecord) -> int:
+        return header_pixels(row.data)
 
     def present(self, ids: list[str]) -> set[str]:
         return _present_in_all(self.client.get, self.names, ids)
@@ -271,15 +288,15 @@ class _RemoteSink:
         state = self.client.get_collection(name).pooling_state  # POOLING_STATE_NEEDS_FIT, ...
         return {"POOLING_STATE_NEEDS_FIT": NEEDS_FIT, "POOLING_STATE_FITTED": FITTED}.get(state, NOT_REQUIRED)
 
-    def fit(self, name: str, samples: list[tuple[Record, object, bytes]]) -> int:
-        return self.client.fit_pooling(name, [data for _, _, data in samples]).descriptors
+    def fit(self, name: str, samples: list[DecodedRecord]) -> int:
+        return self.client.fit_pooling(name, [row.data for row in samples]).descriptors
 
-    def write(self, batch) -> None:
+    def write(self, batch: list[DecodedRecord]) -> None:
         from embedsvc.client import Item
 
         for name in self.names:
-            self.client.upsert(name, [Item(r.id, image=data, metadata=_metadata(r)) for r, _, data in batch],
-                               batch_size=len(batch))
+            self.client.upsert(name, [Item(row.record.id, image=row.data, metadata=_metadata(row.record))
+                                      for row in batch], batch_size=len(batch))
 
     def close(self) -> None:
         self.client.close()
@@ -336,20 +353,20 @@ def _metadata(record: Record) -> dict:
     return meta
 
 
-def decode_record(record: Record, short_side: int = 0, keep_bytes: bool = True):
-    """(record, image, bytes) or (record, None, reason). The image is decoded at the size a model of input side
-    `short_side` needs (decode_image); without `keep_bytes` the bytes are dropped (b"") once decoded."""
+def decode_record(record: Record, short_side: int = 0, keep_bytes: bool = True) -> DecodedRecord:
+    """The record with its image, or with the reason it has none. The image is decoded at the size a model of
+    input side `short_side` needs (decode_image); without `keep_bytes` the bytes are dropped (b"") once decoded."""
     if record.refused:
-        return record, None, record.refused
+        return DecodedRecord(record, None, reason=record.refused)
     try:
         data = record.read()
-        return record, decode_image(data, DEFAULT_MAX_PIXELS, short_side), data if keep_bytes else b""
+        return DecodedRecord(record, decode_image(data, DEFAULT_MAX_PIXELS, short_side), data if keep_bytes else b"")
     except FileNotFoundError:
-        return record, None, "file not found"
+        return DecodedRecord(record, None, reason="file not found")
     except EmbedsvcError as exc:
-        return record, None, str(exc)
+        return DecodedRecord(record, None, reason=str(exc))
     except OSError as exc:
-        return record, None, f"could not read: {exc.strerror or exc}"
+        return DecodedRecord(record, None, reason=f"could not read: {exc.strerror or exc}")
 
 
 def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
@@ -415,9 +432,9 @@ def sample_records(records: list[Record], count: int) -> list[Record]:
 
 
 def fit_targets(sink, names: list[str], records: list[Record], sample: int, workers: int = 4,
-                only_unfitted: bool = True) -> list[tuple[str, int, int]]:
+                only_unfitted: bool = True) -> list[FittedTarget]:
     """Fits the learned pooling of each named collection (the unfitted ones, by default) on a sample of
-    the source; returns (name, sample images, descriptors) per fit. Unusable sample files are skipped."""
+    the source; returns what each fit used. Unusable sample files are skipped."""
     states = {name: sink.fit_state(name) for name in names}
     if not only_unfitted:
         fixed = [name for name, state in states.items() if state == NOT_REQUIRED]
@@ -437,15 +454,16 @@ def fit_targets(sink, names: list[str], records: list[Record], sample: int, work
     read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
         decoded = list(pool.map(read, sample_records(records, sample)))
-    good = [row for row in decoded if row[1] is not None]
+    good = [row for row in decoded if row.image is not None]
     if not good:
         raise InvalidInput(f"no usable image among the {len(decoded)} sampled to fit {', '.join(todo)}")
     done = []
     for name in todo:
         print(f"fitting the pooling of {name!r} on {len(good)} sample images of the source ...", file=sys.stderr,
               flush=True)
-        done.append((name, len(good), sink.fit(name, good)))
-        print(f"fitted {name!r}: codebook from {done[-1][2]} token descriptors", file=sys.stderr, flush=True)
+        done.append(FittedTarget(name, len(good), sink.fit(name, good)))
+        print(f"fitted {name!r}: codebook from {done[-1].descriptors} token descriptors", file=sys.stderr,
+              flush=True)
     return done
 
 
@@ -542,11 +560,11 @@ def run_index(job: IndexJob) -> IndexSummary:
                 present += skipped
                 good = []
                 for future in futures:
-                    record, image, payload = future.result()
-                    if image is None:
-                        failed.append((record.source, payload))
+                    row = future.result()
+                    if row.image is None:
+                        failed.append((row.record.source, row.reason))
                     else:
-                        good.append((record, image, payload))
+                        good.append(row)
                 for part in split_by_pixels(good, sink.pixels, sink.pixel_budget):
                     writes.append((writer.submit(sink.write, part), len(part)))
                     if len(writes) >= WRITES_IN_FLIGHT:
@@ -561,7 +579,7 @@ def run_index(job: IndexJob) -> IndexSummary:
     return IndexSummary(len(records), indexed, present, failed, time.perf_counter() - started, loop_seconds)
 
 
-def run_fit(job: IndexJob, sample: int) -> list[tuple[str, int, int]]:
+def run_fit(job: IndexJob, sample: int) -> list[FittedTarget]:
     """`embedsvc collections fit`: fits the learned pooling of job's collections (created first when written
     NAME=POOLING) on `sample` images of job's source, whether fitted before or not (refitting needs an
     empty collection)."""

@@ -19,7 +19,7 @@ from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
 from embedsvc.engine.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response, vector_values
-from embedsvc.store import CollectionInfo, Condition, Filter
+from embedsvc.store import CollectionInfo, Condition, Filter, SearchOptions
 from embedsvc.store.filter_text import parse_filter_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 
@@ -251,8 +251,9 @@ def search_filter(request: pb.SearchRequest) -> Optional[Filter]:
 async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse:
     queries = [query_from_pb(q, i) for i, q in enumerate(request.queries)]
     flt = search_filter(request)
-    outcomes = await engine.search(request.collection, queries, request.top_k or 10, flt, request.params.nprobe,
-                                   request.params.ef_search, request.include_metadata, request.include_vectors)
+    options = SearchOptions(request.top_k or 10, flt, request.params.nprobe, request.params.ef_search,
+                            request.include_metadata, request.include_vectors)
+    outcomes = await engine.search(request.collection, queries, options)
     out = pb.SearchResponse()
     if flt is not None and not any(outcome.hits for outcome in outcomes):  # say why, when it may be a typo
         out.unknown_filter_keys.extend(await engine.missing_filter_keys(request.collection, flt))
@@ -282,5 +283,6 @@ async def fit_pooling(engine: Engine, messages: AsyncIterable[pb.FitPoolingReque
         samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
     if not collection:
         raise InvalidInput("the first FitPooling message must name the collection")
-    info, descriptors, seconds = await engine.fit_pooling(collection, samples, params)
-    return pb.FitPoolingResponse(collection=info_to_pb(info), descriptors=descriptors, seconds=seconds)
+    fitted = await engine.fit_pooling(collection, samples, params)
+    return pb.FitPoolingResponse(collection=info_to_pb(fitted.info), descriptors=fitted.descriptors,
+                                 seconds=fitted.seconds)

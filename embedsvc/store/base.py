@@ -1,4 +1,4 @@
-"""The store interface the service engine and jobs use; `Store` (local) and `MilvusStore` implement it.
+"""The store interface the engine and jobs use; `LocalStore` (local.py) and `MilvusStore` (milvus.py) implement it.
 
 Both back ends raise the same domain errors (CollectionNotFound, AlreadyExists, InvalidInput,
 FailedPrecondition, ItemsNotFound, Aborted), so a request gets the same status whichever serves it;
@@ -11,8 +11,8 @@ from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from embedsvc.store.metadata import Filter
-from embedsvc.store.models import CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem, UpsertResult
+from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, SearchOptions, StoredItem,
+                                   UpsertResult)
 
 
 @runtime_checkable
@@ -51,9 +51,9 @@ class VectorStore(Protocol):
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray: ...
 
-    def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
-               nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
-               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]: ...
+    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
+               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+        """Hits per query row, best first; `exclude_ids[i]` leaves one id out of query i's hits."""
 
     def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
         """The metadata keys no live item holds, in the order given: why a filter on them matched nothing."""

@@ -15,9 +15,9 @@ def open_store(backend: str = "local", *, data_dir: str = "embedsvc-data", milvu
                max_top_k: int = 1000) -> VectorStore:
     """The store for one server: `local` keeps SQLite + FAISS under data_dir; `milvus` keeps nothing locally."""
     if backend == "local":
-        from embedsvc.store.local import Store
+        from embedsvc.store.local import LocalStore
 
-        return Store(data_dir, checkpoint_every=checkpoint_every, omp_threads=omp_threads, max_top_k=max_top_k)
+        return LocalStore(data_dir, checkpoint_every=checkpoint_every, omp_threads=omp_threads, max_top_k=max_top_k)
     if backend == "milvus":
         from embedsvc.store.milvus import MilvusStore
 

@@ -33,14 +33,15 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
+from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
-from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, StoredItem,
-                                   UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
+from embedsvc.store.models import (CollectionConfig, CollectionInfo, CollectionNotFound, DeleteResult, Hit, Item,
+                                   ItemsNotFound, SearchOptions, StoredItem, UpsertResult, check_incarnation,
+                                   prepare_items, prepare_queries, validate_id)
 from embedsvc.store.rwlock import RWLock
 from embedsvc.store.vectors import VECTOR_FILE, Layout, VectorFile, VectorFileError, remove_generations
 
@@ -57,14 +58,6 @@ CHECKPOINT_FORMAT = 2  # 1: the whole FAISS index serialised in the .npz, ids an
 FILL_CHUNK = 65_536  # vectors added to a rebuilt index at a time (bounded extra memory)
 PROGRESS_SECONDS = 5.0  # a long replay or rebuild logs a progress line this often
 _CHECKPOINT_FILE = re.compile(r"collection-(\d+)\.npz")
-
-
-class CollectionNotFound(NotFound):
-    """No collection of that name."""
-
-
-class ItemsNotFound(NotFound):
-    """Ids asked for (strictly) are not in the collection."""
 
 
 MAX_CACHED_FILTERS = 64  # per collection
@@ -134,7 +127,7 @@ class _Collection:
 
     def selection(self, flt: Filter):
         """Called with the read lock held: readers may fill the cache side by side (they compute the same
-        value); every write, holding the write lock, empties it (Store._apply)."""
+        value); every write, holding the write lock, empties it (LocalStore._apply)."""
         key = repr(flt.must)
         found = self.selections.get(key)
         if found is None:
@@ -174,7 +167,7 @@ class _Progress:
                      now - self.started)
 
 
-class Store:
+class LocalStore:
     """All collections under one data directory, owned by this process alone."""
 
     def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
@@ -745,18 +738,19 @@ class Store:
         with col.lock.read():
             return [key for key in keys if not col.metadata.holds_key(key)]
 
-    def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
-               nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
+    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         self._use_faiss_threads()
         col = self._get(name)
-        queries = prepare_queries(col.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        queries = prepare_queries(col.config, queries, options, self.max_top_k)
+        top_k, flt = options.top_k, options.filter
+        include_metadata, include_vectors = options.include_metadata, options.include_vectors
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         with col.lock.read():
             col.check_usable()
             allowed = col.selection(flt) if flt is not None and flt.must else None
-            scores, labels = col.index.search(queries, k, allowed, nprobe, ef_search)
+            scores, labels = col.index.search(queries, k, allowed, options.nprobe, options.ef_search)
             results = []
             for q, (row_scores, row_labels) in enumerate(zip(scores, labels)):
                 skip = exclude_ids[q] if exclude_ids is not None else None
@@ -799,7 +793,7 @@ def _encoded_ids(arrays: dict) -> dict:
 class _Checkpointer:
     """One background thread writes checkpoints that writers ask for; failures are retried later."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: LocalStore):
         self.store = store
         self._pending: dict[str, _Collection] = {}
         self._cond = threading.Condition()

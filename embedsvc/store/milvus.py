@@ -20,8 +20,8 @@ Layout in the Milvus database:
 - `embedsvc_<uid>` per collection incarnation: `id` VARCHAR primary key, `vector` (normalised for cosine;
   the metric is always inner product, as in the local store, so scores are the same numbers),
   `metadata` JSON as given, and `filterable` JSON holding the same values under type-tagged hex keys.
-  Filters compile against `filterable` only: the keys in an expression are hex, so no user text is ever
-  spliced into one as a key; values are bound as template parameters where the server supports them
+  Filters compile against `filterable` only (milvus_filter.py): the keys in an expression are hex, so no user
+  text is ever spliced into one as a key; values are bound as template parameters where the server supports them
   (Milvus >= 2.4) and written as escaped literals on Milvus Lite, which has no templates. The type tags
   keep True apart from 1 and "1" while 1 == 1.0, exactly as the local store's filters do.
 - Every read uses consistency level Strong: a search waits until the query nodes have applied every
@@ -42,16 +42,19 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
-from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_index_kind
-from embedsvc.store.metadata import Condition, Filter, Value, refuse_mistyped, wanted_kinds
-from embedsvc.store.local import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
-from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
-                                   StoredItem, UpsertResult, check_incarnation, prepare_items, prepare_queries, validate_id)
+from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
+from embedsvc.store.indexes import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_PRESETS, pq_subquantizers,
+                                    validate_index_kind)
+from embedsvc.store.metadata import Condition, refuse_mistyped, wanted_kinds
+from embedsvc.store.milvus_filter import Expression, filterable
+# The local back end's error classes (shared types): the same statuses whichever back end serves.
+from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, CollectionNotFound, DeleteResult,
+                                   Hit, Item, ItemsNotFound, SearchOptions, StoredItem, UpsertResult, check_incarnation,
+                                   prepare_items, prepare_queries, validate_id)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,6 @@ CHUNK_CHARS = 60_000  # under VARCHAR's 65,535-byte limit
 WRITE_BATCH = 1000
 ID_BATCH = 500
 IVF_NLIST = 128
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 # Catalogue row kinds, and the statuses of an incarnation row.
 INCARNATION, POOLING, STATE, LEGACY = "incarnation", "pooling", "state", "collection"
 CLAIMED, LIVE, DROPPING = "claimed", "live", "dropping"
@@ -94,83 +96,6 @@ def _search_params(preset: str, top_k: int, nprobe: int, ef_search: int) -> dict
 
 # Milvus Lite builds these (its engine has FLAT, IVF_FLAT and HNSW); a Milvus server builds all four.
 LITE_PRESETS = ("flat", "ivf", "hnsw")
-
-
-# -- filters ------------------------------------------------------------------------------------
-
-
-def _tagged_key(key: str, value: Value) -> str:
-    """The `filterable` key of a metadata value: its type tag, then the key's UTF-8 bytes in hex."""
-    tag = "b" if isinstance(value, bool) else "n" if isinstance(value, (int, float)) else "s"
-    return tag + key.encode("utf-8").hex()
-
-
-def _filterable(metadata: dict[str, Value]) -> dict[str, Any]:
-    return {_tagged_key(k, v): (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-            for k, v in metadata.items()}
-
-
-def quote(text: str) -> str:
-    """A Milvus string literal: the escapes both Milvus's and Milvus Lite's grammars define."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{escaped}"'
-
-
-def literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(float(value))
-    if isinstance(value, str):
-        return quote(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(literal(v) for v in value) + "]"
-    raise InvalidInput(f"cannot use {type(value).__name__} in a filter")
-
-
-class Expression:
-    """Builds one boolean expression; values are bound as template parameters or written as literals."""
-
-    def __init__(self, bind: bool):
-        self.bind = bind
-        self.params: dict[str, Any] = {}
-
-    def value(self, value: Any) -> str:
-        if not self.bind:
-            return literal(value)
-        name = f"p{len(self.params)}"
-        self.params[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-        return "{" + name + "}"
-
-    def equals(self, key: str, value: Value) -> str:
-        return f'filterable["{_tagged_key(key, value)}"] == {self.value(value)}'
-
-    def condition(self, condition: Condition) -> Optional[str]:
-        """The condition's expression, or None when it can match nothing (a NaN bound)."""
-        if condition.equals is not None:
-            return self.equals(condition.key, condition.equals)
-        if condition.any_of is not None:  # Milvus Lite has no `in` on JSON paths: an `or` of equalities
-            return "(" + " or ".join(self.equals(condition.key, v) for v in condition.any_of) + ")"
-        field = f'filterable["{_tagged_key(condition.key, 0.0)}"]'
-        parts = []
-        for bound, op in ((condition.gte, ">="), (condition.gt, ">"), (condition.lte, "<="), (condition.lt, "<")):
-            if bound is None:
-                continue
-            bound = float(bound)
-            if math.isnan(bound):
-                return None
-            parts.append(f"{field} {op} {self.value(max(-1.7976931348623157e308, min(1.7976931348623157e308, bound)))}")
-        return "(" + " and ".join(parts) + ")"
-
-    def filter(self, flt: Optional[Filter]) -> Optional[str]:
-        """'' for no filter, None for one that matches nothing."""
-        if flt is None or not flt.must:
-            return ""
-        parts = [self.condition(c) for c in flt.must]
-        return None if any(p is None for p in parts) else " and ".join(parts)
-
-    def ids(self, ids: Sequence[str]) -> str:
-        return f"id in {self.value(list(ids))}"
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -413,8 +338,8 @@ class MilvusStore:
         validate_index_kind(config.index, config.dim, config.metric)  # the local store's InvalidInput cases
         if config.index not in self.presets:
             what = "Milvus Lite" if self.lite else "the milvus back end"
-            raise FailedPrecondition(f"index {config.index!r} cannot be built by {what} at {self.uri}; it supports "
-                                     f"the presets {', '.join(self.presets)}")
+            raise FailedPrecondition(f"index {quoted(config.index)} cannot be built by {what} at {self.uri}; it "
+                                     f"supports the presets {', '.join(self.presets)}")
         started = time.monotonic()
         while True:
             claimed = time.monotonic()
@@ -460,8 +385,9 @@ class MilvusStore:
             rivals = [r.uid for r in claims]
             if not yielded:
                 if claim.uid not in {r.uid for r in records if r.status == CLAIMED}:
-                    raise Aborted(f"the claim to create collection {name!r} was taken for abandoned (this replica "
-                                  f"stalled or its clock is off by over {CLAIM_TTL_S - CREATE_LIMIT_S:.0f} s); retry")
+                    raise Aborted(f"the claim to create collection {quoted(name)} was taken for abandoned (this "
+                                  f"replica stalled or its clock is off by over "
+                                  f"{CLAIM_TTL_S - CREATE_LIMIT_S:.0f} s); retry")
                 if not rivals:
                     return True
                 if min(rivals) < claim.uid:
@@ -477,7 +403,7 @@ class MilvusStore:
     def _unsettled(self, name: str, claims: list[_Record]) -> Aborted:
         """ABORTED for a contest that outlasted CREATE_LIMIT_S, saying when the oldest claim in the way is taken
         for abandoned (a replica that died between claim and commit blocks the name until then)."""
-        head = f"another replica's creation of collection {name!r} has not settled in {CREATE_LIMIT_S:.0f} s"
+        head = f"another replica's creation of collection {quoted(name)} has not settled in {CREATE_LIMIT_S:.0f} s"
         if not claims:
             return Aborted(f"{head}; retry")
         age_s = max(0.0, (self._now_ms() - min(r.since_ms for r in claims)) / 1000)
@@ -520,7 +446,8 @@ class MilvusStore:
         if live is not None:  # only if clocks disagree by more than the protocol tolerates
             raise _exists(name)
         if time.monotonic() - claimed > CREATE_LIMIT_S or claim.uid not in {r.uid for r in records}:
-            raise Aborted(f"creating collection {name!r} took over {CREATE_LIMIT_S:.0f} s; nothing was created, retry")
+            raise Aborted(f"creating collection {quoted(name)} took over {CREATE_LIMIT_S:.0f} s; nothing was created, "
+                          f"retry")
         self._write_catalogue([claim.row(LIVE, self._now_ms())])
 
     def get_collection(self, name: str) -> CollectionInfo:
@@ -571,7 +498,7 @@ class MilvusStore:
         check_incarnation(name, record.uid, uid)
         count = self._count(record)
         if require_empty and count:
-            raise FailedPrecondition(f"collection {name!r} holds {count} items embedded with the current pooling "
+            raise FailedPrecondition(f"collection {quoted(name)} holds {count} items embedded with the current pooling "
                                      f"state; fit a new collection (or drop and recreate it)")
         version = record.pooling_version + 1
         state_key = f"state/{record.uid}/{version}-{uuid.uuid4().hex[:8]}"
@@ -617,9 +544,9 @@ class MilvusStore:
         existing = self._existing(record, ids)
         if insert_only and existing:
             first = next(i for i in ids if i in existing)
-            raise AlreadyExists(f"{len(existing)} id(s) already exist in {name!r}, e.g. {first!r}; "
+            raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(first)}; "
                                 f"use upsert to replace them")
-        rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": _filterable(m)}
+        rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": filterable(m)}
                 for i, v, m in zip(ids, vectors, metadata)]
         for start in range(0, len(rows), WRITE_BATCH):
             self._run(record.physical, name, lambda: self.client.upsert(record.physical, rows[start:start + WRITE_BATCH]))
@@ -634,7 +561,7 @@ class MilvusStore:
     @staticmethod
     def _check_version(name: str, record: _Record, pooling_version: Optional[int]) -> None:
         if pooling_version is not None and pooling_version != record.pooling_version:
-            raise Aborted(f"collection {name!r} was re-fitted (pooling version {record.pooling_version}, these "
+            raise Aborted(f"collection {quoted(name)} was re-fitted (pooling version {record.pooling_version}, these "
                           f"vectors were pooled with {pooling_version}); retry the request")
 
     def _delete_ids(self, record: _Record, ids: list[str]) -> None:
@@ -651,7 +578,8 @@ class MilvusStore:
         existing = self._existing(record, ids)
         missing = [i for i in ids if i not in existing]
         if strict and missing:
-            raise ItemsNotFound(f"{len(missing)} id(s) not in {name!r}, e.g. {missing[0]!r}; nothing was deleted")
+            raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was "
+                                f"deleted")
         self._delete_ids(record, [i for i in ids if i in existing])
         return DeleteResult(len(existing), missing)
 
@@ -673,23 +601,24 @@ class MilvusStore:
 
     def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
         self._record(name)
-        raise ItemsNotFound(f"item {item_id!r} of {name!r} has no thumbnail: the milvus back end keeps none; give "
-                            f"items a `uri` metadata field for the search page")
+        raise ItemsNotFound(f"item {quoted(item_id)} of {quoted(name)} has no thumbnail: the milvus back end keeps "
+                            f"none; give items a `uri` metadata field for the search page")
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
-            raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
+            raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
         return items[0].vector
 
     # -- search ---------------------------------------------------------------------------------
 
-    def search(self, name: str, queries: np.ndarray, top_k: int = 10, flt: Optional[Filter] = None,
-               nprobe: int = 0, ef_search: int = 0, include_metadata: bool = False, include_vectors: bool = False,
+    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         record = self._record(name)
-        queries = prepare_queries(record.config, queries, top_k, self.max_top_k, nprobe, ef_search)
+        queries = prepare_queries(record.config, queries, options, self.max_top_k)
+        top_k, flt = options.top_k, options.filter
+        include_metadata, include_vectors = options.include_metadata, options.include_vectors
         held: dict[str, bool] = {}
         for condition in flt.must if flt is not None else ():
             self._check_types(record, condition, held)
@@ -701,7 +630,8 @@ class MilvusStore:
         fields = (["metadata"] if include_metadata else []) + (["vector"] if include_vectors else [])
         kwargs = {"data": queries.tolist(), "anns_field": "vector", "limit": k, "output_fields": fields,
                   "search_params": {"metric_type": "IP",
-                                    "params": _search_params(record.config.index, k, nprobe, ef_search)},
+                                    "params": _search_params(record.config.index, k, options.nprobe,
+                                                             options.ef_search)},
                   "consistency_level": CONSISTENCY}
         if expression:
             kwargs["filter"] = expression
@@ -801,11 +731,11 @@ def _resolve(rows: list[dict]) -> dict[str, tuple[list[_Record], Optional[_Recor
 
 
 def _exists(name: str) -> AlreadyExists:
-    return AlreadyExists(f"collection {name!r} already exists; drop it first or pick another name")
+    return AlreadyExists(f"collection {quoted(name)} already exists; drop it first or pick another name")
 
 
 def _not_found(name: str) -> NotFound:
-    return CollectionNotFound(f"collection {name!r} does not exist; ListCollections shows those that do")
+    return CollectionNotFound(f"collection {quoted(name)} does not exist; ListCollections shows those that do")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""The store's domain objects: collection configs and infos, items, hits."""
+"""The store's domain objects, shared by every back end: collection configs and infos, items, search options,
+hits, and the errors only a store raises."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from embedsvc.errors import Aborted, FailedPrecondition, InvalidInput, quoted
+from embedsvc.errors import Aborted, FailedPrecondition, InvalidInput, NotFound, quoted
+from embedsvc.store.metadata import Filter
+
+class CollectionNotFound(NotFound):
+    """No collection of that name."""
+
+
+class ItemsNotFound(NotFound):
+    """Ids asked for (strictly) are not in the collection."""
+
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_ID_BYTES = 512
@@ -155,6 +165,22 @@ MAX_NPROBE = 65_536
 MAX_EF_SEARCH = 32_768
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a search runs, the same for each of its queries (a per-query id to leave out travels beside them)."""
+
+    # Hits per query, 1..the store's max_top_k.
+    top_k: int = 10
+    # Conditions every hit's metadata meets; None (or no conditions) for all items.
+    filter: Optional[Filter] = None
+    # IVF lists probed and HNSW candidate list size; 0 = the collection's default.
+    nprobe: int = 0
+    ef_search: int = 0
+    # Return each hit's metadata, its stored vector.
+    include_metadata: bool = False
+    include_vectors: bool = False
+
+
 def check_incarnation(name: str, current: str, expected: Optional[str]) -> None:
     """Writes computed for a collection carry its uid: a dropped and re-created name must not receive them."""
     if expected is not None and expected != current:
@@ -183,9 +209,9 @@ def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str]
     return ids, vectors, metadata
 
 
-def prepare_queries(config: CollectionConfig, queries, top_k: int, max_top_k: int, nprobe: int = 0,
-                    ef_search: int = 0) -> np.ndarray:
+def prepare_queries(config: CollectionConfig, queries, options: SearchOptions, max_top_k: int) -> np.ndarray:
     """Validated query matrix (normalised for cosine) after checking top_k and the search params."""
+    top_k, nprobe, ef_search = options.top_k, options.nprobe, options.ef_search
     if not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
         raise InvalidInput(f"top_k must be between 1 and {max_top_k}, got {top_k}")
     if not 0 <= nprobe <= MAX_NPROBE or not 0 <= ef_search <= MAX_EF_SEARCH:

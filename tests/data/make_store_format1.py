@@ -23,9 +23,9 @@ def item(i: int, version: int = 0) -> tuple[str, np.ndarray, dict]:
 
 
 def main(path: str) -> None:
-    from embedsvc.store import CollectionConfig, Item, Store
+    from embedsvc.store import CollectionConfig, Item, LocalStore
 
-    store = Store(path, checkpoint_every=10**9)
+    store = LocalStore(path, checkpoint_every=10**9)
     for name, index in COLLECTIONS.items():
         store.create_collection(CollectionConfig(name, DIM, index=index))
     for name in ("flat", "graph"):
