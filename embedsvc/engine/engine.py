@@ -100,7 +100,7 @@ class SearchOutcome:
 class TowerOutput(NamedTuple):
     """What one tower's batcher returned for a request's contents of that tower (Engine.features)."""
 
-    index: list[int]  # the positions of these contents among the request's
+    positions: list[int]  # of these contents among the request's
     result: Any  # TokenFeatures of the group, or a list of finish(features), one per batcher part
 
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping, Optional
 
 from PIL import Image
 
-from embedsvc.errors import InvalidInput, quoted
 from embedsvc.cpu import DEFAULT_DECODE_NICE
 from embedsvc.engine.config import EngineConfig
+from embedsvc.errors import InvalidInput, quoted
 
 ENV_PREFIX = "EMBEDSVC_"
 # Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
