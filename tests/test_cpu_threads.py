@@ -99,7 +99,7 @@ def test_faiss_threads_hold_in_the_threads_that_search(tmp_path):
     import faiss
     import numpy as np
 
-    from embedsvc.store import CollectionConfig, Item, LocalStore
+    from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
 
     store = LocalStore(tmp_path / "d", omp_threads=1)
     try:
@@ -109,7 +109,7 @@ def test_faiss_threads_hold_in_the_threads_that_search(tmp_path):
             worker.submit(store.upsert, "c", [Item("a", np.ones(4, np.float32))]).result()
             assert worker.submit(faiss.omp_get_max_threads).result() == 1
             worker.submit(faiss.omp_set_num_threads, 3).result()
-            hits = worker.submit(store.search, "c", np.ones((1, 4), np.float32), 1).result()
+            hits = worker.submit(store.search, "c", np.ones((1, 4), np.float32), SearchOptions(1)).result()
             assert [h.id for h in hits[0]] == ["a"] and worker.submit(faiss.omp_get_max_threads).result() == 1
     finally:
         store.close()
