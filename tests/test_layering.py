@@ -38,4 +38,11 @@ def test_pooling_is_below_encoder():
 def test_client_imports_only_generated_code_and_itself():
     for path in (PACKAGE / "client").rglob("*.py"):
         own = {n for n in imports(path) if n.startswith("embedsvc")}
-        assert all(n.startswith(("embedsvc.v1", "embedsvc.client")) for n in own), f"{path.name}: {own}"
+        # embedsvc.spec_text: the pooling spec's text form, a leaf the server's registry reads with the same code.
+        assert all(n.startswith(("embedsvc.v1", "embedsvc.client", "embedsvc.spec_text")) for n in own), \
+            f"{path.name}: {own}"
+
+
+def test_leaf_modules_import_nothing_of_the_project():
+    for name in ("spec_text.py",):
+        assert not {n for n in imports(PACKAGE / name) if n.startswith("embedsvc")}, name

@@ -19,6 +19,7 @@ import grpc.aio
 import numpy as np
 
 from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
+from embedsvc.spec_text import SpecTextError, parse_spec_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -38,6 +39,42 @@ class Embeddings:
     truncated: list[bool]
     tokens: Optional[list[np.ndarray]] = None  # with include_tokens: [num_tokens, dim] per input
     grids: Optional[list[Optional[tuple[int, int]]]] = None  # with include_tokens: image token grids; None for text
+
+
+@dataclass
+class ModelInfo:
+    """A model the server offers (`list_models`)."""
+
+    name: str
+    architecture: str
+    weights: str  # "pretrained:<tag>", "checkpoint:<path>", "bundled" or "random"
+    embed_dim: int
+    image_size: int
+    context_length: int
+    vision_tower: str  # "vit" or "resnet"
+    loaded: bool
+    device: str  # when loaded: "cpu", "cuda:0"
+    dtype: str  # when loaded: "float32", "float16", "bfloat16"
+
+
+@dataclass
+class PoolingInfo:
+    """A pooling the server offers: its parameters' defaults, and whether it needs `fit_pooling` first."""
+
+    name: str
+    description: str
+    modalities: list[str]  # "text", "image"
+    defaults: dict[str, str]
+    requires_fit: bool
+
+
+@dataclass
+class Models:
+    """`list_models`: the models, the poolings, and the model a request that names none gets."""
+
+    models: list[ModelInfo]
+    poolings: list[PoolingInfo]
+    default_model: str
 
 
 @dataclass
@@ -78,6 +115,15 @@ class Hit:
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
     vector: Optional[np.ndarray] = None
+
+
+@dataclass
+class FitResult:
+    """`fit_pooling`: the collection after fitting, the token descriptors the fit used and its seconds."""
+
+    collection: Collection
+    descriptors: int
+    seconds: float
 
 
 @dataclass
@@ -136,13 +182,27 @@ def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
     return out
 
 
-def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
+PoolingArg = Union[str, tuple[str, Mapping[str, Any]]]  # "gem:p=3" or ("gem", {"p": 3})
+
+
+def _pooling(spec: PoolingArg) -> pb.PoolingSpec:
+    """The proto of one spec; its text is read by the same parser as the server's (embedsvc.spec_text)."""
     if isinstance(spec, str):
-        name, _, rest = spec.partition(":")
-        params = dict(p.split("=", 1) for p in rest.split(";") if p) if rest else {}
+        try:
+            name, params = parse_spec_text(spec)
+        except SpecTextError as exc:
+            raise InvalidArgumentError(str(exc)) from None
     else:
         name, params = spec
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
+
+
+def _pooling_list(poolings: Union[PoolingArg, Sequence[PoolingArg]]) -> list[PoolingArg]:
+    """A lone spec ("gem:p=3", or one (name, params) tuple) is one pooling, not a sequence of characters."""
+    if isinstance(poolings, str) or (isinstance(poolings, tuple) and len(poolings) == 2
+                                     and isinstance(poolings[0], str) and isinstance(poolings[1], Mapping)):
+        return [poolings]  # type: ignore[list-item]
+    return list(poolings)  # type: ignore[arg-type]
 
 
 def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
@@ -181,6 +241,18 @@ def _collection(info: pb.CollectionInfo) -> Collection:
                       info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
 
 
+def _modality(value: int) -> str:
+    return pb.Modality.Name(value).split("_")[-1].lower()
+
+
+def _models(response: pb.ListModelsResponse) -> Models:
+    models = [ModelInfo(m.name, m.architecture, m.weights, m.embed_dim, m.image_size, m.context_length,
+                        m.vision_tower, m.loaded, m.device, m.dtype) for m in response.models]
+    poolings = [PoolingInfo(p.name, p.description, [_modality(m) for m in p.modalities], dict(p.defaults),
+                            p.requires_fit) for p in response.poolings]
+    return Models(models, poolings, response.default_model)
+
+
 def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list[str]) -> Embeddings:
     vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
     tokens = grids = None
@@ -189,8 +261,7 @@ def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list
                   for r in response.results]
         grids = [(r.tokens.grid_height, r.tokens.grid_width) if r.tokens.grid_height else None
                  for r in response.results]
-    return Embeddings(response.model, vectors, [pb.Modality.Name(r.modality).split("_")[-1].lower()
-                                                for r in response.results],
+    return Embeddings(response.model, vectors, [_modality(r.modality) for r in response.results],
                       [r.truncated for r in response.results], tokens, grids)
 
 
@@ -207,20 +278,27 @@ def _item(item: Item) -> pb.UpsertItem:
     return out
 
 
-def _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
-                    include_metadata, include_vectors) -> pb.SearchRequest:
-    request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
-                               include_vectors=include_vectors, params=pb.SearchParams(nprobe=nprobe,
-                                                                                       ef_search=ef_search))
-    if isinstance(filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
-        request.filter_text = filter
-    elif (flt := _filter(filter)) is not None:
+@dataclass(frozen=True)
+class _SearchOptions:
+    """What applies to every query of one Search request."""
+
+    top_k: int
+    filter: Union[str, Mapping[str, Any], None]
+    nprobe: int
+    ef_search: int
+    include_metadata: bool
+    include_vectors: bool
+
+
+def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions
+                    ) -> pb.SearchRequest:
+    request = pb.SearchRequest(collection=collection, top_k=options.top_k,
+                               include_metadata=options.include_metadata, include_vectors=options.include_vectors,
+                               params=pb.SearchParams(nprobe=options.nprobe, ef_search=options.ef_search))
+    if isinstance(options.filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
+        request.filter_text = options.filter
+    elif (flt := _filter(options.filter)) is not None:
         request.filter.CopyFrom(flt)
-    if queries is None:
-        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
-        if len(given) != 1:
-            raise ValueError("give exactly one of text=, image=, vector=, id=")
-        queries = [given]
     for q in queries:
         (kind, value), = q.items()
         if kind == "vector":
@@ -230,6 +308,17 @@ def _search_request(collection, text, image, vector, id, queries, top_k, filter,
         else:
             request.queries.add(**{kind: value})
     return request
+
+
+def _search(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions,
+            timeout: Optional[float]) -> Any:
+    """The Search RPC both `search` and `search_batch` make (a generator, like the methods that use it)."""
+    response = yield "index", "Search", _search_request(collection, queries, options), timeout
+    if response.unknown_filter_keys:  # stacklevel 4: past here, search and the driver, to the caller
+        warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=4)
+    return [[Hit(h.id, h.score, _metadata(h.metadata),
+                 np.array(h.vector.values, np.float32) if options.include_vectors else None) for h in r.hits]
+            for r in response.results]
 
 
 def _batches(iterable: Iterable, size: int) -> Iterator[list]:
@@ -255,17 +344,21 @@ Rpc = tuple[str, str, Any, Optional[float]]
 
 
 class _Api:
-    def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
-              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+    def embed(self, inputs: Sequence[Input], poolings: Union[PoolingArg, Sequence[PoolingArg]] = ("cls",),
+              model: str = "", include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
         """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
-        input's token features (and image token grid). A spec given twice is refused before anything is sent."""
+        input's token features (and image token grid). `poolings` is one spec or a sequence of them. A spec
+        given twice is refused before anything is sent."""
+        poolings = _pooling_list(poolings)
         keys = _pooling_keys(poolings)
+        if isinstance(inputs, (str, bytes, Path)):  # one input, not a sequence of characters or bytes
+            inputs = [inputs]
         request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
         return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
-    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
-        return (yield "embed", "ListModels", pb.ListModelsRequest(), timeout)
+    def list_models(self, timeout: Optional[float] = None) -> Models:
+        return _models((yield "embed", "ListModels", pb.ListModelsRequest(), timeout))
 
     # -- collections --------------------------------------------------------------------------
 
@@ -321,34 +414,43 @@ class _Api:
         return items, missing
 
     def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
-               vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
-               top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
-               ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
-               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
-        """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
-        those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
-        parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
-        (UnknownFilterKeyWarning)."""
-        request = _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
-                                  include_metadata, include_vectors)
-        response = yield "index", "Search", request, timeout
-        if response.unknown_filter_keys:  # stacklevel 3: past this generator and its driver, to the caller
-            warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=3)
-        results = [[Hit(h.id, h.score, _metadata(h.metadata),
-                        np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
-                   for r in response.results]
-        return results[0] if queries is None else results
+               vector: Optional[np.ndarray] = None, id: Optional[str] = None, top_k: int = 10,
+               filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
+               include_metadata: bool = True, include_vectors: bool = False,
+               timeout: Optional[float] = None) -> list[Hit]:
+        """The hits of one query: exactly one of text=, image=, vector= or id=. `filter`: text in the CLI's
+        grammar ("n>=2 colour=red|blue"), parsed by the server, or a dict (see _filter). A filter on keys no
+        item holds warns (UnknownFilterKeyWarning)."""
+        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of text=, image=, vector=, id= (search_batch takes many queries)")
+        options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
+        return (yield from _search(collection, [given], options, timeout))[0]
+
+    def search_batch(self, collection: str, queries: Sequence[Mapping[str, Any]], *, top_k: int = 10,
+                     filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
+                     include_metadata: bool = True, include_vectors: bool = False,
+                     timeout: Optional[float] = None) -> list[list[Hit]]:
+        """One hit list per query, in order, in one request; each query is a dict of one of text=, image=,
+        vector=, id= (`{"text": "a red car"}`). The options apply to every query."""
+        for q in queries:
+            if not isinstance(q, Mapping) or len(q) != 1 or next(iter(q)) not in ("text", "image", "vector", "id"):
+                raise ValueError(f"each query is a dict of one of text, image, vector, id; got {q!r:.80}")
+        options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
+        return (yield from _search(collection, queries, options, timeout))
 
     def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
+                    batch_size: int = 64, timeout: Optional[float] = None) -> FitResult:
         messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
                                          params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
                                          samples=[_content(x) for x in chunk])
                     for n, chunk in enumerate(_batches(samples, batch_size)))
-        return (yield "index", "FitPooling", messages, timeout)
+        response = yield "index", "FitPooling", messages, timeout
+        return FitResult(_collection(response.collection), response.descriptors, response.seconds)
 
 
-API_METHODS = [name for name, value in vars(_Api).items() if inspect.isgeneratorfunction(value)]
+API_METHODS = [name for name, value in vars(_Api).items()
+               if inspect.isgeneratorfunction(value) and not name.startswith("_")]
 
 
 class _Channel:
@@ -427,6 +529,7 @@ class Client(_Channel):
     delete = _blocking(_Api.delete)
     get = _blocking(_Api.get)
     search = _blocking(_Api.search)
+    search_batch = _blocking(_Api.search_batch)
     fit_pooling = _blocking(_Api.fit_pooling)
 
     def close(self) -> None:
@@ -455,6 +558,7 @@ class AsyncClient(_Channel):
     delete = _awaiting(_Api.delete)
     get = _awaiting(_Api.get)
     search = _awaiting(_Api.search)
+    search_batch = _awaiting(_Api.search_batch)
     fit_pooling = _awaiting(_Api.fit_pooling)
 
     async def close(self) -> None:

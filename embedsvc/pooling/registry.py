@@ -20,6 +20,7 @@ from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFini
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
+from embedsvc.spec_text import SpecTextError, parse_spec_text
 
 
 # -- parameters -----------------------------------------------------------------------------------
@@ -243,14 +244,12 @@ class PoolingSpec:
     def parse(cls, text: str) -> "PoolingSpec":
         """'gem', 'gem:p=4', 'avg:tokens=clearclip' or 'spp:levels=1,2;combine=concat' (';' separates
         parameters)."""
-        name, _, rest = text.partition(":")
-        params = {}
-        for part in filter(None, (p.strip() for p in rest.split(";"))):
-            key, eq, value = part.partition("=")
-            if not eq:
-                raise InvalidPoolingParams(f"{name}: parameter {quoted(part)} must be written key=value")
-            params[key.strip()] = value.strip()
-        return cls(name.strip(), params)
+        try:
+            name, params = parse_spec_text(text)
+        except SpecTextError as exc:
+            message = f"{exc.name}: parameter {quoted(exc.part)} must be written key=value"
+            raise InvalidPoolingParams(message) from None
+        return cls(name, params)
 
 
 @dataclass
