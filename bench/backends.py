@@ -5,7 +5,7 @@
 Upsert: vectors/s in batches of 1000 with metadata (validation and the durable write included; bare FAISS is
 an in-memory add). Search: single-query top-10 latency p50/p99, plain and with a filter keeping ~10% of the
 items (`group == 3` of ten groups; bare FAISS gets the allowed ids as an IDSelectorBatch). Milvus Lite is a
-local, single-process stand-in for a Milvus server: see the README's "Scaling out" for what a cluster changes.
+local, single-process stand-in for a Milvus server: see docs/scaling.md for what a cluster changes.
 """
 
 from __future__ import annotations

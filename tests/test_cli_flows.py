@@ -168,7 +168,7 @@ def error_server(tmp_path_factory):
 
 
 def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp_path):
-    """Every documented CLI error case (README, "Errors"), run as a user runs it, in parallel."""
+    """Every documented CLI error case (docs/errors.md, "The CLI"), run as a user runs it, in parallel."""
     address = ["--address", error_server.address]
     assert cli("collections", "create", "plain", *address).returncode == 0
     cases = [

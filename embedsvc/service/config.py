@@ -1,6 +1,6 @@
 """The server's typed configuration: defaults, then a TOML/JSON file, then EMBEDSVC_* variables, then flags.
 
-Every field is documented here and in the README's configuration table (generated from this file).
+Every field is documented here and in docs/configuration.md (generated from this file by scripts/gen_config_docs.py).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class ServerConfig:
     checkpoint_every: int = 20_000
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
-    # JSON file of API tokens with scopes (see README, "Security"); empty with auth_tokens empty: auth off.
+    # JSON file of API tokens with scopes (see docs/security.md); empty with auth_tokens empty: auth off.
     auth_tokens_file: str = ""
     # The same JSON inline (e.g. from EMBEDSVC_AUTH_TOKENS, a Kubernetes Secret); added to the file's tokens.
     auth_tokens: str = ""
@@ -285,7 +285,7 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(name, default, comment) per field, from the comment lines above each field, for the README table."""
+    """(name, default, comment) per field, from the comment lines above each field, for docs/configuration.md."""
     import ast
     import inspect
 
