@@ -50,8 +50,9 @@ class CompareJob:
     # Pairs to use. Scenes: the first N of the test split (None: DEFAULT_SCENES). Manifest: None compares every
     # row with a caption (a random sample of MAX_DEFAULT_PAIRS beyond that); N draws a random sample of N.
     size: Optional[int] = None
-    # Seed of the random sample of manifest rows (the same seed, the same rows).
-    seed: int = 0
+    # Seed of the random sample of manifest rows (the same seed, the same rows); None: 0. The scenes data has no
+    # sample to seed (the first `size` scenes of the test split), so a seed given with it is refused, not ignored.
+    seed: Optional[int] = None
     # Poolings to compare (registry specs).
     poolings: tuple[str, ...] = DEFAULT_POOLINGS
     # Index preset for the collections.
@@ -155,7 +156,8 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
     column = _label_column(job, rows)
     pairs = Pairs([], [], [], labels=[] if column else None, label_column=column)
     limit, reason = _limit(job, len(rows))
-    order = range(len(rows)) if limit is None else np.random.default_rng(job.seed).permutation(len(rows)).tolist()
+    seed = 0 if job.seed is None else job.seed
+    order = range(len(rows)) if limit is None else np.random.default_rng(seed).permutation(len(rows)).tolist()
     kept = []  # (manifest index, row, image): decoded in sampling order until `limit` are usable
     for index in order:
         if limit is not None and len(kept) == limit:
@@ -177,7 +179,7 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
         if column:
             pairs.labels.append(row.metadata[column])
     if limit is not None:
-        pairs.sample = Sample(len(rows), len(pairs.ids), job.seed, reason, list(pairs.ids))
+        pairs.sample = Sample(len(rows), len(pairs.ids), seed, reason, list(pairs.ids))
     if not pairs.ids:
         raise InvalidInput(f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
                            f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
@@ -232,6 +234,9 @@ def run_compare(job: CompareJob) -> dict:
 
     if job.size is not None and job.size < 1:
         raise InvalidInput(f"--size must be at least 1, got {job.size} (leave it out to compare every manifest row)")
+    if job.data == "scenes" and job.seed is not None:
+        raise InvalidInput(f"--seed {job.seed} seeds the random sample of a manifest's rows; the scenes data is the "
+                           f"first --size scenes of its test split, always the same: leave --seed out")
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
     spec = spec_from_options(options, default=DEFAULT_MODEL)
     pairs = _manifest_pairs(job, input_size(spec)) if job.data != "scenes" else None
