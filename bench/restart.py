@@ -126,6 +126,9 @@ class _NoClient:
     def __enter__(self):
         raise _Empty
 
+    def __exit__(self, *exc):
+        return False
+
 
 class _Empty(Exception):
     pass

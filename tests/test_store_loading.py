@@ -184,3 +184,33 @@ def test_serve_prints_load_progress_on_stderr(tmp_path):
     text = "".join(seen)
     assert "serving on" in text, text
     assert "loading collection c: reading its checkpoint's ids, 30 of 30 items" in text, text
+
+
+def test_a_checkpoint_giving_one_id_two_labels_is_replaced_by_a_rebuild(tmp_path, caplog):
+    """The id -> label dict is made after a collection serves (hashing a million ids took seconds of a restart);
+    a damaged checkpoint that lists one id under two labels is still caught then, and rebuilt from the truth."""
+    from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
+
+    vectors = unit(30, 8)
+    store = Store(tmp_path)
+    store.create_collection(CollectionConfig("c", 8))
+    store.upsert("c", [Item(f"i{k:02d}", v) for k, v in enumerate(vectors)])
+    store.close()
+    path = tmp_path / "indexes" / "collection-1.npz"
+    header, arrays = read_checkpoint(path)
+    blob = arrays["ids"].tobytes()
+    assert blob.startswith(b"i00i01")
+    arrays["ids"] = np.frombuffer(b"i00i00" + blob[6:], dtype=np.uint8)  # label 1 now holds "i00" too
+    write_checkpoint(path, header, arrays)
+    with caplog.at_level(logging.INFO, logger="embedsvc.store.store"):
+        store = Store(tmp_path)
+    try:
+        assert any("checkpoint is inconsistent" in r.getMessage() and "held by two labels" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert store.get_collection("c").count == 30
+        assert [row[0].id for row in store.search("c", vectors[:3], 1)] == ["i00", "i01", "i02"]
+        store.upsert("c", [Item("i01", vectors[5])])  # writes find the right labels
+        assert store.search("c", vectors[1:2], 1)[0][0].id != "i01"
+        assert store.get_collection("c").count == 30
+    finally:
+        store.close()

@@ -17,12 +17,12 @@ from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
-from embedsvc.service.cpu import usable_cpus
 from embedsvc.service.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.preflight import check_settings
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
-from embedsvc.store import VectorStore, open_store
+from embedsvc.service.stores import open_server_store
+from embedsvc.store import VectorStore
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
@@ -95,14 +95,18 @@ class EmbedsvcServer:
         log.info("server stopped")
 
 
-async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
-    """Builds the server (not started): binds the port, opens the store, preloads models."""
-    tokens, credentials = check_settings(config)  # bad settings fail before anything opens
-    resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
-    store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
-                       milvus_token=config.milvus_token, milvus_db=config.milvus_db,
-                       checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads or usable_cpus(),
-                       max_top_k=config.max_top_k, background_load=True, progress_seconds=config.load_progress_seconds)
+async def create_server(config: ServerConfig, store: Optional[VectorStore] = None) -> tuple[EmbedsvcServer, int]:
+    """Builds the server (not started): binds the port, opens the store (unless given one from
+    open_server_store, which it then owns: closed if this fails), preloads models."""
+    try:
+        tokens, credentials = check_settings(config)  # bad settings fail before anything opens
+        resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    if store is None:
+        store = open_server_store(config)
     metrics = Metrics()
     try:
         engine = Engine(config, store, metrics)

@@ -81,14 +81,42 @@ Index = Union[FaissIndex, FileFlatIndex]
 
 
 class _Ids:
-    """id <-> label of the live items: a dict one way, an object array indexed by label the other."""
+    """id <-> label of the live items: an object array indexed by label one way, a dict the other.
+
+    The dict is made on demand (`label_of`, or `build` from the start-up loader once the collection serves):
+    hashing a million ids took seconds of a restart, and searches need only the array. Changes take `_lock`,
+    so a change never interleaves with the dict's making; searches read the array without it."""
 
     def __init__(self) -> None:
-        self.label_of: dict[str, int] = {}
         self.by_label = np.empty(0, dtype=object)
+        self._label_of: Optional[dict[str, int]] = {}  # None until made
+        self._count = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.label_of)
+        return self._count
+
+    def defer(self) -> None:
+        """From now until `build`, the dict is not kept (a start-up fills the array first)."""
+        self._label_of = None
+
+    @property
+    def label_of(self) -> dict[str, int]:
+        found = self._label_of
+        if found is None:
+            found = self.build()
+        return found
+
+    def build(self) -> dict[str, int]:
+        """Makes the id -> label dict if it is not made yet. ValueError if two live labels hold one id."""
+        with self._lock:
+            if self._label_of is None:
+                labels = self.live_labels()
+                made = dict(zip(self.by_label[labels].tolist(), labels.tolist()))
+                if len(made) != len(labels):
+                    raise ValueError(f"{len(labels) - len(made)} id(s) are held by two labels each")
+                self._label_of = made
+            return self._label_of
 
     def reserve(self, top: int, exact: bool = False) -> None:
         """Room for labels below `top` (`exact`: no more, e.g. a checkpoint's known size)."""
@@ -98,23 +126,45 @@ class _Ids:
             self.by_label = grown
 
     def add(self, labels: Sequence[int], ids: Sequence[str]) -> None:
+        """Labels are new (not live); their ids are not live under other labels."""
         if not len(labels):
             return
-        self.reserve(int(max(labels)) + 1)
-        self.label_of.update(zip(ids, labels))
-        self.by_label[np.asarray(labels, dtype=np.int64)] = np.asarray(ids, dtype=object)
+        with self._lock:
+            self.reserve(int(max(labels)) + 1)
+            if self._label_of is not None:
+                self._label_of.update(zip(ids, labels))
+            self.by_label[np.asarray(labels, dtype=np.int64)] = np.asarray(ids, dtype=object)
+            self._count += len(labels)
 
     def remove(self, ids: Iterable[str]) -> list[int]:
         """Labels the ids had (they are gone now)."""
-        labels = [self.label_of.pop(i) for i in ids]
-        self.by_label[labels] = None
+        label_of = self.label_of
+        with self._lock:
+            labels = [label_of.pop(i) for i in ids]
+            self.by_label[labels] = None
+            self._count -= len(labels)
         return labels
+
+    def remove_labels(self, labels: np.ndarray) -> None:
+        """Removes the live ones among these labels (the dict need not be made)."""
+        with self._lock:
+            labels = np.asarray(labels, dtype=np.int64)
+            labels = labels[labels < len(self.by_label)]
+            held = self.by_label[labels]
+            live = labels[np.not_equal(held, None)]
+            if self._label_of is not None:
+                for item_id in self.by_label[live].tolist():
+                    self._label_of.pop(item_id, None)
+            self.by_label[live] = None
+            self._count -= len(live)
 
     def id_of(self, label: int) -> Optional[str]:
         return self.by_label[label] if 0 <= label < len(self.by_label) else None
 
     def live_labels(self) -> np.ndarray:
-        labels = np.fromiter(self.label_of.values(), dtype=np.int64, count=len(self.label_of))
+        if self._label_of is None:
+            return np.flatnonzero(np.not_equal(self.by_label, None)).astype(np.int64)
+        labels = np.fromiter(self._label_of.values(), dtype=np.int64, count=len(self._label_of))
         labels.sort()
         return labels
 
@@ -269,17 +319,40 @@ class Store:
         """Loads each collection in turn (the loader thread, or the opener's); never raises for one collection:
         one that cannot load is marked unavailable and the others still load."""
         started = time.monotonic()
+        loading = [col for col in self._collections.values() if col.loading]
         try:
-            for col in list(self._collections.values()):
+            for col in loading:
                 if self._closing.is_set():
                     return
-                if col.loading:
-                    self._load_collection(col)
-                    self._maybe_checkpoint(col)
-            if self._collections:
-                log.info("loaded %d collection(s) in %.1f s", len(self._collections), time.monotonic() - started)
+                self._load_collection(col)
+                self._maybe_checkpoint(col)
+            if loading:
+                log.info("loaded %d collection(s) in %.1f s", len(loading), time.monotonic() - started)
         finally:
             self.loaded.set()
+        for col in loading:  # while they serve: what only writes and a few reads need
+            if self._closing.is_set():
+                return
+            self._make_id_dict(col)
+
+    def _make_id_dict(self, col: _Collection) -> None:
+        """Makes the id -> label dict of a loaded collection; a checkpoint that gave one id two labels (a damaged
+        file) is replaced by a rebuild from the items table, as at load."""
+        ids = col.ids
+        try:
+            ids.build()
+        except ValueError as exc:
+            with col.lock.write():
+                if col.ids is not ids or col.dropped or col.unavailable:  # a write that met it first rebuilt it
+                    return
+                log.warning("collection %s: its checkpoint is inconsistent (%s); rebuilding its index from the items "
+                            "table", col.config.name, exc)
+                col.selections.clear()
+                try:
+                    self._reload(col)
+                except Exception as again:  # noqa: BLE001
+                    col.unavailable = f"its index could not be rebuilt ({type(again).__name__}: {again})"
+                    log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 
     def _use_faiss_threads(self) -> None:
         """Applies `omp_threads` to the calling thread (searches, writes, start-up). OpenMP keeps the setting per
@@ -365,7 +438,7 @@ class Store:
         layout, next_label = self.db.layout(col.id)
         remove_generations(self.folder, col.id, keep=layout.generation)
         try:
-            col.vectors = VectorFile(self.folder, col.id, config.dim, layout, next_label)
+            col.vectors = VectorFile(self.folder, col.id, config.dim, layout, next_label, populate=True)
         except (OSError, ValueError, VectorFileError) as exc:
             col.unavailable = f"its vectors cannot be read ({exc})"
             log.error("collection %s is unavailable: %s", config.name, col.unavailable)
@@ -464,13 +537,14 @@ class Store:
         if offsets.shape != (len(live) + 1,) or (len(offsets) and offsets[-1] != len(blob)):
             raise ValueError("the checkpoint's ids and labels differ in length")
         col.ids = _Ids()
+        col.ids.defer()  # the id -> label dict is made once the collection serves (see _load_all)
         col.ids.reserve(int(live[-1]) + 1 if len(live) else 0, exact=True)
         for start in range(0, len(live), FILL_CHUNK):
             bounds = offsets[start:start + FILL_CHUNK + 1].tolist()
             col.ids.add(live[start:start + FILL_CHUNK].tolist(), [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])])
             progress(min(start + FILL_CHUNK, len(live)), "reading its checkpoint's ids")
-        if len(col.ids) != len(live):
-            raise ValueError("the checkpoint repeats an id")
+        if len(live) and (live[1:] <= live[:-1]).any():
+            raise ValueError("the checkpoint's labels do not ascend")
         col.metadata = MetadataIndex.from_snapshot(header["metadata"], {k: reader.array(k) for k in
                                                                         (f"meta{i}" for i in range(
                                                                             len(header["metadata"]["keys"])))})
@@ -521,7 +595,7 @@ class Store:
         gone = np.array(sorted(removed - added_set), dtype=np.int64)
         col.index.remove(gone)
         col.metadata.remove_many(gone)
-        col.ids.remove([col.ids.id_of(int(label)) for label in gone.tolist() if col.ids.id_of(int(label)) is not None])
+        col.ids.remove_labels(gone)
         live = sorted(a for a in added if a not in removed)
         rows = self.db.items_by_label(col.id, live)
         labels = [label for label in live if label in rows]
