@@ -48,15 +48,9 @@ def run(args) -> int:
 
 
 async def serve(config: ServerConfig) -> int:
-    from embedsvc.service.stores import open_server_store
+    from embedsvc.service.server import create_server, index_demo_collection
 
-    store = open_server_store(config)  # collections load in a thread while the server's modules import
-    try:
-        from embedsvc.service.server import create_server, index_demo_collection
-    except BaseException:
-        store.close()
-        raise
-    server, port = await create_server(config, store)
+    server, port = await create_server(config)
     try:
         await index_demo_collection(server.engine, config.demo_size)
     except BaseException:

@@ -80,6 +80,9 @@ MAX_CACHED_FILTERS = 64  # per collection
 Index = Union[FaissIndex, FileFlatIndex]
 
 
+_NONE = np.array(None, dtype=object)  # compared with an object array element by element: where labels hold no id
+
+
 class _Ids:
     """id <-> label of the live items: an object array indexed by label one way, a dict the other.
 
@@ -151,7 +154,7 @@ class _Ids:
             labels = np.asarray(labels, dtype=np.int64)
             labels = labels[labels < len(self.by_label)]
             held = self.by_label[labels]
-            live = labels[np.not_equal(held, None)]
+            live = labels[np.not_equal(held, _NONE)]
             if self._label_of is not None:
                 for item_id in self.by_label[live].tolist():
                     self._label_of.pop(item_id, None)
@@ -163,7 +166,7 @@ class _Ids:
 
     def live_labels(self) -> np.ndarray:
         if self._label_of is None:
-            return np.flatnonzero(np.not_equal(self.by_label, None)).astype(np.int64)
+            return np.flatnonzero(np.not_equal(self.by_label, _NONE)).astype(np.int64)
         labels = np.fromiter(self._label_of.values(), dtype=np.int64, count=len(self._label_of))
         labels.sort()
         return labels
@@ -435,6 +438,7 @@ class Store:
 
     def _load(self, col: _Collection) -> None:
         config, progress = col.config, col.progress
+        assert progress is not None  # set with `loading`
         layout, next_label = self.db.layout(col.id)
         remove_generations(self.folder, col.id, keep=layout.generation)
         try:
@@ -517,12 +521,12 @@ class Store:
         log replay removes them, and the caller checks that it did. Refusing them rebuilt the whole collection."""
         config = col.config
         if file_backed(config.index):
-            index = FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
-            index.check_shell(reader.array("index"))
+            flat = FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
+            flat.check_shell(reader.array("index"))
             live = np.asarray(reader.array("live"), dtype=np.int64)
-            has_row = col.vectors.slots_of(live) >= 0
-            index.add(live[has_row], None)
-            return index, live[~has_row]
+            has_row = flat.vectors.slots_of(live) >= 0
+            flat.add(live[has_row], None)
+            return flat, live[~has_row]
         size = reader.member_size("index")
         progress(progress.done, f"reading its {config.index} index")
         index = FaissIndex.from_checkpoint(config.index, config.dim, config.metric, header["index"], reader,
