@@ -144,7 +144,7 @@ def test_a_load_logs_its_progress_at_the_interval_set(tmp_path, caplog, kind):
     with caplog.at_level(logging.INFO, logger="embedsvc.store.store"):
         Store(tmp_path, progress_seconds=0).close(checkpoint=False)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading collection c: ")]
-    assert any(f"reading its checkpoint's ids, 300 of 305 items" in line for line in lines), lines
+    assert any("reading its checkpoint's ids, 300 of 305 items" in line for line in lines), lines
     assert any("replaying 5 additions from its log" in line for line in lines), lines
     if kind == "hnsw":
         assert any("reading its hnsw index" in line for line in lines), lines
