@@ -27,11 +27,14 @@ def with_test_backend(config: ServerConfig) -> ServerConfig:
 
 
 class ServerThread:
-    def __init__(self, config: ServerConfig, demo: bool = False):
+    def __init__(self, config: ServerConfig, demo: bool = False, wait_loaded: bool = True):
+        """`wait_loaded`: start() returns once every stored collection is loaded, as `embedsvc serve` prints
+        "serving on" then (the server listens before)."""
         if config.listen.endswith(":0") and config.http_listen == ServerConfig.http_listen:
             config = dataclasses.replace(config, http_listen="127.0.0.1:0")  # test servers take no fixed port
         self.config = with_test_backend(config)
         self.demo = demo
+        self.wait_loaded = wait_loaded
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: EmbedsvcServer | None = None
@@ -48,6 +51,8 @@ class ServerThread:
             if self.demo:
                 await index_demo_collection(server.engine, self.config.demo_size)
             await server.start()
+            if self.wait_loaded:
+                await server.wait_ready()
             return server, port
 
         self.server, self.port = self.call(boot())

@@ -132,6 +132,9 @@ class ServerConfig:
     demo_size: int = 500
     # Write a collection's checkpoint after this many logged changes (and no sooner than a quarter of its items).
     checkpoint_every: int = 20_000
+    # Seconds between progress lines (logged at INFO) while a collection loads, replays its log or rebuilds its
+    # index at start-up; the server listens meanwhile, /readyz answering 503 until every collection is loaded.
+    load_progress_seconds: float = 5.0
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
     # JSON file of API tokens with scopes (see docs/security.md); empty with auth_tokens empty: auth off.
@@ -177,6 +180,8 @@ class ServerConfig:
                                f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if not self.load_progress_seconds >= 0:
+            raise InvalidInput(f"config load_progress_seconds must be >= 0, got {self.load_progress_seconds}")
         if not 0 <= self.decode_nice <= 19:
             raise InvalidInput(f"config decode_nice must be between 0 and 19, got {self.decode_nice}")
         if self.log_level.upper() not in LOG_LEVELS:

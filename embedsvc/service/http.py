@@ -501,9 +501,12 @@ class HttpApi:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        if self.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
+        if not self.ready:
+            return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
+        if not self.engine.store.wait_loaded(0):
+            return JSONResponse({"status": "loading", "code": "UNAVAILABLE",
+                                 "message": "collections are still loading; the log shows how far"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     async def openapi(self, request: Request) -> Response:
         from embedsvc.service.openapi import openapi_document

@@ -119,7 +119,7 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
         "tags": ["embedsvc.v1.IndexService"],
         "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in ("name", "id")],
         "responses": _responses({"type": "string", "format": "binary"}, "image/jpeg")}}
-    for probe, what in (("/healthz", "the process is alive"), ("/readyz", "ready for traffic; 503 while shutting down")):
+    for probe, what in (("/healthz", "the process is alive"), ("/readyz", "ready for traffic; 503 while collections load at start-up and while shutting down")):
         paths[probe] = {"get": {"operationId": probe[1:], "summary": what, "tags": ["probes"], "security": [],
                                 "responses": {"200": {"description": "OK"}, "503": {"description": "not ready"}}}}
     schemas = _all_messages(pb.DESCRIPTOR)

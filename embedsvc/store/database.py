@@ -274,11 +274,17 @@ class Database:
     def items_by_label(self, collection_id: int, labels: list[int]) -> dict[int, tuple]:
         return self._rows_by("label", collection_id, labels)
 
-    def scan(self, collection_id: int) -> list[tuple]:
-        """(label, id, metadata json) of every live item, in label order."""
-        with self._lock:
-            return self.conn.execute("SELECT label, id, metadata FROM items WHERE collection_id=? ORDER BY label",
-                                     (collection_id,)).fetchall()
+    def scan(self, collection_id: int, chunk: int = 65_536) -> Iterator[list[tuple]]:
+        """(label, id, metadata json) of every live item, in label order, `chunk` rows at a time (a start-up
+        reports its progress between chunks, and holds one chunk of Python rows at a time)."""
+        last = -1
+        while True:
+            rows = self.query("SELECT label, id, metadata FROM items WHERE collection_id=? AND label>? ORDER BY label "
+                              "LIMIT ?", (collection_id, last, chunk))
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
 
     def count(self, collection_id: int) -> int:
         return self.query("SELECT COUNT(*) FROM items WHERE collection_id=?", (collection_id,))[0][0]

@@ -493,15 +493,17 @@ class FaissIndex:
         return header, arrays
 
     @classmethod
-    def from_checkpoint(cls, kind: str, dim: int, metric: str, header: dict, reader) -> "FaissIndex":
-        """Loads what checkpoint_parts wrote, reading the index straight from the file (a CheckpointReader)."""
+    def from_checkpoint(cls, kind: str, dim: int, metric: str, header: dict, reader,
+                        on_read: Optional[Callable[[int], None]] = None) -> "FaissIndex":
+        """Loads what checkpoint_parts wrote, reading the index straight from the file (a CheckpointReader);
+        `on_read(bytes so far)` as it reads."""
         self = cls.__new__(cls)
         self.kind, self.dim, self.metric = kind, dim, metric
         self.preset = INDEX_PRESETS.get(self.kind)
         self.tombstones = set(reader.array("tombstones").tolist())
         self.trained_at = int(header.get("trained_at", 0))
         self._lookup = self._live_mask = self._live_bits = None
-        index = reader.faiss_index()
+        index = reader.faiss_index(on_read=on_read)
         if index.d != dim:
             raise ValueError(f"checkpoint index has dimension {index.d}, the collection {dim}")
         labels = np.asarray(reader.array("labels"), dtype=np.int64) if header.get("positional") else \
@@ -605,7 +607,10 @@ class FileFlatIndex:
             self._live = grown
         fresh = slots[~self._live[slots]]
         self._live[fresh] = True
-        self._count += len(np.unique(fresh))
+        # Labels come ascending (a checkpoint's live set, a write's new labels), and so do their slots: counted
+        # without np.unique, which took 2.4 s of a 1M-item start-up.
+        ascending = len(fresh) < 2 or bool((fresh[1:] > fresh[:-1]).all())
+        self._count += len(fresh) if ascending else len(np.unique(fresh))
         self._changed()
 
     def remove(self, labels: np.ndarray) -> None:

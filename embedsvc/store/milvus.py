@@ -724,6 +724,10 @@ class MilvusStore:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+        """Milvus holds the collections: nothing loads in this process."""
+        return True
+
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""

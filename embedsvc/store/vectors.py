@@ -50,7 +50,10 @@ class VectorFile:
     """Rows of one collection's vectors; appends are durable when `append` returns."""
 
     def __init__(self, folder: Path, collection_id: int, dim: int, layout: Layout, next_label: int,
-                 create: bool = False):
+                 create: bool = False, populate: bool = False):
+        """`populate`: read the rows in and map them now (a start-up's loader thread), so that the first search
+        does not fault in every page of the file itself; rows past the committed ones (a crash's leftovers, or
+        capacity never written) are cut off first, as `close` does, so that none of them is read in."""
         self.folder, self.collection_id, self.dim = folder, collection_id, dim
         self.layout = layout
         self.row_bytes = dim * 4
@@ -83,8 +86,11 @@ class VectorFile:
             os.close(self.fd)
             raise VectorFileError(f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database "
                                   f"committed {self.used}")
+        if populate and size > self.used * self.row_bytes:
+            os.ftruncate(self.fd, self.used * self.row_bytes)
+            size = self.used * self.row_bytes
         self.capacity = size // self.row_bytes
-        self._mmap, self.matrix = self._map(self.capacity)
+        self._mmap, self.matrix = self._map(self.capacity, populate)
 
     @staticmethod
     def file_path(folder: Path, collection_id: int, generation: int) -> Path:
@@ -97,11 +103,12 @@ class VectorFile:
     def slot_count(self, next_label: int) -> int:
         return self.layout.base_count + max(0, next_label - self.layout.base_label)
 
-    def _map(self, capacity: int) -> tuple[Optional[mmap.mmap], np.ndarray]:
+    def _map(self, capacity: int, populate: bool = False) -> tuple[Optional[mmap.mmap], np.ndarray]:
         """Maps `capacity` rows; `matrix[:used]` are the committed rows, read in place."""
         if not capacity:
             return None, np.empty((0, self.dim), dtype=np.float32)
-        mapped = mmap.mmap(self.fd, capacity * self.row_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mapped = mmap.mmap(self.fd, capacity * self.row_bytes, flags, mmap.PROT_READ)
         return mapped, np.frombuffer(mapped, dtype=np.float32).reshape(capacity, self.dim)
 
     # -- labels <-> slots ---------------------------------------------------------------------
