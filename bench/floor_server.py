@@ -40,6 +40,8 @@ class FloorServicer(pb_grpc.EmbedServiceServicer):
 class FloorEngine:
     """What the model channel asks of an Engine, doing no work: the real model's facts, canned vectors."""
 
+    metrics = None
+
     def __init__(self, runtime, dim: int):
         self.runtime, self.dim = runtime, dim
 

@@ -9,8 +9,12 @@ import io
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -34,7 +38,7 @@ def png(colour: tuple[int, int, int], size=(90, 70)) -> bytes:
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("frontends")
     (folder / "data").mkdir()
-    server = serve_process(folder / "data", "--frontends", "2", preload=True)
+    server = serve_process(folder / "data", "--frontends", "2", "--metrics-port", "0", preload=True)
     yield server, folder
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
@@ -87,6 +91,29 @@ def test_front_ends_embed_as_the_model_process_does(served):
         with pytest.raises(EmbedsvcClientError) as caught:
             client.embed(["x"], model="no-such-model")
         assert caught.value.code.name == "NOT_FOUND"
+
+
+def requests_counted(server, method: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+    match = re.search(rf'embedsvc_requests_total{{code="OK",method="{method}"}} (\S+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_count_every_call_once(served):
+    """Embed answered by a front end and ListModels forwarded to the model process both appear in the model
+    process's /metrics, each call exactly once."""
+    server, _ = served
+    assert server.metrics_url
+    embeds, models = requests_counted(server, "Embed"), requests_counted(server, "ListModels")
+    with Client(server.address, timeout=60) as client:
+        for i in range(5):
+            client.embed([f"{i} circles"])
+        client.list_models()
+    deadline = time.monotonic() + 30  # a front end reports its calls after answering them
+    while requests_counted(server, "Embed") < embeds + 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert requests_counted(server, "Embed") == embeds + 5
+    assert requests_counted(server, "ListModels") == models + 1
 
 
 def test_many_callers_share_forwards_across_front_ends(served):
@@ -175,3 +202,17 @@ def test_killed_front_end_loses_nothing_acknowledged(served):
         time.sleep(0.05)
     now = pids_of(server)
     assert before[0] not in now and len(now) == 2, f"front ends before {before}, now {now}"
+
+
+def test_port_taken_is_a_clear_startup_error_with_front_ends(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--frontends", "2", "--listen",
+                               f"127.0.0.1:{port}", "--http-listen", "", "--metrics-port", "-1", "--demo-size", "0",
+                               "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"embedsvc serve: error: cannot listen on 127.0.0.1:{port}: the port is taken or the address is not local "
+        f"(Address already in use); pick another with --listen or EMBEDSVC_LISTEN"]

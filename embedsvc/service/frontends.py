@@ -15,8 +15,8 @@ admission and response framing, in one event loop, while the forward waits for i
 - admission limits are split: each front end admits max_concurrent_rpcs / N calls and lets max_waiting_rpcs / N
   wait; the batch queue (max_queue) is the model process's, shared by all;
 - a front end that dies is restarted; its connections fail (clients retry and reach another), its requests in
-  the model process are cancelled. The HTTP API, the search page and /metrics stay in the model process
-  (request metrics there count HTTP and forwarded calls; front ends log each call).
+  the model process are cancelled. The HTTP API, the search page and /metrics stay in the model process;
+  /metrics counts every call once, whichever process answered it (front ends report theirs over the channel).
 
     python -m embedsvc.service.frontends   # a front end; its settings come as JSON on stdin
 """
@@ -24,6 +24,7 @@ admission and response framing, in one event loop, while the forward waits for i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
@@ -67,14 +68,28 @@ RESTART_DELAY_S = 1.0  # before a dead front end's replacement starts (a crash l
 # -- the front end --------------------------------------------------------------------------
 
 
+FORWARDED = contextvars.ContextVar("forwarded", default=False)  # this call went to the model process's gRPC
+
+
+class _CallsServedHere:
+    """FrontEngine.metrics: calls a front end answered itself are counted in the model process's /metrics;
+    forwarded ones are counted there by the model process's own gRPC server (once)."""
+
+    def __init__(self, client: ModelChannelClient):
+        self.client = client
+
+    def record_call(self, method: str, code: str, seconds: float) -> None:
+        if not FORWARDED.get():
+            self.client.record_call(method, code, seconds)
+
+
 class FrontEngine:
     """What calls.embed needs of an Engine, in a front end: input checks and decoding here, the forward and the
     poolings in the model process."""
 
-    metrics = None  # front ends log each call; /metrics is the model process's
-
     def __init__(self, config: ServerConfig, client: ModelChannelClient):
         self.config, self.client = config, client
+        self.metrics = _CallsServedHere(client)
         self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode",
                                               initializer=lower_thread_priority, initargs=(config.decode_nice,))
         self._facts: dict[str, tuple[int, Any]] = {}  # model name asked for -> (input size, prepare)
@@ -114,6 +129,7 @@ class FrontEngine:
 
 async def _forward(method, request, context):
     """One call to the model process's gRPC, its status passed on as is."""
+    FORWARDED.set(True)
     try:
         return await method(request, timeout=context.time_remaining())
     except grpc.aio.AioRpcError as exc:

@@ -8,7 +8,7 @@ front end holds one Unix-socket connection to the model process:
   the connection ends, so a killed front end leaks nothing); the front end writes each decoded image there
   (ClipEncoder.prepare's uint8 tensor, ~15 KB at 72 px, 150 KB at 224 px) and sends only its place;
 - frames are a 4-byte length and a pickle: ("embed", id, model, poolings, inputs), ("facts", id, model),
-  ("cancel", id) one way; ("ok", id, value) or ("err", id, error class, message) the other, exactly one per
+  ("cancel", id), ("call", 0, method, code, seconds) (for /metrics: a call the front end answered itself) one way; ("ok", id, value) or ("err", id, error class, message) the other, exactly one per
   request, so the front end frees a request's shared memory only once the model process is done with it;
 - the model process feeds the inputs to the engine's batchers (Engine.embed_batch with PreparedImage
   contents): the same continuous batching, queue limit and poolings as an in-process request.
@@ -68,7 +68,10 @@ class _Frames(asyncio.Protocol):
                 return
             message = pickle.loads(self._buffer[HEADER.size:HEADER.size + size])
             del self._buffer[:HEADER.size + size]
-            self.on_message(message)
+            try:
+                self.on_message(message)
+            except Exception:  # noqa: BLE001 - a bug in one message must not close the channel for all
+                log.exception("model channel: cannot handle a %r message", message[0])
 
     def send(self, message: tuple) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -105,6 +108,10 @@ class _FrontEndConnection(_Frames):
 
     def on_message(self, message: tuple) -> None:
         kind, rid = message[0], message[1]
+        if kind == "call":  # a call the front end served itself, for /metrics
+            if self.engine.metrics:
+                self.engine.metrics.record_call(*message[2:])
+            return
         if kind == "cancel":
             task = self.tasks.get(rid)
             if task is not None:
@@ -261,6 +268,10 @@ class ModelChannelClient(_Frames):
             if not self.lost:
                 self.send(("cancel", rid))
             raise
+
+    def record_call(self, method: str, code: str, seconds: float) -> None:
+        """Counts a call this front end served in the model process's /metrics (Metrics.record_call's shape)."""
+        self.send(("call", 0, method, code, seconds))
 
     async def facts(self, model: str) -> tuple:
         return await self.request("facts", model)
