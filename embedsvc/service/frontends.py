@@ -270,6 +270,8 @@ class FrontEnds:
                 return
             log.warning("front end %d (pid %d) exited with status %s; starting another", index, proc.pid, code)
             await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:  # Ctrl-C reaches the whole process group: front ends may exit first
+                return
             try:
                 await self._spawn(index)
             except InvalidInput as exc:
