@@ -26,6 +26,7 @@ class Served:
     proc: subprocess.Popen
     address: str
     http_url: str = ""
+    metrics_url: str = ""
 
 
 def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool = False) -> Served:
@@ -45,7 +46,9 @@ def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool
             threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
             url = re.search(r"HTTP API and search page on (http\S*?)/?,? ", line)
             assert url or not http, f"no HTTP address in {line!r}"
-            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "")
+            metrics = re.search(r"metrics on (http\S*/metrics)", line)
+            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "",
+                          metrics.group(1) if metrics else "")
     proc.kill()
     raise AssertionError("server did not start: " + proc.stderr.read())
 

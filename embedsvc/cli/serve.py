@@ -48,6 +48,10 @@ def run(args) -> int:
 
 
 async def serve(config: ServerConfig) -> int:
+    if config.frontends:
+        from embedsvc.service.frontends import serve_with_front_ends
+
+        return await serve_with_front_ends(config)
     from embedsvc.service.server import create_server, index_demo_collection
 
     server, port = await create_server(config)

@@ -33,8 +33,7 @@ log = logging.getLogger("embedsvc.rpc")
 def record(engine: Engine, method: str, code: str, seconds: float, peer: str, transport: str) -> None:
     """Counts, times and logs one request, whichever transport carried it (metrics keep their labels)."""
     if engine.metrics:
-        engine.metrics.requests.labels(method, code).inc()
-        engine.metrics.latency.labels(method).observe(seconds)
+        engine.metrics.record_call(method, code, seconds)
     log.info("rpc", extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer,
                            "transport": transport})
 

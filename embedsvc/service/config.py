@@ -25,6 +25,7 @@ ENV_PREFIX = "EMBEDSVC_"
 # Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
 JSON_ENVELOPE_BYTES = 4096  # an HTTP request's JSON around its images: field names, ids, poolings, metadata
+MAX_FRONTENDS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -120,6 +121,10 @@ class ServerConfig:
     torch_threads: int = 0
     # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
     faiss_threads: int = 0
+    # gRPC front-end processes sharing the listen port (SO_REUSEPORT): each parses, authenticates, admits and decodes
+    # requests, and one model process batches all their inputs and owns the store, HTTP and metrics; 0: one process
+    # does everything. Admission limits are split evenly between front ends.
+    frontends: int = 0
     # Threads that decode and preprocess images.
     decode_workers: int = 2
     # Nice increment of those threads (0-19): on a CPU the forward fills, decodes yield to the forward's
@@ -178,6 +183,9 @@ class ServerConfig:
         if self.http_listen and self.http_max_body_bytes < one_image:
             raise InvalidInput(f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
                                f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
+        if not 0 <= self.frontends <= MAX_FRONTENDS:
+            raise InvalidInput(f"config frontends must be between 0 (one process) and {MAX_FRONTENDS}, got "
+                               f"{self.frontends}")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if not self.load_progress_seconds >= 0:

@@ -52,7 +52,15 @@ class DecodedImage:
     image: Any
 
 
-Content = Union[Text, ImageBytes, DecodedImage]
+@dataclass
+class PreparedImage:
+    """An image a front-end process already checked, decoded and cut to the model's input (ClipEncoder.prepare's
+    tensor, in shared memory): it goes to the batcher as is (embedsvc.service.modelchannel)."""
+
+    pixels: torch.Tensor
+
+
+Content = Union[Text, ImageBytes, DecodedImage, PreparedImage]
 
 
 @dataclass
@@ -98,6 +106,55 @@ class SearchOutcome:
 
 def _image_payload(content: Content) -> Any:
     return content.image if isinstance(content, DecodedImage) else content.data
+
+
+def check_count(config: ServerConfig, n: int, what: str) -> None:
+    if n > config.max_items_per_request:
+        raise ResourceExhausted(f"{n} {what} in one request, over the limit of {config.max_items_per_request}; "
+                                f"split it")
+
+
+def check_content(config: ServerConfig, content: Content, where: str) -> None:
+    """A request input's limits, checked before any decode or forward (here and in front-end processes)."""
+    if isinstance(content, Text):
+        if not content.text.strip():
+            raise EmptyText(f"{where}: text is empty; send at least one non-blank character")
+        if len(content.text) > config.max_text_chars:
+            raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
+                               f"{config.max_text_chars}")
+    elif isinstance(content, (DecodedImage, PreparedImage)):
+        pass
+    elif isinstance(content, ImageBytes):
+        if len(content.data) > config.max_image_bytes:
+            raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
+                               f"{config.max_image_bytes:,}")
+    else:
+        raise InvalidInput(f"{where}: no content (set text or image)")
+
+
+def decode_for_model(config: ServerConfig, short_side: int, prepare: Callable[[Any], torch.Tensor], data: Any,
+                     where: str) -> torch.Tensor:
+    """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`."""
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            image = decode_image(data, config.max_image_pixels, short_side, config.max_image_header_pixels)
+        else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
+            check_resized_size(data.size, short_side, config.max_image_pixels)
+            image = fit_to_model(data, short_side)
+    except InvalidInput as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    return prepare(image)
+
+
+def check_pixel_budget(config: ServerConfig, payloads: Sequence[Any], short_side: int) -> None:
+    """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
+    at the model's input size) add up to more than max_request_pixels."""
+    total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+                for p in payloads)
+    if total > config.max_request_pixels:
+        raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
+                                f"limit of {config.max_request_pixels:,} (max_request_pixels); send fewer "
+                                f"or smaller images per request")
 
 
 FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
@@ -196,43 +253,13 @@ class Engine:
     # -- embedding ----------------------------------------------------------------------------
 
     def _check_content(self, content: Content, where: str) -> None:
-        if isinstance(content, Text):
-            if not content.text.strip():
-                raise EmptyText(f"{where}: text is empty; send at least one non-blank character")
-            if len(content.text) > self.config.max_text_chars:
-                raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
-                                   f"{self.config.max_text_chars}")
-        elif isinstance(content, DecodedImage):
-            pass
-        elif isinstance(content, ImageBytes):
-            if len(content.data) > self.config.max_image_bytes:
-                raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
-                                   f"{self.config.max_image_bytes:,}")
-        else:
-            raise InvalidInput(f"{where}: no content (set text or image)")
+        check_content(self.config, content, where)
 
     def _decode(self, runtime: ModelRuntime, data: Any, where: str) -> torch.Tensor:
-        short_side = runtime.encoder.loaded.image_size  # preprocessing resizes the shorter side to this
-        try:
-            if isinstance(data, (bytes, bytearray)):
-                image = decode_image(data, self.config.max_image_pixels, short_side,
-                                     self.config.max_image_header_pixels)
-            else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
-                check_resized_size(data.size, short_side, self.config.max_image_pixels)
-                image = fit_to_model(data, short_side)
-        except InvalidInput as exc:
-            raise type(exc)(f"{where}: {exc}") from None
-        return runtime.encoder.prepare(image)
+        return decode_for_model(self.config, runtime.encoder.loaded.image_size, runtime.encoder.prepare, data, where)
 
     def _check_pixel_budget(self, payloads: Sequence[Any], short_side: int) -> None:
-        """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
-        at the model's input size) add up to more than max_request_pixels."""
-        total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
-                    for p in payloads)
-        if total > self.config.max_request_pixels:
-            raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
-                                    f"limit of {self.config.max_request_pixels:,} (max_request_pixels); send fewer "
-                                    f"or smaller images per request")
+        check_pixel_budget(self.config, payloads, short_side)
 
     async def _in_decode_pool(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
         """Runs one request's jobs in the decode pool, at most decode_workers of them at a time.
@@ -268,7 +295,9 @@ class Engine:
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
-        if images:  # decode first: a bad image fails the request before any forward pass is queued
+        if images and all(isinstance(contents[i], PreparedImage) for i in images):  # a front end decoded them
+            pixels = [contents[i].pixels for i in images]
+        elif images:  # decode first: a bad image fails the request before any forward pass is queued
             payloads = [_image_payload(contents[i]) for i in images]
             short_side = runtime.encoder.loaded.image_size
             await self._in_decode_pool([lambda: self._check_pixel_budget(payloads, short_side)])
@@ -337,9 +366,7 @@ class Engine:
         return runtime.encoder.loaded.spec.name, batch
 
     def _check_count(self, n: int, what: str) -> None:
-        if n > self.config.max_items_per_request:
-            raise ResourceExhausted(f"{n} {what} in one request, over the limit of {self.config.max_items_per_request}; "
-                                    f"split it")
+        check_count(self.config, n, what)
 
     # -- collections --------------------------------------------------------------------------
 

@@ -95,14 +95,19 @@ class EmbedsvcServer:
         log.info("server stopped")
 
 
-async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
+async def create_server(config: ServerConfig, internal_listen: str = "") -> tuple[EmbedsvcServer, int]:
     """Builds the server (not started): binds the port, opens the store (its collections load in a thread: see
-    EmbedsvcServer.start), preloads models.
+    EmbedsvcServer.start), preloads models. With `internal_listen` (a unix: address in a private folder), the
+    model process of `frontends` mode: its gRPC serves only its front ends there, with neither TLS nor tokens
+    (they checked both); HTTP and metrics stay as configured.
 
     The store is opened after the model stack's imports, not before them to overlap: a loader thread holding
     the GIL made every file read of the imports wait its switch interval, and the start was slower (measured
     at 1M: 24.7-30.1 s to serve against 20.4-23.3 s)."""
     tokens, credentials = check_settings(config)  # bad settings fail before anything opens
+    grpc_tokens, listen = (tokens, config.listen) if not internal_listen else ([], internal_listen)
+    if internal_listen:
+        credentials = None
     resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
     store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
                        milvus_token=config.milvus_token, milvus_db=config.milvus_db,
@@ -130,7 +135,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
                ("grpc.max_connection_idle_ms", 300_000)]
     slots = Slots(config.max_concurrent_rpcs, config.max_waiting_rpcs)  # shared with the HTTP API
     admission = AdmissionInterceptor(slots, config.request_message_timeout_seconds)
-    interceptors = [AuthInterceptor(tokens), admission] if tokens else [admission]
+    interceptors = [AuthInterceptor(grpc_tokens), admission] if grpc_tokens else [admission]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(engine), server)
     pb_grpc.add_IndexServiceServicer_to_server(IndexServicer(engine), server)
@@ -138,8 +143,8 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = (server.add_secure_port(config.listen, credentials) if credentials
-                else server.add_insecure_port(config.listen))
+        port = (server.add_secure_port(listen, credentials) if credentials
+                else server.add_insecure_port(listen))
     except RuntimeError as exc:
         port = 0
         cause = exc
@@ -148,7 +153,7 @@ async def create_server(config: ServerConfig) -> tuple[EmbedsvcServer, int]:
     if not port:
         await engine.close()
         store.close()
-        raise InvalidInput(f"cannot listen on {config.listen}: the port is taken or the address is not local "
+        raise InvalidInput(f"cannot listen on {listen}: the port is taken or the address is not local "
                            f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN")
     metrics_http = None
     if config.metrics_port >= 0:
