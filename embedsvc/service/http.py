@@ -3,7 +3,8 @@
 Each endpoint parses its body into the RPC's protobuf request as `json_format` does (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
 servicer calls, and renders the response in the same mapping (vectors written in C); large bodies are parsed
-and large responses rendered in threads, in short steps (embedsvc.service.json_body). OpenAI's /v1/embeddings
+in worker processes (embedsvc.service.bodyproc) and large responses rendered in threads, in short steps
+(embedsvc.service.json_body). OpenAI's /v1/embeddings
 is embedsvc.service.openai_api. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors
 become HTTP statuses in embedsvc.service.errors, with the gRPC code name in the JSON body:
 {"code": "NOT_FOUND", "message": "..."}.
@@ -35,7 +36,7 @@ from starlette.routing import Match, Route
 
 from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
                              RequestTooLarge, UnsupportedMediaType, quoted)
-from embedsvc.service import calls, json_body, openai_api
+from embedsvc.service import bodyproc, calls, json_body, openai_api
 from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
@@ -50,12 +51,13 @@ WEB = resources.files("embedsvc.service") / "web"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
 # Bodies and responses up to these sizes are parsed and rendered on the event loop (about 1 ms at most); larger
-# ones in the API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps
-# running. A response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay
-# inline; a protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
+# bodies in worker processes (embedsvc.service.bodyproc; OpenAI's in a codec thread), larger responses in the
+# API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps running. A
+# response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay inline; a
+# protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
 INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
 INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
-CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time; more wait their turn
+CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time, as many worker processes; more wait
 
 
 def _service_of(rpc: str) -> str:
@@ -330,6 +332,7 @@ class HttpApi:
         self.engine, self.tokens, self.slots = engine, tokens, slots
         self.config: ServerConfig = engine.config
         self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
+        self.parsers = bodyproc.BodyParsers(CODEC_THREADS)  # worker processes: large bodies parse outside this one
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
@@ -398,13 +401,20 @@ class HttpApi:
         """fn(*args) here when `size` is small, else in a codec thread."""
         if size <= INLINE_BYTES:
             return fn(*args)
+        return await self._codec(fn, *args)
+
+    async def _codec(self, fn: Callable, *args):
+        """fn(*args) in a codec thread."""
         return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
+    async def _parse(self, chunks: list[bytes], message_type: type, where: str = "request body") -> Message:
         """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
-        than max_items_per_request items is refused, as the engine would, before it is built."""
-        return await self._off_loop(len(data), json_body.parse, data, message_type, where,
-                                    self.config.max_items_per_request, self.engine._check_count)
+        than max_items_per_request items is refused, as the engine would, before it is built. A large body is
+        parsed in a worker process (embedsvc.service.bodyproc), its message put together in a codec thread."""
+        limit, check = self.config.max_items_per_request, self.engine._check_count
+        if sum(map(len, chunks)) <= INLINE_BYTES:
+            return json_body.parse(b"".join(chunks), message_type, where, limit, check)
+        return await self._codec(self.parsers.parse, chunks, message_type, where, limit, check)
 
     async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
         """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
@@ -440,7 +450,7 @@ class HttpApi:
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
             message = await self._multipart_search(request)
         elif endpoint.body:  # application/json: BrowserGuard refused other types
-            message = await self._parse(await request.body(), endpoint.request_type)
+            message = await self._parse(await bodyproc.body_chunks(request), endpoint.request_type)
         else:
             message = endpoint.request_type()
         if endpoint.path_field:
@@ -453,22 +463,29 @@ class HttpApi:
 
     async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
         """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream);
-        each batch is parsed (off the loop when large) after the one before was stored."""
-        body = await request.body()
-        start, line, stored = 0, 0, 0
-        while True:
-            try:
-                items, start, line = await self._off_loop(len(body) - start, json_body.parse_lines, body, start, line,
-                                                          self.config.max_items_per_request, pb.UpsertItem)
-            except InvalidInput as exc:
-                if stored:  # each batch is stored before the next one is parsed
-                    raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
-                raise
-            if items or not stored:  # a body of blank lines is one empty batch, as before
-                yield pb.UpsertRequest(collection=collection, items=items)
-            stored += len(items)
-            if start >= len(body):
-                return
+        a batch is stored only if all its lines parse, and the batches before a line that does not parse are.
+        A large body is parsed in a worker process, each batch put together in a codec thread."""
+        chunks = await bodyproc.body_chunks(request)
+        if sum(map(len, chunks)) <= INLINE_BYTES:
+            lines, error = bodyproc.parse_lines(b"".join(chunks), pb.UpsertItem)
+        else:
+            lines, error = await self._codec(self.parsers.parse_lines, chunks, pb.UpsertItem)
+        limit, stored = self.config.max_items_per_request, 0
+        whole = len(lines) if error is None else len(lines) - len(lines) % limit  # the bad line's batch is not
+        for start in range(0, whole, limit):
+            batch, message = lines[start:start + limit], pb.UpsertRequest(collection=collection)
+            if sum(map(len, batch)) <= INLINE_BYTES:
+                bodyproc.add_all(message.items, batch)
+            else:
+                await self._codec(bodyproc.add_all, message.items, batch)
+            yield message
+            stored += len(batch)
+        if error is not None:
+            if stored:
+                raise InvalidInput(f"{error} (the {stored} items of the lines before were stored)")
+            raise InvalidInput(error)
+        if not lines:  # a body of blank lines is one empty batch, as before
+            yield pb.UpsertRequest(collection=collection)
 
     async def _multipart_search(self, request: Request) -> pb.SearchRequest:
         limit = self.config.max_items_per_request
@@ -476,7 +493,8 @@ class HttpApi:
             form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.http_max_body_bytes)
         except HTTPException as exc:  # malformed multipart, too many parts
             raise InvalidInput(f"multipart body: {exc.detail}") from None
-        message = await self._parse(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
+        message = await self._parse([str(form.get("request") or "").encode()], pb.SearchRequest,
+                                    "form field 'request'")
         if form.get("text"):
             message.queries.add(text=str(form["text"]))
         for upload in form.getlist("image"):
@@ -595,3 +613,4 @@ class HttpServer:
             await self.task
         self.sock.close()
         self.api.codec.shutdown(wait=False, cancel_futures=True)
+        self.api.parsers.close()
