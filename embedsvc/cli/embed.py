@@ -158,6 +158,7 @@ def run(args) -> int:
             item = {"input": value, "modality": row.modality, "truncated": row.truncated,
                     "embeddings": {name: vector.tolist() for name, vector in row.vectors}}
             if args.tokens:
+                assert row.tokens is not None  # asked for: every row has them
                 item["tokens"] = row.tokens.tolist()
                 item["grid"] = list(row.grid) if row.grid else None
             out.append(item)

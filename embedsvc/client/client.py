@@ -12,7 +12,8 @@ import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, Optional, ParamSpec, \
+    Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -109,7 +110,7 @@ def _metadata(values) -> dict[str, Any]:
     out = {}
     for k, v in values.items():
         kind = v.WhichOneof("kind")
-        value = getattr(v, kind) if kind else None
+        value: Any = getattr(v, kind) if kind else None
         if kind == "number_value" and float(value).is_integer():
             value = int(value)
         out[k] = value
@@ -139,7 +140,7 @@ def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
 def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
     if isinstance(spec, str):
         name, _, rest = spec.partition(":")
-        params = dict(p.split("=", 1) for p in rest.split(";") if p) if rest else {}
+        params: Mapping[str, Any] = dict(p.split("=", 1) for p in rest.split(";") if p) if rest else {}
     else:
         name, params = spec
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
@@ -252,11 +253,14 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 # build the same requests and decode the same responses with the same code.
 
 Rpc = tuple[str, str, Any, Optional[float]]
+R = TypeVar("R")
+P = ParamSpec("P")
+Steps = Generator[Rpc, Any, R]  # a method of _Api: yields Rpcs, is sent their responses, returns R
 
 
 class _Api:
     def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
-              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+              include_tokens: bool = False, timeout: Optional[float] = None) -> Steps[Embeddings]:
         """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
         input's token features (and image token grid). A spec given twice is refused before anything is sent."""
         keys = _pooling_keys(poolings)
@@ -264,33 +268,33 @@ class _Api:
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
         return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
-    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
+    def list_models(self, timeout: Optional[float] = None) -> Steps[pb.ListModelsResponse]:
         return (yield "embed", "ListModels", pb.ListModelsRequest(), timeout)
 
     # -- collections --------------------------------------------------------------------------
 
     def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
                           metric: str = "cosine", index: str = "flat", dim: int = 0,
-                          timeout: Optional[float] = None) -> Collection:
+                          timeout: Optional[float] = None) -> Steps[Collection]:
         metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
         config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
                                      metric=metric_enum, index=index, dim=dim)
         return _collection((yield "index", "CreateCollection", pb.CreateCollectionRequest(config=config), timeout))
 
-    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
+    def get_collection(self, name: str, timeout: Optional[float] = None) -> Steps[Collection]:
         return _collection((yield "index", "GetCollection", pb.GetCollectionRequest(name=name), timeout))
 
-    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
+    def list_collections(self, timeout: Optional[float] = None) -> Steps[list[Collection]]:
         response = yield "index", "ListCollections", pb.ListCollectionsRequest(), timeout
         return [_collection(c) for c in response.collections]
 
-    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
+    def drop_collection(self, name: str, timeout: Optional[float] = None) -> Steps[int]:
         return (yield "index", "DropCollection", pb.DropCollectionRequest(name=name), timeout).items_removed
 
     # -- items --------------------------------------------------------------------------------
 
     def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
-               timeout: Optional[float] = None) -> UpsertStats:
+               timeout: Optional[float] = None) -> Steps[UpsertStats]:
         """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
         messages = (pb.UpsertRequest(collection=collection if n == 0 else "", items=[_item(i) for i in chunk])
                     for n, chunk in enumerate(_batches(items, batch_size)))
@@ -298,7 +302,7 @@ class _Api:
         return UpsertStats(response.inserted, response.replaced, response.count)
 
     def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
-               chunk: int = 1000) -> tuple[int, list[str]]:
+               chunk: int = 1000) -> Steps[tuple[int, list[str]]]:
         """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
         deleted, missing = 0, []
         for part in _batches(ids, chunk):
@@ -308,7 +312,7 @@ class _Api:
         return deleted, missing
 
     def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
+            timeout: Optional[float] = None, chunk: int = 1000) -> Steps[tuple[list[StoredItem], list[str]]]:
         """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
         items, missing = [], []
         for part in _batches(ids, chunk):
@@ -324,7 +328,7 @@ class _Api:
                vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
                top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
                ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
-               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
+               timeout: Optional[float] = None) -> Steps[Union[list[Hit], list[list[Hit]]]]:
         """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
         those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
         parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
@@ -340,7 +344,7 @@ class _Api:
         return results[0] if queries is None else results
 
     def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
+                    batch_size: int = 64, timeout: Optional[float] = None) -> Steps[pb.FitPoolingResponse]:
         messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
                                          params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
                                          samples=[_content(x) for x in chunk])
@@ -382,9 +386,9 @@ class _Channel:
                                                  metadata=self.metadata)
 
 
-def _blocking(method):
+def _blocking(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], R]:
     @functools.wraps(method)
-    def run(self, *args, **kwargs):
+    def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)
@@ -398,9 +402,9 @@ def _blocking(method):
     return run
 
 
-def _awaiting(method):
+def _awaiting(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], Awaitable[R]]:
     @functools.wraps(method)
-    async def run(self, *args, **kwargs):
+    async def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)

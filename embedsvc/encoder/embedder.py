@@ -58,11 +58,11 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
         if not index:
             continue
         if modality == TEXT:
-            features = encoder.encode_texts([inputs[i] for i in index])
+            features = encoder.encode_texts([item for item in inputs if isinstance(item, str)])  # those at index
         else:
             images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels,
                                                                               encoder.loaded.image_size)
-                      for item in (inputs[i] for i in index)]
+                      for item in inputs if not isinstance(item, str)]  # those at index
             features = encoder.encode_images(images, modes)
         for out, pooling in zip(vectors, poolings):
             out[index] = pooling(features).cpu().numpy()

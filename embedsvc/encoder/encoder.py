@@ -10,7 +10,7 @@ the trunk pass and change only the last block's computation; the native output n
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class ClipEncoder:
             pixels = self._split.normalize(pixels, self.device, self.dtype)
         else:
             pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        visual = self.model.visual
+        visual: Any = self.model.visual  # an open_clip tower (untyped): its layers are read by name
         if self.loaded.vision_tower == "vit":
             native, by_mode = vit_forward(visual, pixels, modes)
             mask = torch.ones(native.shape[0], by_mode[modes[0]].shape[1], dtype=torch.bool, device=native.device)

@@ -186,7 +186,7 @@ def _state_dict_from_bytes(data: bytes, path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        checkpoint = load_safetensors(data)
+        checkpoint: Any = load_safetensors(data)  # whatever the file holds, checked below
     else:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
@@ -245,6 +245,7 @@ def _quiet_random_init_warning(active: bool):
 def _register_architecture(spec: ModelSpec) -> None:
     import open_clip
 
+    assert spec.config_file is not None  # called for specs with a config file only
     path = Path(spec.config_file)
     if not path.is_file():
         raise WeightsUnavailable(f"model {quoted(spec.name)}: config file {path} does not exist")

@@ -53,6 +53,7 @@ class Slots:
             self._waiting -= 1
 
     def release(self) -> None:
+        assert self._slots is not None, "release() before acquire()"
         self._slots.release()
 
     @property

@@ -148,7 +148,8 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Pending]:
         """Pops the queued requests that fit in one batch, in order; cancelled ones are dropped."""
-        live, size = [], 0
+        live: list[_Pending] = []
+        size = 0
         while self._queue:
             p = self._queue[0]
             if p.future.done():
@@ -173,7 +174,8 @@ class DynamicBatcher:
             return [cancelled] * len(live), 0
         modes = tuple(dict.fromkeys(m for p in running for m in p.modes))
         features = self.encode([x for p in running for x in p.inputs], modes)
-        outcomes, start = [], 0
+        outcomes: list[tuple[bool, Any]] = []
+        start = 0
         for p in live:
             if id(p) not in taken:
                 outcomes.append(cancelled)

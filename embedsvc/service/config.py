@@ -291,9 +291,12 @@ def field_docs() -> list[tuple[str, str, str]]:
 
     lines = inspect.getsource(ServerConfig).splitlines()
     docs = {}
-    for node in ast.parse("\n".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            above, row = [], node.lineno - 2
+    tree = ast.parse("\n".join(lines)).body[0]
+    assert isinstance(tree, ast.ClassDef)
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):  # a field
+            above: list[str] = []
+            row = node.lineno - 2
             while row >= 0 and lines[row].strip().startswith("#"):
                 above.insert(0, lines[row].strip()[1:].strip())
                 row -= 1

@@ -121,7 +121,7 @@ class Database:
         with self._lock:
             return "vector" in self._columns("items")
 
-    def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable:
+    def _unavailable(self, exc: sqlite3.Error | OSError) -> StorageUnavailable:
         return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
                                   f"was stored: make it writable (or free space) and retry")
 
@@ -199,7 +199,7 @@ class Database:
     # -- items --------------------------------------------------------------------------------
 
     def labels_of(self, c: sqlite3.Connection, collection_id: int, ids: list[str]) -> dict[str, int]:
-        found = {}
+        found: dict[str, int] = {}
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
             found.update(c.execute(f"SELECT id, label FROM items WHERE collection_id=? AND id IN ({marks})",

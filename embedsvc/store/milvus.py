@@ -167,7 +167,8 @@ class Expression:
         if flt is None or not flt.must:
             return ""
         parts = [self.condition(c) for c in flt.must]
-        return None if any(p is None for p in parts) else " and ".join(parts)
+        kept = [p for p in parts if p is not None]
+        return " and ".join(kept) if len(kept) == len(parts) else None
 
     def ids(self, ids: Sequence[str]) -> str:
         return f"id in {self.value(list(ids))}"
@@ -316,7 +317,7 @@ class MilvusStore:
                 if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
-        kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
+        kwargs: dict[str, Any] = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
         if expr.params:
             kwargs["filter_params"] = expr.params
         return self._run(collection, name or collection, lambda: self.client.query(collection, **kwargs))
@@ -391,7 +392,7 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def _existing(self, record: _Record, ids: list[str]) -> set[str]:
-        found = set()
+        found: set[str] = set()
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
             flt = expr.ids(ids[start:start + ID_BATCH])
@@ -640,7 +641,7 @@ class MilvusStore:
     def _delete_ids(self, record: _Record, ids: list[str]) -> None:
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
-            kwargs = {"filter": expr.ids(ids[start:start + ID_BATCH])}
+            kwargs: dict[str, Any] = {"filter": expr.ids(ids[start:start + ID_BATCH])}
             if expr.params:
                 kwargs["filter_params"] = expr.params
             self._run(record.physical, record.config.name, lambda: self.client.delete(record.physical, **kwargs))
@@ -660,7 +661,7 @@ class MilvusStore:
         record = self._record(name)
         ids = [validate_id(i) for i in ids]
         fields = ["id", "metadata"] + (["vector"] if include_vectors else [])
-        rows = {}
+        rows: dict[str, Any] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), ID_BATCH):
             expr = self._expr()
@@ -680,6 +681,7 @@ class MilvusStore:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
             raise ItemsNotFound(f"item {item_id!r} is not in collection {name!r}")
+        assert items[0].vector is not None  # include_vectors
         return items[0].vector
 
     # -- search ---------------------------------------------------------------------------------
@@ -732,11 +734,11 @@ class MilvusStore:
             self._run(record.physical, name, lambda: self.client.flush(record.physical))
             return
         expr = self._expr()
-        for _, record in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
-            if record is None:
+        for _, entry in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
+            if entry is None:
                 continue
             try:
-                self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
+                self._run(entry.physical, entry.config.name, lambda: self.client.flush(entry.physical))
             except CollectionNotFound:
                 pass  # dropped since the catalogue was read: nothing of it to seal
 

@@ -84,6 +84,7 @@ class VectorFile:
             raise VectorFileError(f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database "
                                   f"committed {self.used}")
         self.capacity = size // self.row_bytes
+        self.matrix: Optional[np.ndarray]  # None once closed
         self._mmap, self.matrix = self._map(self.capacity)
 
     @staticmethod
@@ -144,7 +145,7 @@ class VectorFile:
         end = slot + len(vectors)
         if end > self.capacity:
             self._grow(end)
-        data = memoryview(vectors).cast("B")
+        data = vectors.data.cast("B")
         offset = slot * self.row_bytes
         while data:
             written = os.pwrite(self.fd, data, offset)
@@ -170,6 +171,7 @@ class VectorFile:
         if len(slots) and slots.min() < 0:
             missing = np.asarray(labels)[slots < 0][:3].tolist()
             raise VectorFileError(f"labels {missing} have no row in {self.path.name}")
+        assert self.matrix is not None, f"{self.path.name} is closed"
         return self.matrix[slots]
 
     def close(self, trim: bool = True) -> None:
@@ -199,7 +201,7 @@ class VectorFile:
         try:
             with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
                 for start in range(0, len(live_labels), chunk_rows):
-                    f.write(memoryview(self.vectors(live_labels[start:start + chunk_rows])).cast("B"))
+                    f.write(self.vectors(live_labels[start:start + chunk_rows]).data.cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
             return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)
