@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import grpc
 import uvicorn
@@ -43,6 +43,8 @@ from embedsvc.service.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger("embedsvc.http")
 
@@ -247,8 +249,8 @@ class BrowserGuard:
         method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
         refusal = self._refusal(scope, headers, method, host, origin)
         cross = origin is not None and not self._same_origin(origin, host)
-        cors = cross and refusal is None and self._cors_allowed(origin)
-        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+        cors = origin is not None and cross and refusal is None and self._cors_allowed(origin)
+        if cors and origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
             return await self._preflight(origin)(scope, receive, send)
         if refusal is None:
             refusal = self._media_type_refusal(scope, headers, method)
@@ -358,7 +360,8 @@ class HttpApi:
 
         return body_types
 
-    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(self, request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)  # the handler of HTTPException only
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
                                                                                         grpc.StatusCode.INVALID_ARGUMENT)
         path = request.url.path
@@ -400,7 +403,7 @@ class HttpApi:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
+    async def _parse(self, data: bytes, message_type: type[M], where: str = "request body") -> M:
         """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
         than max_items_per_request items is refused, as the engine would, before it is built."""
         return await self._off_loop(len(data), json_body.parse, data, message_type, where,
@@ -438,7 +441,7 @@ class HttpApi:
         if endpoint.streaming and kind in JSON_LINES:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
-            message = await self._multipart_search(request)
+            message: Message = await self._multipart_search(request)
         elif endpoint.body:  # application/json: BrowserGuard refused other types
             message = await self._parse(await request.body(), endpoint.request_type)
         else:
@@ -537,7 +540,7 @@ class HttpServer:
         self.api, self.sock = api, sock
         self.port = sock.getsockname()[1]
         self.host = config.http_listen.rsplit(":", 1)[0]
-        tls = {}
+        tls: dict[str, Any] = {}
         if config.tls_cert_file:
             tls = dict(ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file)
             if config.tls_client_ca_file:
@@ -548,8 +551,9 @@ class HttpServer:
         self.server = _QuietServer(uvicorn.Config(
             api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
             server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))
-        self.task = None
+            # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
+            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))  # type: ignore[arg-type]
+        self.task: Optional[asyncio.Task[None]] = None
 
     @classmethod
     def bind(cls, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
@@ -587,7 +591,8 @@ class HttpServer:
         """Stops accepting, lets in-flight requests finish for up to `grace` seconds."""
         self.drain()
         if self.task is not None:
-            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
+            # uvicorn annotates int | None but waits with asyncio.wait_for(timeout=...): a float works
+            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
             self.server.should_exit = True
             await self.task
         self.sock.close()

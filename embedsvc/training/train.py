@@ -178,6 +178,7 @@ def _build_from(config: TrainConfig, device: torch.device):
 
     if config.config_file:
         raise InvalidInput("--config and --init both name an architecture: give one (--init brings its own)")
+    assert config.init is not None  # _build comes here for --init
     spec = get_model_spec(config.init)
     loaded = load_model(spec, device=str(device), precision="fp32")
     model_cfg = json.loads(Path(spec.config_file).read_text()) if spec.config_file else \
@@ -190,7 +191,8 @@ def _build_from(config: TrainConfig, device: torch.device):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -262,6 +264,7 @@ def train(config: TrainConfig) -> TrainResult:
                      f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
                      f"of split 'test'")
     elif config.eval_data:
+        assert train_rows is not None and eval_rows is not None  # read above (nothing usable: refused there)
         train_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         eval_data = manifest_pairs(eval_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(eval_data))
@@ -271,6 +274,7 @@ def train(config: TrainConfig) -> TrainResult:
         data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
                      f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
     else:
+        assert train_rows is not None  # read above
         all_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(all_data) // 5)
         order = np.random.default_rng(config.seed).permutation(len(all_data))
