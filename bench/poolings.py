@@ -10,6 +10,7 @@ Printed: request latency p50 per variant and the all/cls ratio as median (min-ma
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ ALL = ("cls", "avg", "max", "gem", "spp")
 
 
 def slice_of(stub, request, seconds: float):
-    latencies = []
+    latencies: list[float] = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
@@ -65,7 +66,7 @@ def main() -> None:
                                 for variant, names in (("cls", ("cls",)), ("all", ALL))}
                     for request in requests.values():
                         slice_of(stub, request, 0)
-                    runs = alternate({v: (lambda r=r: slice_of(stub, r, args.slice)) for v, r in requests.items()},
+                    runs = alternate({v: functools.partial(slice_of, stub, r, args.slice) for v, r in requests.items()},
                                      args.reps)
                     cls_p, all_p = (ms([x for _, lat in runs[v] for x in lat]) for v in ("cls", "all"))
                     ratio = ratio_summary([m for m, _ in runs["all"]], [m for m, _ in runs["cls"]])

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,14 +105,16 @@ def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subproce
                              "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
                             stderr=subprocess.PIPE, stdout=log, text=True)
     deadline = time.monotonic() + 1800
+    stderr = proc.stderr
+    assert stderr is not None  # stderr=PIPE
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+        line = stderr.readline()
         if not line:
             break
         log.write(line)
         match = re.search(r"serving on (\S+):(\d+)", line)
         if match:
-            threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
+            threading.Thread(target=lambda: [log.write(x) for x in stderr], daemon=True).start()
             return proc, f"127.0.0.1:{match.group(2)}"
     proc.kill()
     raise SystemExit(f"server did not start; see {log_path}")
@@ -148,7 +151,7 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     time.sleep(1.0)
     base_rss = tree_rss(proc.pid)
     raw = size * dim * 4
-    out = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
+    out: dict[str, Any] = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
     client = Client(address, timeout=600)
     client.create_collection(NAME, dim=dim)
     sampler = Sampler(proc.pid)
@@ -324,11 +327,13 @@ def main() -> None:
         threads = ["--faiss-threads", str(args.faiss_threads)]
         bare = Bare(args.size, args.dim) if not args.no_local or args.milvus else None
         if not args.no_local:
+            assert bare is not None  # made for either run
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
             report_flat("local store", args.size, got)
         if args.milvus:
             uri = f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
+            assert bare is not None  # made for either run
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "milvus",
                            ["--store-backend", "milvus", "--milvus-uri", uri, *threads], bare)
             got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)

@@ -36,7 +36,8 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def timed(fn, queries: np.ndarray, seconds: float):
-    latencies, i = [], 0
+    latencies: list[float] = []
+    i = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()

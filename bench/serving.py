@@ -60,7 +60,8 @@ POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
 
 
 def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float):
-    latencies, items = [], 0
+    latencies: list[float] = []
+    items = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
@@ -115,7 +116,7 @@ def compare(model: str, args) -> None:
                                          env=env, command=command)
             stack.callback(_stop, proc)
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
-            stack.callback(lambda: loop.run_until_complete(channel.close()))
+            stack.callback(lambda: loop.run_until_complete(channel.close(None)))
             return pb_grpc.EmbedServiceStub(channel)
 
         stubs = {"served": stub_of(None, [], folder + "/data")}
@@ -217,7 +218,7 @@ def contention(model: str, args) -> None:
                         print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
                               f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)
                 finally:
-                    loop.run_until_complete(channel.close())
+                    loop.run_until_complete(channel.close(None))
                     proc.terminate()
                     proc.wait(60)
     finally:
