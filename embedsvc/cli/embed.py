@@ -154,7 +154,7 @@ def run(args) -> int:
     model, rows = _embed_remote(args, inputs, specs) if args.address else _embed_local(args, inputs, specs)
     if args.json:
         out = []
-        for (kind, value), row in zip(args.inputs, rows):
+        for (_kind, value), row in zip(args.inputs, rows):
             item = {"input": value, "modality": row.modality, "truncated": row.truncated,
                     "embeddings": {name: vector.tolist() for name, vector in row.vectors}}
             if args.tokens:

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, Optional, ParamSpec, \
-    Sequence, TypeVar, Union
+    Self, Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -23,7 +23,7 @@ from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, Un
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
-Input = Union[str, bytes, Path]  # text, encoded image bytes, or an image file path
+Input = str | bytes | Path  # text, encoded image bytes, or an image file path
 MetadataDict = Mapping[str, Union[str, float, int, bool]]
 
 
@@ -218,7 +218,7 @@ def _search_request(collection, text, image, vector, id, queries, top_k, filter,
     elif (flt := _filter(filter)) is not None:
         request.filter.CopyFrom(flt)
     if queries is None:
-        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
+        given = {k: v for k, v in {"text": text, "image": image, "vector": vector, "id": id}.items() if v is not None}
         if len(given) != 1:
             raise ValueError("give exactly one of text=, image=, vector=, id=")
         queries = [given]
@@ -436,7 +436,7 @@ class Client(_Channel):
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -464,7 +464,7 @@ class AsyncClient(_Channel):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

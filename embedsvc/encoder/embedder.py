@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -13,7 +13,7 @@ from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.pooling.registry import BoundPooling, image_token_modes
 
-Input = Union[str, bytes, Image.Image]
+Input = str | bytes | Image.Image
 
 
 @dataclass

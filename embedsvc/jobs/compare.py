@@ -214,7 +214,7 @@ def _limit(job: CompareJob, rows: int) -> tuple[Optional[int], str]:
 
 def _measure(image_vectors, text_vectors, pairs: Pairs, spec: str) -> tuple[dict, dict[str, str]]:
     """The measured tasks' metrics, and why each other task was not measured."""
-    groups = dict(captions=pairs.captions, labels=pairs.labels, image_keys=pairs.keys)
+    groups = {"captions": pairs.captions, "labels": pairs.labels, "image_keys": pairs.keys}
     if text_vectors is not None:
         metrics = cross_modal_metrics(image_vectors, text_vectors, **groups)
     else:  # an image-only pooling: image->image from the image vectors alone

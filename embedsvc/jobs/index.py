@@ -370,7 +370,7 @@ def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
             part, total = [], 0
         part.append(row)
         total += n
-    return parts + [part] if part else parts
+    return [*parts, part] if part else parts
 
 
 def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
@@ -543,7 +543,7 @@ def run_index(job: IndexJob) -> IndexSummary:
                 indexed += rows
 
             pending = submit(chunks[0]) if chunks else None
-            for number, chunk in enumerate(chunks):
+            for number in range(len(chunks)):
                 assert pending is not None  # submitted for every chunk
                 skipped, futures = pending
                 # decode the next batch while this one is embedded and written

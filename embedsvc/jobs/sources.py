@@ -130,10 +130,7 @@ def folder_records(root: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list
 
 def manifest_records(manifest: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
     check_manifest_file(manifest)
-    if manifest.suffix == ".parquet":
-        rows = _parquet_rows(manifest)
-    else:
-        rows = read_manifest(manifest)
+    rows = _parquet_rows(manifest) if manifest.suffix == ".parquet" else read_manifest(manifest)
     return [Record(row.id, str(row.path), partial(read_image_file, row.path, max_bytes), row.caption,
                    dict(row.metadata), path=str(row.path)) for row in rows]
 
@@ -187,7 +184,7 @@ def webdataset_records(shards: list[Path], max_bytes: int = DEFAULT_MAX_IMAGE_BY
 def _tar_members(shard: Path) -> tuple[Optional[tarfile.TarFile], list[tarfile.TarInfo], Optional[str]]:
     """The open archive, the members read before its end or a break, and why it broke, if it did."""
     try:
-        archive = tarfile.open(shard)
+        archive = tarfile.open(shard)  # noqa: SIM115 - open while the records' readers read members from it
     except (tarfile.TarError, OSError) as exc:
         reason = _os_reason(shard, exc) if isinstance(exc, OSError) else "not a tar archive (plain or gz/bz2/xz)"
         return None, [], f"shard not read: {reason}"

@@ -279,9 +279,8 @@ def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str
     if not cfg:
         tags = ", ".join(list_pretrained_tags_by_model(architecture)) or "none"
         raise InvalidInput(f"{architecture} has no pretrained tag {quoted(tag)}; known tags: {tags}")
-    if cfg.get("file"):
-        if os.path.isfile(cfg["file"]):
-            return cfg["file"], cfg
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return cfg["file"], cfg
     candidates: list[str] = []
     hub = cfg.get("hf_hub", "")
     if hub:

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class DecodedImage:
     image: Any
 
 
-Content = Union[Text, ImageBytes, DecodedImage]
+Content = Text | ImageBytes | DecodedImage
 
 
 @dataclass
@@ -495,7 +495,7 @@ class Engine:
             for info in group:
                 info.config.check_weights(runtime.encoder.loaded.weights_sha256)
             batch = await self.pooled(runtime, contents, poolings, "item")
-            for info, pooling, vectors in zip(group, poolings, batch.vectors):
+            for info, vectors in zip(group, batch.vectors):  # a matrix per collection's pooling
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
                     result = await self._commit(info, store_items, True, media)

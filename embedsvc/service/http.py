@@ -94,7 +94,7 @@ class Endpoint:
         """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
         other names); BrowserGuard refuses others with 415."""
         lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
-        return ("application/json",) + self.extra_content + lines
+        return ("application/json", *self.extra_content, *lines)
 
 
 ENDPOINTS = [
@@ -335,10 +335,10 @@ class HttpApi:
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
-        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                               Route("/", self.static("index.html"))]
+        routes = [*api_routes, openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                  Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                  Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                  Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
@@ -542,7 +542,7 @@ class HttpServer:
         self.host = config.http_listen.rsplit(":", 1)[0]
         tls: dict[str, Any] = {}
         if config.tls_cert_file:
-            tls = dict(ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file)
+            tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"

@@ -276,14 +276,14 @@ def _take_numbers(js, descriptor: Descriptor, path: tuple, taken: list) -> None:
             continue
         if field.is_repeated and field.cpp_type in _FLOATS:
             if type(value) is Numbers and _representable(value, field.cpp_type):
-                taken.append((path + (field.name,), value))
+                taken.append(((*path, field.name), value))
                 js[key] = []
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
             if not field.is_repeated:
-                _take_numbers(value, field.message_type, path + (field.name,), taken)
+                _take_numbers(value, field.message_type, (*path, field.name), taken)
             elif isinstance(value, list):
                 for index, item in enumerate(value):
-                    _take_numbers(item, field.message_type, path + (field.name, index), taken)
+                    _take_numbers(item, field.message_type, (*path, field.name, index), taken)
 
 
 _FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)

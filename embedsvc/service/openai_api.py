@@ -287,7 +287,7 @@ class OpenAIErrors:
                 return
             body = error_body(start["status"], b"".join(chunks), scope.get(PARAM_KEY))
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, reshape)

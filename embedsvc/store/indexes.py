@@ -151,9 +151,9 @@ class VectorIndex(Protocol):
 def _pad(scores: list, labels: list, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_s = np.full((len(scores), k), -np.inf, dtype=np.float32)
     out_l = np.full((len(scores), k), -1, dtype=np.int64)
-    for i, (s, l) in enumerate(zip(scores, labels)):
+    for i, (s, row_labels) in enumerate(zip(scores, labels)):
         out_s[i, :len(s)] = s[:k]
-        out_l[i, :len(l)] = l[:k]
+        out_l[i, :len(row_labels)] = row_labels[:k]
     return out_s, out_l
 
 

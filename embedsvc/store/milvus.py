@@ -33,7 +33,9 @@ Layout in the Milvus database:
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -623,7 +625,8 @@ class MilvusStore:
         rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": _filterable(m)}
                 for i, v, m in zip(ids, vectors, metadata)]
         for start in range(0, len(rows), WRITE_BATCH):
-            self._run(record.physical, name, lambda: self.client.upsert(record.physical, rows[start:start + WRITE_BATCH]))
+            self._run(record.physical, name, functools.partial(self.client.upsert, record.physical,
+                                                               rows[start:start + WRITE_BATCH]))
         if pooling_version is not None:  # a re-fit that committed while we wrote: take the batch back
             try:
                 self._check_version(name, self._record(name), pooling_version)
@@ -644,7 +647,8 @@ class MilvusStore:
             kwargs: dict[str, Any] = {"filter": expr.ids(ids[start:start + ID_BATCH])}
             if expr.params:
                 kwargs["filter_params"] = expr.params
-            self._run(record.physical, record.config.name, lambda: self.client.delete(record.physical, **kwargs))
+            self._run(record.physical, record.config.name, functools.partial(self.client.delete, record.physical,
+                                                                             **kwargs))
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         record = self._record(name)
@@ -737,10 +741,8 @@ class MilvusStore:
         for _, entry in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
             if entry is None:
                 continue
-            try:
-                self._run(entry.physical, entry.config.name, lambda: self.client.flush(entry.physical))
-            except CollectionNotFound:
-                pass  # dropped since the catalogue was read: nothing of it to seal
+            with contextlib.suppress(CollectionNotFound):  # dropped since the catalogue was read: nothing to seal
+                self._run(entry.physical, entry.config.name, functools.partial(self.client.flush, entry.physical))
 
     def sweep(self) -> None:
         """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then

@@ -20,6 +20,7 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class ItemsNotFound(NotFound):
 
 MAX_CACHED_FILTERS = 64  # per collection
 
-Index = Union[FaissIndex, FileFlatIndex]
+Index = FaissIndex | FileFlatIndex
 
 
 class _Ids:
@@ -354,7 +355,7 @@ class Store:
         if offsets.shape != (len(live) + 1,) or (len(offsets) and offsets[-1] != len(blob)):
             raise ValueError("the checkpoint's ids and labels differ in length")
         bounds = offsets.tolist()
-        ids = [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])]
+        ids = [blob[a:b].decode() for a, b in itertools.pairwise(bounds)]
         col.ids = _Ids()
         col.ids.add(live.tolist(), ids)
         if len(col.ids) != len(live):

@@ -16,6 +16,7 @@ a compaction writes a new generation next to the old one and switches to it in o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -178,10 +179,8 @@ class VectorFile:
         """Releases the map; `trim` drops the unwritten capacity past the committed rows."""
         self.matrix = None
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a search result still views it: the map goes with that view
                 self._mmap.close()
-            except BufferError:  # a search result still views it: the map goes with that view
-                pass
             self._mmap = None
         if trim and self.fd >= 0:
             os.ftruncate(self.fd, self.used * self.row_bytes)
