@@ -19,13 +19,12 @@ import time
 
 from embedsvc.service.cpu import apply_openmp_defaults
 
-apply_openmp_defaults()
+apply_openmp_defaults()  # before the imports below load OpenMP (E402)
 
 import grpc  # noqa: E402
 
 from common import alternate, inputs, model_flags, ms, ratio_summary, start_server  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 ALL = ("cls", "avg", "max", "gem", "spp")
 

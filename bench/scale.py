@@ -99,7 +99,7 @@ class Sampler:
 
 def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a")
+    log = open(log_path, "a")  # noqa: SIM115 - the server's log for its lifetime (its stdout and a reader thread)
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
                              "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
@@ -127,7 +127,7 @@ def stop_server(proc: subprocess.Popen) -> float:
     return time.perf_counter() - started
 
 
-def p50_ms(call, items) -> float:  # noqa: D103 - the kinds' searches
+def p50_ms(call, items) -> float:  # the kinds' searches
     call(items[0])
     times = []
     for item in items:
@@ -173,7 +173,10 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     out["load_s"] = time.perf_counter() - load_started
     out["rates"] = rates
     qs = queries(nq, dim)
-    search = lambda q, flt=None: client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)  # noqa
+
+    def search(q, flt=None):
+        return client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)
+
     # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
     out["p50_ms"], out["bare_p50_ms"] = paired_p50(search, bare.search, qs)
     out["p50_filtered_ms"], out["bare_p50_filtered_ms"] = paired_p50(lambda q: search(q, {"bucket": 3}),

@@ -20,7 +20,7 @@ import time
 
 from embedsvc.service.cpu import apply_openmp_defaults
 
-apply_openmp_defaults()
+apply_openmp_defaults()  # before numpy loads OpenMP: hence the imports after it (E402)
 
 import numpy as np  # noqa: E402
 

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from embedsvc.service.cpu import apply_openmp_defaults
 
@@ -48,8 +49,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from common import alternate, inputs, local_encoder, model_flags, ms, ratio_summary, start_server  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
 # --contention's OpenMP settings of the server: the passive default, spinning, and a short bounded spin
@@ -89,6 +89,11 @@ async def served_slice(stub, requests: list, seconds: float):
 
     await asyncio.gather(*(caller(r) for r in requests))
     return items / (time.perf_counter() - started), latencies
+
+
+def served_blocking(loop, stub, requests: list, seconds: float):
+    """served_slice run to completion on `loop`."""
+    return loop.run_until_complete(served_slice(stub, requests, seconds))
 
 
 def requests_for(modality: str, texts, pngs, callers: int, per: int) -> list:
@@ -135,11 +140,11 @@ def compare(model: str, args) -> None:
                 batch = callers * per
                 reqs = requests_for(modality, texts, pngs, callers, per)
                 raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm every system
-                systems = {"raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice)}
+                systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
+                    "raw": functools.partial(raw_slice, encoder, modality, texts, pixels, batch, args.slice)}
                 for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
-                    systems[key] = functools.partial(lambda s: loop.run_until_complete(served_slice(s, reqs, args.slice)),
-                                                     stub)
+                    systems[key] = functools.partial(served_blocking, loop, stub, reqs, args.slice)
                 runs = alternate(systems, args.reps)
                 raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                 raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
@@ -193,7 +198,7 @@ def contention(model: str, args) -> None:
         print("|---|---|---|---|---|")
         for policy in args.policies.split(","):
             with tempfile.TemporaryDirectory() as folder:
-                name, flags = model_flags(model, folder)
+                _, flags = model_flags(model, folder)
                 texts, pngs, _ = inputs(64, 224 if model != "bundled" else 72)
                 proc, address = start_server(flags, folder + "/data", env=POLICIES[policy])
                 loop = asyncio.new_event_loop()
@@ -201,7 +206,7 @@ def contention(model: str, args) -> None:
                 channel = grpc.aio.insecure_channel(address)
                 stub = pb_grpc.EmbedServiceStub(channel)
 
-                def slice_with(competing: bool, reqs):
+                def slice_with(competing: bool, reqs, loop=loop, stub=stub):
                     os.kill(busy.pid, signal.SIGCONT if competing else signal.SIGSTOP)
                     try:
                         return loop.run_until_complete(served_slice(stub, reqs, args.slice))
@@ -212,8 +217,8 @@ def contention(model: str, args) -> None:
                     for modality in args.modalities.split(","):
                         reqs = requests_for(modality, texts, pngs, 32, 1)
                         loop.run_until_complete(served_slice(stub, reqs, 0))
-                        runs = alternate({"quiet": lambda: slice_with(False, reqs),
-                                          "busy": lambda: slice_with(True, reqs)}, args.reps)
+                        runs = alternate({"quiet": functools.partial(slice_with, False, reqs),
+                                          "busy": functools.partial(slice_with, True, reqs)}, args.reps)
                         quiet, loaded = [r for r, _ in runs["quiet"]], [r for r, _ in runs["busy"]]
                         print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
                               f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)

@@ -370,7 +370,10 @@ class _Channel:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if credentials is None and (tls or ca_file or cert_file):
-            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+
+            def read(path: Optional[str]) -> Optional[bytes]:
+                return Path(path).read_bytes() if path else None
+
             credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
         if token:
             metadata = (*metadata, ("authorization", f"Bearer {token}"))

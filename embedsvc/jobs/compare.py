@@ -4,8 +4,8 @@ For each pooling it embeds the corpus (one forward pass per tower feeds every po
 on the corpus' own token features, builds a real collection (durable store, chosen index preset) and
 measures: text->image, image->text and image->image recall@1/5/10, median rank and mAP, each beside its
 chance level (exact, from the vectors, with eval helpers; relevance by label column when the manifest has
-one, else by identical caption: see embedsvc.eval.metrics); encode time (the shared forward plus the pooling's own time); index
-build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
+one, else by identical caption: see embedsvc.eval.metrics); encode time (the shared forward plus the pooling's
+own time); index build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
 index size / items). Writes results.md, results.json and two PNG plots. Manifest rows whose image is
 missing or unreadable are skipped and reported by path, like `embedsvc index` does.
 

@@ -96,7 +96,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         if state_dict is not None:
             _load_state_dict(model, state_dict)
             del state_dict
-    except Exception as exc:  # noqa: BLE001 - mismatches surface as RuntimeError, AssertionError, KeyError,
+    except Exception as exc:  # mismatches surface as RuntimeError, AssertionError, KeyError,
         # unpickling or safetensors errors depending on where they are found; all mean "wrong file".
         raise InvalidInput(
             f"could not load model {quoted(spec.name)} ({spec.architecture}, weights {spec.weights}): {exc}"

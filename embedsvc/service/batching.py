@@ -15,7 +15,8 @@ event loop keeps serving, and never holds an idle model back for nothing:
 
 The queue is bounded in inputs: past `max_queue`, requests are refused with ResourceExhausted at once
 instead of piling up. A request cancelled while it waits (deadline, client gone) is dropped before it
-costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split into parts of at most that size.
+costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split
+into parts of at most that size.
 A request may pass `finish`, run in the model thread on its own slice of the features (poolings, copies
 to numpy), so no per-item work is left for the event loop; an error there fails that request alone.
 A request names the token modes it needs; a batch computes the union of its requests' modes in its one
@@ -108,7 +109,7 @@ class DynamicBatcher:
                 self._target = sum(len(p.inputs) for p in live)
                 try:
                     outcomes, size = await loop.run_in_executor(self.executor, self._forward, live)
-                except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
+                except BaseException as exc:  # hand every waiter the error, keep the worker alive
                     for p in live:
                         if not p.future.done():
                             p.future.set_exception(exc)

@@ -65,7 +65,8 @@ class ServerConfig:
     precision: str = "auto"
     # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
     max_batch_size: int = 64
-    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch had, in milliseconds; an idle model runs a request at once.
+    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch
+    # had, in milliseconds; an idle model runs a request at once.
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048

@@ -388,7 +388,7 @@ class HttpApi:
         except EmbedsvcError as exc:
             code = status_for(exc)
             return error_response(code, status_details(exc), exc)
-        except Exception:  # noqa: BLE001 - a bug must not take the server down
+        except Exception:  # a bug must not take the server down
             code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", rpc)
             return error_response(code, f"internal error in {rpc}; the server log has details")

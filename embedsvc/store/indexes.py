@@ -450,8 +450,8 @@ class FaissIndex:
 
     @classmethod
     def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
-        """Loads a checkpoint of the first format (whole index serialised in memory); one written before positional labels (an IndexIDMap2 around a flat or graph
-        index) is unwrapped into the same layout."""
+        """Loads a checkpoint of the first format (whole index serialised in memory); one written before
+        positional labels (an IndexIDMap2 around a flat or graph index) is unwrapped into the same layout."""
         import faiss
 
         self = cls.__new__(cls)

@@ -301,7 +301,10 @@ def refuse_mistyped(condition: Condition, stored: set[str]) -> None:
     if not stored or wanted & stored:
         return
     asked = [condition.equals] if condition.equals is not None else list(condition.any_of or [0.0])
-    names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
+
+    def names(kinds) -> str:
+        return " or ".join(sorted(_KIND_NAMES[k] for k in kinds))
+
     shown = [_shown(v) for v in asked]
     asks = "a range" if condition.is_range else ", ".join(map(repr, shown))
     hint = ""

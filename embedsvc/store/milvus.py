@@ -284,7 +284,7 @@ class MilvusStore:
         try:
             self.client.create_collection(CATALOGUE, schema=schema, index_params=index,
                                           consistency_level=CONSISTENCY)
-        except Exception:  # noqa: BLE001 - another replica created it first
+        except Exception:  # another replica created it first
             if not self.client.has_collection(CATALOGUE):
                 raise
 
@@ -332,7 +332,7 @@ class MilvusStore:
                 return call()
             except NotFound:
                 raise
-            except Exception as exc:  # noqa: BLE001 - pymilvus reports both as MilvusException with a message
+            except Exception as exc:  # pymilvus reports both as MilvusException with a message
                 text = str(exc).lower()
                 if attempt == 0 and ("released" in text or "not loaded" in text or "load()" in text):
                     self.client.load_collection(physical)
@@ -377,7 +377,7 @@ class MilvusStore:
     def _drop_physical(self, physical: str) -> None:
         try:
             self.client.drop_collection(physical)
-        except Exception:  # noqa: BLE001 - a Milvus that refuses to drop a missing collection: gone is gone
+        except Exception:  # a Milvus that refuses to drop a missing collection: gone is gone
             if self.client.has_collection(physical):
                 raise
 

@@ -329,7 +329,7 @@ class Store:
                     col.index = FaissIndex.from_arrays(header, first_format[1])
                 col.applied_lsn = col.checkpoint_lsn = header["lsn"]
                 self._replay(col)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild from the items table
                 col.ids, col.metadata = _Ids(), MetadataIndex()
                 return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
         stored = self.db.count(col.id)
@@ -679,12 +679,12 @@ class Store:
             change()
             col.applied_lsn = self.db.last_lsn(col.id)
             self._maintain(col)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("collection %s: applying a committed write to the index failed; rebuilding it",
                           col.config.name)
             try:
                 self._reload(col)
-            except Exception as again:  # noqa: BLE001
+            except Exception as again:  # noqa: BLE001 - reported: the collection is marked unavailable
                 col.unavailable = f"its index failed ({type(exc).__name__}: {exc}) and could not be rebuilt ({again})"
                 log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 

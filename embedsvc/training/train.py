@@ -261,8 +261,8 @@ def train(config: TrainConfig) -> TrainResult:
                                  augment=config.augment, negatives=bool(config.hard_negatives))
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
         data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
-                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
-                     f"of split 'test'")
+                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: "
+                     f"{config.eval_size} scenes of split 'test'")
     elif config.eval_data:
         assert train_rows is not None and eval_rows is not None  # read above (nothing usable: refused there)
         train_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
@@ -426,6 +426,10 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
     rows = "\n".join(_card_row(task, metrics.get(task), unmeasured.get(task, "no query to measure"))
                      for task in TASKS if task in metrics or task in unmeasured)
     card = out / "model_card.md"
+    steps = (f"{config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, "
+             f"seed {config.seed}")
+    machine = (f"{device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training "
+               f"{train_seconds / 60:.1f} min")
     card.write_text(f"""# {name}
 
 Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosine schedule).
@@ -433,8 +437,8 @@ Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosin
 - Data: {data_desc}
 - Image pooling trained: {config.image_pool}; {_objective(config)}
 - Initialised from: {_init_source(config)}
-- Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
-- Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
+- Steps: {steps}
+- Device: {machine}
 - Checkpoint: {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.1f} MB, {config.save_dtype})
 
 ## Held-out retrieval (native `cls` embedding; chance level of a random ranking in brackets)
