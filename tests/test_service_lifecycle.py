@@ -49,7 +49,7 @@ def test_bad_config(tmp_path, content, env, message):
 
 def test_readme_documents_every_config_field():
     readme = (ROOT / "README.md").read_text()
-    for name, default, doc in field_docs():
+    for name, _default, doc in field_docs():
         assert doc, f"ServerConfig.{name} has no comment"
         assert f"`{name}`" in readme and f"EMBEDSVC_{name.upper()}" in readme, f"README lacks config field {name}"
 
