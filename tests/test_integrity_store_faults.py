@@ -163,6 +163,10 @@ def test_search_params_out_of_range_are_invalid_argument(client):
             assert error.value.code() == C.INVALID_ARGUMENT and "ef_search" in error.value.details()
 
 
+def _record_code(result: dict, call) -> None:
+    result.setdefault("code", code_of(call))
+
+
 def test_upsert_racing_drop_is_not_found_never_internal(client, server):
     seen = set()
     for _round in range(15):
@@ -170,8 +174,7 @@ def test_upsert_racing_drop_is_not_found_never_internal(client, server):
         items = [Item(f"r{k}", vector=np.random.default_rng(k).standard_normal(8)) for k in range(400)]
         result = {}
         upsert = functools.partial(client.upsert, "racy", items, batch_size=20)
-        writer = threading.Thread(target=lambda result=result, upsert=upsert: result.setdefault("code",
-                                                                                           code_of(upsert)))
+        writer = threading.Thread(target=functools.partial(_record_code, result, upsert))
         writer.start()
         code = code_of(lambda: client.drop_collection("racy"))
         writer.join(60)
