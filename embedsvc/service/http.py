@@ -548,11 +548,20 @@ class HttpServer:
         self.scheme = "https" if tls else "http"
         self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
                                      config.http_send_timeout_seconds)
-        self.server = _QuietServer(uvicorn.Config(
-            api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
-            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))  # type: ignore[arg-type]
+        self.server = _QuietServer(
+            uvicorn.Config(
+                api.app,
+                http=self.guard.protocol(),
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+                # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
+                timeout_keep_alive=config.http_keepalive_timeout_seconds,  # type: ignore[arg-type]
+                **tls,
+            )
+        )
         self.task: Optional[asyncio.Task[None]] = None
 
     @classmethod
