@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedsvc.service.wire import embed_response  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.service.wire import embed_response
+from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 
 class FloorServicer(pb_grpc.EmbedServiceServicer):

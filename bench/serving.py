@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from embedsvc.service.cpu import apply_openmp_defaults
 
@@ -52,8 +53,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from common import alternate, inputs, local_encoder, model_flags, ms, ratio_summary, start_server  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
 # --contention's OpenMP settings of the server: the passive default, spinning, and a short bounded spin
@@ -67,7 +67,8 @@ def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float,
     """The model alone at `batch`; with `pngs`, images are decoded and prepared in the slice, as served."""
     from embedsvc.encoder.images import decode_image
 
-    latencies, items = [], 0
+    latencies: list[float] = []
+    items = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
@@ -101,6 +102,11 @@ async def served_slice(stub, requests: list, seconds: float):
     return items / (time.perf_counter() - started), latencies
 
 
+def served_blocking(loop, stub, requests: list, seconds: float):
+    """served_slice run to completion on `loop`."""
+    return loop.run_until_complete(served_slice(stub, requests, seconds))
+
+
 def requests_for(modality: str, texts, pngs, callers: int, per: int) -> list:
     def content(i):
         return pb.Content(text=texts[i]) if modality == "text" else pb.Content(image=pngs[i])
@@ -126,7 +132,7 @@ def compare(model: str, args) -> None:
                                          env=env, command=command)
             stack.callback(_stop, proc)
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
-            stack.callback(lambda: loop.run_until_complete(channel.close()))
+            stack.callback(lambda: loop.run_until_complete(channel.close(None)))
             return pb_grpc.EmbedServiceStub(channel)
 
         stubs = {"served": stub_of(None, [], folder + "/data")}
@@ -155,11 +161,11 @@ def compare(model: str, args) -> None:
                 reqs = requests_for(modality, texts, pngs, callers, per)
                 raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm every system
                 raw_pngs = pngs if args.raw_decode else None
-                systems = {"raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice, raw_pngs)}
+                systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
+                    "raw": functools.partial(raw_slice, encoder, modality, texts, pixels, batch, args.slice, raw_pngs)}
                 for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
-                    systems[key] = functools.partial(lambda s: loop.run_until_complete(served_slice(s, reqs, args.slice)),
-                                                     stub)
+                    systems[key] = functools.partial(served_blocking, loop, stub, reqs, args.slice)
                 runs = alternate(systems, args.reps)
                 raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                 raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
@@ -229,7 +235,7 @@ def contention(model: str, args) -> None:
         print("|---|---|---|---|---|")
         for policy in args.policies.split(","):
             with tempfile.TemporaryDirectory() as folder:
-                name, flags = model_flags(model, folder)
+                _, flags = model_flags(model, folder)
                 texts, pngs, _ = inputs(64, 224 if model != "bundled" else 72)
                 proc, address = start_server(flags, folder + "/data", env=POLICIES[policy])
                 loop = asyncio.new_event_loop()
@@ -237,7 +243,7 @@ def contention(model: str, args) -> None:
                 channel = grpc.aio.insecure_channel(address)
                 stub = pb_grpc.EmbedServiceStub(channel)
 
-                def slice_with(competing: bool, reqs):
+                def slice_with(competing: bool, reqs, loop=loop, stub=stub):
                     os.kill(busy.pid, signal.SIGCONT if competing else signal.SIGSTOP)
                     try:
                         return loop.run_until_complete(served_slice(stub, reqs, args.slice))
@@ -248,13 +254,13 @@ def contention(model: str, args) -> None:
                     for modality in args.modalities.split(","):
                         reqs = requests_for(modality, texts, pngs, 32, 1)
                         loop.run_until_complete(served_slice(stub, reqs, 0))
-                        runs = alternate({"quiet": lambda: slice_with(False, reqs),
-                                          "busy": lambda: slice_with(True, reqs)}, args.reps)
+                        runs = alternate({"quiet": functools.partial(slice_with, False, reqs),
+                                          "busy": functools.partial(slice_with, True, reqs)}, args.reps)
                         quiet, loaded = [r for r, _ in runs["quiet"]], [r for r, _ in runs["busy"]]
                         print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
                               f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)
                 finally:
-                    loop.run_until_complete(channel.close())
+                    loop.run_until_complete(channel.close(None))
                     proc.terminate()
                     proc.wait(60)
     finally:

@@ -7,7 +7,7 @@ import dataclasses
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Self
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
@@ -96,9 +96,9 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     """A local server on a free port serving a test model spec (registered here), no demo, no metrics, no HTTP
     (pass http_listen="127.0.0.1:0" for the HTTP API on a free port)."""
     register_model(spec, replace=True)
-    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), default_model=spec.name, preload_models=spec.name,
-                    metrics_port=-1, demo_size=0, log_format="text",
-                    http_listen="")
+    settings = {"listen": "127.0.0.1:0", "data_dir": str(data_dir), "default_model": spec.name,
+                "preload_models": spec.name, "metrics_port": -1, "demo_size": 0, "log_format": "text",
+                "http_listen": ""}
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -128,7 +128,7 @@ class BlockingAsyncClient:
             return attribute
         return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
 
-    def __enter__(self) -> "BlockingAsyncClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -91,8 +91,8 @@ def test_every_pooling_reports_held_out_recall(encoder, held_out):
         assert np.isfinite(vectors).all() and t2i.queries == len(set(captions))
         floor = FLOORS[encoder.loaded.spec.name]["t2i"].get(pooling.name, 0.0)
         assert t2i.recall_at_1 >= floor, f"{pooling.name}: t2i R@1 {t2i.recall_at_1:.3f} under {floor}"
-    print(f"\n{encoder.loaded.spec.name}\n| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
-          + "\n".join(lines))
+    header = "| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
+    print(f"\n{encoder.loaded.spec.name}\n{header}" + "\n".join(lines))
 
 
 def test_cls_equals_open_clip_on_the_shipped_checkpoint(encoder, held_out):

@@ -105,7 +105,7 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
                        *address)
             assert proc.returncode == 0, proc.stderr
 
-            def search(flt):
+            def search(flt, name=name):
                 return cli("search", name, "--text", "item", "--filter", flt, "--json", *address)
 
             # label: numbers (7 = items 2 and 7); tag: strings ("7" on odd items with i % 5 == 2: item 7)

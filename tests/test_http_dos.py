@@ -7,6 +7,7 @@ health checks, real worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -88,10 +89,8 @@ class Attackers:
     def _trickle(self):
         while not self.stop.wait(0.5):
             for sock in self.trickling:
-                try:
+                with contextlib.suppress(OSError):  # closed by the server
                     sock.send(b"a")
-                except OSError:  # closed by the server
-                    pass
 
     def close(self):
         self.stop.set()
@@ -261,13 +260,13 @@ def test_headers_bodies_and_keep_alive_have_deadlines(tiny_spec, tmp_path):
 
 
 def test_connection_settings_are_validated():
-    for bad, words in [(dict(http_header_timeout_seconds=0), "http_header_timeout_seconds"),
-                       (dict(http_body_timeout_seconds=-1), "http_body_timeout_seconds"),
-                       (dict(http_send_timeout_seconds=0), "http_send_timeout_seconds"),
-                       (dict(http_keepalive_timeout_seconds=20, http_header_timeout_seconds=10),
+    for bad, words in [({"http_header_timeout_seconds": 0}, "http_header_timeout_seconds"),
+                       ({"http_body_timeout_seconds": -1}, "http_body_timeout_seconds"),
+                       ({"http_send_timeout_seconds": 0}, "http_send_timeout_seconds"),
+                       ({"http_keepalive_timeout_seconds": 20, "http_header_timeout_seconds": 10},
                         "http_keepalive_timeout_seconds"),
-                       (dict(http_max_connections=0), "http_max_connections"),
-                       (dict(http_max_body_bytes=1_000_000), "http_max_body_bytes")]:
+                       ({"http_max_connections": 0}, "http_max_connections"),
+                       ({"http_max_body_bytes": 1_000_000}, "http_max_body_bytes")]:
         with pytest.raises(InvalidInput, match=words):
             ServerConfig(**bad).validate()
 
@@ -439,12 +438,12 @@ def test_the_item_count_is_checked_before_the_body_becomes_protobuf(tiny_spec, t
     with running_server(config) as server, httpx.Client(base_url=server.http_url, timeout=60) as http:
         assert http.post("/v1/collections", json={"config": {"name": "v", "dim": 3}}).status_code == 200
         items = [{"id": f"i{i}", "vector": {"values": [1, 0, 0]}} for i in range(8)]
-        bad = {"items": items + [{"id": "late", "vector": {"values": "not a list"}}]}
+        bad = {"items": [*items, {"id": "late", "vector": {"values": "not a list"}}]}
         response = http.post("/v1/collections/v/items", json=bad)
         assert response.status_code == 429, response.text
         assert response.json() == {"code": "RESOURCE_EXHAUSTED",
                                    "message": "9 items in one request, over the limit of 8; split it"}
-        assert http.post("/v1/collections/v/items", json={"items": items[:1] + [bad["items"][-1]]}).status_code == 400
+        assert http.post("/v1/collections/v/items", json={"items": [*items[:1], bad["items"][-1]]}).status_code == 400
         openai = http.post("/v1/embeddings", json={"model": "m", "input": ["x"] * 8 + ["data:image/png;base64,!"]})
         assert openai.status_code == 429, openai.text  # counted before the model or the inputs are read
         assert openai.json()["error"]["message"] == "9 inputs in one request, over the limit of 8; split it"

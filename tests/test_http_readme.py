@@ -56,7 +56,7 @@ def default_server(tmp_path_factory):
     env = dict(os.environ, EMBEDSVC_HTTP_LISTEN=f"127.0.0.1:{port}", EMBEDSVC_LISTEN="127.0.0.1:0",
                EMBEDSVC_METRICS_PORT="-1", EMBEDSVC_DATA_DIR=str(tmp_path / "embedsvc-data"),
                EMBEDSVC_DEMO_SIZE=str(DEMO_SIZE), EMBEDSVC_LOG_LEVEL="WARNING")
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server's output while it runs
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve"], env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 240

@@ -112,8 +112,8 @@ def test_third_party_info_and_deprecations_stay_below_info(tiny_spec, capsys):
     try:
         configure_logging("INFO", "json")
         load_model(tiny_spec)  # open_clip logs "Loaded ... model config" style INFO lines on the root logger
-        logging.info("a library's note on the root logger")
-        warnings.warn("old_api is deprecated; use new_api", DeprecationWarning)
+        logging.info("a library's note on the root logger")  # noqa: LOG015 - the case under test
+        warnings.warn("old_api is deprecated; use new_api", DeprecationWarning)  # noqa: B028 - as libraries do
         logging.getLogger("ray.data").warning("DeprecationWarning: `ray.data.foo` is deprecated")
         logging.getLogger("embedsvc.test").info("ours")
         logging.getLogger("faiss.loader").info("Loading faiss with AVX2 support.")  # what `serve` printed

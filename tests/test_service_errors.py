@@ -114,7 +114,7 @@ def test_deadline_exceeded(server, client):
 
 
 def test_server_still_healthy_and_correct_after_all_errors(server, client):
-    for row, call, code, _ in ROWS:
+    for _row, call, _code, _ in ROWS:
         with pytest.raises(EmbedsvcClientError):
             call(client)
     channel = grpc.insecure_channel(server.address)

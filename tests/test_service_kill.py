@@ -30,7 +30,7 @@ class Served:
 
 
 def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool = False) -> Served:
-    log = open(data_dir.parent / "server.log", "a")
+    log = open(data_dir.parent / "server.log", "a")  # noqa: SIM115 - the server's output while it runs
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
                              "--metrics-port", "-1", "--http-listen", "127.0.0.1:0" if http else "", *extra,
@@ -89,7 +89,7 @@ def test_kill_during_streamed_upsert_loses_no_acknowledged_item(tmp_path, kills)
 
             stop = threading.Event()
 
-            def writer():
+            def writer(stop=stop):
                 while not stop.is_set():
                     with lock:
                         ids = [f"item-{next(counter)}" for _ in range(12)]

@@ -49,7 +49,7 @@ def test_bad_config(tmp_path, content, env, message):
 
 def test_configuration_page_documents_every_config_field_as_its_comment_says():
     page = (ROOT / "docs" / "configuration.md").read_text()
-    for name, default, doc in field_docs():
+    for name, _default, doc in field_docs():
         assert doc, f"ServerConfig.{name} has no comment"
         assert f"`{name}`" in page and f"EMBEDSVC_{name.upper()}" in page, f"docs/configuration.md lacks {name}"
         assert doc in page, f"docs/configuration.md does not say what the comment on ServerConfig.{name} says"

@@ -12,7 +12,8 @@ import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, Optional, ParamSpec, \
+    Self, Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -23,7 +24,7 @@ from embedsvc.spec_text import SpecTextError, parse_spec_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
-Input = Union[str, bytes, Path]  # text, encoded image bytes, or an image file path
+Input = str | bytes | Path  # text, encoded image bytes, or an image file path
 MetadataDict = Mapping[str, Union[str, float, int, bool]]
 
 
@@ -155,7 +156,7 @@ def _metadata(values) -> dict[str, Any]:
     out = {}
     for k, v in values.items():
         kind = v.WhichOneof("kind")
-        value = getattr(v, kind) if kind else None
+        value: Any = getattr(v, kind) if kind else None
         if kind == "number_value" and float(value).is_integer():
             value = int(value)
         out[k] = value
@@ -182,11 +183,12 @@ def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
     return out
 
 
-PoolingArg = Union[str, tuple[str, Mapping[str, Any]]]  # "gem:p=3" or ("gem", {"p": 3})
+PoolingArg = str | tuple[str, Mapping[str, Any]]  # "gem:p=3" or ("gem", {"p": 3})
 
 
 def _pooling(spec: PoolingArg) -> pb.PoolingSpec:
     """The proto of one spec; its text is read by the same parser as the server's (embedsvc.spec_text)."""
+    params: Mapping[str, Any]
     if isinstance(spec, str):
         try:
             name, params = parse_spec_text(spec)
@@ -201,8 +203,8 @@ def _pooling_list(poolings: Union[PoolingArg, Sequence[PoolingArg]]) -> list[Poo
     """A lone spec ("gem:p=3", or one (name, params) tuple) is one pooling, not a sequence of characters."""
     if isinstance(poolings, str) or (isinstance(poolings, tuple) and len(poolings) == 2
                                      and isinstance(poolings[0], str) and isinstance(poolings[1], Mapping)):
-        return [poolings]  # type: ignore[list-item]
-    return list(poolings)  # type: ignore[arg-type]
+        return [poolings]
+    return list(poolings)
 
 
 def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
@@ -311,7 +313,7 @@ def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], optio
 
 
 def _search(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions,
-            timeout: Optional[float]) -> Any:
+            timeout: Optional[float]) -> Steps[list[list[Hit]]]:
     """The Search RPC both `search` and `search_batch` make (a generator, like the methods that use it)."""
     response = yield "index", "Search", _search_request(collection, queries, options), timeout
     if response.unknown_filter_keys:  # stacklevel 4: past here, search and the driver, to the caller
@@ -341,11 +343,14 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 # build the same requests and decode the same responses with the same code.
 
 Rpc = tuple[str, str, Any, Optional[float]]
+R = TypeVar("R")
+P = ParamSpec("P")
+Steps = Generator[Rpc, Any, R]  # a method of _Api: yields Rpcs, is sent their responses, returns R
 
 
 class _Api:
     def embed(self, inputs: Sequence[Input], poolings: Union[PoolingArg, Sequence[PoolingArg]] = ("cls",),
-              model: str = "", include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+              model: str = "", include_tokens: bool = False, timeout: Optional[float] = None) -> Steps[Embeddings]:
         """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
         input's token features (and image token grid). `poolings` is one spec or a sequence of them. A spec
         given twice is refused before anything is sent."""
@@ -357,33 +362,33 @@ class _Api:
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
         return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
-    def list_models(self, timeout: Optional[float] = None) -> Models:
+    def list_models(self, timeout: Optional[float] = None) -> Steps[Models]:
         return _models((yield "embed", "ListModels", pb.ListModelsRequest(), timeout))
 
     # -- collections --------------------------------------------------------------------------
 
     def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
                           metric: str = "cosine", index: str = "flat", dim: int = 0,
-                          timeout: Optional[float] = None) -> Collection:
+                          timeout: Optional[float] = None) -> Steps[Collection]:
         metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
         config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
                                      metric=metric_enum, index=index, dim=dim)
         return _collection((yield "index", "CreateCollection", pb.CreateCollectionRequest(config=config), timeout))
 
-    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
+    def get_collection(self, name: str, timeout: Optional[float] = None) -> Steps[Collection]:
         return _collection((yield "index", "GetCollection", pb.GetCollectionRequest(name=name), timeout))
 
-    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
+    def list_collections(self, timeout: Optional[float] = None) -> Steps[list[Collection]]:
         response = yield "index", "ListCollections", pb.ListCollectionsRequest(), timeout
         return [_collection(c) for c in response.collections]
 
-    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
+    def drop_collection(self, name: str, timeout: Optional[float] = None) -> Steps[int]:
         return (yield "index", "DropCollection", pb.DropCollectionRequest(name=name), timeout).items_removed
 
     # -- items --------------------------------------------------------------------------------
 
     def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
-               timeout: Optional[float] = None) -> UpsertStats:
+               timeout: Optional[float] = None) -> Steps[UpsertStats]:
         """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
         messages = (pb.UpsertRequest(collection=collection if n == 0 else "", items=[_item(i) for i in chunk])
                     for n, chunk in enumerate(_batches(items, batch_size)))
@@ -391,7 +396,7 @@ class _Api:
         return UpsertStats(response.inserted, response.replaced, response.count)
 
     def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
-               chunk: int = 1000) -> tuple[int, list[str]]:
+               chunk: int = 1000) -> Steps[tuple[int, list[str]]]:
         """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
         deleted, missing = 0, []
         for part in _batches(ids, chunk):
@@ -401,7 +406,7 @@ class _Api:
         return deleted, missing
 
     def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
+            timeout: Optional[float] = None, chunk: int = 1000) -> Steps[tuple[list[StoredItem], list[str]]]:
         """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
         items, missing = [], []
         for part in _batches(ids, chunk):
@@ -417,11 +422,11 @@ class _Api:
                vector: Optional[np.ndarray] = None, id: Optional[str] = None, top_k: int = 10,
                filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
                include_metadata: bool = True, include_vectors: bool = False,
-               timeout: Optional[float] = None) -> list[Hit]:
+               timeout: Optional[float] = None) -> Steps[list[Hit]]:
         """The hits of one query: exactly one of text=, image=, vector= or id=. `filter`: text in the CLI's
         grammar ("n>=2 colour=red|blue"), parsed by the server, or a dict (see _filter). A filter on keys no
         item holds warns (UnknownFilterKeyWarning)."""
-        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
+        given = {k: v for k, v in {"text": text, "image": image, "vector": vector, "id": id}.items() if v is not None}
         if len(given) != 1:
             raise ValueError("give exactly one of text=, image=, vector=, id= (search_batch takes many queries)")
         options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
@@ -430,7 +435,7 @@ class _Api:
     def search_batch(self, collection: str, queries: Sequence[Mapping[str, Any]], *, top_k: int = 10,
                      filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
                      include_metadata: bool = True, include_vectors: bool = False,
-                     timeout: Optional[float] = None) -> list[list[Hit]]:
+                     timeout: Optional[float] = None) -> Steps[list[list[Hit]]]:
         """One hit list per query, in order, in one request; each query is a dict of one of text=, image=,
         vector=, id= (`{"text": "a red car"}`). The options apply to every query."""
         for q in queries:
@@ -440,7 +445,7 @@ class _Api:
         return (yield from _search(collection, queries, options, timeout))
 
     def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> FitResult:
+                    batch_size: int = 64, timeout: Optional[float] = None) -> Steps[FitResult]:
         messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
                                          params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
                                          samples=[_content(x) for x in chunk])
@@ -468,7 +473,10 @@ class _Channel:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if credentials is None and (tls or ca_file or cert_file):
-            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+
+            def read(path: Optional[str]) -> Optional[bytes]:
+                return Path(path).read_bytes() if path else None
+
             credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
         if token:
             metadata = (*metadata, ("authorization", f"Bearer {token}"))
@@ -484,9 +492,9 @@ class _Channel:
                                                  metadata=self.metadata)
 
 
-def _blocking(method):
+def _blocking(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], R]:
     @functools.wraps(method)
-    def run(self, *args, **kwargs):
+    def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)
@@ -500,9 +508,9 @@ def _blocking(method):
     return run
 
 
-def _awaiting(method):
+def _awaiting(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], Awaitable[R]]:
     @functools.wraps(method)
-    async def run(self, *args, **kwargs):
+    async def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)
@@ -535,7 +543,7 @@ class Client(_Channel):
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -564,7 +572,7 @@ class AsyncClient(_Channel):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
 from embedsvc.errors import AlreadyExists, EmbedsvcError, FailedPrecondition, InvalidInput
@@ -27,6 +27,9 @@ from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 # The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
@@ -89,7 +92,7 @@ class IndexSummary:
 
 
 def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
-    out = []
+    out: list[tuple[str, Optional[str]]] = []
     for spec in specs:
         name, eq, pooling = spec.partition("=")
         twice = next((earlier for earlier in specs[:len(out)] if earlier.partition("=")[0] == name), None)
@@ -111,6 +114,7 @@ class _LocalSink:
         from embedsvc.store import open_store_at
 
         job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
+        assert job.local is not None  # a local sink is made for --local only
         config = ServerConfig(data_dir=job.local, device=job.device, preload_models="", demo_size=0,
                               max_batch_size=job.batch_size, max_items_per_request=max(1024, job.batch_size),
                               decode_workers=job.workers)
@@ -148,7 +152,7 @@ class _LocalSink:
         return max((self.engine.runtime(m).encoder.loaded.image_size for m in models), default=0)
 
     @staticmethod
-    def pixels(row: tuple[Record, object, bytes]) -> int:
+    def pixels(row: tuple[Record, Image.Image, bytes]) -> int:
         """What a decoded row counts against the engine's pixel budget: the image held."""
         return row[1].size[0] * row[1].size[1]
 
@@ -259,7 +263,7 @@ class _RemoteSink:
             raise
 
     @staticmethod
-    def pixels(row: tuple[Record, object, bytes]) -> int:
+    def pixels(row: tuple[Record, Image.Image, bytes]) -> int:
         return header_pixels(row[2])
 
     def present(self, ids: list[str]) -> set[str]:
@@ -290,7 +294,7 @@ def asked_of(job: IndexJob, pooling: Optional[str], default_model: Callable[[], 
     """What the job asks of an existing target, field by field: (value to compare, how to show it). NAME=POOLING
     asks for the collection the job would create (model, pooling, metric cosine); --model and --index, when
     given, ask for themselves."""
-    asked = {}
+    asked: dict[str, tuple[Any, str]] = {}
     if job.model or pooling is not None:
         model = job.model or default_model()
         asked["model"] = (model, f"model {model!r}" + ("" if job.model else " (the default)"))
@@ -356,7 +360,9 @@ def decode_record(record: Record, short_side: int = 0, keep_bytes: bool = True):
 def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
     """Consecutive runs of `rows` whose pixels(row) add up to at most `budget` (a row over it alone): a batch
     of large images is written in several parts instead of being refused."""
-    parts, part, total = [], [], 0
+    parts: list[list] = []
+    part: list = []
+    total = 0
     for row in rows:
         n = pixels(row)
         if part and total + n > budget:
@@ -364,7 +370,7 @@ def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
             part, total = [], 0
         part.append(row)
         total += n
-    return parts + [part] if part else parts
+    return [*parts, part] if part else parts
 
 
 def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
@@ -505,6 +511,7 @@ def run_index(job: IndexJob) -> IndexSummary:
         sink.close()
         raise
     if job.engine == "ray":
+        assert isinstance(sink, _LocalSink)  # --engine ray needs --local (checked above)
         try:
             return _run_ray(job, records, sink, started)
         finally:
@@ -536,7 +543,8 @@ def run_index(job: IndexJob) -> IndexSummary:
                 indexed += rows
 
             pending = submit(chunks[0]) if chunks else None
-            for number, chunk in enumerate(chunks):
+            for number in range(len(chunks)):
+                assert pending is not None  # submitted for every chunk
                 skipped, futures = pending
                 # decode the next batch while this one is embedded and written
                 pending = submit(chunks[number + 1]) if number + 1 < len(chunks) else None

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
-from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TOKEN_MODES, TokenFeatures
+from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures, TokenMode
 from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
                              UnknownPooling, UnsupportedTokenMode, quoted)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
@@ -24,10 +24,6 @@ from embedsvc.spec_text import SpecTextError, parse_spec_text
 
 
 # -- parameters -----------------------------------------------------------------------------------
-
-
-# The values of every patch pooling's `tokens` parameter (validated by parse_params like any Literal).
-TokenMode = Literal[TOKEN_MODES]
 
 
 @dataclass(frozen=True)
@@ -198,6 +194,7 @@ def _netvlad(f: TokenFeatures, params: NetVLADParams, state: Optional[NetVLADSta
 def _spp(f: TokenFeatures, params: SppParams, state) -> torch.Tensor:
     if f.modality == TEXT:  # a sentence has one region, itself: its native embedding
         return f.native
+    assert f.grid is not None  # image tokens come with their grid
     return spatial_pyramid(f.tokens, f.grid, params.levels, params.region, params.combine)
 
 

@@ -53,6 +53,7 @@ class Slots:
             self._waiting -= 1
 
     def release(self) -> None:
+        assert self._slots is not None, "release() before acquire()"
         self._slots.release()
 
     @property
@@ -81,10 +82,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(WRAPPED_PREFIX) or handler.response_streaming:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        if handler.request_streaming:
-            behaviour = self._streaming(handler, method)
-        else:
-            behaviour = self._unary(handler, method)
+        behaviour = self._streaming(handler, method) if handler.request_streaming else self._unary(handler, method)
         # raw bytes in (deserializer None): parsing happens in _parse
         return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
 

@@ -287,7 +287,9 @@ async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse
 
 
 async def fit_pooling(engine: Engine, messages: AsyncIterable[pb.FitPoolingRequest]) -> pb.FitPoolingResponse:
-    collection, params, samples, held = "", {}, [], 0
+    collection, held = "", 0
+    params: dict[str, str] = {}
+    samples: list[Text | ImageBytes] = []
     config = engine.config
     async for message in messages:
         collection = collection or message.collection

@@ -66,7 +66,8 @@ class ServerConfig:
     precision: str = "auto"
     # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
     max_batch_size: int = 64
-    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch had, in milliseconds; an idle model runs a request at once.
+    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch
+    # had, in milliseconds; an idle model runs a request at once.
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
@@ -304,9 +305,12 @@ def field_docs() -> list[tuple[str, str, str]]:
 
     lines = inspect.getsource(ServerConfig).splitlines()
     docs = {}
-    for node in ast.parse("\n".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            above, row = [], node.lineno - 2
+    tree = ast.parse("\n".join(lines)).body[0]
+    assert isinstance(tree, ast.ClassDef)
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):  # a field
+            above: list[str] = []
+            row = node.lineno - 2
             while row >= 0 and lines[row].strip().startswith("#"):
                 above.insert(0, lines[row].strip()[1:].strip())
                 row -= 1

@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ class PreparedImage:
     pixels: torch.Tensor
 
 
-Content = Union[Text, ImageBytes, DecodedImage, PreparedImage]
+Content = Text | ImageBytes | DecodedImage | PreparedImage
 
 
 @dataclass
@@ -105,6 +105,7 @@ class SearchOutcome:
 
 
 def _image_payload(content: Content) -> Any:
+    assert not isinstance(content, Text)  # called for images only
     return content.image if isinstance(content, DecodedImage) else content.data
 
 
@@ -304,7 +305,7 @@ class Engine:
             pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
                                                  for i, payload in zip(images, payloads)])
         if texts:
-            jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
+            jobs.append(runtime.text.submit([c.text for c in contents if isinstance(c, Text)], finish))  # at texts
         if images:
             jobs.append(runtime.image.submit(list(pixels), finish, modes))
         results = await asyncio.gather(*jobs)
@@ -333,16 +334,18 @@ class Engine:
                 if len(index) == n:  # one tower, inputs in order: the matrix as pooled
                     vectors[j] = part_vectors
                     continue
-                if vectors[j] is None:
-                    vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
-                vectors[j][rows] = part_vectors
+                matrix = vectors[j]
+                if matrix is None:
+                    matrix = vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
+                matrix[rows] = part_vectors
             truncated[rows] = [t for part in parts for t in part[1]]
             token_counts[rows] = [c for part in parts for c in part[3]]
-            if include_tokens:
+            if tokens is not None:  # include_tokens
                 rows_of = [(part[2], r) for part in parts for r in range(part[2].tokens.shape[0])]
                 for i, (f, r) in zip(index, rows_of):
                     tokens[i] = f.select([r])
-        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens, token_counts.tolist())
+        filled = cast(list[np.ndarray], vectors)  # every pooling's matrix: contents are never empty
+        return EmbeddedBatch(modalities, filled, truncated.tolist(), tokens, token_counts.tolist())
 
     async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
                     include_tokens: bool = False) -> tuple[str, list[Embedding]]:
@@ -432,10 +435,12 @@ class Engine:
             info = await self.run_blocking(self.store.get_collection, name)
             vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
             if to_embed:
-                embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
+                contents = [item.content for item in items if item.content is not None]  # those at to_embed
+                embedded, _ = await self._embed_for(info, contents, "item")
                 for row, i in enumerate(to_embed):
                     vectors[i] = embedded[row]  # a row view: the store stacks them once
-            store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
+            filled = cast(list[np.ndarray], vectors)  # given, or embedded above
+            store_items = [Item(item.id, filled[i], item.metadata) for i, item in enumerate(items)]
             return await self._commit(info, store_items, bool(to_embed), media)
 
         result = await self._retry_aborted(attempt)
@@ -445,7 +450,7 @@ class Engine:
     async def _commit(self, info: CollectionInfo, items: list[Item], embedded: bool, thumbnails=None):
         """Stores items; vectors embedded here are committed only if the collection is still the one
         (uid) and the pooling state (version) they were computed with."""
-        check = dict(uid=info.uid, pooling_version=info.pooling_version) if embedded else {}
+        check: dict[str, Any] = {"uid": info.uid, "pooling_version": info.pooling_version} if embedded else {}
         return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, thumbnails=thumbnails,
                                                                  **check))
 
@@ -462,7 +467,7 @@ class Engine:
 
     async def _thumbnails(self, items: Sequence[UpsertRequestItem]) -> dict[str, tuple[str, bytes]]:
         """{id: ("image/jpeg", bytes)} for the image items (the last of a repeated id decides)."""
-        def make(content: Content) -> bytes:
+        def make(content: ImageBytes | DecodedImage) -> bytes:
             if isinstance(content, DecodedImage):
                 return thumbnail_jpeg(content.image)
             return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels, THUMBNAIL_SIDE,
@@ -499,8 +504,8 @@ class Engine:
         the token features are computed once and each collection applies its own pooling."""
         self._check_count(len(items), "items")
         infos = [await self.run_blocking(self.store.get_collection, name) for name in names]
-        contents = [item.content for item in items]
-        if any(c is None for c in contents):
+        contents = [item.content for item in items if item.content is not None]
+        if len(contents) < len(items):
             raise InvalidInput("upsert_multi takes content items (texts or images), not vectors")
         by_model: dict[str, list] = {}
         for info in infos:
@@ -517,7 +522,7 @@ class Engine:
             for info in group:
                 info.config.check_weights(runtime.encoder.loaded.weights_sha256)
             batch = await self.pooled(runtime, contents, poolings, "item")
-            for info, pooling, vectors in zip(group, poolings, batch.vectors):
+            for info, vectors in zip(group, batch.vectors):  # a matrix per collection's pooling
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
                     result = await self._commit(info, store_items, True, media)
@@ -540,7 +545,8 @@ class Engine:
         info = None
         if content_rows:
             info = await self.run_blocking(self.store.get_collection, name)
-            embedded, flags = await self._embed_for(info, [queries[i].content for i in content_rows], "query")
+            contents = [q.content for q in queries if q.content is not None]  # those at content_rows
+            embedded, flags = await self._embed_for(info, contents, "query")
             for row, i in enumerate(content_rows):
                 vectors[i], truncated[i] = embedded[row], flags[row]
 
@@ -559,7 +565,8 @@ class Engine:
             if bad is not None:
                 raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
                                    f"holds vectors of dimension {config.dim}")
-            return self.store.search(name, np.stack(vectors), top_k, flt, nprobe, ef_search, include_metadata,
+            filled = cast(list[np.ndarray], vectors)  # each query's, or refused above
+            return self.store.search(name, np.stack(filled), top_k, flt, nprobe, ef_search, include_metadata,
                                      include_vectors, exclude if any(exclude) else None)
 
         hits = await self.run_blocking(lookup_and_search)

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import grpc
 import uvicorn
@@ -44,6 +44,8 @@ from embedsvc.service.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger("embedsvc.http")
 
@@ -94,7 +96,7 @@ class Endpoint:
         """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
         other names); BrowserGuard refuses others with 415."""
         lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
-        return ("application/json",) + self.extra_content + lines
+        return ("application/json", *self.extra_content, *lines)
 
 
 ENDPOINTS = [
@@ -249,8 +251,8 @@ class BrowserGuard:
         method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
         refusal = self._refusal(scope, headers, method, host, origin)
         cross = origin is not None and not self._same_origin(origin, host)
-        cors = cross and refusal is None and self._cors_allowed(origin)
-        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+        cors = origin is not None and cross and refusal is None and self._cors_allowed(origin)
+        if cors and origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
             return await self._preflight(origin)(scope, receive, send)
         if refusal is None:
             refusal = self._media_type_refusal(scope, headers, method)
@@ -336,10 +338,10 @@ class HttpApi:
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
-        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                               Route("/", self.static("index.html"))]
+        routes = [*api_routes, openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                  Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                  Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                  Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
@@ -361,7 +363,8 @@ class HttpApi:
 
         return body_types
 
-    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(self, request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)  # the handler of HTTPException only
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
                                                                                         grpc.StatusCode.INVALID_ARGUMENT)
         path = request.url.path
@@ -388,7 +391,7 @@ class HttpApi:
         except EmbedsvcError as exc:
             code = status_for(exc)
             return error_response(code, status_details(exc), exc)
-        except Exception:  # noqa: BLE001 - a bug must not take the server down
+        except Exception:  # a bug must not take the server down
             code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", rpc)
             return error_response(code, f"internal error in {rpc}; the server log has details")
@@ -407,7 +410,7 @@ class HttpApi:
         """fn(*args) in a codec thread."""
         return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    async def _parse(self, chunks: list[bytes], message_type: type, where: str = "request body") -> Message:
+    async def _parse(self, chunks: list[bytes], message_type: type[M], where: str = "request body") -> M:
         """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
         than max_items_per_request items is refused, as the engine would, before it is built. A large body is
         parsed in a worker process (embedsvc.service.bodyproc), its message put together in a codec thread."""
@@ -448,7 +451,7 @@ class HttpApi:
         if endpoint.streaming and kind in JSON_LINES:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
-            message = await self._multipart_search(request)
+            message: Message = await self._multipart_search(request)
         elif endpoint.body:  # application/json: BrowserGuard refused other types
             message = await self._parse(await bodyproc.body_chunks(request), endpoint.request_type)
         else:
@@ -558,19 +561,29 @@ class HttpServer:
         self.api, self.sock = api, sock
         self.port = sock.getsockname()[1]
         self.host = config.http_listen.rsplit(":", 1)[0]
-        tls = {}
+        tls: dict[str, Any] = {}
         if config.tls_cert_file:
-            tls = dict(ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file)
+            tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
         self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
                                      config.http_send_timeout_seconds)
-        self.server = _QuietServer(uvicorn.Config(
-            api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))
-        self.task = None
+        self.server = _QuietServer(
+            uvicorn.Config(
+                api.app,
+                http=self.guard.protocol(),
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+                # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
+                timeout_keep_alive=config.http_keepalive_timeout_seconds,  # type: ignore[arg-type]
+                **tls,
+            )
+        )
+        self.task: Optional[asyncio.Task[None]] = None
 
     @classmethod
     def bind(cls, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
@@ -608,7 +621,8 @@ class HttpServer:
         """Stops accepting, lets in-flight requests finish for up to `grace` seconds."""
         self.drain()
         if self.task is not None:
-            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
+            # uvicorn annotates int | None but waits with asyncio.wait_for(timeout=...): a float works
+            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
             self.server.should_exit = True
             await self.task
         self.sock.close()

@@ -138,7 +138,7 @@ def resolve_model(model: str, pooling: Optional[str]) -> tuple[str, Optional[Poo
         if not known:
             error = UnknownModel(f"model {quoted(model)} does not exist; GET /v1/models lists the models (write "
                                  f"NAME or NAME:POOLING, e.g. NAME:gem:p=3)")
-            error.param = "model"
+            error.param = "model"  # type: ignore[attr-defined]  # read back with getattr, as ParamError's
             raise error
         name = max(known, key=len)
     by_model = name != model  # the pooling comes after the name
@@ -295,7 +295,7 @@ class OpenAIErrors:
                 return
             body = error_body(start["status"], b"".join(chunks), scope.get(PARAM_KEY))
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, reshape)

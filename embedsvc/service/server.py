@@ -142,6 +142,7 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    cause: Optional[RuntimeError]
     try:
         port = (server.add_secure_port(listen, credentials) if credentials
                 else server.add_insecure_port(listen))

@@ -15,7 +15,7 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Self
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class CheckpointReader:
     def close(self) -> None:
         self.npz.close()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

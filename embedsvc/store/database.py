@@ -12,6 +12,7 @@ StorageUnavailable; the next write tries again, so the store recovers by itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sqlite3
@@ -121,7 +122,7 @@ class Database:
         with self._lock:
             return "vector" in self._columns("items")
 
-    def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable:
+    def _unavailable(self, exc: sqlite3.Error | OSError) -> StorageUnavailable:
         return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
                                   f"was stored: make it writable (or free space) and retry")
 
@@ -137,10 +138,8 @@ class Database:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException as exc:
-                try:
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back already
                     self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # a failed COMMIT may have rolled back already
                 if isinstance(exc, sqlite3.OperationalError) or (isinstance(exc, OSError)
                                                                  and exc.errno in _DISK_ERRNOS):
                     raise self._unavailable(exc) from None
@@ -199,7 +198,7 @@ class Database:
     # -- items --------------------------------------------------------------------------------
 
     def labels_of(self, c: sqlite3.Connection, collection_id: int, ids: list[str]) -> dict[str, int]:
-        found = {}
+        found: dict[str, int] = {}
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
             found.update(c.execute(f"SELECT id, label FROM items WHERE collection_id=? AND id IN ({marks})",
@@ -229,9 +228,9 @@ class Database:
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
             c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
-                          [(collection_id, i, l, m) for i, l, m in zip(ids, labels.tolist(), metadata)])
+                          [(collection_id, i, label, m) for i, label, m in zip(ids, labels.tolist(), metadata)])
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
-                          [(collection_id, l, old.get(i)) for i, l in zip(ids, labels.tolist())])
+                          [(collection_id, label, old.get(i)) for i, label in zip(ids, labels.tolist())])
             self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
             write_vectors(start)
         return labels, old

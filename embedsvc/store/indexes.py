@@ -151,9 +151,9 @@ class VectorIndex(Protocol):
 def _pad(scores: list, labels: list, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_s = np.full((len(scores), k), -np.inf, dtype=np.float32)
     out_l = np.full((len(scores), k), -1, dtype=np.int64)
-    for i, (s, l) in enumerate(zip(scores, labels)):
+    for i, (s, row_labels) in enumerate(zip(scores, labels)):
         out_s[i, :len(s)] = s[:k]
-        out_l[i, :len(l)] = l[:k]
+        out_l[i, :len(row_labels)] = row_labels[:k]
     return out_s, out_l
 
 
@@ -203,7 +203,7 @@ class FaissIndex:
         self.preset = INDEX_PRESETS.get(kind)
         self.tombstones: set[int] = set()  # labels of removed vectors an index could not drop
         self.trained_at = 0  # vectors the index was trained on
-        self.index = None  # the real index, once built (and trained)
+        self.index: Any = None  # the real index (an untyped FAISS object), once built (and trained)
         self.exact = faiss.IndexFlat(dim, _faiss_metric(metric))  # until then
         self.labels = np.empty(0, dtype=np.int64)  # position -> label, for indexes without ids (flat, graphs)
         self._lookup: Optional[tuple[np.ndarray, np.ndarray]] = None  # (sorted labels, their positions)
@@ -379,6 +379,7 @@ class FaissIndex:
             selector = selection.selector if selection is not None else None
             return self.index.search(queries, k, params=self._params(selector, labels, live, k, nprobe, ef_search))
         if selection is not None:
+            assert selection.positions is not None  # a positional index's selection has them
             if self.index is not None and _hnsw_of(self.index) is not None and \
                     len(selection.positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
                 return self._exact_over(queries, k, selection.positions)
@@ -449,8 +450,8 @@ class FaissIndex:
 
     @classmethod
     def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
-        """Loads a checkpoint of the first format (whole index serialised in memory); one written before positional labels (an IndexIDMap2 around a flat or graph
-        index) is unwrapped into the same layout."""
+        """Loads a checkpoint of the first format (whole index serialised in memory); one written before
+        positional labels (an IndexIDMap2 around a flat or graph index) is unwrapped into the same layout."""
         import faiss
 
         self = cls.__new__(cls)

@@ -20,6 +20,7 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class _LoadCancelled(Exception):
 
 MAX_CACHED_FILTERS = 64  # per collection
 
-Index = Union[FaissIndex, FileFlatIndex]
+Index = FaissIndex | FileFlatIndex
 
 
 _NONE = np.array(None, dtype=object)  # compared with an object array element by element: where labels hold no id
@@ -209,6 +210,7 @@ class _Collection:
         if found is None:
             if len(self.selections) >= MAX_CACHED_FILTERS:
                 self.selections.clear()
+            assert self.index is not None  # the caller ran check_usable
             found = self.index.select(self.metadata.labels(flt))
             self.selections[key] = found
         return found
@@ -495,12 +497,14 @@ class Store:
                     return f"checkpoint {path.name} is of the first format, which a flat collection no longer uses"
                 else:
                     self._load_rows(col, progress)
-                    col.index = FaissIndex.from_arrays(header, read_checkpoint(path)[1])
+                    first_format = read_checkpoint(path)
+                    assert first_format is not None  # the file is there: read above
+                    col.index = FaissIndex.from_arrays(header, first_format[1])
                 col.applied_lsn = col.checkpoint_lsn = header["lsn"]
                 self._replay(col, progress)
             except _LoadCancelled:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild from the items table
                 col.ids, col.metadata = _Ids(), MetadataIndex()
                 return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
         kept = [int(label) for label in rowless[:3] if col.ids.id_of(int(label)) is not None]
@@ -582,6 +586,7 @@ class Store:
         step = f"building its {col.config.index} index"
         if progress is None:
             progress = _Progress(f"collection {col.config.name}", len(labels), self.progress_seconds)
+        assert col.vectors is not None  # opened before any index is built
         for start in range(0, len(labels), FILL_CHUNK):
             chunk = labels[start:start + FILL_CHUNK]
             index.add(chunk, col.vectors.vectors(chunk))
@@ -597,6 +602,7 @@ class Store:
         added_set = set(added)
         # Labels added after the checkpoint were never in the index: nothing to remove for them.
         gone = np.array(sorted(removed - added_set), dtype=np.int64)
+        assert col.index is not None and col.vectors is not None  # loaded from the checkpoint: replayed on
         col.index.remove(gone)
         col.metadata.remove_many(gone)
         col.ids.remove_labels(gone)
@@ -622,6 +628,7 @@ class Store:
     def _checkpoint_parts(self, col: _Collection) -> tuple[dict, dict]:
         """(header, members) of the collection now (read lock held): copies of the small arrays; the FAISS
         index of a non-flat collection itself, streamed by the caller while it still holds the lock."""
+        assert col.index is not None  # the caller checked
         labels = col.ids.live_labels()
         ids = col.ids.by_label[labels]
         meta_header, arrays = col.metadata.snapshot(int(labels[-1]) + 1 if len(labels) else 0)
@@ -666,6 +673,7 @@ class Store:
             if col.dropped or col.unavailable or not self._compaction_due(col):
                 return
             vectors = col.vectors
+            assert vectors is not None  # _compaction_due
             dead = vectors.used - len(col.ids)
             _, next_label = self.db.layout(col.id)
             live = col.ids.live_labels()
@@ -694,6 +702,7 @@ class Store:
         try:
             fresh = VectorFile(self.folder, col.id, col.config.dim, layout, next_label)
         except BaseException:
+            assert col.vectors is not None  # the generation being switched from
             col.vectors.remove_generation(layout.generation)
             raise
         try:
@@ -704,6 +713,7 @@ class Store:
                             "it: serving from it", col.config.name, layout.generation)
                 return fresh
             fresh.close(trim=False)
+            assert col.vectors is not None  # the generation being switched from
             col.vectors.remove_generation(layout.generation)
             raise
         return fresh
@@ -808,6 +818,7 @@ class Store:
         col = self._ready(name)
         with col.lock.read():
             col.check_usable()
+            assert col.index is not None  # usable
             if isinstance(col.index, FileFlatIndex):
                 return len(col.index) * col.config.dim * 4
             return col.index.size_bytes()
@@ -842,9 +853,11 @@ class Store:
                                         f"use upsert to replace them")
             wanted = set(ids)
             kept = {i: t for i, t in (thumbnails or {}).items() if i in wanted}
-            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: col.vectors.append(start, vectors),
+            vector_file = col.vectors
+            assert vector_file is not None  # usable
+            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: vector_file.append(start, vectors),
                                          pooling_version, kept)
-            col.vectors.committed(int(labels[-1]) + 1)
+            vector_file.committed(int(labels[-1]) + 1)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
             count = len(col.ids)
         self._maybe_checkpoint(col)
@@ -853,6 +866,7 @@ class Store:
     def _apply_upsert(self, col: _Collection, ids, labels, old, vectors, metadata) -> None:
         replaced = np.array(col.ids.remove(list(old)), dtype=np.int64)
         col.metadata.remove_many(replaced)
+        assert col.index is not None  # usable (the caller checked)
         col.index.remove(replaced)
         col.ids.add(labels.tolist(), ids)
         col.metadata.add_many(labels.tolist(), metadata)
@@ -867,12 +881,12 @@ class Store:
             change()
             col.applied_lsn = self.db.last_lsn(col.id)
             self._maintain(col)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("collection %s: applying a committed write to the index failed; rebuilding it",
                           col.config.name)
             try:
                 self._reload(col)
-            except Exception as again:  # noqa: BLE001
+            except Exception as again:  # noqa: BLE001 - reported: the collection is marked unavailable
                 col.unavailable = f"its index failed ({type(exc).__name__}: {exc}) and could not be rebuilt ({again})"
                 log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 
@@ -891,6 +905,7 @@ class Store:
             def change() -> None:
                 labels = np.array(col.ids.remove(list(old)), dtype=np.int64)
                 col.metadata.remove_many(labels)
+                assert col.index is not None  # usable (checked above)
                 col.index.remove(labels)
 
             self._apply(col, change)
@@ -899,6 +914,7 @@ class Store:
 
     def _maintain(self, col: _Collection) -> None:
         """Rebuilds a tombstoning index from the truth once tombstones pile up (write lock held)."""
+        assert col.index is not None  # a write was applied to it
         if col.index.needs_rebuild(len(col.ids)):
             log.info("rebuilding index of %s (%d live, %d tombstones, trained at %d)", col.config.name,
                      len(col.ids), len(col.index.tombstones), col.index.trained_at)
@@ -923,7 +939,7 @@ class Store:
             rows = self.db.items(col.id, ids)
             found_ids = [i for i in ids if i in rows]
             vectors = self._vectors_of(col, [rows[i][0] for i in found_ids]) if include_vectors else None
-        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if include_vectors else None)
+        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if vectors is not None else None)
                  for k, i in enumerate(found_ids)]
         return found, [i for i in ids if i not in rows]
 
@@ -931,6 +947,7 @@ class Store:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
             raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
+        assert items[0].vector is not None  # include_vectors
         return items[0].vector
 
     def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
@@ -961,6 +978,7 @@ class Store:
         with col.lock.read():
             col.check_usable()
             allowed = col.selection(flt) if flt is not None and flt.must else None
+            assert col.index is not None  # usable
             scores, labels = col.index.search(queries, k, allowed, nprobe, ef_search)
             results = []
             for q, (row_scores, row_labels) in enumerate(zip(scores, labels)):

@@ -16,6 +16,7 @@ a compaction writes a new generation next to the old one and switches to it in o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -90,6 +91,7 @@ class VectorFile:
             os.ftruncate(self.fd, self.used * self.row_bytes)
             size = self.used * self.row_bytes
         self.capacity = size // self.row_bytes
+        self.matrix: Optional[np.ndarray]  # None once closed
         self._mmap, self.matrix = self._map(self.capacity, populate)
 
     @staticmethod
@@ -151,7 +153,7 @@ class VectorFile:
         end = slot + len(vectors)
         if end > self.capacity:
             self._grow(end)
-        data = memoryview(vectors).cast("B")
+        data = vectors.data.cast("B")
         offset = slot * self.row_bytes
         while data:
             written = os.pwrite(self.fd, data, offset)
@@ -177,16 +179,15 @@ class VectorFile:
         if len(slots) and slots.min() < 0:
             missing = np.asarray(labels)[slots < 0][:3].tolist()
             raise VectorFileError(f"labels {missing} have no row in {self.path.name}")
+        assert self.matrix is not None, f"{self.path.name} is closed"
         return self.matrix[slots]
 
     def close(self, trim: bool = True) -> None:
         """Releases the map; `trim` drops the unwritten capacity past the committed rows."""
         self.matrix = None
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a search result still views it: the map goes with that view
                 self._mmap.close()
-            except BufferError:  # a search result still views it: the map goes with that view
-                pass
             self._mmap = None
         if trim and self.fd >= 0:
             os.ftruncate(self.fd, self.used * self.row_bytes)
@@ -206,7 +207,7 @@ class VectorFile:
         try:
             with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
                 for start in range(0, len(live_labels), chunk_rows):
-                    f.write(memoryview(self.vectors(live_labels[start:start + chunk_rows])).cast("B"))
+                    f.write(self.vectors(live_labels[start:start + chunk_rows]).data.cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
             return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)
