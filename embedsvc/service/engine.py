@@ -100,6 +100,12 @@ def _image_payload(content: Content) -> Any:
     return content.image if isinstance(content, DecodedImage) else content.data
 
 
+def _after(first: Callable[[], Any], then: Callable[[], Any]) -> Any:
+    """then()'s result, first() run before it (one job for a pool)."""
+    first()
+    return then()
+
+
 FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
 
 
@@ -255,6 +261,21 @@ class Engine:
             for task in tasks:
                 task.cancel()
 
+    async def _decode_images(self, runtime: ModelRuntime, payloads: list[Any], wheres: list[str]) -> list[Any]:
+        """The images' model inputs, the request's pixel budget checked from the headers before any is decoded.
+
+        One image is checked and decoded in one decode-pool job: its own header is read before its pixels, and a
+        second trip through the pool (a wake-up of a niced thread and one of the event loop, each a wait for a
+        core on a busy machine) would cost the one-photo request more than its header check.
+        """
+        short_side = runtime.encoder.loaded.image_size
+        check = functools.partial(self._check_pixel_budget, payloads, short_side)
+        decode = [functools.partial(self._decode, runtime, payload, where) for payload, where in zip(payloads, wheres)]
+        if len(decode) == 1:
+            return await self._in_decode_pool([lambda: _after(check, decode[0])])
+        await self._in_decode_pool([check])
+        return await self._in_decode_pool(decode)
+
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
                        finish: Optional[Callable[[TokenFeatures], Any]] = None,
                        poolings: Sequence[BoundPooling] = ()) -> list[tuple[list[int], Any]]:
@@ -269,11 +290,8 @@ class Engine:
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
         if images:  # decode first: a bad image fails the request before any forward pass is queued
-            payloads = [_image_payload(contents[i]) for i in images]
-            short_side = runtime.encoder.loaded.image_size
-            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads, short_side)])
-            pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
-                                                 for i, payload in zip(images, payloads)])
+            pixels = await self._decode_images(runtime, [_image_payload(contents[i]) for i in images],
+                                               [f"{where} {i}" for i in images])
         if texts:
             jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
         if images:
