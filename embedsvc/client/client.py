@@ -87,7 +87,7 @@ class UpsertStats:
     count: int
 
 
-def _content(value: Input) -> dict[str, Union[str, bytes]]:
+def _content(value: Input) -> dict[str, Any]:
     """A Content message's fields, for the message that holds it to build in place: a Content built first would be
     copied into it (a photo's megabytes once more per call)."""
     if isinstance(value, str):
