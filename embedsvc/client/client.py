@@ -134,13 +134,15 @@ class UpsertStats:
     count: int
 
 
-def _content(value: Input) -> pb.Content:
+def _content(value: Input) -> dict[str, Any]:
+    """A Content message's fields, for the message that holds it to build in place: a Content built first would be
+    copied into it (a photo's megabytes once more per call)."""
     if isinstance(value, str):
-        return pb.Content(text=value)
+        return {"text": value}
     if isinstance(value, Path):
-        return pb.Content(image=value.read_bytes())
+        return {"image": value.read_bytes()}
     if isinstance(value, (bytes, bytearray)):
-        return pb.Content(image=bytes(value))
+        return {"image": bytes(value)}
     raise TypeError(f"input must be str (text), bytes or Path (image), got {type(value).__name__}")
 
 
@@ -274,7 +276,7 @@ def _item(item: Item) -> pb.UpsertItem:
     elif item.text is not None:
         out.content.text = item.text
     elif item.image is not None:
-        out.content.CopyFrom(_content(item.image))
+        out.content.CopyFrom(pb.Content(**_content(item.image)))
     for k, v in item.metadata.items():
         out.metadata[k].CopyFrom(_value(v))
     return out
@@ -306,7 +308,7 @@ def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], optio
         if kind == "vector":
             request.queries.add(vector=pb.Vector(values=np.asarray(value, np.float32).reshape(-1).tolist()))
         elif kind == "image":
-            request.queries.add(image=_content(value).image)
+            request.queries.add(image=pb.Content(**_content(value)).image)
         else:
             request.queries.add(**{kind: value})
     return request

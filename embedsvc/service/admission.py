@@ -119,7 +119,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     async def _next(self, request_iterator, context, method: str):
         """The next raw message, None at the end of the stream; a bounded wait."""
         try:
-            return await asyncio.wait_for(request_iterator.__anext__(), self.message_timeout)
+            async with asyncio.timeout(self.message_timeout):  # in this task: wait_for would start one per message
+                return await request_iterator.__anext__()
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:

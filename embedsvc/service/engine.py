@@ -158,6 +158,12 @@ def check_pixel_budget(config: ServerConfig, payloads: Sequence[Any], short_side
                                 f"or smaller images per request")
 
 
+def _after(first: Callable[[], Any], then: Callable[[], Any]) -> Any:
+    """then()'s result, first() run before it (one job for a pool)."""
+    first()
+    return then()
+
+
 FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
 
 
@@ -283,6 +289,21 @@ class Engine:
             for task in tasks:
                 task.cancel()
 
+    async def _decode_images(self, runtime: ModelRuntime, payloads: list[Any], wheres: list[str]) -> list[Any]:
+        """The images' model inputs, the request's pixel budget checked from the headers before any is decoded.
+
+        One image is checked and decoded in one decode-pool job: its own header is read before its pixels, and a
+        second trip through the pool (a wake-up of a niced thread and one of the event loop, each a wait for a
+        core on a busy machine) would cost the one-photo request more than its header check.
+        """
+        short_side = runtime.encoder.loaded.image_size
+        check = functools.partial(self._check_pixel_budget, payloads, short_side)
+        decode = [functools.partial(self._decode, runtime, payload, where) for payload, where in zip(payloads, wheres)]
+        if len(decode) == 1:
+            return await self._in_decode_pool([lambda: _after(check, decode[0])])
+        await self._in_decode_pool([check])
+        return await self._in_decode_pool(decode)
+
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
                        finish: Optional[Callable[[TokenFeatures], Any]] = None,
                        poolings: Sequence[BoundPooling] = ()) -> list[tuple[list[int], Any]]:
@@ -299,11 +320,8 @@ class Engine:
         if images and all(isinstance(contents[i], PreparedImage) for i in images):  # a front end decoded them
             pixels = [contents[i].pixels for i in images]
         elif images:  # decode first: a bad image fails the request before any forward pass is queued
-            payloads = [_image_payload(contents[i]) for i in images]
-            short_side = runtime.encoder.loaded.image_size
-            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads, short_side)])
-            pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
-                                                 for i, payload in zip(images, payloads)])
+            pixels = await self._decode_images(runtime, [_image_payload(contents[i]) for i in images],
+                                               [f"{where} {i}" for i in images])
         if texts:
             jobs.append(runtime.text.submit([c.text for c in contents if isinstance(c, Text)], finish))  # at texts
         if images:
