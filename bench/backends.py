@@ -5,7 +5,7 @@
 Upsert: vectors/s in batches of 1000 with metadata (validation and the durable write included; bare FAISS is
 an in-memory add). Search: single-query top-10 latency p50/p99, plain and with a filter keeping ~10% of the
 items (`group == 3` of ten groups; bare FAISS gets the allowed ids as an IDSelectorBatch). Milvus Lite is a
-local, single-process stand-in for a Milvus server: see the README's "Scaling out" for what a cluster changes.
+local, single-process stand-in for a Milvus server: see docs/scaling.md for what a cluster changes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from store_bench import clustered, percentiles  # noqa: E402
+from store_bench import clustered, percentiles
 
 BATCH = 1000
 GROUPS = 10
@@ -127,8 +127,9 @@ def main() -> None:
     print()
     base = rows["local (SQLite + FAISS)"]
     for name, row in rows.items():
-        print(f"{name}: upsert {row['add'] / base['add']:.2f}x local, search p50 {row['plain'][0] / base['plain'][0]:.2f}x "
-              f"local, filtered p50 {row['filtered'][0] / base['filtered'][0]:.2f}x local")
+        add, plain = row["add"] / base["add"], row["plain"][0] / base["plain"][0]
+        filtered = row["filtered"][0] / base["filtered"][0]
+        print(f"{name}: upsert {add:.2f}x local, search p50 {plain:.2f}x local, filtered p50 {filtered:.2f}x local")
 
 
 if __name__ == "__main__":

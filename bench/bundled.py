@@ -1,4 +1,4 @@
-"""Figures of a bundled-model candidate, as the README reports them: `compare` on held-out scenes (every
+"""Figures of a bundled-model candidate, as docs/models.md reports them: `compare` on held-out scenes (every
 pooling, text->image and image->image) and zero-shot on drawings no scenes renderer made.
 
     python bench/bundled.py embedsvc-tiny-scenes out/v2/embedsvc-tiny-scenes-2.safetensors

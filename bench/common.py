@@ -23,6 +23,7 @@ def start_server(extra: list[str], data_dir: str, env: dict | None = None,
                           data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level",
                           "WARNING", *extra]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    assert proc.stderr is not None  # stderr=PIPE
     for line in proc.stderr:
         match = re.search(r"serving on \S+:(\d+)", line)
         if match:

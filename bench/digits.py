@@ -35,10 +35,10 @@ def write_manifests(out: Path, every: int = 5) -> tuple[Path, Path]:
 
     digits = load_digits()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = {"train": [], "heldout": []}
+    rows: dict[str, list] = {"train": [], "heldout": []}
     for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         path = f"images/digit-{i:04d}.png"
-        grey = Image.fromarray((pixels * (255 / 16)).astype("uint8"), "L").resize((32, 32), Image.BICUBIC)
+        grey = Image.fromarray((pixels * (255 / 16)).astype("uint8"), "L").resize((32, 32), Image.Resampling.BICUBIC)
         grey.convert("RGB").save(out / path)
         rows["heldout" if i % every == 0 else "train"].append(
             {"id": f"digit-{i:04d}", "path": path, "caption": f"a handwritten digit {NAMES[label]}", "label": int(label)})
@@ -81,7 +81,7 @@ def main() -> int:
     print(f"\ntraining: {args.steps} steps x {args.batch_size}, {train_minutes:.1f} min (data preparation included)")
     print("\n| model | pooling | t2i R@1 | t2i mAP | i2t R@1 (= zero-shot accuracy) | i2i R@1 | i2i mAP |")
     print("|---|---|---|---|---|---|---|")
-    chance = None
+    chance: dict = {}
     for model, folder in (("trained (digits-clip)", "compare-trained"), (f"bundled {DEFAULT_MODEL}", "compare-bundled")):
         result = json.loads((out / folder / "results.json").read_text())
         for row in result["poolings"]:

@@ -68,7 +68,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     diff = max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(sequential, batched))
-    lat = lambda rs: np.percentile([r[1] * 1000 for r in rs], [50, 99])
+
+    def lat(rs):
+        return np.percentile([r[1] * 1000 for r in rs], [50, 99])
+
     (s50, s99), (c50, c99) = lat(sequential), lat(batched)
     print(f"# dynamic batching: {args.requests} single-text Embed calls, machine={platform.machine()} "
           f"server flags={' '.join(extra) or '(defaults)'}")
@@ -77,7 +80,8 @@ def main() -> None:
     print(f"| sequential (1 client) | {args.requests / seq_s:.1f} | {s50:.2f} | {s99:.2f} |")
     print(f"| concurrent ({args.concurrency} clients) | {args.requests / conc_s:.1f} | {c50:.2f} | {c99:.2f} |")
     print(f"throughput ratio concurrent/sequential: {seq_s / conc_s:.2f}x")
-    print(f"max |batched - unbatched| over all vectors: {diff:.2e} ({'equal within 1e-5' if diff < 1e-5 else 'DIFFERENT'})")
+    verdict = "equal within 1e-5" if diff < 1e-5 else "DIFFERENT"
+    print(f"max |batched - unbatched| over all vectors: {diff:.2e} ({verdict})")
 
 
 if __name__ == "__main__":

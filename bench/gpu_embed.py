@@ -9,6 +9,7 @@ Without CUDA it measures the CPU only and says so; serving on GPU needs no flag 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -53,10 +54,10 @@ def main() -> None:
     for device, encoder in encoders.items():
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for batch in (int(b) for b in args.batches.split(",")):
-            images = rate(lambda: encoder.encode_images(pixels[:batch]), batch, args.seconds, sync)
-            text_rate = rate(lambda: encoder.encode_texts(texts[:batch]), batch, args.seconds, sync)
-            print(f"| {device} | {str(encoder.dtype).replace('torch.', '')} | {batch} | {images:,.0f} | {text_rate:,.0f} |",
-                  flush=True)
+            images = rate(functools.partial(encoder.encode_images, pixels[:batch]), batch, args.seconds, sync)
+            text_rate = rate(functools.partial(encoder.encode_texts, texts[:batch]), batch, args.seconds, sync)
+            dtype = str(encoder.dtype).replace("torch.", "")
+            print(f"| {device} | {dtype} | {batch} | {images:,.0f} | {text_rate:,.0f} |", flush=True)
     if "cuda" in encoders:
         a = F.normalize(encoders["cpu"].encode_images(pixels[:256]).native, dim=-1)
         b = F.normalize(encoders["cuda"].encode_images(pixels[:256]).native.cpu(), dim=-1)

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def main() -> None:
     from embedsvc.service.config import ServerConfig
     from embedsvc.v1 import embedsvc_pb2 as pb
     from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-    from serving import running_server
+    from serving import running_server  # type: ignore[attr-defined]  # tests/serving.py: first on sys.path
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((args.items, args.dim)).astype(np.float32)
@@ -69,7 +70,7 @@ def main() -> None:
                 index.Upsert(iter([pb.UpsertRequest(collection="v", items=[
                     pb.UpsertItem(id=str(i), vector=pb.Vector(values=vectors[i].tolist()))
                     for i in range(start, min(args.items, start + 500))])]))
-            requests = {
+            requests: dict[str, list[Any]] = {
                 "search": [pb.SearchRequest(collection="v", top_k=10, queries=[pb.Query(vector=pb.Vector(
                     values=q.tolist()))]) for q in queries],
                 "embed": [pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i}")])

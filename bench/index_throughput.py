@@ -71,7 +71,8 @@ def main() -> None:
     print("|---|---|")
     print(f"| embedsvc index --local (read, decode, embed, fsynced store; start-up excluded) | {pipeline_rate:.0f} |")
     print(f"| model forward alone (preprocessed, in memory) | {forward_rate:.0f} |")
-    print(f"ratio (median of {args.reps} rounds): {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(f"ratio (median of {args.reps} rounds): {statistics.median(ratios):.2f} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

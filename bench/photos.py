@@ -1,7 +1,8 @@
 """Real photos at the model's speed: a folder of 12-megapixel JPEGs through `embedsvc index --local` and one photo
 through Embed, next to floors that decode with DCT scaling and run the same model, alternating in one run.
 
-    python bench/photos.py [--photos 300] [--models bundled,ViT-B-32] [--reps 3] [--requests 30]
+    python bench/photos.py [--photos 300] [--models bundled,ViT-B-32] [--reps 3] [--requests 60]
+                           [--parts decode,index,requests]
 
 The folder (in a temporary directory) holds --photos camera-sized JPEGs (4000x3000, quality 90) made from the
 real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). Printed, per model:
@@ -12,9 +13,10 @@ real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). 
   in a thread per CPU (niced as index's readers are) and runs the same model's forward in the same process
   (images/s, start-up excluded), and
   the peak RSS of each (each runs in its own process, measured from a small parent: see MEASURED);
-- served Embed of one photo (--requests sequential calls to `embedsvc serve`), each call followed by its floor
-  in this process: the decode floor (in a thread niced as serve's decoders) plus the model's forward at batch 1;
-  p50s, and the p50 of the per-call difference; and the same request to a server that does no work
+- served Embed of one photo (--requests sequential calls to `embedsvc serve` through embedsvc's Python client,
+  as a user makes them: the request built and the vectors read per call), each call followed by its floor in
+  this process: the decode floor (in a thread niced as serve's decoders) plus the model's forward at batch 1;
+  p50s, and the p50 of the per-call difference; and the same call to a server that does no work
   (bench/floor_server.py): what moving the photo through gRPC costs.
 
 The systems take turns, --reps rounds; ratios are medians with the rounds' min-max.
@@ -87,7 +89,7 @@ def child_floor(folder: str, model: str) -> dict:
     def prepare(path: Path):
         image = Image.open(io.BytesIO(path.read_bytes()))
         image.draft("RGB", (side, side))
-        return encoder.prepare(image.convert("RGB"))
+        return encoder.prepare(image if image.mode == "RGB" else image.convert("RGB"))
 
     import torch
 
@@ -147,16 +149,16 @@ def decode_times(encoder, photos: list[bytes]) -> tuple[list[float], list[float]
     return full, fast
 
 
-def request_times(stub, rpc_floor, encoder, photos: list[bytes], n: int) -> dict[str, list[float]]:
-    """n served Embed calls of one photo, each followed by its floors on the same photo: the decode floor
-    (DCT-scaled decode + the transform's geometry, in a thread niced as serve's decoders), the forward of that
-    one image, and the same request to a server that does no work (`rpc_floor`: what moving the photo through
-    gRPC costs). Paired call by call, so that a change in the machine's load weighs on all."""
+def request_times(client, rpc_floor, encoder, photos: list[bytes], n: int) -> dict[str, list[float]]:
+    """n served Embed calls of one photo through embedsvc's client, each paired with its floors on the same
+    photo: the decode floor (DCT-scaled decode + the transform's geometry, in a thread niced as serve's decoders),
+    the forward of that one image, and the same call to a server that does no work (`rpc_floor`: what moving the
+    photo through gRPC costs). Paired call by call, so that a change in the machine's load weighs on all; the
+    served call and the floor take turns going first, so that neither always runs after the other."""
     import torch
     from PIL import Image
 
     from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority
-    from embedsvc.v1 import embedsvc_pb2 as pb
 
     side = encoder.loaded.image_size
 
@@ -164,24 +166,28 @@ def request_times(stub, rpc_floor, encoder, photos: list[bytes], n: int) -> dict
         t = time.perf_counter()
         image = Image.open(io.BytesIO(data))
         image.draft("RGB", (side, side))
-        return encoder.prepare(image.convert("RGB")), time.perf_counter() - t
+        return encoder.prepare(image if image.mode == "RGB" else image.convert("RGB")), time.perf_counter() - t
 
     out: dict[str, list[float]] = {"served": [], "decode": [], "forward": [], "rpc": []}
+
+    def served(data: bytes) -> None:
+        for key, call in (("served", client), ("rpc", rpc_floor)):
+            t = time.perf_counter()
+            call.embed([data])
+            out[key].append(time.perf_counter() - t)
+
+    def floor(data: bytes) -> None:
+        pixels, seconds = pool.submit(decode_one, data).result()
+        out["decode"].append(seconds)
+        t = time.perf_counter()
+        encoder.encode_images(torch.stack([pixels]))
+        out["forward"].append(time.perf_counter() - t)
+
     with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
         for k in range(n):
             data = photos[k % len(photos)]
-            request = pb.EmbedRequest(inputs=[pb.Content(image=data)])
-            t = time.perf_counter()
-            stub.Embed(request, timeout=120)
-            out["served"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            rpc_floor.Embed(request, timeout=120)
-            out["rpc"].append(time.perf_counter() - t)
-            pixels, seconds = pool.submit(decode_one, data).result()
-            out["decode"].append(seconds)
-            t = time.perf_counter()
-            encoder.encode_images(torch.stack([pixels]))
-            out["forward"].append(time.perf_counter() - t)
+            for system in ((served, floor) if k % 2 == 0 else (floor, served)):
+                system(data)
     return out
 
 
@@ -194,11 +200,10 @@ def span(values: list[float]) -> str:
 
 
 def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args) -> None:
-    import grpc
     import torch
 
     from common import local_encoder, model_flags, start_server
-    from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+    from embedsvc.client import Client
 
     name, flags = model_flags(model, str(work))
     encoder = local_encoder(name, model)
@@ -207,37 +212,52 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
                                                                                   "floor_server.py"),
                                                               str(encoder.loaded.embed_dim)])
     try:
-        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 26)])
-        floor_channel = grpc.insecure_channel(floor_address, options=[("grpc.max_send_message_length", 1 << 26)])
-        stub, rpc_floor = pb_grpc.EmbedServiceStub(channel), pb_grpc.EmbedServiceStub(floor_channel)
-        request_times(stub, rpc_floor, encoder, photos, 2)  # warm
+        client, rpc_floor = Client(address, timeout=120), Client(floor_address, timeout=120)
+        request_times(client, rpc_floor, encoder, photos, 2)  # warm
         rounds: dict[str, list] = {k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward",
                                                    "rpc", "over", "over_rpc")}
         for rep in range(args.reps):
-            full, fast = decode_times(encoder, photos[:args.decodes])
-            rounds["full"].append(p50_ms(full))
-            rounds["fast"].append(p50_ms(fast))
-            rounds["index"].append(run_child("index", str(folder), model, str(work / f"data-{model}-{rep}")))
-            rounds["floor"].append(run_child("floor", str(folder), model))
-            calls = request_times(stub, rpc_floor, encoder, photos, args.requests)
-            for key in ("served", "decode", "forward", "rpc"):
-                rounds[key].append(p50_ms(calls[key]))
-            rounds["over"].append(p50_ms([s - d - f for s, d, f, _ in zip(*calls.values())]))
-            rounds["over_rpc"].append(p50_ms([s - d - f - r for s, d, f, r in zip(*calls.values())]))
-        channel.close()
-        floor_channel.close()
+            if "decode" in args.parts:
+                full, fast = decode_times(encoder, photos[:args.decodes])
+                rounds["full"].append(p50_ms(full))
+                rounds["fast"].append(p50_ms(fast))
+            if "index" in args.parts:
+                rounds["index"].append(run_child("index", str(folder), model, str(work / f"data-{model}-{rep}")))
+                rounds["floor"].append(run_child("floor", str(folder), model))
+            if "requests" in args.parts:
+                calls = request_times(client, rpc_floor, encoder, photos, args.requests)
+                for key in ("served", "decode", "forward", "rpc"):
+                    rounds[key].append(p50_ms(calls[key]))
+                rounds["over"].append(p50_ms([s - d - f for s, d, f, _ in zip(*calls.values())]))
+                rounds["over_rpc"].append(p50_ms([s - d - f - r for s, d, f, r in zip(*calls.values())]))
+        client.close()
+        rpc_floor.close()
     finally:
         for process in (proc, floor_proc):
             process.terminate()
             process.wait(60)
-    index, floor = rounds["index"], rounds["floor"]
     print(f"\n## {model} ({name}, {encoder.loaded.image_size} px), {args.photos} photos of 4000x3000, "
-          f"{args.reps} rounds, torch threads {torch.get_num_threads()}")
+          f"{args.reps} rounds, torch threads {torch.get_num_threads()}, load average {load_average()}")
     print("| figure | embedsvc | reference | comparison |")
     print("|---|---|---|---|")
-    print(f"| decode + preprocess of one photo, p50 ms (reference: full decode + the model's transform) "
-          f"| {statistics.median(rounds['fast']):.1f} | {statistics.median(rounds['full']):.1f} "
-          f"| {span([b / a for a, b in zip(rounds['fast'], rounds['full'])])}x less |")
+    if rounds["full"]:
+        print(f"| decode + preprocess of one photo, p50 ms (reference: full decode + the model's transform) "
+              f"| {statistics.median(rounds['fast']):.1f} | {statistics.median(rounds['full']):.1f} "
+              f"| {span([b / a for a, b in zip(rounds['fast'], rounds['full'])])}x less |")
+    if rounds["index"]:
+        print_index(rounds["index"], rounds["floor"])
+    if rounds["served"]:
+        bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
+        print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + "
+              f"forward {statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
+              f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |")
+        print(f"| the same call to a server that does no work (bench/floor_server.py), p50 ms; served over decode "
+              f"floor + forward + it | {statistics.median(rounds['rpc']):.1f} | | {span(rounds['over_rpc'])} ms "
+              f"over |")
+    sys.stdout.flush()
+
+
+def print_index(index: list[dict], floor: list[dict]) -> None:
     print(f"| index --local, default flags: indexed / failed of {index[0]['total']} "
           f"| {min(r['indexed'] for r in index)} / {max(r['failed'] for r in index)} | | |")
     print(f"| index --local images/s (reference: a floor, DCT-scaled decode + the same model in one process) "
@@ -247,13 +267,23 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     print(f"| peak RSS MiB, index --local (reference: the floor) | {statistics.median(index_rss):.0f} "
           f"(max {max(index_rss):.0f}) | {statistics.median(floor_rss):.0f} "
           f"| {span([a / b for a, b in zip(index_rss, floor_rss)])} |")
-    bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
-    print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + forward "
-          f"{statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
-          f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |")
-    print(f"| the same request to a server that does no work (bench/floor_server.py), p50 ms; served over decode "
-          f"floor + forward + it | {statistics.median(rounds['rpc']):.1f} | | {span(rounds['over_rpc'])} ms over |",
-          flush=True)
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15-minute load averages: figures from a shared machine are read beside them."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+PARTS = ("decode", "index", "requests")
+
+
+def parts(text: str) -> tuple[str, ...]:
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{', '.join(PARTS)}")
+    return chosen
 
 
 def main() -> None:
@@ -264,6 +294,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=60, help="sequential Embed calls per round")
     parser.add_argument("--decodes", type=int, default=10, help="photos timed per round for decode + preprocess")
+    parser.add_argument("--parts", default=",".join(PARTS), type=parts,
+                        help=f"figures to measure, comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -10,6 +10,7 @@ Printed: request latency p50 per variant and the all/cls ratio as median (min-ma
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -18,19 +19,18 @@ import time
 
 from embedsvc.cpu import apply_openmp_defaults
 
-apply_openmp_defaults()
+apply_openmp_defaults()  # before the imports below load OpenMP (E402)
 
 import grpc  # noqa: E402
 
 from common import alternate, inputs, model_flags, ms, ratio_summary, start_server  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 ALL = ("cls", "avg", "max", "gem", "spp")
 
 
 def slice_of(stub, request, seconds: float):
-    latencies = []
+    latencies: list[float] = []
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
@@ -65,7 +65,7 @@ def main() -> None:
                                 for variant, names in (("cls", ("cls",)), ("all", ALL))}
                     for request in requests.values():
                         slice_of(stub, request, 0)
-                    runs = alternate({v: (lambda r=r: slice_of(stub, r, args.slice)) for v, r in requests.items()},
+                    runs = alternate({v: functools.partial(slice_of, stub, r, args.slice) for v, r in requests.items()},
                                      args.reps)
                     cls_p, all_p = (ms([x for _, lat in runs[v] for x in lat]) for v in ("cls", "all"))
                     ratio = ratio_summary([m for m, _ in runs["all"]], [m for m, _ in runs["cls"]])

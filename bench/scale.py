@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,20 +99,22 @@ class Sampler:
 
 def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a")
+    log = open(log_path, "a")  # noqa: SIM115 - the server's log for its lifetime (its stdout and a reader thread)
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
                              "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
                             stderr=subprocess.PIPE, stdout=log, text=True)
     deadline = time.monotonic() + 1800
+    stderr = proc.stderr
+    assert stderr is not None  # stderr=PIPE
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+        line = stderr.readline()
         if not line:
             break
         log.write(line)
         match = re.search(r"serving on (\S+):(\d+)", line)
         if match:
-            threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
+            threading.Thread(target=lambda: [log.write(x) for x in stderr], daemon=True).start()
             return proc, f"127.0.0.1:{match.group(2)}"
     proc.kill()
     raise SystemExit(f"server did not start; see {log_path}")
@@ -124,7 +127,7 @@ def stop_server(proc: subprocess.Popen) -> float:
     return time.perf_counter() - started
 
 
-def p50_ms(call, items) -> float:  # noqa: D103 - the kinds' searches
+def p50_ms(call, items) -> float:  # the kinds' searches
     call(items[0])
     times = []
     for item in items:
@@ -148,7 +151,7 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     time.sleep(1.0)
     base_rss = tree_rss(proc.pid)
     raw = size * dim * 4
-    out = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
+    out: dict[str, Any] = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
     client = Client(address, timeout=600)
     client.create_collection(NAME, dim=dim)
     sampler = Sampler(proc.pid)
@@ -170,7 +173,10 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     out["load_s"] = time.perf_counter() - load_started
     out["rates"] = rates
     qs = queries(nq, dim)
-    search = lambda q, flt=None: client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)  # noqa
+
+    def search(q, flt=None):
+        return client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)
+
     # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
     out["p50_ms"], out["bare_p50_ms"] = paired_p50(search, bare.search, qs)
     out["p50_filtered_ms"], out["bare_p50_filtered_ms"] = paired_p50(lambda q: search(q, {"bucket": 3}),
@@ -324,11 +330,13 @@ def main() -> None:
         threads = ["--faiss-threads", str(args.faiss_threads)]
         bare = Bare(args.size, args.dim) if not args.no_local or args.milvus else None
         if not args.no_local:
+            assert bare is not None  # made for either run
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
             report_flat("local store", args.size, got)
         if args.milvus:
             uri = f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
+            assert bare is not None  # made for either run
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "milvus",
                            ["--store-backend", "milvus", "--milvus-uri", uri, *threads], bare)
             got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)

@@ -20,7 +20,7 @@ import time
 
 from embedsvc.cpu import apply_openmp_defaults
 
-apply_openmp_defaults()
+apply_openmp_defaults()  # before numpy loads OpenMP: hence the imports after it (E402)
 
 import numpy as np  # noqa: E402
 
@@ -36,7 +36,8 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def timed(fn, queries: np.ndarray, seconds: float):
-    latencies, i = [], 0
+    latencies: list[float] = []
+    i = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()

@@ -4,13 +4,17 @@
     python bench/serving.py --contention [--models bundled]
     python bench/serving.py --floor [--models bundled]
     python bench/serving.py --versus "--decode-nice 10" [--models bundled]
+    python bench/serving.py --frontends 1,2,4 --floor --raw-decode [--models bundled]
 
 --floor adds a third system, a server that does no work (bench/floor_server.py): the transport's own
 cost. On a machine where the forward and the RPCs share the CPUs, served/raw cannot exceed
 floor/(raw + floor) (one item costs 1/raw of CPU in the forward plus 1/floor in the RPC); the
 table prints that bound beside the measured ratio. --versus FLAGS adds a second `embedsvc serve` started with
 those extra flags (words NAME=VALUE: environment variables, e.g. --versus GOMP_SPINCOUNT=10000), alternating
-with the first: an A/B of a server setting in one run.
+with the first: an A/B of a server setting in one run. --frontends N,... adds `embedsvc serve --frontends N` per
+N (embedsvc.service.frontends), and with --floor the floor of each: the same front ends before a model process
+that does no work. --raw-decode makes the raw image side decode the PNGs and prepare them too (one thread), as
+the server must.
 
 Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
 in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
@@ -39,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from embedsvc.cpu import apply_openmp_defaults
 
@@ -48,8 +53,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 
 from common import alternate, inputs, local_encoder, model_flags, ms, ratio_summary, start_server  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2 as pb  # noqa: E402
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc  # noqa: E402
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
 # --contention's OpenMP settings of the server: the passive default, spinning, and a short bounded spin
@@ -59,13 +63,21 @@ POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
             "SPIN10K": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}}
 
 
-def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float):
-    latencies, items = [], 0
+def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float, pngs=None):
+    """The model alone at `batch`; with `pngs`, images are decoded and prepared in the slice, as served."""
+    from embedsvc.encoder.images import decode_image
+
+    latencies: list[float] = []
+    items = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds or not latencies:
         t = time.perf_counter()
         if modality == "text":
             encoder.encode_texts(texts[:batch])
+        elif pngs is not None:
+            size = encoder.loaded.image_size
+            encoder.encode_images(torch.stack([encoder.prepare(decode_image(p, short_side=size))
+                                               for p in (pngs * batch)[:batch]]))
         else:
             encoder.encode_images(pixels[:batch])
         latencies.append(time.perf_counter() - t)
@@ -88,6 +100,11 @@ async def served_slice(stub, requests: list, seconds: float):
 
     await asyncio.gather(*(caller(r) for r in requests))
     return items / (time.perf_counter() - started), latencies
+
+
+def served_blocking(loop, stub, requests: list, seconds: float):
+    """served_slice run to completion on `loop`."""
+    return loop.run_until_complete(served_slice(stub, requests, seconds))
 
 
 def requests_for(modality: str, texts, pngs, callers: int, per: int) -> list:
@@ -115,30 +132,40 @@ def compare(model: str, args) -> None:
                                          env=env, command=command)
             stack.callback(_stop, proc)
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
-            stack.callback(lambda: loop.run_until_complete(channel.close()))
+            stack.callback(lambda: loop.run_until_complete(channel.close(None)))
             return pb_grpc.EmbedServiceStub(channel)
 
         stubs = {"served": stub_of(None, [], folder + "/data")}
         if args.versus:
             stubs["versus"] = stub_of(None, shlex.split(args.versus), folder + "/data-versus")
+        floor_command = [sys.executable, str(Path(__file__).parent / "floor_server.py"), str(encoder.loaded.embed_dim)]
         if args.floor:
-            stubs["floor"] = stub_of([sys.executable, str(Path(__file__).parent / "floor_server.py"),
-                                      str(encoder.loaded.embed_dim)], [], "")
+            stubs["floor"] = stub_of(floor_command, [], "")
+        models_file = flags[flags.index("--models-file") + 1] if "--models-file" in flags else ""
+        for n in frontend_counts(args.frontends):
+            stubs[f"fe{n}"] = stub_of(None, ["--frontends", str(n)], f"{folder}/data-fe{n}")
+            if args.floor:
+                stubs[f"floor-fe{n}"] = stub_of(floor_command + ["--frontends", str(n), "--model", name,
+                                                                 "--models-file", models_file], [], "")
+        extra = [k for k in stubs if k.startswith(("fe", "floor-fe"))]
         print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
         print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
               "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if args.floor else "")
-              + (f" items/s with {args.versus} | with/without |" if args.versus else ""))
-        print("|---|---|---|---|---|---|" + ("---|---|---|" if args.floor else "") + ("---|---|" if args.versus else ""))
+              + (f" items/s with {args.versus} | with/without |" if args.versus else "")
+              + "".join(f" {k} items/s | {k}/raw | {k} p50 ms |" for k in extra))
+        print("|---|---|---|---|---|---|" + ("---|---|---|" if args.floor else "") + ("---|---|" if args.versus else "")
+              + "---|---|---|" * len(extra))
         for modality in args.modalities.split(","):
             for callers, per in selected_cases(args.cases):
                 batch = callers * per
                 reqs = requests_for(modality, texts, pngs, callers, per)
                 raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm every system
-                systems = {"raw": lambda: raw_slice(encoder, modality, texts, pixels, batch, args.slice)}
+                raw_pngs = pngs if args.raw_decode else None
+                systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
+                    "raw": functools.partial(raw_slice, encoder, modality, texts, pixels, batch, args.slice, raw_pngs)}
                 for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
-                    systems[key] = functools.partial(lambda s: loop.run_until_complete(served_slice(s, reqs, args.slice)),
-                                                     stub)
+                    systems[key] = functools.partial(served_blocking, loop, stub, reqs, args.slice)
                 runs = alternate(systems, args.reps)
                 raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                 raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
@@ -146,8 +173,9 @@ def compare(model: str, args) -> None:
                 print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
                       f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
                       f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
-                      + (floor_columns(runs) if args.floor else "") + (versus_columns(runs) if args.versus else ""),
-                      flush=True)
+                      + (floor_columns(runs) if args.floor else "") + (versus_columns(runs) if args.versus else "")
+                      + "".join(extra_columns(runs, k) for k in extra), flush=True)
+        print(f"load average during the run (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def _stop(proc) -> None:
@@ -176,6 +204,21 @@ def floor_columns(runs: dict) -> str:
             f"| {statistics.median(bounds):.2f} |")
 
 
+def frontend_counts(spec: str) -> list[int]:
+    """--frontends "1,2,4" as numbers; anything else is an error, not a silent skip."""
+    if not spec:
+        return []
+    if not re.fullmatch(r"\d+(,\d+)*", spec) or "0" in spec.split(","):
+        raise SystemExit(f"--frontends: expected counts of front ends like 1,2,4, got {spec!r}")
+    return [int(n) for n in spec.split(",")]
+
+
+def extra_columns(runs: dict, key: str) -> str:
+    rates, raw = [r for r, _ in runs[key]], [r for r, _ in runs["raw"]]
+    return (f" {statistics.median(rates):.0f} | {ratio_summary(rates, raw)} "
+            f"| {ms([x for _, lat in runs[key] for x in lat])[0]:.2f} |")
+
+
 def versus_columns(runs: dict) -> str:
     served, versus = ([r for r, _ in runs[k]] for k in ("served", "versus"))
     return f" {statistics.median(versus):.0f} | {ratio_summary(versus, served)} |"
@@ -192,7 +235,7 @@ def contention(model: str, args) -> None:
         print("|---|---|---|---|---|")
         for policy in args.policies.split(","):
             with tempfile.TemporaryDirectory() as folder:
-                name, flags = model_flags(model, folder)
+                _, flags = model_flags(model, folder)
                 texts, pngs, _ = inputs(64, 224 if model != "bundled" else 72)
                 proc, address = start_server(flags, folder + "/data", env=POLICIES[policy])
                 loop = asyncio.new_event_loop()
@@ -200,7 +243,7 @@ def contention(model: str, args) -> None:
                 channel = grpc.aio.insecure_channel(address)
                 stub = pb_grpc.EmbedServiceStub(channel)
 
-                def slice_with(competing: bool, reqs):
+                def slice_with(competing: bool, reqs, loop=loop, stub=stub):
                     os.kill(busy.pid, signal.SIGCONT if competing else signal.SIGSTOP)
                     try:
                         return loop.run_until_complete(served_slice(stub, reqs, args.slice))
@@ -211,13 +254,13 @@ def contention(model: str, args) -> None:
                     for modality in args.modalities.split(","):
                         reqs = requests_for(modality, texts, pngs, 32, 1)
                         loop.run_until_complete(served_slice(stub, reqs, 0))
-                        runs = alternate({"quiet": lambda: slice_with(False, reqs),
-                                          "busy": lambda: slice_with(True, reqs)}, args.reps)
+                        runs = alternate({"quiet": functools.partial(slice_with, False, reqs),
+                                          "busy": functools.partial(slice_with, True, reqs)}, args.reps)
                         quiet, loaded = [r for r, _ in runs["quiet"]], [r for r, _ in runs["busy"]]
                         print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
                               f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)
                 finally:
-                    loop.run_until_complete(channel.close())
+                    loop.run_until_complete(channel.close(None))
                     proc.terminate()
                     proc.wait(60)
     finally:
@@ -238,6 +281,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also time a server that does no work")
     parser.add_argument("--versus", default="", help="extra `embedsvc serve` flags of a second server to A/B")
     parser.add_argument("--cases", default="", help="only these cases, e.g. 32x1,1x32")
+    parser.add_argument("--frontends", default="", help="also `embedsvc serve --frontends N` for each N, e.g. 1,2,4")
+    parser.add_argument("--raw-decode", action="store_true", help="the raw image side decodes the PNGs too")
     args = parser.parse_args()
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
     if unknown:

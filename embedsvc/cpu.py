@@ -38,8 +38,8 @@ def usable_cpus() -> int:
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
     """CPUs' worth of time the cgroup allows (cgroup v2 cpu.max, else v1 cfs quota), or None."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        max_quota, max_period = (root / "cpu.max").read_text().split()[:2]
+        return None if max_quota == "max" else int(max_quota) / int(max_period)
     except (OSError, ValueError):
         pass
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Self
 
 import httpx
 import numpy as np
@@ -27,7 +28,7 @@ class HttpWriter:
     def __init__(self, url: str):
         self.http = httpx.Client(base_url=url, timeout=20)
 
-    def __enter__(self) -> "HttpWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Self
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
@@ -27,11 +27,14 @@ def with_test_backend(config: ServerConfig) -> ServerConfig:
 
 
 class ServerThread:
-    def __init__(self, config: ServerConfig, demo: bool = False):
+    def __init__(self, config: ServerConfig, demo: bool = False, wait_loaded: bool = True):
+        """`wait_loaded`: start() returns once every stored collection is loaded, as `embedsvc serve` prints
+        "serving on" then (the server listens before)."""
         if config.listen.endswith(":0") and config.http_listen == ServerConfig.http_listen:
             config = dataclasses.replace(config, http_listen="127.0.0.1:0")  # test servers take no fixed port
         self.config = with_test_backend(config)
         self.demo = demo
+        self.wait_loaded = wait_loaded
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: EmbedsvcServer | None = None
@@ -48,6 +51,8 @@ class ServerThread:
             if self.demo:
                 await index_demo_collection(server.engine, self.config.demo_size)
             await server.start()
+            if self.wait_loaded:
+                await server.wait_ready()
             return server, port
 
         self.server, self.port = self.call(boot())
@@ -91,9 +96,9 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     """A local server on a free port serving a test model spec (registered here), no demo, no metrics, no HTTP
     (pass http_listen="127.0.0.1:0" for the HTTP API on a free port)."""
     register_model(spec, replace=True)
-    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), default_model=spec.name, preload_models=spec.name,
-                    metrics_port=-1, demo_size=0, log_format="text",
-                    http_listen="")
+    settings = {"listen": "127.0.0.1:0", "data_dir": str(data_dir), "default_model": spec.name,
+                "preload_models": spec.name, "metrics_port": -1, "demo_size": 0, "log_format": "text",
+                "http_listen": ""}
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -123,7 +128,7 @@ class BlockingAsyncClient:
             return attribute
         return lambda *args, **kwargs: self._run(attribute(*args, **kwargs))
 
-    def __enter__(self) -> "BlockingAsyncClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

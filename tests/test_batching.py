@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from embedsvc.client import Client
+from embedsvc.client import Client, EmbedsvcClientError
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
 from embedsvc.pooling import PoolingSpec, bind_pooling
@@ -113,7 +113,7 @@ def test_batched_results_equal_unbatched(server, tiny_spec):
 def test_cancelled_request_is_dropped_before_the_forward(server):
     before = batch_stats(server, "text")
     with Client(server.address, timeout=60) as client, model_busy(server):
-        with pytest.raises(Exception):
+        with pytest.raises(EmbedsvcClientError):
             client.embed(["never computed"], timeout=0.1)
     with Client(server.address, timeout=60) as client:
         client.embed(["computed"])

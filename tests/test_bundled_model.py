@@ -21,7 +21,7 @@ HELD_OUT = 1000
 # embedsvc-tiny-scenes.safetensors as shipped in 0.1
 V1_SHA256 = "2af07c37de702c4af2072727d897da7804cf4f3557ce067fd8f0be1a215f9bdd"
 # Per model, the least text->image R@1 on the held-out scenes per pooling, and the least zero-shot shape accuracy
-# on foreign drawings (measured: README "The bundled models").
+# on foreign drawings (measured: docs/models.md, "The bundled models").
 FLOORS = {
     TINY_SCENES: {"t2i": {"cls": 0.80}, "shape": 0.2},
     TINY_SCENES_2: {"t2i": {"cls": 0.88, "avg": 0.6, "max": 0.6, "gem": 0.6, "netvlad": 0.4, "spp": 0.6},
@@ -70,7 +70,7 @@ def test_held_out_recall_with_cls(encoder, held_out):
 
 
 def test_every_pooling_reports_held_out_recall(encoder, held_out):
-    """Figures for the closing note and README, each pooling held to its model's floor."""
+    """Figures for the closing note and docs/models.md, each pooling held to its model's floor."""
     from embedsvc.pooling import fit_netvlad
 
     scenes, images = held_out
@@ -91,8 +91,8 @@ def test_every_pooling_reports_held_out_recall(encoder, held_out):
         assert np.isfinite(vectors).all() and t2i.queries == len(set(captions))
         floor = FLOORS[encoder.loaded.spec.name]["t2i"].get(pooling.name, 0.0)
         assert t2i.recall_at_1 >= floor, f"{pooling.name}: t2i R@1 {t2i.recall_at_1:.3f} under {floor}"
-    print(f"\n{encoder.loaded.spec.name}\n| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
-          + "\n".join(lines))
+    header = "| pooling | t2i R@1 | t2i R@10 | t2i median rank | i2t R@1 | i2i mAP |\n|---|---|---|---|---|---|\n"
+    print(f"\n{encoder.loaded.spec.name}\n{header}" + "\n".join(lines))
 
 
 def test_cls_equals_open_clip_on_the_shipped_checkpoint(encoder, held_out):

@@ -105,7 +105,7 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
                        *address)
             assert proc.returncode == 0, proc.stderr
 
-            def search(flt):
+            def search(flt, name=name):
                 return cli("search", name, "--text", "item", "--filter", flt, "--json", *address)
 
             # label: numbers (7 = items 2 and 7); tag: strings ("7" on odd items with i % 5 == 2: item 7)
@@ -168,7 +168,7 @@ def error_server(tmp_path_factory):
 
 
 def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp_path):
-    """Every documented CLI error case (README, "Errors"), run as a user runs it, in parallel."""
+    """Every documented CLI error case (docs/errors.md, "The CLI"), run as a user runs it, in parallel."""
     address = ["--address", error_server.address]
     assert cli("collections", "create", "plain", *address).returncode == 0
     cases = [

@@ -127,6 +127,13 @@ def test_compare_with_nothing_usable_is_one_line_and_exit_2(tmp_path):
     assert "no usable image-caption pairs" in proc.stderr and "nope.png" in proc.stderr
 
 
+def test_a_seed_the_scenes_data_cannot_use_is_refused_not_ignored(tmp_path):
+    """`--seed` was silently ignored with the scenes data (its pairs are the first --size test scenes)."""
+    proc = run_cli("compare", "--seed", "5", "--size", "4", "--out-dir", str(tmp_path / "o"), "--pooling", "cls")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--seed 5" in proc.stderr and "leave --seed out" in proc.stderr and not (tmp_path / "o").exists()
+
+
 def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp_path):
     """A 40000x1 strip resized to the model's 72-pixel input would be 2,880,000x72 pixels: compare and
     train's data skip it by path, before any resize allocates it."""

@@ -301,7 +301,7 @@ def test_a_taken_http_port_is_a_clear_startup_error(tiny_spec, tmp_path):
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         config = tiny_config(tiny_spec, tmp_path, http_listen=f"127.0.0.1:{blocker.getsockname()[1]}")
-        with pytest.raises(InvalidInput, match="cannot serve HTTP .* port is taken"):
+        with pytest.raises(InvalidInput, match=r"cannot serve HTTP .* port is taken"):
             ServerThread(config).start()
     MODEL_REGISTRY.pop(tiny_spec.name, None)
     with pytest.raises(InvalidInput, match="http_listen must be HOST:PORT"):

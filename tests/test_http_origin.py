@@ -17,8 +17,8 @@ FRONT_END = "https://app.example.com"  # a configured CORS origin
 
 def bare_config(data_dir, **overrides) -> ServerConfig:
     """A server with no model: vector collections only, quick to start."""
-    settings = dict(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1,
-                    demo_size=0, preload_models="", log_format="text")
+    settings = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "data_dir": str(data_dir), "metrics_port": -1,
+                "demo_size": 0, "preload_models": "", "log_format": "text"}
     settings.update(overrides)
     return ServerConfig(**settings)
 

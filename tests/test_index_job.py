@@ -119,7 +119,7 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert "indexed 292" in out and "failed 8 of 300" in out, out
-        assert {json.loads(l)["path"] for l in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
+        assert {json.loads(line)["path"] for line in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
         store = LocalStore(tmp_path / engine)
         contents[engine] = {name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
                             for name in ("c", "m")}

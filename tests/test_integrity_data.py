@@ -289,13 +289,13 @@ def test_fit_racing_upsert_never_mixes_codebooks(client, server, tiny_encoder):
         client.fit_pooling(name, samples, params={"seed": "0"})
         errors = []
 
-        def upsert():
+        def upsert(name=name, errors=errors):
             try:
                 client.upsert(name, [Item(f"i{k}", image=b) for k, b in enumerate(images)], batch_size=48)
             except EmbedsvcClientError as exc:
                 errors.append(exc)
 
-        def refit():
+        def refit(name=name, trial=trial):
             try:
                 client.fit_pooling(name, samples, params={"seed": str(trial + 1)})
             except EmbedsvcClientError as exc:

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -116,7 +117,7 @@ def test_half_open_calls_end_after_the_message_timeout(tiny_spec, tmp_path):
 
 
 def test_excess_rpcs_wait_for_a_slot_then_are_refused(tiny_spec, tmp_path):
-    """max_concurrent_rpcs run, max_waiting_rpcs wait (the README's promise), the next is RESOURCE_EXHAUSTED."""
+    """max_concurrent_rpcs run, max_waiting_rpcs wait (docs/serving.md's promise), the next is RESOURCE_EXHAUSTED."""
     config = tiny_config(tiny_spec, tmp_path / "d", max_concurrent_rpcs=1, max_waiting_rpcs=1)
     with running_server(config) as server, Client(server.address, timeout=60) as c:
         c.embed(["warm-up"])
@@ -136,7 +137,7 @@ def test_excess_rpcs_wait_for_a_slot_then_are_refused(tiny_spec, tmp_path):
 
 
 def _rss_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(field)

@@ -143,13 +143,13 @@ def test_status_details_are_capped_as_a_second_wall():
 # -- 16. top_k=0, duplicate authorization headers, truncated JPEG -----------------------------------------
 
 
-def test_top_k_zero_means_ten_as_the_proto_and_readme_say(channel):
+def test_top_k_zero_means_ten_as_the_proto_and_the_errors_page_say(channel):
     response = pb_grpc.IndexServiceStub(channel).Search(pb.SearchRequest(
         collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))], top_k=0), metadata=AUTH, timeout=30)
     assert len(response.results[0].hits) == 10
     proto = (ROOT / "protos/embedsvc/v1/embedsvc.proto").read_text()
     assert "0: 10" in proto
-    errors_table = (ROOT / "README.md").read_text().split("## Errors", 1)[1].split("\n## ", 1)[0]
+    errors_table = (ROOT / "docs" / "errors.md").read_text().split("## gRPC statuses", 1)[1].split("\n## ", 1)[0]
     assert "outside 1..`max_top_k`" not in errors_table and "`top_k` above `max_top_k`" in errors_table
 
 

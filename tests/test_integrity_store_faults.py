@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sqlite3
 import subprocess
@@ -97,7 +98,7 @@ def test_collection_whose_index_cannot_be_built_is_unavailable_while_others_serv
     (data / "indexes" / "collection-2.npz").unlink()
     with running_server(tiny_config(tiny_spec, data)) as server, Client(server.address) as client:
         assert client.search("good", vector=[1, 0, 0, 0], top_k=1)[0].id == "g"
-        with pytest.raises(EmbedsvcClientError, match="broken.*unavailable") as error:
+        with pytest.raises(EmbedsvcClientError, match=r"broken.*unavailable") as error:
             client.search("broken", vector=[0, 1, 0, 0], top_k=1)
         assert error.value.code == C.FAILED_PRECONDITION
         assert code_of(lambda: client.upsert("broken", [Item("x", vector=[0, 0, 1, 0])])) == C.FAILED_PRECONDITION
@@ -119,7 +120,7 @@ def test_concurrent_writers_crossing_checkpoints_all_get_ok(client, server):
         with Client(server.address, timeout=60) as own:
             for batch in range(25):
                 items = [Item(f"w{w}-{batch}-{k}", vector=rng.standard_normal(8)) for k in range(4)]
-                statuses.append(code_of(lambda: own.upsert("busy", items)))
+                statuses.append(code_of(functools.partial(own.upsert, "busy", items)))
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for t in threads:
@@ -163,14 +164,18 @@ def test_search_params_out_of_range_are_invalid_argument(client):
             assert error.value.code() == C.INVALID_ARGUMENT and "ef_search" in error.value.details()
 
 
+def _record_code(result: dict, call) -> None:
+    result.setdefault("code", code_of(call))
+
+
 def test_upsert_racing_drop_is_not_found_never_internal(client, server):
     seen = set()
-    for round_ in range(15):
+    for _round in range(15):
         client.create_collection("racy", dim=8)
         items = [Item(f"r{k}", vector=np.random.default_rng(k).standard_normal(8)) for k in range(400)]
         result = {}
-        writer = threading.Thread(target=lambda: result.setdefault("code", code_of(
-            lambda: client.upsert("racy", items, batch_size=20))))
+        upsert = functools.partial(client.upsert, "racy", items, batch_size=20)
+        writer = threading.Thread(target=functools.partial(_record_code, result, upsert))
         writer.start()
         code = code_of(lambda: client.drop_collection("racy"))
         writer.join(60)

@@ -44,20 +44,27 @@ def test_pooling_is_below_encoder():
 def test_client_imports_only_generated_code_and_itself():
     for path in (PACKAGE / "client").rglob("*.py"):
         own = {n for n in imports(path) if n.startswith("embedsvc")}
-        assert all(n.startswith(("embedsvc.v1", "embedsvc.client")) for n in own), f"{path.name}: {own}"
+        # embedsvc.spec_text: the pooling spec's text form, a leaf the server's registry reads with the same code.
+        assert all(n.startswith(("embedsvc.v1", "embedsvc.client", "embedsvc.spec_text")) for n in own), \
+            f"{path.name}: {own}"
+
+
+def test_leaf_modules_import_nothing_of_the_project():
+    for name in ("spec_text.py",):
+        assert not {n for n in imports(PACKAGE / name) if n.startswith("embedsvc")}, name
 
 
 # Below the transports: no gRPC or HTTP library.
 TRANSPORTS = ("grpc", "grpc_health", "grpc_reflection", "starlette", "uvicorn", "multipart", "httpx")
-BASE = {"errors"}
+BASE = {"errors", "spec_text"}
 ALLOWED: dict[str, set[str]] = {
-    "errors": set(), "progress": set(), "cpu": set(), "v1": set(), "eval": set(),
+    "errors": set(), "spec_text": set(), "progress": set(), "cpu": set(), "v1": set(), "eval": set(),
     "models": BASE, "pooling": BASE, "store": BASE, "datasets": BASE,
     "encoder": BASE | {"models", "pooling"},
     "engine": BASE | {"cpu", "models", "pooling", "encoder", "store"},
     "training": BASE | {"progress", "datasets", "eval", "models", "pooling", "encoder", "engine"},
     "jobs": BASE | {"progress", "cpu", "datasets", "eval", "models", "pooling", "encoder", "store", "engine", "client"},
-    "client": {"v1"},
+    "client": {"v1", "spec_text"},
     "service": BASE | {"cpu", "models", "pooling", "encoder", "store", "engine", "datasets", "v1"},
     "cli": BASE | {"progress", "cpu", "models", "pooling", "encoder", "store", "engine", "datasets", "eval", "training",
                    "jobs", "client", "service", "v1"},

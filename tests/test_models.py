@@ -24,7 +24,7 @@ def test_unknown_architecture():
 
 def test_missing_checkpoint_says_how_to_supply_one(tmp_path):
     spec = resolve_model_spec("ViT-B-32", checkpoint=str(tmp_path / "missing.pt"))
-    with pytest.raises(WeightsUnavailable, match="does not exist.*state dict"):
+    with pytest.raises(WeightsUnavailable, match=r"does not exist.*state dict"):
         load_model(spec)
 
 
@@ -46,7 +46,7 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_spec):
 def test_pretrained_tag_not_cached_is_refused_without_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     spec = resolve_model_spec("ViT-B-32", pretrained="laion2b_s34b_b79k")
-    with pytest.raises(WeightsUnavailable, match="does not download.*--checkpoint"):
+    with pytest.raises(WeightsUnavailable, match=r"does not download.*--checkpoint"):
         load_model(spec, cache_dir=str(tmp_path))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -213,3 +214,38 @@ def test_a_request_of_large_photos_fits_the_decoded_pixel_budget(tiny_spec, tmp_
     local = F.normalize(encoder.encode_images([decode_image(p, short_side=encoder.loaded.image_size)
                                                for p in photos[:3]]).native, dim=-1).numpy()
     assert np.abs(served - local).max() < 1e-5  # the server decodes through the same function
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A real thread pool that counts the jobs handed to it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.jobs = 0
+
+    def submit(self, *args, **kwargs):
+        self.jobs += 1
+        return super().submit(*args, **kwargs)
+
+
+def test_one_photo_is_checked_and_decoded_in_one_trip_through_the_decode_pool(tiny_spec, tmp_path, photos):
+    """A one-photo Embed wakes a decode thread once, not once for the pixel budget and again for the decode (on a
+    busy machine each wake-up waits for a core); its budget is still checked from the header before decoding.
+    A request of several images still checks the whole request's budget before it decodes any."""
+    png = io.BytesIO()
+    photo_image(0, (2400, 1800)).save(png, format="PNG")
+    with tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=4_000_000) as server, \
+            Client(server.address, timeout=120) as client:
+        engine = server.server.engine
+        pool = engine.decode_pool = CountingPool(2)
+        client.embed(photos[:1])
+        assert pool.jobs == 1
+        client.embed(photos[:2])
+        assert pool.jobs == 1 + 3  # the request's budget, then each image
+        with pytest.raises(EmbedsvcClientError) as info:  # 4,320,000 decoded pixels, over the budget
+            client.embed([png.getvalue()])
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_request_pixels" in info.value.details
+        with pytest.raises(EmbedsvcClientError) as info:
+            client.embed([photos[0][:2000]])
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "input 0" in info.value.details
+        pool.shutdown()

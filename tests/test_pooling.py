@@ -22,7 +22,7 @@ def features(tokens: np.ndarray, mask: np.ndarray | None = None, modality=IMAGE,
     m = torch.ones(t.shape[:2], dtype=torch.bool) if mask is None else torch.from_numpy(mask)
     native = torch.from_numpy(np.random.default_rng(9).standard_normal((t.shape[0], t.shape[2])).astype(np.float32))
     if grid is None and modality == IMAGE:
-        side = int(round(t.shape[1] ** 0.5))
+        side = round(t.shape[1] ** 0.5)
         grid = (side, side) if side * side == t.shape[1] else (1, t.shape[1])
     return TokenFeatures(modality, t, m, native, grid)
 

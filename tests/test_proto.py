@@ -31,7 +31,7 @@ def test_every_field_and_enum_value_has_a_comment():
     undocumented = []
     for i, line in enumerate(lines):
         if field.match(line) and not line.strip().startswith("//"):
-            previous = next(l for l in reversed(lines[:i]) if l.strip())
+            previous = next(line for line in reversed(lines[:i]) if line.strip())
             if not previous.strip().startswith("//"):
                 undocumented.append(f"{i + 1}: {line.strip()}")
     assert not undocumented, "fields without a comment:\n" + "\n".join(undocumented)

@@ -54,7 +54,8 @@ def test_render_puts_colour_where_the_caption_says():
 
 def test_write_scenes_manifest(tmp_path):
     manifest = write_scenes(tmp_path, "val", 12)
-    rows = list(csv.DictReader(open(manifest)))
+    with open(manifest) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 12 and rows[0]["id"] == "val-0000000"
     assert all((tmp_path / r["path"]).is_file() for r in rows)
     first = json.loads((tmp_path / "manifest.jsonl").read_text().splitlines()[0])

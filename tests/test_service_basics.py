@@ -78,8 +78,33 @@ def test_two_specs_of_one_pooling_in_one_call_each_get_their_vectors(client):
     assert list(client.embed(["x"], []).vectors) == ["cls"]  # no poolings: the server's default, named
 
 
+def test_a_lone_spec_or_input_is_one_not_a_sequence_of_characters(client):
+    """`poolings="gem:p=3"` was read character by character (poolings 'g', 'e', 'm', ...); one spec or one
+    (name, params) tuple is one pooling, one string input one input."""
+    one = client.embed("a red circle", "gem:p=3")
+    assert list(one.vectors) == ["gem:p=3"] and one.vectors["gem:p=3"].shape == (1, 32)
+    listed = client.embed(["a red circle"], ["gem:p=3"])
+    assert np.abs(one.vectors["gem:p=3"] - listed.vectors["gem:p=3"]).max() < 1e-6
+    assert list(client.embed(["x"], ("gem", {"p": 4})).vectors) == ["gem:p=4"]
+    with pytest.raises(InvalidArgumentError, match="must be written key=value"):  # the server's own parser
+        client.embed(["x"], "gem:p")
+
+
+def test_pooling_spec_text_has_one_parser():
+    from embedsvc.client.client import _pooling
+    from embedsvc.errors import InvalidPoolingParams
+    from embedsvc.pooling import PoolingSpec
+
+    for text in ("gem", " gem : p = 4 ", "spp:levels=1,2;combine=concat;", "avg:tokens=clearclip"):
+        spec, proto = PoolingSpec.parse(text), _pooling(text)
+        assert (spec.name, dict(spec.params)) == (proto.name, dict(proto.params)), text
+    with pytest.raises(InvalidPoolingParams, match="key=value"):
+        PoolingSpec.parse("gem:p")
+
+
 def test_list_models(client, tiny_spec):
     response = client.list_models()
+    assert response.default_model in {m.name for m in response.models}
     model = next(m for m in response.models if m.name == tiny_spec.name)
     assert model.loaded and model.embed_dim == 32 and model.vision_tower == "vit" and model.dtype == "float32"
     assert {p.name for p in response.poolings} == {"cls", "avg", "max", "gem", "netvlad", "spp"}
@@ -107,7 +132,7 @@ def test_collection_lifecycle_and_cross_modal_search(client):
     vector = client.get("life", ["img-5"], include_vectors=True)[0][0].vector
     assert client.search("life", vector=vector, top_k=1)[0].id == "img-5"
     # batch queries, range filter
-    results = client.search("life", queries=[{"id": "img-1"}, {"text": "x"}], top_k=2, filter={"n": (2, 4)})
+    results = client.search_batch("life", [{"id": "img-1"}, {"text": "x"}], top_k=2, filter={"n": (2, 4)})
     assert len(results) == 2 and all(2 <= h.metadata["n"] <= 4 for r in results for h in r)
     # replace, delete, get
     assert client.upsert("life", [Item("img-0", image=images["img-7"])]).replaced == 1
@@ -136,7 +161,7 @@ def test_netvlad_collection_needs_fit_then_works(client):
         client.upsert("vlad", [Item("a", text="a red circle")])
     samples = [png_bytes(color=(i * 20, 100, 255 - i * 20)) for i in range(10)] + ["a red circle", "a blue star"]
     fitted = client.fit_pooling("vlad", samples, {"seed": 1})
-    assert fitted.collection.pooling_state == 3 and fitted.descriptors >= 160  # FITTED; 10 images x 16 patches
+    assert fitted.collection.pooling_state == "POOLING_STATE_FITTED" and fitted.descriptors >= 160  # 10 x 16 patches
     client.upsert("vlad", [Item("a", image=samples[0]), Item("b", image=samples[5]), Item("t", text="a red circle")])
     assert client.search("vlad", image=samples[5], top_k=1)[0].id == "b"
     with pytest.raises(FailedPreconditionError, match="holds 3 items"):
@@ -166,6 +191,16 @@ def test_search_takes_filter_text_and_warns_of_unknown_keys(client, client_kind)
                              for n in range(6)])
     hits = client.search("ranked", vector=[1, 0, 0], top_k=20, filter="n>=3 kind=b")
     assert sorted(h.id for h in hits) == ["r3", "r5"]
+    batch = client.search_batch("ranked", [{"vector": [1, 0, 0]}, {"id": "r1"}], top_k=20, filter="n>=3 kind=b")
+    assert [sorted(h.id for h in hits) for hits in batch] == [["r3", "r5"], ["r3", "r5"]]
+    with pytest.raises(ValueError, match="exactly one of"):
+        client.search("ranked", vector=[1, 0, 0], id="r1")
+    with pytest.raises(ValueError, match="a dict of one of"):
+        client.search_batch("ranked", [{"vector": [1, 0, 0], "id": "r1"}])
+    with pytest.warns(UnknownFilterKeyWarning) as caught:
+        assert client.search_batch("ranked", [{"id": "r1"}], filter="m>=1") == [[]]
+    if client_kind is Client:
+        assert [w.filename for w in caught] == [__file__]
     with pytest.warns(UnknownFilterKeyWarning, match="'ranked' has the metadata key 'm'") as caught:
         assert client.search("ranked", vector=[1, 0, 0], filter="m>=1") == []
     if client_kind is Client:  # BlockingAsyncClient runs the call on its loop: no caller's line to point at
@@ -212,8 +247,24 @@ def test_both_clients_offer_every_call_with_the_same_arguments():
     from embedsvc.client import AsyncClient
     from embedsvc.client.client import API_METHODS
 
-    assert "embed" in API_METHODS and "fit_pooling" in API_METHODS
+    assert {"embed", "fit_pooling", "search", "search_batch"} <= set(API_METHODS) and "_search" not in API_METHODS
+    for cls in (Client, AsyncClient):  # each class lists every method of the API
+        assert [name for name in API_METHODS if not hasattr(cls, name)] == [], cls
     for name in API_METHODS:
         blocking, awaiting = getattr(Client, name), getattr(AsyncClient, name)
         assert inspect.signature(blocking) == inspect.signature(awaiting), name
         assert not inspect.iscoroutinefunction(blocking) and inspect.iscoroutinefunction(awaiting), name
+
+
+def test_every_status_the_server_sends_has_its_typed_client_error():
+    """ABORTED (a write raced a re-fit or re-creation: retry) had no type; now every code in the server's table
+    (and UNAUTHENTICATED, sent by auth) becomes its own EmbedsvcClientError subclass carrying the code."""
+    from grpc.aio import AioRpcError, Metadata
+
+    from embedsvc.client import EmbedsvcClientError
+    from embedsvc.client.errors import from_rpc_error
+    from embedsvc.service.errors import STATUS
+
+    for code in [code for _, code in STATUS] + [grpc.StatusCode.UNAUTHENTICATED]:
+        error = from_rpc_error(AioRpcError(code, Metadata(), Metadata(), details="why"))
+        assert type(error) is not EmbedsvcClientError and error.code == code and "why" in str(error), code

@@ -48,8 +48,8 @@ def test_text_to_image_over_grpc_per_pooling(server):
             assert stats.count == N
             hits = []
             for start in range(0, N, 100):
-                hits += client.search(name, queries=[{"text": full_caption(s)} for s in scenes[start:start + 100]],
-                                      top_k=1, include_metadata=False)
+                hits += client.search_batch(name, [{"text": full_caption(s)} for s in scenes[start:start + 100]],
+                                            top_k=1, include_metadata=False)
             rank1[spec] = float(np.mean([h[0].id == s.id for h, s in zip(hits, scenes)]))
     print("\ntext->image rank-1 over gRPC, 500 held-out scenes: " +
           ", ".join(f"{k} {v:.3f}" for k, v in rank1.items()))

@@ -1,4 +1,4 @@
-"""The README's error table, row by row, against a real server; afterwards it still serves correctly."""
+"""The error table of docs/errors.md, row by row, against a real server; afterwards it still serves correctly."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def client(server):
         yield c
 
 
-# (row of the README table, call, expected code, words the message must contain)
+# (row of the table in docs/errors.md, call, expected code, words the message must contain)
 ROWS = [
     ("unknown collection", lambda c: c.search("nope", text="x"), C.NOT_FOUND, "collection 'nope' does not exist"),
     ("unknown model", lambda c: c.embed(["x"], model="nope"), C.NOT_FOUND, "unknown model 'nope'"),
@@ -114,7 +114,7 @@ def test_deadline_exceeded(server, client):
 
 
 def test_server_still_healthy_and_correct_after_all_errors(server, client):
-    for row, call, code, _ in ROWS:
+    for _row, call, _code, _ in ROWS:
         with pytest.raises(EmbedsvcClientError):
             call(client)
     channel = grpc.insecure_channel(server.address)

@@ -26,10 +26,11 @@ class Served:
     proc: subprocess.Popen
     address: str
     http_url: str = ""
+    metrics_url: str = ""
 
 
 def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool = False) -> Served:
-    log = open(data_dir.parent / "server.log", "a")
+    log = open(data_dir.parent / "server.log", "a")  # noqa: SIM115 - the server's output while it runs
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
                              "--metrics-port", "-1", "--http-listen", "127.0.0.1:0" if http else "", *extra,
@@ -45,7 +46,9 @@ def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool
             threading.Thread(target=lambda: [log.write(x) for x in proc.stderr], daemon=True).start()
             url = re.search(r"HTTP API and search page on (http\S*?)/?,? ", line)
             assert url or not http, f"no HTTP address in {line!r}"
-            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "")
+            metrics = re.search(r"metrics on (http\S*/metrics)", line)
+            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "",
+                          metrics.group(1) if metrics else "")
     proc.kill()
     raise AssertionError("server did not start: " + proc.stderr.read())
 
@@ -86,7 +89,7 @@ def test_kill_during_streamed_upsert_loses_no_acknowledged_item(tmp_path, kills)
 
             stop = threading.Event()
 
-            def writer():
+            def writer(stop=stop):
                 while not stop.is_set():
                     with lock:
                         ids = [f"item-{next(counter)}" for _ in range(12)]

@@ -28,7 +28,7 @@ def test_upsert_replaces_existing_id_and_insert_only_refuses_it(store):
     assert (result.inserted, result.replaced, result.count) == (1, 1, 3)
     items, _ = store.get("c", ["a"], include_vectors=True)
     assert items[0].metadata == {"k": "y"} and np.allclose(items[0].vector, [0, 0, 1, 0])
-    with pytest.raises(AlreadyExists, match="already exist.*'a'"):
+    with pytest.raises(AlreadyExists, match=r"already exist.*'a'"):
         store.upsert("c", [Item("a", [1, 0, 0, 0]), Item("fresh", [1, 1, 0, 0])], insert_only=True)
     assert store.get("c", ["fresh"])[1] == ["fresh"]  # nothing of the refused batch was written
 
@@ -36,7 +36,7 @@ def test_upsert_replaces_existing_id_and_insert_only_refuses_it(store):
 def test_delete_missing_id(store):
     result = store.delete("c", ["nope"])
     assert result.deleted == 0 and result.missing == ["nope"]
-    with pytest.raises(ItemsNotFound, match="'nope'.*nothing was deleted"):
+    with pytest.raises(ItemsNotFound, match=r"'nope'.*nothing was deleted"):
         store.delete("c", ["a", "nope"], strict=True)
     assert store.get_collection("c").count == 2
     still_usable(store)
@@ -98,11 +98,11 @@ def test_unknown_and_duplicate_collections(store):
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(name="bad name!", dim=4), "collection name"),
-    (dict(name="d", dim=0), "dimension must be"),
-    (dict(name="d", dim=4, index="IVF-nonsense"), "bad index type 'IVF-nonsense'"),
-    (dict(name="d", dim=4, index="PQ3"), "bad index type"),
-    (dict(name="d", dim=4, metric="l1"), "unknown metric"),
+    ({"name": "bad name!", "dim": 4}, "collection name"),
+    ({"name": "d", "dim": 0}, "dimension must be"),
+    ({"name": "d", "dim": 4, "index": "IVF-nonsense"}, "bad index type 'IVF-nonsense'"),
+    ({"name": "d", "dim": 4, "index": "PQ3"}, "bad index type"),
+    ({"name": "d", "dim": 4, "metric": "l1"}, "unknown metric"),
 ])
 def test_bad_collection_configs(store, config, message):
     with pytest.raises(InvalidInput, match=message):

@@ -244,3 +244,52 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
         assert set(FORMAT1) == {"flat", "graph", "empty"}
     finally:
         store.close()
+
+
+def test_a_checkpoint_whose_rows_a_later_compaction_dropped_still_loads(tmp_path, monkeypatch, caplog):
+    """A flat checkpoint is written outside the collection's lock, so writes land between its snapshot and the
+    compaction that follows it: the compaction drops rows of items those writes replaced or deleted, which the
+    checkpoint still lists as live. The log after the checkpoint removes them, so the checkpoint is good; the
+    next start-up refused it ("labels ... have no row") and rebuilt every collection from the items table."""
+    monkeypatch.setattr(store_module, "COMPACT_MIN_DEAD", 100)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)
+    store.create_collection(CollectionConfig("c", 16))
+    for version in range(2):  # 300 dead rows against 300 live: the next checkpoint compacts
+        store.upsert("c", [Item(f"i{k}", v, {"v": version}) for k, v in enumerate(unit(300, 16, seed=version))])
+    written, go = threading.Event(), threading.Event()
+    real_write = store_module.write_checkpoint
+
+    def write_then_wait(*args, **kwargs):  # the real write; then the writes below happen before the compaction
+        real_write(*args, **kwargs)
+        written.set()
+        assert go.wait(60)
+
+    monkeypatch.setattr(store_module, "write_checkpoint", write_then_wait)
+    checkpointing = threading.Thread(target=store.checkpoint, args=("c",))
+    checkpointing.start()
+    assert written.wait(60)
+    latest = {f"i{k}": v for k, v in enumerate(unit(300, 16, seed=1))}
+    store.delete("c", [f"i{k}" for k in range(20)])
+    replaced = unit(20, 16, seed=7)
+    store.upsert("c", [Item(f"i{20 + k}", v, {"v": 2}) for k, v in enumerate(replaced)])
+    for k in range(20):
+        del latest[f"i{k}"]
+        latest[f"i{20 + k}"] = replaced[k]
+    go.set()
+    checkpointing.join()
+    assert store._collections["c"].vectors.layout.generation == 1  # compacted after the checkpoint was written
+    store.close(checkpoint=False)  # as if killed before the next checkpoint
+    with caplog.at_level(logging.INFO, logger="embedsvc.store.local"):
+        s = LocalStore(tmp_path)
+    try:
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert s.get_collection("c").count == len(latest) == 280
+        ids = sorted(latest)
+        queries = np.stack([latest[i] for i in ids])
+        assert [[h.id for h in row] for row in s.search("c", queries, SearchOptions(3))] == exact_top(latest, queries, 3)
+        items, missing = s.get("c", ids, include_vectors=True)
+        assert not missing and all(np.allclose(i.vector, latest[i.id], atol=1e-6) for i in items)
+        assert s.search("c", queries[:5], SearchOptions(300, Filter((Condition("v", equals=2),))))[0][0].id in latest
+        assert len(s.search("c", queries[:1], SearchOptions(300, Filter((Condition("v", equals=2),))))[0]) == 20
+    finally:
+        s.close()

@@ -86,7 +86,7 @@ def reference(mode: str, visual, image: torch.Tensor) -> torch.Tensor:
         y = x + _out(block, _softmax_self(q, d) + _softmax_self(k, d), v)
         y = y + block.mlp(F.layer_norm(y, y.shape[-1:], block.ln_2.weight, block.ln_2.bias, block.ln_2.eps))
     elif mode == "naclip":  # NACLIP: softmax(k k^T/sqrt d + Gaussian(std 5) over patch distance), no residual/FFN
-        side = int(round(math.sqrt(n - 1)))
+        side = round(math.sqrt(n - 1))
         omega = torch.zeros(n, n)
         for i in range(n - 1):
             for j in range(n - 1):
@@ -160,9 +160,8 @@ def client(tmp_path_factory, tiny_spec, tiny_rn_spec):
     from serving import tiny_server
 
     register_model(tiny_rn_spec, replace=True)
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("modes")) as server:
-        with Client(server.address, timeout=60) as c:
-            yield c
+    with tiny_server(tiny_spec, tmp_path_factory.mktemp("modes")) as server, Client(server.address, timeout=60) as c:
+        yield c
     MODEL_REGISTRY.pop(tiny_rn_spec.name, None)
 
 

@@ -78,7 +78,7 @@ def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=ARGS + [f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"])
+                                    args=[*ARGS, f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"])
         yield browser
         browser.close()
 

@@ -42,8 +42,8 @@ def browser():
 
 
 def demo_config(data_dir, **overrides) -> ServerConfig:
-    settings = dict(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1,
-                    demo_size=60, log_format="text")
+    settings = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "data_dir": str(data_dir), "metrics_port": -1,
+                "demo_size": 60, "log_format": "text"}
     settings.update(overrides)
     return ServerConfig(**settings)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 from embedsvc.errors import EmbedsvcError
 
@@ -39,11 +39,11 @@ class _Subcommands:
         return self.sub.add_parser(name, **kwargs)
 
 
-def _command_in(argv: Sequence[str]) -> Optional[str]:
+def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
-def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser, or (given argv) one where only the command in argv is fully defined."""
     import importlib
 
@@ -64,7 +64,7 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 SHARED_CPU_COMMANDS = ("serve", "index")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words = [a for a in argv if not a.startswith("-")]
     if words and words[0] in SHARED_CPU_COMMANDS:  # before the subcommands import torch and faiss

@@ -15,7 +15,8 @@ def register(sub) -> None:
                    help=f"pairs to compare: scenes, the first N of the test split (default: {DEFAULT_SCENES}); a "
                         f"manifest, a seeded random sample of N rows (default: every row with a caption, at most "
                         f"{MAX_DEFAULT_PAIRS:,}; a cut is announced)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random sample of manifest rows (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the random sample of manifest rows (default: 0); refused with --data scenes")
     p.add_argument("--pooling", dest="poolings", action="append", default=None, metavar="SPEC",
                    help=f"repeatable (default: {' '.join(DEFAULT_POOLINGS)}); e.g. netvlad:clusters=32;pca_dim=256")
     p.add_argument("--index", default="flat", help="index preset for the collections (default: flat)")

@@ -154,10 +154,11 @@ def run(args) -> int:
     model, rows = _embed_remote(args, inputs, specs) if args.address else _embed_local(args, inputs, specs)
     if args.json:
         out = []
-        for (kind, value), row in zip(args.inputs, rows):
+        for (_kind, value), row in zip(args.inputs, rows):
             item = {"input": value, "modality": row.modality, "truncated": row.truncated,
                     "embeddings": {name: vector.tolist() for name, vector in row.vectors}}
             if args.tokens:
+                assert row.tokens is not None  # asked for: every row has them
                 item["tokens"] = row.tokens.tolist()
                 item["grid"] = list(row.grid) if row.grid else None
             out.append(item)

@@ -73,6 +73,7 @@ def run_search(args) -> int:
         query = {"image": path}
     from embedsvc.client import UnknownFilterKeyWarning
 
+    assert query is not None  # argparse requires one of --text, --image, --id
     with _client(args) as client, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnknownFilterKeyWarning)
         # the server parses the text (embedsvc.store.filter_text): one grammar for the CLI, the page and HTTP

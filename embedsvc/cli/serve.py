@@ -48,6 +48,10 @@ def run(args) -> int:
 
 
 async def serve(config: ServerConfig) -> int:
+    if config.frontends:
+        from embedsvc.service.frontends import serve_with_front_ends
+
+        return await serve_with_front_ends(config)
     from embedsvc.service.server import create_server, index_demo_collection
 
     server, port = await create_server(config)
@@ -57,21 +61,30 @@ async def serve(config: ServerConfig) -> int:
         await server.stop(0)
         raise
     await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     host = config.listen.rsplit(":", 1)[0]
     metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     if server.http:
         metrics = f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" + metrics
     data = config.data_dir if config.store_backend == "local" else f"milvus {config.milvus_uri}"
-    log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
-                               "http_port": server.http_port, "data": data})
-    print(f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
-          file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.create_task(server.wait_for_termination())
-    await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    stopping = asyncio.create_task(stop.wait())
+    ready = asyncio.create_task(server.wait_ready())
+    if not server.store.wait_loaded(0):
+        # Probes answer while collections load; "serving on" below still means every collection answers.
+        print(f"embedsvc listening on {host}:{port}{metrics} (data: {data}); loading collections, /readyz 503 "
+              f"until loaded", file=sys.stderr, flush=True)
+    await asyncio.wait([waiter, stopping, ready], return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and not ready.cancelled():
+        log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
+                                   "http_port": server.http_port, "data": data})
+        print(f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
+              file=sys.stderr, flush=True)
+        await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
     log.info("shutting down", extra={"grace_s": config.shutdown_grace_seconds})
     await server.stop()
     waiter.cancel()

@@ -1,12 +1,14 @@
 """Python clients for embedsvc: `Client(address)`, and `AsyncClient(address)` for asyncio."""
 
-from embedsvc.client.client import AsyncClient, Client, Collection, Embeddings, Hit, Item, StoredItem, UpsertStats
-from embedsvc.client.errors import (AlreadyExistsError, DeadlineExceededError, EmbedsvcClientError,
+from embedsvc.client.client import (AsyncClient, Client, Collection, Embeddings, FitResult, Hit, Item, ModelInfo,
+                                    Models, PoolingInfo, StoredItem, UpsertStats)
+from embedsvc.client.errors import (AbortedError, AlreadyExistsError, DeadlineExceededError, EmbedsvcClientError,
                                     FailedPreconditionError, InvalidArgumentError, NotFoundError,
                                     PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
                                     UnavailableError, UnknownFilterKeyWarning)
 
-__all__ = ["AlreadyExistsError", "AsyncClient", "Client", "Collection", "DeadlineExceededError", "Embeddings",
-           "EmbedsvcClientError", "FailedPreconditionError", "Hit", "InvalidArgumentError", "Item", "NotFoundError",
-           "PermissionDeniedError", "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
+__all__ = ["AbortedError", "AlreadyExistsError", "AsyncClient", "Client", "Collection", "DeadlineExceededError",
+           "Embeddings", "EmbedsvcClientError", "FailedPreconditionError", "FitResult", "Hit", "InvalidArgumentError",
+           "Item", "ModelInfo", "Models", "NotFoundError", "PermissionDeniedError", "PoolingInfo",
+           "ResourceExhaustedError", "StoredItem", "UnauthenticatedError", "UnavailableError",
            "UnknownFilterKeyWarning", "UpsertStats"]

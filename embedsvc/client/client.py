@@ -12,17 +12,19 @@ import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, Optional, ParamSpec, \
+    Self, Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
+from embedsvc.spec_text import SpecTextError, parse_spec_text
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
-Input = Union[str, bytes, Path]  # text, encoded image bytes, or an image file path
+Input = str | bytes | Path  # text, encoded image bytes, or an image file path
 MetadataDict = Mapping[str, Union[str, float, int, bool]]
 
 
@@ -38,6 +40,42 @@ class Embeddings:
     truncated: list[bool]
     tokens: Optional[list[np.ndarray]] = None  # with include_tokens: [num_tokens, dim] per input
     grids: Optional[list[Optional[tuple[int, int]]]] = None  # with include_tokens: image token grids; None for text
+
+
+@dataclass
+class ModelInfo:
+    """A model the server offers (`list_models`)."""
+
+    name: str
+    architecture: str
+    weights: str  # "pretrained:<tag>", "checkpoint:<path>", "bundled" or "random"
+    embed_dim: int
+    image_size: int
+    context_length: int
+    vision_tower: str  # "vit" or "resnet"
+    loaded: bool
+    device: str  # when loaded: "cpu", "cuda:0"
+    dtype: str  # when loaded: "float32", "float16", "bfloat16"
+
+
+@dataclass
+class PoolingInfo:
+    """A pooling the server offers: its parameters' defaults, and whether it needs `fit_pooling` first."""
+
+    name: str
+    description: str
+    modalities: list[str]  # "text", "image"
+    defaults: dict[str, str]
+    requires_fit: bool
+
+
+@dataclass
+class Models:
+    """`list_models`: the models, the poolings, and the model a request that names none gets."""
+
+    models: list[ModelInfo]
+    poolings: list[PoolingInfo]
+    default_model: str
 
 
 @dataclass
@@ -81,19 +119,30 @@ class Hit:
 
 
 @dataclass
+class FitResult:
+    """`fit_pooling`: the collection after fitting, the token descriptors the fit used and its seconds."""
+
+    collection: Collection
+    descriptors: int
+    seconds: float
+
+
+@dataclass
 class UpsertStats:
     inserted: int
     replaced: int
     count: int
 
 
-def _content(value: Input) -> pb.Content:
+def _content(value: Input) -> dict[str, Any]:
+    """A Content message's fields, for the message that holds it to build in place: a Content built first would be
+    copied into it (a photo's megabytes once more per call)."""
     if isinstance(value, str):
-        return pb.Content(text=value)
+        return {"text": value}
     if isinstance(value, Path):
-        return pb.Content(image=value.read_bytes())
+        return {"image": value.read_bytes()}
     if isinstance(value, (bytes, bytearray)):
-        return pb.Content(image=bytes(value))
+        return {"image": bytes(value)}
     raise TypeError(f"input must be str (text), bytes or Path (image), got {type(value).__name__}")
 
 
@@ -109,7 +158,7 @@ def _metadata(values) -> dict[str, Any]:
     out = {}
     for k, v in values.items():
         kind = v.WhichOneof("kind")
-        value = getattr(v, kind) if kind else None
+        value: Any = getattr(v, kind) if kind else None
         if kind == "number_value" and float(value).is_integer():
             value = int(value)
         out[k] = value
@@ -136,13 +185,28 @@ def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
     return out
 
 
-def _pooling(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> pb.PoolingSpec:
+PoolingArg = str | tuple[str, Mapping[str, Any]]  # "gem:p=3" or ("gem", {"p": 3})
+
+
+def _pooling(spec: PoolingArg) -> pb.PoolingSpec:
+    """The proto of one spec; its text is read by the same parser as the server's (embedsvc.spec_text)."""
+    params: Mapping[str, Any]
     if isinstance(spec, str):
-        name, _, rest = spec.partition(":")
-        params = dict(p.split("=", 1) for p in rest.split(";") if p) if rest else {}
+        try:
+            name, params = parse_spec_text(spec)
+        except SpecTextError as exc:
+            raise InvalidArgumentError(str(exc)) from None
     else:
         name, params = spec
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
+
+
+def _pooling_list(poolings: Union[PoolingArg, Sequence[PoolingArg]]) -> list[PoolingArg]:
+    """A lone spec ("gem:p=3", or one (name, params) tuple) is one pooling, not a sequence of characters."""
+    if isinstance(poolings, str) or (isinstance(poolings, tuple) and len(poolings) == 2
+                                     and isinstance(poolings[0], str) and isinstance(poolings[1], Mapping)):
+        return [poolings]
+    return list(poolings)
 
 
 def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
@@ -181,6 +245,18 @@ def _collection(info: pb.CollectionInfo) -> Collection:
                       info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
 
 
+def _modality(value: int) -> str:
+    return pb.Modality.Name(value).split("_")[-1].lower()
+
+
+def _models(response: pb.ListModelsResponse) -> Models:
+    models = [ModelInfo(m.name, m.architecture, m.weights, m.embed_dim, m.image_size, m.context_length,
+                        m.vision_tower, m.loaded, m.device, m.dtype) for m in response.models]
+    poolings = [PoolingInfo(p.name, p.description, [_modality(m) for m in p.modalities], dict(p.defaults),
+                            p.requires_fit) for p in response.poolings]
+    return Models(models, poolings, response.default_model)
+
+
 def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list[str]) -> Embeddings:
     vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
     tokens = grids = None
@@ -189,8 +265,7 @@ def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list
                   for r in response.results]
         grids = [(r.tokens.grid_height, r.tokens.grid_width) if r.tokens.grid_height else None
                  for r in response.results]
-    return Embeddings(response.model, vectors, [pb.Modality.Name(r.modality).split("_")[-1].lower()
-                                                for r in response.results],
+    return Embeddings(response.model, vectors, [_modality(r.modality) for r in response.results],
                       [r.truncated for r in response.results], tokens, grids)
 
 
@@ -201,35 +276,53 @@ def _item(item: Item) -> pb.UpsertItem:
     elif item.text is not None:
         out.content.text = item.text
     elif item.image is not None:
-        out.content.CopyFrom(_content(item.image))
+        out.content.CopyFrom(pb.Content(**_content(item.image)))
     for k, v in item.metadata.items():
         out.metadata[k].CopyFrom(_value(v))
     return out
 
 
-def _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
-                    include_metadata, include_vectors) -> pb.SearchRequest:
-    request = pb.SearchRequest(collection=collection, top_k=top_k, include_metadata=include_metadata,
-                               include_vectors=include_vectors, params=pb.SearchParams(nprobe=nprobe,
-                                                                                       ef_search=ef_search))
-    if isinstance(filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
-        request.filter_text = filter
-    elif (flt := _filter(filter)) is not None:
+@dataclass(frozen=True)
+class _SearchOptions:
+    """What applies to every query of one Search request."""
+
+    top_k: int
+    filter: Union[str, Mapping[str, Any], None]
+    nprobe: int
+    ef_search: int
+    include_metadata: bool
+    include_vectors: bool
+
+
+def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions
+                    ) -> pb.SearchRequest:
+    request = pb.SearchRequest(collection=collection, top_k=options.top_k,
+                               include_metadata=options.include_metadata, include_vectors=options.include_vectors,
+                               params=pb.SearchParams(nprobe=options.nprobe, ef_search=options.ef_search))
+    if isinstance(options.filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
+        request.filter_text = options.filter
+    elif (flt := _filter(options.filter)) is not None:
         request.filter.CopyFrom(flt)
-    if queries is None:
-        given = {k: v for k, v in dict(text=text, image=image, vector=vector, id=id).items() if v is not None}
-        if len(given) != 1:
-            raise ValueError("give exactly one of text=, image=, vector=, id=")
-        queries = [given]
     for q in queries:
         (kind, value), = q.items()
         if kind == "vector":
             request.queries.add(vector=pb.Vector(values=np.asarray(value, np.float32).reshape(-1).tolist()))
         elif kind == "image":
-            request.queries.add(image=_content(value).image)
+            request.queries.add(image=pb.Content(**_content(value)).image)
         else:
             request.queries.add(**{kind: value})
     return request
+
+
+def _search(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions,
+            timeout: Optional[float]) -> Steps[list[list[Hit]]]:
+    """The Search RPC both `search` and `search_batch` make (a generator, like the methods that use it)."""
+    response = yield "index", "Search", _search_request(collection, queries, options), timeout
+    if response.unknown_filter_keys:  # stacklevel 4: past here, search and the driver, to the caller
+        warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=4)
+    return [[Hit(h.id, h.score, _metadata(h.metadata),
+                 np.array(h.vector.values, np.float32) if options.include_vectors else None) for h in r.hits]
+            for r in response.results]
 
 
 def _batches(iterable: Iterable, size: int) -> Iterator[list]:
@@ -252,45 +345,52 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 # build the same requests and decode the same responses with the same code.
 
 Rpc = tuple[str, str, Any, Optional[float]]
+R = TypeVar("R")
+P = ParamSpec("P")
+Steps = Generator[Rpc, Any, R]  # a method of _Api: yields Rpcs, is sent their responses, returns R
 
 
 class _Api:
-    def embed(self, inputs: Sequence[Input], poolings: Sequence[Union[str, tuple]] = ("cls",), model: str = "",
-              include_tokens: bool = False, timeout: Optional[float] = None) -> Embeddings:
+    def embed(self, inputs: Sequence[Input], poolings: Union[PoolingArg, Sequence[PoolingArg]] = ("cls",),
+              model: str = "", include_tokens: bool = False, timeout: Optional[float] = None) -> Steps[Embeddings]:
         """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
-        input's token features (and image token grid). A spec given twice is refused before anything is sent."""
+        input's token features (and image token grid). `poolings` is one spec or a sequence of them. A spec
+        given twice is refused before anything is sent."""
+        poolings = _pooling_list(poolings)
         keys = _pooling_keys(poolings)
+        if isinstance(inputs, (str, bytes, Path)):  # one input, not a sequence of characters or bytes
+            inputs = [inputs]
         request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
                                   inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
         return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
-    def list_models(self, timeout: Optional[float] = None) -> pb.ListModelsResponse:
-        return (yield "embed", "ListModels", pb.ListModelsRequest(), timeout)
+    def list_models(self, timeout: Optional[float] = None) -> Steps[Models]:
+        return _models((yield "embed", "ListModels", pb.ListModelsRequest(), timeout))
 
     # -- collections --------------------------------------------------------------------------
 
     def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
                           metric: str = "cosine", index: str = "flat", dim: int = 0,
-                          timeout: Optional[float] = None) -> Collection:
+                          timeout: Optional[float] = None) -> Steps[Collection]:
         metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
         config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
                                      metric=metric_enum, index=index, dim=dim)
         return _collection((yield "index", "CreateCollection", pb.CreateCollectionRequest(config=config), timeout))
 
-    def get_collection(self, name: str, timeout: Optional[float] = None) -> Collection:
+    def get_collection(self, name: str, timeout: Optional[float] = None) -> Steps[Collection]:
         return _collection((yield "index", "GetCollection", pb.GetCollectionRequest(name=name), timeout))
 
-    def list_collections(self, timeout: Optional[float] = None) -> list[Collection]:
+    def list_collections(self, timeout: Optional[float] = None) -> Steps[list[Collection]]:
         response = yield "index", "ListCollections", pb.ListCollectionsRequest(), timeout
         return [_collection(c) for c in response.collections]
 
-    def drop_collection(self, name: str, timeout: Optional[float] = None) -> int:
+    def drop_collection(self, name: str, timeout: Optional[float] = None) -> Steps[int]:
         return (yield "index", "DropCollection", pb.DropCollectionRequest(name=name), timeout).items_removed
 
     # -- items --------------------------------------------------------------------------------
 
     def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
-               timeout: Optional[float] = None) -> UpsertStats:
+               timeout: Optional[float] = None) -> Steps[UpsertStats]:
         """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
         messages = (pb.UpsertRequest(collection=collection if n == 0 else "", items=[_item(i) for i in chunk])
                     for n, chunk in enumerate(_batches(items, batch_size)))
@@ -298,7 +398,7 @@ class _Api:
         return UpsertStats(response.inserted, response.replaced, response.count)
 
     def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
-               chunk: int = 1000) -> tuple[int, list[str]]:
+               chunk: int = 1000) -> Steps[tuple[int, list[str]]]:
         """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
         deleted, missing = 0, []
         for part in _batches(ids, chunk):
@@ -308,7 +408,7 @@ class _Api:
         return deleted, missing
 
     def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None, chunk: int = 1000) -> tuple[list[StoredItem], list[str]]:
+            timeout: Optional[float] = None, chunk: int = 1000) -> Steps[tuple[list[StoredItem], list[str]]]:
         """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
         items, missing = [], []
         for part in _batches(ids, chunk):
@@ -321,34 +421,43 @@ class _Api:
         return items, missing
 
     def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
-               vector: Optional[np.ndarray] = None, id: Optional[str] = None, queries: Optional[Sequence] = None,
-               top_k: int = 10, filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0,
-               ef_search: int = 0, include_metadata: bool = True, include_vectors: bool = False,
-               timeout: Optional[float] = None) -> Union[list[Hit], list[list[Hit]]]:
-        """One query (text=, image=, vector= or id=) returns its hits; `queries=[...]` (dicts of one of
-        those keys) returns a list of hit lists. `filter`: text in the CLI's grammar ("n>=2 colour=red|blue"),
-        parsed by the server, or a dict (see _filter). A filter on keys no item holds warns
-        (UnknownFilterKeyWarning)."""
-        request = _search_request(collection, text, image, vector, id, queries, top_k, filter, nprobe, ef_search,
-                                  include_metadata, include_vectors)
-        response = yield "index", "Search", request, timeout
-        if response.unknown_filter_keys:  # stacklevel 3: past this generator and its driver, to the caller
-            warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=3)
-        results = [[Hit(h.id, h.score, _metadata(h.metadata),
-                        np.array(h.vector.values, np.float32) if include_vectors else None) for h in r.hits]
-                   for r in response.results]
-        return results[0] if queries is None else results
+               vector: Optional[np.ndarray] = None, id: Optional[str] = None, top_k: int = 10,
+               filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
+               include_metadata: bool = True, include_vectors: bool = False,
+               timeout: Optional[float] = None) -> Steps[list[Hit]]:
+        """The hits of one query: exactly one of text=, image=, vector= or id=. `filter`: text in the CLI's
+        grammar ("n>=2 colour=red|blue"), parsed by the server, or a dict (see _filter). A filter on keys no
+        item holds warns (UnknownFilterKeyWarning)."""
+        given = {k: v for k, v in {"text": text, "image": image, "vector": vector, "id": id}.items() if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of text=, image=, vector=, id= (search_batch takes many queries)")
+        options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
+        return (yield from _search(collection, [given], options, timeout))[0]
+
+    def search_batch(self, collection: str, queries: Sequence[Mapping[str, Any]], *, top_k: int = 10,
+                     filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
+                     include_metadata: bool = True, include_vectors: bool = False,
+                     timeout: Optional[float] = None) -> Steps[list[list[Hit]]]:
+        """One hit list per query, in order, in one request; each query is a dict of one of text=, image=,
+        vector=, id= (`{"text": "a red car"}`). The options apply to every query."""
+        for q in queries:
+            if not isinstance(q, Mapping) or len(q) != 1 or next(iter(q)) not in ("text", "image", "vector", "id"):
+                raise ValueError(f"each query is a dict of one of text, image, vector, id; got {q!r:.80}")
+        options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
+        return (yield from _search(collection, queries, options, timeout))
 
     def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> pb.FitPoolingResponse:
+                    batch_size: int = 64, timeout: Optional[float] = None) -> Steps[FitResult]:
         messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
                                          params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
                                          samples=[_content(x) for x in chunk])
                     for n, chunk in enumerate(_batches(samples, batch_size)))
-        return (yield "index", "FitPooling", messages, timeout)
+        response = yield "index", "FitPooling", messages, timeout
+        return FitResult(_collection(response.collection), response.descriptors, response.seconds)
 
 
-API_METHODS = [name for name, value in vars(_Api).items() if inspect.isgeneratorfunction(value)]
+API_METHODS = [name for name, value in vars(_Api).items()
+               if inspect.isgeneratorfunction(value) and not name.startswith("_")]
 
 
 class _Channel:
@@ -366,7 +475,10 @@ class _Channel:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if credentials is None and (tls or ca_file or cert_file):
-            read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+
+            def read(path: Optional[str]) -> Optional[bytes]:
+                return Path(path).read_bytes() if path else None
+
             credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
         if token:
             metadata = (*metadata, ("authorization", f"Bearer {token}"))
@@ -382,9 +494,9 @@ class _Channel:
                                                  metadata=self.metadata)
 
 
-def _blocking(method):
+def _blocking(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], R]:
     @functools.wraps(method)
-    def run(self, *args, **kwargs):
+    def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)
@@ -398,9 +510,9 @@ def _blocking(method):
     return run
 
 
-def _awaiting(method):
+def _awaiting(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], Awaitable[R]]:
     @functools.wraps(method)
-    async def run(self, *args, **kwargs):
+    async def run(self: _Channel, *args: P.args, **kwargs: P.kwargs) -> R:
         steps = method(self, *args, **kwargs)
         try:
             rpc = next(steps)
@@ -427,12 +539,13 @@ class Client(_Channel):
     delete = _blocking(_Api.delete)
     get = _blocking(_Api.get)
     search = _blocking(_Api.search)
+    search_batch = _blocking(_Api.search_batch)
     fit_pooling = _blocking(_Api.fit_pooling)
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -455,12 +568,13 @@ class AsyncClient(_Channel):
     delete = _awaiting(_Api.delete)
     get = _awaiting(_Api.get)
     search = _awaiting(_Api.search)
+    search_batch = _awaiting(_Api.search_batch)
     fit_pooling = _awaiting(_Api.fit_pooling)
 
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

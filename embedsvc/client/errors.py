@@ -57,9 +57,15 @@ class UnavailableError(EmbedsvcClientError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AbortedError(EmbedsvcClientError):
+    """A write raced a re-fit or re-creation of its collection and stored nothing: retry it."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, NotFoundError, AlreadyExistsError, FailedPreconditionError,
                                       ResourceExhaustedError, UnauthenticatedError, PermissionDeniedError,
-                                      DeadlineExceededError, UnavailableError)}
+                                      DeadlineExceededError, UnavailableError, AbortedError)}
 
 
 def from_rpc_error(error: grpc.RpcError) -> EmbedsvcClientError:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from embedsvc.datasets.scenes import COLOURS, POSITIONS, SPLITS, Scene, _draw_shape
 
-_RESAMPLE = (Image.NEAREST, Image.BILINEAR, Image.BICUBIC, Image.LANCZOS)
+_RESAMPLE = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)
 
 
 def _muted(rgb: np.ndarray) -> np.ndarray:
@@ -46,7 +46,7 @@ def _background(rng: np.random.Generator, big: int) -> np.ndarray:
         pattern = ((xx * math.cos(theta) + yy * math.sin(theta)) / big * 0.7 + 0.5).clip(0, 1)[..., None]
     else:
         coarse = rng.uniform(0, 1, (8, 8)).astype(np.float32)
-        pattern = np.asarray(Image.fromarray(coarse).resize((big, big), Image.BICUBIC)).clip(0, 1)[..., None]
+        pattern = np.asarray(Image.fromarray(coarse).resize((big, big), Image.Resampling.BICUBIC)).clip(0, 1)[..., None]
     return a * (1 - pattern) + b * pattern
 
 

@@ -72,7 +72,7 @@ def encode(image: Image.Image, fmt: str = "JPEG", quality: int = 90, orientation
     """`image` encoded as `fmt` (JPEG as cameras write it; PNG, WEBP, HEIF through pillow-heif, AVIF), with an
     EXIF orientation tag when `orientation` is not 1 (telling viewers to turn the stored pixels; pillow-heif
     stores it as the container's rotation and mirroring, as phones do)."""
-    kwargs = {"quality": quality} if fmt != "PNG" else {}
+    kwargs: dict[str, int | bytes] = {"quality": quality} if fmt != "PNG" else {}
     if orientation != 1:
         exif = Image.Exif()
         exif[0x0112] = orientation

@@ -79,8 +79,8 @@ def generate_scene(split: str, index: int) -> Scene:
                                    size=str(rng.choice(SIZES)), position=POSITIONS[cell]))
     background = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     jitter = rng.integers(-20, 21, size=3)
-    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(background, jitter))
-    return Scene(f"{split}-{index:07d}", split, index, tuple(objects), background)
+    red, green, blue = (int(np.clip(c + j, 0, 255)) for c, j in zip(background, jitter))
+    return Scene(f"{split}-{index:07d}", split, index, tuple(objects), (red, green, blue))
 
 
 def render_scene(scene: Scene, size: int = 64, supersample: int = 2) -> Image.Image:
@@ -101,7 +101,7 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 2) -> Image.Im
         cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
         rgb = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
         _draw_shape(draw, obj.shape, cx, cy, radius, tuple(int(c) for c in rgb), rng.uniform(-0.3, 0.3))
-    image = image.resize((size, size), Image.LANCZOS)
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 4.0, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 

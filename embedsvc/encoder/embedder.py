@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -13,7 +13,7 @@ from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.pooling.registry import BoundPooling, image_token_modes
 
-Input = Union[str, bytes, Image.Image]
+Input = str | bytes | Image.Image
 
 
 @dataclass
@@ -58,11 +58,11 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
         if not index:
             continue
         if modality == TEXT:
-            features = encoder.encode_texts([inputs[i] for i in index])
+            features = encoder.encode_texts([item for item in inputs if isinstance(item, str)])  # those at index
         else:
             images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels,
                                                                               encoder.loaded.image_size)
-                      for item in (inputs[i] for i in index)]
+                      for item in inputs if not isinstance(item, str)]  # those at index
             features = encoder.encode_images(images, modes)
         for out, pooling in zip(vectors, poolings):
             out[index] = pooling(features).cpu().numpy()

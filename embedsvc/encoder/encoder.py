@@ -10,7 +10,7 @@ the trunk pass and change only the last block's computation; the native output n
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class ClipEncoder:
             pixels = self._split.normalize(pixels, self.device, self.dtype)
         else:
             pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        visual = self.model.visual
+        visual: Any = self.model.visual  # an open_clip tower (untyped): its layers are read by name
         if self.loaded.vision_tower == "vit":
             native, by_mode = vit_forward(visual, pixels, modes)
             mask = torch.ones(native.shape[0], by_mode[modes[0]].shape[1], dtype=torch.bool, device=native.device)
@@ -133,7 +133,7 @@ def _simple_tokenize(tokenizer: SimpleTokenizer, texts: Sequence[str]) -> tuple[
     ids = torch.zeros(len(texts), context, dtype=torch.long)
     truncated = []
     for row, text in enumerate(texts):
-        tokens = [tokenizer.sot_token_id] + tokenizer.encode(text) + [tokenizer.eot_token_id]
+        tokens = [tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id]
         truncated.append(len(tokens) > context)
         if len(tokens) > context:
             tokens = tokens[:context]
@@ -201,15 +201,15 @@ def text_tower(model, name: str) -> dict:
     from open_clip.transformer import TextTransformer
 
     if hasattr(model, "token_embedding"):  # CLIP keeps the text tower's modules on the model itself
-        return dict(token_embedding=model.token_embedding, positional_embedding=model.positional_embedding,
-                    transformer=model.transformer, attn_mask=model.attn_mask, ln_final=model.ln_final,
-                    projection=model.text_projection, pool_type=model.text_pool_type,
-                    eos_id=getattr(model, "text_eos_id", None), pad_id=0)
+        return {"token_embedding": model.token_embedding, "positional_embedding": model.positional_embedding,
+                "transformer": model.transformer, "attn_mask": model.attn_mask, "ln_final": model.ln_final,
+                "projection": model.text_projection, "pool_type": model.text_pool_type,
+                "eos_id": getattr(model, "text_eos_id", None), "pad_id": 0}
     text = getattr(model, "text", None)
     if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
-        return dict(token_embedding=text.token_embedding, positional_embedding=text.positional_embedding,
-                    transformer=text.transformer, attn_mask=text.attn_mask, ln_final=text.ln_final,
-                    projection=text.text_projection, pool_type=text.pool_type, eos_id=text.eos_id,
-                    pad_id=text.pad_id)
+        return {"token_embedding": text.token_embedding, "positional_embedding": text.positional_embedding,
+                "transformer": text.transformer, "attn_mask": text.attn_mask, "ln_final": text.ln_final,
+                "projection": text.text_projection, "pool_type": text.pool_type, "eos_id": text.eos_id,
+                "pad_id": text.pad_id}
     raise UnsupportedModel(f"model {quoted(name)}: text tower {type(text).__name__} exposes no token features embedsvc "
                            f"can pool; use an open_clip model with the built-in text transformer")

@@ -47,7 +47,7 @@ class SplitTransform:
         mean, std = self._constants(x.device)
         return x.sub_(mean).div_(std).to(dtype)
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - 4 entries, of a preprocessor that lives as long as its model
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std as [1, 3, 1, 1] tensors on `device`, made once per device."""
         return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),

@@ -49,7 +49,8 @@ def _heads(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     attn = block.attn
     q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     b, n, width = x.shape
-    return tuple(t.reshape(b, n, attn.num_heads, width // attn.num_heads).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.reshape(b, n, attn.num_heads, width // attn.num_heads).transpose(1, 2) for t in (q, k, v))
+    return q, k, v
 
 
 def _attend(block, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ event loop keeps serving, and never holds an idle model back for nothing:
 
 The queue is bounded in inputs: past `max_queue`, requests are refused with ResourceExhausted at once
 instead of piling up. A request cancelled while it waits (deadline, client gone) is dropped before it
-costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split into parts of at most that size.
+costs a forward pass (checked again in the model thread). A request of more than `max_batch` inputs is split
+into parts of at most that size.
 A request may pass `finish`, run in the model thread on its own slice of the features (poolings, copies
 to numpy), so no per-item work is left for the event loop; an error there fails that request alone.
 A request names the token modes it needs; a batch computes the union of its requests' modes in its one
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,7 +109,7 @@ class DynamicBatcher:
                 self._target = sum(len(p.inputs) for p in live)
                 try:
                     outcomes, size = await loop.run_in_executor(self.executor, self._forward, live)
-                except BaseException as exc:  # noqa: BLE001 - hand every waiter the error, keep the worker alive
+                except BaseException as exc:  # hand every waiter the error, keep the worker alive
                     for p in live:
                         if not p.future.done():
                             p.future.set_exception(exc)
@@ -148,7 +150,8 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Pending]:
         """Pops the queued requests that fit in one batch, in order; cancelled ones are dropped."""
-        live, size = [], 0
+        live: list[_Pending] = []
+        size = 0
         while self._queue:
             p = self._queue[0]
             if p.future.done():
@@ -173,7 +176,8 @@ class DynamicBatcher:
             return [cancelled] * len(live), 0
         modes = tuple(dict.fromkeys(m for p in running for m in p.modes))
         features = self.encode([x for p in running for x in p.inputs], modes)
-        outcomes, start = [], 0
+        outcomes: list[tuple[bool, Any]] = []
+        start = 0
         for p in live:
             if id(p) not in taken:
                 outcomes.append(cancelled)
@@ -192,10 +196,8 @@ class DynamicBatcher:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
 
 
 def _rows(features: TokenFeatures, start: int, stop: int) -> TokenFeatures:

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,15 @@ class DecodedImage:
     image: Any
 
 
-Content = Union[Text, ImageBytes, DecodedImage]
+@dataclass
+class PreparedImage:
+    """An image a front-end process already checked, decoded and cut to the model's input (ClipEncoder.prepare's
+    tensor, in shared memory): it goes to the batcher as is (embedsvc.service.modelchannel)."""
+
+    pixels: torch.Tensor
+
+
+Content = Text | ImageBytes | DecodedImage | PreparedImage
 
 
 @dataclass
@@ -123,7 +131,63 @@ class FitOutcome:
 
 
 def _image_payload(content: Content) -> Any:
+    assert not isinstance(content, Text)  # called for images only
     return content.image if isinstance(content, DecodedImage) else content.data
+
+
+def check_count(config: EngineConfig, n: int, what: str) -> None:
+    if n > config.max_items_per_request:
+        raise ResourceExhausted(f"{n} {what} in one request, over the limit of {config.max_items_per_request}; "
+                                f"split it")
+
+
+def check_content(config: EngineConfig, content: Content, where: str) -> None:
+    """A request input's limits, checked before any decode or forward (here and in front-end processes)."""
+    if isinstance(content, Text):
+        if not content.text.strip():
+            raise EmptyText(f"{where}: text is empty; send at least one non-blank character")
+        if len(content.text) > config.max_text_chars:
+            raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
+                               f"{config.max_text_chars}")
+    elif isinstance(content, (DecodedImage, PreparedImage)):
+        pass
+    elif isinstance(content, ImageBytes):
+        if len(content.data) > config.max_image_bytes:
+            raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
+                               f"{config.max_image_bytes:,}")
+    else:
+        raise InvalidInput(f"{where}: no content (set text or image)")
+
+
+def decode_for_model(config: EngineConfig, short_side: int, prepare: Callable[[Any], torch.Tensor], data: Any,
+                     where: str) -> torch.Tensor:
+    """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`."""
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            image = decode_image(data, config.max_image_pixels, short_side, config.max_image_header_pixels)
+        else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
+            check_resized_size(data.size, short_side, config.max_image_pixels)
+            image = fit_to_model(data, short_side)
+    except InvalidInput as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    return prepare(image)
+
+
+def check_pixel_budget(config: EngineConfig, payloads: Sequence[Any], short_side: int) -> None:
+    """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
+    at the model's input size) add up to more than max_request_pixels."""
+    total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+                for p in payloads)
+    if total > config.max_request_pixels:
+        raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
+                                f"limit of {config.max_request_pixels:,} (max_request_pixels); send fewer "
+                                f"or smaller images per request")
+
+
+def _after(first: Callable[[], Any], then: Callable[[], Any]) -> Any:
+    """then()'s result, first() run before it (one job for a pool)."""
+    first()
+    return then()
 
 
 FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
@@ -222,43 +286,13 @@ class Engine:
     # -- embedding ----------------------------------------------------------------------------
 
     def _check_content(self, content: Content, where: str) -> None:
-        if isinstance(content, Text):
-            if not content.text.strip():
-                raise EmptyText(f"{where}: text is empty; send at least one non-blank character")
-            if len(content.text) > self.config.max_text_chars:
-                raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
-                                   f"{self.config.max_text_chars}")
-        elif isinstance(content, DecodedImage):
-            pass
-        elif isinstance(content, ImageBytes):
-            if len(content.data) > self.config.max_image_bytes:
-                raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
-                                   f"{self.config.max_image_bytes:,}")
-        else:
-            raise InvalidInput(f"{where}: no content (set text or image)")
+        check_content(self.config, content, where)
 
     def _decode(self, runtime: ModelRuntime, data: Any, where: str) -> torch.Tensor:
-        short_side = runtime.encoder.loaded.image_size  # preprocessing resizes the shorter side to this
-        try:
-            if isinstance(data, (bytes, bytearray)):
-                image = decode_image(data, self.config.max_image_pixels, short_side,
-                                     self.config.max_image_header_pixels)
-            else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
-                check_resized_size(data.size, short_side, self.config.max_image_pixels)
-                image = fit_to_model(data, short_side)
-        except InvalidInput as exc:
-            raise type(exc)(f"{where}: {exc}") from None
-        return runtime.encoder.prepare(image)
+        return decode_for_model(self.config, runtime.encoder.loaded.image_size, runtime.encoder.prepare, data, where)
 
     def _check_pixel_budget(self, payloads: Sequence[Any], short_side: int) -> None:
-        """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
-        at the model's input size) add up to more than max_request_pixels."""
-        total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
-                    for p in payloads)
-        if total > self.config.max_request_pixels:
-            raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
-                                    f"limit of {self.config.max_request_pixels:,} (max_request_pixels); send fewer "
-                                    f"or smaller images per request")
+        check_pixel_budget(self.config, payloads, short_side)
 
     async def _in_decode_pool(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
         """Runs one request's jobs in the decode pool, at most decode_workers of them at a time.
@@ -281,6 +315,21 @@ class Engine:
             for task in tasks:
                 task.cancel()
 
+    async def _decode_images(self, runtime: ModelRuntime, payloads: list[Any], wheres: list[str]) -> list[Any]:
+        """The images' model inputs, the request's pixel budget checked from the headers before any is decoded.
+
+        One image is checked and decoded in one decode-pool job: its own header is read before its pixels, and a
+        second trip through the pool (a wake-up of a niced thread and one of the event loop, each a wait for a
+        core on a busy machine) would cost the one-photo request more than its header check.
+        """
+        short_side = runtime.encoder.loaded.image_size
+        check = functools.partial(self._check_pixel_budget, payloads, short_side)
+        decode = [functools.partial(self._decode, runtime, payload, where) for payload, where in zip(payloads, wheres)]
+        if len(decode) == 1:
+            return await self._in_decode_pool([lambda: _after(check, decode[0])])
+        await self._in_decode_pool([check])
+        return await self._in_decode_pool(decode)
+
     async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
                        finish: Optional[Callable[[TokenFeatures], Any]] = None,
                        poolings: Sequence[BoundPooling] = ()) -> list[TowerOutput]:
@@ -294,14 +343,13 @@ class Engine:
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
-        if images:  # decode first: a bad image fails the request before any forward pass is queued
-            payloads = [_image_payload(contents[i]) for i in images]
-            short_side = runtime.encoder.loaded.image_size
-            await self._in_decode_pool([lambda: self._check_pixel_budget(payloads, short_side)])
-            pixels = await self._in_decode_pool([functools.partial(self._decode, runtime, payload, f"{where} {i}")
-                                                 for i, payload in zip(images, payloads)])
+        if images and all(isinstance(contents[i], PreparedImage) for i in images):  # a front end decoded them
+            pixels = [contents[i].pixels for i in images]
+        elif images:  # decode first: a bad image fails the request before any forward pass is queued
+            pixels = await self._decode_images(runtime, [_image_payload(contents[i]) for i in images],
+                                               [f"{where} {i}" for i in images])
         if texts:
-            jobs.append(runtime.text.submit([contents[i].text for i in texts], finish))
+            jobs.append(runtime.text.submit([c.text for c in contents if isinstance(c, Text)], finish))  # at texts
         if images:
             jobs.append(runtime.image.submit(list(pixels), finish, modes))
         results = await asyncio.gather(*jobs)
@@ -331,16 +379,19 @@ class Engine:
                 if len(index) == n:  # one tower, inputs in order: the matrix as pooled
                     vectors[j] = part_vectors
                     continue
-                if vectors[j] is None:
-                    vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
-                vectors[j][rows] = part_vectors
+                matrix = vectors[j]
+                if matrix is None:
+                    matrix = vectors[j] = np.empty((n, part_vectors.shape[1]), dtype=np.float32)
+                matrix[rows] = part_vectors
             truncated[rows] = [t for part in parts for t in part.truncated]
             token_counts[rows] = [c for part in parts for c in part.token_counts]
-            if include_tokens:
-                rows_of = [(part.tokens, r) for part in parts for r in range(part.tokens.tokens.shape[0])]
+            if tokens is not None:  # include_tokens
+                rows_of = [(part.tokens, r) for part in parts if part.tokens is not None
+                           for r in range(part.tokens.tokens.shape[0])]
                 for i, (f, r) in zip(index, rows_of):
                     tokens[i] = f.select([r])
-        return EmbeddedBatch(modalities, vectors, truncated.tolist(), tokens, token_counts.tolist())
+        filled = cast(list[np.ndarray], vectors)  # every pooling's matrix: contents are never empty
+        return EmbeddedBatch(modalities, filled, truncated.tolist(), tokens, token_counts.tolist())
 
     async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
                     include_tokens: bool = False) -> tuple[str, list[Embedding]]:
@@ -364,9 +415,7 @@ class Engine:
         return runtime.encoder.loaded.spec.name, batch
 
     def _check_count(self, n: int, what: str) -> None:
-        if n > self.config.max_items_per_request:
-            raise ResourceExhausted(f"{n} {what} in one request, over the limit of {self.config.max_items_per_request}; "
-                                    f"split it")
+        check_count(self.config, n, what)
 
     # -- collections --------------------------------------------------------------------------
 
@@ -432,10 +481,12 @@ class Engine:
             info = await self.run_blocking(self.store.get_collection, name)
             vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
             if to_embed:
-                embedded, _ = await self._embed_for(info, [items[i].content for i in to_embed], "item")
+                contents = [item.content for item in items if item.content is not None]  # those at to_embed
+                embedded, _ = await self._embed_for(info, contents, "item")
                 for row, i in enumerate(to_embed):
                     vectors[i] = embedded[row]  # a row view: the store stacks them once
-            store_items = [Item(item.id, vectors[i], item.metadata) for i, item in enumerate(items)]
+            filled = cast(list[np.ndarray], vectors)  # given, or embedded above
+            store_items = [Item(item.id, filled[i], item.metadata) for i, item in enumerate(items)]
             return await self._commit(info, store_items, bool(to_embed), media)
 
         result = await self._retry_aborted(attempt)
@@ -445,7 +496,7 @@ class Engine:
     async def _commit(self, info: CollectionInfo, items: list[Item], embedded: bool, thumbnails=None):
         """Stores items; vectors embedded here are committed only if the collection is still the one
         (uid) and the pooling state (version) they were computed with."""
-        check = dict(uid=info.uid, pooling_version=info.pooling_version) if embedded else {}
+        check: dict[str, Any] = {"uid": info.uid, "pooling_version": info.pooling_version} if embedded else {}
         return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, thumbnails=thumbnails,
                                                                  **check))
 
@@ -462,7 +513,7 @@ class Engine:
 
     async def _thumbnails(self, items: Sequence[UpsertRequestItem]) -> dict[str, tuple[str, bytes]]:
         """{id: ("image/jpeg", bytes)} for the image items (the last of a repeated id decides)."""
-        def make(content: Content) -> bytes:
+        def make(content: ImageBytes | DecodedImage) -> bytes:
             if isinstance(content, DecodedImage):
                 return thumbnail_jpeg(content.image)
             return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels, THUMBNAIL_SIDE,
@@ -499,8 +550,8 @@ class Engine:
         the token features are computed once and each collection applies its own pooling."""
         self._check_count(len(items), "items")
         infos = [await self.run_blocking(self.store.get_collection, name) for name in names]
-        contents = [item.content for item in items]
-        if any(c is None for c in contents):
+        contents = [item.content for item in items if item.content is not None]
+        if len(contents) < len(items):
             raise InvalidInput("upsert_multi takes content items (texts or images), not vectors")
         by_model: dict[str, list] = {}
         for info in infos:
@@ -517,7 +568,7 @@ class Engine:
             for info in group:
                 info.config.check_weights(runtime.encoder.loaded.weights_sha256)
             batch = await self.pooled(runtime, contents, poolings, "item")
-            for info, pooling, vectors in zip(group, poolings, batch.vectors):
+            for info, vectors in zip(group, batch.vectors):  # a matrix per collection's pooling
                 store_items = [Item(item.id, vector, item.metadata) for item, vector in zip(items, vectors)]
                 try:
                     result = await self._commit(info, store_items, True, media)
@@ -539,7 +590,8 @@ class Engine:
         info = None
         if content_rows:
             info = await self.run_blocking(self.store.get_collection, name)
-            embedded, flags = await self._embed_for(info, [queries[i].content for i in content_rows], "query")
+            contents = [q.content for q in queries if q.content is not None]  # those at content_rows
+            embedded, flags = await self._embed_for(info, contents, "query")
             for row, i in enumerate(content_rows):
                 vectors[i], truncated[i] = embedded[row], flags[row]
 
@@ -558,7 +610,8 @@ class Engine:
             if bad is not None:
                 raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
                                    f"holds vectors of dimension {config.dim}")
-            return self.store.search(name, np.stack(vectors), options, exclude if any(exclude) else None)
+            filled = cast(list[np.ndarray], vectors)  # each query's, or refused above
+            return self.store.search(name, np.stack(filled), options, exclude if any(exclude) else None)
 
         hits = await self.run_blocking(lookup_and_search)
         return [SearchOutcome(h, t) for h, t in zip(hits, truncated)]

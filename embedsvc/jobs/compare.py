@@ -4,8 +4,8 @@ For each pooling it embeds the corpus (one forward pass per tower feeds every po
 on the corpus' own token features, builds a real collection (durable store, chosen index preset) and
 measures: text->image, image->text and image->image recall@1/5/10, median rank and mAP, each beside its
 chance level (exact, from the vectors, with eval helpers; relevance by label column when the manifest has
-one, else by identical caption: see embedsvc.eval.metrics); encode time (the shared forward plus the pooling's own time); index
-build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
+one, else by identical caption: see embedsvc.eval.metrics); encode time (the shared forward plus the pooling's
+own time); index build time; search latency p50/p99 of text queries through the store; bytes per vector (serialised
 index size / items). Writes results.md, results.json and two PNG plots. Manifest rows whose image is
 missing or unreadable are skipped and reported by path, like `embedsvc index` does.
 
@@ -31,7 +31,7 @@ from embedsvc.encoder.images import split_by_resized_size
 from embedsvc.errors import InvalidInput, ModalityNotSupported
 from embedsvc.eval import TASKS, cross_modal_metrics, not_measured, relevance_summary
 from embedsvc.models.registry import ModelOptions
-from embedsvc.pooling import bind_pooling, fit_netvlad, image_token_modes
+from embedsvc.pooling import BoundPooling, bind_pooling, fit_netvlad, image_token_modes
 from embedsvc.pooling.features import FINAL
 from embedsvc.progress import Progress
 
@@ -50,8 +50,9 @@ class CompareJob:
     # Pairs to use. Scenes: the first N of the test split (None: DEFAULT_SCENES). Manifest: None compares every
     # row with a caption (a random sample of MAX_DEFAULT_PAIRS beyond that); N draws a random sample of N.
     size: Optional[int] = None
-    # Seed of the random sample of manifest rows (the same seed, the same rows).
-    seed: int = 0
+    # Seed of the random sample of manifest rows (the same seed, the same rows); None: 0. The scenes data has no
+    # sample to seed (the first `size` scenes of the test split), so a seed given with it is refused, not ignored.
+    seed: Optional[int] = None
     # Poolings to compare (registry specs).
     poolings: tuple[str, ...] = DEFAULT_POOLINGS
     # Index preset for the collections.
@@ -155,8 +156,9 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
     column = _label_column(job, rows)
     pairs = Pairs([], [], [], labels=[] if column else None, label_column=column)
     limit, reason = _limit(job, len(rows))
-    order = range(len(rows)) if limit is None else np.random.default_rng(job.seed).permutation(len(rows)).tolist()
-    kept = []  # (manifest index, row, image): decoded in sampling order until `limit` are usable
+    seed = 0 if job.seed is None else job.seed
+    order = range(len(rows)) if limit is None else np.random.default_rng(seed).permutation(len(rows)).tolist()
+    kept: list[tuple] = []  # (manifest index, row, image): decoded in sampling order until `limit` are usable
     for index in order:
         if limit is not None and len(kept) == limit:
             break
@@ -172,12 +174,13 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
     for _, row, image in sorted(kept, key=lambda k: k[0]):  # manifest order, whichever way they were drawn
         pairs.images.append(image)
         pairs.sources.append(row.source)
+        assert row.caption is not None  # rows without one were left out
         pairs.captions.append(row.caption)
         pairs.ids.append(row.id)
-        if column:
+        if pairs.labels is not None:  # a label column
             pairs.labels.append(row.metadata[column])
     if limit is not None:
-        pairs.sample = Sample(len(rows), len(pairs.ids), job.seed, reason, list(pairs.ids))
+        pairs.sample = Sample(len(rows), len(pairs.ids), seed, reason, list(pairs.ids))
     if not pairs.ids:
         raise InvalidInput(f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
                            f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
@@ -190,7 +193,8 @@ def _encode(encoder: ClipEncoder, images: list, captions: list[str], modes: tupl
     from embedsvc.pooling.features import TokenFeatures
 
     progress = Progress(len(images) + len(captions), unit="inputs", label="encoded ")
-    step, parts = 256, ([], [])
+    step = 256
+    parts: tuple[list, list] = ([], [])
     for start in range(0, max(len(images), len(captions)), step):
         if start < len(images):
             parts[0].append(encoder.encode_images(images[start:start + step], modes))
@@ -212,7 +216,7 @@ def _limit(job: CompareJob, rows: int) -> tuple[Optional[int], str]:
 
 def _measure(image_vectors, text_vectors, pairs: Pairs, spec: str) -> tuple[dict, dict[str, str]]:
     """The measured tasks' metrics, and why each other task was not measured."""
-    groups = dict(captions=pairs.captions, labels=pairs.labels, image_keys=pairs.keys)
+    groups = {"captions": pairs.captions, "labels": pairs.labels, "image_keys": pairs.keys}
     if text_vectors is not None:
         metrics = cross_modal_metrics(image_vectors, text_vectors, **groups)
     else:  # an image-only pooling: image->image from the image vectors alone
@@ -232,10 +236,13 @@ def run_compare(job: CompareJob) -> dict:
 
     if job.size is not None and job.size < 1:
         raise InvalidInput(f"--size must be at least 1, got {job.size} (leave it out to compare every manifest row)")
+    if job.data == "scenes" and job.seed is not None:
+        raise InvalidInput(f"--seed {job.seed} seeds the random sample of a manifest's rows; the scenes data is the "
+                           f"first --size scenes of its test split, always the same: leave --seed out")
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
-    spec = spec_from_options(options, default=DEFAULT_MODEL)
-    pairs = _manifest_pairs(job, input_size(spec)) if job.data != "scenes" else None
-    encoder = ClipEncoder(load_model(spec))
+    model_spec = spec_from_options(options, default=DEFAULT_MODEL)
+    pairs = _manifest_pairs(job, input_size(model_spec)) if job.data != "scenes" else None
+    encoder = ClipEncoder(load_model(model_spec))
     pairs = pairs or _scene_pairs(job, encoder.loaded.image_size)
     pairs.drop_oversized(encoder.loaded.image_size)
     images, captions, ids = pairs.images, pairs.captions, pairs.ids
@@ -258,7 +265,7 @@ def run_compare(job: CompareJob) -> dict:
             fit_seconds = 0.0
             if spec in heads:
                 head, fit_seconds = heads[spec]
-                pooling = _HeadPooling(head)
+                pooling: _HeadPooling | BoundPooling = _HeadPooling(head)
             elif spec.split(":")[0] == "netvlad":
                 t = time.perf_counter()
                 probe = bind_pooling(spec)
@@ -388,7 +395,7 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {row['pooling']} | {row['dim']} | {figures} | "
                      f"{row['encode_ms_per_item']:.2f} | {row['index_build_seconds']:.2f} | {row['search_p50_ms']:.2f} | "
                      f"{row['search_p99_ms']:.2f} | {row['bytes_per_vector']:.0f} |")
-    chance = {}  # relevance is the same for every pooling: take each task's chance from any row that has it
+    chance: dict[str, dict] = {}  # relevance is the same for every pooling: take each task's chance from any row that has it
     for row in result["poolings"]:
         for task, values in row["metrics"].items():
             chance.setdefault(task, {k[len("chance_"):]: v for k, v in values.items() if k.startswith("chance_")})

@@ -106,7 +106,7 @@ class IndexSummary:
 
 
 def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
-    out = []
+    out: list[tuple[str, Optional[str]]] = []
     for spec in specs:
         name, eq, pooling = spec.partition("=")
         twice = next((earlier for earlier in specs[:len(out)] if earlier.partition("=")[0] == name), None)
@@ -128,6 +128,7 @@ class _LocalSink:
         from embedsvc.store import open_store_at
 
         job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
+        assert job.local is not None  # a local sink is made for --local only
         config = EngineConfig(device=job.device, max_batch_size=job.batch_size,
                               max_items_per_request=max(1024, job.batch_size), decode_workers=job.workers)
         self.store = open_store_at(job.local)  # a data directory or a Milvus URI
@@ -306,7 +307,7 @@ def asked_of(job: IndexJob, pooling: Optional[str], default_model: Callable[[], 
     """What the job asks of an existing target, field by field: (value to compare, how to show it). NAME=POOLING
     asks for the collection the job would create (model, pooling, metric cosine); --model and --index, when
     given, ask for themselves."""
-    asked = {}
+    asked: dict[str, tuple[Any, str]] = {}
     if job.model or pooling is not None:
         model = job.model or default_model()
         asked["model"] = (model, f"model {model!r}" + ("" if job.model else " (the default)"))
@@ -337,7 +338,7 @@ def check_existing(name: str, config, asked: dict[str, tuple]) -> None:
 
 
 def _present_in_all(get, names: list[str], ids: list[str]) -> set[str]:
-    """Ids already stored in every target collection (`get` is Store.get or Client.get)."""
+    """Ids already stored in every target collection (`get` is a store's get or Client.get)."""
     found = None
     for name in names:
         items, _ = get(name, ids)
@@ -372,7 +373,9 @@ def decode_record(record: Record, short_side: int = 0, keep_bytes: bool = True) 
 def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
     """Consecutive runs of `rows` whose pixels(row) add up to at most `budget` (a row over it alone): a batch
     of large images is written in several parts instead of being refused."""
-    parts, part, total = [], [], 0
+    parts: list[list] = []
+    part: list = []
+    total = 0
     for row in rows:
         n = pixels(row)
         if part and total + n > budget:
@@ -380,7 +383,7 @@ def split_by_pixels(rows: list, pixels, budget: int) -> list[list]:
             part, total = [], 0
         part.append(row)
         total += n
-    return parts + [part] if part else parts
+    return [*parts, part] if part else parts
 
 
 def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
@@ -522,6 +525,7 @@ def run_index(job: IndexJob) -> IndexSummary:
         sink.close()
         raise
     if job.engine == "ray":
+        assert isinstance(sink, _LocalSink)  # --engine ray needs --local (checked above)
         try:
             return _run_ray(job, records, sink, started)
         finally:
@@ -553,7 +557,8 @@ def run_index(job: IndexJob) -> IndexSummary:
                 indexed += rows
 
             pending = submit(chunks[0]) if chunks else None
-            for number, chunk in enumerate(chunks):
+            for number in range(len(chunks)):
+                assert pending is not None  # submitted for every chunk
                 skipped, futures = pending
                 # decode the next batch while this one is embedded and written
                 pending = submit(chunks[number + 1]) if number + 1 < len(chunks) else None

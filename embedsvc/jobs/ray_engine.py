@@ -7,11 +7,14 @@ through it, and the driver writes the returned vectors into the durable store ba
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
 from embedsvc.jobs.sources import DEFAULT_MAX_IMAGE_BYTES, read_image_file
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class EmbedActor:
@@ -39,7 +42,8 @@ class EmbedActor:
         from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
         from embedsvc.errors import EmbedsvcError
 
-        images, reasons = [], []
+        images: list[Optional[Image.Image]] = []
+        reasons: list[str] = []
         for path, data in zip(batch["path"], batch["data"]):
             try:
                 raw = read_image_file(path, self.max_image_bytes) if path else bytes(data)

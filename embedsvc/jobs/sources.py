@@ -130,10 +130,7 @@ def folder_records(root: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list
 
 def manifest_records(manifest: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
     check_manifest_file(manifest)
-    if manifest.suffix == ".parquet":
-        rows = _parquet_rows(manifest)
-    else:
-        rows = read_manifest(manifest)
+    rows = _parquet_rows(manifest) if manifest.suffix == ".parquet" else read_manifest(manifest)
     return [Record(row.id, str(row.path), partial(read_image_file, row.path, max_bytes), row.caption,
                    dict(row.metadata), path=str(row.path)) for row in rows]
 
@@ -176,7 +173,8 @@ def webdataset_records(shards: list[Path], max_bytes: int = DEFAULT_MAX_IMAGE_BY
             folder, _, name = member.name.rpartition("/")
             key, _, ext = name.partition(".")
             groups.setdefault(f"{folder}/{key}" if folder else key, {})[ext.lower()] = member
-        reader = partial(_read_member, archive, threading.Lock(), shard)  # tarfile objects are not thread-safe
+        # tarfile objects are not thread-safe; no archive: no members, nothing to read
+        reader = partial(_read_member, archive, threading.Lock(), shard) if archive is not None else None
         records += [_webdataset_record(shard, key, group, reader, max_bytes) for key, group in groups.items()]
         if broken:
             records.append(Record(str(shard), str(shard), lambda: b"", refused=broken))
@@ -186,7 +184,7 @@ def webdataset_records(shards: list[Path], max_bytes: int = DEFAULT_MAX_IMAGE_BY
 def _tar_members(shard: Path) -> tuple[Optional[tarfile.TarFile], list[tarfile.TarInfo], Optional[str]]:
     """The open archive, the members read before its end or a break, and why it broke, if it did."""
     try:
-        archive = tarfile.open(shard)
+        archive = tarfile.open(shard)  # noqa: SIM115 - open while the records' readers read members from it
     except (tarfile.TarError, OSError) as exc:
         reason = _os_reason(shard, exc) if isinstance(exc, OSError) else "not a tar archive (plain or gz/bz2/xz)"
         return None, [], f"shard not read: {reason}"
@@ -202,7 +200,9 @@ def _tar_members(shard: Path) -> tuple[Optional[tarfile.TarFile], list[tarfile.T
 def _read_member(archive: tarfile.TarFile, lock: threading.Lock, shard: Path, member: tarfile.TarInfo) -> bytes:
     try:
         with lock:
-            return archive.extractfile(member).read()
+            file = archive.extractfile(member)
+            assert file is not None  # a regular file: members of other kinds were refused
+            return file.read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise UnusableFile(f"could not read {member.name} from {shard}: {exc}") from None
 
@@ -225,7 +225,8 @@ def _webdataset_record(shard: Path, key: str, members: dict[str, tarfile.TarInfo
         kind = next((name for test, name in _MEMBER_KINDS if test(odd)), "of an unknown kind")
         return refused(f"not a regular file: member {odd.name} is {kind}" +
                        (f" (to {odd.linkname})" if odd.issym() or odd.islnk() else ""))
-    oversized = next((m for m in (members.get(image_ext), caption_member, members.get("json"))
+    image_member = members[image_ext] if image_ext is not None else None
+    oversized = next((m for m in (image_member, caption_member, members.get("json"))
                       if m is not None and m.size > max_bytes), None)
     if oversized is not None:
         return refused(_too_large(oversized.size, max_bytes, oversized.name))

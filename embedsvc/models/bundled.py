@@ -1,4 +1,4 @@
-"""Models shipped inside the package (see README, "The bundled models"): registered at import.
+"""Models shipped inside the package (see docs/models.md, "The bundled models"): registered at import.
 
 Each is `assets/models/NAME.safetensors` (an open_clip state dict) with `NAME.json` (its architecture,
 registered with open_clip under NAME) and its model card. A shipped model never changes its weights under

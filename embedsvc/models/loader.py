@@ -96,7 +96,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         if state_dict is not None:
             _load_state_dict(model, state_dict)
             del state_dict
-    except Exception as exc:  # noqa: BLE001 - mismatches surface as RuntimeError, AssertionError, KeyError,
+    except Exception as exc:  # mismatches surface as RuntimeError, AssertionError, KeyError,
         # unpickling or safetensors errors depending on where they are found; all mean "wrong file".
         raise InvalidInput(
             f"could not load model {quoted(spec.name)} ({spec.architecture}, weights {spec.weights}): {exc}"
@@ -186,7 +186,7 @@ def _state_dict_from_bytes(data: bytes, path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
-        checkpoint = load_safetensors(data)
+        checkpoint: Any = load_safetensors(data)  # whatever the file holds, checked below
     else:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
@@ -245,6 +245,7 @@ def _quiet_random_init_warning(active: bool):
 def _register_architecture(spec: ModelSpec) -> None:
     import open_clip
 
+    assert spec.config_file is not None  # called for specs with a config file only
     path = Path(spec.config_file)
     if not path.is_file():
         raise WeightsUnavailable(f"model {quoted(spec.name)}: config file {path} does not exist")
@@ -278,9 +279,8 @@ def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str
     if not cfg:
         tags = ", ".join(list_pretrained_tags_by_model(architecture)) or "none"
         raise InvalidInput(f"{architecture} has no pretrained tag {quoted(tag)}; known tags: {tags}")
-    if cfg.get("file"):
-        if os.path.isfile(cfg["file"]):
-            return cfg["file"], cfg
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return cfg["file"], cfg
     candidates: list[str] = []
     hub = cfg.get("hf_hub", "")
     if hub:

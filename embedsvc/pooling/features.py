@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Final, Literal, Optional, get_args
 
 import torch
 
@@ -13,8 +13,10 @@ MODALITIES = (IMAGE, TEXT)
 
 # Token modes: how a ViT's last block computes the patch tokens (docs/pooling.md). `final` is the real
 # last block (the only mode of text and ResNet towers); the others recompute it from the same trunk.
-FINAL = "final"
-TOKEN_MODES = (FINAL, "maskclip", "clearclip", "sclip", "naclip")
+FINAL: Final = "final"
+# The values of every patch pooling's `tokens` parameter (validated by parse_params like any Literal).
+TokenMode = Literal["final", "maskclip", "clearclip", "sclip", "naclip"]
+TOKEN_MODES: tuple[TokenMode, ...] = get_args(TokenMode)
 
 
 @dataclass

@@ -39,6 +39,13 @@ def netvlad(tokens: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, a
 class NetVLADState(torch.nn.Module):
     """Learned state of a NetVLAD pooling: a codebook and, optionally, a PCA-whitening."""
 
+    # Buffers (register_buffer): declared for type checkers, which see a Module's attributes as Tensor | Module.
+    centroids: torch.Tensor
+    assign_weight: torch.Tensor
+    assign_bias: torch.Tensor
+    pca_mean: Optional[torch.Tensor]  # with pca_matrix, or neither
+    pca_matrix: Optional[torch.Tensor]
+
     def __init__(self, centroids: torch.Tensor, alpha: float, pca_mean: Optional[torch.Tensor] = None,
                  pca_matrix: Optional[torch.Tensor] = None):
         super().__init__()
@@ -72,7 +79,7 @@ class NetVLADState(torch.nn.Module):
         if tokens.shape[-1] != self.input_dim:
             raise InvalidInput(f"NetVLAD codebook is for {self.input_dim}-d tokens, got {tokens.shape[-1]}-d")
         v = self.vlad(tokens, mask)
-        if self.pca_matrix is not None:
+        if self.pca_matrix is not None and self.pca_mean is not None:
             v = l2_normalize((v - self.pca_mean.to(v.device)) @ self.pca_matrix.to(v.device).T)
         return v
 
@@ -83,7 +90,7 @@ class NetVLADState(torch.nn.Module):
         from safetensors.torch import save
 
         tensors = {"centroids": self.centroids.contiguous().cpu()}
-        if self.pca_matrix is not None:
+        if self.pca_matrix is not None and self.pca_mean is not None:
             tensors["pca_mean"] = self.pca_mean.contiguous().cpu()
             tensors["pca_matrix"] = self.pca_matrix.contiguous().cpu()
         return save(tensors, metadata={"format": STATE_FORMAT, "alpha": repr(self.alpha)})

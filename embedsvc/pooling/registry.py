@@ -14,19 +14,16 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
-from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TOKEN_MODES, TokenFeatures
+from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures, TokenMode
 from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
                              UnknownPooling, UnsupportedTokenMode, quoted)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
+from embedsvc.spec_text import SpecTextError, parse_spec_text
 
 
 # -- parameters -----------------------------------------------------------------------------------
-
-
-# The values of every patch pooling's `tokens` parameter (validated by parse_params like any Literal).
-TokenMode = Literal[TOKEN_MODES]
 
 
 @dataclass(frozen=True)
@@ -197,6 +194,7 @@ def _netvlad(f: TokenFeatures, params: NetVLADParams, state: Optional[NetVLADSta
 def _spp(f: TokenFeatures, params: SppParams, state) -> torch.Tensor:
     if f.modality == TEXT:  # a sentence has one region, itself: its native embedding
         return f.native
+    assert f.grid is not None  # image tokens come with their grid
     return spatial_pyramid(f.tokens, f.grid, params.levels, params.region, params.combine)
 
 
@@ -243,14 +241,12 @@ class PoolingSpec:
     def parse(cls, text: str) -> "PoolingSpec":
         """'gem', 'gem:p=4', 'avg:tokens=clearclip' or 'spp:levels=1,2;combine=concat' (';' separates
         parameters)."""
-        name, _, rest = text.partition(":")
-        params = {}
-        for part in filter(None, (p.strip() for p in rest.split(";"))):
-            key, eq, value = part.partition("=")
-            if not eq:
-                raise InvalidPoolingParams(f"{name}: parameter {quoted(part)} must be written key=value")
-            params[key.strip()] = value.strip()
-        return cls(name.strip(), params)
+        try:
+            name, params = parse_spec_text(text)
+        except SpecTextError as exc:
+            message = f"{exc.name}: parameter {quoted(exc.part)} must be written key=value"
+            raise InvalidPoolingParams(message) from None
+        return cls(name, params)
 
 
 @dataclass

@@ -27,7 +27,7 @@ def spatial_pyramid(tokens: torch.Tensor, grid: tuple[int, int], levels: Sequenc
                     combine: str = "sum") -> torch.Tensor:
     """Pools each region of each level (max or avg), L2-normalises each region vector, then sums them
     (D dims, comparable with text) or concatenates them (sum(l^2) * D dims, image->image only)."""
-    b, n, d = tokens.shape
+    b, _, d = tokens.shape
     h, w = grid
     spatial = tokens.reshape(b, h, w, d)
     pooled = []

@@ -53,6 +53,7 @@ class Slots:
             self._waiting -= 1
 
     def release(self) -> None:
+        assert self._slots is not None, "release() before acquire()"
         self._slots.release()
 
     @property
@@ -81,10 +82,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(WRAPPED_PREFIX) or handler.response_streaming:
             return handler
         method = details.method.rsplit("/", 1)[-1]
-        if handler.request_streaming:
-            behaviour = self._streaming(handler, method)
-        else:
-            behaviour = self._unary(handler, method)
+        behaviour = self._streaming(handler, method) if handler.request_streaming else self._unary(handler, method)
         # raw bytes in (deserializer None): parsing happens in _parse
         return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
 
@@ -121,7 +119,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     async def _next(self, request_iterator, context, method: str):
         """The next raw message, None at the end of the stream; a bounded wait."""
         try:
-            return await asyncio.wait_for(request_iterator.__anext__(), self.message_timeout)
+            async with asyncio.timeout(self.message_timeout):  # in this task: wait_for would start one per message
+                return await request_iterator.__anext__()
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:

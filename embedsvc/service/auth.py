@@ -4,7 +4,8 @@ Tokens come from `auth_tokens_file` (JSON) or the `auth_tokens` setting (the sam
 EMBEDSVC_AUTH_TOKENS environment variable): {"tokens": [{"name": "indexer", "token": "...",
 "scopes": ["read", "write"]}]}; a setting that lists no tokens is refused rather than read as "auth off".
 Clients send exactly one `authorization: Bearer <token>`. Health and reflection stay open. A refused call
-is answered on its headers, before its message is read. Tokens are compared in constant time and never logged; only the token's name is.
+is answered on its headers, before its message is read. Tokens are compared in constant time and never logged;
+only the token's name is.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The server's typed configuration: defaults, then a TOML/JSON file, then EMBEDSVC_* variables, then flags.
 
-Every field is documented here and in the README's configuration table (generated from this file).
+Every field is documented here and in docs/configuration.md (generated from this file by scripts/gen_config_docs.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ENV_PREFIX = "EMBEDSVC_"
 # Image.open raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS, whatever our limits say.
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
 JSON_ENVELOPE_BYTES = 4096  # an HTTP request's JSON around its images: field names, ids, poolings, metadata
+MAX_FRONTENDS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -66,7 +67,8 @@ class ServerConfig:
     precision: str = "auto"
     # Most inputs one forward pass takes; concurrent requests are coalesced up to this.
     max_batch_size: int = 64
-    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch had, in milliseconds; an idle model runs a request at once.
+    # Under load only, the longest the model idles after a batch while waiting for as many inputs as that batch
+    # had, in milliseconds; an idle model runs a request at once.
     max_batch_delay_ms: float = 5.0
     # Inputs waiting per model and tower before new requests get RESOURCE_EXHAUSTED.
     max_queue: int = 2048
@@ -121,6 +123,10 @@ class ServerConfig:
     torch_threads: int = 0
     # FAISS OpenMP threads (0: the CPUs this process may use); lower it when many searches run at once.
     faiss_threads: int = 0
+    # gRPC front-end processes sharing the listen port (SO_REUSEPORT): each parses, authenticates, admits and decodes
+    # requests, and one model process batches all their inputs and owns the store, HTTP and metrics; 0: one process
+    # does everything. Admission limits are split evenly between front ends.
+    frontends: int = 0
     # Threads that decode and preprocess images.
     decode_workers: int = 2
     # Nice increment of those threads (0-19): on a CPU the forward fills, decodes yield to the forward's
@@ -133,9 +139,12 @@ class ServerConfig:
     demo_size: int = 500
     # Write a collection's checkpoint after this many logged changes (and no sooner than a quarter of its items).
     checkpoint_every: int = 20_000
+    # Seconds between progress lines (logged at INFO) while a collection loads, replays its log or rebuilds its
+    # index at start-up; the server listens meanwhile, /readyz answering 503 until every collection is loaded.
+    load_progress_seconds: float = 5.0
     # Seconds in-flight RPCs get to finish after SIGTERM.
     shutdown_grace_seconds: float = 10.0
-    # JSON file of API tokens with scopes (see README, "Security"); empty with auth_tokens empty: auth off.
+    # JSON file of API tokens with scopes (see docs/security.md); empty with auth_tokens empty: auth off.
     auth_tokens_file: str = ""
     # The same JSON inline (e.g. from EMBEDSVC_AUTH_TOKENS, a Kubernetes Secret); added to the file's tokens.
     auth_tokens: str = ""
@@ -176,8 +185,13 @@ class ServerConfig:
         if self.http_listen and self.http_max_body_bytes < one_image:
             raise InvalidInput(f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
                                f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
+        if not 0 <= self.frontends <= MAX_FRONTENDS:
+            raise InvalidInput(f"config frontends must be between 0 (one process) and {MAX_FRONTENDS}, got "
+                               f"{self.frontends}")
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
+        if not self.load_progress_seconds >= 0:
+            raise InvalidInput(f"config load_progress_seconds must be >= 0, got {self.load_progress_seconds}")
         if not 0 <= self.decode_nice <= 19:
             raise InvalidInput(f"config decode_nice must be between 0 and 19, got {self.decode_nice}")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -290,15 +304,18 @@ def _convert(name: str, hint: Any, raw: Any) -> Any:
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(name, default, comment) per field, from the comment lines above each field, for the README table."""
+    """(name, default, comment) per field, from the comment lines above each field, for docs/configuration.md."""
     import ast
     import inspect
 
     lines = inspect.getsource(ServerConfig).splitlines()
     docs = {}
-    for node in ast.parse("\n".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign):
-            above, row = [], node.lineno - 2
+    tree = ast.parse("\n".join(lines)).body[0]
+    assert isinstance(tree, ast.ClassDef)
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):  # a field
+            above: list[str] = []
+            row = node.lineno - 2
             while row >= 0 and lines[row].strip().startswith("#"):
                 above.insert(0, lines[row].strip()[1:].strip())
                 row -= 1

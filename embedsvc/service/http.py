@@ -3,7 +3,8 @@
 Each endpoint parses its body into the RPC's protobuf request as `json_format` does (so field names are
 the proto's JSON mapping, lowerCamelCase), calls the same function of embedsvc.service.calls the gRPC
 servicer calls, and renders the response in the same mapping (vectors written in C); large bodies are parsed
-and large responses rendered in threads, in short steps (embedsvc.service.json_body). OpenAI's /v1/embeddings
+in worker processes (embedsvc.service.bodyproc) and large responses rendered in threads, in short steps
+(embedsvc.service.json_body). OpenAI's /v1/embeddings
 is embedsvc.service.openai_api. Tokens, scopes, limits and admission slots are the gRPC server's; domain errors
 become HTTP statuses in embedsvc.service.errors, with the gRPC code name in the JSON body:
 {"code": "NOT_FOUND", "message": "..."}.
@@ -21,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import grpc
 import uvicorn
@@ -35,7 +36,7 @@ from starlette.routing import Match, Route
 
 from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
                              RequestTooLarge, UnsupportedMediaType, quoted)
-from embedsvc.service import calls, json_body, openai_api
+from embedsvc.service import bodyproc, calls, json_body, openai_api
 from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
@@ -44,18 +45,21 @@ from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
 
+M = TypeVar("M", bound=Message)
+
 log = logging.getLogger("embedsvc.http")
 
 WEB = resources.files("embedsvc.service") / "web"
 JSON_LINES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "text/html", "index.html": "text/html"}
 # Bodies and responses up to these sizes are parsed and rendered on the event loop (about 1 ms at most); larger
-# ones in the API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps
-# running. A response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay
-# inline; a protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
+# bodies in worker processes (embedsvc.service.bodyproc; OpenAI's in a codec thread), larger responses in the
+# API's codec threads, in short steps (embedsvc.service.json_body), so the loop serving gRPC keeps running. A
+# response document's vectors are written by orjson in C (~25 ns a float): 32 embeddings of 512 stay inline; a
+# protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
 INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
 INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
-CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time; more wait their turn
+CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time, as many worker processes; more wait
 
 
 def _service_of(rpc: str) -> str:
@@ -92,7 +96,7 @@ class Endpoint:
         """The body types this endpoint reads, as OpenAPI documents them (also application/*+json and JSON lines'
         other names); BrowserGuard refuses others with 415."""
         lines = JSON_LINES[1:] if JSON_LINES[0] in self.extra_content else ()
-        return ("application/json",) + self.extra_content + lines
+        return ("application/json", *self.extra_content, *lines)
 
 
 ENDPOINTS = [
@@ -247,8 +251,8 @@ class BrowserGuard:
         method, host, origin = scope["method"], headers.get("host", ""), headers.get("origin")
         refusal = self._refusal(scope, headers, method, host, origin)
         cross = origin is not None and not self._same_origin(origin, host)
-        cors = cross and refusal is None and self._cors_allowed(origin)
-        if cors and method == "OPTIONS" and "access-control-request-method" in headers:
+        cors = origin is not None and cross and refusal is None and self._cors_allowed(origin)
+        if cors and origin is not None and method == "OPTIONS" and "access-control-request-method" in headers:
             return await self._preflight(origin)(scope, receive, send)
         if refusal is None:
             refusal = self._media_type_refusal(scope, headers, method)
@@ -330,13 +334,14 @@ class HttpApi:
         self.engine, self.tokens, self.slots = engine, tokens, slots
         self.config = config
         self.codec = ThreadPoolExecutor(max_workers=CODEC_THREADS, thread_name_prefix="http-json")
+        self.parsers = bodyproc.BodyParsers(CODEC_THREADS)  # worker processes: large bodies parse outside this one
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
-        routes = api_routes + [openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                               Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                               Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                               Route("/", self.static("index.html"))]
+        routes = [*api_routes, openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+                  Route("/healthz", self.healthz), Route("/readyz", self.readyz),
+                  Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
+                  Route("/", self.static("index.html"))]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
@@ -358,7 +363,8 @@ class HttpApi:
 
         return body_types
 
-    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(self, request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)  # the handler of HTTPException only
         code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
                                                                                         grpc.StatusCode.INVALID_ARGUMENT)
         path = request.url.path
@@ -385,7 +391,7 @@ class HttpApi:
         except EmbedsvcError as exc:
             code = status_for(exc)
             return error_response(code, status_details(exc), exc)
-        except Exception:  # noqa: BLE001 - a bug must not take the server down
+        except Exception:  # a bug must not take the server down
             code = grpc.StatusCode.INTERNAL
             log.exception("internal error in %s", rpc)
             return error_response(code, f"internal error in {rpc}; the server log has details")
@@ -398,13 +404,20 @@ class HttpApi:
         """fn(*args) here when `size` is small, else in a codec thread."""
         if size <= INLINE_BYTES:
             return fn(*args)
+        return await self._codec(fn, *args)
+
+    async def _codec(self, fn: Callable, *args):
+        """fn(*args) in a codec thread."""
         return await asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    async def _parse(self, data: bytes, message_type: type, where: str = "request body") -> Message:
+    async def _parse(self, chunks: list[bytes], message_type: type[M], where: str = "request body") -> M:
         """The body as the request message (malformed: INVALID_ARGUMENT with the parser's words); one with more
-        than max_items_per_request items is refused, as the engine would, before it is built."""
-        return await self._off_loop(len(data), json_body.parse, data, message_type, where,
-                                    self.config.max_items_per_request, self.engine._check_count)
+        than max_items_per_request items is refused, as the engine would, before it is built. A large body is
+        parsed in a worker process (embedsvc.service.bodyproc), its message put together in a codec thread."""
+        limit, check = self.config.max_items_per_request, self.engine._check_count
+        if sum(map(len, chunks)) <= INLINE_BYTES:
+            return json_body.parse(b"".join(chunks), message_type, where, limit, check)
+        return await self._codec(self.parsers.parse, chunks, message_type, where, limit, check)
 
     async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
         """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
@@ -438,9 +451,9 @@ class HttpApi:
         if endpoint.streaming and kind in JSON_LINES:
             return self._json_lines(request, request.path_params["name"])
         if endpoint.rpc == "Search" and kind == "multipart/form-data":
-            message = await self._multipart_search(request)
+            message: Message = await self._multipart_search(request)
         elif endpoint.body:  # application/json: BrowserGuard refused other types
-            message = await self._parse(await request.body(), endpoint.request_type)
+            message = await self._parse(await bodyproc.body_chunks(request), endpoint.request_type)
         else:
             message = endpoint.request_type()
         if endpoint.path_field:
@@ -453,22 +466,29 @@ class HttpApi:
 
     async def _json_lines(self, request: Request, collection: str) -> AsyncIterator[pb.UpsertRequest]:
         """One UpsertItem per line, sent to the engine in batches of max_items_per_request (like a gRPC stream);
-        each batch is parsed (off the loop when large) after the one before was stored."""
-        body = await request.body()
-        start, line, stored = 0, 0, 0
-        while True:
-            try:
-                items, start, line = await self._off_loop(len(body) - start, json_body.parse_lines, body, start, line,
-                                                          self.config.max_items_per_request, pb.UpsertItem)
-            except InvalidInput as exc:
-                if stored:  # each batch is stored before the next one is parsed
-                    raise InvalidInput(f"{exc} (the {stored} items of the lines before were stored)") from None
-                raise
-            if items or not stored:  # a body of blank lines is one empty batch, as before
-                yield pb.UpsertRequest(collection=collection, items=items)
-            stored += len(items)
-            if start >= len(body):
-                return
+        a batch is stored only if all its lines parse, and the batches before a line that does not parse are.
+        A large body is parsed in a worker process, each batch put together in a codec thread."""
+        chunks = await bodyproc.body_chunks(request)
+        if sum(map(len, chunks)) <= INLINE_BYTES:
+            lines, error = bodyproc.parse_lines(b"".join(chunks), pb.UpsertItem)
+        else:
+            lines, error = await self._codec(self.parsers.parse_lines, chunks, pb.UpsertItem)
+        limit, stored = self.config.max_items_per_request, 0
+        whole = len(lines) if error is None else len(lines) - len(lines) % limit  # the bad line's batch is not
+        for start in range(0, whole, limit):
+            batch, message = lines[start:start + limit], pb.UpsertRequest(collection=collection)
+            if sum(map(len, batch)) <= INLINE_BYTES:
+                bodyproc.add_all(message.items, batch)
+            else:
+                await self._codec(bodyproc.add_all, message.items, batch)
+            yield message
+            stored += len(batch)
+        if error is not None:
+            if stored:
+                raise InvalidInput(f"{error} (the {stored} items of the lines before were stored)")
+            raise InvalidInput(error)
+        if not lines:  # a body of blank lines is one empty batch, as before
+            yield pb.UpsertRequest(collection=collection)
 
     async def _multipart_search(self, request: Request) -> pb.SearchRequest:
         limit = self.config.max_items_per_request
@@ -476,7 +496,8 @@ class HttpApi:
             form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.http_max_body_bytes)
         except HTTPException as exc:  # malformed multipart, too many parts
             raise InvalidInput(f"multipart body: {exc.detail}") from None
-        message = await self._parse(str(form.get("request") or "").encode(), pb.SearchRequest, "form field 'request'")
+        message = await self._parse([str(form.get("request") or "").encode()], pb.SearchRequest,
+                                    "form field 'request'")
         if form.get("text"):
             message.queries.add(text=str(form["text"]))
         for upload in form.getlist("image"):
@@ -501,9 +522,12 @@ class HttpApi:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        if self.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
+        if not self.ready:
+            return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
+        if not self.engine.store.wait_loaded(0):
+            return JSONResponse({"status": "loading", "code": "UNAVAILABLE",
+                                 "message": "collections are still loading; the log shows how far"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     async def openapi(self, request: Request) -> Response:
         from embedsvc.service.openapi import openapi_document
@@ -537,19 +561,29 @@ class HttpServer:
         self.api, self.sock = api, sock
         self.port = sock.getsockname()[1]
         self.host = config.http_listen.rsplit(":", 1)[0]
-        tls = {}
+        tls: dict[str, Any] = {}
         if config.tls_cert_file:
-            tls = dict(ssl_certfile=config.tls_cert_file, ssl_keyfile=config.tls_key_file)
+            tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
         self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
                                      config.http_send_timeout_seconds)
-        self.server = _QuietServer(uvicorn.Config(
-            api.app, http=self.guard.protocol(), lifespan="off", log_config=None, access_log=False,
-            server_header=False, timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
-            timeout_keep_alive=config.http_keepalive_timeout_seconds, **tls))
-        self.task = None
+        self.server = _QuietServer(
+            uvicorn.Config(
+                api.app,
+                http=self.guard.protocol(),
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
+                # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
+                timeout_keep_alive=config.http_keepalive_timeout_seconds,  # type: ignore[arg-type]
+                **tls,
+            )
+        )
+        self.task: Optional[asyncio.Task[None]] = None
 
     @classmethod
     def bind(cls, config: ServerConfig, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
@@ -586,8 +620,10 @@ class HttpServer:
         """Stops accepting, lets in-flight requests finish for up to `grace` seconds."""
         self.drain()
         if self.task is not None:
-            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
+            # uvicorn annotates int | None but waits with asyncio.wait_for(timeout=...): a float works
+            self.server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
             self.server.should_exit = True
             await self.task
         self.sock.close()
         self.api.codec.shutdown(wait=False, cancel_futures=True)
+        self.api.parsers.close()

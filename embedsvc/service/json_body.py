@@ -27,7 +27,7 @@ import functools
 import json
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import numpy as np
 import orjson
@@ -51,7 +51,7 @@ _NUMBER_CHARS = re.compile(r"[-+0-9.eE, \t\n\r]*")  # what a run of numbers in a
 RUN_CHARS = 65536  # the most of a run of numbers decoded in one call (~1 ms)
 CHUNK = 65536  # the most values a list is checked, moved or freed by in one call
 _NUMBER_STARTS = frozenset("-0123456789")
-_SCAN = json.JSONDecoder().scan_once  # the C scanner: one value at an index (only leaves are given to it here)
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # C scanner: a value at an index (leaves only)
 _FLOAT_MAX = float(np.finfo(np.float32).max)
 
 
@@ -73,7 +73,9 @@ class _Decoder:
         return value
 
     def _skip(self, i: int) -> int:
-        return _WHITESPACE.match(self.text, i).end()
+        spaces = _WHITESPACE.match(self.text, i)
+        assert spaces is not None  # `*`: it matches everywhere
+        return spaces.end()
 
     def _error(self, message: str, i: int) -> json.JSONDecodeError:
         return json.JSONDecodeError(message, self.text, i)
@@ -137,7 +139,9 @@ class _Decoder:
             return [], i + 1
         while True:
             if text[i:i + 1] in _NUMBER_STARTS:  # a run of numbers (a vector's values): up to RUN_CHARS at once
-                end = _NUMBER_CHARS.match(text, i, i + RUN_CHARS).end()
+                run = _NUMBER_CHARS.match(text, i, i + RUN_CHARS)
+                assert run is not None  # `*`: it matches everywhere
+                end = run.end()
                 closes = text[end:end + 1] == "]"
                 last = end if closes else text.rfind(",", i, end)  # whole numbers only
                 if last > i:
@@ -161,7 +165,7 @@ class _Decoder:
                 break
             else:
                 raise self._error("Expecting ',' delimiter", i)
-        if limit is not None and count > limit and self.over is None:
+        if limit is not None and count > limit and self.over is None and key is not None:  # a counted key
             self.over = (count, key)
         return (out if numeric else list(out)), i + 1
 
@@ -212,34 +216,37 @@ def loads(data: bytes, max_items: int = 0, counted: frozenset = frozenset(),
     array under a `counted` key over `max_items`. ValueError (or RecursionError) when it is not JSON."""
     value, over = decode(data.decode("utf-8"), max_items, counted if check_count else frozenset())
     if over:
+        assert check_count is not None  # arrays are counted only with check_count
         _release(value)
         check_count(*over)
         raise ResourceExhausted(f"{over[0]} {over[1]} in one request, over the limit of {max_items}")
     return value
 
 
-def parse(data: bytes, message_type: type, where: str = "request body", max_items: int = 0,
+def parse(data: bytes, message_type: type[Message], where: str = "request body", max_items: int = 0,
           check_count: Optional[Callable[[int, str], None]] = None, piecewise: Optional[bool] = None) -> Message:
     """The body as a `message_type`, as json_format.Parse reads it (same errors, as INVALID_ARGUMENT with the
     parser's words), in short steps when `piecewise` (by default when large). With `check_count`, the request's
     limited arrays (COUNTED) are counted first: check_count(count, key) raises for one over `max_items` before
     any protobuf is built."""
     text = _text(data, where)
-    if _WHITESPACE.match(text).end() == len(text):
+    if not text.strip(" \t\n\r"):  # JSON's whitespace only
         return message_type()
-    fields = {f.name for f in message_type.DESCRIPTOR.fields} | {f.json_name for f in message_type.DESCRIPTOR.fields}
-    name = message_type.DESCRIPTOR.name
+    descriptor = _descriptor(message_type)
+    fields = {f.name for f in descriptor.fields} | {f.json_name for f in descriptor.fields}
+    name = descriptor.name
     try:
         decoded, over = decode(text, max_items, COUNTED & fields if check_count else frozenset(), piecewise)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidInput(f"{where} is not a valid {name} in JSON: Failed to load JSON: {exc}.") from None
     if over:
+        assert check_count is not None  # arrays are counted only with check_count
         _release(decoded)
         check_count(*over)  # raises, in the engine's words; never go on with the items cut
         raise ResourceExhausted(f"{over[0]} {over[1]} in one request, over the limit of {max_items}")
     numbers: list = []
     try:
-        _take_numbers(decoded, message_type.DESCRIPTOR, (), numbers)
+        _take_numbers(decoded, descriptor, (), numbers)
         message = json_format.ParseDict(decoded, message_type())
         for path, values in numbers:
             field = _field(message, path)
@@ -269,14 +276,14 @@ def _take_numbers(js, descriptor: Descriptor, path: tuple, taken: list) -> None:
             continue
         if field.is_repeated and field.cpp_type in _FLOATS:
             if type(value) is Numbers and _representable(value, field.cpp_type):
-                taken.append((path + (field.name,), value))
+                taken.append(((*path, field.name), value))
                 js[key] = []
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
             if not field.is_repeated:
-                _take_numbers(value, field.message_type, path + (field.name,), taken)
+                _take_numbers(value, field.message_type, (*path, field.name), taken)
             elif isinstance(value, list):
                 for index, item in enumerate(value):
-                    _take_numbers(item, field.message_type, path + (field.name, index), taken)
+                    _take_numbers(item, field.message_type, (*path, field.name, index), taken)
 
 
 _FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
@@ -320,16 +327,18 @@ def _release(value) -> None:
             del value[-CHUNK:]
 
 
-def _field(message: Message, path: tuple):
+def _field(message: Any, path: tuple) -> Any:
+    """The field at `path` (names, and indexes into repeated fields) under the message."""
     for step in path:
         message = message[step] if isinstance(step, int) else getattr(message, step)
     return message
 
 
-def parse_lines(data: bytes, start: int, line: int, limit: int, message_type: type) -> tuple[list, int, int]:
+def parse_lines(data: bytes, start: int, line: int, limit: int, message_type: type[Message]
+                ) -> tuple[list[Message], int, int]:
     """Up to `limit` messages of JSON lines (one message per line, blank lines skipped) from byte `start`,
     whose line number is `line` + 1: (messages, where the next batch starts, the last line number read)."""
-    out = []
+    out: list[Message] = []
     while start < len(data) and len(out) < limit:
         end = data.find(b"\n", start)
         end = len(data) if end < 0 else end
@@ -348,6 +357,18 @@ _HOLDS_VECTOR: dict[str, bool] = {}
 _WALK: dict[str, list[FieldDescriptor]] = {}
 
 
+def _descriptor(message: type[Message] | Message) -> Descriptor:
+    """A message type's descriptor. The stubs type it as the C (upb) class or the Python one; both have the
+    interface of the Python one, which the functions here are written against."""
+    return cast(Descriptor, message.DESCRIPTOR)
+
+
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    """The message type of a field of type TYPE_MESSAGE (only fields of other types have None)."""
+    assert field.message_type is not None
+    return field.message_type
+
+
 def _holds_vector(descriptor: Descriptor) -> bool:
     """Whether a Vector can occur in messages of this type (maps aside: no map value is a Vector)."""
     if descriptor.full_name not in _HOLDS_VECTOR:
@@ -357,31 +378,31 @@ def _holds_vector(descriptor: Descriptor) -> bool:
             found = d is VECTOR
             if d.full_name not in seen:
                 seen.add(d.full_name)
-                stack += [f.message_type for f in _vector_fields(d)]
+                stack += [_message_type(f) for f in _vector_fields(d)]
         _HOLDS_VECTOR[descriptor.full_name] = found
     return _HOLDS_VECTOR[descriptor.full_name]
 
 
 def _vector_fields(descriptor: Descriptor) -> list[FieldDescriptor]:
     return [f for f in descriptor.fields if f.type == FieldDescriptor.TYPE_MESSAGE
-            and not f.message_type.GetOptions().map_entry]
+            and not _message_type(f).GetOptions().map_entry]
 
 
 def _fields_to_walk(descriptor: Descriptor) -> list[FieldDescriptor]:
     """The fields of this type under which a Vector can occur (cached: it runs per message of a response)."""
     fields = _WALK.get(descriptor.full_name)
     if fields is None:
-        fields = _WALK[descriptor.full_name] = [f for f in _vector_fields(descriptor) if _holds_vector(f.message_type)]
+        fields = _WALK[descriptor.full_name] = [f for f in _vector_fields(descriptor) if _holds_vector(_message_type(f))]
     return fields
 
 
 def _take_vectors(message: Message, out: list[np.ndarray]) -> None:
     """Appends every Vector's values (depth first, fields in descriptor order) and empties them."""
     if message.DESCRIPTOR is VECTOR:
-        out.append(vector_values(message))  # its packed bytes: no Python float per value
+        out.append(vector_values(cast(pb.Vector, message)))  # its packed bytes: no Python float per value
         message.ClearField("values")
         return
-    for f in _fields_to_walk(message.DESCRIPTOR):
+    for f in _fields_to_walk(_descriptor(message)):
         if f.is_repeated:
             for child in getattr(message, f.name):
                 _take_vectors(child, out)
@@ -399,7 +420,7 @@ def _put_vectors(document: dict, descriptor: Descriptor, vectors: Iterator[Any])
         if value is None:  # an unset singular message: absent from both walks
             continue
         for child in (value if f.is_repeated else [value]):
-            _put_vectors(child, f.message_type, vectors)
+            _put_vectors(child, _message_type(f), vectors)
 
 
 def floats(arrays: list[np.ndarray]) -> list[Any]:
@@ -431,10 +452,10 @@ def embed_document(model: str, modalities: Sequence[int], truncated: Sequence[bo
         rows.append(list(matrix) if np.isfinite(matrix).all() else [_json_floats(row) for row in matrix])
     results = []
     for i, modality in enumerate(modalities):
-        result = {"modality": MODALITY.get(modality, modality), "truncated": bool(truncated[i]),
+        result: dict[str, Any] = {"modality": MODALITY.get(modality, modality), "truncated": bool(truncated[i]),
                   "embeddings": [{"pooling": name, "vector": {"values": r[i]}} for name, r in zip(names, rows)]}
-        if tokens is not None and tokens[i] is not None:
-            result["tokens"] = json_format.MessageToDict(tokens[i], always_print_fields_with_no_presence=True)
+        if tokens is not None and (token := tokens[i]) is not None:
+            result["tokens"] = json_format.MessageToDict(token, always_print_fields_with_no_presence=True)
         results.append(result)
     return {"model": model, "results": results}
 
@@ -446,7 +467,7 @@ def document(message: Message) -> dict:
     _take_vectors(message, vectors)
     out = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
     if vectors:
-        _put_vectors(out, message.DESCRIPTOR, iter(floats(vectors)))
+        _put_vectors(out, _descriptor(message), iter(floats(vectors)))
     return out
 
 

@@ -22,6 +22,10 @@ class Metrics:
         self.model_load_seconds = Gauge("embedsvc_model_load_seconds", "seconds a model took to load", ["model"],
                                         registry=self.registry)
 
+    def record_call(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
     def observe_batch(self, batcher: str, size: int, queued: int) -> None:
         self.batch_size.labels(batcher).observe(size)
         self.queue_depth.labels(batcher).set(queued)

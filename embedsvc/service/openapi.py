@@ -8,6 +8,7 @@ document cannot drift from what json_format parses and renders.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -17,7 +18,7 @@ from embedsvc.store.filter_text import FORMS
 from embedsvc.v1 import embedsvc_pb2 as pb
 
 F = FieldDescriptor
-SCALARS = {
+SCALARS: dict[int, dict[str, Any]] = {
     F.TYPE_DOUBLE: {"type": "number"}, F.TYPE_FLOAT: {"type": "number"},
     F.TYPE_INT32: {"type": "integer"}, F.TYPE_UINT32: {"type": "integer", "minimum": 0},
     F.TYPE_SINT32: {"type": "integer"}, F.TYPE_FIXED32: {"type": "integer"}, F.TYPE_SFIXED32: {"type": "integer"},
@@ -61,6 +62,7 @@ def _field_schema(f: FieldDescriptor) -> dict:
     if f.type == F.TYPE_MESSAGE:
         item = _ref(f.message_type)
     elif f.type == F.TYPE_ENUM:
+        assert f.enum_type is not None  # an enum field's
         item = {"type": "string", "enum": [v.name for v in f.enum_type.values]}
     else:
         item = dict(SCALARS[f.type])
@@ -68,7 +70,7 @@ def _field_schema(f: FieldDescriptor) -> dict:
 
 
 def _message_schema(descriptor: Descriptor) -> dict:
-    schema = {"type": "object", "properties": {f.json_name: _field_schema(f) for f in descriptor.fields}}
+    schema: dict[str, Any] = {"type": "object", "properties": {f.json_name: _field_schema(f) for f in descriptor.fields}}
     for f in descriptor.fields:
         if (descriptor.name, f.name) in FIELD_NOTES:
             schema["properties"][f.json_name]["description"] = FIELD_NOTES[descriptor.name, f.name]
@@ -119,13 +121,13 @@ def _document(endpoints: tuple, thumbnail_path: str, auth: bool) -> dict:
         "tags": ["embedsvc.v1.IndexService"],
         "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in ("name", "id")],
         "responses": _responses({"type": "string", "format": "binary"}, "image/jpeg")}}
-    for probe, what in (("/healthz", "the process is alive"), ("/readyz", "ready for traffic; 503 while shutting down")):
+    for probe, what in (("/healthz", "the process is alive"), ("/readyz", "ready for traffic; 503 while collections load at start-up and while shutting down")):
         paths[probe] = {"get": {"operationId": probe[1:], "summary": what, "tags": ["probes"], "security": [],
                                 "responses": {"200": {"description": "OK"}, "503": {"description": "not ready"}}}}
     schemas = _all_messages(pb.DESCRIPTOR)
     schemas["Error"] = ERROR
     openai_api.add_to_openapi(paths, schemas, {**ERROR_STATUSES, "415": UNSUPPORTED_MEDIA_TYPE})
-    document = {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "embedsvc HTTP/JSON API", "version": embedsvc.__version__,
                  "description": "CLIP pooled-embedding retrieval. Every endpoint mirrors a gRPC method of "

@@ -38,7 +38,7 @@ def rpc(method: str):
             except grpc.aio.AbortError:  # a streamed message refused on the way in (admission.py)
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
-            except Exception:  # noqa: BLE001 - a bug must not take the server down
+            except Exception:  # a bug must not take the server down
                 code = grpc.StatusCode.INTERNAL
                 log.exception("internal error in %s", method)
                 await context.abort(code, f"internal error in {method}; the server log has details")

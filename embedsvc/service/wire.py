@@ -53,8 +53,8 @@ def embed_response(model: str, modalities: Sequence[int], truncated: Sequence[bo
         body += [_field(2, head + matrix[i].tobytes()) for head, matrix in zip(heads, matrices)]
         if truncated[i]:
             body.append(_key(3, _VARINT) + b"\x01")
-        if tokens is not None and tokens[i] is not None:
-            body.append(_field(4, tokens[i]))
+        if tokens is not None and (token := tokens[i]) is not None:
+            body.append(_field(4, token))
         results.append(_field(2, b"".join(body)))
     return pb.EmbedResponse.FromString(_field(1, model.encode()) + b"".join(results))
 

@@ -60,4 +60,8 @@ class VectorStore(Protocol):
 
     def checkpoint(self, name: Optional[str] = None) -> None: ...
 
+    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until every collection present at start-up can serve (False on timeout); until then requests to
+        one still loading get Unavailable."""
+
     def close(self) -> None: ...

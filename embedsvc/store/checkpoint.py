@@ -15,7 +15,7 @@ import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Self
 
 import numpy as np
 
@@ -117,8 +117,13 @@ class CheckpointReader:
     def array(self, name: str) -> np.ndarray:
         return self.npz[name]
 
-    def faiss_index(self, name: str = "index"):
-        """Reads the member straight into a FAISS index (no serialised copy in memory)."""
+    def member_size(self, name: str) -> int:
+        """Bytes of a member as stored (what faiss_index reads, give or take the .npy header)."""
+        return self.npz.zip.getinfo(f"{name}.npy").file_size
+
+    def faiss_index(self, name: str = "index", on_read: Optional[Callable[[int], None]] = None):
+        """Reads the member straight into a FAISS index (no serialised copy in memory); `on_read(bytes so
+        far)` after each megabyte, for progress lines."""
         import faiss
 
         with self.npz.zip.open(f"{name}.npy") as member:
@@ -127,12 +132,23 @@ class CheckpointReader:
             shape, _, dtype = reader(member)
             if dtype != np.uint8 or len(shape) != 1:
                 raise ValueError(f"member {name} is a {dtype} array of shape {shape}, not a serialised index")
-            return faiss.read_index(faiss.PyCallbackIOReader(member.read, STREAM_BYTES))
+            read = member.read
+            if on_read is not None:
+                done = 0
+
+                def read(size: int) -> bytes:
+                    nonlocal done
+                    data = member.read(size)
+                    done += len(data)
+                    on_read(done)
+                    return data
+
+            return faiss.read_index(faiss.PyCallbackIOReader(read, STREAM_BYTES))
 
     def close(self) -> None:
         self.npz.close()
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

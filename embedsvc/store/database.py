@@ -6,12 +6,13 @@ vectors are in the collection's vector file, see vectors.py, synced before the t
 their labels), `changes`, the log of label additions and removals that checkpoints are replayed from, and
 `thumbnails` (id -> small image for display, optional), written with the items. Each write is one
 transaction; once commit returns it is on disk. Databases of the first format (vectors in the items table)
-are migrated on open (Store). A write the disk refuses (read-only, full, I/O error) is rolled back and reported as
+are migrated on open (LocalStore). A write the disk refuses (read-only, full, I/O error) is rolled back and reported as
 StorageUnavailable; the next write tries again, so the store recovers by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sqlite3
@@ -68,7 +69,7 @@ CREATE TABLE IF NOT EXISTS thumbnails (
 ) WITHOUT ROWID;
 """
 
-# Columns the first format lacked (added on open); the items table's vector column is moved out by Store.
+# Columns the first format lacked (added on open); the items table's vector column is moved out by LocalStore.
 _ADDED_COLUMNS = (("collections", "vector_generation", "INTEGER NOT NULL DEFAULT 0"),
                   ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
                   ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"))
@@ -121,7 +122,7 @@ class Database:
         with self._lock:
             return "vector" in self._columns("items")
 
-    def _unavailable(self, exc: sqlite3.Error) -> StorageUnavailable:
+    def _unavailable(self, exc: sqlite3.Error | OSError) -> StorageUnavailable:
         return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
                                   f"was stored: make it writable (or free space) and retry")
 
@@ -137,10 +138,8 @@ class Database:
                 yield self.conn
                 self.conn.execute("COMMIT")
             except BaseException as exc:
-                try:
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back already
                     self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # a failed COMMIT may have rolled back already
                 if isinstance(exc, sqlite3.OperationalError) or (isinstance(exc, OSError)
                                                                  and exc.errno in _DISK_ERRNOS):
                     raise self._unavailable(exc) from None
@@ -199,7 +198,7 @@ class Database:
     # -- items --------------------------------------------------------------------------------
 
     def labels_of(self, c: sqlite3.Connection, collection_id: int, ids: list[str]) -> dict[str, int]:
-        found = {}
+        found: dict[str, int] = {}
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
             found.update(c.execute(f"SELECT id, label FROM items WHERE collection_id=? AND id IN ({marks})",
@@ -229,9 +228,9 @@ class Database:
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
             c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
-                          [(collection_id, i, l, m) for i, l, m in zip(ids, labels.tolist(), metadata)])
+                          [(collection_id, i, label, m) for i, label, m in zip(ids, labels.tolist(), metadata)])
             c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
-                          [(collection_id, l, old.get(i)) for i, l in zip(ids, labels.tolist())])
+                          [(collection_id, label, old.get(i)) for i, label in zip(ids, labels.tolist())])
             self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
             write_vectors(start)
         return labels, old
@@ -274,11 +273,17 @@ class Database:
     def items_by_label(self, collection_id: int, labels: list[int]) -> dict[int, tuple]:
         return self._rows_by("label", collection_id, labels)
 
-    def scan(self, collection_id: int) -> list[tuple]:
-        """(label, id, metadata json) of every live item, in label order."""
-        with self._lock:
-            return self.conn.execute("SELECT label, id, metadata FROM items WHERE collection_id=? ORDER BY label",
-                                     (collection_id,)).fetchall()
+    def scan(self, collection_id: int, chunk: int = 65_536) -> Iterator[list[tuple]]:
+        """(label, id, metadata json) of every live item, in label order, `chunk` rows at a time (a start-up
+        reports its progress between chunks, and holds one chunk of Python rows at a time)."""
+        last = -1
+        while True:
+            rows = self.query("SELECT label, id, metadata FROM items WHERE collection_id=? AND label>? ORDER BY label "
+                              "LIMIT ?", (collection_id, last, chunk))
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
 
     def count(self, collection_id: int) -> int:
         return self.query("SELECT COUNT(*) FROM items WHERE collection_id=?", (collection_id,))[0][0]

@@ -67,7 +67,7 @@ class _Scanner:
         self.start = 0  # where the current clause began
 
     def fail(self, problem: str) -> InvalidInput:
-        clause = re.match(r"\S*", self.text[self.start:]).group()  # up to the next space: enough to find it
+        clause = re.split(r"\s", self.text[self.start:], maxsplit=1)[0]  # up to the next space: enough to find it
         where = f" in {quoted(clause)}" if clause and clause != self.text.strip() else ""
         return InvalidInput(f"filter {quoted(self.text.strip())}: {problem}{where}; write {FORMS}")
 
@@ -97,7 +97,7 @@ class _Scanner:
                                     f"allowed in all")
             condition = Condition(key, equals=values[0]) if len(values) == 1 else Condition(key, any_of=tuple(values))
         else:
-            condition = Condition(key, **{_RANGES[op]: self.bound()})
+            condition = Condition(key, **{_RANGES[op]: self.bound()})  # type: ignore[arg-type]  # a bound: a float
         if self.peek() and not self.peek().isspace():
             raise self.fail(f"unexpected {self.peek()!r} after {quoted(self.text[self.start:self.pos])}: put a space "
                             f"between clauses, or quote a value that holds \" | = < >")
@@ -130,7 +130,9 @@ class _Scanner:
                             else "a range bound must be a number")
         if self.peek() == "|":
             raise self.fail("a range bound must be a number, not a list (any-of is KEY=A|B)")
-        return typed_word(self.finite(word))
+        number = typed_word(self.finite(word))
+        assert not isinstance(number, str)  # _NUMBER matched: typed_word read a number
+        return number
 
     def finite(self, word: str) -> str:
         """The word, unless it is a numeral no double holds (1e309, 400 nines): refused, never read as a string."""
@@ -151,7 +153,7 @@ class _Scanner:
 
     def quoted_string(self) -> str:
         self.pos += 1
-        out = []
+        out: list[str] = []
         while True:
             char = self.peek()
             if not char:

@@ -20,6 +20,7 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,11 +30,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, quoted
+from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, Unavailable, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, validate_index_kind
@@ -60,43 +61,107 @@ PROGRESS_SECONDS = 5.0  # a long replay or rebuild logs a progress line this oft
 _CHECKPOINT_FILE = re.compile(r"collection-(\d+)\.npz")
 
 
+class CollectionLoading(Unavailable):
+    """The collection is still being loaded after a start-up (the store loads in the background)."""
+
+
+class _LoadCancelled(Exception):
+    """The store closed while a collection was loading."""
+
+
 MAX_CACHED_FILTERS = 64  # per collection
 
-Index = Union[FaissIndex, FileFlatIndex]
+Index = FaissIndex | FileFlatIndex
+
+
+_NONE = np.array(None, dtype=object)  # compared with an object array element by element: where labels hold no id
 
 
 class _Ids:
-    """id <-> label of the live items: a dict one way, an object array indexed by label the other."""
+    """id <-> label of the live items: an object array indexed by label one way, a dict the other.
+
+    The dict is made on demand (`label_of`, or `build` from the start-up loader once the collection serves):
+    hashing a million ids took seconds of a restart, and searches need only the array. Changes take `_lock`,
+    so a change never interleaves with the dict's making; searches read the array without it."""
 
     def __init__(self) -> None:
-        self.label_of: dict[str, int] = {}
         self.by_label = np.empty(0, dtype=object)
+        self._label_of: Optional[dict[str, int]] = {}  # None until made
+        self._count = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.label_of)
+        return self._count
 
-    def add(self, labels: Sequence[int], ids: Sequence[str]) -> None:
-        if not len(labels):
-            return
-        top = int(max(labels)) + 1
+    def defer(self) -> None:
+        """From now until `build`, the dict is not kept (a start-up fills the array first)."""
+        self._label_of = None
+
+    @property
+    def label_of(self) -> dict[str, int]:
+        found = self._label_of
+        if found is None:
+            found = self.build()
+        return found
+
+    def build(self) -> dict[str, int]:
+        """Makes the id -> label dict if it is not made yet. ValueError if two live labels hold one id."""
+        with self._lock:
+            if self._label_of is None:
+                labels = self.live_labels()
+                made = dict(zip(self.by_label[labels].tolist(), labels.tolist()))
+                if len(made) != len(labels):
+                    raise ValueError(f"{len(labels) - len(made)} id(s) are held by two labels each")
+                self._label_of = made
+            return self._label_of
+
+    def reserve(self, top: int, exact: bool = False) -> None:
+        """Room for labels below `top` (`exact`: no more, e.g. a checkpoint's known size)."""
         if top > len(self.by_label):
-            grown = np.empty(max(top, 1024, int(len(self.by_label) * 1.5)), dtype=object)
+            grown = np.empty(top if exact else max(top, 1024, int(len(self.by_label) * 1.5)), dtype=object)
             grown[:len(self.by_label)] = self.by_label
             self.by_label = grown
-        self.label_of.update(zip(ids, labels))
-        self.by_label[np.asarray(labels, dtype=np.int64)] = np.asarray(ids, dtype=object)
+
+    def add(self, labels: Sequence[int], ids: Sequence[str]) -> None:
+        """Labels are new (not live); their ids are not live under other labels."""
+        if not len(labels):
+            return
+        with self._lock:
+            self.reserve(int(max(labels)) + 1)
+            if self._label_of is not None:
+                self._label_of.update(zip(ids, labels))
+            self.by_label[np.asarray(labels, dtype=np.int64)] = np.asarray(ids, dtype=object)
+            self._count += len(labels)
 
     def remove(self, ids: Iterable[str]) -> list[int]:
         """Labels the ids had (they are gone now)."""
-        labels = [self.label_of.pop(i) for i in ids]
-        self.by_label[labels] = None
+        label_of = self.label_of
+        with self._lock:
+            labels = [label_of.pop(i) for i in ids]
+            self.by_label[labels] = None
+            self._count -= len(labels)
         return labels
+
+    def remove_labels(self, labels: np.ndarray) -> None:
+        """Removes the live ones among these labels (the dict need not be made)."""
+        with self._lock:
+            labels = np.asarray(labels, dtype=np.int64)
+            labels = labels[labels < len(self.by_label)]
+            held = self.by_label[labels]
+            live = labels[np.not_equal(held, _NONE)]
+            if self._label_of is not None:
+                for item_id in self.by_label[live].tolist():
+                    self._label_of.pop(item_id, None)
+            self.by_label[live] = None
+            self._count -= len(live)
 
     def id_of(self, label: int) -> Optional[str]:
         return self.by_label[label] if 0 <= label < len(self.by_label) else None
 
     def live_labels(self) -> np.ndarray:
-        labels = np.fromiter(self.label_of.values(), dtype=np.int64, count=len(self.label_of))
+        if self._label_of is None:
+            return np.flatnonzero(np.not_equal(self.by_label, _NONE)).astype(np.int64)
+        labels = np.fromiter(self._label_of.values(), dtype=np.int64, count=len(self._label_of))
         labels.sort()
         return labels
 
@@ -124,6 +189,11 @@ class _Collection:
     checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
     # Filter -> its index Selection, for repeated filters (a tenant, a category); emptied by every write.
     selections: dict = field(default_factory=dict)
+    # Set until the start-up load of this collection finished (successfully or not); requests meanwhile get
+    # CollectionLoading. `progress` tells how far the load is, `stored` what the items table holds.
+    loading: bool = False
+    progress: Optional["_Progress"] = None
+    stored: int = 0
 
     def selection(self, flt: Filter):
         """Called with the read lock held: readers may fill the cache side by side (they compute the same
@@ -133,6 +203,7 @@ class _Collection:
         if found is None:
             if len(self.selections) >= MAX_CACHED_FILTERS:
                 self.selections.clear()
+            assert self.index is not None  # the caller ran check_usable
             found = self.index.select(self.metadata.labels(flt))
             self.selections[key] = found
         return found
@@ -140,8 +211,17 @@ class _Collection:
     def info(self) -> CollectionInfo:
         trained = self.index.trained if self.index is not None else False
         factory = self.index.factory_string if self.index is not None else ""
-        return CollectionInfo(self.config, len(self.ids), self.created_ms, self.pooling_version,
-                              trained, factory, self.uid)
+        count = self.stored if self.loading else len(self.ids)
+        return CollectionInfo(self.config, count, self.created_ms, self.pooling_version, trained, factory, self.uid)
+
+    def check_loaded(self) -> None:
+        """Refuses, without waiting for any lock, a request to a collection still loading at start-up."""
+        if self.loading:
+            progress = self.progress
+            where = f" ({progress.state()})" if progress is not None else ""
+            raise CollectionLoading(f"collection {quoted(self.config.name)} is still loading after the server "
+                                    f"started{where}; it answers once loaded: retry shortly (GET /readyz answers "
+                                    f"200 when every collection is loaded)")
 
     def check_usable(self) -> None:
         """Called with the collection's lock held: refuses a dropped or unavailable collection."""
@@ -153,25 +233,42 @@ class _Collection:
 
 
 class _Progress:
-    """Logs `done of total` every PROGRESS_SECONDS during a long start-up step."""
+    """Logs `done of total` every `seconds` during a long start-up step (`step` names its current part), so a
+    restart of a large collection shows how far it is; raises _LoadCancelled once `cancel` is set."""
 
-    def __init__(self, what: str, total: int):
-        self.what, self.total = what, total
+    def __init__(self, what: str, total: int, seconds: float = PROGRESS_SECONDS,
+                 cancel: Optional[threading.Event] = None):
+        self.what, self.total, self.seconds, self.cancel = what, total, seconds, cancel
         self.started = self.last = time.monotonic()
+        self.step, self.done = "", 0
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, done: int, step: Optional[str] = None) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise _LoadCancelled()
+        self.done = done
+        if step is not None:
+            self.step = step
         now = time.monotonic()
-        if now - self.last >= PROGRESS_SECONDS:
+        if now - self.last >= self.seconds:
             self.last = now
-            log.info("%s: %d of %d (%.0f%%, %.0f s)", self.what, done, self.total, 100 * done / max(1, self.total),
-                     now - self.started)
+            log.info("%s: %s", self.what, self.state())
+
+    def state(self) -> str:
+        step = f"{self.step}, " if self.step else ""
+        return (f"{step}{self.done} of {self.total} items ({100 * self.done / max(1, self.total):.0f}%, "
+                f"{time.monotonic() - self.started:.1f} s)")
 
 
 class LocalStore:
     """All collections under one data directory, owned by this process alone."""
 
     def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
-                 max_top_k: int = DEFAULT_MAX_TOP_K):
+                 max_top_k: int = DEFAULT_MAX_TOP_K, background_load: bool = False,
+                 progress_seconds: float = PROGRESS_SECONDS):
+        """`background_load`: return once the data directory is open and load the collections in a thread
+        (each answers CollectionLoading until loaded; `loaded` tells when all are), so a server can listen
+        meanwhile; else every collection is loaded when this returns. `progress_seconds`: how often a long
+        load, replay or rebuild logs how far it is."""
         self.data_dir = Path(data_dir)
         self.folder = self.data_dir / "indexes"
         try:
@@ -192,18 +289,68 @@ class LocalStore:
         self._use_faiss_threads()
         self.checkpoint_every = checkpoint_every
         self.max_top_k = max_top_k
+        self.progress_seconds = progress_seconds
         self._registry_lock = threading.Lock()  # guards the dict of collections, not their contents
         self._collections: dict[str, _Collection] = {}
+        self._closing = threading.Event()  # stops a background load
+        self.loaded = threading.Event()  # set once every collection present at start-up finished loading
         rows = self.db.collections()
         self._remove_stray_files({cid for cid, *_ in rows})
         if self.db.items_hold_vectors():
             self._migrate([(cid, name, config) for cid, name, config, *_ in rows])
         for cid, name, config, created_ms, pooling_version in rows:
-            self._collections[name] = self._open(cid, config, created_ms, pooling_version)
+            self._collections[name] = self._placeholder(cid, config, created_ms, pooling_version)
         self._checkpointer = _Checkpointer(self)
         self._closed = False
-        for col in self._collections.values():
-            self._maybe_checkpoint(col)
+        self._loader: Optional[threading.Thread] = None
+        if background_load:
+            self._loader = threading.Thread(target=self._load_all, name="store-loader", daemon=True)
+            self._loader.start()
+        else:
+            self._load_all()
+
+    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until every collection present at start-up finished loading; False on timeout."""
+        return self.loaded.wait(timeout)
+
+    def _load_all(self) -> None:
+        """Loads each collection in turn (the loader thread, or the opener's); never raises for one collection:
+        one that cannot load is marked unavailable and the others still load."""
+        started = time.monotonic()
+        loading = [col for col in self._collections.values() if col.loading]
+        try:
+            for col in loading:
+                if self._closing.is_set():
+                    return
+                self._load_collection(col)
+                self._maybe_checkpoint(col)
+            if loading:
+                log.info("loaded %d collection(s) in %.1f s", len(loading), time.monotonic() - started)
+        finally:
+            self.loaded.set()
+        for col in loading:  # while they serve: what only writes and a few reads need
+            if self._closing.is_set():
+                return
+            self._make_id_dict(col)
+
+    def _make_id_dict(self, col: _Collection) -> None:
+        """Makes the id -> label dict of a loaded collection; a checkpoint that gave one id two labels (a damaged
+        file) is replaced by a rebuild from the items table, as at load."""
+        ids = col.ids
+        try:
+            ids.build()
+        except ValueError as exc:
+            with col.lock.write():
+                if col.ids is not ids or col.dropped or col.unavailable:  # a write that met it first rebuilt it
+                    return
+                log.warning("collection %s: its checkpoint is inconsistent (%s); rebuilding its index from the items "
+                            "table", col.config.name, exc)
+                col.selections.clear()
+                try:
+                    self._reload(col)
+                except Exception as again:  # noqa: BLE001
+                    col.unavailable = f"its index could not be rebuilt ({type(again).__name__}: {again})"
+                    log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 
     def _use_faiss_threads(self) -> None:
         """Applies `omp_threads` to the calling thread (searches, writes, start-up). OpenMP keeps the setting per
@@ -236,7 +383,8 @@ class LocalStore:
             dim = CollectionConfig.from_json(json.loads(config_json)).dim
             layout, next_label = self.db.layout(cid)
             count = self.db.count(cid)
-            progress = _Progress(f"moving the vectors of collection {name} to its vector file", count)
+            progress = _Progress(f"moving the vectors of collection {name} to its vector file", count,
+                                 self.progress_seconds)
             generation = layout.generation + 1
             path = VectorFile.file_path(self.folder, cid, generation)
             labels, done = [], 0
@@ -258,31 +406,57 @@ class LocalStore:
         self.db.drop_vector_column(layouts)
         log.info("migrated the data directory: vectors of %d collection(s) moved to vector files", len(layouts))
 
-    def _open(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
+    def _placeholder(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
+        """A collection as listed before its load: requests to it get CollectionLoading."""
         config = CollectionConfig.from_json(json.loads(config_json))
         col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(),
-                          uid=f"{self.db.uuid}-{cid}")
-        layout, next_label = self.db.layout(cid)
-        remove_generations(self.folder, cid, keep=layout.generation)
+                          uid=f"{self.db.uuid}-{cid}", loading=True)
+        col.stored = self.db.count(cid)
+        col.progress = _Progress(f"loading collection {config.name}", col.stored, self.progress_seconds, self._closing)
+        return col
+
+    def _load_collection(self, col: _Collection) -> None:
+        """Loads one listed collection (its write lock held); it serves, or is unavailable, once this returns."""
         try:
-            col.vectors = VectorFile(self.folder, cid, config.dim, layout, next_label)
+            with col.lock.write():
+                try:
+                    self._load(col)
+                except _LoadCancelled:
+                    col.unavailable = "the store closed while it was loading"
+                except Exception as exc:  # noqa: BLE001 - one broken collection must not keep the others offline
+                    col.unavailable = f"it could not be loaded ({type(exc).__name__}: {exc})"
+                    log.exception("collection %s is unavailable: %s", col.config.name, col.unavailable)
+                finally:
+                    col.loading = False
+        finally:
+            col.progress = None
+
+    def _load(self, col: _Collection) -> None:
+        config, progress = col.config, col.progress
+        assert progress is not None  # set with `loading`
+        layout, next_label = self.db.layout(col.id)
+        remove_generations(self.folder, col.id, keep=layout.generation)
+        try:
+            col.vectors = VectorFile(self.folder, col.id, config.dim, layout, next_label, populate=True)
         except (OSError, ValueError, VectorFileError) as exc:
             col.unavailable = f"its vectors cannot be read ({exc})"
             log.error("collection %s is unavailable: %s", config.name, col.unavailable)
-            self._load_rows(col)
-            return col
-        reason = self._load_checkpoint(col)  # None: loaded; "": there is none; else why it is unusable
+            self._load_rows(col, progress)
+            return
+        reason = self._load_checkpoint(col, progress)  # None: loaded; "": there is none; else why it is unusable
         if reason is not None:
             if reason:
                 log.warning("collection %s: %s; rebuilding its index from the items table", config.name, reason)
             try:
-                self._reload(col)
+                self._reload(col, progress)
+            except _LoadCancelled:
+                raise
             except Exception as exc:  # noqa: BLE001 - one broken collection must not keep the others offline
                 col.unavailable = f"its index could not be rebuilt ({type(exc).__name__}: {exc})"
                 log.error("collection %s is unavailable: %s", config.name, col.unavailable)
-                return col
-        log.info("opened collection %s: %d items, replayed to lsn %d", config.name, len(col.ids), col.applied_lsn)
-        return col
+                return
+        log.info("opened collection %s: %d items, replayed to lsn %d, in %.1f s", config.name, len(col.ids),
+                 col.applied_lsn, time.monotonic() - progress.started)
 
     def _new_index(self, col: _Collection) -> Index:
         config = col.config
@@ -290,7 +464,7 @@ class LocalStore:
             return FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
         return FaissIndex(config.index, config.dim, config.metric)
 
-    def _load_checkpoint(self, col: _Collection) -> Optional[str]:
+    def _load_checkpoint(self, col: _Collection, progress: _Progress) -> Optional[str]:
         """Loads the collection's checkpoint and replays the log after it; returns why it was unusable."""
         path = self._checkpoint_path(col.id)
         if not path.is_file():
@@ -307,85 +481,112 @@ class LocalStore:
             if wrong or not isinstance(header.get("lsn"), int):
                 return (f"checkpoint {path.name} belongs to another store, collection or index "
                         f"({', '.join(wrong) or 'lsn'})")
+            rowless = np.empty(0, dtype=np.int64)
             try:
                 if header.get("format") == CHECKPOINT_FORMAT:
-                    self._load_columns(col, header, reader)
-                    col.index = self._index_from(col, header, reader)
+                    self._load_columns(col, header, reader, progress)
+                    col.index, rowless = self._index_from(col, header, reader, progress)
                 elif file_backed(col.config.index):  # first format: its index copies the vector file
                     return f"checkpoint {path.name} is of the first format, which a flat collection no longer uses"
                 else:
-                    self._load_rows(col)
-                    col.index = FaissIndex.from_arrays(header, read_checkpoint(path)[1])
+                    self._load_rows(col, progress)
+                    first_format = read_checkpoint(path)
+                    assert first_format is not None  # the file is there: read above
+                    col.index = FaissIndex.from_arrays(header, first_format[1])
                 col.applied_lsn = col.checkpoint_lsn = header["lsn"]
-                self._replay(col)
-            except Exception as exc:  # noqa: BLE001
+                self._replay(col, progress)
+            except _LoadCancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild from the items table
                 col.ids, col.metadata = _Ids(), MetadataIndex()
                 return f"checkpoint {path.name} could not be loaded or replayed ({type(exc).__name__}: {exc})"
-        stored = self.db.count(col.id)
+        kept = [int(label) for label in rowless[:3] if col.ids.id_of(int(label)) is not None]
+        if kept:
+            return f"checkpoint {path.name} lists live labels {kept} that have no row in the vector file"
+        stored = col.stored  # the items table's count, taken before the load (nothing writes while it loads)
         if len(col.index) != stored or len(col.ids) != stored:
             return (f"checkpoint {path.name} holds {len(col.index)} vectors after the log replay but the items table "
                     f"{stored}")
         return None
 
-    def _index_from(self, col: _Collection, header: dict, reader: CheckpointReader) -> Index:
+    def _index_from(self, col: _Collection, header: dict, reader: CheckpointReader,
+                    progress: _Progress) -> tuple[Index, np.ndarray]:
+        """The checkpoint's index, and (flat) the labels it lists as live that the vector file has no row for.
+
+        Those are items replaced or deleted after the checkpoint's snapshot, whose rows a compaction right after
+        it dropped (a flat checkpoint is written outside the collection's lock, so writes land in between): the
+        log replay removes them, and the caller checks that it did. Refusing them rebuilt the whole collection."""
         config = col.config
         if file_backed(config.index):
-            index = FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
-            index.check_shell(reader.array("index"))
-            index.add(reader.array("live"), None)
-            return index
-        return FaissIndex.from_checkpoint(config.index, config.dim, config.metric, header["index"], reader)
+            flat = FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
+            flat.check_shell(reader.array("index"))
+            live = np.asarray(reader.array("live"), dtype=np.int64)
+            has_row = flat.vectors.slots_of(live) >= 0
+            flat.add(live[has_row], None)
+            return flat, live[~has_row]
+        size = reader.member_size("index")
+        progress(progress.done, f"reading its {config.index} index")
+        index = FaissIndex.from_checkpoint(config.index, config.dim, config.metric, header["index"], reader,
+                                           lambda read: progress(int(progress.total * read / max(1, size))))
+        return index, np.empty(0, dtype=np.int64)
 
-    def _load_columns(self, col: _Collection, header: dict, reader: CheckpointReader) -> None:
+    def _load_columns(self, col: _Collection, header: dict, reader: CheckpointReader, progress: _Progress) -> None:
         """Ids and metadata as the checkpoint holds them (arrays, no per-item parsing)."""
         live = np.asarray(reader.array("live"), dtype=np.int64)
         offsets = np.asarray(reader.array("id_offsets"), dtype=np.int64)
         blob = reader.array("ids").tobytes()
         if offsets.shape != (len(live) + 1,) or (len(offsets) and offsets[-1] != len(blob)):
             raise ValueError("the checkpoint's ids and labels differ in length")
-        bounds = offsets.tolist()
-        ids = [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])]
         col.ids = _Ids()
-        col.ids.add(live.tolist(), ids)
-        if len(col.ids) != len(live):
-            raise ValueError("the checkpoint repeats an id")
+        col.ids.defer()  # the id -> label dict is made once the collection serves (see _load_all)
+        col.ids.reserve(int(live[-1]) + 1 if len(live) else 0, exact=True)
+        for start in range(0, len(live), FILL_CHUNK):
+            bounds = offsets[start:start + FILL_CHUNK + 1].tolist()
+            col.ids.add(live[start:start + FILL_CHUNK].tolist(), [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])])
+            progress(min(start + FILL_CHUNK, len(live)), "reading its checkpoint's ids")
+        if len(live) and (live[1:] <= live[:-1]).any():
+            raise ValueError("the checkpoint's labels do not ascend")
         col.metadata = MetadataIndex.from_snapshot(header["metadata"], {k: reader.array(k) for k in
                                                                         (f"meta{i}" for i in range(
                                                                             len(header["metadata"]["keys"])))})
 
-    def _load_rows(self, col: _Collection) -> None:
-        """Ids and metadata from the items table (no checkpoint to load them from)."""
-        rows = self.db.scan(col.id)
+    def _load_rows(self, col: _Collection, progress: Optional[_Progress] = None) -> None:
+        """Ids and metadata from the items table (no checkpoint to load them from), a chunk at a time."""
         col.ids, col.metadata = _Ids(), MetadataIndex()
-        if not rows:
-            return
-        labels = [r[0] for r in rows]
-        col.ids.add(labels, [r[1] for r in rows])
-        metadata = json.loads("[" + ",".join(r[2] for r in rows) + "]")  # one parse, not one per row
-        del rows
-        col.metadata.add_many(labels, metadata)
+        done = 0
+        for rows in self.db.scan(col.id, FILL_CHUNK):
+            labels = [r[0] for r in rows]
+            col.ids.add(labels, [r[1] for r in rows])
+            metadata = json.loads("[" + ",".join(r[2] for r in rows) + "]")  # one parse, not one per row
+            col.metadata.add_many(labels, metadata)
+            done += len(rows)
+            if progress is not None:
+                progress(done, "reading the items table")
 
-    def _reload(self, col: _Collection) -> None:
+    def _reload(self, col: _Collection, progress: Optional[_Progress] = None) -> None:
         """In-memory state anew from the items table and the vector file; the log is covered up to its end."""
         last = self.db.last_lsn(col.id)
-        self._load_rows(col)
-        col.index = self._filled(col, col.ids.live_labels())
+        self._load_rows(col, progress)
+        col.index = self._filled(col, col.ids.live_labels(), progress)
         col.applied_lsn, col.checkpoint_lsn = last, -1  # -1: checkpoint soon
 
-    def _filled(self, col: _Collection, labels: np.ndarray) -> Index:
+    def _filled(self, col: _Collection, labels: np.ndarray, progress: Optional[_Progress] = None) -> Index:
         """A new index of these labels' vectors, added a chunk at a time (bounded extra memory)."""
         index = self._new_index(col)
         if isinstance(index, FileFlatIndex):
             index.add(labels, None)
             return index
-        progress = _Progress(f"building the {col.config.index} index of collection {col.config.name}", len(labels))
+        step = f"building its {col.config.index} index"
+        if progress is None:
+            progress = _Progress(f"collection {col.config.name}", len(labels), self.progress_seconds)
+        assert col.vectors is not None  # opened before any index is built
         for start in range(0, len(labels), FILL_CHUNK):
             chunk = labels[start:start + FILL_CHUNK]
             index.add(chunk, col.vectors.vectors(chunk))
-            progress(start + len(chunk))
+            progress(start + len(chunk), step)
         return index
 
-    def _replay(self, col: _Collection) -> None:
+    def _replay(self, col: _Collection, progress: _Progress) -> None:
         changes = self.db.changes_after(col.id, col.applied_lsn)
         if not changes:
             return
@@ -394,31 +595,33 @@ class LocalStore:
         added_set = set(added)
         # Labels added after the checkpoint were never in the index: nothing to remove for them.
         gone = np.array(sorted(removed - added_set), dtype=np.int64)
+        assert col.index is not None and col.vectors is not None  # loaded from the checkpoint: replayed on
         col.index.remove(gone)
         col.metadata.remove_many(gone)
-        col.ids.remove([col.ids.id_of(int(label)) for label in gone.tolist() if col.ids.id_of(int(label)) is not None])
+        col.ids.remove_labels(gone)
         live = sorted(a for a in added if a not in removed)
         rows = self.db.items_by_label(col.id, live)
         labels = [label for label in live if label in rows]
         if labels:
-            progress = _Progress(f"replaying the log of collection {col.config.name}", len(labels))
+            progress(progress.done, f"replaying {len(labels)} additions from its log")
             col.ids.add(labels, [rows[label][0] for label in labels])
             col.metadata.add_many(labels, [json.loads(rows[label][1]) for label in labels])
             array = np.array(labels, dtype=np.int64)
             for start in range(0, len(array), FILL_CHUNK):
                 chunk = array[start:start + FILL_CHUNK]
                 col.index.add(chunk, None if isinstance(col.index, FileFlatIndex) else col.vectors.vectors(chunk))
-                progress(start + len(chunk))
+                progress(min(progress.total, progress.done + len(chunk)))
         col.applied_lsn = self.db.last_lsn(col.id)
 
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Writes the index of one collection (or all) atomically, then trims the log it covers."""
-        for col in [self._get(name)] if name else list(self._collections.values()):
+        for col in [self._ready(name)] if name else list(self._collections.values()):
             self._checkpoint_one(col)
 
     def _checkpoint_parts(self, col: _Collection) -> tuple[dict, dict]:
         """(header, members) of the collection now (read lock held): copies of the small arrays; the FAISS
         index of a non-flat collection itself, streamed by the caller while it still holds the lock."""
+        assert col.index is not None  # the caller checked
         labels = col.ids.live_labels()
         ids = col.ids.by_label[labels]
         meta_header, arrays = col.metadata.snapshot(int(labels[-1]) + 1 if len(labels) else 0)
@@ -437,7 +640,7 @@ class LocalStore:
     def _checkpoint_one(self, col: _Collection) -> None:
         path = self._checkpoint_path(col.id)
         with col.checkpoint_lock:
-            if col.dropped or col.unavailable or col.index is None:
+            if col.dropped or col.unavailable or col.loading or col.index is None:
                 return
             with col.lock.read():
                 if col.applied_lsn == col.checkpoint_lsn and path.exists():
@@ -463,6 +666,7 @@ class LocalStore:
             if col.dropped or col.unavailable or not self._compaction_due(col):
                 return
             vectors = col.vectors
+            assert vectors is not None  # _compaction_due
             dead = vectors.used - len(col.ids)
             _, next_label = self.db.layout(col.id)
             live = col.ids.live_labels()
@@ -491,6 +695,7 @@ class LocalStore:
         try:
             fresh = VectorFile(self.folder, col.id, col.config.dim, layout, next_label)
         except BaseException:
+            assert col.vectors is not None  # the generation being switched from
             col.vectors.remove_generation(layout.generation)
             raise
         try:
@@ -501,6 +706,7 @@ class LocalStore:
                             "it: serving from it", col.config.name, layout.generation)
                 return fresh
             fresh.close(trim=False)
+            assert col.vectors is not None  # the generation being switched from
             col.vectors.remove_generation(layout.generation)
             raise
         return fresh
@@ -510,6 +716,9 @@ class LocalStore:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
+        if self._loader is not None:  # a background load stops at its next progress step
+            self._loader.join()
         self._checkpointer.stop()
         if checkpoint:
             for col in list(self._collections.values()):
@@ -531,6 +740,12 @@ class LocalStore:
             return self._collections[name]
         except KeyError:
             raise CollectionNotFound(f"collection {quoted(name)} does not exist; ListCollections shows those that do") from None
+
+    def _ready(self, name: str) -> _Collection:
+        """The collection, refused (CollectionLoading) while its start-up load runs, before any lock is taken."""
+        col = self._get(name)
+        col.check_loaded()
+        return col
 
     def create_collection(self, config: CollectionConfig) -> CollectionInfo:
         validate_index_kind(config.index, config.dim, config.metric)
@@ -565,7 +780,7 @@ class LocalStore:
 
     def drop_collection(self, name: str) -> int:
         with self._registry_lock:
-            col = self._get(name)
+            col = self._ready(name)
             with col.checkpoint_lock, col.lock.write():
                 removed = self.db.drop_collection(col.id)
                 col.dropped = True
@@ -581,7 +796,7 @@ class LocalStore:
     def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
                           uid: Optional[str] = None) -> int:
         """Stores a fitted pooling state (e.g. NetVLAD codebook); vectors of an older state must not mix."""
-        col = self._get(name)
+        col = self._ready(name)
         with col.lock.write():
             col.check_usable()
             check_incarnation(name, col.uid, uid)
@@ -593,9 +808,10 @@ class LocalStore:
 
     def index_size_bytes(self, name: str) -> int:
         """What the collection's index costs in memory: its vectors' rows (flat) or its serialised FAISS index."""
-        col = self._get(name)
+        col = self._ready(name)
         with col.lock.read():
             col.check_usable()
+            assert col.index is not None  # usable
             if isinstance(col.index, FileFlatIndex):
                 return len(col.index) * col.config.dim * 4
             return col.index.size_bytes()
@@ -615,7 +831,7 @@ class LocalStore:
         `thumbnails` {id: (media type, bytes)}: small images for display, stored with the items.
         """
         self._use_faiss_threads()
-        col = self._get(name)
+        col = self._ready(name)
         check_incarnation(name, col.uid, uid)
         if not items:
             return UpsertResult(0, 0, len(col.ids))
@@ -630,9 +846,11 @@ class LocalStore:
                                         f"use upsert to replace them")
             wanted = set(ids)
             kept = {i: t for i, t in (thumbnails or {}).items() if i in wanted}
-            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: col.vectors.append(start, vectors),
+            vector_file = col.vectors
+            assert vector_file is not None  # usable
+            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: vector_file.append(start, vectors),
                                          pooling_version, kept)
-            col.vectors.committed(int(labels[-1]) + 1)
+            vector_file.committed(int(labels[-1]) + 1)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
             count = len(col.ids)
         self._maybe_checkpoint(col)
@@ -641,6 +859,7 @@ class LocalStore:
     def _apply_upsert(self, col: _Collection, ids, labels, old, vectors, metadata) -> None:
         replaced = np.array(col.ids.remove(list(old)), dtype=np.int64)
         col.metadata.remove_many(replaced)
+        assert col.index is not None  # usable (the caller checked)
         col.index.remove(replaced)
         col.ids.add(labels.tolist(), ids)
         col.metadata.add_many(labels.tolist(), metadata)
@@ -655,19 +874,19 @@ class LocalStore:
             change()
             col.applied_lsn = self.db.last_lsn(col.id)
             self._maintain(col)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("collection %s: applying a committed write to the index failed; rebuilding it",
                           col.config.name)
             try:
                 self._reload(col)
-            except Exception as again:  # noqa: BLE001
+            except Exception as again:  # noqa: BLE001 - reported: the collection is marked unavailable
                 col.unavailable = f"its index failed ({type(exc).__name__}: {exc}) and could not be rebuilt ({again})"
                 log.error("collection %s is unavailable: %s", col.config.name, col.unavailable)
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         """Removes ids; missing ones are reported (strict: refused, nothing removed)."""
         self._use_faiss_threads()
-        col = self._get(name)
+        col = self._ready(name)
         ids = list(dict.fromkeys(validate_id(i) for i in ids))
         with col.lock.write():
             col.check_usable()
@@ -679,6 +898,7 @@ class LocalStore:
             def change() -> None:
                 labels = np.array(col.ids.remove(list(old)), dtype=np.int64)
                 col.metadata.remove_many(labels)
+                assert col.index is not None  # usable (checked above)
                 col.index.remove(labels)
 
             self._apply(col, change)
@@ -687,6 +907,7 @@ class LocalStore:
 
     def _maintain(self, col: _Collection) -> None:
         """Rebuilds a tombstoning index from the truth once tombstones pile up (write lock held)."""
+        assert col.index is not None  # a write was applied to it
         if col.index.needs_rebuild(len(col.ids)):
             log.info("rebuilding index of %s (%d live, %d tombstones, trained at %d)", col.config.name,
                      len(col.ids), len(col.index.tombstones), col.index.trained_at)
@@ -705,13 +926,13 @@ class LocalStore:
         return col.vectors.vectors(np.array(labels, dtype=np.int64))
 
     def get(self, name: str, ids: Iterable[str], include_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
-        col = self._get(name)
+        col = self._ready(name)
         ids = [validate_id(i) for i in ids]
         with col.lock.read():
             rows = self.db.items(col.id, ids)
             found_ids = [i for i in ids if i in rows]
             vectors = self._vectors_of(col, [rows[i][0] for i in found_ids]) if include_vectors else None
-        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if include_vectors else None)
+        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if vectors is not None else None)
                  for k, i in enumerate(found_ids)]
         return found, [i for i in ids if i not in rows]
 
@@ -719,11 +940,12 @@ class LocalStore:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
             raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
+        assert items[0].vector is not None  # include_vectors
         return items[0].vector
 
     def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
         """(media type, bytes) of an item's stored thumbnail."""
-        col = self._get(name)
+        col = self._ready(name)
         found = self.db.thumbnail(col.id, validate_id(item_id))
         if found is None:
             where = "has no thumbnail" if item_id in col.ids.label_of else "is not in the collection"
@@ -734,7 +956,7 @@ class LocalStore:
 
     def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
         """The keys no live item holds, in the order given."""
-        col = self._get(name)
+        col = self._ready(name)
         with col.lock.read():
             return [key for key in keys if not col.metadata.holds_key(key)]
 
@@ -742,7 +964,7 @@ class LocalStore:
                exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         self._use_faiss_threads()
-        col = self._get(name)
+        col = self._ready(name)
         queries = prepare_queries(col.config, queries, options, self.max_top_k)
         top_k, flt = options.top_k, options.filter
         include_metadata, include_vectors = options.include_metadata, options.include_vectors
@@ -750,6 +972,7 @@ class LocalStore:
         with col.lock.read():
             col.check_usable()
             allowed = col.selection(flt) if flt is not None and flt.must else None
+            assert col.index is not None  # usable
             scores, labels = col.index.search(queries, k, allowed, options.nprobe, options.ef_search)
             results = []
             for q, (row_scores, row_labels) in enumerate(zip(scores, labels)):

@@ -90,6 +90,7 @@ class DataDirLock:
                 os.close(fd)
             raise FailedPrecondition(f"{path} is a {kind}, not a regular file: embedsvc keeps its lock file there. "
                                      f"Move that {kind} out of data directory {self.folder} and start again")
+        assert fd is not None  # a regular file at `path` with no descriptor raised above
         return fd
 
     def _in_use(self, holder: str) -> DataDirLocked:

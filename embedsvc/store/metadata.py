@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from embedsvc.errors import InvalidInput, quoted
 
-Value = Union[str, float, int, bool]
+Value = str | float | int | bool
 MAX_KEY_BYTES = 128
 MAX_STRING_BYTES = 4096
 MAX_KEYS = 64
@@ -52,7 +52,7 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") ->
             raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is not valid UTF-8 (lone surrogate)")
         if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
             raise InvalidInput(f"{prefix}metadata key {quoted(key)} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
-        if isinstance(value, bool) or isinstance(value, str):
+        if isinstance(value, (bool, str)):
             if isinstance(value, str) and len(value.encode()) > MAX_STRING_BYTES:
                 raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is over {MAX_STRING_BYTES} bytes")
         elif isinstance(value, (int, float)):
@@ -301,7 +301,10 @@ def refuse_mistyped(condition: Condition, stored: set[str]) -> None:
     if not stored or wanted & stored:
         return
     asked = [condition.equals] if condition.equals is not None else list(condition.any_of or [0.0])
-    names = lambda kinds: " or ".join(sorted(_KIND_NAMES[k] for k in kinds))  # noqa: E731
+
+    def names(kinds) -> str:
+        return " or ".join(sorted(_KIND_NAMES[k] for k in kinds))
+
     shown = [_shown(v) for v in asked]
     asks = "a range" if condition.is_range else ", ".join(map(repr, shown))
     hint = ""

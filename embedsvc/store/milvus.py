@@ -33,7 +33,9 @@ Layout in the Milvus database:
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -42,7 +44,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -206,7 +208,7 @@ class MilvusStore:
         try:
             self.client.create_collection(CATALOGUE, schema=schema, index_params=index,
                                           consistency_level=CONSISTENCY)
-        except Exception:  # noqa: BLE001 - another replica created it first
+        except Exception:  # another replica created it first
             if not self.client.has_collection(CATALOGUE):
                 raise
 
@@ -241,7 +243,7 @@ class MilvusStore:
                 if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
-        kwargs = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
+        kwargs: dict[str, Any] = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
         if expr.params:
             kwargs["filter_params"] = expr.params
         return self._run(collection, name or collection, lambda: self.client.query(collection, **kwargs))
@@ -254,7 +256,7 @@ class MilvusStore:
                 return call()
             except NotFound:
                 raise
-            except Exception as exc:  # noqa: BLE001 - pymilvus reports both as MilvusException with a message
+            except Exception as exc:  # pymilvus reports both as MilvusException with a message
                 text = str(exc).lower()
                 if attempt == 0 and ("released" in text or "not loaded" in text or "load()" in text):
                     self.client.load_collection(physical)
@@ -299,7 +301,7 @@ class MilvusStore:
     def _drop_physical(self, physical: str) -> None:
         try:
             self.client.drop_collection(physical)
-        except Exception:  # noqa: BLE001 - a Milvus that refuses to drop a missing collection: gone is gone
+        except Exception:  # a Milvus that refuses to drop a missing collection: gone is gone
             if self.client.has_collection(physical):
                 raise
 
@@ -316,7 +318,7 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def _existing(self, record: _Record, ids: list[str]) -> set[str]:
-        found = set()
+        found: set[str] = set()
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
             flt = expr.ids(ids[start:start + ID_BATCH])
@@ -549,7 +551,8 @@ class MilvusStore:
         rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": filterable(m)}
                 for i, v, m in zip(ids, vectors, metadata)]
         for start in range(0, len(rows), WRITE_BATCH):
-            self._run(record.physical, name, lambda: self.client.upsert(record.physical, rows[start:start + WRITE_BATCH]))
+            self._run(record.physical, name, functools.partial(self.client.upsert, record.physical,
+                                                               rows[start:start + WRITE_BATCH]))
         if pooling_version is not None:  # a re-fit that committed while we wrote: take the batch back
             try:
                 self._check_version(name, self._record(name), pooling_version)
@@ -567,10 +570,11 @@ class MilvusStore:
     def _delete_ids(self, record: _Record, ids: list[str]) -> None:
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
-            kwargs = {"filter": expr.ids(ids[start:start + ID_BATCH])}
+            kwargs: dict[str, Any] = {"filter": expr.ids(ids[start:start + ID_BATCH])}
             if expr.params:
                 kwargs["filter_params"] = expr.params
-            self._run(record.physical, record.config.name, lambda: self.client.delete(record.physical, **kwargs))
+            self._run(record.physical, record.config.name, functools.partial(self.client.delete, record.physical,
+                                                                             **kwargs))
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         record = self._record(name)
@@ -588,7 +592,7 @@ class MilvusStore:
         record = self._record(name)
         ids = [validate_id(i) for i in ids]
         fields = ["id", "metadata"] + (["vector"] if include_vectors else [])
-        rows = {}
+        rows: dict[str, Any] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), ID_BATCH):
             expr = self._expr()
@@ -608,6 +612,7 @@ class MilvusStore:
         items, missing = self.get(name, [item_id], include_vectors=True)
         if missing:
             raise ItemsNotFound(f"item {quoted(item_id)} is not in collection {quoted(name)}")
+        assert items[0].vector is not None  # include_vectors
         return items[0].vector
 
     # -- search ---------------------------------------------------------------------------------
@@ -654,6 +659,10 @@ class MilvusStore:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+        """Milvus holds the collections: nothing loads in this process."""
+        return True
+
     def checkpoint(self, name: Optional[str] = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
@@ -662,13 +671,11 @@ class MilvusStore:
             self._run(record.physical, name, lambda: self.client.flush(record.physical))
             return
         expr = self._expr()
-        for _, record in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
-            if record is None:
+        for _, entry in _resolve(self._rows(f"kind in {expr.value([INCARNATION, POOLING])}", expr)).values():
+            if entry is None:
                 continue
-            try:
-                self._run(record.physical, record.config.name, lambda: self.client.flush(record.physical))
-            except CollectionNotFound:
-                pass  # dropped since the catalogue was read: nothing of it to seal
+            with contextlib.suppress(CollectionNotFound):  # dropped since the catalogue was read: nothing to seal
+                self._run(entry.physical, entry.config.name, functools.partial(self.client.flush, entry.physical))
 
     def sweep(self) -> None:
         """Finishes what replicas that died left: claims and drops CLAIM_TTL_S old (their collection, then

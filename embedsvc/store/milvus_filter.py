@@ -84,7 +84,8 @@ class Expression:
         if flt is None or not flt.must:
             return ""
         parts = [self.condition(c) for c in flt.must]
-        return None if any(p is None for p in parts) else " and ".join(parts)
+        kept = [p for p in parts if p is not None]
+        return " and ".join(kept) if len(kept) == len(parts) else None
 
     def ids(self, ids: Sequence[str]) -> str:
         return f"id in {self.value(list(ids))}"

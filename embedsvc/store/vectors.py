@@ -16,6 +16,7 @@ a compaction writes a new generation next to the old one and switches to it in o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import os
@@ -50,7 +51,10 @@ class VectorFile:
     """Rows of one collection's vectors; appends are durable when `append` returns."""
 
     def __init__(self, folder: Path, collection_id: int, dim: int, layout: Layout, next_label: int,
-                 create: bool = False):
+                 create: bool = False, populate: bool = False):
+        """`populate`: read the rows in and map them now (a start-up's loader thread), so that the first search
+        does not fault in every page of the file itself; rows past the committed ones (a crash's leftovers, or
+        capacity never written) are cut off first, as `close` does, so that none of them is read in."""
         self.folder, self.collection_id, self.dim = folder, collection_id, dim
         self.layout = layout
         self.row_bytes = dim * 4
@@ -83,8 +87,12 @@ class VectorFile:
             os.close(self.fd)
             raise VectorFileError(f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database "
                                   f"committed {self.used}")
+        if populate and size > self.used * self.row_bytes:
+            os.ftruncate(self.fd, self.used * self.row_bytes)
+            size = self.used * self.row_bytes
         self.capacity = size // self.row_bytes
-        self._mmap, self.matrix = self._map(self.capacity)
+        self.matrix: Optional[np.ndarray]  # None once closed
+        self._mmap, self.matrix = self._map(self.capacity, populate)
 
     @staticmethod
     def file_path(folder: Path, collection_id: int, generation: int) -> Path:
@@ -97,11 +105,12 @@ class VectorFile:
     def slot_count(self, next_label: int) -> int:
         return self.layout.base_count + max(0, next_label - self.layout.base_label)
 
-    def _map(self, capacity: int) -> tuple[Optional[mmap.mmap], np.ndarray]:
+    def _map(self, capacity: int, populate: bool = False) -> tuple[Optional[mmap.mmap], np.ndarray]:
         """Maps `capacity` rows; `matrix[:used]` are the committed rows, read in place."""
         if not capacity:
             return None, np.empty((0, self.dim), dtype=np.float32)
-        mapped = mmap.mmap(self.fd, capacity * self.row_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mapped = mmap.mmap(self.fd, capacity * self.row_bytes, flags, mmap.PROT_READ)
         return mapped, np.frombuffer(mapped, dtype=np.float32).reshape(capacity, self.dim)
 
     # -- labels <-> slots ---------------------------------------------------------------------
@@ -144,7 +153,7 @@ class VectorFile:
         end = slot + len(vectors)
         if end > self.capacity:
             self._grow(end)
-        data = memoryview(vectors).cast("B")
+        data = vectors.data.cast("B")
         offset = slot * self.row_bytes
         while data:
             written = os.pwrite(self.fd, data, offset)
@@ -170,16 +179,15 @@ class VectorFile:
         if len(slots) and slots.min() < 0:
             missing = np.asarray(labels)[slots < 0][:3].tolist()
             raise VectorFileError(f"labels {missing} have no row in {self.path.name}")
+        assert self.matrix is not None, f"{self.path.name} is closed"
         return self.matrix[slots]
 
     def close(self, trim: bool = True) -> None:
         """Releases the map; `trim` drops the unwritten capacity past the committed rows."""
         self.matrix = None
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a search result still views it: the map goes with that view
                 self._mmap.close()
-            except BufferError:  # a search result still views it: the map goes with that view
-                pass
             self._mmap = None
         if trim and self.fd >= 0:
             os.ftruncate(self.fd, self.used * self.row_bytes)
@@ -199,7 +207,7 @@ class VectorFile:
         try:
             with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
                 for start in range(0, len(live_labels), chunk_rows):
-                    f.write(memoryview(self.vectors(live_labels[start:start + chunk_rows])).cast("B"))
+                    f.write(self.vectors(live_labels[start:start + chunk_rows]).data.cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
             return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)

@@ -59,6 +59,7 @@ class PairData:
             picks.append(pick)
         if self.negatives is None:
             return Batch(self.pixels[index], torch.stack(rows))
+        assert self.truth_ids is not None and self.negative_ids is not None  # set with negatives
         negatives = torch.stack([self.negatives[i][pick] for i, pick in zip(index, picks)])
         mask = negative_mask([self.truth_ids[i] for i in index],
                              [self.negative_ids[i][pick] for i, pick in zip(index, picks)])
@@ -77,8 +78,9 @@ class Batch:
     negative_mask: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device) for t in
-                       (self.images, self.texts, self.negatives, self.negative_mask)))
+        return Batch(self.images.to(device), self.texts.to(device),
+                     None if self.negatives is None else self.negatives.to(device),
+                     None if self.negative_mask is None else self.negative_mask.to(device))
 
 
 def negative_mask(truths: list[set], negatives: list) -> np.ndarray:

@@ -178,6 +178,7 @@ def _build_from(config: TrainConfig, device: torch.device):
 
     if config.config_file:
         raise InvalidInput("--config and --init both name an architecture: give one (--init brings its own)")
+    assert config.init is not None  # _build comes here for --init
     spec = get_model_spec(config.init)
     loaded = load_model(spec, device=str(device), precision="fp32")
     model_cfg = json.loads(Path(spec.config_file).read_text()) if spec.config_file else \
@@ -190,7 +191,8 @@ def _build_from(config: TrainConfig, device: torch.device):
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -259,9 +261,10 @@ def train(config: TrainConfig) -> TrainResult:
                                  augment=config.augment, negatives=bool(config.hard_negatives))
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
         data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
-                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: {config.eval_size} scenes "
-                     f"of split 'test'")
+                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: "
+                     f"{config.eval_size} scenes of split 'test'")
     elif config.eval_data:
+        assert train_rows is not None and eval_rows is not None  # read above (nothing usable: refused there)
         train_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         eval_data = manifest_pairs(eval_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(eval_data))
@@ -271,6 +274,7 @@ def train(config: TrainConfig) -> TrainResult:
         data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
                      f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
     else:
+        assert train_rows is not None  # read above
         all_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(all_data) // 5)
         order = np.random.default_rng(config.seed).permutation(len(all_data))
@@ -422,6 +426,10 @@ def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metri
     rows = "\n".join(_card_row(task, metrics.get(task), unmeasured.get(task, "no query to measure"))
                      for task in TASKS if task in metrics or task in unmeasured)
     card = out / "model_card.md"
+    steps = (f"{config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, "
+             f"seed {config.seed}")
+    machine = (f"{device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training "
+               f"{train_seconds / 60:.1f} min")
     card.write_text(f"""# {name}
 
 Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosine schedule).
@@ -429,8 +437,8 @@ Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosin
 - Data: {data_desc}
 - Image pooling trained: {config.image_pool}; {_objective(config)}
 - Initialised from: {_init_source(config)}
-- Steps: {config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, seed {config.seed}
-- Device: {device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training {train_seconds / 60:.1f} min
+- Steps: {steps}
+- Device: {machine}
 - Checkpoint: {checkpoint.name} ({checkpoint.stat().st_size / 1e6:.1f} MB, {config.save_dtype})
 
 ## Held-out retrieval (native `cls` embedding; chance level of a random ranking in brackets)
