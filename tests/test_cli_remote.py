@@ -90,3 +90,10 @@ def test_remote_commands_read_the_address_and_token_from_the_environment(server,
     assert "UNAUTHENTICATED" in one_line_error(without_token)
     elsewhere = cli("collections", "list", "--address", "127.0.0.1:1", "--timeout", "2", env=env)
     assert "UNAVAILABLE" in one_line_error(elsewhere)  # the flag wins over the environment
+
+
+def test_search_with_an_empty_id_is_one_line_and_exit_2():
+    """`search COLL --id ""` built no query and ended in an AssertionError traceback."""
+    line = one_line_error(cli("search", "scenes", "--id", "", "--address", "127.0.0.1:1"))
+    assert "--id is empty" in line
+
