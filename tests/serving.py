@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
@@ -78,10 +79,10 @@ def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerT
 
 
 @contextmanager
-def tiny_server(spec, data_dir, **overrides) -> Iterator[ServerThread]:
+def tiny_server(spec, data_dir, demo: bool = False, **overrides) -> Iterator[ServerThread]:
     """A running server of `tiny_config(spec, data_dir, **overrides)`; the spec is unregistered afterwards."""
     try:
-        with running_server(tiny_config(spec, data_dir, **overrides)) as server:
+        with running_server(tiny_config(spec, data_dir, **overrides), demo) as server:
             yield server
     finally:
         MODEL_REGISTRY.pop(spec.name, None)
@@ -93,6 +94,15 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     register_model(spec, replace=True)
     settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), default_model=spec.name, preload_models=spec.name,
                     metrics_port=-1, demo_size=0, log_format="text",
+                    http_listen="")
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
+def bundled_config(data_dir, **overrides) -> ServerConfig:
+    """A local server on a free port serving the bundled default model (loaded at start unless
+    preload_models=""), no demo, no metrics, no HTTP unless http_listen="127.0.0.1:0"."""
+    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1, demo_size=0, log_format="text",
                     http_listen="")
     settings.update(overrides)
     return ServerConfig(**settings)
@@ -150,3 +160,12 @@ def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Even
         yield release
     finally:
         release.set()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.01) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout` seconds, naming `what` it waited for.
+    The timeout only bounds a hang: the verdict never depends on how fast the machine is."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(every)

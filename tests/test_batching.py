@@ -15,16 +15,15 @@ from embedsvc.pooling import PoolingSpec, bind_pooling
 from embedsvc.service.engine import ImageBytes, Text
 
 from conftest import png_bytes
-from serving import model_busy, tiny_server
+from serving import model_busy, wait_until
 
 DELAY_MS = 2000
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "spp:levels=1,2"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), max_batch_delay_ms=DELAY_MS, max_batch_size=16) as s:
-        yield s
+def server(serve):
+    return serve(max_batch_delay_ms=DELAY_MS, max_batch_size=16)
 
 
 def batch_stats(server, tower: str) -> tuple[float, float]:
@@ -36,11 +35,37 @@ def batch_stats(server, tower: str) -> tuple[float, float]:
     return count, total
 
 
+def queued(server, tower: str) -> int:
+    """Inputs waiting in a tower's batcher queue (not yet taken into a forward pass)."""
+    return getattr(server.server.engine.runtime(""), tower).queued_inputs
+
+
+def wait_queued(server, tower: str, inputs: int) -> None:
+    wait_until(lambda: queued(server, tower) == inputs, 60, f"{inputs} {tower} inputs queued")
+
+
+def wait_taken(server, text: int = 0, image: int = 0) -> None:
+    """Waits until a batch has taken the model (the towers' shared lock; model_busy holds the model thread, not
+    the lock) and `text` and `image` inputs wait in the queues behind it."""
+    model_free = server.server.engine.runtime("").text.model_free
+    wait_until(lambda: model_free.locked() and (queued(server, "text"), queued(server, "image")) == (text, image),
+               60, f"a batch taken, then {text} texts and {image} images queued")
+
+
+def wait_idle(server, tower: str) -> None:
+    """Waits out what is left of max_batch_delay since the tower's last forward: an idle tower runs a lone
+    request at once, one under load waits for company. Idleness is a span of time, so this waits on time."""
+    batcher = getattr(server.server.engine.runtime(""), tower)
+    left = batcher._last_end + batcher.max_delay_s - server.loop.time()
+    time.sleep(max(0.0, left) + 0.01)
+
+
 def test_a_lone_request_does_not_wait_out_the_delay(server):
     """The model is idle: a single Embed runs at once, far under max_batch_delay_ms (2 s)."""
     with Client(server.address, timeout=60) as client:
         client.embed(["warm up"])
-        time.sleep(DELAY_MS / 1000 * 1.1)  # the model has been idle longer than the delay
+        wait_idle(server, "text")  # the model has been idle longer than the delay
+        wait_idle(server, "image")
         for inputs in (["a red circle"], [png_bytes()]):
             started = time.perf_counter()
             client.embed(inputs)
@@ -66,7 +91,7 @@ def test_concurrent_requests_share_forward_passes(server):
 
     with model_busy(server):
         future = asyncio.run_coroutine_threadsafe(burst(), server.loop)
-        time.sleep(0.3)
+        wait_taken(server)  # the 12 texts arrive in one loop turn: the first batch takes them all
     future.result(60)
     count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
     assert total == 12 and count == 1, (count, total)
@@ -82,7 +107,7 @@ def test_batches_fill_to_max_batch_size_and_split_big_requests(server):
 
     with model_busy(server):
         future = asyncio.run_coroutine_threadsafe(burst(), server.loop)
-        time.sleep(0.3)
+        wait_taken(server, text=16)  # the first 16 of the long request are taken; 4 + 12 wait
     results = future.result(60)
     count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
     assert total == 32 and count == 2, (count, total)  # 16 + (4 + 12): two full batches of max_batch_size
@@ -102,7 +127,7 @@ def test_batched_results_equal_unbatched(server, tiny_spec):
 
     with model_busy(server):
         future = asyncio.run_coroutine_threadsafe(burst(), server.loop)
-        time.sleep(0.3)
+        wait_taken(server, image=6)  # the texts (no decoding) are taken first, the decoded images wait
     results = future.result(60)
     for x, (_, [embedding]) in zip(inputs, results):
         alone = embed(local, [x], [bind_pooling(p) for p in POOLINGS])
@@ -142,23 +167,33 @@ def test_embed_response_wire_bytes_equal_the_message_built_field_by_field():
 
 
 def test_one_tower_gathers_while_the_other_runs_its_forward(server):
-    """Texts arriving one by one while an image batch holds the model form one text batch after it."""
-    time.sleep(DELAY_MS / 1000 * 1.1)  # idle: a lone text would otherwise run at once, alone
+    """Texts arriving one by one while an image batch holds the model form one text batch after it.
+
+    The model thread is held until the image batch has taken the model (the towers' shared lock) and all six
+    texts, sent one at a time, are provably queued behind it; only then does the image forward run."""
+    wait_idle(server, "text")  # idle: a lone text would otherwise run at once, alone
     before = batch_stats(server, "text")
     engine = server.server.engine
+    runtime = engine.runtime("")
 
-    async def staggered():
-        image = asyncio.ensure_future(engine.embed("", [], [ImageBytes(png_bytes())]))
-        await asyncio.sleep(0.05)
-        texts = []
-        for i in range(6):
-            texts.append(asyncio.ensure_future(engine.embed("", [], [Text(f"late {i}")])))
-            await asyncio.sleep(0.05)
-        return await asyncio.gather(image, *texts)
+    def start(content) -> None:
+        async def submit():
+            return asyncio.ensure_future(engine.embed("", [], [content]))
 
+        calls.append(asyncio.run_coroutine_threadsafe(submit(), server.loop).result(10))
+
+    calls: list = []
     with model_busy(server):
-        future = asyncio.run_coroutine_threadsafe(staggered(), server.loop)
-        time.sleep(0.8)
-    future.result(60)
+        start(ImageBytes(png_bytes()))
+        wait_until(runtime.image.model_free.locked, 60, "the image batch to take the model")
+        assert queued(server, "image") == 0
+        for i in range(6):
+            start(Text(f"late {i}"))
+            wait_queued(server, "text", i + 1)  # the first text too waits: the image batch holds the model
+
+    async def finish():
+        return await asyncio.gather(*calls)
+
+    asyncio.run_coroutine_threadsafe(finish(), server.loop).result(60)
     count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
     assert (count, total) == (1, 6)
