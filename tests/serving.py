@@ -146,7 +146,14 @@ class BlockingAsyncClient:
 def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
     """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
     the returned event is set (or the block ends)."""
-    runtime = server.server.engine.runtime(model)
+    with executor_busy(server.server.engine.runtime(model).executor) as release:
+        yield release
+
+
+@contextmanager
+def executor_busy(executor) -> Iterator[threading.Event]:
+    """Holds one thread of a ThreadPoolExecutor of the server's (all of it, when it has one thread): jobs
+    queue behind it until the returned event is set (or the block ends)."""
     release = threading.Event()
     started = threading.Event()
 
@@ -154,12 +161,17 @@ def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Even
         started.set()
         release.wait(60)
 
-    runtime.executor.submit(hold)
+    executor.submit(hold)
     started.wait(10)
     try:
         yield release
     finally:
         release.set()
+
+
+def queued_jobs(executor) -> int:
+    """Jobs waiting in a ThreadPoolExecutor's queue (not yet picked up by a thread)."""
+    return executor._work_queue.qsize()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.01) -> None:

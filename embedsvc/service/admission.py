@@ -38,6 +38,7 @@ class Slots:
         self.max_active, self.max_waiting = max_active, max_waiting
         self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at the first call
         self._waiting = 0
+        self._active = 0
 
     async def acquire(self) -> None:
         """Waits for a slot; ResourceExhausted ("server busy") when max_waiting calls already wait."""
@@ -51,13 +52,20 @@ class Slots:
             await self._slots.acquire()
         finally:
             self._waiting -= 1
+        self._active += 1
 
     def release(self) -> None:
+        self._active -= 1
         self._slots.release()
 
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def active(self) -> int:
+        """Calls holding a slot now (for tests and logs)."""
+        return self._active
 
     @property
     def full(self) -> bool:
@@ -75,6 +83,7 @@ class Slots:
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, slots: Slots, message_timeout: float):
         self.slots, self.message_timeout = slots, message_timeout
+        self.awaiting_message = 0  # calls waiting for their next request message now (for tests and logs)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -120,14 +129,18 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def _next(self, request_iterator, context, method: str):
         """The next raw message, None at the end of the stream; a bounded wait."""
+        self.awaiting_message += 1
         try:
             return await asyncio.wait_for(request_iterator.__anext__(), self.message_timeout)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
-            await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"no request message within {self.message_timeout:g} s of the call (or of the "
-                               f"previous message); send the message with the headers")
+            pass
+        finally:
+            self.awaiting_message -= 1
+        await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"no request message within {self.message_timeout:g} s of the call (or of the "
+                           f"previous message); send the message with the headers")
 
     async def _parse(self, handler, raw: bytes, context, method: str):
         try:
