@@ -23,7 +23,7 @@ from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
 
 from conftest import png_bytes
 from serving import running_server, tiny_config, tiny_server
-from test_integrity_store_faults import problem_lines
+from test_store_faults import problem_lines
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
