@@ -92,8 +92,8 @@ def tiny_rn_spec(model_dir):
 
 
 @pytest.fixture(scope="module")
-def serve(request, tmp_path_factory):
-    """The suite's server factory: `serve(**overrides)` starts a real server on 127.0.0.1 (free ports) for the
+def make_server(request, tmp_path_factory):
+    """The suite's server factory: `make_server(**overrides)` starts a real server on 127.0.0.1 (free ports) for the
     module's tests and returns its serving.ServerThread; every one is stopped when the module's tests end.
 
     The tiny test model (tiny_spec) is its default model, no HTTP unless http_listen="127.0.0.1:0"
@@ -115,7 +115,7 @@ def serve(request, tmp_path_factory):
 
 @pytest.fixture
 def client(server):
-    """A gRPC client of the module's `server` fixture (one made by `serve`)."""
+    """A gRPC client of the module's `server` fixture (one made by `make_server`)."""
     from embedsvc.client import Client
 
     with Client(server.address, timeout=120) as c:

@@ -22,8 +22,8 @@ POOLINGS = ["cls", "avg", "max", "gem:p=3", "spp:levels=1,2"]
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve(max_batch_delay_ms=DELAY_MS, max_batch_size=16)
+def server(make_server):
+    return make_server(max_batch_delay_ms=DELAY_MS, max_batch_size=16)
 
 
 def batch_stats(server, tower: str) -> tuple[float, float]:

@@ -31,10 +31,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(serve):
+def server(make_server):
     """A server whose API needs a token: what the CLI reaches must come with $EMBEDSVC_TOKEN."""
     tokens = json.dumps({"tokens": [{"name": "cli", "token": TOKEN, "scopes": ["read", "write"]}]})
-    return serve(auth_tokens=tokens)
+    return make_server(auth_tokens=tokens)
 
 
 def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path):

@@ -82,8 +82,8 @@ CALLS = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    s = serve(bundled=True, log_level="WARNING", max_message_bytes=4_000_000)
+def server(make_server):
+    s = make_server(bundled=True, log_level="WARNING", max_message_bytes=4_000_000)
     with Client(s.address) as client:
         client.create_collection("fz")
         client.create_collection("raw", dim=3)

@@ -36,9 +36,9 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    srv = serve(http_listen="127.0.0.1:0", store_thumbnails=True, http_max_body_bytes=LIMIT, max_items_per_request=8,
-                max_image_bytes=20_000)
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", store_thumbnails=True, http_max_body_bytes=LIMIT,
+                      max_items_per_request=8, max_image_bytes=20_000)
     with httpx.Client(base_url=srv.http_url, timeout=60) as http:
         assert http.post("/v1/collections", json={"config": {"name": "pics"}}).status_code == 200
         assert http.post("/v1/collections", json={"config": {"name": "vec", "dim": 3}}).status_code == 200

@@ -87,8 +87,8 @@ HTTP = {  # rpc -> (method, path); the path's {name} comes from the request
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    srv = serve(http_listen="127.0.0.1:0", max_items_per_request=32, store_thumbnails=True)
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", max_items_per_request=32, store_thumbnails=True)
     engine = srv.server.engine
     from embedsvc.pooling import PoolingSpec
     from embedsvc.service import calls

@@ -249,8 +249,8 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path):
 # -- 3, 4, 5, 6: through a real server --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve()
+def server(make_server):
+    return make_server()
 
 
 def test_recreated_name_uses_its_new_pooling(client):

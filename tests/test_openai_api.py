@@ -36,9 +36,9 @@ TEXTS = ["a red square", "two blue circles on a green field"]
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    srv = serve(http_listen="127.0.0.1:0", http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2,
-                max_items_per_request=8)
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2,
+                      max_items_per_request=8)
     with Client(srv.address) as grpc_client:
         sdk = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
         yield srv, sdk, grpc_client

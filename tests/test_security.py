@@ -39,13 +39,13 @@ CALLS = {
 
 
 @pytest.fixture(scope="module")
-def server(serve, tmp_path_factory):
+def server(make_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("auth")
     tokens = folder / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"name": "reader", "token": READ, "scopes": ["read"]},
                                              {"name": "writer", "token": WRITE, "scopes": ["write"]}]}))
-    s = serve(bundled=True, data_dir=folder / "d", auth_tokens_file=str(tokens),
-              auth_tokens=json.dumps({"tokens": [{"name": "admin", "token": BOTH, "scopes": ["read", "write"]}]}))
+    s = make_server(bundled=True, data_dir=folder / "d", auth_tokens_file=str(tokens),
+                    auth_tokens=json.dumps({"tokens": [{"name": "admin", "token": BOTH, "scopes": ["read", "write"]}]}))
     with Client(s.address, token=BOTH) as admin:
         admin.create_collection("v", dim=3)
         admin.upsert("v", [Item("a", vector=[1, 0, 0])])

@@ -26,8 +26,8 @@ def client_kind(request):
 
 
 @pytest.fixture(scope="module")
-def server(serve, client_kind):  # one per client: the tests name their collections
-    return serve(metrics_port=0)
+def server(make_server, client_kind):  # one per client: the tests name their collections
+    return make_server(metrics_port=0)
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ def png(image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve(bundled=True)
+def server(make_server):
+    return make_server(bundled=True)
 
 
 def test_text_to_image_over_grpc_per_pooling(server):

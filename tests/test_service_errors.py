@@ -19,8 +19,8 @@ C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    s = serve(max_message_bytes=1_000_000, max_queue=8, max_items_per_request=50, max_top_k=100)
+def server(make_server):
+    s = make_server(max_message_bytes=1_000_000, max_queue=8, max_items_per_request=50, max_top_k=100)
     with Client(s.address) as c:
         c.create_collection("c", pooling="cls")
         c.create_collection("grid", pooling="spp:combine=concat")

@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(serve, tmp_path_factory):
+def server(make_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("statuses")
     tokens = folder / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"name": "ops", "token": TOKEN, "scopes": ["read", "write"]},
                                              {"name": "other", "token": "o" * 24, "scopes": ["read"]}]}))
-    s = serve(data_dir=folder / "d", auth_tokens_file=str(tokens))
+    s = make_server(data_dir=folder / "d", auth_tokens_file=str(tokens))
     with Client(s.address, token=TOKEN) as c:
         c.create_collection("v", dim=3)
         c.upsert("v", [Item(f"i{k}", vector=[1, k, 0], metadata={"k": k}) for k in range(15)])

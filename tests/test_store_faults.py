@@ -33,8 +33,8 @@ def code_of(call) -> grpc.StatusCode:
 
 
 @pytest.fixture(scope="module")
-def server(serve):
-    return serve(checkpoint_every=3)
+def server(make_server):
+    return make_server(checkpoint_every=3)
 
 
 def healthy(server) -> bool:
