@@ -55,6 +55,10 @@ class ServerThread:
         return self
 
     @property
+    def engine(self):
+        return self.server.engine
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
@@ -67,6 +71,54 @@ class ServerThread:
             self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class EngineThread:
+    """The engine alone (its store, models, batchers, metrics) on an event loop thread of its own, no gRPC or
+    HTTP: the harness for engine and store logic that needs no transport. Opened as create_server opens it."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = with_test_backend(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.engine = None
+
+    def call(self, coro, timeout: float = 300):
+        """Runs an engine coroutine on the engine's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "EngineThread":
+        from embedsvc.service.engine import Engine
+        from embedsvc.service.metrics import Metrics
+        from embedsvc.store import open_store
+
+        self.thread.start()
+        config = self.config
+        store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
+                           milvus_token=config.milvus_token, milvus_db=config.milvus_db,
+                           checkpoint_every=config.checkpoint_every, max_top_k=config.max_top_k)
+        self.engine = Engine(config, store, Metrics())
+        for name in config.preload:
+            self.engine.runtime(name)
+        return self
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.call(self.engine.close())
+            self.engine.store.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def tiny_engine(spec, data_dir, **overrides) -> Iterator[EngineThread]:
+    """A running EngineThread of `tiny_config(spec, data_dir, **overrides)`; the spec is unregistered after."""
+    engine = EngineThread(tiny_config(spec, data_dir, **overrides))
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+        MODEL_REGISTRY.pop(spec.name, None)
 
 
 @contextmanager
@@ -143,10 +195,10 @@ class BlockingAsyncClient:
 
 
 @contextmanager
-def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
+def model_busy(server: "ServerThread | EngineThread", model: str = "") -> Iterator[threading.Event]:
     """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
     the returned event is set (or the block ends)."""
-    with executor_busy(server.server.engine.runtime(model).executor) as release:
+    with executor_busy(server.engine.runtime(model).executor) as release:
         yield release
 
 
