@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from embedsvc.datasets import write_scenes
-from serving import tiny_config, running_server
 
 from conftest import png_bytes
 
@@ -32,12 +31,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(make_server):
     """A server whose API needs a token: what the CLI reaches must come with $EMBEDSVC_TOKEN."""
     tokens = json.dumps({"tokens": [{"name": "cli", "token": TOKEN, "scopes": ["read", "write"]}]})
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("cli-remote"), auth_tokens=tokens)
-    with running_server(config) as srv:
-        yield srv
+    return make_server(auth_tokens=tokens)
 
 
 def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path):

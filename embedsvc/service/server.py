@@ -40,9 +40,11 @@ class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
     def __init__(self, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
-                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None):
+                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None,
+                 admission: Optional[AdmissionInterceptor] = None):
         self.grpc_server, self.engine, self.store = grpc_server, engine, store
         self.health = health_servicer
+        self.admission = admission  # its counters (calls awaiting a message, slots held) show the server's load
         self.http = http  # embedsvc.service.http.HttpServer, or None when http_listen is empty
         self.http_port = http.port if http else None
         self.metrics_http = metrics_http
@@ -179,7 +181,7 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
             await engine.close()
             store.close()
             raise
-    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http, http), port
+    return EmbedsvcServer(server, engine, store, health_servicer, metrics_http, http, admission), port
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:
