@@ -67,7 +67,7 @@ async def serve_front_ends(dim: int, frontends: int, model: str, models_file: st
     from embedsvc.store import open_store
 
     config = ServerConfig(listen="127.0.0.1:0", frontends=frontends, log_level="WARNING", models_file=models_file,
-                          **({"default_model": model} if model else {})).validate()
+                          default_model=model or ServerConfig.default_model).validate()
     folder = tempfile.mkdtemp(prefix="embedsvc-floor-")
     engine = Engine(config.engine_config(), open_store("local", data_dir=folder + "/data"))
     runtime = engine.runtime(config.default_model)

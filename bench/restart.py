@@ -72,8 +72,11 @@ def restart(src: Path, data: Path, log_path: Path, search: bool = True) -> dict:
     ports: dict = {}
     listening = threading.Event()
 
+    stderr = proc.stderr
+    assert stderr is not None  # piped
+
     def read() -> None:
-        for line in proc.stderr:
+        for line in stderr:
             log.write(line)
             for key, pattern in (("listening_s", r"listening on \S+?:(\d+)"), ("serving_s", r"serving on \S+?:(\d+)")):
                 port = _port(line, pattern)

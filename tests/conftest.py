@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -88,6 +89,37 @@ def tiny_spec(model_dir):
 def tiny_rn_spec(model_dir):
     """A small ModifiedResNet CLIP (64 px, 2x2 grid) from a local .safetensors checkpoint."""
     return _tiny_spec(model_dir, TINY_RN_ARCH, TINY_RN_CONFIG, ".safetensors")
+
+
+@pytest.fixture(scope="module")
+def make_server(request, tmp_path_factory):
+    """The suite's server factory: `make_server(**overrides)` starts a real server on 127.0.0.1 (free ports) for the
+    module's tests and returns its serving.ServerThread; every one is stopped when the module's tests end.
+
+    The tiny test model (tiny_spec) is its default model, no HTTP unless http_listen="127.0.0.1:0"
+    (serving.tiny_config); `bundled=True` serves the bundled default model instead (serving.bundled_config).
+    Each server gets a fresh data_dir unless `data_dir` is given; the other keywords are ServerConfig fields."""
+    import serving
+
+    with contextlib.ExitStack() as started:
+        def start(bundled: bool = False, demo: bool = False, **overrides) -> "serving.ServerThread":
+            data_dir = overrides.pop("data_dir", None) or tmp_path_factory.mktemp("server")
+            if bundled:
+                return started.enter_context(serving.running_server(serving.bundled_config(data_dir, **overrides),
+                                                                    demo))
+            spec = request.getfixturevalue("tiny_spec")
+            return started.enter_context(serving.tiny_server(spec, data_dir, demo=demo, **overrides))
+
+        yield start
+
+
+@pytest.fixture
+def client(server):
+    """A gRPC client of the module's `server` fixture (one made by `make_server`)."""
+    from embedsvc.client import Client
+
+    with Client(server.address, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

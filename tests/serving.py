@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Self
+from typing import Callable, Iterator, Self
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
@@ -59,6 +60,10 @@ class ServerThread:
         return self
 
     @property
+    def engine(self):
+        return self.server.engine
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
@@ -73,6 +78,54 @@ class ServerThread:
         self.thread.join(10)
 
 
+class EngineThread:
+    """The engine alone (its store, models, batchers, metrics) on an event loop thread of its own, no gRPC or
+    HTTP: the harness for engine and store logic that needs no transport. Opened as create_server opens it."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = with_test_backend(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.engine = None
+
+    def call(self, coro, timeout: float = 300):
+        """Runs an engine coroutine on the engine's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> "EngineThread":
+        from embedsvc.engine.engine import Engine
+        from embedsvc.service.metrics import Metrics
+        from embedsvc.store import open_store
+
+        self.thread.start()
+        config = self.config
+        store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
+                           milvus_token=config.milvus_token, milvus_db=config.milvus_db,
+                           checkpoint_every=config.checkpoint_every, max_top_k=config.max_top_k)
+        self.engine = Engine(config.engine_config(), store, Metrics())
+        for name in config.preload:
+            self.engine.runtime(name)
+        return self
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.call(self.engine.close())
+            self.engine.store.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def tiny_engine(spec, data_dir, **overrides) -> Iterator[EngineThread]:
+    """A running EngineThread of `tiny_config(spec, data_dir, **overrides)`; the spec is unregistered after."""
+    engine = EngineThread(tiny_config(spec, data_dir, **overrides))
+    try:
+        yield engine.start()
+    finally:
+        engine.stop()
+        MODEL_REGISTRY.pop(spec.name, None)
+
+
 @contextmanager
 def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerThread]:
     server = ServerThread(config, demo).start()
@@ -83,10 +136,10 @@ def running_server(config: ServerConfig, demo: bool = False) -> Iterator[ServerT
 
 
 @contextmanager
-def tiny_server(spec, data_dir, **overrides) -> Iterator[ServerThread]:
+def tiny_server(spec, data_dir, demo: bool = False, **overrides) -> Iterator[ServerThread]:
     """A running server of `tiny_config(spec, data_dir, **overrides)`; the spec is unregistered afterwards."""
     try:
-        with running_server(tiny_config(spec, data_dir, **overrides)) as server:
+        with running_server(tiny_config(spec, data_dir, **overrides), demo) as server:
             yield server
     finally:
         MODEL_REGISTRY.pop(spec.name, None)
@@ -99,6 +152,15 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     settings = {"listen": "127.0.0.1:0", "data_dir": str(data_dir), "default_model": spec.name,
                 "preload_models": spec.name, "metrics_port": -1, "demo_size": 0, "log_format": "text",
                 "http_listen": ""}
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
+def bundled_config(data_dir, **overrides) -> ServerConfig:
+    """A local server on a free port serving the bundled default model (loaded at start unless
+    preload_models=""), no demo, no metrics, no HTTP unless http_listen="127.0.0.1:0"."""
+    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1, demo_size=0, log_format="text",
+                    http_listen="")
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -138,10 +200,17 @@ class BlockingAsyncClient:
 
 
 @contextmanager
-def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Event]:
+def model_busy(server: "ServerThread | EngineThread", model: str = "") -> Iterator[threading.Event]:
     """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
     the returned event is set (or the block ends)."""
-    runtime = server.server.engine.runtime(model)
+    with executor_busy(server.engine.runtime(model).executor) as release:
+        yield release
+
+
+@contextmanager
+def executor_busy(executor) -> Iterator[threading.Event]:
+    """Holds one thread of a ThreadPoolExecutor of the server's (all of it, when it has one thread): jobs
+    queue behind it until the returned event is set (or the block ends)."""
     release = threading.Event()
     started = threading.Event()
 
@@ -149,9 +218,23 @@ def model_busy(server: ServerThread, model: str = "") -> Iterator[threading.Even
         started.set()
         release.wait(60)
 
-    runtime.executor.submit(hold)
+    executor.submit(hold)
     started.wait(10)
     try:
         yield release
     finally:
         release.set()
+
+
+def queued_jobs(executor) -> int:
+    """Jobs waiting in a ThreadPoolExecutor's queue (not yet picked up by a thread)."""
+    return executor._work_queue.qsize()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.01) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout` seconds, naming `what` it waited for.
+    The timeout only bounds a hang: the verdict never depends on how fast the machine is."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(every)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from embedsvc.datasets import write_scenes
-from serving import tiny_config, running_server
 
 from conftest import png_bytes
 
@@ -32,12 +31,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(make_server):
     """A server whose API needs a token: what the CLI reaches must come with $EMBEDSVC_TOKEN."""
     tokens = json.dumps({"tokens": [{"name": "cli", "token": TOKEN, "scopes": ["read", "write"]}]})
-    config = tiny_config(tiny_spec, tmp_path_factory.mktemp("cli-remote"), auth_tokens=tokens)
-    with running_server(config) as srv:
-        yield srv
+    return make_server(auth_tokens=tokens)
 
 
 def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path):
@@ -90,3 +87,10 @@ def test_remote_commands_read_the_address_and_token_from_the_environment(server,
     assert "UNAUTHENTICATED" in one_line_error(without_token)
     elsewhere = cli("collections", "list", "--address", "127.0.0.1:1", "--timeout", "2", env=env)
     assert "UNAVAILABLE" in one_line_error(elsewhere)  # the flag wins over the environment
+
+
+def test_search_with_an_empty_id_is_one_line_and_exit_2():
+    """`search COLL --id ""` built no query and ended in an AssertionError traceback."""
+    line = one_line_error(cli("search", "scenes", "--id", "", "--address", "127.0.0.1:1"))
+    assert "--id is empty" in line
+

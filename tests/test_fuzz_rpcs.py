@@ -10,12 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embedsvc.client import Client, Item
-from embedsvc.service.config import ServerConfig
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import running_server
 
 CASES = 2200
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -84,15 +82,13 @@ CALLS = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("fuzz")), metrics_port=-1,
-                          demo_size=0, log_format="text", log_level="WARNING", max_message_bytes=4_000_000)
-    with running_server(config) as s:
-        with Client(s.address) as client:
-            client.create_collection("fz")
-            client.create_collection("raw", dim=3)
-            client.upsert("fz", [Item("a", image=png_bytes()), Item("b", text="a blue star")])
-        yield s
+def server(make_server):
+    s = make_server(bundled=True, log_level="WARNING", max_message_bytes=4_000_000)
+    with Client(s.address) as client:
+        client.create_collection("fz")
+        client.create_collection("raw", dim=3)
+        client.upsert("fz", [Item("a", image=png_bytes()), Item("b", text="a blue star")])
+    return s
 
 
 @pytest.fixture(scope="module")

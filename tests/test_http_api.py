@@ -19,7 +19,7 @@ from embedsvc.errors import InvalidInput
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.http import ENDPOINTS
-from serving import ServerThread, running_server, tiny_config, tiny_server
+from serving import ServerThread, running_server, tiny_config
 
 READ, WRITE = "r" * 24, "w" * 24
 LIMIT = 64 * 1024  # http_max_body_bytes of the test server: small, so "huge" is cheap to send
@@ -36,13 +36,13 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("http"), http_listen="127.0.0.1:0", store_thumbnails=True,
-                     http_max_body_bytes=LIMIT, max_items_per_request=8, max_image_bytes=20_000) as srv:
-        with httpx.Client(base_url=srv.http_url, timeout=60) as http:
-            assert http.post("/v1/collections", json={"config": {"name": "pics"}}).status_code == 200
-            assert http.post("/v1/collections", json={"config": {"name": "vec", "dim": 3}}).status_code == 200
-            yield srv, http
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", store_thumbnails=True, http_max_body_bytes=LIMIT,
+                      max_items_per_request=8, max_image_bytes=20_000)
+    with httpx.Client(base_url=srv.http_url, timeout=60) as http:
+        assert http.post("/v1/collections", json={"config": {"name": "pics"}}).status_code == 200
+        assert http.post("/v1/collections", json={"config": {"name": "vec", "dim": 3}}).status_code == 200
+        yield srv, http
 
 
 def error(response: httpx.Response, status: int, code: str, words: str = "") -> str:

@@ -18,7 +18,6 @@ from PIL import Image
 from embedsvc.service.errors import HTTP_STATUS
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-from serving import tiny_server
 
 TRANSPORTS = ("grpc", "http")
 VOLATILE = {"createdUnixMs", "seconds"}  # differ between two collections made a moment apart
@@ -88,29 +87,28 @@ HTTP = {  # rpc -> (method, path); the path's {name} comes from the request
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("congruence"), http_listen="127.0.0.1:0",
-                     max_items_per_request=32, store_thumbnails=True) as srv:
-        engine = srv.server.engine
-        from embedsvc.pooling import PoolingSpec
-        from embedsvc.service import calls
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", max_items_per_request=32, store_thumbnails=True)
+    engine = srv.server.engine
+    from embedsvc.pooling import PoolingSpec
+    from embedsvc.service import calls
 
-        async def setup():
-            await engine.create_collection("base", "", None, "cosine", "flat")
-            await calls.upsert(engine, _aiter([pb.UpsertRequest(collection="base", items=items())]))
-            for t in TRANSPORTS:
-                for name in (f"drop-{t}", f"up-{t}", f"del-{t}"):
-                    await engine.create_collection(name, "", None, "cosine", "flat")
-                for name in (f"drop-{t}", f"del-{t}"):
-                    await calls.upsert(engine, _aiter([pb.UpsertRequest(collection=name, items=items())]))
-                await engine.create_collection(f"fit-{t}", "", PoolingSpec("netvlad", {"clusters": "4"}), "cosine",
-                                               "flat")
+    async def setup():
+        await engine.create_collection("base", "", None, "cosine", "flat")
+        await calls.upsert(engine, _aiter([pb.UpsertRequest(collection="base", items=items())]))
+        for t in TRANSPORTS:
+            for name in (f"drop-{t}", f"up-{t}", f"del-{t}"):
+                await engine.create_collection(name, "", None, "cosine", "flat")
+            for name in (f"drop-{t}", f"del-{t}"):
+                await calls.upsert(engine, _aiter([pb.UpsertRequest(collection=name, items=items())]))
+            await engine.create_collection(f"fit-{t}", "", PoolingSpec("netvlad", {"clusters": "4"}), "cosine",
+                                           "flat")
 
-        srv.call(setup())
-        channel = grpc.insecure_channel(srv.address)
-        with httpx.Client(base_url=srv.http_url, timeout=60) as http:
-            yield srv, channel, http
-        channel.close()
+    srv.call(setup())
+    channel = grpc.insecure_channel(srv.address)
+    with httpx.Client(base_url=srv.http_url, timeout=60) as http:
+        yield srv, channel, http
+    channel.close()
 
 
 async def _aiter(messages):

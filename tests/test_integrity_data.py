@@ -23,7 +23,7 @@ from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
 
 from conftest import png_bytes
 from serving import running_server, tiny_config, tiny_server
-from test_integrity_store_faults import problem_lines
+from test_store_faults import problem_lines
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -249,15 +249,8 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path):
 # -- 3, 4, 5, 6: through a real server --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data")) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=120) as c:
-        yield c
+def server(make_server):
+    return make_server()
 
 
 def test_recreated_name_uses_its_new_pooling(client):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from embedsvc.client import Client
-from serving import tiny_config, running_server, tiny_server
+from serving import tiny_config, running_server
 
 READ, WRITE = "r" * 24, "w" * 24
 LIMIT = 256 * 1024
@@ -36,13 +36,13 @@ TEXTS = ["a red square", "two blue circles on a green field"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("openai"), http_listen="127.0.0.1:0",
-                     http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2, max_items_per_request=8) as srv:
-        with Client(srv.address) as grpc_client:
-            sdk = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
-            yield srv, sdk, grpc_client
-            sdk.close()
+def server(make_server):
+    srv = make_server(http_listen="127.0.0.1:0", http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2,
+                      max_items_per_request=8)
+    with Client(srv.address) as grpc_client:
+        sdk = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
+        yield srv, sdk, grpc_client
+        sdk.close()
 
 
 def grpc_vectors(client: Client, inputs, pooling="cls") -> np.ndarray:

@@ -39,20 +39,17 @@ CALLS = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(make_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("auth")
     tokens = folder / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"name": "reader", "token": READ, "scopes": ["read"]},
                                              {"name": "writer", "token": WRITE, "scopes": ["write"]}]}))
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(folder / "d"), metrics_port=-1, demo_size=0,
-                          auth_tokens_file=str(tokens), log_format="text",
-                          auth_tokens=json.dumps({"tokens": [{"name": "admin", "token": BOTH,
-                                                              "scopes": ["read", "write"]}]}))
-    with running_server(config) as s:
-        with Client(s.address, token=BOTH) as admin:
-            admin.create_collection("v", dim=3)
-            admin.upsert("v", [Item("a", vector=[1, 0, 0])])
-        yield s
+    s = make_server(bundled=True, data_dir=folder / "d", auth_tokens_file=str(tokens),
+                    auth_tokens=json.dumps({"tokens": [{"name": "admin", "token": BOTH, "scopes": ["read", "write"]}]}))
+    with Client(s.address, token=BOTH) as admin:
+        admin.create_collection("v", dim=3)
+        admin.upsert("v", [Item("a", vector=[1, 0, 0])])
+    return s
 
 
 def stubs(address: str, token: str | None):

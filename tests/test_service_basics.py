@@ -16,7 +16,7 @@ from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
 
 from conftest import png_bytes
-from serving import BlockingAsyncClient, tiny_server
+from serving import BlockingAsyncClient
 
 
 @pytest.fixture(scope="module", params=["Client", "AsyncClient"])
@@ -26,9 +26,8 @@ def client_kind(request):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory, client_kind):  # one per client: the tests name their collections
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), metrics_port=0) as s:
-        yield s
+def server(make_server, client_kind):  # one per client: the tests name their collections
+    return make_server(metrics_port=0)
 
 
 @pytest.fixture

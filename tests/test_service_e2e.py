@@ -10,9 +10,7 @@ import pytest
 
 from embedsvc.client import Client, Item
 from embedsvc.datasets import full_caption, generate_scene, render_scene
-from embedsvc.service.config import ServerConfig
 
-from serving import running_server
 
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp"]
 N = 500
@@ -25,11 +23,8 @@ def png(image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("e2e")), metrics_port=-1,
-                          demo_size=0, log_format="text")
-    with running_server(config) as s:
-        yield s
+def server(make_server):
+    return make_server(bundled=True)
 
 
 def test_text_to_image_over_grpc_per_pooling(server):

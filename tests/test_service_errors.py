@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import grpc
 import numpy as np
@@ -14,27 +13,20 @@ from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import model_busy, tiny_server
+from serving import model_busy, wait_until
 
 C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), max_message_bytes=1_000_000, max_queue=8,
-                     max_items_per_request=50, max_top_k=100) as s:
-        with Client(s.address) as c:
-            c.create_collection("c", pooling="cls")
-            c.create_collection("grid", pooling="spp:combine=concat")
-            c.create_collection("vlad", pooling="netvlad:clusters=4")
-            c.upsert("c", [Item(f"i{k}", image=png_bytes(color=(40 * k, 80, 200 - 40 * k))) for k in range(5)])
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=30) as c:
-        yield c
+def server(make_server):
+    s = make_server(max_message_bytes=1_000_000, max_queue=8, max_items_per_request=50, max_top_k=100)
+    with Client(s.address) as c:
+        c.create_collection("c", pooling="cls")
+        c.create_collection("grid", pooling="spp:combine=concat")
+        c.create_collection("vlad", pooling="netvlad:clusters=4")
+        c.upsert("c", [Item(f"i{k}", image=png_bytes(color=(40 * k, 80, 200 - 40 * k))) for k in range(5)])
+    return s
 
 
 # (row of the table in docs/errors.md, call, expected code, words the message must contain)
@@ -98,7 +90,8 @@ def test_queue_full(server):
 
     with model_busy(server) as release, concurrent.futures.ThreadPoolExecutor(8) as pool:
         calls = [pool.submit(call, i) for i in range(8)]
-        time.sleep(1.0)  # all eight reach the queue while the model is held
+        # none can succeed while the model is held: one that ended was refused (the queue is full)
+        wait_until(lambda: any(c.done() for c in calls), 60, "a call refused while the model is held")
         release.set()
         outcomes = [c.result() for c in calls]
     refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED")]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
+from serving import wait_until
 
 DIM = 8
 
@@ -103,9 +104,14 @@ def test_kill_during_streamed_upsert_loses_no_acknowledged_item(tmp_path, kills)
                         acked.update(ids)
 
             threads = [threading.Thread(target=writer) for _ in range(3)]
+            before = len(acked)
             for thread in threads:
                 thread.start()
-            time.sleep(0.4 + 0.1 * (round_ % 7))
+            # the writers have had 48 items acknowledged this round (the final check counts on > 40 a round) ...
+            wait_until(lambda: len(acked) >= before + 48, 120, "48 acknowledged items this round")
+            # ... then the kill lands at a point that varies by round (mid-stream, mid-checkpoint): the wait is
+            # the thing under test, and the verdict holds wherever it lands
+            time.sleep(0.05 * (round_ % 7))
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             stop.set()

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from embedsvc.errors import InvalidInput
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.config import ServerConfig, field_docs, load_config
 
-from serving import ServerThread, model_busy, tiny_config
+from serving import ServerThread, model_busy, tiny_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,11 +92,16 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
             with Client(server.address) as c:  # queued behind the held model
                 outcome["result"] = c.embed(["still answered"]).vectors["cls"].shape
 
+        def release_once_draining(release):
+            wait_until(lambda: server.server._stopped, 60, "the server to start its graceful stop")
+            release.set()  # the model frees up while the server drains
+
         with model_busy(server) as release:
             thread = threading.Thread(target=slow_call)
             thread.start()
-            time.sleep(0.3)
-            threading.Timer(0.5, release.set).start()  # the model frees up while the server drains
+            wait_until(lambda: server.server.engine.runtime("").text.model_free.locked(), 60,
+                       "the call's batch to wait for the held model")
+            threading.Thread(target=release_once_draining, args=(release,)).start()
             server.call(server.server.stop(grace=10))
         thread.join(30)
         assert outcome.get("result") == (1, 32)

@@ -286,7 +286,8 @@ def test_a_checkpoint_whose_rows_a_later_compaction_dropped_still_loads(tmp_path
         assert s.get_collection("c").count == len(latest) == 280
         ids = sorted(latest)
         queries = np.stack([latest[i] for i in ids])
-        assert [[h.id for h in row] for row in s.search("c", queries, SearchOptions(3))] == exact_top(latest, queries, 3)
+        found = s.search("c", queries, SearchOptions(3))
+        assert [[h.id for h in row] for row in found] == exact_top(latest, queries, 3)
         items, missing = s.get("c", ids, include_vectors=True)
         assert not missing and all(np.allclose(i.vector, latest[i.id], atol=1e-6) for i in items)
         assert s.search("c", queries[:5], SearchOptions(300, Filter((Condition("v", equals=2),))))[0][0].id in latest

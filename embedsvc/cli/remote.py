@@ -65,7 +65,9 @@ def register(sub) -> None:
 
 
 def run_search(args) -> int:
-    query = {"text": args.text} if args.text is not None else {"id": args.id} if args.id else None
+    if args.id is not None and not args.id.strip():
+        raise InvalidInput("--id is empty: give the id of a stored item (more like this)")
+    query = {"text": args.text} if args.text is not None else {"id": args.id} if args.id is not None else None
     if args.image:
         path = Path(args.image)
         if not path.is_file():

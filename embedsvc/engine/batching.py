@@ -64,6 +64,7 @@ class DynamicBatcher:
         self.model_free = model_free or asyncio.Lock()  # shared by the towers of one model: one forward at a time
         self.queued_inputs = 0
         self.batches = 0  # forward passes run, for tests and logs
+        self.taken_inputs = 0  # inputs of the batch taken for the forward pass now running or due (tests, logs)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
         self._target = 1  # inputs the next batch waits for while under load: the previous batch's size
@@ -106,7 +107,7 @@ class DynamicBatcher:
                 live = self._take()
                 if not live:
                     continue
-                self._target = sum(len(p.inputs) for p in live)
+                self._target = self.taken_inputs = sum(len(p.inputs) for p in live)
                 try:
                     outcomes, size = await loop.run_in_executor(self.executor, self._forward, live)
                 except BaseException as exc:  # hand every waiter the error, keep the worker alive
@@ -118,6 +119,7 @@ class DynamicBatcher:
                     continue
                 finally:
                     self._last_end = loop.time()
+                    self.taken_inputs = 0
             if size:
                 self.batches += 1
                 if self.on_batch:

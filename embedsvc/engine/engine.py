@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union, cast
+from typing import Any, Callable, NamedTuple, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -131,8 +131,11 @@ class FitOutcome:
 
 
 def _image_payload(content: Content) -> Any:
-    assert not isinstance(content, Text)  # called for images only
-    return content.image if isinstance(content, DecodedImage) else content.data
+    """What decoding reads of an image input: the image a caller decoded, or the encoded bytes."""
+    if isinstance(content, DecodedImage):
+        return content.image
+    assert isinstance(content, ImageBytes)  # texts and front-end-prepared images are never decoded here
+    return content.data
 
 
 def check_count(config: EngineConfig, n: int, what: str) -> None:
@@ -164,7 +167,7 @@ def decode_for_model(config: EngineConfig, short_side: int, prepare: Callable[[A
     """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`."""
     try:
         if isinstance(data, (bytes, bytearray)):
-            image = decode_image(data, config.max_image_pixels, short_side, config.max_image_header_pixels)
+            image = decode_image(bytes(data), config.max_image_pixels, short_side, config.max_image_header_pixels)
         else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
             check_resized_size(data.size, short_side, config.max_image_pixels)
             image = fit_to_model(data, short_side)
@@ -176,7 +179,7 @@ def decode_for_model(config: EngineConfig, short_side: int, prepare: Callable[[A
 def check_pixel_budget(config: EngineConfig, payloads: Sequence[Any], short_side: int) -> None:
     """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
     at the model's input size) add up to more than max_request_pixels."""
-    total = sum(decoded_pixels(p, short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+    total = sum(decoded_pixels(bytes(p), short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
                 for p in payloads)
     if total > config.max_request_pixels:
         raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
@@ -343,8 +346,9 @@ class Engine:
         texts = [i for i, c in enumerate(contents) if isinstance(c, Text)]
         images = [i for i, c in enumerate(contents) if not isinstance(c, Text)]
         jobs = []
-        if images and all(isinstance(contents[i], PreparedImage) for i in images):  # a front end decoded them
-            pixels = [contents[i].pixels for i in images]
+        prepared = [c for c in (contents[i] for i in images) if isinstance(c, PreparedImage)]
+        if images and len(prepared) == len(images):  # a front end decoded them
+            pixels = [c.pixels for c in prepared]
         elif images:  # decode first: a bad image fails the request before any forward pass is queued
             pixels = await self._decode_images(runtime, [_image_payload(contents[i]) for i in images],
                                                [f"{where} {i}" for i in images])

@@ -38,6 +38,7 @@ class Slots:
         self.max_active, self.max_waiting = max_active, max_waiting
         self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at the first call
         self._waiting = 0
+        self._active = 0
 
     async def acquire(self) -> None:
         """Waits for a slot; ResourceExhausted ("server busy") when max_waiting calls already wait."""
@@ -51,14 +52,21 @@ class Slots:
             await self._slots.acquire()
         finally:
             self._waiting -= 1
+        self._active += 1
 
     def release(self) -> None:
         assert self._slots is not None, "release() before acquire()"
+        self._active -= 1
         self._slots.release()
 
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def active(self) -> int:
+        """Calls holding a slot now (for tests and logs)."""
+        return self._active
 
     @property
     def full(self) -> bool:
@@ -76,6 +84,7 @@ class Slots:
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, slots: Slots, message_timeout: float):
         self.slots, self.message_timeout = slots, message_timeout
+        self.awaiting_message = 0  # calls waiting for their next request message now (for tests and logs)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -118,15 +127,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def _next(self, request_iterator, context, method: str):
         """The next raw message, None at the end of the stream; a bounded wait."""
+        self.awaiting_message += 1
         try:
             async with asyncio.timeout(self.message_timeout):  # in this task: wait_for would start one per message
                 return await request_iterator.__anext__()
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
-            await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"no request message within {self.message_timeout:g} s of the call (or of the "
-                               f"previous message); send the message with the headers")
+            pass
+        finally:
+            self.awaiting_message -= 1
+        await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"no request message within {self.message_timeout:g} s of the call (or of the "
+                           f"previous message); send the message with the headers")
 
     async def _parse(self, handler, raw: bytes, context, method: str):
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterable, Callable, Iterable, Optional
+from typing import Any, AsyncIterable, Callable, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
-from embedsvc.engine.engine import EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
+from embedsvc.engine.engine import Content, EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter, SearchOptions
 from embedsvc.store.filter_text import parse_filter_text
@@ -135,7 +135,14 @@ def tokens_to_pb(features) -> pb.TokenFeatures:
 # -- operations, one per RPC ------------------------------------------------------------------
 
 
-async def embed_rows(engine: Engine, request: pb.EmbedRequest) -> tuple[str, list[str], EmbeddedBatch]:
+class Embedder(Protocol):
+    """What Embed needs of an engine: the Engine, or a front-end process's FrontEngine (service.frontends)."""
+
+    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
+                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]: ...
+
+
+async def embed_rows(engine: Embedder, request: pb.EmbedRequest) -> tuple[str, list[str], EmbeddedBatch]:
     """Embed's work: (the model's name, the pooling names, the matrices), before any framing. The gRPC and HTTP
     Embed pack them into an EmbedResponse; OpenAI's /v1/embeddings writes them in its own shape."""
     poolings = [PoolingSpec(p.name, dict(p.params)) for p in request.poolings]
@@ -144,14 +151,14 @@ async def embed_rows(engine: Engine, request: pb.EmbedRequest) -> tuple[str, lis
     return model, [p.name for p in poolings] or ["cls"], batch
 
 
-async def embed(engine: Engine, request: pb.EmbedRequest) -> pb.EmbedResponse:
+async def embed(engine: Embedder, request: pb.EmbedRequest) -> pb.EmbedResponse:
     model, names, batch = await embed_rows(engine, request)
     tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
     return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors,
                           tokens)
 
 
-async def embed_json(engine: Engine, request: pb.EmbedRequest) -> dict:
+async def embed_json(engine: Embedder, request: pb.EmbedRequest) -> dict:
     """Embed's response as the HTTP API writes it (protobuf's JSON mapping), from the matrices straight to the
     JSON document: no EmbedResponse in between (tests/test_json_body.py checks the two agree)."""
     model, names, batch = await embed_rows(engine, request)

@@ -211,7 +211,7 @@ async def run_front_end(spec: dict) -> int:
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(0 if client.lost else config.shutdown_grace_seconds)
-    await channel.close()
+    await channel.close(None)  # the server stopped: nothing of ours is in flight
     engine.decode_pool.shutdown(wait=False, cancel_futures=True)
     return 0
 
@@ -255,6 +255,7 @@ class FrontEnds:
     async def _spawn(self, index: int) -> None:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "embedsvc.service.frontends",
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None  # both piped
         proc.stdin.write(json.dumps({**self.spec, "index": index}).encode())
         proc.stdin.close()
         line = await proc.stdout.readline()
@@ -266,6 +267,7 @@ class FrontEnds:
     async def _watch(self, index: int) -> None:
         while not self._stopping:
             proc = self.procs[index]
+            assert proc is not None  # start() spawned it; a restart below replaces it before the next turn
             code = await proc.wait()
             if self._stopping:
                 return

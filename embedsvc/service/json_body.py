@@ -27,7 +27,7 @@ import functools
 import json
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -38,6 +38,8 @@ from google.protobuf.message import Message
 from embedsvc.errors import InvalidInput, ResourceExhausted
 from embedsvc.service.wire import vector_values
 from embedsvc.v1 import embedsvc_pb2 as pb
+
+M = TypeVar("M", bound=Message)
 
 SMALL = 16 * 1024  # bodies up to this many bytes are decoded by json.loads in one call (about 1 ms at most)
 
@@ -223,8 +225,8 @@ def loads(data: bytes, max_items: int = 0, counted: frozenset = frozenset(),
     return value
 
 
-def parse(data: bytes, message_type: type[Message], where: str = "request body", max_items: int = 0,
-          check_count: Optional[Callable[[int, str], None]] = None, piecewise: Optional[bool] = None) -> Message:
+def parse(data: bytes, message_type: type[M], where: str = "request body", max_items: int = 0,
+          check_count: Optional[Callable[[int, str], None]] = None, piecewise: Optional[bool] = None) -> M:
     """The body as a `message_type`, as json_format.Parse reads it (same errors, as INVALID_ARGUMENT with the
     parser's words), in short steps when `piecewise` (by default when large). With `check_count`, the request's
     limited arrays (COUNTED) are counted first: check_count(count, key) raises for one over `max_items` before

@@ -26,7 +26,7 @@ import logging
 import pickle
 import struct
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch
 from embedsvc import errors
 from embedsvc.errors import EmbedsvcError, Unavailable
 from embedsvc.pooling import PoolingSpec
-from embedsvc.engine.engine import EmbeddedBatch, Engine, PreparedImage, Text
+from embedsvc.engine.engine import Content, EmbeddedBatch, ModelRuntime, PreparedImage, Text
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,21 @@ class _Frames(asyncio.Protocol):
 # -- the model process's side ---------------------------------------------------------------
 
 
+class ChannelEngine(Protocol):
+    """What the model process's side asks of its Engine (bench/floor_server.py stands in one that does no work)."""
+
+    metrics: Any  # Metrics, or None
+
+    async def runtime_async(self, name: str) -> ModelRuntime: ...
+
+    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
+                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]: ...
+
+
 class _FrontEndConnection(_Frames):
     """One front end, seen from the model process: its shared memory and its requests in flight."""
 
-    def __init__(self, engine: Engine, shm_bytes: int, connections: set):
+    def __init__(self, engine: ChannelEngine, shm_bytes: int, connections: set):
         super().__init__()
         self.engine, self.connections = engine, connections
         self.shm = shared_memory.SharedMemory(create=True, size=shm_bytes)
@@ -157,7 +168,7 @@ class _FrontEndConnection(_Frames):
 class ModelChannelServer:
     """Listens on a Unix socket for front-end processes (embedsvc.service.frontends)."""
 
-    def __init__(self, engine: Engine, path: str, shm_bytes: int = SHM_BYTES):
+    def __init__(self, engine: ChannelEngine, path: str, shm_bytes: int = SHM_BYTES):
         self.engine, self.path, self.shm_bytes = engine, path, shm_bytes
         self.connections: set[_FrontEndConnection] = set()
         self._server: Optional[asyncio.AbstractServer] = None
@@ -172,7 +183,8 @@ class ModelChannelServer:
             self._server.close()
             await self._server.wait_closed()
         for connection in list(self.connections):
-            connection.transport.close()
+            if connection.transport is not None:  # made, so connected
+                connection.transport.close()
 
 
 # -- the front end's side -------------------------------------------------------------------
@@ -233,9 +245,11 @@ class ModelChannelClient(_Frames):
             # the model process owns (and unlinks) the segment; Python 3.11 registers attachments too
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
             self.slots = _SharedSlots(shm)
+            assert self._ready is not None  # connect made it before the connection opened
             self._ready.set_result(None)
             return
         future, places = self._pending.pop(message[1], (None, []))
+        assert self.slots is not None  # the hello is the first message
         self.slots.release(places)
         if future is None or future.done():
             return
@@ -279,7 +293,9 @@ class ModelChannelClient(_Frames):
     async def embed(self, model: str, poolings: list[PoolingSpec], texts_or_pixels: list
                     ) -> tuple[str, EmbeddedBatch]:
         """Pooled vectors of texts (str) and prepared images (tensors), in input order."""
-        inputs, places = [], []
+        assert self.slots is not None  # connect returned after the hello
+        inputs: list[tuple] = []  # ("t", text), ("b", bytes, shape, dtype) or ("s", offset, shape, dtype)
+        places: list[tuple[int, int]] = []
         for x in texts_or_pixels:
             if isinstance(x, str):
                 inputs.append(("t", x))

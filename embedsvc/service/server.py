@@ -40,9 +40,11 @@ class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
-                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None):
+                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None,
+                 admission: Optional[AdmissionInterceptor] = None):
         self.config, self.grpc_server, self.engine, self.store = config, grpc_server, engine, store
         self.health = health_servicer
+        self.admission = admission  # its counters (calls awaiting a message, slots held) show the server's load
         self.http = http  # embedsvc.service.http.HttpServer, or None when http_listen is empty
         self.http_port = http.port if http else None
         self.metrics_http = metrics_http
@@ -71,6 +73,7 @@ class EmbedsvcServer:
 
     async def wait_ready(self) -> None:
         """Returns once every collection is loaded (and IndexService reported SERVING)."""
+        assert self._loaded is not None, "start() the server first"
         await asyncio.shield(self._loaded)
 
     async def wait_for_termination(self) -> None:
@@ -179,7 +182,7 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
             await engine.close()
             store.close()
             raise
-    return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http), port
+    return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http, admission), port
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:

@@ -8,7 +8,6 @@ buffer, copied into an archive in memory and copied again on load.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid

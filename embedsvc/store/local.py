@@ -20,7 +20,6 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -607,9 +606,13 @@ class LocalStore:
             col.ids.add(labels, [rows[label][0] for label in labels])
             col.metadata.add_many(labels, [json.loads(rows[label][1]) for label in labels])
             array = np.array(labels, dtype=np.int64)
+            index, vectors = col.index, col.vectors
             for start in range(0, len(array), FILL_CHUNK):
                 chunk = array[start:start + FILL_CHUNK]
-                col.index.add(chunk, None if isinstance(col.index, FileFlatIndex) else col.vectors.vectors(chunk))
+                if isinstance(index, FileFlatIndex):  # its rows are in the vector file already
+                    index.add(chunk)
+                else:
+                    index.add(chunk, vectors.vectors(chunk))
                 progress(min(progress.total, progress.done + len(chunk)))
         col.applied_lsn = self.db.last_lsn(col.id)
 

@@ -19,7 +19,6 @@ from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
-from serving import tiny_server
 
 C = grpc.StatusCode
 TOKEN = "s" * 24
@@ -27,17 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
+def server(make_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("statuses")
     tokens = folder / "tokens.json"
     tokens.write_text(json.dumps({"tokens": [{"name": "ops", "token": TOKEN, "scopes": ["read", "write"]},
                                              {"name": "other", "token": "o" * 24, "scopes": ["read"]}]}))
-    with tiny_server(tiny_spec, folder / "d", auth_tokens_file=str(tokens)) as s:
-        with Client(s.address, token=TOKEN) as c:
-            c.create_collection("v", dim=3)
-            c.upsert("v", [Item(f"i{k}", vector=[1, k, 0], metadata={"k": k}) for k in range(15)])
-            c.create_collection("vlad", pooling="netvlad:clusters=2")
-        yield s
+    s = make_server(data_dir=folder / "d", auth_tokens_file=str(tokens))
+    with Client(s.address, token=TOKEN) as c:
+        c.create_collection("v", dim=3)
+        c.upsert("v", [Item(f"i{k}", vector=[1, k, 0], metadata={"k": k}) for k in range(15)])
+        c.create_collection("vlad", pooling="netvlad:clusters=2")
+    return s
 
 
 @pytest.fixture

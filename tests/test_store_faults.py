@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore
 
-from serving import running_server, tiny_config, tiny_server
+from serving import running_server, tiny_config
 
 C = grpc.StatusCode
 
@@ -34,15 +34,8 @@ def code_of(call) -> grpc.StatusCode:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("data"), checkpoint_every=3) as s:
-        yield s
-
-
-@pytest.fixture
-def client(server):
-    with Client(server.address, timeout=60) as c:
-        yield c
+def server(make_server):
+    return make_server(checkpoint_every=3)
 
 
 def healthy(server) -> bool:

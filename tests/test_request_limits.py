@@ -21,7 +21,7 @@ from embedsvc.v1 import embedsvc_pb2 as pb
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
 
 from conftest import png_bytes
-from serving import model_busy, running_server, tiny_config, tiny_server
+from serving import executor_busy, model_busy, queued_jobs, running_server, tiny_config, tiny_server, wait_until
 
 TOKEN = "t" * 24
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -90,7 +90,8 @@ def test_half_open_calls_do_not_starve_health_or_authorised_calls(tiny_spec, tmp
             attacker.open("/embedsvc.v1.IndexService/Upsert", 250, AUTH)  # streaming, no first message
             # the calls without a token were refused on their headers, without waiting for a message
             assert set(attacker.codes(timeout=30, stop=500)) == {grpc.StatusCode.UNAUTHENTICATED}
-            time.sleep(1)  # the server has taken in all 1,000 calls (on a loaded machine that takes a moment)
+            admission = server.server.admission  # the server has taken in all 1,000 calls: 500 await a message
+            wait_until(lambda: admission.awaiting_message == 500, 120, "500 half-open calls awaiting a message")
             with grpc.insecure_channel(server.address) as channel:
                 started = time.perf_counter()
                 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -122,10 +123,11 @@ def test_excess_rpcs_wait_for_a_slot_then_are_refused(tiny_spec, tmp_path):
     with running_server(config) as server, Client(server.address, timeout=60) as c:
         c.embed(["warm-up"])
         with ThreadPoolExecutor(2) as pool, model_busy(server) as release:  # the first Embed holds its slot
+            slots = server.server.admission.slots
             running = pool.submit(c.embed, ["first"])
-            time.sleep(0.5)
+            wait_until(lambda: slots.active == 1, 60, "the first Embed to hold the slot")
             waiting = pool.submit(c.embed, ["second"])
-            time.sleep(0.5)
+            wait_until(lambda: slots.waiting == 1, 60, "the second Embed to wait for the slot")
             with pytest.raises(EmbedsvcClientError) as info:
                 c.embed(["third"])
             release.set()
@@ -189,10 +191,13 @@ def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
             finished[name] = time.perf_counter()
             return finished[name] - started
 
-        with ThreadPoolExecutor(2) as pool:
+        decode_pool = server.server.engine.decode_pool
+        with ThreadPoolExecutor(2) as pool, executor_busy(decode_pool) as release:
             large = pool.submit(embed, "large", [large_image] * 10)
-            time.sleep(0.3)  # the large request is decoding
+            wait_until(lambda: queued_jobs(decode_pool) == 1, 60, "the large request's first decode job")
             small = pool.submit(embed, "small", [png_bytes((8, 8))])
+            wait_until(lambda: queued_jobs(decode_pool) == 2, 60, "the small request's first job behind it")
+            release.set()  # the large request's turn came first
             large_seconds, small_seconds = large.result(), small.result()
     assert finished["small"] < finished["large"], (small_seconds, large_seconds)
     assert small_seconds < large_seconds / 3, (small_seconds, large_seconds)
