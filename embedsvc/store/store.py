@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
+import orjson
 
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
@@ -627,7 +628,7 @@ class Store:
         if not items:
             return UpsertResult(0, 0, len(col.ids))
         ids, vectors, metadata = prepare_items(name, col.config, items)
-        encoded = [json.dumps(m) for m in metadata]
+        encoded = [_metadata_json(m) for m in metadata]
         with col.lock.write():
             col.check_usable()
             if insert_only:
@@ -783,6 +784,15 @@ class Store:
                     hit.metadata = json.loads(rows[label][1]) if label in rows else {}
                 if include_vectors:
                     hit.vector = vectors[label].copy()
+
+
+def _metadata_json(metadata: dict) -> str:
+    """The items table's metadata text: orjson (a tenth of json.dumps' cost), json for what it refuses (an
+    integer beyond 64 bits); json.loads reads both."""
+    try:
+        return orjson.dumps(metadata).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(metadata)
 
 
 def _encoded_ids(arrays: dict) -> dict:
