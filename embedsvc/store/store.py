@@ -3,8 +3,8 @@ checkpointed derived state.
 
 One process at a time owns a data directory (an exclusive OS lock, see lock.py). Write path: validate
 -> one SQLite transaction (fsynced; the pooling version the vectors were made with is checked in it) that
-first appends the vectors to the collection's vector file and syncs it (vectors.py), then commits ids,
-labels, metadata and the log -> apply to the in-memory index, ids and metadata columns under the
+first appends the vectors to the collection's vector file (vectors.py; synced while the transaction inserts
+its rows, and on disk before it commits), then commits ids, labels, metadata and the log -> apply to the in-memory index, ids and metadata columns under the
 collection's write lock -> acknowledge. Flat collections search their vector file in place (memory-mapped):
 no copy of the vectors is made at start-up or by checkpoints. Checkpoints run in a background thread, one
 at a time per collection, never on the write path: a failed checkpoint is logged and retried and never
