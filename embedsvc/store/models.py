@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
@@ -180,9 +181,13 @@ def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str]
             raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {array.size}; collection "
                                f"{quoted(name)} holds vectors of dimension {config.dim}")
     vectors = validate_vectors(np.stack([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]), config.dim)
-    vectors = prepare_vectors(vectors, config.metric, lambda row: f"item {quoted(ids[row])}")
-    metadata = [validate_metadata(latest[i].metadata, lambda i=i: f"item {quoted(i)}") for i in ids]
+    vectors = prepare_vectors(vectors, config.metric, lambda row: _item_name(ids[row]))
+    metadata = [validate_metadata(latest[i].metadata, functools.partial(_item_name, i)) for i in ids]
     return ids, vectors, metadata
+
+
+def _item_name(item_id: str) -> str:
+    return f"item {quoted(item_id)}"
 
 
 def prepare_queries(config: CollectionConfig, queries, top_k: int, max_top_k: int, nprobe: int = 0,
