@@ -43,11 +43,17 @@ def pq_subquantizers(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
 
 
+# HNSW's defaults, for both back ends (Milvus takes them as M, efConstruction and ef): recall@10 against exact
+# search and build rate at 100k and 1M are in the README's scale section (bench/scale.py --kinds).
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
 INDEX_PRESETS: dict[str, IndexPreset] = {
     p.name: p
     for p in (
         IndexPreset("flat", "exact inner-product search", lambda dim, n: "Flat"),
-        IndexPreset("hnsw", "HNSW graph, M=32 (deletions as tombstones)", lambda dim, n: "HNSW32"),
+        IndexPreset("hnsw", f"HNSW graph, M={HNSW_M} (deletions as tombstones)", lambda dim, n: f"HNSW{HNSW_M}"),
         IndexPreset("ivf", "inverted lists (~2 sqrt(n) cells), exact until 2048 vectors",
                     lambda dim, n: f"IVF{ivf_lists(n)},Flat", train_min=2048),
         IndexPreset("ivfpq", "inverted lists with 8-bit product quantisation, exact until 4096 vectors",
@@ -55,8 +61,6 @@ INDEX_PRESETS: dict[str, IndexPreset] = {
     )
 }
 
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
 # A filter this selective (allowed share of live items) is answered exactly over the allowed vectors
 # where the index can reconstruct them, because graph search degrades under such filters.
 EXACT_FILTER_SHARE = 0.05

@@ -49,7 +49,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound
-from embedsvc.store.indexes import INDEX_PRESETS, pq_subquantizers, validate_index_kind
+from embedsvc.store.indexes import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_PRESETS, pq_subquantizers,
+                                    validate_index_kind)
 from embedsvc.store.metadata import Condition, Filter, Value, refuse_mistyped, wanted_kinds
 from embedsvc.store.store import CollectionNotFound, ItemsNotFound  # the same classes: the same statuses
 from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, DeleteResult, Hit, Item,
@@ -63,7 +64,6 @@ CHUNK_CHARS = 60_000  # under VARCHAR's 65,535-byte limit
 WRITE_BATCH = 1000
 ID_BATCH = 500
 IVF_NLIST = 128
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
 # Catalogue row kinds, and the statuses of an incarnation row.
 INCARNATION, POOLING, STATE, LEGACY = "incarnation", "pooling", "state", "collection"
 CLAIMED, LIVE, DROPPING = "claimed", "live", "dropping"
