@@ -4,6 +4,7 @@
     python bench/scale.py --size 1000000           # the same at 1M (~2 GiB of vectors; needs ~5 GiB free)
     python bench/scale.py --size 100000 --kinds hnsw,ivf,ivfpq   # + approximate indexes in-process
     python bench/scale.py --size 100000 --milvus   # + the same flat table on the Milvus back end (Lite file)
+    python bench/scale.py --size 100000 --kinds-only --kinds hnsw,ivf --milvus   # approximate, both back ends
 
 Flat table: random 512-d vectors (seeded, unit norm) upserted through embedsvc.client in messages of
 --batch, metadata {"bucket": i % 10} (so a bucket filter allows 10%). Figures: the upsert rate per tenth
@@ -13,13 +14,15 @@ data directory's disk use (allocated blocks) over the raw bytes, the time from s
 search answers (graceful restart: the previous server checkpointed on SIGTERM), and single-query top-10
 p50 through the client (include_metadata off) next to bare FAISS (IndexFlatIP; a prebuilt IDSelectorBitmap
 for the filter) in this process, which costs the gRPC round trip on top of the search.
-Kinds: HNSW/IVF/IVF-PQ collections built through Store in this process: build rate, RSS over raw, recall@10
-against exact search, p50 at the defaults.
+Kinds: HNSW/IVF/IVF-PQ collections built through the store in this process (LocalStore, or MilvusStore on a Milvus
+Lite file with --milvus): build time, RSS over raw, recall@10 against exact search, p50 at the defaults, on
+embedding-like vectors by default (--kinds-data; see spectrum_chunk).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import re
@@ -42,16 +45,51 @@ NAME = "scale"
 def vectors_chunk(start: int, count: int, dim: int) -> np.ndarray:
     """Rows start..start+count of the benchmark's vectors (a pure function of the row range's chunks)."""
     out = np.empty((count, dim), dtype=np.float32)
-    for row in range(start, start + count, 1000):
-        block = np.random.default_rng([SEED, row // 1000]).standard_normal((1000, dim)).astype(np.float32)
-        take = min(1000 - row % 1000, start + count - row)
-        out[row - start:row - start + take] = block[row % 1000:row % 1000 + take]
+    for block, lo, hi, at in _blocks(start, count):
+        rows = np.random.default_rng([SEED, block]).standard_normal((1000, dim)).astype(np.float32)
+        out[at:at + hi - lo] = rows[lo:hi]
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def queries(count: int, dim: int) -> np.ndarray:
     q = np.random.default_rng([SEED, 10**9]).standard_normal((count, dim)).astype(np.float32)
     return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def _blocks(start: int, count: int):
+    """(block number, rows from, rows to, offset in the output) of the 1,000-row blocks covering the range."""
+    row, end = start, start + count
+    while row < end:
+        take = min(1000 - row % 1000, end - row)
+        yield row // 1000, row % 1000, row % 1000 + take, row - start
+        row += take
+
+
+@functools.lru_cache(maxsize=4)
+def _rotation(dim: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng([SEED, 7]).standard_normal((dim, dim)))
+    return q.astype(np.float32)
+
+
+def spectrum_chunk(start: int, count: int, dim: int, salt: int = 0) -> np.ndarray:
+    """Embedding-like rows: Gaussian with variance 1/i along the i-th of `dim` random orthogonal directions (about
+    28 effective dimensions at 512, the low intrinsic dimension of real embeddings), unit norm. Uniform random
+    vectors have no neighbourhoods (every pair at cosine ~0 +- 0.04, the true top-10 barely above the rest), on
+    which no approximate index finds the true neighbours at any practical setting (HNSW's defaults: recall 0.22
+    at 100k); on these, top-10 neighbours sit at cosine ~0.45 and the defaults find them."""
+    scale = np.arange(1, dim + 1, dtype=np.float32) ** -0.5
+    out = np.empty((count, dim), dtype=np.float32)
+    for block, lo, hi, at in _blocks(start, count):
+        z = np.random.default_rng([SEED, 11 + salt, block]).standard_normal((1000, dim)).astype(np.float32)
+        out[at:at + hi - lo] = ((z * scale) @ _rotation(dim))[lo:hi]  # whole blocks: the same bits whatever the range
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def kind_data(data: str, start: int, count: int, dim: int, queries_of: bool = False) -> np.ndarray:
+    """Rows of the --kinds-data set; queries_of: held-out queries from the same distribution."""
+    if data == "random":
+        return queries(count, dim) if queries_of else vectors_chunk(start, count, dim)
+    return spectrum_chunk(start, count, dim, salt=1 if queries_of else 0)
 
 
 def rss_bytes(pid: int) -> int:
@@ -97,13 +135,17 @@ class Sampler:
         return self.peak
 
 
+SERVERS: list[subprocess.Popen] = []  # killed at exit if still running (a run that failed midway)
+
+
 def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")  # noqa: SIM115 - the server's log for its lifetime (its stdout and a reader thread)
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
                              str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
                              "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
-                            stderr=subprocess.PIPE, stdout=log, text=True)
+                            stderr=subprocess.PIPE, stdout=log, text=True, start_new_session=True)
+    SERVERS.append(proc)
     deadline = time.monotonic() + 1800
     stderr = proc.stderr
     assert stderr is not None  # stderr=PIPE
@@ -178,9 +220,9 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         return client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)
 
     # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
-    out["p50_ms"], out["bare_p50_ms"] = paired_p50(search, bare.search, qs)
-    out["p50_filtered_ms"], out["bare_p50_filtered_ms"] = paired_p50(lambda q: search(q, {"bucket": 3}),
-                                                                     bare.search_filtered, qs)
+    out["p50_ms"], out["bare_p50_ms"], out["pair_ratio"] = paired_p50(search, bare.search, qs)
+    out["p50_filtered_ms"], out["bare_p50_filtered_ms"], out["pair_ratio_filtered"] = paired_p50(
+        lambda q: search(q, {"bucket": 3}), bare.search_filtered, qs)
     out["peak_rss"] = (sampler.stop() - base_rss) / raw
     time.sleep(2.0)
     out["settled_rss"] = (tree_rss(proc.pid) - base_rss) / raw
@@ -228,7 +270,8 @@ class Bare:
         return self.index.search(q[None], 10, params=self.params)
 
 
-def paired_p50(call, bare_call, items) -> tuple[float, float]:
+def paired_p50(call, bare_call, items) -> tuple[float, float, float]:
+    """p50 of each, and the median of the per-query ratios (each pair ran back to back: the same load)."""
     call(items[0])
     bare_call(items[0])
     ours, theirs = [], []
@@ -239,41 +282,64 @@ def paired_p50(call, bare_call, items) -> tuple[float, float]:
         t = time.perf_counter()
         bare_call(item)
         theirs.append(time.perf_counter() - t)
-    return float(np.median(ours) * 1000), float(np.median(theirs) * 1000)
+    return (float(np.median(ours) * 1000), float(np.median(theirs) * 1000),
+            float(np.median(np.array(ours) / np.array(theirs))))
 
 
-def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path) -> dict:
-    """An approximate index through Store in this process: build, memory, recall against exact, p50."""
+def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path, data: str, backend: str,
+             budget_s: float) -> dict:
+    """An approximate index through the store in this process (`backend` local, or milvus: a Milvus Lite file):
+    build, memory (this process and its children: Milvus Lite's server), recall against exact search, p50."""
     import faiss
 
-    from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
+    from embedsvc.store import CollectionConfig, Item, SearchOptions, VectorStore
 
     raw = size * dim * 4
-    before = rss_bytes(os.getpid())
-    store = LocalStore(folder / f"kind-{kind}", checkpoint_every=10**9)
+    before = tree_rss(os.getpid())
+    where = folder / f"kind-{backend}-{kind}"
+    where.mkdir(parents=True, exist_ok=True)
+    store: VectorStore
+    if backend == "milvus":
+        from embedsvc.store.milvus import MilvusStore
+
+        store = MilvusStore(str(where / "lite.db"))
+    else:
+        from embedsvc.store import LocalStore
+
+        store = LocalStore(where, checkpoint_every=10**9)
     store.create_collection(CollectionConfig(kind, dim, index=kind))
+    sampler = Sampler(os.getpid())
     started = time.perf_counter()
+    built = 0
     for start in range(0, size, batch):
-        vectors = vectors_chunk(start, min(batch, size - start), dim)
+        if time.perf_counter() - started > budget_s:
+            break
+        vectors = kind_data(data, start, min(batch, size - start), dim)
         store.upsert(kind, [Item(f"item-{start + i}", v) for i, v in enumerate(vectors)])
+        built = start + len(vectors)
     build_s = time.perf_counter() - started
-    qs = queries(nq, dim)
+    qs = kind_data(data, 0, nq, dim, queries_of=True)
+    # Milvus builds and loads its index on the first search after writes
+    store.search(kind, qs[:1], SearchOptions(10))
+    ready_s = time.perf_counter() - started
     found = [[int(h.id.split("-")[1]) for h in store.search(kind, q[None], SearchOptions(10))[0]] for q in qs]
     p50 = p50_ms(lambda q: store.search(kind, q[None], SearchOptions(10)), qs)
-    rss = (rss_bytes(os.getpid()) - before) / raw
+    peak = sampler.stop()
+    rss = (tree_rss(os.getpid()) - before) / (built * dim * 4)
     info = store.get_collection(kind)
     checkpoint_started = time.perf_counter()
     store.close()
     close_s = time.perf_counter() - checkpoint_started
     exact = faiss.IndexFlatIP(dim)
-    for start in range(0, size, 100_000):
-        exact.add(vectors_chunk(start, min(100_000, size - start), dim))
+    for start in range(0, built, 100_000):
+        exact.add(kind_data(data, start, min(100_000, built - start), dim))
     _, truth = exact.search(qs, 10)
     del exact
     recall = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
-    shutil.rmtree(folder / f"kind-{kind}", ignore_errors=True)
-    return {"factory": info.index_factory, "build_rate": size / build_s, "rss": rss, "recall": recall, "p50_ms": p50,
-            "checkpoint_s": close_s}
+    shutil.rmtree(where, ignore_errors=True)
+    return {"factory": getattr(info, "index_factory", "") or kind, "built": built, "build_s": build_s,
+            "ready_s": ready_s, "rss": rss, "peak_rss": (peak - before) / (built * dim * 4), "recall": recall,
+            "p50_ms": p50, "checkpoint_s": close_s, "raw": raw}
 
 
 def report_flat(label: str, size: int, got: dict) -> None:
@@ -293,7 +359,8 @@ def report_flat(label: str, size: int, got: dict) -> None:
           f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |")
     print(f"| search p50 top-10 unfiltered / 10% filter | {got['p50_ms']:.2f} / {got['p50_filtered_ms']:.2f} ms; "
           f"bare FAISS {got['bare_p50_ms']:.2f} / {got['bare_p50_filtered_ms']:.2f} ms; ratio "
-          f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x |")
+          f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x; "
+          f"median of per-query ratios {got['pair_ratio']:.2f}x / {got['pair_ratio_filtered']:.2f}x |")
 
 
 def main() -> None:
@@ -304,8 +371,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--kinds", default="", help="comma-separated approximate presets to build too (hnsw,ivf,ivfpq)")
     parser.add_argument("--kinds-size", type=int, default=0, help="size for --kinds (default: --size)")
+    parser.add_argument("--kinds-data", choices=("spectrum", "random"), default="spectrum",
+                        help="vectors for --kinds: embedding-like (default; see spectrum_chunk), or uniform random (the "
+                             "flat table's, on which approximate indexes find few true neighbours at any setting)")
+    parser.add_argument("--kinds-budget", type=float, default=3600.0,
+                        help="seconds a --kinds build may take before it stops adding (reported as such)")
     parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
     parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
+    parser.add_argument("--kinds-only", action="store_true", help="only the --kinds table (with --milvus: both back ends)")
     parser.add_argument("--faiss-threads", type=int, default=1,
                         help="FAISS threads of the server and of bare FAISS (1: no OpenMP wake-ups in the timings)")
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one, removed at the end)")
@@ -318,6 +391,7 @@ def main() -> None:
     unknown = [k for k in kinds if k not in INDEX_PRESETS or k == "flat"]
     if unknown:
         parser.error(f"unknown --kinds {unknown}; choose from hnsw, ivf, ivfpq")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its servers (finally below)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="embedsvc-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
@@ -328,12 +402,12 @@ def main() -> None:
 
         faiss.omp_set_num_threads(args.faiss_threads)
         threads = ["--faiss-threads", str(args.faiss_threads)]
-        bare = Bare(args.size, args.dim) if not args.no_local or args.milvus else None
-        if not args.no_local:
+        bare = Bare(args.size, args.dim) if not args.kinds_only and (not args.no_local or args.milvus) else None
+        if not args.no_local and not args.kinds_only:
             assert bare is not None  # made for either run
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
             report_flat("local store", args.size, got)
-        if args.milvus:
+        if args.milvus and not args.kinds_only:
             uri = f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
             assert bare is not None  # made for either run
@@ -344,14 +418,30 @@ def main() -> None:
         del bare
         if kinds:
             size = args.kinds_size or args.size
-            print(f"\napproximate indexes through Store, {size:,} x {args.dim}-d")
-            print("| index | factory | build rate | RSS over raw | recall@10 vs exact | p50 | checkpoint at close |")
-            print("|---|---|---|---|---|---|---|")
-            for kind in kinds:
-                r = run_kind(kind, size, args.dim, args.batch, args.queries, folder)
-                print(f"| {kind} | {r['factory']} | {r['build_rate']:,.0f}/s | {r['rss']:.2f}x | {r['recall']:.3f} | "
-                      f"{r['p50_ms']:.2f} ms | {r['checkpoint_s']:.1f} s |", flush=True)
+            backends = ["local"] + (["milvus"] if args.milvus else [])
+            print(f"\napproximate indexes through the store in this process, {size:,} x {args.dim}-d {args.kinds_data} "
+                  f"vectors (--kinds-data), {args.queries} held-out queries, defaults of each preset; a build stops "
+                  f"at --kinds-budget {args.kinds_budget:.0f} s (then 'built' says how far it got)")
+            print("| back end | index | factory | built | build time (rate) | until first search | RSS over raw: "
+                  "settled / peak | recall@10 vs exact | p50 | close (checkpoint) |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
+            for backend in backends:
+                for kind in kinds:
+                    if backend == "milvus" and kind == "ivfpq":
+                        print(f"| milvus | {kind} | - | - | not built: Milvus Lite has no IVF_PQ | | | | | |")
+                        continue
+                    r = run_kind(kind, size, args.dim, args.batch, args.queries, folder, args.kinds_data, backend,
+                                 args.kinds_budget)
+                    short = "" if r["built"] == size else " (budget hit)"
+                    print(f"| {backend} | {kind} | {r['factory']} | {r['built']:,}{short} | {r['build_s']:.0f} s "
+                          f"({r['built'] / r['build_s']:,.0f}/s) | {r['ready_s']:.0f} s | {r['rss']:.2f}x / "
+                          f"{r['peak_rss']:.2f}x | {r['recall']:.3f} | {r['p50_ms']:.2f} ms | {r['checkpoint_s']:.1f} s |",
+                          flush=True)
     finally:
+        for proc in SERVERS:
+            if proc.poll() is None:  # its process group: Milvus Lite's server too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
     load = os.getloadavg()

@@ -482,6 +482,10 @@ class Engine:
         media = await self._thumbnails(items) if keep else None
 
         async def attempt():
+            if not to_embed:  # vectors as given: one hop to the store, no collection info needed first
+                store_items = [Item(item.id, vector, item.metadata) for item in items
+                               if (vector := item.vector) is not None]  # all: an item without content has one
+                return await self.run_blocking(lambda: self.store.upsert(name, store_items, thumbnails=media))
             info = await self.run_blocking(self.store.get_collection, name)
             vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
             if to_embed:

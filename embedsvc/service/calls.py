@@ -19,7 +19,7 @@ from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
 from embedsvc.engine.engine import Content, EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
-from embedsvc.service.wire import embed_response, vector_values
+from embedsvc.service.wire import embed_response, vector_rows, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter, SearchOptions
 from embedsvc.store.filter_text import parse_filter_text
 from embedsvc.v1 import embedsvc_pb2 as pb
@@ -204,37 +204,86 @@ async def drop_collection(engine: Engine, request: pb.DropCollectionRequest) -> 
     return pb.DropCollectionResponse(items_removed=await engine.drop_collection(request.name))
 
 
-async def upsert(engine: Engine, messages: AsyncIterable[pb.UpsertRequest]) -> pb.UpsertResponse:
-    collection, inserted, replaced, count = "", 0, 0, 0
-    async for message in messages:
-        if message.collection and collection and message.collection != collection:
+def upsert_items(message: pb.UpsertRequest) -> list[UpsertRequestItem]:
+    """The message's items; error messages are made only for a bad item (formatting one for every item and
+    key cost more than reading the vectors)."""
+    payloads = [item.WhichOneof("payload") for item in message.items]
+    vectors = iter(vector_rows([item.vector for item, p in zip(message.items, payloads) if p == "vector"]))
+    items = []
+    for item, payload in zip(message.items, payloads):
+        metadata = {}
+        for key, value in item.metadata.items():
+            kind = value.WhichOneof("kind")
+            metadata[key] = getattr(value, kind) if kind else value_from_pb(
+                value, f"item {quoted(item.id)} metadata {quoted(key)}")
+        items.append(UpsertRequestItem(
+            item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
+            next(vectors) if payload == "vector" else None, metadata))
+    return items
+
+
+class _UpsertStream:
+    """An Upsert stream's commits: one at a time and in order, while the loop reads and decodes the next
+    message (a commit runs in a store thread; decoding waited for it and the commit for the decoding)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.collection = ""
+        self.inserted = self.replaced = self.count = 0
+        self._commit: Optional[asyncio.Future] = None
+
+    def target(self, message: pb.UpsertRequest) -> str:
+        if message.collection and self.collection and message.collection != self.collection:
             raise InvalidInput(f"one Upsert stream writes one collection: got {quoted(message.collection)} after "
-                               f"{quoted(collection)}")
-        collection = collection or message.collection
-        if not collection:
+                               f"{quoted(self.collection)}")
+        self.collection = self.collection or message.collection
+        if not self.collection:
             raise InvalidInput("the first Upsert message must name the collection")
-        items = await converted(message.items, item_from_pb, lambda item: item.vector)
-        if not items:
-            continue
+        return self.collection
+
+    def start(self, items: list[UpsertRequestItem]) -> None:
+        self._commit = asyncio.ensure_future(self.engine.upsert(self.collection, items))
+
+    async def settle(self) -> None:
+        """Waits for the commit in flight; its error says what earlier messages stored."""
+        commit, self._commit = self._commit, None
+        if commit is None:
+            return
         try:
-            result = await engine.upsert(collection, items)
+            result = await commit
         except EmbedsvcError as exc:
-            if inserted or replaced:
-                raise type(exc)(f"{exc} (this message was not stored; {inserted + replaced} items from earlier "
-                                f"messages of the stream were)") from None
+            if self.inserted or self.replaced:
+                raise type(exc)(f"{exc} (this message was not stored; {self.inserted + self.replaced} items from "
+                                f"earlier messages of the stream were)") from None
             raise
-        inserted, replaced, count = inserted + result.inserted, replaced + result.replaced, result.count
-    if not collection:
+        self.inserted, self.replaced, self.count = (self.inserted + result.inserted, self.replaced + result.replaced,
+                                                    result.count)
+
+    def abandon(self) -> None:
+        """The stream ended early (cancelled, broken): a commit in flight is not waited for (its thread ends it)."""
+        if self._commit is not None and not self._commit.done():
+            self._commit.cancel()
+
+
+async def upsert(engine: Engine, messages: AsyncIterable[pb.UpsertRequest]) -> pb.UpsertResponse:
+    stream = _UpsertStream(engine)
+    try:
+        async for message in messages:
+            try:
+                stream.target(message)
+                items = upsert_items(message)
+            except Exception:
+                await stream.settle()  # the message before a bad one is reported stored, or its own error
+                raise
+            await stream.settle()
+            if items:
+                stream.start(items)
+        await stream.settle()
+    finally:
+        stream.abandon()
+    if not stream.collection:
         raise InvalidInput("empty Upsert stream: name the collection and send items")
-    return pb.UpsertResponse(inserted=inserted, replaced=replaced, count=count)
-
-
-def item_from_pb(item: pb.UpsertItem, _: int) -> UpsertRequestItem:
-    payload = item.WhichOneof("payload")
-    metadata = {k: value_from_pb(v, f"item {quoted(item.id)} metadata {quoted(k)}") for k, v in item.metadata.items()}
-    return UpsertRequestItem(
-        item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
-        vector_from_pb(item.vector) if payload == "vector" else None, metadata)
+    return pb.UpsertResponse(inserted=stream.inserted, replaced=stream.replaced, count=stream.count)
 
 
 async def delete(engine: Engine, request: pb.DeleteRequest) -> pb.DeleteResponse:

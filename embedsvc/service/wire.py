@@ -59,6 +59,33 @@ def embed_response(model: str, modalities: Sequence[int], truncated: Sequence[bo
     return pb.EmbedResponse.FromString(_field(1, model.encode()) + b"".join(results))
 
 
+def vector_rows(vectors: Sequence[pb.Vector]) -> list[np.ndarray]:
+    """vector_values of many vectors: when each is one packed field of the same length (an upsert's usual
+    case), they are read into one matrix with one copy and each vector is a row of it."""
+    blobs = [v.SerializeToString() for v in vectors]
+    header = _packed_header(blobs[0]) if blobs else b""
+    size = len(blobs[0]) if blobs else 0
+    if not header or (size - len(header)) % 4 or any(len(b) != size or not b.startswith(header) for b in blobs):
+        return [vector_values(v) for v in vectors]
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)
+    matrix = np.ascontiguousarray(raw[:, len(header):]).view("<f4").astype(np.float32, copy=False)
+    return list(matrix)
+
+
+def _packed_header(data: bytes) -> bytes:
+    """The tag and length before the floats when `data` is exactly one packed `values` field, else b"" (no
+    values, or fields this version does not know after them)."""
+    if not data.startswith(_key(1, _LEN)):
+        return b""
+    length, offset, shift = 0, 1, 0
+    while offset < len(data):
+        byte = data[offset]
+        length, offset, shift = length | (byte & 0x7F) << shift, offset + 1, shift + 7
+        if not byte & 0x80:
+            return data[:offset] if offset + length == len(data) else b""
+    return b""
+
+
 def vector_values(vector: pb.Vector) -> np.ndarray:
     """Vector.values as float32, read from the packed field's wire bytes: iterating the field costs ~35 ns a
     value on the event loop (130 ms for a request of 1,024 vectors of 3,600), the bytes are one memcpy."""

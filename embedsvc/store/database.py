@@ -205,12 +205,14 @@ class Database:
                                    (collection_id, *chunk)).fetchall())
         return found
 
-    def upsert(self, collection_id: int, ids: list[str], metadata: list[str], write_vectors: Callable[[int], None],
+    def upsert(self, collection_id: int, ids: list[str], metadata: list[str],
+               write_vectors: Callable[[int], Callable[[], None]],
                pooling_version: Optional[int] = None, thumbnails: Optional[dict[str, tuple[str, bytes]]] = None
                ) -> tuple[np.ndarray, dict[str, int]]:
         """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
 
-        `write_vectors(first label)` stores the batch's vectors durably (the vector file) before the commit.
+        `write_vectors(first label)` writes the batch's vectors (the vector file) and returns the wait for their
+        sync, which runs while the rows are inserted; the commit comes after it returned (vectors first on disk).
         `pooling_version`: the version of the pooling state the vectors were computed with; checked in
         the same transaction, so vectors of a codebook replaced meanwhile are never committed.
         `thumbnails` {id: (media type, bytes)} are written in the same transaction; a replaced item loses its
@@ -224,15 +226,19 @@ class Database:
             if pooling_version is not None and pooling_version != current_version:
                 raise Aborted(f"the collection's pooling was re-fitted (version {pooling_version} -> "
                               f"{current_version}) while these items were embedded; nothing was stored: retry")
-            old = self.labels_of(c, collection_id, ids)
-            labels = np.arange(start, start + len(ids), dtype=np.int64)
-            c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
-            c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
-                          [(collection_id, i, label, m) for i, label, m in zip(ids, labels.tolist(), metadata)])
-            c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
-                          [(collection_id, label, old.get(i)) for i, label in zip(ids, labels.tolist())])
-            self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
-            write_vectors(start)
+            synced = write_vectors(start)
+            try:
+                old = self.labels_of(c, collection_id, ids)
+                labels = np.arange(start, start + len(ids), dtype=np.int64)
+                c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
+                c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
+                              [(collection_id, i, l, m) for i, l, m in zip(ids, labels.tolist(), metadata)])
+                c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
+                              [(collection_id, l, old.get(i)) for i, l in zip(ids, labels.tolist())])
+                self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})],
+                                         thumbnails)
+            finally:
+                synced()  # the vectors are on disk before the commit that names them (or this raises)
         return labels, old
 
     def delete(self, collection_id: int, ids: list[str]) -> dict[str, int]:

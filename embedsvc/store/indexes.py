@@ -43,9 +43,11 @@ def pq_subquantizers(dim: int) -> int:
     return max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
 
 
-# HNSW graphs, in FAISS and in Milvus alike: links per node, candidate list sizes when building and searching
-# (a search's ef_search overrides the last).
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+# HNSW's defaults, for both back ends (Milvus takes them as M, efConstruction and ef): recall@10 against exact
+# search and build rate at 100k and 1M are in the README's scale section (bench/scale.py --kinds).
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
 
 INDEX_PRESETS: dict[str, IndexPreset] = {
     p.name: p

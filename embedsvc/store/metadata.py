@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -37,10 +37,14 @@ def _typed(value: Value) -> tuple:
     return ("s", value)
 
 
-def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") -> dict[str, Value]:
-    """Checks keys and values; returns a plain dict (numbers kept as given)."""
+def validate_metadata(metadata: Optional[Mapping[str, Any]], where: Union[str, Callable[[], str]] = "") -> dict[str, Value]:
+    """Checks keys and values; returns a plain dict (numbers kept as given). `where` (or a function making
+    it, called only for a message) says whose metadata it is."""
     if not metadata:
         return {}
+    if _plain(metadata):
+        return dict(metadata)
+    where = where() if callable(where) else where
     prefix = f"{where}: " if where else ""
     if len(metadata) > MAX_KEYS:
         raise InvalidInput(f"{prefix}metadata has {len(metadata)} keys; at most {MAX_KEYS} are allowed")
@@ -63,6 +67,29 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: str = "") ->
                                f"use a string, number or boolean")
         out[key] = value
     return out
+
+
+def _plain(metadata: Mapping[str, Any]) -> bool:
+    """True when every key and value is plainly valid (ASCII text within the limits, a finite number, a
+    boolean): the usual case, decided without encoding any text; anything else gets the full checks."""
+    if len(metadata) > MAX_KEYS:
+        return False
+    for key, value in metadata.items():
+        if type(key) is not str or not key.isascii() or not 0 < len(key) <= MAX_KEY_BYTES:
+            return False
+        kind = type(value)
+        if kind is str:
+            if not value.isascii() or len(value) > MAX_STRING_BYTES:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is int:
+            if not -2**63 <= value < 2**64:
+                return False
+        elif kind is not bool:
+            return False
+    return True
 
 
 def _is_utf8(text: str) -> bool:

@@ -3,9 +3,10 @@ hits, and the errors only a store raises."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -132,6 +133,8 @@ class DeleteResult:
 
 
 def validate_id(item_id: Any) -> str:
+    if isinstance(item_id, str) and item_id.isascii() and 0 < len(item_id) <= MAX_ID_BYTES:
+        return item_id  # the usual case, decided without encoding it
     if not isinstance(item_id, str) or not item_id:
         raise InvalidInput(f"item id {quoted(item_id)} must be a non-empty string")
     if len(item_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
@@ -190,23 +193,27 @@ def check_incarnation(name: str, current: str, expected: Optional[str]) -> None:
 
 def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str], np.ndarray, list[dict]]:
     """Validated (ids, vectors, metadata) of an upsert batch, as every back end stores them: a repeated id
-    keeps its last item, cosine vectors are normalised (so inner product is the cosine)."""
+    keeps its last item, cosine vectors are normalised (so inner product is the cosine). Messages naming
+    an item are made only when it is wrong (making one per item was a third of a bulk upsert's cost here)."""
     from embedsvc.store.metadata import validate_metadata
 
     latest: dict[str, Item] = {}
     for item in items:
         latest[validate_id(item.id)] = item  # a repeated id in one batch: the last one wins
     ids = list(latest)
-    for item_id, item in latest.items():
-        size = np.asarray(item.vector).size
-        if size != config.dim:
-            raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {size}; collection {quoted(name)} "
-                               f"holds vectors of dimension {config.dim}")
-    vectors = validate_vectors(np.stack([np.asarray(latest[i].vector, dtype=np.float32).reshape(-1) for i in ids]),
-                               config.dim)
-    vectors = prepare_vectors(vectors, config.metric, [f"item {quoted(i)}" for i in ids])
-    metadata = [validate_metadata(latest[i].metadata, f"item {quoted(i)}") for i in ids]
+    arrays = [np.asarray(latest[i].vector) for i in ids]
+    for item_id, array in zip(ids, arrays):
+        if array.size != config.dim:
+            raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {array.size}; collection "
+                               f"{quoted(name)} holds vectors of dimension {config.dim}")
+    vectors = validate_vectors(np.stack([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]), config.dim)
+    vectors = prepare_vectors(vectors, config.metric, lambda row: _item_name(ids[row]))
+    metadata = [validate_metadata(latest[i].metadata, functools.partial(_item_name, i)) for i in ids]
     return ids, vectors, metadata
+
+
+def _item_name(item_id: str) -> str:
+    return f"item {quoted(item_id)}"
 
 
 def prepare_queries(config: CollectionConfig, queries, options: SearchOptions, max_top_k: int) -> np.ndarray:
@@ -218,23 +225,23 @@ def prepare_queries(config: CollectionConfig, queries, options: SearchOptions, m
         raise InvalidInput(f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
                            f"(0 = the collection's default), got {nprobe} and {ef_search}")
     queries = validate_vectors(queries, config.dim, "query")
-    return prepare_vectors(queries, config.metric, [f"query {i}" for i in range(len(queries))])
+    return prepare_vectors(queries, config.metric, lambda row: f"query {row}")
 
 
-def prepare_vectors(vectors: np.ndarray, metric: str, names) -> np.ndarray:
+def prepare_vectors(vectors: np.ndarray, metric: str, name_of: Callable[[int], str]) -> np.ndarray:
     """Cosine: unit vectors, normalised in float64 so that no finite float32 input overflows or
     underflows (only an exact zero vector has no direction). Inner product: norms bounded so that
-    no score can overflow float32."""
+    no score can overflow float32. `name_of(row)` names a row in an error message."""
     wide = vectors.astype(np.float64)  # one float64 copy, normalised in place (bulk upserts spend their time here)
     norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))[:, None]
     if metric == "cosine":
         zero = np.flatnonzero(norms[:, 0] == 0)
         if len(zero):
-            raise InvalidInput(f"{names[zero[0]]} is a zero vector, which has no direction for cosine similarity")
+            raise InvalidInput(f"{name_of(int(zero[0]))} is a zero vector, which has no direction for cosine similarity")
         wide /= norms
         return wide.astype(np.float32)
     big = np.flatnonzero(norms[:, 0] > MAX_INNER_PRODUCT_NORM)
     if len(big):
-        raise InvalidInput(f"{names[big[0]]} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
+        raise InvalidInput(f"{name_of(int(big[0]))} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
                            f"inner products of such vectors overflow float32; scale the vectors down")
     return vectors

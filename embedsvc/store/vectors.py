@@ -9,7 +9,8 @@ hold the labels listed in `collection-<id>.g<g>.labels.npy` (ascending; written 
 made by a compaction); slot `base_count + i` holds label `base_label + i`, so every write appends the rows
 of its consecutive new labels. `base_count`, `base_label` and `g` live in the collections table; the rows
 in use are those of labels below the table's `next_label`, both committed in the same transaction as the
-items. A write pwrites and fdatasyncs its rows *before* that transaction: a crash in between leaves rows
+items. A write pwrites and fdatasyncs its rows *before* that transaction commits (the sync runs while the
+transaction inserts its rows, and the commit waits for it): a crash in between leaves rows
 past `next_label`, which nothing reads and the next write overwrites. Committed rows are never rewritten;
 a compaction writes a new generation next to the old one and switches to it in one SQLite transaction.
 """
@@ -21,9 +22,11 @@ import io
 import mmap
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -48,7 +51,7 @@ class VectorFileError(RuntimeError):
 
 
 class VectorFile:
-    """Rows of one collection's vectors; appends are durable when `append` returns."""
+    """Rows of one collection's vectors; appends are durable once the wait `append` returns has returned."""
 
     def __init__(self, folder: Path, collection_id: int, dim: int, layout: Layout, next_label: int,
                  create: bool = False, populate: bool = False):
@@ -144,8 +147,10 @@ class VectorFile:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def append(self, start_label: int, vectors: np.ndarray) -> None:
-        """Writes the rows of labels start_label.. and syncs them; called before the commit naming them."""
+    def append(self, start_label: int, vectors: np.ndarray) -> Callable[[], None]:
+        """Writes the rows of labels start_label.. and starts syncing them in a helper thread; returns the wait
+        for that sync, which the caller must call (it raises the sync's error) before the commit naming the
+        rows. The caller inserts the batch's SQLite rows meanwhile: the sync no longer adds to each write."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         slot = self.slot_count(start_label)
         if slot != self.used:
@@ -158,7 +163,7 @@ class VectorFile:
         while data:
             written = os.pwrite(self.fd, data, offset)
             data, offset = data[written:], offset + written
-        os.fdatasync(self.fd)
+        return _sync_pool().submit(os.fdatasync, self.fd).result
 
     def committed(self, next_label: int) -> None:
         """The transaction naming the appended rows committed: they are in use."""
@@ -235,6 +240,18 @@ class VectorFile:
         atomic_write(cls.labels_path(folder, collection_id, generation), buffer.getvalue())
         fsync_dir(folder)
         return Layout(generation, len(labels), next_label)
+
+
+_SYNCS: list[ThreadPoolExecutor] = []
+_SYNCS_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """Threads that sync vector files while their writers go on (made on first use)."""
+    with _SYNCS_LOCK:
+        if not _SYNCS:
+            _SYNCS.append(ThreadPoolExecutor(max_workers=2, thread_name_prefix="vector-sync"))
+        return _SYNCS[0]
 
 
 def remove_generations(folder: Path, collection_id: int, keep: Optional[int]) -> None:
