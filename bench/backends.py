@@ -41,14 +41,16 @@ def bare_faiss(preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np
     from embedsvc.store.indexes import HNSW_EF_SEARCH, INDEX_PRESETS
 
     n, dim = vectors.shape
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, INDEX_PRESETS[preset].factory(dim, n), faiss.METRIC_INNER_PRODUCT)) \
-        if preset in ("flat", "hnsw") else faiss.index_factory(dim, INDEX_PRESETS[preset].factory(dim, n),
-                                                               faiss.METRIC_INNER_PRODUCT)
+    index = (
+        faiss.IndexIDMap2(faiss.index_factory(dim, INDEX_PRESETS[preset].factory(dim, n), faiss.METRIC_INNER_PRODUCT))
+        if preset in ("flat", "hnsw")
+        else faiss.index_factory(dim, INDEX_PRESETS[preset].factory(dim, n), faiss.METRIC_INNER_PRODUCT)
+    )
     started = time.perf_counter()
     if not index.is_trained:
         index.train(vectors)
     for start in range(0, n, BATCH):
-        index.add_with_ids(vectors[start:start + BATCH], np.arange(start, min(n, start + BATCH), dtype=np.int64))
+        index.add_with_ids(vectors[start : start + BATCH], np.arange(start, min(n, start + BATCH), dtype=np.int64))
     add_rate = n / (time.perf_counter() - started)
     allowed = np.flatnonzero(groups == 3).astype(np.int64)
     hnsw = preset == "hnsw"
@@ -72,8 +74,13 @@ def through_store(store, preset: str, vectors: np.ndarray, groups: np.ndarray, q
     store.create_collection(CollectionConfig("bench", dim, index=preset))
     started = time.perf_counter()
     for start in range(0, n, BATCH):
-        store.upsert("bench", [Item(f"v{i}", vectors[i], {"group": int(groups[i]), "tag": f"t{i % 100}"})
-                               for i in range(start, min(n, start + BATCH))])
+        store.upsert(
+            "bench",
+            [
+                Item(f"v{i}", vectors[i], {"group": int(groups[i]), "tag": f"t{i % 100}"})
+                for i in range(start, min(n, start + BATCH))
+            ],
+        )
     add_rate = n / (time.perf_counter() - started)
     started = time.perf_counter()
     store.checkpoint("bench")  # local: FAISS checkpoint; Milvus: flush, sealing the data into indexed segments
@@ -103,16 +110,23 @@ def main() -> None:
     queries = clustered(args.searches, args.dim, 1)
     groups = np.random.default_rng(2).integers(0, GROUPS, args.n)
     rows = {}
-    print(f"# {args.n:,} x {args.dim}, preset {args.preset}, {args.searches} single-query top-10 searches each; "
-          f"filter keeps {np.mean(groups == 3):.1%}; {platform.machine()}, {platform.python_version()}\n")
-    print("| back end | upsert vectors/s | checkpoint / flush s | search p50 ms | p99 ms | filtered p50 ms | "
-          "filtered p99 ms |")
+    print(
+        f"# {args.n:,} x {args.dim}, preset {args.preset}, {args.searches} single-query top-10 searches each; "
+        f"filter keeps {np.mean(groups == 3):.1%}; {platform.machine()}, {platform.python_version()}\n"
+    )
+    print(
+        "| back end | upsert vectors/s | checkpoint / flush s | search p50 ms | p99 ms | filtered p50 ms | "
+        "filtered p99 ms |"
+    )
     print("|---|---|---|---|---|---|---|", flush=True)
 
     def report(name: str, row: dict) -> None:
         rows[name] = row
-        print(f"| {name} | {row['add']:,.0f} | {row['seal']:.1f} | {row['plain'][0]:.2f} | {row['plain'][1]:.2f} | "
-              f"{row['filtered'][0]:.2f} | {row['filtered'][1]:.2f} |", flush=True)
+        print(
+            f"| {name} | {row['add']:,.0f} | {row['seal']:.1f} | {row['plain'][0]:.2f} | {row['plain'][1]:.2f} | "
+            f"{row['filtered'][0]:.2f} | {row['filtered'][1]:.2f} |",
+            flush=True,
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         report("bare FAISS", bare_faiss(args.preset, vectors, groups, queries))

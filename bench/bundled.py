@@ -13,8 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp", "avg:tokens=clearclip",
-            "max:tokens=naclip")
+POOLINGS = ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp", "avg:tokens=clearclip", "max:tokens=naclip")
 
 
 def options_of(model: str):
@@ -35,7 +34,7 @@ def zero_shot(options, count: int) -> dict:
     classes, truth, images = foreign_set(count)
     prompts = prompts_of(classes)
     vectors = embed(encoder, prompts + images, [bind_pooling("cls")]).vectors[0]
-    return zero_shot_scores(vectors[len(prompts):], vectors[:len(prompts)], classes, truth)
+    return zero_shot_scores(vectors[len(prompts) :], vectors[: len(prompts)], classes, truth)
 
 
 def main() -> int:
@@ -46,27 +45,37 @@ def main() -> int:
     args = parser.parse_args()
     from embedsvc.jobs.compare import CompareJob, run_compare
 
-    print("| model | pooling | tokens | t2i R@1 | t2i R@10 | median rank | i2t R@1 | i2i mAP |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | pooling | tokens | t2i R@1 | t2i R@10 | median rank | i2t R@1 | i2i mAP |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     shots = {}
     for model in args.models:
         options = options_of(model)
         with tempfile.TemporaryDirectory() as out:
-            result = run_compare(CompareJob(data="scenes", size=args.size, poolings=POOLINGS, model=options,
-                                            out_dir=out, latency_queries=10))
+            result = run_compare(
+                CompareJob(
+                    data="scenes", size=args.size, poolings=POOLINGS, model=options, out_dir=out, latency_queries=10
+                )
+            )
         name = result["model"]
         for row in result["poolings"]:
             m = row["metrics"]
             t2i, i2t, i2i = m.get("text_to_image", {}), m.get("image_to_text", {}), m.get("image_to_image", {})
-            print(f"| {name} | {row['pooling'].split(':tokens=')[0]} | {row['tokens']} | "
-                  f"{t2i.get('recall_at_1', float('nan')):.3f} | {t2i.get('recall_at_10', float('nan')):.3f} | "
-                  f"{t2i.get('median_rank', float('nan')):.0f} | {i2t.get('recall_at_1', float('nan')):.3f} | "
-                  f"{i2i.get('mean_average_precision', float('nan')):.3f} |", flush=True)
+            print(
+                f"| {name} | {row['pooling'].split(':tokens=')[0]} | {row['tokens']} | "
+                f"{t2i.get('recall_at_1', float('nan')):.3f} | {t2i.get('recall_at_10', float('nan')):.3f} | "
+                f"{t2i.get('median_rank', float('nan')):.0f} | {i2t.get('recall_at_1', float('nan')):.3f} | "
+                f"{i2i.get('mean_average_precision', float('nan')):.3f} |",
+                flush=True,
+            )
         chance = m.get("text_to_image", {}).get("chance_recall_at_1")
         print(f"| {name} | chance | | {chance:.3f} | | | | |" if chance is not None else "", flush=True)
         shots[name] = zero_shot(options, args.drawings)
-    print(f"\nzero-shot on {args.drawings} foreign drawings (joint colour+shape prompts):\n\n"
-          "| model | colour+shape top-1 | colour | shape |\n|---|---|---|---|")
+    print(
+        f"\nzero-shot on {args.drawings} foreign drawings (joint colour+shape prompts):\n\n"
+        "| model | colour+shape top-1 | colour | shape |\n|---|---|---|---|"
+    )
     for name, z in shots.items():
         print(f"| {name} | {z['accuracy']:.3f} | {z['colour']:.3f} | {z['shape']:.3f} |")
     z = next(iter(shots.values()))

@@ -9,19 +9,36 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 
-def start_server(extra: list[str], data_dir: str, env: dict | None = None,
-                 command: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    extra: list[str], data_dir: str, env: dict | None = None, command: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`embedsvc serve` (or `command`, which prints the same "serving on" line) on a free local port;
     returns the process and its address."""
-    command = command or [sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                          data_dir, "--demo-size", "0", "--metrics-port", "-1", "--http-listen", "", "--log-level",
-                          "WARNING", *extra]
+    command = command or [
+        sys.executable,
+        "-m",
+        "embedsvc",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+        "--demo-size",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--http-listen",
+        "",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     assert proc.stderr is not None  # stderr=PIPE
     for line in proc.stderr:

@@ -41,7 +41,13 @@ def write_manifests(out: Path, every: int = 5) -> tuple[Path, Path]:
         grey = Image.fromarray((pixels * (255 / 16)).astype("uint8"), "L").resize((32, 32), Image.Resampling.BICUBIC)
         grey.convert("RGB").save(out / path)
         rows["heldout" if i % every == 0 else "train"].append(
-            {"id": f"digit-{i:04d}", "path": path, "caption": f"a handwritten digit {NAMES[label]}", "label": int(label)})
+            {
+                "id": f"digit-{i:04d}",
+                "path": path,
+                "caption": f"a handwritten digit {NAMES[label]}",
+                "label": int(label),
+            }
+        )
     paths = []
     for split, items in rows.items():
         paths.append(out / f"{split}.csv")
@@ -69,31 +75,66 @@ def main() -> int:
     config = out / "digits-clip.json"
     config.write_text(json.dumps(MODEL, indent=2) + "\n")
     started = time.perf_counter()
-    cli("train", "--config", str(config), "--data", str(train), "--eval-data", str(heldout), "--eval-size", "1000",
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", "0.001", "--warmup-steps", "30",
-        "--threads", str(args.threads), "--out-dir", str(out / "model"))
+    cli(
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(train),
+        "--eval-data",
+        str(heldout),
+        "--eval-size",
+        "1000",
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        "0.001",
+        "--warmup-steps",
+        "30",
+        "--threads",
+        str(args.threads),
+        "--out-dir",
+        str(out / "model"),
+    )
     train_minutes = (time.perf_counter() - started) / 60
     poolings = [a for p in ("cls", "avg", "gem:p=3") for a in ("--pooling", p)]
-    cli("compare", "--checkpoint", str(out / "model" / "digits-clip.safetensors"), "--data", str(heldout),
-        *poolings, "--out-dir", str(out / "compare-trained"))
+    cli(
+        "compare",
+        "--checkpoint",
+        str(out / "model" / "digits-clip.safetensors"),
+        "--data",
+        str(heldout),
+        *poolings,
+        "--out-dir",
+        str(out / "compare-trained"),
+    )
     cli("compare", "--data", str(heldout), *poolings, "--out-dir", str(out / "compare-bundled"))
 
     print(f"\ntraining: {args.steps} steps x {args.batch_size}, {train_minutes:.1f} min (data preparation included)")
     print("\n| model | pooling | t2i R@1 | t2i mAP | i2t R@1 (= zero-shot accuracy) | i2i R@1 | i2i mAP |")
     print("|---|---|---|---|---|---|---|")
     chance: dict = {}
-    for model, folder in (("trained (digits-clip)", "compare-trained"), (f"bundled {DEFAULT_MODEL}", "compare-bundled")):
+    for model, folder in (
+        ("trained (digits-clip)", "compare-trained"),
+        (f"bundled {DEFAULT_MODEL}", "compare-bundled"),
+    ):
         result = json.loads((out / folder / "results.json").read_text())
         for row in result["poolings"]:
             m = row["metrics"]
-            print(f"| {model} | {row['pooling']} | {m['text_to_image']['recall_at_1']:.3f} | "
-                  f"{m['text_to_image']['mean_average_precision']:.3f} | {m['image_to_text']['recall_at_1']:.3f} | "
-                  f"{m['image_to_image']['recall_at_1']:.3f} | {m['image_to_image']['mean_average_precision']:.3f} |")
+            print(
+                f"| {model} | {row['pooling']} | {m['text_to_image']['recall_at_1']:.3f} | "
+                f"{m['text_to_image']['mean_average_precision']:.3f} | {m['image_to_text']['recall_at_1']:.3f} | "
+                f"{m['image_to_image']['recall_at_1']:.3f} | {m['image_to_image']['mean_average_precision']:.3f} |"
+            )
             chance = m
-    print(f"| chance (random ranking) | - | {chance['text_to_image']['chance_recall_at_1']:.3f} | "
-          f"{chance['text_to_image']['chance_mean_average_precision']:.3f} | "
-          f"{chance['image_to_text']['chance_recall_at_1']:.3f} | {chance['image_to_image']['chance_recall_at_1']:.3f} | "
-          f"{chance['image_to_image']['chance_mean_average_precision']:.3f} |")
+    print(
+        f"| chance (random ranking) | - | {chance['text_to_image']['chance_recall_at_1']:.3f} | "
+        f"{chance['text_to_image']['chance_mean_average_precision']:.3f} | "
+        f"{chance['image_to_text']['chance_recall_at_1']:.3f} | {chance['image_to_image']['chance_recall_at_1']:.3f} | "
+        f"{chance['image_to_image']['chance_mean_average_precision']:.3f} |"
+    )
     print(f"\nheld out: {result['size']} digits, {result['relevance']['description']}")
     return 0
 

@@ -17,10 +17,9 @@ import time
 
 import grpc
 import numpy as np
-
 from common import start_server
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 
 async def one(stub, text: str) -> tuple[np.ndarray, float]:
@@ -73,8 +72,10 @@ def main() -> None:
         return np.percentile([r[1] * 1000 for r in rs], [50, 99])
 
     (s50, s99), (c50, c99) = lat(sequential), lat(batched)
-    print(f"# dynamic batching: {args.requests} single-text Embed calls, machine={platform.machine()} "
-          f"server flags={' '.join(extra) or '(defaults)'}")
+    print(
+        f"# dynamic batching: {args.requests} single-text Embed calls, machine={platform.machine()} "
+        f"server flags={' '.join(extra) or '(defaults)'}"
+    )
     print("| mode | requests/s | p50 ms | p99 ms |")
     print("|---|---|---|---|")
     print(f"| sequential (1 client) | {args.requests / seq_s:.1f} | {s50:.2f} | {s99:.2f} |")

@@ -54,24 +54,30 @@ class FloorEngine:
         n = len(contents)
         modalities = ["text" if isinstance(c, Text) else "image" for c in contents]
         return self.runtime.encoder.loaded.spec.name, EmbeddedBatch(
-            modalities, [np.ones((n, self.dim), "f4")] * max(1, len(poolings)), [False] * n, None, [0] * n)
+            modalities, [np.ones((n, self.dim), "f4")] * max(1, len(poolings)), [False] * n, None, [0] * n
+        )
 
 
 async def serve_front_ends(dim: int, frontends: int, model: str, models_file: str) -> None:
     import tempfile
 
-    from embedsvc.service.config import ServerConfig
     from embedsvc.engine.engine import Engine
+    from embedsvc.service.config import ServerConfig
     from embedsvc.service.frontends import FrontEnds, front_end_spec, reserve_port
     from embedsvc.service.modelchannel import ModelChannelServer
     from embedsvc.store import open_store
 
-    config = ServerConfig(listen="127.0.0.1:0", frontends=frontends, log_level="WARNING", models_file=models_file,
-                          default_model=model or ServerConfig.default_model).validate()
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        frontends=frontends,
+        log_level="WARNING",
+        models_file=models_file,
+        default_model=model or ServerConfig.default_model,
+    ).validate()
     folder = tempfile.mkdtemp(prefix="embedsvc-floor-")
     engine = Engine(config.engine_config(), open_store("local", data_dir=folder + "/data"))
     runtime = engine.runtime(config.default_model)
-    sock, host, port = reserve_port(config.listen)
+    _sock, host, port = reserve_port(config.listen)
     channel = ModelChannelServer(FloorEngine(runtime, dim), folder + "/model.sock")
     await channel.start()
     group = FrontEnds(config, front_end_spec(config, folder, host, port))

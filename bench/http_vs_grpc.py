@@ -34,19 +34,21 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32, help="texts per request of the batch embed")
-    parser.add_argument("--model", default="bundled",
-                        help="model of the embeds: 'bundled' (the default model) or an open_clip architecture with "
-                             "random weights, e.g. ViT-B-32 (the size users serve)")
+    parser.add_argument(
+        "--model",
+        default="bundled",
+        help="model of the embeds: 'bundled' (the default model) or an open_clip architecture with "
+        "random weights, e.g. ViT-B-32 (the size users serve)",
+    )
     args = parser.parse_args()
 
     import grpc
     import httpx
     from google.protobuf import json_format
+    from serving import running_server  # type: ignore[attr-defined]  # tests/serving.py: first on sys.path
 
     from embedsvc.service.config import ServerConfig
-    from embedsvc.v1 import embedsvc_pb2 as pb
-    from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-    from serving import running_server  # type: ignore[attr-defined]  # tests/serving.py: first on sys.path
+    from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((args.items, args.dim)).astype(np.float32)
@@ -56,41 +58,72 @@ def main() -> None:
         if args.model != "bundled":
             from embedsvc.models import ModelSpec, register_model
 
-            model = register_model(ModelSpec(name=f"bench-{args.model}", architecture=args.model, random_init=True),
-                                   replace=True).name
-        config = ServerConfig(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=data, metrics_port=-1,
-                              demo_size=0, log_level="WARNING", log_format="text", default_model=model,
-                              preload_models=model)
+            model = register_model(
+                ModelSpec(name=f"bench-{args.model}", architecture=args.model, random_init=True), replace=True
+            ).name
+        config = ServerConfig(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            data_dir=data,
+            metrics_port=-1,
+            demo_size=0,
+            log_level="WARNING",
+            log_format="text",
+            default_model=model,
+            preload_models=model,
+        )
         with running_server(config) as srv:
             channel = grpc.insecure_channel(srv.address)
             index = pb_grpc.IndexServiceStub(channel)
             embed = pb_grpc.EmbedServiceStub(channel)
             index.CreateCollection(pb.CreateCollectionRequest(config=pb.CollectionConfig(name="v", dim=args.dim)))
             for start in range(0, args.items, 500):
-                index.Upsert(iter([pb.UpsertRequest(collection="v", items=[
-                    pb.UpsertItem(id=str(i), vector=pb.Vector(values=vectors[i].tolist()))
-                    for i in range(start, min(args.items, start + 500))])]))
+                index.Upsert(
+                    iter(
+                        [
+                            pb.UpsertRequest(
+                                collection="v",
+                                items=[
+                                    pb.UpsertItem(id=str(i), vector=pb.Vector(values=vectors[i].tolist()))
+                                    for i in range(start, min(args.items, start + 500))
+                                ],
+                            )
+                        ]
+                    )
+                )
             requests: dict[str, list[Any]] = {
-                "search": [pb.SearchRequest(collection="v", top_k=10, queries=[pb.Query(vector=pb.Vector(
-                    values=q.tolist()))]) for q in queries],
-                "embed": [pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i}")])
-                          for i in range(args.queries)],
-                f"embed {args.batch}": [pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i} {j}")
-                                                                for j in range(args.batch)])
-                                        for i in range(args.queries)],
+                "search": [
+                    pb.SearchRequest(collection="v", top_k=10, queries=[pb.Query(vector=pb.Vector(values=q.tolist()))])
+                    for q in queries
+                ],
+                "embed": [
+                    pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i}")]) for i in range(args.queries)
+                ],
+                f"embed {args.batch}": [
+                    pb.EmbedRequest(inputs=[pb.Content(text=f"a red circle number {i} {j}") for j in range(args.batch)])
+                    for i in range(args.queries)
+                ],
             }
             grpc_calls = {"search": index.Search, "embed": embed.Embed, f"embed {args.batch}": embed.Embed}
-            http_paths = {"search": "/v1/collections/v/search", "embed": "/v1/embed",
-                          f"embed {args.batch}": "/v1/embed"}
-            print(f"# {platform.processor() or platform.machine()}, {args.items} x {args.dim} vectors, "
-                  f"{args.queries} requests each, embeds by {model}")
+            http_paths = {
+                "search": "/v1/collections/v/search",
+                "embed": "/v1/embed",
+                f"embed {args.batch}": "/v1/embed",
+            }
+            print(
+                f"# {platform.processor() or platform.machine()}, {args.items} x {args.dim} vectors, "
+                f"{args.queries} requests each, embeds by {model}"
+            )
             print("| request | gRPC p50 ms | gRPC p99 ms | HTTP p50 ms | HTTP p99 ms | HTTP/gRPC p50 |")
             print("|---|---|---|---|---|---|")
             with httpx.Client(base_url=srv.http_url, timeout=60) as http:
                 for name, batch in requests.items():
                     grpc_calls[name](batch[0])  # warm up both
-                    http.post(http_paths[name], content=json_format.MessageToJson(batch[0]),
-                              headers={"content-type": "application/json"}).raise_for_status()
+                    http.post(
+                        http_paths[name],
+                        content=json_format.MessageToJson(batch[0]),
+                        headers={"content-type": "application/json"},
+                    ).raise_for_status()
                     g, h = [], []
                     for request in batch:
                         started = time.perf_counter()
@@ -98,8 +131,9 @@ def main() -> None:
                         g.append(time.perf_counter() - started)
                         body = json_format.MessageToJson(request, indent=None)
                         started = time.perf_counter()
-                        http.post(http_paths[name], content=body,
-                                  headers={"content-type": "application/json"}).raise_for_status()
+                        http.post(
+                            http_paths[name], content=body, headers={"content-type": "application/json"}
+                        ).raise_for_status()
                         h.append(time.perf_counter() - started)
                     (g50, g99), (h50, h99) = percentiles(g), percentiles(h)
                     print(f"| {name} | {g50:.2f} | {g99:.2f} | {h50:.2f} | {h99:.2f} | {h50 / g50:.2f} |")

@@ -46,9 +46,11 @@ import numpy as np  # noqa: E402
 # Runs argv[1:] and prints its peak RSS: a child's ru_maxrss starts from the high-water mark of the process it is
 # forked from, so the measured job is started by this small process rather than by the benchmark (which holds
 # models and photos).
-MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(code)")
+MEASURED = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
 
 
 def register(model: str) -> str:
@@ -67,10 +69,17 @@ def child_index(folder: str, model: str, data: str) -> dict:
     """`embedsvc index --local` with default flags, in process; the rate excludes start-up, as the job reports."""
     from embedsvc.jobs.index import IndexJob, run_index
 
-    summary = run_index(IndexJob(folder, ["photos=cls"], local=data, model=register(model),
-                                 report=str(Path(data).with_suffix(".jsonl"))))
-    return {"indexed": summary.indexed, "failed": len(summary.failed), "total": summary.total,
-            "rate": summary.indexed / summary.indexing_seconds}
+    summary = run_index(
+        IndexJob(
+            folder, ["photos=cls"], local=data, model=register(model), report=str(Path(data).with_suffix(".jsonl"))
+        )
+    )
+    return {
+        "indexed": summary.indexed,
+        "failed": len(summary.failed),
+        "total": summary.total,
+        "rate": summary.indexed / summary.indexing_seconds,
+    }
 
 
 def child_floor(folder: str, model: str) -> dict:
@@ -78,9 +87,9 @@ def child_floor(folder: str, model: str) -> dict:
     decode threads are niced as index's readers are, so that other load on the machine weighs on both alike."""
     from PIL import Image
 
+    from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
     from embedsvc.encoder import ClipEncoder
     from embedsvc.models import get_model_spec, load_model
-    from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 
     encoder = ClipEncoder(load_model(get_model_spec(register(model))), max_batch=64)
     side = encoder.loaded.image_size
@@ -109,8 +118,9 @@ def child_floor(folder: str, model: str) -> dict:
 
 def run_child(*args: str) -> dict:
     """This script in `--child` mode, through MEASURED; its JSON result with peak_rss_mib added."""
-    proc = subprocess.run([sys.executable, "-c", MEASURED, sys.executable, __file__, "--child", *args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURED, sys.executable, __file__, "--child", *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -186,7 +196,7 @@ def request_times(client, rpc_floor, encoder, photos: list[bytes], n: int) -> di
     with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(DEFAULT_DECODE_NICE,)) as pool:
         for k in range(n):
             data = photos[k % len(photos)]
-            for system in ((served, floor) if k % 2 == 0 else (floor, served)):
+            for system in (served, floor) if k % 2 == 0 else (floor, served):
                 system(data)
     return out
 
@@ -201,24 +211,25 @@ def span(values: list[float]) -> str:
 
 def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args) -> None:
     import torch
-
     from common import local_encoder, model_flags, start_server
+
     from embedsvc.client import Client
 
     name, flags = model_flags(model, str(work))
     encoder = local_encoder(name, model)
     proc, address = start_server(flags, str(work / f"serve-{model}"))
-    floor_proc, floor_address = start_server([], "", command=[sys.executable, str(Path(__file__).parent /
-                                                                                  "floor_server.py"),
-                                                              str(encoder.loaded.embed_dim)])
+    floor_proc, floor_address = start_server(
+        [], "", command=[sys.executable, str(Path(__file__).parent / "floor_server.py"), str(encoder.loaded.embed_dim)]
+    )
     try:
         client, rpc_floor = Client(address, timeout=120), Client(floor_address, timeout=120)
         request_times(client, rpc_floor, encoder, photos, 2)  # warm
-        rounds: dict[str, list] = {k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward",
-                                                   "rpc", "over", "over_rpc")}
+        rounds: dict[str, list] = {
+            k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward", "rpc", "over", "over_rpc")
+        }
         for rep in range(args.reps):
             if "decode" in args.parts:
-                full, fast = decode_times(encoder, photos[:args.decodes])
+                full, fast = decode_times(encoder, photos[: args.decodes])
                 rounds["full"].append(p50_ms(full))
                 rounds["fast"].append(p50_ms(fast))
             if "index" in args.parts:
@@ -236,37 +247,51 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
         for process in (proc, floor_proc):
             process.terminate()
             process.wait(60)
-    print(f"\n## {model} ({name}, {encoder.loaded.image_size} px), {args.photos} photos of 4000x3000, "
-          f"{args.reps} rounds, torch threads {torch.get_num_threads()}, load average {load_average()}")
+    print(
+        f"\n## {model} ({name}, {encoder.loaded.image_size} px), {args.photos} photos of 4000x3000, "
+        f"{args.reps} rounds, torch threads {torch.get_num_threads()}, load average {load_average()}"
+    )
     print("| figure | embedsvc | reference | comparison |")
     print("|---|---|---|---|")
     if rounds["full"]:
-        print(f"| decode + preprocess of one photo, p50 ms (reference: full decode + the model's transform) "
-              f"| {statistics.median(rounds['fast']):.1f} | {statistics.median(rounds['full']):.1f} "
-              f"| {span([b / a for a, b in zip(rounds['fast'], rounds['full'])])}x less |")
+        print(
+            f"| decode + preprocess of one photo, p50 ms (reference: full decode + the model's transform) "
+            f"| {statistics.median(rounds['fast']):.1f} | {statistics.median(rounds['full']):.1f} "
+            f"| {span([b / a for a, b in zip(rounds['fast'], rounds['full'])])}x less |"
+        )
     if rounds["index"]:
         print_index(rounds["index"], rounds["floor"])
     if rounds["served"]:
         bounds = [d + f for d, f in zip(rounds["decode"], rounds["forward"])]
-        print(f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + "
-              f"forward {statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
-              f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |")
-        print(f"| the same call to a server that does no work (bench/floor_server.py), p50 ms; served over decode "
-              f"floor + forward + it | {statistics.median(rounds['rpc']):.1f} | | {span(rounds['over_rpc'])} ms "
-              f"over |")
+        print(
+            f"| Embed of one photo, p50 ms (reference: decode floor {statistics.median(rounds['decode']):.1f} + "
+            f"forward {statistics.median(rounds['forward']):.1f}) | {statistics.median(rounds['served']):.1f} "
+            f"| {statistics.median(bounds):.1f} | {span(rounds['over'])} ms over (paired per call, p50) |"
+        )
+        print(
+            f"| the same call to a server that does no work (bench/floor_server.py), p50 ms; served over decode "
+            f"floor + forward + it | {statistics.median(rounds['rpc']):.1f} | | {span(rounds['over_rpc'])} ms "
+            f"over |"
+        )
     sys.stdout.flush()
 
 
 def print_index(index: list[dict], floor: list[dict]) -> None:
-    print(f"| index --local, default flags: indexed / failed of {index[0]['total']} "
-          f"| {min(r['indexed'] for r in index)} / {max(r['failed'] for r in index)} | | |")
-    print(f"| index --local images/s (reference: a floor, DCT-scaled decode + the same model in one process) "
-          f"| {statistics.median(r['rate'] for r in index):.1f} | {statistics.median(r['rate'] for r in floor):.1f} "
-          f"| {span([a['rate'] / b['rate'] for a, b in zip(index, floor)])} |")
+    print(
+        f"| index --local, default flags: indexed / failed of {index[0]['total']} "
+        f"| {min(r['indexed'] for r in index)} / {max(r['failed'] for r in index)} | | |"
+    )
+    print(
+        f"| index --local images/s (reference: a floor, DCT-scaled decode + the same model in one process) "
+        f"| {statistics.median(r['rate'] for r in index):.1f} | {statistics.median(r['rate'] for r in floor):.1f} "
+        f"| {span([a['rate'] / b['rate'] for a, b in zip(index, floor)])} |"
+    )
     index_rss, floor_rss = [r["peak_rss_mib"] for r in index], [r["peak_rss_mib"] for r in floor]
-    print(f"| peak RSS MiB, index --local (reference: the floor) | {statistics.median(index_rss):.0f} "
-          f"(max {max(index_rss):.0f}) | {statistics.median(floor_rss):.0f} "
-          f"| {span([a / b for a, b in zip(index_rss, floor_rss)])} |")
+    print(
+        f"| peak RSS MiB, index --local (reference: the floor) | {statistics.median(index_rss):.0f} "
+        f"(max {max(index_rss):.0f}) | {statistics.median(floor_rss):.0f} "
+        f"| {span([a / b for a, b in zip(index_rss, floor_rss)])} |"
+    )
 
 
 def load_average() -> str:
@@ -281,21 +306,24 @@ def parts(text: str) -> tuple[str, ...]:
     chosen = tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PARTS]
     if unknown or not chosen:
-        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
-                                         f"{', '.join(PARTS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}"
+        )
     return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=300, help="12 MP JPEGs in the folder (fewer: a quicker run)")
-    parser.add_argument("--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures "
-                        "with random weights")
+    parser.add_argument(
+        "--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures with random weights"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=60, help="sequential Embed calls per round")
     parser.add_argument("--decodes", type=int, default=10, help="photos timed per round for decode + preprocess")
-    parser.add_argument("--parts", default=",".join(PARTS), type=parts,
-                        help=f"figures to measure, comma-separated: {', '.join(PARTS)}")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), type=parts, help=f"figures to measure, comma-separated: {', '.join(PARTS)}"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -307,9 +335,12 @@ def main() -> None:
         work = Path(tmp)
         started = time.perf_counter()
         build_folder(work / "photos", args.photos)
-        print(f"# {args.photos} photos built in {time.perf_counter() - started:.0f}s; machine={platform.machine()}, "
-              f"{os.cpu_count()} CPUs", flush=True)
-        photos = [p.read_bytes() for p in sorted((work / "photos").glob("*.jpg"))[:max(args.decodes, 8)]]
+        print(
+            f"# {args.photos} photos built in {time.perf_counter() - started:.0f}s; machine={platform.machine()}, "
+            f"{os.cpu_count()} CPUs",
+            flush=True,
+        )
+        photos = [p.read_bytes() for p in sorted((work / "photos").glob("*.jpg"))[: max(args.decodes, 8)]]
         for model in args.models.split(","):
             bench_model(model, work / "photos", work, photos, args)
 

@@ -22,8 +22,8 @@ from embedsvc.cpu import apply_openmp_defaults
 apply_openmp_defaults()  # before the imports below load OpenMP (E402)
 
 import grpc  # noqa: E402
-
 from common import alternate, inputs, model_flags, ms, ratio_summary, start_server  # noqa: E402
+
 from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 ALL = ("cls", "avg", "max", "gem", "spp")
@@ -53,24 +53,34 @@ def main() -> None:
         try:
             with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)]) as channel:
                 stub = pb_grpc.EmbedServiceStub(channel)
-                print(f"# poolings: {args.model} ({name}), {args.inputs} inputs per request, machine="
-                      f"{platform.machine()} cpus={len(os.sched_getaffinity(0))}, slice {args.slice}s x {args.reps}")
+                print(
+                    f"# poolings: {args.model} ({name}), {args.inputs} inputs per request, machine="
+                    f"{platform.machine()} cpus={len(os.sched_getaffinity(0))}, slice {args.slice}s x {args.reps}"
+                )
                 print("| inputs | cls p50/p99 ms | all five p50/p99 ms | all/cls (median of rounds) |")
                 print("|---|---|---|---|")
                 for modality in ("text", "image"):
-                    contents = [pb.Content(text=t) for t in texts] if modality == "text" else \
-                        [pb.Content(image=p) for p in pngs]
-                    requests = {variant: pb.EmbedRequest(inputs=contents,
-                                                         poolings=[pb.PoolingSpec(name=n) for n in names])
-                                for variant, names in (("cls", ("cls",)), ("all", ALL))}
+                    contents = (
+                        [pb.Content(text=t) for t in texts]
+                        if modality == "text"
+                        else [pb.Content(image=p) for p in pngs]
+                    )
+                    requests = {
+                        variant: pb.EmbedRequest(inputs=contents, poolings=[pb.PoolingSpec(name=n) for n in names])
+                        for variant, names in (("cls", ("cls",)), ("all", ALL))
+                    }
                     for request in requests.values():
                         slice_of(stub, request, 0)
-                    runs = alternate({v: functools.partial(slice_of, stub, r, args.slice) for v, r in requests.items()},
-                                     args.reps)
+                    runs = alternate(
+                        {v: functools.partial(slice_of, stub, r, args.slice) for v, r in requests.items()}, args.reps
+                    )
                     cls_p, all_p = (ms([x for _, lat in runs[v] for x in lat]) for v in ("cls", "all"))
                     ratio = ratio_summary([m for m, _ in runs["all"]], [m for m, _ in runs["cls"]])
-                    print(f"| {args.inputs} {modality}s | {cls_p[0]:.2f} / {cls_p[1]:.2f} | {all_p[0]:.2f} / "
-                          f"{all_p[1]:.2f} | {ratio} |", flush=True)
+                    print(
+                        f"| {args.inputs} {modality}s | {cls_p[0]:.2f} / {cls_p[1]:.2f} | {all_p[0]:.2f} / "
+                        f"{all_p[1]:.2f} | {ratio} |",
+                        flush=True,
+                    )
         finally:
             proc.terminate()
             proc.wait(60)

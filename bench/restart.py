@@ -28,9 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import NAME, queries, vectors_chunk  # noqa: E402
+from scale import NAME, queries, vectors_chunk
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -45,8 +44,11 @@ def build(size: int, data: Path, dim: int, batch: int) -> None:
         vectors = vectors_chunk(start, min(batch, size - start), dim)
         store.upsert(NAME, [Item(f"item-{start + i}", v, {"bucket": (start + i) % 10}) for i, v in enumerate(vectors)])
         if (start // batch) % 10 == 0:
-            print(f"  built {start + len(vectors):,} ({(start + len(vectors)) / (time.perf_counter() - started):,.0f}/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  built {start + len(vectors):,} ({(start + len(vectors)) / (time.perf_counter() - started):,.0f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
     store.close()
 
 
@@ -62,12 +64,39 @@ def restart(src: Path, data: Path, log_path: Path, search: bool = True) -> dict:
     from embedsvc.client import Client
 
     env = dict(os.environ, PYTHONPATH=str(src))
-    log = open(log_path, "a")
+    log = open(log_path, "a")  # noqa: SIM115 - the server's stderr for as long as it runs, closed when it stops
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
-                             "--http-listen", "127.0.0.1:0", "--log-format", "text", "--log-level", "INFO",
-                             "--faiss-threads", "1"], stderr=subprocess.PIPE, stdout=log, text=True, env=env, cwd=src)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data),
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "text",
+            "--log-level",
+            "INFO",
+            "--faiss-threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=log,
+        text=True,
+        env=env,
+        cwd=src,
+    )
     out: dict = {}
     ports: dict = {}
     listening = threading.Event()
@@ -105,7 +134,7 @@ def restart(src: Path, data: Path, log_path: Path, search: bool = True) -> dict:
                 try:
                     hits = client.search(NAME, vector=q, top_k=10, include_metadata=False)
                     break
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if "UNAVAILABLE" not in str(exc) and "loading" not in str(exc):
                         raise
                     time.sleep(0.05)
@@ -178,17 +207,26 @@ def main() -> None:
     (folder / "empty").mkdir(exist_ok=True)
     for round_ in range(args.rounds):
         got = {"empty": restart(HERE, folder / "empty", folder / "server-empty.log", search=False)}
-        print(f"round {round_} empty server: {json.dumps({k: round(v, 2) for k, v in got['empty'].items()})} "
-              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        print(
+            f"round {round_} empty server: {json.dumps({k: round(v, 2) for k, v in got['empty'].items()})} "
+            f"(load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
         for label, src, where in trees:
             got[label] = restart(src, where, folder / f"server-{label}.log")
             if args.in_process and label == "this":
                 got[label].update(in_process(where))
-            print(f"round {round_} {label}: {json.dumps({k: round(v, 2) for k, v in got[label].items()})} "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"round {round_} {label}: {json.dumps({k: round(v, 2) for k, v in got[label].items()})} "
+                f"(load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
         if "other" in got:
-            print(f"round {round_} search-answers ratio this/other: "
-                  f"{got['this']['search_s'] / got['other']['search_s']:.2f}", flush=True)
+            print(
+                f"round {round_} search-answers ratio this/other: "
+                f"{got['this']['search_s'] / got['other']['search_s']:.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

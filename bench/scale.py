@@ -47,7 +47,7 @@ def vectors_chunk(start: int, count: int, dim: int) -> np.ndarray:
     out = np.empty((count, dim), dtype=np.float32)
     for block, lo, hi, at in _blocks(start, count):
         rows = np.random.default_rng([SEED, block]).standard_normal((1000, dim)).astype(np.float32)
-        out[at:at + hi - lo] = rows[lo:hi]
+        out[at : at + hi - lo] = rows[lo:hi]
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -81,7 +81,7 @@ def spectrum_chunk(start: int, count: int, dim: int, salt: int = 0) -> np.ndarra
     out = np.empty((count, dim), dtype=np.float32)
     for block, lo, hi, at in _blocks(start, count):
         z = np.random.default_rng([SEED, 11 + salt, block]).standard_normal((1000, dim)).astype(np.float32)
-        out[at:at + hi - lo] = ((z * scale) @ _rotation(dim))[lo:hi]  # whole blocks: the same bits whatever the range
+        out[at : at + hi - lo] = ((z * scale) @ _rotation(dim))[lo:hi]  # whole blocks: the same bits whatever the range
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
@@ -141,10 +141,35 @@ SERVERS: list[subprocess.Popen] = []  # killed at exit if still running (a run t
 def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")  # noqa: SIM115 - the server's log for its lifetime (its stdout and a reader thread)
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             str(data), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
-                             "--http-listen", "", "--log-format", "text", "--log-level", "INFO", *extra],
-                            stderr=subprocess.PIPE, stdout=log, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data),
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-listen",
+            "",
+            "--log-format",
+            "text",
+            "--log-level",
+            "INFO",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        stdout=log,
+        text=True,
+        start_new_session=True,
+    )
     SERVERS.append(proc)
     deadline = time.monotonic() + 1800
     stderr = proc.stderr
@@ -179,7 +204,7 @@ def p50_ms(call, items) -> float:  # the kinds' searches
     return float(np.median(times) * 1000)
 
 
-def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: "Bare") -> dict:
+def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: Bare) -> dict:
     from embedsvc.client import Client, Item
 
     data = folder / "data"
@@ -210,8 +235,11 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         t = time.perf_counter()
         client.upsert(NAME, items(start, count), batch_size=batch)
         rates.append(count / (time.perf_counter() - t))
-        print(f"  loaded {start + count:>9,} ({rates[-1]:,.0f}/s, server RSS {tree_rss(proc.pid) / 2**20:,.0f} MiB)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  loaded {start + count:>9,} ({rates[-1]:,.0f}/s, server RSS {tree_rss(proc.pid) / 2**20:,.0f} MiB)",
+            file=sys.stderr,
+            flush=True,
+        )
     out["load_s"] = time.perf_counter() - load_started
     out["rates"] = rates
     qs = queries(nq, dim)
@@ -222,7 +250,8 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     # Each query through the server, then the same on bare FAISS: pairs see the same load on a shared machine.
     out["p50_ms"], out["bare_p50_ms"], out["pair_ratio"] = paired_p50(search, bare.search, qs)
     out["p50_filtered_ms"], out["bare_p50_filtered_ms"], out["pair_ratio_filtered"] = paired_p50(
-        lambda q: search(q, {"bucket": 3}), bare.search_filtered, qs)
+        lambda q: search(q, {"bucket": 3}), bare.search_filtered, qs
+    )
     out["peak_rss"] = (sampler.stop() - base_rss) / raw
     time.sleep(2.0)
     out["settled_rss"] = (tree_rss(proc.pid) - base_rss) / raw
@@ -282,12 +311,16 @@ def paired_p50(call, bare_call, items) -> tuple[float, float, float]:
         t = time.perf_counter()
         bare_call(item)
         theirs.append(time.perf_counter() - t)
-    return (float(np.median(ours) * 1000), float(np.median(theirs) * 1000),
-            float(np.median(np.array(ours) / np.array(theirs))))
+    return (
+        float(np.median(ours) * 1000),
+        float(np.median(theirs) * 1000),
+        float(np.median(np.array(ours) / np.array(theirs))),
+    )
 
 
-def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path, data: str, backend: str,
-             budget_s: float) -> dict:
+def run_kind(
+    kind: str, size: int, dim: int, batch: int, nq: int, folder: Path, data: str, backend: str, budget_s: float
+) -> dict:
     """An approximate index through the store in this process (`backend` local, or milvus: a Milvus Lite file):
     build, memory (this process and its children: Milvus Lite's server), recall against exact search, p50."""
     import faiss
@@ -337,30 +370,49 @@ def run_kind(kind: str, size: int, dim: int, batch: int, nq: int, folder: Path, 
     del exact
     recall = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
     shutil.rmtree(where, ignore_errors=True)
-    return {"factory": getattr(info, "index_factory", "") or kind, "built": built, "build_s": build_s,
-            "ready_s": ready_s, "rss": rss, "peak_rss": (peak - before) / (built * dim * 4), "recall": recall,
-            "p50_ms": p50, "checkpoint_s": close_s, "raw": raw}
+    return {
+        "factory": getattr(info, "index_factory", "") or kind,
+        "built": built,
+        "build_s": build_s,
+        "ready_s": ready_s,
+        "rss": rss,
+        "peak_rss": (peak - before) / (built * dim * 4),
+        "recall": recall,
+        "p50_ms": p50,
+        "checkpoint_s": close_s,
+        "raw": raw,
+    }
 
 
 def report_flat(label: str, size: int, got: dict) -> None:
     rates = got["rates"]
-    print(f"\n{label}: {size:,} x 512-d flat cosine ({got['raw_mib']:,.0f} MiB raw), empty server "
-          f"{got['empty_rss_mib']:.0f} MiB RSS")
+    print(
+        f"\n{label}: {size:,} x 512-d flat cosine ({got['raw_mib']:,.0f} MiB raw), empty server "
+        f"{got['empty_rss_mib']:.0f} MiB RSS"
+    )
     print("| figure | value |")
     print("|---|---|")
-    print(f"| restart until a search answers | {got['restart_s']:.1f} s (an empty server: {got['empty_start_s']:.1f} s; "
-          f"graceful stop took {got['stop_s']:.1f} s) |")
+    print(
+        f"| restart until a search answers | {got['restart_s']:.1f} s (an empty server: {got['empty_start_s']:.1f} s; "
+        f"graceful stop took {got['stop_s']:.1f} s) |"
+    )
     if "store_open_s" in got:
         print(f"| of which the store: open + first search, in process | {got['store_open_s']:.2f} s |")
-    print(f"| server RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
-          f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x |")
+    print(
+        f"| server RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
+        f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x |"
+    )
     print(f"| data directory over raw (after load / after stop) | {got['disk']:.2f}x / {got['disk_after_stop']:.2f}x |")
-    print(f"| upsert rate through the client, first / last tenth (min, max) | {rates[0]:,.0f}/s / {rates[-1]:,.0f}/s "
-          f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |")
-    print(f"| search p50 top-10 unfiltered / 10% filter | {got['p50_ms']:.2f} / {got['p50_filtered_ms']:.2f} ms; "
-          f"bare FAISS {got['bare_p50_ms']:.2f} / {got['bare_p50_filtered_ms']:.2f} ms; ratio "
-          f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x; "
-          f"median of per-query ratios {got['pair_ratio']:.2f}x / {got['pair_ratio_filtered']:.2f}x |")
+    print(
+        f"| upsert rate through the client, first / last tenth (min, max) | {rates[0]:,.0f}/s / {rates[-1]:,.0f}/s "
+        f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |"
+    )
+    print(
+        f"| search p50 top-10 unfiltered / 10% filter | {got['p50_ms']:.2f} / {got['p50_filtered_ms']:.2f} ms; "
+        f"bare FAISS {got['bare_p50_ms']:.2f} / {got['bare_p50_filtered_ms']:.2f} ms; ratio "
+        f"{got['p50_ms'] / got['bare_p50_ms']:.2f}x / {got['p50_filtered_ms'] / got['bare_p50_filtered_ms']:.2f}x; "
+        f"median of per-query ratios {got['pair_ratio']:.2f}x / {got['pair_ratio_filtered']:.2f}x |"
+    )
 
 
 def main() -> None:
@@ -371,16 +423,30 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--kinds", default="", help="comma-separated approximate presets to build too (hnsw,ivf,ivfpq)")
     parser.add_argument("--kinds-size", type=int, default=0, help="size for --kinds (default: --size)")
-    parser.add_argument("--kinds-data", choices=("spectrum", "random"), default="spectrum",
-                        help="vectors for --kinds: embedding-like (default; see spectrum_chunk), or uniform random (the "
-                             "flat table's, on which approximate indexes find few true neighbours at any setting)")
-    parser.add_argument("--kinds-budget", type=float, default=3600.0,
-                        help="seconds a --kinds build may take before it stops adding (reported as such)")
+    parser.add_argument(
+        "--kinds-data",
+        choices=("spectrum", "random"),
+        default="spectrum",
+        help="vectors for --kinds: embedding-like (default; see spectrum_chunk), or uniform random (the "
+        "flat table's, on which approximate indexes find few true neighbours at any setting)",
+    )
+    parser.add_argument(
+        "--kinds-budget",
+        type=float,
+        default=3600.0,
+        help="seconds a --kinds build may take before it stops adding (reported as such)",
+    )
     parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
     parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
-    parser.add_argument("--kinds-only", action="store_true", help="only the --kinds table (with --milvus: both back ends)")
-    parser.add_argument("--faiss-threads", type=int, default=1,
-                        help="FAISS threads of the server and of bare FAISS (1: no OpenMP wake-ups in the timings)")
+    parser.add_argument(
+        "--kinds-only", action="store_true", help="only the --kinds table (with --milvus: both back ends)"
+    )
+    parser.add_argument(
+        "--faiss-threads",
+        type=int,
+        default=1,
+        help="FAISS threads of the server and of bare FAISS (1: no OpenMP wake-ups in the timings)",
+    )
     parser.add_argument("--dir", default="", help="work folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     if args.size < 10 * args.batch:
@@ -395,8 +461,10 @@ def main() -> None:
     folder = Path(args.dir or tempfile.mkdtemp(prefix="embedsvc-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(f"# bench/scale.py --size {args.size}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {load[0]:.1f} at start")
+    print(
+        f"# bench/scale.py --size {args.size}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {load[0]:.1f} at start"
+    )
     try:
         import faiss
 
@@ -411,32 +479,55 @@ def main() -> None:
             uri = f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
             assert bare is not None  # made for either run
-            got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "milvus",
-                           ["--store-backend", "milvus", "--milvus-uri", uri, *threads], bare)
+            got = run_flat(
+                args.size,
+                args.dim,
+                args.batch,
+                args.queries,
+                folder / "milvus",
+                ["--store-backend", "milvus", "--milvus-uri", uri, *threads],
+                bare,
+            )
             got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)
             report_flat("Milvus Lite", args.size, got)
         del bare
         if kinds:
             size = args.kinds_size or args.size
             backends = ["local"] + (["milvus"] if args.milvus else [])
-            print(f"\napproximate indexes through the store in this process, {size:,} x {args.dim}-d {args.kinds_data} "
-                  f"vectors (--kinds-data), {args.queries} held-out queries, defaults of each preset; a build stops "
-                  f"at --kinds-budget {args.kinds_budget:.0f} s (then 'built' says how far it got)")
-            print("| back end | index | factory | built | build time (rate) | until first search | RSS over raw: "
-                  "settled / peak | recall@10 vs exact | p50 | close (checkpoint) |")
+            print(
+                f"\napproximate indexes through the store in this process, {size:,} x {args.dim}-d {args.kinds_data} "
+                f"vectors (--kinds-data), {args.queries} held-out queries, defaults of each preset; a build stops "
+                f"at --kinds-budget {args.kinds_budget:.0f} s (then 'built' says how far it got)"
+            )
+            print(
+                "| back end | index | factory | built | build time (rate) | until first search | RSS over raw: "
+                "settled / peak | recall@10 vs exact | p50 | close (checkpoint) |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|")
             for backend in backends:
                 for kind in kinds:
                     if backend == "milvus" and kind == "ivfpq":
                         print(f"| milvus | {kind} | - | - | not built: Milvus Lite has no IVF_PQ | | | | | |")
                         continue
-                    r = run_kind(kind, size, args.dim, args.batch, args.queries, folder, args.kinds_data, backend,
-                                 args.kinds_budget)
+                    r = run_kind(
+                        kind,
+                        size,
+                        args.dim,
+                        args.batch,
+                        args.queries,
+                        folder,
+                        args.kinds_data,
+                        backend,
+                        args.kinds_budget,
+                    )
                     short = "" if r["built"] == size else " (budget hit)"
-                    print(f"| {backend} | {kind} | {r['factory']} | {r['built']:,}{short} | {r['build_s']:.0f} s "
-                          f"({r['built'] / r['build_s']:,.0f}/s) | {r['ready_s']:.0f} s | {r['rss']:.2f}x / "
-                          f"{r['peak_rss']:.2f}x | {r['recall']:.3f} | {r['p50_ms']:.2f} ms | {r['checkpoint_s']:.1f} s |",
-                          flush=True)
+                    print(
+                        f"| {backend} | {kind} | {r['factory']} | {r['built']:,}{short} | {r['build_s']:.0f} s "
+                        f"({r['built'] / r['build_s']:,.0f}/s) | {r['ready_s']:.0f} s | {r['rss']:.2f}x / "
+                        f"{r['peak_rss']:.2f}x | {r['recall']:.3f} | {r['p50_ms']:.2f} ms | "
+                        f"{r['checkpoint_s']:.1f} s |",
+                        flush=True,
+                    )
     finally:
         for proc in SERVERS:
             if proc.poll() is None:  # its process group: Milvus Lite's server too

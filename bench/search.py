@@ -23,8 +23,8 @@ from embedsvc.cpu import apply_openmp_defaults
 apply_openmp_defaults()  # before numpy loads OpenMP: hence the imports after it (E402)
 
 import numpy as np  # noqa: E402
-
 from common import alternate, ms, ratio_summary, start_server  # noqa: E402
+
 from embedsvc.client import Client, Item  # noqa: E402
 
 
@@ -61,8 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     vectors, queries = clustered(args.n, args.dim, 0), clustered(200, args.dim, 1)
     group = np.arange(args.n) % 10
-    bare = faiss.index_factory(args.dim, INDEX_PRESETS[args.index].factory(args.dim, args.n),
-                               faiss.METRIC_INNER_PRODUCT)
+    bare = faiss.index_factory(
+        args.dim, INDEX_PRESETS[args.index].factory(args.dim, args.n), faiss.METRIC_INNER_PRODUCT
+    )
     bare.add(vectors)
     selected = np.flatnonzero(group == 0).astype(np.int64)
     params = {"flat": faiss.SearchParameters, "hnsw": lambda: faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH)}
@@ -74,31 +75,43 @@ def main() -> None:
         try:
             with Client(address, timeout=600) as client:
                 client.create_collection("v", dim=args.dim, index=args.index)
-                client.upsert("v", (Item(f"i{i}", vector=vectors[i], metadata={"g": int(group[i])})
-                                    for i in range(args.n)), batch_size=1000)
+                client.upsert(
+                    "v",
+                    (Item(f"i{i}", vector=vectors[i], metadata={"g": int(group[i])}) for i in range(args.n)),
+                    batch_size=1000,
+                )
                 systems = {
                     "faiss": lambda: timed(lambda q: bare.search(q[None], 10, params=plain), queries, args.slice),
-                    "grpc": lambda: timed(lambda q: client.search("v", vector=q, top_k=10, include_metadata=False), queries, args.slice),
-                    "faiss 10%": lambda: timed(lambda q: bare.search(q[None], 10, params=filtered), queries,
-                                               args.slice),
-                    "grpc 10%": lambda: timed(lambda q: client.search("v", vector=q, top_k=10, filter={"g": 0},
-                                                                       include_metadata=False),
-                                              queries, args.slice),
+                    "grpc": lambda: timed(
+                        lambda q: client.search("v", vector=q, top_k=10, include_metadata=False), queries, args.slice
+                    ),
+                    "faiss 10%": lambda: timed(
+                        lambda q: bare.search(q[None], 10, params=filtered), queries, args.slice
+                    ),
+                    "grpc 10%": lambda: timed(
+                        lambda q: client.search("v", vector=q, top_k=10, filter={"g": 0}, include_metadata=False),
+                        queries,
+                        args.slice,
+                    ),
                 }
                 runs = alternate(systems, args.reps)
         finally:
             proc.terminate()
             proc.wait(60)
-    print(f"# search: {args.n} x {args.dim} {args.index}, top-10, machine={platform.machine()} "
-          f"cpus={len(os.sched_getaffinity(0))} faiss threads={faiss.omp_get_max_threads()}, "
-          f"slice {args.slice}s x {args.reps}")
+    print(
+        f"# search: {args.n} x {args.dim} {args.index}, top-10, machine={platform.machine()} "
+        f"cpus={len(os.sched_getaffinity(0))} faiss threads={faiss.omp_get_max_threads()}, "
+        f"slice {args.slice}s x {args.reps}"
+    )
     print("| search | FAISS p50/p99 ms | gRPC p50/p99 ms | gRPC - FAISS p50 ms | gRPC/FAISS (median of rounds) |")
     print("|---|---|---|---|---|")
     for label, a, b in (("unfiltered", "faiss", "grpc"), ("filter 10%", "faiss 10%", "grpc 10%")):
         fa, gr = ms([x for _, lat in runs[a] for x in lat]), ms([x for _, lat in runs[b] for x in lat])
         gap = statistics.median([g - f for (g, _), (f, _) in zip(runs[b], runs[a])]) * 1000
-        print(f"| {label} | {fa[0]:.2f} / {fa[1]:.2f} | {gr[0]:.2f} / {gr[1]:.2f} | {gap:+.2f} "
-              f"| {ratio_summary([m for m, _ in runs[b]], [m for m, _ in runs[a]])} |")
+        print(
+            f"| {label} | {fa[0]:.2f} / {fa[1]:.2f} | {gr[0]:.2f} / {gr[1]:.2f} | {gap:+.2f} "
+            f"| {ratio_summary([m for m, _ in runs[b]], [m for m, _ in runs[a]])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from embedsvc.cpu import apply_openmp_defaults
 
@@ -51,16 +51,18 @@ apply_openmp_defaults()  # the raw forward runs with the threads the server gets
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-
 from common import alternate, inputs, local_encoder, model_flags, ms, ratio_summary, start_server  # noqa: E402
+
 from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc  # noqa: E402
 
 CASES = ((1, 1), (8, 1), (32, 1), (1, 32))
 # --contention's OpenMP settings of the server: the passive default, spinning, and a short bounded spin
 # (libgomp spins GOMP_SPINCOUNT times before it sleeps; an explicit policy in the environment wins over serve's).
-POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
-            "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200"},
-            "SPIN10K": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"}}
+POLICIES = {
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200"},
+    "SPIN10K": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"},
+}
 
 
 def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float, pngs=None):
@@ -76,8 +78,9 @@ def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float,
             encoder.encode_texts(texts[:batch])
         elif pngs is not None:
             size = encoder.loaded.image_size
-            encoder.encode_images(torch.stack([encoder.prepare(decode_image(p, short_side=size))
-                                               for p in (pngs * batch)[:batch]]))
+            encoder.encode_images(
+                torch.stack([encoder.prepare(decode_image(p, short_side=size)) for p in (pngs * batch)[:batch]])
+            )
         else:
             encoder.encode_images(pixels[:batch])
         latencies.append(time.perf_counter() - t)
@@ -128,8 +131,9 @@ def compare(model: str, args) -> None:
             """A started server's stub; the server stops and its channel closes when the block ends. Words of
             `extra` shaped NAME=VALUE set the server's environment, the others are flags."""
             env = dict(w.split("=", 1) for w in extra if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", w))
-            proc, address = start_server(flags + [w for w in extra if w.split("=", 1)[0] not in env], data,
-                                         env=env, command=command)
+            proc, address = start_server(
+                flags + [w for w in extra if w.split("=", 1)[0] not in env], data, env=env, command=command
+            )
             stack.callback(_stop, proc)
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
             stack.callback(lambda: loop.run_until_complete(channel.close(None)))
@@ -145,16 +149,24 @@ def compare(model: str, args) -> None:
         for n in frontend_counts(args.frontends):
             stubs[f"fe{n}"] = stub_of(None, ["--frontends", str(n)], f"{folder}/data-fe{n}")
             if args.floor:
-                stubs[f"floor-fe{n}"] = stub_of(floor_command + ["--frontends", str(n), "--model", name,
-                                                                 "--models-file", models_file], [], "")
+                stubs[f"floor-fe{n}"] = stub_of(
+                    [*floor_command, "--frontends", str(n), "--model", name, "--models-file", models_file], [], ""
+                )
         extra = [k for k in stubs if k.startswith(("fe", "floor-fe"))]
         print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
-        print("| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
-              "| served p50/p99 ms |" + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if args.floor else "")
-              + (f" items/s with {args.versus} | with/without |" if args.versus else "")
-              + "".join(f" {k} items/s | {k}/raw | {k} p50 ms |" for k in extra))
-        print("|---|---|---|---|---|---|" + ("---|---|---|" if args.floor else "") + ("---|---|" if args.versus else "")
-              + "---|---|---|" * len(extra))
+        print(
+            "| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
+            "| served p50/p99 ms |"
+            + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if args.floor else "")
+            + (f" items/s with {args.versus} | with/without |" if args.versus else "")
+            + "".join(f" {k} items/s | {k}/raw | {k} p50 ms |" for k in extra)
+        )
+        print(
+            "|---|---|---|---|---|---|"
+            + ("---|---|---|" if args.floor else "")
+            + ("---|---|" if args.versus else "")
+            + "---|---|---|" * len(extra)
+        )
         for modality in args.modalities.split(","):
             for callers, per in selected_cases(args.cases):
                 batch = callers * per
@@ -162,7 +174,8 @@ def compare(model: str, args) -> None:
                 raw_slice(encoder, modality, texts, pixels, batch, 0)  # warm every system
                 raw_pngs = pngs if args.raw_decode else None
                 systems: dict[str, Callable[[], tuple[float, list[float]]]] = {
-                    "raw": functools.partial(raw_slice, encoder, modality, texts, pixels, batch, args.slice, raw_pngs)}
+                    "raw": functools.partial(raw_slice, encoder, modality, texts, pixels, batch, args.slice, raw_pngs)
+                }
                 for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
                     systems[key] = functools.partial(served_blocking, loop, stub, reqs, args.slice)
@@ -170,11 +183,15 @@ def compare(model: str, args) -> None:
                 raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                 raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
                 served_lat = ms([x for _, lat in runs["served"] for x in lat])
-                print(f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
-                      f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
-                      f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
-                      + (floor_columns(runs) if args.floor else "") + (versus_columns(runs) if args.versus else "")
-                      + "".join(extra_columns(runs, k) for k in extra), flush=True)
+                print(
+                    f"| {modality} {callers}x{per} | {statistics.median(raw_rates):.0f} "
+                    f"| {statistics.median(served_rates):.0f} | {ratio_summary(served_rates, raw_rates)} "
+                    f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
+                    + (floor_columns(runs) if args.floor else "")
+                    + (versus_columns(runs) if args.versus else "")
+                    + "".join(extra_columns(runs, k) for k in extra),
+                    flush=True,
+                )
         print(f"load average during the run (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -200,8 +217,10 @@ def selected_cases(spec: str) -> list[tuple[int, int]]:
 def floor_columns(runs: dict) -> str:
     raw, floor = ([r for r, _ in runs[k]] for k in ("raw", "floor"))
     bounds = [f / (r + f) for r, f in zip(raw, floor)]
-    return (f" {statistics.median(floor):.0f} | {ms([x for _, lat in runs['floor'] for x in lat])[0]:.2f} "
-            f"| {statistics.median(bounds):.2f} |")
+    return (
+        f" {statistics.median(floor):.0f} | {ms([x for _, lat in runs['floor'] for x in lat])[0]:.2f} "
+        f"| {statistics.median(bounds):.2f} |"
+    )
 
 
 def frontend_counts(spec: str) -> list[int]:
@@ -215,8 +234,10 @@ def frontend_counts(spec: str) -> list[int]:
 
 def extra_columns(runs: dict, key: str) -> str:
     rates, raw = [r for r, _ in runs[key]], [r for r, _ in runs["raw"]]
-    return (f" {statistics.median(rates):.0f} | {ratio_summary(rates, raw)} "
-            f"| {ms([x for _, lat in runs[key] for x in lat])[0]:.2f} |")
+    return (
+        f" {statistics.median(rates):.0f} | {ratio_summary(rates, raw)} "
+        f"| {ms([x for _, lat in runs[key] for x in lat])[0]:.2f} |"
+    )
 
 
 def versus_columns(runs: dict) -> str:
@@ -229,8 +250,10 @@ def contention(model: str, args) -> None:
     busy = subprocess.Popen([sys.executable, "-c", "import os\nos.sched_setaffinity(0, {0})\nwhile True: pass"])
     os.kill(busy.pid, signal.SIGSTOP)
     try:
-        print(f"\n## contention: {model}, 32 callers x 1 input, a busy process pinned to core 0 "
-              f"(usable CPUs {len(os.sched_getaffinity(0))}), slice {args.slice}s x {args.reps}")
+        print(
+            f"\n## contention: {model}, 32 callers x 1 input, a busy process pinned to core 0 "
+            f"(usable CPUs {len(os.sched_getaffinity(0))}), slice {args.slice}s x {args.reps}"
+        )
         print("| server OpenMP wait policy | modality | quiet items/s | busy-core items/s | busy/quiet |")
         print("|---|---|---|---|---|")
         for policy in args.policies.split(","):
@@ -254,11 +277,19 @@ def contention(model: str, args) -> None:
                     for modality in args.modalities.split(","):
                         reqs = requests_for(modality, texts, pngs, 32, 1)
                         loop.run_until_complete(served_slice(stub, reqs, 0))
-                        runs = alternate({"quiet": functools.partial(slice_with, False, reqs),
-                                          "busy": functools.partial(slice_with, True, reqs)}, args.reps)
+                        runs = alternate(
+                            {
+                                "quiet": functools.partial(slice_with, False, reqs),
+                                "busy": functools.partial(slice_with, True, reqs),
+                            },
+                            args.reps,
+                        )
                         quiet, loaded = [r for r, _ in runs["quiet"]], [r for r, _ in runs["busy"]]
-                        print(f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
-                              f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |", flush=True)
+                        print(
+                            f"| {policy} | {modality} | {statistics.median(quiet):.0f} "
+                            f"| {statistics.median(loaded):.0f} | {ratio_summary(loaded, quiet)} |",
+                            flush=True,
+                        )
                 finally:
                     loop.run_until_complete(channel.close(None))
                     proc.terminate()
@@ -270,14 +301,16 @@ def contention(model: str, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures "
-                        "(random weights)")
+    parser.add_argument(
+        "--models", default="bundled,ViT-B-32", help="'bundled' and/or open_clip architectures (random weights)"
+    )
     parser.add_argument("--modalities", default="text,image")
     parser.add_argument("--slice", type=float, default=3.0, help="seconds per system per round")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--contention", action="store_true")
-    parser.add_argument("--policies", default="PASSIVE,ACTIVE", help=f"--contention's server OpenMP settings, of "
-                        f"{', '.join(POLICIES)}")
+    parser.add_argument(
+        "--policies", default="PASSIVE,ACTIVE", help=f"--contention's server OpenMP settings, of {', '.join(POLICIES)}"
+    )
     parser.add_argument("--floor", action="store_true", help="also time a server that does no work")
     parser.add_argument("--versus", default="", help="extra `embedsvc serve` flags of a second server to A/B")
     parser.add_argument("--cases", default="", help="only these cases, e.g. 32x1,1x32")
@@ -287,8 +320,10 @@ def main() -> None:
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
     if unknown:
         parser.error(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
-    print(f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(
+        f"# served vs raw forward: machine={platform.machine()} cpus={len(os.sched_getaffinity(0))} "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
     for model in args.models.split(","):
         (contention if args.contention else compare)(model, args)
 

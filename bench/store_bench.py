@@ -39,7 +39,7 @@ def bare_faiss(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int
     if not index.is_trained:
         index.train(vectors)
     for start in range(0, n, batch):
-        index.add(vectors[start:start + batch])
+        index.add(vectors[start : start + batch])
     add_seconds = time.perf_counter() - started
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -63,8 +63,9 @@ def store_run(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int)
         store.create_collection(CollectionConfig("bench", dim, index=preset))
         started = time.perf_counter()
         for start in range(0, n, batch):
-            store.upsert("bench", [Item(f"item-{i}", vectors[i], {"shard": i % 16})
-                                   for i in range(start, min(n, start + batch))])
+            store.upsert(
+                "bench", [Item(f"item-{i}", vectors[i], {"shard": i % 16}) for i in range(start, min(n, start + batch))]
+            )
         add_seconds = time.perf_counter() - started
         latencies = []
         for q in queries:
@@ -90,16 +91,23 @@ def main() -> None:
     args = parser.parse_args()
     vectors = clustered(args.n, args.dim, 0)
     queries = clustered(args.queries, args.dim, 1)
-    print(f"# store vs bare FAISS: n={args.n} dim={args.dim} batch={args.batch} queries={args.queries} "
-          f"machine={platform.machine()} cpus={faiss.omp_get_max_threads()} faiss={faiss.__version__}")
-    print("| preset | store add/s | faiss add/s | add ratio | store p50 ms | store p99 ms | faiss p50 ms | "
-          "faiss p99 ms | p50 ratio | checkpoint s |")
+    print(
+        f"# store vs bare FAISS: n={args.n} dim={args.dim} batch={args.batch} queries={args.queries} "
+        f"machine={platform.machine()} cpus={faiss.omp_get_max_threads()} faiss={faiss.__version__}"
+    )
+    print(
+        "| preset | store add/s | faiss add/s | add ratio | store p50 ms | store p99 ms | faiss p50 ms | "
+        "faiss p99 ms | p50 ratio | checkpoint s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         f_rate, (f50, f99) = bare_faiss(preset, vectors, queries, args.batch)
         s_rate, (s50, s99), ckpt = store_run(preset, vectors, queries, args.batch)
-        print(f"| {preset} | {s_rate:,.0f} | {f_rate:,.0f} | {s_rate / f_rate:.2f} | {s50:.2f} | {s99:.2f} | "
-              f"{f50:.2f} | {f99:.2f} | {s50 / f50:.2f} | {ckpt:.1f} |", flush=True)
+        print(
+            f"| {preset} | {s_rate:,.0f} | {f_rate:,.0f} | {s_rate / f_rate:.2f} | {s50:.2f} | {s99:.2f} | "
+            f"{f50:.2f} | {f99:.2f} | {s50 / f50:.2f} | {ckpt:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import math
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import MutableMapping, Optional
 
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 # Nice value added to threads that decode images beside a CPU forward: the forward's OpenMP team then waits
@@ -35,7 +35,7 @@ def usable_cpus() -> int:
     return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
 
 
-def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs' worth of time the cgroup allows (cgroup v2 cpu.max, else v1 cfs quota), or None."""
     try:
         max_quota, max_period = (root / "cpu.max").read_text().split()[:2]

@@ -24,8 +24,10 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         rate = (done if rate_count is None else rate_count) / max(elapsed, 1e-9)
         eta = elapsed / done * (self.total - done) if done else 0.0
-        line = (f"{self.label}{done}/{self.total} {extra}{rate:.0f} {self.unit}/s "
-                f"elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m")
+        line = (
+            f"{self.label}{done}/{self.total} {extra}{rate:.0f} {self.unit}/s "
+            f"elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m"
+        )
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         if self.tty and done == self.total:
             self.stream.write("\n")

@@ -44,8 +44,11 @@ def main(argv: list[str]) -> int:
     wanted = render(page)
     if check:
         if wanted != page:
-            print(f"{PAGE.relative_to(ROOT)} differs from the comments in embedsvc/service/config.py: "
-                  "run scripts/gen_config_docs.py", file=sys.stderr)
+            print(
+                f"{PAGE.relative_to(ROOT)} differs from the comments in embedsvc/service/config.py: "
+                "run scripts/gen_config_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     PAGE.write_text(wanted)

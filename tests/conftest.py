@@ -29,8 +29,12 @@ TINY_RN_CONFIG = {
 
 
 def pytest_addoption(parser):
-    parser.addoption("--store-backend", choices=("local", "milvus"), default=os.environ.get("EMBEDSVC_TEST_STORE_BACKEND", "local"),
-                     help="store back end of the in-process servers (tests/serving.py): milvus runs them on Milvus Lite")
+    parser.addoption(
+        "--store-backend",
+        choices=("local", "milvus"),
+        default=os.environ.get("EMBEDSVC_TEST_STORE_BACKEND", "local"),
+        help="store back end of the in-process servers (tests/serving.py): milvus runs them on Milvus Lite",
+    )
 
 
 def pytest_configure(config):
@@ -102,11 +106,13 @@ def make_server(request, tmp_path_factory):
     import serving
 
     with contextlib.ExitStack() as started:
-        def start(bundled: bool = False, demo: bool = False, **overrides) -> "serving.ServerThread":
+
+        def start(bundled: bool = False, demo: bool = False, **overrides) -> serving.ServerThread:
             data_dir = overrides.pop("data_dir", None) or tmp_path_factory.mktemp("server")
             if bundled:
-                return started.enter_context(serving.running_server(serving.bundled_config(data_dir, **overrides),
-                                                                    demo))
+                return started.enter_context(
+                    serving.running_server(serving.bundled_config(data_dir, **overrides), demo)
+                )
             spec = request.getfixturevalue("tiny_spec")
             return started.enter_context(serving.tiny_server(spec, data_dir, demo=demo, **overrides))
 

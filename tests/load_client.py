@@ -44,16 +44,28 @@ class HttpWriter:
         return response.json()
 
     def upsert(self, collection: str, items: list[Item]) -> None:
-        self._post(f"/v1/collections/{collection}/items", {"items": [
-            {"id": item.id, "vector": {"values": [float(x) for x in item.vector]},
-             "metadata": {k: {"numberValue": v} for k, v in item.metadata.items()}} for item in items]})
+        self._post(
+            f"/v1/collections/{collection}/items",
+            {
+                "items": [
+                    {
+                        "id": item.id,
+                        "vector": {"values": [float(x) for x in item.vector]},
+                        "metadata": {k: {"numberValue": v} for k, v in item.metadata.items()},
+                    }
+                    for item in items
+                ]
+            },
+        )
 
     def delete(self, collection: str, ids: list[str]) -> None:
         self._post(f"/v1/collections/{collection}/delete", {"ids": ids})
 
     def search(self, collection: str, vector: np.ndarray, top_k: int) -> None:
-        self._post(f"/v1/collections/{collection}/search",
-                   {"queries": [{"vector": {"values": [float(x) for x in vector]}}], "topK": top_k})
+        self._post(
+            f"/v1/collections/{collection}/search",
+            {"queries": [{"vector": {"values": [float(x) for x in vector]}}], "topK": top_k},
+        )
 
     def embed(self, texts: list[str]) -> None:
         self._post("/v1/embed", {"inputs": [{"text": t} for t in texts]})
@@ -70,7 +82,7 @@ def main(address: str, worker: int, seconds: float, embed: bool) -> None:
     counts = {"requests": 0, "errors": 0}
     deadline = time.monotonic() + seconds
     http = address.startswith("http")
-    with (HttpWriter(address) if http else Client(address, timeout=20)) as client:
+    with HttpWriter(address) if http else Client(address, timeout=20) as client:
         while time.monotonic() < deadline:
             op = rng.random()
             ids = [f"w{worker}-{int(i)}" for i in rng.choice(200, size=int(rng.integers(1, 10)), replace=False)]
@@ -78,8 +90,7 @@ def main(address: str, worker: int, seconds: float, embed: bool) -> None:
                 if op < 0.45:
                     version = int(rng.integers(1, 1 << 30))
                     print(json.dumps({"begin": "upsert", "ids": ids, "v": version}), flush=True)
-                    client.upsert("load", [Item(i, vector=vector(i, version),
-                                                metadata={"v": version}) for i in ids])
+                    client.upsert("load", [Item(i, vector=vector(i, version), metadata={"v": version}) for i in ids])
                     print(json.dumps({"ack": "upsert", "ids": ids, "v": version}), flush=True)
                 elif op < 0.6:
                     print(json.dumps({"begin": "delete", "ids": ids}), flush=True)

@@ -6,14 +6,14 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Self
+from typing import Self
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.server import EmbedsvcServer, create_server, index_demo_collection
-
 
 # Set by conftest from --store-backend: "milvus" runs every in-process server on Milvus Lite.
 STORE_BACKEND = "local"
@@ -44,7 +44,7 @@ class ServerThread:
     def call(self, coro, timeout: float = 300):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.thread.start()
 
         async def boot():
@@ -92,16 +92,22 @@ class EngineThread:
         """Runs an engine coroutine on the engine's loop and returns its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> "EngineThread":
+    def start(self) -> EngineThread:
         from embedsvc.engine.engine import Engine
         from embedsvc.service.metrics import Metrics
         from embedsvc.store import open_store
 
         self.thread.start()
         config = self.config
-        store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
-                           milvus_token=config.milvus_token, milvus_db=config.milvus_db,
-                           checkpoint_every=config.checkpoint_every, max_top_k=config.max_top_k)
+        store = open_store(
+            config.store_backend,
+            data_dir=config.data_dir,
+            milvus_uri=config.milvus_uri,
+            milvus_token=config.milvus_token,
+            milvus_db=config.milvus_db,
+            checkpoint_every=config.checkpoint_every,
+            max_top_k=config.max_top_k,
+        )
         self.engine = Engine(config.engine_config(), store, Metrics())
         for name in config.preload:
             self.engine.runtime(name)
@@ -149,9 +155,16 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
     """A local server on a free port serving a test model spec (registered here), no demo, no metrics, no HTTP
     (pass http_listen="127.0.0.1:0" for the HTTP API on a free port)."""
     register_model(spec, replace=True)
-    settings = {"listen": "127.0.0.1:0", "data_dir": str(data_dir), "default_model": spec.name,
-                "preload_models": spec.name, "metrics_port": -1, "demo_size": 0, "log_format": "text",
-                "http_listen": ""}
+    settings = {
+        "listen": "127.0.0.1:0",
+        "data_dir": str(data_dir),
+        "default_model": spec.name,
+        "preload_models": spec.name,
+        "metrics_port": -1,
+        "demo_size": 0,
+        "log_format": "text",
+        "http_listen": "",
+    }
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -159,8 +172,14 @@ def tiny_config(spec, data_dir, **overrides) -> ServerConfig:
 def bundled_config(data_dir, **overrides) -> ServerConfig:
     """A local server on a free port serving the bundled default model (loaded at start unless
     preload_models=""), no demo, no metrics, no HTTP unless http_listen="127.0.0.1:0"."""
-    settings = dict(listen="127.0.0.1:0", data_dir=str(data_dir), metrics_port=-1, demo_size=0, log_format="text",
-                    http_listen="")
+    settings = {
+        "listen": "127.0.0.1:0",
+        "data_dir": str(data_dir),
+        "metrics_port": -1,
+        "demo_size": 0,
+        "log_format": "text",
+        "http_listen": "",
+    }
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -200,7 +219,7 @@ class BlockingAsyncClient:
 
 
 @contextmanager
-def model_busy(server: "ServerThread | EngineThread", model: str = "") -> Iterator[threading.Event]:
+def model_busy(server: ServerThread | EngineThread, model: str = "") -> Iterator[threading.Event]:
     """Holds the model's forward thread, as a long forward pass would: requests queue behind it until
     the returned event is set (or the block ends)."""
     with executor_busy(server.engine.runtime(model).executor) as release:

@@ -31,9 +31,18 @@ def clustered(n: int, seed: int, dim: int = DIM) -> np.ndarray:
 VECTORS = clustered(N, 0)
 QUERIES = clustered(50, 1)
 REPLACED = clustered(N // 10, 3)
-HOSTILE_KEYS = ['k"]', "a' or 1==1 or 'b", 'x"] == 1 || metadata["y', "k && true", "]) or (true", "back\\slash",
-                "line\nbreak", "{p0}", "or"]
-HOSTILE_VALUES = ['" or true or "', "' or ''='", "v && id != \"\"", "[1, 2]", "\\", '\\"', "tab\there", "{p1}", "or"]
+HOSTILE_KEYS = [
+    'k"]',
+    "a' or 1==1 or 'b",
+    'x"] == 1 || metadata["y',
+    "k && true",
+    "]) or (true",
+    "back\\slash",
+    "line\nbreak",
+    "{p0}",
+    "or",
+]
+HOSTILE_VALUES = ['" or true or "', "' or ''='", 'v && id != ""', "[1, 2]", "\\", '\\"', "tab\there", "{p1}", "or"]
 
 
 def metadata(i: int) -> dict:
@@ -65,7 +74,9 @@ def loaded(tmp_path_factory):
             name = f"c-{preset}"
             store.create_collection(CollectionConfig(name, DIM, index=preset))
             for start in range(0, N, 1000):
-                store.upsert(name, [Item(f"item-{i}", VECTORS[i], metadata(i)) for i in range(start, min(N, start + 1000))])
+                store.upsert(
+                    name, [Item(f"item-{i}", VECTORS[i], metadata(i)) for i in range(start, min(N, start + 1000))]
+                )
             store.delete(name, [f"item-{i}" for i in range(0, N, 5)])
             store.upsert(name, [Item(f"item-{i}", REPLACED[j], metadata(i)) for j, i in enumerate(range(1, N, 10))])
     yield stores, truth
@@ -96,7 +107,9 @@ def test_flat_results_are_identical_across_backends(loaded):
         assert [h.metadata for h in a] == [h.metadata for h in b]
     expected = np.sort(QUERIES @ np.stack(list(truth.values())).T, axis=1)[:, ::-1][:, :10]
     assert np.allclose([[h.score for h in hits] for hits in milvus], expected, atol=1e-5)
-    assert stores["milvus"].get_collection("c-flat").count == stores["local"].get_collection("c-flat").count == len(truth)
+    assert (
+        stores["milvus"].get_collection("c-flat").count == stores["local"].get_collection("c-flat").count == len(truth)
+    )
 
 
 @pytest.mark.parametrize("preset", ["ivf", "hnsw"])
@@ -171,8 +184,11 @@ def test_filters_agree_across_backends(loaded, flt):
     for a, b in zip(local, milvus):
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
     keep = {i for i in truth if flt.matches(metadata(int(i.split("-")[1])))}
-    assert ids_of(milvus) == brute_force({i: truth[i] for i in keep}, QUERIES[:10], 10) if keep else \
-        ids_of(milvus) == [[]] * 10
+    assert (
+        ids_of(milvus) == brute_force({i: truth[i] for i in keep}, QUERIES[:10], 10)
+        if keep
+        else ids_of(milvus) == [[]] * 10
+    )
 
 
 def test_both_backends_name_the_filter_keys_no_item_holds(loaded):
@@ -194,8 +210,11 @@ def test_both_backends_name_the_filter_keys_no_item_holds(loaded):
 def test_filter_injection_matches_literally(loaded, key, value):
     """Hostile keys and values (quotes, brackets, &&, or, escapes, template braces) match only themselves."""
     stores, _ = loaded
-    for flt in (Filter((Condition(key, equals=value),)), Filter((Condition(key, any_of=(value, "no such")),)),
-                Filter((Condition(key, equals=value), Condition("even", equals=True)))):
+    for flt in (
+        Filter((Condition(key, equals=value),)),
+        Filter((Condition(key, any_of=(value, "no such")),)),
+        Filter((Condition(key, equals=value), Condition("even", equals=True))),
+    ):
         local, milvus = (ids_of(stores[b].search("c-flat", QUERIES[:5], SearchOptions(20, flt))) for b in BACKENDS)
         assert local == milvus
 
@@ -206,11 +225,18 @@ def test_hostile_ids_get_and_delete_only_themselves(tmp_path):
     for backend in BACKENDS:
         store = open_backend(backend, tmp_path)
         store.create_collection(CollectionConfig("ids", 4))
-        store.upsert("ids", [Item(i, np.eye(4, dtype=np.float32)[n % 4] + 0.1, {"n": n}) for n, i in enumerate(hostile)])
+        store.upsert(
+            "ids", [Item(i, np.eye(4, dtype=np.float32)[n % 4] + 0.1, {"n": n}) for n, i in enumerate(hostile)]
+        )
         found, missing = store.get("ids", [hostile[0], 'zz" or id != "', hostile[2]])
         deleted = store.delete("ids", ['x" or id != "', hostile[1]])
-        results[backend] = ([i.id for i in found], missing, deleted, store.get_collection("ids").count,
-                            sorted(i.id for i in store.get("ids", hostile)[0]))
+        results[backend] = (
+            [i.id for i in found],
+            missing,
+            deleted,
+            store.get_collection("ids").count,
+            sorted(i.id for i in store.get("ids", hostile)[0]),
+        )
         store.close()
     assert results["local"] == results["milvus"]
     assert results["milvus"][3] == len(hostile) - 1
@@ -288,8 +314,11 @@ def test_errors_are_the_same_classes_on_both_backends(tmp_path):
 LONG_ID = "x" * 500  # storable (ids take up to 512 bytes), but too long to quote whole in a status message
 
 
-@pytest.mark.parametrize("call", [lambda s: s.delete("e", [LONG_ID], strict=True),
-                                  lambda s: s.vector_of("e", LONG_ID)], ids=["strict delete", "vector_of"])
+@pytest.mark.parametrize(
+    "call",
+    [lambda s: s.delete("e", [LONG_ID], strict=True), lambda s: s.vector_of("e", LONG_ID)],
+    ids=["strict delete", "vector_of"],
+)
 def test_messages_quote_user_input_alike_on_both_backends(tmp_path, call):
     """Both back ends quote ids with errors.quoted: cut to QUOTE_LIMIT characters with the full length."""
     messages = {}
@@ -331,8 +360,13 @@ def test_bound_expressions_carry_no_user_text():
     a parameter, every key hex, so the expression text is the same whatever the user sent."""
     from embedsvc.store.milvus_filter import Expression
 
-    flt = Filter((Condition(HOSTILE_KEYS[0], equals=HOSTILE_VALUES[0]), Condition("n", any_of=(1, True, "x")),
-                  Condition("r", gte=1, lte=2.5)))
+    flt = Filter(
+        (
+            Condition(HOSTILE_KEYS[0], equals=HOSTILE_VALUES[0]),
+            Condition("n", any_of=(1, True, "x")),
+            Condition("r", gte=1, lte=2.5),
+        )
+    )
     expr = Expression(bind=True)
     text = expr.filter(flt)
     assert re.fullmatch(r'[a-z0-9_\[\]"{}=<> ()]+', text), text  # hex keys, placeholders, operators only

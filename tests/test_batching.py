@@ -7,15 +7,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import png_bytes
+from serving import model_busy, tiny_engine, wait_until
 
 from embedsvc.client import Client, EmbedsvcClientError
 from embedsvc.encoder import ClipEncoder, embed
+from embedsvc.engine.engine import ImageBytes, Text
 from embedsvc.models import load_model
 from embedsvc.pooling import PoolingSpec, bind_pooling
-from embedsvc.engine.engine import ImageBytes, Text
-
-from conftest import png_bytes
-from serving import model_busy, tiny_engine, wait_until
 
 DELAY_MS = 2000
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "spp:levels=1,2"]
@@ -30,8 +29,7 @@ def server(make_server):
 @pytest.fixture(scope="module")
 def harness(tiny_spec, tmp_path_factory):
     """The same settings on the engine alone (serving.EngineThread), for the batching logic: no transport."""
-    with tiny_engine(tiny_spec, tmp_path_factory.mktemp("engine"), max_batch_delay_ms=DELAY_MS,
-                     max_batch_size=16) as h:
+    with tiny_engine(tiny_spec, tmp_path_factory.mktemp("engine"), max_batch_delay_ms=DELAY_MS, max_batch_size=16) as h:
         yield h
 
 
@@ -114,8 +112,10 @@ def test_batches_fill_to_max_batch_size_and_split_big_requests(harness):
     engine = harness.engine
 
     async def burst():
-        return await asyncio.gather(engine.embed("", [], [Text(f"long {i}") for i in range(20)]),
-                                    *(engine.embed("", [], [Text(f"one {i}")]) for i in range(12)))
+        return await asyncio.gather(
+            engine.embed("", [], [Text(f"long {i}") for i in range(20)]),
+            *(engine.embed("", [], [Text(f"one {i}")]) for i in range(12)),
+        )
 
     with model_busy(harness):
         future = asyncio.run_coroutine_threadsafe(burst(), harness.loop)
@@ -154,8 +154,11 @@ def test_cancelled_request_is_dropped_before_the_forward(server):
         with pytest.raises(EmbedsvcClientError):
             client.embed(["never computed"], timeout=0.1)
         # the server has seen the cancellation (its call ended, its queued input cancelled) before the model frees
-        wait_until(lambda: admission.slots.active == 0 and admission.awaiting_message == 0, 60,
-                   "the server to end the cancelled call")
+        wait_until(
+            lambda: admission.slots.active == 0 and admission.awaiting_message == 0,
+            60,
+            "the server to end the cancelled call",
+        )
     with Client(server.address, timeout=60) as client:
         client.embed(["computed"])
     count, total = (a - b for a, b in zip(batch_stats(server, "text"), before))
@@ -177,8 +180,14 @@ def test_embed_response_wire_bytes_equal_the_message_built_field_by_field():
             result.embeddings.add(pooling=name, vector=pb.Vector(values=matrix[i].tolist()))
         if tokens[i] is not None:
             result.tokens.CopyFrom(tokens[i])
-    built = embed_response("m", modalities, truncated, ["cls", "gem"], vectors,
-                           [t.SerializeToString() if t is not None else None for t in tokens])
+    built = embed_response(
+        "m",
+        modalities,
+        truncated,
+        ["cls", "gem"],
+        vectors,
+        [t.SerializeToString() if t is not None else None for t in tokens],
+    )
     assert built == expected
 
 

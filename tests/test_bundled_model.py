@@ -24,8 +24,10 @@ V1_SHA256 = "2af07c37de702c4af2072727d897da7804cf4f3557ce067fd8f0be1a215f9bdd"
 # on foreign drawings (measured: docs/models.md, "The bundled models").
 FLOORS = {
     TINY_SCENES: {"t2i": {"cls": 0.80}, "shape": 0.2},
-    TINY_SCENES_2: {"t2i": {"cls": 0.88, "avg": 0.6, "max": 0.6, "gem": 0.6, "netvlad": 0.4, "spp": 0.6},
-                    "shape": 0.35},
+    TINY_SCENES_2: {
+        "t2i": {"cls": 0.88, "avg": 0.6, "max": 0.6, "gem": 0.6, "netvlad": 0.4, "spp": 0.6},
+        "shape": 0.35,
+    },
 }
 
 
@@ -59,11 +61,14 @@ def test_held_out_recall_with_cls(encoder, held_out):
     scenes, images = held_out
     result = embed(encoder, [full_caption(s) for s in scenes] + images, [bind_pooling("cls")])
     texts, pics = result.vectors[0][:HELD_OUT], result.vectors[0][HELD_OUT:]
-    metrics = cross_modal_metrics(pics, texts, captions=[full_caption(s) for s in scenes],
-                                  image_keys=[s.object_key() for s in scenes])
+    metrics = cross_modal_metrics(
+        pics, texts, captions=[full_caption(s) for s in scenes], image_keys=[s.object_key() for s in scenes]
+    )
     t2i, i2t = metrics["text_to_image"], metrics["image_to_text"]
-    print(f"\nheld-out {HELD_OUT}: t2i R@1 {t2i.recall_at_1:.3f} R@10 {t2i.recall_at_10:.3f}; "
-          f"i2t R@1 {i2t.recall_at_1:.3f}; i2i mAP {metrics['image_to_image'].mean_average_precision:.3f}")
+    print(
+        f"\nheld-out {HELD_OUT}: t2i R@1 {t2i.recall_at_1:.3f} R@10 {t2i.recall_at_10:.3f}; "
+        f"i2t R@1 {i2t.recall_at_1:.3f}; i2i mAP {metrics['image_to_image'].mean_average_precision:.3f}"
+    )
     assert t2i.recall_at_1 >= FLOORS[encoder.loaded.spec.name]["t2i"]["cls"]
     assert t2i.recall_at_10 >= 0.98
     assert i2t.recall_at_1 >= 0.80
@@ -77,8 +82,10 @@ def test_every_pooling_reports_held_out_recall(encoder, held_out):
     fit_images = [render_scene(generate_scene("train", i), encoder.loaded.image_size) for i in range(300)]
     fit_features = encoder.encode_images(fit_images)
     state = fit_netvlad([(fit_features.tokens, fit_features.mask)], clusters=8, seed=0)
-    poolings = [bind_pooling(p, state if p.startswith("netvlad") else None)
-                for p in ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp")]
+    poolings = [
+        bind_pooling(p, state if p.startswith("netvlad") else None)
+        for p in ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp")
+    ]
     result = embed(encoder, [full_caption(s) for s in scenes] + images, poolings)
     keys = [s.object_key() for s in scenes]
     captions = [full_caption(s) for s in scenes]  # 961 distinct of 1000: identical captions are one text
@@ -86,8 +93,10 @@ def test_every_pooling_reports_held_out_recall(encoder, held_out):
     for pooling, vectors in zip(poolings, result.vectors):
         m = cross_modal_metrics(vectors[HELD_OUT:], vectors[:HELD_OUT], captions=captions, image_keys=keys)
         t2i, i2t, i2i = m["text_to_image"], m["image_to_text"], m["image_to_image"]
-        lines.append(f"| {pooling.name} | {t2i.recall_at_1:.3f} | {t2i.recall_at_10:.3f} | {t2i.median_rank:.0f} | "
-                     f"{i2t.recall_at_1:.3f} | {i2i.mean_average_precision:.3f} |")
+        lines.append(
+            f"| {pooling.name} | {t2i.recall_at_1:.3f} | {t2i.recall_at_10:.3f} | {t2i.median_rank:.0f} | "
+            f"{i2t.recall_at_1:.3f} | {i2i.mean_average_precision:.3f} |"
+        )
         assert np.isfinite(vectors).all() and t2i.queries == len(set(captions))
         floor = FLOORS[encoder.loaded.spec.name]["t2i"].get(pooling.name, 0.0)
         assert t2i.recall_at_1 >= floor, f"{pooling.name}: t2i R@1 {t2i.recall_at_1:.3f} under {floor}"
@@ -113,11 +122,13 @@ def test_zero_shot_on_foreign_drawings(encoder):
     classes, truth, images = foreign_set(300)
     prompts = prompts_of(classes)
     result = embed(encoder, prompts + images, [bind_pooling("cls")])
-    text, pics = result.vectors[0][:len(prompts)], result.vectors[0][len(prompts):]
+    text, pics = result.vectors[0][: len(prompts)], result.vectors[0][len(prompts) :]
     z = zero_shot_scores(pics, text, classes, truth)
-    print(f"\nzero-shot on {len(truth)} foreign drawings, {len(classes)} classes: accuracy {z['accuracy']:.3f} "
-          f"(chance {z['chance']:.3f}); colour {z['colour']:.3f} (chance {z['chance_colour']:.2f}), "
-          f"shape {z['shape']:.3f} (chance {z['chance_shape']:.2f})")
+    print(
+        f"\nzero-shot on {len(truth)} foreign drawings, {len(classes)} classes: accuracy {z['accuracy']:.3f} "
+        f"(chance {z['chance']:.3f}); colour {z['colour']:.3f} (chance {z['chance_colour']:.2f}), "
+        f"shape {z['shape']:.3f} (chance {z['chance_shape']:.2f})"
+    )
     assert z["accuracy"] >= 5 * z["chance"]
     assert z["shape"] >= FLOORS[encoder.loaded.spec.name]["shape"]
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import png_bytes
 
 
@@ -28,9 +27,24 @@ def test_embed_json_cls_equals_open_clip(fixture, request, tmp_path):
     arch, checkpoint = spec.architecture, spec.checkpoint
     image_path = tmp_path / "scene.png"
     image_path.write_bytes(png_bytes(size=(120, 90)))
-    proc = run_cli("embed", "--model", arch, "--checkpoint", str(checkpoint), "--model-config", spec.config_file,
-                   "--pooling", "cls", "--pooling", "avg", "--text", "a small red circle", "--image", str(image_path),
-                   "--json")
+    proc = run_cli(
+        "embed",
+        "--model",
+        arch,
+        "--checkpoint",
+        str(checkpoint),
+        "--model-config",
+        spec.config_file,
+        "--pooling",
+        "cls",
+        "--pooling",
+        "avg",
+        "--text",
+        "a small red circle",
+        "--image",
+        str(image_path),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [r["modality"] for r in out["results"]] == ["text", "image"]
@@ -52,9 +66,23 @@ def test_embed_json_cls_equals_open_clip(fixture, request, tmp_path):
 def test_embed_tokens_json(tiny_spec, tmp_path):
     image_path = tmp_path / "scene.webp"
     image_path.write_bytes(png_bytes(fmt="WEBP"))
-    proc = run_cli("embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
-                   tiny_spec.config_file, "--text", "hi there", "--image", str(image_path), "--pooling", "max", "--json",
-                   "--tokens")
+    proc = run_cli(
+        "embed",
+        "--model",
+        tiny_spec.architecture,
+        "--checkpoint",
+        tiny_spec.checkpoint,
+        "--model-config",
+        tiny_spec.config_file,
+        "--text",
+        "hi there",
+        "--image",
+        str(image_path),
+        "--pooling",
+        "max",
+        "--json",
+        "--tokens",
+    )
     assert proc.returncode == 0, proc.stderr
     text, image = json.loads(proc.stdout)["results"]
     assert np.array(text["tokens"]).shape == (4, 32)  # SOT, hi, there, EOT in the 32-d joint space
@@ -71,9 +99,27 @@ def test_embed_json_keeps_two_specs_of_one_pooling_apart(tiny_encoder, tiny_spec
     from embedsvc.pooling import bind_pooling
 
     specs = ["gem:p=3", "gem:p=4"]
-    assert main(["embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
-                 tiny_spec.config_file, "--pooling", specs[0], "--pooling", specs[1], "--text", "a red circle",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                tiny_spec.architecture,
+                "--checkpoint",
+                tiny_spec.checkpoint,
+                "--model-config",
+                tiny_spec.config_file,
+                "--pooling",
+                specs[0],
+                "--pooling",
+                specs[1],
+                "--text",
+                "a red circle",
+                "--json",
+            ]
+        )
+        == 0
+    )
     embeddings = json.loads(capsys.readouterr().out)["results"][0]["embeddings"]
     assert list(embeddings) == specs
     expected = embed(tiny_encoder, ["a red circle"], [bind_pooling(s) for s in specs]).vectors
@@ -82,18 +128,23 @@ def test_embed_json_keeps_two_specs_of_one_pooling_apart(tiny_encoder, tiny_spec
     assert np.abs(np.array(embeddings[specs[0]]) - np.array(embeddings[specs[1]])).max() > 1e-3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "ViT-B-32", "--random-init", "--pooling", "gem:p=3", "--pooling", "gem:p=3", "--text", "a"],
-     "--pooling 'gem:p=3' is given twice"),
-    (["--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
-    (["--model", "ViT-B-32", "--checkpoint", "/nonexistent/w.pt", "--text", "x"], "does not exist"),
-    (["--model", "ViT-B-32", "--random-init", "--text", "   "], "empty"),
-    (["--model", "ViT-B-32", "--random-init", "--pooling", "spp:combine=concat", "--text", "a"], "combine=sum"),
-    (["--model", "ViT-B-32", "--random-init", "--pooling", "netvlad", "--text", "a"], "no fitted codebook"),
-    (["--model", "ViT-B-32", "--random-init", "--pooling", "bogus", "--text", "a"], "unknown pooling 'bogus'"),
-    (["--model", "ViT-B-32", "--random-init", "--image", "/nonexistent.png"], "does not exist"),
-    (["--model", "ViT-B-32", "--random-init"], "nothing to embed"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--model", "ViT-B-32", "--random-init", "--pooling", "gem:p=3", "--pooling", "gem:p=3", "--text", "a"],
+            "--pooling 'gem:p=3' is given twice",
+        ),
+        (["--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
+        (["--model", "ViT-B-32", "--checkpoint", "/nonexistent/w.pt", "--text", "x"], "does not exist"),
+        (["--model", "ViT-B-32", "--random-init", "--text", "   "], "empty"),
+        (["--model", "ViT-B-32", "--random-init", "--pooling", "spp:combine=concat", "--text", "a"], "combine=sum"),
+        (["--model", "ViT-B-32", "--random-init", "--pooling", "netvlad", "--text", "a"], "no fitted codebook"),
+        (["--model", "ViT-B-32", "--random-init", "--pooling", "bogus", "--text", "a"], "unknown pooling 'bogus'"),
+        (["--model", "ViT-B-32", "--random-init", "--image", "/nonexistent.png"], "does not exist"),
+        (["--model", "ViT-B-32", "--random-init"], "nothing to embed"),
+    ],
+)
 def test_embed_errors_are_messages_not_tracebacks(args, message, capsys):
     """In-process through the CLI's own entry point (what a subprocess runs; test_embed_corrupt_image and
     tests/test_cli_flows.py run it as a process)."""

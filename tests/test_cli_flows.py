@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from serving import running_server
 
 from embedsvc.datasets import write_scenes
 from embedsvc.errors import AlreadyExists
 from embedsvc.service.config import ServerConfig
-
-from serving import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +52,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
-        proc = cli("index", str(scenes), "--collection", "pv=netvlad:clusters=4", "--fit-sample", "20",
-                   "--report", str(tmp_path / "r.jsonl"), *address)
+        proc = cli(
+            "index",
+            str(scenes),
+            "--collection",
+            "pv=netvlad:clusters=4",
+            "--fit-sample",
+            "20",
+            "--report",
+            str(tmp_path / "r.jsonl"),
+            *address,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "fitting the pooling of 'pv' on 20 sample images" in proc.stderr and "indexed 40" in proc.stdout
         found = hits(cli("search", "pv", "--text", "a small red circle", "-k", "5", "--json", *address))
@@ -62,23 +70,39 @@ def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
 
         # an empty NetVLAD collection: searching says how to fit it; `collections fit` fits it
         assert cli("collections", "create", "pn", "--pooling", "netvlad:clusters=4", *address).returncode == 0
-        assert_one_line_error(cli("search", "pn", "--text", "a red star", *address),
-                              "FAILED_PRECONDITION", "`embedsvc collections fit NAME SOURCE`")
+        assert_one_line_error(
+            cli("search", "pn", "--text", "a red star", *address),
+            "FAILED_PRECONDITION",
+            "`embedsvc collections fit NAME SOURCE`",
+        )
         proc = cli("collections", "fit", "pn", str(scenes.parent / "images"), "--sample", "12", *address)
         assert proc.returncode == 0 and "fitted pn on 12 images" in proc.stdout, proc.stderr
         listed = cli("collections", "list", *address).stdout
         assert re.search(r"pn\titems=0\t.*pooling=netvlad", listed), listed
-        assert cli("index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"),
-                   *address).returncode == 0  # fitted: no refit
+        assert (
+            cli("index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"), *address).returncode
+            == 0
+        )  # fitted: no refit
         assert len(hits(cli("search", "pn", "--text", "a blue square", "--json", *address))) == 10
 
     local = tmp_path / "local"
-    proc = cli("index", str(scenes), "--collection", "lv=netvlad:clusters=4", "--fit-sample", "16", "--local",
-               str(local), "--report", str(tmp_path / "r2.jsonl"))
+    proc = cli(
+        "index",
+        str(scenes),
+        "--collection",
+        "lv=netvlad:clusters=4",
+        "--fit-sample",
+        "16",
+        "--local",
+        str(local),
+        "--report",
+        str(tmp_path / "r2.jsonl"),
+    )
     assert proc.returncode == 0 and "fitting the pooling of 'lv'" in proc.stderr, proc.stderr
     with running_server(server_config(local)) as server:
-        found = hits(cli("search", "lv", "--text", "a large green star", "-k", "3", "--json", "--address",
-                         server.address))
+        found = hits(
+            cli("search", "lv", "--text", "a large green star", "-k", "3", "--json", "--address", server.address)
+        )
         assert len(found) == 3
 
 
@@ -86,8 +110,16 @@ def _labelled_manifests(folder: Path, scenes: Path) -> tuple[Path, Path]:
     """The same 10 images as CSV (label 0..9 infers as numbers, tag mixes words so stays text) and JSONL
     (label a JSON number, tag a JSON string)."""
     images = sorted((scenes.parent / "images").glob("*.png"))[:10]
-    rows = [{"id": f"item-{i}", "path": str(p), "caption": f"item {i}", "label": i % 5 + 5,
-             "tag": str(i % 5 + 5) if i % 2 else f"word{i}"} for i, p in enumerate(images)]
+    rows = [
+        {
+            "id": f"item-{i}",
+            "path": str(p),
+            "caption": f"item {i}",
+            "label": i % 5 + 5,
+            "tag": str(i % 5 + 5) if i % 2 else f"word{i}",
+        }
+        for i, p in enumerate(images)
+    ]
     with open(folder / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -101,8 +133,9 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
         for name, manifest in (("fromcsv", csv_manifest), ("fromjsonl", jsonl_manifest)):
-            proc = cli("index", str(manifest), "--collection", f"{name}=cls", "--report", str(tmp_path / "r.jsonl"),
-                       *address)
+            proc = cli(
+                "index", str(manifest), "--collection", f"{name}=cls", "--report", str(tmp_path / "r.jsonl"), *address
+            )
             assert proc.returncode == 0, proc.stderr
 
             def search(flt, name=name):
@@ -122,27 +155,48 @@ def test_filter_grammar_ranges_unknown_keys_and_bad_text(scenes, tmp_path):
     plain reading of the manifest selects; text that does not parse is one line naming the accepted forms (exit
     2); a key no item holds is a warning on stderr, not a silent empty list."""
     images = sorted((scenes.parent / "images").glob("*.png"))[:12]
-    rows = [{"id": f"item-{i}", "path": str(p), "caption": f"item {i}", "sort_order": 250 * i,
-             "vendor": ["acme", "globex", "initech"][i % 3]} for i, p in enumerate(images)]
+    rows = [
+        {
+            "id": f"item-{i}",
+            "path": str(p),
+            "caption": f"item {i}",
+            "sort_order": 250 * i,
+            "vendor": ["acme", "globex", "initech"][i % 3],
+        }
+        for i, p in enumerate(images)
+    ]
     manifest = tmp_path / "orders.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
-        proc = cli("index", str(manifest), "--collection", "orders=cls", "--report", str(tmp_path / "r.jsonl"),
-                   *address)
+        proc = cli(
+            "index", str(manifest), "--collection", "orders=cls", "--report", str(tmp_path / "r.jsonl"), *address
+        )
         assert proc.returncode == 0, proc.stderr
 
         def search(*filters):
-            return cli("search", "orders", "--text", "item", "-k", "50", "--json", *address,
-                       *[a for f in filters for a in ("--filter", f)])
+            return cli(
+                "search",
+                "orders",
+                "--text",
+                "item",
+                "-k",
+                "50",
+                "--json",
+                *address,
+                *[a for f in filters for a in ("--filter", f)],
+            )
 
-        cases = {("sort_order>=1000",): lambda r: r["sort_order"] >= 1000,
-                 ("sort_order>1000",): lambda r: r["sort_order"] > 1000,
-                 ("sort_order<=500",): lambda r: r["sort_order"] <= 500,
-                 ("sort_order<500",): lambda r: r["sort_order"] < 500,
-                 ("sort_order>250 sort_order<2000",): lambda r: 250 < r["sort_order"] < 2000,
-                 ("sort_order>=500", "vendor=acme|initech"):
-                     lambda r: r["sort_order"] >= 500 and r["vendor"] in ("acme", "initech")}
+        cases = {
+            ("sort_order>=1000",): lambda r: r["sort_order"] >= 1000,
+            ("sort_order>1000",): lambda r: r["sort_order"] > 1000,
+            ("sort_order<=500",): lambda r: r["sort_order"] <= 500,
+            ("sort_order<500",): lambda r: r["sort_order"] < 500,
+            ("sort_order>250 sort_order<2000",): lambda r: 250 < r["sort_order"] < 2000,
+            ("sort_order>=500", "vendor=acme|initech"): lambda r: (
+                r["sort_order"] >= 500 and r["vendor"] in ("acme", "initech")
+            ),
+        }
         for filters, selects in cases.items():
             proc = search(*filters)
             expected = sorted(r["id"] for r in rows if selects(r))
@@ -150,8 +204,9 @@ def test_filter_grammar_ranges_unknown_keys_and_bad_text(scenes, tmp_path):
             assert proc.stderr == "", proc.stderr
 
         for text in ("sort_order=>1000", "sort_order=", "sort_order>=lots", "vendor!=acme", "vendor"):
-            assert_one_line_error(search(text), "INVALID_ARGUMENT", "KEY=VALUE", "KEY=A|B", "KEY>=X", "KEY>X",
-                                  "KEY<=X", "KEY<X")
+            assert_one_line_error(
+                search(text), "INVALID_ARGUMENT", "KEY=VALUE", "KEY=A|B", "KEY>=X", "KEY>X", "KEY<=X", "KEY<X"
+            )
 
         proc = search("sort_ordr>=1000")
         assert proc.returncode == 0 and json.loads(proc.stdout) == []
@@ -185,11 +240,17 @@ def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp
         (["embed", "--model", "no-such-model", "--text", "x"], "unknown model 'no-such-model'"),
         (["compare", "--data", str(tmp_path / "missing.csv")], "does not exist"),
         (["compare", "--checkpoint", str(tmp_path / "missing.safetensors"), "--pooling", "cls"], "does not exist"),
-        (["train", "--data", str(tmp_path / "missing.csv"), "--steps", "1", "--out-dir", str(tmp_path / "t")],
-         "does not exist"),
+        (
+            ["train", "--data", str(tmp_path / "missing.csv"), "--steps", "1", "--out-dir", str(tmp_path / "t")],
+            "does not exist",
+        ),
     ]
-    procs = [subprocess.Popen([sys.executable, "-m", "embedsvc", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "embedsvc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args, _ in cases
+    ]
     for (args, fragment), proc in zip(cases, procs):
         out, err = proc.communicate(timeout=600)
         assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, out, err), fragment)
@@ -226,23 +287,34 @@ def test_every_command_a_message_names_exists():
 def test_the_parser_and_remote_commands_import_no_torch():
     """Also the index job's modules (a job that sends images to a server decodes only) and serve's start-up
     checks (a bad setting fails before torch loads)."""
-    code = ("import sys, time; t = time.perf_counter(); from embedsvc.cli import build_parser; "
-            "[build_parser(a) for a in ([], ['search'], ['collections'], ['index'])]; "
-            "import embedsvc.jobs.index, embedsvc.service.preflight; "
-            "print(round(time.perf_counter() - t, 3)); print('torch' in sys.modules)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from embedsvc.cli import build_parser; "
+        "[build_parser(a) for a in ([], ['search'], ['collections'], ['index'])]; "
+        "import embedsvc.jobs.index, embedsvc.service.preflight; "
+        "print(round(time.perf_counter() - t, 3)); print('torch' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     seconds, torch_loaded = proc.stdout.split()
     assert torch_loaded == "False"
     for args in (["--help"], ["search", "--help"], ["collections", "--help"]):
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "embedsvc", *args], capture_output=True,
-                             text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "embedsvc", *args], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0 and "torch" not in {line.split("|")[-1].strip() for line in run.stderr.splitlines()}
-        total = max((int(line.split("|")[1]) for line in run.stderr.splitlines() if line.startswith("import time:")
-                     and line.split("|")[1].strip().isdigit()), default=0)
-        print(f"embedsvc {' '.join(args)}: {time.perf_counter() - started:.2f} s wall, largest cumulative import "
-              f"{total / 1e6:.2f} s (parser build {seconds} s)")
+        total = max(
+            (
+                int(line.split("|")[1])
+                for line in run.stderr.splitlines()
+                if line.startswith("import time:") and line.split("|")[1].strip().isdigit()
+            ),
+            default=0,
+        )
+        print(
+            f"embedsvc {' '.join(args)}: {time.perf_counter() - started:.2f} s wall, largest cumulative import "
+            f"{total / 1e6:.2f} s (parser build {seconds} s)"
+        )
 
 
 @pytest.mark.slow  # four CLI processes (9 s)
@@ -250,19 +322,44 @@ def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp
     import os
 
     models = tmp_path / "models.json"
-    models.write_text(json.dumps([{"name": "mine", "architecture": tiny_spec.architecture,
-                                   "checkpoint": tiny_spec.checkpoint, "config_file": tiny_spec.config_file}]))
+    models.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "mine",
+                    "architecture": tiny_spec.architecture,
+                    "checkpoint": tiny_spec.checkpoint,
+                    "config_file": tiny_spec.config_file,
+                }
+            ]
+        )
+    )
     env = {**os.environ, "EMBEDSVC_MODELS_FILE": str(models)}
-    proc = subprocess.run([sys.executable, "-m", "embedsvc", "embed", "--model", "mine", "--text", "hi", "--json"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedsvc", "embed", "--model", "mine", "--text", "hi", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["model"] == "mine" and len(out["results"][0]["embeddings"]["cls"]) == 32
-    proc = cli("compare", "--model", "mine", "--models-file", str(models), "--data", str(scenes), "--pooling", "cls",
-               "--out-dir", str(tmp_path / "cmp"))
+    proc = cli(
+        "compare",
+        "--model",
+        "mine",
+        "--models-file",
+        str(models),
+        "--data",
+        str(scenes),
+        "--pooling",
+        "cls",
+        "--out-dir",
+        str(tmp_path / "cmp"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "cmp" / "results.json").read_text())["model"] == "mine"
-
 
 
 MISMATCHES = [  # (--collection, other options, what the existing collection has, what the job asks for)
@@ -288,23 +385,50 @@ def test_index_into_an_existing_collection_of_another_definition_is_an_error(err
         client.create_collection("gemc", pooling="gem:p=3")
     run_index(IndexJob(images, ["shaped=cls", "gemc=gem:p=3"], local=str(data), report=report))
     store = LocalStore(data)
-    store.create_collection(CollectionConfig("ipc", store.get_collection("shaped").config.dim,
-                                             model="embedsvc-tiny-scenes-2", pooling="cls", metric="inner_product"))
+    store.create_collection(
+        CollectionConfig(
+            "ipc",
+            store.get_collection("shaped").config.dim,
+            model="embedsvc-tiny-scenes-2",
+            pooling="cls",
+            metric="inner_product",
+        )
+    )
     store.close(checkpoint=False)
     where = {"server": {"address": error_server.address}, "local": {"local": str(data)}}
     # as a user runs it: one line, exit 2
-    procs = [subprocess.Popen([sys.executable, "-m", "embedsvc", "index", images, "--collection", "shaped=avg",
-                               "--report", report, *(f"--{k}", v)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for k, v in (("address", error_server.address), ("local", str(data)))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "embedsvc",
+                "index",
+                images,
+                "--collection",
+                "shaped=avg",
+                "--report",
+                report,
+                *(f"--{k}", v),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k, v in (("address", error_server.address), ("local", str(data)))
+    ]
     for (target, options, have, want), (mode, sink) in itertools.product(MISMATCHES, where.items()):
         with pytest.raises(AlreadyExists) as caught:
             run_index(IndexJob(images, [target], report=report, **sink, **options))
-        assert f"collection '{target.partition('=')[0]}' exists with {have}, but this job asks for {want}" in \
-            str(caught.value), (mode, str(caught.value))
+        assert f"collection '{target.partition('=')[0]}' exists with {have}, but this job asks for {want}" in str(
+            caught.value
+        ), (mode, str(caught.value))
     for proc in procs:
         out, err = proc.communicate(timeout=600)
-        assert_one_line_error(subprocess.CompletedProcess([], proc.returncode, out, err),
-                              "collection 'shaped' exists with pooling cls, but this job asks for pooling avg")
+        assert_one_line_error(
+            subprocess.CompletedProcess([], proc.returncode, out, err),
+            "collection 'shaped' exists with pooling cls, but this job asks for pooling avg",
+        )
     with Client(error_server.address) as client:
         assert all(client.get_collection(name).count == 0 for name in ("shaped", "ipc", "gemc"))
     # the same definition written another way (defaults spelled out or left out, --index flat) is no mismatch

@@ -10,18 +10,22 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import png_bytes
 
 from embedsvc.datasets import write_scenes
-
-from conftest import png_bytes
 
 TOKEN = "t" * 24
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("EMBEDSVC_ADDRESS", "EMBEDSVC_TOKEN")}
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=300,
-                          env={**environment, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**environment, **(env or {})},
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -41,17 +45,39 @@ def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path)
     image = tmp_path / "scene.png"
     image.write_bytes(png_bytes(size=(60, 40)))
     specs = ["cls", "gem:p=3", "gem:p=4"]  # two specs of one pooling: keyed apart, by the spec as written
-    inputs = ["--text", "a small red circle", "--image", str(image), *[a for s in specs for a in ("--pooling", s)],
-              "--json", "--tokens"]
-    here = cli("embed", "--model", tiny_spec.architecture, "--checkpoint", tiny_spec.checkpoint, "--model-config",
-               tiny_spec.config_file, *inputs)
-    remote = cli("embed", "--address", "--model", tiny_spec.name, *inputs,
-                 env={"EMBEDSVC_ADDRESS": server.address, "EMBEDSVC_TOKEN": TOKEN})
+    inputs = [
+        "--text",
+        "a small red circle",
+        "--image",
+        str(image),
+        *[a for s in specs for a in ("--pooling", s)],
+        "--json",
+        "--tokens",
+    ]
+    here = cli(
+        "embed",
+        "--model",
+        tiny_spec.architecture,
+        "--checkpoint",
+        tiny_spec.checkpoint,
+        "--model-config",
+        tiny_spec.config_file,
+        *inputs,
+    )
+    remote = cli(
+        "embed",
+        "--address",
+        "--model",
+        tiny_spec.name,
+        *inputs,
+        env={"EMBEDSVC_ADDRESS": server.address, "EMBEDSVC_TOKEN": TOKEN},
+    )
     assert here.returncode == 0 and remote.returncode == 0, here.stderr + remote.stderr
     here, remote = json.loads(here.stdout)["results"], json.loads(remote.stdout)["results"]
     for local_row, remote_row in zip(here, remote, strict=True):
-        assert {k: local_row[k] for k in ("input", "modality", "truncated", "grid")} == \
-               {k: remote_row[k] for k in ("input", "modality", "truncated", "grid")}
+        assert {k: local_row[k] for k in ("input", "modality", "truncated", "grid")} == {
+            k: remote_row[k] for k in ("input", "modality", "truncated", "grid")
+        }
         assert list(local_row["embeddings"]) == list(remote_row["embeddings"]) == specs
         for name in specs:
             np.testing.assert_allclose(remote_row["embeddings"][name], local_row["embeddings"][name], atol=1e-5)
@@ -61,14 +87,31 @@ def test_embed_through_the_server_equals_embed_here(server, tiny_spec, tmp_path)
 
 
 def test_embed_address_refuses_what_only_a_local_load_uses(server, tiny_spec):
-    line = one_line_error(cli("embed", "--address", server.address, "--checkpoint", tiny_spec.checkpoint,
-                              "--device", "cpu", "--text", "x"))
+    line = one_line_error(
+        cli(
+            "embed", "--address", server.address, "--checkpoint", tiny_spec.checkpoint, "--device", "cpu", "--text", "x"
+        )
+    )
     assert "--checkpoint, --device cpu shape a model loaded in this process" in line and "drop --address" in line
 
 
 def test_embed_address_refuses_a_pooling_given_twice(server):
-    line = one_line_error(cli("embed", "--address", server.address, "--pooling", "gem:p=3", "--pooling", "avg",
-                              "--pooling", "gem:p=3", "--text", "x", env={"EMBEDSVC_TOKEN": TOKEN}))
+    line = one_line_error(
+        cli(
+            "embed",
+            "--address",
+            server.address,
+            "--pooling",
+            "gem:p=3",
+            "--pooling",
+            "avg",
+            "--pooling",
+            "gem:p=3",
+            "--text",
+            "x",
+            env={"EMBEDSVC_TOKEN": TOKEN},
+        )
+    )
     assert "--pooling 'gem:p=3' is given twice" in line
 
 
@@ -93,4 +136,3 @@ def test_search_with_an_empty_id_is_one_line_and_exit_2():
     """`search COLL --id ""` built no query and ended in an AssertionError traceback."""
     line = one_line_error(cli("search", "scenes", "--id", "", "--address", "127.0.0.1:1"))
     assert "--id is empty" in line
-

@@ -12,10 +12,29 @@ import pytest
 @pytest.mark.slow  # 1000 scenes, four poolings, plots (239 s measured on 2 shared cores)
 def test_compare_on_scenes(tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "embedsvc", "compare", "--out-dir", str(out), "--model",
-                           "embedsvc-tiny-scenes", "--pooling", "cls",
-                           "--pooling", "avg", "--pooling", "netvlad:clusters=8", "--pooling", "spp:combine=concat"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "compare",
+            "--out-dir",
+            str(out),
+            "--model",
+            "embedsvc-tiny-scenes",
+            "--pooling",
+            "cls",
+            "--pooling",
+            "avg",
+            "--pooling",
+            "netvlad:clusters=8",
+            "--pooling",
+            "spp:combine=concat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "results.json").read_text())
     rows = {r["pooling"]: r for r in result["poolings"]}
@@ -45,8 +64,16 @@ def test_trained_attention_head_recovers_alignment(tmp_path):
     that its fixed poolings align."""
     from embedsvc.jobs.compare import CompareJob, run_compare
 
-    result = run_compare(CompareJob(size=500, model="embedsvc-tiny-scenes", poolings=("avg",), train_head=2000,
-                                    head_steps=200, out_dir=str(tmp_path)))
+    result = run_compare(
+        CompareJob(
+            size=500,
+            model="embedsvc-tiny-scenes",
+            poolings=("avg",),
+            train_head=2000,
+            head_steps=200,
+            out_dir=str(tmp_path),
+        )
+    )
     rows = {r["pooling"]: r["metrics"]["text_to_image"]["recall_at_1"] for r in result["poolings"]}
     assert rows["attention-head (trained)"] > max(0.3, 3 * rows["avg"]), rows
 
@@ -72,7 +99,8 @@ def test_token_modes_are_rows(tmp_path):
     for spec in specs[1:3]:
         pooling = bind_pooling(spec, text_final_tokens=True)
         vectors = embed(encoder, texts + images, [pooling]).vectors[0]
-        expected = cross_modal_metrics(vectors[200:], vectors[:200], captions=texts,
-                                       image_keys=[s.object_key() for s in scenes])
+        expected = cross_modal_metrics(
+            vectors[200:], vectors[:200], captions=texts, image_keys=[s.object_key() for s in scenes]
+        )
         assert rows[spec]["metrics"]["text_to_image"]["recall_at_1"] == expected["text_to_image"].recall_at_1
     assert "| avg:tokens=clearclip |" in (tmp_path / "results.md").read_text()

@@ -39,8 +39,10 @@ def class_manifest(tmp_path_factory):
             rows.append({"id": scene.id, "path": f"{scene.id}.png", "caption": f"a {colour} {shape}", "label": label})
     good = list(rows)
     (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
-    rows += [{"id": "gone", "path": "missing.png", "caption": "a red circle", "label": 0},
-             {"id": "bad", "path": "corrupt.png", "caption": "a red circle", "label": 0}]
+    rows += [
+        {"id": "gone", "path": "missing.png", "caption": "a red circle", "label": 0},
+        {"id": "bad", "path": "corrupt.png", "caption": "a red circle", "label": 0},
+    ]
     manifest = folder / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "path", "caption", "label"])
@@ -62,8 +64,13 @@ def _numpy_metrics(queries: np.ndarray, items: np.ndarray, relevant: np.ndarray,
         first.append(ranks[0])
         aps.append(np.mean([(i + 1) / r for i, r in enumerate(ranks)]))
     first = np.array(first)
-    return {"recall_at_1": np.mean(first <= 1), "recall_at_5": np.mean(first <= 5), "recall_at_10": np.mean(first <= 10),
-            "median_rank": np.median(first), "mean_average_precision": np.mean(aps)}
+    return {
+        "recall_at_1": np.mean(first <= 1),
+        "recall_at_5": np.mean(first <= 5),
+        "recall_at_10": np.mean(first <= 10),
+        "median_rank": np.median(first),
+        "mean_average_precision": np.mean(aps),
+    }
 
 
 def test_compare_figures_equal_numpy_from_embed_vectors_and_bad_rows_are_skipped(class_manifest, tmp_path):
@@ -87,18 +94,23 @@ def test_compare_figures_equal_numpy_from_embed_vectors_and_bad_rows_are_skipped
     args = [a for r in good for a in ("--image", str(manifest.parent / r["path"]))]
     args += [a for c in captions for a in ("--text", c)]
     state = out / "state-netvlad-clusters=4.safetensors"  # the codebook compare fitted, reused by embed
-    embedded = run_cli("embed", "--model", DEFAULT_MODEL, *pooling_args, "--pooling-state", str(state),
-                       *args, "--json")
+    embedded = run_cli("embed", "--model", DEFAULT_MODEL, *pooling_args, "--pooling-state", str(state), *args, "--json")
     assert embedded.returncode == 0, embedded.stderr
     results = json.loads(embedded.stdout)["results"]
     for number, pooling in enumerate(POOLINGS):
         vectors = np.array([list(r["embeddings"].values())[number] for r in results])
-        images, texts = vectors[:len(good)], vectors[len(good):]
+        images, texts = vectors[: len(good)], vectors[len(good) :]
         t2i_rel = caption_label[:, None] == labels[None, :]
-        expected = {"text_to_image": _numpy_metrics(texts, images, t2i_rel),
-                    "image_to_text": _numpy_metrics(images, texts, t2i_rel.T),
-                    "image_to_image": _numpy_metrics(images, images, (labels[:, None] == labels[None, :])
-                                                     & ~np.eye(len(labels), dtype=bool), exclude_self=True)}
+        expected = {
+            "text_to_image": _numpy_metrics(texts, images, t2i_rel),
+            "image_to_text": _numpy_metrics(images, texts, t2i_rel.T),
+            "image_to_image": _numpy_metrics(
+                images,
+                images,
+                (labels[:, None] == labels[None, :]) & ~np.eye(len(labels), dtype=bool),
+                exclude_self=True,
+            ),
+        }
         measured = rows[pooling]["metrics"]
         for task, figures in expected.items():
             for key, value in figures.items():
@@ -109,8 +121,9 @@ def test_compare_figures_equal_numpy_from_embed_vectors_and_bad_rows_are_skipped
 
 def test_compare_without_label_column_uses_identical_captions(class_manifest, tmp_path):
     manifest, good = class_manifest
-    proc = run_cli("compare", "--data", str(manifest), "--label-column", "", "--out-dir", str(tmp_path),
-                   "--pooling", "cls")
+    proc = run_cli(
+        "compare", "--data", str(manifest), "--label-column", "", "--out-dir", str(tmp_path), "--pooling", "cls"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["relevance"]["definition"] == "caption"
@@ -147,10 +160,12 @@ def test_an_extreme_aspect_ratio_is_skipped_offline_as_the_server_refuses_it(tmp
     for k in range(3):
         Image.new("RGB", (64, 64), (40 * k, 200, 90)).save(tmp_path / f"ok{k}.png")
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,caption\nstrip.png,a red strip\n" + "".join(f"ok{k}.png,a green square {k}\n"
-                                                                          for k in range(3)))
-    result = run_compare(CompareJob(data=str(manifest), poolings=("cls",), out_dir=str(tmp_path / "o"),
-                                    latency_queries=2))
+    manifest.write_text(
+        "path,caption\nstrip.png,a red strip\n" + "".join(f"ok{k}.png,a green square {k}\n" for k in range(3))
+    )
+    result = run_compare(
+        CompareJob(data=str(manifest), poolings=("cls",), out_dir=str(tmp_path / "o"), latency_queries=2)
+    )
     assert result["size"] == 3 and [s["path"] for s in result["skipped"]] == [str(tmp_path / "strip.png")]
     assert "2,880,000x72" in result["skipped"][0]["reason"]
     loaded = load_model(get_model_spec(DEFAULT_MODEL))
@@ -194,8 +209,14 @@ def test_by_default_the_whole_manifest_is_compared(class_manifest, tmp_path):
 
     manifest, good = class_manifest
     rows = [dict(good[n % len(good)], id=f"row-{n}") for n in range(1010)]
-    result = run_compare(CompareJob(data=str(_manifest(tmp_path, manifest.parent, rows)), poolings=("cls",),
-                                    out_dir=str(tmp_path / "o"), latency_queries=2))
+    result = run_compare(
+        CompareJob(
+            data=str(_manifest(tmp_path, manifest.parent, rows)),
+            poolings=("cls",),
+            out_dir=str(tmp_path / "o"),
+            latency_queries=2,
+        )
+    )
     assert result["size"] == 1010 and result["sample"] is None
     assert "sample" not in (tmp_path / "o" / "results.md").read_text()
 
@@ -206,8 +227,17 @@ def test_a_task_with_nothing_to_measure_is_not_measured_never_zero(class_manifes
     manifest, good = class_manifest
     rows = [dict(r, label=n) for n, r in enumerate(good[::5])]
     data = _manifest(tmp_path, manifest.parent, rows)
-    proc = run_cli("compare", "--data", str(data), "--out-dir", str(tmp_path / "o"), "--pooling", "cls",
-                   "--pooling", "spp:combine=concat")
+    proc = run_cli(
+        "compare",
+        "--data",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--pooling",
+        "cls",
+        "--pooling",
+        "spp:combine=concat",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "o" / "results.json").read_text())
     metrics = {r["pooling"]: r["metrics"] for r in result["poolings"]}

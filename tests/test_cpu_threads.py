@@ -8,17 +8,20 @@ import sys
 
 from embedsvc.cpu import apply_openmp_defaults, cgroup_cpu_quota, usable_cpus
 
-PROBE = ("import os, sys; from embedsvc.cli import main; sys.argv[1:] = {argv!r}; "
-         "import embedsvc.cli.serve as s; s.run = lambda args: print(os.environ.get('OMP_WAIT_POLICY'), "
-         "os.environ.get('KMP_BLOCKTIME'), os.environ.get('OMP_NUM_THREADS')) or 0; "
-         "main()")
+PROBE = (
+    "import os, sys; from embedsvc.cli import main; sys.argv[1:] = {argv!r}; "
+    "import embedsvc.cli.serve as s; s.run = lambda args: print(os.environ.get('OMP_WAIT_POLICY'), "
+    "os.environ.get('KMP_BLOCKTIME'), os.environ.get('OMP_NUM_THREADS')) or 0; "
+    "main()"
+)
 
 
 def run_probe(argv, **env):
     environ = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}
     environ.update(env)
-    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], env=environ, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(argv=argv)], env=environ, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
 
@@ -35,9 +38,11 @@ def test_the_environment_overrides_the_defaults():
 
 def test_torch_is_not_loaded_before_the_defaults_apply():
     """The subcommands import torch; apply_openmp_defaults must run first, so check the order directly."""
-    code = ("import sys, os; from embedsvc.cpu import apply_openmp_defaults; "
-            "assert 'torch' not in sys.modules; apply_openmp_defaults(); import torch; "
-            "print(torch.get_num_threads())")
+    code = (
+        "import sys, os; from embedsvc.cpu import apply_openmp_defaults; "
+        "assert 'torch' not in sys.modules; apply_openmp_defaults(); import torch; "
+        "print(torch.get_num_threads())"
+    )
     environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

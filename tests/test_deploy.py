@@ -35,8 +35,11 @@ def env_config(env: dict) -> ServerConfig:
 
 def service_ports(config: ServerConfig) -> dict[str, int]:
     """The ports a deployment must publish: gRPC, the HTTP API and page, metrics."""
-    return {"grpc": int(config.listen.rsplit(":", 1)[1]), "http": int(config.http_listen.rsplit(":", 1)[1]),
-            "metrics": config.metrics_port}
+    return {
+        "grpc": int(config.listen.rsplit(":", 1)[1]),
+        "http": int(config.http_listen.rsplit(":", 1)[1]),
+        "metrics": config.metrics_port,
+    }
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
@@ -85,8 +88,12 @@ def test_compose_and_prometheus_agree():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     service = compose["services"]["embedsvc"]
     text = (DEPLOY / service["build"]["dockerfile"].split("/")[-1]).read_text()
-    config = env_config({**dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text)),
-                         **{k: v for k, v in service["environment"].items() if k != "EMBEDSVC_AUTH_TOKENS_FILE"}})
+    config = env_config(
+        {
+            **dict(re.findall(r"(EMBEDSVC_\w+)=(\S+)", text)),
+            **{k: v for k, v in service["environment"].items() if k != "EMBEDSVC_AUTH_TOKENS_FILE"},
+        }
+    )
     assert "EMBEDSVC_AUTH_TOKENS_FILE" in service["environment"]
     assert load_tokens(str(DEPLOY / compose["secrets"]["embedsvc_tokens"]["file"]))
     assert any(v.endswith(":" + config.data_dir) for v in service["volumes"])
@@ -103,7 +110,10 @@ def test_compose_with_milvus_standalone_and_two_replicas():
     assert set(services) == {"etcd", "minio", "standalone", "embedsvc"}
     milvus = services["standalone"]
     assert milvus["image"].startswith("milvusdb/milvus:v2.") and milvus["command"] == ["milvus", "run", "standalone"]
-    assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379" and milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert (
+        milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+        and milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    )
     assert "-listen-client-urls http://0.0.0.0:2379" in services["etcd"]["command"]
     assert "minio server" in services["minio"]["command"]
     embedsvc = services["embedsvc"]
@@ -123,7 +133,9 @@ def test_compose_with_milvus_standalone_and_two_replicas():
 def test_kubernetes_milvus_variant_is_stateless_and_autoscaled():
     docs = k8s("k8s-milvus")
     assert set(docs) == {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler"}
-    config = env_config({**docs["ConfigMap"]["data"], "EMBEDSVC_MILVUS_TOKEN": docs["Secret"]["stringData"]["EMBEDSVC_MILVUS_TOKEN"]})
+    config = env_config(
+        {**docs["ConfigMap"]["data"], "EMBEDSVC_MILVUS_TOKEN": docs["Secret"]["stringData"]["EMBEDSVC_MILVUS_TOKEN"]}
+    )
     assert config.store_backend == "milvus" and config.milvus_token
     assert load_tokens(inline=docs["Secret"]["stringData"]["EMBEDSVC_AUTH_TOKENS"])
     deployment = docs["Deployment"]
@@ -136,7 +148,11 @@ def test_kubernetes_milvus_variant_is_stateless_and_autoscaled():
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == service_ports(config)
     hpa = docs["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert hpa["minReplicas"] == deployment["spec"]["replicas"] <= hpa["maxReplicas"]
     service = docs["Service"]["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]

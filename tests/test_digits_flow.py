@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_digits_flow_from_the_cli(tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "digits"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "digits.py"), "--out", str(out), "--steps", "40",
-                           "--threads", "1"], capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "digits.py"), "--out", str(out), "--steps", "40", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| chance (random ranking) | - | 0.100 |" in proc.stdout  # 10 captions, one class each
     for folder in ("compare-trained", "compare-bundled"):

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import png_bytes
 
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model, resolve_model_spec
 from embedsvc.pooling import bind_pooling
-
-from conftest import png_bytes
 
 TEXTS = ["a small red circle in the top left", "two objects: a blue star and a green square", "x"]
 
@@ -42,8 +41,13 @@ def _reference(encoder: ClipEncoder, pixels: torch.Tensor, texts: list[str]):
 def test_cls_equals_open_clip_encode(full_size):
     encoder = full_size
     rng = np.random.default_rng(0)
-    images = [png_bytes(size=(int(rng.integers(40, 300)), int(rng.integers(40, 300))),
-                        color=tuple(int(c) for c in rng.integers(0, 255, 3))) for _ in range(3)]
+    images = [
+        png_bytes(
+            size=(int(rng.integers(40, 300)), int(rng.integers(40, 300))),
+            color=tuple(int(c) for c in rng.integers(0, 255, 3)),
+        )
+        for _ in range(3)
+    ]
     result = embed(encoder, TEXTS + images, [bind_pooling("cls")])
     from embedsvc.encoder import decode_image
 
@@ -120,14 +124,18 @@ def test_one_forward_pass_feeds_several_poolings(tiny_encoder):
     hooks = [
         # the image trunk's first block runs once per pass (token modes only recompute the last block)
         tiny_encoder.model.visual.transformer.resblocks[0].register_forward_hook(
-            lambda *a: calls.__setitem__("visual", calls["visual"] + 1)),
+            lambda *a: calls.__setitem__("visual", calls["visual"] + 1)
+        ),
         tiny_encoder.model.transformer.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1)),
     ]
     try:
-        poolings = [bind_pooling(name, text_final_tokens=True) for name in
-                    ("cls", "avg", "max", "gem:p=2", "spp", "avg:tokens=clearclip", "max:tokens=naclip")]
-        result = embed(tiny_encoder, ["a red circle", png_bytes(), "a blue square", png_bytes(color=(0, 255, 0))],
-                       poolings)
+        poolings = [
+            bind_pooling(name, text_final_tokens=True)
+            for name in ("cls", "avg", "max", "gem:p=2", "spp", "avg:tokens=clearclip", "max:tokens=naclip")
+        ]
+        result = embed(
+            tiny_encoder, ["a red circle", png_bytes(), "a blue square", png_bytes(color=(0, 255, 0))], poolings
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -155,11 +163,17 @@ def test_resnet_tiny_from_safetensors(tiny_rn_spec):
 def test_text_fit_across_forward_batches_of_different_spans(tiny_spec, tmp_path):
     """FitPooling with texts: the batcher runs them in several forwards, each up to its own longest text; the
     fitted codebook uses every real token (one descriptor each), as with one batch of the full context."""
-    from embedsvc.client import Client
     from serving import tiny_server
 
-    texts = ["a red circle", "blue", "a large green triangle on the left of a small yellow square at the top",
-             "x", "two stars"]
+    from embedsvc.client import Client
+
+    texts = [
+        "a red circle",
+        "blue",
+        "a large green triangle on the left of a small yellow square at the top",
+        "x",
+        "two stars",
+    ]
     with tiny_server(tiny_spec, tmp_path / "data", max_batch_size=2) as server, Client(server.address) as client:
         client.create_collection("v", model=tiny_spec.name, pooling="netvlad:clusters=2")
         response = client.fit_pooling("v", texts, params={"seed": "0"})

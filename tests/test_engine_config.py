@@ -18,8 +18,19 @@ def test_every_engine_setting_is_a_server_setting_with_the_same_type_and_default
 
 
 def test_engine_config_carries_the_servers_values():
-    config = load_config(env={"EMBEDSVC_MAX_BATCH_SIZE": "7", "EMBEDSVC_DEFAULT_MODEL": "m",
-                              "EMBEDSVC_STORE_THUMBNAILS": "true", "EMBEDSVC_DECODE_NICE": "3"})
+    config = load_config(
+        env={
+            "EMBEDSVC_MAX_BATCH_SIZE": "7",
+            "EMBEDSVC_DEFAULT_MODEL": "m",
+            "EMBEDSVC_STORE_THUMBNAILS": "true",
+            "EMBEDSVC_DECODE_NICE": "3",
+        }
+    )
     engine = config.engine_config()
-    assert (engine.max_batch_size, engine.default_model, engine.store_thumbnails, engine.decode_nice) == (7, "m", True, 3)
+    assert (engine.max_batch_size, engine.default_model, engine.store_thumbnails, engine.decode_nice) == (
+        7,
+        "m",
+        True,
+        3,
+    )
     assert all(getattr(engine, f.name) == getattr(config, f.name) for f in dataclasses.fields(EngineConfig))

@@ -12,9 +12,7 @@ from embedsvc.eval import chance_recall, cross_modal_metrics, retrieval_metrics
 
 def test_hand_computed_ranks():
     # query 0: relevant item 2 ranks 1st; query 1: relevant item 0 ranks 3rd; query 2: relevant {0, 2} at ranks 2 and 3
-    sim = np.array([[0.1, 0.2, 0.9, 0.3],
-                    [0.5, 0.9, 0.2, 0.8],
-                    [0.6, 0.9, 0.5, 0.1]])
+    sim = np.array([[0.1, 0.2, 0.9, 0.3], [0.5, 0.9, 0.2, 0.8], [0.6, 0.9, 0.5, 0.1]])
     rel = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 1, 0]], dtype=bool)
     m = retrieval_metrics(sim, rel)
     assert m.recall_at_1 == pytest.approx(1 / 3)

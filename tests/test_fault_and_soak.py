@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_service_kill import serve_process, start_server
 
 from embedsvc.client import Client
-
-from test_service_kill import serve_process, start_server
 
 HERE = Path(__file__).parent
 KILLS = int(os.environ.get("EMBEDSVC_KILLS", "10"))
@@ -26,9 +25,16 @@ KILLS = int(os.environ.get("EMBEDSVC_KILLS", "10"))
 def clients(addresses: list[str], seconds: float, embed: bool) -> list[subprocess.Popen]:
     """One load_client process per address (gRPC host:port or HTTP URL), each writing its own ids."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    return [subprocess.Popen([sys.executable, str(HERE / "load_client.py"), address, str(w), str(seconds),
-                              "1" if embed else "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=env) for w, address in enumerate(addresses)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "load_client.py"), address, str(w), str(seconds), "1" if embed else "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for w, address in enumerate(addresses)
+    ]
 
 
 @pytest.mark.slow  # 10 SIGKILLs under load from gRPC and HTTP client processes (290 s measured on 2 shared cores)
@@ -90,8 +96,10 @@ def test_sigkill_under_mixed_load_loses_nothing_acknowledged(tmp_path):
                     in_flight = None
             if in_flight is not None:
                 pending.append(in_flight)
-    print(f"\nfault test: {KILLS} SIGKILLs under gRPC and HTTP writers, {acked_writes} acknowledged writes "
-          f"({http_acked} over HTTP), {len(expected)} items verified after the last restart")
+    print(
+        f"\nfault test: {KILLS} SIGKILLs under gRPC and HTTP writers, {acked_writes} acknowledged writes "
+        f"({http_acked} over HTTP), {len(expected)} items verified after the last restart"
+    )
     assert acked_writes > 50 and http_acked > 20, f"{acked_writes} writes acknowledged, {http_acked} over HTTP"
 
 
@@ -124,7 +132,9 @@ def test_bounded_soak(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     growth = (rss_after - rss_before) / max(rss_before, 1)
-    print(f"\nsoak: {seconds:.0f}s, 4 client processes, {requests} requests, {errors} errors, "
-          f"RSS {rss_before / 1024:.0f} MiB -> {rss_after / 1024:.0f} MiB ({growth:+.1%})")
+    print(
+        f"\nsoak: {seconds:.0f}s, 4 client processes, {requests} requests, {errors} errors, "
+        f"RSS {rss_before / 1024:.0f} MiB -> {rss_after / 1024:.0f} MiB ({growth:+.1%})"
+    )
     assert errors == 0 and requests > 200
     assert growth < 0.25

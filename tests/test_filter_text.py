@@ -5,8 +5,7 @@ evaluated by both back ends' condition code against a plain Python reading of th
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from embedsvc.errors import InvalidInput
 from embedsvc.store import Condition, Filter
@@ -30,9 +29,14 @@ CASES = [
     ("sort_order>1000", [Condition("sort_order", gt=1000)]),
     ("n<=2.5", [Condition("n", lte=2.5)]),
     ("n<-1", [Condition("n", lt=-1)]),
-    ("  objects>=2   colours=\"blue red\"  shapes=circle|square ",
-     [Condition("objects", gte=2), Condition("colours", equals="blue red"),
-      Condition("shapes", any_of=("circle", "square"))]),
+    (
+        '  objects>=2   colours="blue red"  shapes=circle|square ',
+        [
+            Condition("objects", gte=2),
+            Condition("colours", equals="blue red"),
+            Condition("shapes", any_of=("circle", "square")),
+        ],
+    ),
     ("n>2 n<=5", [Condition("n", gt=2), Condition("n", lte=5)]),
     ("nan=inf", [Condition("nan", equals="inf")]),  # words that float() would take are strings
     ("x=1_000", [Condition("x", equals="1_000")]),
@@ -92,19 +96,22 @@ def test_text_that_does_not_parse_names_the_problem_and_the_accepted_forms(text,
 METADATA = [{"n": n, "even": n % 2 == 0, "name": f"n{n}", "half": n / 2} for n in range(-3, 9)]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("n>=2", lambda m: m["n"] >= 2),
-    ("n>2", lambda m: m["n"] > 2),
-    ("n<=2", lambda m: m["n"] <= 2),
-    ("n<2", lambda m: m["n"] < 2),
-    ("n>-2 n<5", lambda m: -2 < m["n"] < 5),
-    ("half>1.5", lambda m: m["half"] > 1.5),
-    ("half<1.5 half>=0.5", lambda m: 0.5 <= m["half"] < 1.5),
-    ("even=true n>=0", lambda m: m["even"] and m["n"] >= 0),
-    ("name=n3|n5|n99", lambda m: m["name"] in ("n3", "n5", "n99")),
-    ("n=3|5", lambda m: m["n"] in (3, 5)),
-    ("even>=0", lambda m: False),  # ranges compare numbers: booleans never match
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("n>=2", lambda m: m["n"] >= 2),
+        ("n>2", lambda m: m["n"] > 2),
+        ("n<=2", lambda m: m["n"] <= 2),
+        ("n<2", lambda m: m["n"] < 2),
+        ("n>-2 n<5", lambda m: -2 < m["n"] < 5),
+        ("half>1.5", lambda m: m["half"] > 1.5),
+        ("half<1.5 half>=0.5", lambda m: 0.5 <= m["half"] < 1.5),
+        ("even=true n>=0", lambda m: m["even"] and m["n"] >= 0),
+        ("name=n3|n5|n99", lambda m: m["name"] in ("n3", "n5", "n99")),
+        ("n=3|5", lambda m: m["n"] in (3, 5)),
+        ("even>=0", lambda m: False),  # ranges compare numbers: booleans never match
+    ],
+)
 def test_conditions_select_what_plain_python_selects(text, expected):
     """Condition.matches (the reference both back ends are tested against) and the local metadata index."""
     from embedsvc.store.metadata import MetadataIndex
@@ -138,11 +145,14 @@ def test_any_text_parses_or_is_refused_with_the_forms(text):
     assert parsed is None or all(c.key for c in parsed.must)
 
 
-@pytest.mark.parametrize("text, conditions", [
-    ("k=٣", [Condition("k", equals="٣")]),  # an Arabic-Indic digit is a word, not the number 3
-    ("k=𝟙|١٢", [Condition("k", any_of=("𝟙", "١٢"))]),
-    ("k=１", [Condition("k", equals="１")]),  # a full-width digit
-])
+@pytest.mark.parametrize(
+    "text, conditions",
+    [
+        ("k=٣", [Condition("k", equals="٣")]),  # an Arabic-Indic digit is a word, not the number 3
+        ("k=𝟙|١٢", [Condition("k", any_of=("𝟙", "١٢"))]),
+        ("k=１", [Condition("k", equals="１")]),  # a full-width digit
+    ],
+)
 def test_only_ascii_digits_make_a_number(text, conditions):
     """float() reads any Unicode decimal digit; the grammar's numbers are ASCII, so `k=٣` matches the stored
     string "٣" and never the number 3."""

@@ -19,11 +19,11 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
+from test_service_kill import KILLED, serve_process
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.errors import InvalidInput
 from embedsvc.service.config import ServerConfig
-from test_service_kill import KILLED, serve_process
 
 DIM = 8
 
@@ -82,8 +82,7 @@ def test_front_ends_embed_as_the_model_process_does(served):
             assert fast.vectors[key].shape == (4, model_side.vectors[key].shape[1])
             np.testing.assert_allclose(fast.vectors[key], model_side.vectors[key], atol=1e-6)
         assert list(fast.modalities) == list(model_side.modalities)
-        refusals = {"text is empty": ["   "], "could not decode image": [b"not an image"],
-                    "unknown pooling": ["x"]}
+        refusals = {"text is empty": ["   "], "could not decode image": [b"not an image"], "unknown pooling": ["x"]}
         for message, bad in refusals.items():
             with pytest.raises(EmbedsvcClientError, match=message) as caught:
                 client.embed(bad, poolings=["nope"] if message == "unknown pooling" else ["cls"])
@@ -167,8 +166,9 @@ def test_killed_front_end_loses_nothing_acknowledged(served):
             rng = np.random.default_rng(int(ids[0].split("-")[1]))
             try:
                 with Client(server.address, timeout=30) as own:  # a new connection: either front end
-                    own.upsert("kv", (Item(i, vector=rng.standard_normal(DIM).astype(np.float32)) for i in ids),
-                               batch_size=2)
+                    own.upsert(
+                        "kv", (Item(i, vector=rng.standard_normal(DIM).astype(np.float32)) for i in ids), batch_size=2
+                    )
             except EmbedsvcClientError as exc:
                 if exc.code.name not in KILLED:
                     other_errors.append(str(exc))
@@ -209,10 +209,31 @@ def test_port_taken_is_a_clear_startup_error_with_front_ends(tmp_path):
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--frontends", "2", "--listen",
-                               f"127.0.0.1:{port}", "--http-listen", "", "--metrics-port", "-1", "--demo-size", "0",
-                               "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "embedsvc",
+                "serve",
+                "--frontends",
+                "2",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--http-listen",
+                "",
+                "--metrics-port",
+                "-1",
+                "--demo-size",
+                "0",
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"embedsvc serve: error: cannot listen on 127.0.0.1:{port}: the port is taken or the address is not local "
-        f"(Address already in use); pick another with --listen or EMBEDSVC_LISTEN"]
+        f"(Address already in use); pick another with --listen or EMBEDSVC_LISTEN"
+    ]

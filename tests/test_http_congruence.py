@@ -16,8 +16,7 @@ from google.protobuf import json_format
 from PIL import Image
 
 from embedsvc.service.errors import HTTP_STATUS
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 TRANSPORTS = ("grpc", "http")
 VOLATILE = {"createdUnixMs", "seconds"}  # differ between two collections made a moment apart
@@ -33,12 +32,20 @@ IMAGES = [png((220, 30, 30)), png((30, 200, 40)), png((20, 40, 230)), png((200, 
 
 
 def items() -> list[pb.UpsertItem]:
-    out = [pb.UpsertItem(id=f"img-{i}", content=pb.Content(image=data),
-                         metadata={"n": pb.MetadataValue(number_value=i), "kind": pb.MetadataValue(string_value="img")})
-           for i, data in enumerate(IMAGES)]
-    out += [pb.UpsertItem(id=f"txt-{i}", content=pb.Content(text=t),
-                          metadata={"kind": pb.MetadataValue(string_value="text")})
-            for i, t in enumerate(["a red square", "a green field", "blue water"])]
+    out = [
+        pb.UpsertItem(
+            id=f"img-{i}",
+            content=pb.Content(image=data),
+            metadata={"n": pb.MetadataValue(number_value=i), "kind": pb.MetadataValue(string_value="img")},
+        )
+        for i, data in enumerate(IMAGES)
+    ]
+    out += [
+        pb.UpsertItem(
+            id=f"txt-{i}", content=pb.Content(text=t), metadata={"kind": pb.MetadataValue(string_value="text")}
+        )
+        for i, t in enumerate(["a red square", "a green field", "blue water"])
+    ]
     out.append(pb.UpsertItem(id="vec", vector=pb.Vector(values=np.linspace(-1, 1, 32).tolist())))
     return out
 
@@ -46,42 +53,79 @@ def items() -> list[pb.UpsertItem]:
 # Each case: the RPC, a request builder given the collection prefix of the transport ("base" is shared),
 # and an erroneous request. Streaming RPCs get a list of messages.
 CASES = {
-    "Embed": (lambda t: pb.EmbedRequest(inputs=[pb.Content(text="a red square"), pb.Content(image=IMAGES[0])],
-                                        poolings=[pb.PoolingSpec(name="cls"), pb.PoolingSpec(name="gem", params={"p": "3"})]),
-              lambda t: pb.EmbedRequest()),
+    "Embed": (
+        lambda t: pb.EmbedRequest(
+            inputs=[pb.Content(text="a red square"), pb.Content(image=IMAGES[0])],
+            poolings=[pb.PoolingSpec(name="cls"), pb.PoolingSpec(name="gem", params={"p": "3"})],
+        ),
+        lambda t: pb.EmbedRequest(),
+    ),
     "ListModels": (lambda t: pb.ListModelsRequest(), None),
-    "CreateCollection": (lambda t: pb.CreateCollectionRequest(config=pb.CollectionConfig(
-                             name=f"new-{t}", pooling=pb.PoolingSpec(name="avg"), index="hnsw")),
-                         lambda t: pb.CreateCollectionRequest(config=pb.CollectionConfig(name="base"))),
+    "CreateCollection": (
+        lambda t: pb.CreateCollectionRequest(
+            config=pb.CollectionConfig(name=f"new-{t}", pooling=pb.PoolingSpec(name="avg"), index="hnsw")
+        ),
+        lambda t: pb.CreateCollectionRequest(config=pb.CollectionConfig(name="base")),
+    ),
     "GetCollection": (lambda t: pb.GetCollectionRequest(name="base"), lambda t: pb.GetCollectionRequest(name="nope")),
     "ListCollections": (lambda t: pb.ListCollectionsRequest(), None),
-    "DropCollection": (lambda t: pb.DropCollectionRequest(name=f"drop-{t}"),
-                       lambda t: pb.DropCollectionRequest(name="nope")),
-    "Upsert": (lambda t: [pb.UpsertRequest(collection=f"up-{t}", items=items()[:4]),
-                          pb.UpsertRequest(items=items()[4:])],
-               lambda t: [pb.UpsertRequest(collection="base", items=[pb.UpsertItem(id="x", content=pb.Content(
-                   image=b"not an image"))])]),
-    "Delete": (lambda t: pb.DeleteRequest(collection=f"del-{t}", ids=["img-0", "txt-1", "absent"]),
-               lambda t: pb.DeleteRequest(collection="base", ids=[f"i{i}" for i in range(40)])),
-    "Get": (lambda t: pb.GetRequest(collection="base", ids=["img-1", "absent", "vec"], include_vectors=True),
-            lambda t: pb.GetRequest(collection="base", ids=[""])),
-    "Search": (lambda t: pb.SearchRequest(
-                   collection="base", top_k=5, include_metadata=True, include_vectors=True,
-                   queries=[pb.Query(text="a red square"), pb.Query(image=IMAGES[2]), pb.Query(id="img-1"),
-                            pb.Query(vector=pb.Vector(values=np.linspace(1, -1, 32).tolist()))],
-                   filter=pb.Filter(must=[pb.Condition(key="n", range=pb.Range(gte=1))])),
-               lambda t: pb.SearchRequest(collection="base", top_k=100000, queries=[pb.Query(text="x")])),
-    "FitPooling": (lambda t: [pb.FitPoolingRequest(collection=f"fit-{t}", samples=[pb.Content(image=d) for d in IMAGES],
-                                                   params={"seed": "7"})],
-                   lambda t: [pb.FitPoolingRequest(collection="base", samples=[pb.Content(image=IMAGES[0])])]),
+    "DropCollection": (
+        lambda t: pb.DropCollectionRequest(name=f"drop-{t}"),
+        lambda t: pb.DropCollectionRequest(name="nope"),
+    ),
+    "Upsert": (
+        lambda t: [pb.UpsertRequest(collection=f"up-{t}", items=items()[:4]), pb.UpsertRequest(items=items()[4:])],
+        lambda t: [
+            pb.UpsertRequest(
+                collection="base", items=[pb.UpsertItem(id="x", content=pb.Content(image=b"not an image"))]
+            )
+        ],
+    ),
+    "Delete": (
+        lambda t: pb.DeleteRequest(collection=f"del-{t}", ids=["img-0", "txt-1", "absent"]),
+        lambda t: pb.DeleteRequest(collection="base", ids=[f"i{i}" for i in range(40)]),
+    ),
+    "Get": (
+        lambda t: pb.GetRequest(collection="base", ids=["img-1", "absent", "vec"], include_vectors=True),
+        lambda t: pb.GetRequest(collection="base", ids=[""]),
+    ),
+    "Search": (
+        lambda t: pb.SearchRequest(
+            collection="base",
+            top_k=5,
+            include_metadata=True,
+            include_vectors=True,
+            queries=[
+                pb.Query(text="a red square"),
+                pb.Query(image=IMAGES[2]),
+                pb.Query(id="img-1"),
+                pb.Query(vector=pb.Vector(values=np.linspace(1, -1, 32).tolist())),
+            ],
+            filter=pb.Filter(must=[pb.Condition(key="n", range=pb.Range(gte=1))]),
+        ),
+        lambda t: pb.SearchRequest(collection="base", top_k=100000, queries=[pb.Query(text="x")]),
+    ),
+    "FitPooling": (
+        lambda t: [
+            pb.FitPoolingRequest(
+                collection=f"fit-{t}", samples=[pb.Content(image=d) for d in IMAGES], params={"seed": "7"}
+            )
+        ],
+        lambda t: [pb.FitPoolingRequest(collection="base", samples=[pb.Content(image=IMAGES[0])])],
+    ),
 }
 
 HTTP = {  # rpc -> (method, path); the path's {name} comes from the request
-    "Embed": ("POST", "/v1/embed"), "ListModels": ("GET", "/v1/models"),
-    "CreateCollection": ("POST", "/v1/collections"), "GetCollection": ("GET", "/v1/collections/{name}"),
-    "ListCollections": ("GET", "/v1/collections"), "DropCollection": ("DELETE", "/v1/collections/{name}"),
-    "Upsert": ("POST", "/v1/collections/{collection}/items"), "Delete": ("POST", "/v1/collections/{collection}/delete"),
-    "Get": ("POST", "/v1/collections/{collection}/get"), "Search": ("POST", "/v1/collections/{collection}/search"),
+    "Embed": ("POST", "/v1/embed"),
+    "ListModels": ("GET", "/v1/models"),
+    "CreateCollection": ("POST", "/v1/collections"),
+    "GetCollection": ("GET", "/v1/collections/{name}"),
+    "ListCollections": ("GET", "/v1/collections"),
+    "DropCollection": ("DELETE", "/v1/collections/{name}"),
+    "Upsert": ("POST", "/v1/collections/{collection}/items"),
+    "Delete": ("POST", "/v1/collections/{collection}/delete"),
+    "Get": ("POST", "/v1/collections/{collection}/get"),
+    "Search": ("POST", "/v1/collections/{collection}/search"),
     "FitPooling": ("POST", "/v1/collections/{collection}/fit"),
 }
 
@@ -101,8 +145,7 @@ def server(make_server):
                 await engine.create_collection(name, "", None, "cosine", "flat")
             for name in (f"drop-{t}", f"del-{t}"):
                 await calls.upsert(engine, _aiter([pb.UpsertRequest(collection=name, items=items())]))
-            await engine.create_collection(f"fit-{t}", "", PoolingSpec("netvlad", {"clusters": "4"}), "cosine",
-                                           "flat")
+            await engine.create_collection(f"fit-{t}", "", PoolingSpec("netvlad", {"clusters": "4"}), "cosine", "flat")
 
     srv.call(setup())
     channel = grpc.insecure_channel(srv.address)
@@ -136,13 +179,21 @@ def call_http(http: httpx.Client, rpc: str, request):
             body = "\n".join(json_format.MessageToJson(i, indent=None) for m in request for i in m.items)
             response = http.request(method, path, content=body, headers={"content-type": "application/x-ndjson"})
         else:
-            response = http.request(method, path, content=json_format.MessageToJson(first),
-                                    headers={"content-type": "application/json"})
+            response = http.request(
+                method, path, content=json_format.MessageToJson(first), headers={"content-type": "application/json"}
+            )
     else:
-        response_type = {"Embed": pb.EmbedResponse, "ListModels": pb.ListModelsResponse,
-                         "CreateCollection": pb.CollectionInfo, "GetCollection": pb.CollectionInfo,
-                         "ListCollections": pb.ListCollectionsResponse, "DropCollection": pb.DropCollectionResponse,
-                         "Delete": pb.DeleteResponse, "Get": pb.GetResponse, "Search": pb.SearchResponse}[rpc]
+        response_type = {
+            "Embed": pb.EmbedResponse,
+            "ListModels": pb.ListModelsResponse,
+            "CreateCollection": pb.CollectionInfo,
+            "GetCollection": pb.CollectionInfo,
+            "ListCollections": pb.ListCollectionsResponse,
+            "DropCollection": pb.DropCollectionResponse,
+            "Delete": pb.DeleteResponse,
+            "Get": pb.GetResponse,
+            "Search": pb.SearchResponse,
+        }[rpc]
         body = json_format.MessageToJson(request) if method != "GET" and method != "DELETE" else None
         response = http.request(method, path, content=body, headers={"content-type": "application/json"})
     if response.status_code != 200:
@@ -151,13 +202,18 @@ def call_http(http: httpx.Client, rpc: str, request):
     payload = response.json()
     if rpc == "ListModels":  # OpenAI's model list rides beside the message's fields: the same models
         openai_list = {"object": payload.pop("object"), "data": payload.pop("data")}
-        assert openai_list == {"object": "list", "data": [{"id": m["name"], "object": "model", "created": 0,
-                                                           "owned_by": "embedsvc"} for m in payload["models"]]}
+        assert openai_list == {
+            "object": "list",
+            "data": [
+                {"id": m["name"], "object": "model", "created": 0, "owned_by": "embedsvc"} for m in payload["models"]
+            ],
+        }
     return "OK", json_format.ParseDict(payload, response_type())
 
 
 def normalised(message, transport: str):
     """The response as a dict, with the transport's own collection names made common."""
+
     def walk(value):
         if isinstance(value, dict):
             return {k: walk(v) for k, v in value.items() if k not in VOLATILE}
@@ -219,16 +275,26 @@ def test_openai_embeddings_answer_what_grpc_embed_answers(server, tiny_spec):
     message (OpenAI's body: the code in lower case)."""
     srv, channel, http = server
     for pooling in (pb.PoolingSpec(name="cls"), pb.PoolingSpec(name="gem", params={"p": "3"})):
-        request = pb.EmbedRequest(model=tiny_spec.name, poolings=[pooling],
-                                  inputs=[pb.Content(text="a red square"), pb.Content(image=IMAGES[0])])
+        request = pb.EmbedRequest(
+            model=tiny_spec.name,
+            poolings=[pooling],
+            inputs=[pb.Content(text="a red square"), pb.Content(image=IMAGES[0])],
+        )
         code, reply = call_grpc(channel, "Embed", request)
         suffix = ":gem:p=3" if pooling.name == "gem" else ""
-        response = http.post("/v1/embeddings", json={"model": tiny_spec.name + suffix, "encoding_format": "float",
-                                                     "input": ["a red square", "data:image/png;base64,"
-                                                               + base64.b64encode(IMAGES[0]).decode()]})
+        response = http.post(
+            "/v1/embeddings",
+            json={
+                "model": tiny_spec.name + suffix,
+                "encoding_format": "float",
+                "input": ["a red square", "data:image/png;base64," + base64.b64encode(IMAGES[0]).decode()],
+            },
+        )
         assert code == "OK" and response.status_code == 200, response.text
-        assert_close([list(r.embeddings[0].vector.values) for r in reply.results],
-                     [d["embedding"] for d in response.json()["data"]])
+        assert_close(
+            [list(r.embeddings[0].vector.values) for r in reply.results],
+            [d["embedding"] for d in response.json()["data"]],
+        )
     request = pb.EmbedRequest(inputs=[pb.Content(text="x")] * 33)  # over max_items_per_request
     g_code, g_message = call_grpc(channel, "Embed", request)
     response = http.post("/v1/embeddings", json={"model": tiny_spec.name, "input": ["x"] * 33})

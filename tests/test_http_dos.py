@@ -18,20 +18,20 @@ import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
+from serving import running_server, tiny_config
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
 from embedsvc.service import bodyproc, json_body
 from embedsvc.service.config import ServerConfig
 from embedsvc.v1 import embedsvc_pb2 as pb
-from serving import running_server, tiny_config
 
 TOKEN = "h" * 24
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -75,10 +75,10 @@ class Attackers:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._trickle, daemon=True)
 
-    def open(self, idle: int, trickling: int) -> "Attackers":
+    def open(self, idle: int, trickling: int) -> Attackers:
         for i in range(idle + trickling):
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-            if i % 2 and len(self.trickling) < trickling or len(self.idle) >= idle:
+            if (i % 2 and len(self.trickling) < trickling) or len(self.idle) >= idle:
                 sock.sendall(PARTIAL_HEADER)
                 self.trickling.append(sock)
             else:
@@ -112,28 +112,43 @@ def attacked(port: int, idle: int, trickling: int):
 # -- item 2: connections ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bound", [pytest.param(None, id="answered"),
-                                   pytest.param(1.0, id="within-1s", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "bound", [pytest.param(None, id="answered"), pytest.param(1.0, id="within-1s", marks=pytest.mark.slow)]
+)
 def test_idle_and_trickling_connections_do_not_starve_probes_or_authorised_calls(tiny_spec, tmp_path, bound):
     """Answered at all (uvicorn's limit_concurrency answered 503 to everyone); the issue's bound, 1 s for the
     three, only in the slow suite: on a loaded machine the time is the scheduler's as much as the server's."""
     _fd_room(4096)
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", auth_tokens_file=_tokens(tmp_path),
-                         http_header_timeout_seconds=120)  # they stay open however slow this machine is
+    config = tiny_config(
+        tiny_spec,
+        tmp_path / "d",
+        http_listen="127.0.0.1:0",
+        auth_tokens_file=_tokens(tmp_path),
+        http_header_timeout_seconds=120,
+    )  # they stay open however slow this machine is
     with running_server(config) as server:
         with httpx.Client(base_url=server.http_url, headers=AUTH, timeout=30) as http:
             assert http.post("/v1/collections", json={"config": {"name": "v", "dim": 3}}).status_code == 200
-            assert http.post("/v1/collections/v/items",
-                             json={"items": [{"id": "a", "vector": {"values": [1, 0, 0]}}]}).status_code == 200
+            assert (
+                http.post(
+                    "/v1/collections/v/items", json={"items": [{"id": "a", "vector": {"values": [1, 0, 0]}}]}
+                ).status_code
+                == 200
+            )
         with attacked(server.server.http_port, idle=500, trickling=500):
             _wait_until(lambda: _open_connections(server) >= 1000, 60, "the server to take in 1,000 connections")
             started = time.perf_counter()
             with httpx.Client(base_url=server.http_url, timeout=bound or 60) as fresh:
                 health, ready = fresh.get("/healthz"), fresh.get("/readyz")
-                search = fresh.post("/v1/collections/v/search", headers=AUTH,
-                                    json={"queries": [{"vector": {"values": [1, 0, 0]}}], "topK": 1})
+                search = fresh.post(
+                    "/v1/collections/v/search",
+                    headers=AUTH,
+                    json={"queries": [{"vector": {"values": [1, 0, 0]}}], "topK": 1},
+                )
             seconds = time.perf_counter() - started
-        print(f"\n/healthz, /readyz and a search with 1,000 idle and trickling connections open: {seconds * 1000:.0f} ms")
+        print(
+            f"\n/healthz, /readyz and a search with 1,000 idle and trickling connections open: {seconds * 1000:.0f} ms"
+        )
         assert (health.status_code, ready.status_code, search.status_code) == (200, 200, 200), search.text
         assert [h["id"] for h in search.json()["results"][0]["hits"]] == ["a"]
         assert bound is None or seconds < bound
@@ -141,8 +156,9 @@ def test_idle_and_trickling_connections_do_not_starve_probes_or_authorised_calls
 
 def test_over_the_connection_cap_the_oldest_idle_connections_are_closed(tiny_spec, tmp_path):
     _fd_room(2048)
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=40,
-                         http_header_timeout_seconds=120)  # only the cap closes them
+    config = tiny_config(
+        tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=40, http_header_timeout_seconds=120
+    )  # only the cap closes them
     with running_server(config) as server, attacked(server.server.http_port, idle=100, trickling=100) as attackers:
         opened = [s for pair in zip(attackers.idle, attackers.trickling) for s in pair]  # in the order opened
         # the 200th connection closed the 160th: the server has taken in all of them, and kept the newest
@@ -169,13 +185,22 @@ def _not_reading(port: int) -> socket.socket:
 def test_clients_that_do_not_read_their_responses_neither_fill_the_cap_nor_stay(tiny_spec, tmp_path):
     """A response its client does not read blocked its request forever: such connections were never closed for
     room, so http_max_connections of them made every new connection, probes included, close unanswered."""
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_max_connections=4,
-                         http_header_timeout_seconds=120, http_send_timeout_seconds=120)  # only the cap closes them
+    config = tiny_config(
+        tiny_spec,
+        tmp_path / "d",
+        http_listen="127.0.0.1:0",
+        http_max_connections=4,
+        http_header_timeout_seconds=120,
+        http_send_timeout_seconds=120,
+    )  # only the cap closes them
     with running_server(config) as server, ExitStack() as stack:
         guard = server.server.http.guard
         readers = [stack.enter_context(_not_reading(server.server.http_port)) for _ in range(4)]
-        _wait_until(lambda: len(guard.open) == 4 and all(c.flow.write_paused for c in guard.open), 60,
-                    "the server's output to the four to stall")
+        _wait_until(
+            lambda: len(guard.open) == 4 and all(c.flow.write_paused for c in guard.open),
+            60,
+            "the server's output to the four to stall",
+        )
         with httpx.Client(base_url=server.http_url, timeout=10) as fresh:
             assert fresh.get("/healthz").status_code == 200
             assert fresh.get("/readyz").status_code == 200
@@ -183,8 +208,14 @@ def test_clients_that_do_not_read_their_responses_neither_fill_the_cap_nor_stay(
 
 
 def test_a_response_its_client_does_not_read_is_dropped_after_http_send_timeout_seconds(tiny_spec, tmp_path):
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_header_timeout_seconds=120,
-                         http_body_timeout_seconds=120, http_send_timeout_seconds=0.5)
+    config = tiny_config(
+        tiny_spec,
+        tmp_path / "d",
+        http_listen="127.0.0.1:0",
+        http_header_timeout_seconds=120,
+        http_body_timeout_seconds=120,
+        http_send_timeout_seconds=0.5,
+    )
     with running_server(config) as server, ExitStack() as stack:
         state = server.server.http.server.server_state
         for _ in range(3):
@@ -204,7 +235,7 @@ def _closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
             pass
     except ConnectionResetError:
         pass
-    except socket.timeout:
+    except TimeoutError:
         return False
     return True
 
@@ -221,15 +252,23 @@ def _read_response(sock: socket.socket) -> bytes:
 
 
 def test_headers_bodies_and_keep_alive_have_deadlines(tiny_spec, tmp_path):
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", http_header_timeout_seconds=0.6,
-                         http_body_timeout_seconds=0.6, http_keepalive_timeout_seconds=0.3)
+    config = tiny_config(
+        tiny_spec,
+        tmp_path / "d",
+        http_listen="127.0.0.1:0",
+        http_header_timeout_seconds=0.6,
+        http_body_timeout_seconds=0.6,
+        http_keepalive_timeout_seconds=0.3,
+    )
     with running_server(config) as server, ExitStack() as stack:
         address = ("127.0.0.1", server.server.http_port)
         idle, partial, slow_body, kept = (stack.enter_context(socket.create_connection(address)) for _ in range(4))
         started = time.monotonic()
         partial.sendall(PARTIAL_HEADER)
-        slow_body.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 100\r\n\r\n{\"inputs\": ")
+        slow_body.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"inputs": '
+        )
         kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         stop = threading.Event()
 
@@ -260,13 +299,14 @@ def test_headers_bodies_and_keep_alive_have_deadlines(tiny_spec, tmp_path):
 
 
 def test_connection_settings_are_validated():
-    for bad, words in [({"http_header_timeout_seconds": 0}, "http_header_timeout_seconds"),
-                       ({"http_body_timeout_seconds": -1}, "http_body_timeout_seconds"),
-                       ({"http_send_timeout_seconds": 0}, "http_send_timeout_seconds"),
-                       ({"http_keepalive_timeout_seconds": 20, "http_header_timeout_seconds": 10},
-                        "http_keepalive_timeout_seconds"),
-                       ({"http_max_connections": 0}, "http_max_connections"),
-                       ({"http_max_body_bytes": 1_000_000}, "http_max_body_bytes")]:
+    for bad, words in [
+        ({"http_header_timeout_seconds": 0}, "http_header_timeout_seconds"),
+        ({"http_body_timeout_seconds": -1}, "http_body_timeout_seconds"),
+        ({"http_send_timeout_seconds": 0}, "http_send_timeout_seconds"),
+        ({"http_keepalive_timeout_seconds": 20, "http_header_timeout_seconds": 10}, "http_keepalive_timeout_seconds"),
+        ({"http_max_connections": 0}, "http_max_connections"),
+        ({"http_max_body_bytes": 1_000_000}, "http_max_body_bytes"),
+    ]:
         with pytest.raises(InvalidInput, match=words):
             ServerConfig(**bad).validate()
 
@@ -296,8 +336,9 @@ print(json.dumps(latencies), flush=True)
 
 
 def _probe(address: str, count: int) -> subprocess.Popen:
-    probe = subprocess.Popen([sys.executable, "-c", PROBE, address, str(count)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", PROBE, address, str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert probe.stdout.readline().strip() == "ready"
     return probe
 
@@ -315,8 +356,7 @@ def health_checks(address: str):
             latencies.extend(json.loads(probe.stdout.readline()))
 
 
-def assert_health_kept_up(address: str, latencies: list[float], what: str, margin: float,
-                          seconds: float = 0.0) -> None:
+def assert_health_kept_up(address: str, latencies: list[float], what: str, margin: float, seconds: float = 0.0) -> None:
     """The slowest check while `what` ran is within `margin` seconds of the slowest of as many on the idle server:
     on a busy machine the checks are slow now and then whatever the server does; the work may not add to it.
     A margin of RELATIVE is half the work's own `seconds` (at least 0.5 s): work done on the event loop stalls
@@ -325,10 +365,13 @@ def assert_health_kept_up(address: str, latencies: list[float], what: str, margi
         margin = max(0.5, seconds / 2)
     with _probe(address, max(len(latencies), 5)) as probe:
         idle = json.loads(probe.stdout.readline())
-    print(f"\n{what}: {len(latencies)} health checks meanwhile, slowest {max(latencies) * 1000:.1f} ms "
-          f"(idle server: {max(idle) * 1000:.1f} ms)")
-    assert max(latencies) < margin + max(idle), \
+    print(
+        f"\n{what}: {len(latencies)} health checks meanwhile, slowest {max(latencies) * 1000:.1f} ms "
+        f"(idle server: {max(idle) * 1000:.1f} ms)"
+    )
+    assert max(latencies) < margin + max(idle), (
         f"slowest health check {max(latencies) * 1000:.0f} ms of {len(latencies)}, over {margin * 1000:.0f} ms + idle"
+    )
     assert latencies, latencies  # checks ran while the server worked (a fast render leaves time for few)
 
 
@@ -336,8 +379,10 @@ def _maximal(limit: int, case: str) -> bytes:
     """A body of `limit` bytes (within 2 KiB) and max_items_per_request items, each a vector of as many numbers as
     fit: the costliest JSON per byte to parse, and the most items a request may carry."""
     items = ServerConfig.max_items_per_request
-    template = {"search": ('{{"queries": [{}]}}', '{{"vector": {{"values": [{}]}}}}', ","),
-                "json lines": ("{}\n", '{{"id": "i", "vector": {{"values": [{}]}}}}', "\n")}[case]
+    template = {
+        "search": ('{{"queries": [{}]}}', '{{"vector": {{"values": [{}]}}}}', ","),
+        "json lines": ("{}\n", '{{"id": "i", "vector": {{"values": [{}]}}}}', "\n"),
+    }[case]
     body, item, separator = template
     overhead = len(body.format(separator.join([item.format("")] * items)))
     count = (limit - overhead - 1024) // (items * len("0.123456,"))
@@ -347,8 +392,10 @@ def _maximal(limit: int, case: str) -> bytes:
     return data
 
 
-MAXIMAL = {"search": ("/v1/collections/v/search", "application/json"),
-           "json lines": ("/v1/collections/v/items", "application/x-ndjson")}
+MAXIMAL = {
+    "search": ("/v1/collections/v/search", "application/json"),
+    "json lines": ("/v1/collections/v/items", "application/x-ndjson"),
+}
 # (body limit, margin over the idle server's slowest health check). The issue's bound, 100 ms, holds in the slow
 # suite; the default suite (2 workers on 2 cores in CI, other load beside) allows half the request's own time: a
 # parse on the event loop stalls the checks for nearly all of it (json_format.Parse alone: 2.5 s here, idle),
@@ -356,10 +403,11 @@ MAXIMAL = {"search": ("/v1/collections/v/search", "application/json"),
 # out of the server process altogether, test_large_bodies_are_parsed_outside_the_server_process checks by CPU
 # time, in the default suite.
 RELATIVE = -1.0
-LIMITS = [pytest.param(8 * 1024 * 1024, RELATIVE, id="8MiB-within-half-the-request"),
-          pytest.param(2 * 1024 * 1024, 0.1, id="2MiB-within-100ms", marks=pytest.mark.slow),
-          pytest.param(ServerConfig.http_max_body_bytes, 0.1, id="default-limit-within-100ms",
-                       marks=pytest.mark.slow)]
+LIMITS = [
+    pytest.param(8 * 1024 * 1024, RELATIVE, id="8MiB-within-half-the-request"),
+    pytest.param(2 * 1024 * 1024, 0.1, id="2MiB-within-100ms", marks=pytest.mark.slow),
+    pytest.param(ServerConfig.http_max_body_bytes, 0.1, id="default-limit-within-100ms", marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("limit, margin", LIMITS)
@@ -374,8 +422,13 @@ def test_grpc_health_keeps_answering_while_a_maximal_body_is_parsed(tiny_spec, t
         with _poster(server.http_url + path, body, kind) as post, health_checks(server.address) as latencies:
             status, answer, seconds = post()
         assert status == 400 and "dimension" in json.loads(answer)["message"], answer
-        assert_health_kept_up(server.address, latencies,
-                              f"{case}: {body.stat().st_size:,} bytes answered in {seconds:.2f} s", margin, seconds)
+        assert_health_kept_up(
+            server.address,
+            latencies,
+            f"{case}: {body.stat().st_size:,} bytes answered in {seconds:.2f} s",
+            margin,
+            seconds,
+        )
 
 
 # One POST of a file's bytes from another process, when a line comes on stdin (the file read by then); then its
@@ -397,8 +450,9 @@ print(json.dumps([response.status_code, response.text, time.perf_counter() - sta
 @contextmanager
 def _poster(url: str, body, kind: str):
     """A function that makes the POST (from another process) and returns (status, body text, seconds)."""
-    with subprocess.Popen([sys.executable, "-c", POSTER, url, str(body), kind], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True) as poster:
+    with subprocess.Popen(
+        [sys.executable, "-c", POSTER, url, str(body), kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as poster:
         assert poster.stdout.readline().strip() == "ready"
 
         def post():
@@ -409,8 +463,13 @@ def _poster(url: str, body, kind: str):
         yield post
 
 
-@pytest.mark.parametrize("margin", [pytest.param(RELATIVE, id="within-half-the-request"),
-                                    pytest.param(0.1, id="within-100ms", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        pytest.param(RELATIVE, id="within-half-the-request"),
+        pytest.param(0.1, id="within-100ms", marks=pytest.mark.slow),
+    ],
+)
 def test_grpc_health_keeps_answering_while_a_large_response_is_rendered(tiny_spec, tmp_path, margin):
     dim, count = 1024, 256  # a GetResponse of 262,144 floats
     config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0")
@@ -421,14 +480,20 @@ def test_grpc_health_keeps_answering_while_a_large_response_is_rendered(tiny_spe
             client.upsert("big", [Item(f"i{i}", vector=v.tolist()) for i, v in enumerate(vectors)])
         with health_checks(server.address) as latencies:
             started = time.perf_counter()
-            response = http.post("/v1/collections/big/get",
-                                 json={"ids": [f"i{i}" for i in range(count)], "includeVectors": True})
+            response = http.post(
+                "/v1/collections/big/get", json={"ids": [f"i{i}" for i in range(count)], "includeVectors": True}
+            )
             seconds = time.perf_counter() - started
         assert response.status_code == 200
         items = response.json()["items"]
         assert len(items) == count and np.allclose(items[7]["vector"]["values"], vectors[7], atol=1e-6)
-        assert_health_kept_up(server.address, latencies,
-                              f"GetResponse of {count * dim:,} floats rendered in {seconds:.2f} s", margin, seconds)
+        assert_health_kept_up(
+            server.address,
+            latencies,
+            f"GetResponse of {count * dim:,} floats rendered in {seconds:.2f} s",
+            margin,
+            seconds,
+        )
 
 
 def test_the_item_count_is_checked_before_the_body_becomes_protobuf(tiny_spec, tmp_path):
@@ -441,24 +506,28 @@ def test_the_item_count_is_checked_before_the_body_becomes_protobuf(tiny_spec, t
         bad = {"items": [*items, {"id": "late", "vector": {"values": "not a list"}}]}
         response = http.post("/v1/collections/v/items", json=bad)
         assert response.status_code == 429, response.text
-        assert response.json() == {"code": "RESOURCE_EXHAUSTED",
-                                   "message": "9 items in one request, over the limit of 8; split it"}
+        assert response.json() == {
+            "code": "RESOURCE_EXHAUSTED",
+            "message": "9 items in one request, over the limit of 8; split it",
+        }
         assert http.post("/v1/collections/v/items", json={"items": [*items[:1], bad["items"][-1]]}).status_code == 400
         openai = http.post("/v1/embeddings", json={"model": "m", "input": ["x"] * 8 + ["data:image/png;base64,!"]})
         assert openai.status_code == 429, openai.text  # counted before the model or the inputs are read
         assert openai.json()["error"]["message"] == "9 inputs in one request, over the limit of 8; split it"
         ids = {"ids": [f"i{i}" for i in range(12)]}
-        assert http.post("/v1/collections/v/get", json=ids).json()["message"] == \
-            "12 ids in one request, over the limit of 8; split it"
+        assert (
+            http.post("/v1/collections/v/get", json=ids).json()["message"]
+            == "12 ids in one request, over the limit of 8; split it"
+        )
 
 
 def _children_cpu_seconds() -> float:
     """User and system CPU time so far of this process's child processes (Linux /proc)."""
     total = 0.0
     for task in os.listdir("/proc/self/task"):
-        for pid in open(f"/proc/self/task/{task}/children").read().split():
+        for pid in Path(f"/proc/self/task/{task}/children").read_text().split():
             with suppress(FileNotFoundError):  # ended meanwhile
-                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
@@ -476,15 +545,20 @@ def test_large_bodies_are_parsed_outside_the_server_process(tiny_spec, tmp_path,
     config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0")
     with running_server(config) as server, httpx.Client(base_url=server.http_url, timeout=300) as http:
         assert http.post("/v1/collections", json={"config": {"name": "v", "dim": 3}}).status_code == 200
-        warm = http.post("/v1/collections/v/search", content=_padded(json.dumps({"queries": [VEC]}).encode()),
-                         headers={"content-type": "application/json"})  # starts the worker
+        warm = http.post(
+            "/v1/collections/v/search",
+            content=_padded(json.dumps({"queries": [VEC]}).encode()),
+            headers={"content-type": "application/json"},
+        )  # starts the worker
         assert warm.status_code == 200, warm.text
         server_cpu, worker_cpu = time.process_time(), _children_cpu_seconds()
         response = http.post(path, content=body, headers={"content-type": kind})
         server_cpu, worker_cpu = time.process_time() - server_cpu, _children_cpu_seconds() - worker_cpu
     assert response.status_code == 400 and "dimension" in response.json()["message"], response.text
-    print(f"\n{case}, {len(body):,} bytes: {server_cpu * 1000:.0f} ms of CPU in the server process (this one, "
-          f"client included), {worker_cpu * 1000:.0f} ms in its child processes")
+    print(
+        f"\n{case}, {len(body):,} bytes: {server_cpu * 1000:.0f} ms of CPU in the server process (this one, "
+        f"client included), {worker_cpu * 1000:.0f} ms in its child processes"
+    )
     assert server_cpu < worker_cpu / 3
 
 
@@ -502,16 +576,34 @@ VEC = {"vector": {"values": [1, 0, 0]}}
 # (path, content type, body): bodies a large one must be answered for as the small one is (small: parsed on
 # the event loop; padded: in a worker process, the message sent back in pieces)
 SAME_ANSWERS = [
-    ("search", "application/json", json.dumps({"queries": [VEC, {"id": "a"}], "topK": 2, "includeVectors": True,
-                                                "filter": {"must": [{"key": "k", "equals": {"numberValue": 1}}]}})),
+    (
+        "search",
+        "application/json",
+        json.dumps(
+            {
+                "queries": [VEC, {"id": "a"}],
+                "topK": 2,
+                "includeVectors": True,
+                "filter": {"must": [{"key": "k", "equals": {"numberValue": 1}}]},
+            }
+        ),
+    ),
     ("search", "application/json", '{"queries": [{"vector": {"values": [1, 0, 0]}}], "topK" 1}'),  # no colon
     ("search", "application/json", '{"querys": []}'),
     ("search", "application/json", json.dumps({"queries": [VEC] * 9})),  # over max_items_per_request
     ("search", "application/json", json.dumps({"queries": [{"vector": {"values": "x"}}]})),
     ("search", "application/json", b'{"queries": [{"text": "\xff"}]}'),  # not UTF-8
     ("items", "application/json", json.dumps({"items": [{"id": f"j{i}", **VEC} for i in range(9)]})),
-    ("items", "application/x-ndjson", _lines(*({"id": f"l{i}", "vector": {"values": [1, i, 0]},
-                                                "metadata": {"i": {"numberValue": i}}} for i in range(20)))),
+    (
+        "items",
+        "application/x-ndjson",
+        _lines(
+            *(
+                {"id": f"l{i}", "vector": {"values": [1, i, 0]}, "metadata": {"i": {"numberValue": i}}}
+                for i in range(20)
+            )
+        ),
+    ),
     ("items", "application/x-ndjson", _lines({"id": "ok", **VEC}, "{not json")),
     ("items", "application/x-ndjson", _lines(*({"id": f"w{i}", **VEC} for i in range(9)), "{broken")),
     ("embeddings", "application/json", json.dumps({"model": "M", "input": ["x"] * 9})),
@@ -534,8 +626,12 @@ def test_large_bodies_are_answered_as_small_ones(tiny_spec, tmp_path, endpoint, 
             path = "/v1/embeddings" if endpoint == "embeddings" else f"/v1/collections/{name}/{endpoint}"
             response = http.post(path, content=data, headers={"content-type": kind})
             ids = [f"{p}{i}" for p in "jlw" for i in range(20)] + ["ok"]
-            stored = [http.post(f"/v1/collections/{name}/get", json={"ids": ids[i:i + 8], "includeVectors": True}
-                                ).json()["items"] for i in range(0, len(ids), 8)]  # max_items_per_request at a time
+            stored = [
+                http.post(f"/v1/collections/{name}/get", json={"ids": ids[i : i + 8], "includeVectors": True}).json()[
+                    "items"
+                ]
+                for i in range(0, len(ids), 8)
+            ]  # max_items_per_request at a time
             answers.append((response.status_code, response.json(), stored))
         assert len(server.server.http.api.parsers.workers) == (endpoint != "embeddings")  # the large one's
     assert answers[0] == answers[1]
@@ -554,48 +650,89 @@ def test_a_body_worker_that_dies_is_replaced_and_its_request_is_503(tiny_spec, t
             assert len(parsers.workers) == 1
             return next(iter(parsers.workers))
 
-        assert http.post("/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
-                         ).status_code == 200
+        assert (
+            http.post(
+                "/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
         idle = one_worker()
         os.kill(idle.process.pid, signal.SIGKILL)  # while idle: the next body gets a new worker
         idle.process.join(30)
-        assert http.post("/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
-                         ).status_code == 200
+        assert (
+            http.post(
+                "/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
         busy = one_worker()
         assert busy is not idle
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(http.post, "/v1/collections/v/search", content=body,
-                                 headers={"content-type": "application/json"})
+            answer = pool.submit(
+                http.post, "/v1/collections/v/search", content=body, headers={"content-type": "application/json"}
+            )
             _wait_until(lambda: not parsers._idle or answer.done(), 60, "the worker to take the body")
             os.kill(busy.process.pid, signal.SIGKILL)  # while it parses 8 MiB (a second or more)
             response = answer.result()
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "UNAVAILABLE" and "retry the request" in response.json()["message"]
-        assert http.post("/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
-                         ).status_code == 200
+        assert (
+            http.post(
+                "/v1/collections/v/search", content=search, headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
         assert one_worker() not in (idle, busy)
 
 
 # -- the piecewise parser reads what json_format reads ---------------------------------------------------
 
-NUMBER = st.one_of(st.integers(-2**130, 2**130), st.floats(), st.booleans(), st.sampled_from(["NaN", "1.5", "x"]),
-                   st.none())
+NUMBER = st.one_of(
+    st.integers(-(2**130), 2**130), st.floats(), st.booleans(), st.sampled_from(["NaN", "1.5", "x"]), st.none()
+)
 VECTOR = st.fixed_dictionaries({}, optional={"values": st.lists(NUMBER, max_size=5) | NUMBER})
-ITEM = st.fixed_dictionaries({}, optional={"id": st.text(max_size=3), "vector": VECTOR | st.integers(),
-                                          "content": st.fixed_dictionaries({}, optional={"text": st.text(max_size=3)}),
-                                          "metadata": st.dictionaries(st.text(max_size=2), st.fixed_dictionaries(
-                                              {}, optional={"numberValue": NUMBER}), max_size=2)})
+ITEM = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=3),
+        "vector": VECTOR | st.integers(),
+        "content": st.fixed_dictionaries({}, optional={"text": st.text(max_size=3)}),
+        "metadata": st.dictionaries(
+            st.text(max_size=2), st.fixed_dictionaries({}, optional={"numberValue": NUMBER}), max_size=2
+        ),
+    },
+)
 BODIES = {
-    pb.UpsertRequest: st.fixed_dictionaries({}, optional={"collection": st.text(max_size=3),
-                                                          "items": st.lists(ITEM, max_size=4) | st.integers()}),
-    pb.SearchRequest: st.fixed_dictionaries({}, optional={
-        "queries": st.lists(st.fixed_dictionaries({}, optional={"vector": VECTOR, "text": st.text(max_size=2)}),
-                            max_size=3),
-        "topK": st.integers(-3, 2**33) | st.text(max_size=2), "top_k": st.integers(0, 3),
-        "filter": st.fixed_dictionaries({}, optional={"must": st.lists(st.fixed_dictionaries({}, optional={
-            "key": st.text(max_size=2), "range": st.fixed_dictionaries({}, optional={"gte": NUMBER})}), max_size=2)})}),
+    pb.UpsertRequest: st.fixed_dictionaries(
+        {}, optional={"collection": st.text(max_size=3), "items": st.lists(ITEM, max_size=4) | st.integers()}
+    ),
+    pb.SearchRequest: st.fixed_dictionaries(
+        {},
+        optional={
+            "queries": st.lists(
+                st.fixed_dictionaries({}, optional={"vector": VECTOR, "text": st.text(max_size=2)}), max_size=3
+            ),
+            "topK": st.integers(-3, 2**33) | st.text(max_size=2),
+            "top_k": st.integers(0, 3),
+            "filter": st.fixed_dictionaries(
+                {},
+                optional={
+                    "must": st.lists(
+                        st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "key": st.text(max_size=2),
+                                "range": st.fixed_dictionaries({}, optional={"gte": NUMBER}),
+                            },
+                        ),
+                        max_size=2,
+                    )
+                },
+            ),
+        },
+    ),
 }
 
 
@@ -650,11 +787,11 @@ def test_long_runs_of_numbers_are_read_whole():
     rng = np.random.default_rng(7)
     for size in (1, 5_000, 30_000):
         numbers = [json.dumps(float(x)) for x in rng.standard_normal(size) * 10.0 ** rng.integers(-30, 30, size)]
-        numbers[::7] = [str(int(n)) for n in rng.integers(-10**6, 10**6, len(numbers[::7]))]
+        numbers[::7] = [str(int(n)) for n in rng.integers(-(10**6), 10**6, len(numbers[::7]))]
         for separator in (",", ", ", " ,\n "):
             body = ('{"queries": [{"vector": {"values": [' + separator.join(numbers) + ']}}, {"text": "x"}]}').encode()
             assert _piecewise(body, pb.SearchRequest) == _json_format(body, pb.SearchRequest)
-    broken = ('{"queries": [{"vector": {"values": [' + ",".join(["1.5"] * 20_000) + ', 2.5.5]}}]}').encode()
+    broken = ('{"queries": [{"vector": {"values": [' + ",".join(["1.5"] * 20_000) + ", 2.5.5]}}]}").encode()
     assert "not a valid SearchRequest" in _piecewise(broken, pb.SearchRequest)
 
 
@@ -667,7 +804,7 @@ def test_vectors_read_from_their_wire_bytes_equal_their_values():
     special = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, 3.4e38]
     for size in (0, 1, 15, 16, 17, 127, 128, 4096, 300_000):
         values = (rng.standard_normal(size) * 10.0 ** rng.integers(-20, 20, size)).astype(np.float32)
-        values[:len(special)] = special[:size]
+        values[: len(special)] = special[:size]
         vector = pb.Vector(values=values)
         for message in (vector, pb.Vector.FromString(vector.SerializeToString() + b"\x10\x07")):  # unknown field 2
             read = vector_values(message)
@@ -681,10 +818,14 @@ def test_http_requests_take_the_admission_slots_grpc_calls_take(tiny_spec, tmp_p
 
     from serving import model_busy
 
-    config = tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", max_concurrent_rpcs=1,
-                         max_waiting_rpcs=1)
-    with running_server(config) as server, Client(server.address, timeout=60) as client, \
-            httpx.Client(base_url=server.http_url, timeout=60) as http:
+    config = tiny_config(
+        tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", max_concurrent_rpcs=1, max_waiting_rpcs=1
+    )
+    with (
+        running_server(config) as server,
+        Client(server.address, timeout=60) as client,
+        httpx.Client(base_url=server.http_url, timeout=60) as http,
+    ):
         slots = server.server.http.api.slots
         client.embed(["warm-up"])
         with ThreadPoolExecutor(2) as pool, model_busy(server) as release:

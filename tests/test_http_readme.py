@@ -53,9 +53,15 @@ def json_documents(text: str) -> list:
 def default_server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("readme-server")
     port = free_port()
-    env = dict(os.environ, EMBEDSVC_HTTP_LISTEN=f"127.0.0.1:{port}", EMBEDSVC_LISTEN="127.0.0.1:0",
-               EMBEDSVC_METRICS_PORT="-1", EMBEDSVC_DATA_DIR=str(tmp_path / "embedsvc-data"),
-               EMBEDSVC_DEMO_SIZE=str(DEMO_SIZE), EMBEDSVC_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        EMBEDSVC_HTTP_LISTEN=f"127.0.0.1:{port}",
+        EMBEDSVC_LISTEN="127.0.0.1:0",
+        EMBEDSVC_METRICS_PORT="-1",
+        EMBEDSVC_DATA_DIR=str(tmp_path / "embedsvc-data"),
+        EMBEDSVC_DEMO_SIZE=str(DEMO_SIZE),
+        EMBEDSVC_LOG_LEVEL="WARNING",
+    )
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server's output while it runs
     proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve"], env=env, stdout=log, stderr=log)
     try:
@@ -79,15 +85,17 @@ def default_server(tmp_path_factory):
 def run_curl_block(block: str, port: int, cwd: Path) -> list:
     assert "localhost:8080" in block
     script = block.replace("localhost:8080", f"localhost:{port}")
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, check=False, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=cwd, check=False, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     return json_documents(run.stdout)
 
 
 def test_readme_curl_block_works_verbatim_and_returns_what_it_says(default_server, tmp_path):
-    search, openai = run_curl_block(marked_block(README, "<!-- tests/test_http_readme.py runs this README block -->"),
-                                    default_server, tmp_path)
+    search, openai = run_curl_block(
+        marked_block(README, "<!-- tests/test_http_readme.py runs this README block -->"), default_server, tmp_path
+    )
     hits = search["results"][0]["hits"]
     assert len(hits) == 3 and all(h["id"].startswith("val-") for h in hits)
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
@@ -119,8 +127,14 @@ def test_openai_page_sdk_example_works_verbatim_and_prints_what_it_says(default_
     thumbnail = httpx.get(f"http://127.0.0.1:{default_server}/v1/collections/scenes/items/val-0000003/thumbnail")
     (tmp_path / "scene.jpg").write_bytes(thumbnail.raise_for_status().content)  # the curl example's download
     script = block.replace("localhost:8080", f"localhost:{default_server}")
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "no-tiktoken-cache")))
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "no-tiktoken-cache")),
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == printed.strip()
     assert not (tmp_path / "no-tiktoken-cache").exists()  # langchain fetched no tokenizer

@@ -24,16 +24,20 @@ def test_run_and_test_scripts_share_one_install(tmp_path):
     log = tmp_path / "calls.log"
     for tool in ("python", "embedsvc"):
         fake = venv / "bin" / tool
-        fake.write_text(f"#!/bin/sh\necho {tool} \"$@\" >> {log}\n")
+        fake.write_text(f'#!/bin/sh\necho {tool} "$@" >> {log}\n')
         fake.chmod(0o755)
     # the scripts' defaults, whatever this run was started with (EMBEDSVC_SLOW=1 drops the marker)
-    env = {**{k: v for k, v in os.environ.items() if k not in ("EMBEDSVC_TEST_WORKERS", "EMBEDSVC_SLOW")},
-           "EMBEDSVC_VENV": str(venv)}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("EMBEDSVC_TEST_WORKERS", "EMBEDSVC_SLOW")},
+        "EMBEDSVC_VENV": str(venv),
+    }
     subprocess.run([str(ROOT / "scripts" / "run.sh"), "--help"], env=env, check=True, timeout=60)
     stamp_after_run = (venv / ".embedsvc-installed").read_text()
     installs_after_run = log.read_text().count("pip install")
     subprocess.run([str(ROOT / "scripts" / "test.sh"), "-q"], env=env, check=True, timeout=60)
-    assert "python -m pytest -n auto --dist loadfile -m not slow -q" in log.read_text()  # test.sh ran (the recorder) after bootstrap
+    assert (
+        "python -m pytest -n auto --dist loadfile -m not slow -q" in log.read_text()
+    )  # test.sh ran (the recorder) after bootstrap
     assert (venv / ".embedsvc-installed").read_text() == stamp_after_run
     assert log.read_text().count("pip install") == installs_after_run == 2  # torch, then embedsvc[dev]
     assert "[dev]" in log.read_text()
@@ -98,7 +102,7 @@ def test_readme_setup_commands_are_the_scripts_ci_runs():
     assert commands == ["scripts/run.sh", "scripts/test.sh"], commands
     for command in commands:
         assert os.access(ROOT / command, os.X_OK), command
-    assert "exec \"$venv/bin/embedsvc\" serve" in (ROOT / "scripts" / "run.sh").read_text()
+    assert 'exec "$venv/bin/embedsvc" serve' in (ROOT / "scripts" / "run.sh").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.index("bash scripts/check") < ci.index("bash scripts/test.sh")
 

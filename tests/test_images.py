@@ -5,12 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
+from conftest import png_bytes
 from PIL import Image
 
 from embedsvc.encoder import decode_image
 from embedsvc.errors import ImageDecodeError, ImageTooLarge
-
-from conftest import png_bytes
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "HEIF", "AVIF"])

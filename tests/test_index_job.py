@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import running_server
 
 from embedsvc.client import Client
 from embedsvc.datasets import write_scenes
 from embedsvc.service.config import ServerConfig
 from embedsvc.store import LocalStore
-
-from serving import running_server
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,9 @@ def folder(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
     bad = set()
     for i in range(5):  # corrupt: a truncated PNG, garbage, an empty file, text named .jpg, half a GIF header
         path = root / "images" / f"corrupt-{i}.{['png', 'png', 'jpg', 'jpg', 'gif'][i]}"
-        path.write_bytes([(root / "images" / "val-0000000.png").read_bytes()[:200], b"garbage", b"", b"hello",
-                          b"GIF89a"][i])
+        path.write_bytes(
+            [(root / "images" / "val-0000000.png").read_bytes()[:200], b"garbage", b"", b"hello", b"GIF89a"][i]
+        )
         bad.add(str(path))
     for name in ("notes.txt", "sub/README.md", "data.csv"):
         path = root / "images" / name
@@ -44,14 +44,30 @@ def folder(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
 
 
 def index(*args, cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "embedsvc", "index", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedsvc", "index", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
     root, good, bad = folder
-    args = [str(root), "--collection", "photos=cls", "--collection", "photos-max=max", "--local", str(tmp_path / "d"),
-            "--batch-size", "8", "--workers", "2"]
+    args = [
+        str(root),
+        "--collection",
+        "photos=cls",
+        "--collection",
+        "photos-max=max",
+        "--local",
+        str(tmp_path / "d"),
+        "--batch-size",
+        "8",
+        "--workers",
+        "2",
+    ]
     first = index(*args, cwd=tmp_path)
     deadline = time.monotonic() + 240
     for line in first.stderr:  # progress lines: kill once about half is stored
@@ -93,8 +109,9 @@ def test_remote_index_equals_local(folder, tmp_path):
         (subset / name).write_bytes((root / name).read_bytes())
     local = index(str(subset), "--collection", "c=gem:p=3", "--local", str(tmp_path / "local"), cwd=tmp_path)
     assert local.wait(300) == 0, local.stderr.read()
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "server"), metrics_port=-1, demo_size=0,
-                          log_format="text")
+    config = ServerConfig(
+        listen="127.0.0.1:0", data_dir=str(tmp_path / "server"), metrics_port=-1, demo_size=0, log_format="text"
+    )
     with running_server(config) as server:
         remote = index(str(subset), "--collection", "c=gem:p=3", "--address", server.address, cwd=tmp_path)
         out, err = remote.communicate(timeout=300)
@@ -115,16 +132,31 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
     root, good, bad = folder
     contents = {}
     for engine in ("local", "ray"):
-        proc = index(str(root), "--collection", "c=cls", "--collection", "m=max",
-                     "--local", str(tmp_path / engine), "--engine", engine, "--batch-size", "32",
-                     "--report", str(tmp_path / f"{engine}.jsonl"), cwd=tmp_path)
+        proc = index(
+            str(root),
+            "--collection",
+            "c=cls",
+            "--collection",
+            "m=max",
+            "--local",
+            str(tmp_path / engine),
+            "--engine",
+            engine,
+            "--batch-size",
+            "32",
+            "--report",
+            str(tmp_path / f"{engine}.jsonl"),
+            cwd=tmp_path,
+        )
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert "indexed 292" in out and "failed 8 of 300" in out, out
         assert {json.loads(line)["path"] for line in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
         store = LocalStore(tmp_path / engine)
-        contents[engine] = {name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
-                            for name in ("c", "m")}
+        contents[engine] = {
+            name: {i.id: i.vector for i in store.get(name, sorted(good), include_vectors=True)[0]}
+            for name in ("c", "m")
+        }
         store.close(checkpoint=False)
     for name in ("c", "m"):
         assert set(contents["ray"][name]) == set(contents["local"][name]) == good
@@ -144,6 +176,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     names = sorted(good)[:6]
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
+
         def add(name, data: bytes):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -163,8 +196,14 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     assert not missing and items[0].metadata == {"n": 3, "caption": "caption 3"}
     store.close(checkpoint=False)
 
-    table = pa.table({"id": [f"p{k}" for k in range(6)], "path": [str(root / n) for n in names],
-                      "caption": [f"c{k}" for k in range(6)], "album": ["x"] * 6})
+    table = pa.table(
+        {
+            "id": [f"p{k}" for k in range(6)],
+            "path": [str(root / n) for n in names],
+            "caption": [f"c{k}" for k in range(6)],
+            "album": ["x"] * 6,
+        }
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     proc = index(str(tmp_path / "m.parquet"), "--collection", "p=cls", "--local", str(tmp_path / "pq"), cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
@@ -210,8 +249,10 @@ def _unusable(root: Path, good_image: bytes) -> dict[str, str]:
     return bad
 
 
-@pytest.mark.parametrize("source,engine", [("folder", "local"), ("manifest", "local"),
-                                           pytest.param("manifest", "ray", marks=pytest.mark.slow)])  # Ray: 71 s
+@pytest.mark.parametrize(
+    "source,engine",
+    [("folder", "local"), ("manifest", "local"), pytest.param("manifest", "ray", marks=pytest.mark.slow)],
+)  # Ray: 71 s
 def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_path, source, engine):
     """Huge files, FIFOs, devices, directories, symlink loops and vanished files: each is reported with its
     reason and counted, none is opened or read whole, and the good images are indexed (exit 0)."""
@@ -224,17 +265,38 @@ def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_pa
     for k, name in enumerate(names):
         (photos / f"good-{k}.png").write_bytes((root / name).read_bytes())
     if source == "manifest":  # rows of the same files, plus a device, a directory and a missing file
-        bad.update({"/dev/zero": "character device", str(tmp_path): "directory",
-                    str(tmp_path / "missing.png"): "file not found"})
+        bad.update(
+            {
+                "/dev/zero": "character device",
+                str(tmp_path): "directory",
+                str(tmp_path / "missing.png"): "file not found",
+            }
+        )
         rows = [{"id": f"row-{k}", "path": path} for k, path in enumerate(sorted(bad))]
         rows += [{"id": f"good-{k}", "path": str(photos / f"good-{k}.png")} for k in range(len(names))]
         (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "index",
-                             str(photos if source == "folder" else tmp_path / "rows.jsonl"),
-                             "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4",
-                             "--engine", engine],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limited_memory)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "index",
+            str(photos if source == "folder" else tmp_path / "rows.jsonl"),
+            "--collection",
+            "c=cls",
+            "--local",
+            str(tmp_path / "d"),
+            "--batch-size",
+            "4",
+            "--engine",
+            engine,
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limited_memory,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -262,8 +324,14 @@ def test_webdataset_members_over_the_limit_are_refused_unread(tmp_path):
 
     shard = tmp_path / "shard.tar"
     with tarfile.open(shard, "w") as tar:
-        for name, size in (("big.png", 300), ("big.txt", 5), ("long.png", 50), ("long.txt", 300), ("ok.png", 100),
-                           ("ok.json", 10)):
+        for name, size in (
+            ("big.png", 300),
+            ("big.txt", 5),
+            ("long.png", 50),
+            ("long.txt", 300),
+            ("ok.png", 100),
+            ("ok.json", 10),
+        ):
             info = tarfile.TarInfo(name)
             info.size = size
             tar.addfile(info, io.BytesIO(b"{}" + b" " * (size - 2)))
@@ -284,18 +352,25 @@ def test_file_names_no_store_keeps_are_reported_and_odd_names_cannot_forge_stder
     deep = photos / ("d" * 200) / ("e" * 200)
     deep.mkdir(parents=True)
     undecodable = photos / os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: a lone surrogate in Python
-    odd = {undecodable: image, deep / ("f" * 200 + ".png"): image, photos / "two\nlines.png": image,
-           photos / "esc\x1b]0;pwned\x07.png": b"not a png"}
+    odd = {
+        undecodable: image,
+        deep / ("f" * 200 + ".png"): image,
+        photos / "two\nlines.png": image,
+        photos / "esc\x1b]0;pwned\x07.png": b"not a png",
+    }
     for path, data in odd.items():
         path.write_bytes(data)
     for k in range(3):
         (photos / f"good-{k}.png").write_bytes(image)
-    proc = index(str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4",
-                 cwd=tmp_path)
+    proc = index(
+        str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4", cwd=tmp_path
+    )
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "indexed 4, already present 0, failed 3 of 7" in out, out + err
-    report = {r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "index-report.jsonl").read_text().splitlines())}
+    report = {
+        r["path"]: r["reason"] for r in map(json.loads, (tmp_path / "index-report.jsonl").read_text().splitlines())
+    }
     assert set(report) == {str(p) for p in odd if "two" not in p.name}, report
     assert "not valid UTF-8" in report[str(undecodable)] and "byte limit" in report[str(deep / ("f" * 200 + ".png"))]
     assert "\x1b" not in err and r"esc\x1b]0;pwned\x07.png" in err
@@ -314,12 +389,17 @@ def test_manifest_rows_no_store_keeps_are_reported_not_fatal(folder, tmp_path):
 
     root, good, _ = folder
     path = str(root / sorted(good)[0])
-    rows = [{"id": "long", "path": path, "caption": "x" * 5000}, {"id": "surrogate", "path": path, "note": "\udcff"},
-            {"id": "nested", "path": path, "exif": {"iso": 100}}, {"id": 0, "path": path, "caption": "fine"},
-            {"id": "ok", "path": path, "n": 1}]
+    rows = [
+        {"id": "long", "path": path, "caption": "x" * 5000},
+        {"id": "surrogate", "path": path, "note": "\udcff"},
+        {"id": "nested", "path": path, "exif": {"iso": 100}},
+        {"id": 0, "path": path, "caption": "fine"},
+        {"id": "ok", "path": path, "n": 1},
+    ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = run_index(IndexJob(str(tmp_path / "rows.jsonl"), ["c=cls"], local=str(tmp_path / "d"),
-                                 report=str(tmp_path / "r.jsonl")))
+    summary = run_index(
+        IndexJob(str(tmp_path / "rows.jsonl"), ["c=cls"], local=str(tmp_path / "d"), report=str(tmp_path / "r.jsonl"))
+    )
     assert (summary.indexed, len(summary.failed)) == (2, 3), summary.failed
     reasons = dict(summary.failed)
     assert len(reasons) == 1 and path in reasons  # three rows of one file: the report names the file
@@ -349,21 +429,36 @@ def test_webdataset_links_devices_bad_json_and_broken_shards_are_reported(tmp_pa
                 tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
         return (tmp_path / name).read_bytes()
 
-    data = shard("a.tar", [("ok.png", tarfile.REGTYPE, b"png"), ("ok.json", tarfile.REGTYPE, b'{"n": 1}'),
-                           ("sym.png", tarfile.SYMTYPE, b""), ("dev.png", tarfile.CHRTYPE, b""),
-                           ("fifo.png", tarfile.FIFOTYPE, b""), ("badjson.png", tarfile.REGTYPE, b"png"),
-                           ("badjson.json", tarfile.REGTYPE, b"{nope"), ("list.png", tarfile.REGTYPE, b"png"),
-                           ("list.json", tarfile.REGTYPE, b"[1]"), ("last.png", tarfile.REGTYPE, b"x" * 2000)])
+    data = shard(
+        "a.tar",
+        [
+            ("ok.png", tarfile.REGTYPE, b"png"),
+            ("ok.json", tarfile.REGTYPE, b'{"n": 1}'),
+            ("sym.png", tarfile.SYMTYPE, b""),
+            ("dev.png", tarfile.CHRTYPE, b""),
+            ("fifo.png", tarfile.FIFOTYPE, b""),
+            ("badjson.png", tarfile.REGTYPE, b"png"),
+            ("badjson.json", tarfile.REGTYPE, b"{nope"),
+            ("list.png", tarfile.REGTYPE, b"png"),
+            ("list.json", tarfile.REGTYPE, b"[1]"),
+            ("last.png", tarfile.REGTYPE, b"x" * 2000),
+        ],
+    )
     (tmp_path / "b.tar").write_bytes(b"no tar here" * 100)
     with tarfile.open(tmp_path / "a.tar") as tar:
         cut = tar.getmember("last.png").offset_data + 1000
     (tmp_path / "c.tar").write_bytes(data[:cut])  # cut inside the last member's data
     records = {r.source: r for r in open_source(str(tmp_path / "[abc].tar"))}
     a, b, c = (str(tmp_path / f"{x}.tar") for x in "abc")
-    expected = {f"{a}:sym": "member sym.png is a symlink (to /etc/passwd)", f"{a}:dev": "is a character device",
-                f"{a}:fifo": "member fifo.png is a FIFO", f"{a}:badjson": "badjson.json is not valid JSON",
-                f"{a}:list": "list.json must hold a JSON object, not list", b: "not a tar archive",
-                c: "shard read up to member 10 only"}  # an absolute glob: Path().glob used to refuse it
+    expected = {
+        f"{a}:sym": "member sym.png is a symlink (to /etc/passwd)",
+        f"{a}:dev": "is a character device",
+        f"{a}:fifo": "member fifo.png is a FIFO",
+        f"{a}:badjson": "badjson.json is not valid JSON",
+        f"{a}:list": "list.json must hold a JSON object, not list",
+        b: "not a tar archive",
+        c: "shard read up to member 10 only",
+    }  # an absolute glob: Path().glob used to refuse it
     for source, fragment in expected.items():
         assert fragment in (records[source].refused or ""), (source, records[source].refused)
     assert records[f"{a}:ok"].refused is None and records[f"{a}:ok"].metadata == {"n": 1}
@@ -373,14 +468,17 @@ def test_webdataset_links_devices_bad_json_and_broken_shards_are_reported(tmp_pa
     assert image is None and f"could not read last.png from {c}" in reason, reason
 
 
-@pytest.mark.parametrize("name,text,fragment", [
-    ("list.jsonl", '[1, 2]\n', "rows.jsonl:1: expected a JSON object, not list"),
-    ("number.jsonl", '{"path": 5}\n', "row 1: 'path' must be a string, not int"),
-    ("extra.csv", "id,path\na,x.png,surplus\n", "row 1 has more values than the header has columns"),
-    ("latin1.csv", b"id,path\na,caf\xe9.png\n", "is not UTF-8 text (byte 0xe9"),
-    ("fifo.jsonl", None, "is not a regular file"),
-    ("fifo.parquet", None, "is not a regular file"),
-])
+@pytest.mark.parametrize(
+    "name,text,fragment",
+    [
+        ("list.jsonl", "[1, 2]\n", "rows.jsonl:1: expected a JSON object, not list"),
+        ("number.jsonl", '{"path": 5}\n', "row 1: 'path' must be a string, not int"),
+        ("extra.csv", "id,path\na,x.png,surplus\n", "row 1 has more values than the header has columns"),
+        ("latin1.csv", b"id,path\na,caf\xe9.png\n", "is not UTF-8 text (byte 0xe9"),
+        ("fifo.jsonl", None, "is not a regular file"),
+        ("fifo.parquet", None, "is not a regular file"),
+    ],
+)
 def test_malformed_manifests_are_one_clear_error(tmp_path, name, text, fragment):
     """Rows that are not objects, paths that are not strings, surplus CSV values, non-UTF-8 text and a FIFO named
     as the manifest: an InvalidInput naming the row (exit 2), where they were tracebacks or 'does not exist'."""
@@ -406,7 +504,7 @@ def test_manifest_byte_order_mark_and_id_zero_are_read_as_written(tmp_path):
 
     (tmp_path / "m.csv").write_text("\ufeffid,path,label\nx1,a.png,3\n", encoding="utf-8")
     (tmp_path / "m.jsonl").write_text('{"id": 0, "path": "a.png"}\n')
-    csv_row, = open_source(str(tmp_path / "m.csv"))
+    (csv_row,) = open_source(str(tmp_path / "m.csv"))
     assert (csv_row.id, csv_row.metadata) == ("x1", {"label": 3})
     assert [r.id for r in open_source(str(tmp_path / "m.jsonl"))] == ["0"]
 
@@ -421,8 +519,9 @@ def test_a_collection_named_twice_is_refused_before_anything_is_created(tmp_path
     (tmp_path / "photos" / "a.png").write_bytes(b"png")
     for targets in (["n=cls", "n=avg"], ["n=cls", "n"], ["m", "n=cls", "m=cls"]):
         with pytest.raises(InvalidInput, match=f"collection '{targets[-1][0]}' is named twice"):
-            run_index(IndexJob(str(tmp_path / "photos"), targets, local=str(tmp_path / "d"),
-                               report=str(tmp_path / "r.jsonl")))
+            run_index(
+                IndexJob(str(tmp_path / "photos"), targets, local=str(tmp_path / "d"), report=str(tmp_path / "r.jsonl"))
+            )
     assert not (tmp_path / "d").exists()
 
 

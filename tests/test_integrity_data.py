@@ -14,6 +14,9 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from conftest import png_bytes
+from serving import running_server, tiny_config, tiny_server
+from test_store_faults import problem_lines
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.errors import DataDirLocked, FailedPrecondition
@@ -21,14 +24,11 @@ from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore, SearchOptions
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
 
-from conftest import png_bytes
-from serving import running_server, tiny_config, tiny_server
-from test_store_faults import problem_lines
-
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=180,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=180, cwd=cwd
+    )
 
 
 def unit(rows: int, dim: int = 4, seed: int = 0) -> np.ndarray:
@@ -37,6 +37,7 @@ def unit(rows: int, dim: int = 4, seed: int = 0) -> np.ndarray:
 
 
 # -- 1. single-writer lock ------------------------------------------------------------------------
+
 
 def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, tmp_path):
     images = tmp_path / "images"
@@ -47,8 +48,19 @@ def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, t
         with Client(server.address) as client:
             client.create_collection("kv", dim=4)
             client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
-        second = cli("serve", "--data-dir", str(data), "--listen", "127.0.0.1:0", "--preload-models", "",
-                     "--demo-size", "0", "--metrics-port", "-1")
+        second = cli(
+            "serve",
+            "--data-dir",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+        )
         local = cli("index", str(images), "--collection", "kv", "--local", str(data), cwd=tmp_path)
         for proc in (second, local):
             lines = problem_lines(proc.stderr)
@@ -63,9 +75,16 @@ def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, t
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import LocalStore; "
-                               f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from embedsvc.store import LocalStore; "
+            f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(Exception, match=f"pid {holder.pid}"):
@@ -97,9 +116,16 @@ def test_deleting_the_lock_file_does_not_let_a_second_opener_in(tiny_spec, tmp_p
 
 
 def test_a_holder_in_another_process_is_named_even_without_its_lock_file(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedsvc.store import LocalStore; "
-                               f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from embedsvc.store import LocalStore; "
+            f"LocalStore({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         (tmp_path / "LOCK").unlink()
@@ -132,8 +158,12 @@ def test_two_processes_racing_to_open_get_the_lock_or_its_refusal(tmp_path):
     name, made and removed before the lock, let one opener remove the other's and report the directory 'not
     writable: No such file or directory' (about 1 round in 100 on 2 cores)."""
     rounds = 1000
-    racer = subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(rounds)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    racer = subprocess.Popen(
+        [sys.executable, "-c", RACER, str(tmp_path), str(rounds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert racer.stdout.readline().strip() == "ready"
     outcomes = {"opened": 0, "locked": 0}  # either may be 0: which process wins each round is the scheduler's
     try:
@@ -162,6 +192,7 @@ def test_a_lock_path_that_is_not_a_file_is_a_clear_refusal(tmp_path, kind):
 
 
 # -- 2. checkpoints tied to their store and collection --------------------------------------------
+
 
 def make_store(path, n: int = 30, name: str = "c", seed: int = 0) -> np.ndarray:
     store = LocalStore(path)
@@ -248,6 +279,7 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path):
 
 # -- 3, 4, 5, 6: through a real server --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(make_server):
     return make_server()
@@ -313,8 +345,10 @@ def test_fit_racing_upsert_never_mixes_codebooks(client, server, tiny_encoder):
 
 def test_cosine_normalisation_never_overflows(client):
     client.create_collection("cos", dim=4)
-    client.upsert("cos", [Item("huge", vector=[3e38] * 4), Item("tiny", vector=[1e-30] * 4),
-                          Item("denormal", vector=[1e-45, 0, 0, 0])])
+    client.upsert(
+        "cos",
+        [Item("huge", vector=[3e38] * 4), Item("tiny", vector=[1e-30] * 4), Item("denormal", vector=[1e-45, 0, 0, 0])],
+    )
     items = {i.id: i.vector for i in client.get("cos", ["huge", "tiny", "denormal"], include_vectors=True)[0]}
     assert np.allclose(items["huge"], 0.5) and np.allclose(items["tiny"], 0.5)
     assert np.allclose(items["denormal"], [1, 0, 0, 0])
@@ -353,13 +387,13 @@ def test_gem_is_finite_and_exact_for_every_allowed_p(client, p):
 
 # -- a model name that now loads other weights ----------------------------------------------------
 
+
 def test_collection_refuses_to_embed_with_other_weights_than_its_vectors_came_from(tiny_spec, tmp_path):
     """A models file that points a collection's model name at new weights would have mixed two unrelated
     vector spaces in one collection, silently: content upserts and content queries are FAILED_PRECONDITION
     naming both fingerprints, vector search and reads keep working, and the original weights serve again."""
-    from dataclasses import replace
-
     import hashlib
+    from dataclasses import replace
 
     from conftest import TINY_ARCH, _save_random
 
@@ -374,8 +408,10 @@ def test_collection_refuses_to_embed_with_other_weights_than_its_vectors_came_fr
         (stored,), _ = client.get("c", ["a"], include_vectors=True)
         recorded = server.server.store.get_collection("c").config
     with tiny_server(other, data) as server, Client(server.address) as client:
-        for attempt in (lambda: client.upsert("c", [Item("b", text="a blue star")]),
-                        lambda: client.search("c", text="a red circle")):
+        for attempt in (
+            lambda: client.upsert("c", [Item("b", text="a blue star")]),
+            lambda: client.search("c", text="a red circle"),
+        ):
             with pytest.raises(EmbedsvcClientError) as error:
                 attempt()
             assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -405,6 +441,7 @@ def test_ray_targets_refuse_a_model_name_that_now_loads_other_weights(tiny_spec,
     from dataclasses import replace
 
     from conftest import TINY_ARCH, _save_random
+
     from embedsvc.errors import FailedPrecondition
     from embedsvc.jobs.index import IndexJob, _LocalSink
     from embedsvc.models import MODEL_REGISTRY, register_model
@@ -414,8 +451,9 @@ def test_ray_targets_refuse_a_model_name_that_now_loads_other_weights(tiny_spec,
     sink = _LocalSink(job, [("c", "cls")])
     try:
         assert sink.targets()[0] == tiny_spec.name
-        register_model(replace(tiny_spec, checkpoint=str(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=8))),
-                       replace=True)
+        register_model(
+            replace(tiny_spec, checkpoint=str(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=8))), replace=True
+        )
         with pytest.raises(FailedPrecondition, match="now loads weights sha256"):
             sink.targets()
     finally:
@@ -428,9 +466,10 @@ def test_ray_workers_refuse_weights_other_than_the_collections(tiny_spec, tmp_pa
     replaced in between (or another node's copy) embedded into the collection with other weights, silently: each
     worker checks the fingerprint of the bytes it loaded itself."""
     import shutil
+    from dataclasses import replace
 
     from conftest import TINY_ARCH, _save_random
-    from dataclasses import replace
+
     from embedsvc.jobs.index import IndexJob, _LocalSink
     from embedsvc.jobs.ray_engine import EmbedActor
     from embedsvc.models import MODEL_REGISTRY, register_model

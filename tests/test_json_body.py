@@ -45,22 +45,42 @@ def rendered(message) -> dict:
 
 def embed_message(n=32, dim=512, tokens=False):
     rng = np.random.default_rng(0)
-    vectors = [rng.standard_normal((n, dim)).astype(np.float32) * 10.0 ** rng.integers(-8, 8, (n, dim))
-               for _ in range(2)]
+    vectors = [
+        rng.standard_normal((n, dim)).astype(np.float32) * 10.0 ** rng.integers(-8, 8, (n, dim)) for _ in range(2)
+    ]
     token_rows = None
     if tokens:
-        token_rows = [pb.TokenFeatures(num_tokens=2, dim=3, data=np.arange(6, dtype="<f4").tobytes(), grid_height=1,
-                                       grid_width=2).SerializeToString() if i % 2 else None for i in range(n)]
-    return embed_response("m", [pb.MODALITY_TEXT, pb.MODALITY_IMAGE] * (n // 2), [i % 3 == 0 for i in range(n)],
-                          ["cls", "gem"], vectors, token_rows)
+        token_rows = [
+            pb.TokenFeatures(
+                num_tokens=2, dim=3, data=np.arange(6, dtype="<f4").tobytes(), grid_height=1, grid_width=2
+            ).SerializeToString()
+            if i % 2
+            else None
+            for i in range(n)
+        ]
+    return embed_response(
+        "m",
+        [pb.MODALITY_TEXT, pb.MODALITY_IMAGE] * (n // 2),
+        [i % 3 == 0 for i in range(n)],
+        ["cls", "gem"],
+        vectors,
+        token_rows,
+    )
 
 
 def search_message():
     out = pb.SearchResponse()
     first = out.results.add(truncated=True)
-    first.hits.add(id="a", score=0.25, vector=pb.Vector(values=[1.5, -2.25, 3e-7]),
-                   metadata={"n": pb.MetadataValue(number_value=3), "s": pb.MetadataValue(string_value="x"),
-                             "b": pb.MetadataValue(bool_value=False)})
+    first.hits.add(
+        id="a",
+        score=0.25,
+        vector=pb.Vector(values=[1.5, -2.25, 3e-7]),
+        metadata={
+            "n": pb.MetadataValue(number_value=3),
+            "s": pb.MetadataValue(string_value="x"),
+            "b": pb.MetadataValue(bool_value=False),
+        },
+    )
     first.hits.add(id="b", score=-0.1)  # no vector: absent, not empty
     first.hits.add(id="c", score=0.3, vector=pb.Vector())  # set but empty
     out.results.add()
@@ -74,12 +94,20 @@ def get_message():
     return out
 
 
-@pytest.mark.parametrize("message", [embed_message(), embed_message(4, 3, tokens=True), search_message(),
-                                     pb.EmbedResponse(results=[pb.EmbedResult(embeddings=[pb.PooledEmbedding(
-                                         pooling="cls")])]),
-                                     get_message(), pb.EmbedResponse(), pb.ListModelsResponse(default_model="m"),
-                                     pb.UpsertResponse(inserted=2**40)],
-                         ids=["embed", "embed-tokens", "search", "embed-sparse", "get", "empty", "models", "int64"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        embed_message(),
+        embed_message(4, 3, tokens=True),
+        search_message(),
+        pb.EmbedResponse(results=[pb.EmbedResult(embeddings=[pb.PooledEmbedding(pooling="cls")])]),
+        get_message(),
+        pb.EmbedResponse(),
+        pb.ListModelsResponse(default_model="m"),
+        pb.UpsertResponse(inserted=2**40),
+    ],
+    ids=["embed", "embed-tokens", "search", "embed-sparse", "get", "empty", "models", "int64"],
+)
 def test_body_is_message_to_dicts(message):
     assert_same(reference(message), rendered(message))
 
@@ -93,12 +121,25 @@ def test_embed_document_is_the_embed_responses_json(n, dim, tokens):
     truncated = [i % 2 == 1 for i in range(n)]
     token_messages = None
     if tokens:
-        token_messages = [pb.TokenFeatures(num_tokens=2, dim=3, data=rng.standard_normal(6).astype("<f4").tobytes(),
-                                           grid_height=i, grid_width=i) if i % 2 else None for i in range(n)]
-    message = embed_response("m", modalities, truncated, ["cls", "gem"], vectors,
-                             [t.SerializeToString() if t else None for t in token_messages] if tokens else None)
-    got = json.loads(json_body.dumps(json_body.embed_document("m", modalities, truncated, ["cls", "gem"], vectors,
-                                                              token_messages)))
+        token_messages = [
+            pb.TokenFeatures(
+                num_tokens=2, dim=3, data=rng.standard_normal(6).astype("<f4").tobytes(), grid_height=i, grid_width=i
+            )
+            if i % 2
+            else None
+            for i in range(n)
+        ]
+    message = embed_response(
+        "m",
+        modalities,
+        truncated,
+        ["cls", "gem"],
+        vectors,
+        [t.SerializeToString() if t else None for t in token_messages] if tokens else None,
+    )
+    got = json.loads(
+        json_body.dumps(json_body.embed_document("m", modalities, truncated, ["cls", "gem"], vectors, token_messages))
+    )
     assert_same(reference(message), got)
 
 
@@ -137,5 +178,9 @@ def test_no_python_code_runs_per_float():
         search.results.add().hits.add(id="x", vector=pb.Vector(values=np.ones(512, np.float32)))
     assert python_calls(lambda: json_body.dumps(json_body.document(search))) < floats / 4
     vectors = [np.ones((32, 512), np.float32)] * 2
-    assert python_calls(lambda: json_body.dumps(json_body.embed_document("m", [1] * 32, [False] * 32, ["a", "b"],
-                                                                         vectors))) < floats / 4
+    assert (
+        python_calls(
+            lambda: json_body.dumps(json_body.embed_document("m", [1] * 32, [False] * 32, ["a", "b"], vectors))
+        )
+        < floats / 4
+    )

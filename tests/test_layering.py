@@ -15,8 +15,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "embedsvc"
 CORE = ("models", "encoder", "pooling", "store")
-FORBIDDEN_FOR_CORE = ("grpc", "grpc_health", "grpc_reflection", "embedsvc.service", "embedsvc.client", "embedsvc.cli",
-                      "embedsvc.v1", "starlette", "uvicorn", "multipart", "httpx")
+FORBIDDEN_FOR_CORE = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "embedsvc.service",
+    "embedsvc.client",
+    "embedsvc.cli",
+    "embedsvc.v1",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "httpx",
+)
 
 
 def imports(path: Path) -> set[str]:
@@ -45,8 +56,9 @@ def test_client_imports_only_generated_code_and_itself():
     for path in (PACKAGE / "client").rglob("*.py"):
         own = {n for n in imports(path) if n.startswith("embedsvc")}
         # embedsvc.spec_text: the pooling spec's text form, a leaf the server's registry reads with the same code.
-        assert all(n.startswith(("embedsvc.v1", "embedsvc.client", "embedsvc.spec_text")) for n in own), \
+        assert all(n.startswith(("embedsvc.v1", "embedsvc.client", "embedsvc.spec_text")) for n in own), (
             f"{path.name}: {own}"
+        )
 
 
 def test_leaf_modules_import_nothing_of_the_project():
@@ -58,16 +70,39 @@ def test_leaf_modules_import_nothing_of_the_project():
 TRANSPORTS = ("grpc", "grpc_health", "grpc_reflection", "starlette", "uvicorn", "multipart", "httpx")
 BASE = {"errors", "spec_text"}
 ALLOWED: dict[str, set[str]] = {
-    "errors": set(), "spec_text": set(), "progress": set(), "cpu": set(), "v1": set(), "eval": set(),
-    "models": BASE, "pooling": BASE, "store": BASE, "datasets": BASE,
+    "errors": set(),
+    "spec_text": set(),
+    "progress": set(),
+    "cpu": set(),
+    "v1": set(),
+    "eval": set(),
+    "models": BASE,
+    "pooling": BASE,
+    "store": BASE,
+    "datasets": BASE,
     "encoder": BASE | {"models", "pooling"},
     "engine": BASE | {"cpu", "models", "pooling", "encoder", "store"},
     "training": BASE | {"progress", "datasets", "eval", "models", "pooling", "encoder", "engine"},
     "jobs": BASE | {"progress", "cpu", "datasets", "eval", "models", "pooling", "encoder", "store", "engine", "client"},
     "client": {"v1", "spec_text"},
     "service": BASE | {"cpu", "models", "pooling", "encoder", "store", "engine", "datasets", "v1"},
-    "cli": BASE | {"progress", "cpu", "models", "pooling", "encoder", "store", "engine", "datasets", "eval", "training",
-                   "jobs", "client", "service", "v1"},
+    "cli": BASE
+    | {
+        "progress",
+        "cpu",
+        "models",
+        "pooling",
+        "encoder",
+        "store",
+        "engine",
+        "datasets",
+        "eval",
+        "training",
+        "jobs",
+        "client",
+        "service",
+        "v1",
+    },
     "__main__": {"cli"},
     "__init__": set(),
 }
@@ -119,13 +154,16 @@ def test_only_cli_and_service_import_service_and_jobs_reach_the_engine():
     assert {"embedsvc.engine.engine", "embedsvc.engine.config"} <= jobs  # the local sink is an engine
 
 
-@pytest.mark.parametrize("unit, source", [
-    ("jobs", "from embedsvc.service.config import ServerConfig"),
-    ("training", "import grpc"),
-    ("engine", "from embedsvc.service import calls"),
-    ("store", "def f():\n    from embedsvc.engine.engine import Engine"),
-    ("client", "import embedsvc.store"),
-])
+@pytest.mark.parametrize(
+    "unit, source",
+    [
+        ("jobs", "from embedsvc.service.config import ServerConfig"),
+        ("training", "import grpc"),
+        ("engine", "from embedsvc.service import calls"),
+        ("store", "def f():\n    from embedsvc.engine.engine import Engine"),
+        ("client", "import embedsvc.store"),
+    ],
+)
 def test_a_forbidden_import_is_caught(tmp_path, unit, source):
     module = tmp_path / "module.py"
     module.write_text(source + "\n")

@@ -14,23 +14,21 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
+from conftest import png_bytes
+from serving import running_server, tiny_config
 
 from embedsvc.client import Client, Item
 from embedsvc.datasets import write_scenes
 from embedsvc.errors import Aborted, AlreadyExists
 from embedsvc.service.config import ServerConfig
-from embedsvc.store import CollectionConfig, CollectionNotFound, open_store
-from embedsvc.store import Item as StoreItem
-
-from conftest import png_bytes
-from serving import running_server, tiny_config
+from embedsvc.store import CollectionConfig, CollectionNotFound, Item as StoreItem, open_store
 
 pytest.importorskip("milvus_lite")
 
@@ -47,9 +45,25 @@ def lite_server(data: Path) -> Iterator[str]:
     engine is not safe under concurrent writes to one collection (a Milvus server is), so requests are
     applied one at a time, as a Milvus server's log would order them; replicas still interleave freely."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data),
-                             "--host", "127.0.0.1", "--port", str(port), "--max-workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "milvus_lite",
+            "server",
+            "--data-dir",
+            str(data),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -79,12 +93,20 @@ def replica_config(spec, tmp_path, uri: str, name: str) -> ServerConfig:
 
 
 def test_two_replicas_serve_the_same_collections(tiny_spec, tmp_path, milvus_uri):
-    with running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a, \
-            running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b, \
-            Client(a.address) as ca, Client(b.address) as cb:
+    with (
+        running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a,
+        running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b,
+        Client(a.address) as ca,
+        Client(b.address) as cb,
+    ):
         ca.create_collection("shared", pooling="cls")
-        ca.upsert("shared", [Item("red", text="a red circle", metadata={"k": "x"}),
-                             Item("blue", text="a blue star", metadata={"k": "y"})])
+        ca.upsert(
+            "shared",
+            [
+                Item("red", text="a red circle", metadata={"k": "x"}),
+                Item("blue", text="a blue star", metadata={"k": "y"}),
+            ],
+        )
         # Strong consistency: the write acknowledged by a is in b's very next search.
         assert cb.search("shared", text="a red circle", top_k=2)[0].id == "red"
         assert [h.id for h in cb.search("shared", text="a red circle", filter={"k": "y"})] == ["blue"]
@@ -97,9 +119,12 @@ def test_two_replicas_serve_the_same_collections(tiny_spec, tmp_path, milvus_uri
 def test_a_refit_through_one_replica_is_seen_by_the_other_by_version(tiny_spec, tmp_path, milvus_uri):
     samples_1 = [png_bytes(color=(i * 20, 100, 255 - i * 20)) for i in range(10)]
     samples_2 = [png_bytes(color=(255 - i * 20, i * 25, 40)) for i in range(10)]
-    with running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a, \
-            running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b, \
-            Client(a.address) as ca, Client(b.address) as cb:
+    with (
+        running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "a")) as a,
+        running_server(replica_config(tiny_spec, tmp_path, milvus_uri, "b")) as b,
+        Client(a.address) as ca,
+        Client(b.address) as cb,
+    ):
         ca.create_collection("vlad", pooling="netvlad:clusters=4")
         ca.fit_pooling("vlad", samples_1, {"seed": 1})
         assert cb.search("vlad", text="a red circle", top_k=1) == []  # b loads and caches version 1
@@ -177,8 +202,10 @@ def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_
         with ThreadPoolExecutor(2) as pool:
             for race in range(races):
                 name, barrier = f"race{race}", threading.Barrier(2)
-                outcomes = [f.result() for f in [pool.submit(create_and_write, stores[side], name, side, barrier)
-                                                 for side in (0, 1)]]
+                outcomes = [
+                    f.result()
+                    for f in [pool.submit(create_and_write, stores[side], name, side, barrier) for side in (0, 1)]
+                ]
                 if all(created for created, _ in outcomes):
                     double.append(name)
                 acknowledged = [i for _, ids in outcomes for i in ids]
@@ -192,8 +219,12 @@ def test_replicas_creating_one_name_at_once_get_one_ok_and_lose_no_acknowledged_
         orphans = physical_collections(uri) - reachable
         for store in stores:
             store.close()
-    failures = {"both got OK": double, "acknowledged items lost": lost, "replicas disagree": split,
-                "collections no catalogue row reaches": sorted(orphans)}
+    failures = {
+        "both got OK": double,
+        "acknowledged items lost": lost,
+        "replicas disagree": split,
+        "collections no catalogue row reaches": sorted(orphans),
+    }
     assert not any(failures.values()), f"{races} races: {failures}"
 
 
@@ -380,17 +411,31 @@ def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_
     store.upsert("legacy", [StoreItem("a", np.ones(4, np.float32))])
     before = store.get_collection("legacy")
     client = MilvusClient(uri=milvus_uri)
-    docs = {r["kind"]: r["doc"] for r in client.query("embedsvc_catalogue", filter='owner == "legacy"',
-                                                        output_fields=["kind", "doc"])}
-    old = {**{k: docs["incarnation"][k] for k in ("config", "created_ms", "uid")},
-           **{k: docs["pooling"][k] for k in ("pooling_version", "state_key", "state_chunks")}}
+    docs = {
+        r["kind"]: r["doc"]
+        for r in client.query("embedsvc_catalogue", filter='owner == "legacy"', output_fields=["kind", "doc"])
+    }
+    old = {
+        **{k: docs["incarnation"][k] for k in ("config", "created_ms", "uid")},
+        **{k: docs["pooling"][k] for k in ("pooling_version", "state_key", "state_chunks")},
+    }
     client.delete("embedsvc_catalogue", filter='owner == "legacy"')
-    client.upsert("embedsvc_catalogue", [{"key": "collection/legacy", "kind": "collection", "owner": before.uid,
-                                          "doc": old, "chunk": "", "v": [1.0, 0.0]}])
+    client.upsert(
+        "embedsvc_catalogue",
+        [
+            {
+                "key": "collection/legacy",
+                "kind": "collection",
+                "owner": before.uid,
+                "doc": old,
+                "chunk": "",
+                "v": [1.0, 0.0],
+            }
+        ],
+    )
     reopened = open_store("milvus", milvus_uri=milvus_uri)
     after = reopened.get_collection("legacy")
-    assert (after.uid, after.created_ms, after.pooling_version, after.count) == \
-        (before.uid, before.created_ms, 1, 1)
+    assert (after.uid, after.created_ms, after.pooling_version, after.count) == (before.uid, before.created_ms, 1, 1)
     assert reopened.pooling_state("legacy") == b"codebook" and reopened.get("legacy", ["a"])[1] == []
     assert client.query("embedsvc_catalogue", filter='kind == "collection"', output_fields=["key"]) == []
     reopened.drop_collection("legacy")
@@ -400,8 +445,9 @@ def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_
 
 
 def index(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", "index", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", "index", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow  # two index jobs and a server (16 s)
@@ -414,8 +460,15 @@ def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
     assert first.returncode == 0 and "indexed 12" in first.stdout, first.stderr[-2000:]
     again = index(str(tmp_path / "photos"), "--collection", "c=cls", "--local", target, cwd=tmp_path)
     assert again.returncode == 0 and "already present 12" in again.stdout, again.stdout + again.stderr[-2000:]
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path / "unused"), metrics_port=-1, demo_size=0,
-                          log_format="text", store_backend="milvus", milvus_uri=str(tmp_path / "server.db"))
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path / "unused"),
+        metrics_port=-1,
+        demo_size=0,
+        log_format="text",
+        store_backend="milvus",
+        milvus_uri=str(tmp_path / "server.db"),
+    )
     with running_server(config) as server:
         remote = index(str(tmp_path / "photos"), "--collection", "c=cls", "--address", server.address, cwd=tmp_path)
         assert remote.returncode == 0 and "indexed 12" in remote.stdout, remote.stderr[-2000:]
@@ -431,15 +484,36 @@ def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
     assert not Path(tmp_path / "unused").exists() or not list(Path(tmp_path / "unused").iterdir())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--store-backend", "milvus"], "needs milvus_uri"),
-    (["--store-backend", "milvus", "--milvus-uri", "http://127.0.0.1:{port}"], "cannot connect to Milvus"),
-    (["--store-backend", "cassandra"], "must be local or milvus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--store-backend", "milvus"], "needs milvus_uri"),
+        (["--store-backend", "milvus", "--milvus-uri", "http://127.0.0.1:{port}"], "cannot connect to Milvus"),
+        (["--store-backend", "cassandra"], "must be local or milvus"),
+    ],
+)
 def test_bad_milvus_settings_are_clear_startup_errors(tmp_path, args, message):
     args = [a.replace("{port}", str(free_port())) for a in args]
-    result = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                             "--metrics-port", "-1", "--listen", "127.0.0.1:0", *args], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--listen",
+            "127.0.0.1:0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

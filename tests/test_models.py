@@ -8,8 +8,16 @@ import torch
 
 from embedsvc.encoder import ClipEncoder
 from embedsvc.errors import InvalidInput, UnknownModel, WeightsUnavailable
-from embedsvc.models import (MODEL_REGISTRY, ModelSpec, get_model_spec, load_model, register_model,
-                             resolve_device, resolve_model_spec, resolve_precision)
+from embedsvc.models import (
+    MODEL_REGISTRY,
+    ModelSpec,
+    get_model_spec,
+    load_model,
+    register_model,
+    resolve_device,
+    resolve_model_spec,
+    resolve_precision,
+)
 
 
 def test_unknown_registry_name():
@@ -140,8 +148,11 @@ def test_the_weights_hashed_are_the_weights_loaded(tiny_spec, tmp_path, monkeypa
 
     monkeypatch.setattr(builtins, "open", open_then_replace)
     monkeypatch.setattr(io, "open", open_then_replace)
-    loaded = load_model(ModelSpec(name="swapped", architecture=tiny_spec.architecture, checkpoint=str(path),
-                                  config_file=tiny_spec.config_file))
+    loaded = load_model(
+        ModelSpec(
+            name="swapped", architecture=tiny_spec.architecture, checkpoint=str(path), config_file=tiny_spec.config_file
+        )
+    )
     monkeypatch.undo()
     assert opens, "the loader never opened the checkpoint through open(): the swap did not happen"
     hashed = states[loaded.weights_sha256]
@@ -155,11 +166,23 @@ def test_wrapped_checkpoints_load_as_open_clip_loads_them(tiny_spec, tmp_path):
     state = torch.load(tiny_spec.checkpoint, weights_only=True)
     wrapped = tmp_path / "trained.pt"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
-    loaded = load_model(ModelSpec(name="wrapped", architecture=tiny_spec.architecture, checkpoint=str(wrapped),
-                                  config_file=tiny_spec.config_file))
+    loaded = load_model(
+        ModelSpec(
+            name="wrapped",
+            architecture=tiny_spec.architecture,
+            checkpoint=str(wrapped),
+            config_file=tiny_spec.config_file,
+        )
+    )
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state.items())
     not_weights = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_weights)
     with pytest.raises(InvalidInput, match="holds list, not a state dict"):
-        load_model(ModelSpec(name="list", architecture=tiny_spec.architecture, checkpoint=str(not_weights),
-                             config_file=tiny_spec.config_file))
+        load_model(
+            ModelSpec(
+                name="list",
+                architecture=tiny_spec.architecture,
+                checkpoint=str(not_weights),
+                config_file=tiny_spec.config_file,
+            )
+        )

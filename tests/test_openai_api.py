@@ -13,9 +13,9 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+from serving import running_server, tiny_config
 
 from embedsvc.client import Client
-from serving import tiny_config, running_server
 
 READ, WRITE = "r" * 24, "w" * 24
 LIMIT = 256 * 1024
@@ -37,8 +37,9 @@ TEXTS = ["a red square", "two blue circles on a green field"]
 
 @pytest.fixture(scope="module")
 def server(make_server):
-    srv = make_server(http_listen="127.0.0.1:0", http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2,
-                      max_items_per_request=8)
+    srv = make_server(
+        http_listen="127.0.0.1:0", http_max_body_bytes=LIMIT, max_image_bytes=LIMIT // 2, max_items_per_request=8
+    )
     with Client(srv.address) as grpc_client:
         sdk = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
         yield srv, sdk, grpc_client
@@ -53,8 +54,9 @@ def grpc_vectors(client: Client, inputs, pooling="cls") -> np.ndarray:
 def test_texts_and_images_equal_grpc_embed_in_either_encoding(server, tiny_spec, encoding):
     srv, sdk, client = server
     kwargs = {"encoding_format": encoding} if encoding else {}  # None: the SDK asks for base64 and decodes it
-    response = sdk.embeddings.create(model=tiny_spec.name, input=[TEXTS[0], data_url(RED), TEXTS[1],
-                                                                  data_url(BLUE, "jpeg")], **kwargs)
+    response = sdk.embeddings.create(
+        model=tiny_spec.name, input=[TEXTS[0], data_url(RED), TEXTS[1], data_url(BLUE, "jpeg")], **kwargs
+    )
     expected = grpc_vectors(client, [TEXTS[0], RED, TEXTS[1], BLUE])
     if encoding == "base64":  # asked for explicitly, the SDK hands the strings over as they came
         got = np.array([np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in response.data])
@@ -72,8 +74,10 @@ def test_texts_and_images_equal_grpc_embed_in_either_encoding(server, tiny_spec,
 def test_response_shape_on_the_wire(server, tiny_spec):
     srv, sdk, client = server
     for encoding in ("float", "base64"):
-        raw = httpx.post(srv.http_url + "/v1/embeddings", json={"model": tiny_spec.name, "input": "a red square",
-                                                                "encoding_format": encoding}).json()
+        raw = httpx.post(
+            srv.http_url + "/v1/embeddings",
+            json={"model": tiny_spec.name, "input": "a red square", "encoding_format": encoding},
+        ).json()
         assert set(raw) == {"object", "data", "model", "usage"} and raw["object"] == "list"
         assert raw["data"][0].keys() == {"object", "index", "embedding"} and raw["data"][0]["object"] == "embedding"
         assert isinstance(raw["data"][0]["embedding"], list if encoding == "float" else str)
@@ -95,12 +99,16 @@ def test_langchain_openai_embeddings(server, tiny_spec):
     from langchain_openai import OpenAIEmbeddings
 
     srv, sdk, client = server
-    embeddings = OpenAIEmbeddings(model=tiny_spec.name, base_url=srv.http_url + "/v1", api_key="unused",
-                                  check_embedding_ctx_length=False, max_retries=0)
+    embeddings = OpenAIEmbeddings(
+        model=tiny_spec.name,
+        base_url=srv.http_url + "/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
     documents = embeddings.embed_documents([TEXTS[0], data_url(RED), TEXTS[1]])
     query = embeddings.embed_query(TEXTS[1])
-    np.testing.assert_allclose(np.array(documents), grpc_vectors(client, [TEXTS[0], RED, TEXTS[1]]), atol=1e-6,
-                               rtol=0)
+    np.testing.assert_allclose(np.array(documents), grpc_vectors(client, [TEXTS[0], RED, TEXTS[1]]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(query, documents[2], atol=1e-6, rtol=0)
 
 
@@ -120,10 +128,12 @@ def test_long_texts_are_refused_unless_truncation_is_asked_for(server, tiny_spec
         sdk.embeddings.create(model=tiny_spec.name, input=["short", long_text])
     assert "input 1" in caught.value.body["message"] and "77 tokens" in caught.value.body["message"]
     assert caught.value.body["param"] == "input"
-    response = sdk.embeddings.create(model=tiny_spec.name, input=["short", long_text], encoding_format="float",
-                                     extra_body={"truncate": True})
-    np.testing.assert_allclose(np.array([d.embedding for d in response.data]),
-                               grpc_vectors(client, ["short", long_text]), atol=1e-6, rtol=0)
+    response = sdk.embeddings.create(
+        model=tiny_spec.name, input=["short", long_text], encoding_format="float", extra_body={"truncate": True}
+    )
+    np.testing.assert_allclose(
+        np.array([d.embedding for d in response.data]), grpc_vectors(client, ["short", long_text]), atol=1e-6, rtol=0
+    )
     assert response.usage.prompt_tokens == 3 + 77
 
 
@@ -148,10 +158,12 @@ REFUSALS = [  # (request fields, SDK exception, HTTP status, param, words in the
 ]
 
 
-@pytest.mark.parametrize("fields, exception, status, param, words", REFUSALS,
-                         ids=[str(i) for i in range(len(REFUSALS))])
-def test_refusals_are_the_sdks_typed_errors_in_openais_shape(server, tiny_spec, fields, exception, status, param,
-                                                            words):
+@pytest.mark.parametrize(
+    "fields, exception, status, param, words", REFUSALS, ids=[str(i) for i in range(len(REFUSALS))]
+)
+def test_refusals_are_the_sdks_typed_errors_in_openais_shape(
+    server, tiny_spec, fields, exception, status, param, words
+):
     srv, sdk, client = server
     fields = {"model": tiny_spec.name, **fields}
     fields["model"] = fields["model"].replace("{model}", tiny_spec.name)
@@ -175,8 +187,9 @@ def test_errors_outside_the_route_take_openais_shape_too(server, tiny_spec):
     assert error["code"] == "resource_exhausted" and "http_max_body_bytes" in error["message"]
     wrong_method = httpx.get(srv.http_url + "/v1/embeddings")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
-    not_json = httpx.post(srv.http_url + "/v1/embeddings", content=b"{nope",
-                          headers={"content-type": "application/json"})
+    not_json = httpx.post(
+        srv.http_url + "/v1/embeddings", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]["message"]
     native = httpx.post(srv.http_url + "/v1/embed", json={})  # the native API keeps its own error body
     assert set(native.json()) == {"code", "message"}
@@ -192,8 +205,10 @@ def test_a_post_without_a_json_type_is_415_in_openais_shape(server, tiny_spec, k
     assert refused.status_code == 415, refused.text
     error = refused.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_argument", None)
-    assert "application/json" in error["message"] and (repr(kind) if kind else "no content-type") in error[
-        "message"].lower()
+    assert (
+        "application/json" in error["message"]
+        and (repr(kind) if kind else "no content-type") in error["message"].lower()
+    )
     for accepted in ("application/json; charset=utf-8", "application/vnd.example+json"):
         response = httpx.post(srv.http_url + "/v1/embeddings", content=body, headers={"content-type": accepted})
         assert response.status_code == 200 and len(response.json()["data"]) == 1
@@ -218,10 +233,17 @@ def test_browser_refusals_are_the_sdks_typed_errors_in_openais_shape(server, tin
 
 
 def test_tokens_and_scopes_are_embeds(tiny_spec, tmp_path):
-    tokens = json.dumps({"tokens": [{"name": "reader", "token": READ, "scopes": ["read"]},
-                                    {"name": "writer", "token": WRITE, "scopes": ["write"]}]})
+    tokens = json.dumps(
+        {
+            "tokens": [
+                {"name": "reader", "token": READ, "scopes": ["read"]},
+                {"name": "writer", "token": WRITE, "scopes": ["write"]},
+            ]
+        }
+    )
     config = tiny_config(tiny_spec, tmp_path, http_listen="127.0.0.1:0", auth_tokens=tokens)
     with running_server(config) as srv:
+
         def sdk(key):
             return openai.OpenAI(base_url=srv.http_url + "/v1", api_key=key, max_retries=0)
 
@@ -249,8 +271,13 @@ def test_openapi_documents_the_endpoint_and_the_responses_match_it(server, tiny_
     request = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert set(document["components"]["schemas"][request]["properties"]) == set(FIELDS)
     for encoding in ("float", "base64"):
-        check("OpenAIEmbeddingsResponse", httpx.post(srv.http_url + "/v1/embeddings", json={
-            "model": tiny_spec.name, "input": ["a", data_url(RED)], "encoding_format": encoding}).json())
+        check(
+            "OpenAIEmbeddingsResponse",
+            httpx.post(
+                srv.http_url + "/v1/embeddings",
+                json={"model": tiny_spec.name, "input": ["a", data_url(RED)], "encoding_format": encoding},
+            ).json(),
+        )
     check("OpenAIError", httpx.post(srv.http_url + "/v1/embeddings", json={"model": "nope", "input": "a"}).json())
     assert operation["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")
     assert {"403", "415", "421"} <= set(operation["responses"])
@@ -260,9 +287,16 @@ def test_openapi_documents_the_endpoint_and_the_responses_match_it(server, tiny_
     assert {"$ref": "#/components/schemas/OpenAIModelList"} in models["allOf"]
 
 
-@pytest.mark.parametrize("field, value, param", [
-    ("input", "\\ud800", "input"), ("input", ["ok", "\\udfff x"], "input"), ("model", "{model}:\\ud800", "model"),
-    ("pooling", "gem:p=\\ud800", "pooling"), ("encoding_format", "", "encoding_format")])
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("input", "\\ud800", "input"),
+        ("input", ["ok", "\\udfff x"], "input"),
+        ("model", "{model}:\\ud800", "model"),
+        ("pooling", "gem:p=\\ud800", "pooling"),
+        ("encoding_format", "", "encoding_format"),
+    ],
+)
 def test_text_no_model_can_read_is_a_400_naming_its_field(server, tiny_spec, field, value, param):
     """A lone UTF-16 surrogate (valid JSON, not Unicode) was a 500 from deep in the protobuf; an empty
     encoding_format was read as float. Both are the caller's to fix, and the answer says where."""

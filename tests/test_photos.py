@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from serving import tiny_server
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.datasets.photos import CAMERA_48MP, encode, photo, photo_image
@@ -23,14 +24,14 @@ from embedsvc.errors import ImageDecodeError, ImageTooLarge
 from embedsvc.models import load_model, resolve_model_spec
 from embedsvc.store import LocalStore
 
-from serving import tiny_server
-
 ORIENTATIONS = range(1, 9)
 # Runs argv[1:] and prints its peak RSS. Through this small process, not straight from pytest: a child's
 # ru_maxrss starts from the high-water mark of the process it was forked from (pytest holds models).
-MEASURED = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-            "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-            "sys.exit(code)")
+MEASURED = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +103,10 @@ def _quadrants(size=(120, 80)) -> Image.Image:
     """Four flat quadrants of distinct colours: any turn or flip moves them."""
     w, h = size
     a = np.zeros((h, w, 3), dtype=np.uint8)
-    a[:h // 2, :w // 2] = (230, 30, 30)
-    a[:h // 2, w // 2:] = (30, 230, 30)
-    a[h // 2:, :w // 2] = (30, 30, 230)
-    a[h // 2:, w // 2:] = (230, 230, 30)
+    a[: h // 2, : w // 2] = (230, 30, 30)
+    a[: h // 2, w // 2 :] = (30, 230, 30)
+    a[h // 2 :, : w // 2] = (30, 30, 230)
+    a[h // 2 :, w // 2 :] = (230, 230, 30)
     return Image.fromarray(a)
 
 
@@ -164,9 +165,26 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
     (folder / "big.jpg").write_bytes(photo(3, CAMERA_48MP))
     (folder / "phone.heic").write_bytes(photo(4, (1600, 1200), fmt="HEIF", orientation=6))
     (folder / "web.avif").write_bytes(photo(5, (1600, 1200), fmt="AVIF"))
-    proc = subprocess.run([sys.executable, "-c", MEASURED, sys.executable, "-m", "embedsvc", "index", str(folder),
-                           "--collection", "p=cls", "--local", str(tmp_path / "d")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEASURED,
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "index",
+            str(folder),
+            "--collection",
+            "p=cls",
+            "--local",
+            str(tmp_path / "d"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "indexed 44, already present 0, failed 0 of 44" in proc.stdout, proc.stdout + proc.stderr
     peak_mib = int(proc.stderr.rsplit("peak-rss-kib ", 1)[1]) / 1024
@@ -177,9 +195,24 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
 
 
 def test_a_negative_reader_count_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "embedsvc", "index", str(tmp_path), "--collection", "p=cls",
-                           "--local", str(tmp_path / "d"), "--workers", "-1"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "index",
+            str(tmp_path),
+            "--collection",
+            "p=cls",
+            "--local",
+            str(tmp_path / "d"),
+            "--workers",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--workers must be at least 1 (or 0 for one per CPU)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -201,8 +234,10 @@ def test_a_request_of_large_photos_fits_the_decoded_pixel_budget(tiny_spec, tmp_
     32-pixel model and fit a 5 MP budget; a PNG, decoded whole, counts whole."""
     png = io.BytesIO()
     photo_image(0, (2400, 1800)).save(png, format="PNG")
-    with tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=5_000_000) as server, \
-            Client(server.address, timeout=120) as client:
+    with (
+        tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=5_000_000) as server,
+        Client(server.address, timeout=120) as client,
+    ):
         served = client.embed(photos[:3]).vectors["cls"]
         client.create_collection("c")
         assert client.upsert("c", [Item(str(k), image=p) for k, p in enumerate(photos[:3])]).count == 3
@@ -211,8 +246,10 @@ def test_a_request_of_large_photos_fits_the_decoded_pixel_budget(tiny_spec, tmp_
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "8,640,000 decoded pixels" in info.value.details and "max_request_pixels" in info.value.details
     encoder = ClipEncoder(load_model(tiny_spec))
-    local = F.normalize(encoder.encode_images([decode_image(p, short_side=encoder.loaded.image_size)
-                                               for p in photos[:3]]).native, dim=-1).numpy()
+    local = F.normalize(
+        encoder.encode_images([decode_image(p, short_side=encoder.loaded.image_size) for p in photos[:3]]).native,
+        dim=-1,
+    ).numpy()
     assert np.abs(served - local).max() < 1e-5  # the server decodes through the same function
 
 
@@ -234,8 +271,10 @@ def test_one_photo_is_checked_and_decoded_in_one_trip_through_the_decode_pool(ti
     A request of several images still checks the whole request's budget before it decodes any."""
     png = io.BytesIO()
     photo_image(0, (2400, 1800)).save(png, format="PNG")
-    with tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=4_000_000) as server, \
-            Client(server.address, timeout=120) as client:
+    with (
+        tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=4_000_000) as server,
+        Client(server.address, timeout=120) as client,
+    ):
         engine = server.server.engine
         pool = engine.decode_pool = CountingPool(2)
         client.embed(photos[:1])

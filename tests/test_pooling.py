@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, PoolingNotFitted, UnknownPooling)
+from embedsvc.errors import InvalidPoolingParams, ModalityNotSupported, PoolingNotFitted, UnknownPooling
 from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, pyramid_regions
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 
@@ -32,10 +31,10 @@ def ref_netvlad(x: np.ndarray, mask: np.ndarray, c: np.ndarray, alpha: float) ->
     out = []
     for xs, ms in zip(x, mask):
         xs = l2(xs[ms].astype(np.float64))
-        logits = 2 * alpha * xs @ c.T - alpha * (c ** 2).sum(1)
+        logits = 2 * alpha * xs @ c.T - alpha * (c**2).sum(1)
         a = np.exp(logits - logits.max(1, keepdims=True))
         a /= a.sum(1, keepdims=True)
-        v = np.stack([(a[:, k:k + 1] * (xs - c[k])).sum(0) for k in range(len(c))])
+        v = np.stack([(a[:, k : k + 1] * (xs - c[k])).sum(0) for k in range(len(c))])
         out.append(l2(l2(v).reshape(-1)))
     return np.stack(out)
 
@@ -50,8 +49,9 @@ def test_avg_max_gem_match_numpy():
     assert np.allclose(bind_pooling("max")(f).numpy(), l2(TOKENS.max(1)), atol=1e-6)
     p = 3.0
     m = (np.sign(TOKENS) * np.abs(TOKENS) ** p).mean(1)
-    assert np.allclose(bind_pooling(PoolingSpec("gem", {"p": "3"}))(f).numpy(),
-                       l2(np.sign(m) * np.abs(m) ** (1 / p)), atol=1e-5)
+    assert np.allclose(
+        bind_pooling(PoolingSpec("gem", {"p": "3"}))(f).numpy(), l2(np.sign(m) * np.abs(m) ** (1 / p)), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("p", [3.0, 2.0, 4.0, 2.5, 0.5, 1.0])
@@ -187,19 +187,22 @@ def test_netvlad_needs_enough_descriptors():
         fit_netvlad([(torch.from_numpy(TOKENS[:1, :4]), torch.ones(1, 4, dtype=torch.bool))], clusters=8)
 
 
-@pytest.mark.parametrize("spec, error, message", [
-    ("nope", UnknownPooling, "available: cls, avg, max, gem, netvlad, spp"),
-    ("gem:q=3", InvalidPoolingParams, "unknown parameter"),
-    ("gem:p=abc", InvalidPoolingParams, "bad value 'abc' for p"),
-    ("gem:p=0", InvalidPoolingParams, "p must be in"),
-    ("gem:p=nan", InvalidPoolingParams, "not finite"),
-    ("netvlad:clusters=1", InvalidPoolingParams, "clusters must be"),
-    ("netvlad:clusters=2.5", InvalidPoolingParams, "bad value"),
-    ("spp:levels=1,x", InvalidPoolingParams, "bad value"),
-    ("spp:levels=0", InvalidPoolingParams, "levels must be"),
-    ("spp:combine=avg", InvalidPoolingParams, "choose one of sum, concat"),
-    ("gem:p", InvalidPoolingParams, "key=value"),
-])
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("nope", UnknownPooling, "available: cls, avg, max, gem, netvlad, spp"),
+        ("gem:q=3", InvalidPoolingParams, "unknown parameter"),
+        ("gem:p=abc", InvalidPoolingParams, "bad value 'abc' for p"),
+        ("gem:p=0", InvalidPoolingParams, "p must be in"),
+        ("gem:p=nan", InvalidPoolingParams, "not finite"),
+        ("netvlad:clusters=1", InvalidPoolingParams, "clusters must be"),
+        ("netvlad:clusters=2.5", InvalidPoolingParams, "bad value"),
+        ("spp:levels=1,x", InvalidPoolingParams, "bad value"),
+        ("spp:levels=0", InvalidPoolingParams, "levels must be"),
+        ("spp:combine=avg", InvalidPoolingParams, "choose one of sum, concat"),
+        ("gem:p", InvalidPoolingParams, "key=value"),
+    ],
+)
 def test_bad_pooling_specs(spec, error, message):
     with pytest.raises(error, match=message):
         bind_pooling(spec)

@@ -45,12 +45,11 @@ def test_served_image_embeddings_equal_open_clips_own(tiny_spec, tmp_path):
     """Through a real server (decode workers cut the transform, the model thread normalises the batch): cls
     equals open_clip's encode_image on its whole transform."""
     import torch.nn.functional as F
+    from conftest import png_bytes
+    from serving import tiny_server
 
     from embedsvc.client import Client
     from embedsvc.models import load_model
-
-    from conftest import png_bytes
-    from serving import tiny_server
 
     files = [png_bytes(size=(40 + 7 * i, 33 + 5 * i), color=(40 * i, 200 - 30 * i, 90)) for i in range(4)]
     loaded = load_model(tiny_spec)
@@ -65,7 +64,9 @@ def test_served_image_embeddings_equal_open_clips_own(tiny_spec, tmp_path):
 
 
 def test_an_image_still_not_rgb_after_the_geometry_is_converted():
-    split = split_transform(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]))
+    split = split_transform(
+        T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    )
     grey = Image.fromarray(np.full((20, 30), 77, dtype=np.uint8), mode="L")
     pixels = split.to_uint8(grey)
     assert pixels.shape == (3, 8, 8) and (pixels == 77).all()

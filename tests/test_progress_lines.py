@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import png_bytes
 
 
@@ -14,8 +13,10 @@ def test_compare_encodes_in_batches_with_a_progress_line(tiny_encoder, capsys):
 
     from embedsvc.jobs.compare import _encode
 
-    images = [Image.open(io.BytesIO(png_bytes(size=(40, 32), color=(i % 250, 90, 200 - i % 200)))).convert("RGB")
-              for i in range(300)]
+    images = [
+        Image.open(io.BytesIO(png_bytes(size=(40, 32), color=(i % 250, 90, 200 - i % 200)))).convert("RGB")
+        for i in range(300)
+    ]
     captions = [f"a red circle number {i}" for i in range(300)]
     image_features, text_features = _encode(tiny_encoder, images, captions, ("final",))
     lines = capsys.readouterr().err.splitlines()

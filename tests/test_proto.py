@@ -48,6 +48,14 @@ def test_package_and_enums_are_versioned_and_prefixed():
     services = pb.DESCRIPTOR.services_by_name
     assert set(services["EmbedService"].methods_by_name) == {"Embed", "ListModels"}
     assert set(services["IndexService"].methods_by_name) == {
-        "CreateCollection", "GetCollection", "ListCollections", "DropCollection", "Upsert", "Delete", "Get",
-        "Search", "FitPooling"}
+        "CreateCollection",
+        "GetCollection",
+        "ListCollections",
+        "DropCollection",
+        "Upsert",
+        "Delete",
+        "Get",
+        "Search",
+        "FitPooling",
+    }
     assert services["IndexService"].methods_by_name["Upsert"].client_streaming

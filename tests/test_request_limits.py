@@ -13,15 +13,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import png_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from serving import executor_busy, model_busy, queued_jobs, running_server, tiny_config, tiny_server, wait_until
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-
-from conftest import png_bytes
-from serving import executor_busy, model_busy, queued_jobs, running_server, tiny_config, tiny_server, wait_until
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 TOKEN = "t" * 24
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -95,9 +93,11 @@ def test_half_open_calls_do_not_starve_health_or_authorised_calls(tiny_spec, tmp
             with grpc.insecure_channel(server.address) as channel:
                 started = time.perf_counter()
                 health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                hits = pb_grpc.IndexServiceStub(channel).Search(pb.SearchRequest(
-                    collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))]), metadata=AUTH,
-                    timeout=1)
+                hits = pb_grpc.IndexServiceStub(channel).Search(
+                    pb.SearchRequest(collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))]),
+                    metadata=AUTH,
+                    timeout=1,
+                )
                 seconds = time.perf_counter() - started
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             assert [h.id for h in hits.results[0].hits] == ["a"] and seconds < 1
@@ -208,8 +208,9 @@ def test_small_request_is_not_queued_behind_a_large_one(tiny_spec, tmp_path):
 
 @pytest.fixture(scope="module")
 def fit_server(tiny_spec, tmp_path_factory):
-    with tiny_server(tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4,
-                     max_fit_bytes=3000) as server:
+    with tiny_server(
+        tiny_spec, tmp_path_factory.mktemp("fit"), max_fit_samples=6, max_items_per_request=4, max_fit_bytes=3000
+    ) as server:
         with Client(server.address) as c:
             c.create_collection("vlad", pooling="netvlad:clusters=2")
         yield server
@@ -224,17 +225,30 @@ def _texts(n):
     return [pb.Content(text=f"a red circle number {k}") for k in range(n)]
 
 
-@pytest.mark.parametrize("messages, words", [
-    ([pb.FitPoolingRequest(collection="vlad", samples=_texts(5))], "over the limit of 4"),
-    ([pb.FitPoolingRequest(collection="vlad", samples=_texts(4)), pb.FitPoolingRequest(samples=_texts(4))],
-     "max_fit_samples"),
-    ([pb.FitPoolingRequest(collection="vlad", samples=[pb.Content(text="a blue square " * 60)] * 2),
-      pb.FitPoolingRequest(samples=[pb.Content(text="a blue square " * 60)] * 2)], "max_fit_bytes"),
-], ids=["per-message", "total", "bytes"])
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([pb.FitPoolingRequest(collection="vlad", samples=_texts(5))], "over the limit of 4"),
+        (
+            [pb.FitPoolingRequest(collection="vlad", samples=_texts(4)), pb.FitPoolingRequest(samples=_texts(4))],
+            "max_fit_samples",
+        ),
+        (
+            [
+                pb.FitPoolingRequest(collection="vlad", samples=[pb.Content(text="a blue square " * 60)] * 2),
+                pb.FitPoolingRequest(samples=[pb.Content(text="a blue square " * 60)] * 2),
+            ],
+            "max_fit_bytes",
+        ),
+    ],
+    ids=["per-message", "total", "bytes"],
+)
 def test_fit_pooling_caps(fit_server, messages, words):
     with pytest.raises(grpc.RpcError) as info:
         _fit(fit_server, messages)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and words in info.value.details()
-    response = _fit(fit_server, [pb.FitPoolingRequest(collection="vlad", samples=_texts(4)),
-                                 pb.FitPoolingRequest(samples=_texts(2))])  # at the caps: fits
+    response = _fit(
+        fit_server,
+        [pb.FitPoolingRequest(collection="vlad", samples=_texts(4)), pb.FitPoolingRequest(samples=_texts(2))],
+    )  # at the caps: fits
     assert response.collection.pooling_state == pb.POOLING_STATE_FITTED

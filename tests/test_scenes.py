@@ -7,8 +7,16 @@ import json
 
 import numpy as np
 
-from embedsvc.datasets import (COLOURS, POSITIONS, SHAPES, full_caption, generate_scene, render_scene,
-                               scene_captions, write_scenes)
+from embedsvc.datasets import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    full_caption,
+    generate_scene,
+    render_scene,
+    scene_captions,
+    write_scenes,
+)
 
 
 def test_deterministic_and_splits_differ():
@@ -44,11 +52,14 @@ def test_captions_name_every_object():
 
 
 def test_render_puts_colour_where_the_caption_says():
-    scene = next(s for s in (generate_scene("test", i) for i in range(200))
-                 if len(s.objects) == 1 and s.objects[0].size == "large")
+    scene = next(
+        s
+        for s in (generate_scene("test", i) for i in range(200))
+        if len(s.objects) == 1 and s.objects[0].size == "large"
+    )
     pixels = np.asarray(render_scene(scene, 72)).astype(float)
     row, col = divmod(POSITIONS.index(scene.objects[0].position), 3)
-    cell = pixels[row * 24 + 8:row * 24 + 16, col * 24 + 8:col * 24 + 16].reshape(-1, 3).mean(0)
+    cell = pixels[row * 24 + 8 : row * 24 + 16, col * 24 + 8 : col * 24 + 16].reshape(-1, 3).mean(0)
     assert np.abs(cell - np.array(COLOURS[scene.objects[0].colour])).max() < 45
 
 

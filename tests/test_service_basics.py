@@ -7,16 +7,22 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from conftest import png_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import BlockingAsyncClient
 
-from embedsvc.client import (AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, Item,
-                             NotFoundError, UnknownFilterKeyWarning)
+from embedsvc.client import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    Item,
+    NotFoundError,
+    UnknownFilterKeyWarning,
+)
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.models import load_model
 from embedsvc.pooling import bind_pooling
-
-from conftest import png_bytes
-from serving import BlockingAsyncClient
 
 
 @pytest.fixture(scope="module", params=["Client", "AsyncClient"])
@@ -40,7 +46,9 @@ def test_health_and_reflection(server):
     channel = grpc.insecure_channel(server.address)
     stub = health_pb2_grpc.HealthStub(channel)
     for service in ("", "embedsvc.v1.EmbedService", "embedsvc.v1.IndexService"):
-        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        )
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -116,9 +124,12 @@ def test_collection_lifecycle_and_cross_modal_search(client):
     with pytest.raises(AlreadyExistsError):
         client.create_collection("life")
     images = {f"img-{i}": png_bytes(color=(30 * i, 200 - 20 * i, 90)) for i in range(8)}
-    stats = client.upsert("life", [Item(k, image=v, metadata={"n": i, "kind": "image"})
-                                   for i, (k, v) in enumerate(images.items())] +
-                          [Item("txt-0", text="a green square", metadata={"kind": "text"})], batch_size=3)
+    stats = client.upsert(
+        "life",
+        [Item(k, image=v, metadata={"n": i, "kind": "image"}) for i, (k, v) in enumerate(images.items())]
+        + [Item("txt-0", text="a green square", metadata={"kind": "text"})],
+        batch_size=3,
+    )
     assert (stats.inserted, stats.replaced, stats.count) == (9, 0, 9)
     # image->image: an image finds itself first
     hits = client.search("life", image=images["img-3"], top_k=3)
@@ -186,8 +197,9 @@ def test_search_takes_filter_text_and_warns_of_unknown_keys(client, client_kind)
     """Both clients: a filter as text in the CLI's grammar (parsed by the server), a typed error for bad text, and
     UnknownFilterKeyWarning, pointing at the caller's line, for a key no item holds."""
     client.create_collection("ranked", dim=3)
-    client.upsert("ranked", [Item(f"r{n}", vector=[1, 0, n / 10], metadata={"n": n, "kind": "ab"[n % 2]})
-                             for n in range(6)])
+    client.upsert(
+        "ranked", [Item(f"r{n}", vector=[1, 0, n / 10], metadata={"n": n, "kind": "ab"[n % 2]}) for n in range(6)]
+    )
     hits = client.search("ranked", vector=[1, 0, 0], top_k=20, filter="n>=3 kind=b")
     assert sorted(h.id for h in hits) == ["r3", "r5"]
     batch = client.search_batch("ranked", [{"vector": [1, 0, 0]}, {"id": "r1"}], top_k=20, filter="n>=3 kind=b")

@@ -11,7 +11,6 @@ import pytest
 from embedsvc.client import Client, Item
 from embedsvc.datasets import full_caption, generate_scene, render_scene
 
-
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp"]
 N = 500
 
@@ -38,14 +37,20 @@ def test_text_to_image_over_grpc_per_pooling(server):
             if created.pooling_state == "POOLING_STATE_NEEDS_FIT":
                 fit_images = [png(render_scene(generate_scene("train", i), 72)) for i in range(200)]
                 client.fit_pooling(name, fit_images, {"seed": 0})
-            stats = client.upsert(name, (Item(s.id, image=images[s.id], metadata={"caption": full_caption(s)})
-                                         for s in scenes), batch_size=64)
+            stats = client.upsert(
+                name,
+                (Item(s.id, image=images[s.id], metadata={"caption": full_caption(s)}) for s in scenes),
+                batch_size=64,
+            )
             assert stats.count == N
             hits = []
             for start in range(0, N, 100):
-                hits += client.search_batch(name, [{"text": full_caption(s)} for s in scenes[start:start + 100]],
-                                            top_k=1, include_metadata=False)
+                hits += client.search_batch(
+                    name,
+                    [{"text": full_caption(s)} for s in scenes[start : start + 100]],
+                    top_k=1,
+                    include_metadata=False,
+                )
             rank1[spec] = float(np.mean([h[0].id == s.id for h, s in zip(hits, scenes)]))
-    print("\ntext->image rank-1 over gRPC, 500 held-out scenes: " +
-          ", ".join(f"{k} {v:.3f}" for k, v in rank1.items()))
+    print("\ntext->image rank-1 over gRPC, 500 held-out scenes: " + ", ".join(f"{k} {v:.3f}" for k, v in rank1.items()))
     assert rank1["cls"] >= 0.80

@@ -7,13 +7,12 @@ import concurrent.futures
 import grpc
 import numpy as np
 import pytest
+from conftest import png_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import model_busy, wait_until
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-
-from conftest import png_bytes
-from serving import model_busy, wait_until
 
 C = grpc.StatusCode
 
@@ -33,29 +32,52 @@ def server(make_server):
 ROWS = [
     ("unknown collection", lambda c: c.search("nope", text="x"), C.NOT_FOUND, "collection 'nope' does not exist"),
     ("unknown model", lambda c: c.embed(["x"], model="nope"), C.NOT_FOUND, "unknown model 'nope'"),
-    ("unknown model in a new collection", lambda c: c.create_collection("m", model="nope"), C.NOT_FOUND,
-     "unknown model"),
+    (
+        "unknown model in a new collection",
+        lambda c: c.create_collection("m", model="nope"),
+        C.NOT_FOUND,
+        "unknown model",
+    ),
     ("unknown pooling", lambda c: c.embed(["x"], ["bogus"]), C.INVALID_ARGUMENT, "unknown pooling 'bogus'"),
     ("bad pooling parameter", lambda c: c.embed(["x"], ["gem:p=-1"]), C.INVALID_ARGUMENT, "p must be in"),
     ("corrupt image", lambda c: c.embed([b"\x89PNG\r\n\x1a\n broken"]), C.INVALID_ARGUMENT, "could not decode image"),
     ("zero-byte image", lambda c: c.embed([b""]), C.INVALID_ARGUMENT, "image is empty"),
     ("empty text", lambda c: c.embed(["   "]), C.INVALID_ARGUMENT, "text is empty"),
     ("empty request", lambda c: c.embed([]), C.INVALID_ARGUMENT, "no inputs"),
-    ("wrong vector dimension (upsert)", lambda c: c.upsert("c", [Item("v", vector=np.ones(7))]),
-     C.INVALID_ARGUMENT, "dimension 7"),
-    ("wrong vector dimension (query)", lambda c: c.search("c", vector=np.ones(7)), C.INVALID_ARGUMENT,
-     "query 0 has dimension 7"),
-    ("NaN in a vector", lambda c: c.upsert("c", [Item("v", vector=np.full(32, np.nan))]), C.INVALID_ARGUMENT,
-     "NaN or infinity"),
-    ("top_k out of range", lambda c: c.search("c", text="x", top_k=101), C.INVALID_ARGUMENT,
-     "top_k must be between 1 and 100"),
+    (
+        "wrong vector dimension (upsert)",
+        lambda c: c.upsert("c", [Item("v", vector=np.ones(7))]),
+        C.INVALID_ARGUMENT,
+        "dimension 7",
+    ),
+    (
+        "wrong vector dimension (query)",
+        lambda c: c.search("c", vector=np.ones(7)),
+        C.INVALID_ARGUMENT,
+        "query 0 has dimension 7",
+    ),
+    (
+        "NaN in a vector",
+        lambda c: c.upsert("c", [Item("v", vector=np.full(32, np.nan))]),
+        C.INVALID_ARGUMENT,
+        "NaN or infinity",
+    ),
+    (
+        "top_k out of range",
+        lambda c: c.search("c", text="x", top_k=101),
+        C.INVALID_ARGUMENT,
+        "top_k must be between 1 and 100",
+    ),
     ("bad index type", lambda c: c.create_collection("bad", index="IVFxyz"), C.INVALID_ARGUMENT, "bad index type"),
     ("bad collection name", lambda c: c.create_collection("no spaces"), C.INVALID_ARGUMENT, "collection name"),
     ("duplicate collection", lambda c: c.create_collection("c"), C.ALREADY_EXISTS, "already exists"),
-    ("text query on an image-only pooling", lambda c: c.search("grid", text="x"), C.FAILED_PRECONDITION,
-     "combine=sum"),
-    ("NetVLAD collection before FitPooling", lambda c: c.upsert("vlad", [Item("a", text="x")]),
-     C.FAILED_PRECONDITION, "no fitted codebook"),
+    ("text query on an image-only pooling", lambda c: c.search("grid", text="x"), C.FAILED_PRECONDITION, "combine=sum"),
+    (
+        "NetVLAD collection before FitPooling",
+        lambda c: c.upsert("vlad", [Item("a", text="x")]),
+        C.FAILED_PRECONDITION,
+        "no fitted codebook",
+    ),
     ("too many items in one request", lambda c: c.embed(["x"] * 51), C.RESOURCE_EXHAUSTED, "over the limit of 50"),
     ("message over the size limit", lambda c: c.embed([b"\xff" * 1_200_000]), C.RESOURCE_EXHAUSTED, ""),
     ("more-like-this on a missing id", lambda c: c.search("c", id="nope"), C.NOT_FOUND, "'nope' is not in"),
@@ -80,6 +102,7 @@ def test_empty_upsert_stream(server):
 
 def test_queue_full(server):
     """max_queue=8 inputs, the model busy: concurrent 4-input requests overflow the queue."""
+
     def call(_):
         with Client(server.address, timeout=30) as c:
             try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import wait_until
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from serving import wait_until
 
 DIM = 8
 
@@ -32,11 +32,33 @@ class Served:
 
 def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool = False) -> Served:
     log = open(data_dir.parent / "server.log", "a")  # noqa: SIM115 - the server's output while it runs
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             str(data_dir), *([] if preload else ["--preload-models", ""]), "--demo-size", "0",
-                             "--metrics-port", "-1", "--http-listen", "127.0.0.1:0" if http else "", *extra,
-                             "--log-format", "text", "--log-level", "WARNING"],
-                            stderr=subprocess.PIPE, stdout=log, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            *([] if preload else ["--preload-models", ""]),
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-listen",
+            "127.0.0.1:0" if http else "",
+            *extra,
+            "--log-format",
+            "text",
+            "--log-level",
+            "WARNING",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=log,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
@@ -48,8 +70,9 @@ def serve_process(data_dir: Path, *extra: str, preload: bool = False, http: bool
             url = re.search(r"HTTP API and search page on (http\S*?)/?,? ", line)
             assert url or not http, f"no HTTP address in {line!r}"
             metrics = re.search(r"metrics on (http\S*/metrics)", line)
-            return Served(proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "",
-                          metrics.group(1) if metrics else "")
+            return Served(
+                proc, f"127.0.0.1:{match.group(2)}", url.group(1) if url else "", metrics.group(1) if metrics else ""
+            )
     proc.kill()
     raise AssertionError("server did not start: " + proc.stderr.read())
 
@@ -108,7 +131,7 @@ def test_kill_during_streamed_upsert_loses_no_acknowledged_item(tmp_path, kills)
             for thread in threads:
                 thread.start()
             # the writers have had 48 items acknowledged this round (the final check counts on > 40 a round) ...
-            wait_until(lambda: len(acked) >= before + 48, 120, "48 acknowledged items this round")
+            wait_until(lambda before=before: len(acked) >= before + 48, 120, "48 acknowledged items this round")
             # ... then the kill lands at a point that varies by round (mid-stream, mid-checkpoint): the wait is
             # the thing under test, and the verdict holds wherever it lands
             time.sleep(0.05 * (round_ % 7))

@@ -10,13 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from serving import ServerThread, model_busy, tiny_config, wait_until
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.service.config import ServerConfig, field_docs, load_config
-
-from serving import ServerThread, model_busy, tiny_config, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_precedence(tmp_path):
     file = tmp_path / "embedsvc.toml"
     file.write_text('max_batch_size = 8\nlisten = "127.0.0.1:7000"\ndemo_size = 3\n')
-    config = load_config(str(file), env={"EMBEDSVC_MAX_BATCH_SIZE": "16", "EMBEDSVC_DEMO_SIZE": "5", "OTHER": "x"},
-                         overrides={"demo_size": 7, "data_dir": None})
+    config = load_config(
+        str(file),
+        env={"EMBEDSVC_MAX_BATCH_SIZE": "16", "EMBEDSVC_DEMO_SIZE": "5", "OTHER": "x"},
+        overrides={"demo_size": 7, "data_dir": None},
+    )
     assert (config.max_batch_size, config.listen, config.demo_size) == (16, "127.0.0.1:7000", 7)
     assert config.data_dir == ServerConfig().data_dir
     json_file = tmp_path / "c.json"
@@ -33,12 +35,15 @@ def test_config_precedence(tmp_path):
     assert load_config(str(json_file), env={}).max_top_k == 50
 
 
-@pytest.mark.parametrize("content, env, message", [
-    ('nonsense_key = 1\n', {}, "unknown key"),
-    ('', {"EMBEDSVC_MAX_BATCH_SIZE": "many"}, "bad value 'many'"),
-    ('', {"EMBEDSVC_MAX_BATCH_SIZE": "0"}, "at least 1"),
-    ('', {"EMBEDSVC_LISTEN": "nohost"}, "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "content, env, message",
+    [
+        ("nonsense_key = 1\n", {}, "unknown key"),
+        ("", {"EMBEDSVC_MAX_BATCH_SIZE": "many"}, "bad value 'many'"),
+        ("", {"EMBEDSVC_MAX_BATCH_SIZE": "0"}, "at least 1"),
+        ("", {"EMBEDSVC_LISTEN": "nohost"}, "HOST:PORT"),
+    ],
+)
 def test_bad_config(tmp_path, content, env, message):
     file = tmp_path / "c.toml"
     file.write_text(content)
@@ -52,14 +57,37 @@ def test_configuration_page_documents_every_config_field_as_its_comment_says():
         assert doc, f"ServerConfig.{name} has no comment"
         assert f"`{name}`" in page and f"EMBEDSVC_{name.upper()}" in page, f"docs/configuration.md lacks {name}"
         assert doc in page, f"docs/configuration.md does not say what the comment on ServerConfig.{name} says"
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_config_docs.py"), "--check"],
-                           check=False, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_config_docs.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stderr  # the generated table, byte for byte
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                           "--metrics-port", "-1", "--http-listen", "", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-listen",
+            "",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_port_taken_is_a_clear_startup_error(tmp_path):
@@ -99,8 +127,11 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
         with model_busy(server) as release:
             thread = threading.Thread(target=slow_call)
             thread.start()
-            wait_until(lambda: server.server.engine.runtime("").text.model_free.locked(), 60,
-                       "the call's batch to wait for the held model")
+            wait_until(
+                lambda: server.server.engine.runtime("").text.model_free.locked(),
+                60,
+                "the call's batch to wait for the held model",
+            )
             threading.Thread(target=release_once_draining, args=(release,)).start()
             server.call(server.server.stop(grace=10))
         thread.join(30)

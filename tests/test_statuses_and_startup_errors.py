@@ -16,9 +16,7 @@ import pytest
 from PIL import Image
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 C = grpc.StatusCode
 TOKEN = "s" * 24
@@ -29,8 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def server(make_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("statuses")
     tokens = folder / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [{"name": "ops", "token": TOKEN, "scopes": ["read", "write"]},
-                                             {"name": "other", "token": "o" * 24, "scopes": ["read"]}]}))
+    tokens.write_text(
+        json.dumps(
+            {
+                "tokens": [
+                    {"name": "ops", "token": TOKEN, "scopes": ["read", "write"]},
+                    {"name": "other", "token": "o" * 24, "scopes": ["read"]},
+                ]
+            }
+        )
+    )
     s = make_server(data_dir=folder / "d", auth_tokens_file=str(tokens))
     with Client(s.address, token=TOKEN) as c:
         c.create_collection("v", dim=3)
@@ -59,8 +65,15 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 MALFORMED = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, with a length far past the end
 
 
-@pytest.mark.parametrize("method", ["/embedsvc.v1.EmbedService/Embed", "/embedsvc.v1.IndexService/Search",
-                                    "/embedsvc.v1.IndexService/Upsert", "/embedsvc.v1.IndexService/FitPooling"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/embedsvc.v1.EmbedService/Embed",
+        "/embedsvc.v1.IndexService/Search",
+        "/embedsvc.v1.IndexService/Upsert",
+        "/embedsvc.v1.IndexService/FitPooling",
+    ],
+)
 def test_malformed_protobuf_is_invalid_argument_and_one_log_line(channel, method, caplog):
     streaming = method.endswith(("Upsert", "FitPooling"))
     with caplog.at_level(logging.INFO):
@@ -75,14 +88,20 @@ def test_malformed_protobuf_is_invalid_argument_and_one_log_line(channel, method
     assert len([r for r in caplog.records if "malformed request" in r.getMessage()]) == 3
 
 
-@pytest.mark.parametrize("params, words", [
-    ({"seed": "-1"}, "seed must be between"), ({"seed": str(2**70)}, "seed must be between"),
-    ({"max_descriptors": "0"}, "max_descriptors must be at least 1"),
-    ({"max_descriptors": "-5"}, "max_descriptors must be at least 1"), ({"seed": "x"}, "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"seed": "-1"}, "seed must be between"),
+        ({"seed": str(2**70)}, "seed must be between"),
+        ({"max_descriptors": "0"}, "max_descriptors must be at least 1"),
+        ({"max_descriptors": "-5"}, "max_descriptors must be at least 1"),
+        ({"seed": "x"}, "seed must be an integer"),
+    ],
+)
 def test_fit_pooling_parameters(channel, params, words):
-    request = pb.FitPoolingRequest(collection="vlad", params=params,
-                                   samples=[pb.Content(text=f"a red square {k}") for k in range(4)])
+    request = pb.FitPoolingRequest(
+        collection="vlad", params=params, samples=[pb.Content(text=f"a red square {k}") for k in range(4)]
+    )
     with pytest.raises(grpc.RpcError) as info:
         pb_grpc.IndexServiceStub(channel).FitPooling(iter([request]), metadata=AUTH, timeout=60)
     assert info.value.code() == C.INVALID_ARGUMENT and words in info.value.details()
@@ -94,19 +113,33 @@ LONG = "x" * 16_000
 
 
 # (call, status, whether the message quotes the input: ids over 512 bytes are refused without quoting)
-@pytest.mark.parametrize("call, code, quotes", [
-    (lambda c: c.search(LONG, vector=[1, 0, 0]), C.NOT_FOUND, True),
-    (lambda c: c.get_collection(LONG), C.NOT_FOUND, True),
-    (lambda c: c.create_collection(LONG, dim=3), C.INVALID_ARGUMENT, True),
-    (lambda c: c.embed(["x"], model=LONG), C.NOT_FOUND, True),
-    (lambda c: c.embed(["x"], [LONG]), C.INVALID_ARGUMENT, True),
-    (lambda c: c.embed(["x"], [f"gem:p={LONG}"]), C.INVALID_ARGUMENT, True),
-    (lambda c: c.upsert("v", [Item("m", vector=[1, 0, 0], metadata={LONG: 1})]), C.INVALID_ARGUMENT, True),
-    (lambda c: c.search("v", id=LONG), C.INVALID_ARGUMENT, False),
-    (lambda c: c.upsert("v", [Item(LONG, vector=[1, 0, 0])]), C.INVALID_ARGUMENT, False),
-    (lambda c: c.delete("v", [LONG]), C.INVALID_ARGUMENT, False),
-], ids=["search", "get_collection", "create", "model", "pooling", "pooling param", "metadata key",
-        "more-like-this", "item id", "delete"])
+@pytest.mark.parametrize(
+    "call, code, quotes",
+    [
+        (lambda c: c.search(LONG, vector=[1, 0, 0]), C.NOT_FOUND, True),
+        (lambda c: c.get_collection(LONG), C.NOT_FOUND, True),
+        (lambda c: c.create_collection(LONG, dim=3), C.INVALID_ARGUMENT, True),
+        (lambda c: c.embed(["x"], model=LONG), C.NOT_FOUND, True),
+        (lambda c: c.embed(["x"], [LONG]), C.INVALID_ARGUMENT, True),
+        (lambda c: c.embed(["x"], [f"gem:p={LONG}"]), C.INVALID_ARGUMENT, True),
+        (lambda c: c.upsert("v", [Item("m", vector=[1, 0, 0], metadata={LONG: 1})]), C.INVALID_ARGUMENT, True),
+        (lambda c: c.search("v", id=LONG), C.INVALID_ARGUMENT, False),
+        (lambda c: c.upsert("v", [Item(LONG, vector=[1, 0, 0])]), C.INVALID_ARGUMENT, False),
+        (lambda c: c.delete("v", [LONG]), C.INVALID_ARGUMENT, False),
+    ],
+    ids=[
+        "search",
+        "get_collection",
+        "create",
+        "model",
+        "pooling",
+        "pooling param",
+        "metadata key",
+        "more-like-this",
+        "item id",
+        "delete",
+    ],
+)
 def test_long_input_is_quoted_briefly(client, call, code, quotes):
     from embedsvc.service.errors import MAX_DETAILS_CHARS
 
@@ -119,13 +152,18 @@ def test_long_input_is_quoted_briefly(client, call, code, quotes):
 
 def test_long_filter_key_and_stream_collection(channel):
     index = pb_grpc.IndexServiceStub(channel)
-    search = pb.SearchRequest(collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))],
-                              filter=pb.Filter(must=[pb.Condition(key=LONG)]))
+    search = pb.SearchRequest(
+        collection="v",
+        queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))],
+        filter=pb.Filter(must=[pb.Condition(key=LONG)]),
+    )
     with pytest.raises(grpc.RpcError) as info:
         index.Search(search, metadata=AUTH, timeout=30)
     assert info.value.code() == C.INVALID_ARGUMENT and len(info.value.details()) < 1000
-    messages = [pb.UpsertRequest(collection="v", items=[pb.UpsertItem(id="s", vector=pb.Vector(values=[1, 0, 0]))]),
-                pb.UpsertRequest(collection=LONG)]
+    messages = [
+        pb.UpsertRequest(collection="v", items=[pb.UpsertItem(id="s", vector=pb.Vector(values=[1, 0, 0]))]),
+        pb.UpsertRequest(collection=LONG),
+    ]
     with pytest.raises(grpc.RpcError) as info:
         index.Upsert(iter(messages), metadata=AUTH, timeout=30)
     assert info.value.code() == C.INVALID_ARGUMENT and len(info.value.details()) < 1000
@@ -143,8 +181,11 @@ def test_status_details_are_capped_as_a_second_wall():
 
 
 def test_top_k_zero_means_ten_as_the_proto_and_the_errors_page_say(channel):
-    response = pb_grpc.IndexServiceStub(channel).Search(pb.SearchRequest(
-        collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))], top_k=0), metadata=AUTH, timeout=30)
+    response = pb_grpc.IndexServiceStub(channel).Search(
+        pb.SearchRequest(collection="v", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0]))], top_k=0),
+        metadata=AUTH,
+        timeout=30,
+    )
     assert len(response.results[0].hits) == 10
     proto = (ROOT / "protos/embedsvc/v1/embedsvc.proto").read_text()
     assert "0: 10" in proto
@@ -180,9 +221,28 @@ def test_jpeg_declaring_more_pixels_than_its_data_is_invalid(client):
 
 
 def _serve(tmp_path, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                           "--metrics-port", "-1", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"),
-                           *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "d"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _assert_one_line_exit_2(proc, words):
@@ -192,15 +252,19 @@ def _assert_one_line_exit_2(proc, words):
     assert len(not_logs) == 1 and not_logs[0].startswith("embedsvc serve: error:"), proc.stderr
 
 
-@pytest.mark.parametrize("content, words", [
-    ('{"tokens": {"a": 1}}', "expected"),
-    ('{"tokens": [1]}', "not an object"),
-    ('{"tokens": [{"name": "x", "token": "' + "k" * 20 + '", "scopes": "read"}]}', "scopes must be"),
-    ('{"tokens": [{"name": "x", "token": 12345678901234567890, "scopes": ["read"]}]}', "at least 16"),
-    ('[1, 2]', "expected"),
-    ('{"tokens": []}', "turn auth off"),
-    ('not json', "not JSON"),
-], ids=["tokens-object", "entry-number", "scopes-string", "token-number", "list", "empty", "not-json"])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('{"tokens": {"a": 1}}', "expected"),
+        ('{"tokens": [1]}', "not an object"),
+        ('{"tokens": [{"name": "x", "token": "' + "k" * 20 + '", "scopes": "read"}]}', "scopes must be"),
+        ('{"tokens": [{"name": "x", "token": 12345678901234567890, "scopes": ["read"]}]}', "at least 16"),
+        ("[1, 2]", "expected"),
+        ('{"tokens": []}', "turn auth off"),
+        ("not json", "not JSON"),
+    ],
+    ids=["tokens-object", "entry-number", "scopes-string", "token-number", "list", "empty", "not-json"],
+)
 def test_bad_token_json_is_one_line_and_exit_2(tmp_path, content, words):
     path = tmp_path / "tokens.json"
     path.write_text(content)
@@ -223,21 +287,37 @@ def test_bad_tls_pair_is_reported_as_such(tmp_path, swap):
     assert "port is taken" not in proc.stderr
 
 
-@pytest.mark.parametrize("name, content, args, words", [
-    ("c.json", "{not json", (), "cannot read it as JSON"),
-    ("c.toml", "listen = = 1", (), "cannot read it as TOML"),
-    ("c.json", "[1, 2]", (), "expected a table of settings"),
-    ("m.json", "{broken", ("--models-file",), "models file"),
-    ("m.json", '[{"name": "x", "architecture": "ViT-B-32", "bogus": 1}]', ("--models-file",), "models file"),
-    (None, None, ("--log-level", "LOUD"), "log_level must be one of"),
-    (None, None, ("--listen", "127.0.0.1:99999"), "port of 0-65535"),
-    (None, None, ("--metrics-port", "99999"), "metrics_port must be"),
-    (None, None, ("--shutdown-grace-seconds", "-1"), "shutdown_grace_seconds"),
-    (None, None, ("--device", "tpu"), "unknown device"),
-    (None, None, ("--precision", "fp8"), "unknown precision"),
-    (None, None, ("--default-model", "nope"), "unknown model 'nope'"),
-], ids=["config-json", "config-toml", "config-list", "models-json", "models-key", "log-level", "listen-port",
-        "metrics-port", "grace", "device", "precision", "default-model"])
+@pytest.mark.parametrize(
+    "name, content, args, words",
+    [
+        ("c.json", "{not json", (), "cannot read it as JSON"),
+        ("c.toml", "listen = = 1", (), "cannot read it as TOML"),
+        ("c.json", "[1, 2]", (), "expected a table of settings"),
+        ("m.json", "{broken", ("--models-file",), "models file"),
+        ("m.json", '[{"name": "x", "architecture": "ViT-B-32", "bogus": 1}]', ("--models-file",), "models file"),
+        (None, None, ("--log-level", "LOUD"), "log_level must be one of"),
+        (None, None, ("--listen", "127.0.0.1:99999"), "port of 0-65535"),
+        (None, None, ("--metrics-port", "99999"), "metrics_port must be"),
+        (None, None, ("--shutdown-grace-seconds", "-1"), "shutdown_grace_seconds"),
+        (None, None, ("--device", "tpu"), "unknown device"),
+        (None, None, ("--precision", "fp8"), "unknown precision"),
+        (None, None, ("--default-model", "nope"), "unknown model 'nope'"),
+    ],
+    ids=[
+        "config-json",
+        "config-toml",
+        "config-list",
+        "models-json",
+        "models-key",
+        "log-level",
+        "listen-port",
+        "metrics-port",
+        "grace",
+        "device",
+        "precision",
+        "default-model",
+    ],
+)
 def test_other_start_up_errors_are_one_line_and_exit_2(tmp_path, name, content, args, words):
     if name:
         path = tmp_path / name

@@ -7,8 +7,16 @@ import re
 import numpy as np
 import pytest
 
-from embedsvc.store import (BruteForceIndex, CollectionConfig, Condition, FaissIndex, Filter, Item, LocalStore,
-                            SearchOptions)
+from embedsvc.store import (
+    BruteForceIndex,
+    CollectionConfig,
+    Condition,
+    FaissIndex,
+    Filter,
+    Item,
+    LocalStore,
+    SearchOptions,
+)
 
 DIM = 48
 N = 6000
@@ -47,11 +55,21 @@ def stores(tmp_path_factory):
         store = LocalStore(tmp_path_factory.mktemp(preset))
         store.create_collection(CollectionConfig("c", DIM, index=preset))
         for start in range(0, N, 500):
-            store.upsert("c", [Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i]), "even": i % 2 == 0})
-                               for i in range(start, min(N, start + 500))])
+            store.upsert(
+                "c",
+                [
+                    Item(f"item-{i}", VECTORS[i], {"group": int(GROUPS[i]), "even": i % 2 == 0})
+                    for i in range(start, min(N, start + 500))
+                ],
+            )
         store.delete("c", [f"item-{i}" for i in range(0, N, 5)])
-        store.upsert("c", [Item(f"item-{i}", replaced[j], {"group": int(GROUPS[i]), "even": i % 2 == 0})
-                           for j, i in enumerate(range(1, N, 10))])
+        store.upsert(
+            "c",
+            [
+                Item(f"item-{i}", replaced[j], {"group": int(GROUPS[i]), "even": i % 2 == 0})
+                for j, i in enumerate(range(1, N, 10))
+            ],
+        )
         out[preset] = store
     for i in range(0, N, 5):
         truth.pop(f"item-{i}")
@@ -88,12 +106,17 @@ def test_ivfpq_trains_and_stays_reasonable(stores):
 
 
 @pytest.mark.parametrize("preset", ["flat", "ivf", "hnsw", "ivfpq"])
-@pytest.mark.parametrize("flt, keep", [
-    (Filter((Condition("group", equals=3),)), lambda i: GROUPS[i] == 3),
-    (Filter((Condition("group", any_of=(1, 7)), Condition("even", equals=True))),
-     lambda i: GROUPS[i] in (1, 7) and i % 2 == 0),
-    (Filter((Condition("group", gte=2, lte=8),)), lambda i: 2 <= GROUPS[i] <= 8),
-])
+@pytest.mark.parametrize(
+    "flt, keep",
+    [
+        (Filter((Condition("group", equals=3),)), lambda i: GROUPS[i] == 3),
+        (
+            Filter((Condition("group", any_of=(1, 7)), Condition("even", equals=True))),
+            lambda i: GROUPS[i] in (1, 7) and i % 2 == 0,
+        ),
+        (Filter((Condition("group", gte=2, lte=8),)), lambda i: 2 <= GROUPS[i] <= 8),
+    ],
+)
 def test_filters_match_brute_force_over_subset(stores, preset, flt, keep):
     by_preset, truth = stores
     subset = {k: v for k, v in truth.items() if keep(int(k.split("-")[1]))}
@@ -112,12 +135,15 @@ def test_filter_matching_nothing_returns_no_hits(stores):
     assert search_ids(by_preset["hnsw"], flt=Filter((Condition("nosuchkey", equals="x"),))) == [[]] * len(QUERIES)
 
 
-@pytest.mark.parametrize("condition, fragment", [
-    (Condition("group", equals="3"), "asks for '3' (string), but every stored 'group' value is a number"),
-    (Condition("group", any_of=("1", "7")), "every stored 'group' value is a number"),
-    (Condition("even", equals=1), "every stored 'even' value is a boolean"),
-    (Condition("even", gte=0), "asks for a range (number)"),
-])
+@pytest.mark.parametrize(
+    "condition, fragment",
+    [
+        (Condition("group", equals="3"), "asks for '3' (string), but every stored 'group' value is a number"),
+        (Condition("group", any_of=("1", "7")), "every stored 'group' value is a number"),
+        (Condition("even", equals=1), "every stored 'even' value is a boolean"),
+        (Condition("even", gte=0), "asks for a range (number)"),
+    ],
+)
 def test_filter_of_a_type_no_stored_value_has_is_invalid_not_empty(stores, condition, fragment):
     from embedsvc.errors import InvalidInput
 
@@ -159,7 +185,7 @@ def test_hnsw_tombstones_trigger_rebuild(tmp_path):
     store = LocalStore(tmp_path)
     store.create_collection(CollectionConfig("c", DIM, index="hnsw"))
     store.upsert("c", [Item(f"i{i}", VECTORS[i]) for i in range(N)])
-    store.delete("c", [f"i{i}" for i in range(0, 900)])
+    store.delete("c", [f"i{i}" for i in range(900)])
     col = store._collections["c"]
     assert len(col.index.tombstones) == 900  # under the rebuild threshold: tombstoned
     found = store.search("c", QUERIES, SearchOptions(20))
@@ -216,8 +242,14 @@ def test_checkpoints_of_the_idmap2_layout_still_load(inner):
     labels = np.arange(500, dtype=np.int64) * 5 + 1
     old = faiss.IndexIDMap2(faiss.index_factory(DIM, inner, faiss.METRIC_INNER_PRODUCT))
     old.add_with_ids(VECTORS[:500], labels)
-    header = {"kind": "flat" if inner == "Flat" else "hnsw", "dim": DIM, "metric": "cosine", "trained": True,
-              "factory": inner, "trained_at": 0}
+    header = {
+        "kind": "flat" if inner == "Flat" else "hnsw",
+        "dim": DIM,
+        "metric": "cosine",
+        "trained": True,
+        "factory": inner,
+        "trained_at": 0,
+    }
     tombstones = labels[:20] if inner != "Flat" else np.empty(0, dtype=np.int64)
     loaded = FaissIndex.from_arrays(header, {"index": faiss.serialize_index(old), "tombstones": tombstones})
     reference = BruteForceIndex(DIM)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from crash_writer import COLLECTIONS, DIM, vector_for
+
 from embedsvc.store import LocalStore, SearchOptions
 
 KILLS = 22
@@ -33,8 +33,13 @@ def run_until_killed(data_dir: Path, seed: int, rng: np.random.Generator) -> tup
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     errors = data_dir / "writer-stderr.txt"
     with open(errors, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(HERE / "crash_writer.py"), str(data_dir), str(seed)],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "crash_writer.py"), str(data_dir), str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
     line = proc.stdout.readline()  # start-up (imports) is not part of the random window
     assert line.strip() == "READY", errors.read_text()
     # a random kill point is the thing under test (not synchronisation): the verdict reads the writer's own

@@ -27,8 +27,10 @@ def unit(rows: int, dim: int, seed: int) -> np.ndarray:
 
 def mount_tmpfs(path: Path, options: str) -> None:
     path.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                                       capture_output=True).returncode:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode
+    ):
         pytest.skip("needs permission to mount a tmpfs")
 
 
@@ -90,8 +92,13 @@ def test_a_file_size_limit_refuses_the_write_and_the_next_writes_are_served_from
     the store must not believe the file grew, or the next writes' rows lie past the memory map (a search read
     beyond it and answered a wrong id, Get failed with an IndexError)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path / "data")], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     refused, found = proc.stdout.strip().splitlines()[-2:]
     assert refused.startswith("REFUSED ") and "nothing was stored" in refused, refused
@@ -193,7 +200,6 @@ def test_a_compaction_the_full_disk_refuses_leaves_its_space_free_for_writes(tin
         store.close()
 
 
-
 @pytest.mark.parametrize("left", [0, 8192], ids=["no byte free", "a few KiB free"])
 def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(tiny_disk, left):
     """A full disk at start-up is not a broken database: it was reported as "not a usable SQLite database ...
@@ -205,9 +211,28 @@ def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(
     fill(filler)
     os.truncate(filler, filler.stat().st_size - left)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                           "--metrics-port", "-1", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "free space" in lines[-1] and "move it away" not in lines[-1], lines[-1]

@@ -42,33 +42,40 @@ def test_delete_missing_id(store):
     still_usable(store)
 
 
-@pytest.mark.parametrize("vector, message", [
-    ([1, 0, 0], "dimension 3; collection 'c' holds vectors of dimension 4"),
-    ([1, 0, 0, 0, 0], "dimension 5"),
-    ([np.nan, 0, 0, 0], "NaN or infinity"),
-    ([np.inf, 0, 0, 0], "NaN or infinity"),
-    ([0, 0, 0, 0], "zero vector"),
-])
+@pytest.mark.parametrize(
+    "vector, message",
+    [
+        ([1, 0, 0], "dimension 3; collection 'c' holds vectors of dimension 4"),
+        ([1, 0, 0, 0, 0], "dimension 5"),
+        ([np.nan, 0, 0, 0], "NaN or infinity"),
+        ([np.inf, 0, 0, 0], "NaN or infinity"),
+        ([0, 0, 0, 0], "zero vector"),
+    ],
+)
 def test_bad_vectors(store, vector, message):
     with pytest.raises(InvalidInput, match=message):
         store.upsert("c", [Item("z", vector)])
     still_usable(store)
 
 
-@pytest.mark.parametrize("query, k, message", [
-    ([[1, 0, 0]], 5, "dimension 3"),
-    ([[np.nan, 0, 0, 0]], 5, "NaN or infinity"),
-    ([[1, 0, 0, 0]], 0, "top_k must be between 1 and 1000"),
-    ([[1, 0, 0, 0]], 1001, "top_k must be between 1 and 1000"),
-])
+@pytest.mark.parametrize(
+    "query, k, message",
+    [
+        ([[1, 0, 0]], 5, "dimension 3"),
+        ([[np.nan, 0, 0, 0]], 5, "NaN or infinity"),
+        ([[1, 0, 0, 0]], 0, "top_k must be between 1 and 1000"),
+        ([[1, 0, 0, 0]], 1001, "top_k must be between 1 and 1000"),
+    ],
+)
 def test_bad_queries(store, query, k, message):
     with pytest.raises(InvalidInput, match=message):
         store.search("c", np.array(query, dtype=np.float32), SearchOptions(k))
     still_usable(store)
 
 
-@pytest.mark.parametrize("item_id, message", [("", "non-empty"), ("x" * 513, "over the 512-byte limit"),
-                                              ("\ud800", "not valid UTF-8")])
+@pytest.mark.parametrize(
+    "item_id, message", [("", "non-empty"), ("x" * 513, "over the 512-byte limit"), ("\ud800", "not valid UTF-8")]
+)
 def test_bad_ids(store, item_id, message):
     with pytest.raises(InvalidInput, match=message):
         store.upsert("c", [Item(item_id, [1, 0, 0, 0])])
@@ -80,8 +87,14 @@ def test_unicode_ids_round_trip(store):
     assert store.get("c", ["éé/😀 id with spaces"])[0][0].id == "éé/😀 id with spaces"
 
 
-@pytest.mark.parametrize("metadata, message", [({"k": [1, 2]}, "use a string, number or boolean"),
-                                               ({"": 1}, "non-empty string"), ({"k": float("nan")}, "finite")])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"k": [1, 2]}, "use a string, number or boolean"),
+        ({"": 1}, "non-empty string"),
+        ({"k": float("nan")}, "finite"),
+    ],
+)
 def test_bad_metadata(store, metadata, message):
     with pytest.raises(InvalidInput, match=message):
         store.upsert("c", [Item("z", [1, 0, 0, 0], metadata)])
@@ -97,13 +110,16 @@ def test_unknown_and_duplicate_collections(store):
     still_usable(store)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"name": "bad name!", "dim": 4}, "collection name"),
-    ({"name": "d", "dim": 0}, "dimension must be"),
-    ({"name": "d", "dim": 4, "index": "IVF-nonsense"}, "bad index type 'IVF-nonsense'"),
-    ({"name": "d", "dim": 4, "index": "PQ3"}, "bad index type"),
-    ({"name": "d", "dim": 4, "metric": "l1"}, "unknown metric"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"name": "bad name!", "dim": 4}, "collection name"),
+        ({"name": "d", "dim": 0}, "dimension must be"),
+        ({"name": "d", "dim": 4, "index": "IVF-nonsense"}, "bad index type 'IVF-nonsense'"),
+        ({"name": "d", "dim": 4, "index": "PQ3"}, "bad index type"),
+        ({"name": "d", "dim": 4, "metric": "l1"}, "unknown metric"),
+    ],
+)
 def test_bad_collection_configs(store, config, message):
     with pytest.raises(InvalidInput, match=message):
         store.create_collection(CollectionConfig(**config))
@@ -156,8 +172,11 @@ def test_checkpoint_and_reopen_replays_the_log(tmp_path):
     reopened = LocalStore(tmp_path)
     assert reopened.get_collection("c").count == 39
     assert reopened.get("c", ["i1", "i2"])[1] == ["i1", "i2"]
-    hits = reopened.search("c", np.array([[0, 0, 0, 1]], np.float32),
-                           SearchOptions(3, Filter((Condition("n", equals=-1),)), include_metadata=True))[0]
+    hits = reopened.search(
+        "c",
+        np.array([[0, 0, 0, 1]], np.float32),
+        SearchOptions(3, Filter((Condition("n", equals=-1),)), include_metadata=True),
+    )[0]
     assert [(h.id, h.metadata) for h in hits] == [("i3", {"n": -1})]
     ids = {h.id for h in reopened.search("c", np.ones((1, 4), np.float32), SearchOptions(50))[0]}
     assert "i1" not in ids and "late" in ids and len(ids) == 39
@@ -174,7 +193,7 @@ def test_a_config_written_by_a_later_version_still_opens(tmp_path):
     store.upsert("c", [Item("a", np.ones(4, np.float32))])
     store.close()
     db = sqlite3.connect(tmp_path / "d" / "store.sqlite3")
-    (config,), = db.execute("SELECT config FROM collections").fetchall()
+    ((config,),) = db.execute("SELECT config FROM collections").fetchall()
     db.execute("UPDATE collections SET config = ?", (json.dumps({**json.loads(config), "from_the_future": 1}),))
     db.commit()
     db.close()

@@ -16,11 +16,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import running_server, tiny_config
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore
-
-from serving import running_server, tiny_config
 
 C = grpc.StatusCode
 
@@ -46,8 +45,21 @@ def healthy(server) -> bool:
 
 # -- 7. index strings -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("index", ["HNSW32," * 2900, "IDMap,Flat", "IDMap2,Flat", "NSG32", "IVF16,Flat,Refine(Flat)",
-                                   "LSH", "PQ4", "IVF16,PQ3", "PCA64,Flat"])
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        "HNSW32," * 2900,
+        "IDMap,Flat",
+        "IDMap2,Flat",
+        "NSG32",
+        "IVF16,Flat,Refine(Flat)",
+        "LSH",
+        "PQ4",
+        "IVF16,PQ3",
+        "PCA64,Flat",
+    ],
+)
 def test_unsupported_index_strings_are_refused_before_faiss_sees_them(client, server, index):
     with pytest.raises(EmbedsvcClientError) as error:
         client.create_collection(f"bad-index-{abs(hash(index)) % 10**6}", dim=16, index=index)
@@ -86,8 +98,10 @@ def test_collection_whose_index_cannot_be_built_is_unavailable_while_others_serv
     store.upsert("broken", [StoreItem("b", [0, 1, 0, 0])])
     store.close()
     with sqlite3.connect(data / "store.sqlite3") as db:  # what a 0.1 server accepted and then could not load
-        db.execute("UPDATE collections SET config=replace(config, '\"index\": \"flat\"', '\"index\": \"NSG32\"') "
-                   "WHERE name='broken'")
+        db.execute(
+            'UPDATE collections SET config=replace(config, \'"index": "flat"\', \'"index": "NSG32"\') '
+            "WHERE name='broken'"
+        )
     (data / "indexes" / "collection-2.npz").unlink()
     with running_server(tiny_config(tiny_spec, data)) as server, Client(server.address) as client:
         assert client.search("good", vector=[1, 0, 0, 0], top_k=1)[0].id == "g"
@@ -103,6 +117,7 @@ def test_collection_whose_index_cannot_be_built_is_unavailable_while_others_serv
 
 
 # -- 8. concurrent checkpoints ----------------------------------------------------------------------
+
 
 def test_concurrent_writers_crossing_checkpoints_all_get_ok(client, server):
     client.create_collection("busy", dim=8)
@@ -141,17 +156,18 @@ def test_a_failing_checkpoint_never_fails_a_committed_write(client, server):
 
 # -- 13, 15: statuses ---------------------------------------------------------------------------------
 
+
 def test_search_params_out_of_range_are_invalid_argument(client):
     client.create_collection("graph", dim=4, index="hnsw")
     client.upsert("graph", [Item("a", vector=[1, 0, 0, 0])])
-    from embedsvc.v1 import embedsvc_pb2 as pb
-    from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+    from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(client.channel._channel.target().decode()) as channel:
         stub = pb_grpc.IndexServiceStub(channel)
         for params in (pb.SearchParams(ef_search=2**32 - 1), pb.SearchParams(nprobe=2**32 - 1)):
-            request = pb.SearchRequest(collection="graph", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0, 0]))],
-                                       params=params)
+            request = pb.SearchRequest(
+                collection="graph", queries=[pb.Query(vector=pb.Vector(values=[1, 0, 0, 0]))], params=params
+            )
             with pytest.raises(grpc.RpcError) as error:
                 stub.Search(request, timeout=10)
             assert error.value.code() == C.INVALID_ARGUMENT and "ef_search" in error.value.details()
@@ -185,6 +201,7 @@ def test_collection_names_match_in_full(client, name):
 
 # -- 17. operator traps -----------------------------------------------------------------------------
 
+
 def problem_lines(stderr: str) -> list[str]:
     """What stderr says beyond informational log records."""
     import json
@@ -199,9 +216,26 @@ def problem_lines(stderr: str) -> list[str]:
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0",
-                           "--metrics-port", "-1", "--listen", "127.0.0.1:0", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--listen",
+            "127.0.0.1:0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_corrupt_database_is_one_line_and_exit_2(tmp_path):
@@ -219,8 +253,12 @@ def small_mount(tmp_path):
     """A small tmpfs of our own, to fill the data directory's disk as a real one fills."""
     mount = tmp_path / "mnt"
     mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                                                       capture_output=True).returncode:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs permission to mount a tmpfs")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import STORE_BACKEND, ServerThread
 
 from embedsvc.client import Client
 from embedsvc.service.config import ServerConfig
 from embedsvc.store import CollectionConfig, Item, LocalStore, SearchOptions
-from serving import STORE_BACKEND, ServerThread
 
 pytestmark = pytest.mark.skipif(STORE_BACKEND != "local", reason="the local store's start-up load")
 
@@ -50,8 +50,9 @@ def http_post(url: str, body: dict) -> tuple[int, dict]:
 
 def health(address: str, service: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                         timeout=30).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=30).status
+        )
 
 
 def test_the_server_listens_and_is_alive_but_not_ready_while_a_collection_loads(tmp_path, monkeypatch):
@@ -69,8 +70,15 @@ def test_the_server_listens_and_is_alive_but_not_ready_while_a_collection_loads(
         return real_load(self, col)
 
     monkeypatch.setattr(LocalStore, "_load_collection", held_load)
-    config = ServerConfig(listen="127.0.0.1:0", http_listen="127.0.0.1:0", data_dir=str(tmp_path), preload_models="",
-                          metrics_port=-1, demo_size=0, log_format="text")
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        preload_models="",
+        metrics_port=-1,
+        demo_size=0,
+        log_format="text",
+    )
     server = ServerThread(config, wait_loaded=False).start()  # returns once listening
     try:
         assert entered.wait(60)
@@ -87,9 +95,10 @@ def test_the_server_listens_and_is_alive_but_not_ready_while_a_collection_loads(
                 client.search("big", vector=vectors[0], top_k=3)
             assert refused.value.code == grpc.StatusCode.UNAVAILABLE
             assert "still loading" in refused.value.details and "retry" in refused.value.details
-            status, body = http_post(f"{url}/v1/collections/big/search",
-                                     {"collection": "big", "queries": [{"vector": {"values": vectors[0].tolist()}}],
-                                      "topK": 3})
+            status, body = http_post(
+                f"{url}/v1/collections/big/search",
+                {"collection": "big", "queries": [{"vector": {"values": vectors[0].tolist()}}], "topK": 3},
+            )
             assert status == 503 and "still loading" in json.dumps(body), (status, body)
             release.set()
             server.call(server.server.wait_ready())
@@ -116,8 +125,15 @@ def test_a_server_stopped_while_a_collection_loads_stops_and_keeps_its_data(tmp_
         return real_load(self, col)
 
     monkeypatch.setattr(LocalStore, "_load_collection", held_load)
-    config = ServerConfig(listen="127.0.0.1:0", http_listen="", data_dir=str(tmp_path), preload_models="",
-                          metrics_port=-1, demo_size=0, log_format="text")
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        http_listen="",
+        data_dir=str(tmp_path),
+        preload_models="",
+        metrics_port=-1,
+        demo_size=0,
+        log_format="text",
+    )
     server = ServerThread(config, wait_loaded=False).start()
     assert entered.wait(60)
     threading.Timer(0, release.set).start()
@@ -167,10 +183,32 @@ def test_serve_prints_load_progress_on_stderr(tmp_path):
     store.create_collection(CollectionConfig("c", 8))
     store.upsert("c", [Item(f"i{k}", v) for k, v in enumerate(unit(30, 8))])
     store.close()
-    proc = subprocess.Popen([sys.executable, "-m", "embedsvc", "serve", "--listen", "127.0.0.1:0", "--data-dir",
-                             str(tmp_path), "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1",
-                             "--http-listen", "", "--log-format", "text", "--load-progress-seconds", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--preload-models",
+            "",
+            "--demo-size",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-listen",
+            "",
+            "--log-format",
+            "text",
+            "--load-progress-seconds",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         deadline = time.monotonic() + 120
@@ -205,8 +243,10 @@ def test_a_checkpoint_giving_one_id_two_labels_is_replaced_by_a_rebuild(tmp_path
     with caplog.at_level(logging.INFO, logger="embedsvc.store.local"):
         store = LocalStore(tmp_path)
     try:
-        assert any("checkpoint is inconsistent" in r.getMessage() and "held by two labels" in r.getMessage()
-                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        assert any(
+            "checkpoint is inconsistent" in r.getMessage() and "held by two labels" in r.getMessage()
+            for r in caplog.records
+        ), [r.getMessage() for r in caplog.records]
         assert store.get_collection("c").count == 30
         assert [row[0].id for row in store.search("c", vectors[:3], SearchOptions(1))] == ["i00", "i01", "i02"]
         store.upsert("c", [Item("i01", vectors[5])])  # writes find the right labels

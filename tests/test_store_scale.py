@@ -4,12 +4,12 @@ memory is measured in a subprocess of its own."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import mmap
 import shutil
 import sqlite3
-import itertools
 import subprocess
 import sys
 import threading
@@ -92,8 +92,12 @@ store.close(checkpoint=False)
 def test_a_checkpoint_write_holds_no_copy_of_the_index(tmp_path, kind):
     """The first format serialised the index into memory, copied that into an in-memory archive and copied
     the archive again: three copies at once, next to the live index. Now FAISS streams it to the file."""
-    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_MEMORY, str(tmp_path / "d"), kind, "40000", "256"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKPOINT_MEMORY, str(tmp_path / "d"), kind, "40000", "256"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if "clear_refs" in proc.stderr and "Permission" in proc.stderr:
         pytest.skip("resetting the peak RSS (/proc/self/clear_refs) is not allowed here")
     assert proc.returncode == 0, proc.stderr
@@ -101,8 +105,9 @@ def test_a_checkpoint_write_holds_no_copy_of_the_index(tmp_path, kind):
     index = 40000 * 256 * 4
     assert got["index"] >= index  # the index holds the vectors (IVF,Flat) or is their rows (flat)
     grew = got["peak"] - got["before"]
-    assert grew < 0.25 * index, f"a checkpoint took {grew / 2**20:.0f} MiB at its peak for a " \
-                                f"{index / 2**20:.0f} MiB index"
+    assert grew < 0.25 * index, (
+        f"a checkpoint took {grew / 2**20:.0f} MiB at its peak for a {index / 2**20:.0f} MiB index"
+    )
 
 
 def test_replaced_rows_are_compacted_away_and_everything_still_answers(tmp_path, monkeypatch):
@@ -228,8 +233,9 @@ def test_a_first_format_data_directory_is_migrated_on_open(tmp_path, caplog):
             ids = sorted(expected)
             queries = np.stack([expected[i][1] for i in ids])
             assert [row[0].id for row in store.search(name, queries, SearchOptions(1))] == ids
-            hits = store.search(name, queries[:10],
-                                SearchOptions(5, Filter((Condition("group", equals=2),)), include_metadata=True))
+            hits = store.search(
+                name, queries[:10], SearchOptions(5, Filter((Condition("group", equals=2),)), include_metadata=True)
+            )
             assert all(h.metadata["group"] == 2 for row in hits for h in row) and all(len(row) == 5 for row in hits)
         assert store.get_collection("empty").count == 0
         store.upsert("empty", [Item("x", np.ones(FORMAT1_DIM, np.float32))])

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import png_bytes
 
 from embedsvc.encoder import ClipEncoder, embed
 from embedsvc.errors import InvalidPoolingParams, UnsupportedTokenMode
 from embedsvc.models import load_model, resolve_model_spec
 from embedsvc.pooling import bind_pooling
 from embedsvc.pooling.features import TOKEN_MODES
-
-from conftest import png_bytes
 
 MODES = ("maskclip", "clearclip", "sclip", "naclip")
 
@@ -52,7 +51,7 @@ def _qkv(block, x):
     w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
     h = F.layer_norm(x, x.shape[-1:], block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
     width = x.shape[-1]
-    q, k, v = (h @ w[i * width:(i + 1) * width].T + b[i * width:(i + 1) * width] for i in range(3))
+    q, k, v = (h @ w[i * width : (i + 1) * width].T + b[i * width : (i + 1) * width] for i in range(3))
     heads = block.attn.num_heads
     d = width // heads
     return [t.reshape(-1, heads, d).transpose(0, 1) for t in (q, k, v)], d  # [H, L, d]
@@ -91,7 +90,7 @@ def reference(mode: str, visual, image: torch.Tensor) -> torch.Tensor:
         for i in range(n - 1):
             for j in range(n - 1):
                 di, dj = i // side - j // side, i % side - j % side
-                omega[i + 1, j + 1] = math.exp(-(di * di + dj * dj) / (2 * 5.0 ** 2))
+                omega[i + 1, j + 1] = math.exp(-(di * di + dj * dj) / (2 * 5.0**2))
         y = _out(block, torch.softmax(k @ k.transpose(-1, -2) / math.sqrt(d) + omega, dim=-1), v)
     else:
         raise AssertionError(mode)
@@ -123,8 +122,7 @@ def test_one_pass_gives_every_mode_and_cls_keeps_parity(vit_b32, pixels):
 
 def test_embed_feeds_poolings_of_different_modes_from_one_call(vit_b32):
     images = [png_bytes(color=(10, 200, 10))]
-    specs = ["cls", "avg", "avg:tokens=clearclip", "max:tokens=maskclip", "gem:p=3;tokens=sclip",
-             "spp:tokens=naclip"]
+    specs = ["cls", "avg", "avg:tokens=clearclip", "max:tokens=maskclip", "gem:p=3;tokens=sclip", "spp:tokens=naclip"]
     together = embed(vit_b32, images, [bind_pooling(s) for s in specs]).vectors
     for spec, vector in zip(specs, together):
         assert np.abs(embed(vit_b32, images, [bind_pooling(spec)]).vectors[0] - vector).max() < 1e-5
@@ -155,9 +153,10 @@ def test_modes_refused_where_the_tower_lacks_them(rn50_checkpoint, vit_b32):
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tiny_spec, tiny_rn_spec):
+    from serving import tiny_server
+
     from embedsvc.client import Client
     from embedsvc.models import MODEL_REGISTRY, register_model
-    from serving import tiny_server
 
     register_model(tiny_rn_spec, replace=True)
     with tiny_server(tiny_spec, tmp_path_factory.mktemp("modes")) as server, Client(server.address, timeout=60) as c:
@@ -165,22 +164,27 @@ def client(tmp_path_factory, tiny_spec, tiny_rn_spec):
     MODEL_REGISTRY.pop(tiny_rn_spec.name, None)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unknown mode", "final, maskclip, clearclip, sclip, naclip"),
-    ("mode on RN50-style tower", "valid: final"),
-    ("mode on text", "one token mode, final"),
-    ("collection with a mode on a ResNet", "valid: final"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown mode", "final, maskclip, clearclip, sclip, naclip"),
+        ("mode on RN50-style tower", "valid: final"),
+        ("mode on text", "one token mode, final"),
+        ("collection with a mode on a ResNet", "valid: final"),
+    ],
+)
 def test_service_refuses_with_invalid_argument(client, tiny_rn_spec, case, message):
     from embedsvc.client import EmbedsvcClientError
 
     call = {
         "unknown mode": lambda: client.embed([png_bytes()], ["avg:tokens=bogus"]),
-        "mode on RN50-style tower": lambda: client.embed([png_bytes()], ["max:tokens=maskclip"],
-                                                         model=tiny_rn_spec.name),
+        "mode on RN50-style tower": lambda: client.embed(
+            [png_bytes()], ["max:tokens=maskclip"], model=tiny_rn_spec.name
+        ),
         "mode on text": lambda: client.embed(["a red circle"], ["avg:tokens=clearclip"]),
         "collection with a mode on a ResNet": lambda: client.create_collection(
-            "rn-modes", model=tiny_rn_spec.name, pooling="avg:tokens=clearclip"),
+            "rn-modes", model=tiny_rn_spec.name, pooling="avg:tokens=clearclip"
+        ),
     }[case]
     with pytest.raises(EmbedsvcClientError) as err:
         call()

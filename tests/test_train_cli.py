@@ -9,15 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY_VIT_CONFIG
 
 from embedsvc.datasets import write_scenes
 
-from conftest import TINY_VIT_CONFIG
-
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
 
 
 @pytest.mark.slow  # trains (about a minute on 2 cores)
@@ -32,8 +32,25 @@ def test_train_on_manifest_then_embed(tmp_path):
     config = tmp_path / "mini-clip.json"
     config.write_text(json.dumps(TINY_VIT_CONFIG))
     out = tmp_path / "out"
-    proc = run_cli("train", "--config", str(config), "--data", str(manifest), "--steps", "4", "--batch-size", "32",
-                   "--warmup-steps", "1", "--eval-size", "40", "--out-dir", str(out), "--seed", "3")
+    proc = run_cli(
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(manifest),
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--warmup-steps",
+        "1",
+        "--eval-size",
+        "40",
+        "--out-dir",
+        str(out),
+        "--seed",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "images/corrupt.png" in proc.stderr and "could not decode" in proc.stderr
     assert "images/missing.png: file not found" in proc.stderr
@@ -42,9 +59,20 @@ def test_train_on_manifest_then_embed(tmp_path):
     assert card["held_out"]["text_to_image"]["queries"] == 40
     assert "200 training pairs, 40 held out, 2 rows skipped" in card["data"]
 
-    embedded = run_cli("embed", "--model", "mini-clip", "--checkpoint", str(out / "mini-clip.safetensors"),
-                       "--model-config", str(out / "mini-clip.json"), "--text", "a small red circle",
-                       "--image", str(data / "images" / "train-0000000.png"), "--json")
+    embedded = run_cli(
+        "embed",
+        "--model",
+        "mini-clip",
+        "--checkpoint",
+        str(out / "mini-clip.safetensors"),
+        "--model-config",
+        str(out / "mini-clip.json"),
+        "--text",
+        "a small red circle",
+        "--image",
+        str(data / "images" / "train-0000000.png"),
+        "--json",
+    )
     assert embedded.returncode == 0, embedded.stderr
     rows = json.loads(embedded.stdout)["results"]
     assert [len(r["embeddings"]["cls"]) for r in rows] == [32, 32]
@@ -54,16 +82,18 @@ def test_train_on_manifest_then_embed(tmp_path):
 def test_empty_manifest_is_a_clear_error(tmp_path):
     manifest = tmp_path / "empty.csv"
     manifest.write_text("id,path,caption\n")
-    proc = run_cli("train", "--architecture", "ViT-B-32", "--data", str(manifest), "--steps", "1",
-                   "--out-dir", str(tmp_path / "o"))
+    proc = run_cli(
+        "train", "--architecture", "ViT-B-32", "--data", str(manifest), "--steps", "1", "--out-dir", str(tmp_path / "o")
+    )
     assert proc.returncode == 2 and "has no rows" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_manifest_without_usable_rows(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"path": "nowhere.png", "caption": "x"}) + "\n")
-    proc = run_cli("train", "--architecture", "ViT-B-32", "--data", str(manifest), "--steps", "1",
-                   "--out-dir", str(tmp_path / "o"))
+    proc = run_cli(
+        "train", "--architecture", "ViT-B-32", "--data", str(manifest), "--steps", "1", "--out-dir", str(tmp_path / "o")
+    )
     assert proc.returncode == 2 and "no usable image-caption pairs" in proc.stderr
 
 
@@ -78,8 +108,18 @@ def test_trained_checkpoint_is_evaluated_continued_compared_and_indexed_from_the
     config.write_text(json.dumps(TINY_VIT_CONFIG))
     first = tmp_path / "first"
     common = ["--steps", "2", "--batch-size", "16", "--warmup-steps", "1", "--eval-size", "20"]
-    proc = run_cli("train", "--config", str(config), "--data", str(train_manifest), "--eval-data", str(eval_manifest),
-                   *common, "--out-dir", str(first))
+    proc = run_cli(
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        str(train_manifest),
+        "--eval-data",
+        str(eval_manifest),
+        *common,
+        "--out-dir",
+        str(first),
+    )
     assert proc.returncode == 0, proc.stderr
     card = json.loads((first / "model_card.json").read_text())
     assert "64 training pairs; held out: the first 20 usable rows" in card["data"]
@@ -88,19 +128,48 @@ def test_trained_checkpoint_is_evaluated_continued_compared_and_indexed_from_the
     assert "(chance" in proc.stdout
 
     second = tmp_path / "second"
-    proc = run_cli("train", "--checkpoint", str(first / "mini-clip.safetensors"), "--data", str(train_manifest),
-                   *common, "--out-dir", str(second), "--name", "mini-clip-2")
+    proc = run_cli(
+        "train",
+        "--checkpoint",
+        str(first / "mini-clip.safetensors"),
+        "--data",
+        str(train_manifest),
+        *common,
+        "--out-dir",
+        str(second),
+        "--name",
+        "mini-clip-2",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((second / "mini-clip-2.json").read_text()) == json.loads((first / "mini-clip.json").read_text())
 
     checkpoint = str(second / "mini-clip-2.safetensors")
-    proc = run_cli("compare", "--checkpoint", checkpoint, "--data", str(eval_manifest), "--pooling", "cls",
-                   "--out-dir", str(tmp_path / "cmp"))
+    proc = run_cli(
+        "compare",
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        str(eval_manifest),
+        "--pooling",
+        "cls",
+        "--out-dir",
+        str(tmp_path / "cmp"),
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert result["model"] == "mini-clip-2" and result["poolings"][0]["dim"] == 32
-    proc = run_cli("index", str(eval_manifest), "--collection", "mini=cls", "--local", str(tmp_path / "store"),
-                   "--checkpoint", checkpoint, "--report", str(tmp_path / "report.jsonl"))
+    proc = run_cli(
+        "index",
+        str(eval_manifest),
+        "--collection",
+        "mini=cls",
+        "--local",
+        str(tmp_path / "store"),
+        "--checkpoint",
+        checkpoint,
+        "--report",
+        str(tmp_path / "report.jsonl"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "indexed 24" in proc.stdout
     proc = run_cli("index", str(eval_manifest), "--collection", "mini=cls", "--checkpoint", checkpoint)
@@ -116,12 +185,25 @@ def test_the_card_says_not_measured_for_a_task_with_no_query(tmp_path):
     from embedsvc.training.train import TrainConfig, _write_card
 
     vectors = np.eye(4)
-    metrics = {k: v.as_dict() for k, v in cross_modal_metrics(vectors, vectors, captions=list("abcd"),
-                                                                labels=[0, 1, 2, 3]).items()}
+    metrics = {
+        k: v.as_dict()
+        for k, v in cross_modal_metrics(vectors, vectors, captions=list("abcd"), labels=[0, 1, 2, 3]).items()
+    }
     checkpoint = tmp_path / "m.safetensors"
     checkpoint.write_bytes(b"weights")
-    card = _write_card(tmp_path, "m", TrainConfig(data="m.csv"), "manifest m.csv", metrics, [], 1.0, 60.0,
-                       torch.device("cpu"), checkpoint, not_measured(metrics, labels=True, image_keys=False))
+    card = _write_card(
+        tmp_path,
+        "m",
+        TrainConfig(data="m.csv"),
+        "manifest m.csv",
+        metrics,
+        [],
+        1.0,
+        60.0,
+        torch.device("cpu"),
+        checkpoint,
+        not_measured(metrics, labels=True, image_keys=False),
+    )
     rows = {line.split("|")[1].strip(): line for line in card.read_text().splitlines() if line.startswith("| ")}
     assert "1.000 (0.250)" in rows["text_to_image"]
     assert "not measured" in rows["image_to_image"] and "0.000" not in rows["image_to_image"]

@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_VIT_CONFIG
 
 from embedsvc.errors import InvalidInput
 from embedsvc.training.train import TrainConfig, _loss, _token_pools, contrastive_loss, train
-
-from conftest import TINY_VIT_CONFIG
 
 
 def _clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -49,12 +48,14 @@ def test_loss_is_the_sum_of_native_avg_and_max_contrastive_losses(tiny_encoder):
         text_native = model.encode_text(ids)
         text_avg = (text * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         text_max = text.masked_fill(~mask[..., None], float("-inf")).amax(1)
-        expected = (_clip_loss(native, text_native, scale) + _clip_loss(patches.mean(1), text_avg, scale)
-                    + _clip_loss(patches.amax(1), text_max, scale))
+        expected = (
+            _clip_loss(native, text_native, scale)
+            + _clip_loss(patches.mean(1), text_avg, scale)
+            + _clip_loss(patches.amax(1), text_max, scale)
+        )
         native_only = _loss(model, images, ids, {})
     assert abs(float(ours) - float(expected)) < 1e-4
     assert abs(float(native_only) - float(_clip_loss(native, text_native, scale))) < 1e-4
-
 
 
 def test_contrastive_loss_matches_open_clip_and_hard_negatives_join_each_images_softmax():
@@ -96,8 +97,9 @@ def test_weighted_token_losses_with_hard_negatives(tiny_encoder):
         patches = F.normalize((patches @ model.visual.proj).mean(1), dim=-1)
         tokens, token_mask = _text_tokens(model, torch.cat([ids, negatives]))
         text_avg = F.normalize(masked_mean(tokens, token_mask), dim=-1)
-        expected = (contrastive_loss(image, text[:4], scale, text[4:], mask)
-                    + 0.25 * contrastive_loss(patches, text_avg[:4], scale, text_avg[4:], mask))
+        expected = contrastive_loss(image, text[:4], scale, text[4:], mask) + 0.25 * contrastive_loss(
+            patches, text_avg[:4], scale, text_avg[4:], mask
+        )
     assert abs(float(ours) - float(expected)) < 1e-4
 
 
@@ -107,8 +109,12 @@ def test_a_masked_negative_leaves_its_images_softmax():
     scale = torch.tensor(10.0)
     mask = torch.tensor([[True, False, False], [False, False, False], [False, False, False]])
     masked = contrastive_loss(images, texts, scale, negatives, mask)
-    i2t = torch.stack([-torch.log_softmax(scale * torch.cat([texts, negatives[1:] if i == 0 else negatives]) @ images[i],
-                                          0)[i] for i in range(3)])
+    i2t = torch.stack(
+        [
+            -torch.log_softmax(scale * torch.cat([texts, negatives[1:] if i == 0 else negatives]) @ images[i], 0)[i]
+            for i in range(3)
+        ]
+    )
     t2i = torch.stack([-torch.log_softmax(scale * images @ texts[i], 0)[i] for i in range(3)])
     assert abs(float(masked) - float((i2t.mean() + t2i.mean()) / 2)) < 1e-5
 
@@ -116,8 +122,13 @@ def test_a_masked_negative_leaves_its_images_softmax():
 def test_hard_negative_captions_are_false_and_differ_in_one_object():
     import numpy as np
 
-    from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, negative_captions,
-                                          scene_captions, true_captions)
+    from embedsvc.datasets.scenes import (
+        generate_scene,
+        lone_object_captions,
+        negative_captions,
+        scene_captions,
+        true_captions,
+    )
 
     rng = np.random.default_rng(0)
     for index in range(2000):
@@ -136,8 +147,12 @@ def test_a_relation_that_holds_but_was_not_written_is_true():
     cross, triangle = SceneObject("cross", "red", "small", "top left"), SceneObject("star", "blue", "small", "right")
     scene = Scene("x", "train", 0, (cross, triangle), (128, 128, 128))
     assert "a red cross above a blue star" not in scene_captions(scene)  # the pair's first relation is "left of"
-    assert {"a red cross left of a blue star", "a red cross above a blue star",
-            "a blue star right of a red cross", "a blue star below a red cross"} <= true_captions(scene)
+    assert {
+        "a red cross left of a blue star",
+        "a red cross above a blue star",
+        "a blue star right of a red cross",
+        "a blue star below a red cross",
+    } <= true_captions(scene)
 
 
 def test_batches_mask_every_negative_true_of_another_image(tiny_encoder):
@@ -146,10 +161,11 @@ def test_batches_mask_every_negative_true_of_another_image(tiny_encoder):
     from embedsvc.datasets.scenes import generate_scene, true_captions
     from embedsvc.training.data import negative_mask, scene_pairs
 
-    assert negative_mask([{"a", "b"}, {"c"}], ["b", "c", "a", "z"]).tolist() == [[True, False, True, False],
-                                                                                 [False, True, False, False]]
-    data = scene_pairs("train", 300, tiny_encoder.loaded.preprocess, tiny_encoder.loaded.tokenizer, 32,
-                       negatives=True)
+    assert negative_mask([{"a", "b"}, {"c"}], ["b", "c", "a", "z"]).tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],
+    ]
+    data = scene_pairs("train", 300, tiny_encoder.loaded.preprocess, tiny_encoder.loaded.tokenizer, 32, negatives=True)
     rng = np.random.default_rng(0)
     masked = 0
     for _ in range(5):
@@ -179,18 +195,28 @@ def _negative_ids_of(data, batch):
     return out
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"token_losses": "avg,bogus"}, "unknown pooling(s) bogus; choose from avg, max, gem"),
-    ({"augment": 1.5}, "--augment is a share"),
-    ({"hard_negatives": 1, "data": "missing.csv"}, "--hard-negatives needs --data scenes"),
-    ({"hard_negatives": 2}, "--hard-negatives is 0 (off) or 1"),
-    ({"token_loss_weight": -1.0}, "--token-loss-weight must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"token_losses": "avg,bogus"}, "unknown pooling(s) bogus; choose from avg, max, gem"),
+        ({"augment": 1.5}, "--augment is a share"),
+        ({"hard_negatives": 1, "data": "missing.csv"}, "--hard-negatives needs --data scenes"),
+        ({"hard_negatives": 2}, "--hard-negatives is 0 (off) or 1"),
+        ({"token_loss_weight": -1.0}, "--token-loss-weight must be a finite number >= 0"),
+    ],
+)
 def test_bad_options_are_clear_errors(tmp_path, overrides, message):
     config_file = tmp_path / "mini.json"
     config_file.write_text(json.dumps(TINY_VIT_CONFIG))
-    config = TrainConfig(config_file=str(config_file), steps=1, train_size=8, eval_size=8, out_dir=str(tmp_path),
-                         device="cpu", **overrides)
+    config = TrainConfig(
+        config_file=str(config_file),
+        steps=1,
+        train_size=8,
+        eval_size=8,
+        out_dir=str(tmp_path),
+        device="cpu",
+        **overrides,
+    )
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(config)
 
@@ -199,16 +225,63 @@ def test_bad_options_are_clear_errors(tmp_path, overrides, message):
 def test_fine_tune_with_token_losses_and_augmented_scenes(tmp_path):
     config_file = tmp_path / "mini.json"
     config_file.write_text(json.dumps(TINY_VIT_CONFIG))
-    common = ["--data", "scenes", "--train-size", "48", "--eval-size", "16",
-              "--batch-size", "16", "--warmup-steps", "1", "--device", "cpu"]
-    first = subprocess.run([sys.executable, "-m", "embedsvc", "train", "--config", str(config_file), *common,
-                            "--steps", "1", "--out-dir", str(tmp_path / "a")], capture_output=True, text=True,
-                           timeout=600)
+    common = [
+        "--data",
+        "scenes",
+        "--train-size",
+        "48",
+        "--eval-size",
+        "16",
+        "--batch-size",
+        "16",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "train",
+            "--config",
+            str(config_file),
+            *common,
+            "--steps",
+            "1",
+            "--out-dir",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr
-    second = subprocess.run([sys.executable, "-m", "embedsvc", "train", *common, "--steps", "3",
-                             "--token-losses", "avg,max", "--augment", "0.5", "--hard-negatives", "1",
-                             "--checkpoint", str(tmp_path / "a" / "mini.safetensors"),
-                             "--out-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedsvc",
+            "train",
+            *common,
+            "--steps",
+            "3",
+            "--token-losses",
+            "avg,max",
+            "--augment",
+            "0.5",
+            "--hard-negatives",
+            "1",
+            "--checkpoint",
+            str(tmp_path / "a" / "mini.safetensors"),
+            "--out-dir",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stderr
     card = (tmp_path / "b" / "model_card.md").read_text()
     assert "patch-token losses: avg,max" in card and "a/mini.safetensors" in card

@@ -9,22 +9,28 @@ import time
 import grpc
 import numpy as np
 import pytest
+from serving import running_server
 
 from embedsvc.client import Client, Item
 from embedsvc.client.client import _Api
 from embedsvc.service.config import ServerConfig
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
-
-from serving import running_server
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 DIM = 8
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    config = ServerConfig(listen="127.0.0.1:0", data_dir=str(tmp_path_factory.mktemp("upsert")), metrics_port=-1,
-                          demo_size=0, log_format="text", log_level="WARNING", preload_models="", http_listen="")
+    config = ServerConfig(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path_factory.mktemp("upsert")),
+        metrics_port=-1,
+        demo_size=0,
+        log_format="text",
+        log_level="WARNING",
+        preload_models="",
+        http_listen="",
+    )
     with running_server(config) as s:
         yield s
 
@@ -46,13 +52,19 @@ def messages_of(items: list[Item], batch_size: int, collection: str = "c") -> li
 
 def items(start: int, count: int, dim: int = DIM) -> list[Item]:
     v = np.random.default_rng(start).standard_normal((count, dim)).astype(np.float32)
-    return [Item(f"i{start + k}", vector=v[k], metadata={"n": start + k, "tag": f"t{k % 3}", "even": k % 2 == 0})
-            for k in range(count)]
+    return [
+        Item(f"i{start + k}", vector=v[k], metadata={"n": start + k, "tag": f"t{k % 3}", "even": k % 2 == 0})
+        for k in range(count)
+    ]
 
 
 def test_the_client_builds_the_messages_field_by_field_would_build():
-    given = items(0, 20) + [Item("f64", vector=np.arange(DIM, dtype=np.float64) / 3),
-                            Item("list", vector=[0.5] * DIM), Item("text", text="a star", metadata={"x": 1.5})]
+    given = [
+        *items(0, 20),
+        Item("f64", vector=np.arange(DIM, dtype=np.float64) / 3),
+        Item("list", vector=[0.5] * DIM),
+        Item("text", text="a star", metadata={"x": 1.5}),
+    ]
     expected = pb.UpsertRequest(collection="c")
     for item in given:
         out = expected.items.add(id=item.id)

@@ -14,22 +14,33 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import running_server
 
 from embedsvc.datasets import full_caption, generate_scene, render_scene
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service.config import ServerConfig
 from embedsvc.service.server import index_scenes
-from serving import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TOKEN = "t" * 24
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
-                                                                "(apt-get install -y chromium); .ci/run installs it")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +53,14 @@ def browser():
 
 
 def demo_config(data_dir, **overrides) -> ServerConfig:
-    settings = {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "data_dir": str(data_dir), "metrics_port": -1,
-                "demo_size": 60, "log_format": "text"}
+    settings = {
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "data_dir": str(data_dir),
+        "metrics_port": -1,
+        "demo_size": 60,
+        "log_format": "text",
+    }
     settings.update(overrides)
     return ServerConfig(**settings)
 
@@ -76,8 +93,11 @@ def screenshot(page, name: str) -> None:
 
 
 def api_search(srv, collection: str, query: dict, top_k: int = 12, **extra) -> list[tuple[str, float]]:
-    reply = httpx.post(f"{srv.http_url}/v1/collections/{collection}/search",
-                       json={"queries": [query], "topK": top_k, **extra}, timeout=60).json()
+    reply = httpx.post(
+        f"{srv.http_url}/v1/collections/{collection}/search",
+        json={"queries": [query], "topK": top_k, **extra},
+        timeout=60,
+    ).json()
     return [(h["id"], h["score"]) for h in reply["results"][0]["hits"]]
 
 
@@ -112,17 +132,25 @@ def test_a_text_query_shows_the_expected_first_hit(browser, demo):
     page.wait_for_function("document.getElementById('status').textContent.includes('filtered')")
     objects = page.locator("section.column .hit dl").evaluate_all(
         "dls => dls.map(dl => [...dl.querySelectorAll('dt')].find(dt => dt.textContent === 'objects')"
-        ".nextElementSibling.textContent)")
+        ".nextElementSibling.textContent)"
+    )
     assert objects and all(float(n) >= 3 for n in objects)
-    assert hits(page) == [i for i, _ in api_search(demo, "scenes", {"id": second_id}, filter={
-        "must": [{"key": "objects", "range": {"gte": 3}}]})]
+    assert hits(page) == [
+        i
+        for i, _ in api_search(
+            demo, "scenes", {"id": second_id}, filter={"must": [{"key": "objects", "range": {"gte": 3}}]}
+        )
+    ]
     page.close()
 
 
 def _scene_metadata(index: int) -> dict:
     scene = generate_scene("val", index)
-    return {"objects": len(scene.objects), "colours": " ".join(sorted({o.colour for o in scene.objects})),
-            "shapes": " ".join(sorted({o.shape for o in scene.objects}))}
+    return {
+        "objects": len(scene.objects),
+        "colours": " ".join(sorted({o.colour for o in scene.objects})),
+        "shapes": " ".join(sorted({o.shape for o in scene.objects})),
+    }
 
 
 PAGE_FILTERS = {
@@ -180,13 +208,16 @@ def test_an_image_upload_finds_that_image_first(browser, demo, tmp_path):
     other = generate_scene("val", 12)
     buffer = io.BytesIO()
     render_scene(other, 128).save(buffer, format="PNG")
-    page.evaluate("""(b64) => {
+    page.evaluate(
+        """(b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
         document.getElementById("drop").dispatchEvent(
             new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
-    }""", base64.b64encode(buffer.getvalue()).decode())
+    }""",
+        base64.b64encode(buffer.getvalue()).decode(),
+    )
     page.wait_for_function("document.getElementById('status').textContent.startsWith('image dropped.png')")
     assert hits(page)[0] == other.id
     page.close()
@@ -201,8 +232,10 @@ def test_the_compare_view_renders_one_column_per_collection(browser, demo):
     assert page.locator("#compare-list input:checked").count() == 3
     page.fill("#text", query)
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelectorAll('section.column').length === 3 && "
-                           "[...document.querySelectorAll('section.column')].every(c => c.querySelector('.hit img'))")
+    page.wait_for_function(
+        "document.querySelectorAll('section.column').length === 3 && "
+        "[...document.querySelectorAll('section.column')].every(c => c.querySelector('.hit img'))"
+    )
     columns = page.locator("section.column").evaluate_all("els => els.map(e => e.dataset.collection)")
     assert sorted(columns) == ["scenes", "scenes-avg", "scenes-max"]
     for name in columns:
@@ -239,9 +272,20 @@ def test_items_without_thumbnails_show_their_uri(browser, demo):
     uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     base = demo.http_url + "/v1/collections"
     assert httpx.post(base, json={"config": {"name": "linked"}}, timeout=60).status_code == 200
-    httpx.post(base + "/linked/items", json={"items": [
-        {"id": "with-uri", "content": {"text": "a picture elsewhere"}, "metadata": {"uri": {"stringValue": uri}}},
-        {"id": "bare", "content": {"text": "no picture at all"}}]}, timeout=60).raise_for_status()
+    httpx.post(
+        base + "/linked/items",
+        json={
+            "items": [
+                {
+                    "id": "with-uri",
+                    "content": {"text": "a picture elsewhere"},
+                    "metadata": {"uri": {"stringValue": uri}},
+                },
+                {"id": "bare", "content": {"text": "no picture at all"}},
+            ]
+        },
+        timeout=60,
+    ).raise_for_status()
     page = page_of(browser, demo.http_url)
     page.select_option("#collection", "linked")
     page.fill("#text", "a picture elsewhere")

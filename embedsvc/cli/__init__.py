@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from embedsvc.errors import EmbedsvcError
 
@@ -89,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     """Our domain errors, and a server's answers (the client is imported only by commands that talk to one)."""
     client_errors = sys.modules.get("embedsvc.client.errors")
-    return isinstance(exc, EmbedsvcError) or (client_errors is not None and
-                                              isinstance(exc, client_errors.EmbedsvcClientError))
+    return isinstance(exc, EmbedsvcError) or (
+        client_errors is not None and isinstance(exc, client_errors.EmbedsvcClientError)
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
 
 ADDRESS_ENV = "EMBEDSVC_ADDRESS"
 TOKEN_ENV = "EMBEDSVC_TOKEN"
@@ -20,7 +19,7 @@ def default_address() -> str:
     return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
 
 
-def token() -> Optional[str]:
+def token() -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
@@ -34,7 +33,7 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds")
 
 
-def client(address: str, timeout: Optional[float] = 60.0):
+def client(address: str, timeout: float | None = 60.0):
     from embedsvc.client import Client
 
     return Client(address, timeout=timeout, token=token())

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from embedsvc.cli import connect
 from embedsvc.cli.models import add_model_arguments, resolve_model
@@ -27,24 +27,40 @@ class _AppendInput(argparse.Action):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("embed",
-                       description="Embed texts and images and print the vectors: locally (the model loads in this "
-                                   "process), or through a running server with --address.")
-    p.add_argument("--address", nargs="?", const=connect.default_address(), default=None, metavar="HOST:PORT",
-                   help="embed through the server at this address instead of loading the model here; --address "
-                        f"alone: ${connect.ADDRESS_ENV}, else {connect.DEFAULT_ADDRESS} (the API token comes from "
-                        f"${connect.TOKEN_ENV})")
+    p = sub.add_parser(
+        "embed",
+        description="Embed texts and images and print the vectors: locally (the model loads in this "
+        "process), or through a running server with --address.",
+    )
+    p.add_argument(
+        "--address",
+        nargs="?",
+        const=connect.default_address(),
+        default=None,
+        metavar="HOST:PORT",
+        help="embed through the server at this address instead of loading the model here; --address "
+        f"alone: ${connect.ADDRESS_ENV}, else {connect.DEFAULT_ADDRESS} (the API token comes from "
+        f"${connect.TOKEN_ENV})",
+    )
     add_model_arguments(p, random_init=True)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     p.add_argument("--precision", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
-    p.add_argument("--pooling", action="append", default=None, metavar="SPEC",
-                   help="pooling, repeatable: cls (default), avg, max, gem[:p=3], netvlad, "
-                        "spp[:levels=1,2,4;combine=sum]; patch poolings take tokens=final|maskclip|clearclip|"
-                        "sclip|naclip (ViT image token mode), e.g. avg:tokens=clearclip")
+    p.add_argument(
+        "--pooling",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="pooling, repeatable: cls (default), avg, max, gem[:p=3], netvlad, "
+        "spp[:levels=1,2,4;combine=sum]; patch poolings take tokens=final|maskclip|clearclip|"
+        "sclip|naclip (ViT image token mode), e.g. avg:tokens=clearclip",
+    )
     p.add_argument("--pooling-state", help="saved NetVLAD state (.safetensors) for the netvlad pooling")
-    p.add_argument("--text", dest="inputs", action=_AppendInput, const="text", metavar="TEXT", help="a text (repeatable)")
-    p.add_argument("--image", dest="inputs", action=_AppendInput, const="image", metavar="FILE",
-                   help="an image file (repeatable)")
+    p.add_argument(
+        "--text", dest="inputs", action=_AppendInput, const="text", metavar="TEXT", help="a text (repeatable)"
+    )
+    p.add_argument(
+        "--image", dest="inputs", action=_AppendInput, const="image", metavar="FILE", help="an image file (repeatable)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON with full float32 vectors")
     p.add_argument("--tokens", action="store_true", help="with --json: include token features")
     p.set_defaults(run=run)
@@ -57,8 +73,8 @@ class Row:
     modality: str
     truncated: bool
     vectors: list[tuple[str, np.ndarray]]  # (spec as given, vector) per --pooling, in order
-    tokens: Optional[np.ndarray] = None  # [num_tokens, dim], with --tokens
-    grid: Optional[tuple[int, int]] = None  # image token grid, with --tokens
+    tokens: np.ndarray | None = None  # [num_tokens, dim], with --tokens
+    grid: tuple[int, int] | None = None  # image token grid, with --tokens
 
 
 def load_encoder(args, spec=None):
@@ -118,8 +134,9 @@ def _embed_local(args, inputs, specs) -> tuple[str, list[Row]]:
     result = embed(encoder, decoded, poolings, keep_features=args.tokens)
     rows = []
     for i in range(len(inputs)):
-        row = Row(result.modalities[i], result.truncated[i],
-                  [(spec, result.vectors[j][i]) for j, spec in enumerate(specs)])
+        row = Row(
+            result.modalities[i], result.truncated[i], [(spec, result.vectors[j][i]) for j, spec in enumerate(specs)]
+        )
         if args.tokens:
             f = result.features[i]
             row.tokens, row.grid = f.tokens[0][f.mask[0]].cpu().numpy(), f.grid
@@ -128,21 +145,31 @@ def _embed_local(args, inputs, specs) -> tuple[str, list[Row]]:
 
 
 # Options that shape a local model load; a server loads its own models, so with --address they are refused.
-LOCAL_ONLY = {"pretrained": "--pretrained", "checkpoint": "--checkpoint", "model_config": "--model-config",
-              "models_file": "--models-file", "random_init": "--random-init", "pooling_state": "--pooling-state"}
+LOCAL_ONLY = {
+    "pretrained": "--pretrained",
+    "checkpoint": "--checkpoint",
+    "model_config": "--model-config",
+    "models_file": "--models-file",
+    "random_init": "--random-init",
+    "pooling_state": "--pooling-state",
+}
 
 
 def _embed_remote(args, inputs, specs) -> tuple[str, list[Row]]:
     given = [flag for key, flag in LOCAL_ONLY.items() if getattr(args, key, None)]
     given += [f"--{key} {getattr(args, key)}" for key in ("device", "precision") if getattr(args, key) != "auto"]
     if given:
-        raise InvalidInput(f"{', '.join(given)} shape a model loaded in this process; with --address the server "
-                           f"embeds with its own models (--model NAME picks one of them): drop --address to embed "
-                           f"here, or drop {given[0].split()[0]}")
+        raise InvalidInput(
+            f"{', '.join(given)} shape a model loaded in this process; with --address the server "
+            f"embeds with its own models (--model NAME picks one of them): drop --address to embed "
+            f"here, or drop {given[0].split()[0]}"
+        )
     with connect.client(args.address) as client:
         result = client.embed([value for _, value in inputs], specs, model=args.model, include_tokens=args.tokens)
-    rows = [Row(result.modalities[i], result.truncated[i], [(spec, result.vectors[spec][i]) for spec in specs])
-            for i in range(len(inputs))]
+    rows = [
+        Row(result.modalities[i], result.truncated[i], [(spec, result.vectors[spec][i]) for spec in specs])
+        for i in range(len(inputs))
+    ]
     if args.tokens:
         for row, tokens, grid in zip(rows, result.tokens, result.grids):
             row.tokens, row.grid = tokens, grid
@@ -155,8 +182,12 @@ def run(args) -> int:
     if args.json:
         out = []
         for (_kind, value), row in zip(args.inputs, rows):
-            item = {"input": value, "modality": row.modality, "truncated": row.truncated,
-                    "embeddings": {name: vector.tolist() for name, vector in row.vectors}}
+            item = {
+                "input": value,
+                "modality": row.modality,
+                "truncated": row.truncated,
+                "embeddings": {name: vector.tolist() for name, vector in row.vectors},
+            }
             if args.tokens:
                 assert row.tokens is not None  # asked for: every row has them
                 item["tokens"] = row.tokens.tolist()

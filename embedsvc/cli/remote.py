@@ -10,9 +10,11 @@ from pathlib import Path
 from embedsvc.cli import connect
 from embedsvc.errors import InvalidInput
 
-FILTER_HELP = ("metadata filter, repeatable, all must hold: KEY=7 (number), KEY=true (boolean), KEY=red or "
-               "KEY=\"7\" (string; quote for the shell: 'KEY=\"7\"'), KEY=a|b (any of), KEY>=X, KEY>X, KEY<=X, KEY<X "
-               "(X a number); several clauses may share one --filter, separated by spaces")
+FILTER_HELP = (
+    "metadata filter, repeatable, all must hold: KEY=7 (number), KEY=true (boolean), KEY=red or "
+    'KEY="7" (string; quote for the shell: \'KEY="7"\'), KEY=a|b (any of), KEY>=X, KEY>X, KEY<=X, KEY<X '
+    "(X a number); several clauses may share one --filter, separated by spaces"
+)
 
 
 def _client(args):
@@ -51,15 +53,21 @@ def register(sub) -> None:
     drop = actions.add_parser("drop")
     drop.add_argument("name")
     _common(drop)
-    fit = actions.add_parser("fit", help="fit a collection's learned pooling (NetVLAD codebook) on sample images",
-                             description="Fit the NetVLAD codebook of an empty collection on images sampled evenly "
-                                         "from an image folder or manifest, through a server or --local.")
+    fit = actions.add_parser(
+        "fit",
+        help="fit a collection's learned pooling (NetVLAD codebook) on sample images",
+        description="Fit the NetVLAD codebook of an empty collection on images sampled evenly "
+        "from an image folder or manifest, through a server or --local.",
+    )
     fit.add_argument("name", metavar="NAME[=POOLING]", help="the collection; NAME=POOLING creates it if missing")
     fit.add_argument("source", help="image folder, .csv/.jsonl/.parquet manifest or WebDataset .tar shards")
     fit.add_argument("--sample", type=int, default=500, metavar="N", help="images to fit on (default: 500)")
     fit.add_argument("--local", metavar="DATA_DIR", help="fit in-process in this data directory (no server)")
-    fit.add_argument("--index", default="", help="index type if the collection is created (default: flat); when "
-                     "given, an existing collection must have it")
+    fit.add_argument(
+        "--index",
+        default="",
+        help="index type if the collection is created (default: flat); when given, an existing collection must have it",
+    )
     _common(fit)
     c.set_defaults(run=run_collections)
 
@@ -102,11 +110,14 @@ def run_collections(args) -> int:
         if args.action == "list":
             for c in client.list_collections():
                 params = ";".join(f"{k}={v}" for k, v in c.pooling_params.items())
-                print(f"{c.name}\titems={c.count}\tmodel={c.model or '-'}\tpooling={c.pooling or '-'}"
-                      f"{':' + params if params else ''}\tdim={c.dim}\tindex={c.index}\tmetric={c.metric}")
+                print(
+                    f"{c.name}\titems={c.count}\tmodel={c.model or '-'}\tpooling={c.pooling or '-'}"
+                    f"{':' + params if params else ''}\tdim={c.dim}\tindex={c.index}\tmetric={c.metric}"
+                )
         elif args.action == "create":
-            c = client.create_collection(args.name, model=args.model, pooling=args.pooling, metric=args.metric,
-                                         index=args.index, dim=args.dim)
+            c = client.create_collection(
+                args.name, model=args.model, pooling=args.pooling, metric=args.metric, index=args.index, dim=args.dim
+            )
             print(f"created {c.name} (dim {c.dim}, pooling {c.pooling or '-'}, index {c.index})")
         else:
             print(f"dropped {args.name} ({client.drop_collection(args.name)} items)")
@@ -118,9 +129,9 @@ def _run_fit(args) -> int:
 
     if args.sample < 1:
         raise InvalidInput(f"--sample must be at least 1, got {args.sample}")
-    job = IndexJob(args.source, [args.name], local=args.local, address=args.address, index=args.index,
-                   token=connect.token() or "")
+    job = IndexJob(
+        args.source, [args.name], local=args.local, address=args.address, index=args.index, token=connect.token() or ""
+    )
     for fitted in run_fit(job, args.sample):
         print(f"fitted {fitted.name} on {fitted.images} images ({fitted.descriptors} token descriptors)")
     return 0
-

@@ -16,8 +16,11 @@ log = logging.getLogger("embedsvc.serve")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", description="Run the embedsvc server: gRPC, HTTP/JSON and the search page. Settings: "
-                       "defaults < --config file < EMBEDSVC_* environment variables < these flags.")
+    p = sub.add_parser(
+        "serve",
+        description="Run the embedsvc server: gRPC, HTTP/JSON and the search page. Settings: "
+        "defaults < --config file < EMBEDSVC_* environment variables < these flags.",
+    )
     p.add_argument("--config", help="TOML or JSON config file")
     hints = typing.get_type_hints(ServerConfig)
     add_model_arguments(p, what="serve this model as the default (registered in the server, loaded at start-up)")
@@ -25,8 +28,13 @@ def register(sub) -> None:
         if f.name == "models_file":  # the model option group's
             continue
         kind = hints[f.name]
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       type=kind if kind in (int, float) else str, help=f"(default: {f.default})")
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            type=kind if kind in (int, float) else str,
+            help=f"(default: {f.default})",
+        )
     p.set_defaults(run=run)
 
 
@@ -68,21 +76,37 @@ async def serve(config: ServerConfig) -> int:
     host = config.listen.rsplit(":", 1)[0]
     metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     if server.http:
-        metrics = f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" + metrics
+        metrics = (
+            f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" + metrics
+        )
     data = config.data_dir if config.store_backend == "local" else f"milvus {config.milvus_uri}"
     waiter = asyncio.create_task(server.wait_for_termination())
     stopping = asyncio.create_task(stop.wait())
     ready = asyncio.create_task(server.wait_ready())
     if not server.store.wait_loaded(0):
         # Probes answer while collections load; "serving on" below still means every collection answers.
-        print(f"embedsvc listening on {host}:{port}{metrics} (data: {data}); loading collections, /readyz 503 "
-              f"until loaded", file=sys.stderr, flush=True)
+        print(
+            f"embedsvc listening on {host}:{port}{metrics} (data: {data}); loading collections, /readyz 503 "
+            f"until loaded",
+            file=sys.stderr,
+            flush=True,
+        )
     await asyncio.wait([waiter, stopping, ready], return_when=asyncio.FIRST_COMPLETED)
     if ready.done() and not ready.cancelled():
-        log.info("serving", extra={"address": f"{host}:{port}", "metrics_port": server.metrics_port,
-                                   "http_port": server.http_port, "data": data})
-        print(f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
-              file=sys.stderr, flush=True)
+        log.info(
+            "serving",
+            extra={
+                "address": f"{host}:{port}",
+                "metrics_port": server.metrics_port,
+                "http_port": server.http_port,
+                "data": data,
+            },
+        )
+        print(
+            f"embedsvc serving on {host}:{port}{metrics} (data: {data}); Ctrl-C or SIGTERM to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
     log.info("shutting down", extra={"grace_s": config.shutdown_grace_seconds})

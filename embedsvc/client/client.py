@@ -10,10 +10,16 @@ import functools
 import inspect
 import itertools
 import warnings
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, Optional, ParamSpec, \
-    Self, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    Concatenate,
+    ParamSpec,
+    Self,
+    TypeVar,
+)
 
 import grpc
 import grpc.aio
@@ -21,11 +27,10 @@ import numpy as np
 
 from embedsvc.client.errors import EmbedsvcClientError, InvalidArgumentError, UnknownFilterKeyWarning, from_rpc_error
 from embedsvc.spec_text import SpecTextError, parse_spec_text
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 Input = str | bytes | Path  # text, encoded image bytes, or an image file path
-MetadataDict = Mapping[str, Union[str, float, int, bool]]
+MetadataDict = Mapping[str, str | float | int | bool]
 
 
 @dataclass
@@ -38,8 +43,8 @@ class Embeddings:
     vectors: dict[str, np.ndarray]
     modalities: list[str]
     truncated: list[bool]
-    tokens: Optional[list[np.ndarray]] = None  # with include_tokens: [num_tokens, dim] per input
-    grids: Optional[list[Optional[tuple[int, int]]]] = None  # with include_tokens: image token grids; None for text
+    tokens: list[np.ndarray] | None = None  # with include_tokens: [num_tokens, dim] per input
+    grids: list[tuple[int, int] | None] | None = None  # with include_tokens: image token grids; None for text
 
 
 @dataclass
@@ -97,9 +102,9 @@ class Item:
     """An item to upsert: give `vector`, or `text` / `image` for the server to embed."""
 
     id: str
-    vector: Optional[np.ndarray] = None
-    text: Optional[str] = None
-    image: Optional[Union[bytes, Path]] = None
+    vector: np.ndarray | None = None
+    text: str | None = None
+    image: bytes | Path | None = None
     metadata: MetadataDict = field(default_factory=dict)
 
 
@@ -107,7 +112,7 @@ class Item:
 class StoredItem:
     id: str
     metadata: dict[str, Any]
-    vector: Optional[np.ndarray] = None
+    vector: np.ndarray | None = None
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Hit:
     id: str
     score: float
     metadata: dict[str, Any] = field(default_factory=dict)
-    vector: Optional[np.ndarray] = None
+    vector: np.ndarray | None = None
 
 
 @dataclass
@@ -173,7 +178,7 @@ def _metadata(values) -> dict[str, Any]:
     return out
 
 
-def _filter(flt: Optional[Mapping[str, Any]]) -> Optional[pb.Filter]:
+def _filter(flt: Mapping[str, Any] | None) -> pb.Filter | None:
     """{"colour": "red"} equality, {"shape": ["star", "circle"]} any-of, {"n": (2, 4)} inclusive range."""
     if not flt:
         return None
@@ -209,15 +214,19 @@ def _pooling(spec: PoolingArg) -> pb.PoolingSpec:
     return pb.PoolingSpec(name=name, params={k: str(v) for k, v in params.items()})
 
 
-def _pooling_list(poolings: Union[PoolingArg, Sequence[PoolingArg]]) -> list[PoolingArg]:
+def _pooling_list(poolings: PoolingArg | Sequence[PoolingArg]) -> list[PoolingArg]:
     """A lone spec ("gem:p=3", or one (name, params) tuple) is one pooling, not a sequence of characters."""
-    if isinstance(poolings, str) or (isinstance(poolings, tuple) and len(poolings) == 2
-                                     and isinstance(poolings[0], str) and isinstance(poolings[1], Mapping)):
+    if isinstance(poolings, str) or (
+        isinstance(poolings, tuple)
+        and len(poolings) == 2
+        and isinstance(poolings[0], str)
+        and isinstance(poolings[1], Mapping)
+    ):
         return [poolings]
     return list(poolings)
 
 
-def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
+def _pooling_key(spec: str | tuple[str, Mapping[str, Any]]) -> str:
     """Where a pooling's vectors go in Embeddings.vectors: the spec as written, a tuple written as a string."""
     if isinstance(spec, str):
         return spec
@@ -225,13 +234,15 @@ def _pooling_key(spec: Union[str, tuple[str, Mapping[str, Any]]]) -> str:
     return f"{name}:{';'.join(f'{k}={v}' for k, v in params.items())}" if params else name
 
 
-def _pooling_keys(poolings: Sequence[Union[str, tuple]]) -> list[str]:
+def _pooling_keys(poolings: Sequence[str | tuple]) -> list[str]:
     """One key per requested pooling, in request order; the server's default (cls) when none is given."""
     keys = [_pooling_key(p) for p in poolings] or ["cls"]
     repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
     if repeated is not None:
-        raise InvalidArgumentError(f"pooling {repeated!r} is asked for twice in one embed call; give each spec once "
-                                   f"(its vectors are returned under the spec)")
+        raise InvalidArgumentError(
+            f"pooling {repeated!r} is asked for twice in one embed call; give each spec once "
+            f"(its vectors are returned under the spec)"
+        )
     return keys
 
 
@@ -240,17 +251,31 @@ def _pooled_vectors(response: pb.EmbedResponse, names: list[str], keys: list[str
     for result in response.results:
         answered = [e.pooling for e in result.embeddings]
         if answered != names:
-            raise EmbedsvcClientError(f"the server answered poolings {answered} for {names} requested; the "
-                                      f"vectors cannot be matched to the specs")
-    return {key: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
-            for j, key in enumerate(keys)}
+            raise EmbedsvcClientError(
+                f"the server answered poolings {answered} for {names} requested; the "
+                f"vectors cannot be matched to the specs"
+            )
+    return {
+        key: np.array([r.embeddings[j].vector.values for r in response.results], dtype=np.float32)
+        for j, key in enumerate(keys)
+    }
 
 
 def _collection(info: pb.CollectionInfo) -> Collection:
     c = info.config
     metric = {pb.METRIC_INNER_PRODUCT: "inner_product"}.get(c.metric, "cosine")
-    return Collection(c.name, c.model, c.pooling.name, dict(c.pooling.params), metric, c.index,
-                      info.dim, info.count, pb.PoolingState.Name(info.pooling_state), info.index_trained)
+    return Collection(
+        c.name,
+        c.model,
+        c.pooling.name,
+        dict(c.pooling.params),
+        metric,
+        c.index,
+        info.dim,
+        info.count,
+        pb.PoolingState.Name(info.pooling_state),
+        info.index_trained,
+    )
 
 
 def _modality(value: int) -> str:
@@ -258,10 +283,25 @@ def _modality(value: int) -> str:
 
 
 def _models(response: pb.ListModelsResponse) -> Models:
-    models = [ModelInfo(m.name, m.architecture, m.weights, m.embed_dim, m.image_size, m.context_length,
-                        m.vision_tower, m.loaded, m.device, m.dtype) for m in response.models]
-    poolings = [PoolingInfo(p.name, p.description, [_modality(m) for m in p.modalities], dict(p.defaults),
-                            p.requires_fit) for p in response.poolings]
+    models = [
+        ModelInfo(
+            m.name,
+            m.architecture,
+            m.weights,
+            m.embed_dim,
+            m.image_size,
+            m.context_length,
+            m.vision_tower,
+            m.loaded,
+            m.device,
+            m.dtype,
+        )
+        for m in response.models
+    ]
+    poolings = [
+        PoolingInfo(p.name, p.description, [_modality(m) for m in p.modalities], dict(p.defaults), p.requires_fit)
+        for p in response.poolings
+    ]
     return Models(models, poolings, response.default_model)
 
 
@@ -269,12 +309,21 @@ def _embeddings(request: pb.EmbedRequest, response: pb.EmbedResponse, keys: list
     vectors = _pooled_vectors(response, [p.name for p in request.poolings] or ["cls"], keys)
     tokens = grids = None
     if request.include_tokens:
-        tokens = [np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
-                  for r in response.results]
-        grids = [(r.tokens.grid_height, r.tokens.grid_width) if r.tokens.grid_height else None
-                 for r in response.results]
-    return Embeddings(response.model, vectors, [_modality(r.modality) for r in response.results],
-                      [r.truncated for r in response.results], tokens, grids)
+        tokens = [
+            np.frombuffer(r.tokens.data, dtype="<f4").reshape(r.tokens.num_tokens, r.tokens.dim)
+            for r in response.results
+        ]
+        grids = [
+            (r.tokens.grid_height, r.tokens.grid_width) if r.tokens.grid_height else None for r in response.results
+        ]
+    return Embeddings(
+        response.model,
+        vectors,
+        [_modality(r.modality) for r in response.results],
+        [r.truncated for r in response.results],
+        tokens,
+        grids,
+    )
 
 
 def _varint(n: int) -> bytes:
@@ -320,24 +369,27 @@ class _SearchOptions:
     """What applies to every query of one Search request."""
 
     top_k: int
-    filter: Union[str, Mapping[str, Any], None]
+    filter: str | Mapping[str, Any] | None
     nprobe: int
     ef_search: int
     include_metadata: bool
     include_vectors: bool
 
 
-def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions
-                    ) -> pb.SearchRequest:
-    request = pb.SearchRequest(collection=collection, top_k=options.top_k,
-                               include_metadata=options.include_metadata, include_vectors=options.include_vectors,
-                               params=pb.SearchParams(nprobe=options.nprobe, ef_search=options.ef_search))
+def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions) -> pb.SearchRequest:
+    request = pb.SearchRequest(
+        collection=collection,
+        top_k=options.top_k,
+        include_metadata=options.include_metadata,
+        include_vectors=options.include_vectors,
+        params=pb.SearchParams(nprobe=options.nprobe, ef_search=options.ef_search),
+    )
     if isinstance(options.filter, str):  # the CLI's grammar, parsed by the server (embedsvc.store.filter_text)
         request.filter_text = options.filter
     elif (flt := _filter(options.filter)) is not None:
         request.filter.CopyFrom(flt)
     for q in queries:
-        (kind, value), = q.items()
+        ((kind, value),) = q.items()
         if kind == "vector":
             _set_vector(request.queries.add().vector, value)
         elif kind == "image":
@@ -347,15 +399,25 @@ def _search_request(collection: str, queries: Sequence[Mapping[str, Any]], optio
     return request
 
 
-def _search(collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions,
-            timeout: Optional[float]) -> Steps[list[list[Hit]]]:
+def _search(
+    collection: str, queries: Sequence[Mapping[str, Any]], options: _SearchOptions, timeout: float | None
+) -> Steps[list[list[Hit]]]:
     """The Search RPC both `search` and `search_batch` make (a generator, like the methods that use it)."""
     response = yield "index", "Search", _search_request(collection, queries, options), timeout
     if response.unknown_filter_keys:  # stacklevel 4: past here, search and the driver, to the caller
         warnings.warn(UnknownFilterKeyWarning(collection, list(response.unknown_filter_keys)), stacklevel=4)
-    return [[Hit(h.id, h.score, _metadata(h.metadata),
-                 np.array(h.vector.values, np.float32) if options.include_vectors else None) for h in r.hits]
-            for r in response.results]
+    return [
+        [
+            Hit(
+                h.id,
+                h.score,
+                _metadata(h.metadata),
+                np.array(h.vector.values, np.float32) if options.include_vectors else None,
+            )
+            for h in r.hits
+        ]
+        for r in response.results
+    ]
 
 
 def _batches(iterable: Iterable, size: int) -> Iterator[list]:
@@ -377,15 +439,21 @@ def _batches(iterable: Iterable, size: int) -> Iterator[list]:
 # result. Client runs it blocking and AsyncClient awaiting it (see _blocking and _awaiting), so both clients
 # build the same requests and decode the same responses with the same code.
 
-Rpc = tuple[str, str, Any, Optional[float]]
+Rpc = tuple[str, str, Any, float | None]
 R = TypeVar("R")
 P = ParamSpec("P")
 Steps = Generator[Rpc, Any, R]  # a method of _Api: yields Rpcs, is sent their responses, returns R
 
 
 class _Api:
-    def embed(self, inputs: Sequence[Input], poolings: Union[PoolingArg, Sequence[PoolingArg]] = ("cls",),
-              model: str = "", include_tokens: bool = False, timeout: Optional[float] = None) -> Steps[Embeddings]:
+    def embed(
+        self,
+        inputs: Sequence[Input],
+        poolings: PoolingArg | Sequence[PoolingArg] = ("cls",),
+        model: str = "",
+        include_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> Steps[Embeddings]:
         """One matrix per pooling, keyed by the spec as written (Embeddings.vectors); with include_tokens, each
         input's token features (and image token grid). `poolings` is one spec or a sequence of them. A spec
         given twice is refused before anything is sent."""
@@ -393,45 +461,66 @@ class _Api:
         keys = _pooling_keys(poolings)
         if isinstance(inputs, (str, bytes, Path)):  # one input, not a sequence of characters or bytes
             inputs = [inputs]
-        request = pb.EmbedRequest(model=model, poolings=[_pooling(p) for p in poolings],
-                                  inputs=[_content(x) for x in inputs], include_tokens=include_tokens)
+        request = pb.EmbedRequest(
+            model=model,
+            poolings=[_pooling(p) for p in poolings],
+            inputs=[_content(x) for x in inputs],
+            include_tokens=include_tokens,
+        )
         return _embeddings(request, (yield "embed", "Embed", request, timeout), keys)
 
-    def list_models(self, timeout: Optional[float] = None) -> Steps[Models]:
+    def list_models(self, timeout: float | None = None) -> Steps[Models]:
         return _models((yield "embed", "ListModels", pb.ListModelsRequest(), timeout))
 
     # -- collections --------------------------------------------------------------------------
 
-    def create_collection(self, name: str, *, model: str = "", pooling: Union[str, tuple] = "cls",
-                          metric: str = "cosine", index: str = "flat", dim: int = 0,
-                          timeout: Optional[float] = None) -> Steps[Collection]:
+    def create_collection(
+        self,
+        name: str,
+        *,
+        model: str = "",
+        pooling: str | tuple = "cls",
+        metric: str = "cosine",
+        index: str = "flat",
+        dim: int = 0,
+        timeout: float | None = None,
+    ) -> Steps[Collection]:
         metric_enum = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT}[metric]
-        config = pb.CollectionConfig(name=name, model=model, pooling=_pooling(pooling) if not dim else None,
-                                     metric=metric_enum, index=index, dim=dim)
+        config = pb.CollectionConfig(
+            name=name,
+            model=model,
+            pooling=_pooling(pooling) if not dim else None,
+            metric=metric_enum,
+            index=index,
+            dim=dim,
+        )
         return _collection((yield "index", "CreateCollection", pb.CreateCollectionRequest(config=config), timeout))
 
-    def get_collection(self, name: str, timeout: Optional[float] = None) -> Steps[Collection]:
+    def get_collection(self, name: str, timeout: float | None = None) -> Steps[Collection]:
         return _collection((yield "index", "GetCollection", pb.GetCollectionRequest(name=name), timeout))
 
-    def list_collections(self, timeout: Optional[float] = None) -> Steps[list[Collection]]:
+    def list_collections(self, timeout: float | None = None) -> Steps[list[Collection]]:
         response = yield "index", "ListCollections", pb.ListCollectionsRequest(), timeout
         return [_collection(c) for c in response.collections]
 
-    def drop_collection(self, name: str, timeout: Optional[float] = None) -> Steps[int]:
+    def drop_collection(self, name: str, timeout: float | None = None) -> Steps[int]:
         return (yield "index", "DropCollection", pb.DropCollectionRequest(name=name), timeout).items_removed
 
     # -- items --------------------------------------------------------------------------------
 
-    def upsert(self, collection: str, items: Iterable[Item], *, batch_size: int = 64,
-               timeout: Optional[float] = None) -> Steps[UpsertStats]:
+    def upsert(
+        self, collection: str, items: Iterable[Item], *, batch_size: int = 64, timeout: float | None = None
+    ) -> Steps[UpsertStats]:
         """Streams any iterable of items in messages of `batch_size`; acknowledged when all are durable."""
-        messages = (_upsert_request(collection if n == 0 else "", chunk)
-                    for n, chunk in enumerate(_batches(items, batch_size)))
+        messages = (
+            _upsert_request(collection if n == 0 else "", chunk) for n, chunk in enumerate(_batches(items, batch_size))
+        )
         response = yield "index", "Upsert", messages, timeout
         return UpsertStats(response.inserted, response.replaced, response.count)
 
-    def delete(self, collection: str, ids: Sequence[str], timeout: Optional[float] = None,
-               chunk: int = 1000) -> Steps[tuple[int, list[str]]]:
+    def delete(
+        self, collection: str, ids: Sequence[str], timeout: float | None = None, chunk: int = 1000
+    ) -> Steps[tuple[int, list[str]]]:
         """Deletes ids (sent `chunk` at a time, under the server's per-request limit); returns (deleted, missing)."""
         deleted, missing = 0, []
         for part in _batches(ids, chunk):
@@ -440,24 +529,50 @@ class _Api:
             missing += list(response.missing_ids)
         return deleted, missing
 
-    def get(self, collection: str, ids: Sequence[str], include_vectors: bool = False,
-            timeout: Optional[float] = None, chunk: int = 1000) -> Steps[tuple[list[StoredItem], list[str]]]:
+    def get(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        include_vectors: bool = False,
+        timeout: float | None = None,
+        chunk: int = 1000,
+    ) -> Steps[tuple[list[StoredItem], list[str]]]:
         """Reads ids (sent `chunk` at a time); returns (found items in request order, missing ids)."""
         items, missing = [], []
         for part in _batches(ids, chunk):
-            response = yield "index", "Get", pb.GetRequest(collection=collection, ids=part,
-                                                           include_vectors=include_vectors), timeout
-            items += [StoredItem(i.id, _metadata(i.metadata),
-                                 np.array(i.vector.values, dtype=np.float32) if include_vectors else None)
-                      for i in response.items]
+            response = yield (
+                "index",
+                "Get",
+                pb.GetRequest(collection=collection, ids=part, include_vectors=include_vectors),
+                timeout,
+            )
+            items += [
+                StoredItem(
+                    i.id,
+                    _metadata(i.metadata),
+                    np.array(i.vector.values, dtype=np.float32) if include_vectors else None,
+                )
+                for i in response.items
+            ]
             missing += list(response.missing_ids)
         return items, missing
 
-    def search(self, collection: str, *, text: Optional[str] = None, image: Optional[Union[bytes, Path]] = None,
-               vector: Optional[np.ndarray] = None, id: Optional[str] = None, top_k: int = 10,
-               filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
-               include_metadata: bool = True, include_vectors: bool = False,
-               timeout: Optional[float] = None) -> Steps[list[Hit]]:
+    def search(
+        self,
+        collection: str,
+        *,
+        text: str | None = None,
+        image: bytes | Path | None = None,
+        vector: np.ndarray | None = None,
+        id: str | None = None,
+        top_k: int = 10,
+        filter: str | Mapping[str, Any] | None = None,
+        nprobe: int = 0,
+        ef_search: int = 0,
+        include_metadata: bool = True,
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> Steps[list[Hit]]:
         """The hits of one query: exactly one of text=, image=, vector= or id=. `filter`: text in the CLI's
         grammar ("n>=2 colour=red|blue"), parsed by the server, or a dict (see _filter). A filter on keys no
         item holds warns (UnknownFilterKeyWarning)."""
@@ -467,10 +582,19 @@ class _Api:
         options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
         return (yield from _search(collection, [given], options, timeout))[0]
 
-    def search_batch(self, collection: str, queries: Sequence[Mapping[str, Any]], *, top_k: int = 10,
-                     filter: Union[str, Mapping[str, Any], None] = None, nprobe: int = 0, ef_search: int = 0,
-                     include_metadata: bool = True, include_vectors: bool = False,
-                     timeout: Optional[float] = None) -> Steps[list[list[Hit]]]:
+    def search_batch(
+        self,
+        collection: str,
+        queries: Sequence[Mapping[str, Any]],
+        *,
+        top_k: int = 10,
+        filter: str | Mapping[str, Any] | None = None,
+        nprobe: int = 0,
+        ef_search: int = 0,
+        include_metadata: bool = True,
+        include_vectors: bool = False,
+        timeout: float | None = None,
+    ) -> Steps[list[list[Hit]]]:
         """One hit list per query, in order, in one request; each query is a dict of one of text=, image=,
         vector=, id= (`{"text": "a red car"}`). The options apply to every query."""
         for q in queries:
@@ -479,18 +603,29 @@ class _Api:
         options = _SearchOptions(top_k, filter, nprobe, ef_search, include_metadata, include_vectors)
         return (yield from _search(collection, queries, options, timeout))
 
-    def fit_pooling(self, collection: str, samples: Iterable[Input], params: Optional[Mapping[str, Any]] = None,
-                    batch_size: int = 64, timeout: Optional[float] = None) -> Steps[FitResult]:
-        messages = (pb.FitPoolingRequest(collection=collection if n == 0 else "",
-                                         params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
-                                         samples=[_content(x) for x in chunk])
-                    for n, chunk in enumerate(_batches(samples, batch_size)))
+    def fit_pooling(
+        self,
+        collection: str,
+        samples: Iterable[Input],
+        params: Mapping[str, Any] | None = None,
+        batch_size: int = 64,
+        timeout: float | None = None,
+    ) -> Steps[FitResult]:
+        messages = (
+            pb.FitPoolingRequest(
+                collection=collection if n == 0 else "",
+                params={k: str(v) for k, v in (params or {}).items()} if n == 0 else {},
+                samples=[_content(x) for x in chunk],
+            )
+            for n, chunk in enumerate(_batches(samples, batch_size))
+        )
         response = yield "index", "FitPooling", messages, timeout
         return FitResult(_collection(response.collection), response.descriptors, response.seconds)
 
 
-API_METHODS = [name for name, value in vars(_Api).items()
-               if inspect.isgeneratorfunction(value) and not name.startswith("_")]
+API_METHODS = [
+    name for name, value in vars(_Api).items() if inspect.isgeneratorfunction(value) and not name.startswith("_")
+]
 
 
 class _Channel:
@@ -498,33 +633,49 @@ class _Channel:
 
     grpc_module: Any = grpc  # grpc (blocking channels) or grpc.aio
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: Optional[float] = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, token: Optional[str] = None, tls: bool = False,
-                 ca_file: Optional[str] = None, cert_file: Optional[str] = None, key_file: Optional[str] = None,
-                 credentials: Optional[grpc.ChannelCredentials] = None, metadata: Sequence[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        token: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ):
         """token: API token (sent as 'authorization: Bearer'); tls: connect with TLS, trusting `ca_file`
         (else the system roots); cert_file + key_file: client certificate for mutual TLS."""
         grpc_module = self.grpc_module
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
         if credentials is None and (tls or ca_file or cert_file):
 
-            def read(path: Optional[str]) -> Optional[bytes]:
+            def read(path: str | None) -> bytes | None:
                 return Path(path).read_bytes() if path else None
 
             credentials = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
         if token:
             metadata = (*metadata, ("authorization", f"Bearer {token}"))
-        self.channel = (grpc_module.secure_channel(address, credentials, options) if credentials
-                        else grpc_module.insecure_channel(address, options))
+        self.channel = (
+            grpc_module.secure_channel(address, credentials, options)
+            if credentials
+            else grpc_module.insecure_channel(address, options)
+        )
         self.stubs = {"embed": pb_grpc.EmbedServiceStub(self.channel), "index": pb_grpc.IndexServiceStub(self.channel)}
         self.timeout = timeout
         self.metadata = tuple(metadata)
 
     def _invoke(self, rpc: Rpc):
         stub, method, request, timeout = rpc
-        return getattr(self.stubs[stub], method)(request, timeout=self.timeout if timeout is None else timeout,
-                                                 metadata=self.metadata)
+        return getattr(self.stubs[stub], method)(
+            request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata
+        )
 
 
 def _blocking(method: Callable[Concatenate[Any, P], Steps[R]]) -> Callable[Concatenate[_Channel, P], R]:

@@ -63,9 +63,21 @@ class AbortedError(EmbedsvcClientError):
     code = grpc.StatusCode.ABORTED
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, NotFoundError, AlreadyExistsError, FailedPreconditionError,
-                                      ResourceExhaustedError, UnauthenticatedError, PermissionDeniedError,
-                                      DeadlineExceededError, UnavailableError, AbortedError)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        AlreadyExistsError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        DeadlineExceededError,
+        UnavailableError,
+        AbortedError,
+    )
+}
 
 
 def from_rpc_error(error: grpc.RpcError) -> EmbedsvcClientError:
@@ -80,5 +92,7 @@ class UnknownFilterKeyWarning(UserWarning):
     def __init__(self, collection: str, keys: list[str]):
         self.collection, self.keys = collection, keys
         names = ", ".join(repr(k) for k in keys)
-        super().__init__(f"no item of collection {collection!r} has the metadata key{'s' * (len(keys) > 1)} {names}: "
-                         f"the filter matches nothing")
+        super().__init__(
+            f"no item of collection {collection!r} has the metadata key{'s' * (len(keys) > 1)} {names}: "
+            f"the filter matches nothing"
+        )

@@ -48,12 +48,19 @@ def draw_foreign(shape: str, colour: tuple, rng: np.random.Generator, size: int 
         w = r * 0.35
         mask = ((np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= w)) | ((np.abs(xx - cx) <= w) & (np.abs(yy - cy) <= r))
     else:
-        n, inner, start = {"triangle": (3, None, -math.pi / 2), "hexagon": (6, None, angle),
-                           "star": (5, 0.45, -math.pi / 2)}[shape]
+        n, inner, start = {
+            "triangle": (3, None, -math.pi / 2),
+            "hexagon": (6, None, angle),
+            "star": (5, 0.45, -math.pi / 2),
+        }[shape]
         steps = n * 2 if inner else n
-        points = [(cx + r * (inner if inner and k % 2 else 1) * math.cos(start + 2 * math.pi * k / steps),
-                   cy + r * (inner if inner and k % 2 else 1) * math.sin(start + 2 * math.pi * k / steps))
-                  for k in range(steps)]
+        points = [
+            (
+                cx + r * (inner if inner and k % 2 else 1) * math.cos(start + 2 * math.pi * k / steps),
+                cy + r * (inner if inner and k % 2 else 1) * math.sin(start + 2 * math.pi * k / steps),
+            )
+            for k in range(steps)
+        ]
         mask = _polygon_mask(xx, yy, points)
     pixels = np.where(mask[..., None], np.array(colour, dtype=np.float32), bg)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -76,11 +83,16 @@ def prompts_of(classes: list[tuple[str, str]]) -> list[str]:
     return [f"a {colour} {shape}" for colour, shape in classes]
 
 
-def zero_shot_scores(image_vectors: np.ndarray, prompt_vectors: np.ndarray, classes: list[tuple[str, str]],
-                     truth: list[int]) -> dict:
+def zero_shot_scores(
+    image_vectors: np.ndarray, prompt_vectors: np.ndarray, classes: list[tuple[str, str]], truth: list[int]
+) -> dict:
     """Top-1 over the joint colour+shape prompts, and how often the predicted colour / shape is right."""
     predicted = np.argmax(image_vectors @ prompt_vectors.T, axis=1)
-    return {"accuracy": float(np.mean(predicted == np.array(truth))),
-            "colour": float(np.mean([classes[p][0] == classes[t][0] for p, t in zip(predicted, truth)])),
-            "shape": float(np.mean([classes[p][1] == classes[t][1] for p, t in zip(predicted, truth)])),
-            "chance": 1 / len(classes), "chance_colour": 1 / len(COLOURS), "chance_shape": 1 / len(SHAPES)}
+    return {
+        "accuracy": float(np.mean(predicted == np.array(truth))),
+        "colour": float(np.mean([classes[p][0] == classes[t][0] for p, t in zip(predicted, truth)])),
+        "shape": float(np.mean([classes[p][1] == classes[t][1] for p, t in zip(predicted, truth)])),
+        "chance": 1 / len(classes),
+        "chance_colour": 1 / len(COLOURS),
+        "chance_shape": 1 / len(SHAPES),
+    }

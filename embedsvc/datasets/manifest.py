@@ -38,8 +38,9 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     try:
         records = _records(path)
     except UnicodeDecodeError as exc:
-        raise InvalidInput(f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#x}: {exc.reason}); "
-                           f"save it as UTF-8") from None
+        raise InvalidInput(
+            f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#x}: {exc.reason}); save it as UTF-8"
+        ) from None
     if not records:
         raise InvalidInput(f"manifest {path} has no rows")
     if path.suffix == ".csv":
@@ -54,12 +55,14 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         image_path = Path(raw_path)
         if not image_path.is_absolute():
             image_path = path.parent / image_path
-        rows.append(ManifestRow(
-            id=str(raw_path if record.get("id") in (None, "") else record["id"]),  # an id of 0 is the id "0"
-            path=image_path,
-            caption=record.get("caption") or None,
-            metadata={k: v for k, v in record.items() if k not in RESERVED and v not in (None, "")},
-        ))
+        rows.append(
+            ManifestRow(
+                id=str(raw_path if record.get("id") in (None, "") else record["id"]),  # an id of 0 is the id "0"
+                path=image_path,
+                caption=record.get("caption") or None,
+                metadata={k: v for k, v in record.items() if k not in RESERVED and v not in (None, "")},
+            )
+        )
     return rows
 
 
@@ -113,11 +116,14 @@ def _number(text: str):
 def _typed_columns(records: list[dict]) -> list[dict]:
     """Metadata columns whose every non-empty value is a number become numbers (id, path, caption stay text)."""
     columns = {k for r in records for k in r if k is not None and k not in RESERVED}
-    numeric = {c for c in columns
-               if any(r.get(c) not in (None, "") for r in records)
-               and all(_number(r[c].strip()) is not None for r in records if r.get(c) not in (None, ""))}
+    numeric = {
+        c
+        for c in columns
+        if any(r.get(c) not in (None, "") for r in records)
+        and all(_number(r[c].strip()) is not None for r in records if r.get(c) not in (None, ""))
+    }
     if not numeric:
         return records
-    return [{k: _number(v.strip()) if k in numeric and v not in (None, "") else v for k, v in r.items()}
-            for r in records]
-
+    return [
+        {k: _number(v.strip()) if k in numeric and v not in (None, "") else v for k, v in r.items()} for r in records
+    ]

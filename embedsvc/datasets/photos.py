@@ -16,8 +16,16 @@ import numpy as np
 from PIL import Image
 
 # skimage.data photos bundled in its wheel (others are downloaded on first use: not those).
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina",
-                  "camera")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "rocket",
+    "chelsea",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+)
 CAMERA_12MP = (4000, 3000)
 CAMERA_48MP = (8000, 6000)
 
@@ -62,8 +70,9 @@ def photo_image(index: int, size: tuple[int, int] = CAMERA_12MP) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def photo(index: int, size: tuple[int, int] = CAMERA_12MP, quality: int = 90, fmt: str = "JPEG",
-          orientation: int = 1) -> bytes:
+def photo(
+    index: int, size: tuple[int, int] = CAMERA_12MP, quality: int = 90, fmt: str = "JPEG", orientation: int = 1
+) -> bytes:
     """Photo `index` encoded as `fmt` (see `encode`)."""
     return encode(photo_image(index, size), fmt, quality, orientation)
 

@@ -11,18 +11,25 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (240, 220, 30),
-    "purple": (140, 40, 180), "orange": (245, 140, 20), "pink": (245, 120, 190), "cyan": (30, 210, 220),
-    "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (245, 140, 20),
+    "pink": (245, 120, 190),
+    "cyan": (30, 210, 220),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -75,8 +82,14 @@ def generate_scene(split: str, index: int) -> Scene:
     cells = rng.choice(len(POSITIONS), size=count, replace=False)
     objects = []
     for cell in sorted(cells):
-        objects.append(SceneObject(shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(COLOURS))),
-                                   size=str(rng.choice(SIZES)), position=POSITIONS[cell]))
+        objects.append(
+            SceneObject(
+                shape=str(rng.choice(SHAPES)),
+                colour=str(rng.choice(list(COLOURS))),
+                size=str(rng.choice(SIZES)),
+                position=POSITIONS[cell],
+            )
+        )
     background = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     jitter = rng.integers(-20, 21, size=3)
     red, green, blue = (int(np.clip(c + j, 0, 255)) for c, j in zip(background, jitter))
@@ -107,11 +120,11 @@ def render_scene(scene: Scene, size: int = 64, supersample: int = 2) -> Image.Im
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, angle: float) -> None:
-    def polygon(n: int, radius: float, start: float, inner: Optional[float] = None):
+    def polygon(n: int, radius: float, start: float, inner: float | None = None):
         points = []
         steps = n * 2 if inner else n
         for k in range(steps):
-            rad = (inner if inner and k % 2 else radius)
+            rad = inner if inner and k % 2 else radius
             theta = start + angle + 2 * math.pi * k / steps
             points.append((cx + rad * math.cos(theta), cy + rad * math.sin(theta)))
         return points
@@ -145,8 +158,12 @@ def full_caption(scene: Scene) -> str:
     return _join([o.phrase() for o in scene.objects])
 
 
-_RELATIONS = (("left of", lambda a, b: a[1] < b[1]), ("right of", lambda a, b: a[1] > b[1]),
-              ("above", lambda a, b: a[0] < b[0]), ("below", lambda a, b: a[0] > b[0]))
+_RELATIONS = (
+    ("left of", lambda a, b: a[1] < b[1]),
+    ("right of", lambda a, b: a[1] > b[1]),
+    ("above", lambda a, b: a[0] < b[0]),
+    ("below", lambda a, b: a[0] > b[0]),
+)
 
 
 def scene_captions(scene: Scene) -> list[str]:
@@ -202,8 +219,11 @@ def true_captions(scene: Scene) -> set[str]:
     for a in scene.objects:
         for b in scene.objects:
             if a is not b:
-                truths.update(f"{a.phrase(False, False)} {word} {b.phrase(False, False)}"
-                              for word, holds in _RELATIONS if holds(places[a], places[b]))
+                truths.update(
+                    f"{a.phrase(False, False)} {word} {b.phrase(False, False)}"
+                    for word, holds in _RELATIONS
+                    if holds(places[a], places[b])
+                )
     return truths
 
 
@@ -223,8 +243,9 @@ def scenes(split: str, count: int, start: int = 0) -> Iterator[Scene]:
         yield generate_scene(split, index)
 
 
-def write_scenes(out_dir: str | Path, split: str, count: int, start: int = 0, size: int = 64,
-                 image_format: str = "png") -> Path:
+def write_scenes(
+    out_dir: str | Path, split: str, count: int, start: int = 0, size: int = 64, image_format: str = "png"
+) -> Path:
     """Writes images plus manifest.csv (id, path, caption) and manifest.jsonl (with metadata and all
     captions), so that indexing and comparison tools read the scenes like any user data set."""
     out = Path(out_dir)
@@ -240,6 +261,16 @@ def write_scenes(out_dir: str | Path, split: str, count: int, start: int = 0, si
             colours = "|".join(o.colour for o in scene.objects)
             shapes = "|".join(o.shape for o in scene.objects)
             writer.writerow([scene.id, rel, captions[0], colours, shapes, len(scene.objects)])
-            fjson.write(json.dumps({"id": scene.id, "path": rel, "caption": captions[0], "captions": captions,
-                                    "objects": [asdict(o) for o in scene.objects]}) + "\n")
+            fjson.write(
+                json.dumps(
+                    {
+                        "id": scene.id,
+                        "path": rel,
+                        "caption": captions[0],
+                        "captions": captions,
+                        "objects": [asdict(o) for o in scene.objects],
+                    }
+                )
+                + "\n"
+            )
     return manifest_csv

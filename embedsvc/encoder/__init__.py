@@ -16,4 +16,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ClipEncoder", "DEFAULT_MAX_PIXELS", "Embedded", "decode_image", "embed"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ClipEncoder", "Embedded", "decode_image", "embed"]

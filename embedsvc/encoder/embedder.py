@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,8 +34,13 @@ def modality_of(item: Input) -> str:
     return TEXT if isinstance(item, str) else IMAGE
 
 
-def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[BoundPooling],
-          max_pixels: int = DEFAULT_MAX_PIXELS, keep_features: bool = False) -> Embedded:
+def embed(
+    encoder: ClipEncoder,
+    inputs: Sequence[Input],
+    poolings: Sequence[BoundPooling],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_features: bool = False,
+) -> Embedded:
     """Texts are str, images are encoded bytes (decoded at the model's size, as the server does) or PIL
     images. Every pooling is checked against every
     modality present (and the image token modes against the model) before any forward pass, so a refused
@@ -60,9 +65,11 @@ def embed(encoder: ClipEncoder, inputs: Sequence[Input], poolings: Sequence[Boun
         if modality == TEXT:
             features = encoder.encode_texts([item for item in inputs if isinstance(item, str)])  # those at index
         else:
-            images = [item if isinstance(item, Image.Image) else decode_image(item, max_pixels,
-                                                                              encoder.loaded.image_size)
-                      for item in inputs if not isinstance(item, str)]  # those at index
+            images = [
+                item if isinstance(item, Image.Image) else decode_image(item, max_pixels, encoder.loaded.image_size)
+                for item in inputs
+                if not isinstance(item, str)
+            ]  # those at index
             features = encoder.encode_images(images, modes)
         for out, pooling in zip(vectors, poolings):
             out[index] = pooling(features).cpu().numpy()

@@ -10,7 +10,8 @@ the trunk pass and change only the last block's computation; the native output n
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,9 @@ from PIL import Image
 
 from embedsvc.encoder.preprocess import split_transform
 from embedsvc.encoder.token_modes import vit_forward, vit_token_modes
-from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures
 from embedsvc.errors import EmptyText, UnsupportedModel, UnsupportedTokenMode, quoted
 from embedsvc.models.loader import LoadedModel
+from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures
 
 
 class ClipEncoder:
@@ -46,8 +47,10 @@ class ClipEncoder:
         bad = [m for m in modes if m not in valid]
         if bad:
             tower = f"{self.loaded.vision_tower} image tower" if modality == IMAGE else "text tower"
-            raise UnsupportedTokenMode(f"model {quoted(self.loaded.spec.name)}: the {tower} has no token mode "
-                                       f"{', '.join(bad)}; valid: {', '.join(valid)}")
+            raise UnsupportedTokenMode(
+                f"model {quoted(self.loaded.spec.name)}: the {tower} has no token mode "
+                f"{', '.join(bad)}; valid: {', '.join(valid)}"
+            )
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -62,15 +65,18 @@ class ClipEncoder:
         return self._split.to_uint8(image) if self._split else self.loaded.preprocess(image)
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image] | torch.Tensor, modes: Sequence[str] = (FINAL,)
-                      ) -> TokenFeatures:
+    def encode_images(
+        self, images: Sequence[Image.Image] | torch.Tensor, modes: Sequence[str] = (FINAL,)
+    ) -> TokenFeatures:
         """Encodes decoded RGB images, or a [B, 3, H, W] batch: float, as the model's transform gives, or
         uint8 as `prepare` gives. The result's tokens are those of modes[0]; the other modes' tokens ride
         along (TokenFeatures.in_mode), from the same pass."""
         modes = tuple(dict.fromkeys(modes)) or (FINAL,)
         self.check_token_modes(modes)
         pixels = images if isinstance(images, torch.Tensor) else torch.stack([self.prepare(image) for image in images])
-        return TokenFeatures.concat([self._encode_pixels(chunk, modes) for chunk in torch.split(pixels, self.max_batch)])
+        return TokenFeatures.concat(
+            [self._encode_pixels(chunk, modes) for chunk in torch.split(pixels, self.max_batch)]
+        )
 
     def _encode_pixels(self, pixels: torch.Tensor, modes: tuple[str, ...]) -> TokenFeatures:
         if pixels.dtype == torch.uint8:
@@ -83,8 +89,15 @@ class ClipEncoder:
         if self.loaded.vision_tower == "vit":
             native, by_mode = vit_forward(visual, pixels, modes)
             mask = torch.ones(native.shape[0], by_mode[modes[0]].shape[1], dtype=torch.bool, device=native.device)
-            return TokenFeatures(IMAGE, by_mode[modes[0]].float(), mask, native.float(), tuple(visual.grid_size),
-                                 mode=modes[0], other_modes={m: by_mode[m].float() for m in modes[1:]})
+            return TokenFeatures(
+                IMAGE,
+                by_mode[modes[0]].float(),
+                mask,
+                native.float(),
+                tuple(visual.grid_size),
+                mode=modes[0],
+                other_modes={m: by_mode[m].float() for m in modes[1:]},
+            )
         x = visual.stem(pixels)
         x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
         native = visual.attnpool(x)
@@ -138,7 +151,7 @@ def _simple_tokenize(tokenizer: SimpleTokenizer, texts: Sequence[str]) -> tuple[
         if len(tokens) > context:
             tokens = tokens[:context]
             tokens[-1] = tokenizer.eot_token_id
-        ids[row, :len(tokens)] = torch.tensor(tokens)
+        ids[row, : len(tokens)] = torch.tensor(tokens)
     return ids, truncated
 
 
@@ -188,10 +201,14 @@ def _text_mask(ids: torch.Tensor, pool_type: str, eos_id, pad_id: int) -> torch.
 
 def _check_vit(visual, name: str) -> None:
     if visual.attn_pool is not None:
-        raise UnsupportedModel(f"model {quoted(name)}: attentional-pool (CoCa-style) ViT tokens are learned queries, "
-                               f"not patches; embedsvc pools patch tokens of plain ViTs only")
+        raise UnsupportedModel(
+            f"model {quoted(name)}: attentional-pool (CoCa-style) ViT tokens are learned queries, "
+            f"not patches; embedsvc pools patch tokens of plain ViTs only"
+        )
     if visual.pool_type not in ("tok", "avg"):
-        raise UnsupportedModel(f"model {quoted(name)}: ViT pool_type {quoted(visual.pool_type)} has no native pooled output")
+        raise UnsupportedModel(
+            f"model {quoted(name)}: ViT pool_type {quoted(visual.pool_type)} has no native pooled output"
+        )
     if visual.proj is None:
         raise UnsupportedModel(f"model {quoted(name)}: ViT has no projection to the joint space")
 
@@ -201,15 +218,31 @@ def text_tower(model, name: str) -> dict:
     from open_clip.transformer import TextTransformer
 
     if hasattr(model, "token_embedding"):  # CLIP keeps the text tower's modules on the model itself
-        return {"token_embedding": model.token_embedding, "positional_embedding": model.positional_embedding,
-                "transformer": model.transformer, "attn_mask": model.attn_mask, "ln_final": model.ln_final,
-                "projection": model.text_projection, "pool_type": model.text_pool_type,
-                "eos_id": getattr(model, "text_eos_id", None), "pad_id": 0}
+        return {
+            "token_embedding": model.token_embedding,
+            "positional_embedding": model.positional_embedding,
+            "transformer": model.transformer,
+            "attn_mask": model.attn_mask,
+            "ln_final": model.ln_final,
+            "projection": model.text_projection,
+            "pool_type": model.text_pool_type,
+            "eos_id": getattr(model, "text_eos_id", None),
+            "pad_id": 0,
+        }
     text = getattr(model, "text", None)
     if isinstance(text, TextTransformer) and text.cls_emb is None and not text.use_pad_mask:
-        return {"token_embedding": text.token_embedding, "positional_embedding": text.positional_embedding,
-                "transformer": text.transformer, "attn_mask": text.attn_mask, "ln_final": text.ln_final,
-                "projection": text.text_projection, "pool_type": text.pool_type, "eos_id": text.eos_id,
-                "pad_id": text.pad_id}
-    raise UnsupportedModel(f"model {quoted(name)}: text tower {type(text).__name__} exposes no token features embedsvc "
-                           f"can pool; use an open_clip model with the built-in text transformer")
+        return {
+            "token_embedding": text.token_embedding,
+            "positional_embedding": text.positional_embedding,
+            "transformer": text.transformer,
+            "attn_mask": text.attn_mask,
+            "ln_final": text.ln_final,
+            "projection": text.text_projection,
+            "pool_type": text.pool_type,
+            "eos_id": text.eos_id,
+            "pad_id": text.pad_id,
+        }
+    raise UnsupportedModel(
+        f"model {quoted(name)}: text tower {type(text).__name__} exposes no token features embedsvc "
+        f"can pool; use an open_clip model with the built-in text transformer"
+    )

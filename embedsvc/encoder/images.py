@@ -41,13 +41,24 @@ REDUCING_GAP = 4
 # write them for depth or HDR gain maps).
 JPEG_FORMATS = ("JPEG", "MPO")
 
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: int = 0,
-                 max_header_pixels: int = DEFAULT_MAX_HEADER_PIXELS, for_model: bool = True) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    short_side: int = 0,
+    max_header_pixels: int = DEFAULT_MAX_HEADER_PIXELS,
+    for_model: bool = True,
+) -> Image.Image:
     """Decodes encoded image bytes into an upright RGB image, or raises a typed error.
 
     The sizes are checked from the header, before any pixel is decoded: what the file declares against
@@ -73,12 +84,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, short_side: 
         raise
     except Image.DecompressionBombError as exc:
         # Pillow's own guard fires inside open() for sizes far over its default; same meaning as ours.
-        raise ImageTooLarge(f"image is too large to decode safely ({exc}); the limit is {max_header_pixels:,} "
-                            f"pixels: downscale it before sending") from exc
+        raise ImageTooLarge(
+            f"image is too large to decode safely ({exc}); the limit is {max_header_pixels:,} "
+            f"pixels: downscale it before sending"
+        ) from exc
     except UnidentifiedImageError as exc:
         if _is_heif_family(data):  # libavif refuses a cut AVIF at the header already
-            raise ImageDecodeError(f"could not decode image ({len(data)} bytes): a HEIF/AVIF file that is corrupt "
-                                   f"or truncated ({exc})") from exc
+            raise ImageDecodeError(
+                f"could not decode image ({len(data)} bytes): a HEIF/AVIF file that is corrupt or truncated ({exc})"
+            ) from exc
         raise ImageDecodeError(
             f"could not decode image ({len(data)} bytes): not a {FORMAT_NAMES} file ({exc})"
         ) from exc
@@ -167,12 +181,13 @@ def check_resized_size(size: tuple[int, int], short_side: int, max_pixels: int) 
         raise ImageTooLarge(
             f"image is {width}x{height}: resized to the model's {short_side}-pixel input it would be "
             f"{long_side:,}x{short_side} = {long_side * short_side:,} pixels, over the limit of {max_pixels:,} "
-            f"(an aspect ratio over {max_pixels / short_side ** 2:,.0f}:1); crop it before sending"
+            f"(an aspect ratio over {max_pixels / short_side**2:,.0f}:1); crop it before sending"
         )
 
 
-def split_by_resized_size(images, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
-                          ) -> tuple[list[int], dict[int, str]]:
+def split_by_resized_size(
+    images, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[int], dict[int, str]]:
     """(indexes of the decoded images that `check_resized_size` accepts, {index: reason} for the others):
     offline jobs skip what the server would refuse."""
     keep, refused = [], {}
@@ -197,8 +212,9 @@ def _check_jpeg_has_data(image: Image.Image, file_bytes: int) -> None:
     layers = getattr(image, "layer", None) or [("", 1, 1, 0)]  # (component id, h sampling, v sampling, table)
     h_max = max(layer[1] for layer in layers)
     v_max = max(layer[2] for layer in layers)
-    blocks = sum(_ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8)
-                 for _, h, v, _ in layers)
+    blocks = sum(
+        _ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8) for _, h, v, _ in layers
+    )
     if file_bytes * 8 < blocks:
         raise ImageDecodeError(
             f"could not decode image ({file_bytes:,} bytes): the JPEG header declares {width}x{height} pixels "

@@ -16,8 +16,8 @@ returns None and callers run the whole transform per image.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -50,21 +50,28 @@ class SplitTransform:
     @functools.lru_cache(maxsize=4)  # noqa: B019 - 4 entries, of a preprocessor that lives as long as its model
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std as [1, 3, 1, 1] tensors on `device`, made once per device."""
-        return (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
-                torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        return (
+            torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(self.std, device=device).view(1, -1, 1, 1),
+        )
 
 
-def split_transform(preprocess) -> Optional[SplitTransform]:
+def split_transform(preprocess) -> SplitTransform | None:
     """The cut of a torchvision Compose that ends `..., ToTensor, Normalize`; None for any other shape."""
     from torchvision import transforms as T
 
     steps = list(getattr(preprocess, "transforms", ()))
-    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or type(steps[-2]).__name__ not in (
-            "ToTensor", "MaybeToTensor"):
+    if (
+        len(steps) < 2
+        or not isinstance(steps[-1], T.Normalize)
+        or type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor")
+    ):
         return None
     normalize = steps[-1]
-    if normalize.inplace is not False or any(type(s).__name__ in ("ToTensor", "MaybeToTensor", "Normalize")
-                                             for s in steps[:-2]):
+    if normalize.inplace is not False or any(
+        type(s).__name__ in ("ToTensor", "MaybeToTensor", "Normalize") for s in steps[:-2]
+    ):
         return None
-    return SplitTransform(tuple(steps[:-2]), tuple(float(m) for m in normalize.mean),
-                          tuple(float(s) for s in normalize.std))
+    return SplitTransform(
+        tuple(steps[:-2]), tuple(float(m) for m in normalize.mean), tuple(float(s) for s in normalize.std)
+    )

@@ -9,7 +9,7 @@ nn.MultiheadAttention weights, VisionTransformer's ln_post and proj); nothing he
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +104,7 @@ def _naclip(block, x, visual) -> torch.Tensor:
 
 
 # mode -> (last block, its input x [B, 1+N, W] batch-first, visual) -> the block's output [B, 1+N, W]
-LAST_BLOCK: dict[str, Callable] = {"maskclip": _maskclip, "clearclip": _clearclip, "sclip": _sclip,
-                                   "naclip": _naclip}
+LAST_BLOCK: dict[str, Callable] = {"maskclip": _maskclip, "clearclip": _clearclip, "sclip": _sclip, "naclip": _naclip}
 
 assert set(TOKEN_MODES) == {FINAL, *LAST_BLOCK}, "features.TOKEN_MODES names exactly the modes computed here"
 
@@ -116,6 +115,9 @@ def vit_token_modes(visual) -> tuple[str, ...]:
     from open_clip.transformer import ResidualAttentionBlock
 
     last = visual.transformer.resblocks[-1]
-    standard = (type(last) is ResidualAttentionBlock and isinstance(last.attn, torch.nn.MultiheadAttention)
-                and last.attn.in_proj_weight is not None)
+    standard = (
+        type(last) is ResidualAttentionBlock
+        and isinstance(last.attn, torch.nn.MultiheadAttention)
+        and last.attn.in_proj_weight is not None
+    )
     return TOKEN_MODES if standard else (FINAL,)

@@ -29,9 +29,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from embedsvc.errors import ResourceExhausted
 from embedsvc.pooling.features import FINAL, TokenFeatures
@@ -43,17 +44,24 @@ log = logging.getLogger(__name__)
 class _Pending:
     inputs: list
     future: asyncio.Future
-    finish: Optional[Callable[[TokenFeatures], Any]] = None
+    finish: Callable[[TokenFeatures], Any] | None = None
     modes: tuple[str, ...] = (FINAL,)
 
 
 class DynamicBatcher:
     """Coalesces requests for one encoder function ((texts or image tensors, token modes) -> TokenFeatures)."""
 
-    def __init__(self, name: str, encode: Callable[[list, tuple], TokenFeatures], executor: ThreadPoolExecutor,
-                 max_batch: int, max_delay_s: float, max_queue: int,
-                 on_batch: Optional[Callable[[str, int, int], None]] = None,
-                 model_free: Optional[asyncio.Lock] = None):
+    def __init__(
+        self,
+        name: str,
+        encode: Callable[[list, tuple], TokenFeatures],
+        executor: ThreadPoolExecutor,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[str, int, int], None] | None = None,
+        model_free: asyncio.Lock | None = None,
+    ):
         self.name = name
         self.encode = encode
         self.executor = executor
@@ -69,23 +77,28 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._target = 1  # inputs the next batch waits for while under load: the previous batch's size
         self._last_end = float("-inf")  # loop time the previous forward finished
-        self._worker: Optional[asyncio.Task] = None
+        self._worker: asyncio.Task | None = None
 
-    async def submit(self, inputs: list, finish: Optional[Callable[[TokenFeatures], Any]] = None,
-                     modes: tuple[str, ...] = (FINAL,)) -> Any:
+    async def submit(
+        self, inputs: list, finish: Callable[[TokenFeatures], Any] | None = None, modes: tuple[str, ...] = (FINAL,)
+    ) -> Any:
         """The inputs' TokenFeatures, with (at least) the token `modes`; with `finish`, the list of
         finish(features) per part of at most max_batch inputs (one element unless the request was split),
         computed in the model thread."""
         if not inputs:
             raise ValueError("submit needs at least one input")
         if self.queued_inputs + len(inputs) > self.max_queue:
-            raise ResourceExhausted(f"{self.name}: {self.queued_inputs} inputs already queued (limit {self.max_queue}); "
-                                    f"retry with backoff or send smaller batches")
+            raise ResourceExhausted(
+                f"{self.name}: {self.queued_inputs} inputs already queued (limit {self.max_queue}); "
+                f"retry with backoff or send smaller batches"
+            )
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.name}")
-        pending = [_Pending(inputs[i:i + self.max_batch], loop.create_future(), finish, tuple(modes))
-                   for i in range(0, len(inputs), self.max_batch)]
+        pending = [
+            _Pending(inputs[i : i + self.max_batch], loop.create_future(), finish, tuple(modes))
+            for i in range(0, len(inputs), self.max_batch)
+        ]
         self.queued_inputs += len(inputs)
         self._queue.extend(pending)
         self._arrived.set()
@@ -147,7 +160,7 @@ class DynamicBatcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     def _take(self) -> list[_Pending]:
@@ -204,6 +217,13 @@ class DynamicBatcher:
 
 def _rows(features: TokenFeatures, start: int, stop: int) -> TokenFeatures:
     """Rows start:stop of a batch, as views (no copy), every token mode included."""
-    return TokenFeatures(features.modality, features.tokens[start:stop], features.mask[start:stop],
-                         features.native[start:stop], features.grid, features.truncated[start:stop], features.mode,
-                         {m: t[start:stop] for m, t in features.other_modes.items()})
+    return TokenFeatures(
+        features.modality,
+        features.tokens[start:stop],
+        features.mask[start:stop],
+        features.native[start:stop],
+        features.grid,
+        features.truncated[start:stop],
+        features.mode,
+        {m: t[start:stop] for m, t in features.other_modes.items()},
+    )

@@ -12,24 +12,38 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 
 from embedsvc.cpu import lower_thread_priority, usable_cpus
 from embedsvc.encoder import ClipEncoder
-from embedsvc.encoder.images import (THUMBNAIL_SIDE, check_resized_size, decode_image, decoded_pixels, fit_to_model,
-                                     thumbnail_jpeg)
+from embedsvc.encoder.images import (
+    THUMBNAIL_SIDE,
+    check_resized_size,
+    decode_image,
+    decoded_pixels,
+    fit_to_model,
+    thumbnail_jpeg,
+)
 from embedsvc.engine.batching import DynamicBatcher
 from embedsvc.engine.config import EngineConfig
 from embedsvc.errors import Aborted, EmptyText, FailedPrecondition, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import get_model_spec, load_model
 from embedsvc.models.registry import register_models_file
-from embedsvc.pooling import (BoundPooling, NetVLADState, PoolingSpec, bind_pooling, fit_netvlad, image_token_modes,
-                              params_to_strings)
+from embedsvc.pooling import (
+    BoundPooling,
+    NetVLADState,
+    PoolingSpec,
+    bind_pooling,
+    fit_netvlad,
+    image_token_modes,
+    params_to_strings,
+)
 from embedsvc.pooling.features import IMAGE, TEXT, TokenFeatures
 from embedsvc.store import CollectionConfig, CollectionInfo, Filter, Hit, Item, SearchOptions, VectorStore
 
@@ -69,7 +83,7 @@ class Embedding:
     modality: str
     vectors: list[np.ndarray]  # one per pooling
     truncated: bool
-    tokens: Optional[TokenFeatures] = None
+    tokens: TokenFeatures | None = None
 
 
 @dataclass
@@ -79,7 +93,7 @@ class EmbeddedBatch:
     modalities: list[str]
     vectors: list[np.ndarray]  # one [N, dim] float32 matrix per pooling
     truncated: list[bool]
-    tokens: Optional[list[TokenFeatures]] = None  # per input, when asked for
+    tokens: list[TokenFeatures] | None = None  # per input, when asked for
     # Per input, the text tokens the model read (SOT and EOT included, after any cut); 0 for images.
     token_counts: list[int] = field(default_factory=list)
 
@@ -87,16 +101,16 @@ class EmbeddedBatch:
 @dataclass
 class UpsertRequestItem:
     id: str
-    content: Optional[Content]
-    vector: Optional[np.ndarray]
+    content: Content | None
+    vector: np.ndarray | None
     metadata: dict
 
 
 @dataclass
 class Query:
-    content: Optional[Content] = None
-    vector: Optional[np.ndarray] = None
-    item_id: Optional[str] = None
+    content: Content | None = None
+    vector: np.ndarray | None = None
+    item_id: str | None = None
 
 
 @dataclass
@@ -117,7 +131,7 @@ class PooledPart(NamedTuple):
 
     vectors: list[np.ndarray]  # one [rows, dim] matrix per pooling
     truncated: list[bool]
-    tokens: Optional[TokenFeatures]  # when asked for
+    tokens: TokenFeatures | None  # when asked for
     token_counts: list[int]
 
 
@@ -140,8 +154,9 @@ def _image_payload(content: Content) -> Any:
 
 def check_count(config: EngineConfig, n: int, what: str) -> None:
     if n > config.max_items_per_request:
-        raise ResourceExhausted(f"{n} {what} in one request, over the limit of {config.max_items_per_request}; "
-                                f"split it")
+        raise ResourceExhausted(
+            f"{n} {what} in one request, over the limit of {config.max_items_per_request}; split it"
+        )
 
 
 def check_content(config: EngineConfig, content: Content, where: str) -> None:
@@ -150,20 +165,23 @@ def check_content(config: EngineConfig, content: Content, where: str) -> None:
         if not content.text.strip():
             raise EmptyText(f"{where}: text is empty; send at least one non-blank character")
         if len(content.text) > config.max_text_chars:
-            raise InvalidInput(f"{where}: text has {len(content.text)} characters, over the limit of "
-                               f"{config.max_text_chars}")
+            raise InvalidInput(
+                f"{where}: text has {len(content.text)} characters, over the limit of {config.max_text_chars}"
+            )
     elif isinstance(content, (DecodedImage, PreparedImage)):
         pass
     elif isinstance(content, ImageBytes):
         if len(content.data) > config.max_image_bytes:
-            raise InvalidInput(f"{where}: image is {len(content.data):,} bytes, over the limit of "
-                               f"{config.max_image_bytes:,}")
+            raise InvalidInput(
+                f"{where}: image is {len(content.data):,} bytes, over the limit of {config.max_image_bytes:,}"
+            )
     else:
         raise InvalidInput(f"{where}: no content (set text or image)")
 
 
-def decode_for_model(config: EngineConfig, short_side: int, prepare: Callable[[Any], torch.Tensor], data: Any,
-                     where: str) -> torch.Tensor:
+def decode_for_model(
+    config: EngineConfig, short_side: int, prepare: Callable[[Any], torch.Tensor], data: Any, where: str
+) -> torch.Tensor:
     """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`."""
     try:
         if isinstance(data, (bytes, bytearray)):
@@ -179,12 +197,16 @@ def decode_for_model(config: EngineConfig, short_side: int, prepare: Callable[[A
 def check_pixel_budget(config: EngineConfig, payloads: Sequence[Any], short_side: int) -> None:
     """RESOURCE_EXHAUSTED when the pixels the images decode to (from their headers: a JPEG's scaled size
     at the model's input size) add up to more than max_request_pixels."""
-    total = sum(decoded_pixels(bytes(p), short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
-                for p in payloads)
+    total = sum(
+        decoded_pixels(bytes(p), short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
+        for p in payloads
+    )
     if total > config.max_request_pixels:
-        raise ResourceExhausted(f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
-                                f"limit of {config.max_request_pixels:,} (max_request_pixels); send fewer "
-                                f"or smaller images per request")
+        raise ResourceExhausted(
+            f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
+            f"limit of {config.max_request_pixels:,} (max_request_pixels); send fewer "
+            f"or smaller images per request"
+        )
 
 
 def _after(first: Callable[[], Any], then: Callable[[], Any]) -> Any:
@@ -200,8 +222,9 @@ def _fit_params(params: dict[str, str]) -> tuple[int, int]:
     """FitPooling's (seed, max_descriptors), checked before any work."""
     unknown = set(params) - {"seed", "max_descriptors"}
     if unknown:
-        raise InvalidInput(f"unknown fit parameter(s) {', '.join(sorted(quoted(u) for u in unknown))}; allowed: "
-                           f"seed, max_descriptors")
+        raise InvalidInput(
+            f"unknown fit parameter(s) {', '.join(sorted(quoted(u) for u in unknown))}; allowed: seed, max_descriptors"
+        )
     seed, max_descriptors = _int_param(params, "seed", 0), _int_param(params, "max_descriptors", 200_000)
     if not 0 <= seed <= FIT_SEED_MAX:
         raise InvalidInput(f"fit parameter seed must be between 0 and {FIT_SEED_MAX}, got {seed}")
@@ -227,11 +250,26 @@ class ModelRuntime:
         name = encoder.loaded.spec.name
         delay = config.max_batch_delay_ms / 1000
         model_free = asyncio.Lock()  # one forward at a time: the other tower keeps gathering meanwhile
-        self.text = DynamicBatcher(f"{name}/text", lambda xs, modes: encoder.encode_texts(xs), self.executor,
-                                   config.max_batch_size, delay, config.max_queue, on_batch, model_free)
-        self.image = DynamicBatcher(f"{name}/image", lambda xs, modes: encoder.encode_images(torch.stack(xs), modes),
-                                    self.executor, config.max_batch_size, delay, config.max_queue, on_batch,
-                                    model_free)
+        self.text = DynamicBatcher(
+            f"{name}/text",
+            lambda xs, modes: encoder.encode_texts(xs),
+            self.executor,
+            config.max_batch_size,
+            delay,
+            config.max_queue,
+            on_batch,
+            model_free,
+        )
+        self.image = DynamicBatcher(
+            f"{name}/image",
+            lambda xs, modes: encoder.encode_images(torch.stack(xs), modes),
+            self.executor,
+            config.max_batch_size,
+            delay,
+            config.max_queue,
+            on_batch,
+            model_free,
+        )
 
     async def close(self) -> None:
         await self.text.close()
@@ -244,8 +282,12 @@ class Engine:
         self.config = config
         self.store = store
         self.metrics = metrics
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode",
-                                              initializer=lower_thread_priority, initargs=(config.decode_nice,))
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=config.decode_workers,
+            thread_name_prefix="decode",
+            initializer=lower_thread_priority,
+            initargs=(config.decode_nice,),
+        )
         self.io_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         self._models: dict[str, ModelRuntime] = {}
         self._model_lock = threading.Lock()
@@ -266,8 +308,11 @@ class Engine:
                 loaded = load_model(spec, device=self.config.device, precision=self.config.precision)
                 if self.metrics:
                     self.metrics.model_load_seconds.labels(name).set(loaded.load_seconds)
-                self._models[name] = ModelRuntime(ClipEncoder(loaded, max_batch=self.config.max_batch_size),
-                                                  self.config, self.metrics.observe_batch if self.metrics else None)
+                self._models[name] = ModelRuntime(
+                    ClipEncoder(loaded, max_batch=self.config.max_batch_size),
+                    self.config,
+                    self.metrics.observe_batch if self.metrics else None,
+                )
             return self._models[name]
 
     async def collection_runtime(self, info: CollectionInfo) -> ModelRuntime:
@@ -333,9 +378,14 @@ class Engine:
         await self._in_decode_pool([check])
         return await self._in_decode_pool(decode)
 
-    async def features(self, runtime: ModelRuntime, contents: Sequence[Content], where: str = "input",
-                       finish: Optional[Callable[[TokenFeatures], Any]] = None,
-                       poolings: Sequence[BoundPooling] = ()) -> list[TowerOutput]:
+    async def features(
+        self,
+        runtime: ModelRuntime,
+        contents: Sequence[Content],
+        where: str = "input",
+        finish: Callable[[TokenFeatures], Any] | None = None,
+        poolings: Sequence[BoundPooling] = (),
+    ) -> list[TowerOutput]:
         """Per tower, the indexes of its contents and what the batcher returned for them: TokenFeatures of the
         whole group, or with `finish`, finish(features) per batcher part, computed in the model thread.
         Image features carry the token modes `poolings` read."""
@@ -350,8 +400,9 @@ class Engine:
         if images and len(prepared) == len(images):  # a front end decoded them
             pixels = [c.pixels for c in prepared]
         elif images:  # decode first: a bad image fails the request before any forward pass is queued
-            pixels = await self._decode_images(runtime, [_image_payload(contents[i]) for i in images],
-                                               [f"{where} {i}" for i in images])
+            pixels = await self._decode_images(
+                runtime, [_image_payload(contents[i]) for i in images], [f"{where} {i}" for i in images]
+            )
         if texts:
             jobs.append(runtime.text.submit([c.text for c in contents if isinstance(c, Text)], finish))  # at texts
         if images:
@@ -359,9 +410,16 @@ class Engine:
         results = await asyncio.gather(*jobs)
         return [TowerOutput(index, result) for index, result in zip([x for x in (texts, images) if x], results)]
 
-    async def pooled(self, runtime: ModelRuntime, contents: Sequence[Content], poolings: Sequence[BoundPooling],
-                     where: str = "input", include_tokens: bool = False) -> EmbeddedBatch:
+    async def pooled(
+        self,
+        runtime: ModelRuntime,
+        contents: Sequence[Content],
+        poolings: Sequence[BoundPooling],
+        where: str = "input",
+        include_tokens: bool = False,
+    ) -> EmbeddedBatch:
         """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
+
         @torch.inference_mode()
         def finish(f: TokenFeatures) -> PooledPart:
             counts = f.mask.sum(dim=1).tolist() if f.modality == TEXT else [0] * f.mask.shape[0]
@@ -370,16 +428,17 @@ class Engine:
 
         groups = await self.features(runtime, contents, where, finish, poolings)
         n = len(contents)
-        vectors: list[Optional[np.ndarray]] = [None] * len(poolings)
+        vectors: list[np.ndarray | None] = [None] * len(poolings)
         truncated = np.zeros(n, dtype=bool)
         token_counts = np.zeros(n, dtype=np.int64)
         modalities = [TEXT if isinstance(c, Text) else IMAGE for c in contents]
-        tokens: Optional[list] = [None] * n if include_tokens else None
+        tokens: list | None = [None] * n if include_tokens else None
         for index, parts in groups:
             rows = np.asarray(index)
             for j in range(len(poolings)):
-                part_vectors = (np.concatenate([part.vectors[j] for part in parts]) if len(parts) > 1
-                                else parts[0].vectors[j])
+                part_vectors = (
+                    np.concatenate([part.vectors[j] for part in parts]) if len(parts) > 1 else parts[0].vectors[j]
+                )
                 if len(index) == n:  # one tower, inputs in order: the matrix as pooled
                     vectors[j] = part_vectors
                     continue
@@ -390,22 +449,35 @@ class Engine:
             truncated[rows] = [t for part in parts for t in part.truncated]
             token_counts[rows] = [c for part in parts for c in part.token_counts]
             if tokens is not None:  # include_tokens
-                rows_of = [(part.tokens, r) for part in parts if part.tokens is not None
-                           for r in range(part.tokens.tokens.shape[0])]
+                rows_of = [
+                    (part.tokens, r)
+                    for part in parts
+                    if part.tokens is not None
+                    for r in range(part.tokens.tokens.shape[0])
+                ]
                 for i, (f, r) in zip(index, rows_of):
                     tokens[i] = f.select([r])
         filled = cast(list[np.ndarray], vectors)  # every pooling's matrix: contents are never empty
         return EmbeddedBatch(modalities, filled, truncated.tolist(), tokens, token_counts.tolist())
 
-    async def embed(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
-                    include_tokens: bool = False) -> tuple[str, list[Embedding]]:
+    async def embed(
+        self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content], include_tokens: bool = False
+    ) -> tuple[str, list[Embedding]]:
         """Per input, one vector per pooling (see embed_batch for the same as matrices)."""
         name, batch = await self.embed_batch(model, poolings, contents, include_tokens)
-        return name, [Embedding(batch.modalities[i], [v[i] for v in batch.vectors], batch.truncated[i],
-                                batch.tokens[i] if batch.tokens else None) for i in range(len(contents))]
+        return name, [
+            Embedding(
+                batch.modalities[i],
+                [v[i] for v in batch.vectors],
+                batch.truncated[i],
+                batch.tokens[i] if batch.tokens else None,
+            )
+            for i in range(len(contents))
+        ]
 
-    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
-                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]:
+    async def embed_batch(
+        self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content], include_tokens: bool = False
+    ) -> tuple[str, EmbeddedBatch]:
         if not contents:
             raise InvalidInput("no inputs: send at least one text or image")
         self._check_count(len(contents), "inputs")
@@ -426,8 +498,9 @@ class Engine:
     async def run_blocking(self, fn: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, lambda: fn(*args, **kwargs))
 
-    async def create_collection(self, name: str, model: str, pooling: Optional[PoolingSpec], metric: str,
-                                index: str, dim: int = 0) -> CollectionInfo:
+    async def create_collection(
+        self, name: str, model: str, pooling: PoolingSpec | None, metric: str, index: str, dim: int = 0
+    ) -> CollectionInfo:
         if not model and dim:  # a vector-only collection
             config = CollectionConfig(name, dim, metric=metric, index=index or "flat")
             return await self.run_blocking(self.store.create_collection, config)
@@ -436,9 +509,16 @@ class Engine:
         bound = bind_pooling(pooling or PoolingSpec("cls"))
         runtime = await self.runtime_async(model)
         runtime.encoder.check_token_modes((bound.token_mode,))
-        config = CollectionConfig(name, bound.output_dim(runtime.encoder.loaded.embed_dim), model=model,
-                                  pooling=bound.name, pooling_params=params_to_strings(bound.params),
-                                  metric=metric, index=index or "flat", weights=runtime.encoder.loaded.weights_sha256)
+        config = CollectionConfig(
+            name,
+            bound.output_dim(runtime.encoder.loaded.embed_dim),
+            model=model,
+            pooling=bound.name,
+            pooling_params=params_to_strings(bound.params),
+            metric=metric,
+            index=index or "flat",
+            weights=runtime.encoder.loaded.weights_sha256,
+        )
         return await self.run_blocking(self.store.create_collection, config)
 
     async def collection_pooling(self, info: CollectionInfo) -> BoundPooling:
@@ -451,14 +531,20 @@ class Engine:
             if info.pooling_version:
                 blob = await self.run_blocking(self.store.pooling_state, info.config.name)
                 state = NetVLADState.from_bytes(blob)
-            cached = self._poolings[info.uid] = (info.pooling_version, bind_pooling(spec, state, text_final_tokens=True))
+            cached = self._poolings[info.uid] = (
+                info.pooling_version,
+                bind_pooling(spec, state, text_final_tokens=True),
+            )
         return cached[1]
 
-    async def _embed_for(self, info: CollectionInfo, contents: Sequence[Content], where: str
-                         ) -> tuple[np.ndarray, list[bool]]:
+    async def _embed_for(
+        self, info: CollectionInfo, contents: Sequence[Content], where: str
+    ) -> tuple[np.ndarray, list[bool]]:
         if not info.config.model:
-            raise FailedPrecondition(f"collection {quoted(info.config.name)} holds raw vectors and has no model: "
-                                     f"send vectors, not texts or images")
+            raise FailedPrecondition(
+                f"collection {quoted(info.config.name)} holds raw vectors and has no model: "
+                f"send vectors, not texts or images"
+            )
         pooling = await self.collection_pooling(info)
         pooling.check_ready()
         for modality in {TEXT if isinstance(c, Text) else IMAGE for c in contents}:
@@ -470,7 +556,7 @@ class Engine:
         batch = await self.pooled(runtime, contents, [pooling], where)
         return batch.vectors[0], batch.truncated
 
-    async def upsert(self, name: str, items: Sequence[UpsertRequestItem], thumbnails: Optional[bool] = None) -> Any:
+    async def upsert(self, name: str, items: Sequence[UpsertRequestItem], thumbnails: bool | None = None) -> Any:
         """Embeds and stores items; with thumbnails (default: config.store_thumbnails) image items keep a small
         JPEG for display, written in the same transaction."""
         self._check_count(len(items), "items")
@@ -483,11 +569,12 @@ class Engine:
 
         async def attempt():
             if not to_embed:  # vectors as given: one hop to the store, no collection info needed first
-                store_items = [Item(item.id, vector, item.metadata) for item in items
-                               if (vector := item.vector) is not None]  # all: an item without content has one
+                store_items = [
+                    Item(item.id, vector, item.metadata) for item in items if (vector := item.vector) is not None
+                ]  # all: an item without content has one
                 return await self.run_blocking(lambda: self.store.upsert(name, store_items, thumbnails=media))
             info = await self.run_blocking(self.store.get_collection, name)
-            vectors: list[Optional[np.ndarray]] = [item.vector for item in items]
+            vectors: list[np.ndarray | None] = [item.vector for item in items]
             if to_embed:
                 contents = [item.content for item in items if item.content is not None]  # those at to_embed
                 embedded, _ = await self._embed_for(info, contents, "item")
@@ -505,8 +592,9 @@ class Engine:
         """Stores items; vectors embedded here are committed only if the collection is still the one
         (uid) and the pooling state (version) they were computed with."""
         check: dict[str, Any] = {"uid": info.uid, "pooling_version": info.pooling_version} if embedded else {}
-        return await self.run_blocking(lambda: self.store.upsert(info.config.name, items, thumbnails=thumbnails,
-                                                                 **check))
+        return await self.run_blocking(
+            lambda: self.store.upsert(info.config.name, items, thumbnails=thumbnails, **check)
+        )
 
     @staticmethod
     async def _retry_aborted(attempt: Callable, attempts: int = 3):
@@ -521,11 +609,19 @@ class Engine:
 
     async def _thumbnails(self, items: Sequence[UpsertRequestItem]) -> dict[str, tuple[str, bytes]]:
         """{id: ("image/jpeg", bytes)} for the image items (the last of a repeated id decides)."""
+
         def make(content: ImageBytes | DecodedImage) -> bytes:
             if isinstance(content, DecodedImage):
                 return thumbnail_jpeg(content.image)
-            return thumbnail_jpeg(decode_image(content.data, self.config.max_image_pixels, THUMBNAIL_SIDE,
-                                               self.config.max_image_header_pixels, for_model=False))
+            return thumbnail_jpeg(
+                decode_image(
+                    content.data,
+                    self.config.max_image_pixels,
+                    THUMBNAIL_SIDE,
+                    self.config.max_image_header_pixels,
+                    for_model=False,
+                )
+            )
 
         latest = {item.id: item.content for item in items}
         images = {i: c for i, c in latest.items() if isinstance(c, (ImageBytes, DecodedImage))}
@@ -581,9 +677,11 @@ class Engine:
                 try:
                     result = await self._commit(info, store_items, True, media)
                 except Aborted:  # re-fitted or re-created meanwhile: embed again for this one collection
-                    result = await self.upsert(info.config.name, [
-                        UpsertRequestItem(item.id, item.content, None, item.metadata) for item in items],
-                        thumbnails=media is not None)
+                    result = await self.upsert(
+                        info.config.name,
+                        [UpsertRequestItem(item.id, item.content, None, item.metadata) for item in items],
+                        thumbnails=media is not None,
+                    )
                 self._track_count(info.config.name, result.count)
                 results[info.config.name] = result
         return [results[name] for name in names]
@@ -592,7 +690,7 @@ class Engine:
         if not queries:
             raise InvalidInput("no queries: send at least one")
         self._check_count(len(queries), "queries")
-        vectors: list[Optional[np.ndarray]] = [None] * len(queries)
+        vectors: list[np.ndarray | None] = [None] * len(queries)
         truncated = [False] * len(queries)
         content_rows = [i for i, q in enumerate(queries) if q.content is not None]
         info = None
@@ -605,7 +703,7 @@ class Engine:
 
         def lookup_and_search():  # one hop off the event loop for the collection, stored ids and the search
             config = (info or self.store.get_collection(name)).config
-            exclude: list[Optional[str]] = [None] * len(queries)
+            exclude: list[str | None] = [None] * len(queries)
             for i, q in enumerate(queries):
                 if q.item_id is not None:
                     vectors[i] = self.store.vector_of(name, q.item_id)
@@ -616,8 +714,10 @@ class Engine:
                     raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
             bad = next((i for i, v in enumerate(vectors) if np.asarray(v).size != config.dim), None)
             if bad is not None:
-                raise InvalidInput(f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
-                                   f"holds vectors of dimension {config.dim}")
+                raise InvalidInput(
+                    f"query {bad} has dimension {np.asarray(vectors[bad]).size}; collection {quoted(name)} "
+                    f"holds vectors of dimension {config.dim}"
+                )
             filled = cast(list[np.ndarray], vectors)  # each query's, or refused above
             return self.store.search(name, np.stack(filled), options, exclude if any(exclude) else None)
 
@@ -637,33 +737,38 @@ class Engine:
             raise FailedPrecondition(f"collection {quoted(name)} has no model and nothing to fit")
         bound = bind_pooling(PoolingSpec(info.config.pooling, info.config.pooling_params))
         if not bound.definition.requires_fit:
-            raise FailedPrecondition(f"collection {quoted(name)} uses pooling {quoted(bound.name)}, which learns "
-                                     f"nothing")
+            raise FailedPrecondition(
+                f"collection {quoted(name)} uses pooling {quoted(bound.name)}, which learns nothing"
+            )
         if info.count:
-            raise FailedPrecondition(f"collection {quoted(name)} holds {info.count} items embedded with the current "
-                                     f"pooling state; fit a new (empty) collection")
+            raise FailedPrecondition(
+                f"collection {quoted(name)} holds {info.count} items embedded with the current "
+                f"pooling state; fit a new (empty) collection"
+            )
         if not samples:
             raise InvalidInput("FitPooling needs sample texts or images")
         runtime = await self.collection_runtime(info)
         features = []
         for start in range(0, len(samples), self.config.max_batch_size * 4):
-            groups = await self.features(runtime, samples[start:start + self.config.max_batch_size * 4], "sample",
-                                         poolings=[bound])
+            groups = await self.features(
+                runtime, samples[start : start + self.config.max_batch_size * 4], "sample", poolings=[bound]
+            )
             features += [group.result for group in groups]
         p = bound.params
         token_sets = [(f.in_mode(bound.mode_for(f.modality)).tokens, f.mask) for f in features]
         state = await asyncio.get_running_loop().run_in_executor(
-            self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors))
+            self.io_pool, lambda: fit_netvlad(token_sets, p.clusters, p.alpha, p.pca_dim, seed, max_descriptors)
+        )
         if state.output_dim != info.config.dim:
             raise FailedPrecondition(f"fitted state has dimension {state.output_dim}, collection {info.config.dim}")
         await self.run_blocking(self.store.set_pooling_state, name, state.to_bytes(), True, info.uid)
         descriptors = int(sum(int(f.mask.sum()) for f in features))
-        return FitOutcome(await self.run_blocking(self.store.get_collection, name), descriptors,
-                          time.perf_counter() - started)
+        return FitOutcome(
+            await self.run_blocking(self.store.get_collection, name), descriptors, time.perf_counter() - started
+        )
 
     async def close(self) -> None:
         for runtime in self._models.values():
             await runtime.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=True)
-

@@ -16,8 +16,9 @@ first relevant rank: the median of its expectation (N + 1) / (r + 1)).
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Hashable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,9 @@ def chance_average_precision(n: int, r: np.ndarray) -> np.ndarray:
     return (harmonic + share * (n - harmonic)) / n
 
 
-def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)
-                      ) -> Optional[RetrievalMetrics]:
+def retrieval_metrics(
+    similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> RetrievalMetrics | None:
     """similarity [Q, N] (higher is closer; -inf marks an item the query may not retrieve, e.g. itself),
     relevant [Q, N] bool. None when no query has a relevant item: there is nothing to measure."""
     similarity = np.asarray(similarity, dtype=np.float64)
@@ -101,9 +103,20 @@ def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence
     chances = {k: float(np.mean(chance_recall(n, r, k))) for k in ks}
     aps = [float(np.mean(np.arange(1, len(x) + 1) / x)) for x in ranks]
     return RetrievalMetrics(
-        recalls.get(1, 0.0), recalls.get(5, 0.0), recalls.get(10, 0.0), float(np.median(first)), float(np.mean(aps)),
-        int(keep.sum()), n, float(np.mean(r)), chances.get(1, 0.0), chances.get(5, 0.0), chances.get(10, 0.0),
-        float(np.median((n + 1) / (r + 1))), float(np.mean(chance_average_precision(n, r))))
+        recalls.get(1, 0.0),
+        recalls.get(5, 0.0),
+        recalls.get(10, 0.0),
+        float(np.median(first)),
+        float(np.mean(aps)),
+        int(keep.sum()),
+        n,
+        float(np.mean(r)),
+        chances.get(1, 0.0),
+        chances.get(5, 0.0),
+        chances.get(10, 0.0),
+        float(np.median((n + 1) / (r + 1))),
+        float(np.mean(chance_average_precision(n, r))),
+    )
 
 
 def _codes(values: Sequence[Hashable]) -> np.ndarray:
@@ -112,9 +125,14 @@ def _codes(values: Sequence[Hashable]) -> np.ndarray:
     return np.array([seen.setdefault(v, len(seen)) for v in values], dtype=np.int64)
 
 
-def cross_modal_metrics(image_vectors: np.ndarray, text_vectors: np.ndarray, *,
-                        captions: Optional[Sequence[Hashable]] = None, labels: Optional[Sequence[Hashable]] = None,
-                        image_keys: Optional[Sequence[Hashable]] = None) -> dict[str, RetrievalMetrics]:
+def cross_modal_metrics(
+    image_vectors: np.ndarray,
+    text_vectors: np.ndarray,
+    *,
+    captions: Sequence[Hashable] | None = None,
+    labels: Sequence[Hashable] | None = None,
+    image_keys: Sequence[Hashable] | None = None,
+) -> dict[str, RetrievalMetrics]:
     """Image i has caption `captions[i]` embedded as `text_vectors[i]`.
 
     Identical captions are one text: the text side is deduplicated (the first vector of each caption
@@ -169,18 +187,27 @@ def not_measured(measured: Mapping[str, Any], *, labels: bool, image_keys: bool)
     return reasons
 
 
-def relevance_summary(captions: Optional[Sequence[Hashable]], labels: Optional[Sequence[Hashable]],
-                      label_name: str = "label") -> dict:
+def relevance_summary(
+    captions: Sequence[Hashable] | None, labels: Sequence[Hashable] | None, label_name: str = "label"
+) -> dict:
     """What `cross_modal_metrics` used as relevance, in words and counts (for reports and warnings)."""
     count = len(captions) if captions is not None else len(labels or ())
     distinct = len(set(captions)) if captions is not None else count
     if labels is not None:
-        definition = (f"by the {label_name!r} column: an image is relevant to every caption of its class, "
-                      f"and images of one class to each other")
+        definition = (
+            f"by the {label_name!r} column: an image is relevant to every caption of its class, "
+            f"and images of one class to each other"
+        )
     elif distinct < count:
-        definition = "by caption: every image whose caption equals the query's is relevant; identical captions are one text"
+        definition = (
+            "by caption: every image whose caption equals the query's is relevant; identical captions are one text"
+        )
     else:
         definition = "by caption: each caption describes only its own image (all captions distinct)"
-    return {"definition": BY_LABEL if labels is not None else BY_CAPTION, "description": definition,
-            "items": count, "distinct_captions": distinct,
-            "classes": len(set(labels)) if labels is not None else None}
+    return {
+        "definition": BY_LABEL if labels is not None else BY_CAPTION,
+        "description": definition,
+        "items": count,
+        "distinct_captions": distinct,
+        "classes": len(set(labels)) if labels is not None else None,
+    }

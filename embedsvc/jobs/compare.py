@@ -22,7 +22,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -49,16 +48,16 @@ class CompareJob:
     data: str = "scenes"
     # Pairs to use. Scenes: the first N of the test split (None: DEFAULT_SCENES). Manifest: None compares every
     # row with a caption (a random sample of MAX_DEFAULT_PAIRS beyond that); N draws a random sample of N.
-    size: Optional[int] = None
+    size: int | None = None
     # Seed of the random sample of manifest rows (the same seed, the same rows); None: 0. The scenes data has no
     # sample to seed (the first `size` scenes of the test split), so a seed given with it is refused, not ignored.
-    seed: Optional[int] = None
+    seed: int | None = None
     # Poolings to compare (registry specs).
     poolings: tuple[str, ...] = DEFAULT_POOLINGS
     # Index preset for the collections.
     index: str = "flat"
     # Model: a registry name ("" = the bundled model) or the CLI's model options (e.g. a trained checkpoint).
-    model: Union[str, ModelOptions] = ""
+    model: str | ModelOptions = ""
     # Manifest column whose equal values make images relevant to each other and to each other's captions;
     # "auto": "label", else "class", when the manifest has it; "" = relevance by identical caption only.
     label_column: str = "auto"
@@ -81,16 +80,16 @@ class Pairs:
     captions: list[str]
     ids: list[str]
     # Scenes: the colour-shape multiset per image (image->image relevance without labels).
-    keys: Optional[list] = None
+    keys: list | None = None
     # Values of the label column per image, or None.
-    labels: Optional[list] = None
+    labels: list | None = None
     label_column: str = ""
     # Manifest rows that could not be used: (path, reason).
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Per image: the manifest row's file (empty for scenes).
     sources: list[str] = field(default_factory=list)
     # How the manifest was cut, when it was (see Sample); None when every row with a caption was used.
-    sample: Optional["Sample"] = None
+    sample: Sample | None = None
 
     def drop_oversized(self, short_side: int) -> None:
         """Skips images that the model's resize (shorter side to `short_side`) would blow past the pixel
@@ -100,8 +99,10 @@ class Pairs:
         if len(keep) == len(self.images):
             return
         if not keep:
-            raise InvalidInput(f"no usable image-caption pairs ({len(self.skipped)} rows skipped, e.g. "
-                               f"{self.skipped[0][0]}: {self.skipped[0][1]})")
+            raise InvalidInput(
+                f"no usable image-caption pairs ({len(self.skipped)} rows skipped, e.g. "
+                f"{self.skipped[0][0]}: {self.skipped[0][1]})"
+            )
         for name in ("images", "captions", "ids", "keys", "labels", "sources"):
             values = getattr(self, name)
             if values:
@@ -123,8 +124,10 @@ class Sample:
     ids: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"compared a random sample of {self.used} of the {self.rows} manifest rows with a caption "
-                f"(seed {self.seed}; {self.reason})")
+        return (
+            f"compared a random sample of {self.used} of the {self.rows} manifest rows with a caption "
+            f"(seed {self.seed}; {self.reason})"
+        )
 
 
 def _label_column(job: CompareJob, rows) -> str:
@@ -140,8 +143,12 @@ def _scene_pairs(job: CompareJob, image_size: int) -> Pairs:
     from embedsvc.datasets import full_caption, generate_scene, render_scene
 
     scenes = [generate_scene("test", i) for i in range(job.size or DEFAULT_SCENES)]
-    return Pairs([render_scene(s, image_size) for s in scenes], [full_caption(s) for s in scenes],
-                 [s.id for s in scenes], keys=[s.object_key() for s in scenes])
+    return Pairs(
+        [render_scene(s, image_size) for s in scenes],
+        [full_caption(s) for s in scenes],
+        [s.id for s in scenes],
+        keys=[s.object_key() for s in scenes],
+    )
 
 
 def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
@@ -182,8 +189,10 @@ def _manifest_pairs(job: CompareJob, short_side: int) -> Pairs:
     if limit is not None:
         pairs.sample = Sample(len(rows), len(pairs.ids), seed, reason, list(pairs.ids))
     if not pairs.ids:
-        raise InvalidInput(f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
-                           f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})")
+        raise InvalidInput(
+            f"{job.data}: no usable image-caption pairs ({len(pairs.skipped)} rows skipped, e.g. "
+            f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]})"
+        )
     return pairs
 
 
@@ -197,18 +206,20 @@ def _encode(encoder: ClipEncoder, images: list, captions: list[str], modes: tupl
     parts: tuple[list, list] = ([], [])
     for start in range(0, max(len(images), len(captions)), step):
         if start < len(images):
-            parts[0].append(encoder.encode_images(images[start:start + step], modes))
+            parts[0].append(encoder.encode_images(images[start : start + step], modes))
         if start < len(captions):
-            parts[1].append(encoder.encode_texts(captions[start:start + step]))
+            parts[1].append(encoder.encode_texts(captions[start : start + step]))
         progress.update(min(len(images), start + step) + min(len(captions), start + step))
     return TokenFeatures.concat(parts[0]), TokenFeatures.concat(parts[1])
 
 
-def _limit(job: CompareJob, rows: int) -> tuple[Optional[int], str]:
+def _limit(job: CompareJob, rows: int) -> tuple[int | None, str]:
     """How many of `rows` manifest rows to draw at random and why; (None, "") to use them all."""
     if job.size is None and rows > MAX_DEFAULT_PAIRS:
-        return MAX_DEFAULT_PAIRS, (f"the default caps at {MAX_DEFAULT_PAIRS:,}, as every image and the pairs' "
-                                   f"similarities are held in memory; --size N chooses another sample size")
+        return MAX_DEFAULT_PAIRS, (
+            f"the default caps at {MAX_DEFAULT_PAIRS:,}, as every image and the pairs' "
+            f"similarities are held in memory; --size N chooses another sample size"
+        )
     if job.size is not None and job.size < rows:
         return job.size, f"--size {job.size}; leave --size out to compare every row"
     return None, ""
@@ -220,11 +231,14 @@ def _measure(image_vectors, text_vectors, pairs: Pairs, spec: str) -> tuple[dict
     if text_vectors is not None:
         metrics = cross_modal_metrics(image_vectors, text_vectors, **groups)
     else:  # an image-only pooling: image->image from the image vectors alone
-        metrics = {task: m for task, m in cross_modal_metrics(image_vectors, image_vectors, **groups).items()
-                   if task == "image_to_image"}
+        metrics = {
+            task: m
+            for task, m in cross_modal_metrics(image_vectors, image_vectors, **groups).items()
+            if task == "image_to_image"
+        }
     reasons = not_measured(metrics, labels=pairs.labels is not None, image_keys=pairs.keys is not None)
     if text_vectors is None:
-        reasons.update({task: f"{spec} pools images only (texts refused)" for task in TASKS[:2]})
+        reasons.update(dict.fromkeys(TASKS[:2], f"{spec} pools images only (texts refused)"))
     return {task: m.as_dict() for task, m in metrics.items()}, reasons
 
 
@@ -237,8 +251,10 @@ def run_compare(job: CompareJob) -> dict:
     if job.size is not None and job.size < 1:
         raise InvalidInput(f"--size must be at least 1, got {job.size} (leave it out to compare every manifest row)")
     if job.data == "scenes" and job.seed is not None:
-        raise InvalidInput(f"--seed {job.seed} seeds the random sample of a manifest's rows; the scenes data is the "
-                           f"first --size scenes of its test split, always the same: leave --seed out")
+        raise InvalidInput(
+            f"--seed {job.seed} seeds the random sample of a manifest's rows; the scenes data is the "
+            f"first --size scenes of its test split, always the same: leave --seed out"
+        )
     options = job.model if isinstance(job.model, ModelOptions) else ModelOptions(model=job.model)
     model_spec = spec_from_options(options, default=DEFAULT_MODEL)
     pairs = _manifest_pairs(job, input_size(model_spec)) if job.data != "scenes" else None
@@ -291,27 +307,41 @@ def run_compare(job: CompareJob) -> dict:
             build_seconds = time.perf_counter() - t
             latencies = []
             queries = text_vectors if text_vectors is not None else image_vectors
-            for q in queries[:job.latency_queries]:
+            for q in queries[: job.latency_queries]:
                 t = time.perf_counter()
                 store.search(name, q[None], SearchOptions(10))
                 latencies.append((time.perf_counter() - t) * 1000)
             bytes_per_vector = store.index_size_bytes(name) / len(ids)
             metrics, unmeasured = _measure(image_vectors, text_vectors, pairs, spec)
-            rows.append({
-                "pooling": spec, "tokens": getattr(pooling, "token_mode", FINAL), "dim": int(image_vectors.shape[1]),
-                "metrics": metrics, "not_measured": unmeasured,
-                "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
-                "fit_seconds": fit_seconds, "index_build_seconds": build_seconds,
-                "search_p50_ms": float(np.percentile(latencies, 50)), "search_p99_ms": float(np.percentile(latencies, 99)),
-                "bytes_per_vector": bytes_per_vector,
-            })
+            rows.append(
+                {
+                    "pooling": spec,
+                    "tokens": getattr(pooling, "token_mode", FINAL),
+                    "dim": int(image_vectors.shape[1]),
+                    "metrics": metrics,
+                    "not_measured": unmeasured,
+                    "encode_ms_per_item": 1000 * (forward_seconds + pooling_seconds * 2) / (2 * len(ids)),
+                    "fit_seconds": fit_seconds,
+                    "index_build_seconds": build_seconds,
+                    "search_p50_ms": float(np.percentile(latencies, 50)),
+                    "search_p99_ms": float(np.percentile(latencies, 99)),
+                    "bytes_per_vector": bytes_per_vector,
+                }
+            )
         store.close()
         progress.update(len(specs))
-    result = {"data": job.data, "size": len(ids), "sample": asdict(pairs.sample) if pairs.sample else None,
-              "model": encoder.loaded.spec.name, "index": job.index,
-              "device": str(encoder.device), "torch_threads": torch.get_num_threads(),
-              "relevance": relevance_summary(captions, pairs.labels, pairs.label_column),
-              "skipped": [{"path": p, "reason": r} for p, r in pairs.skipped], "poolings": rows}
+    result = {
+        "data": job.data,
+        "size": len(ids),
+        "sample": asdict(pairs.sample) if pairs.sample else None,
+        "model": encoder.loaded.spec.name,
+        "index": job.index,
+        "device": str(encoder.device),
+        "torch_threads": torch.get_num_threads(),
+        "relevance": relevance_summary(captions, pairs.labels, pairs.label_column),
+        "skipped": [{"path": p, "reason": r} for p, r in pairs.skipped],
+        "poolings": rows,
+    }
     _write(job, result)
     return result
 
@@ -353,11 +383,17 @@ def _train_head(job: CompareJob, encoder):
     return head, time.perf_counter() - started
 
 
-_COLUMNS = [("text_to_image", "recall_at_1", "t2i R@1"), ("text_to_image", "recall_at_5", "t2i R@5"),
-            ("text_to_image", "recall_at_10", "t2i R@10"), ("text_to_image", "median_rank", "t2i med. rank"),
-            ("text_to_image", "mean_average_precision", "t2i mAP"), ("image_to_text", "recall_at_1", "i2t R@1"),
-            ("image_to_text", "recall_at_10", "i2t R@10"), ("image_to_image", "recall_at_1", "i2i R@1"),
-            ("image_to_image", "mean_average_precision", "i2i mAP")]
+_COLUMNS = [
+    ("text_to_image", "recall_at_1", "t2i R@1"),
+    ("text_to_image", "recall_at_5", "t2i R@5"),
+    ("text_to_image", "recall_at_10", "t2i R@10"),
+    ("text_to_image", "median_rank", "t2i med. rank"),
+    ("text_to_image", "mean_average_precision", "t2i mAP"),
+    ("image_to_text", "recall_at_1", "i2t R@1"),
+    ("image_to_text", "recall_at_10", "i2t R@10"),
+    ("image_to_image", "recall_at_1", "i2i R@1"),
+    ("image_to_image", "mean_average_precision", "i2i mAP"),
+]
 
 
 def _figure(metrics: dict, task: str, key: str) -> str:
@@ -381,26 +417,38 @@ def unmeasured_notes(result: dict) -> list[str]:
     for row in result["poolings"]:
         for task, reason in row.get("not_measured", {}).items():
             by_reason.setdefault((task, reason), []).append(row["pooling"])
-    return [f"{_TASK_NAMES[task]} {NOT_MEASURED}: {reason} ({', '.join(poolings)})"
-            for (task, reason), poolings in by_reason.items()]
+    return [
+        f"{_TASK_NAMES[task]} {NOT_MEASURED}: {reason} ({', '.join(poolings)})"
+        for (task, reason), poolings in by_reason.items()
+    ]
 
 
 def markdown_table(result: dict) -> str:
     """One row per pooling, and a last row with what a random ranking earns on the same queries."""
-    lines = ["| pooling | dim | " + " | ".join(c[2] for c in _COLUMNS) +
-             " | encode ms/item | build s | search p50 ms | p99 ms | bytes/vector |",
-             "|" + "---|" * (len(_COLUMNS) + 7)]
+    lines = [
+        "| pooling | dim | "
+        + " | ".join(c[2] for c in _COLUMNS)
+        + " | encode ms/item | build s | search p50 ms | p99 ms | bytes/vector |",
+        "|" + "---|" * (len(_COLUMNS) + 7),
+    ]
     for row in result["poolings"]:
         figures = " | ".join(_figure(row["metrics"], task, key) for task, key, _ in _COLUMNS)
-        lines.append(f"| {row['pooling']} | {row['dim']} | {figures} | "
-                     f"{row['encode_ms_per_item']:.2f} | {row['index_build_seconds']:.2f} | {row['search_p50_ms']:.2f} | "
-                     f"{row['search_p99_ms']:.2f} | {row['bytes_per_vector']:.0f} |")
-    chance: dict[str, dict] = {}  # relevance is the same for every pooling: take each task's chance from any row that has it
+        lines.append(
+            f"| {row['pooling']} | {row['dim']} | {figures} | "
+            f"{row['encode_ms_per_item']:.2f} | {row['index_build_seconds']:.2f} | {row['search_p50_ms']:.2f} | "
+            f"{row['search_p99_ms']:.2f} | {row['bytes_per_vector']:.0f} |"
+        )
+    chance: dict[
+        str, dict
+    ] = {}  # relevance is the same for every pooling: take each task's chance from any row that has it
     for row in result["poolings"]:
         for task, values in row["metrics"].items():
-            chance.setdefault(task, {k[len("chance_"):]: v for k, v in values.items() if k.startswith("chance_")})
-    lines.append("| chance (random ranking) | - | " + " | ".join(_figure(chance, task, key) for task, key, _ in _COLUMNS)
-                 + " | - | - | - | - | - |")
+            chance.setdefault(task, {k[len("chance_") :]: v for k, v in values.items() if k.startswith("chance_")})
+    lines.append(
+        "| chance (random ranking) | - | "
+        + " | ".join(_figure(chance, task, key) for task, key, _ in _COLUMNS)
+        + " | - | - | - | - | - |"
+    )
     return "\n".join(lines)
 
 
@@ -412,8 +460,10 @@ def relevance_note(result: dict) -> str:
         counts += f", {r['classes']} classes"
     note = f"Relevance {r['description']} ({counts})."
     if r["distinct_captions"] < r["items"]:
-        note = (f"warning: captions repeat ({r['items'] - r['distinct_captions']} of {r['items']} images share a "
-                f"caption with another); identical captions are one text. " + note)
+        note = (
+            f"warning: captions repeat ({r['items'] - r['distinct_captions']} of {r['items']} images share a "
+            f"caption with another); identical captions are one text. " + note
+        )
     return note
 
 
@@ -422,12 +472,16 @@ def _write(job: CompareJob, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown_table(result)
-    skipped = f"\n{len(result['skipped'])} manifest rows skipped (listed in results.json).\n" if result["skipped"] else ""
+    skipped = (
+        f"\n{len(result['skipped'])} manifest rows skipped (listed in results.json).\n" if result["skipped"] else ""
+    )
     cut = f"\n{sample_note(result)}\n" if result.get("sample") else ""
     unmeasured = "".join(f"\n- {note}" for note in unmeasured_notes(result))
-    (out / "results.md").write_text(f"# Pooling comparison: {result['model']} on {result['data']} "
-                                    f"({result['size']} pairs, index {result['index']}, {result['device']})\n\n"
-                                    f"{relevance_note(result)}\n{cut}{skipped}\n{table}\n{unmeasured}\n")
+    (out / "results.md").write_text(
+        f"# Pooling comparison: {result['model']} on {result['data']} "
+        f"({result['size']} pairs, index {result['index']}, {result['device']})\n\n"
+        f"{relevance_note(result)}\n{cut}{skipped}\n{table}\n{unmeasured}\n"
+    )
     _plots(result, out)
 
 
@@ -463,8 +517,13 @@ def _plots(result: dict, out: Path) -> None:
         if task not in r["metrics"]:
             continue  # nothing measured: no point to label
         y = r["metrics"][task]["recall_at_1"]
-        ax.annotate(r["pooling"], (r["bytes_per_vector"], y), textcoords="offset points",
-                    xytext=(6, 10 * (k % 3) - 8), fontsize=8)
+        ax.annotate(
+            r["pooling"],
+            (r["bytes_per_vector"], y),
+            textcoords="offset points",
+            xytext=(6, 10 * (k % 3) - 8),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("bytes per vector (serialised index / items)")
     ax.set_ylabel("recall@1")

@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
@@ -46,7 +47,7 @@ class IndexJob:
     collections: list[str]
     # Data directory or Milvus URI (milvus:///path/file.db, http://host:19530) to write into in-process;
     # None to go through the server at `address`.
-    local: Optional[str] = None
+    local: str | None = None
     # Server address when not local.
     address: str = "127.0.0.1:50051"
     # API token for the server (the CLI reads $EMBEDSVC_TOKEN); never printed.
@@ -105,14 +106,15 @@ class IndexSummary:
     indexing_seconds: float = 0.0
 
 
-def _targets(specs: list[str]) -> list[tuple[str, Optional[str]]]:
-    out: list[tuple[str, Optional[str]]] = []
+def _targets(specs: list[str]) -> list[tuple[str, str | None]]:
+    out: list[tuple[str, str | None]] = []
     for spec in specs:
         name, eq, pooling = spec.partition("=")
-        twice = next((earlier for earlier in specs[:len(out)] if earlier.partition("=")[0] == name), None)
+        twice = next((earlier for earlier in specs[: len(out)] if earlier.partition("=")[0] == name), None)
         if twice is not None:  # else the second create fails after the first, or one collection is written twice
-            raise InvalidInput(f"collection {name!r} is named twice (--collection {twice}, --collection {spec}); "
-                               f"name each target once")
+            raise InvalidInput(
+                f"collection {name!r} is named twice (--collection {twice}, --collection {spec}); name each target once"
+            )
         out.append((name, pooling if eq else None))
     if not out:
         raise InvalidInput("name at least one --collection")
@@ -123,14 +125,18 @@ class _LocalSink:
     """Writes through an engine in this process: one forward pass per batch for all targets."""
 
     def __init__(self, job: IndexJob, targets):
-        from embedsvc.pooling import PoolingSpec
         from embedsvc.engine.engine import Engine
+        from embedsvc.pooling import PoolingSpec
         from embedsvc.store import open_store_at
 
         job = _with_readers(job)  # a sink made from a job whose workers are still 0 (one per CPU)
         assert job.local is not None  # a local sink is made for --local only
-        config = EngineConfig(device=job.device, max_batch_size=job.batch_size,
-                              max_items_per_request=max(1024, job.batch_size), decode_workers=job.workers)
+        config = EngineConfig(
+            device=job.device,
+            max_batch_size=job.batch_size,
+            max_items_per_request=max(1024, job.batch_size),
+            decode_workers=job.workers,
+        )
         self.store = open_store_at(job.local)  # a data directory or a Milvus URI
         self.engine = Engine(config, self.store)
         # The engine's loop runs in its own thread, so that writes from several threads can be in flight.
@@ -148,12 +154,17 @@ class _LocalSink:
                 if name in existing:
                     check_existing(name, existing[name], asked_of(job, pooling, lambda: config.default_model))
                 elif pooling is None:
-                    raise InvalidInput(f"collection {name!r} does not exist in {job.local}; write "
-                                       f"{name}=POOLING (e.g. {name}=cls) to create it")
+                    raise InvalidInput(
+                        f"collection {name!r} does not exist in {job.local}; write "
+                        f"{name}=POOLING (e.g. {name}=cls) to create it"
+                    )
             for name, pooling in targets:
                 if name not in existing:
-                    self._run(self.engine.create_collection(
-                        name, job.model, PoolingSpec.parse(pooling), "cosine", job.index or "flat"))
+                    self._run(
+                        self.engine.create_collection(
+                            name, job.model, PoolingSpec.parse(pooling), "cosine", job.index or "flat"
+                        )
+                    )
         except BaseException:
             self.close()
             raise
@@ -198,8 +209,9 @@ class _LocalSink:
     def write(self, batch: list[DecodedRecord]) -> None:
         from embedsvc.engine.engine import DecodedImage, UpsertRequestItem
 
-        items = [UpsertRequestItem(row.record.id, DecodedImage(row.image), None, _metadata(row.record))
-                 for row in batch]
+        items = [
+            UpsertRequestItem(row.record.id, DecodedImage(row.image), None, _metadata(row.record)) for row in batch
+        ]
         self._run(self.engine.upsert_multi(self.names, items))
 
     def write_vectors(self, ids: list[str], vectors: list, metadata: list[dict]) -> None:
@@ -219,14 +231,21 @@ class _LocalSink:
         loaded = weights_sha256(get_model_spec(infos[0].config.model))
         for info in infos:  # fail early, before Ray starts; each actor checks again what it loads itself
             info.config.check_weights(loaded)
-        return models.pop(), [{"pooling": info.config.pooling, "params": dict(info.config.pooling_params),
-                               "state": self.store.pooling_state(info.config.name), "dim": info.config.dim,
-                               "config": info.config.to_json()}  # each actor checks the weights it loads
-                              for info in infos]
+        return models.pop(), [
+            {
+                "pooling": info.config.pooling,
+                "params": dict(info.config.pooling_params),
+                "state": self.store.pooling_state(info.config.name),
+                "dim": info.config.dim,
+                "config": info.config.to_json(),
+            }  # each actor checks the weights it loads
+            for info in infos
+        ]
 
     def close(self) -> None:
         """Cancels writes still running on the loop (their callers get CancelledError instead of waiting
         forever), then closes the engine, the loop and the store."""
+
         async def cancel_the_rest():
             rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             for task in rest:
@@ -262,8 +281,9 @@ class _RemoteSink:
                     existing[name] = self.client.get_collection(name)
                 except NotFoundError:
                     if pooling is None:
-                        raise InvalidInput(f"collection {name!r} does not exist on {job.address}; write "
-                                           f"{name}=POOLING to create it") from None
+                        raise InvalidInput(
+                            f"collection {name!r} does not exist on {job.address}; write {name}=POOLING to create it"
+                        ) from None
             server_default = functools.cache(lambda: self.client.list_models().default_model)  # asked once, if needed
             for name, pooling in targets:
                 if name in existing:
@@ -296,14 +316,17 @@ class _RemoteSink:
         from embedsvc.client import Item
 
         for name in self.names:
-            self.client.upsert(name, [Item(row.record.id, image=row.data, metadata=_metadata(row.record))
-                                      for row in batch], batch_size=len(batch))
+            self.client.upsert(
+                name,
+                [Item(row.record.id, image=row.data, metadata=_metadata(row.record)) for row in batch],
+                batch_size=len(batch),
+            )
 
     def close(self) -> None:
         self.client.close()
 
 
-def asked_of(job: IndexJob, pooling: Optional[str], default_model: Callable[[], str]) -> dict[str, tuple]:
+def asked_of(job: IndexJob, pooling: str | None, default_model: Callable[[], str]) -> dict[str, tuple]:
     """What the job asks of an existing target, field by field: (value to compare, how to show it). NAME=POOLING
     asks for the collection the job would create (model, pooling, metric cosine); --model and --index, when
     given, ask for themselves."""
@@ -327,14 +350,19 @@ def check_existing(name: str, config, asked: dict[str, tuple]) -> None:
     client Collection): its items would be embedded otherwise than asked, under a message that all is well."""
     params = dict(config.pooling_params)
     pooling = config.pooling + (":" + ";".join(f"{k}={v}" for k, v in sorted(params.items())) if params else "")
-    have = {"model": (config.model, f"model {config.model!r}"),
-            "pooling": ((config.pooling, params), f"pooling {pooling or 'none (vectors only)'}"),
-            "metric": (config.metric, f"metric {config.metric}"), "index": (config.index, f"index {config.index}")}
+    have = {
+        "model": (config.model, f"model {config.model!r}"),
+        "pooling": ((config.pooling, params), f"pooling {pooling or 'none (vectors only)'}"),
+        "metric": (config.metric, f"metric {config.metric}"),
+        "index": (config.index, f"index {config.index}"),
+    }
     differ = [field for field, (value, _) in asked.items() if have[field][0] != value]
     if differ:
-        raise AlreadyExists(f"collection {name!r} exists with {', '.join(have[f][1] for f in differ)}, but this job "
-                            f"asks for {', '.join(asked[f][1] for f in differ)}; to use it as it is, write "
-                            f"--collection {name} without =POOLING, --model or --index, or name a new collection")
+        raise AlreadyExists(
+            f"collection {name!r} exists with {', '.join(have[f][1] for f in differ)}, but this job "
+            f"asks for {', '.join(asked[f][1] for f in differ)}; to use it as it is, write "
+            f"--collection {name} without =POOLING, --model or --index, or name a new collection"
+        )
 
 
 def _present_in_all(get, names: list[str], ids: list[str]) -> set[str]:
@@ -392,7 +420,7 @@ def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
             f.write(json.dumps({"path": source, "reason": reason}) + "\n")
 
 
-def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: float) -> IndexSummary:
+def _run_ray(job: IndexJob, records: list[Record], sink: _LocalSink, started: float) -> IndexSummary:
     try:
         from embedsvc.jobs.ray_engine import embed_with_ray
     except ImportError:
@@ -404,25 +432,38 @@ def _run_ray(job: IndexJob, records: list[Record], sink: "_LocalSink", started: 
     by_id = {r.id: r for r in todo}
     rows = []
     for r in todo:  # files are read by the actors (absolute paths, bounded reads); archive members travel as bytes
-        rows.append({"id": r.id, "path": os.path.abspath(r.path) if r.path else "",
-                     "data": b"" if r.path else r.read()})
+        rows.append(
+            {"id": r.id, "path": os.path.abspath(r.path) if r.path else "", "data": b"" if r.path else r.read()}
+        )
     indexed = 0
     progress = Progress(len(records), unit="items", label="indexed ")
     loop_started = time.perf_counter()
     if rows:
-        for batch in embed_with_ray(rows, model, targets, job.batch_size, job.ray_actors, job.device,
-                                    job.ray_address or None, job.max_image_bytes):
+        for batch in embed_with_ray(
+            rows,
+            model,
+            targets,
+            job.batch_size,
+            job.ray_actors,
+            job.device,
+            job.ray_address or None,
+            job.max_image_bytes,
+        ):
             ok = [k for k, reason in enumerate(batch["reason"]) if not reason]
-            failed += [(by_id[batch["id"][k]].source, batch["reason"][k]) for k in range(len(batch["id"])) if k not in ok]
+            failed += [
+                (by_id[batch["id"][k]].source, batch["reason"][k]) for k in range(len(batch["id"])) if k not in ok
+            ]
             ids = [str(batch["id"][k]) for k in ok]
             if ids:
-                sink.write_vectors(ids, [batch[f"vector_{t}"][ok] for t in range(len(targets))],
-                                   [_metadata(by_id[i]) for i in ids])
+                sink.write_vectors(
+                    ids, [batch[f"vector_{t}"][ok] for t in range(len(targets))], [_metadata(by_id[i]) for i in ids]
+                )
                 indexed += len(ids)
             progress.update(len(present) + indexed + len(failed), indexed)
     _write_report(job.report, failed)
-    return IndexSummary(len(records), indexed, len(present), failed, time.perf_counter() - started,
-                        time.perf_counter() - loop_started)
+    return IndexSummary(
+        len(records), indexed, len(present), failed, time.perf_counter() - started, time.perf_counter() - loop_started
+    )
 
 
 def sample_records(records: list[Record], count: int) -> list[Record]:
@@ -434,26 +475,32 @@ def sample_records(records: list[Record], count: int) -> list[Record]:
     return [usable[int(i * step)] for i in range(count)]
 
 
-def fit_targets(sink, names: list[str], records: list[Record], sample: int, workers: int = 4,
-                only_unfitted: bool = True) -> list[FittedTarget]:
+def fit_targets(
+    sink, names: list[str], records: list[Record], sample: int, workers: int = 4, only_unfitted: bool = True
+) -> list[FittedTarget]:
     """Fits the learned pooling of each named collection (the unfitted ones, by default) on a sample of
     the source; returns what each fit used. Unusable sample files are skipped."""
     states = {name: sink.fit_state(name) for name in names}
     if not only_unfitted:
         fixed = [name for name, state in states.items() if state == NOT_REQUIRED]
         if fixed:
-            raise FailedPrecondition(f"collection {fixed[0]!r} uses a pooling that learns nothing; only NetVLAD "
-                                     f"collections are fitted")
+            raise FailedPrecondition(
+                f"collection {fixed[0]!r} uses a pooling that learns nothing; only NetVLAD collections are fitted"
+            )
         full = next((name for name in names if sink.items(name)), None)  # before sampling: refit needs empty
         if full:
-            raise FailedPrecondition(f"collection {full!r} holds {sink.items(full)} items embedded with its current "
-                                     f"codebook; fit a new (empty) collection")
+            raise FailedPrecondition(
+                f"collection {full!r} holds {sink.items(full)} items embedded with its current "
+                f"codebook; fit a new (empty) collection"
+            )
     todo = [name for name, state in states.items() if state == NEEDS_FIT or not only_unfitted]
     if not todo:
         return []
     if sample < 1:
-        raise InvalidInput(f"{', '.join(todo)} need a fitted codebook before items go in: sample at least one image "
-                           f"(--fit-sample N), or fit first with `embedsvc collections fit NAME SOURCE`")
+        raise InvalidInput(
+            f"{', '.join(todo)} need a fitted codebook before items go in: sample at least one image "
+            f"(--fit-sample N), or fit first with `embedsvc collections fit NAME SOURCE`"
+        )
     read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
         decoded = list(pool.map(read, sample_records(records, sample)))
@@ -462,11 +509,13 @@ def fit_targets(sink, names: list[str], records: list[Record], sample: int, work
         raise InvalidInput(f"no usable image among the {len(decoded)} sampled to fit {', '.join(todo)}")
     done = []
     for name in todo:
-        print(f"fitting the pooling of {name!r} on {len(good)} sample images of the source ...", file=sys.stderr,
-              flush=True)
+        print(
+            f"fitting the pooling of {name!r} on {len(good)} sample images of the source ...",
+            file=sys.stderr,
+            flush=True,
+        )
         done.append(FittedTarget(name, len(good), sink.fit(name, good)))
-        print(f"fitted {name!r}: codebook from {done[-1].descriptors} token descriptors", file=sys.stderr,
-              flush=True)
+        print(f"fitted {name!r}: codebook from {done[-1].descriptors} token descriptors", file=sys.stderr, flush=True)
     return done
 
 
@@ -533,15 +582,21 @@ def run_index(job: IndexJob) -> IndexSummary:
     failed: list[tuple[str, str]] = []
     indexed = present = 0
     progress = Progress(len(records), unit="items", label="indexed ")
-    chunks = [records[i:i + job.batch_size] for i in range(0, len(records), job.batch_size)]
+    chunks = [records[i : i + job.batch_size] for i in range(0, len(records), job.batch_size)]
     loop_started = time.perf_counter()
     try:
         # Readers decode beside the forward: niced like serve's decoders, so its OpenMP team keeps its cores.
         # WRITES_IN_FLIGHT batches are written at once: one batch's preprocessing and commit overlap the
         # other's forward pass instead of leaving the model idle.
-        with ThreadPoolExecutor(max_workers=job.workers, thread_name_prefix="read", initializer=lower_thread_priority,
-                                initargs=(DEFAULT_DECODE_NICE,)) as pool, \
-                ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="write") as writer:
+        with (
+            ThreadPoolExecutor(
+                max_workers=job.workers,
+                thread_name_prefix="read",
+                initializer=lower_thread_priority,
+                initargs=(DEFAULT_DECODE_NICE,),
+            ) as pool,
+            ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="write") as writer,
+        ):
             read = functools.partial(decode_record, short_side=sink.image_side, keep_bytes=sink.keeps_bytes)
 
             def submit(chunk):
@@ -595,4 +650,3 @@ def run_fit(job: IndexJob, sample: int) -> list[FittedTarget]:
         return fit_targets(sink, sink.names, records, sample, job.workers, only_unfitted=False)
     finally:
         sink.close()
-

@@ -7,7 +7,8 @@ through it, and the driver writes the returned vectors into the durable store ba
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,20 +21,24 @@ if TYPE_CHECKING:
 class EmbedActor:
     """Decodes and embeds a batch for every target collection's pooling with one forward pass."""
 
-    def __init__(self, model: str, targets: list[dict], device: str = "auto",
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+    def __init__(
+        self, model: str, targets: list[dict], device: str = "auto", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    ):
         from embedsvc.encoder import ClipEncoder
         from embedsvc.models import get_model_spec, load_model
         from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, image_token_modes
-
         from embedsvc.store import CollectionConfig
 
         loaded = load_model(get_model_spec(model), device=device)
         for target in targets:  # the bytes this actor loaded, maybe on another node and after the driver's check
             CollectionConfig.from_json(target["config"]).check_weights(loaded.weights_sha256)
         self.encoder = ClipEncoder(loaded)
-        self.poolings = [bind_pooling(PoolingSpec(t["pooling"], t["params"]),
-                                      NetVLADState.from_bytes(t["state"]) if t["state"] else None) for t in targets]
+        self.poolings = [
+            bind_pooling(
+                PoolingSpec(t["pooling"], t["params"]), NetVLADState.from_bytes(t["state"]) if t["state"] else None
+            )
+            for t in targets
+        ]
         self.dims = [t["dim"] for t in targets]
         self.modes = image_token_modes(self.poolings)
         self.max_image_bytes = max_image_bytes
@@ -42,7 +47,7 @@ class EmbedActor:
         from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image
         from embedsvc.errors import EmbedsvcError
 
-        images: list[Optional[Image.Image]] = []
+        images: list[Image.Image | None] = []
         reasons: list[str] = []
         for path, data in zip(batch["path"], batch["data"]):
             try:
@@ -66,9 +71,16 @@ class EmbedActor:
         return out
 
 
-def embed_with_ray(rows: list[dict], model: str, targets: list[dict], batch_size: int, actors: int,
-                   device: str = "auto", address: Optional[str] = None,
-                   max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[dict]:
+def embed_with_ray(
+    rows: list[dict],
+    model: str,
+    targets: list[dict],
+    batch_size: int,
+    actors: int,
+    device: str = "auto",
+    address: str | None = None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> Iterator[dict]:
     """Yields batches {id, reason, vector_0..} in any order; starts a local Ray instance unless one is running.
     Actors read the files of rows with a path, `max_image_bytes` at most (regular files only)."""
     import ray
@@ -82,11 +94,19 @@ def embed_with_ray(rows: list[dict], model: str, targets: list[dict], batch_size
     try:
         gpus = 1 if torch.cuda.is_available() else 0
         dataset = ray.data.from_items(rows)
-        embedded = dataset.map_batches(EmbedActor, fn_constructor_kwargs={"model": model, "targets": targets,
-                                                                          "device": device,
-                                                                          "max_image_bytes": max_image_bytes},
-                                       concurrency=actors, batch_size=batch_size, num_gpus=gpus,
-                                       batch_format="numpy")
+        embedded = dataset.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={
+                "model": model,
+                "targets": targets,
+                "device": device,
+                "max_image_bytes": max_image_bytes,
+            },
+            concurrency=actors,
+            batch_size=batch_size,
+            num_gpus=gpus,
+            batch_format="numpy",
+        )
         yield from embedded.iter_batches(batch_size=batch_size, batch_format="numpy")
     finally:
         if started_here:

@@ -9,10 +9,10 @@ import os
 import stat
 import tarfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from embedsvc.datasets.manifest import check_manifest_file, read_manifest
 from embedsvc.engine.config import EngineConfig
@@ -32,13 +32,13 @@ class Record:
     # Reads the encoded bytes (called in a worker thread).
     read: Callable[[], bytes]
     # Caption, if the source has one (stored as metadata "caption").
-    caption: Optional[str] = None
+    caption: str | None = None
     # Other metadata.
     metadata: dict = field(default_factory=dict)
     # Set when the record is known to be unusable before reading (e.g. not an image file).
-    refused: Optional[str] = None
+    refused: str | None = None
     # The file `read` reads, for records of files (the Ray engine's actors read it themselves).
-    path: Optional[str] = None
+    path: str | None = None
 
 
 def read_image_file(path: str | Path, limit: int) -> bytes:
@@ -64,8 +64,13 @@ def read_image_file(path: str | Path, limit: int) -> bytes:
     return data
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _check_file(st: os.stat_result, limit: int) -> None:
@@ -77,8 +82,10 @@ def _check_file(st: os.stat_result, limit: int) -> None:
 
 
 def _too_large(size: int, limit: int, member: str = "") -> str:
-    return f"too large: {size:,} bytes{f' ({member})' if member else ''}, over the limit of {limit:,} " \
-           f"(--max-image-bytes); not read"
+    return (
+        f"too large: {size:,} bytes{f' ({member})' if member else ''}, over the limit of {limit:,} "
+        f"(--max-image-bytes); not read"
+    )
 
 
 def _os_reason(path: str | Path, exc: OSError) -> str:
@@ -91,7 +98,7 @@ def _os_reason(path: str | Path, exc: OSError) -> str:
     return f"could not read: {exc.strerror or exc}"
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, Optional[str]]]:
+def _walk(root: Path) -> Iterator[tuple[Path, str | None]]:
     """(path, None) for every entry under root that is not a folder, hidden ones aside, and (folder, reason)
     for a folder that cannot be listed. Symlinks are listed, not followed: reading them says what they are."""
     folders = [root]
@@ -123,16 +130,26 @@ def folder_records(root: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list
         rel = path.relative_to(root).as_posix()
         if refused is None and path.suffix.lower() not in IMAGE_SUFFIXES:
             refused = f"not an image file ({path.suffix or 'no extension'}; expected {', '.join(IMAGE_SUFFIXES)})"
-        records.append(Record(rel, str(path), partial(read_image_file, path, max_bytes), None, {"path": rel}, refused,
-                              str(path)))
+        records.append(
+            Record(rel, str(path), partial(read_image_file, path, max_bytes), None, {"path": rel}, refused, str(path))
+        )
     return records
 
 
 def manifest_records(manifest: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[Record]:
     check_manifest_file(manifest)
     rows = _parquet_rows(manifest) if manifest.suffix == ".parquet" else read_manifest(manifest)
-    return [Record(row.id, str(row.path), partial(read_image_file, row.path, max_bytes), row.caption,
-                   dict(row.metadata), path=str(row.path)) for row in rows]
+    return [
+        Record(
+            row.id,
+            str(row.path),
+            partial(read_image_file, row.path, max_bytes),
+            row.caption,
+            dict(row.metadata),
+            path=str(row.path),
+        )
+        for row in rows
+    ]
 
 
 def _parquet_rows(manifest: Path):
@@ -181,7 +198,7 @@ def webdataset_records(shards: list[Path], max_bytes: int = DEFAULT_MAX_IMAGE_BY
     return records
 
 
-def _tar_members(shard: Path) -> tuple[Optional[tarfile.TarFile], list[tarfile.TarInfo], Optional[str]]:
+def _tar_members(shard: Path) -> tuple[tarfile.TarFile | None, list[tarfile.TarInfo], str | None]:
     """The open archive, the members read before its end or a break, and why it broke, if it did."""
     try:
         archive = tarfile.open(shard)  # noqa: SIM115 - open while the records' readers read members from it
@@ -207,9 +224,13 @@ def _read_member(archive: tarfile.TarFile, lock: threading.Lock, shard: Path, me
         raise UnusableFile(f"could not read {member.name} from {shard}: {exc}") from None
 
 
-_MEMBER_KINDS = ((tarfile.TarInfo.issym, "a symlink"), (tarfile.TarInfo.islnk, "a hard link"),
-                 (tarfile.TarInfo.isfifo, "a FIFO"), (tarfile.TarInfo.ischr, "a character device"),
-                 (tarfile.TarInfo.isblk, "a block device"))
+_MEMBER_KINDS = (
+    (tarfile.TarInfo.issym, "a symlink"),
+    (tarfile.TarInfo.islnk, "a hard link"),
+    (tarfile.TarInfo.isfifo, "a FIFO"),
+    (tarfile.TarInfo.ischr, "a character device"),
+    (tarfile.TarInfo.isblk, "a block device"),
+)
 
 
 def _webdataset_record(shard: Path, key: str, members: dict[str, tarfile.TarInfo], reader, max_bytes: int) -> Record:
@@ -223,11 +244,14 @@ def _webdataset_record(shard: Path, key: str, members: dict[str, tarfile.TarInfo
     odd = next((m for m in members.values() if not m.isfile()), None)
     if odd is not None:
         kind = next((name for test, name in _MEMBER_KINDS if test(odd)), "of an unknown kind")
-        return refused(f"not a regular file: member {odd.name} is {kind}" +
-                       (f" (to {odd.linkname})" if odd.issym() or odd.islnk() else ""))
+        return refused(
+            f"not a regular file: member {odd.name} is {kind}"
+            + (f" (to {odd.linkname})" if odd.issym() or odd.islnk() else "")
+        )
     image_member = members[image_ext] if image_ext is not None else None
-    oversized = next((m for m in (image_member, caption_member, members.get("json"))
-                      if m is not None and m.size > max_bytes), None)
+    oversized = next(
+        (m for m in (image_member, caption_member, members.get("json")) if m is not None and m.size > max_bytes), None
+    )
     if oversized is not None:
         return refused(_too_large(oversized.size, max_bytes, oversized.name))
     try:
@@ -237,8 +261,13 @@ def _webdataset_record(shard: Path, key: str, members: dict[str, tarfile.TarInfo
         return refused(str(exc))
     if image_ext is None:
         return refused(f"no image member (found {', '.join(sorted(members))})", caption, metadata)
-    return Record(key, source, partial(reader, members[image_ext]), caption,
-                  {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))})
+    return Record(
+        key,
+        source,
+        partial(reader, members[image_ext]),
+        caption,
+        {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))},
+    )
 
 
 def _member_json(member: tarfile.TarInfo, data: bytes) -> dict:
@@ -263,5 +292,7 @@ def open_source(source: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> list[R
     shards = sorted(map(Path, glob.glob(source))) if any(c in source for c in "*?[") else [path]
     if shards and all(s.suffix == ".tar" and s.is_file() for s in shards):
         return webdataset_records(shards, max_bytes)
-    raise InvalidInput(f"cannot read {source!r}: give an image folder, a .csv/.jsonl/.parquet manifest, "
-                       f"or WebDataset .tar shards (a glob is fine)")
+    raise InvalidInput(
+        f"cannot read {source!r}: give an image folder, a .csv/.jsonl/.parquet manifest, "
+        f"or WebDataset .tar shards (a glob is fine)"
+    )

@@ -5,14 +5,28 @@ the device and loader names are resolved on first use (PEP 562)."""
 
 import importlib
 
-from embedsvc.models.registry import (MODEL_REGISTRY, ModelOptions, ModelSpec, get_model_spec, register_model,
-                                     register_models_file, resolve_model_spec, spec_from_options)
 from embedsvc.models.bundled import DEFAULT_MODEL, TINY_SCENES, TINY_SCENES_2, register_bundled
+from embedsvc.models.registry import (
+    MODEL_REGISTRY,
+    ModelOptions,
+    ModelSpec,
+    get_model_spec,
+    register_model,
+    register_models_file,
+    resolve_model_spec,
+    spec_from_options,
+)
 
 register_bundled()
 
-_LAZY = {"resolve_device": "device", "resolve_precision": "device", "LoadedModel": "loader", "load_model": "loader",
-         "weights_sha256": "loader", "input_size": "loader"}
+_LAZY = {
+    "resolve_device": "device",
+    "resolve_precision": "device",
+    "LoadedModel": "loader",
+    "load_model": "loader",
+    "weights_sha256": "loader",
+    "input_size": "loader",
+}
 
 
 def __getattr__(name: str):
@@ -22,8 +36,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "MODEL_REGISTRY",
     "DEFAULT_MODEL",
+    "MODEL_REGISTRY",
     "TINY_SCENES",
     "TINY_SCENES_2",
     "LoadedModel",

@@ -20,9 +20,9 @@ DEFAULT_MODEL = TINY_SCENES_2
 
 BUNDLED = {
     TINY_SCENES: "tiny ViT CLIP trained on embedsvc's generated scenes (shapes, colours, sizes, places); v1: "
-                 "only cls retrieves across modalities",
+    "only cls retrieves across modalities",
     TINY_SCENES_2: "v1 trained on with augmented scenes, hard negative captions and patch-token losses: "
-                   "cls, avg, max, gem, netvlad and spp retrieve across modalities (final tokens)",
+    "cls, avg, max, gem, netvlad and spp retrieve across modalities (final tokens)",
 }
 
 
@@ -30,5 +30,12 @@ def register_bundled() -> None:
     for name, description in BUNDLED.items():
         checkpoint = ASSETS / f"{name}.safetensors"
         if checkpoint.is_file():
-            register_model(ModelSpec(name=name, architecture=name, checkpoint=str(checkpoint),
-                                     config_file=str(ASSETS / f"{name}.json"), description=description))
+            register_model(
+                ModelSpec(
+                    name=name,
+                    architecture=name,
+                    checkpoint=str(checkpoint),
+                    config_file=str(ASSETS / f"{name}.json"),
+                    description=description,
+                )
+            )

@@ -8,9 +8,10 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -54,12 +55,13 @@ class LoadedModel:
     weights_sha256: str = ""
 
 
-def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
-               cache_dir: Optional[str] = None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, device: str = "auto", precision: str = "auto", cache_dir: str | None = None
+) -> LoadedModel:
     """Builds the architecture, loads its weights strictly, and puts it in eval mode on the device."""
     import open_clip
-    from open_clip.transformer import VisionTransformer
     from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
 
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -68,13 +70,17 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         _register_architecture(spec)
 
     kwargs: dict[str, Any] = {}
-    weights_path: Optional[str] = None
+    weights_path: str | None = None
     if spec.checkpoint is not None:
         weights_path = _checked_checkpoint(spec.checkpoint)
     elif spec.pretrained is not None:
         weights_path, tag_cfg = _cached_pretrained_file(spec.architecture, spec.pretrained, cache_dir)
-        for ours, theirs in (("image_mean", "mean"), ("image_std", "std"),
-                             ("image_interpolation", "interpolation"), ("image_resize_mode", "resize_mode")):
+        for ours, theirs in (
+            ("image_mean", "mean"),
+            ("image_std", "std"),
+            ("image_interpolation", "interpolation"),
+            ("image_resize_mode", "resize_mode"),
+        ):
             if tag_cfg.get(theirs) is not None:
                 kwargs[ours] = tag_cfg[theirs]
         if tag_cfg.get("quick_gelu"):
@@ -90,8 +96,7 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         with _quiet_random_init_warning(state_dict is not None):
             # pretrained_text=False: no text tower fetches base weights of its own (weights come from disk or nowhere).
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.architecture, device=torch_device, precision=open_clip_precision, pretrained_text=False,
-                **kwargs
+                spec.architecture, device=torch_device, precision=open_clip_precision, pretrained_text=False, **kwargs
             )
         if state_dict is not None:
             _load_state_dict(model, state_dict)
@@ -130,8 +135,15 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto",
         load_seconds=elapsed,
         weights_sha256=weights_sha256,
     )
-    log.info("loaded model %s (%s, %s) on %s as %s in %.1fs", spec.name, spec.architecture, spec.weights,
-             torch_device, open_clip_precision, elapsed)
+    log.info(
+        "loaded model %s (%s, %s) on %s as %s in %.1fs",
+        spec.name,
+        spec.architecture,
+        spec.weights,
+        torch_device,
+        open_clip_precision,
+        elapsed,
+    )
     return loaded
 
 
@@ -145,13 +157,13 @@ def input_size(spec: ModelSpec) -> int:
     return config_input_size(open_clip.get_model_config(spec.architecture))
 
 
-def config_input_size(model_cfg: Optional[dict]) -> int:
+def config_input_size(model_cfg: dict | None) -> int:
     """The image side of an open_clip model config (0 when it names none)."""
     size = ((model_cfg or {}).get("vision_cfg") or {}).get("image_size", 0)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def weights_sha256(spec: ModelSpec, cache_dir: Optional[str] = None) -> str:
+def weights_sha256(spec: ModelSpec, cache_dir: str | None = None) -> str:
     """What `load_model(spec).weights_sha256` will be, without building the model (for checks before a job
     hands the model name to other processes)."""
     if spec.checkpoint is not None:
@@ -250,7 +262,9 @@ def _register_architecture(spec: ModelSpec) -> None:
     if not path.is_file():
         raise WeightsUnavailable(f"model {quoted(spec.name)}: config file {path} does not exist")
     if path.stem != spec.architecture:
-        raise InvalidInput(f"model {quoted(spec.name)}: config file must be named {spec.architecture}.json, got {path.name}")
+        raise InvalidInput(
+            f"model {quoted(spec.name)}: config file must be named {spec.architecture}.json, got {path.name}"
+        )
     open_clip.add_model_config(str(path))
 
 
@@ -271,7 +285,7 @@ def _checked_checkpoint(checkpoint: str) -> str:
     return str(path)
 
 
-def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str]) -> tuple[str, dict]:
+def _cached_pretrained_file(architecture: str, tag: str, cache_dir: str | None) -> tuple[str, dict]:
     """Finds a pretrained tag's weights in the local caches; never downloads."""
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
@@ -304,7 +318,7 @@ def _cached_pretrained_file(architecture: str, tag: str, cache_dir: Optional[str
     )
 
 
-def _hf_cached(repo_id: str, filename: str, cache_dir: Optional[str]) -> Optional[str]:
+def _hf_cached(repo_id: str, filename: str, cache_dir: str | None) -> str | None:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from embedsvc.errors import InvalidInput, UnknownModel, quoted
 
@@ -23,11 +22,11 @@ class ModelSpec:
     # open_clip architecture name (built-in, or the stem of `config_file`).
     architecture: str
     # open_clip pretrained tag (e.g. "laion2b_s34b_b79k"); weights must already be in the local cache.
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # Local checkpoint in open_clip state-dict format (.pt, .pth, .bin or .safetensors).
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     # open_clip model-config JSON for an architecture open_clip does not ship; registered on load.
-    config_file: Optional[str] = None
+    config_file: str | None = None
     # Build with random weights. Only for tests and benchmarks: retrieval results are meaningless.
     random_init: bool = False
     # One line for ListModels.
@@ -77,10 +76,10 @@ def get_model_spec(name: str) -> ModelSpec:
 def resolve_model_spec(
     name: str,
     *,
-    pretrained: Optional[str] = None,
-    checkpoint: Optional[str] = None,
+    pretrained: str | None = None,
+    checkpoint: str | None = None,
     random_init: bool = False,
-    config_file: Optional[str] = None,
+    config_file: str | None = None,
 ) -> ModelSpec:
     """A registered name, or (with a weight source) an open_clip architecture built ad hoc; `config_file`
     registers an architecture open_clip does not ship (named after the file's stem)."""
@@ -102,8 +101,14 @@ def resolve_model_spec(
         )
     if checkpoint is not None:
         checkpoint = str(Path(checkpoint).expanduser())
-    return ModelSpec(name=name, architecture=name, pretrained=pretrained, checkpoint=checkpoint,
-                     random_init=random_init, config_file=config_file)
+    return ModelSpec(
+        name=name,
+        architecture=name,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        random_init=random_init,
+        config_file=config_file,
+    )
 
 
 def register_models_file(path: str | Path) -> list[ModelSpec]:
@@ -130,8 +135,9 @@ def register_models_file(path: str | Path) -> list[ModelSpec]:
                 entry[key] = str(path.parent / entry[key])
         unknown = set(entry) - {f.name for f in dataclasses.fields(ModelSpec)}
         if unknown:
-            raise InvalidInput(f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; "
-                               f"expected {shape}")
+            raise InvalidInput(
+                f"models file {path}: unknown key(s) {', '.join(sorted(map(quoted, unknown)))}; expected {shape}"
+            )
         try:
             spec = ModelSpec(**entry)
         except TypeError as exc:  # a required key missing
@@ -148,14 +154,14 @@ class ModelOptions:
     # "" = `default` (or, with a checkpoint, the checkpoint's file stem).
     model: str = ""
     # open_clip pretrained tag, resolved from the local caches only.
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     # Local open_clip state dict.
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     # open_clip model-config JSON for an architecture open_clip does not ship ("" with a checkpoint: the
     # NAME.json beside it, when there is one, as `embedsvc train` writes them).
-    model_config: Optional[str] = None
+    model_config: str | None = None
     # JSON list of model specs to register first.
-    models_file: Optional[str] = None
+    models_file: str | None = None
     # Random weights (tests and smoke runs only).
     random_init: bool = False
 
@@ -182,6 +188,11 @@ def spec_from_options(options: ModelOptions, default: str = "") -> ModelSpec:
         raise InvalidInput("name a model: --model NAME (or --checkpoint PATH)")
     if config_file is not None and not options.has_weight_source:
         raise InvalidInput("--model-config describes an architecture: give its weights too (--checkpoint PATH)")
-    spec = resolve_model_spec(name, pretrained=options.pretrained, checkpoint=options.checkpoint,
-                              random_init=options.random_init, config_file=config_file)
+    spec = resolve_model_spec(
+        name,
+        pretrained=options.pretrained,
+        checkpoint=options.checkpoint,
+        random_init=options.random_init,
+        config_file=config_file,
+    )
     return register_model(spec, replace=True) if options.has_weight_source else spec

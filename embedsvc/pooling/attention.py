@@ -17,8 +17,14 @@ import torch.nn.functional as F
 from embedsvc.pooling.functional import l2_normalize
 
 
-def attention_pool(tokens: torch.Tensor, mask: torch.Tensor, queries: torch.Tensor, key_weight: torch.Tensor,
-                   proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> torch.Tensor:
+def attention_pool(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    queries: torch.Tensor,
+    key_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+) -> torch.Tensor:
     """[B, N, D] -> [B, D_out]: H learned queries attend over keys W_k x (softmax over real tokens);
     the H pooled vectors are concatenated and projected linearly."""
     keys = tokens @ key_weight.T  # [B, N, D]
@@ -36,7 +42,7 @@ class AttentionHead(torch.nn.Module):
         self.key_weight = torch.nn.Parameter(torch.eye(dim))
         proj = torch.zeros(out_dim, heads * dim)
         for h in range(heads):  # start as the mean of the heads' pooled vectors
-            proj[:, h * dim:(h + 1) * dim] = torch.eye(out_dim, dim) / heads
+            proj[:, h * dim : (h + 1) * dim] = torch.eye(out_dim, dim) / heads
         self.proj_weight = torch.nn.Parameter(proj)
         self.proj_bias = torch.nn.Parameter(torch.zeros(out_dim))
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -45,8 +51,16 @@ class AttentionHead(torch.nn.Module):
         return attention_pool(tokens, mask, self.queries, self.key_weight, self.proj_weight, self.proj_bias)
 
 
-def train_attention_head(tokens: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, steps: int = 400,
-                         batch_size: int = 256, lr: float = 2e-3, heads: int = 4, seed: int = 0) -> AttentionHead:
+def train_attention_head(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 400,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    heads: int = 4,
+    seed: int = 0,
+) -> AttentionHead:
     """Contrastive training (symmetric InfoNCE) of a head on frozen image tokens against frozen
     target vectors (e.g. the native text embeddings of each image's captions)."""
     torch.manual_seed(seed)

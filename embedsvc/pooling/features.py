@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal, Optional, get_args
+from typing import Final, Literal, get_args
 
 import torch
 
@@ -37,7 +37,7 @@ class TokenFeatures:
     # [B, D] the model's own pooled output, equal to open_clip's encode_image / encode_text.
     native: torch.Tensor
     # (height, width) of the token grid for images; None for text.
-    grid: Optional[tuple[int, int]] = None
+    grid: tuple[int, int] | None = None
     # Per input: True when the text was cut to the context length.
     truncated: list[bool] = field(default_factory=list)
     # The token mode `tokens` were computed with (see TOKEN_MODES).
@@ -58,24 +58,32 @@ class TokenFeatures:
     def modes(self) -> tuple[str, ...]:
         return (self.mode, *self.other_modes)
 
-    def in_mode(self, mode: str) -> "TokenFeatures":
+    def in_mode(self, mode: str) -> TokenFeatures:
         """These inputs' features with the tokens of `mode` (which must have been computed)."""
         if mode == self.mode:
             return self
         if mode not in self.other_modes:
             raise KeyError(f"token mode {mode!r} was not computed for these features (have {', '.join(self.modes)})")
-        return TokenFeatures(self.modality, self.other_modes[mode], self.mask, self.native, self.grid,
-                             self.truncated, mode)
+        return TokenFeatures(
+            self.modality, self.other_modes[mode], self.mask, self.native, self.grid, self.truncated, mode
+        )
 
-    def select(self, index: list[int]) -> "TokenFeatures":
+    def select(self, index: list[int]) -> TokenFeatures:
         """The features of a subset of the batch, in the given order."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.tokens.device)
-        return TokenFeatures(self.modality, self.tokens[idx], self.mask[idx], self.native[idx], self.grid,
-                             [self.truncated[i] for i in index], self.mode,
-                             {m: t[idx] for m, t in self.other_modes.items()})
+        return TokenFeatures(
+            self.modality,
+            self.tokens[idx],
+            self.mask[idx],
+            self.native[idx],
+            self.grid,
+            [self.truncated[i] for i in index],
+            self.mode,
+            {m: t[idx] for m, t in self.other_modes.items()},
+        )
 
     @staticmethod
-    def concat(parts: list["TokenFeatures"]) -> "TokenFeatures":
+    def concat(parts: list[TokenFeatures]) -> TokenFeatures:
         """The features of several batches (same modality and modes), rows in order. Text batches run up to
         their own longest text, so shorter ones are padded with masked-out zero tokens."""
         first = parts[0]
@@ -86,7 +94,13 @@ class TokenFeatures:
         def padded(t: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [B, n, ...], zeros (False) appended
             return t if t.shape[1] == n else torch.cat([t, t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))], 1)
 
-        return TokenFeatures(first.modality, torch.cat([padded(p.tokens) for p in parts]),
-                             torch.cat([padded(p.mask) for p in parts]), torch.cat([p.native for p in parts]),
-                             first.grid, [t for p in parts for t in p.truncated], first.mode,
-                             {m: torch.cat([padded(p.other_modes[m]) for p in parts]) for m in first.other_modes})
+        return TokenFeatures(
+            first.modality,
+            torch.cat([padded(p.tokens) for p in parts]),
+            torch.cat([padded(p.mask) for p in parts]),
+            torch.cat([p.native for p in parts]),
+            first.grid,
+            [t for p in parts for t in p.truncated],
+            first.mode,
+            {m: torch.cat([padded(p.other_modes[m]) for p in parts]) for m in first.other_modes},
+        )

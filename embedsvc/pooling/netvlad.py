@@ -8,8 +8,8 @@ safetensors, and later be trained end to end.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -20,8 +20,13 @@ from embedsvc.pooling.functional import l2_normalize
 STATE_FORMAT = "embedsvc.netvlad/1"
 
 
-def netvlad(tokens: torch.Tensor, mask: torch.Tensor, centroids: torch.Tensor, assign_weight: torch.Tensor,
-            assign_bias: torch.Tensor) -> torch.Tensor:
+def netvlad(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    centroids: torch.Tensor,
+    assign_weight: torch.Tensor,
+    assign_bias: torch.Tensor,
+) -> torch.Tensor:
     """[B, N, D] tokens -> [B, K*D] VLAD, each cluster's residual sum intra-normalised, then L2.
 
     a_k(x) = softmax_k(w_k . x + b_k) on L2-normalised descriptors x; V_k = sum_i a_k(x_i)(x_i - c_k)
@@ -43,11 +48,16 @@ class NetVLADState(torch.nn.Module):
     centroids: torch.Tensor
     assign_weight: torch.Tensor
     assign_bias: torch.Tensor
-    pca_mean: Optional[torch.Tensor]  # with pca_matrix, or neither
-    pca_matrix: Optional[torch.Tensor]
+    pca_mean: torch.Tensor | None  # with pca_matrix, or neither
+    pca_matrix: torch.Tensor | None
 
-    def __init__(self, centroids: torch.Tensor, alpha: float, pca_mean: Optional[torch.Tensor] = None,
-                 pca_matrix: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        centroids: torch.Tensor,
+        alpha: float,
+        pca_mean: torch.Tensor | None = None,
+        pca_matrix: torch.Tensor | None = None,
+    ):
         super().__init__()
         centroids = centroids.float()
         self.alpha = float(alpha)
@@ -72,8 +82,13 @@ class NetVLADState(torch.nn.Module):
 
     def vlad(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The VLAD vector before any PCA."""
-        return netvlad(tokens, mask, self.centroids.to(tokens.device), self.assign_weight.to(tokens.device),
-                       self.assign_bias.to(tokens.device))
+        return netvlad(
+            tokens,
+            mask,
+            self.centroids.to(tokens.device),
+            self.assign_weight.to(tokens.device),
+            self.assign_bias.to(tokens.device),
+        )
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if tokens.shape[-1] != self.input_dim:
@@ -96,7 +111,7 @@ class NetVLADState(torch.nn.Module):
         return save(tensors, metadata={"format": STATE_FORMAT, "alpha": repr(self.alpha)})
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "NetVLAD state") -> "NetVLADState":
+    def from_bytes(cls, data: bytes, where: str = "NetVLAD state") -> NetVLADState:
         import json
         import struct
 
@@ -104,7 +119,7 @@ class NetVLADState(torch.nn.Module):
 
         try:
             (header_len,) = struct.unpack("<Q", data[:8])
-            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
             tensors = load(data)
         except Exception as exc:  # noqa: BLE001 - any parse failure means: not a state file
             raise InvalidInput(f"{where} is not a safetensors file ({exc})") from None
@@ -116,15 +131,22 @@ class NetVLADState(torch.nn.Module):
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | Path) -> "NetVLADState":
+    def load(cls, path: str | Path) -> NetVLADState:
         path = Path(path)
         if not path.is_file():
             raise InvalidInput(f"NetVLAD state file {path} does not exist")
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-def fit_netvlad(token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]], clusters: int, alpha: float = 0.0,
-                pca_dim: int = 0, seed: int = 0, max_descriptors: int = 200_000, kmeans_iters: int = 25) -> NetVLADState:
+def fit_netvlad(
+    token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    clusters: int,
+    alpha: float = 0.0,
+    pca_dim: int = 0,
+    seed: int = 0,
+    max_descriptors: int = 200_000,
+    kmeans_iters: int = 25,
+) -> NetVLADState:
     """Fits a codebook on batches of (tokens [B, N, D], mask [B, N]).
 
     Centroids: faiss k-means on a seeded sample of L2-normalised descriptors. alpha=0 chooses alpha
@@ -139,13 +161,21 @@ def fit_netvlad(token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]], cluster
     descriptors = torch.cat([l2_normalize(t)[m] for t, m in batches]).numpy().astype(np.float32)
     n, d = descriptors.shape
     if n < clusters:
-        raise InvalidInput(f"NetVLAD with {clusters} clusters needs at least {clusters} token descriptors; "
-                           f"the samples gave {n}: send more samples or fewer clusters")
+        raise InvalidInput(
+            f"NetVLAD with {clusters} clusters needs at least {clusters} token descriptors; "
+            f"the samples gave {n}: send more samples or fewer clusters"
+        )
     rng = np.random.default_rng(seed)
     if n > max_descriptors:
         descriptors = descriptors[rng.choice(n, max_descriptors, replace=False)]
-    kmeans = faiss.Kmeans(d, clusters, niter=kmeans_iters, seed=seed, verbose=False,
-                          max_points_per_centroid=max(256, math.ceil(len(descriptors) / clusters)))
+    kmeans = faiss.Kmeans(
+        d,
+        clusters,
+        niter=kmeans_iters,
+        seed=seed,
+        verbose=False,
+        max_points_per_centroid=max(256, math.ceil(len(descriptors) / clusters)),
+    )
     kmeans.train(np.ascontiguousarray(descriptors))
     centroids = kmeans.centroids.astype(np.float32)
     if alpha <= 0:
@@ -154,14 +184,17 @@ def fit_netvlad(token_sets: Iterable[tuple[torch.Tensor, torch.Tensor]], cluster
     if pca_dim:
         vlads = torch.cat([state.vlad(t, m) for t, m in batches]).numpy().astype(np.float32)
         if pca_dim > min(len(vlads) - 1, vlads.shape[1]):
-            raise InvalidInput(f"PCA to {pca_dim} dims needs more than {pca_dim} samples and at most "
-                               f"{vlads.shape[1]} dims; got {len(vlads)} samples")
+            raise InvalidInput(
+                f"PCA to {pca_dim} dims needs more than {pca_dim} samples and at most "
+                f"{vlads.shape[1]} dims; got {len(vlads)} samples"
+            )
         pca = faiss.PCAMatrix(vlads.shape[1], pca_dim, -0.5)
         pca.train(vlads)
         matrix = faiss.vector_to_array(pca.A).reshape(pca_dim, vlads.shape[1])  # y = A (x - mean)
         mean = faiss.vector_to_array(pca.mean)
-        state = NetVLADState(state.centroids, alpha, torch.from_numpy(mean.copy()),
-                             torch.from_numpy(np.ascontiguousarray(matrix)))
+        state = NetVLADState(
+            state.centroids, alpha, torch.from_numpy(mean.copy()), torch.from_numpy(np.ascontiguousarray(matrix))
+        )
     return state
 
 

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Literal
 
 import torch
 
+from embedsvc.errors import (
+    InvalidPoolingParams,
+    ModalityNotSupported,
+    NonFiniteVector,
+    PoolingNotFitted,
+    UnknownPooling,
+    UnsupportedTokenMode,
+    quoted,
+)
 from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures, TokenMode
-from embedsvc.errors import (InvalidPoolingParams, ModalityNotSupported, NonFiniteVector, PoolingNotFitted,
-                             UnknownPooling, UnsupportedTokenMode, quoted)
 from embedsvc.pooling.functional import l2_normalize, masked_max, masked_mean, signed_gem
 from embedsvc.pooling.netvlad import NetVLADState
 from embedsvc.pooling.spp import spatial_pyramid
 from embedsvc.spec_text import SpecTextError, parse_spec_text
-
 
 # -- parameters -----------------------------------------------------------------------------------
 
@@ -143,7 +150,7 @@ def params_to_strings(params: Any) -> dict[str, str]:
 
 # -- definitions ----------------------------------------------------------------------------------
 
-PoolFn = Callable[[TokenFeatures, Any, Optional[NetVLADState]], torch.Tensor]
+PoolFn = Callable[[TokenFeatures, Any, NetVLADState | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -163,9 +170,9 @@ class PoolingDef:
     # Needs fitted state before use.
     requires_fit: bool = False
     # (params, modality) -> reason string when this combination is refused, else None.
-    refuses: Callable[[Any, str], Optional[str]] = lambda params, modality: None
+    refuses: Callable[[Any, str], str | None] = lambda params, modality: None
     # (params, embed_dim, state) -> output dimension.
-    output_dim: Callable[[Any, int, Optional[NetVLADState]], int] = lambda params, dim, state: dim
+    output_dim: Callable[[Any, int, NetVLADState | None], int] = lambda params, dim, state: dim
 
 
 def _cls(f: TokenFeatures, params: NoParams, state) -> torch.Tensor:
@@ -184,7 +191,7 @@ def _gem(f: TokenFeatures, params: GemParams, state) -> torch.Tensor:
     return signed_gem(f.tokens, f.mask, params.p)
 
 
-def _netvlad(f: TokenFeatures, params: NetVLADParams, state: Optional[NetVLADState]) -> torch.Tensor:
+def _netvlad(f: TokenFeatures, params: NetVLADParams, state: NetVLADState | None) -> torch.Tensor:
     assert state is not None, "BoundPooling.check_ready refuses an unfitted netvlad"
     if f.modality == TEXT and params.text_descriptors == "native":
         return state(f.native.unsqueeze(1), torch.ones_like(f.mask[:, :1]))
@@ -198,10 +205,12 @@ def _spp(f: TokenFeatures, params: SppParams, state) -> torch.Tensor:
     return spatial_pyramid(f.tokens, f.grid, params.levels, params.region, params.combine)
 
 
-def _spp_refuses(params: SppParams, modality: str) -> Optional[str]:
+def _spp_refuses(params: SppParams, modality: str) -> str | None:
     if modality == TEXT and params.combine == "concat":
-        return ("spp with combine=concat has sum(l^2)*D dimensions that no text vector can match; "
-                "use combine=sum for text queries, or image queries only")
+        return (
+            "spp with combine=concat has sum(l^2)*D dimensions that no text vector can match; "
+            "use combine=sum for text queries, or image queries only"
+        )
     return None
 
 
@@ -211,16 +220,27 @@ POOLINGS: dict[str, PoolingDef] = {
         PoolingDef("cls", "the model's native pooled embedding (open_clip encode_image / encode_text)", NoParams, _cls),
         PoolingDef("avg", "global average of the tokens (patches; text SOT..EOT)", TokenParams, _avg),
         PoolingDef("max", "global max per dimension over the tokens", TokenParams, _max),
-        PoolingDef("gem", "generalised mean with exponent p, signed: sign(m)|m|^(1/p), m = mean(sign(x)|x|^p)",
-                   GemParams, _gem),
-        PoolingDef("netvlad", "NetVLAD residual aggregation over a fitted k-means codebook (K*D or PCA dims)",
-                   NetVLADParams, _netvlad, requires_fit=True,
-                   output_dim=lambda p, dim, state: state.output_dim if state is not None
-                   else (p.pca_dim or p.clusters * dim)),
-        PoolingDef("spp", "spatial pyramid over the patch grid: per-region max/avg, L2, summed (or concatenated)",
-                   SppParams, _spp, refuses=_spp_refuses,
-                   output_dim=lambda p, dim, state: dim if p.combine == "sum"
-                   else dim * sum(level * level for level in p.levels)),
+        PoolingDef(
+            "gem", "generalised mean with exponent p, signed: sign(m)|m|^(1/p), m = mean(sign(x)|x|^p)", GemParams, _gem
+        ),
+        PoolingDef(
+            "netvlad",
+            "NetVLAD residual aggregation over a fitted k-means codebook (K*D or PCA dims)",
+            NetVLADParams,
+            _netvlad,
+            requires_fit=True,
+            output_dim=lambda p, dim, state: state.output_dim if state is not None else (p.pca_dim or p.clusters * dim),
+        ),
+        PoolingDef(
+            "spp",
+            "spatial pyramid over the patch grid: per-region max/avg, L2, summed (or concatenated)",
+            SppParams,
+            _spp,
+            refuses=_spp_refuses,
+            output_dim=lambda p, dim, state: (
+                dim if p.combine == "sum" else dim * sum(level * level for level in p.levels)
+            ),
+        ),
     )
 }
 
@@ -238,7 +258,7 @@ class PoolingSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "PoolingSpec":
+    def parse(cls, text: str) -> PoolingSpec:
         """'gem', 'gem:p=4', 'avg:tokens=clearclip' or 'spp:levels=1,2;combine=concat' (';' separates
         parameters)."""
         try:
@@ -255,7 +275,7 @@ class BoundPooling:
 
     definition: PoolingDef
     params: Any
-    state: Optional[NetVLADState] = None
+    state: NetVLADState | None = None
     # A collection's pooling: texts (queries) pool the text tower's own tokens whatever the image token
     # mode. Otherwise (Embed) a text input with a token mode other than `final` is refused.
     text_final_tokens: bool = False
@@ -283,16 +303,20 @@ class BoundPooling:
         if reason:
             raise ModalityNotSupported(reason)
         if modality == TEXT and self.token_mode != FINAL and not self.text_final_tokens:
-            raise UnsupportedTokenMode(f"{self.name}: tokens={self.token_mode} does not apply to text inputs: the "
-                                       f"text tower has one token mode, {FINAL}; embed texts with tokens={FINAL} "
-                                       f"(collections do this for text queries)")
+            raise UnsupportedTokenMode(
+                f"{self.name}: tokens={self.token_mode} does not apply to text inputs: the "
+                f"text tower has one token mode, {FINAL}; embed texts with tokens={FINAL} "
+                f"(collections do this for text queries)"
+            )
 
     def check_ready(self) -> None:
         """Refuses a learned pooling without state, before any compute is spent on it."""
         if self.definition.requires_fit and self.state is None:
-            raise PoolingNotFitted(f"{self.name} has no fitted codebook: fit it first (`embedsvc collections fit "
-                                   f"NAME SOURCE`, or the FitPooling RPC), or give `embedsvc embed` a saved state "
-                                   f"(--pooling-state FILE, e.g. one `embedsvc compare` wrote)")
+            raise PoolingNotFitted(
+                f"{self.name} has no fitted codebook: fit it first (`embedsvc collections fit "
+                f"NAME SOURCE`, or the FitPooling RPC), or give `embedsvc embed` a saved state "
+                f"(--pooling-state FILE, e.g. one `embedsvc compare` wrote)"
+            )
 
     def __call__(self, features: TokenFeatures) -> torch.Tensor:
         """[B, out] L2-normalised float32 vectors."""
@@ -301,8 +325,10 @@ class BoundPooling:
         features = features.in_mode(self.mode_for(features.modality))
         out = l2_normalize(self.definition.fn(features, self.params, self.state).float())
         if not torch.isfinite(out).all():  # a last wall: no pooling answers OK with NaN or infinity
-            raise NonFiniteVector(f"pooling {self.name} produced a non-finite vector for this input (numerical "
-                                  f"overflow); try other parameters or another pooling")
+            raise NonFiniteVector(
+                f"pooling {self.name} produced a non-finite vector for this input (numerical "
+                f"overflow); try other parameters or another pooling"
+            )
         return out
 
 
@@ -312,8 +338,9 @@ def image_token_modes(poolings: list[BoundPooling]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(p.token_mode for p in poolings)) or (FINAL,)
 
 
-def bind_pooling(spec: PoolingSpec | str, state: Optional[NetVLADState] = None,
-                 text_final_tokens: bool = False) -> BoundPooling:
+def bind_pooling(
+    spec: PoolingSpec | str, state: NetVLADState | None = None, text_final_tokens: bool = False
+) -> BoundPooling:
     """Resolves a spec against the registry and validates its parameters."""
     if isinstance(spec, str):
         spec = PoolingSpec.parse(spec)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -23,8 +23,9 @@ def pyramid_regions(grid: tuple[int, int], levels: Sequence[int]) -> list[tuple[
     return regions
 
 
-def spatial_pyramid(tokens: torch.Tensor, grid: tuple[int, int], levels: Sequence[int], region: str = "max",
-                    combine: str = "sum") -> torch.Tensor:
+def spatial_pyramid(
+    tokens: torch.Tensor, grid: tuple[int, int], levels: Sequence[int], region: str = "max", combine: str = "sum"
+) -> torch.Tensor:
     """Pools each region of each level (max or avg), L2-normalises each region vector, then sums them
     (D dims, comparable with text) or concatenates them (sum(l^2) * D dims, image->image only)."""
     b, _, d = tokens.shape

@@ -45,8 +45,9 @@ class Slots:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_active)
         if self._slots.locked() and self._waiting >= self.max_waiting:
-            raise ResourceExhausted(f"server busy: {self.max_active} calls running and {self._waiting} waiting; "
-                                    f"retry with backoff")
+            raise ResourceExhausted(
+                f"server busy: {self.max_active} calls running and {self._waiting} waiting; retry with backoff"
+            )
         self._waiting += 1
         try:
             await self._slots.acquire()
@@ -99,8 +100,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         async def behaviour(request_iterator, context):
             raw = await self._next(request_iterator, context, method)
             if raw is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call ended without a request "
-                                                                      f"message")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call ended without a request message"
+                )
             request = await self._parse(handler, raw, context, method)
             async with self._slot(context, method):
                 return await handler.unary_unary(request, context)
@@ -133,21 +135,29 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 return await request_iterator.__anext__()
         except StopAsyncIteration:
             return None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self.awaiting_message -= 1
-        await self._refuse(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"no request message within {self.message_timeout:g} s of the call (or of the "
-                           f"previous message); send the message with the headers")
+        await self._refuse(
+            context,
+            method,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no request message within {self.message_timeout:g} s of the call (or of the "
+            f"previous message); send the message with the headers",
+        )
 
     async def _parse(self, handler, raw: bytes, context, method: str):
         try:
             return handler.request_deserializer(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, upb sometimes others
-            await self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                               f"malformed request: {len(raw)} bytes that do not parse as the {method} request "
-                               f"message ({str(exc)[:200]})")
+            await self._refuse(
+                context,
+                method,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed request: {len(raw)} bytes that do not parse as the {method} request "
+                f"message ({str(exc)[:200]})",
+            )
 
     @contextlib.asynccontextmanager
     async def _slot(self, context, method: str):
@@ -162,6 +172,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     async def _refuse(context, method: str, code: grpc.StatusCode, message: str):
-        log.warning("%s refused with %s: %s", method, code.name, message,
-                    extra={"rpc": method, "code": code.name, "peer": context.peer()})
+        log.warning(
+            "%s refused with %s: %s",
+            method,
+            code.name,
+            message,
+            extra={"rpc": method, "code": code.name, "peer": context.peer()},
+        )
         await context.abort(code, message)

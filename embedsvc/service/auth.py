@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import grpc
 
@@ -61,8 +61,10 @@ def _parse_tokens(where: str, text: str) -> list[Token]:
     if not isinstance(entries, list):
         raise InvalidInput(f"{where}: expected {shape}")
     if not entries:
-        raise InvalidInput(f"{where}: \"tokens\" is empty, which would turn auth off; add a token, or remove the "
-                           f"setting to run without auth")
+        raise InvalidInput(
+            f'{where}: "tokens" is empty, which would turn auth off; add a token, or remove the '
+            f"setting to run without auth"
+        )
     tokens = []
     for n, entry in enumerate(entries):
         if not isinstance(entry, dict):
@@ -72,21 +74,25 @@ def _parse_tokens(where: str, text: str) -> list[Token]:
             raise InvalidInput(f"{where}: token {n}: name must be a string")
         if not isinstance(secret, str) or len(secret) < 16:
             raise InvalidInput(f"{where}: token {quoted(name)} must be a string of at least 16 characters")
-        if (not isinstance(scopes, list) or not scopes or not all(isinstance(s, str) for s in scopes)
-                or not set(scopes) <= set(SCOPES)):
+        if (
+            not isinstance(scopes, list)
+            or not scopes
+            or not all(isinstance(s, str) for s in scopes)
+            or not set(scopes) <= set(SCOPES)
+        ):
             raise InvalidInput(f"{where}: token {quoted(name)} scopes must be a non-empty list among {SCOPES}")
         tokens.append(Token(name, secret, frozenset(scopes)))
     return tokens
 
 
-def required_scope(method: str) -> Optional[str]:
+def required_scope(method: str) -> str | None:
     """None for open methods; "read" or "write" for embedsvc's."""
     if method.startswith(OPEN_PREFIXES):
         return None
     return "write" if method.rsplit("/", 1)[-1] in WRITE_METHODS else "read"
 
 
-def find_token(tokens: list[Token], presented: str) -> Optional[Token]:
+def find_token(tokens: list[Token], presented: str) -> Token | None:
     found = None
     for token in tokens:  # compare against every token: timing does not reveal which matched
         if hmac.compare_digest(token.secret.encode(), presented.encode()):
@@ -94,7 +100,7 @@ def find_token(tokens: list[Token], presented: str) -> Optional[Token]:
     return found
 
 
-def authorize(tokens: list[Token], method: str, headers: Sequence[str]) -> Optional[tuple[grpc.StatusCode, str]]:
+def authorize(tokens: list[Token], method: str, headers: Sequence[str]) -> tuple[grpc.StatusCode, str] | None:
     """None if the `authorization` header values may call `method`; else the status and message to refuse with.
     Shared by the gRPC interceptor and the HTTP API, so both accept the same tokens and scopes. More than
     one header is ambiguous and refused."""
@@ -111,8 +117,10 @@ def authorize(tokens: list[Token], method: str, headers: Sequence[str]) -> Optio
     if token is None:
         return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
     if scope not in token.scopes:
-        return (grpc.StatusCode.PERMISSION_DENIED,
-                f"token {quoted(token.name)} lacks the {quoted(scope)} scope needed for {method.rsplit('/', 1)[-1]}")
+        return (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"token {quoted(token.name)} lacks the {quoted(scope)} scope needed for {method.rsplit('/', 1)[-1]}",
+        )
     return None
 
 
@@ -124,8 +132,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        headers = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                   for k, v in details.invocation_metadata or () if k == "authorization"]
+        headers = [
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+            for k, v in details.invocation_metadata or ()
+            if k == "authorization"
+        ]
         refusal = authorize(self.tokens, details.method, headers)
         return handler if refusal is None else _deny(handler, *refusal)
 

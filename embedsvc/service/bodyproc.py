@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
@@ -74,16 +75,17 @@ def pieces(message: Message) -> list[bytes]:
             data = element.SerializeToString()
             out.append(tag + _varint(len(data)) + data)
         message.ClearField(field.name)
-    return [message.SerializeToString()] + out
+    return [message.SerializeToString(), *out]
 
 
-def parse_message(data: bytes, message_type: type, where: str, max_items: int, counted: bool
-                  ) -> tuple[list[bytes], None]:
+def parse_message(
+    data: bytes, message_type: type, where: str, max_items: int, counted: bool
+) -> tuple[list[bytes], None]:
     """json_body.parse in a worker: the message's pieces, or its error (Over for too many items)."""
     return pieces(json_body.parse(data, message_type, where, max_items, _over if counted else None)), None
 
 
-def parse_lines(data: bytes, message_type: type) -> tuple[list[bytes], Optional[str]]:
+def parse_lines(data: bytes, message_type: type) -> tuple[list[bytes], str | None]:
     """Every line of a JSON-lines body as a `message_type`, serialised, up to the first that does not parse, and
     that line's error (as json_body.parse_lines words it), or None."""
     out: list[bytes] = []
@@ -121,7 +123,7 @@ def _serve(conn) -> None:
 # -- in the server -----------------------------------------------------------------------------------
 
 
-async def body_chunks(request: "Request") -> list[bytes]:
+async def body_chunks(request: Request) -> list[bytes]:
     """The request body as the chunks it arrived in: joined on the event loop, 32 MiB stalled it 40 ms (150 ms
     on a busy machine); a large one is joined where it is parsed, off the loop."""
     return [chunk async for chunk in request.stream() if chunk]
@@ -197,8 +199,10 @@ class BodyParsers:
     def _ended(self, worker: _Worker) -> None:
         self.workers.discard(worker)
         worker.close()
-        log.error("a JSON body worker process ended (exit code %s); the next large body starts another",
-                  worker.process.exitcode)
+        log.error(
+            "a JSON body worker process ended (exit code %s); the next large body starts another",
+            worker.process.exitcode,
+        )
 
     def _lost(self) -> None:
         with self._lock:
@@ -214,8 +218,10 @@ class BodyParsers:
             self._ended(worker)
             self._lost()
             if isinstance(exc, (EOFError, OSError)):
-                raise Unavailable("the process parsing this request's body ended before it answered; retry the "
-                                  "request (the server log has details)") from None
+                raise Unavailable(
+                    "the process parsing this request's body ended before it answered; retry the "
+                    "request (the server log has details)"
+                ) from None
             raise
         self._give_back(worker)
         if isinstance(reply, BaseException):  # fn's own exception, for the request
@@ -233,8 +239,14 @@ class BodyParsers:
         self.workers.discard(worker)
         worker.close()
 
-    def parse(self, chunks: Sequence[bytes], message_type: type, where: str, max_items: int,
-              check_count: Optional[Callable[[int, str], None]] = None) -> Message:
+    def parse(
+        self,
+        chunks: Sequence[bytes],
+        message_type: type,
+        where: str,
+        max_items: int,
+        check_count: Callable[[int, str], None] | None = None,
+    ) -> Message:
         """json_body.parse of the body's chunks, in a worker; check_count(count, key) as json_body.parse calls it."""
         try:
             out, _ = self.call(parse_message, chunks, message_type, where, max_items, check_count is not None)
@@ -244,7 +256,7 @@ class BodyParsers:
             raise ResourceExhausted(f"{over.count} {over.key} in one request, over the limit of {max_items}") from None
         return merged(message_type(), out)
 
-    def parse_lines(self, chunks: Sequence[bytes], message_type: type) -> tuple[list[bytes], Optional[str]]:
+    def parse_lines(self, chunks: Sequence[bytes], message_type: type) -> tuple[list[bytes], str | None]:
         """The lines of a JSON-lines body, serialised, up to the first that does not parse, and its error."""
         return self.call(parse_lines, chunks, message_type)
 

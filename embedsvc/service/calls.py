@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterable, Callable, Iterable, Optional, Protocol, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from embedsvc.engine.engine import Content, EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.errors import EmbedsvcError, InvalidInput, ResourceExhausted, quoted
 from embedsvc.models import MODEL_REGISTRY
 from embedsvc.pooling import POOLINGS, PoolingSpec, params_to_strings
 from embedsvc.pooling.features import IMAGE, TEXT
 from embedsvc.service import json_body
-from embedsvc.engine.engine import Content, EmbeddedBatch, Engine, ImageBytes, Query, Text, UpsertRequestItem
 from embedsvc.service.wire import embed_response, vector_rows, vector_values
 from embedsvc.store import CollectionInfo, Condition, Filter, SearchOptions
 from embedsvc.store.filter_text import parse_filter_text
@@ -35,14 +36,15 @@ def record(engine: Engine, method: str, code: str, seconds: float, peer: str, tr
     """Counts, times and logs one request, whichever transport carried it (metrics keep their labels)."""
     if engine.metrics:
         engine.metrics.record_call(method, code, seconds)
-    log.info("rpc", extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer,
-                           "transport": transport})
+    log.info(
+        "rpc", extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer, "transport": transport}
+    )
 
 
 # -- conversions ------------------------------------------------------------------------------
 
 
-def pooling_from_pb(spec: pb.PoolingSpec) -> Optional[PoolingSpec]:
+def pooling_from_pb(spec: pb.PoolingSpec) -> PoolingSpec | None:
     return PoolingSpec(spec.name, dict(spec.params)) if spec.name else None
 
 
@@ -70,7 +72,7 @@ def value_to_pb(value: Any) -> pb.MetadataValue:
     return pb.MetadataValue(string_value=str(value))
 
 
-def filter_from_pb(flt: pb.Filter) -> Optional[Filter]:
+def filter_from_pb(flt: pb.Filter) -> Filter | None:
     conditions = []
     for c in flt.must:
         test = c.WhichOneof("test")
@@ -96,8 +98,7 @@ def vector_from_pb(vector: pb.Vector) -> np.ndarray:
 STEP_VALUES = 65536  # vector values converted between two turns of the event loop (about 1 ms of copying)
 
 
-async def converted(elements: Iterable, convert: Callable[[Any, int], Any], vector: Callable[[Any], pb.Vector]
-                    ) -> list:
+async def converted(elements: Iterable, convert: Callable[[Any, int], Any], vector: Callable[[Any], pb.Vector]) -> list:
     """[convert(element, i) ...], giving the event loop a turn after every STEP_VALUES values of the elements'
     vectors: 1,024 vectors of 3,600 values, converted in one go, held it 60 ms (more on a busy machine)."""
     out, values = [], 0
@@ -117,19 +118,32 @@ def info_to_pb(info: CollectionInfo) -> pb.CollectionInfo:
         state = pb.POOLING_STATE_NOT_REQUIRED
     else:
         state = pb.POOLING_STATE_FITTED if info.pooling_version else pb.POOLING_STATE_NEEDS_FIT
-    config = pb.CollectionConfig(name=c.name, model=c.model, metric=METRIC_ENUM[c.metric], index=c.index, dim=c.dim,
-                                 pooling=pb.PoolingSpec(name=c.pooling, params=c.pooling_params))
-    return pb.CollectionInfo(config=config, dim=c.dim, count=info.count, pooling_state=state,
-                             pooling_version=info.pooling_version, created_unix_ms=info.created_ms,
-                             index_trained=info.index_trained)
+    config = pb.CollectionConfig(
+        name=c.name,
+        model=c.model,
+        metric=METRIC_ENUM[c.metric],
+        index=c.index,
+        dim=c.dim,
+        pooling=pb.PoolingSpec(name=c.pooling, params=c.pooling_params),
+    )
+    return pb.CollectionInfo(
+        config=config,
+        dim=c.dim,
+        count=info.count,
+        pooling_state=state,
+        pooling_version=info.pooling_version,
+        created_unix_ms=info.created_ms,
+        index_trained=info.index_trained,
+    )
 
 
 def tokens_to_pb(features) -> pb.TokenFeatures:
     mask = features.mask[0]
     tokens = features.tokens[0][mask].cpu().numpy().astype("<f4")
     grid = features.grid or (0, 0)
-    return pb.TokenFeatures(num_tokens=tokens.shape[0], dim=tokens.shape[1], data=tokens.tobytes(),
-                            grid_height=grid[0], grid_width=grid[1])
+    return pb.TokenFeatures(
+        num_tokens=tokens.shape[0], dim=tokens.shape[1], data=tokens.tobytes(), grid_height=grid[0], grid_width=grid[1]
+    )
 
 
 # -- operations, one per RPC ------------------------------------------------------------------
@@ -138,8 +152,9 @@ def tokens_to_pb(features) -> pb.TokenFeatures:
 class Embedder(Protocol):
     """What Embed needs of an engine: the Engine, or a front-end process's FrontEngine (service.frontends)."""
 
-    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
-                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]: ...
+    async def embed_batch(
+        self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content], include_tokens: bool = False
+    ) -> tuple[str, EmbeddedBatch]: ...
 
 
 async def embed_rows(engine: Embedder, request: pb.EmbedRequest) -> tuple[str, list[str], EmbeddedBatch]:
@@ -154,8 +169,7 @@ async def embed_rows(engine: Embedder, request: pb.EmbedRequest) -> tuple[str, l
 async def embed(engine: Embedder, request: pb.EmbedRequest) -> pb.EmbedResponse:
     model, names, batch = await embed_rows(engine, request)
     tokens = [tokens_to_pb(t).SerializeToString() for t in batch.tokens] if batch.tokens else None
-    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors,
-                          tokens)
+    return embed_response(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors, tokens)
 
 
 async def embed_json(engine: Embedder, request: pb.EmbedRequest) -> dict:
@@ -163,8 +177,9 @@ async def embed_json(engine: Embedder, request: pb.EmbedRequest) -> dict:
     JSON document: no EmbedResponse in between (tests/test_json_body.py checks the two agree)."""
     model, names, batch = await embed_rows(engine, request)
     tokens = [tokens_to_pb(t) for t in batch.tokens] if batch.tokens else None
-    return json_body.embed_document(model, [MODALITY[m] for m in batch.modalities], batch.truncated, names,
-                                    batch.vectors, tokens)
+    return json_body.embed_document(
+        model, [MODALITY[m] for m in batch.modalities], batch.truncated, names, batch.vectors, tokens
+    )
 
 
 async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
@@ -178,16 +193,21 @@ async def list_models(engine: Engine, request: pb.ListModelsRequest) -> pb.ListM
             info.vision_tower, info.device = m.vision_tower, str(m.device)
             info.dtype = str(m.dtype).replace("torch.", "")
     for name, definition in POOLINGS.items():
-        out.poolings.add(name=name, description=definition.description,
-                         modalities=[MODALITY[m] for m in definition.modalities],
-                         defaults=params_to_strings(definition.params_cls()), requires_fit=definition.requires_fit)
+        out.poolings.add(
+            name=name,
+            description=definition.description,
+            modalities=[MODALITY[m] for m in definition.modalities],
+            defaults=params_to_strings(definition.params_cls()),
+            requires_fit=definition.requires_fit,
+        )
     return out
 
 
 async def create_collection(engine: Engine, request: pb.CreateCollectionRequest) -> pb.CollectionInfo:
     c = request.config
-    info = await engine.create_collection(c.name, c.model, pooling_from_pb(c.pooling), METRICS.get(c.metric, "cosine"),
-                                          c.index, c.dim)
+    info = await engine.create_collection(
+        c.name, c.model, pooling_from_pb(c.pooling), METRICS.get(c.metric, "cosine"), c.index, c.dim
+    )
     return info_to_pb(info)
 
 
@@ -214,11 +234,17 @@ def upsert_items(message: pb.UpsertRequest) -> list[UpsertRequestItem]:
         metadata = {}
         for key, value in item.metadata.items():
             kind = value.WhichOneof("kind")
-            metadata[key] = getattr(value, kind) if kind else value_from_pb(
-                value, f"item {quoted(item.id)} metadata {quoted(key)}")
-        items.append(UpsertRequestItem(
-            item.id, content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
-            next(vectors) if payload == "vector" else None, metadata))
+            metadata[key] = (
+                getattr(value, kind) if kind else value_from_pb(value, f"item {quoted(item.id)} metadata {quoted(key)}")
+            )
+        items.append(
+            UpsertRequestItem(
+                item.id,
+                content_from_pb(item.content, f"item {quoted(item.id)}") if payload == "content" else None,
+                next(vectors) if payload == "vector" else None,
+                metadata,
+            )
+        )
     return items
 
 
@@ -230,12 +256,14 @@ class _UpsertStream:
         self.engine = engine
         self.collection = ""
         self.inserted = self.replaced = self.count = 0
-        self._commit: Optional[asyncio.Future] = None
+        self._commit: asyncio.Future | None = None
 
     def target(self, message: pb.UpsertRequest) -> str:
         if message.collection and self.collection and message.collection != self.collection:
-            raise InvalidInput(f"one Upsert stream writes one collection: got {quoted(message.collection)} after "
-                               f"{quoted(self.collection)}")
+            raise InvalidInput(
+                f"one Upsert stream writes one collection: got {quoted(message.collection)} after "
+                f"{quoted(self.collection)}"
+            )
         self.collection = self.collection or message.collection
         if not self.collection:
             raise InvalidInput("the first Upsert message must name the collection")
@@ -253,11 +281,16 @@ class _UpsertStream:
             result = await commit
         except EmbedsvcError as exc:
             if self.inserted or self.replaced:
-                raise type(exc)(f"{exc} (this message was not stored; {self.inserted + self.replaced} items from "
-                                f"earlier messages of the stream were)") from None
+                raise type(exc)(
+                    f"{exc} (this message was not stored; {self.inserted + self.replaced} items from "
+                    f"earlier messages of the stream were)"
+                ) from None
             raise
-        self.inserted, self.replaced, self.count = (self.inserted + result.inserted, self.replaced + result.replaced,
-                                                    result.count)
+        self.inserted, self.replaced, self.count = (
+            self.inserted + result.inserted,
+            self.replaced + result.replaced,
+            result.count,
+        )
 
     def abandon(self) -> None:
         """The stream ended early (cancelled, broken): a commit in flight is not waited for (its thread ends it)."""
@@ -293,8 +326,9 @@ async def delete(engine: Engine, request: pb.DeleteRequest) -> pb.DeleteResponse
 
 async def get(engine: Engine, request: pb.GetRequest) -> pb.GetResponse:
     engine._check_count(len(request.ids), "ids")
-    items, missing = await engine.run_blocking(engine.store.get, request.collection, list(request.ids),
-                                               request.include_vectors)
+    items, missing = await engine.run_blocking(
+        engine.store.get, request.collection, list(request.ids), request.include_vectors
+    )
     out = pb.GetResponse(missing_ids=missing)
     for item in items:
         stored = out.items.add(id=item.id)
@@ -316,7 +350,7 @@ def query_from_pb(q: pb.Query, i: int) -> Query:
     raise InvalidInput(f"query {i} is empty: set text, image, vector or id")
 
 
-def search_filter(request: pb.SearchRequest) -> Optional[Filter]:
+def search_filter(request: pb.SearchRequest) -> Filter | None:
     """The request's filter: structured, or text in the grammar of embedsvc.store.filter_text."""
     if request.filter_text and request.HasField("filter"):
         raise InvalidInput("set filter or filter_text, not both")
@@ -326,8 +360,14 @@ def search_filter(request: pb.SearchRequest) -> Optional[Filter]:
 async def search(engine: Engine, request: pb.SearchRequest) -> pb.SearchResponse:
     queries = await converted(request.queries, query_from_pb, lambda query: query.vector)
     flt = search_filter(request)
-    options = SearchOptions(request.top_k or 10, flt, request.params.nprobe, request.params.ef_search,
-                            request.include_metadata, request.include_vectors)
+    options = SearchOptions(
+        request.top_k or 10,
+        flt,
+        request.params.nprobe,
+        request.params.ef_search,
+        request.include_metadata,
+        request.include_vectors,
+    )
     outcomes = await engine.search(request.collection, queries, options)
     out = pb.SearchResponse()
     if flt is not None and not any(outcome.hits for outcome in outcomes):  # say why, when it may be a typo
@@ -354,12 +394,15 @@ async def fit_pooling(engine: Engine, messages: AsyncIterable[pb.FitPoolingReque
         engine._check_count(len(message.samples), "samples")
         held += message.ByteSize()
         if len(samples) + len(message.samples) > config.max_fit_samples or held > config.max_fit_bytes:
-            raise ResourceExhausted(f"FitPooling streamed more than {config.max_fit_samples:,} samples "
-                                    f"(max_fit_samples) or {config.max_fit_bytes:,} bytes (max_fit_bytes); fit "
-                                    f"on a sample of your data")
+            raise ResourceExhausted(
+                f"FitPooling streamed more than {config.max_fit_samples:,} samples "
+                f"(max_fit_samples) or {config.max_fit_bytes:,} bytes (max_fit_bytes); fit "
+                f"on a sample of your data"
+            )
         samples += [content_from_pb(c, f"sample {len(samples) + i}") for i, c in enumerate(message.samples)]
     if not collection:
         raise InvalidInput("the first FitPooling message must name the collection")
     fitted = await engine.fit_pooling(collection, samples, params)
-    return pb.FitPoolingResponse(collection=info_to_pb(fitted.info), descriptors=fitted.descriptors,
-                                 seconds=fitted.seconds)
+    return pb.FitPoolingResponse(
+        collection=info_to_pb(fitted.info), descriptors=fitted.descriptors, seconds=fitted.seconds
+    )

@@ -12,9 +12,10 @@ import os
 import re
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from PIL import Image
 
@@ -159,35 +160,60 @@ class ServerConfig:
     # Log level.
     log_level: str = "INFO"
 
-    def validate(self) -> "ServerConfig":
-        positive = ["max_batch_size", "max_queue", "max_message_bytes", "max_image_bytes", "max_image_pixels",
-                    "max_image_header_pixels",
-                    "max_text_chars", "max_items_per_request", "max_top_k", "max_concurrent_rpcs", "decode_workers",
-                    "checkpoint_every", "max_waiting_rpcs", "max_request_pixels", "max_fit_samples",
-                    "max_fit_bytes", "http_max_connections"]
+    def validate(self) -> ServerConfig:
+        positive = [
+            "max_batch_size",
+            "max_queue",
+            "max_message_bytes",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_image_header_pixels",
+            "max_text_chars",
+            "max_items_per_request",
+            "max_top_k",
+            "max_concurrent_rpcs",
+            "decode_workers",
+            "checkpoint_every",
+            "max_waiting_rpcs",
+            "max_request_pixels",
+            "max_fit_samples",
+            "max_fit_bytes",
+            "http_max_connections",
+        ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config {name} must be at least 1, got {getattr(self, name)}")
         if self.max_image_header_pixels > PILLOW_PIXEL_LIMIT:
-            raise InvalidInput(f"config max_image_header_pixels must be at most {PILLOW_PIXEL_LIMIT} (Pillow refuses "
-                               f"larger images itself), got {self.max_image_header_pixels}")
+            raise InvalidInput(
+                f"config max_image_header_pixels must be at most {PILLOW_PIXEL_LIMIT} (Pillow refuses "
+                f"larger images itself), got {self.max_image_header_pixels}"
+            )
         if not self.request_message_timeout_seconds > 0:
             raise InvalidInput("config request_message_timeout_seconds must be > 0")
-        for name in ("http_header_timeout_seconds", "http_body_timeout_seconds", "http_send_timeout_seconds",
-                     "http_keepalive_timeout_seconds"):
+        for name in (
+            "http_header_timeout_seconds",
+            "http_body_timeout_seconds",
+            "http_send_timeout_seconds",
+            "http_keepalive_timeout_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"config {name} must be > 0, got {getattr(self, name)}")
         if self.http_keepalive_timeout_seconds > self.http_header_timeout_seconds:
-            raise InvalidInput(f"config http_keepalive_timeout_seconds ({self.http_keepalive_timeout_seconds:g}) must not "
-                               f"exceed http_header_timeout_seconds ({self.http_header_timeout_seconds:g}): the next "
-                               f"request's headers are due within that")
+            raise InvalidInput(
+                f"config http_keepalive_timeout_seconds ({self.http_keepalive_timeout_seconds:g}) must not "
+                f"exceed http_header_timeout_seconds ({self.http_header_timeout_seconds:g}): the next "
+                f"request's headers are due within that"
+            )
         one_image = base64_size(self.max_image_bytes) + JSON_ENVELOPE_BYTES
         if self.http_listen and self.http_max_body_bytes < one_image:
-            raise InvalidInput(f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
-                               f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes")
+            raise InvalidInput(
+                f"config http_max_body_bytes ({self.http_max_body_bytes:,}) must hold one image of "
+                f"max_image_bytes in base64 with its JSON: at least {one_image:,} bytes"
+            )
         if not 0 <= self.frontends <= MAX_FRONTENDS:
-            raise InvalidInput(f"config frontends must be between 0 (one process) and {MAX_FRONTENDS}, got "
-                               f"{self.frontends}")
+            raise InvalidInput(
+                f"config frontends must be between 0 (one process) and {MAX_FRONTENDS}, got {self.frontends}"
+            )
         if self.max_batch_delay_ms < 0:
             raise InvalidInput("config max_batch_delay_ms must be >= 0")
         if not self.load_progress_seconds >= 0:
@@ -205,14 +231,18 @@ class ServerConfig:
         if self.store_backend not in ("local", "milvus"):
             raise InvalidInput(f"config store_backend must be local or milvus, got {quoted(self.store_backend)}")
         if self.store_backend == "milvus" and not self.milvus_uri:
-            raise InvalidInput("config store_backend milvus needs milvus_uri (http://host:19530 or a Milvus Lite .db file)")
+            raise InvalidInput(
+                "config store_backend milvus needs milvus_uri (http://host:19530 or a Milvus Lite .db file)"
+            )
         port = self.listen.rsplit(":", 1)[-1] if ":" in self.listen else ""
         if not port.isdigit() or int(port) > 65535:
             raise InvalidInput(f"config listen must be HOST:PORT with a port of 0-65535, got {quoted(self.listen)}")
         http_port = self.http_listen.rsplit(":", 1)[-1] if ":" in self.http_listen else ""
         if self.http_listen and (not http_port.isdigit() or int(http_port) > 65535):
-            raise InvalidInput(f"config http_listen must be HOST:PORT with a port of 0-65535 (or empty to disable), "
-                               f"got {quoted(self.http_listen)}")
+            raise InvalidInput(
+                f"config http_listen must be HOST:PORT with a port of 0-65535 (or empty to disable), "
+                f"got {quoted(self.http_listen)}"
+            )
         _ = self.allowed_hosts, self.cors_origins  # parsed here: a bad entry stops start-up, not a request
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidInput(f"config metrics_port must be -1 (off) or 0-65535, got {self.metrics_port}")
@@ -258,8 +288,10 @@ def _is_ip(text: str) -> bool:
 def _allowed_host(entry: str) -> str:
     if entry == "*" or _is_ip(entry) or HOST_NAME.fullmatch(entry):
         return entry.strip("[]").rstrip(".")
-    raise InvalidInput(f"config http_allowed_hosts: {quoted(entry)} is not a host name; write names without "
-                       f"scheme or port (api.example.com, .example.com for it and its subdomains, or *)")
+    raise InvalidInput(
+        f"config http_allowed_hosts: {quoted(entry)} is not a host name; write names without "
+        f"scheme or port (api.example.com, .example.com for it and its subdomains, or *)"
+    )
 
 
 def _origin(entry: str) -> str:
@@ -270,11 +302,21 @@ def _origin(entry: str) -> str:
         port = parts.port
     except ValueError:
         parts, port = None, None
-    if (parts is None or parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username is not None
-            or parts.path or parts.query or parts.fragment or entry.endswith(("?", "#"))):
-        raise InvalidInput(f"config http_cors_origins: {quoted(entry)} is not an origin; write scheme://host[:port] "
-                           f"with no path, as the browser's address bar shows the front end "
-                           f"(https://app.example.com, http://localhost:3000), or *")
+    if (
+        parts is None
+        or parts.scheme not in DEFAULT_PORTS
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or entry.endswith(("?", "#"))
+    ):
+        raise InvalidInput(
+            f"config http_cors_origins: {quoted(entry)} is not an origin; write scheme://host[:port] "
+            f"with no path, as the browser's address bar shows the front end "
+            f"(https://app.example.com, http://localhost:3000), or *"
+        )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS[parts.scheme] else "")
 
@@ -323,8 +365,9 @@ def field_docs() -> list[tuple[str, str, str]]:
     return [(f.name, repr(f.default), docs.get(f.name, "")) for f in dataclasses.fields(ServerConfig)]
 
 
-def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
-                overrides: Optional[Mapping[str, Any]] = None) -> ServerConfig:
+def load_config(
+    path: str | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> ServerConfig:
     """Defaults < file (TOML or JSON) < EMBEDSVC_<FIELD> environment variables < overrides (CLI flags)."""
     hints = typing.get_type_hints(ServerConfig)
     names = {f.name for f in dataclasses.fields(ServerConfig)}
@@ -341,8 +384,9 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
             else:
                 data = json.loads(file.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError, JSONDecodeError: ValueError
-            raise InvalidInput(f"config file {file}: cannot read it as {'TOML' if file.suffix == '.toml' else 'JSON'} "
-                               f"({exc})") from None
+            raise InvalidInput(
+                f"config file {file}: cannot read it as {'TOML' if file.suffix == '.toml' else 'JSON'} ({exc})"
+            ) from None
         if not isinstance(data, dict):
             raise InvalidInput(f"config file {file}: expected a table of settings, got {type(data).__name__}")
         unknown = sorted(set(data) - names)
@@ -350,8 +394,8 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
             raise InvalidInput(f"config file {file}: unknown key(s) {', '.join(unknown)}")
         values.update(data)
     for key, raw in (os.environ if env is None else env).items():
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names:
-            values[key[len(ENV_PREFIX):].lower()] = raw
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names:
+            values[key[len(ENV_PREFIX) :].lower()] = raw
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     converted = {k: _convert(k, hints[k], v) for k, v in values.items()}
     return ServerConfig(**converted).validate()

@@ -35,33 +35,34 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from embedsvc.cpu import lower_thread_priority
 from embedsvc.encoder.preprocess import split_transform
+from embedsvc.engine.engine import ImageBytes, Text, check_content, check_count, check_pixel_budget, decode_for_model
 from embedsvc.errors import InvalidInput
 from embedsvc.pooling import PoolingSpec
 from embedsvc.service import calls
 from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
-from embedsvc.cpu import lower_thread_priority
-from embedsvc.engine.engine import (ImageBytes, Text, check_content, check_count, check_pixel_budget,
-                                     decode_for_model)
 from embedsvc.service.modelchannel import ModelChannelClient, ModelChannelServer
 from embedsvc.service.preflight import check_settings
 from embedsvc.service.servicers import rpc
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 log = logging.getLogger("embedsvc.frontends")
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["EmbedService"].full_name,
-                 pb.DESCRIPTOR.services_by_name["IndexService"].full_name)
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["EmbedService"].full_name,
+    pb.DESCRIPTOR.services_by_name["IndexService"].full_name,
+)
 RESTART_DELAY_S = 1.0  # before a dead front end's replacement starts (a crash loop costs one start a second)
 
 
@@ -91,8 +92,12 @@ class FrontEngine:
         self.config, self.client = config, client
         self.limits = config.engine_config()  # the engine's input checks, run here before anything is sent
         self.metrics = _CallsServedHere(client)
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode",
-                                              initializer=lower_thread_priority, initargs=(config.decode_nice,))
+        self.decode_pool = ThreadPoolExecutor(
+            max_workers=config.decode_workers,
+            thread_name_prefix="decode",
+            initializer=lower_thread_priority,
+            initargs=(config.decode_nice,),
+        )
         self._facts: dict[str, tuple[int, Any]] = {}  # model name asked for -> (input size, prepare)
 
     async def _model(self, name: str) -> tuple[int, Any]:
@@ -103,8 +108,9 @@ class FrontEngine:
             self._facts[name] = (size, split.to_uint8 if split else preprocess)
         return self._facts[name]
 
-    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Any],
-                          include_tokens: bool = False):
+    async def embed_batch(
+        self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Any], include_tokens: bool = False
+    ):
         if include_tokens:
             raise InvalidInput("include_tokens goes to the model process (FrontEmbedServicer forwards it)")
         if not contents:
@@ -116,13 +122,17 @@ class FrontEngine:
         inputs: list[Any] = [c.text if isinstance(c, Text) else None for c in contents]
         if images:
             size, prepare = await self._model(model)
-            payloads = [contents[i].data if isinstance(contents[i], ImageBytes) else contents[i].image
-                        for i in images]
+            payloads = [contents[i].data if isinstance(contents[i], ImageBytes) else contents[i].image for i in images]
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.decode_pool, check_pixel_budget, self.limits, payloads, size)
-            pixels = await asyncio.gather(*(
-                loop.run_in_executor(self.decode_pool, decode_for_model, self.limits, size, prepare, payload,
-                                     f"input {i}") for i, payload in zip(images, payloads)))
+            pixels = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self.decode_pool, decode_for_model, self.limits, size, prepare, payload, f"input {i}"
+                    )
+                    for i, payload in zip(images, payloads)
+                )
+            )
             for i, tensor in zip(images, pixels):
                 inputs[i] = tensor
         return await self.client.embed(model, list(poolings), inputs)
@@ -167,8 +177,17 @@ class ForwardIndexServicer(pb_grpc.IndexServiceServicer):
     def __init__(self, engine: FrontEngine, channel: grpc.aio.Channel):
         self.engine, self.stub = engine, pb_grpc.IndexServiceStub(channel)
 
-    for _name in ("CreateCollection", "GetCollection", "ListCollections", "DropCollection", "Upsert", "Delete",
-                  "Get", "Search", "FitPooling"):
+    for _name in (
+        "CreateCollection",
+        "GetCollection",
+        "ListCollections",
+        "DropCollection",
+        "Upsert",
+        "Delete",
+        "Get",
+        "Search",
+        "FitPooling",
+    ):
         locals()[_name] = _forwarding(_name)
     del _name
 
@@ -180,17 +199,27 @@ async def run_front_end(spec: dict) -> int:
     tokens, credentials = check_settings(config)
     stop = asyncio.Event()
     client = await ModelChannelClient.connect(spec["channel"], on_lost=stop.set)
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
     channel = grpc.aio.insecure_channel(spec["internal"], options=options)
     engine = FrontEngine(config, client)
-    admission = AdmissionInterceptor(Slots(spec["max_active"], spec["max_waiting"]),
-                                     config.request_message_timeout_seconds)
-    server = grpc.aio.server(options=options + [
-        ("grpc.so_reuseport", 1), ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.max_connection_idle_ms", 300_000)],
-        interceptors=[AuthInterceptor(tokens), admission] if tokens else [admission])
+    admission = AdmissionInterceptor(
+        Slots(spec["max_active"], spec["max_waiting"]), config.request_message_timeout_seconds
+    )
+    server = grpc.aio.server(
+        options=[
+            *options,
+            ("grpc.so_reuseport", 1),
+            ("grpc.keepalive_time_ms", 60000),
+            ("grpc.keepalive_timeout_ms", 20000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10000),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.max_connection_idle_ms", 300000),
+        ],
+        interceptors=[AuthInterceptor(tokens), admission] if tokens else [admission],
+    )
     pb_grpc.add_EmbedServiceServicer_to_server(FrontEmbedServicer(engine, channel), server)
     pb_grpc.add_IndexServiceServicer_to_server(ForwardIndexServicer(engine, channel), server)
     health_servicer = health.aio.HealthServicer()
@@ -230,8 +259,10 @@ def reserve_port(listen: str) -> tuple[socket.socket, str, int]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(info[4])
     except OSError as exc:
-        raise InvalidInput(f"cannot listen on {listen}: the port is taken or the address is not local "
-                           f"({exc.strerror or exc}); pick another with --listen or EMBEDSVC_LISTEN") from None
+        raise InvalidInput(
+            f"cannot listen on {listen}: the port is taken or the address is not local "
+            f"({exc.strerror or exc}); pick another with --listen or EMBEDSVC_LISTEN"
+        ) from None
     return sock, listen.rsplit(":", 1)[0], sock.getsockname()[1]
 
 
@@ -240,7 +271,7 @@ class FrontEnds:
 
     def __init__(self, config: ServerConfig, spec: dict):
         self.config, self.spec = config, spec
-        self.procs: list[Optional[asyncio.subprocess.Process]] = [None] * config.frontends
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * config.frontends
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
 
@@ -253,8 +284,13 @@ class FrontEnds:
         self._watchers = [asyncio.create_task(self._watch(i)) for i in range(len(self.procs))]
 
     async def _spawn(self, index: int) -> None:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "embedsvc.service.frontends",
-                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "embedsvc.service.frontends",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         assert proc.stdin is not None and proc.stdout is not None  # both piped
         proc.stdin.write(json.dumps({**self.spec, "index": index}).encode())
         proc.stdin.close()
@@ -293,9 +329,15 @@ class FrontEnds:
 
 def front_end_spec(config: ServerConfig, folder: str, host: str, port: int) -> dict:
     n = config.frontends
-    return {"config": dataclasses.asdict(config), "channel": os.path.join(folder, "model.sock"),
-            "internal": f"unix:{os.path.join(folder, 'grpc.sock')}", "host": host, "port": port,
-            "max_active": max(1, config.max_concurrent_rpcs // n), "max_waiting": max(1, config.max_waiting_rpcs // n)}
+    return {
+        "config": dataclasses.asdict(config),
+        "channel": os.path.join(folder, "model.sock"),
+        "internal": f"unix:{os.path.join(folder, 'grpc.sock')}",
+        "host": host,
+        "port": port,
+        "max_active": max(1, config.max_concurrent_rpcs // n),
+        "max_waiting": max(1, config.max_waiting_rpcs // n),
+    }
 
 
 async def serve_with_front_ends(config: ServerConfig, on_ready=None) -> int:
@@ -335,14 +377,21 @@ async def serve_with_front_ends(config: ServerConfig, on_ready=None) -> int:
 
 
 def _announce(config: ServerConfig, server, host: str, port: int, pids: list[int]) -> None:
-    extra = f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/" \
-        if server.http else ""
+    extra = (
+        f", HTTP API and search page on {server.http.scheme}://{server.http.host}:{server.http_port}/"
+        if server.http
+        else ""
+    )
     if server.metrics_port:
         extra += f", metrics on http://{host}:{server.metrics_port}/metrics"
     data = config.data_dir if config.store_backend == "local" else f"milvus {config.milvus_uri}"
     log.info("serving", extra={"address": f"{host}:{port}", "frontends": pids, "data": data})
-    print(f"embedsvc serving on {host}:{port}{extra} (data: {data}; front ends: pids "
-          f"{', '.join(map(str, pids))}); Ctrl-C or SIGTERM to stop", file=sys.stderr, flush=True)
+    print(
+        f"embedsvc serving on {host}:{port}{extra} (data: {data}; front ends: pids "
+        f"{', '.join(map(str, pids))}); Ctrl-C or SIGTERM to stop",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main() -> int:

@@ -19,10 +19,11 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -34,13 +35,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from embedsvc.errors import (CrossOriginRefused, EmbedsvcError, InvalidInput, MisdirectedRequest, RequestTimedOut,
-                             RequestTooLarge, UnsupportedMediaType, quoted)
+from embedsvc.engine.engine import Engine
+from embedsvc.errors import (
+    CrossOriginRefused,
+    EmbedsvcError,
+    InvalidInput,
+    MisdirectedRequest,
+    RequestTimedOut,
+    RequestTooLarge,
+    UnsupportedMediaType,
+    quoted,
+)
 from embedsvc.service import bodyproc, calls, json_body, openai_api
 from embedsvc.service.admission import Slots
 from embedsvc.service.auth import Token, authorize
 from embedsvc.service.config import ServerConfig
-from embedsvc.engine.engine import Engine
 from embedsvc.service.errors import http_status_for, status_details, status_for
 from embedsvc.service.httpconn import ConnectionGuard, connection_cap
 from embedsvc.v1 import embedsvc_pb2 as pb
@@ -85,7 +94,7 @@ class Endpoint:
     body: bool = True
     streaming: bool = False
     extra_content: tuple = field(default_factory=tuple)  # other accepted request media types, for OpenAPI
-    extend: Optional[Callable[[dict], dict]] = None  # adds fields beside the response message's (OpenAI's, say)
+    extend: Callable[[dict], dict] | None = None  # adds fields beside the response message's (OpenAI's, say)
 
     @property
     def grpc_method(self) -> str:
@@ -100,36 +109,124 @@ class Endpoint:
 
 
 ENDPOINTS = [
-    Endpoint("POST", "/v1/embed", "Embed", pb.EmbedRequest, pb.EmbedResponse, calls.embed_json,
-             "Embed texts and images with one model and one or more poolings."),
-    Endpoint("GET", "/v1/models", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse, calls.list_models,
-             "List models and poolings; also OpenAI's model list (object, data).", body=False,
-             extend=openai_api.with_model_list),
-    Endpoint("GET", "/v1/collections", "ListCollections", pb.ListCollectionsRequest, pb.ListCollectionsResponse,
-             calls.list_collections, "Describe every collection.", body=False),
-    Endpoint("POST", "/v1/collections", "CreateCollection", pb.CreateCollectionRequest, pb.CollectionInfo,
-             calls.create_collection, "Create a collection."),
-    Endpoint("GET", "/v1/collections/{name}", "GetCollection", pb.GetCollectionRequest, pb.CollectionInfo,
-             calls.get_collection, "Describe one collection.", path_field="name", body=False),
-    Endpoint("DELETE", "/v1/collections/{name}", "DropCollection", pb.DropCollectionRequest,
-             pb.DropCollectionResponse, calls.drop_collection, "Drop a collection and its items.",
-             path_field="name", body=False),
-    Endpoint("POST", "/v1/collections/{name}/items", "Upsert", pb.UpsertRequest, pb.UpsertResponse, calls.upsert,
-             "Insert or replace items: an UpsertRequest as JSON, or JSON lines (one UpsertItem per line, "
-             "application/x-ndjson) for bulk.", path_field="collection", streaming=True,
-             extra_content=("application/x-ndjson",)),
-    Endpoint("POST", "/v1/collections/{name}/get", "Get", pb.GetRequest, pb.GetResponse, calls.get,
-             "Read items by id.", path_field="collection"),
-    Endpoint("POST", "/v1/collections/{name}/delete", "Delete", pb.DeleteRequest, pb.DeleteResponse, calls.delete,
-             "Remove items by id.", path_field="collection"),
-    Endpoint("POST", "/v1/collections/{name}/search", "Search", pb.SearchRequest, pb.SearchResponse, calls.search,
-             "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
-             "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
-             "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).", path_field="collection",
-             extra_content=("multipart/form-data",)),
-    Endpoint("POST", "/v1/collections/{name}/fit", "FitPooling", pb.FitPoolingRequest, pb.FitPoolingResponse,
-             calls.fit_pooling, "Fit a learned pooling of an empty collection on samples.",
-             path_field="collection", streaming=True),
+    Endpoint(
+        "POST",
+        "/v1/embed",
+        "Embed",
+        pb.EmbedRequest,
+        pb.EmbedResponse,
+        calls.embed_json,
+        "Embed texts and images with one model and one or more poolings.",
+    ),
+    Endpoint(
+        "GET",
+        "/v1/models",
+        "ListModels",
+        pb.ListModelsRequest,
+        pb.ListModelsResponse,
+        calls.list_models,
+        "List models and poolings; also OpenAI's model list (object, data).",
+        body=False,
+        extend=openai_api.with_model_list,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/collections",
+        "ListCollections",
+        pb.ListCollectionsRequest,
+        pb.ListCollectionsResponse,
+        calls.list_collections,
+        "Describe every collection.",
+        body=False,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections",
+        "CreateCollection",
+        pb.CreateCollectionRequest,
+        pb.CollectionInfo,
+        calls.create_collection,
+        "Create a collection.",
+    ),
+    Endpoint(
+        "GET",
+        "/v1/collections/{name}",
+        "GetCollection",
+        pb.GetCollectionRequest,
+        pb.CollectionInfo,
+        calls.get_collection,
+        "Describe one collection.",
+        path_field="name",
+        body=False,
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/collections/{name}",
+        "DropCollection",
+        pb.DropCollectionRequest,
+        pb.DropCollectionResponse,
+        calls.drop_collection,
+        "Drop a collection and its items.",
+        path_field="name",
+        body=False,
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections/{name}/items",
+        "Upsert",
+        pb.UpsertRequest,
+        pb.UpsertResponse,
+        calls.upsert,
+        "Insert or replace items: an UpsertRequest as JSON, or JSON lines (one UpsertItem per line, "
+        "application/x-ndjson) for bulk.",
+        path_field="collection",
+        streaming=True,
+        extra_content=("application/x-ndjson",),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections/{name}/get",
+        "Get",
+        pb.GetRequest,
+        pb.GetResponse,
+        calls.get,
+        "Read items by id.",
+        path_field="collection",
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections/{name}/delete",
+        "Delete",
+        pb.DeleteRequest,
+        pb.DeleteResponse,
+        calls.delete,
+        "Remove items by id.",
+        path_field="collection",
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections/{name}/search",
+        "Search",
+        pb.SearchRequest,
+        pb.SearchResponse,
+        calls.search,
+        "Top-k search by text, image (base64, or a multipart upload: files 'image', optional field "
+        "'request' with the rest of the SearchRequest as JSON), vector or id; filtered by `filter` or by "
+        "`filterText` in the CLI's grammar (e.g. objects>=2 colour=red|blue).",
+        path_field="collection",
+        extra_content=("multipart/form-data",),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/collections/{name}/fit",
+        "FitPooling",
+        pb.FitPoolingRequest,
+        pb.FitPoolingResponse,
+        calls.fit_pooling,
+        "Fit a learned pooling of an empty collection on samples.",
+        path_field="collection",
+        streaming=True,
+    ),
 ]
 THUMBNAIL_PATH = "/v1/collections/{name}/items/{id:path}/thumbnail"
 
@@ -142,7 +239,7 @@ class Refused(Exception):
         self.code = code
 
 
-def error_response(code: grpc.StatusCode, message: str, exc: Optional[BaseException] = None) -> JSONResponse:
+def error_response(code: grpc.StatusCode, message: str, exc: BaseException | None = None) -> JSONResponse:
     return JSONResponse({"code": code.name, "message": message}, status_code=http_status_for(code, exc))
 
 
@@ -159,8 +256,10 @@ class BodyLimit:
         self.app, self.limit, self.timeout = app, limit, timeout
 
     def _refusal(self, size: str) -> RequestTooLarge:
-        return RequestTooLarge(f"request body is {size} bytes, over the limit of {self.limit:,} "
-                               f"(http_max_body_bytes); send less per request")
+        return RequestTooLarge(
+            f"request body is {size} bytes, over the limit of {self.limit:,} "
+            f"(http_max_body_bytes); send less per request"
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -178,11 +277,13 @@ class BodyLimit:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 late = True
-                raise RequestTimedOut(f"the request body did not arrive within http_body_timeout_seconds "
-                                      f"({self.timeout:g} s) of its headers; send it faster, or less per "
-                                      f"request") from None
+                raise RequestTimedOut(
+                    f"the request body did not arrive within http_body_timeout_seconds "
+                    f"({self.timeout:g} s) of its headers; send it faster, or less per "
+                    f"request"
+                ) from None
             if message["type"] == "http.disconnect":
                 raise Refused(grpc.StatusCode.CANCELLED, "the client closed the connection before its body came")
             received += len(message.get("body", b""))
@@ -208,7 +309,7 @@ def host_name(authority: str) -> str:
     """The name in a Host header (`name:port`, `[v6]:port`): lowercase, without port, brackets or final dot."""
     authority = authority.strip().lower()
     if authority.startswith("["):
-        return authority[1:authority.find("]")] if "]" in authority else authority
+        return authority[1 : authority.find("]")] if "]" in authority else authority
     return authority.rsplit(":", 1)[0].rstrip(".")
 
 
@@ -230,7 +331,7 @@ class BrowserGuard:
     page can send across origins without a preflight. Pages of allowed origins get CORS answers.
     """
 
-    def __init__(self, app, config: ServerConfig, media_types: Callable[[dict], Optional[tuple[str, ...]]]):
+    def __init__(self, app, config: ServerConfig, media_types: Callable[[dict], tuple[str, ...] | None]):
         self.app, self.media_types = app, media_types
         self.any_host = "*" in config.allowed_hosts
         listen_host = host_name(config.http_listen.rsplit(":", 1)[0])
@@ -241,8 +342,12 @@ class BrowserGuard:
         self.vary = bool(config.cors_origins)
 
     def host_allowed(self, name: str) -> bool:
-        return (self.any_host or _is_ip(name) or name in self.hosts
-                or any(name.endswith(s) or name == s[1:] for s in self.suffixes))
+        return (
+            self.any_host
+            or _is_ip(name)
+            or name in self.hosts
+            or any(name.endswith(s) or name == s[1:] for s in self.suffixes)
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -259,23 +364,33 @@ class BrowserGuard:
         send = self._with_cors(send, origin if cors else None)
         if refusal is None:
             return await self.app(scope, receive, send)
-        log.info("refused %s %s: %s", method, scope["path"], refusal,
-                 extra={"host": host, "origin": origin, "transport": "http"})
+        log.info(
+            "refused %s %s: %s",
+            method,
+            scope["path"],
+            refusal,
+            extra={"host": host, "origin": origin, "transport": "http"},
+        )
         return await error_response(status_for(refusal), str(refusal), refusal)(scope, receive, send)
 
-    def _refusal(self, scope, headers: Headers, method: str, host: str,
-                 origin: Optional[str]) -> Optional[EmbedsvcError]:
+    def _refusal(self, scope, headers: Headers, method: str, host: str, origin: str | None) -> EmbedsvcError | None:
         if host and scope["path"] not in PROBES and not self.host_allowed(host_name(host)):
             return MisdirectedRequest(
                 f"this server does not answer for host {quoted(host_name(host))}; if that is its name, add it to "
-                f"http_allowed_hosts (EMBEDSVC_HTTP_ALLOWED_HOSTS)")
+                f"http_allowed_hosts (EMBEDSVC_HTTP_ALLOWED_HOSTS)"
+            )
         preflight = method == "OPTIONS" and "access-control-request-method" in headers
-        if (origin is not None and (method in WRITES or preflight) and not self._same_origin(origin, host)
-                and not self._cors_allowed(origin)):
+        if (
+            origin is not None
+            and (method in WRITES or preflight)
+            and not self._same_origin(origin, host)
+            and not self._cors_allowed(origin)
+        ):
             asked = headers.get("access-control-request-method", "") if preflight else method
             return CrossOriginRefused(
                 f"a page of {quoted(origin)} may not {asked.upper()} here: it is neither this server's origin "
-                f"nor in http_cors_origins (EMBEDSVC_HTTP_CORS_ORIGINS)")
+                f"nor in http_cors_origins (EMBEDSVC_HTTP_CORS_ORIGINS)"
+            )
         return None
 
     @staticmethod
@@ -287,7 +402,7 @@ class BrowserGuard:
     def _cors_allowed(self, origin: str) -> bool:
         return self.any_origin or origin.lower() in self.cors_origins
 
-    def _media_type_refusal(self, scope, headers: Headers, method: str) -> Optional[UnsupportedMediaType]:
+    def _media_type_refusal(self, scope, headers: Headers, method: str) -> UnsupportedMediaType | None:
         """A write needs a Content-Type its endpoint reads; a DELETE only if it has a body."""
         if method not in WRITES:
             return None
@@ -299,19 +414,28 @@ class BrowserGuard:
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         if kind in types or (kind.endswith("+json") and kind.startswith("application/")):
             return None
-        choices = "application/json" + (", application/x-ndjson (one item per line)" if JSON_LINES[0] in types
-                                        else "") + (", multipart/form-data" if "multipart/form-data" in types else "")
+        choices = (
+            "application/json"
+            + (", application/x-ndjson (one item per line)" if JSON_LINES[0] in types else "")
+            + (", multipart/form-data" if "multipart/form-data" in types else "")
+        )
         got = f"got {quoted(kind)}" if kind else "got no Content-Type header"
         return UnsupportedMediaType(f"{method} {scope['path']} reads {choices}; {got}")
 
     @staticmethod
     def _preflight(origin: str) -> Response:
-        return Response(status_code=204, headers={
-            "access-control-allow-origin": origin, "access-control-allow-methods": "GET, POST, DELETE",
-            "access-control-allow-headers": "authorization, content-type",
-            "access-control-max-age": str(CORS_MAX_AGE), "vary": "Origin"})
+        return Response(
+            status_code=204,
+            headers={
+                "access-control-allow-origin": origin,
+                "access-control-allow-methods": "GET, POST, DELETE",
+                "access-control-allow-headers": "authorization, content-type",
+                "access-control-max-age": str(CORS_MAX_AGE),
+                "vary": "Origin",
+            },
+        )
 
-    def _with_cors(self, send, origin: Optional[str]):
+    def _with_cors(self, send, origin: str | None):
         """`send` adding Cross-Origin-Resource-Policy: same-origin (an <img> or <script> of another site loads
         nothing, so its onload/onerror and an image's size cannot tell what exists), Vary: Origin with CORS on,
         and Access-Control-Allow-Origin for an allowed `origin` (CORS-mode fetches are not subject to CORP)."""
@@ -338,10 +462,16 @@ class HttpApi:
         self.ready = False  # true between start and the beginning of shutdown
         api_routes = [Route(e.path, self._handler(e), methods=[e.method]) for e in ENDPOINTS]
         openai_route = openai_api.route(self)  # POST /v1/embeddings
-        routes = [*api_routes, openai_route, Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
-                  Route("/healthz", self.healthz), Route("/readyz", self.readyz),
-                  Route("/openapi.json", self.openapi), Route("/docs", self.static("docs.html")),
-                  Route("/", self.static("index.html"))]
+        routes = [
+            *api_routes,
+            openai_route,
+            Route(THUMBNAIL_PATH, self.thumbnail, methods=["GET"]),
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            Route("/openapi.json", self.openapi),
+            Route("/docs", self.static("docs.html")),
+            Route("/", self.static("index.html")),
+        ]
         routes += [Route(f"/static/{name}", self.static(name)) for name in STATIC]
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
@@ -353,9 +483,10 @@ class HttpApi:
     # -- plumbing -----------------------------------------------------------------------------
 
     @staticmethod
-    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], Optional[tuple[str, ...]]]:
+    def _body_types_of(routes: list[tuple[Route, tuple[str, ...]]]) -> Callable[[dict], tuple[str, ...] | None]:
         """The media types of the endpoint a request's path and method name, or None for no endpoint."""
-        def body_types(scope: dict) -> Optional[tuple[str, ...]]:
+
+        def body_types(scope: dict) -> tuple[str, ...] | None:
             for route, media_types in routes:
                 if route.matches(scope)[0] is Match.FULL:
                     return media_types
@@ -365,16 +496,19 @@ class HttpApi:
 
     async def _http_error(self, request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)  # the handler of HTTPException only
-        code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(exc.status_code,
-                                                                                        grpc.StatusCode.INVALID_ARGUMENT)
+        code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(
+            exc.status_code, grpc.StatusCode.INVALID_ARGUMENT
+        )
         path = request.url.path
-        message = {404: f"no route {request.method} {path}; /docs lists the API",
-                   405: f"{path} does not take {request.method}; /docs lists the API"}.get(exc.status_code,
-                                                                                         str(exc.detail))
+        message = {
+            404: f"no route {request.method} {path}; /docs lists the API",
+            405: f"{path} does not take {request.method}; /docs lists the API",
+        }.get(exc.status_code, str(exc.detail))
         return JSONResponse({"code": code.name, "message": message}, status_code=exc.status_code)
 
-    async def _guarded(self, rpc: str, grpc_method: str, request: Request,
-                       work: Callable[[], Awaitable[Response]]) -> Response:
+    async def _guarded(
+        self, rpc: str, grpc_method: str, request: Request, work: Callable[[], Awaitable[Response]]
+    ) -> Response:
         """Auth, readiness, metrics, logs and error mapping around one API request."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -419,16 +553,20 @@ class HttpApi:
             return json_body.parse(b"".join(chunks), message_type, where, limit, check)
         return await self._codec(self.parsers.parse, chunks, message_type, where, limit, check)
 
-    async def respond(self, response: Message | dict, extend: Optional[Callable[[dict], dict]] = None) -> Response:
+    async def respond(self, response: Message | dict, extend: Callable[[dict], dict] | None = None) -> Response:
         """The RPC's response in protobuf's JSON mapping (vectors written in C), with the endpoint's added fields
         (`extend`); rendered here when small, in a codec thread and in pieces when large."""
+
         def render(piecewise: bool) -> bytes:
             document = json_body.document(response) if isinstance(response, Message) else response
             document = extend(document) if extend else document
             return json_body.render(document) if piecewise else json_body.dumps(document)
 
-        small = (response.ByteSize() <= INLINE_BYTES if isinstance(response, Message)
-                 else json_body.weight(response, INLINE_DOCUMENT_BYTES) <= INLINE_DOCUMENT_BYTES)
+        small = (
+            response.ByteSize() <= INLINE_BYTES
+            if isinstance(response, Message)
+            else json_body.weight(response, INLINE_DOCUMENT_BYTES) <= INLINE_DOCUMENT_BYTES
+        )
         body = render(False) if small else await asyncio.get_running_loop().run_in_executor(self.codec, render, True)
         return Response(body, media_type="application/json")
 
@@ -460,7 +598,9 @@ class HttpApi:
             name = request.path_params["name"]
             given = getattr(message, endpoint.path_field)
             if given and given != name:
-                raise InvalidInput(f"the body names {endpoint.path_field} {quoted(given)} but the path names {quoted(name)}")
+                raise InvalidInput(
+                    f"the body names {endpoint.path_field} {quoted(given)} but the path names {quoted(name)}"
+                )
             setattr(message, endpoint.path_field, name)
         return _one(message) if endpoint.streaming else message
 
@@ -476,7 +616,7 @@ class HttpApi:
         limit, stored = self.config.max_items_per_request, 0
         whole = len(lines) if error is None else len(lines) - len(lines) % limit  # the bad line's batch is not
         for start in range(0, whole, limit):
-            batch, message = lines[start:start + limit], pb.UpsertRequest(collection=collection)
+            batch, message = lines[start : start + limit], pb.UpsertRequest(collection=collection)
             if sum(map(len, batch)) <= INLINE_BYTES:
                 bodyproc.add_all(message.items, batch)
             else:
@@ -496,8 +636,7 @@ class HttpApi:
             form = await request.form(max_files=limit, max_fields=limit, max_part_size=self.config.http_max_body_bytes)
         except HTTPException as exc:  # malformed multipart, too many parts
             raise InvalidInput(f"multipart body: {exc.detail}") from None
-        message = await self._parse([str(form.get("request") or "").encode()], pb.SearchRequest,
-                                    "form field 'request'")
+        message = await self._parse([str(form.get("request") or "").encode()], pb.SearchRequest, "form field 'request'")
         if form.get("text"):
             message.queries.add(text=str(form["text"]))
         for upload in form.getlist("image"):
@@ -525,8 +664,14 @@ class HttpApi:
         if not self.ready:
             return JSONResponse({"status": "not ready", "code": "UNAVAILABLE"}, status_code=503)
         if not self.engine.store.wait_loaded(0):
-            return JSONResponse({"status": "loading", "code": "UNAVAILABLE",
-                                 "message": "collections are still loading; the log shows how far"}, status_code=503)
+            return JSONResponse(
+                {
+                    "status": "loading",
+                    "code": "UNAVAILABLE",
+                    "message": "collections are still loading; the log shows how far",
+                },
+                status_code=503,
+            )
         return JSONResponse({"status": "ready"})
 
     async def openapi(self, request: Request) -> Response:
@@ -536,8 +681,7 @@ class HttpApi:
 
     def static(self, name: str):
         async def serve(request: Request) -> Response:
-            return Response((WEB / name).read_bytes(), media_type=STATIC[name],
-                            headers={"cache-control": "no-cache"})
+            return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers={"cache-control": "no-cache"})
 
         return serve
 
@@ -567,8 +711,11 @@ class HttpServer:
             if config.tls_client_ca_file:
                 tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.scheme = "https" if tls else "http"
-        self.guard = ConnectionGuard(connection_cap(config.http_max_connections), config.http_header_timeout_seconds,
-                                     config.http_send_timeout_seconds)
+        self.guard = ConnectionGuard(
+            connection_cap(config.http_max_connections),
+            config.http_header_timeout_seconds,
+            config.http_send_timeout_seconds,
+        )
         self.server = _QuietServer(
             uvicorn.Config(
                 api.app,
@@ -583,10 +730,10 @@ class HttpServer:
                 **tls,
             )
         )
-        self.task: Optional[asyncio.Task[None]] = None
+        self.task: asyncio.Task[None] | None = None
 
     @classmethod
-    def bind(cls, config: ServerConfig, engine: Engine, tokens: list[Token], slots: Slots) -> "HttpServer":
+    def bind(cls, config: ServerConfig, engine: Engine, tokens: list[Token], slots: Slots) -> HttpServer:
         """Binds http_listen now, so a taken port fails start-up like the gRPC port does."""
         host, port = config.http_listen.rsplit(":", 1)
         host = host.strip("[]") or "0.0.0.0"
@@ -598,9 +745,11 @@ class HttpServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(infos[0][4])
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"cannot serve HTTP on {config.http_listen}: the port is taken or the address is not "
-                               f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
-                               f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)") from None
+            raise InvalidInput(
+                f"cannot serve HTTP on {config.http_listen}: the port is taken or the address is not "
+                f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
+                f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)"
+            ) from None
         sock.set_inheritable(True)
         return cls(HttpApi(config, engine, tokens, slots), sock, config)
 

@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import resource
-from typing import Optional
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -40,11 +39,18 @@ SEND_PROGRESS_BYTES = 64 * 1024  # a stuck response's client must take this much
 
 
 def _timeout_response(seconds: float) -> bytes:
-    body = json.dumps({"code": "DEADLINE_EXCEEDED",
-                       "message": f"the request headers did not arrive within http_header_timeout_seconds "
-                                  f"({seconds:g} s); send the whole request at once"}, separators=(",", ":")).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n" % len(body)) + body
+    body = json.dumps(
+        {
+            "code": "DEADLINE_EXCEEDED",
+            "message": f"the request headers did not arrive within http_header_timeout_seconds "
+            f"({seconds:g} s); send the whole request at once",
+        },
+        separators=(",", ":"),
+    ).encode()
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    ) + body
 
 
 class ConnectionGuard:
@@ -60,7 +66,7 @@ class ConnectionGuard:
         """The protocol factory for uvicorn.Config(http=...)."""
         return functools.partial(GuardedH11, guard=self)
 
-    def opened(self, connection: "GuardedH11") -> None:
+    def opened(self, connection: GuardedH11) -> None:
         self.open[connection] = None
         if len(self.open) > self.max_connections:
             victim = self._victim(connection)
@@ -71,15 +77,18 @@ class ConnectionGuard:
     def _warn(self, now: float) -> None:
         self.closed_for_room += 1
         if now - self.warned >= WARN_EVERY_SECONDS:
-            log.warning("closed %d HTTP connection(s) to stay within http_max_connections (%d): the oldest idle or "
-                        "incomplete ones, else the new one; many slow or idle clients, or raise the setting",
-                        self.closed_for_room, self.max_connections)
+            log.warning(
+                "closed %d HTTP connection(s) to stay within http_max_connections (%d): the oldest idle or "
+                "incomplete ones, else the new one; many slow or idle clients, or raise the setting",
+                self.closed_for_room,
+                self.max_connections,
+            )
             self.closed_for_room, self.warned = 0, now
 
-    def lost(self, connection: "GuardedH11") -> None:
+    def lost(self, connection: GuardedH11) -> None:
         self.open.pop(connection, None)
 
-    def _victim(self, newcomer: "GuardedH11") -> "GuardedH11":
+    def _victim(self, newcomer: GuardedH11) -> GuardedH11:
         slow = None
         for connection in self.open:
             if connection is newcomer:
@@ -98,8 +107,8 @@ class GuardedH11(H11Protocol):
     def __init__(self, *args, guard: ConnectionGuard, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = guard
-        self.header_deadline: Optional[asyncio.TimerHandle] = None
-        self.send_deadline: Optional[asyncio.TimerHandle] = None
+        self.header_deadline: asyncio.TimerHandle | None = None
+        self.send_deadline: asyncio.TimerHandle | None = None
         self.unsent = 0  # output waiting when send_deadline was armed
 
     def state(self) -> str:
@@ -174,8 +183,11 @@ class GuardedH11(H11Protocol):
         if self.unsent - unsent >= SEND_PROGRESS_BYTES:  # slow, but reading: another period
             self._watch_output()
         else:
-            log.info("dropped an HTTP connection whose client read less than 64 KiB of its response in "
-                     "http_send_timeout_seconds (%g s)", self.guard.send_timeout)
+            log.info(
+                "dropped an HTTP connection whose client read less than 64 KiB of its response in "
+                "http_send_timeout_seconds (%g s)",
+                self.guard.send_timeout,
+            )
             self.transport.abort()  # connection_lost ends the request's task: its send returns
 
     def _arm(self) -> None:
@@ -211,7 +223,12 @@ def connection_cap(configured: int) -> int:
             pass
     room = soft // 2
     if configured > room:
-        log.warning("http_max_connections %d is over half the open files this process may have (ulimit -n %d): "
-                    "holding at most %d HTTP connections; raise the limit to allow more", configured, soft, room)
+        log.warning(
+            "http_max_connections %d is over half the open files this process may have (ulimit -n %d): "
+            "holding at most %d HTTP connections; raise the limit to allow more",
+            configured,
+            soft,
+            room,
+        )
         return room
     return configured

@@ -27,7 +27,8 @@ import functools
 import json
 import math
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import orjson
@@ -66,7 +67,7 @@ class _Decoder:
 
     def __init__(self, text: str, max_items: int, counted: frozenset):
         self.text, self.max_items, self.counted = text, max_items, counted
-        self.over: Optional[tuple[int, str]] = None
+        self.over: tuple[int, str] | None = None
 
     def decode(self):
         value, end = self._value(self._skip(0), 0, None)
@@ -82,8 +83,8 @@ class _Decoder:
     def _error(self, message: str, i: int) -> json.JSONDecodeError:
         return json.JSONDecodeError(message, self.text, i)
 
-    def _value(self, i: int, depth: int, key: Optional[str]):
-        char = self.text[i:i + 1]
+    def _value(self, i: int, depth: int, key: str | None):
+        char = self.text[i : i + 1]
         if char in ("{", "["):
             if depth >= MAX_DEPTH:
                 raise self._error(f"nested deeper than {MAX_DEPTH} levels", i)
@@ -104,28 +105,28 @@ class _Decoder:
     def _members(self, out: dict, i: int, depth: int):
         text = self.text
         i = self._skip(i)
-        if text[i:i + 1] == "}":
+        if text[i : i + 1] == "}":
             return out, i + 1
         while True:
-            if text[i:i + 1] != '"':
+            if text[i : i + 1] != '"':
                 raise self._error("Expecting property name enclosed in double quotes", i)
             key, i = _SCAN(text, i)
             i = self._skip(i)
-            if text[i:i + 1] != ":":
+            if text[i : i + 1] != ":":
                 raise self._error("Expecting ':' delimiter", i)
             value, i = self._value(self._skip(i + 1), depth, key if depth == 1 else None)
             if key in out:
                 raise ValueError(f"duplicate key {key}")  # as json_format.Parse refuses them
             out[key] = value
             i = self._skip(i)
-            if text[i:i + 1] == ",":
+            if text[i : i + 1] == ",":
                 i = self._skip(i + 1)
-            elif text[i:i + 1] == "}":
+            elif text[i : i + 1] == "}":
                 return out, i + 1
             else:
                 raise self._error("Expecting ',' delimiter", i)
 
-    def _array(self, i: int, depth: int, key: Optional[str]):
+    def _array(self, i: int, depth: int, key: str | None):
         out = Numbers()
         try:
             return self._elements(out, i, depth, key)
@@ -133,23 +134,23 @@ class _Decoder:
             _release(out)
             raise
 
-    def _elements(self, out: "Numbers", i: int, depth: int, key: Optional[str]):
+    def _elements(self, out: Numbers, i: int, depth: int, key: str | None):
         text, count, numeric = self.text, 0, True
         limit = self.max_items if key in self.counted else None  # past it, count without keeping
         i = self._skip(i)
-        if text[i:i + 1] == "]":
+        if text[i : i + 1] == "]":
             return [], i + 1
         while True:
-            if text[i:i + 1] in _NUMBER_STARTS:  # a run of numbers (a vector's values): up to RUN_CHARS at once
+            if text[i : i + 1] in _NUMBER_STARTS:  # a run of numbers (a vector's values): up to RUN_CHARS at once
                 run = _NUMBER_CHARS.match(text, i, i + RUN_CHARS)
                 assert run is not None  # `*`: it matches everywhere
                 end = run.end()
-                closes = text[end:end + 1] == "]"
+                closes = text[end : end + 1] == "]"
                 last = end if closes else text.rfind(",", i, end)  # whole numbers only
                 if last > i:
                     values = self._numbers(i, last)
                     count += len(values)
-                    out.extend(values if limit is None else values[:max(0, limit - len(out))])
+                    out.extend(values if limit is None else values[: max(0, limit - len(out))])
                     if closes:
                         i = end
                         break
@@ -161,9 +162,9 @@ class _Decoder:
             if limit is None or count <= limit:
                 out.append(value)
             i = self._skip(i)
-            if text[i:i + 1] == ",":
+            if text[i : i + 1] == ",":
                 i = self._skip(i + 1)
-            elif text[i:i + 1] == "]":
+            elif text[i : i + 1] == "]":
                 break
             else:
                 raise self._error("Expecting ',' delimiter", i)
@@ -186,8 +187,9 @@ def _text(data: bytes, where: str) -> str:
         raise InvalidInput(f"{where} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def decode(text: str, max_items: int = 0, counted: frozenset = frozenset(),
-           piecewise: Optional[bool] = None) -> tuple[Any, Optional[tuple[int, str]]]:
+def decode(
+    text: str, max_items: int = 0, counted: frozenset = frozenset(), piecewise: bool | None = None
+) -> tuple[Any, tuple[int, str] | None]:
     """`json.loads(text)` (ValueError or RecursionError when malformed; a duplicate key is refused, as json_format
     refuses it), in short steps when `piecewise` (by default: over SMALL characters); with (count, key) of the
     first array under a top-level `counted` key that holds more than `max_items` items, else None. Piecewise,
@@ -212,8 +214,12 @@ def _no_duplicates(pairs: list) -> dict:
     return out
 
 
-def loads(data: bytes, max_items: int = 0, counted: frozenset = frozenset(),
-          check_count: Optional[Callable[[int, str], None]] = None) -> Any:
+def loads(
+    data: bytes,
+    max_items: int = 0,
+    counted: frozenset = frozenset(),
+    check_count: Callable[[int, str], None] | None = None,
+) -> Any:
     """A JSON body as Python values, in short steps when large (`decode`); check_count(count, key) raises for an
     array under a `counted` key over `max_items`. ValueError (or RecursionError) when it is not JSON."""
     value, over = decode(data.decode("utf-8"), max_items, counted if check_count else frozenset())
@@ -225,8 +231,14 @@ def loads(data: bytes, max_items: int = 0, counted: frozenset = frozenset(),
     return value
 
 
-def parse(data: bytes, message_type: type[M], where: str = "request body", max_items: int = 0,
-          check_count: Optional[Callable[[int, str], None]] = None, piecewise: Optional[bool] = None) -> M:
+def parse(
+    data: bytes,
+    message_type: type[M],
+    where: str = "request body",
+    max_items: int = 0,
+    check_count: Callable[[int, str], None] | None = None,
+    piecewise: bool | None = None,
+) -> M:
     """The body as a `message_type`, as json_format.Parse reads it (same errors, as INVALID_ARGUMENT with the
     parser's words), in short steps when `piecewise` (by default when large). With `check_count`, the request's
     limited arrays (COUNTED) are counted first: check_count(count, key) raises for one over `max_items` before
@@ -253,7 +265,7 @@ def parse(data: bytes, message_type: type[M], where: str = "request body", max_i
         for path, values in numbers:
             field = _field(message, path)
             for start in range(0, len(values), CHUNK):
-                field.extend(values[start:start + CHUNK])
+                field.extend(values[start : start + CHUNK])
         return message
     except json_format.ParseError as exc:
         detail = str(exc)
@@ -291,7 +303,7 @@ def _take_numbers(js, descriptor: Descriptor, path: tuple, taken: list) -> None:
 _FLOATS = (FieldDescriptor.CPPTYPE_FLOAT, FieldDescriptor.CPPTYPE_DOUBLE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fields(descriptor: Descriptor) -> dict:
     """A message's fields by JSON name and by proto name, as json_format looks them up."""
     return {**{f.name: f for f in descriptor.fields}, **{f.json_name: f for f in descriptor.fields}}
@@ -302,7 +314,7 @@ def _representable(values: list, cpp_type: int) -> bool:
     bound = _FLOAT_MAX if cpp_type == FieldDescriptor.CPPTYPE_FLOAT else np.inf
     for start in range(0, len(values), CHUNK):
         try:
-            array = np.asarray(values[start:start + CHUNK], dtype=np.float64)
+            array = np.asarray(values[start : start + CHUNK], dtype=np.float64)
         except OverflowError:  # an integer beyond any float
             return False
         if not (np.isfinite(array).all() and (np.abs(array) <= bound).all()):
@@ -336,8 +348,9 @@ def _field(message: Any, path: tuple) -> Any:
     return message
 
 
-def parse_lines(data: bytes, start: int, line: int, limit: int, message_type: type[Message]
-                ) -> tuple[list[Message], int, int]:
+def parse_lines(
+    data: bytes, start: int, line: int, limit: int, message_type: type[Message]
+) -> tuple[list[Message], int, int]:
     """Up to `limit` messages of JSON lines (one message per line, blank lines skipped) from byte `start`,
     whose line number is `line` + 1: (messages, where the next batch starts, the last line number read)."""
     out: list[Message] = []
@@ -386,15 +399,20 @@ def _holds_vector(descriptor: Descriptor) -> bool:
 
 
 def _vector_fields(descriptor: Descriptor) -> list[FieldDescriptor]:
-    return [f for f in descriptor.fields if f.type == FieldDescriptor.TYPE_MESSAGE
-            and not _message_type(f).GetOptions().map_entry]
+    return [
+        f
+        for f in descriptor.fields
+        if f.type == FieldDescriptor.TYPE_MESSAGE and not _message_type(f).GetOptions().map_entry
+    ]
 
 
 def _fields_to_walk(descriptor: Descriptor) -> list[FieldDescriptor]:
     """The fields of this type under which a Vector can occur (cached: it runs per message of a response)."""
     fields = _WALK.get(descriptor.full_name)
     if fields is None:
-        fields = _WALK[descriptor.full_name] = [f for f in _vector_fields(descriptor) if _holds_vector(_message_type(f))]
+        fields = _WALK[descriptor.full_name] = [
+            f for f in _vector_fields(descriptor) if _holds_vector(_message_type(f))
+        ]
     return fields
 
 
@@ -421,7 +439,7 @@ def _put_vectors(document: dict, descriptor: Descriptor, vectors: Iterator[Any])
         value = document.get(f.json_name)
         if value is None:  # an unset singular message: absent from both walks
             continue
-        for child in (value if f.is_repeated else [value]):
+        for child in value if f.is_repeated else [value]:
             _put_vectors(child, _message_type(f), vectors)
 
 
@@ -436,16 +454,23 @@ def floats(arrays: list[np.ndarray]) -> list[Any]:
 def _json_floats(values: np.ndarray) -> Any:
     if np.isfinite(values).all():
         return values
-    return [v if math.isfinite(v) else ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity")
-            for v in values.tolist()]
+    return [
+        v if math.isfinite(v) else ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity")
+        for v in values.tolist()
+    ]
 
 
 MODALITY = {v.number: v.name for v in pb.Modality.DESCRIPTOR.values}
 
 
-def embed_document(model: str, modalities: Sequence[int], truncated: Sequence[bool], names: Sequence[str],
-                   vectors: Sequence[np.ndarray], tokens: Optional[Sequence[Optional[pb.TokenFeatures]]] = None
-                   ) -> dict:
+def embed_document(
+    model: str,
+    modalities: Sequence[int],
+    truncated: Sequence[bool],
+    names: Sequence[str],
+    vectors: Sequence[np.ndarray],
+    tokens: Sequence[pb.TokenFeatures | None] | None = None,
+) -> dict:
     """What `document(wire.embed_response(...))` gives for the same arguments (tokens as messages, not bytes),
     built from the matrices without an EmbedResponse in between: Embed is the hot path over HTTP."""
     rows = []
@@ -454,8 +479,11 @@ def embed_document(model: str, modalities: Sequence[int], truncated: Sequence[bo
         rows.append(list(matrix) if np.isfinite(matrix).all() else [_json_floats(row) for row in matrix])
     results = []
     for i, modality in enumerate(modalities):
-        result: dict[str, Any] = {"modality": MODALITY.get(modality, modality), "truncated": bool(truncated[i]),
-                  "embeddings": [{"pooling": name, "vector": {"values": r[i]}} for name, r in zip(names, rows)]}
+        result: dict[str, Any] = {
+            "modality": MODALITY.get(modality, modality),
+            "truncated": bool(truncated[i]),
+            "embeddings": [{"pooling": name, "vector": {"values": r[i]}} for name, r in zip(names, rows)],
+        }
         if tokens is not None and (token := tokens[i]) is not None:
             result["tokens"] = json_format.MessageToDict(token, always_print_fields_with_no_presence=True)
         results.append(result)

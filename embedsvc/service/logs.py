@@ -11,8 +11,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage()}
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -40,15 +44,17 @@ class ThirdPartyBelowInfo(logging.Filter):
             return record.name != "embedsvc" and not record.name.startswith("embedsvc.")
         if record.name == "py.warnings" or record.name.split(".")[0] == "ray":
             text = record.getMessage()
-            return record.levelno <= logging.WARNING and ("Deprecat" in text or "deprecat" in text or
-                                                          "FutureWarning" in text)
+            return record.levelno <= logging.WARNING and (
+                "Deprecat" in text or "deprecat" in text or "FutureWarning" in text
+            )
         return False
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,19 +8,32 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("embedsvc_requests_total", "RPCs by method and status code", ["method", "code"],
-                                registry=self.registry)
-        self.latency = Histogram("embedsvc_request_seconds", "RPC latency by method", ["method"],
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
-                                 registry=self.registry)
-        self.batch_size = Histogram("embedsvc_batch_size", "inputs per forward pass", ["batcher"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.queue_depth = Gauge("embedsvc_queue_depth", "inputs waiting for a forward pass", ["batcher"],
-                                 registry=self.registry)
-        self.collection_items = Gauge("embedsvc_collection_items", "live items per collection", ["collection"],
-                                      registry=self.registry)
-        self.model_load_seconds = Gauge("embedsvc_model_load_seconds", "seconds a model took to load", ["model"],
-                                        registry=self.registry)
+        self.requests = Counter(
+            "embedsvc_requests_total", "RPCs by method and status code", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "embedsvc_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "embedsvc_batch_size",
+            "inputs per forward pass",
+            ["batcher"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "embedsvc_queue_depth", "inputs waiting for a forward pass", ["batcher"], registry=self.registry
+        )
+        self.collection_items = Gauge(
+            "embedsvc_collection_items", "live items per collection", ["collection"], registry=self.registry
+        )
+        self.model_load_seconds = Gauge(
+            "embedsvc_model_load_seconds", "seconds a model took to load", ["model"], registry=self.registry
+        )
 
     def record_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

@@ -8,8 +8,9 @@ front end holds one Unix-socket connection to the model process:
   the connection ends, so a killed front end leaks nothing); the front end writes each decoded image there
   (ClipEncoder.prepare's uint8 tensor, ~15 KB at 72 px, 150 KB at 224 px) and sends only its place;
 - frames are a 4-byte length and a pickle: ("embed", id, model, poolings, inputs), ("facts", id, model),
-  ("cancel", id), ("call", 0, method, code, seconds) (for /metrics: a call the front end answered itself) one way; ("ok", id, value) or ("err", id, error class, message) the other, exactly one per
-  request, so the front end frees a request's shared memory only once the model process is done with it;
+  ("cancel", id), ("call", 0, method, code, seconds) (for /metrics: a call the front end answered itself) one
+  way; ("ok", id, value) or ("err", id, error class, message) the other, exactly one per request, so the front
+  end frees a request's shared memory only once the model process is done with it;
 - the model process feeds the inputs to the engine's batchers (Engine.embed_batch with PreparedImage
   contents): the same continuous batching, queue limit and poolings as an in-process request.
 
@@ -25,16 +26,17 @@ import itertools
 import logging
 import pickle
 import struct
+from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from embedsvc import errors
+from embedsvc.engine.engine import Content, EmbeddedBatch, ModelRuntime, PreparedImage, Text
 from embedsvc.errors import EmbedsvcError, Unavailable
 from embedsvc.pooling import PoolingSpec
-from embedsvc.engine.engine import Content, EmbeddedBatch, ModelRuntime, PreparedImage, Text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class _Frames(asyncio.Protocol):
     """Splits a byte stream into pickled frames and hands each to `on_message`."""
 
     def __init__(self):
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
 
     def connection_made(self, transport) -> None:
@@ -66,11 +68,11 @@ class _Frames(asyncio.Protocol):
             (size,) = HEADER.unpack_from(self._buffer)
             if len(self._buffer) < HEADER.size + size:
                 return
-            message = pickle.loads(self._buffer[HEADER.size:HEADER.size + size])
-            del self._buffer[:HEADER.size + size]
+            message = pickle.loads(self._buffer[HEADER.size : HEADER.size + size])
+            del self._buffer[: HEADER.size + size]
             try:
                 self.on_message(message)
-            except Exception:  # noqa: BLE001 - a bug in one message must not close the channel for all
+            except Exception:
                 log.exception("model channel: cannot handle a %r message", message[0])
 
     def send(self, message: tuple) -> None:
@@ -91,8 +93,9 @@ class ChannelEngine(Protocol):
 
     async def runtime_async(self, name: str) -> ModelRuntime: ...
 
-    async def embed_batch(self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content],
-                          include_tokens: bool = False) -> tuple[str, EmbeddedBatch]: ...
+    async def embed_batch(
+        self, model: str, poolings: Sequence[PoolingSpec], contents: Sequence[Content], include_tokens: bool = False
+    ) -> tuple[str, EmbeddedBatch]: ...
 
 
 class _FrontEndConnection(_Frames):
@@ -171,12 +174,13 @@ class ModelChannelServer:
     def __init__(self, engine: ChannelEngine, path: str, shm_bytes: int = SHM_BYTES):
         self.engine, self.path, self.shm_bytes = engine, path, shm_bytes
         self.connections: set[_FrontEndConnection] = set()
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(
-            lambda: _FrontEndConnection(self.engine, self.shm_bytes, self.connections), self.path)
+            lambda: _FrontEndConnection(self.engine, self.shm_bytes, self.connections), self.path
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -199,7 +203,7 @@ class _SharedSlots:
         self._free: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._array = np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)
 
-    def put(self, tensor: torch.Tensor) -> Optional[tuple[int, int]]:
+    def put(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """Copies the tensor in; its (offset, size), or None when the segment is full."""
         data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
         size = data.size
@@ -210,7 +214,7 @@ class _SharedSlots:
             offset, self._top = self._top, self._top + size
         else:
             return None
-        self._array[offset:offset + size] = data
+        self._array[offset : offset + size] = data
         return offset, size
 
     def release(self, places: list[tuple[int, int]]) -> None:
@@ -223,15 +227,15 @@ class ModelChannelClient(_Frames):
 
     def __init__(self, on_lost=None):
         super().__init__()
-        self.slots: Optional[_SharedSlots] = None
-        self._ready: Optional[asyncio.Future] = None
+        self.slots: _SharedSlots | None = None
+        self._ready: asyncio.Future | None = None
         self._pending: dict[int, tuple[asyncio.Future, list]] = {}
         self._ids = itertools.count(1)
         self._on_lost = on_lost
         self.lost = False
 
     @classmethod
-    async def connect(cls, path: str, on_lost=None) -> "ModelChannelClient":
+    async def connect(cls, path: str, on_lost=None) -> ModelChannelClient:
         loop = asyncio.get_running_loop()
         client = cls(on_lost)
         client._ready = loop.create_future()
@@ -267,7 +271,7 @@ class ModelChannelClient(_Frames):
         if self._on_lost:
             self._on_lost()
 
-    async def request(self, kind: str, *args, places: Optional[list] = None) -> Any:
+    async def request(self, kind: str, *args, places: list | None = None) -> Any:
         """Sends one request and waits for its answer; a cancelled wait tells the model process to drop it
         (its shared memory is freed when the model process answers)."""
         if self.lost:
@@ -290,8 +294,7 @@ class ModelChannelClient(_Frames):
     async def facts(self, model: str) -> tuple:
         return await self.request("facts", model)
 
-    async def embed(self, model: str, poolings: list[PoolingSpec], texts_or_pixels: list
-                    ) -> tuple[str, EmbeddedBatch]:
+    async def embed(self, model: str, poolings: list[PoolingSpec], texts_or_pixels: list) -> tuple[str, EmbeddedBatch]:
         """Pooled vectors of texts (str) and prepared images (tensors), in input order."""
         assert self.slots is not None  # connect returned after the hello
         inputs: list[tuple] = []  # ("t", text), ("b", bytes, shape, dtype) or ("s", offset, shape, dtype)
@@ -308,8 +311,7 @@ class ModelChannelClient(_Frames):
                 places.append(place)
                 inputs.append(("s", place[0], tuple(x.shape), dtype))
         specs = [(p.name, dict(p.params)) for p in poolings]
-        name, modalities, vectors, truncated, counts = await self.request("embed", model, specs, inputs,
-                                                                          places=places)
+        name, modalities, vectors, truncated, counts = await self.request("embed", model, specs, inputs, places=places)
         return name, EmbeddedBatch(modalities, vectors, truncated, None, counts)
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -40,14 +41,16 @@ INPUT = frozenset({"input"})  # the array max_items_per_request limits, as Embed
 FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "pooling", "truncate")
 ENCODINGS = ("float", "base64")
 URL = re.compile(r"https?://\S+", re.IGNORECASE)
-TOKEN_IDS_HINT = ("embedsvc tokenizes text with the model's own tokenizer, and OpenAI's token ids mean nothing to it; "
-                  "send strings (langchain-openai: OpenAIEmbeddings(..., check_embedding_ctx_length=False))")
+TOKEN_IDS_HINT = (
+    "embedsvc tokenizes text with the model's own tokenizer, and OpenAI's token ids mean nothing to it; "
+    "send strings (langchain-openai: OpenAIEmbeddings(..., check_embedding_ctx_length=False))"
+)
 
 
 class ParamError(InvalidInput):
     """A request field is wrong; `param` names it for OpenAI's error body."""
 
-    def __init__(self, param: Optional[str], message: str):
+    def __init__(self, param: str | None, message: str):
         super().__init__(message)
         self.param = param
 
@@ -57,15 +60,16 @@ class EmbeddingsRequest:
     model: str  # as the client wrote it, echoed in the response
     embed: pb.EmbedRequest
     encoding_format: str
-    dimensions: Optional[int]
+    dimensions: int | None
     truncate: bool
 
 
 # -- the request ------------------------------------------------------------------------------------
 
 
-def parse_request(data: bytes, max_items: int = 0,
-                  check_count: Optional[Callable[[int, str], None]] = None) -> EmbeddingsRequest:
+def parse_request(
+    data: bytes, max_items: int = 0, check_count: Callable[[int, str], None] | None = None
+) -> EmbeddingsRequest:
     """The request, decoded in short steps when large (json_body.loads); with `check_count`, an `input` of more
     than `max_items` items is refused before any of them is read."""
     try:
@@ -76,16 +80,21 @@ def parse_request(data: bytes, max_items: int = 0,
         raise ParamError(None, f"request body must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise ParamError(unknown[0], f"unknown field(s) {', '.join(quoted(u) for u in unknown)}; this endpoint "
-                                     f"takes {', '.join(FIELDS)}")
+        raise ParamError(
+            unknown[0],
+            f"unknown field(s) {', '.join(quoted(u) for u in unknown)}; this endpoint takes {', '.join(FIELDS)}",
+        )
     if "input" not in body or "model" not in body:
         missing = "input" if "input" not in body else "model"
         raise ParamError(missing, f"{quoted(missing)} is required")
     for key, value in body.items():  # JSON may escape a lone UTF-16 surrogate; no text of a model can hold one
-        for text in (value if isinstance(value, list) else [value]):
+        for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str) and not _is_unicode(text):
-                raise ParamError(key, f"{key} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
-                                      f"pair), which is not text: send valid Unicode")
+                raise ParamError(
+                    key,
+                    f"{key} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
+                    f"pair), which is not text: send valid Unicode",
+                )
     model = body["model"]
     if not isinstance(model, str):
         raise ParamError("model", f"model must be a string, got {type(model).__name__}")
@@ -98,13 +107,17 @@ def parse_request(data: bytes, max_items: int = 0,
     if dimensions is not None and dimensions < 1:
         raise ParamError("dimensions", f"dimensions must be a positive integer, got {dimensions}")
     _optional(body, "user", str)  # OpenAI's end-user id for abuse monitoring: accepted, nothing to do with it here
-    embed = pb.EmbedRequest(model=name, inputs=contents(body["input"]),
-                            poolings=[pb.PoolingSpec(name=pooling.name, params=pooling.params)] if pooling else [])
+    embed = pb.EmbedRequest(
+        model=name,
+        inputs=contents(body["input"]),
+        poolings=[pb.PoolingSpec(name=pooling.name, params=pooling.params)] if pooling else [],
+    )
     return EmbeddingsRequest(model, embed, encoding, dimensions, bool(_optional(body, "truncate", bool)))
 
 
-def parse_chunks(chunks: list[bytes], max_items: int = 0,
-                 check_count: Optional[Callable[[int, str], None]] = None) -> EmbeddingsRequest:
+def parse_chunks(
+    chunks: list[bytes], max_items: int = 0, check_count: Callable[[int, str], None] | None = None
+) -> EmbeddingsRequest:
     """parse_request of the body's chunks, joined here: in a codec thread when large (the join of 32 MiB, 40 ms
     or more, releases the GIL but would hold the event loop)."""
     return parse_request(b"".join(chunks), max_items, check_count)
@@ -129,23 +142,28 @@ def _optional(body: dict, key: str, kind: type) -> Any:
     return value
 
 
-def resolve_model(model: str, pooling: Optional[str]) -> tuple[str, Optional[PoolingSpec]]:
+def resolve_model(model: str, pooling: str | None) -> tuple[str, PoolingSpec | None]:
     """(registered model, pooling) of `model`, a registered name optionally followed by ':' and a pooling
     spec, and of the `pooling` field; the longest registered name that `model` starts with wins."""
     name = model
     if model not in MODEL_REGISTRY:
         known = [n for n in MODEL_REGISTRY if model.startswith(n + ":")]
         if not known:
-            error = UnknownModel(f"model {quoted(model)} does not exist; GET /v1/models lists the models (write "
-                                 f"NAME or NAME:POOLING, e.g. NAME:gem:p=3)")
+            error = UnknownModel(
+                f"model {quoted(model)} does not exist; GET /v1/models lists the models (write "
+                f"NAME or NAME:POOLING, e.g. NAME:gem:p=3)"
+            )
             error.param = "model"  # type: ignore[attr-defined]  # read back with getattr, as ParamError's
             raise error
         name = max(known, key=len)
     by_model = name != model  # the pooling comes after the name
     if by_model and pooling is not None:
-        raise ParamError("pooling", f"the model {quoted(model)} names a pooling and so does the pooling field "
-                                    f"({quoted(pooling)}): give it once")
-    spec, param = (model[len(name) + 1:], "model") if by_model else (pooling, "pooling")
+        raise ParamError(
+            "pooling",
+            f"the model {quoted(model)} names a pooling and so does the pooling field "
+            f"({quoted(pooling)}): give it once",
+        )
+    spec, param = (model[len(name) + 1 :], "model") if by_model else (pooling, "pooling")
     if spec is not None and not spec.strip():
         raise ParamError(param, "the pooling is empty: write a pooling spec such as cls, avg or gem:p=3")
     try:
@@ -164,11 +182,14 @@ def contents(value: Any) -> list[pb.Content]:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, (int, list)) and not isinstance(item, bool):
-            raise ParamError("input", f"input {'' if isinstance(value, str) else f'{i} '}is token ids: "
-                                      f"{TOKEN_IDS_HINT}")
+            raise ParamError(
+                "input", f"input {'' if isinstance(value, str) else f'{i} '}is token ids: {TOKEN_IDS_HINT}"
+            )
         if not isinstance(item, str):
-            raise ParamError("input", f"input {i} is {type(item).__name__}: send strings (texts, or images as "
-                                      f"data:image/...;base64, URLs)")
+            raise ParamError(
+                "input",
+                f"input {i} is {type(item).__name__}: send strings (texts, or images as data:image/...;base64, URLs)",
+            )
         out.append(content(item, i))
     return out
 
@@ -177,15 +198,21 @@ def content(item: str, i: int) -> pb.Content:
     if item[:5].lower() == "data:":
         header, comma, payload = item.partition(",")
         if not comma or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
-            raise ParamError("input", f"input {i} is a data URL but not an image in base64: write "
-                                      f"data:image/<type>;base64,<data> (got {quoted(header[:60])})")
+            raise ParamError(
+                "input",
+                f"input {i} is a data URL but not an image in base64: write "
+                f"data:image/<type>;base64,<data> (got {quoted(header[:60])})",
+            )
         try:
             return pb.Content(image=base64.b64decode("".join(payload.split()), validate=True))
         except (binascii.Error, ValueError) as exc:
             raise ParamError("input", f"input {i}: the data URL's base64 does not decode ({exc})") from None
     if URL.fullmatch(item):
-        raise ParamError("input", f"input {i} is a URL ({quoted(item[:80])}): embedsvc fetches nothing from the "
-                                  f"network; send the image inline as a data:image/<type>;base64,<data> URL")
+        raise ParamError(
+            "input",
+            f"input {i} is a URL ({quoted(item[:80])}): embedsvc fetches nothing from the "
+            f"network; send the image inline as a data:image/<type>;base64,<data> URL",
+        )
     return pb.Content(text=item)
 
 
@@ -196,31 +223,41 @@ def embedding_document(request: EmbeddingsRequest, batch, model_context: int) ->
     """OpenAI's CreateEmbeddingResponse from the pooled matrix."""
     cut = [i for i, t in enumerate(batch.truncated) if t]
     if cut and not request.truncate:
-        raise ParamError("input", f"input {cut[0]}{f' (and {len(cut) - 1} more)' if len(cut) > 1 else ''} is "
-                                  f"longer than the model's text context ({model_context} tokens, SOT and EOT "
-                                  f"included) and would be cut; shorten it, or send \"truncate\": true to embed "
-                                  f"its first {model_context} tokens")
+        raise ParamError(
+            "input",
+            f"input {cut[0]}{f' (and {len(cut) - 1} more)' if len(cut) > 1 else ''} is "
+            f"longer than the model's text context ({model_context} tokens, SOT and EOT "
+            f'included) and would be cut; shorten it, or send "truncate": true to embed '
+            f"its first {model_context} tokens",
+        )
     matrix = batch.vectors[0]
     if request.dimensions is not None and request.dimensions != matrix.shape[1]:
-        raise ParamError("dimensions", f"dimensions={request.dimensions}, but {quoted(request.model)} gives "
-                                       f"{matrix.shape[1]}-dimensional vectors and embedsvc does not shorten them: "
-                                       f"omit dimensions or send {matrix.shape[1]}")
+        raise ParamError(
+            "dimensions",
+            f"dimensions={request.dimensions}, but {quoted(request.model)} gives "
+            f"{matrix.shape[1]}-dimensional vectors and embedsvc does not shorten them: "
+            f"omit dimensions or send {matrix.shape[1]}",
+        )
     if request.encoding_format == "base64":
         rows = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii") for row in matrix]
     else:
         rows = json_body.floats(list(matrix))
     tokens = int(sum(batch.token_counts))
-    return {"object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-            "model": request.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+        "model": request.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def with_model_list(document: dict) -> dict:
     """ListModels' JSON with OpenAI's model list beside it (`object`, `data`), for client.models.list().
     OpenAI's `created` is the model's creation time; embedsvc does not know it and writes 0."""
     document["object"] = "list"
-    document["data"] = [{"id": m["name"], "object": "model", "created": 0, "owned_by": "embedsvc"}
-                        for m in document["models"]]
+    document["data"] = [
+        {"id": m["name"], "object": "model", "created": 0, "owned_by": "embedsvc"} for m in document["models"]
+    ]
     return document
 
 
@@ -239,9 +276,13 @@ def route(api) -> Route:
         async def work() -> Response:
             try:
                 chunks = await bodyproc.body_chunks(request)
-                parsed = await api._off_loop(sum(map(len, chunks)), parse_chunks, chunks,
-                                             api.config.max_items_per_request,
-                                             lambda count, _: api.engine._check_count(count, "inputs"))
+                parsed = await api._off_loop(
+                    sum(map(len, chunks)),
+                    parse_chunks,
+                    chunks,
+                    api.config.max_items_per_request,
+                    lambda count, _: api.engine._check_count(count, "inputs"),
+                )
                 async with api.slots.held():  # in whole: now it is work, counted as gRPC's is
                     model, _, batch = await calls.embed_rows(api.engine, parsed.embed)
                 runtime = api.engine.loaded_models().get(model)
@@ -257,11 +298,10 @@ def route(api) -> Route:
 
 
 # 421 is BrowserGuard's PERMISSION_DENIED for a Host the server does not answer for.
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 421: "permission_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 421: "permission_error", 429: "rate_limit_error"}
 
 
-def error_body(status: int, native: bytes, param: Optional[str]) -> bytes:
+def error_body(status: int, native: bytes, param: str | None) -> bytes:
     """OpenAI's error body from the HTTP API's {"code": "NOT_FOUND", "message": "..."}."""
     try:
         parsed = orjson.loads(native)
@@ -304,43 +344,109 @@ class OpenAIErrors:
 # -- OpenAPI ------------------------------------------------------------------------------------------
 
 OPENAPI_SCHEMAS = {
-    "OpenAIEmbeddingsRequest": {"type": "object", "required": ["input", "model"], "properties": {
-        "input": {"description": "a string or a list of strings: texts, or images as data:image/<type>;base64,<data> "
-                                 "URLs (http(s) URLs are refused: nothing is fetched); token-id arrays are refused",
-                  "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "model": {"type": "string", "description": "a registered model (GET /v1/models), optionally followed by "
-                                                   "':' and a pooling spec: NAME:gem:p=3"},
-        "pooling": {"type": "string", "description": "embedsvc's extra: the pooling spec (default cls), when the "
-                                                     "model does not name one"},
-        "encoding_format": {"type": "string", "enum": list(ENCODINGS), "default": "float",
-                            "description": "base64: the little-endian float32 bytes of each vector"},
-        "dimensions": {"type": "integer", "description": "refused unless it equals the vectors' dimension"},
-        "user": {"type": "string", "description": "accepted and unused"},
-        "truncate": {"type": "boolean", "default": False,
-                     "description": "embedsvc's extra: embed texts longer than the model's context from their "
-                                    "first tokens instead of refusing them"}}},
-    "OpenAIEmbeddingsResponse": {"type": "object", "properties": {
-        "object": {"const": "list"}, "model": {"type": "string", "description": "the request's model, as written"},
-        "data": {"type": "array", "items": {"type": "object", "properties": {
-            "object": {"const": "embedding"}, "index": {"type": "integer"},
-            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
-                                    {"type": "string", "contentEncoding": "base64"}]}}}},
-        "usage": {"type": "object", "description": "text tokens the model read, SOT and EOT included; images "
-                                                   "count 0", "properties": {
-            "prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
-    "OpenAIModelList": {"type": "object", "description": "OpenAI's model list, beside ListModels' fields",
-                        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-                            "type": "object", "properties": {
-                                "id": {"type": "string"}, "object": {"const": "model"},
-                                "created": {"type": "integer", "description": "unknown: 0"},
-                                "owned_by": {"type": "string"}}}}}},
-    "OpenAIError": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        "message": {"type": "string"}, "type": {"type": "string", "description": "invalid_request_error, "
-                                                "authentication_error, permission_error, rate_limit_error or "
-                                                "server_error"},
-        "param": {"type": ["string", "null"], "description": "the request field at fault, when one is"},
-        "code": {"type": ["string", "null"], "description": "the gRPC status name in lower case, e.g. "
-                                                            "invalid_argument"}}}}},
+    "OpenAIEmbeddingsRequest": {
+        "type": "object",
+        "required": ["input", "model"],
+        "properties": {
+            "input": {
+                "description": "a string or a list of strings: texts, or images as data:image/<type>;base64,<data> "
+                "URLs (http(s) URLs are refused: nothing is fetched); token-id arrays are refused",
+                "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+            },
+            "model": {
+                "type": "string",
+                "description": "a registered model (GET /v1/models), optionally followed by "
+                "':' and a pooling spec: NAME:gem:p=3",
+            },
+            "pooling": {
+                "type": "string",
+                "description": "embedsvc's extra: the pooling spec (default cls), when the model does not name one",
+            },
+            "encoding_format": {
+                "type": "string",
+                "enum": list(ENCODINGS),
+                "default": "float",
+                "description": "base64: the little-endian float32 bytes of each vector",
+            },
+            "dimensions": {"type": "integer", "description": "refused unless it equals the vectors' dimension"},
+            "user": {"type": "string", "description": "accepted and unused"},
+            "truncate": {
+                "type": "boolean",
+                "default": False,
+                "description": "embedsvc's extra: embed texts longer than the model's context from their "
+                "first tokens instead of refusing them",
+            },
+        },
+    },
+    "OpenAIEmbeddingsResponse": {
+        "type": "object",
+        "properties": {
+            "object": {"const": "list"},
+            "model": {"type": "string", "description": "the request's model, as written"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "object": {"const": "embedding"},
+                        "index": {"type": "integer"},
+                        "embedding": {
+                            "oneOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {"type": "string", "contentEncoding": "base64"},
+                            ]
+                        },
+                    },
+                },
+            },
+            "usage": {
+                "type": "object",
+                "description": "text tokens the model read, SOT and EOT included; images count 0",
+                "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}},
+            },
+        },
+    },
+    "OpenAIModelList": {
+        "type": "object",
+        "description": "OpenAI's model list, beside ListModels' fields",
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"const": "model"},
+                        "created": {"type": "integer", "description": "unknown: 0"},
+                        "owned_by": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "OpenAIError": {
+        "type": "object",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {
+                        "type": "string",
+                        "description": "invalid_request_error, "
+                        "authentication_error, permission_error, rate_limit_error or "
+                        "server_error",
+                    },
+                    "param": {"type": ["string", "null"], "description": "the request field at fault, when one is"},
+                    "code": {
+                        "type": ["string", "null"],
+                        "description": "the gRPC status name in lower case, e.g. invalid_argument",
+                    },
+                },
+            }
+        },
+    },
 }
 
 
@@ -348,14 +454,27 @@ def add_to_openapi(paths: dict, schemas: dict, error_statuses: dict) -> None:
     """Documents POST /v1/embeddings, and OpenAI's fields in GET /v1/models' response."""
     ref = "#/components/schemas/"
     schemas.update(OPENAPI_SCHEMAS)
-    errors = {status: {"description": what, "content": {"application/json": {"schema": {"$ref": ref + "OpenAIError"}}}}
-              for status, what in error_statuses.items()}
-    paths[PATH] = {"post": {
-        "operationId": "OpenAIEmbeddings", "tags": ["OpenAI-compatible"],
-        "summary": "OpenAI's create-embeddings call (base_url http://host:port/v1), run as Embed.",
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": ref + "OpenAIEmbeddingsRequest"}}}},
-        "responses": {"200": {"description": "OK", "content": {"application/json": {
-            "schema": {"$ref": ref + "OpenAIEmbeddingsResponse"}}}}, **errors}}}
+    errors = {
+        status: {"description": what, "content": {"application/json": {"schema": {"$ref": ref + "OpenAIError"}}}}
+        for status, what in error_statuses.items()
+    }
+    paths[PATH] = {
+        "post": {
+            "operationId": "OpenAIEmbeddings",
+            "tags": ["OpenAI-compatible"],
+            "summary": "OpenAI's create-embeddings call (base_url http://host:port/v1), run as Embed.",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": ref + "OpenAIEmbeddingsRequest"}}},
+            },
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": {"$ref": ref + "OpenAIEmbeddingsResponse"}}},
+                },
+                **errors,
+            },
+        }
+    }
     models = paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]
     models["schema"] = {"allOf": [models["schema"], {"$ref": ref + "OpenAIModelList"}]}

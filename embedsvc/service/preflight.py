@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Optional
 
 import grpc
 
@@ -15,7 +14,7 @@ from embedsvc.service.auth import Token, load_tokens
 from embedsvc.service.config import ServerConfig
 
 
-def check_settings(config: ServerConfig) -> tuple[list[Token], Optional[grpc.ServerCredentials]]:
+def check_settings(config: ServerConfig) -> tuple[list[Token], grpc.ServerCredentials | None]:
     """Tokens, TLS files and the default model's name; returns the tokens and the server credentials."""
     tokens = load_tokens(config.auth_tokens_file, config.auth_tokens)
     credentials = server_credentials(config)
@@ -25,7 +24,7 @@ def check_settings(config: ServerConfig) -> tuple[list[Token], Optional[grpc.Ser
     return tokens, credentials
 
 
-def server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]:
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert_file:
         return None
     try:
@@ -39,10 +38,12 @@ def server_credentials(config: ServerConfig) -> Optional[grpc.ServerCredentials]
         try:
             ssl.create_default_context(cafile=config.tls_client_ca_file)
         except (ssl.SSLError, ValueError) as exc:
-            raise InvalidInput(f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle "
-                               f"({exc})") from None
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+            raise InvalidInput(
+                f"tls_client_ca_file {config.tls_client_ca_file} is not a PEM CA bundle ({exc})"
+            ) from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _check_key_pair(cert_file: str, key_file: str) -> None:
@@ -51,5 +52,7 @@ def _check_key_pair(cert_file: str, key_file: str) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=lambda: b"")
     except (ssl.SSLError, ValueError) as exc:
-        raise InvalidInput(f"TLS: tls_cert_file {cert_file} and tls_key_file {key_file} are not a PEM certificate "
-                           f"chain and its private key (swapped, or not PEM?): {exc}") from None
+        raise InvalidInput(
+            f"TLS: tls_cert_file {cert_file} and tls_key_file {key_file} are not a PEM certificate "
+            f"chain and its private key (swapped, or not PEM?): {exc}"
+        ) from None

@@ -5,26 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from embedsvc.cpu import usable_cpus
+from embedsvc.engine.engine import Engine, ImageBytes, UpsertRequestItem
 from embedsvc.errors import InvalidInput
 from embedsvc.models import resolve_device, resolve_precision
-from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.pooling import PoolingSpec
+from embedsvc.service.admission import AdmissionInterceptor, Slots
 from embedsvc.service.auth import AuthInterceptor
 from embedsvc.service.config import ServerConfig
-from embedsvc.cpu import usable_cpus
-from embedsvc.engine.engine import Engine, UpsertRequestItem, ImageBytes
 from embedsvc.service.metrics import Metrics
 from embedsvc.service.preflight import check_settings
 from embedsvc.service.servicers import EmbedServicer, IndexServicer
 from embedsvc.store import VectorStore, open_store
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +37,17 @@ DEMO_COLLECTION = "scenes"
 class EmbedsvcServer:
     """The running server: the grpc.aio server plus what it owns (engine, store, health, metrics)."""
 
-    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, engine: Engine, store: VectorStore,
-                 health_servicer: health.aio.HealthServicer, metrics_http=None, http=None,
-                 admission: Optional[AdmissionInterceptor] = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        engine: Engine,
+        store: VectorStore,
+        health_servicer: health.aio.HealthServicer,
+        metrics_http=None,
+        http=None,
+        admission: AdmissionInterceptor | None = None,
+    ):
         self.config, self.grpc_server, self.engine, self.store = config, grpc_server, engine, store
         self.health = health_servicer
         self.admission = admission  # its counters (calls awaiting a message, slots held) show the server's load
@@ -50,7 +56,7 @@ class EmbedsvcServer:
         self.metrics_http = metrics_http
         self.metrics_port = metrics_http.server_port if metrics_http else None
         self._stopped = False
-        self._loaded: Optional[asyncio.Task] = None
+        self._loaded: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Listens at once, while the store may still load its collections: the process reports alive (gRPC
@@ -59,8 +65,9 @@ class EmbedsvcServer:
         await self.grpc_server.start()
         for name in ("", *SERVICE_NAMES):
             loads = name == INDEX_SERVICE and not self.store.wait_loaded(0)
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING if loads
-                                  else health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(
+                name, health_pb2.HealthCheckResponse.NOT_SERVING if loads else health_pb2.HealthCheckResponse.SERVING
+            )
         if self.http:
             await self.http.start()
         self._loaded = asyncio.get_running_loop().create_task(self._serve_when_loaded())
@@ -79,7 +86,7 @@ class EmbedsvcServer:
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
 
-    async def stop(self, grace: Optional[float] = None) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, let in-flight RPCs finish (up to `grace` s), checkpoint and close the store."""
         if self._stopped:
             return
@@ -112,10 +119,18 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     if internal_listen:
         credentials = None
     resolve_precision(config.precision, resolve_device(config.device))  # a bad device fails now, not per request
-    store = open_store(config.store_backend, data_dir=config.data_dir, milvus_uri=config.milvus_uri,
-                       milvus_token=config.milvus_token, milvus_db=config.milvus_db,
-                       checkpoint_every=config.checkpoint_every, omp_threads=config.faiss_threads or usable_cpus(),
-                       max_top_k=config.max_top_k, background_load=True, progress_seconds=config.load_progress_seconds)
+    store = open_store(
+        config.store_backend,
+        data_dir=config.data_dir,
+        milvus_uri=config.milvus_uri,
+        milvus_token=config.milvus_token,
+        milvus_db=config.milvus_db,
+        checkpoint_every=config.checkpoint_every,
+        omp_threads=config.faiss_threads or usable_cpus(),
+        max_top_k=config.max_top_k,
+        background_load=True,
+        progress_seconds=config.load_progress_seconds,
+    )
     metrics = Metrics()
     try:
         engine = Engine(config.engine_config(), store, metrics)
@@ -130,12 +145,16 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     # No maximum_concurrent_rpcs: grpc would count half-open calls and health checks; AdmissionInterceptor
     # counts only calls that passed auth and sent their message. Keepalive finds dead peers; pings from
     # clients are limited (ping floods), idle connections are closed.
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0),
-               ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
-               ("grpc.http2.min_ping_interval_without_data_ms", 10_000), ("grpc.http2.max_ping_strikes", 2),
-               ("grpc.max_connection_idle_ms", 300_000)]
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", 300_000),
+    ]
     slots = Slots(config.max_concurrent_rpcs, config.max_waiting_rpcs)  # shared with the HTTP API
     admission = AdmissionInterceptor(slots, config.request_message_timeout_seconds)
     interceptors = [AuthInterceptor(grpc_tokens), admission] if grpc_tokens else [admission]
@@ -145,10 +164,9 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    cause: Optional[RuntimeError]
+    cause: RuntimeError | None
     try:
-        port = (server.add_secure_port(listen, credentials) if credentials
-                else server.add_insecure_port(listen))
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     except RuntimeError as exc:
         port = 0
         cause = exc
@@ -157,8 +175,10 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     if not port:
         await engine.close()
         store.close()
-        raise InvalidInput(f"cannot listen on {listen}: the port is taken or the address is not local "
-                           f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN")
+        raise InvalidInput(
+            f"cannot listen on {listen}: the port is taken or the address is not local "
+            f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN"
+        )
     metrics_http = None
     if config.metrics_port >= 0:
         host = config.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
@@ -167,8 +187,10 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
         except OSError as exc:
             await engine.close()
             store.close()
-            raise InvalidInput(f"cannot serve metrics on {host}:{config.metrics_port}: {exc.strerror or exc}; "
-                               f"pick another --metrics-port (or -1 to disable)") from None
+            raise InvalidInput(
+                f"cannot serve metrics on {host}:{config.metrics_port}: {exc.strerror or exc}; "
+                f"pick another --metrics-port (or -1 to disable)"
+            ) from None
     http = None
     if config.http_listen:
         from embedsvc.service.http import HttpServer
@@ -195,7 +217,7 @@ async def index_demo_collection(engine: Engine, size: int) -> int:
     return size
 
 
-async def index_scenes(engine: Engine, name: str, size: int, pooling: Optional[PoolingSpec] = None) -> None:
+async def index_scenes(engine: Engine, name: str, size: int, pooling: PoolingSpec | None = None) -> None:
     """Creates collection `name` of the first `size` generated validation scenes, thumbnails kept (for the
     search page; the compare view shows the same scenes under other poolings)."""
     from embedsvc.datasets import full_caption, generate_scene, render_scene
@@ -214,11 +236,24 @@ async def index_scenes(engine: Engine, name: str, size: int, pooling: Optional[P
         return scene, buffer.getvalue()
 
     for start in range(0, size, 128):
-        batch = await asyncio.gather(*(loop.run_in_executor(engine.decode_pool, render, i)
-                                       for i in range(start, min(size, start + 128))))
-        await engine.upsert(name, [
-            UpsertRequestItem(scene.id, ImageBytes(png), None, {
-                "caption": full_caption(scene), "objects": len(scene.objects),
-                "colours": " ".join(sorted({o.colour for o in scene.objects})),
-                "shapes": " ".join(sorted({o.shape for o in scene.objects}))})
-            for scene, png in batch], thumbnails=True)
+        batch = await asyncio.gather(
+            *(loop.run_in_executor(engine.decode_pool, render, i) for i in range(start, min(size, start + 128)))
+        )
+        await engine.upsert(
+            name,
+            [
+                UpsertRequestItem(
+                    scene.id,
+                    ImageBytes(png),
+                    None,
+                    {
+                        "caption": full_caption(scene),
+                        "objects": len(scene.objects),
+                        "colours": " ".join(sorted({o.colour for o in scene.objects})),
+                        "shapes": " ".join(sorted({o.shape for o in scene.objects})),
+                    },
+                )
+                for scene, png in batch
+            ],
+            thumbnails=True,
+        )

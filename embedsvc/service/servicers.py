@@ -9,12 +9,11 @@ import time
 
 import grpc
 
+from embedsvc.engine.engine import Engine
 from embedsvc.errors import EmbedsvcError
 from embedsvc.service import calls
-from embedsvc.engine.engine import Engine
 from embedsvc.service.errors import status_details, status_for
-from embedsvc.v1 import embedsvc_pb2 as pb
-from embedsvc.v1 import embedsvc_pb2_grpc as pb_grpc
+from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
 
 log = logging.getLogger("embedsvc.rpc")
 

@@ -10,7 +10,7 @@ built field by field is tested (tests/test_batching.py).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,9 +37,14 @@ def _field(number: int, payload: bytes) -> bytes:
     return _key(number, _LEN) + _varint(len(payload)) + payload
 
 
-def embed_response(model: str, modalities: Sequence[int], truncated: Sequence[bool], names: Sequence[str],
-                   vectors: Sequence[np.ndarray], tokens: Optional[Sequence[Optional[bytes]]] = None
-                   ) -> pb.EmbedResponse:
+def embed_response(
+    model: str,
+    modalities: Sequence[int],
+    truncated: Sequence[bool],
+    names: Sequence[str],
+    vectors: Sequence[np.ndarray],
+    tokens: Sequence[bytes | None] | None = None,
+) -> pb.EmbedResponse:
     """EmbedResponse with one result per row: `vectors` holds one [N, dim] matrix per pooling (`names`),
     `tokens` optional serialized TokenFeatures per row. Field numbers follow embedsvc.proto."""
     matrices = [np.ascontiguousarray(v, dtype="<f4") for v in vectors]
@@ -68,7 +73,7 @@ def vector_rows(vectors: Sequence[pb.Vector]) -> list[np.ndarray]:
     if not header or (size - len(header)) % 4 or any(len(b) != size or not b.startswith(header) for b in blobs):
         return [vector_values(v) for v in vectors]
     raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), size)
-    matrix = np.ascontiguousarray(raw[:, len(header):]).view("<f4").astype(np.float32, copy=False)
+    matrix = np.ascontiguousarray(raw[:, len(header) :]).view("<f4").astype(np.float32, copy=False)
     return list(matrix)
 
 

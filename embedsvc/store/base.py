@@ -7,12 +7,22 @@ tests/test_backend_congruence.py drives both with the same operations.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from embedsvc.store.models import (CollectionConfig, CollectionInfo, DeleteResult, Hit, Item, SearchOptions, StoredItem,
-                                   UpsertResult)
+from embedsvc.store.models import (
+    DEFAULT_SEARCH,
+    CollectionConfig,
+    CollectionInfo,
+    DeleteResult,
+    Hit,
+    Item,
+    SearchOptions,
+    StoredItem,
+    UpsertResult,
+)
 
 
 @runtime_checkable
@@ -27,18 +37,24 @@ class VectorStore(Protocol):
 
     def drop_collection(self, name: str) -> int: ...
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
-                          uid: Optional[str] = None) -> int:
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True, uid: str | None = None) -> int:
         """`uid`: the collection incarnation the state was fitted for; if it was dropped and re-created
         since, nothing is stored (Aborted)."""
 
-    def pooling_state(self, name: str) -> Optional[bytes]: ...
+    def pooling_state(self, name: str) -> bytes | None: ...
 
     def index_size_bytes(self, name: str) -> int: ...
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
-               pooling_version: Optional[int] = None, uid: Optional[str] = None,
-               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+    def upsert(
+        self,
+        name: str,
+        items: Sequence[Item],
+        *,
+        insert_only: bool = False,
+        pooling_version: int | None = None,
+        uid: str | None = None,
+        thumbnails: dict[str, tuple[str, bytes]] | None = None,
+    ) -> UpsertResult:
         """`uid` / `pooling_version`: the collection incarnation and pooling state the vectors were computed
         for; if either changed, nothing is stored (Aborted)."""
 
@@ -46,21 +62,27 @@ class VectorStore(Protocol):
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult: ...
 
-    def get(self, name: str, ids: Iterable[str], include_vectors: bool = False
-            ) -> tuple[list[StoredItem], list[str]]: ...
+    def get(
+        self, name: str, ids: Iterable[str], include_vectors: bool = False
+    ) -> tuple[list[StoredItem], list[str]]: ...
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray: ...
 
-    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
-               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+    def search(
+        self,
+        name: str,
+        queries: np.ndarray,
+        options: SearchOptions = DEFAULT_SEARCH,
+        exclude_ids: Sequence[str | None] | None = None,
+    ) -> list[list[Hit]]:
         """Hits per query row, best first; `exclude_ids[i]` leaves one id out of query i's hits."""
 
     def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
         """The metadata keys no live item holds, in the order given: why a filter on them matched nothing."""
 
-    def checkpoint(self, name: Optional[str] = None) -> None: ...
+    def checkpoint(self, name: str | None = None) -> None: ...
 
-    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+    def wait_loaded(self, timeout: float | None = None) -> bool:
         """Blocks until every collection present at start-up can serve (False on timeout); until then requests to
         one still loading get Unavailable."""
 

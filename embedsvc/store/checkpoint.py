@@ -12,9 +12,10 @@ import json
 import os
 import uuid
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -120,7 +121,7 @@ class CheckpointReader:
         """Bytes of a member as stored (what faiss_index reads, give or take the .npy header)."""
         return self.npz.zip.getinfo(f"{name}.npy").file_size
 
-    def faiss_index(self, name: str = "index", on_read: Optional[Callable[[int], None]] = None):
+    def faiss_index(self, name: str = "index", on_read: Callable[[int], None] | None = None):
         """Reads the member straight into a FAISS index (no serialised copy in memory); `on_read(bytes so
         far)` after each megabyte, for progress lines."""
         import faiss
@@ -154,7 +155,7 @@ class CheckpointReader:
         self.close()
 
 
-def read_checkpoint(path: Path) -> Optional[tuple[dict, dict[str, np.ndarray]]]:
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, np.ndarray]] | None:
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as data:

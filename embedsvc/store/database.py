@@ -19,9 +19,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -70,9 +70,11 @@ CREATE TABLE IF NOT EXISTS thumbnails (
 """
 
 # Columns the first format lacked (added on open); the items table's vector column is moved out by LocalStore.
-_ADDED_COLUMNS = (("collections", "vector_generation", "INTEGER NOT NULL DEFAULT 0"),
-                  ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
-                  ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"))
+_ADDED_COLUMNS = (
+    ("collections", "vector_generation", "INTEGER NOT NULL DEFAULT 0"),
+    ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"),
+)
 # A disk that refuses a vector file write: reported like SQLite's refusals (nothing stored, retry).
 # EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -82,7 +84,7 @@ CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements
 
 def _chunks(values: list, size: int = CHUNK) -> Iterator[list]:
     for start in range(0, len(values), size):
-        yield values[start:start + size]
+        yield values[start : start + size]
 
 
 class Database:
@@ -104,11 +106,15 @@ class Database:
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
         except sqlite3.OperationalError as exc:  # the disk refused (full, read-only, I/O error): not a bad database
-            raise FailedPrecondition(f"{path} cannot be opened now ({exc}): free space on its disk or make it "
-                                     f"writable, then start again; the database is kept as it was") from None
+            raise FailedPrecondition(
+                f"{path} cannot be opened now ({exc}): free space on its disk or make it "
+                f"writable, then start again; the database is kept as it was"
+            ) from None
         except sqlite3.DatabaseError as exc:
-            raise FailedPrecondition(f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
-                                     f"or move it away to start with an empty store") from None
+            raise FailedPrecondition(
+                f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
+                f"or move it away to start with an empty store"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -123,8 +129,10 @@ class Database:
             return "vector" in self._columns("items")
 
     def _unavailable(self, exc: sqlite3.Error | OSError) -> StorageUnavailable:
-        return StorageUnavailable(f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
-                                  f"was stored: make it writable (or free space) and retry")
+        return StorageUnavailable(
+            f"the data directory {self.path.parent} cannot be written now ({exc}); nothing "
+            f"was stored: make it writable (or free space) and retry"
+        )
 
     @contextmanager
     def transaction(self):
@@ -140,8 +148,9 @@ class Database:
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back already
                     self.conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError) or (isinstance(exc, OSError)
-                                                                 and exc.errno in _DISK_ERRNOS):
+                if isinstance(exc, sqlite3.OperationalError) or (
+                    isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+                ):
                     raise self._unavailable(exc) from None
                 raise
 
@@ -156,14 +165,18 @@ class Database:
 
     def layout(self, collection_id: int) -> tuple[Layout, int]:
         """Where the collection's vector rows are, and its next label (rows in use end there)."""
-        row = self.query("SELECT vector_generation, vector_base_count, vector_base_label, next_label FROM collections "
-                         "WHERE id=?", (collection_id,))[0]
+        row = self.query(
+            "SELECT vector_generation, vector_base_count, vector_base_label, next_label FROM collections WHERE id=?",
+            (collection_id,),
+        )[0]
         return Layout(*row[:3]), row[3]
 
     def set_layout(self, collection_id: int, layout: Layout) -> None:
         with self.transaction() as c:
-            c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
-                      (layout.generation, layout.base_count, layout.base_label, collection_id))
+            c.execute(
+                "UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
+                (layout.generation, layout.base_count, layout.base_label, collection_id),
+            )
 
     def create_collection(self, name: str, config: dict, make_files: Callable[[int], None]) -> tuple[int, int]:
         """`make_files(collection id)` creates the collection's files durably before the commit: a collection
@@ -171,8 +184,10 @@ class Database:
         free); files of a collection whose commit never came are strays that the next start-up removes."""
         created = int(time.time() * 1000)
         with self.transaction() as c:
-            cur = c.execute("INSERT INTO collections (name, config, created_ms) VALUES (?, ?, ?)",
-                            (name, json.dumps(config), created))
+            cur = c.execute(
+                "INSERT INTO collections (name, config, created_ms) VALUES (?, ?, ?)",
+                (name, json.dumps(config), created),
+            )
             make_files(cur.lastrowid)
             return cur.lastrowid, created
 
@@ -187,11 +202,13 @@ class Database:
 
     def set_pooling_state(self, collection_id: int, state: bytes) -> int:
         with self.transaction() as c:
-            c.execute("UPDATE collections SET pooling_version = pooling_version + 1, pooling_state=? WHERE id=?",
-                      (state, collection_id))
+            c.execute(
+                "UPDATE collections SET pooling_version = pooling_version + 1, pooling_state=? WHERE id=?",
+                (state, collection_id),
+            )
             return c.execute("SELECT pooling_version FROM collections WHERE id=?", (collection_id,)).fetchone()[0]
 
-    def pooling_state(self, collection_id: int) -> Optional[bytes]:
+    def pooling_state(self, collection_id: int) -> bytes | None:
         rows = self.query("SELECT pooling_state FROM collections WHERE id=?", (collection_id,))
         return rows[0][0] if rows else None
 
@@ -201,14 +218,22 @@ class Database:
         found: dict[str, int] = {}
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
-            found.update(c.execute(f"SELECT id, label FROM items WHERE collection_id=? AND id IN ({marks})",
-                                   (collection_id, *chunk)).fetchall())
+            found.update(
+                c.execute(
+                    f"SELECT id, label FROM items WHERE collection_id=? AND id IN ({marks})", (collection_id, *chunk)
+                ).fetchall()
+            )
         return found
 
-    def upsert(self, collection_id: int, ids: list[str], metadata: list[str],
-               write_vectors: Callable[[int], Callable[[], None]],
-               pooling_version: Optional[int] = None, thumbnails: Optional[dict[str, tuple[str, bytes]]] = None
-               ) -> tuple[np.ndarray, dict[str, int]]:
+    def upsert(
+        self,
+        collection_id: int,
+        ids: list[str],
+        metadata: list[str],
+        write_vectors: Callable[[int], Callable[[], None]],
+        pooling_version: int | None = None,
+        thumbnails: dict[str, tuple[str, bytes]] | None = None,
+    ) -> tuple[np.ndarray, dict[str, int]]:
         """Writes one batch (ids unique) in one transaction; returns new labels and replaced {id: old label}.
 
         `write_vectors(first label)` writes the batch's vectors (the vector file) and returns the wait for their
@@ -218,25 +243,31 @@ class Database:
         `thumbnails` {id: (media type, bytes)} are written in the same transaction; a replaced item loses its
         old thumbnail unless it brings a new one."""
         with self.transaction() as c:
-            row = c.execute("SELECT next_label, pooling_version FROM collections WHERE id=?",
-                            (collection_id,)).fetchone()
+            row = c.execute(
+                "SELECT next_label, pooling_version FROM collections WHERE id=?", (collection_id,)
+            ).fetchone()
             if row is None:
                 raise NotFound("the collection was dropped while the request ran; nothing was stored")
             start, current_version = row
             if pooling_version is not None and pooling_version != current_version:
-                raise Aborted(f"the collection's pooling was re-fitted (version {pooling_version} -> "
-                              f"{current_version}) while these items were embedded; nothing was stored: retry")
+                raise Aborted(
+                    f"the collection's pooling was re-fitted (version {pooling_version} -> "
+                    f"{current_version}) while these items were embedded; nothing was stored: retry"
+                )
             synced = write_vectors(start)
             try:
                 old = self.labels_of(c, collection_id, ids)
                 labels = np.arange(start, start + len(ids), dtype=np.int64)
                 c.execute("UPDATE collections SET next_label=? WHERE id=?", (start + len(ids), collection_id))
-                c.executemany("INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
-                              [(collection_id, i, l, m) for i, l, m in zip(ids, labels.tolist(), metadata)])
-                c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
-                              [(collection_id, l, old.get(i)) for i, l in zip(ids, labels.tolist())])
-                self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})],
-                                         thumbnails)
+                c.executemany(
+                    "INSERT OR REPLACE INTO items (collection_id, id, label, metadata) VALUES (?,?,?,?)",
+                    [(collection_id, i, label, m) for i, label, m in zip(ids, labels.tolist(), metadata)],
+                )
+                c.executemany(
+                    "INSERT INTO changes (collection_id, added, removed) VALUES (?,?,?)",
+                    [(collection_id, label, old.get(i)) for i, label in zip(ids, labels.tolist())],
+                )
+                self._replace_thumbnails(c, collection_id, [i for i in old if i not in (thumbnails or {})], thumbnails)
             finally:
                 synced()  # the vectors are on disk before the commit that names them (or this raises)
         return labels, old
@@ -247,19 +278,25 @@ class Database:
             old = self.labels_of(c, collection_id, ids)
             c.executemany("DELETE FROM items WHERE collection_id=? AND id=?", [(collection_id, i) for i in old])
             self._replace_thumbnails(c, collection_id, list(old), None)
-            c.executemany("INSERT INTO changes (collection_id, added, removed) VALUES (?,NULL,?)",
-                          [(collection_id, label) for label in old.values()])
+            c.executemany(
+                "INSERT INTO changes (collection_id, added, removed) VALUES (?,NULL,?)",
+                [(collection_id, label) for label in old.values()],
+            )
         return old
 
-    def _replace_thumbnails(self, c: sqlite3.Connection, collection_id: int, removed: list[str],
-                            added: Optional[dict[str, tuple[str, bytes]]]) -> None:
+    def _replace_thumbnails(
+        self, c: sqlite3.Connection, collection_id: int, removed: list[str], added: dict[str, tuple[str, bytes]] | None
+    ) -> None:
         c.executemany("DELETE FROM thumbnails WHERE collection_id=? AND id=?", [(collection_id, i) for i in removed])
-        c.executemany("INSERT OR REPLACE INTO thumbnails (collection_id, id, media_type, data) VALUES (?,?,?,?)",
-                      [(collection_id, i, kind, data) for i, (kind, data) in (added or {}).items()])
+        c.executemany(
+            "INSERT OR REPLACE INTO thumbnails (collection_id, id, media_type, data) VALUES (?,?,?,?)",
+            [(collection_id, i, kind, data) for i, (kind, data) in (added or {}).items()],
+        )
 
-    def thumbnail(self, collection_id: int, item_id: str) -> Optional[tuple[str, bytes]]:
-        rows = self.query("SELECT media_type, data FROM thumbnails WHERE collection_id=? AND id=?",
-                          (collection_id, item_id))
+    def thumbnail(self, collection_id: int, item_id: str) -> tuple[str, bytes] | None:
+        rows = self.query(
+            "SELECT media_type, data FROM thumbnails WHERE collection_id=? AND id=?", (collection_id, item_id)
+        )
         return (rows[0][0], rows[0][1]) if rows else None
 
     def _rows_by(self, key: str, collection_id: int, values: list) -> dict:
@@ -268,8 +305,10 @@ class Database:
         found = {}
         for chunk in _chunks(values):
             marks = ",".join("?" * len(chunk))
-            for row in self.query(f"SELECT {key}, {other}, metadata FROM items "
-                                  f"WHERE collection_id=? AND {key} IN ({marks})", (collection_id, *chunk)):
+            for row in self.query(
+                f"SELECT {key}, {other}, metadata FROM items WHERE collection_id=? AND {key} IN ({marks})",
+                (collection_id, *chunk),
+            ):
                 found[row[0]] = row[1:]
         return found
 
@@ -284,8 +323,10 @@ class Database:
         reports its progress between chunks, and holds one chunk of Python rows at a time)."""
         last = -1
         while True:
-            rows = self.query("SELECT label, id, metadata FROM items WHERE collection_id=? AND label>? ORDER BY label "
-                              "LIMIT ?", (collection_id, last, chunk))
+            rows = self.query(
+                "SELECT label, id, metadata FROM items WHERE collection_id=? AND label>? ORDER BY label LIMIT ?",
+                (collection_id, last, chunk),
+            )
             if not rows:
                 return
             yield rows
@@ -300,8 +341,10 @@ class Database:
         """(labels, vector bytes) of a first-format collection's items in label order, a chunk at a time."""
         last = -1
         while True:
-            rows = self.query("SELECT label, vector FROM items WHERE collection_id=? AND label>? ORDER BY label "
-                              "LIMIT ?", (collection_id, last, chunk))
+            rows = self.query(
+                "SELECT label, vector FROM items WHERE collection_id=? AND label>? ORDER BY label LIMIT ?",
+                (collection_id, last, chunk),
+            )
             if not rows:
                 return
             yield [r[0] for r in rows], [r[1] for r in rows]
@@ -310,15 +353,19 @@ class Database:
     def drop_vector_column(self, layouts: dict[int, Layout]) -> None:
         """One transaction: the items table without its vector column, and where each collection's rows now are."""
         with self.transaction() as c:
-            c.execute("CREATE TABLE items_new (collection_id INTEGER NOT NULL, id TEXT NOT NULL, label INTEGER NOT "
-                      "NULL, metadata TEXT NOT NULL, PRIMARY KEY (collection_id, id)) WITHOUT ROWID")
+            c.execute(
+                "CREATE TABLE items_new (collection_id INTEGER NOT NULL, id TEXT NOT NULL, label INTEGER NOT "
+                "NULL, metadata TEXT NOT NULL, PRIMARY KEY (collection_id, id)) WITHOUT ROWID"
+            )
             c.execute("INSERT INTO items_new SELECT collection_id, id, label, metadata FROM items")
             c.execute("DROP TABLE items")
             c.execute("ALTER TABLE items_new RENAME TO items")
             c.execute("CREATE UNIQUE INDEX items_by_label ON items (collection_id, label)")
             for cid, layout in layouts.items():
-                c.execute("UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? "
-                          "WHERE id=?", (layout.generation, layout.base_count, layout.base_label, cid))
+                c.execute(
+                    "UPDATE collections SET vector_generation=?, vector_base_count=?, vector_base_label=? WHERE id=?",
+                    (layout.generation, layout.base_count, layout.base_label, cid),
+                )
         with self._lock:
             self.conn.execute("VACUUM")  # gives the moved vectors' pages back to the file system
 
@@ -328,9 +375,10 @@ class Database:
         row = self.query("SELECT MAX(lsn) FROM changes WHERE collection_id=?", (collection_id,))
         return row[0][0] or 0
 
-    def changes_after(self, collection_id: int, lsn: int) -> list[tuple[Optional[int], Optional[int]]]:
-        return self.query("SELECT added, removed FROM changes WHERE collection_id=? AND lsn>? ORDER BY lsn",
-                          (collection_id, lsn))
+    def changes_after(self, collection_id: int, lsn: int) -> list[tuple[int | None, int | None]]:
+        return self.query(
+            "SELECT added, removed FROM changes WHERE collection_id=? AND lsn>? ORDER BY lsn", (collection_id, lsn)
+        )
 
     def truncate_log(self, collection_id: int, lsn: int) -> None:
         with self.transaction() as c:

@@ -10,16 +10,32 @@ BACKENDS = ("local", "milvus")
 MILVUS_SCHEMES = ("milvus://", "http://", "https://", "tcp://")
 
 
-def open_store(backend: str = "local", *, data_dir: str = "embedsvc-data", milvus_uri: str = "",
-               milvus_token: str = "", milvus_db: str = "", checkpoint_every: int = 20_000, omp_threads: int = 0,
-               max_top_k: int = 1000, background_load: bool = False, progress_seconds: float = 5.0) -> VectorStore:
+def open_store(
+    backend: str = "local",
+    *,
+    data_dir: str = "embedsvc-data",
+    milvus_uri: str = "",
+    milvus_token: str = "",
+    milvus_db: str = "",
+    checkpoint_every: int = 20_000,
+    omp_threads: int = 0,
+    max_top_k: int = 1000,
+    background_load: bool = False,
+    progress_seconds: float = 5.0,
+) -> VectorStore:
     """The store for one server: `local` keeps SQLite + FAISS under data_dir; `milvus` keeps nothing locally.
     `background_load` (local): collections load in a thread, see LocalStore."""
     if backend == "local":
         from embedsvc.store.local import LocalStore
 
-        return LocalStore(data_dir, checkpoint_every=checkpoint_every, omp_threads=omp_threads, max_top_k=max_top_k,
-                          background_load=background_load, progress_seconds=progress_seconds)
+        return LocalStore(
+            data_dir,
+            checkpoint_every=checkpoint_every,
+            omp_threads=omp_threads,
+            max_top_k=max_top_k,
+            background_load=background_load,
+            progress_seconds=progress_seconds,
+        )
     if backend == "milvus":
         from embedsvc.store.milvus import MilvusStore
 

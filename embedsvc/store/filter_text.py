@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
 
 from embedsvc.errors import InvalidInput, quoted
 from embedsvc.store.metadata import MAX_FILTER_VALUES, Condition, Filter, Value
 
-FORMS = ('KEY=VALUE, KEY=A|B (any of), KEY>=X, KEY>X, KEY<=X or KEY<X (X a number); clauses separated by spaces '
-         'must all hold; VALUE 7 is a number, true/false a boolean, other words strings, "7" or "a b" quoted strings')
+FORMS = (
+    "KEY=VALUE, KEY=A|B (any of), KEY>=X, KEY>X, KEY<=X or KEY<X (X a number); clauses separated by spaces "
+    'must all hold; VALUE 7 is a number, true/false a boolean, other words strings, "7" or "a b" quoted strings'
+)
 _OPERATORS = (">=", "<=", "=", ">", "<")  # longest first
 _OPERATOR_CHARS = "=<>"
 _NOT_IN_VALUE = set(_OPERATOR_CHARS + '"|')
@@ -35,11 +36,12 @@ _RANGES = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
 MAX_FILTER_TEXT_CHARS = 256 * 1024
 
 
-def parse_filter_text(text: str) -> Optional[Filter]:
+def parse_filter_text(text: str) -> Filter | None:
     """The filter a text means (None for blank text), or InvalidInput naming the problem and the accepted forms."""
     if len(text) > MAX_FILTER_TEXT_CHARS:
-        raise InvalidInput(f"filter {quoted(text.strip())} is over {MAX_FILTER_TEXT_CHARS} characters; send fewer "
-                           f"or shorter clauses")
+        raise InvalidInput(
+            f"filter {quoted(text.strip())} is over {MAX_FILTER_TEXT_CHARS} characters; send fewer or shorter clauses"
+        )
     scanner = _Scanner(text)
     conditions = []
     while scanner.skip_spaces():
@@ -67,7 +69,7 @@ class _Scanner:
         self.start = 0  # where the current clause began
 
     def fail(self, problem: str) -> InvalidInput:
-        clause = re.split(r"\s", self.text[self.start:], maxsplit=1)[0]  # up to the next space: enough to find it
+        clause = re.split(r"\s", self.text[self.start :], maxsplit=1)[0]  # up to the next space: enough to find it
         where = f" in {quoted(clause)}" if clause and clause != self.text.strip() else ""
         return InvalidInput(f"filter {quoted(self.text.strip())}: {problem}{where}; write {FORMS}")
 
@@ -84,8 +86,13 @@ class _Scanner:
     def clause(self) -> Condition:
         key = self.word(_NOT_IN_KEY)
         if not key:
-            raise self.fail("no key before the operator" if key is None and self.peek() in _OPERATOR_CHARS else
-                            "an empty key" if key is not None else f"unexpected {self.peek()!r} where a key begins")
+            raise self.fail(
+                "no key before the operator"
+                if key is None and self.peek() in _OPERATOR_CHARS
+                else "an empty key"
+                if key is not None
+                else f"unexpected {self.peek()!r} where a key begins"
+            )
         op = self.operator()
         if op == "=":
             values = [self.value()]
@@ -93,14 +100,17 @@ class _Scanner:
                 self.pos += 1
                 values.append(self.value())
                 if len(values) > MAX_FILTER_VALUES:
-                    raise self.fail(f"more than {MAX_FILTER_VALUES} values; at most {MAX_FILTER_VALUES} are "
-                                    f"allowed in all")
+                    raise self.fail(
+                        f"more than {MAX_FILTER_VALUES} values; at most {MAX_FILTER_VALUES} are allowed in all"
+                    )
             condition = Condition(key, equals=values[0]) if len(values) == 1 else Condition(key, any_of=tuple(values))
         else:
             condition = Condition(key, **{_RANGES[op]: self.bound()})  # type: ignore[arg-type]  # a bound: a float
         if self.peek() and not self.peek().isspace():
-            raise self.fail(f"unexpected {self.peek()!r} after {quoted(self.text[self.start:self.pos])}: put a space "
-                            f"between clauses, or quote a value that holds \" | = < >")
+            raise self.fail(
+                f"unexpected {self.peek()!r} after {quoted(self.text[self.start : self.pos])}: put a space "
+                f'between clauses, or quote a value that holds " | = < >'
+            )
         return condition
 
     def operator(self) -> str:
@@ -108,8 +118,11 @@ class _Scanner:
             raise self.fail("!= (not equal) is not supported")
         op = next((o for o in _OPERATORS if self.text.startswith(o, self.pos)), None)
         if op is None:
-            raise self.fail("no operator after the key" if not self.peek() or self.peek().isspace()
-                            else f"unexpected {self.peek()!r} after the key")
+            raise self.fail(
+                "no operator after the key"
+                if not self.peek() or self.peek().isspace()
+                else f"unexpected {self.peek()!r} after the key"
+            )
         self.pos += len(op)
         if self.peek() and self.peek() in _OPERATOR_CHARS:
             raise self.fail(f"{op + self.peek()!r} is not an operator")
@@ -126,8 +139,11 @@ class _Scanner:
         is_quoted = self.peek() == '"'
         word = self.word(_NOT_IN_VALUE)
         if word is None or is_quoted or not _NUMBER.fullmatch(word):
-            raise self.fail(f"a range bound must be a number, not {quoted(word)}" if word is not None
-                            else "a range bound must be a number")
+            raise self.fail(
+                f"a range bound must be a number, not {quoted(word)}"
+                if word is not None
+                else "a range bound must be a number"
+            )
         if self.peek() == "|":
             raise self.fail("a range bound must be a number, not a list (any-of is KEY=A|B)")
         number = typed_word(self.finite(word))
@@ -137,11 +153,12 @@ class _Scanner:
     def finite(self, word: str) -> str:
         """The word, unless it is a numeral no double holds (1e309, 400 nines): refused, never read as a string."""
         if _NUMBER.fullmatch(word) and not math.isfinite(float(word)):
-            raise self.fail(f"{quoted(word)} is beyond the range of a number (about 1.8e308); to mean the string, "
-                            f"quote it")
+            raise self.fail(
+                f"{quoted(word)} is beyond the range of a number (about 1.8e308); to mean the string, quote it"
+            )
         return word
 
-    def word(self, stop: set) -> Optional[str]:
+    def word(self, stop: set) -> str | None:
         """A quoted string (escapes \\" and \\\\), or a run of characters up to whitespace or one of `stop`;
         None when there is none here."""
         if self.peek() == '"':
@@ -149,7 +166,7 @@ class _Scanner:
         begin = self.pos
         while self.peek() and not self.peek().isspace() and self.peek() not in stop:
             self.pos += 1
-        return self.text[begin:self.pos] or None
+        return self.text[begin : self.pos] or None
 
     def quoted_string(self) -> str:
         self.pos += 1

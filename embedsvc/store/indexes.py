@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,10 +55,18 @@ INDEX_PRESETS: dict[str, IndexPreset] = {
     for p in (
         IndexPreset("flat", "exact inner-product search", lambda dim, n: "Flat"),
         IndexPreset("hnsw", f"HNSW graph, M={HNSW_M} (deletions as tombstones)", lambda dim, n: f"HNSW{HNSW_M}"),
-        IndexPreset("ivf", "inverted lists (~2 sqrt(n) cells), exact until 2048 vectors",
-                    lambda dim, n: f"IVF{ivf_lists(n)},Flat", train_min=2048),
-        IndexPreset("ivfpq", "inverted lists with 8-bit product quantisation, exact until 4096 vectors",
-                    lambda dim, n: f"IVF{ivf_lists(n)},PQ{pq_subquantizers(dim)}x8", train_min=4096),
+        IndexPreset(
+            "ivf",
+            "inverted lists (~2 sqrt(n) cells), exact until 2048 vectors",
+            lambda dim, n: f"IVF{ivf_lists(n)},Flat",
+            train_min=2048,
+        ),
+        IndexPreset(
+            "ivfpq",
+            "inverted lists with 8-bit product quantisation, exact until 4096 vectors",
+            lambda dim, n: f"IVF{ivf_lists(n)},PQ{pq_subquantizers(dim)}x8",
+            train_min=4096,
+        ),
     )
 }
 
@@ -89,21 +98,27 @@ FACTORY_GRAMMAR = re.compile(
     rf"|HNSW(?P<hnsw>{_N})(?:,Flat|_SQ(?:4|6|8|fp16))?"
     rf"|IVF(?P<ivf>{_N})(?:_HNSW(?P<ivf_hnsw>{_N}))?,(?:Flat|SQ(?:4|6|8|fp16)|PQ(?P<pq>{_N})(?:x(?P<pq_bits>{_N}))?))"
 )
-FACTORY_HELP = ("[PCA<d>,|OPQ<m>[_<d>],] then Flat | HNSW<M>[,Flat|_SQ8] | IVF<n>[_HNSW<M>],Flat|SQ8|PQ<m>[x<bits>]"
-                " (e.g. HNSW16, IVF256,PQ32)")
+FACTORY_HELP = (
+    "[PCA<d>,|OPQ<m>[_<d>],] then Flat | HNSW<M>[,Flat|_SQ8] | IVF<n>[_HNSW<M>],Flat|SQ8|PQ<m>[x<bits>]"
+    " (e.g. HNSW16, IVF256,PQ32)"
+)
 
 
 def _check_factory(kind: str, dim: int) -> None:
     """Grammar, then bounds FAISS would otherwise assert on (or crash on) when it builds the index."""
     if len(kind) > MAX_FACTORY_CHARS:
-        raise InvalidInput(f"bad index type {kind[:40]!r}... ({len(kind)} characters): index types are at most "
-                           f"{MAX_FACTORY_CHARS} characters; use a preset ({', '.join(INDEX_PRESETS)}) or a FAISS "
-                           f"factory string of the form {FACTORY_HELP}")
+        raise InvalidInput(
+            f"bad index type {kind[:40]!r}... ({len(kind)} characters): index types are at most "
+            f"{MAX_FACTORY_CHARS} characters; use a preset ({', '.join(INDEX_PRESETS)}) or a FAISS "
+            f"factory string of the form {FACTORY_HELP}"
+        )
     prefix = f"bad index type {kind!r}"
     match = FACTORY_GRAMMAR.fullmatch(kind)
     if match is None:
-        raise InvalidInput(f"{prefix}: not a preset ({', '.join(INDEX_PRESETS)}) nor a supported FAISS factory "
-                           f"string; supported: {FACTORY_HELP}")
+        raise InvalidInput(
+            f"{prefix}: not a preset ({', '.join(INDEX_PRESETS)}) nor a supported FAISS factory "
+            f"string; supported: {FACTORY_HELP}"
+        )
     g = {k: int(v) for k, v in match.groupdict().items() if v is not None and v.isdigit()}
     inner = g.get("pca") or g.get("opq_dim") or dim
     problems = []
@@ -134,7 +149,9 @@ def validate_index_kind(kind: str, dim: int, metric: str) -> None:
         faiss.index_factory(dim, kind, _faiss_metric(metric))
     except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
         first_line = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"bad index type {quoted(kind)} for dimension {dim}: FAISS cannot build it ({first_line})") from None
+        raise InvalidInput(
+            f"bad index type {quoted(kind)} for dimension {dim}: FAISS cannot build it ({first_line})"
+        ) from None
 
 
 class VectorIndex(Protocol):
@@ -146,8 +163,9 @@ class VectorIndex(Protocol):
 
     def remove(self, labels: np.ndarray) -> None: ...
 
-    def search(self, queries: np.ndarray, k: int, allowed: Optional[np.ndarray] = None, nprobe: int = 0,
-               ef_search: int = 0) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, nprobe: int = 0, ef_search: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def __len__(self) -> int: ...
 
@@ -156,8 +174,8 @@ def _pad(scores: list, labels: list, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_s = np.full((len(scores), k), -np.inf, dtype=np.float32)
     out_l = np.full((len(scores), k), -1, dtype=np.int64)
     for i, (s, row_labels) in enumerate(zip(scores, labels)):
-        out_s[i, :len(s)] = s[:k]
-        out_l[i, :len(row_labels)] = row_labels[:k]
+        out_s[i, : len(s)] = s[:k]
+        out_l[i, : len(row_labels)] = row_labels[:k]
     return out_s, out_l
 
 
@@ -180,8 +198,9 @@ class BruteForceIndex:
         return len(self.vectors)
 
     def search(self, queries, k, allowed=None, nprobe=0, ef_search=0):
-        labels = np.array(sorted(self.vectors if allowed is None else set(allowed.tolist()) & set(self.vectors)),
-                          dtype=np.int64)
+        labels = np.array(
+            sorted(self.vectors if allowed is None else set(allowed.tolist()) & set(self.vectors)), dtype=np.int64
+        )
         if not len(labels):
             return _pad([[]] * len(queries), [[]] * len(queries), k)
         matrix = np.stack([self.vectors[label] for label in labels.tolist()])
@@ -210,9 +229,9 @@ class FaissIndex:
         self.index: Any = None  # the real index (an untyped FAISS object), once built (and trained)
         self.exact = faiss.IndexFlat(dim, _faiss_metric(metric))  # until then
         self.labels = np.empty(0, dtype=np.int64)  # position -> label, for indexes without ids (flat, graphs)
-        self._lookup: Optional[tuple[np.ndarray, np.ndarray]] = None  # (sorted labels, their positions)
-        self._live_mask: Optional[np.ndarray] = None  # per position, False where tombstoned
-        self._live_bits: Optional[np.ndarray] = None  # the same, packed for an IDSelectorBitmap
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted labels, their positions)
+        self._live_mask: np.ndarray | None = None  # per position, False where tombstoned
+        self._live_bits: np.ndarray | None = None  # the same, packed for an IDSelectorBitmap
         if not self._needs_training(self._factory(0)):
             self.index, self.exact = self._build(self._factory(0)), None
 
@@ -340,9 +359,13 @@ class FaissIndex:
 
     def needs_rebuild(self, live: int) -> bool:
         """Too many tombstones, or a preset index outgrown since training (its cells are too few)."""
-        outgrown = (self.preset is not None and self.preset.train_min and self.trained_at
-                    and live >= RETRAIN_GROWTH * self.trained_at
-                    and self.preset.factory(self.dim, live) != self.factory_string)
+        outgrown = (
+            self.preset is not None
+            and self.preset.train_min
+            and self.trained_at
+            and live >= RETRAIN_GROWTH * self.trained_at
+            and self.preset.factory(self.dim, live) != self.factory_string
+        )
         return bool(outgrown) or len(self.tombstones) > max(1000, TOMBSTONE_REBUILD_SHARE * live)
 
     def rebuild(self, labels: np.ndarray, vectors: np.ndarray) -> None:
@@ -356,7 +379,7 @@ class FaissIndex:
     def __len__(self) -> int:
         return self._target().ntotal - len(self.tombstones)
 
-    def select(self, allowed: np.ndarray) -> "Selection":
+    def select(self, allowed: np.ndarray) -> Selection:
         """The allowed labels in this index's own terms (positions, bitmap or selector), built once: the
         store keeps it for a repeated filter until the next write changes the index."""
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
@@ -384,8 +407,11 @@ class FaissIndex:
             return self.index.search(queries, k, params=self._params(selector, labels, live, k, nprobe, ef_search))
         if selection is not None:
             assert selection.positions is not None  # a positional index's selection has them
-            if self.index is not None and _hnsw_of(self.index) is not None and \
-                    len(selection.positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live):
+            if (
+                self.index is not None
+                and _hnsw_of(self.index) is not None
+                and len(selection.positions) <= max(EXACT_FILTER_MIN, EXACT_FILTER_SHARE * live)
+            ):
                 return self._exact_over(queries, k, selection.positions)
             selector = selection.selector
         else:
@@ -444,16 +470,25 @@ class FaissIndex:
     def to_arrays(self) -> tuple[dict, dict[str, np.ndarray]]:
         import faiss
 
-        header = {"kind": self.kind, "dim": self.dim, "metric": self.metric, "trained": self.index is not None,
-                  "factory": self.factory_string, "trained_at": self.trained_at, "positional": self.positional}
-        arrays = {"index": faiss.serialize_index(self._target()),
-                  "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
+        header = {
+            "kind": self.kind,
+            "dim": self.dim,
+            "metric": self.metric,
+            "trained": self.index is not None,
+            "factory": self.factory_string,
+            "trained_at": self.trained_at,
+            "positional": self.positional,
+        }
+        arrays = {
+            "index": faiss.serialize_index(self._target()),
+            "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64),
+        }
         if self.positional:
             arrays["labels"] = self.labels
         return header, arrays
 
     @classmethod
-    def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> "FaissIndex":
+    def from_arrays(cls, header: dict, arrays: dict[str, np.ndarray]) -> FaissIndex:
         """Loads a checkpoint of the first format (whole index serialised in memory); one written before
         positional labels (an IndexIDMap2 around a flat or graph index) is unwrapped into the same layout."""
         import faiss
@@ -474,7 +509,7 @@ class FaissIndex:
             labels = np.empty(0, dtype=np.int64)
         return self._loaded(index, labels, header)
 
-    def _loaded(self, index, labels: np.ndarray, header: dict) -> "FaissIndex":
+    def _loaded(self, index, labels: np.ndarray, header: dict) -> FaissIndex:
         """Takes a checkpoint's index and labels as this index's, once they are checked to belong together."""
         import faiss
 
@@ -490,16 +525,21 @@ class FaissIndex:
     def checkpoint_parts(self) -> tuple[dict, dict]:
         """(header, members) of a checkpoint; the "index" member is the FAISS index itself, which
         write_checkpoint streams to the file (no serialised copy in memory)."""
-        header = {"trained": self.index is not None, "factory": self.factory_string, "trained_at": self.trained_at,
-                  "positional": self.positional}
+        header = {
+            "trained": self.index is not None,
+            "factory": self.factory_string,
+            "trained_at": self.trained_at,
+            "positional": self.positional,
+        }
         arrays = {"index": self._target(), "tombstones": np.fromiter(sorted(self.tombstones), dtype=np.int64)}
         if self.positional:
             arrays["labels"] = self.labels
         return header, arrays
 
     @classmethod
-    def from_checkpoint(cls, kind: str, dim: int, metric: str, header: dict, reader,
-                        on_read: Optional[Callable[[int], None]] = None) -> "FaissIndex":
+    def from_checkpoint(
+        cls, kind: str, dim: int, metric: str, header: dict, reader, on_read: Callable[[int], None] | None = None
+    ) -> FaissIndex:
         """Loads what checkpoint_parts wrote, reading the index straight from the file (a CheckpointReader);
         `on_read(bytes so far)` as it reads."""
         self = cls.__new__(cls)
@@ -511,8 +551,11 @@ class FaissIndex:
         index = reader.faiss_index(on_read=on_read)
         if index.d != dim:
             raise ValueError(f"checkpoint index has dimension {index.d}, the collection {dim}")
-        labels = np.asarray(reader.array("labels"), dtype=np.int64) if header.get("positional") else \
-            np.empty(0, dtype=np.int64)
+        labels = (
+            np.asarray(reader.array("labels"), dtype=np.int64)
+            if header.get("positional")
+            else np.empty(0, dtype=np.int64)
+        )
         return self._loaded(index, labels, header)
 
     def size_bytes(self) -> int:
@@ -540,7 +583,7 @@ class Selection:
     """A filter's allowed labels prepared for one index state; `selector` is None when nothing is allowed."""
 
     labels: np.ndarray
-    positions: Optional[np.ndarray] = None  # positional indexes: where the allowed live vectors are
+    positions: np.ndarray | None = None  # positional indexes: where the allowed live vectors are
     selector: Any = None  # a FAISS IDSelector (it keeps its bitmap alive)
 
 
@@ -588,11 +631,11 @@ class FileFlatIndex:
         self.vectors = vectors  # embedsvc.store.vectors.VectorFile
         self._live = np.zeros(max(vectors.capacity, 1), dtype=bool)
         self._count = 0
-        self._live_bits: Optional[np.ndarray] = None
+        self._live_bits: np.ndarray | None = None
 
     def attach(self, vectors) -> None:
         """Serves from another generation of the file (after a compaction): the live slots move with it."""
-        labels = self.vectors.labels_of(np.flatnonzero(self._live[:self.vectors.used]))
+        labels = self.vectors.labels_of(np.flatnonzero(self._live[: self.vectors.used]))
         self.vectors = vectors
         self._live = np.zeros(max(vectors.capacity, 1), dtype=bool)
         self._count = 0
@@ -601,14 +644,14 @@ class FileFlatIndex:
     def _changed(self) -> None:
         self._live_bits = None
 
-    def add(self, labels: np.ndarray, vectors: Optional[np.ndarray] = None) -> None:
+    def add(self, labels: np.ndarray, vectors: np.ndarray | None = None) -> None:
         """Marks the labels' slots live; their rows are already in the file."""
         slots = self.vectors.slots_of(labels)
         if len(slots) and slots.min() < 0:
             raise ValueError(f"labels {np.asarray(labels)[slots < 0][:3].tolist()} have no row in the vector file")
         if len(self._live) < self.vectors.capacity:
             grown = np.zeros(self.vectors.capacity, dtype=bool)
-            grown[:len(self._live)] = self._live
+            grown[: len(self._live)] = self._live
             self._live = grown
         fresh = slots[~self._live[slots]]
         self._live[fresh] = True
@@ -627,7 +670,7 @@ class FileFlatIndex:
         self._changed()
 
     def live_labels(self) -> np.ndarray:
-        return self.vectors.labels_of(np.flatnonzero(self._live[:self.vectors.used]))
+        return self.vectors.labels_of(np.flatnonzero(self._live[: self.vectors.used]))
 
     def dead_rows(self) -> int:
         return self.vectors.used - self._count
@@ -638,7 +681,7 @@ class FileFlatIndex:
     def __len__(self) -> int:
         return self._count
 
-    def select(self, allowed: np.ndarray) -> "Selection":
+    def select(self, allowed: np.ndarray) -> Selection:
         allowed = np.ascontiguousarray(allowed, dtype=np.int64)
         if not len(allowed):
             return Selection(allowed)
@@ -671,8 +714,17 @@ class FileFlatIndex:
         scores = np.empty((len(queries), k), dtype=np.float32)
         slots = np.empty((len(queries), k), dtype=np.int64)
         matrix = self.vectors.matrix
-        faiss.knn_inner_product(faiss.swig_ptr(queries), faiss.swig_ptr(matrix), self.dim, len(queries), used, k,
-                                faiss.swig_ptr(scores), faiss.swig_ptr(slots), selector)
+        faiss.knn_inner_product(
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(matrix),
+            self.dim,
+            len(queries),
+            used,
+            k,
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(slots),
+            selector,
+        )
         found = slots >= 0
         labels = np.full_like(slots, -1)
         labels[found] = self.vectors.labels_of(slots[found])
@@ -690,7 +742,11 @@ class FileFlatIndex:
         import faiss
 
         index = faiss.deserialize_index(np.asarray(blob, dtype=np.uint8))  # already of its own class
-        flat = isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)) and index.metric_type == _faiss_metric(self.metric)
+        flat = isinstance(index, (faiss.IndexFlat, faiss.IndexFlatIP)) and index.metric_type == _faiss_metric(
+            self.metric
+        )
         if not flat or index.ntotal or index.d != self.dim:
-            raise ValueError(f"the checkpoint holds a {type(index).__name__} of {index.ntotal} vectors, not the "
-                             f"empty flat index of a file-backed collection")
+            raise ValueError(
+                f"the checkpoint holds a {type(index).__name__} of {index.ntotal} vectors, not the "
+                f"empty flat index of a file-backed collection"
+            )

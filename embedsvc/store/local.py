@@ -4,12 +4,13 @@ checkpointed derived state.
 One process at a time owns a data directory (an exclusive OS lock, see lock.py). Write path: validate
 -> one SQLite transaction (fsynced; the pooling version the vectors were made with is checked in it) that
 first appends the vectors to the collection's vector file (vectors.py; synced while the transaction inserts
-its rows, and on disk before it commits), then commits ids, labels, metadata and the log -> apply to the in-memory index, ids and metadata columns under the
-collection's write lock -> acknowledge. Flat collections search their vector file in place (memory-mapped):
-no copy of the vectors is made at start-up or by checkpoints. Checkpoints run in a background thread, one
-at a time per collection, never on the write path: a failed checkpoint is logged and retried and never
-changes the outcome of a committed write. A checkpoint holds the ids and metadata in columns and, for index
-types other than flat, the FAISS index (streamed to and from the file).
+its rows, and on disk before it commits), then commits ids, labels, metadata and the log -> apply to the
+in-memory index, ids and metadata columns under the collection's write lock -> acknowledge. Flat collections
+search their vector file in place (memory-mapped): no copy of the vectors is made at start-up or by
+checkpoints. Checkpoints run in a background thread, one at a time per collection, never on the write path: a
+failed checkpoint is logged and retried and never changes the outcome of a committed write. A checkpoint holds
+the ids and metadata in columns and, for index types other than flat, the FAISS index (streamed to and from
+the file).
 Start-up: each checkpoint must belong to this store (its UUID), this collection (id and creation time),
 this index type, and after the log replay hold exactly as many items as the items table; a checkpoint that
 fails any check, or fails to load or replay, is replaced by a rebuild from the items table and the vector
@@ -20,6 +21,7 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -27,9 +29,9 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -40,9 +42,23 @@ from embedsvc.store.database import Database
 from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
-from embedsvc.store.models import (CollectionConfig, CollectionInfo, CollectionNotFound, DeleteResult, Hit, Item,
-                                   ItemsNotFound, SearchOptions, StoredItem, UpsertResult, check_incarnation,
-                                   prepare_items, prepare_queries, validate_id)
+from embedsvc.store.models import (
+    DEFAULT_SEARCH,
+    CollectionConfig,
+    CollectionInfo,
+    CollectionNotFound,
+    DeleteResult,
+    Hit,
+    Item,
+    ItemsNotFound,
+    SearchOptions,
+    StoredItem,
+    UpsertResult,
+    check_incarnation,
+    prepare_items,
+    prepare_queries,
+    validate_id,
+)
 from embedsvc.store.rwlock import RWLock
 from embedsvc.store.vectors import VECTOR_FILE, Layout, VectorFile, VectorFileError, remove_generations
 
@@ -86,7 +102,7 @@ class _Ids:
 
     def __init__(self) -> None:
         self.by_label = np.empty(0, dtype=object)
-        self._label_of: Optional[dict[str, int]] = {}  # None until made
+        self._label_of: dict[str, int] | None = {}  # None until made
         self._count = 0
         self._lock = threading.Lock()
 
@@ -119,7 +135,7 @@ class _Ids:
         """Room for labels below `top` (`exact`: no more, e.g. a checkpoint's known size)."""
         if top > len(self.by_label):
             grown = np.empty(top if exact else max(top, 1024, int(len(self.by_label) * 1.5)), dtype=object)
-            grown[:len(self.by_label)] = self.by_label
+            grown[: len(self.by_label)] = self.by_label
             self.by_label = grown
 
     def add(self, labels: Sequence[int], ids: Sequence[str]) -> None:
@@ -155,7 +171,7 @@ class _Ids:
             self.by_label[live] = None
             self._count -= len(live)
 
-    def id_of(self, label: int) -> Optional[str]:
+    def id_of(self, label: int) -> str | None:
         return self.by_label[label] if 0 <= label < len(self.by_label) else None
 
     def live_labels(self) -> np.ndarray:
@@ -172,9 +188,9 @@ class _Collection:
     config: CollectionConfig
     created_ms: int
     pooling_version: int
-    index: Optional[Index]
+    index: Index | None
     metadata: MetadataIndex
-    vectors: Optional[VectorFile] = None
+    vectors: VectorFile | None = None
     lock: RWLock = field(default_factory=RWLock)
     checkpoint_lsn: int = 0
     applied_lsn: int = 0
@@ -184,7 +200,7 @@ class _Collection:
     # Set (under the write lock) once the collection is dropped; a request that raced the drop sees it.
     dropped: bool = False
     # Why the collection cannot serve (its index could not be loaded nor rebuilt); None when it can.
-    unavailable: Optional[str] = None
+    unavailable: str | None = None
     # One checkpoint at a time; taken before `lock`.
     checkpoint_lock: threading.Lock = field(default_factory=threading.Lock)
     # Filter -> its index Selection, for repeated filters (a tenant, a category); emptied by every write.
@@ -192,7 +208,7 @@ class _Collection:
     # Set until the start-up load of this collection finished (successfully or not); requests meanwhile get
     # CollectionLoading. `progress` tells how far the load is, `stored` what the items table holds.
     loading: bool = False
-    progress: Optional["_Progress"] = None
+    progress: _Progress | None = None
     stored: int = 0
 
     def selection(self, flt: Filter):
@@ -219,30 +235,33 @@ class _Collection:
         if self.loading:
             progress = self.progress
             where = f" ({progress.state()})" if progress is not None else ""
-            raise CollectionLoading(f"collection {quoted(self.config.name)} is still loading after the server "
-                                    f"started{where}; it answers once loaded: retry shortly (GET /readyz answers "
-                                    f"200 when every collection is loaded)")
+            raise CollectionLoading(
+                f"collection {quoted(self.config.name)} is still loading after the server "
+                f"started{where}; it answers once loaded: retry shortly (GET /readyz answers "
+                f"200 when every collection is loaded)"
+            )
 
     def check_usable(self) -> None:
         """Called with the collection's lock held: refuses a dropped or unavailable collection."""
         if self.dropped:
             raise CollectionNotFound(f"collection {quoted(self.config.name)} was dropped while the request ran")
         if self.unavailable:
-            raise FailedPrecondition(f"collection {quoted(self.config.name)} is unavailable: {self.unavailable}; its "
-                                     f"items are kept (Get reads them); drop and re-create it to serve again")
+            raise FailedPrecondition(
+                f"collection {quoted(self.config.name)} is unavailable: {self.unavailable}; its "
+                f"items are kept (Get reads them); drop and re-create it to serve again"
+            )
 
 
 class _Progress:
     """Logs `done of total` every `seconds` during a long start-up step (`step` names its current part), so a
     restart of a large collection shows how far it is; raises _LoadCancelled once `cancel` is set."""
 
-    def __init__(self, what: str, total: int, seconds: float = PROGRESS_SECONDS,
-                 cancel: Optional[threading.Event] = None):
+    def __init__(self, what: str, total: int, seconds: float = PROGRESS_SECONDS, cancel: threading.Event | None = None):
         self.what, self.total, self.seconds, self.cancel = what, total, seconds, cancel
         self.started = self.last = time.monotonic()
         self.step, self.done = "", 0
 
-    def __call__(self, done: int, step: Optional[str] = None) -> None:
+    def __call__(self, done: int, step: str | None = None) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise _LoadCancelled()
         self.done = done
@@ -255,16 +274,25 @@ class _Progress:
 
     def state(self) -> str:
         step = f"{self.step}, " if self.step else ""
-        return (f"{step}{self.done} of {self.total} items ({100 * self.done / max(1, self.total):.0f}%, "
-                f"{time.monotonic() - self.started:.1f} s)")
+        return (
+            f"{step}{self.done} of {self.total} items ({100 * self.done / max(1, self.total):.0f}%, "
+            f"{time.monotonic() - self.started:.1f} s)"
+        )
 
 
 class LocalStore:
     """All collections under one data directory, owned by this process alone."""
 
-    def __init__(self, data_dir: str | Path, *, checkpoint_every: int = 20_000, omp_threads: int = 0,
-                 max_top_k: int = DEFAULT_MAX_TOP_K, background_load: bool = False,
-                 progress_seconds: float = PROGRESS_SECONDS):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        checkpoint_every: int = 20_000,
+        omp_threads: int = 0,
+        max_top_k: int = DEFAULT_MAX_TOP_K,
+        background_load: bool = False,
+        progress_seconds: float = PROGRESS_SECONDS,
+    ):
         """`background_load`: return once the data directory is open and load the collections in a thread
         (each answers CollectionLoading until loaded; `loaded` tells when all are), so a server can listen
         meanwhile; else every collection is loaded when this returns. `progress_seconds`: how often a long
@@ -302,14 +330,14 @@ class LocalStore:
             self._collections[name] = self._placeholder(cid, config, created_ms, pooling_version)
         self._checkpointer = _Checkpointer(self)
         self._closed = False
-        self._loader: Optional[threading.Thread] = None
+        self._loader: threading.Thread | None = None
         if background_load:
             self._loader = threading.Thread(target=self._load_all, name="store-loader", daemon=True)
             self._loader.start()
         else:
             self._load_all()
 
-    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+    def wait_loaded(self, timeout: float | None = None) -> bool:
         """Blocks until every collection present at start-up finished loading; False on timeout."""
         return self.loaded.wait(timeout)
 
@@ -343,8 +371,11 @@ class LocalStore:
             with col.lock.write():
                 if col.ids is not ids or col.dropped or col.unavailable:  # a write that met it first rebuilt it
                     return
-                log.warning("collection %s: its checkpoint is inconsistent (%s); rebuilding its index from the items "
-                            "table", col.config.name, exc)
+                log.warning(
+                    "collection %s: its checkpoint is inconsistent (%s); rebuilding its index from the items table",
+                    col.config.name,
+                    exc,
+                )
                 col.selections.clear()
                 try:
                     self._reload(col)
@@ -383,8 +414,9 @@ class LocalStore:
             dim = CollectionConfig.from_json(json.loads(config_json)).dim
             layout, next_label = self.db.layout(cid)
             count = self.db.count(cid)
-            progress = _Progress(f"moving the vectors of collection {name} to its vector file", count,
-                                 self.progress_seconds)
+            progress = _Progress(
+                f"moving the vectors of collection {name} to its vector file", count, self.progress_seconds
+            )
             generation = layout.generation + 1
             path = VectorFile.file_path(self.folder, cid, generation)
             labels, done = [], 0
@@ -392,16 +424,19 @@ class LocalStore:
                 for chunk_labels, chunk_vectors in self.db.old_vectors(cid):
                     for vector in chunk_vectors:
                         if len(vector) != dim * 4:
-                            raise FailedPrecondition(f"collection {quoted(name)} holds a vector of {len(vector)} "
-                                                     f"bytes, not {dim * 4}; the store cannot be migrated")
+                            raise FailedPrecondition(
+                                f"collection {quoted(name)} holds a vector of {len(vector)} "
+                                f"bytes, not {dim * 4}; the store cannot be migrated"
+                            )
                         f.write(vector)
                     labels.extend(chunk_labels)
                     done += len(chunk_labels)
                     progress(done)
                 f.flush()
                 os.fsync(f.fileno())
-            layouts[cid] = VectorFile.write_labels(self.folder, cid, generation, np.array(labels, dtype=np.int64),
-                                                   next_label)
+            layouts[cid] = VectorFile.write_labels(
+                self.folder, cid, generation, np.array(labels, dtype=np.int64), next_label
+            )
         fsync_dir(self.folder)
         self.db.drop_vector_column(layouts)
         log.info("migrated the data directory: vectors of %d collection(s) moved to vector files", len(layouts))
@@ -409,8 +444,9 @@ class LocalStore:
     def _placeholder(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
         """A collection as listed before its load: requests to it get CollectionLoading."""
         config = CollectionConfig.from_json(json.loads(config_json))
-        col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(),
-                          uid=f"{self.db.uuid}-{cid}", loading=True)
+        col = _Collection(
+            cid, config, created_ms, pooling_version, None, MetadataIndex(), uid=f"{self.db.uuid}-{cid}", loading=True
+        )
         col.stored = self.db.count(cid)
         col.progress = _Progress(f"loading collection {config.name}", col.stored, self.progress_seconds, self._closing)
         return col
@@ -423,7 +459,7 @@ class LocalStore:
                     self._load(col)
                 except _LoadCancelled:
                     col.unavailable = "the store closed while it was loading"
-                except Exception as exc:  # noqa: BLE001 - one broken collection must not keep the others offline
+                except Exception as exc:
                     col.unavailable = f"it could not be loaded ({type(exc).__name__}: {exc})"
                     log.exception("collection %s is unavailable: %s", col.config.name, col.unavailable)
                 finally:
@@ -455,8 +491,13 @@ class LocalStore:
                 col.unavailable = f"its index could not be rebuilt ({type(exc).__name__}: {exc})"
                 log.error("collection %s is unavailable: %s", config.name, col.unavailable)
                 return
-        log.info("opened collection %s: %d items, replayed to lsn %d, in %.1f s", config.name, len(col.ids),
-                 col.applied_lsn, time.monotonic() - progress.started)
+        log.info(
+            "opened collection %s: %d items, replayed to lsn %d, in %.1f s",
+            config.name,
+            len(col.ids),
+            col.applied_lsn,
+            time.monotonic() - progress.started,
+        )
 
     def _new_index(self, col: _Collection) -> Index:
         config = col.config
@@ -464,7 +505,7 @@ class LocalStore:
             return FileFlatIndex(config.index, config.dim, config.metric, col.vectors)
         return FaissIndex(config.index, config.dim, config.metric)
 
-    def _load_checkpoint(self, col: _Collection, progress: _Progress) -> Optional[str]:
+    def _load_checkpoint(self, col: _Collection, progress: _Progress) -> str | None:
         """Loads the collection's checkpoint and replays the log after it; returns why it was unusable."""
         path = self._checkpoint_path(col.id)
         if not path.is_file():
@@ -475,12 +516,20 @@ class LocalStore:
             return f"checkpoint {path.name} is unreadable ({type(exc).__name__}: {exc})"
         with reader:
             header = reader.header
-            expected = {"store_uuid": self.db.uuid, "collection_id": col.id, "created_ms": col.created_ms,
-                        "kind": col.config.index, "dim": col.config.dim, "metric": col.config.metric}
+            expected = {
+                "store_uuid": self.db.uuid,
+                "collection_id": col.id,
+                "created_ms": col.created_ms,
+                "kind": col.config.index,
+                "dim": col.config.dim,
+                "metric": col.config.metric,
+            }
             wrong = [key for key, value in expected.items() if header.get(key) != value]
             if wrong or not isinstance(header.get("lsn"), int):
-                return (f"checkpoint {path.name} belongs to another store, collection or index "
-                        f"({', '.join(wrong) or 'lsn'})")
+                return (
+                    f"checkpoint {path.name} belongs to another store, collection or index "
+                    f"({', '.join(wrong) or 'lsn'})"
+                )
             rowless = np.empty(0, dtype=np.int64)
             try:
                 if header.get("format") == CHECKPOINT_FORMAT:
@@ -505,12 +554,15 @@ class LocalStore:
             return f"checkpoint {path.name} lists live labels {kept} that have no row in the vector file"
         stored = col.stored  # the items table's count, taken before the load (nothing writes while it loads)
         if len(col.index) != stored or len(col.ids) != stored:
-            return (f"checkpoint {path.name} holds {len(col.index)} vectors after the log replay but the items table "
-                    f"{stored}")
+            return (
+                f"checkpoint {path.name} holds {len(col.index)} vectors after the log replay but the items table "
+                f"{stored}"
+            )
         return None
 
-    def _index_from(self, col: _Collection, header: dict, reader: CheckpointReader,
-                    progress: _Progress) -> tuple[Index, np.ndarray]:
+    def _index_from(
+        self, col: _Collection, header: dict, reader: CheckpointReader, progress: _Progress
+    ) -> tuple[Index, np.ndarray]:
         """The checkpoint's index, and (flat) the labels it lists as live that the vector file has no row for.
 
         Those are items replaced or deleted after the checkpoint's snapshot, whose rows a compaction right after
@@ -526,8 +578,14 @@ class LocalStore:
             return flat, live[~has_row]
         size = reader.member_size("index")
         progress(progress.done, f"reading its {config.index} index")
-        index = FaissIndex.from_checkpoint(config.index, config.dim, config.metric, header["index"], reader,
-                                           lambda read: progress(int(progress.total * read / max(1, size))))
+        index = FaissIndex.from_checkpoint(
+            config.index,
+            config.dim,
+            config.metric,
+            header["index"],
+            reader,
+            lambda read: progress(int(progress.total * read / max(1, size))),
+        )
         return index, np.empty(0, dtype=np.int64)
 
     def _load_columns(self, col: _Collection, header: dict, reader: CheckpointReader, progress: _Progress) -> None:
@@ -541,16 +599,19 @@ class LocalStore:
         col.ids.defer()  # the id -> label dict is made once the collection serves (see _load_all)
         col.ids.reserve(int(live[-1]) + 1 if len(live) else 0, exact=True)
         for start in range(0, len(live), FILL_CHUNK):
-            bounds = offsets[start:start + FILL_CHUNK + 1].tolist()
-            col.ids.add(live[start:start + FILL_CHUNK].tolist(), [blob[a:b].decode() for a, b in zip(bounds, bounds[1:])])
+            bounds = offsets[start : start + FILL_CHUNK + 1].tolist()
+            col.ids.add(
+                live[start : start + FILL_CHUNK].tolist(), [blob[a:b].decode() for a, b in itertools.pairwise(bounds)]
+            )
             progress(min(start + FILL_CHUNK, len(live)), "reading its checkpoint's ids")
         if len(live) and (live[1:] <= live[:-1]).any():
             raise ValueError("the checkpoint's labels do not ascend")
-        col.metadata = MetadataIndex.from_snapshot(header["metadata"], {k: reader.array(k) for k in
-                                                                        (f"meta{i}" for i in range(
-                                                                            len(header["metadata"]["keys"])))})
+        col.metadata = MetadataIndex.from_snapshot(
+            header["metadata"],
+            {k: reader.array(k) for k in (f"meta{i}" for i in range(len(header["metadata"]["keys"])))},
+        )
 
-    def _load_rows(self, col: _Collection, progress: Optional[_Progress] = None) -> None:
+    def _load_rows(self, col: _Collection, progress: _Progress | None = None) -> None:
         """Ids and metadata from the items table (no checkpoint to load them from), a chunk at a time."""
         col.ids, col.metadata = _Ids(), MetadataIndex()
         done = 0
@@ -563,14 +624,14 @@ class LocalStore:
             if progress is not None:
                 progress(done, "reading the items table")
 
-    def _reload(self, col: _Collection, progress: Optional[_Progress] = None) -> None:
+    def _reload(self, col: _Collection, progress: _Progress | None = None) -> None:
         """In-memory state anew from the items table and the vector file; the log is covered up to its end."""
         last = self.db.last_lsn(col.id)
         self._load_rows(col, progress)
         col.index = self._filled(col, col.ids.live_labels(), progress)
         col.applied_lsn, col.checkpoint_lsn = last, -1  # -1: checkpoint soon
 
-    def _filled(self, col: _Collection, labels: np.ndarray, progress: Optional[_Progress] = None) -> Index:
+    def _filled(self, col: _Collection, labels: np.ndarray, progress: _Progress | None = None) -> Index:
         """A new index of these labels' vectors, added a chunk at a time (bounded extra memory)."""
         index = self._new_index(col)
         if isinstance(index, FileFlatIndex):
@@ -581,7 +642,7 @@ class LocalStore:
             progress = _Progress(f"collection {col.config.name}", len(labels), self.progress_seconds)
         assert col.vectors is not None  # opened before any index is built
         for start in range(0, len(labels), FILL_CHUNK):
-            chunk = labels[start:start + FILL_CHUNK]
+            chunk = labels[start : start + FILL_CHUNK]
             index.add(chunk, col.vectors.vectors(chunk))
             progress(start + len(chunk), step)
         return index
@@ -609,7 +670,7 @@ class LocalStore:
             array = np.array(labels, dtype=np.int64)
             index, vectors = col.index, col.vectors
             for start in range(0, len(array), FILL_CHUNK):
-                chunk = array[start:start + FILL_CHUNK]
+                chunk = array[start : start + FILL_CHUNK]
                 if isinstance(index, FileFlatIndex):  # its rows are in the vector file already
                     index.add(chunk)
                 else:
@@ -617,7 +678,7 @@ class LocalStore:
                 progress(min(progress.total, progress.done + len(chunk)))
         col.applied_lsn = self.db.last_lsn(col.id)
 
-    def checkpoint(self, name: Optional[str] = None) -> None:
+    def checkpoint(self, name: str | None = None) -> None:
         """Writes the index of one collection (or all) atomically, then trims the log it covers."""
         for col in [self._ready(name)] if name else list(self._collections.values()):
             self._checkpoint_one(col)
@@ -629,10 +690,18 @@ class LocalStore:
         labels = col.ids.live_labels()
         ids = col.ids.by_label[labels]
         meta_header, arrays = col.metadata.snapshot(int(labels[-1]) + 1 if len(labels) else 0)
-        header = {"format": CHECKPOINT_FORMAT, "kind": col.config.index, "dim": col.config.dim,
-                  "metric": col.config.metric, "lsn": col.applied_lsn, "store_uuid": self.db.uuid,
-                  "collection_id": col.id, "created_ms": col.created_ms, "count": len(col.index),
-                  "metadata": meta_header}
+        header = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": col.config.index,
+            "dim": col.config.dim,
+            "metric": col.config.metric,
+            "lsn": col.applied_lsn,
+            "store_uuid": self.db.uuid,
+            "collection_id": col.id,
+            "created_ms": col.created_ms,
+            "count": len(col.index),
+            "metadata": meta_header,
+        }
         arrays.update(live=labels, ids=ids)
         if isinstance(col.index, FileFlatIndex):
             arrays["index"] = col.index.shell()
@@ -681,8 +750,13 @@ class LocalStore:
             col.selections.clear()
             vectors.close(trim=False)
             remove_generations(self.folder, col.id, keep=col.vectors.layout.generation)
-            log.info("collection %s: vector file compacted (%d dead rows dropped, %d live, %.1f s)", col.config.name,
-                     dead, len(live), time.monotonic() - started)
+            log.info(
+                "collection %s: vector file compacted (%d dead rows dropped, %d live, %.1f s)",
+                col.config.name,
+                dead,
+                len(live),
+                time.monotonic() - started,
+            )
 
     @staticmethod
     def _compaction_due(col: _Collection) -> bool:
@@ -706,8 +780,12 @@ class LocalStore:
             self.db.set_layout(col.id, layout)
         except BaseException:
             if self.db.layout(col.id)[0] == layout:  # the commit is in despite the error: the switch stands
-                log.warning("collection %s: switching to generation %d reported an error, but the database holds "
-                            "it: serving from it", col.config.name, layout.generation)
+                log.warning(
+                    "collection %s: switching to generation %d reported an error, but the database holds "
+                    "it: serving from it",
+                    col.config.name,
+                    layout.generation,
+                )
                 return fresh
             fresh.close(trim=False)
             assert col.vectors is not None  # the generation being switched from
@@ -729,8 +807,11 @@ class LocalStore:
                 try:
                     self._checkpoint_one(col)
                 except Exception as exc:  # noqa: BLE001 - the log still covers it: replayed at the next start
-                    log.warning("checkpoint of %s failed at shutdown (%s); the log will be replayed on start",
-                                col.config.name, exc)
+                    log.warning(
+                        "checkpoint of %s failed at shutdown (%s); the log will be replayed on start",
+                        col.config.name,
+                        exc,
+                    )
         for col in list(self._collections.values()):
             if col.vectors is not None:
                 col.vectors.close()
@@ -743,7 +824,9 @@ class LocalStore:
         try:
             return self._collections[name]
         except KeyError:
-            raise CollectionNotFound(f"collection {quoted(name)} does not exist; ListCollections shows those that do") from None
+            raise CollectionNotFound(
+                f"collection {quoted(name)} does not exist; ListCollections shows those that do"
+            ) from None
 
     def _ready(self, name: str) -> _Collection:
         """The collection, refused (CollectionLoading) while its start-up load runs, before any lock is taken."""
@@ -755,7 +838,9 @@ class LocalStore:
         validate_index_kind(config.index, config.dim, config.metric)
         with self._registry_lock:
             if config.name in self._collections:
-                raise AlreadyExists(f"collection {quoted(config.name)} already exists; drop it first or pick another name")
+                raise AlreadyExists(
+                    f"collection {quoted(config.name)} already exists; drop it first or pick another name"
+                )
             FaissIndex(config.index, config.dim, config.metric)  # what FAISS refuses fails before anything is stored
             made: list[VectorFile] = []
 
@@ -797,16 +882,17 @@ class LocalStore:
                 fsync_dir(self.folder)
         return removed
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
-                          uid: Optional[str] = None) -> int:
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True, uid: str | None = None) -> int:
         """Stores a fitted pooling state (e.g. NetVLAD codebook); vectors of an older state must not mix."""
         col = self._ready(name)
         with col.lock.write():
             col.check_usable()
             check_incarnation(name, col.uid, uid)
             if require_empty and len(col.ids):
-                raise FailedPrecondition(f"collection {quoted(name)} holds {len(col.ids)} items embedded with the "
-                                         f"current pooling state; fit a new collection (or drop and recreate it)")
+                raise FailedPrecondition(
+                    f"collection {quoted(name)} holds {len(col.ids)} items embedded with the "
+                    f"current pooling state; fit a new collection (or drop and recreate it)"
+                )
             col.pooling_version = self.db.set_pooling_state(col.id, state)
             return col.pooling_version
 
@@ -820,14 +906,21 @@ class LocalStore:
                 return len(col.index) * col.config.dim * 4
             return col.index.size_bytes()
 
-    def pooling_state(self, name: str) -> Optional[bytes]:
+    def pooling_state(self, name: str) -> bytes | None:
         return self.db.pooling_state(self._get(name).id)
 
     # -- items --------------------------------------------------------------------------------
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
-               pooling_version: Optional[int] = None, uid: Optional[str] = None,
-               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+    def upsert(
+        self,
+        name: str,
+        items: Sequence[Item],
+        *,
+        insert_only: bool = False,
+        pooling_version: int | None = None,
+        uid: str | None = None,
+        thumbnails: dict[str, tuple[str, bytes]] | None = None,
+    ) -> UpsertResult:
         """Inserts or replaces items; durable when this returns. insert_only refuses existing ids.
 
         Vectors the caller computed with a collection's pooling pass the `uid` and `pooling_version` they
@@ -846,14 +939,17 @@ class LocalStore:
             if insert_only:
                 existing = [i for i in ids if i in col.ids.label_of]
                 if existing:
-                    raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
-                                        f"use upsert to replace them")
+                    raise AlreadyExists(
+                        f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(existing[0])}; "
+                        f"use upsert to replace them"
+                    )
             wanted = set(ids)
             kept = {i: t for i, t in (thumbnails or {}).items() if i in wanted}
             vector_file = col.vectors
             assert vector_file is not None  # usable
-            labels, old = self.db.upsert(col.id, ids, encoded, lambda start: vector_file.append(start, vectors),
-                                         pooling_version, kept)
+            labels, old = self.db.upsert(
+                col.id, ids, encoded, lambda start: vector_file.append(start, vectors), pooling_version, kept
+            )
             vector_file.committed(int(labels[-1]) + 1)
             self._apply(col, lambda: self._apply_upsert(col, ids, labels, old, vectors, metadata))
             count = len(col.ids)
@@ -879,8 +975,9 @@ class LocalStore:
             col.applied_lsn = self.db.last_lsn(col.id)
             self._maintain(col)
         except Exception as exc:
-            log.exception("collection %s: applying a committed write to the index failed; rebuilding it",
-                          col.config.name)
+            log.exception(
+                "collection %s: applying a committed write to the index failed; rebuilding it", col.config.name
+            )
             try:
                 self._reload(col)
             except Exception as again:  # noqa: BLE001 - reported: the collection is marked unavailable
@@ -896,7 +993,9 @@ class LocalStore:
             col.check_usable()
             missing = [i for i in ids if i not in col.ids.label_of]
             if strict and missing:
-                raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted")
+                raise ItemsNotFound(
+                    f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted"
+                )
             old = self.db.delete(col.id, [i for i in ids if i in col.ids.label_of])
 
             def change() -> None:
@@ -913,8 +1012,13 @@ class LocalStore:
         """Rebuilds a tombstoning index from the truth once tombstones pile up (write lock held)."""
         assert col.index is not None  # a write was applied to it
         if col.index.needs_rebuild(len(col.ids)):
-            log.info("rebuilding index of %s (%d live, %d tombstones, trained at %d)", col.config.name,
-                     len(col.ids), len(col.index.tombstones), col.index.trained_at)
+            log.info(
+                "rebuilding index of %s (%d live, %d tombstones, trained at %d)",
+                col.config.name,
+                len(col.ids),
+                len(col.index.tombstones),
+                col.index.trained_at,
+            )
             col.index = self._filled(col, col.ids.live_labels())
 
     def _maybe_checkpoint(self, col: _Collection) -> None:
@@ -936,8 +1040,10 @@ class LocalStore:
             rows = self.db.items(col.id, ids)
             found_ids = [i for i in ids if i in rows]
             vectors = self._vectors_of(col, [rows[i][0] for i in found_ids]) if include_vectors else None
-        found = [StoredItem(i, json.loads(rows[i][1]), vectors[k] if vectors is not None else None)
-                 for k, i in enumerate(found_ids)]
+        found = [
+            StoredItem(i, json.loads(rows[i][1]), vectors[k] if vectors is not None else None)
+            for k, i in enumerate(found_ids)
+        ]
         return found, [i for i in ids if i not in rows]
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
@@ -964,8 +1070,13 @@ class LocalStore:
         with col.lock.read():
             return [key for key in keys if not col.metadata.holds_key(key)]
 
-    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
-               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+    def search(
+        self,
+        name: str,
+        queries: np.ndarray,
+        options: SearchOptions = DEFAULT_SEARCH,
+        exclude_ids: Sequence[str | None] | None = None,
+    ) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         self._use_faiss_threads()
         col = self._ready(name)
@@ -991,8 +1102,9 @@ class LocalStore:
                 self._fill_hits(col, results, include_metadata, include_vectors)
         return results
 
-    def _fill_hits(self, col: _Collection, results: list[list[Hit]], include_metadata: bool,
-                   include_vectors: bool) -> None:
+    def _fill_hits(
+        self, col: _Collection, results: list[list[Hit]], include_metadata: bool, include_vectors: bool
+    ) -> None:
         """Metadata (as stored) and vectors of the hits (read lock held)."""
         wanted = sorted({col.ids.label_of[h.id] for hits in results for h in hits})
         rows = self.db.items_by_label(col.id, wanted) if include_metadata else {}
@@ -1055,8 +1167,13 @@ class _Checkpointer:
                 try:
                     self.store._checkpoint_one(col)
                 except Exception as exc:  # noqa: BLE001 - the log still holds every change: nothing is lost
-                    log.warning("checkpoint of %s failed (%s: %s); retrying in %.0f s", col.config.name,
-                                type(exc).__name__, exc, CHECKPOINT_RETRY_SECONDS)
+                    log.warning(
+                        "checkpoint of %s failed (%s: %s); retrying in %.0f s",
+                        col.config.name,
+                        type(exc).__name__,
+                        exc,
+                        CHECKPOINT_RETRY_SECONDS,
+                    )
                     failed.append(col)
             if failed:
                 with self._cond:

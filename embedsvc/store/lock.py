@@ -14,7 +14,6 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Optional
 
 from embedsvc.errors import DataDirLocked, FailedPrecondition
 
@@ -26,8 +25,8 @@ _LOCK_FILE_ATTEMPTS = 5
 class DataDirLock:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.dir_fd: Optional[int] = None
-        self.fd: Optional[int] = None
+        self.dir_fd: int | None = None
+        self.fd: int | None = None
         try:
             self.dir_fd = self._lock_directory()
             self.fd = self._lock_file()
@@ -39,8 +38,10 @@ class DataDirLock:
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:  # a full disk: the owner's pid cannot be recorded
             self.release()
-            raise FailedPrecondition(f"data directory {self.folder} cannot be written now ({exc.strerror or exc}): "
-                                     f"free space on its disk or make it writable, then start again") from None
+            raise FailedPrecondition(
+                f"data directory {self.folder} cannot be written now ({exc.strerror or exc}): "
+                f"free space on its disk or make it writable, then start again"
+            ) from None
 
     def _lock_directory(self) -> int:
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -51,8 +52,10 @@ class DataDirLock:
             raise self._in_use(_flock_holder(self.folder)) from None
         except OSError as exc:
             os.close(fd)
-            raise FailedPrecondition(f"cannot lock data directory {self.folder} ({exc.strerror or exc}): its file "
-                                     f"system does not support flock; use a directory on a local file system") from None
+            raise FailedPrecondition(
+                f"cannot lock data directory {self.folder} ({exc.strerror or exc}): its file "
+                f"system does not support flock; use a directory on a local file system"
+            ) from None
         return fd
 
     def _lock_file(self) -> int:
@@ -69,8 +72,10 @@ class DataDirLock:
             if _same_file(fd, path):
                 return fd
             os.close(fd)
-        raise DataDirLocked(f"data directory {self.folder}: {path} keeps being replaced while it is being locked; "
-                            f"stop whatever deletes or rewrites it")
+        raise DataDirLocked(
+            f"data directory {self.folder}: {path} keeps being replaced while it is being locked; "
+            f"stop whatever deletes or rewrites it"
+        )
 
     def _open_lock_file(self, path: Path) -> int:
         """`LOCK` opened (created if missing); anything but a regular file there is refused, naming what it is
@@ -80,16 +85,20 @@ class DataDirLock:
         except OSError as exc:
             kind = _kind_of(path)
             if kind == "regular file":
-                raise FailedPrecondition(f"cannot open the lock file {path} of data directory {self.folder}: "
-                                         f"{exc.strerror or exc}; make it readable and writable by this user") from None
+                raise FailedPrecondition(
+                    f"cannot open the lock file {path} of data directory {self.folder}: "
+                    f"{exc.strerror or exc}; make it readable and writable by this user"
+                ) from None
             fd = None
         else:
             kind = _kind_of(fd)
         if kind != "regular file":
             if fd is not None:
                 os.close(fd)
-            raise FailedPrecondition(f"{path} is a {kind}, not a regular file: embedsvc keeps its lock file there. "
-                                     f"Move that {kind} out of data directory {self.folder} and start again")
+            raise FailedPrecondition(
+                f"{path} is a {kind}, not a regular file: embedsvc keeps its lock file there. "
+                f"Move that {kind} out of data directory {self.folder} and start again"
+            )
         assert fd is not None  # a regular file at `path` with no descriptor raised above
         return fd
 
@@ -98,7 +107,8 @@ class DataDirLock:
             f"data directory {self.folder} is in use by another embedsvc process (pid {holder or 'unknown'}); write "
             f"through that server with --address HOST:PORT instead, or stop it first. Never delete "
             f"{self.folder / LOCK_NAME} to clear this: the lock is the kernel's, it goes when the holding process "
-            f"exits (even when killed), and deleting the file does not release it")
+            f"exits (even when killed), and deleting the file does not release it"
+        )
 
     def release(self) -> None:
         for name in ("fd", "dir_fd"):
@@ -115,8 +125,14 @@ def _kind_of(target) -> str:
         mode = os.fstat(target).st_mode if isinstance(target, int) else os.stat(target).st_mode
     except OSError:
         return "missing"
-    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+    for test, kind in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return kind
     return "special file"
@@ -146,4 +162,3 @@ def _flock_holder(path: Path) -> str:
         if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5] == wanted:
             return fields[4] if fields[4].isdigit() and fields[4] != "0" else ""
     return ""
-

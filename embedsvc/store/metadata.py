@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def _typed(value: Value) -> tuple:
     return ("s", value)
 
 
-def validate_metadata(metadata: Optional[Mapping[str, Any]], where: Union[str, Callable[[], str]] = "") -> dict[str, Value]:
+def validate_metadata(metadata: Mapping[str, Any] | None, where: str | Callable[[], str] = "") -> dict[str, Value]:
     """Checks keys and values; returns a plain dict (numbers kept as given). `where` (or a function making
     it, called only for a message) says whose metadata it is."""
     if not metadata:
@@ -55,7 +56,9 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: Union[str, C
         if isinstance(value, str) and not _is_utf8(value):
             raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is not valid UTF-8 (lone surrogate)")
         if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
-            raise InvalidInput(f"{prefix}metadata key {quoted(key)} must be a non-empty string of at most {MAX_KEY_BYTES} bytes")
+            raise InvalidInput(
+                f"{prefix}metadata key {quoted(key)} must be a non-empty string of at most {MAX_KEY_BYTES} bytes"
+            )
         if isinstance(value, (bool, str)):
             if isinstance(value, str) and len(value.encode()) > MAX_STRING_BYTES:
                 raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is over {MAX_STRING_BYTES} bytes")
@@ -63,8 +66,10 @@ def validate_metadata(metadata: Optional[Mapping[str, Any]], where: Union[str, C
             if not math.isfinite(value):
                 raise InvalidInput(f"{prefix}metadata value of {quoted(key)} is {value}; numbers must be finite")
         else:
-            raise InvalidInput(f"{prefix}metadata value of {quoted(key)} has type {type(value).__name__}; "
-                               f"use a string, number or boolean")
+            raise InvalidInput(
+                f"{prefix}metadata value of {quoted(key)} has type {type(value).__name__}; "
+                f"use a string, number or boolean"
+            )
         out[key] = value
     return out
 
@@ -85,7 +90,7 @@ def _plain(metadata: Mapping[str, Any]) -> bool:
             if not math.isfinite(value):
                 return False
         elif kind is int:
-            if not -2**63 <= value < 2**64:
+            if not -(2**63) <= value < 2**64:
                 return False
         elif kind is not bool:
             return False
@@ -106,12 +111,12 @@ class Condition:
     """One test on one key: equals, in (any of) or a numeric range (gte/lte inclusive, gt/lt exclusive bounds)."""
 
     key: str
-    equals: Optional[Value] = None
-    any_of: Optional[tuple[Value, ...]] = None
-    gte: Optional[float] = None
-    lte: Optional[float] = None
-    gt: Optional[float] = None
-    lt: Optional[float] = None
+    equals: Value | None = None
+    any_of: tuple[Value, ...] | None = None
+    gte: float | None = None
+    lte: float | None = None
+    gt: float | None = None
+    lt: float | None = None
 
     def __post_init__(self) -> None:
         kinds = sum([self.equals is not None, self.any_of is not None, self.is_range])
@@ -126,8 +131,12 @@ class Condition:
 
     def in_range(self, value: float) -> bool:
         """Whether a number lies within every bound set (a NaN bound admits nothing)."""
-        return ((self.gte is None or value >= self.gte) and (self.gt is None or value > self.gt) and
-                (self.lte is None or value <= self.lte) and (self.lt is None or value < self.lt))
+        return (
+            (self.gte is None or value >= self.gte)
+            and (self.gt is None or value > self.gt)
+            and (self.lte is None or value <= self.lte)
+            and (self.lt is None or value < self.lt)
+        )
 
     def matches(self, metadata: Mapping[str, Value]) -> bool:
         if self.key not in metadata:
@@ -178,15 +187,17 @@ class _Column:
             self.typed.append(_typed(value))
         return found
 
-    def matching(self, condition: "Condition") -> np.ndarray:
+    def matching(self, condition: Condition) -> np.ndarray:
         """Codes whose value satisfies the condition."""
         if condition.equals is not None:
             wanted = {_typed(condition.equals)}
         elif condition.any_of is not None:
             wanted = {_typed(v) for v in condition.any_of}
         else:
-            return np.array([c for c, (kind, value) in enumerate(self.typed)
-                             if kind == "n" and condition.in_range(value)], dtype=np.int32)
+            return np.array(
+                [c for c, (kind, value) in enumerate(self.typed) if kind == "n" and condition.in_range(value)],
+                dtype=np.int32,
+            )
         return np.array([c for c, typed in enumerate(self.typed) if typed in wanted], dtype=np.int32)
 
 
@@ -205,7 +216,7 @@ class MetadataIndex:
         self.capacity = max(top, 1024, int(self.capacity * 1.5))
         for column in self.columns.values():
             grown = np.full(self.capacity, -1, dtype=np.int32)
-            grown[:len(column.codes)] = column.codes
+            grown[: len(column.codes)] = column.codes
             column.codes = grown
 
     def add(self, label: int, metadata: Mapping[str, Value]) -> None:
@@ -264,7 +275,7 @@ class MetadataIndex:
         without a selection then."""
         for condition in flt.must:
             self.check_types(condition)
-        mask: Optional[np.ndarray] = None
+        mask: np.ndarray | None = None
         for condition in flt.must:
             column = self.columns.get(condition.key)
             if column is None:
@@ -283,7 +294,7 @@ class MetadataIndex:
         return header, arrays
 
     @classmethod
-    def from_snapshot(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> "MetadataIndex":
+    def from_snapshot(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> MetadataIndex:
         self = cls()
         keys, values = header["keys"], header["values"]
         if len(keys) != len(values):
@@ -298,7 +309,7 @@ class MetadataIndex:
             codes = np.asarray(arrays[f"meta{i}"], dtype=np.int32)
             if len(codes) and (codes.max() >= len(vals) or codes.min() < -1):
                 raise ValueError(f"metadata snapshot of {key!r} has codes outside its values")
-            column.codes[:len(codes)] = codes
+            column.codes[: len(codes)] = codes
             column.live = np.bincount(codes[codes >= 0], minlength=len(vals)).astype(np.int64)
             self.columns[key] = column
         return self
@@ -336,8 +347,10 @@ def refuse_mistyped(condition: Condition, stored: set[str]) -> None:
     asks = "a range" if condition.is_range else ", ".join(map(repr, shown))
     hint = ""
     if stored == {"s"} and condition.equals is not None:
-        hint = f'; to match the string, quote it (CLI: --filter \'{condition.key}="{shown[0]}"\')'
+        hint = f"; to match the string, quote it (CLI: --filter '{condition.key}=\"{shown[0]}\"')"
     elif stored == {"n"} and isinstance(condition.equals, str):
         hint = f"; to match the number, leave it unquoted (CLI: --filter {condition.key}={shown[0]})"
-    raise InvalidInput(f"filter on {quoted(condition.key)} asks for {asks} ({names(wanted)}), but every stored "
-                       f"{quoted(condition.key)} value is a {names(stored)}{hint}")
+    raise InvalidInput(
+        f"filter on {quoted(condition.key)} asks for {asks} ({names(wanted)}), but every stored "
+        f"{quoted(condition.key)} value is a {names(stored)}{hint}"
+    )

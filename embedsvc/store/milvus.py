@@ -43,20 +43,43 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
-from embedsvc.store.indexes import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, INDEX_PRESETS, pq_subquantizers,
-                                    validate_index_kind)
+from embedsvc.store.indexes import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    INDEX_PRESETS,
+    pq_subquantizers,
+    validate_index_kind,
+)
 from embedsvc.store.metadata import Condition, refuse_mistyped, wanted_kinds
 from embedsvc.store.milvus_filter import Expression, filterable
+
 # The local back end's error classes (shared types): the same statuses whichever back end serves.
-from embedsvc.store.models import (MAX_ID_BYTES, CollectionConfig, CollectionInfo, CollectionNotFound, DeleteResult,
-                                   Hit, Item, ItemsNotFound, SearchOptions, StoredItem, UpsertResult, check_incarnation,
-                                   prepare_items, prepare_queries, validate_id)
+from embedsvc.store.models import (
+    DEFAULT_SEARCH,
+    MAX_ID_BYTES,
+    CollectionConfig,
+    CollectionInfo,
+    CollectionNotFound,
+    DeleteResult,
+    Hit,
+    Item,
+    ItemsNotFound,
+    SearchOptions,
+    StoredItem,
+    UpsertResult,
+    check_incarnation,
+    prepare_items,
+    prepare_queries,
+    validate_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +145,45 @@ class _Record:
 
     def row(self, status: str, since_ms: int) -> dict:
         """The incarnation row in `status`: keyed by the uid, so no other incarnation ever writes it."""
-        return {"key": f"incarnation/{self.uid}", "kind": INCARNATION, "owner": self.config.name,
-                "doc": {"config": self.config.to_json(), "created_ms": self.created_ms, "uid": self.uid,
-                        "status": status, "since_ms": since_ms}}
+        return {
+            "key": f"incarnation/{self.uid}",
+            "kind": INCARNATION,
+            "owner": self.config.name,
+            "doc": {
+                "config": self.config.to_json(),
+                "created_ms": self.created_ms,
+                "uid": self.uid,
+                "status": status,
+                "since_ms": since_ms,
+            },
+        }
 
     def pooling_row(self) -> dict:
-        return {"key": f"pooling/{self.uid}", "kind": POOLING, "owner": self.config.name,
-                "doc": {"uid": self.uid, "pooling_version": self.pooling_version, "state_key": self.state_key,
-                        "state_chunks": self.state_chunks}}
+        return {
+            "key": f"pooling/{self.uid}",
+            "kind": POOLING,
+            "owner": self.config.name,
+            "doc": {
+                "uid": self.uid,
+                "pooling_version": self.pooling_version,
+                "state_key": self.state_key,
+                "state_chunks": self.state_chunks,
+            },
+        }
 
     @classmethod
-    def from_rows(cls, incarnation: dict, pooling: Optional[dict]) -> "_Record":
+    def from_rows(cls, incarnation: dict, pooling: dict | None) -> _Record:
         pooling = pooling or {}
-        return cls(CollectionConfig.from_json(incarnation["config"]), int(incarnation["created_ms"]),
-                   incarnation["uid"], int(pooling.get("pooling_version", 0)), pooling.get("state_key", ""),
-                   int(pooling.get("state_chunks", 0)), incarnation.get("status", LIVE),
-                   int(incarnation.get("since_ms", incarnation["created_ms"])))
+        return cls(
+            CollectionConfig.from_json(incarnation["config"]),
+            int(incarnation["created_ms"]),
+            incarnation["uid"],
+            int(pooling.get("pooling_version", 0)),
+            pooling.get("state_key", ""),
+            int(pooling.get("state_chunks", 0)),
+            incarnation.get("status", LIVE),
+            int(incarnation.get("since_ms", incarnation["created_ms"])),
+        )
 
 
 def _new_uid(now_ms: int) -> str:
@@ -155,7 +201,7 @@ def _uid_age_ms(uid: str, now_ms: int) -> float:
 def normalise_uri(uri: str) -> str:
     """`milvus:///path/file.db` -> the Lite file; `milvus://host:port` -> http://host:port; others unchanged."""
     if uri.startswith("milvus://"):
-        rest = uri[len("milvus://"):]
+        rest = uri[len("milvus://") :]
         return rest if rest.startswith("/") or rest.endswith(".db") else "http://" + rest
     return uri
 
@@ -163,8 +209,15 @@ def normalise_uri(uri: str) -> str:
 class MilvusStore:
     """The VectorStore interface over one Milvus database; holds no state besides the connection."""
 
-    def __init__(self, uri: str, *, token: str = "", db_name: str = "", max_top_k: int = 1000,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        token: str = "",
+        db_name: str = "",
+        max_top_k: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ):
         """`clock`: the wall clock that dates claims and drops (tests set it back to age them)."""
         from pymilvus import MilvusClient
 
@@ -194,7 +247,9 @@ class MilvusStore:
         from pymilvus import DataType, MilvusClient
 
         if self.client.has_collection(CATALOGUE):  # a first query loads it where it was released
-            self._run(CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1, output_fields=["key"]))
+            self._run(
+                CATALOGUE, CATALOGUE, lambda: self.client.query(CATALOGUE, filter="", limit=1, output_fields=["key"])
+            )
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=1024)
@@ -206,8 +261,7 @@ class MilvusStore:
         index = self.client.prepare_index_params()
         index.add_index("v", index_type="FLAT", metric_type="IP")
         try:
-            self.client.create_collection(CATALOGUE, schema=schema, index_params=index,
-                                          consistency_level=CONSISTENCY)
+            self.client.create_collection(CATALOGUE, schema=schema, index_params=index, consistency_level=CONSISTENCY)
         except Exception:  # another replica created it first
             if not self.client.has_collection(CATALOGUE):
                 raise
@@ -218,6 +272,7 @@ class MilvusStore:
     def _check_types(self, record: _Record, condition: Condition, held: dict[str, bool]) -> None:
         """As the local back end: a condition whose type no stored value of its key has is InvalidInput. `held`
         keeps each answer for the search's other conditions (`n>2 n<5` asks about n once: each is a query)."""
+
         def holds(kind: str) -> bool:
             tagged = kind + condition.key.encode("utf-8").hex()
             if tagged not in held:
@@ -232,15 +287,25 @@ class MilvusStore:
     def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
         """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
         expression = " or ".join(f'exists filterable["{key}"]' for key in tagged_keys)
-        return bool(self._run(record.physical, record.config.name, lambda: self.client.query(
-            record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY)))
+        return bool(
+            self._run(
+                record.physical,
+                record.config.name,
+                lambda: self.client.query(
+                    record.physical, filter=expression, output_fields=["id"], limit=1, consistency_level=CONSISTENCY
+                ),
+            )
+        )
 
     def missing_keys(self, name: str, keys: Sequence[str]) -> list[str]:
         """The keys no live item holds, in the order given (one query per key: asked only when a filter matched
         nothing)."""
         record = self._record(name)
-        return [key for key in keys
-                if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])]
+        return [
+            key
+            for key in keys
+            if not self._holds(record, [kind + key.encode("utf-8").hex() for kind in ("b", "n", "s")])
+        ]
 
     def _query(self, collection: str, expr: Expression, flt: str, fields: list[str], name: str = ""):
         kwargs: dict[str, Any] = {"filter": flt, "output_fields": fields, "consistency_level": CONSISTENCY}
@@ -271,7 +336,7 @@ class MilvusStore:
     def _rows(self, flt: str, expr: Expression, fields: Sequence[str] = ("key", "kind", "doc")) -> list[dict]:
         return self._query(CATALOGUE, expr, flt, list(fields))
 
-    def _named(self, name: str) -> tuple[list[_Record], Optional[_Record]]:
+    def _named(self, name: str) -> tuple[list[_Record], _Record | None]:
         """Every incarnation row of `name` (any status), and the live one with its pooling state, if any."""
         expr = self._expr()
         rows = self._rows(f"owner == {expr.value(name)} and kind in {expr.value([INCARNATION, POOLING])}", expr)
@@ -296,7 +361,7 @@ class MilvusStore:
     def _delete_keys(self, keys: Sequence[str]) -> None:
         for start in range(0, len(keys), ID_BATCH):
             expr = self._expr()
-            self._delete_catalogue(f"key in {expr.value(list(keys[start:start + ID_BATCH]))}", expr)
+            self._delete_catalogue(f"key in {expr.value(list(keys[start : start + ID_BATCH]))}", expr)
 
     def _drop_physical(self, physical: str) -> None:
         try:
@@ -321,15 +386,16 @@ class MilvusStore:
         found: set[str] = set()
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
-            flt = expr.ids(ids[start:start + ID_BATCH])
+            flt = expr.ids(ids[start : start + ID_BATCH])
             found.update(row["id"] for row in self._query(record.physical, expr, flt, ["id"], record.config.name))
         return found
 
     def _info(self, record: _Record) -> CollectionInfo:
         kind, params = _index_params(record.config.index, record.config.dim)
         factory = f"milvus:{kind}" + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
-        return CollectionInfo(record.config, self._count(record), record.created_ms, record.pooling_version,
-                              True, factory, record.uid)
+        return CollectionInfo(
+            record.config, self._count(record), record.created_ms, record.pooling_version, True, factory, record.uid
+        )
 
     # -- collections ----------------------------------------------------------------------------
 
@@ -340,8 +406,10 @@ class MilvusStore:
         validate_index_kind(config.index, config.dim, config.metric)  # the local store's InvalidInput cases
         if config.index not in self.presets:
             what = "Milvus Lite" if self.lite else "the milvus back end"
-            raise FailedPrecondition(f"index {quoted(config.index)} cannot be built by {what} at {self.uri}; it "
-                                     f"supports the presets {', '.join(self.presets)}")
+            raise FailedPrecondition(
+                f"index {quoted(config.index)} cannot be built by {what} at {self.uri}; it "
+                f"supports the presets {', '.join(self.presets)}"
+            )
         started = time.monotonic()
         while True:
             claimed = time.monotonic()
@@ -387,9 +455,11 @@ class MilvusStore:
             rivals = [r.uid for r in claims]
             if not yielded:
                 if claim.uid not in {r.uid for r in records if r.status == CLAIMED}:
-                    raise Aborted(f"the claim to create collection {quoted(name)} was taken for abandoned (this "
-                                  f"replica stalled or its clock is off by over "
-                                  f"{CLAIM_TTL_S - CREATE_LIMIT_S:.0f} s); retry")
+                    raise Aborted(
+                        f"the claim to create collection {quoted(name)} was taken for abandoned (this "
+                        f"replica stalled or its clock is off by over "
+                        f"{CLAIM_TTL_S - CREATE_LIMIT_S:.0f} s); retry"
+                    )
                 if not rivals:
                     return True
                 if min(rivals) < claim.uid:
@@ -409,8 +479,10 @@ class MilvusStore:
         if not claims:
             return Aborted(f"{head}; retry")
         age_s = max(0.0, (self._now_ms() - min(r.since_ms for r in claims)) / 1000)
-        return Aborted(f"{head}: it was claimed {age_s:.0f} s ago; if that replica died, its claim is cleared "
-                       f"{CLAIM_TTL_S:.0f} s after it was made: retry in {max(1.0, CLAIM_TTL_S - age_s):.0f} s")
+        return Aborted(
+            f"{head}: it was claimed {age_s:.0f} s ago; if that replica died, its claim is cleared "
+            f"{CLAIM_TTL_S:.0f} s after it was made: retry in {max(1.0, CLAIM_TTL_S - age_s):.0f} s"
+        )
 
     def _claims(self, records: list[_Record]) -> list[_Record]:
         """The current claims among a name's rows; claims CLAIM_TTL_S old are of replicas that died: swept."""
@@ -419,8 +491,12 @@ class MilvusStore:
             if record.status != CLAIMED:
                 continue
             if now - record.since_ms > CLAIM_TTL_S * 1000:
-                log.warning("sweeping an abandoned claim on collection %r (uid %s, %.0f s old)",
-                            record.config.name, record.uid, (now - record.since_ms) / 1000)
+                log.warning(
+                    "sweeping an abandoned claim on collection %r (uid %s, %.0f s old)",
+                    record.config.name,
+                    record.uid,
+                    (now - record.since_ms) / 1000,
+                )
                 self._purge(record.uid)
             else:
                 current.append(record)
@@ -437,8 +513,7 @@ class MilvusStore:
         kind, params = _index_params(record.config.index, record.config.dim)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=kind, metric_type="IP", params=params)
-        self.client.create_collection(record.physical, schema=schema, index_params=index,
-                                      consistency_level=CONSISTENCY)
+        self.client.create_collection(record.physical, schema=schema, index_params=index, consistency_level=CONSISTENCY)
 
     def _commit(self, claim: _Record, claimed: float) -> None:
         """Turns the won claim live, unless it is so old (`claimed`: when it was written, monotonic) that
@@ -448,8 +523,9 @@ class MilvusStore:
         if live is not None:  # only if clocks disagree by more than the protocol tolerates
             raise _exists(name)
         if time.monotonic() - claimed > CREATE_LIMIT_S or claim.uid not in {r.uid for r in records}:
-            raise Aborted(f"creating collection {quoted(name)} took over {CREATE_LIMIT_S:.0f} s; nothing was created, "
-                          f"retry")
+            raise Aborted(
+                f"creating collection {quoted(name)} took over {CREATE_LIMIT_S:.0f} s; nothing was created, retry"
+            )
         self._write_catalogue([claim.row(LIVE, self._now_ms())])
 
     def get_collection(self, name: str) -> CollectionInfo:
@@ -475,8 +551,12 @@ class MilvusStore:
         live = self._named(record.config.name)[1]
         if live is None or live.uid != record.uid:
             return False
-        log.error("collection %r is live in %s but its Milvus collection %s is gone: drop the collection to free "
-                  "the name", record.config.name, CATALOGUE, record.physical)
+        log.error(
+            "collection %r is live in %s but its Milvus collection %s is gone: drop the collection to free the name",
+            record.config.name,
+            CATALOGUE,
+            record.physical,
+        )
         return True
 
     def drop_collection(self, name: str) -> int:
@@ -492,49 +572,66 @@ class MilvusStore:
         self._purge(record.uid)
         return count
 
-    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True,
-                          uid: Optional[str] = None) -> int:
+    def set_pooling_state(self, name: str, state: bytes, require_empty: bool = True, uid: str | None = None) -> int:
         """Writes the state as new immutable rows, then commits by rewriting the incarnation's pooling row
         (keyed by its uid: a re-fit racing a drop and re-create never touches the new incarnation)."""
         record = self._record(name)
         check_incarnation(name, record.uid, uid)
         count = self._count(record)
         if require_empty and count:
-            raise FailedPrecondition(f"collection {quoted(name)} holds {count} items embedded with the current pooling "
-                                     f"state; fit a new collection (or drop and recreate it)")
+            raise FailedPrecondition(
+                f"collection {quoted(name)} holds {count} items embedded with the current pooling "
+                f"state; fit a new collection (or drop and recreate it)"
+            )
         version = record.pooling_version + 1
         state_key = f"state/{record.uid}/{version}-{uuid.uuid4().hex[:8]}"
         text = base64.b64encode(state).decode("ascii")
-        chunks = [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
-        self._write_catalogue([{"key": f"{state_key}/{i}", "kind": STATE, "owner": record.uid, "doc": {},
-                                "chunk": chunk} for i, chunk in enumerate(chunks)])
+        chunks = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
+        self._write_catalogue(
+            [
+                {"key": f"{state_key}/{i}", "kind": STATE, "owner": record.uid, "doc": {}, "chunk": chunk}
+                for i, chunk in enumerate(chunks)
+            ]
+        )
         committed = dataclasses.replace(record, pooling_version=version, state_key=state_key, state_chunks=len(chunks))
         self._write_catalogue([committed.pooling_row()])
         return version
 
-    def pooling_state(self, name: str) -> Optional[bytes]:
+    def pooling_state(self, name: str) -> bytes | None:
         record = self._record(name)
         if not record.state_key:
             return None
         expr = self._expr()
         keys = [f"{record.state_key}/{i}" for i in range(record.state_chunks)]
-        rows = {r["key"]: r["chunk"] for r in self._query(CATALOGUE, expr, f"key in {expr.value(keys)}",
-                                                            ["key", "chunk"])}
+        rows = {
+            r["key"]: r["chunk"] for r in self._query(CATALOGUE, expr, f"key in {expr.value(keys)}", ["key", "chunk"])
+        }
         return base64.b64decode("".join(rows[k] for k in keys))
 
     def index_size_bytes(self, name: str) -> int:
         """An estimate from the index type (Milvus does not report index sizes to clients)."""
         record = self._record(name)
         dim, preset = record.config.dim, record.config.index
-        per_vector = {"flat": 4 * dim, "ivf": 4 * dim + 8, "hnsw": 4 * dim + 8 * HNSW_M,
-                      "ivfpq": pq_subquantizers(dim) + 8}[preset]
+        per_vector = {
+            "flat": 4 * dim,
+            "ivf": 4 * dim + 8,
+            "hnsw": 4 * dim + 8 * HNSW_M,
+            "ivfpq": pq_subquantizers(dim) + 8,
+        }[preset]
         return self._count(record) * per_vector
 
     # -- items ----------------------------------------------------------------------------------
 
-    def upsert(self, name: str, items: Sequence[Item], *, insert_only: bool = False,
-               pooling_version: Optional[int] = None, uid: Optional[str] = None,
-               thumbnails: Optional[dict[str, tuple[str, bytes]]] = None) -> UpsertResult:
+    def upsert(
+        self,
+        name: str,
+        items: Sequence[Item],
+        *,
+        insert_only: bool = False,
+        pooling_version: int | None = None,
+        uid: str | None = None,
+        thumbnails: dict[str, tuple[str, bytes]] | None = None,
+    ) -> UpsertResult:
         """Inserts or replaces items; acknowledged once Milvus has logged the write. Thumbnails are kept by
         the local back end only (Milvus holds vectors and metadata): a `uri` metadata field serves the page."""
         record = self._record(name)
@@ -546,13 +643,20 @@ class MilvusStore:
         existing = self._existing(record, ids)
         if insert_only and existing:
             first = next(i for i in ids if i in existing)
-            raise AlreadyExists(f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(first)}; "
-                                f"use upsert to replace them")
-        rows = [{"id": i, "vector": v.tolist(), "metadata": m, "filterable": filterable(m)}
-                for i, v, m in zip(ids, vectors, metadata)]
+            raise AlreadyExists(
+                f"{len(existing)} id(s) already exist in {quoted(name)}, e.g. {quoted(first)}; "
+                f"use upsert to replace them"
+            )
+        rows = [
+            {"id": i, "vector": v.tolist(), "metadata": m, "filterable": filterable(m)}
+            for i, v, m in zip(ids, vectors, metadata)
+        ]
         for start in range(0, len(rows), WRITE_BATCH):
-            self._run(record.physical, name, functools.partial(self.client.upsert, record.physical,
-                                                               rows[start:start + WRITE_BATCH]))
+            self._run(
+                record.physical,
+                name,
+                functools.partial(self.client.upsert, record.physical, rows[start : start + WRITE_BATCH]),
+            )
         if pooling_version is not None:  # a re-fit that committed while we wrote: take the batch back
             try:
                 self._check_version(name, self._record(name), pooling_version)
@@ -562,19 +666,22 @@ class MilvusStore:
         return UpsertResult(len(ids) - len(existing), len(existing), self._count(record))
 
     @staticmethod
-    def _check_version(name: str, record: _Record, pooling_version: Optional[int]) -> None:
+    def _check_version(name: str, record: _Record, pooling_version: int | None) -> None:
         if pooling_version is not None and pooling_version != record.pooling_version:
-            raise Aborted(f"collection {quoted(name)} was re-fitted (pooling version {record.pooling_version}, these "
-                          f"vectors were pooled with {pooling_version}); retry the request")
+            raise Aborted(
+                f"collection {quoted(name)} was re-fitted (pooling version {record.pooling_version}, these "
+                f"vectors were pooled with {pooling_version}); retry the request"
+            )
 
     def _delete_ids(self, record: _Record, ids: list[str]) -> None:
         for start in range(0, len(ids), ID_BATCH):
             expr = self._expr()
-            kwargs: dict[str, Any] = {"filter": expr.ids(ids[start:start + ID_BATCH])}
+            kwargs: dict[str, Any] = {"filter": expr.ids(ids[start : start + ID_BATCH])}
             if expr.params:
                 kwargs["filter_params"] = expr.params
-            self._run(record.physical, record.config.name, functools.partial(self.client.delete, record.physical,
-                                                                             **kwargs))
+            self._run(
+                record.physical, record.config.name, functools.partial(self.client.delete, record.physical, **kwargs)
+            )
 
     def delete(self, name: str, ids: Iterable[str], *, strict: bool = False) -> DeleteResult:
         record = self._record(name)
@@ -582,13 +689,13 @@ class MilvusStore:
         existing = self._existing(record, ids)
         missing = [i for i in ids if i not in existing]
         if strict and missing:
-            raise ItemsNotFound(f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was "
-                                f"deleted")
+            raise ItemsNotFound(
+                f"{len(missing)} id(s) not in {quoted(name)}, e.g. {quoted(missing[0])}; nothing was deleted"
+            )
         self._delete_ids(record, [i for i in ids if i in existing])
         return DeleteResult(len(existing), missing)
 
-    def get(self, name: str, ids: Iterable[str], include_vectors: bool = False
-            ) -> tuple[list[StoredItem], list[str]]:
+    def get(self, name: str, ids: Iterable[str], include_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         record = self._record(name)
         ids = [validate_id(i) for i in ids]
         fields = ["id", "metadata"] + (["vector"] if include_vectors else [])
@@ -596,17 +703,25 @@ class MilvusStore:
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), ID_BATCH):
             expr = self._expr()
-            flt = expr.ids(unique[start:start + ID_BATCH])
+            flt = expr.ids(unique[start : start + ID_BATCH])
             rows.update((r["id"], r) for r in self._query(record.physical, expr, flt, fields, name))
-        found = [StoredItem(i, dict(rows[i]["metadata"] or {}),
-                            np.asarray(rows[i]["vector"], dtype=np.float32) if include_vectors else None)
-                 for i in ids if i in rows]
+        found = [
+            StoredItem(
+                i,
+                dict(rows[i]["metadata"] or {}),
+                np.asarray(rows[i]["vector"], dtype=np.float32) if include_vectors else None,
+            )
+            for i in ids
+            if i in rows
+        ]
         return found, [i for i in ids if i not in rows]
 
     def thumbnail(self, name: str, item_id: str) -> tuple[str, bytes]:
         self._record(name)
-        raise ItemsNotFound(f"item {quoted(item_id)} of {quoted(name)} has no thumbnail: the milvus back end keeps "
-                            f"none; give items a `uri` metadata field for the search page")
+        raise ItemsNotFound(
+            f"item {quoted(item_id)} of {quoted(name)} has no thumbnail: the milvus back end keeps "
+            f"none; give items a `uri` metadata field for the search page"
+        )
 
     def vector_of(self, name: str, item_id: str) -> np.ndarray:
         items, missing = self.get(name, [item_id], include_vectors=True)
@@ -617,8 +732,13 @@ class MilvusStore:
 
     # -- search ---------------------------------------------------------------------------------
 
-    def search(self, name: str, queries: np.ndarray, options: SearchOptions = SearchOptions(),
-               exclude_ids: Optional[Sequence[Optional[str]]] = None) -> list[list[Hit]]:
+    def search(
+        self,
+        name: str,
+        queries: np.ndarray,
+        options: SearchOptions = DEFAULT_SEARCH,
+        exclude_ids: Sequence[str | None] | None = None,
+    ) -> list[list[Hit]]:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         record = self._record(name)
         queries = prepare_queries(record.config, queries, options, self.max_top_k)
@@ -633,11 +753,17 @@ class MilvusStore:
             return [[] for _ in range(len(queries))]
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         fields = (["metadata"] if include_metadata else []) + (["vector"] if include_vectors else [])
-        kwargs = {"data": queries.tolist(), "anns_field": "vector", "limit": k, "output_fields": fields,
-                  "search_params": {"metric_type": "IP",
-                                    "params": _search_params(record.config.index, k, options.nprobe,
-                                                             options.ef_search)},
-                  "consistency_level": CONSISTENCY}
+        kwargs = {
+            "data": queries.tolist(),
+            "anns_field": "vector",
+            "limit": k,
+            "output_fields": fields,
+            "search_params": {
+                "metric_type": "IP",
+                "params": _search_params(record.config.index, k, options.nprobe, options.ef_search),
+            },
+            "consistency_level": CONSISTENCY,
+        }
         if expression:
             kwargs["filter"] = expression
         if expr.params:
@@ -651,19 +777,24 @@ class MilvusStore:
                 if row["id"] == skip:
                     continue
                 entity = row.get("entity", {})
-                hits.append(Hit(row["id"], float(row["distance"]),
-                                dict(entity.get("metadata") or {}) if include_metadata else None,
-                                np.asarray(entity["vector"], dtype=np.float32) if include_vectors else None))
+                hits.append(
+                    Hit(
+                        row["id"],
+                        float(row["distance"]),
+                        dict(entity.get("metadata") or {}) if include_metadata else None,
+                        np.asarray(entity["vector"], dtype=np.float32) if include_vectors else None,
+                    )
+                )
             results.append(hits[:top_k])
         return results
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+    def wait_loaded(self, timeout: float | None = None) -> bool:
         """Milvus holds the collections: nothing loads in this process."""
         return True
 
-    def checkpoint(self, name: Optional[str] = None) -> None:
+    def checkpoint(self, name: str | None = None) -> None:
         """Seals what was written into indexed segments (Milvus flush). Durability does not depend on it:
         Milvus logs every acknowledged write; unsealed data is searched without its index until Milvus seals it."""
         if name:
@@ -696,12 +827,21 @@ class MilvusStore:
         orphans = sorted(uid for uid in physical - known if _uid_age_ms(uid, now) > ORPHAN_AGE_MS)
         for uid in orphans:
             self._drop_physical(f"embedsvc_{uid}")
-        stray = [r["key"] for r in extras if (uid := r["doc"]["uid"] if r["kind"] == POOLING else r["owner"])
-                 not in known and _uid_age_ms(uid, now) > ORPHAN_AGE_MS]
+        stray = [
+            r["key"]
+            for r in extras
+            if (uid := r["doc"]["uid"] if r["kind"] == POOLING else r["owner"]) not in known
+            and _uid_age_ms(uid, now) > ORPHAN_AGE_MS
+        ]
         self._delete_keys(stray)
         if abandoned or orphans or stray:
-            log.warning("swept %d abandoned creates or drops, %d Milvus collections no catalogue row named and "
-                        "%d stray catalogue rows", len(abandoned), len(orphans), len(stray))
+            log.warning(
+                "swept %d abandoned creates or drops, %d Milvus collections no catalogue row named and "
+                "%d stray catalogue rows",
+                len(abandoned),
+                len(orphans),
+                len(stray),
+            )
 
     def _migrate_legacy_rows(self) -> None:
         """Catalogues of earlier versions keep one row per name, "collection/<name>", which a drop or re-fit
@@ -719,7 +859,7 @@ class MilvusStore:
         self.client.close()
 
 
-def _resolve(rows: list[dict]) -> dict[str, tuple[list[_Record], Optional[_Record]]]:
+def _resolve(rows: list[dict]) -> dict[str, tuple[list[_Record], _Record | None]]:
     """Catalogue rows by collection name: every incarnation row, and the live one with its pooling state."""
     pooling = {r["doc"]["uid"]: r["doc"] for r in rows if r["kind"] == POOLING}
     named: dict[str, list[_Record]] = {}
@@ -731,8 +871,12 @@ def _resolve(rows: list[dict]) -> dict[str, tuple[list[_Record], Optional[_Recor
     for name, records in named.items():
         live = sorted((r for r in records if r.status == LIVE), key=lambda r: r.uid)
         if len(live) > 1:  # only if replicas' clocks disagree by more than the create protocol tolerates
-            log.error("collection %r has %d live incarnations (%s); every replica serves the earliest",
-                      name, len(live), ", ".join(r.uid for r in live))
+            log.error(
+                "collection %r has %d live incarnations (%s); every replica serves the earliest",
+                name,
+                len(live),
+                ", ".join(r.uid for r in live),
+            )
         resolved[name] = (records, live[0] if live else None)
     return resolved
 

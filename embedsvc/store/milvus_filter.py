@@ -9,11 +9,11 @@ templates). The type tags keep True apart from 1 and "1" while 1 == 1.0, as the 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from embedsvc.errors import InvalidInput
 from embedsvc.store.metadata import Condition, Filter, Value
-
 
 
 def tagged_key(key: str, value: Value) -> str:
@@ -23,8 +23,10 @@ def tagged_key(key: str, value: Value) -> str:
 
 
 def filterable(metadata: dict[str, Value]) -> dict[str, Any]:
-    return {tagged_key(k, v): (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-            for k, v in metadata.items()}
+    return {
+        tagged_key(k, v): (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+        for k, v in metadata.items()
+    }
 
 
 def quote(text: str) -> str:
@@ -62,7 +64,7 @@ class Expression:
     def equals(self, key: str, value: Value) -> str:
         return f'filterable["{tagged_key(key, value)}"] == {self.value(value)}'
 
-    def condition(self, condition: Condition) -> Optional[str]:
+    def condition(self, condition: Condition) -> str | None:
         """The condition's expression, or None when it can match nothing (a NaN bound)."""
         if condition.equals is not None:
             return self.equals(condition.key, condition.equals)
@@ -79,7 +81,7 @@ class Expression:
             parts.append(f"{field} {op} {self.value(max(-1.7976931348623157e308, min(1.7976931348623157e308, bound)))}")
         return "(" + " and ".join(parts) + ")"
 
-    def filter(self, flt: Optional[Filter]) -> Optional[str]:
+    def filter(self, flt: Filter | None) -> str | None:
         """'' for no filter, None for one that matches nothing."""
         if flt is None or not flt.must:
             return ""

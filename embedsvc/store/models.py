@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
 from embedsvc.errors import Aborted, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.metadata import Filter
+
 
 class CollectionNotFound(NotFound):
     """No collection of that name."""
@@ -49,8 +51,10 @@ class CollectionConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise InvalidInput(f"collection name {quoted(self.name)} must be 1-64 characters of letters, digits, '_', '.' "
-                               f"or '-', starting with a letter or digit")
+            raise InvalidInput(
+                f"collection name {quoted(self.name)} must be 1-64 characters of letters, digits, '_', '.' "
+                f"or '-', starting with a letter or digit"
+            )
         if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
             raise InvalidInput(f"collection dimension must be 1..65536, got {self.dim}")
 
@@ -63,15 +67,23 @@ class CollectionConfig:
                 f"collection {quoted(self.name)} holds vectors of model {quoted(self.model)} with weights sha256 "
                 f"{self.weights[:12]}, but {quoted(self.model)} now loads {now}; its new vectors would not match "
                 f"the stored ones. Point the model name at the original weights again (models file), or create "
-                f"a new collection and re-index into it")
+                f"a new collection and re-index into it"
+            )
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "model": self.model, "pooling": self.pooling,
-                "pooling_params": dict(self.pooling_params), "metric": self.metric, "index": self.index,
-                **({"weights": self.weights} if self.weights else {})}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "model": self.model,
+            "pooling": self.pooling,
+            "pooling_params": dict(self.pooling_params),
+            "metric": self.metric,
+            "index": self.index,
+            **({"weights": self.weights} if self.weights else {}),
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "CollectionConfig":
+    def from_json(cls, data: dict) -> CollectionConfig:
         """Keys a later version added are ignored, so a data directory or Milvus catalogue it wrote still opens
         here (without what those keys guard)."""
         known = {f.name for f in fields(cls)}
@@ -108,15 +120,15 @@ class Item:
 class StoredItem:
     id: str
     metadata: dict[str, Any]
-    vector: Optional[np.ndarray] = None
+    vector: np.ndarray | None = None
 
 
 @dataclass
 class Hit:
     id: str
     score: float
-    metadata: Optional[dict[str, Any]] = None
-    vector: Optional[np.ndarray] = None
+    metadata: dict[str, Any] | None = None
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +150,9 @@ def validate_id(item_id: Any) -> str:
     if not isinstance(item_id, str) or not item_id:
         raise InvalidInput(f"item id {quoted(item_id)} must be a non-empty string")
     if len(item_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
-        raise InvalidInput(f"item id of {len(item_id.encode('utf-8', 'surrogatepass'))} bytes is over the "
-                           f"{MAX_ID_BYTES}-byte limit")
+        raise InvalidInput(
+            f"item id of {len(item_id.encode('utf-8', 'surrogatepass'))} bytes is over the {MAX_ID_BYTES}-byte limit"
+        )
     try:
         item_id.encode("utf-8")
     except UnicodeEncodeError:
@@ -175,7 +188,7 @@ class SearchOptions:
     # Hits per query, 1..the store's max_top_k.
     top_k: int = 10
     # Conditions every hit's metadata meets; None (or no conditions) for all items.
-    filter: Optional[Filter] = None
+    filter: Filter | None = None
     # IVF lists probed and HNSW candidate list size; 0 = the collection's default.
     nprobe: int = 0
     ef_search: int = 0
@@ -184,11 +197,16 @@ class SearchOptions:
     include_vectors: bool = False
 
 
-def check_incarnation(name: str, current: str, expected: Optional[str]) -> None:
+DEFAULT_SEARCH = SearchOptions()  # frozen: one shared default for every `search(..., options=...)`
+
+
+def check_incarnation(name: str, current: str, expected: str | None) -> None:
     """Writes computed for a collection carry its uid: a dropped and re-created name must not receive them."""
     if expected is not None and expected != current:
-        raise Aborted(f"collection {quoted(name)} was dropped and re-created while this request was computed; "
-                      f"nothing was stored: retry")
+        raise Aborted(
+            f"collection {quoted(name)} was dropped and re-created while this request was computed; "
+            f"nothing was stored: retry"
+        )
 
 
 def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str], np.ndarray, list[dict]]:
@@ -204,8 +222,10 @@ def prepare_items(name: str, config: CollectionConfig, items) -> tuple[list[str]
     arrays = [np.asarray(latest[i].vector) for i in ids]
     for item_id, array in zip(ids, arrays):
         if array.size != config.dim:
-            raise InvalidInput(f"item {quoted(item_id)} has a vector of dimension {array.size}; collection "
-                               f"{quoted(name)} holds vectors of dimension {config.dim}")
+            raise InvalidInput(
+                f"item {quoted(item_id)} has a vector of dimension {array.size}; collection "
+                f"{quoted(name)} holds vectors of dimension {config.dim}"
+            )
     vectors = validate_vectors(np.stack([np.asarray(a, dtype=np.float32).reshape(-1) for a in arrays]), config.dim)
     vectors = prepare_vectors(vectors, config.metric, lambda row: _item_name(ids[row]))
     metadata = [validate_metadata(latest[i].metadata, functools.partial(_item_name, i)) for i in ids]
@@ -222,8 +242,10 @@ def prepare_queries(config: CollectionConfig, queries, options: SearchOptions, m
     if not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
         raise InvalidInput(f"top_k must be between 1 and {max_top_k}, got {top_k}")
     if not 0 <= nprobe <= MAX_NPROBE or not 0 <= ef_search <= MAX_EF_SEARCH:
-        raise InvalidInput(f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
-                           f"(0 = the collection's default), got {nprobe} and {ef_search}")
+        raise InvalidInput(
+            f"search params: nprobe must be 0..{MAX_NPROBE} and ef_search 0..{MAX_EF_SEARCH} "
+            f"(0 = the collection's default), got {nprobe} and {ef_search}"
+        )
     queries = validate_vectors(queries, config.dim, "query")
     return prepare_vectors(queries, config.metric, lambda row: f"query {row}")
 
@@ -237,11 +259,15 @@ def prepare_vectors(vectors: np.ndarray, metric: str, name_of: Callable[[int], s
     if metric == "cosine":
         zero = np.flatnonzero(norms[:, 0] == 0)
         if len(zero):
-            raise InvalidInput(f"{name_of(int(zero[0]))} is a zero vector, which has no direction for cosine similarity")
+            raise InvalidInput(
+                f"{name_of(int(zero[0]))} is a zero vector, which has no direction for cosine similarity"
+            )
         wide /= norms
         return wide.astype(np.float32)
     big = np.flatnonzero(norms[:, 0] > MAX_INNER_PRODUCT_NORM)
     if len(big):
-        raise InvalidInput(f"{name_of(int(big[0]))} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
-                           f"inner products of such vectors overflow float32; scale the vectors down")
+        raise InvalidInput(
+            f"{name_of(int(big[0]))} has norm {norms[big[0], 0]:.3g}, over {MAX_INNER_PRODUCT_NORM:.0e}: "
+            f"inner products of such vectors overflow float32; scale the vectors down"
+        )
     return vectors

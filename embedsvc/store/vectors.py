@@ -23,10 +23,10 @@ import mmap
 import os
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -53,8 +53,16 @@ class VectorFileError(RuntimeError):
 class VectorFile:
     """Rows of one collection's vectors; appends are durable once the wait `append` returns has returned."""
 
-    def __init__(self, folder: Path, collection_id: int, dim: int, layout: Layout, next_label: int,
-                 create: bool = False, populate: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        collection_id: int,
+        dim: int,
+        layout: Layout,
+        next_label: int,
+        create: bool = False,
+        populate: bool = False,
+    ):
         """`populate`: read the rows in and map them now (a start-up's loader thread), so that the first search
         does not fault in every page of the file itself; rows past the committed ones (a crash's leftovers, or
         capacity never written) are cut off first, as `close` does, so that none of them is read in."""
@@ -66,8 +74,9 @@ class VectorFile:
         if layout.base_count:
             self.base_labels = np.load(labels_path, allow_pickle=False)  # small next to the vectors: 8 bytes a row
             if self.base_labels.shape != (layout.base_count,) or self.base_labels.dtype != np.int64:
-                raise VectorFileError(f"{labels_path.name} maps {self.base_labels.shape} labels, the database "
-                                      f"{layout.base_count}")
+                raise VectorFileError(
+                    f"{labels_path.name} maps {self.base_labels.shape} labels, the database {layout.base_count}"
+                )
         else:
             self.base_labels = np.empty(0, dtype=np.int64)
         self.used = self.slot_count(next_label)
@@ -88,13 +97,14 @@ class VectorFile:
         size = os.fstat(self.fd).st_size
         if size < self.used * self.row_bytes:
             os.close(self.fd)
-            raise VectorFileError(f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database "
-                                  f"committed {self.used}")
+            raise VectorFileError(
+                f"vector file {self.path.name} holds {size // self.row_bytes} rows, the database committed {self.used}"
+            )
         if populate and size > self.used * self.row_bytes:
             os.ftruncate(self.fd, self.used * self.row_bytes)
             size = self.used * self.row_bytes
         self.capacity = size // self.row_bytes
-        self.matrix: Optional[np.ndarray]  # None once closed
+        self.matrix: np.ndarray | None  # None once closed
         self._mmap, self.matrix = self._map(self.capacity, populate)
 
     @staticmethod
@@ -108,7 +118,7 @@ class VectorFile:
     def slot_count(self, next_label: int) -> int:
         return self.layout.base_count + max(0, next_label - self.layout.base_label)
 
-    def _map(self, capacity: int, populate: bool = False) -> tuple[Optional[mmap.mmap], np.ndarray]:
+    def _map(self, capacity: int, populate: bool = False) -> tuple[mmap.mmap | None, np.ndarray]:
         """Maps `capacity` rows; `matrix[:used]` are the committed rows, read in place."""
         if not capacity:
             return None, np.empty((0, self.dim), dtype=np.float32)
@@ -212,7 +222,7 @@ class VectorFile:
         try:
             with open(self.file_path(self.folder, self.collection_id, generation), "wb") as f:
                 for start in range(0, len(live_labels), chunk_rows):
-                    f.write(self.vectors(live_labels[start:start + chunk_rows]).data.cast("B"))
+                    f.write(self.vectors(live_labels[start : start + chunk_rows]).data.cast("B"))
                 f.flush()
                 os.fsync(f.fileno())
             return self.write_labels(self.folder, self.collection_id, generation, live_labels, next_label)
@@ -230,8 +240,9 @@ class VectorFile:
         self.labels_path(self.folder, self.collection_id, generation).unlink(missing_ok=True)
 
     @classmethod
-    def write_labels(cls, folder: Path, collection_id: int, generation: int, labels: np.ndarray,
-                     next_label: int) -> Layout:
+    def write_labels(
+        cls, folder: Path, collection_id: int, generation: int, labels: np.ndarray, next_label: int
+    ) -> Layout:
         """The labels of a new generation's rows (ascending), written atomically; returns its layout."""
         if len(labels) and (np.diff(labels) <= 0).any():
             raise VectorFileError("a generation's labels must ascend")
@@ -254,7 +265,7 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _SYNCS[0]
 
 
-def remove_generations(folder: Path, collection_id: int, keep: Optional[int]) -> None:
+def remove_generations(folder: Path, collection_id: int, keep: int | None) -> None:
     """Deletes the collection's vector files of every generation but `keep` (None: all of them)."""
     for path in folder.iterdir():
         match = VECTOR_FILE.fullmatch(path.name)

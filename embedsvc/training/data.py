@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from embedsvc.datasets.manifest import read_manifest
 from embedsvc.datasets.augment import render_augmented
-from embedsvc.datasets.scenes import (generate_scene, lone_object_captions, negative_captions, render_scene,
-                                      scene_captions, true_captions)
+from embedsvc.datasets.manifest import read_manifest
+from embedsvc.datasets.scenes import (
+    generate_scene,
+    lone_object_captions,
+    negative_captions,
+    render_scene,
+    scene_captions,
+    true_captions,
+)
 from embedsvc.encoder.images import decode_image, split_by_resized_size
 from embedsvc.errors import EmbedsvcError, InvalidInput
 from embedsvc.progress import Progress
@@ -61,8 +67,9 @@ class PairData:
             return Batch(self.pixels[index], torch.stack(rows))
         assert self.truth_ids is not None and self.negative_ids is not None  # set with negatives
         negatives = torch.stack([self.negatives[i][pick] for i, pick in zip(index, picks)])
-        mask = negative_mask([self.truth_ids[i] for i in index],
-                             [self.negative_ids[i][pick] for i, pick in zip(index, picks)])
+        mask = negative_mask(
+            [self.truth_ids[i] for i in index], [self.negative_ids[i][pick] for i, pick in zip(index, picks)]
+        )
         return Batch(self.pixels[index], torch.stack(rows), negatives, torch.from_numpy(mask))
 
 
@@ -77,10 +84,13 @@ class Batch:
     # [B, M] bool: True where negative m is true of image b (left out of b's softmax).
     negative_mask: torch.Tensor | None = None
 
-    def to(self, device) -> "Batch":
-        return Batch(self.images.to(device), self.texts.to(device),
-                     None if self.negatives is None else self.negatives.to(device),
-                     None if self.negative_mask is None else self.negative_mask.to(device))
+    def to(self, device) -> Batch:
+        return Batch(
+            self.images.to(device),
+            self.texts.to(device),
+            None if self.negatives is None else self.negatives.to(device),
+            None if self.negative_mask is None else self.negative_mask.to(device),
+        )
 
 
 def negative_mask(truths: list[set], negatives: list) -> np.ndarray:
@@ -106,15 +116,27 @@ def _pixels(images, preprocess: Callable, count: int, what: str) -> torch.Tensor
     return torch.stack(out)
 
 
-def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_size: int, start: int = 0,
-                augment: float = 0.0, negatives: bool = False) -> PairData:
+def scene_pairs(
+    split: str,
+    count: int,
+    preprocess: Callable,
+    tokenizer,
+    image_size: int,
+    start: int = 0,
+    augment: float = 0.0,
+    negatives: bool = False,
+) -> PairData:
     """`augment`: the share of scenes drawn by the augmented renderer instead of the plain one (the
     choice per scene is a fixed function of its index, so a data set is reproducible). `negatives`: also
     one hard negative per caption (one object's shape or colour swapped), and the lone-object captions."""
     scenes = [generate_scene(split, i) for i in range(start, start + count)]
     chosen = np.random.default_rng([len(split), 0xA06]).random(start + count)[start:] < augment
-    pixels = _pixels(((render_augmented if pick else render_scene)(s, image_size) for s, pick in zip(scenes, chosen)),
-                     preprocess, count, f"{split} scenes")
+    pixels = _pixels(
+        ((render_augmented if pick else render_scene)(s, image_size) for s, pick in zip(scenes, chosen)),
+        preprocess,
+        count,
+        f"{split} scenes",
+    )
     if not negatives:
         captions = [tokenizer(scene_captions(s)) for s in scenes]
         return PairData(pixels, captions, [s.id for s in scenes], [s.object_key() for s in scenes])
@@ -125,9 +147,16 @@ def scene_pairs(split: str, count: int, preprocess: Callable, tokenizer, image_s
     def ids_of(captions) -> list[int]:
         return [vocabulary.setdefault(c, len(vocabulary)) for c in captions]
 
-    return PairData(pixels, [tokenizer(t) for t in texts], [s.id for s in scenes], [s.object_key() for s in scenes],
-                    negatives=[tokenizer(f) for f in false], negative_ids=[ids_of(f) for f in false],
-                    truth_ids=[set(ids_of(sorted(true_captions(s)))) for s in scenes], vocabulary=list(vocabulary))
+    return PairData(
+        pixels,
+        [tokenizer(t) for t in texts],
+        [s.id for s in scenes],
+        [s.object_key() for s in scenes],
+        negatives=[tokenizer(f) for f in false],
+        negative_ids=[ids_of(f) for f in false],
+        truth_ids=[set(ids_of(sorted(true_captions(s)))) for s in scenes],
+        vocabulary=list(vocabulary),
+    )
 
 
 LABEL_COLUMNS = ("label", "class")
@@ -177,23 +206,36 @@ def read_manifest_images(manifest: str, short_side: int = 0) -> ManifestImages:
         log.warning("skipped %s: %s", path, reason)
     if not images:
         raise InvalidInput(f"manifest {manifest}: no usable image-caption pairs ({len(skipped)} rows skipped)")
-    return ManifestImages(images, captions, ids, skipped,
-                          labels if all(label is not None for label in labels) else None, sources, short_side)
+    return ManifestImages(
+        images,
+        captions,
+        ids,
+        skipped,
+        labels if all(label is not None for label in labels) else None,
+        sources,
+        short_side,
+    )
 
 
 def manifest_pairs(rows: ManifestImages, preprocess: Callable, tokenizer, short_side: int) -> PairData:
     """The model's tensors for rows read by `read_manifest_images`. An image that the resize (shorter side
     to `short_side`) would blow past the pixel limit is skipped, as the server refuses it."""
     if rows.short_side and rows.short_side < short_side:
-        raise InvalidInput(f"images were decoded for a {rows.short_side}-pixel input, the model takes {short_side}: "
-                           f"read the manifest with read_manifest_images(path, {short_side})")
+        raise InvalidInput(
+            f"images were decoded for a {rows.short_side}-pixel input, the model takes {short_side}: "
+            f"read the manifest with read_manifest_images(path, {short_side})"
+        )
     keep, refused = split_by_resized_size(rows.images, short_side)
     skipped = list(rows.skipped) + [(rows.sources[i], reason) for i, reason in refused.items()]
     for i, reason in refused.items():
         log.warning("skipped %s: %s", rows.sources[i], reason)
     if not keep:
         raise InvalidInput(f"no usable image-caption pairs ({len(skipped)} rows skipped)")
-    return PairData(_pixels([rows.images[i] for i in keep], preprocess, len(keep), "manifest images"),
-                    [tokenizer([rows.captions[i]]) for i in keep],
-                    [rows.ids[i] for i in keep], None, skipped,
-                    [rows.labels[i] for i in keep] if rows.labels else None)
+    return PairData(
+        _pixels([rows.images[i] for i in keep], preprocess, len(keep), "manifest images"),
+        [tokenizer([rows.captions[i]]) for i in keep],
+        [rows.ids[i] for i in keep],
+        None,
+        skipped,
+        [rows.labels[i] for i in keep] if rows.labels else None,
+    )

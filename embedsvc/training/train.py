@@ -15,7 +15,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -24,9 +23,9 @@ import torch.nn.functional as F
 from embedsvc.encoder.encoder import text_forward, text_tower
 from embedsvc.encoder.token_modes import FINAL, vit_forward
 from embedsvc.errors import InvalidInput
+from embedsvc.eval import TASKS, cross_modal_metrics, not_measured
 from embedsvc.pooling.functional import masked_max, masked_mean, signed_gem
 from embedsvc.progress import Progress
-from embedsvc.eval import TASKS, cross_modal_metrics, not_measured
 from embedsvc.training.data import PairData, manifest_pairs, read_manifest_images, scene_pairs
 
 log = logging.getLogger(__name__)
@@ -37,14 +36,14 @@ class TrainConfig:
     """What `embedsvc train` trains, on what, for how long."""
 
     # open_clip model config JSON (registered under its file stem); or None to use `architecture`.
-    config_file: Optional[str] = None
+    config_file: str | None = None
     # Built-in open_clip architecture, used when config_file is None.
     architecture: str = "ViT-B-32"
     # Registered model to start from (its architecture and weights; the CLI's `--init` option group
     # registers it); None trains from random initialisation.
-    init: Optional[str] = None
+    init: str | None = None
     # Name of the trained model (output file stems). Default: the architecture name.
-    name: Optional[str] = None
+    name: str | None = None
     # Image pooling the model is trained with: "cls" (CLS token, classic CLIP) or "avg" (mean of patches).
     image_pool: str = "cls"
     # "scenes" (the built-in generator) or the path of a CSV/JSONL manifest of image paths and captions.
@@ -66,7 +65,7 @@ class TrainConfig:
     # Held-out pairs for the recall in the model card: the scenes test split, or a slice of the manifest.
     eval_size: int = 1000
     # A separate manifest to evaluate on (its first eval_size usable rows); training then uses all of `data`.
-    eval_data: Optional[str] = None
+    eval_data: str | None = None
     # Optimiser steps.
     steps: int = 2000
     # Pairs per step (the contrastive batch).
@@ -181,8 +180,11 @@ def _build_from(config: TrainConfig, device: torch.device):
     assert config.init is not None  # _build comes here for --init
     spec = get_model_spec(config.init)
     loaded = load_model(spec, device=str(device), precision="fp32")
-    model_cfg = json.loads(Path(spec.config_file).read_text()) if spec.config_file else \
-        open_clip.get_model_config(spec.architecture)
+    model_cfg = (
+        json.loads(Path(spec.config_file).read_text())
+        if spec.config_file
+        else open_clip.get_model_config(spec.architecture)
+    )
     name = config.name or spec.architecture
     config_file = _register_output_config(config, name, model_cfg)
     for p in loaded.model.parameters():
@@ -196,7 +198,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "bias" in n or "ln" in n or "logit_scale" in n or "embedding" in n else decay).append(p)
+        (
+            no_decay if p.ndim < 2 or "bias" in n or "ln" in n or "logit_scale" in n or "embedding" in n else decay
+        ).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -214,12 +218,13 @@ def evaluate(model, data: PairData, device: torch.device, batch: int = 256) -> d
     model.eval()
     images, texts = [], []
     for start in range(0, len(data), batch):
-        images.append(F.normalize(model.encode_image(data.pixels[start:start + batch].to(device)), dim=-1).cpu())
-        ids = torch.stack([c[0] for c in data.captions[start:start + batch]]).to(device)
+        images.append(F.normalize(model.encode_image(data.pixels[start : start + batch].to(device)), dim=-1).cpu())
+        ids = torch.stack([c[0] for c in data.captions[start : start + batch]]).to(device)
         texts.append(F.normalize(model.encode_text(ids), dim=-1).cpu())
     captions = [c[0].numpy().tobytes() for c in data.captions]  # identical token ids: identical texts
-    metrics = cross_modal_metrics(torch.cat(images).numpy(), torch.cat(texts).numpy(), captions=captions,
-                                  labels=data.labels, image_keys=data.keys)
+    metrics = cross_modal_metrics(
+        torch.cat(images).numpy(), torch.cat(texts).numpy(), captions=captions, labels=data.labels, image_keys=data.keys
+    )
     return {k: v.as_dict() for k, v in metrics.items()}
 
 
@@ -257,36 +262,61 @@ def train(config: TrainConfig) -> TrainResult:
 
     log.info("preparing data (%s)", config.data)
     if config.data == "scenes":
-        train_data = scene_pairs("train", config.train_size, preprocess, tokenizer, image_size,
-                                 augment=config.augment, negatives=bool(config.hard_negatives))
+        train_data = scene_pairs(
+            "train",
+            config.train_size,
+            preprocess,
+            tokenizer,
+            image_size,
+            augment=config.augment,
+            negatives=bool(config.hard_negatives),
+        )
         eval_data = scene_pairs("test", config.eval_size, preprocess, tokenizer, image_size)
-        data_desc = (f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
-                     f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: "
-                     f"{config.eval_size} scenes of split 'test'")
+        data_desc = (
+            f"generated scenes: {config.train_size} training scenes (split 'train', seeds 0.."
+            f"{config.train_size - 1}, {config.augment:.0%} drawn by the augmented renderer); held-out: "
+            f"{config.eval_size} scenes of split 'test'"
+        )
     elif config.eval_data:
         assert train_rows is not None and eval_rows is not None  # read above (nothing usable: refused there)
         train_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         eval_data = manifest_pairs(eval_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(eval_data))
-        eval_data = PairData(eval_data.pixels[:n_eval], eval_data.captions[:n_eval], eval_data.ids[:n_eval], None,
-                             eval_data.skipped, eval_data.labels[:n_eval] if eval_data.labels else None)
+        eval_data = PairData(
+            eval_data.pixels[:n_eval],
+            eval_data.captions[:n_eval],
+            eval_data.ids[:n_eval],
+            None,
+            eval_data.skipped,
+            eval_data.labels[:n_eval] if eval_data.labels else None,
+        )
         train_data.skipped = train_data.skipped + eval_data.skipped
-        data_desc = (f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
-                     f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped")
+        data_desc = (
+            f"manifest {config.data}: {len(train_data)} training pairs; held out: the first {n_eval} "
+            f"usable rows of {config.eval_data}; {len(train_data.skipped)} rows skipped"
+        )
     else:
         assert train_rows is not None  # read above
         all_data = manifest_pairs(train_rows, preprocess, tokenizer, image_size)
         n_eval = min(config.eval_size, len(all_data) // 5)
         order = np.random.default_rng(config.seed).permutation(len(all_data))
         eval_index, train_index = order[:n_eval].tolist(), order[n_eval:].tolist()
+
         def subset(index):
-            return PairData(all_data.pixels[index], [all_data.captions[i] for i in index],
-                            [all_data.ids[i] for i in index], None,
-                            labels=[all_data.labels[i] for i in index] if all_data.labels else None)
+            return PairData(
+                all_data.pixels[index],
+                [all_data.captions[i] for i in index],
+                [all_data.ids[i] for i in index],
+                None,
+                labels=[all_data.labels[i] for i in index] if all_data.labels else None,
+            )
+
         train_data, eval_data = subset(train_index), subset(eval_index)
         train_data.skipped = all_data.skipped
-        data_desc = (f"manifest {config.data}: {len(train_index)} training pairs, {n_eval} held out, "
-                     f"{len(all_data.skipped)} rows skipped")
+        data_desc = (
+            f"manifest {config.data}: {len(train_index)} training pairs, {n_eval} held out, "
+            f"{len(all_data.skipped)} rows skipped"
+        )
     prep_seconds = time.perf_counter() - started
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -299,8 +329,15 @@ def train(config: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         batch = train_data.sample_batch(rng, config.batch_size, config.primary_share).to(device)
-        loss = _loss(model, batch.images, batch.texts, token_pools, batch.negatives, config.token_loss_weight,
-                     batch.negative_mask)
+        loss = _loss(
+            model,
+            batch.images,
+            batch.texts,
+            token_pools,
+            batch.negatives,
+            config.token_loss_weight,
+            batch.negative_mask,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -310,8 +347,7 @@ def train(config: TrainConfig) -> TrainResult:
         progress.update(step + 1, pairs, f"loss {loss.item():.4f} ")
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             metrics = evaluate(model, eval_data, device)
-            history.append({"step": step + 1, "loss": loss.item(),
-                            "t2i_r1": metrics["text_to_image"]["recall_at_1"]})
+            history.append({"step": step + 1, "loss": loss.item(), "t2i_r1": metrics["text_to_image"]["recall_at_1"]})
             log.info("step %d held-out t2i R@1 %.3f", step + 1, history[-1]["t2i_r1"])
             model.train()
     train_seconds = time.perf_counter() - started - prep_seconds
@@ -327,8 +363,9 @@ def train(config: TrainConfig) -> TrainResult:
     save_file(state, str(checkpoint), metadata={"format": "open_clip state dict", "architecture": name})
     seconds = time.perf_counter() - started
     unmeasured = not_measured(metrics, labels=eval_data.labels is not None, image_keys=eval_data.keys is not None)
-    card = _write_card(out, name, config, data_desc, metrics, history, prep_seconds, train_seconds, device, checkpoint,
-                       unmeasured)
+    card = _write_card(
+        out, name, config, data_desc, metrics, history, prep_seconds, train_seconds, device, checkpoint, unmeasured
+    )
     return TrainResult(checkpoint, config_file, card, metrics, seconds, train_data.skipped)
 
 
@@ -340,16 +377,21 @@ def _token_pools(spec: str, model) -> dict:
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in _TOKEN_POOLS]
     if unknown:
-        raise InvalidInput(f"--token-losses: unknown pooling(s) {', '.join(unknown)}; choose from "
-                           f"{', '.join(_TOKEN_POOLS)}")
+        raise InvalidInput(
+            f"--token-losses: unknown pooling(s) {', '.join(unknown)}; choose from {', '.join(_TOKEN_POOLS)}"
+        )
     if names and not hasattr(model.visual, "transformer"):
         raise InvalidInput("--token-losses needs a ViT image tower (patch tokens)")
     return {n: _TOKEN_POOLS[n] for n in names}
 
 
-def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-                     negatives: Optional[torch.Tensor] = None,
-                     negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def contrastive_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE (open_clip's ClipLoss on one process) of L2-normalised rows, image i matching text i;
     `negatives` ([M, D]) are extra texts in every image's softmax, except where `negative_mask` ([B, M]) is
     True: a negative that is true of that image."""
@@ -364,9 +406,15 @@ def contrastive_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Ten
     return (F.cross_entropy(image_logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
-          negatives: Optional[torch.Tensor] = None, token_weight: float = 1.0,
-          negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _loss(
+    model,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    token_pools: dict,
+    negatives: torch.Tensor | None = None,
+    token_weight: float = 1.0,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The contrastive loss of the native embeddings plus, per pooling in `token_pools` and weighted by
     `token_weight`, that of the pooled projected image patch tokens against the same pooling of the texts'
     tokens (SOT..EOT): exactly the vectors that pooling gives each modality at serving time. `negatives`:
@@ -378,8 +426,13 @@ def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
 
     def pair(image_vectors, text_vectors):
         text_vectors = F.normalize(text_vectors, dim=-1)
-        return contrastive_loss(F.normalize(image_vectors, dim=-1), text_vectors[:split], logit_scale,
-                                None if negatives is None else text_vectors[split:], negative_mask)
+        return contrastive_loss(
+            F.normalize(image_vectors, dim=-1),
+            text_vectors[:split],
+            logit_scale,
+            None if negatives is None else text_vectors[split:],
+            negative_mask,
+        )
 
     if not token_pools:
         return pair(model.encode_image(images), model.encode_text(all_texts))
@@ -396,40 +449,69 @@ def _loss(model, images: torch.Tensor, texts: torch.Tensor, token_pools: dict,
 def _objective(config: TrainConfig) -> str:
     """The model card's line on what the loss included beyond the native contrastive one."""
     weight = f" (weight {config.token_loss_weight:g})" if config.token_losses and config.token_loss_weight != 1 else ""
-    negatives = ("one per caption (a shape or colour swapped; lone objects also captioned by colour and shape alone)"
-                 if config.hard_negatives else "none")
+    negatives = (
+        "one per caption (a shape or colour swapped; lone objects also captioned by colour and shape alone)"
+        if config.hard_negatives
+        else "none"
+    )
     return f"patch-token losses: {config.token_losses or 'none'}{weight}; hard negatives: {negatives}"
 
 
-def _card_row(task: str, m: Optional[dict], reason: str) -> str:
+def _card_row(task: str, m: dict | None, reason: str) -> str:
     """One task's row of the card's table; a task that was not measured says so and why, never 0.000."""
     if m is None:
         return f"| {task} | not measured: {reason} | | | | | | |"
-    return (f"| {task} | {m['recall_at_1']:.3f} ({m['chance_recall_at_1']:.3f}) | {m['recall_at_5']:.3f} "
-            f"({m['chance_recall_at_5']:.3f}) | {m['recall_at_10']:.3f} ({m['chance_recall_at_10']:.3f}) | "
-            f"{m['median_rank']:.0f} ({m['chance_median_rank']:.0f}) | {m['mean_average_precision']:.3f} "
-            f"({m['chance_mean_average_precision']:.3f}) | {m['queries']} | {m['relevant_per_query']:.1f} |")
+    return (
+        f"| {task} | {m['recall_at_1']:.3f} ({m['chance_recall_at_1']:.3f}) | {m['recall_at_5']:.3f} "
+        f"({m['chance_recall_at_5']:.3f}) | {m['recall_at_10']:.3f} ({m['chance_recall_at_10']:.3f}) | "
+        f"{m['median_rank']:.0f} ({m['chance_median_rank']:.0f}) | {m['mean_average_precision']:.3f} "
+        f"({m['chance_mean_average_precision']:.3f}) | {m['queries']} | {m['relevant_per_query']:.1f} |"
+    )
 
 
-def _write_card(out: Path, name: str, config: TrainConfig, data_desc: str, metrics: dict, history: list,
-                prep_seconds: float, train_seconds: float, device, checkpoint: Path,
-                unmeasured: Optional[dict[str, str]] = None) -> Path:
+def _write_card(
+    out: Path,
+    name: str,
+    config: TrainConfig,
+    data_desc: str,
+    metrics: dict,
+    history: list,
+    prep_seconds: float,
+    train_seconds: float,
+    device,
+    checkpoint: Path,
+    unmeasured: dict[str, str] | None = None,
+) -> Path:
     """model_card.json and model_card.md; `unmeasured`: why each task absent from `metrics` was not measured."""
     unmeasured = unmeasured or {}
     info = {
-        "name": name, "config": asdict(config), "data": data_desc, "device": str(device),
-        "torch_threads": torch.get_num_threads(), "data_seconds": round(prep_seconds, 1),
-        "train_seconds": round(train_seconds, 1), "checkpoint_bytes": checkpoint.stat().st_size,
-        "held_out": metrics, **({"not_measured": unmeasured} if unmeasured else {}), "history": history,
+        "name": name,
+        "config": asdict(config),
+        "data": data_desc,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "data_seconds": round(prep_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "checkpoint_bytes": checkpoint.stat().st_size,
+        "held_out": metrics,
+        **({"not_measured": unmeasured} if unmeasured else {}),
+        "history": history,
     }
     (out / "model_card.json").write_text(json.dumps(info, indent=2) + "\n")
-    rows = "\n".join(_card_row(task, metrics.get(task), unmeasured.get(task, "no query to measure"))
-                     for task in TASKS if task in metrics or task in unmeasured)
+    rows = "\n".join(
+        _card_row(task, metrics.get(task), unmeasured.get(task, "no query to measure"))
+        for task in TASKS
+        if task in metrics or task in unmeasured
+    )
     card = out / "model_card.md"
-    steps = (f"{config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, "
-             f"seed {config.seed}")
-    machine = (f"{device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training "
-               f"{train_seconds / 60:.1f} min")
+    steps = (
+        f"{config.steps} x batch {config.batch_size}, peak lr {config.lr}, weight decay {config.weight_decay}, "
+        f"seed {config.seed}"
+    )
+    machine = (
+        f"{device}, {torch.get_num_threads()} threads; data preparation {prep_seconds:.0f} s, training "
+        f"{train_seconds / 60:.1f} min"
+    )
     card.write_text(f"""# {name}
 
 Trained with `embedsvc train` (the CLIP contrastive loss, AdamW, warm-up + cosine schedule).

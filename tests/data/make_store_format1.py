@@ -31,7 +31,7 @@ def main(path: str) -> None:
     for name in ("flat", "graph"):
         store.upsert(name, [Item(*item(i)) for i in range(200)])
         store.checkpoint(name)  # the checkpoint covers these; what follows is in the log only
-        store.upsert(name, [Item(*item(i, 1)) for i in range(0, 40)])  # replaced
+        store.upsert(name, [Item(*item(i, 1)) for i in range(40)])  # replaced
         store.delete(name, [item(i)[0] for i in range(40, 60)])
         store.upsert(name, [Item(*item(i)) for i in range(200, 230)])
     store.close(checkpoint=False)
