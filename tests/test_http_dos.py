@@ -842,3 +842,43 @@ def test_http_requests_take_the_admission_slots_grpc_calls_take(tiny_spec, tmp_p
             assert openai.status_code == 429 and "server busy" in openai.json()["error"]["message"]  # OpenAI's too
             assert running.result().vectors["cls"].shape[0] == 1
             assert len(waiting.result().json()["results"]) == 1
+
+
+def _partial_body(port: int, length: int, sent: int) -> socket.socket:
+    """A connection that has sent the headers of a search of `length` bytes and `sent` of its bytes, no more."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        f"POST /v1/collections/v/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+        + b" " * sent
+    )
+    return sock
+
+
+def test_the_bytes_of_large_bodies_held_at_once_are_bounded(tiny_spec, tmp_path):
+    """Each large body is held whole until its request ends (two parse at a time): without a bound, clients that
+    each send a maximal body (here: all but its last bytes) made the server hold all of them, 86 MB of RSS per
+    32 MiB body, up to http_max_connections of them. Past HELD_BODIES maximal bodies a large one is refused, with
+    RESOURCE_EXHAUSTED; small ones still pass, and once those bodies are gone large ones pass again."""
+    from embedsvc.service.http import HELD_BODIES
+
+    limit = 2 * 1024 * 1024
+    config = tiny_config(
+        tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", max_image_bytes=1024 * 1024, http_max_body_bytes=limit
+    )
+    search = json.dumps({"queries": [{"vector": {"values": [1, 0, 0]}}]}).encode()
+    json_type = {"content-type": "application/json"}
+    with running_server(config) as server, httpx.Client(base_url=server.http_url, timeout=60) as http:
+        assert http.post("/v1/collections", json={"config": {"name": "v", "dim": 3}}).status_code == 200
+        received = server.server.http.api.body_limit
+        with ExitStack() as stack:
+            for _ in range(HELD_BODIES):
+                stack.callback(_partial_body(server.server.http_port, limit, limit - 1000).close)
+            _wait_until(lambda: received.held >= HELD_BODIES * (limit - 1000), 30, "the partial bodies received")
+            refused = http.post("/v1/collections/v/search", content=_padded(search), headers=json_type)
+            assert refused.status_code == 429, refused.text
+            assert "bytes of request bodies" in refused.json()["message"], refused.text
+            assert http.post("/v1/collections/v/search", content=search, headers=json_type).status_code == 200
+        _wait_until(lambda: received.held == 0, 30, "the partial bodies let go")
+        response = http.post("/v1/collections/v/search", content=_padded(search), headers=json_type)
+        assert response.status_code == 200, response.text

@@ -43,6 +43,7 @@ from embedsvc.errors import (
     MisdirectedRequest,
     RequestTimedOut,
     RequestTooLarge,
+    ResourceExhausted,
     UnsupportedMediaType,
     quoted,
 )
@@ -68,6 +69,7 @@ STATIC = {"app.js": "text/javascript", "style.css": "text/css", "docs.html": "te
 # protobuf response goes through MessageToDict, Python per field, hence the smaller bound.
 INLINE_BYTES = json_body.SMALL  # a request body, or a protobuf response's wire size
 INLINE_DOCUMENT_BYTES = 512 * 1024  # a response document's JSON, as json_body.weight estimates it
+HELD_BODIES = 4  # maximal bodies the server holds at once (two parsing, two waiting); more get RESOURCE_EXHAUSTED
 CODEC_THREADS = 2  # larger bodies parse (and responses render) two at a time, as many worker processes; more wait
 
 
@@ -254,6 +256,21 @@ class BodyLimit:
 
     def __init__(self, app, limit: int, timeout: float):
         self.app, self.limit, self.timeout = app, limit, timeout
+        # Bytes of large bodies (over json_body.SMALL) the server holds, received or being parsed, at most
+        # HELD_BODIES maximal ones: each is held whole until its request ends, so without a bound 2048
+        # connections could make the server hold 64 GiB (measured: 86 MB of RSS per 32 MiB body in flight).
+        self.held, self.most_held = 0, HELD_BODIES * limit
+
+    def _hold(self, size: int, received: int) -> None:
+        """Counts `size` more bytes of a body (`received` so far) against most_held; a large one that would go
+        over is refused with RESOURCE_EXHAUSTED (small ones pass: there are few bytes per connection)."""
+        if received > json_body.SMALL and self.held + size > self.most_held:
+            raise ResourceExhausted(
+                f"the server holds {self.held:,} bytes of request bodies, the most it takes "
+                f"({HELD_BODIES} of http_max_body_bytes); retry shortly, or send less per "
+                f"request"
+            )
+        self.held += size
 
     def _refusal(self, size: str) -> RequestTooLarge:
         return RequestTooLarge(
@@ -269,10 +286,10 @@ class BodyLimit:
             exc = self._refusal(f"{int(length):,}")
             return await error_response(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc)(scope, receive, send)
         loop = asyncio.get_running_loop()
-        deadline, received, whole, late = loop.time() + self.timeout, 0, False, False
+        deadline, received, whole, late, held = loop.time() + self.timeout, 0, False, False, 0
 
         async def limited():
-            nonlocal received, whole, late
+            nonlocal received, whole, late, held
             if whole:  # the body is in: later reads wait for a disconnect, without a deadline
                 return await receive()
             try:
@@ -286,9 +303,12 @@ class BodyLimit:
                 ) from None
             if message["type"] == "http.disconnect":
                 raise Refused(grpc.StatusCode.CANCELLED, "the client closed the connection before its body came")
-            received += len(message.get("body", b""))
+            size = len(message.get("body", b""))
+            received += size
             if received > self.limit:
                 raise self._refusal(f"over {self.limit:,}")
+            self._hold(size, received)
+            held += size
             whole = not message.get("more_body", False)
             return message
 
@@ -297,7 +317,10 @@ class BodyLimit:
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
-        return await self.app(scope, limited, closing)
+        try:
+            return await self.app(scope, limited, closing)
+        finally:
+            self.held -= held  # the request is over: its body is no longer held
 
 
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # every method but GET, HEAD, OPTIONS changes or costs
@@ -476,8 +499,8 @@ class HttpApi:
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         body_types = [(route, e.media_types) for route, e in zip(api_routes, ENDPOINTS)]
         body_types.append((openai_route, openai_api.MEDIA_TYPES))
-        limited = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
-        guarded = BrowserGuard(limited, self.config, self._body_types_of(body_types))
+        self.body_limit = BodyLimit(app, self.config.http_max_body_bytes, self.config.http_body_timeout_seconds)
+        guarded = BrowserGuard(self.body_limit, self.config, self._body_types_of(body_types))
         self.app = openai_api.OpenAIErrors(guarded)  # OpenAI's error bodies on /v1/embeddings, whoever refuses
 
     # -- plumbing -----------------------------------------------------------------------------
