@@ -143,7 +143,9 @@ def test_token_order_invariance(seed, name):
     perm = rng.permutation(9)
     a = pooling(features(tokens, modality=TEXT)).numpy()
     b = pooling(features(tokens[:, perm], modality=TEXT)).numpy()
-    assert np.allclose(a, b, atol=1e-5)
+    # Equal up to float32 rounding of sums taken in another order: NetVLAD's two normalisations amplify it
+    # (seed 143: 1.6e-5 on a value of 0.13), so 1e-5 failed on a draw hypothesis made; a real order effect is O(1).
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_spp_matches_numpy_reference():

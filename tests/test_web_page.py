@@ -77,6 +77,9 @@ def page_of(browser, url: str):
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     page.route("http*://**", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
     page.goto(url + "/")
+    # The page lists the collections after it loads; a search typed before that finds none to search (this
+    # raced on a busy machine: "Pick a collection first." and no hits).
+    page.wait_for_selector("body[data-collections=listed]", state="attached")
     return page
 
 

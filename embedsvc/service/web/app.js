@@ -70,6 +70,7 @@ async function loadCollections() {
     item.append(box, " " + label(c));
     return item;
   }));
+  document.body.dataset.collections = "listed";  // the list (or its error) is shown: scripts may search now
 }
 
 function label(info) {
