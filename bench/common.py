@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 
 
-def start_server(
-    extra: list[str], data_dir: str, env: dict | None = None, command: list[str] | None = None
-) -> tuple[subprocess.Popen, str]:
-    """`embedsvc serve` (or `command`, which prints the same "serving on" line) on a free local port;
-    returns the process and its address."""
-    command = command or [
+def serve_command(data_dir: str, *extra: str) -> list[str]:
+    """`python -m embedsvc serve` on a free local port and `data_dir`: no demo, no metrics, no HTTP (a flag in
+    `extra` given again overrides its default here: argparse keeps the last)."""
+    return [
         sys.executable,
         "-m",
         "embedsvc",
@@ -35,10 +33,16 @@ def start_server(
         "-1",
         "--http-listen",
         "",
-        "--log-level",
-        "WARNING",
         *extra,
     ]
+
+
+def start_server(
+    extra: list[str], data_dir: str, env: dict | None = None, command: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`embedsvc serve` (or `command`, which prints the same "serving on" line) on a free local port;
+    returns the process and its address."""
+    command = command or serve_command(data_dir, "--log-level", "WARNING", *extra)
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     assert proc.stderr is not None  # stderr=PIPE
     for line in proc.stderr:

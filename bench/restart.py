@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import serve_command
 from scale import NAME, queries, vectors_chunk
 
 HERE = Path(__file__).resolve().parent.parent
@@ -67,30 +68,19 @@ def restart(src: Path, data: Path, log_path: Path, search: bool = True) -> dict:
     log = open(log_path, "a")  # noqa: SIM115 - the server's stderr for as long as it runs, closed when it stops
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
+        serve_command(
             str(data),
             "--preload-models",
             "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--http-listen",
-            "127.0.0.1:0",
             "--log-format",
             "text",
             "--log-level",
             "INFO",
+            "--http-listen",
+            "127.0.0.1:0",
             "--faiss-threads",
             "1",
-        ],
+        ),
         stderr=subprocess.PIPE,
         stdout=log,
         text=True,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import serve_command
 
 SEED = 24
 NAME = "scale"
@@ -142,29 +143,7 @@ def start_server(data: Path, log_path: Path, extra: list[str]) -> tuple[subproce
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")  # noqa: SIM115 - the server's log for its lifetime (its stdout and a reader thread)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data),
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--http-listen",
-            "",
-            "--log-format",
-            "text",
-            "--log-level",
-            "INFO",
-            *extra,
-        ],
+        serve_command(str(data), "--preload-models", "", "--log-format", "text", "--log-level", "INFO", *extra),
         stderr=subprocess.PIPE,
         stdout=log,
         text=True,
