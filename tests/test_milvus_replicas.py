@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import png_bytes
-from serving import running_server, tiny_config
+from serving import running_server, serve_once, tiny_config
 
 from embedsvc.client import Client, Item
 from embedsvc.datasets import write_scenes
@@ -494,26 +494,6 @@ def test_index_job_local_milvus_uri_equals_milvus_backed_server(tmp_path):
 )
 def test_bad_milvus_settings_are_clear_startup_errors(tmp_path, args, message):
     args = [a.replace("{port}", str(free_port())) for a in args]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--listen",
-            "127.0.0.1:0",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    result = serve_once(*args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

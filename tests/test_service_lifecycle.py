@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from serving import ServerThread, model_busy, tiny_config, wait_until
+from serving import ServerThread, model_busy, serve_once, tiny_config, wait_until
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
@@ -68,26 +68,7 @@ def test_configuration_page_documents_every_config_field_as_its_comment_says():
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--http-listen",
-            "",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return serve_once("--http-listen", "", *args)
 
 
 def test_port_taken_is_a_clear_startup_error(tmp_path):

@@ -7,13 +7,12 @@ import io
 import json
 import logging
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 from PIL import Image
+from serving import serve_once
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.v1 import embedsvc_pb2 as pb, embedsvc_pb2_grpc as pb_grpc
@@ -221,28 +220,7 @@ def test_jpeg_declaring_more_pixels_than_its_data_is_invalid(client):
 
 
 def _serve(tmp_path, *args, timeout=120):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "d"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return serve_once("--data-dir", str(tmp_path / "d"), *args, timeout=timeout)
 
 
 def _assert_one_line_exit_2(proc, words):

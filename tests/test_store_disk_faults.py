@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import serve_once
 
 import embedsvc.store.local as store_module
 from embedsvc.errors import StorageUnavailable
@@ -211,28 +212,7 @@ def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(
     fill(filler)
     os.truncate(filler, filler.stat().st_size - left)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    proc = serve_once("--data-dir", str(data), env=env)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "free space" in lines[-1] and "move it away" not in lines[-1], lines[-1]

@@ -8,7 +8,6 @@ import functools
 import shutil
 import sqlite3
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import running_server, tiny_config
+from serving import running_server, serve_once, tiny_config
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore
@@ -216,26 +215,7 @@ def problem_lines(stderr: str) -> list[str]:
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "serve",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--listen",
-            "127.0.0.1:0",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return serve_once(*args)
 
 
 def test_corrupt_database_is_one_line_and_exit_2(tmp_path):
