@@ -14,7 +14,9 @@ those extra flags (words NAME=VALUE: environment variables, e.g. --versus GOMP_S
 with the first: an A/B of a server setting in one run. --frontends N,... adds `embedsvc serve --frontends N` per
 N (embedsvc.service.frontends), and with --floor the floor of each: the same front ends before a model process
 that does no work. --raw-decode makes the raw image side decode the PNGs and prepare them too (one thread), as
-the server must.
+the server must. --cpu adds what each item costs in CPU: the raw forward's (this process), the client's (this
+process during served slices: 32 asyncio callers of grpc.aio) and each server's (its process tree), and the ratio
+the machine allows even for a server that cost nothing: cores / ((raw + client CPU per item) x raw items/s).
 
 Cases are callers x inputs per request: 1x1, 8x1, 32x1 and 1x32. For each, the raw forward (the same model
 in this process, preprocessed pixels or tokenized-in-the-call texts, at batch callers*inputs) and the server
@@ -63,6 +65,53 @@ POLICIES = {
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200"},
     "SPIN10K": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "0"},
 }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its descendants (front ends, body workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (ppid, _) in stats.items() if ppid == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def with_cpu(run: Callable[[], tuple[float, list[float]]], server_pid: int | None, sink: list):
+    """`run`, appending (items, this process's CPU s, the server tree's CPU s) of the slice to `sink`."""
+
+    def measured() -> tuple[float, list[float]]:
+        wall, mine, theirs = time.perf_counter(), time.process_time(), tree_cpu_seconds(server_pid or 0)
+        rate, latencies = run()
+        items = rate * (time.perf_counter() - wall)
+        sink.append((items, time.process_time() - mine, tree_cpu_seconds(server_pid or 0) - theirs))
+        return rate, latencies
+
+    return measured
+
+
+def cpu_columns(cpu: dict, runs: dict, keys: list[str]) -> str:
+    """us of CPU per item: raw, client (during the first served system's slices), each server; and the bound."""
+
+    def per_item(key: str, column: int) -> float:
+        return 1e6 * sum(r[column] for r in cpu[key]) / max(sum(r[0] for r in cpu[key]), 1e-9)
+
+    raw_us, client_us = per_item("raw", 1), per_item("served", 1)
+    raw_rate = statistics.median(r for r, _ in runs["raw"])
+    bound = len(os.sched_getaffinity(0)) * 1e6 / ((raw_us + client_us) * raw_rate)
+    return (
+        f" {raw_us:.0f} | {client_us:.0f} | "
+        + " | ".join(f"{per_item(k, 2):.0f}" for k in keys)
+        + f" | {min(bound, 1.0):.2f} |"
+    )
 
 
 def raw_slice(encoder, modality: str, texts, pixels, batch: int, seconds: float, pngs=None):
@@ -127,6 +176,8 @@ def compare(model: str, args) -> None:
         asyncio.set_event_loop(loop)
         stack.callback(loop.close)
 
+        pids: dict[int, int] = {}  # order of start -> server pid (the stubs dict keeps the same order)
+
         def stub_of(command: list[str] | None, extra: list[str], data: str):
             """A started server's stub; the server stops and its channel closes when the block ends. Words of
             `extra` shaped NAME=VALUE set the server's environment, the others are flags."""
@@ -135,6 +186,7 @@ def compare(model: str, args) -> None:
                 flags + [w for w in extra if w.split("=", 1)[0] not in env], data, env=env, command=command
             )
             stack.callback(_stop, proc)
+            pids[len(pids)] = proc.pid
             channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 26)])
             stack.callback(lambda: loop.run_until_complete(channel.close(None)))
             return pb_grpc.EmbedServiceStub(channel)
@@ -153,6 +205,7 @@ def compare(model: str, args) -> None:
                     [*floor_command, "--frontends", str(n), "--model", name, "--models-file", models_file], [], ""
                 )
         extra = [k for k in stubs if k.startswith(("fe", "floor-fe"))]
+        server_pid = dict(zip(stubs, pids.values()))
         print(f"\n## {model} ({name}), torch threads {torch.get_num_threads()}, slice {args.slice}s x {args.reps}")
         print(
             "| case (callers x inputs) | raw items/s | served items/s | served/raw | raw p50/p99 ms "
@@ -160,12 +213,20 @@ def compare(model: str, args) -> None:
             + (" floor items/s | floor p50 ms | bound floor/(raw+floor) |" if args.floor else "")
             + (f" items/s with {args.versus} | with/without |" if args.versus else "")
             + "".join(f" {k} items/s | {k}/raw | {k} p50 ms |" for k in extra)
+            + (
+                " raw CPU us/item | client CPU us/item | "
+                + " | ".join(f"{k} server CPU us/item" for k in stubs)
+                + " | bound by raw + client CPU |"
+                if args.cpu
+                else ""
+            )
         )
         print(
             "|---|---|---|---|---|---|"
             + ("---|---|---|" if args.floor else "")
             + ("---|---|" if args.versus else "")
             + "---|---|---|" * len(extra)
+            + ("---|" * (len(stubs) + 3) if args.cpu else "")
         )
         for modality in args.modalities.split(","):
             for callers, per in selected_cases(args.cases):
@@ -179,6 +240,9 @@ def compare(model: str, args) -> None:
                 for key, stub in stubs.items():
                     loop.run_until_complete(served_slice(stub, reqs, 0))
                     systems[key] = functools.partial(served_blocking, loop, stub, reqs, args.slice)
+                cpu: dict[str, list] = {key: [] for key in systems}
+                if args.cpu:
+                    systems = {k: with_cpu(run, server_pid.get(k), cpu[k]) for k, run in systems.items()}
                 runs = alternate(systems, args.reps)
                 raw_rates, served_rates = [r for r, _ in runs["raw"]], [r for r, _ in runs["served"]]
                 raw_lat = ms([x for _, lat in runs["raw"] for x in lat])
@@ -189,7 +253,8 @@ def compare(model: str, args) -> None:
                     f"| {raw_lat[0]:.2f} / {raw_lat[1]:.2f} | {served_lat[0]:.2f} / {served_lat[1]:.2f} |"
                     + (floor_columns(runs) if args.floor else "")
                     + (versus_columns(runs) if args.versus else "")
-                    + "".join(extra_columns(runs, k) for k in extra),
+                    + "".join(extra_columns(runs, k) for k in extra)
+                    + (cpu_columns(cpu, runs, list(stubs)) if args.cpu else ""),
                     flush=True,
                 )
         print(f"load average during the run (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -316,6 +381,7 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="only these cases, e.g. 32x1,1x32")
     parser.add_argument("--frontends", default="", help="also `embedsvc serve --frontends N` for each N, e.g. 1,2,4")
     parser.add_argument("--raw-decode", action="store_true", help="the raw image side decodes the PNGs too")
+    parser.add_argument("--cpu", action="store_true", help="CPU per item of the forward, the client and each server")
     args = parser.parse_args()
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
     if unknown:
