@@ -5,6 +5,7 @@ and AVIF decode upright under all eight EXIF orientations, under the same safety
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,8 @@ from serving import tiny_server
 from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.datasets.photos import CAMERA_48MP, encode, photo, photo_image
 from embedsvc.encoder import ClipEncoder, decode_image
+from embedsvc.engine.config import EngineConfig
+from embedsvc.engine.engine import check_pixel_budget, decode_for_model
 from embedsvc.errors import ImageDecodeError, ImageTooLarge
 from embedsvc.models import load_model, resolve_model_spec
 from embedsvc.store import LocalStore
@@ -265,20 +268,29 @@ class CountingPool(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-def test_one_photo_is_checked_and_decoded_in_one_trip_through_the_decode_pool(tiny_spec, tmp_path, photos):
+def test_one_photo_is_checked_and_decoded_in_one_trip_through_the_decode_pool(tiny_spec, tmp_path, photos, monkeypatch):
     """A one-photo Embed wakes a decode thread once, not once for the pixel budget and again for the decode (on a
-    busy machine each wake-up waits for a core); its budget is still checked from the header before decoding.
-    A request of several images still checks the whole request's budget before it decodes any."""
+    busy machine each wake-up waits for a core), and reads its header once: its budget is still checked from the
+    header before decoding. A request of several images still checks the whole request's budget before it decodes
+    any."""
     png = io.BytesIO()
     photo_image(0, (2400, 1800)).save(png, format="PNG")
+    opened = []
+    real_open = Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(1)
+        return real_open(*args, **kwargs)
+
     with (
         tiny_server(tiny_spec, tmp_path / "d", max_request_pixels=4_000_000) as server,
         Client(server.address, timeout=120) as client,
     ):
         engine = server.server.engine
         pool = engine.decode_pool = CountingPool(2)
+        monkeypatch.setattr(Image, "open", counting_open)
         client.embed(photos[:1])
-        assert pool.jobs == 1
+        assert pool.jobs == 1 and len(opened) == 1
         client.embed(photos[:2])
         assert pool.jobs == 1 + 3  # the request's budget, then each image
         with pytest.raises(EmbedsvcClientError) as info:  # 4,320,000 decoded pixels, over the budget
@@ -288,3 +300,45 @@ def test_one_photo_is_checked_and_decoded_in_one_trip_through_the_decode_pool(ti
             client.embed([photos[0][:2000]])
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "input 0" in info.value.details
         pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {},
+        {"max_request_pixels": 150_000},  # under a 12 MP JPEG's 1/8 decode (187,500), over a small PNG's
+        {"max_request_pixels": 10_000},
+        {"max_request_pixels": 150_000, "max_image_header_pixels": 1_000_000},
+        {"max_image_pixels": 100_000, "max_request_pixels": 150_000},
+    ],
+)
+def test_a_lone_image_is_refused_or_decoded_as_a_request_of_one_was(photos, limits):
+    """decode_for_model's `lone` (the budget checked on the header the decode opens) gives what the request-wide
+    check before the decode gives, the same error first: for a photo, a truncated one, PNGs, a decoded image and
+    bytes that are no image."""
+    png = io.BytesIO()
+    photo_image(1, (600, 400)).save(png, format="PNG")
+    payloads = [photos[0], photos[0][:2000], png.getvalue(), b"not an image", photo_image(2, (900, 600))]
+    config = EngineConfig(**limits)
+
+    def prepare(image):
+        return torch.from_numpy(np.asarray(image).copy())
+
+    def outcome(run):
+        try:
+            return run()
+        except Exception as exc:  # noqa: BLE001 - the outcome compared is the error itself
+            return type(exc), re.sub(r" at 0x[0-9a-f]+", "", str(exc))  # Pillow names its BytesIO by address
+
+    for payload in payloads:
+
+        def two_steps(payload=payload):
+            check_pixel_budget(config, [payload], 32)
+            return decode_for_model(config, 32, prepare, payload, "input 0")
+
+        expected = outcome(two_steps)
+        got = outcome(lambda payload=payload: decode_for_model(config, 32, prepare, payload, "input 0", lone=True))
+        if isinstance(expected, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and torch.equal(got, expected)
+        else:
+            assert got == expected

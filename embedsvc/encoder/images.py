@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import pillow_heif
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -58,6 +59,7 @@ def decode_image(
     short_side: int = 0,
     max_header_pixels: int = DEFAULT_MAX_HEADER_PIXELS,
     for_model: bool = True,
+    budget: Callable[[int], None] | None = None,
 ) -> Image.Image:
     """Decodes encoded image bytes into an upright RGB image, or raises a typed error.
 
@@ -67,14 +69,16 @@ def decode_image(
     size: its preprocessing resizes the shorter side to it) the image decodes at the size the model needs (see
     the module's doc), and the resized image must fit `max_pixels` too, which bounds extreme aspect ratios (a
     100000x1 strip would become 22,400,000x224); `for_model=False` skips that check (a thumbnail's size).
-    Transparent pixels are composited on white.
+    Transparent pixels are composited on white. `budget`, when given, is called with what `decoded_pixels` would
+    return, from the same opened header and before any other limit is checked (a request's pixel budget, checked
+    without opening a lone image twice); it refuses by raising.
     """
     if not data:
         raise ImageDecodeError(f"image is empty (0 bytes): send the encoded file's bytes ({FORMAT_NAMES})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our header limits decide
-            image = _open(data, max_pixels, short_side, max_header_pixels, for_model)
+            image = _open(data, max_pixels, short_side, max_header_pixels, for_model, budget)
             if getattr(image, "n_frames", 1) > 1 and image.format != "HEIF":
                 image.seek(0)  # animated GIF/WebP/AVIF: the first frame (a HEIF opens at its primary image)
             image.load()
@@ -125,12 +129,31 @@ def _is_heif_family(data: bytes) -> bool:
     return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
-def _open(data: bytes, max_pixels: int, short_side: int, max_header_pixels: int, for_model: bool) -> Image.Image:
+def _open(
+    data: bytes,
+    max_pixels: int,
+    short_side: int,
+    max_header_pixels: int,
+    for_model: bool,
+    budget: Callable[[int], None] | None = None,
+) -> Image.Image:
     """The image opened from its header (no pixel decoded yet), its sizes checked, a JPEG set to decode at the
     smallest DCT scale whose shorter side is still >= short_side. Draft sizes are in the stored orientation:
-    the (short_side, short_side) asked for is the same turned or not."""
+    the (short_side, short_side) asked for is the same turned or not. `budget` gets the pixels it will decode
+    (0 for a JPEG too short for its header, as `decoded_pixels` says) before the limits are checked."""
     image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     declared = width, height = image.size
+    short_of_data = None
+    if image.format in JPEG_FORMATS:
+        try:
+            _check_jpeg_has_data(image, len(data))
+        except ImageDecodeError as exc:  # raised below, after the size limits, which come first
+            short_of_data = exc
+        else:
+            if short_side:
+                image.draft("RGB", (short_side, short_side))  # sets the scale: nothing is decoded yet
+    if budget is not None:
+        budget(0 if short_of_data else image.size[0] * image.size[1])
     if width * height > max_header_pixels:
         raise ImageTooLarge(
             f"image declares {width}x{height} = {width * height:,} pixels, over the limit of {max_header_pixels:,}; "
@@ -138,10 +161,8 @@ def _open(data: bytes, max_pixels: int, short_side: int, max_header_pixels: int,
         )
     if for_model:
         check_resized_size(declared, short_side, max_pixels)
-    if image.format in JPEG_FORMATS:
-        _check_jpeg_has_data(image, len(data))
-        if short_side:
-            image.draft("RGB", (short_side, short_side))
+    if short_of_data:
+        raise short_of_data
     width, height = image.size
     if width * height > max_pixels:
         scaled = f", decoded at {width}x{height}," if image.size != declared else ""

@@ -102,8 +102,10 @@ class DynamicBatcher:
         self.queued_inputs += len(inputs)
         self._queue.extend(pending)
         self._arrived.set()
-        try:
-            results = await asyncio.gather(*(p.future for p in pending))
+        try:  # one part (the usual case) is awaited as is: gather would add a future and a turn of the loop
+            results = (
+                [await pending[0].future] if len(pending) == 1 else await asyncio.gather(*(p.future for p in pending))
+            )
         except BaseException:
             for p in pending:
                 p.future.cancel()  # whatever has not run yet is skipped by the worker

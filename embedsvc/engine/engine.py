@@ -180,13 +180,25 @@ def check_content(config: EngineConfig, content: Content, where: str) -> None:
 
 
 def decode_for_model(
-    config: EngineConfig, short_side: int, prepare: Callable[[Any], torch.Tensor], data: Any, where: str
+    config: EngineConfig,
+    short_side: int,
+    prepare: Callable[[Any], torch.Tensor],
+    data: Any,
+    where: str,
+    lone: bool = False,
 ) -> torch.Tensor:
-    """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`."""
+    """Encoded bytes (or a decoded image) to `prepare`'s tensor at the model's input size `short_side`. With
+    `lone` (the request's only image), the request's pixel budget is checked here, first, from the header this
+    decode opens: `check_pixel_budget` would open it a second time."""
+    budget = functools.partial(_check_budget, config, 1) if lone else None
     try:
         if isinstance(data, (bytes, bytearray)):
-            image = decode_image(bytes(data), config.max_image_pixels, short_side, config.max_image_header_pixels)
+            image = decode_image(
+                bytes(data), config.max_image_pixels, short_side, config.max_image_header_pixels, budget=budget
+            )
         else:  # already decoded (by a bulk job, at its model's size or larger): reduced as decode_image does
+            if budget:
+                budget(data.size[0] * data.size[1])
             check_resized_size(data.size, short_side, config.max_image_pixels)
             image = fit_to_model(data, short_side)
     except InvalidInput as exc:
@@ -201,18 +213,16 @@ def check_pixel_budget(config: EngineConfig, payloads: Sequence[Any], short_side
         decoded_pixels(bytes(p), short_side) if isinstance(p, (bytes, bytearray)) else p.size[0] * p.size[1]
         for p in payloads
     )
+    _check_budget(config, len(payloads), total)
+
+
+def _check_budget(config: EngineConfig, images: int, total: int) -> None:
     if total > config.max_request_pixels:
         raise ResourceExhausted(
-            f"{len(payloads)} images of {total:,} decoded pixels in one request, over the "
+            f"{images} images of {total:,} decoded pixels in one request, over the "
             f"limit of {config.max_request_pixels:,} (max_request_pixels); send fewer "
             f"or smaller images per request"
         )
-
-
-def _after(first: Callable[[], Any], then: Callable[[], Any]) -> Any:
-    """then()'s result, first() run before it (one job for a pool)."""
-    first()
-    return then()
 
 
 FIT_SEED_MAX = 2**31 - 1  # faiss k-means takes a C int seed
@@ -336,8 +346,9 @@ class Engine:
     def _check_content(self, content: Content, where: str) -> None:
         check_content(self.config, content, where)
 
-    def _decode(self, runtime: ModelRuntime, data: Any, where: str) -> torch.Tensor:
-        return decode_for_model(self.config, runtime.encoder.loaded.image_size, runtime.encoder.prepare, data, where)
+    def _decode(self, runtime: ModelRuntime, data: Any, where: str, lone: bool = False) -> torch.Tensor:
+        loaded = runtime.encoder.loaded
+        return decode_for_model(self.config, loaded.image_size, runtime.encoder.prepare, data, where, lone)
 
     def _check_pixel_budget(self, payloads: Sequence[Any], short_side: int) -> None:
         check_pixel_budget(self.config, payloads, short_side)
@@ -349,8 +360,10 @@ class Engine:
         put every later request behind all of them. With a few in flight per request, requests take the
         pool in turns, and a small request waits for about one image per worker, not for a whole batch.
         """
-        gate = asyncio.Semaphore(self.config.decode_workers)
         loop = asyncio.get_running_loop()
+        if len(jobs) == 1:  # no turns to take: one hop to the pool, without a gate, a task and a gather
+            return [await loop.run_in_executor(self.decode_pool, jobs[0])]
+        gate = asyncio.Semaphore(self.config.decode_workers)
 
         async def run(job):
             async with gate:
@@ -366,16 +379,15 @@ class Engine:
     async def _decode_images(self, runtime: ModelRuntime, payloads: list[Any], wheres: list[str]) -> list[Any]:
         """The images' model inputs, the request's pixel budget checked from the headers before any is decoded.
 
-        One image is checked and decoded in one decode-pool job: its own header is read before its pixels, and a
-        second trip through the pool (a wake-up of a niced thread and one of the event loop, each a wait for a
-        core on a busy machine) would cost the one-photo request more than its header check.
+        One image is checked and decoded in one decode-pool job, from one opening of its header (decode_for_model's
+        `lone`): a second trip through the pool (a wake-up of a niced thread and one of the event loop, each a wait
+        for a core on a busy machine) would cost the one-photo request more than its header check.
         """
+        if len(payloads) == 1:
+            return await self._in_decode_pool([functools.partial(self._decode, runtime, payloads[0], wheres[0], True)])
         short_side = runtime.encoder.loaded.image_size
-        check = functools.partial(self._check_pixel_budget, payloads, short_side)
+        await self._in_decode_pool([functools.partial(self._check_pixel_budget, payloads, short_side)])
         decode = [functools.partial(self._decode, runtime, payload, where) for payload, where in zip(payloads, wheres)]
-        if len(decode) == 1:
-            return await self._in_decode_pool([lambda: _after(check, decode[0])])
-        await self._in_decode_pool([check])
         return await self._in_decode_pool(decode)
 
     async def features(
@@ -407,7 +419,8 @@ class Engine:
             jobs.append(runtime.text.submit([c.text for c in contents if isinstance(c, Text)], finish))  # at texts
         if images:
             jobs.append(runtime.image.submit(list(pixels), finish, modes))
-        results = await asyncio.gather(*jobs)
+        # One tower: awaited in this task (gather would wrap it in a task of its own, a turn of the loop more).
+        results = [await jobs[0]] if len(jobs) == 1 else await asyncio.gather(*jobs)
         return [TowerOutput(index, result) for index, result in zip([x for x in (texts, images) if x], results)]
 
     async def pooled(
@@ -420,10 +433,10 @@ class Engine:
     ) -> EmbeddedBatch:
         """Every pooling of every content, as matrices: poolings run in the model thread on whole batches."""
 
-        @torch.inference_mode()
         def finish(f: TokenFeatures) -> PooledPart:
-            counts = f.mask.sum(dim=1).tolist() if f.modality == TEXT else [0] * f.mask.shape[0]
-            pooled = [pooling(f).cpu().numpy() for pooling in poolings]
+            with torch.inference_mode():  # not the decorator: it would wrap a new function on the loop per call
+                counts = f.mask.sum(dim=1).tolist() if f.modality == TEXT else [0] * f.mask.shape[0]
+                pooled = [pooling(f).cpu().numpy() for pooling in poolings]
             return PooledPart(pooled, f.truncated, f if include_tokens else None, counts)
 
         groups = await self.features(runtime, contents, where, finish, poolings)

@@ -8,6 +8,7 @@ L2-normalised here, once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def parse_params(name: str, cls: type, raw: Mapping[str, Any]) -> Any:
     if unknown:
         allowed = ", ".join(fields) or "none"
         raise InvalidPoolingParams(f"{name}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = {}
     for key, value in raw.items():
         values[key] = _coerce(name, key, hints[key], value)
@@ -112,6 +113,13 @@ def parse_params(name: str, cls: type, raw: Mapping[str, Any]) -> Any:
     if hasattr(params, "validate"):
         params.validate()
     return params
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints of a params class, resolved once: it re-evaluates the annotations on every call, and
+    every Embed binds its poolings."""
+    return typing.get_type_hints(cls)
 
 
 def _coerce(name: str, key: str, hint: Any, value: Any) -> Any:

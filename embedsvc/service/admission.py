@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import grpc
 
@@ -86,15 +87,21 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, slots: Slots, message_timeout: float):
         self.slots, self.message_timeout = slots, message_timeout
         self.awaiting_message = 0  # calls waiting for their next request message now (for tests and logs)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method path -> (its handler, the handler wrapping it)
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(WRAPPED_PREFIX) or handler.response_streaming:
             return handler
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:  # the registered handler: its wrapper is made once
+            return cached[1]
         method = details.method.rsplit("/", 1)[-1]
         behaviour = self._streaming(handler, method) if handler.request_streaming else self._unary(handler, method)
         # raw bytes in (deserializer None): parsing happens in _parse
-        return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
+        wrapped = grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
     def _unary(self, handler, method: str):
         async def behaviour(request_iterator, context):
@@ -104,8 +111,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the call ended without a request message"
                 )
             request = await self._parse(handler, raw, context, method)
-            async with self._slot(context, method):
+            await self._take_slot(context, method)  # not `async with self._slot(...)`: no generator per call
+            try:
                 return await handler.unary_unary(request, context)
+            finally:
+                self.slots.release()
 
         return behaviour
 
@@ -161,14 +171,18 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _slot(self, context, method: str):
-        try:
-            await self.slots.acquire()
-        except ResourceExhausted as exc:
-            await self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        await self._take_slot(context, method)
         try:
             yield
         finally:
             self.slots.release()
+
+    async def _take_slot(self, context, method: str) -> None:
+        """Waits for a slot; a call refused for want of one is aborted with RESOURCE_EXHAUSTED."""
+        try:
+            await self.slots.acquire()
+        except ResourceExhausted as exc:
+            await self._refuse(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     @staticmethod
     async def _refuse(context, method: str, code: grpc.StatusCode, message: str):

@@ -36,9 +36,11 @@ def record(engine: Engine, method: str, code: str, seconds: float, peer: str, tr
     """Counts, times and logs one request, whichever transport carried it (metrics keep their labels)."""
     if engine.metrics:
         engine.metrics.record_call(method, code, seconds)
-    log.info(
-        "rpc", extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer, "transport": transport}
-    )
+    if log.isEnabledFor(logging.INFO):  # the record's fields are not made for a level that drops them
+        log.info(
+            "rpc",
+            extra={"rpc": method, "code": code, "ms": round(seconds * 1000, 2), "peer": peer, "transport": transport},
+        )
 
 
 # -- conversions ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -124,15 +125,19 @@ class FrontEngine:
             size, prepare = await self._model(model)
             payloads = [contents[i].data if isinstance(contents[i], ImageBytes) else contents[i].image for i in images]
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.decode_pool, check_pixel_budget, self.limits, payloads, size)
-            pixels = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        self.decode_pool, decode_for_model, self.limits, size, prepare, payload, f"input {i}"
+            if len(images) == 1:  # its budget from the header its decode opens: one trip through the pool
+                decode = functools.partial(decode_for_model, self.limits, size, prepare, payloads[0], lone=True)
+                pixels = [await loop.run_in_executor(self.decode_pool, decode, f"input {images[0]}")]
+            else:
+                await loop.run_in_executor(self.decode_pool, check_pixel_budget, self.limits, payloads, size)
+                pixels = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            self.decode_pool, decode_for_model, self.limits, size, prepare, payload, f"input {i}"
+                        )
+                        for i, payload in zip(images, payloads)
                     )
-                    for i, payload in zip(images, payloads)
                 )
-            )
             for i, tensor in zip(images, pixels):
                 inputs[i] = tensor
         return await self.client.embed(model, list(poolings), inputs)
