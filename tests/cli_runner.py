@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
@@ -64,8 +65,9 @@ def finished(proc: subprocess.Popen, timeout: float = 600) -> subprocess.Complet
 def _run_in_process(argv: list[str], cwd, env) -> subprocess.CompletedProcess:
     from embedsvc.cli import main
 
-    stdout, stderr = _stream("strict"), _stream("backslashreplace")  # the encodings' errors of a child's pipes
-    with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging(stderr):
+    stdout = _RunOutput(sys.stdout, "strict")  # the encodings' errors of a child's pipes
+    stderr = _RunOutput(sys.stderr, "backslashreplace")
+    with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging():
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = stdout, stderr
         try:
@@ -76,20 +78,48 @@ def _run_in_process(argv: list[str], cwd, env) -> subprocess.CompletedProcess:
             traceback.print_exc(file=stderr)
             code = 1
         finally:
-            sys.stdout.flush(), sys.stderr.flush()
             sys.stdout, sys.stderr = saved
-    return subprocess.CompletedProcess(["embedsvc", *argv], code, _text(stdout), _text(stderr))
+    return subprocess.CompletedProcess(["embedsvc", *argv], code, stdout.text(), stderr.text())
 
 
-def _stream(errors: str) -> io.TextIOWrapper:
-    """A text stream over bytes (it has .buffer, and isatty() is False as for a pipe)."""
-    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors=errors, write_through=True)
+class _RunOutput(io.TextIOBase):
+    """sys.stdout or sys.stderr during a run: what the run writes is kept (as text over bytes, with .buffer, not a
+    tty, as a pipe); threads of the test process that were running before it (a fixture's server, whose log lines
+    would reach basicConfig's handler) write where they wrote before, as they are no part of the command."""
 
+    def __init__(self, before, errors: str):
+        self.kept = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors=errors, write_through=True)
+        self.before = before
+        self.others = set(threading.enumerate()) - {threading.current_thread()}
 
-def _text(stream: io.TextIOWrapper) -> str:
-    stream.flush()
-    data = stream.buffer.getvalue()  # type: ignore[attr-defined]  # a BytesIO
-    return data.decode("utf-8", "replace").replace("\r\n", "\n")  # as text=True reads a pipe
+    def _stream(self):
+        return self.before if threading.current_thread() in self.others else self.kept
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def buffer(self):
+        return self.kept.buffer
+
+    @property
+    def encoding(self) -> str:
+        return self.kept.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self.kept.errors
+
+    def text(self) -> str:
+        """What the run wrote, decoded as text=True reads a pipe."""
+        self.kept.flush()
+        return self.kept.buffer.getvalue().decode("utf-8", "replace").replace("\r\n", "\n")  # type: ignore[attr-defined]
 
 
 def _exit_status(code, stderr) -> int:
@@ -122,15 +152,21 @@ def _fresh_warnings(stderr) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _fresh_logging(stderr) -> Iterator[None]:
-    """A root logger without handlers (basicConfig in main() then adds its stderr handler, as in a fresh process);
-    the root's handlers and every existing logger's level put back after."""
+def _fresh_logging() -> Iterator[None]:
+    """Logging as a fresh process has it: a root logger at WARNING without handlers (basicConfig in main() then adds
+    its stderr handler), embedsvc's loggers at NOTSET; the root's handlers and every logger's level put back after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    loggers = {name: lg for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
-    levels = {name: (lg.level, lg.disabled) for name, lg in loggers.items()}
+    # placeholders (a parent name such as "embedsvc", not yet a logger) become loggers at NOTSET, as they were
+    levels = {
+        name: (lg.level, lg.disabled) if isinstance(lg, logging.Logger) else (logging.NOTSET, False)
+        for name, lg in logging.root.manager.loggerDict.items()
+    }
     root.handlers = []
     root.setLevel(logging.WARNING)
+    for name, logger in logging.root.manager.loggerDict.items():  # ours set no level at import
+        if isinstance(logger, logging.Logger) and name.split(".")[0] == "embedsvc":
+            logger.setLevel(logging.NOTSET)
     try:
         yield
     finally:
@@ -139,8 +175,10 @@ def _fresh_logging(stderr) -> Iterator[None]:
         root.handlers = handlers
         root.setLevel(level)
         for name, (lvl, disabled) in levels.items():
-            loggers[name].setLevel(lvl)
-            loggers[name].disabled = disabled
+            logger = logging.root.manager.loggerDict[name]
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(lvl)
+                logger.disabled = disabled
 
 
 @contextlib.contextmanager
