@@ -65,7 +65,8 @@ def finished(proc: subprocess.Popen, timeout: float = 600) -> subprocess.Complet
 def _run_in_process(argv: list[str], cwd, env) -> subprocess.CompletedProcess:
     from embedsvc.cli import main
 
-    stdout = _RunOutput(sys.stdout, "strict")  # the encodings' errors of a child's pipes
+    # a child's pipes: its locale's errors on stdout (strict, surrogateescape under C.UTF-8), backslashreplace on stderr
+    stdout = _RunOutput(sys.stdout, getattr(sys.__stdout__, "errors", None) or "strict")
     stderr = _RunOutput(sys.stderr, "backslashreplace")
     with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging():
         saved = sys.stdout, sys.stderr
