@@ -30,6 +30,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
+from typing import Self
 
 
 def run_cli(
@@ -40,12 +41,14 @@ def run_cli(
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """`embedsvc ARGS...` run to its end: returncode, stdout and stderr (text). `env` is the whole environment, as
-    subprocess.run takes it (None: this process's); `timeout` bounds a child process only."""
+    subprocess.run takes it (None: this process's). Past `timeout` seconds, subprocess.TimeoutExpired: a child is
+    killed; a run in process is sent SIGINT (Ctrl-C: a command stops, `serve` shuts down) when it runs on the main
+    thread, so that a start-up error that regressed into serving fails the test instead of hanging it."""
     if process:
         return subprocess.run(
             [sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
         )
-    return _run_in_process(list(args), cwd, env)
+    return _run_in_process(list(args), cwd, env, timeout)
 
 
 def start_cli(*args: str, **popen) -> subprocess.Popen:
@@ -62,25 +65,62 @@ def finished(proc: subprocess.Popen, timeout: float = 600) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _run_in_process(argv: list[str], cwd, env) -> subprocess.CompletedProcess:
+def _run_in_process(argv: list[str], cwd, env, timeout: float) -> subprocess.CompletedProcess:
     from embedsvc.cli import main
 
     # a child's pipes: its locale's errors on stdout (strict, surrogateescape under C.UTF-8), backslashreplace on stderr
     stdout = _RunOutput(sys.stdout, getattr(sys.__stdout__, "errors", None) or "strict")
     stderr = _RunOutput(sys.stderr, "backslashreplace")
-    with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging():
-        saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = stdout, stderr
-        try:
-            code = main(argv)
-        except SystemExit as exc:  # argparse's errors and --help
-            code = _exit_status(exc.code, stderr)
-        except Exception:  # noqa: BLE001 - uncaught: Python prints the traceback and exits 1
-            traceback.print_exc(file=stderr)
-            code = 1
-        finally:
-            sys.stdout, sys.stderr = saved
+    watchdog = _Watchdog(timeout)
+    try:
+        with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging(), watchdog:
+            saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = stdout, stderr
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's errors and --help
+                code = _exit_status(exc.code, stderr)
+            except Exception:  # noqa: BLE001 - uncaught: Python prints the traceback and exits 1
+                traceback.print_exc(file=stderr)
+                code = 1
+            finally:
+                sys.stdout, sys.stderr = saved
+    except KeyboardInterrupt:
+        if not watchdog.fired:
+            raise
+    if watchdog.fired:
+        raise subprocess.TimeoutExpired(["embedsvc", *argv], timeout, stdout.text(), stderr.text())
     return subprocess.CompletedProcess(["embedsvc", *argv], code, stdout.text(), stderr.text())
+
+
+class _Watchdog:
+    """Sends SIGINT to the main thread if the run outlives `timeout` (on the main thread only: elsewhere a run is
+    not bounded). Python's own SIGINT handler is installed meanwhile (_restored_globals puts the old one back)."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.fired, self.lock, self.running = timeout, False, threading.Lock(), False
+        self.timer: threading.Timer | None = None
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.running = True
+            self.timer = threading.Timer(self.timeout, self._fire)
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.running:
+                self.fired = True
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.running = False
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class _RunOutput(io.TextIOBase):

@@ -44,7 +44,7 @@ def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, t
             client.create_collection("kv", dim=4)
             client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
         # processes of their own: the lock's holder is this process
-        second = serve_once("--data-dir", str(data), timeout=180)
+        second = serve_once("--data-dir", str(data), process=True, timeout=180)
         local = run_cli("index", str(images), "--collection", "kv", "--local", str(data), cwd=tmp_path, process=True)
         for proc in (second, local):
             lines = problem_lines(proc.stderr)
