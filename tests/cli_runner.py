@@ -8,13 +8,16 @@ under Python's default filters (pytest would record them instead), and the log l
 to stderr in a fresh process (pytest's handlers on the root logger would turn basicConfig into a no-op). Global
 state main() changes is put back afterwards: the environment (apply_openmp_defaults), torch's and FAISS's thread
 counts, logger levels and root handlers, the working directory, SIGINT/SIGTERM handlers, and models registered
-with embedsvc or open_clip by the run (the test process's own registrations are visible during it).
+with embedsvc or open_clip by the run (the test process's own registrations are visible during it). Threads that
+were running before the run (a fixture's server) are no part of the command: what they write goes where it went.
 
-process=True: a real `python -m embedsvc` child. Use it where the verdict depends on the process itself: kills and
-signals, what runs at interpreter exit, serving (`serve` stays up until signalled; its start-up errors read
-process state: the data-dir lock held by this test process, OpenMP variables read when torch loads), output written
-by C code to the file descriptors, import-time behaviour (what a command imports, warnings at import), and
-anything run in parallel with other commands or a server in this process that must not share its globals.
+process=True: a real `python -m embedsvc` child (start_cli: one left running). Use it where the verdict depends on
+the process itself: kills and signals, memory limits, what runs at interpreter exit, a `serve` that is to keep
+serving, start-up errors that read process state (the data-dir lock this test process may hold, OpenMP variables
+read when torch loads), output written by C code to the file descriptors, import-time behaviour (what a command
+imports, warnings at import), Ray, and commands run side by side. `serve` start-up errors that depend on none of
+these (bad settings, a taken port, a full disk) run in process (serving.serve_once): a timeout's SIGINT stops
+one that starts serving instead.
 """
 
 from __future__ import annotations

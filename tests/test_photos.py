@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import run_cli
 from PIL import Image, ImageOps
 from serving import tiny_server
 
@@ -195,24 +196,7 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
 
 
 def test_a_negative_reader_count_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "index",
-            str(tmp_path),
-            "--collection",
-            "p=cls",
-            "--local",
-            str(tmp_path / "d"),
-            "--workers",
-            "-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("index", str(tmp_path), "--collection", "p=cls", "--local", str(tmp_path / "d"), "--workers", "-1")
     assert proc.returncode == 2 and "--workers must be at least 1 (or 0 for one per CPU)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
