@@ -22,7 +22,7 @@ from embedsvc.client import Client, EmbedsvcClientError, Item
 from embedsvc.datasets.photos import CAMERA_48MP, encode, photo, photo_image
 from embedsvc.encoder import ClipEncoder, decode_image
 from embedsvc.errors import ImageDecodeError, ImageTooLarge
-from embedsvc.models import load_model, resolve_model_spec
+from embedsvc.models import load_model
 from embedsvc.store import LocalStore
 
 ORIENTATIONS = range(1, 9)
@@ -39,11 +39,6 @@ MEASURED = (
 def photos() -> list[bytes]:
     """Six 12 MP JPEGs (q90) of six different real photos."""
     return [photo(i) for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def vit_b32(vit_b32_checkpoint):
-    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
 
 
 # -- decoding at the model's size ----------------------------------------------------------------------------
