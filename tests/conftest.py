@@ -151,6 +151,15 @@ def vit_b32_checkpoint(model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vit_b32(vit_b32_checkpoint):
+    """ViT-B-32 with random weights from a .pt checkpoint: a full-size ViT, loaded once (3-4 s) for every module."""
+    from embedsvc.encoder import ClipEncoder
+    from embedsvc.models import load_model, resolve_model_spec
+
+    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
+
+
+@pytest.fixture(scope="session")
 def rn50_checkpoint(model_dir) -> Path:
     return _save_random("RN50", model_dir / "RN50.safetensors", seed=2)
 

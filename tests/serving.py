@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
+
+from cli_runner import run_cli
 
 from embedsvc.models import MODEL_REGISTRY, register_model
 from embedsvc.service.config import ServerConfig
@@ -261,9 +262,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, every: 
         time.sleep(every)
 
 
-def serve_once(*args: str, timeout: float = 120, **run: Any) -> subprocess.CompletedProcess:
+def serve_once(*args: str, process: bool = False, timeout: float = 120, **run: Any) -> subprocess.CompletedProcess:
     """`embedsvc serve` run to its exit, for start-up errors: no model preload, no demo, no metrics, a free port;
-    `args` come last (a flag given again wins). `run`: more subprocess.run arguments (env, cwd)."""
-    command = [sys.executable, "-m", "embedsvc", "serve", "--preload-models", "", "--demo-size", "0"]
-    command += ["--metrics-port", "-1", "--listen", "127.0.0.1:0", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **run)
+    `args` come last (a flag given again wins). In this process unless `process` (tests/cli_runner.py says when a
+    process of its own is needed, as for the data-dir lock this process holds); `run`: cwd, env."""
+    command = ["serve", "--preload-models", "", "--demo-size", "0", "--metrics-port", "-1", "--listen", "127.0.0.1:0"]
+    return run_cli(*command, *args, process=process, timeout=timeout, **run)

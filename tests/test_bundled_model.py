@@ -57,10 +57,27 @@ def held_out(encoder):
     return scenes, images
 
 
-def test_held_out_recall_with_cls(encoder, held_out):
+@pytest.fixture(scope="module")
+def held_out_vectors(encoder, held_out):
+    """The held-out captions then images embedded once with every pooling (one forward per tower feeds them all;
+    NetVLAD fitted on 300 training scenes): (poolings, their vectors), cls first."""
+    from embedsvc.pooling import fit_netvlad
+
     scenes, images = held_out
-    result = embed(encoder, [full_caption(s) for s in scenes] + images, [bind_pooling("cls")])
-    texts, pics = result.vectors[0][:HELD_OUT], result.vectors[0][HELD_OUT:]
+    fit_images = [render_scene(generate_scene("train", i), encoder.loaded.image_size) for i in range(300)]
+    fit_features = encoder.encode_images(fit_images)
+    state = fit_netvlad([(fit_features.tokens, fit_features.mask)], clusters=8, seed=0)
+    poolings = [
+        bind_pooling(p, state if p.startswith("netvlad") else None)
+        for p in ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp")
+    ]
+    return poolings, embed(encoder, [full_caption(s) for s in scenes] + images, poolings).vectors
+
+
+def test_held_out_recall_with_cls(held_out, held_out_vectors, encoder):
+    scenes, _ = held_out
+    _, vectors = held_out_vectors  # cls first
+    texts, pics = vectors[0][:HELD_OUT], vectors[0][HELD_OUT:]
     metrics = cross_modal_metrics(
         pics, texts, captions=[full_caption(s) for s in scenes], image_keys=[s.object_key() for s in scenes]
     )
@@ -74,23 +91,14 @@ def test_held_out_recall_with_cls(encoder, held_out):
     assert i2t.recall_at_1 >= 0.80
 
 
-def test_every_pooling_reports_held_out_recall(encoder, held_out):
+def test_every_pooling_reports_held_out_recall(encoder, held_out, held_out_vectors):
     """Figures for the closing note and docs/models.md, each pooling held to its model's floor."""
-    from embedsvc.pooling import fit_netvlad
-
-    scenes, images = held_out
-    fit_images = [render_scene(generate_scene("train", i), encoder.loaded.image_size) for i in range(300)]
-    fit_features = encoder.encode_images(fit_images)
-    state = fit_netvlad([(fit_features.tokens, fit_features.mask)], clusters=8, seed=0)
-    poolings = [
-        bind_pooling(p, state if p.startswith("netvlad") else None)
-        for p in ("cls", "avg", "max", "gem:p=3", "netvlad:clusters=8", "spp")
-    ]
-    result = embed(encoder, [full_caption(s) for s in scenes] + images, poolings)
+    scenes, _ = held_out
+    poolings, all_vectors = held_out_vectors
     keys = [s.object_key() for s in scenes]
     captions = [full_caption(s) for s in scenes]  # 961 distinct of 1000: identical captions are one text
     lines = []
-    for pooling, vectors in zip(poolings, result.vectors):
+    for pooling, vectors in zip(poolings, all_vectors):
         m = cross_modal_metrics(vectors[HELD_OUT:], vectors[:HELD_OUT], captions=captions, image_keys=keys)
         t2i, i2t, i2i = m["text_to_image"], m["image_to_text"], m["image_to_image"]
         lines.append(

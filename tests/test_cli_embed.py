@@ -1,20 +1,15 @@
-"""`embedsvc embed` as a user runs it: a real subprocess, real checkpoints, JSON compared to open_clip."""
+"""`embedsvc embed` as a user runs it (tests/cli_runner.py): real checkpoints, JSON compared to open_clip."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import run_cli
 from conftest import png_bytes
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_spec", "tiny_rn_spec"])  # a ViT and a ModifiedResNet tower

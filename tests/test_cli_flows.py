@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import finished, run_cli, start_cli
 from serving import running_server
 
 from embedsvc.datasets import write_scenes
@@ -20,10 +21,6 @@ from embedsvc.errors import AlreadyExists
 from embedsvc.service.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def server_config(data_dir) -> ServerConfig:
@@ -52,7 +49,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
-        proc = cli(
+        proc = run_cli(
             "index",
             str(scenes),
             "--collection",
@@ -65,28 +62,30 @@ def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         assert "fitting the pooling of 'pv' on 20 sample images" in proc.stderr and "indexed 40" in proc.stdout
-        found = hits(cli("search", "pv", "--text", "a small red circle", "-k", "5", "--json", *address))
+        found = hits(run_cli("search", "pv", "--text", "a small red circle", "-k", "5", "--json", *address))
         assert len(found) == 5 and all(h["metadata"]["caption"] for h in found)
 
         # an empty NetVLAD collection: searching says how to fit it; `collections fit` fits it
-        assert cli("collections", "create", "pn", "--pooling", "netvlad:clusters=4", *address).returncode == 0
+        assert run_cli("collections", "create", "pn", "--pooling", "netvlad:clusters=4", *address).returncode == 0
         assert_one_line_error(
-            cli("search", "pn", "--text", "a red star", *address),
+            run_cli("search", "pn", "--text", "a red star", *address),
             "FAILED_PRECONDITION",
             "`embedsvc collections fit NAME SOURCE`",
         )
-        proc = cli("collections", "fit", "pn", str(scenes.parent / "images"), "--sample", "12", *address)
+        proc = run_cli("collections", "fit", "pn", str(scenes.parent / "images"), "--sample", "12", *address)
         assert proc.returncode == 0 and "fitted pn on 12 images" in proc.stdout, proc.stderr
-        listed = cli("collections", "list", *address).stdout
+        listed = run_cli("collections", "list", *address).stdout
         assert re.search(r"pn\titems=0\t.*pooling=netvlad", listed), listed
         assert (
-            cli("index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"), *address).returncode
+            run_cli(
+                "index", str(scenes), "--collection", "pn", "--report", str(tmp_path / "r3.jsonl"), *address
+            ).returncode
             == 0
         )  # fitted: no refit
-        assert len(hits(cli("search", "pn", "--text", "a blue square", "--json", *address))) == 10
+        assert len(hits(run_cli("search", "pn", "--text", "a blue square", "--json", *address))) == 10
 
     local = tmp_path / "local"
-    proc = cli(
+    proc = run_cli(
         "index",
         str(scenes),
         "--collection",
@@ -101,7 +100,7 @@ def test_netvlad_end_to_end_through_a_server_and_locally(scenes, tmp_path):
     assert proc.returncode == 0 and "fitting the pooling of 'lv'" in proc.stderr, proc.stderr
     with running_server(server_config(local)) as server:
         found = hits(
-            cli("search", "lv", "--text", "a large green star", "-k", "3", "--json", "--address", server.address)
+            run_cli("search", "lv", "--text", "a large green star", "-k", "3", "--json", "--address", server.address)
         )
         assert len(found) == 3
 
@@ -133,13 +132,13 @@ def test_typed_filters_on_csv_and_jsonl_manifests(scenes, tmp_path):
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
         for name, manifest in (("fromcsv", csv_manifest), ("fromjsonl", jsonl_manifest)):
-            proc = cli(
+            proc = run_cli(
                 "index", str(manifest), "--collection", f"{name}=cls", "--report", str(tmp_path / "r.jsonl"), *address
             )
             assert proc.returncode == 0, proc.stderr
 
             def search(flt, name=name):
-                return cli("search", name, "--text", "item", "--filter", flt, "--json", *address)
+                return run_cli("search", name, "--text", "item", "--filter", flt, "--json", *address)
 
             # label: numbers (7 = items 2 and 7); tag: strings ("7" on odd items with i % 5 == 2: item 7)
             assert sorted(h["id"] for h in hits(search("label=7"))) == ["item-2", "item-7"]
@@ -169,13 +168,13 @@ def test_filter_grammar_ranges_unknown_keys_and_bad_text(scenes, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with running_server(server_config(tmp_path / "served")) as server:
         address = ["--address", server.address]
-        proc = cli(
+        proc = run_cli(
             "index", str(manifest), "--collection", "orders=cls", "--report", str(tmp_path / "r.jsonl"), *address
         )
         assert proc.returncode == 0, proc.stderr
 
         def search(*filters):
-            return cli(
+            return run_cli(
                 "search",
                 "orders",
                 "--text",
@@ -223,9 +222,11 @@ def error_server(tmp_path_factory):
 
 
 def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp_path):
-    """Every documented CLI error case (docs/errors.md, "The CLI"), run as a user runs it, in parallel."""
+    """Every documented CLI error case (docs/errors.md, "The CLI"), run as a user runs it (in this process; one also
+    as `python -m embedsvc`, through the entry point's exit status; a process that imports torch and ends in one
+    line is test_integrity_data's `index --local`)."""
     address = ["--address", error_server.address]
-    assert cli("collections", "create", "plain", *address).returncode == 0
+    assert run_cli("collections", "create", "plain", *address).returncode == 0
     cases = [
         (["search", "nosuch", "--text", "x", *address], "NOT_FOUND"),
         (["search", "plain", "--text", "x", "--filter", "novalue", *address], "KEY=VALUE"),
@@ -245,15 +246,11 @@ def test_user_errors_are_one_line_on_stderr_and_exit_2(error_server, scenes, tmp
             "does not exist",
         ),
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "embedsvc", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for args, _ in cases
-    ]
-    for (args, fragment), proc in zip(cases, procs):
-        out, err = proc.communicate(timeout=600)
-        assert_one_line_error(subprocess.CompletedProcess(args, proc.returncode, out, err), fragment)
+    unreachable = 3  # a remote command: the process imports no torch
+    process = start_cli(*cases[unreachable][0])
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(*args), fragment)
+    assert_one_line_error(finished(process), cases[unreachable][1])
 
 
 def test_every_command_a_message_names_exists():
@@ -335,17 +332,11 @@ def test_models_file_names_a_model_by_flag_or_environment(tiny_spec, scenes, tmp
         )
     )
     env = {**os.environ, "EMBEDSVC_MODELS_FILE": str(models)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "embedsvc", "embed", "--model", "mine", "--text", "hi", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = run_cli("embed", "--model", "mine", "--text", "hi", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["model"] == "mine" and len(out["results"][0]["embeddings"]["cls"]) == 32
-    proc = cli(
+    proc = run_cli(
         "compare",
         "--model",
         "mine",
@@ -396,37 +387,15 @@ def test_index_into_an_existing_collection_of_another_definition_is_an_error(err
     )
     store.close(checkpoint=False)
     where = {"server": {"address": error_server.address}, "local": {"local": str(data)}}
-    # as a user runs it: one line, exit 2
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "embedsvc",
-                "index",
-                images,
-                "--collection",
-                "shaped=avg",
-                "--report",
-                report,
-                *(f"--{k}", v),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for k, v in (("address", error_server.address), ("local", str(data)))
-    ]
     for (target, options, have, want), (mode, sink) in itertools.product(MISMATCHES, where.items()):
         with pytest.raises(AlreadyExists) as caught:
             run_index(IndexJob(images, [target], report=report, **sink, **options))
         assert f"collection '{target.partition('=')[0]}' exists with {have}, but this job asks for {want}" in str(
             caught.value
         ), (mode, str(caught.value))
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
+    for k, v in (("address", error_server.address), ("local", str(data))):  # as a user runs it: one line, exit 2
         assert_one_line_error(
-            subprocess.CompletedProcess([], proc.returncode, out, err),
+            run_cli("index", images, "--collection", "shaped=avg", "--report", report, f"--{k}", v),
             "collection 'shaped' exists with pooling cls, but this job asks for pooling avg",
         )
     with Client(error_server.address) as client:

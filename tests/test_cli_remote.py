@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from conftest import png_bytes
 
 from embedsvc.datasets import write_scenes
@@ -18,14 +18,9 @@ TOKEN = "t" * 24
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`embedsvc ARGS` with only `env`'s address and token variables (none of this process's)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("EMBEDSVC_ADDRESS", "EMBEDSVC_TOKEN")}
-    return subprocess.run(
-        [sys.executable, "-m", "embedsvc", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**environment, **(env or {})},
-    )
+    return run_cli(*args, env={**environment, **(env or {})})
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -3,37 +3,28 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from cli_runner import run_cli
 
 
 @pytest.mark.slow  # 1000 scenes, four poolings, plots (239 s measured on 2 shared cores)
 def test_compare_on_scenes(tmp_path):
     out = tmp_path / "cmp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "compare",
-            "--out-dir",
-            str(out),
-            "--model",
-            "embedsvc-tiny-scenes",
-            "--pooling",
-            "cls",
-            "--pooling",
-            "avg",
-            "--pooling",
-            "netvlad:clusters=8",
-            "--pooling",
-            "spp:combine=concat",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_cli(
+        "compare",
+        "--out-dir",
+        str(out),
+        "--model",
+        "embedsvc-tiny-scenes",
+        "--pooling",
+        "cls",
+        "--pooling",
+        "avg",
+        "--pooling",
+        "netvlad:clusters=8",
+        "--pooling",
+        "spp:combine=concat",
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "results.json").read_text())

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 
 from embedsvc.models import DEFAULT_MODEL
 
 CLASSES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
 PER_CLASS = 10
 POOLINGS = ["cls", "avg", "max", "gem:p=3", "netvlad:clusters=4", "spp"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

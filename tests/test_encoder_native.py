@@ -16,11 +16,6 @@ TEXTS = ["a small red circle in the top left", "two objects: a blue star and a g
 
 
 @pytest.fixture(scope="module")
-def vit_b32(vit_b32_checkpoint):
-    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
-
-
-@pytest.fixture(scope="module")
 def rn50(rn50_checkpoint):
     return ClipEncoder(load_model(resolve_model_spec("RN50", checkpoint=str(rn50_checkpoint))))
 

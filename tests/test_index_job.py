@@ -7,12 +7,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli, start_cli
 from serving import running_server
 
 from embedsvc.client import Client
@@ -43,14 +43,9 @@ def folder(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
     return root, good, bad
 
 
-def index(*args, cwd) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "embedsvc", "index", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def index(*args, cwd, **options) -> subprocess.CompletedProcess:
+    """`embedsvc index ARGS` run in `cwd` (tests/cli_runner.py; process=True for a process of its own)."""
+    return run_cli("index", *args, cwd=cwd, **options)
 
 
 def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
@@ -68,7 +63,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
         "--workers",
         "2",
     ]
-    first = index(*args, cwd=tmp_path)
+    first = start_cli("index", *args, cwd=tmp_path)  # a process, to be killed
     deadline = time.monotonic() + 240
     for line in first.stderr:  # progress lines: kill once about half is stored
         if line.startswith("indexed ") and int(line.split()[1].split("/")[0]) >= 140:
@@ -85,7 +80,7 @@ def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):
     assert 0 < partial < 292, partial
 
     second = index(*args, cwd=tmp_path)
-    out, err = second.communicate(timeout=600)
+    out, err = second.stdout, second.stderr
     assert second.returncode == 0, err
     assert "failed 8 of 300" in out, out
     present = int(out.split("already present ")[1].split(",")[0])
@@ -108,14 +103,13 @@ def test_remote_index_equals_local(folder, tmp_path):
     for name in sorted(good)[:40]:
         (subset / name).write_bytes((root / name).read_bytes())
     local = index(str(subset), "--collection", "c=gem:p=3", "--local", str(tmp_path / "local"), cwd=tmp_path)
-    assert local.wait(300) == 0, local.stderr.read()
+    assert local.returncode == 0, local.stderr
     config = ServerConfig(
         listen="127.0.0.1:0", data_dir=str(tmp_path / "server"), metrics_port=-1, demo_size=0, log_format="text"
     )
     with running_server(config) as server:
         remote = index(str(subset), "--collection", "c=gem:p=3", "--address", server.address, cwd=tmp_path)
-        out, err = remote.communicate(timeout=300)
-        assert remote.returncode == 0 and "indexed 40" in out, err
+        assert remote.returncode == 0 and "indexed 40" in remote.stdout, remote.stderr
         with Client(server.address) as client:
             remote_items, _ = client.get("c", sorted(good)[:40], include_vectors=True)
     store = LocalStore(tmp_path / "local")
@@ -147,8 +141,9 @@ def test_ray_engine_matches_in_process(folder, tmp_path):
             "--report",
             str(tmp_path / f"{engine}.jsonl"),
             cwd=tmp_path,
+            process=engine == "ray",  # Ray's workers and cluster belong to a process of their own
         )
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.stdout, proc.stderr
         assert proc.returncode == 0, err[-3000:]
         assert "indexed 292" in out and "failed 8 of 300" in out, out
         assert {json.loads(line)["path"] for line in (tmp_path / f"{engine}.jsonl").read_text().splitlines()} == bad
@@ -189,7 +184,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
         add("broken.jpg", b"not a jpeg")
         add("orphan.txt", b"no image here")
     proc = index(str(shard), "--collection", "w=cls", "--local", str(tmp_path / "wds"), cwd=tmp_path)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0 and "indexed 6" in out and "failed 2 of 8" in out, out + err
     store = LocalStore(tmp_path / "wds")
     items, missing = store.get("w", ["sample3"])
@@ -206,7 +201,7 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     )
     pq.write_table(table, tmp_path / "m.parquet")
     proc = index(str(tmp_path / "m.parquet"), "--collection", "p=cls", "--local", str(tmp_path / "pq"), cwd=tmp_path)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0 and "indexed 6" in out, out + err
     store = LocalStore(tmp_path / "pq")
     assert store.get("p", ["p2"])[0][0].metadata == {"album": "x", "caption": "c2"}
@@ -275,26 +270,18 @@ def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_pa
         rows = [{"id": f"row-{k}", "path": path} for k, path in enumerate(sorted(bad))]
         rows += [{"id": f"good-{k}", "path": str(photos / f"good-{k}.png")} for k in range(len(names))]
         (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "index",
-            str(photos if source == "folder" else tmp_path / "rows.jsonl"),
-            "--collection",
-            "c=cls",
-            "--local",
-            str(tmp_path / "d"),
-            "--batch-size",
-            "4",
-            "--engine",
-            engine,
-        ],
+    proc = start_cli(  # a process of its own: its memory is limited
+        "index",
+        str(photos if source == "folder" else tmp_path / "rows.jsonl"),
+        "--collection",
+        "c=cls",
+        "--local",
+        str(tmp_path / "d"),
+        "--batch-size",
+        "4",
+        "--engine",
+        engine,
         cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         preexec_fn=_limited_memory,
     )
     try:
@@ -365,7 +352,7 @@ def test_file_names_no_store_keeps_are_reported_and_odd_names_cannot_forge_stder
     proc = index(
         str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), "--batch-size", "4", cwd=tmp_path
     )
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-3000:]
     assert "indexed 4, already present 0, failed 3 of 7" in out, out + err
     report = {
@@ -532,7 +519,7 @@ def test_a_job_that_stores_nothing_because_every_path_failed_exits_1(tmp_path):
     (photos / "broken.png").write_bytes(b"not a png")
     os.mkfifo(photos / "pipe.jpg")
     proc = index(str(photos), "--collection", "c=cls", "--local", str(tmp_path / "d"), cwd=tmp_path)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 1, out + err
     assert "indexed 0, already present 0, failed 2 of 2" in out, out
     assert "nothing was indexed: all 2 paths failed" in err, err

@@ -14,8 +14,9 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from conftest import png_bytes
-from serving import running_server, tiny_config, tiny_server
+from serving import running_server, serve_once, tiny_config, tiny_server
 from test_store_faults import problem_lines
 
 from embedsvc.client import Client, EmbedsvcClientError, Item
@@ -23,12 +24,6 @@ from embedsvc.errors import DataDirLocked, FailedPrecondition
 from embedsvc.pooling import NetVLADState
 from embedsvc.store import CollectionConfig, Item as StoreItem, LocalStore, SearchOptions
 from embedsvc.store.checkpoint import read_checkpoint, write_checkpoint
-
-
-def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=180, cwd=cwd
-    )
 
 
 def unit(rows: int, dim: int = 4, seed: int = 0) -> np.ndarray:
@@ -48,20 +43,9 @@ def test_second_opener_of_a_live_data_dir_exits_2_naming_the_holder(tiny_spec, t
         with Client(server.address) as client:
             client.create_collection("kv", dim=4)
             client.upsert("kv", [Item("a", vector=[1, 0, 0, 0])])
-        second = cli(
-            "serve",
-            "--data-dir",
-            str(data),
-            "--listen",
-            "127.0.0.1:0",
-            "--preload-models",
-            "",
-            "--demo-size",
-            "0",
-            "--metrics-port",
-            "-1",
-        )
-        local = cli("index", str(images), "--collection", "kv", "--local", str(data), cwd=tmp_path)
+        # processes of their own: the lock's holder is this process
+        second = serve_once("--data-dir", str(data), process=True, timeout=180)
+        local = run_cli("index", str(images), "--collection", "kv", "--local", str(data), cwd=tmp_path, process=True)
         for proc in (second, local):
             lines = problem_lines(proc.stderr)
             assert proc.returncode == 2, proc.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from conftest import png_bytes
 from serving import running_server, serve_once, tiny_config
 
@@ -445,9 +446,7 @@ def test_a_catalogue_in_the_previous_layout_is_moved_to_incarnation_rows(milvus_
 
 
 def index(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "embedsvc", "index", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+    return run_cli("index", *args, cwd=cwd)
 
 
 @pytest.mark.slow  # two index jobs and a server (16 s)

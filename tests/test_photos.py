@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import run_cli
 from PIL import Image, ImageOps
 from serving import tiny_server
 
@@ -24,7 +25,7 @@ from embedsvc.encoder import ClipEncoder, decode_image
 from embedsvc.engine.config import EngineConfig
 from embedsvc.engine.engine import check_pixel_budget, decode_for_model
 from embedsvc.errors import ImageDecodeError, ImageTooLarge
-from embedsvc.models import load_model, resolve_model_spec
+from embedsvc.models import load_model
 from embedsvc.store import LocalStore
 
 ORIENTATIONS = range(1, 9)
@@ -41,11 +42,6 @@ MEASURED = (
 def photos() -> list[bytes]:
     """Six 12 MP JPEGs (q90) of six different real photos."""
     return [photo(i) for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def vit_b32(vit_b32_checkpoint):
-    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
 
 
 # -- decoding at the model's size ----------------------------------------------------------------------------
@@ -198,24 +194,7 @@ def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(t
 
 
 def test_a_negative_reader_count_is_a_clear_error(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedsvc",
-            "index",
-            str(tmp_path),
-            "--collection",
-            "p=cls",
-            "--local",
-            str(tmp_path / "d"),
-            "--workers",
-            "-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("index", str(tmp_path), "--collection", "p=cls", "--local", str(tmp_path / "d"), "--workers", "-1")
     assert proc.returncode == 2 and "--workers must be at least 1 (or 0 for one per CPU)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -211,8 +211,7 @@ def test_serve_on_a_full_disk_exits_2_saying_to_free_space_and_the_data_is_kept(
     filler = tiny_disk / "filler"
     fill(filler)
     os.truncate(filler, filler.stat().st_size - left)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = serve_once("--data-dir", str(data), env=env)
+    proc = serve_once("--data-dir", str(data))
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "free space" in lines[-1] and "move it away" not in lines[-1], lines[-1]

@@ -22,11 +22,6 @@ MODES = ("maskclip", "clearclip", "sclip", "naclip")
 
 
 @pytest.fixture(scope="module")
-def vit_b32(vit_b32_checkpoint):
-    return ClipEncoder(load_model(resolve_model_spec("ViT-B-32", checkpoint=str(vit_b32_checkpoint))))
-
-
-@pytest.fixture(scope="module")
 def pixels(vit_b32):
     from embedsvc.encoder import decode_image
 

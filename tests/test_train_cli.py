@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from conftest import TINY_VIT_CONFIG
 
 from embedsvc.datasets import write_scenes
-
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "embedsvc", *args], capture_output=True, text=True, timeout=600, cwd=cwd
-    )
 
 
 @pytest.mark.slow  # trains (about a minute on 2 cores)
