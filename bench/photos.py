@@ -16,8 +16,8 @@ real photos that scikit-image and scikit-learn ship (embedsvc.datasets.photos). 
 - served Embed of one photo (--requests sequential calls to `embedsvc serve` through embedsvc's Python client,
   as a user makes them: the request built and the vectors read per call), each call followed by its floor in
   this process: the decode floor (in a thread niced as serve's decoders) plus the model's forward at batch 1;
-  p50s, and the p50 of the per-call difference; and the same call to a server that does no work
-  (bench/floor_server.py): what moving the photo through gRPC costs.
+  p50s, and the p50 of the per-call difference (after --warmup untimed calls); and the same call to a server that
+  does no work (bench/floor_server.py): what moving the photo through gRPC costs.
 
 The systems take turns, --reps rounds; ratios are medians with the rounds' min-max.
 """
@@ -223,7 +223,7 @@ def bench_model(model: str, folder: Path, work: Path, photos: list[bytes], args)
     )
     try:
         client, rpc_floor = Client(address, timeout=120), Client(floor_address, timeout=120)
-        request_times(client, rpc_floor, encoder, photos, 2)  # warm
+        request_times(client, rpc_floor, encoder, photos, args.warmup)  # a server in its steady state
         rounds: dict[str, list] = {
             k: [] for k in ("full", "fast", "index", "floor", "served", "decode", "forward", "rpc", "over", "over_rpc")
         }
@@ -320,6 +320,13 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--requests", type=int, default=60, help="sequential Embed calls per round")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=100,
+        help="untimed calls first: a new server's heap grows over its first ~60 photo calls (150-190 page faults "
+        "each), then stays; a served figure without them times a cold server",
+    )
     parser.add_argument("--decodes", type=int, default=10, help="photos timed per round for decode + preprocess")
     parser.add_argument(
         "--parts", default=",".join(PARTS), type=parts, help=f"figures to measure, comma-separated: {', '.join(PARTS)}"
