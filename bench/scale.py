@@ -5,6 +5,7 @@
     python bench/scale.py --size 100000 --kinds hnsw,ivf,ivfpq   # + approximate indexes in-process
     python bench/scale.py --size 100000 --milvus   # + the same flat table on the Milvus back end (Lite file)
     python bench/scale.py --size 100000 --kinds-only --kinds hnsw,ivf --milvus   # approximate, both back ends
+    python bench/scale.py --size 1000000 --kinds-only --kinds hnsw,ivf,ivfpq --kinds-sweep   # + other search settings
 
 Flat table: random 512-d vectors (seeded, unit norm) upserted through embedsvc.client in messages of
 --batch, metadata {"bucket": i % 10} (so a bucket filter allows 10%). Figures: the upsert rate per tenth
@@ -16,7 +17,8 @@ p50 through the client (include_metadata off) next to bare FAISS (IndexFlatIP; a
 for the filter) in this process, which costs the gRPC round trip on top of the search.
 Kinds: HNSW/IVF/IVF-PQ collections built through the store in this process (LocalStore, or MilvusStore on a Milvus
 Lite file with --milvus): build time, RSS over raw, recall@10 against exact search, p50 at the defaults, on
-embedding-like vectors by default (--kinds-data; see spectrum_chunk).
+embedding-like vectors by default (--kinds-data; see spectrum_chunk); --kinds-sweep adds recall and p50 at other
+efSearch / nprobe settings of the same build and, for IVF-PQ, its top 40 / 100 re-ranked exactly from the stored vectors.
 """
 
 from __future__ import annotations
