@@ -18,7 +18,7 @@ for the filter) in this process, which costs the gRPC round trip on top of the s
 Kinds: HNSW/IVF/IVF-PQ collections built through the store in this process (LocalStore, or MilvusStore on a Milvus
 Lite file with --milvus): build time, RSS over raw, recall@10 against exact search, p50 at the defaults, on
 embedding-like vectors by default (--kinds-data; see spectrum_chunk); --kinds-sweep adds recall and p50 at other
-efSearch / nprobe settings of the same build and, for IVF-PQ, its top 40 / 100 re-ranked exactly from the stored vectors.
+efSearch / nprobe settings of the same build and, for IVF-PQ, its top 40 / 100 re-ranked exactly from stored vectors.
 """
 
 from __future__ import annotations
