@@ -5,6 +5,7 @@
     python bench/scale.py --size 100000 --kinds hnsw,ivf,ivfpq   # + approximate indexes in-process
     python bench/scale.py --size 100000 --milvus   # + the same flat table on the Milvus back end (Lite file)
     python bench/scale.py --size 100000 --kinds-only --kinds hnsw,ivf --milvus   # approximate, both back ends
+    python bench/scale.py --size 1000000 --kinds-only --kinds hnsw,ivf,ivfpq --kinds-sweep   # + other search settings
 
 Flat table: random 512-d vectors (seeded, unit norm) upserted through embedsvc.client in messages of
 --batch, metadata {"bucket": i % 10} (so a bucket filter allows 10%). Figures: the upsert rate per tenth
@@ -16,7 +17,8 @@ p50 through the client (include_metadata off) next to bare FAISS (IndexFlatIP; a
 for the filter) in this process, which costs the gRPC round trip on top of the search.
 Kinds: HNSW/IVF/IVF-PQ collections built through the store in this process (LocalStore, or MilvusStore on a Milvus
 Lite file with --milvus): build time, RSS over raw, recall@10 against exact search, p50 at the defaults, on
-embedding-like vectors by default (--kinds-data; see spectrum_chunk).
+embedding-like vectors by default (--kinds-data; see spectrum_chunk); --kinds-sweep adds recall and p50 at other
+efSearch / nprobe settings of the same build and, for IVF-PQ, its top 40 / 100 re-ranked exactly from stored vectors.
 """
 
 from __future__ import annotations
@@ -297,8 +299,37 @@ def paired_p50(call, bare_call, items) -> tuple[float, float, float]:
     )
 
 
+def sweep_settings(kind: str, factory: str) -> tuple[int, ...]:
+    """Search settings around the default: HNSW efSearch, or IVF cells probed (a share of nlist)."""
+    if kind == "hnsw":
+        return (64, 128, 256, 512, 768, 1024)
+    match = re.match(r"IVF(\d+)", factory)
+    nlist = int(match.group(1)) if match else 128
+    return tuple(sorted({max(1, nlist // d) for d in (32, 16, 8, 4, 2)}))
+
+
+def reranked(store, kind: str, q: np.ndarray, candidates: int) -> list:
+    """The top `candidates` of a compressed index re-scored exactly from the stored vectors (what a refine step
+    over the vector file would give): the hits, best first."""
+    from embedsvc.store import SearchOptions
+
+    hits = store.search(kind, q[None], SearchOptions(candidates))[0]
+    items, _ = store.get(kind, [h.id for h in hits], include_vectors=True)
+    scores = np.stack([item.vector for item in items]) @ q
+    return [items[i] for i in np.argsort(-scores)[:10]]
+
+
 def run_kind(
-    kind: str, size: int, dim: int, batch: int, nq: int, folder: Path, data: str, backend: str, budget_s: float
+    kind: str,
+    size: int,
+    dim: int,
+    batch: int,
+    nq: int,
+    folder: Path,
+    data: str,
+    backend: str,
+    budget_s: float,
+    sweep: bool = False,
 ) -> dict:
     """An approximate index through the store in this process (`backend` local, or milvus: a Milvus Lite file):
     build, memory (this process and its children: Milvus Lite's server), recall against exact search, p50."""
@@ -322,23 +353,44 @@ def run_kind(
     store.create_collection(CollectionConfig(kind, dim, index=kind))
     sampler = Sampler(os.getpid())
     started = time.perf_counter()
-    built = 0
+    built, tenth, mark, curve = 0, max(batch, size // 10), time.perf_counter(), []
     for start in range(0, size, batch):
         if time.perf_counter() - started > budget_s:
             break
         vectors = kind_data(data, start, min(batch, size - start), dim)
         store.upsert(kind, [Item(f"item-{start + i}", v) for i, v in enumerate(vectors)])
         built = start + len(vectors)
+        if built % tenth == 0 or built == size:  # the build rate per tenth: how adding slows as the index grows
+            now = time.perf_counter()
+            curve.append((built, tenth / (now - mark)))
+            mark = now
+            print(
+                f"  {kind}: built {built:>9,} ({curve[-1][1]:,.0f}/s over the last {tenth:,}; {now - started:,.0f} s; "
+                f"load {os.getloadavg()[0]:.1f})",
+                file=sys.stderr,
+                flush=True,
+            )
     build_s = time.perf_counter() - started
     qs = kind_data(data, 0, nq, dim, queries_of=True)
     # Milvus builds and loads its index on the first search after writes
     store.search(kind, qs[:1], SearchOptions(10))
     ready_s = time.perf_counter() - started
-    found = [[int(h.id.split("-")[1]) for h in store.search(kind, q[None], SearchOptions(10))[0]] for q in qs]
-    p50 = p50_ms(lambda q: store.search(kind, q[None], SearchOptions(10)), qs)
     peak = sampler.stop()
     rss = (tree_rss(os.getpid()) - before) / (built * dim * 4)
     info = store.get_collection(kind)
+    knob = "efSearch" if kind == "hnsw" else "nprobe"
+    settings: dict[str, Any] = {"": lambda q: store.search(kind, q[None], SearchOptions(10))[0]}  # "": the default
+    for setting in sweep_settings(kind, info.index_factory) if sweep else ():
+        options = SearchOptions(10, nprobe=setting, ef_search=setting)
+        settings[f"{knob} {setting}"] = lambda q, options=options: store.search(kind, q[None], options)[0]
+    for candidates in (40, 100) if sweep and "PQ" in info.index_factory else ():
+        settings[f"top {candidates} at the default {knob}, re-ranked exactly (vectors read back with get)"] = (
+            lambda q, candidates=candidates: reranked(store, kind, q, candidates)
+        )
+    found, p50 = {}, {}  # per search setting, then scored against exact search below
+    for label, search in settings.items():
+        found[label] = [[int(h.id.split("-")[1]) for h in search(q)] for q in qs]
+        p50[label] = p50_ms(search, qs)
     checkpoint_started = time.perf_counter()
     store.close()
     close_s = time.perf_counter() - checkpoint_started
@@ -347,17 +399,22 @@ def run_kind(
         exact.add(kind_data(data, start, min(100_000, built - start), dim))
     _, truth = exact.search(qs, 10)
     del exact
-    recall = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth)]))
+    recall = {
+        label: float(np.mean([len(set(f[:10]) & set(t.tolist())) / 10 for f, t in zip(hits, truth)]))
+        for label, hits in found.items()
+    }
     shutil.rmtree(where, ignore_errors=True)
     return {
+        "sweep": [(label, recall[label], p50[label]) for label in found if label],
+        "curve": curve,
         "factory": getattr(info, "index_factory", "") or kind,
         "built": built,
         "build_s": build_s,
         "ready_s": ready_s,
         "rss": rss,
         "peak_rss": (peak - before) / (built * dim * 4),
-        "recall": recall,
-        "p50_ms": p50,
+        "recall": recall[""],
+        "p50_ms": p50[""],
         "checkpoint_s": close_s,
         "raw": raw,
     }
@@ -414,6 +471,11 @@ def main() -> None:
         type=float,
         default=3600.0,
         help="seconds a --kinds build may take before it stops adding (reported as such)",
+    )
+    parser.add_argument(
+        "--kinds-sweep",
+        action="store_true",
+        help="also recall@10 and p50 at other search settings of the same build (HNSW efSearch, IVF nprobe)",
     )
     parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
     parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
@@ -498,6 +560,7 @@ def main() -> None:
                         args.kinds_data,
                         backend,
                         args.kinds_budget,
+                        args.kinds_sweep,
                     )
                     short = "" if r["built"] == size else " (budget hit)"
                     print(
@@ -507,6 +570,11 @@ def main() -> None:
                         f"{r['checkpoint_s']:.1f} s |",
                         flush=True,
                     )
+                    for label, recall, p50 in r["sweep"]:
+                        print(f"|  | {kind}, {label} | | | | | | {recall:.3f} | {p50:.2f} ms | |", flush=True)
+                    if r["curve"]:
+                        rates = ", ".join(f"{n // 1000:,}k {rate:,.0f}/s" for n, rate in r["curve"])
+                        print(f"|  | {kind}: build rate per tenth | {rates} | | | | | | | |", flush=True)
     finally:
         for proc in SERVERS:
             if proc.poll() is None:  # its process group: Milvus Lite's server too

@@ -306,3 +306,27 @@ def test_a_repeated_filter_sees_every_write(tmp_path, preset):
     assert moved not in found() and "new" not in found()
     assert found() <= expected - {moved}
     store.close()
+
+
+def test_a_rebuilt_ivf_is_shaped_and_trained_for_all_its_items(tmp_path, monkeypatch, caplog):
+    """A rebuild adds the vectors a chunk at a time. Trained on its first chunks, the index got the cells of a
+    collection 8x smaller, so `needs_rebuild` asked again at the next write, and again: at 1M items every write
+    rebuilt the whole index."""
+    import embedsvc.store.local as store_module
+    from embedsvc.store.indexes import ivf_lists
+
+    monkeypatch.setattr(store_module, "FILL_CHUNK", 1000)  # at 1M, 65,536 out of 1,000,000
+    vectors = clustered(24000, 11)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)
+    store.create_collection(CollectionConfig("c", DIM, index="ivf"))
+    store.upsert("c", [Item(f"i{i}", v) for i, v in enumerate(vectors)])
+    store.close(checkpoint=False)
+    store = LocalStore(tmp_path, checkpoint_every=10**9)  # no checkpoint: rebuilt from the items table
+    assert store.get_collection("c").index_factory == f"IVF{ivf_lists(24000)},Flat"
+    with caplog.at_level("INFO", logger="embedsvc.store.local"):
+        for i in range(3):
+            store.upsert("c", [Item(f"j{i}", vectors[i])])
+    assert not [r for r in caplog.records if "rebuilding index" in r.getMessage()]
+    truth = {f"i{i}": v for i, v in enumerate(vectors)} | {f"j{i}": vectors[i] for i in range(3)}
+    assert recall(search_ids(store), brute_force(truth, QUERIES, 10)) >= 0.95
+    store.close()

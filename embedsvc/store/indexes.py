@@ -45,10 +45,12 @@ def pq_subquantizers(dim: int) -> int:
 
 
 # HNSW's defaults, for both back ends (Milvus takes them as M, efConstruction and ef): recall@10 against exact
-# search and build rate at 100k and 1M are in the README's scale section (bench/scale.py --kinds).
+# search, p50 and build rate at 100k and 1M are in docs/scaling.md (bench/scale.py --kinds --kinds-sweep).
+# efSearch holds recall@10 >= 0.95 at 1M on embedding-like vectors (0.967; 128 gave 0.834 there, 0.951 at 100k);
+# efConstruction stays 80: the 1M graph took 20 min to build on one core, and efSearch recovers the recall.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 768
 
 INDEX_PRESETS: dict[str, IndexPreset] = {
     p.name: p
@@ -79,6 +81,15 @@ TOMBSTONE_REBUILD_SHARE = 0.2
 # Retrain a preset whose shape depends on n (IVF cells) once the collection is this many times larger
 # than when it was trained: an IVF trained on 2048 vectors has far too few cells for 100k.
 RETRAIN_GROWTH = 8
+# Vectors an index trains on at most (a random sample beyond): k-means cost grows with the sample, not the collection.
+TRAIN_SAMPLE = 200_000
+
+
+def train_sample(n: int) -> np.ndarray | None:
+    """Ascending positions of a seeded random TRAIN_SAMPLE of n vectors, or None when all n are the sample."""
+    if n <= TRAIN_SAMPLE:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, TRAIN_SAMPLE, replace=False))
 
 
 def _faiss_metric(metric: str):
@@ -320,14 +331,25 @@ class FaissIndex:
         if self.index is None and self.exact.ntotal >= self.train_min():
             self._train_from_exact()
 
+    def train_for(self, n: int, sample: np.ndarray) -> None:
+        """Shapes an empty index for the n vectors about to be added and trains it on a sample of them (see
+        train_sample). A rebuild adds a chunk at a time: trained on its first chunk, an IVF got the cells of a
+        far smaller collection, and was outgrown again at the next write."""
+        if self.index is not None or self.exact.ntotal or n < self.train_min():
+            return
+        factory = self._factory(n)
+        index = self._build(factory)
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self.index, self.exact, self._built_factory, self.trained_at = index, None, factory, n
+
     def _train_from_exact(self) -> None:
         n = self.exact.ntotal
         vectors = self.exact.reconstruct_n(0, n)
         labels = self.labels
         factory = self._factory(n)
         index = self._build(factory)
-        sample = vectors if n <= 200_000 else vectors[np.random.default_rng(0).choice(n, 200_000, replace=False)]
-        index.train(sample)
+        picked = train_sample(n)
+        index.train(vectors if picked is None else vectors[picked])
         self.index, self.exact, self._built_factory = index, None, factory
         self.trained_at = n
         if self.positional:

@@ -39,7 +39,7 @@ import orjson
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, Unavailable, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
 from embedsvc.store.database import Database
-from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, validate_index_kind
+from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, train_sample, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (
@@ -641,6 +641,10 @@ class LocalStore:
         if progress is None:
             progress = _Progress(f"collection {col.config.name}", len(labels), self.progress_seconds)
         assert col.vectors is not None  # opened before any index is built
+        if not index.trained and len(labels) >= index.train_min():  # trained for all of them, then filled
+            progress(0, f"training its {col.config.index} index")
+            picked = train_sample(len(labels))
+            index.train_for(len(labels), col.vectors.vectors(labels if picked is None else labels[picked]))
         for start in range(0, len(labels), FILL_CHUNK):
             chunk = labels[start : start + FILL_CHUNK]
             index.add(chunk, col.vectors.vectors(chunk))
