@@ -38,7 +38,7 @@ def timed_searches(search, queries: np.ndarray) -> tuple[float, float]:
 def bare_faiss(preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np.ndarray) -> dict:
     import faiss
 
-    from embedsvc.store.indexes import HNSW_EF_SEARCH, INDEX_PRESETS
+    from embedsvc.store.indexes import INDEX_PRESETS, hnsw_ef_search
 
     n, dim = vectors.shape
     index = (
@@ -56,7 +56,7 @@ def bare_faiss(preset: str, vectors: np.ndarray, groups: np.ndarray, queries: np
     hnsw = preset == "hnsw"
 
     def params(selector=None):
-        p = faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH) if hnsw else faiss.SearchParameters()
+        p = faiss.SearchParametersHNSW(efSearch=hnsw_ef_search(n)) if hnsw else faiss.SearchParameters()
         if selector is not None:
             p.sel = selector
         return p

@@ -50,7 +50,7 @@ def timed(fn, queries: np.ndarray, seconds: float):
 def main() -> None:
     import faiss
 
-    from embedsvc.store.indexes import HNSW_EF_SEARCH, INDEX_PRESETS
+    from embedsvc.store.indexes import INDEX_PRESETS, hnsw_ef_search
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -66,7 +66,8 @@ def main() -> None:
     )
     bare.add(vectors)
     selected = np.flatnonzero(group == 0).astype(np.int64)
-    params = {"flat": faiss.SearchParameters, "hnsw": lambda: faiss.SearchParametersHNSW(efSearch=HNSW_EF_SEARCH)}
+    ef = hnsw_ef_search(args.n)
+    params = {"flat": faiss.SearchParameters, "hnsw": lambda: faiss.SearchParametersHNSW(efSearch=ef)}
     plain, filtered = params[args.index](), params[args.index]()
     selector = faiss.IDSelectorBatch(selected)  # built once: the best a bare caller can do
     filtered.sel = selector

@@ -31,7 +31,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 def bare_faiss(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int):
     import faiss
 
-    from embedsvc.store.indexes import HNSW_EF_SEARCH, INDEX_PRESETS
+    from embedsvc.store.indexes import INDEX_PRESETS, hnsw_ef_search
 
     n, dim = vectors.shape
     index = faiss.index_factory(dim, INDEX_PRESETS[preset].factory(dim, n), faiss.METRIC_INNER_PRODUCT)
@@ -45,7 +45,7 @@ def bare_faiss(preset: str, vectors: np.ndarray, queries: np.ndarray, batch: int
     if ivf is not None:
         ivf.nprobe = max(32, ivf.nlist // 8)
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-        faiss.downcast_index(index).hnsw.efSearch = HNSW_EF_SEARCH
+        faiss.downcast_index(index).hnsw.efSearch = hnsw_ef_search(n)
     latencies = []
     for q in queries:
         t = time.perf_counter()

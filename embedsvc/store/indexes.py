@@ -46,11 +46,25 @@ def pq_subquantizers(dim: int) -> int:
 
 # HNSW's defaults, for both back ends (Milvus takes them as M, efConstruction and ef): recall@10 against exact
 # search, p50 and build rate at 100k and 1M are in docs/scaling.md (bench/scale.py --kinds --kinds-sweep).
-# efSearch holds recall@10 >= 0.95 at 1M on embedding-like vectors (0.967; 128 gave 0.834 there, 0.951 at 100k);
-# efConstruction stays 80: the 1M graph took 20 min to build on one core, and efSearch recovers the recall.
+# efConstruction stays 80 (the 1M graph took 20 min to build on one core); efSearch grows with the collection
+# (hnsw_ef_search): on embedding-like vectors 128 held recall@10 0.951 at 100k but gave 0.834 at 1M, where 768
+# holds 0.967, and a flat 768 would cost a 100k collection 13x the search time for recall it does not need.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 768
+HNSW_EF_SEARCH = 128  # up to HNSW_EF_BASE_ITEMS items
+HNSW_EF_BASE_ITEMS = 100_000
+HNSW_EF_GROWTH = math.log(6) / math.log(10)  # x6 per x10 items: 128 at 100k, 768 at 1M
+HNSW_EF_SEARCH_MAX = 4096
+HNSW_EF_UNKNOWN_SIZE = 1_000_000  # a collection whose size is not known here is searched as one of 1M
+
+
+def hnsw_ef_search(items: int | None) -> int:
+    """The default efSearch for a collection of `items` (None: not known)."""
+    n = HNSW_EF_UNKNOWN_SIZE if items is None else items
+    if n <= HNSW_EF_BASE_ITEMS:
+        return HNSW_EF_SEARCH
+    return min(HNSW_EF_SEARCH_MAX, round(HNSW_EF_SEARCH * (n / HNSW_EF_BASE_ITEMS) ** HNSW_EF_GROWTH))
+
 
 INDEX_PRESETS: dict[str, IndexPreset] = {
     p.name: p
@@ -469,9 +483,9 @@ class FaissIndex:
                 probes = max(probes, math.ceil(ivf.nlist * min(1.0, 10 * k / max(1, len(allowed)))))
             params = faiss.SearchParametersIVF(nprobe=min(ivf.nlist, probes))
         elif base is not None and _hnsw_of(base) is not None:
-            ef = max(ef_search or HNSW_EF_SEARCH, k)
+            ef = max(ef_search or hnsw_ef_search(live), k)
             if share < 1.0:
-                ef = min(4096, max(ef, math.ceil(ef / share)))
+                ef = min(HNSW_EF_SEARCH_MAX, max(ef, math.ceil(ef / share)))
             params = faiss.SearchParametersHNSW(efSearch=ef)
         else:
             params = faiss.SearchParameters()

@@ -52,9 +52,9 @@ import numpy as np
 from embedsvc.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidInput, NotFound, quoted
 from embedsvc.store.indexes import (
     HNSW_EF_CONSTRUCTION,
-    HNSW_EF_SEARCH,
     HNSW_M,
     INDEX_PRESETS,
+    hnsw_ef_search,
     pq_subquantizers,
     validate_index_kind,
 )
@@ -111,11 +111,12 @@ def _index_params(preset: str, dim: int) -> tuple[str, dict]:
     }[preset]
 
 
-def _search_params(preset: str, top_k: int, nprobe: int, ef_search: int) -> dict:
+def _search_params(preset: str, top_k: int, nprobe: int, ef_search: int, items: int | None) -> dict:
+    """`items`: the collection's size as this replica last counted it (None: not counted yet)."""
     if preset in ("ivf", "ivfpq"):
         return {"nprobe": min(IVF_NLIST, nprobe or max(32, IVF_NLIST // 8))}
     if preset == "hnsw":
-        return {"ef": max(ef_search or HNSW_EF_SEARCH, top_k)}
+        return {"ef": max(ef_search or hnsw_ef_search(items), top_k)}
     return {}
 
 
@@ -226,6 +227,7 @@ class MilvusStore:
         if not self.uri:
             raise InvalidInput("the milvus back end needs milvus_uri (http://host:19530 or a Milvus Lite .db file)")
         self.max_top_k = max_top_k
+        self._counted: dict[str, int] = {}  # physical collection -> items at this replica's last count
         kwargs = {"uri": self.uri, "token": token}
         if db_name:
             kwargs["db_name"] = db_name
@@ -380,7 +382,8 @@ class MilvusStore:
 
     def _count(self, record: _Record) -> int:
         rows = self._query(record.physical, self._expr(), "", ["count(*)"], record.config.name)
-        return int(rows[0]["count(*)"])
+        count = self._counted[record.physical] = int(rows[0]["count(*)"])  # HNSW's efSearch grows with it
+        return count
 
     def _existing(self, record: _Record, ids: list[str]) -> set[str]:
         found: set[str] = set()
@@ -760,7 +763,9 @@ class MilvusStore:
             "output_fields": fields,
             "search_params": {
                 "metric_type": "IP",
-                "params": _search_params(record.config.index, k, options.nprobe, options.ef_search),
+                "params": _search_params(
+                    record.config.index, k, options.nprobe, options.ef_search, self._counted.get(record.physical)
+                ),
             },
             "consistency_level": CONSISTENCY,
         }
