@@ -27,6 +27,7 @@ Milvus server's too when the bench runs it (--milvus-server-cmd); a figure that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -157,6 +158,8 @@ class MilvusServer:
         """Seconds from starting the command until the server answers."""
         started = time.perf_counter()
         if self.command:
+            if listener_pid(self.uri):  # else the old server would answer for the one this starts
+                raise SystemExit(f"a process already listens on {self.uri}'s port; stop it first")
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as log:
                 self.proc = subprocess.Popen(self.command, shell=True, stdout=log, stderr=log, start_new_session=True)
@@ -169,33 +172,46 @@ class MilvusServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                MilvusClient(uri=self.uri, timeout=5).get_server_version()
+                client = MilvusClient(uri=self.uri, timeout=5)
+                client.get_server_version()
+                client.close()  # else pymilvus keeps reconnecting to it in the background through a restart
                 return
             except Exception as exc:  # noqa: BLE001 - not up yet, whatever pymilvus raises
                 if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
                     raise SystemExit(f"Milvus at {self.uri} did not answer: {exc}; see {self.log_path}") from None
                 time.sleep(0.5)
 
-    def stop(self) -> float:
-        """SIGTERM to the command's process group (a graceful stop), then wait until all of it has exited."""
+    def stop(self, grace: float = 60.0) -> float:
+        """SIGTERM to the command's process group (a graceful stop), SIGKILL what is left after `grace` seconds
+        (said on stderr: Milvus recovers from its log either way); seconds until all of it has exited."""
         if self.proc is None:
             return 0.0
         started = time.perf_counter()
         os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(600)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
+        deadline = time.monotonic() + grace
+        while self._group_alive():
+            if time.monotonic() > deadline:
+                print(f"  Milvus did not stop within {grace:.0f} s of SIGTERM: killed", file=sys.stderr, flush=True)
+                self.kill()
                 break
             time.sleep(0.2)
+        self.proc.wait()
         self.proc = None
         return time.perf_counter() - started
 
+    def _group_alive(self) -> bool:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL to the whole process group (its leader may be gone while the server runs on)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def rss(self) -> int:
@@ -274,7 +290,14 @@ def p50_ms(call, items) -> float:  # the kinds' searches
 
 
 def run_flat(
-    size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: Bare, milvus: MilvusServer | None
+    size: int,
+    dim: int,
+    batch: int,
+    nq: int,
+    folder: Path,
+    backend: list[str],
+    bare: Bare,
+    milvus: MilvusServer | None = None,
 ) -> dict:
     """The flat table; with `milvus` (a server), RSS is that server's and its restart is timed too where it can."""
     from embedsvc.client import Client, Item
@@ -325,6 +348,7 @@ def run_flat(
     out["load_s"] = time.perf_counter() - load_started
     out["rates"] = rates
     qs = queries(nq, dim)
+    print("  searching", file=sys.stderr, flush=True)
 
     def search(q, flt=None):
         return client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)
@@ -341,6 +365,7 @@ def run_flat(
     client.close()
     out["stop_s"] = stop_server(proc)
     out["disk_after_stop"] = disk_bytes(data) / raw
+    print("  restarting", file=sys.stderr, flush=True)
     if milvus is not None and milvus.data:  # what the load added to the server's folder (WAL, segments, etcd)
         out["disk"] = (disk_bytes(milvus.data) - disk_before) / raw
     if not backend or backend[0] != "--store-backend":  # the local store alone, without the server's start-up
