@@ -362,6 +362,13 @@ def run_flat(
     time.sleep(2.0)
     out["settled_rss"] = (rss() - base_rss) / raw
     out["disk"] = disk_bytes(data) / raw
+    print(  # now, in case the restart fails (a 1M run on Milvus 2.3 lost its table that way)
+        f"  search p50 {out['p50_ms']:.1f} / {out['p50_filtered_ms']:.1f} ms (bare FAISS {out['bare_p50_ms']:.1f} / "
+        f"{out['bare_p50_filtered_ms']:.1f} ms); RSS over raw peak {out['peak_rss']:.2f}x, settled "
+        f"{out['settled_rss']:.2f}x",
+        file=sys.stderr,
+        flush=True,
+    )
     client.close()
     out["stop_s"] = stop_server(proc)
     out["disk_after_stop"] = disk_bytes(data) / raw
