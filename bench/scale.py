@@ -6,6 +6,8 @@
     python bench/scale.py --size 100000 --milvus   # + the same flat table on the Milvus back end (Lite file)
     python bench/scale.py --size 100000 --kinds-only --kinds hnsw,ivf --milvus   # approximate, both back ends
     python bench/scale.py --size 1000000 --kinds-only --kinds hnsw,ivf,ivfpq --kinds-sweep   # + other search settings
+    python bench/scale.py --size 100000 --no-local --milvus --milvus-uri http://127.0.0.1:19530 \
+        --milvus-server-cmd 'milvus-server --data /tmp/m --proxy-port 19530' --milvus-data /tmp/m   # a Milvus server
 
 Flat table: random 512-d vectors (seeded, unit norm) upserted through embedsvc.client in messages of
 --batch, metadata {"bucket": i % 10} (so a bucket filter allows 10%). Figures: the upsert rate per tenth
@@ -19,11 +21,15 @@ Kinds: HNSW/IVF/IVF-PQ collections built through the store in this process (Loca
 Lite file with --milvus): build time, RSS over raw, recall@10 against exact search, p50 at the defaults, on
 embedding-like vectors by default (--kinds-data; see spectrum_chunk); --kinds-sweep adds recall and p50 at other
 efSearch / nprobe settings of the same build and, for IVF-PQ, its top 40 / 100 re-ranked exactly from stored vectors.
+--milvus-uri puts the Milvus side on a Milvus server instead of a Lite file: RSS is then the server's (the process
+listening on the URI's port, when it runs on this machine), disk is --milvus-data's growth, and the restart is the
+Milvus server's too when the bench runs it (--milvus-server-cmd); a figure that cannot be taken says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
@@ -35,8 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from common import serve_command
@@ -116,21 +124,119 @@ def tree_rss(pid: int) -> int:
     return total + sum(tree_rss(int(c)) for c in children)
 
 
+def listener_pid(uri: str) -> int:
+    """The process listening on the URI's port on this machine (0 when none here: a remote server)."""
+    port = urlparse(uri).port or 19530
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(fields[9])
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return int(fd.parts[2])
+    return 0
+
+
+class MilvusServer:
+    """A Milvus server at `uri`: the bench measures its RSS (when it listens on this machine) and, given a shell
+    command that runs it, starts it, restarts it for the restart figure and stops it at the end."""
+
+    def __init__(self, uri: str, command: str, data: str, log_path: Path):
+        self.uri, self.command, self.log_path = uri, command, log_path
+        self.data = Path(data) if data else None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Seconds from starting the command until the server answers."""
+        started = time.perf_counter()
+        if self.command:
+            if listener_pid(self.uri):  # else the old server would answer for the one this starts
+                raise SystemExit(f"a process already listens on {self.uri}'s port; stop it first")
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as log:
+                self.proc = subprocess.Popen(self.command, shell=True, stdout=log, stderr=log, start_new_session=True)
+        self.wait_answering()
+        return time.perf_counter() - started
+
+    def wait_answering(self, timeout: float = 900) -> None:
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client = MilvusClient(uri=self.uri, timeout=5)
+                client.get_server_version()
+                client.close()  # else pymilvus keeps reconnecting to it in the background through a restart
+                return
+            except Exception as exc:  # noqa: BLE001 - not up yet, whatever pymilvus raises
+                if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                    raise SystemExit(f"Milvus at {self.uri} did not answer: {exc}; see {self.log_path}") from None
+                time.sleep(0.5)
+
+    def stop(self, grace: float = 60.0) -> float:
+        """SIGTERM to the command's process group (a graceful stop), SIGKILL what is left after `grace` seconds
+        (said on stderr: Milvus recovers from its log either way); seconds until all of it has exited."""
+        if self.proc is None:
+            return 0.0
+        started = time.perf_counter()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self._group_alive():
+            if time.monotonic() > deadline:
+                print(f"  Milvus did not stop within {grace:.0f} s of SIGTERM: killed", file=sys.stderr, flush=True)
+                self.kill()
+                break
+            time.sleep(0.2)
+        self.proc.wait()
+        self.proc = None
+        return time.perf_counter() - started
+
+    def _group_alive(self) -> bool:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (its leader may be gone while the server runs on)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def rss(self) -> int:
+        pid = listener_pid(self.uri)
+        return tree_rss(pid) if pid else 0
+
+
 def disk_bytes(folder: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
 
 
 class Sampler:
-    """The peak RSS of a process tree, sampled every 50 ms in a thread."""
+    """The peak RSS of a process tree (or of what `measure` returns), sampled every 50 ms in a thread."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+    def __init__(self, pid: int, measure: Callable[[], int] | None = None):
+        self.measure = measure or functools.partial(tree_rss, pid)
+        self.peak, self._stop = 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self.peak = max(self.peak, self.measure())
 
     def stop(self) -> int:
         self._stop.set()
@@ -185,10 +291,23 @@ def p50_ms(call, items) -> float:  # the kinds' searches
     return float(np.median(times) * 1000)
 
 
-def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: list[str], bare: Bare) -> dict:
+def run_flat(
+    size: int,
+    dim: int,
+    batch: int,
+    nq: int,
+    folder: Path,
+    backend: list[str],
+    bare: Bare,
+    milvus: MilvusServer | None = None,
+) -> dict:
+    """The flat table; with `milvus` (a server), RSS is that server's and its restart is timed too where it can."""
     from embedsvc.client import Client, Item
 
     data = folder / "data"
+    if milvus is not None:
+        out_start = {"milvus_start_s": milvus.start()}
+        disk_before = disk_bytes(milvus.data) if milvus.data else 0
     started = time.perf_counter()
     proc, address = start_server(data, folder / "server.log", backend)
     from embedsvc.client import Client as _C
@@ -197,12 +316,18 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         probe.list_collections()
     empty_start = time.perf_counter() - started
     time.sleep(1.0)
-    base_rss = tree_rss(proc.pid)
+
+    def rss() -> int:
+        return milvus.rss() if milvus is not None else tree_rss(proc.pid)
+
+    base_rss = rss()
     raw = size * dim * 4
     out: dict[str, Any] = {"raw_mib": raw / 2**20, "empty_rss_mib": base_rss / 2**20, "empty_start_s": empty_start}
+    if milvus is not None:
+        out.update(out_start, rss_measured=base_rss > 0)
     client = Client(address, timeout=600)
     client.create_collection(NAME, dim=dim)
-    sampler = Sampler(proc.pid)
+    sampler = Sampler(proc.pid, rss)
     rates, tenth = [], max(batch, size // 10)
 
     def items(start: int, count: int):
@@ -217,13 +342,15 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         client.upsert(NAME, items(start, count), batch_size=batch)
         rates.append(count / (time.perf_counter() - t))
         print(
-            f"  loaded {start + count:>9,} ({rates[-1]:,.0f}/s, server RSS {tree_rss(proc.pid) / 2**20:,.0f} MiB)",
+            f"  loaded {start + count:>9,} ({rates[-1]:,.0f}/s, server RSS {rss() / 2**20:,.0f} MiB, load average "
+            f"{os.getloadavg()[0]:.1f})",
             file=sys.stderr,
             flush=True,
         )
     out["load_s"] = time.perf_counter() - load_started
     out["rates"] = rates
     qs = queries(nq, dim)
+    print("  searching", file=sys.stderr, flush=True)
 
     def search(q, flt=None):
         return client.search(NAME, vector=q, top_k=10, filter=flt, include_metadata=False)
@@ -235,11 +362,21 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
     )
     out["peak_rss"] = (sampler.stop() - base_rss) / raw
     time.sleep(2.0)
-    out["settled_rss"] = (tree_rss(proc.pid) - base_rss) / raw
+    out["settled_rss"] = (rss() - base_rss) / raw
     out["disk"] = disk_bytes(data) / raw
+    print(  # now, in case the restart fails (a 1M run on Milvus 2.3 lost its table that way)
+        f"  search p50 {out['p50_ms']:.1f} / {out['p50_filtered_ms']:.1f} ms (bare FAISS {out['bare_p50_ms']:.1f} / "
+        f"{out['bare_p50_filtered_ms']:.1f} ms); RSS over raw peak {out['peak_rss']:.2f}x, settled "
+        f"{out['settled_rss']:.2f}x",
+        file=sys.stderr,
+        flush=True,
+    )
     client.close()
     out["stop_s"] = stop_server(proc)
     out["disk_after_stop"] = disk_bytes(data) / raw
+    print("  restarting", file=sys.stderr, flush=True)
+    if milvus is not None and milvus.data:  # what the load added to the server's folder (WAL, segments, etcd)
+        out["disk"] = (disk_bytes(milvus.data) - disk_before) / raw
     if not backend or backend[0] != "--store-backend":  # the local store alone, without the server's start-up
         from embedsvc.store import LocalStore, SearchOptions
 
@@ -248,7 +385,13 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         store.search(NAME, qs[:1], SearchOptions(10))
         out["store_open_s"] = time.perf_counter() - started
         store.close(checkpoint=False)
+    if milvus is not None and milvus.command:
+        out["milvus_stop_s"] = milvus.stop()
+    if milvus is not None and milvus.data:  # (not stopped without --milvus-server-cmd: the same as after load)
+        out["disk_after_stop"] = (disk_bytes(milvus.data) - disk_before) / raw
     started = time.perf_counter()
+    if milvus is not None and milvus.command:
+        out["milvus_restart_s"] = milvus.start()
     proc, address = start_server(data, folder / "server.log", backend)
     with Client(address, timeout=600) as again:
         hits = again.search(NAME, vector=qs[0], top_k=10, include_metadata=False)
@@ -256,8 +399,12 @@ def run_flat(size: int, dim: int, batch: int, nq: int, folder: Path, backend: li
         assert len(hits) == 10
         again.search(NAME, vector=qs[1], top_k=10, filter={"bucket": 3}, include_metadata=False)
         time.sleep(1.0)
-        out["restart_rss"] = (tree_rss(proc.pid) - base_rss) / raw
+        out["restart_rss"] = (rss() - base_rss) / raw
+        if milvus is not None:
+            again.drop_collection(NAME)  # the server outlives the run
     stop_server(proc)
+    if milvus is not None:
+        milvus.stop()
     return out
 
 
@@ -330,28 +477,31 @@ def run_kind(
     backend: str,
     budget_s: float,
     sweep: bool = False,
+    milvus: MilvusServer | None = None,
 ) -> dict:
-    """An approximate index through the store in this process (`backend` local, or milvus: a Milvus Lite file):
-    build, memory (this process and its children: Milvus Lite's server), recall against exact search, p50."""
+    """An approximate index through the store in this process (`backend` local, or milvus: a Milvus Lite file, or
+    the server `milvus`): build, memory (this process and its children: Milvus Lite's server; or the server's),
+    recall against exact search, p50."""
     import faiss
 
     from embedsvc.store import CollectionConfig, Item, SearchOptions, VectorStore
 
     raw = size * dim * 4
-    before = tree_rss(os.getpid())
+    measure = milvus.rss if milvus is not None else functools.partial(tree_rss, os.getpid())
+    before = measure()
     where = folder / f"kind-{backend}-{kind}"
     where.mkdir(parents=True, exist_ok=True)
     store: VectorStore
     if backend == "milvus":
         from embedsvc.store.milvus import MilvusStore
 
-        store = MilvusStore(str(where / "lite.db"))
+        store = MilvusStore(milvus.uri if milvus is not None else str(where / "lite.db"))
     else:
         from embedsvc.store import LocalStore
 
         store = LocalStore(where, checkpoint_every=10**9)
     store.create_collection(CollectionConfig(kind, dim, index=kind))
-    sampler = Sampler(os.getpid())
+    sampler = Sampler(os.getpid(), measure)
     started = time.perf_counter()
     built, tenth, mark, curve = 0, max(batch, size // 10), time.perf_counter(), []
     for start in range(0, size, batch):
@@ -376,7 +526,7 @@ def run_kind(
     store.search(kind, qs[:1], SearchOptions(10))
     ready_s = time.perf_counter() - started
     peak = sampler.stop()
-    rss = (tree_rss(os.getpid()) - before) / (built * dim * 4)
+    rss = (measure() - before) / (built * dim * 4) if before else float("nan")  # nan: a server elsewhere
     info = store.get_collection(kind)
     knob = "efSearch" if kind == "hnsw" else "nprobe"
     settings: dict[str, Any] = {"": lambda q: store.search(kind, q[None], SearchOptions(10))[0]}  # "": the default
@@ -391,6 +541,8 @@ def run_kind(
     for label, search in settings.items():
         found[label] = [[int(h.id.split("-")[1]) for h in search(q)] for q in qs]
         p50[label] = p50_ms(search, qs)
+    if milvus is not None:
+        store.drop_collection(kind)  # the server outlives the run
     checkpoint_started = time.perf_counter()
     store.close()
     close_s = time.perf_counter() - checkpoint_started
@@ -412,7 +564,7 @@ def run_kind(
         "build_s": build_s,
         "ready_s": ready_s,
         "rss": rss,
-        "peak_rss": (peak - before) / (built * dim * 4),
+        "peak_rss": (peak - before) / (built * dim * 4) if before else float("nan"),
         "recall": recall[""],
         "p50_ms": p50[""],
         "checkpoint_s": close_s,
@@ -428,17 +580,33 @@ def report_flat(label: str, size: int, got: dict) -> None:
     )
     print("| figure | value |")
     print("|---|---|")
+    server = "milvus_start_s" in got  # a Milvus server, not the server's own store
+    if "milvus_restart_s" in got:
+        restarted = (
+            f"Milvus server and embedsvc (Milvus answered after {got['milvus_restart_s']:.1f} s; its graceful stop "
+            f"took {got['milvus_stop_s']:.1f} s)"
+        )
+    else:
+        restarted = "embedsvc only: the Milvus server kept running (no --milvus-server-cmd)" if server else "embedsvc"
     print(
-        f"| restart until a search answers | {got['restart_s']:.1f} s (an empty server: {got['empty_start_s']:.1f} s; "
-        f"graceful stop took {got['stop_s']:.1f} s) |"
+        f"| restart until a search answers | {got['restart_s']:.1f} s, {restarted} (an empty embedsvc server: "
+        f"{got['empty_start_s']:.1f} s; its graceful stop took {got['stop_s']:.1f} s) |"
     )
     if "store_open_s" in got:
         print(f"| of which the store: open + first search, in process | {got['store_open_s']:.2f} s |")
-    print(
-        f"| server RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
-        f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x |"
-    )
-    print(f"| data directory over raw (after load / after stop) | {got['disk']:.2f}x / {got['disk_after_stop']:.2f}x |")
+    whose = "the Milvus server's" if server else "server"
+    if got.get("rss_measured", True):
+        print(
+            f"| {whose} RSS over raw: load peak / settled / after restart | {got['peak_rss']:.2f}x / "
+            f"{got['settled_rss']:.2f}x / {got['restart_rss']:.2f}x (above its empty {got['empty_rss_mib']:.0f} MiB) |"
+        )
+    else:
+        print(f"| {whose} RSS over raw | not measured: the server does not listen on this machine |")
+    if server and not got.get("milvus_data"):
+        print("| the Milvus server's disk over raw | not measured: give --milvus-data |")
+    else:
+        what = "the Milvus server's folder: growth over raw" if server else "data directory over raw"
+        print(f"| {what} (after load / after stop) | {got['disk']:.2f}x / {got['disk_after_stop']:.2f}x |")
     print(
         f"| upsert rate through the client, first / last tenth (min, max) | {rates[0]:,.0f}/s / {rates[-1]:,.0f}/s "
         f"({min(rates):,.0f}, {max(rates):,.0f}); mean {size / got['load_s']:,.0f}/s |"
@@ -478,6 +646,19 @@ def main() -> None:
         help="also recall@10 and p50 at other search settings of the same build (HNSW efSearch, IVF nprobe)",
     )
     parser.add_argument("--milvus", action="store_true", help="the flat table on Milvus Lite too")
+    parser.add_argument(
+        "--milvus-uri",
+        default="",
+        help="with --milvus: a Milvus server (http://127.0.0.1:19530) instead of a Milvus Lite file; it must hold "
+        "no collection named 'scale' or like a --kinds preset (the bench drops what it creates)",
+    )
+    parser.add_argument(
+        "--milvus-server-cmd",
+        default="",
+        help="with --milvus-uri: a shell command that runs that server; the bench starts it, restarts it for the "
+        "restart figure, and stops it (SIGTERM to its process group)",
+    )
+    parser.add_argument("--milvus-data", default="", help="with --milvus-uri: the server's folder, for the disk figure")
     parser.add_argument("--no-local", action="store_true", help="skip the local back end's flat table")
     parser.add_argument(
         "--kinds-only", action="store_true", help="only the --kinds table (with --milvus: both back ends)"
@@ -498,9 +679,20 @@ def main() -> None:
     unknown = [k for k in kinds if k not in INDEX_PRESETS or k == "flat"]
     if unknown:
         parser.error(f"unknown --kinds {unknown}; choose from hnsw, ivf, ivfpq")
+    if args.milvus_uri and not args.milvus:
+        parser.error("--milvus-uri needs --milvus (it says where the Milvus side runs)")
+    if (args.milvus_server_cmd or args.milvus_data) and not args.milvus_uri:
+        parser.error("--milvus-server-cmd and --milvus-data need --milvus-uri")
+    if args.milvus_data and not Path(args.milvus_data).is_dir() and not args.milvus_server_cmd:
+        parser.error(f"--milvus-data {args.milvus_data}: no such folder")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its servers (finally below)
     folder = Path(args.dir or tempfile.mkdtemp(prefix="embedsvc-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
+    milvus = (
+        MilvusServer(args.milvus_uri, args.milvus_server_cmd, args.milvus_data, folder / "milvus-server.log")
+        if args.milvus_uri
+        else None
+    )
     load = os.getloadavg()
     print(
         f"# bench/scale.py --size {args.size}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -517,7 +709,7 @@ def main() -> None:
             got = run_flat(args.size, args.dim, args.batch, args.queries, folder / "local", threads, bare)
             report_flat("local store", args.size, got)
         if args.milvus and not args.kinds_only:
-            uri = f"{folder / 'milvus' / 'lite.db'}"
+            uri = args.milvus_uri or f"{folder / 'milvus' / 'lite.db'}"
             (folder / "milvus").mkdir(parents=True, exist_ok=True)
             assert bare is not None  # made for either run
             got = run_flat(
@@ -528,9 +720,12 @@ def main() -> None:
                 folder / "milvus",
                 ["--store-backend", "milvus", "--milvus-uri", uri, *threads],
                 bare,
+                milvus,
             )
-            got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)
-            report_flat("Milvus Lite", args.size, got)
+            if milvus is None:
+                got["disk"] = disk_bytes(folder / "milvus") / (args.size * args.dim * 4)
+            got["milvus_data"] = bool(args.milvus_data)
+            report_flat(f"Milvus server {args.milvus_uri}" if milvus else "Milvus Lite", args.size, got)
         del bare
         if kinds:
             size = args.kinds_size or args.size
@@ -545,9 +740,11 @@ def main() -> None:
                 "settled / peak | recall@10 vs exact | p50 | close (checkpoint) |"
             )
             print("|---|---|---|---|---|---|---|---|---|---|")
+            if milvus is not None and args.milvus:
+                milvus.start()
             for backend in backends:
                 for kind in kinds:
-                    if backend == "milvus" and kind == "ivfpq":
+                    if backend == "milvus" and kind == "ivfpq" and milvus is None:
                         print(f"| milvus | {kind} | - | - | not built: Milvus Lite has no IVF_PQ | | | | | |")
                         continue
                     r = run_kind(
@@ -561,6 +758,7 @@ def main() -> None:
                         backend,
                         args.kinds_budget,
                         args.kinds_sweep,
+                        milvus if backend == "milvus" else None,
                     )
                     short = "" if r["built"] == size else " (budget hit)"
                     print(
@@ -575,7 +773,11 @@ def main() -> None:
                     if r["curve"]:
                         rates = ", ".join(f"{n // 1000:,}k {rate:,.0f}/s" for n, rate in r["curve"])
                         print(f"|  | {kind}: build rate per tenth | {rates} | | | | | | | |", flush=True)
+        if milvus is not None:
+            milvus.stop()
     finally:
+        if milvus is not None:
+            milvus.kill()
         for proc in SERVERS:
             if proc.poll() is None:  # its process group: Milvus Lite's server too
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -1,10 +1,15 @@
 """The same store operations against both back ends (local SQLite + FAISS, Milvus via Milvus Lite in a
 temporary file): identical flat results, ANN recall against brute force, filters, errors, and no filter
-or id injection on the Milvus side."""
+or id injection on the Milvus side.
+
+EMBEDSVC_TEST_MILVUS_URI=http://127.0.0.1:19530 runs the Milvus side on that server instead of Milvus Lite (a
+database of its own per test folder, dropped at the end): a throwaway server only, never one holding data."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import re
 
 import numpy as np
@@ -19,6 +24,8 @@ pytest.importorskip("milvus_lite")
 DIM = 32
 N = 3000
 BACKENDS = ("local", "milvus")
+SERVER_URI = os.environ.get("EMBEDSVC_TEST_MILVUS_URI", "")
+SERVER_DATABASES: set[str] = set()  # made on SERVER_URI by this run; dropped at the end
 
 
 def clustered(n: int, seed: int, dim: int = DIM) -> np.ndarray:
@@ -56,7 +63,38 @@ def metadata(i: int) -> dict:
 def open_backend(backend: str, path) -> object:
     if backend == "local":
         return open_store("local", data_dir=str(path / "local"))
+    if SERVER_URI:
+        return open_store("milvus", milvus_uri=SERVER_URI, milvus_db=server_database(path))
     return open_store("milvus", milvus_uri=str(path / "milvus.db"))
+
+
+def server_database(path) -> str:
+    """The database of a test folder on SERVER_URI (the same folder reopens the same database)."""
+    from pymilvus import MilvusClient
+
+    name = "t_" + hashlib.sha1(str(path).encode()).hexdigest()[:20]
+    if name not in SERVER_DATABASES:
+        client = MilvusClient(uri=SERVER_URI)
+        client.create_database(name)
+        client.close()
+        SERVER_DATABASES.add(name)
+    return name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def drop_server_databases():
+    yield
+    if not SERVER_DATABASES:
+        return
+    from pymilvus import MilvusClient
+
+    for name in sorted(SERVER_DATABASES):
+        client = MilvusClient(uri=SERVER_URI, db_name=name)
+        for collection in client.list_collections():
+            client.drop_collection(collection)
+        client.drop_database(name)
+        client.close()
+    SERVER_DATABASES.clear()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +160,7 @@ def test_ann_presets_recall_at_10_on_milvus(loaded, preset):
     assert r >= 0.95, f"{preset} recall@10 {r:.3f} ({info.index_factory})"
 
 
+@pytest.mark.skipif(bool(SERVER_URI), reason="about Milvus Lite; a Milvus server builds IVF_PQ")
 def test_ivfpq_is_refused_by_milvus_lite_naming_what_it_supports(tmp_path):
     store = open_backend("milvus", tmp_path)
     assert isinstance(store, MilvusStore) and store.lite
@@ -372,6 +411,27 @@ def test_bound_expressions_carry_no_user_text():
     assert re.fullmatch(r'[a-z0-9_\[\]"{}=<> ()]+', text), text  # hex keys, placeholders, operators only
     assert expr.params == {"p0": HOSTILE_VALUES[0], "p1": 1.0, "p2": True, "p3": "x", "p4": 1.0, "p5": 2.5}
     assert text.count("{p") == 6 and " or " in text
+
+
+@pytest.mark.parametrize(
+    "version, templates",
+    [
+        ("v2.3.5-lite", False),  # the `milvus` package's embedded server
+        ("v2.4.9", False),
+        ("v2.5.0", True),
+        ("v2.5.14", True),
+        ("2.6.1", True),
+        ("v3.0.0-beta", True),
+        ("milvus_lite 3.2.2", False),
+        ("master-20261201-abcdef", True),  # a development build: today's servers have them
+    ],
+)
+def test_templates_are_used_only_where_the_server_has_them(version, templates):
+    """Filter templates came with Milvus 2.5; an older server rejects `{p0}` ('cannot parse expression'), so it
+    gets escaped literals, as Milvus Lite does (run end to end with EMBEDSVC_TEST_MILVUS_URI on a 2.3 server)."""
+    from embedsvc.store.milvus_filter import templates_supported
+
+    assert templates_supported(version) is templates
 
 
 @pytest.mark.parametrize("backend", ["local", "milvus"])

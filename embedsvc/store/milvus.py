@@ -59,7 +59,7 @@ from embedsvc.store.indexes import (
     validate_index_kind,
 )
 from embedsvc.store.metadata import Condition, refuse_mistyped, wanted_kinds
-from embedsvc.store.milvus_filter import Expression, filterable
+from embedsvc.store.milvus_filter import Expression, filterable, templates_supported
 
 # The local back end's error classes (shared types): the same statuses whichever back end serves.
 from embedsvc.store.models import (
@@ -238,7 +238,7 @@ class MilvusStore:
             raise FailedPrecondition(f"cannot connect to Milvus at {self.uri}: {_first_line(exc)}") from None
         self.lite = str(version).startswith("milvus_lite")
         self.presets = LITE_PRESETS if self.lite else tuple(INDEX_PRESETS)
-        self.bind = not self.lite  # Milvus Lite has no expression templates
+        self.bind = templates_supported(str(version))  # else escaped literals (Milvus Lite, Milvus < 2.5)
         self._ensure_catalogue()
         self._migrate_legacy_rows()
         self.sweep()
@@ -288,7 +288,7 @@ class MilvusStore:
 
     def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
         """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
-        expression = " or ".join(f'exists filterable["{key}"]' for key in tagged_keys)
+        expression = " or ".join(f'(exists filterable["{key}"])' for key in tagged_keys)  # Milvus 2.3 needs the ()
         return bool(
             self._run(
                 record.physical,

@@ -2,18 +2,30 @@
 
 Keys never enter an expression as text: `filterable` holds each value under its type tag and the key's UTF-8
 bytes in hex, so a key is `filterable["s6b6579"]` whatever it contains. Values are bound as template
-parameters where the server supports them (Milvus >= 2.4) or written as escaped literals (Milvus Lite has no
-templates). The type tags keep True apart from 1 and "1" while 1 == 1.0, as the local store's filters do.
+parameters where the server supports them (Milvus >= 2.5, see templates_supported) or written as escaped literals
+(Milvus Lite and older servers have no templates). The type tags keep True apart from 1 and "1" while 1 == 1.0, as
+the local store's filters do.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from embedsvc.errors import InvalidInput
 from embedsvc.store.metadata import Condition, Filter, Value
+
+
+def templates_supported(server_version: str) -> bool:
+    """Whether a server of this version (get_server_version: `v2.5.14`, `v2.3.5-lite`, `milvus_lite ...`) binds
+    filter templates: Milvus 2.5 brought them; older servers refuse `{p0}` with 'cannot parse expression'. A
+    version that is not a release number (a development build) is taken to be current."""
+    if server_version.startswith("milvus_lite"):
+        return False
+    release = re.match(r"v?(\d+)\.(\d+)", server_version)
+    return release is None or (int(release.group(1)), int(release.group(2))) >= (2, 5)
 
 
 def tagged_key(key: str, value: Value) -> str:
