@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -122,3 +124,36 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
     finally:
         server.stop()
         MODEL_REGISTRY.pop(tiny_spec.name, None)
+
+
+def _listening_sockets() -> set[str]:
+    """Inodes of the TCP sockets this process holds in LISTEN state (Linux /proc)."""
+    held = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening.add(fields[9])
+    return held & listening
+
+
+@pytest.mark.parametrize("taken", ["--http-listen", "--metrics-port"])
+def test_a_failed_start_releases_the_grpc_port_it_bound(tmp_path, taken):
+    """A start that fails after binding gRPC's port (HTTP's or the metrics port taken) lets it go: a grpc.aio server
+    never started keeps its port through stop() and garbage collection, until its process exits."""
+    before = _listening_sockets()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        value = f"127.0.0.1:{port}" if taken == "--http-listen" else str(port)
+        proc = serve_once("--data-dir", str(tmp_path / "d"), "--http-listen", "", taken, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "embedsvc serve: error:" in proc.stderr and str(port) in proc.stderr, proc.stderr
+    assert _listening_sockets() - before == set()

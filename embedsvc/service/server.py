@@ -185,6 +185,7 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
         try:
             metrics_http = metrics.start_http(host, config.metrics_port)
         except OSError as exc:
+            await _release_port(server)
             await engine.close()
             store.close()
             raise InvalidInput(
@@ -198,13 +199,20 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
         try:
             http = HttpServer.bind(config, engine, tokens, slots)
         except InvalidInput:
-            await server.stop(0)
+            await _release_port(server)
             if metrics_http:
                 metrics_http.shutdown()
             await engine.close()
             store.close()
             raise
     return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http, admission), port
+
+
+async def _release_port(server: grpc.aio.Server) -> None:
+    """Lets go of the port a server not yet started has bound: grpc.aio keeps it through stop() and garbage
+    collection until the process exits (an in-process start that failed, e.g. a test's, left it listening)."""
+    await server.start()
+    await server.stop(0)
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:
