@@ -83,6 +83,22 @@ def test_port_taken_is_a_clear_startup_error(tmp_path):
     assert "port is taken" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_port_taken_is_one_line_on_stderr_of_a_real_process(tmp_path):
+    """gRPC's core logs a failed bind on file descriptor 2 itself, which only a process of its own shows: the user
+    sees our one line, with gRPC's reason in it, not that log line as well."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        proc = serve_once(
+            "--http-listen", "", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), process=True
+        )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embedsvc serve: error: cannot listen on"), proc.stderr
+    assert "Address already in use" in lines[0], proc.stderr
+
+
 def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

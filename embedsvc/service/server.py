@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import sys
+import tempfile
 import time
 
 import grpc
@@ -164,20 +168,13 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    cause: RuntimeError | None
-    try:
-        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        port = 0
-        cause = exc
-    else:
-        cause = None
+    port, cause = _add_port(server, listen, credentials)
     if not port:
         await engine.close()
         store.close()
         raise InvalidInput(
             f"cannot listen on {listen}: the port is taken or the address is not local "
-            f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN"
+            f"({cause}); pick another with --listen or EMBEDSVC_LISTEN"
         )
     metrics_http = None
     if config.metrics_port >= 0:
@@ -206,6 +203,36 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
             store.close()
             raise
     return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http, admission), port
+
+
+def _add_port(server: grpc.aio.Server, listen: str, credentials) -> tuple[int, str]:
+    """The port bound (0: not bound) and why not. gRPC's core logs a failed bind on file descriptor 2 itself, a
+    second line beside the one-line error the caller raises: that log line is taken in and becomes the reason (its
+    own exception only says to set GRPC_VERBOSITY); whatever else reached fd 2 meanwhile is written back."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as spill:
+        saved = os.dup(2)
+        os.dup2(spill.fileno(), 2)
+        try:
+            port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+            cause = "bind failed"
+        except RuntimeError as exc:
+            port, cause = 0, str(exc)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        spill.seek(0)
+        lines = spill.read().decode("utf-8", "replace").splitlines(keepends=True)
+    grpc_lines = [line for line in lines if _GRPC_LOG_LINE.match(line)] if not port else []
+    others = [line for line in lines if line not in grpc_lines]
+    if others:
+        os.write(2, "".join(others).encode())
+    if grpc_lines:
+        cause = grpc_lines[-1].split("] ", 1)[-1].strip()
+    return port, cause
+
+
+_GRPC_LOG_LINE = re.compile(r"^[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ ]+:\d+\] ")
 
 
 async def _release_port(server: grpc.aio.Server) -> None:
