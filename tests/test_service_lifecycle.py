@@ -173,3 +173,33 @@ def test_a_failed_start_releases_the_grpc_port_it_bound(tmp_path, taken):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "embedsvc serve: error:" in proc.stderr and str(port) in proc.stderr, proc.stderr
     assert _listening_sockets() - before == set()
+
+
+def _open_files() -> dict[str, str]:
+    """This process's file descriptors and what each is open on."""
+    found = {}
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found[fd.name] = os.readlink(fd)
+    return found
+
+
+@pytest.mark.parametrize("failure", ["http-port-taken", "corrupt-database"])
+def test_a_failed_start_leaves_no_file_open(tmp_path, failure):
+    """What a failed start opened is closed by it, not by the process's exit: the HTTP socket that could not bind,
+    the SQLite connection to a database that is not one (found open after a start-up error run in this process)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "store.sqlite3").write_bytes(b"this is not a database, it is garbage" * 100)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        args = ["--http-listen", f"127.0.0.1:{blocker.getsockname()[1]}", "--data-dir", str(tmp_path / "d")]
+        if failure == "corrupt-database":
+            args = ["--http-listen", "", "--data-dir", str(data)]
+        serve_once(*args)  # the first gRPC server of a process starts gRPC's own poller (kept for the next ones)
+        before = _open_files()
+        proc = serve_once(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    after = _open_files()
+    assert {fd: what for fd, what in after.items() if before.get(fd) != what} == {}
