@@ -203,3 +203,19 @@ def test_a_failed_start_leaves_no_file_open(tmp_path, failure):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     after = _open_files()
     assert {fd: what for fd, what in after.items() if before.get(fd) != what} == {}
+
+
+def test_a_start_failing_at_the_demo_releases_the_grpc_port(tmp_path, tiny_spec):
+    """The demo collection is indexed after create_server bound the port and before start(): its failure (here the
+    default model's weights are missing) stops a server never started, which must let the port go as well."""
+    models = tmp_path / "models.json"
+    missing = str(tmp_path / "missing.safetensors")
+    spec = {"name": "broken", "architecture": tiny_spec.architecture, "config_file": tiny_spec.config_file}
+    models.write_text(json.dumps([{**spec, "checkpoint": missing}]))
+    before = _listening_sockets()
+    proc = serve_once(
+        "--data-dir", str(tmp_path / "d"), "--http-listen", "", "--models-file", str(models),
+        "--default-model", "broken", "--demo-size", "1",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert _listening_sockets() - before == set()

@@ -61,12 +61,14 @@ class EmbedsvcServer:
         self.metrics_port = metrics_http.server_port if metrics_http else None
         self._stopped = False
         self._loaded: asyncio.Task | None = None
+        self._grpc_started = False
 
     async def start(self) -> None:
         """Listens at once, while the store may still load its collections: the process reports alive (gRPC
         health "" and EmbedService SERVING, /healthz 200) and not ready (IndexService NOT_SERVING, /readyz
         503) until every collection is loaded; requests to a collection still loading get UNAVAILABLE."""
         await self.grpc_server.start()
+        self._grpc_started = True
         for name in ("", *SERVICE_NAMES):
             loads = name == INDEX_SERVICE and not self.store.wait_loaded(0)
             await self.health.set(
@@ -101,7 +103,9 @@ class EmbedsvcServer:
         if self.http:
             self.http.drain()
         grace = grace if grace is not None else self.config.shutdown_grace_seconds
-        await asyncio.gather(self.grpc_server.stop(grace), *([self.http.stop(grace)] if self.http else []))
+        # never started (the demo's indexing failed): grpc.aio's stop() alone would keep the port until exit
+        grpc_stop = self.grpc_server.stop(grace) if self._grpc_started else _release_port(self.grpc_server)
+        await asyncio.gather(grpc_stop, *([self.http.stop(grace)] if self.http else []))
         await self.engine.close()
         self.store.close()
         if self.metrics_http:
