@@ -8,8 +8,10 @@ under Python's default filters (pytest would record them instead), and the log l
 to stderr in a fresh process (pytest's handlers on the root logger would turn basicConfig into a no-op). Global
 state main() changes is put back afterwards: the environment (apply_openmp_defaults), torch's and FAISS's thread
 counts, logger levels and root handlers, the working directory, SIGINT/SIGTERM handlers, and models registered
-with embedsvc or open_clip by the run (the test process's own registrations are visible during it). Threads that
-were running before the run (a fixture's server) are no part of the command: what they write goes where it went.
+with embedsvc or open_clip by the run (the test process's own registrations are visible during it), and logging's
+warning capture. A thread's uncaught exception prints its traceback on the run's stderr (Python's own hook, not
+pytest's, which would record it as the test's warning). Threads that were running before the run (a fixture's
+server) are no part of the command: what they write goes where it went.
 
 process=True: a real `python -m embedsvc` child (start_cli: one left running). Use it where the verdict depends on
 the process itself: kills and signals, memory limits, what runs at interpreter exit, a `serve` that is to keep
@@ -76,7 +78,7 @@ def _run_in_process(argv: list[str], cwd, env, timeout: float) -> subprocess.Com
     stderr = _RunOutput(sys.stderr, "backslashreplace")
     watchdog = _Watchdog(timeout)
     try:
-        with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging(), watchdog:
+        with _restored_globals(cwd, env), _fresh_warnings(stderr), _fresh_logging(), _fresh_hooks(), watchdog:
             saved = sys.stdout, sys.stderr
             sys.stdout, sys.stderr = stdout, stderr
             try:
@@ -196,11 +198,27 @@ def _fresh_warnings(stderr) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _fresh_hooks() -> Iterator[None]:
+    """Python's own hooks for a thread's uncaught exception and an unraisable one: they print the traceback to
+    sys.stderr (the run's), where pytest's would record it as a warning of the test instead."""
+    thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+    threading.excepthook, sys.unraisablehook = threading.__excepthook__, sys.__unraisablehook__
+    try:
+        yield
+    finally:
+        threading.excepthook, sys.unraisablehook = thread_hook, unraisable_hook
+
+
+@contextlib.contextmanager
 def _fresh_logging() -> Iterator[None]:
     """Logging as a fresh process has it: a root logger at WARNING without handlers (basicConfig in main() then adds
     its stderr handler), embedsvc's loggers at NOTSET; the root's handlers and every logger's level put back after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # logging.captureWarnings(True) (serve's configure_logging) keeps the showwarning it replaced; left set, a later
+    # run's captureWarnings(True) would do nothing and its warnings would not reach its log handler
+    captured = logging._warnings_showwarning  # type: ignore[attr-defined]
+    logging._warnings_showwarning = None  # type: ignore[attr-defined]
     # placeholders (a parent name such as "embedsvc", not yet a logger) become loggers at NOTSET, as they were
     levels = {
         name: (lg.level, lg.disabled) if isinstance(lg, logging.Logger) else (logging.NOTSET, False)
@@ -214,6 +232,7 @@ def _fresh_logging() -> Iterator[None]:
     try:
         yield
     finally:
+        logging._warnings_showwarning = captured  # type: ignore[attr-defined]
         for handler in root.handlers:
             handler.close()
         root.handlers = handlers

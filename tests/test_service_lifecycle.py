@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -81,6 +83,22 @@ def test_port_taken_is_a_clear_startup_error(tmp_path):
     assert "port is taken" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_port_taken_is_one_line_on_stderr_of_a_real_process(tmp_path):
+    """gRPC's core logs a failed bind on file descriptor 2 itself, which only a process of its own shows: the user
+    sees our one line, with gRPC's reason in it, not that log line as well."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        proc = serve_once(
+            "--http-listen", "", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "d"), process=True
+        )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("embedsvc serve: error: cannot listen on"), proc.stderr
+    assert "Address already in use" in lines[0], proc.stderr
+
+
 def test_unwritable_data_dir_is_a_clear_startup_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -122,3 +140,82 @@ def test_graceful_shutdown_finishes_in_flight_and_checkpoints(tiny_spec, tmp_pat
     finally:
         server.stop()
         MODEL_REGISTRY.pop(tiny_spec.name, None)
+
+
+def _listening_sockets() -> set[str]:
+    """Inodes of the TCP sockets this process holds in LISTEN state (Linux /proc)."""
+    held = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening.add(fields[9])
+    return held & listening
+
+
+@pytest.mark.parametrize("taken", ["--http-listen", "--metrics-port"])
+def test_a_failed_start_releases_the_grpc_port_it_bound(tmp_path, taken):
+    """A start that fails after binding gRPC's port (HTTP's or the metrics port taken) lets it go: a grpc.aio server
+    never started keeps its port through stop() and garbage collection, until its process exits."""
+    before = _listening_sockets()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        value = f"127.0.0.1:{port}" if taken == "--http-listen" else str(port)
+        proc = serve_once("--data-dir", str(tmp_path / "d"), "--http-listen", "", taken, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "embedsvc serve: error:" in proc.stderr and str(port) in proc.stderr, proc.stderr
+    assert _listening_sockets() - before == set()
+
+
+def _open_files() -> dict[str, str]:
+    """This process's file descriptors and what each is open on."""
+    found = {}
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found[fd.name] = os.readlink(fd)
+    return found
+
+
+@pytest.mark.parametrize("failure", ["http-port-taken", "corrupt-database"])
+def test_a_failed_start_leaves_no_file_open(tmp_path, failure):
+    """What a failed start opened is closed by it, not by the process's exit: the HTTP socket that could not bind,
+    the SQLite connection to a database that is not one (found open after a start-up error run in this process)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "store.sqlite3").write_bytes(b"this is not a database, it is garbage" * 100)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        args = ["--http-listen", f"127.0.0.1:{blocker.getsockname()[1]}", "--data-dir", str(tmp_path / "d")]
+        if failure == "corrupt-database":
+            args = ["--http-listen", "", "--data-dir", str(data)]
+        serve_once(*args)  # the first gRPC server of a process starts gRPC's own poller (kept for the next ones)
+        before = _open_files()
+        proc = serve_once(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    after = _open_files()
+    assert {fd: what for fd, what in after.items() if before.get(fd) != what} == {}
+
+
+def test_a_start_failing_at_the_demo_releases_the_grpc_port(tmp_path, tiny_spec):
+    """The demo collection is indexed after create_server bound the port and before start(): its failure (here the
+    default model's weights are missing) stops a server never started, which must let the port go as well."""
+    models = tmp_path / "models.json"
+    missing = str(tmp_path / "missing.safetensors")
+    spec = {"name": "broken", "architecture": tiny_spec.architecture, "config_file": tiny_spec.config_file}
+    models.write_text(json.dumps([{**spec, "checkpoint": missing}]))
+    before = _listening_sockets()
+    proc = serve_once(
+        "--data-dir", str(tmp_path / "d"), "--http-listen", "", "--models-file", str(models),
+        "--default-model", "broken", "--demo-size", "1",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert _listening_sockets() - before == set()

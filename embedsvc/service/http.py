@@ -765,16 +765,24 @@ class HttpServer:
             # proto must say TCP: asyncio sets TCP_NODELAY only on such sockets, and without it Nagle's
             # algorithm and delayed ACKs add 40 ms to every keep-alive response.
             sock = socket.socket(*infos[0][:3])
+        except (OSError, ValueError) as exc:
+            raise cls._unbound(config, exc) from None
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(infos[0][4])
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(
-                f"cannot serve HTTP on {config.http_listen}: the port is taken or the address is not "
-                f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
-                f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)"
-            ) from None
+        except OSError as exc:
+            sock.close()  # closed now, not when the process exits (a start-up error run in a test's process)
+            raise cls._unbound(config, exc) from None
         sock.set_inheritable(True)
         return cls(HttpApi(config, engine, tokens, slots), sock, config)
+
+    @staticmethod
+    def _unbound(config: ServerConfig, exc: Exception) -> InvalidInput:
+        return InvalidInput(
+            f"cannot serve HTTP on {config.http_listen}: the port is taken or the address is not "
+            f"local ({getattr(exc, 'strerror', None) or exc}); pick another with --http-listen or "
+            f"EMBEDSVC_HTTP_LISTEN (empty disables HTTP)"
+        )
 
     async def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import sys
+import tempfile
 import time
 
 import grpc
@@ -57,12 +61,14 @@ class EmbedsvcServer:
         self.metrics_port = metrics_http.server_port if metrics_http else None
         self._stopped = False
         self._loaded: asyncio.Task | None = None
+        self._grpc_started = False
 
     async def start(self) -> None:
         """Listens at once, while the store may still load its collections: the process reports alive (gRPC
         health "" and EmbedService SERVING, /healthz 200) and not ready (IndexService NOT_SERVING, /readyz
         503) until every collection is loaded; requests to a collection still loading get UNAVAILABLE."""
         await self.grpc_server.start()
+        self._grpc_started = True
         for name in ("", *SERVICE_NAMES):
             loads = name == INDEX_SERVICE and not self.store.wait_loaded(0)
             await self.health.set(
@@ -97,7 +103,9 @@ class EmbedsvcServer:
         if self.http:
             self.http.drain()
         grace = grace if grace is not None else self.config.shutdown_grace_seconds
-        await asyncio.gather(self.grpc_server.stop(grace), *([self.http.stop(grace)] if self.http else []))
+        # never started (the demo's indexing failed): grpc.aio's stop() alone would keep the port until exit
+        grpc_stop = self.grpc_server.stop(grace) if self._grpc_started else _release_port(self.grpc_server)
+        await asyncio.gather(grpc_stop, *([self.http.stop(grace)] if self.http else []))
         await self.engine.close()
         self.store.close()
         if self.metrics_http:
@@ -164,20 +172,13 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    cause: RuntimeError | None
-    try:
-        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        port = 0
-        cause = exc
-    else:
-        cause = None
+    port, cause = _add_port(server, listen, credentials)
     if not port:
         await engine.close()
         store.close()
         raise InvalidInput(
             f"cannot listen on {listen}: the port is taken or the address is not local "
-            f"({cause or 'bind failed'}); pick another with --listen or EMBEDSVC_LISTEN"
+            f"({cause}); pick another with --listen or EMBEDSVC_LISTEN"
         )
     metrics_http = None
     if config.metrics_port >= 0:
@@ -185,6 +186,7 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
         try:
             metrics_http = metrics.start_http(host, config.metrics_port)
         except OSError as exc:
+            await _release_port(server)
             await engine.close()
             store.close()
             raise InvalidInput(
@@ -198,13 +200,50 @@ async def create_server(config: ServerConfig, internal_listen: str = "") -> tupl
         try:
             http = HttpServer.bind(config, engine, tokens, slots)
         except InvalidInput:
-            await server.stop(0)
+            await _release_port(server)
             if metrics_http:
                 metrics_http.shutdown()
             await engine.close()
             store.close()
             raise
     return EmbedsvcServer(config, server, engine, store, health_servicer, metrics_http, http, admission), port
+
+
+def _add_port(server: grpc.aio.Server, listen: str, credentials) -> tuple[int, str]:
+    """The port bound (0: not bound) and why not. gRPC's core logs a failed bind on file descriptor 2 itself, a
+    second line beside the one-line error the caller raises: that log line is taken in and becomes the reason (its
+    own exception only says to set GRPC_VERBOSITY); whatever else reached fd 2 meanwhile is written back."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as spill:
+        saved = os.dup(2)
+        os.dup2(spill.fileno(), 2)
+        try:
+            port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
+            cause = "bind failed"
+        except RuntimeError as exc:
+            port, cause = 0, str(exc)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        spill.seek(0)
+        lines = spill.read().decode("utf-8", "replace").splitlines(keepends=True)
+    grpc_lines = [line for line in lines if _GRPC_LOG_LINE.match(line)] if not port else []
+    others = [line for line in lines if line not in grpc_lines]
+    if others:
+        os.write(2, "".join(others).encode())
+    if grpc_lines:
+        cause = grpc_lines[-1].split("] ", 1)[-1].strip()
+    return port, cause
+
+
+_GRPC_LOG_LINE = re.compile(r"^[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ ]+:\d+\] ")
+
+
+async def _release_port(server: grpc.aio.Server) -> None:
+    """Lets go of the port a server not yet started has bound: grpc.aio keeps it through stop() and garbage
+    collection until the process exits (an in-process start that failed, e.g. a test's, left it listening)."""
+    await server.start()
+    await server.stop(0)
 
 
 async def index_demo_collection(engine: Engine, size: int) -> int:

@@ -105,16 +105,24 @@ class Database:
                     self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
-        except sqlite3.OperationalError as exc:  # the disk refused (full, read-only, I/O error): not a bad database
-            raise FailedPrecondition(
+        except sqlite3.DatabaseError as exc:
+            raise self._unopened(path, exc) from None
+
+    def _unopened(self, path: Path, exc: sqlite3.DatabaseError) -> FailedPrecondition:
+        """Why the database cannot be opened; its connection, if made, closed now (not when the process exits: a
+        start-up error run in a test's process kept the file open)."""
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, sqlite3.OperationalError):  # the disk refused (full, read-only, I/O): not a bad database
+            return FailedPrecondition(
                 f"{path} cannot be opened now ({exc}): free space on its disk or make it "
                 f"writable, then start again; the database is kept as it was"
-            ) from None
-        except sqlite3.DatabaseError as exc:
-            raise FailedPrecondition(
-                f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
-                f"or move it away to start with an empty store"
-            ) from None
+            )
+        return FailedPrecondition(
+            f"{path} is not a usable SQLite database ({exc}); restore it from a backup, "
+            f"or move it away to start with an empty store"
+        )
 
     def close(self) -> None:
         with self._lock:
