@@ -202,3 +202,77 @@ def test_a_config_written_by_a_later_version_still_opens(tmp_path):
         assert store.get_collection("c").count == 1
     finally:
         store.close()
+
+
+def _set_config(data_dir, name: str, config: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(data_dir / "store.sqlite3")
+    db.execute("UPDATE collections SET config = ? WHERE name = ?", (config, name))
+    db.commit()
+    db.close()
+
+
+def _open_files_under(path) -> list[str]:
+    import os
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the fd listing itself, closed meanwhile
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+def test_a_collection_whose_catalogue_row_cannot_be_read_is_unavailable_and_the_others_serve(tmp_path):
+    """One damaged row of the catalogue (its config not JSON) kept the whole data directory from opening with
+    a bare JSONDecodeError: no collection served. Now that one answers FAILED_PRECONDITION naming the damage,
+    its items' metadata still reads, it can be dropped and re-created, and the others serve."""
+    store = LocalStore(tmp_path / "d")
+    for name in ("broken", "ok"):
+        store.create_collection(CollectionConfig(name, 4))
+        store.upsert(name, [Item("a", np.ones(4, np.float32), {"k": name})])
+    store.close()
+    _set_config(tmp_path / "d", "broken", "{not json")
+    store = LocalStore(tmp_path / "d")
+    try:
+        assert [h.id for h in store.search("ok", np.ones((1, 4), np.float32), SearchOptions(1))[0]] == ["a"]
+        with pytest.raises(FailedPrecondition, match="'broken' is unavailable: its configuration in the catalogue"):
+            store.search("broken", np.ones((1, 4), np.float32), SearchOptions(1))
+        with pytest.raises(FailedPrecondition, match="unavailable"):
+            store.upsert("broken", [Item("b", np.ones(4, np.float32))])
+        found, missing = store.get("broken", ["a", "zz"])
+        assert [(i.id, i.metadata) for i in found] == [("a", {"k": "broken"})] and missing == ["zz"]
+        assert {c.config.name for c in store.list_collections()} == {"broken", "ok"}
+        assert store.drop_collection("broken") == 1
+        store.create_collection(CollectionConfig("broken", 4))
+        store.upsert("broken", [Item("c", np.ones(4, np.float32))])
+        assert store.get_collection("broken").count == 1
+    finally:
+        store.close()
+
+
+def test_a_store_that_fails_to_open_lets_its_lock_and_database_go(tmp_path):
+    """A start-up step failing after the lock was taken (here: a directory where a stray file was to be removed)
+    left the data directory locked and its database open in this process: after the cause was fixed, opening it
+    again here said it was in use by another process (this one). The error names the path, and a second open
+    succeeds once it is removed."""
+    store = LocalStore(tmp_path / "d")
+    store.create_collection(CollectionConfig("c", 4))
+    store.close()
+    stray = tmp_path / "d" / "indexes" / "collection-999.npz"
+    stray.mkdir()
+    (stray / "x").write_text("x")
+    with pytest.raises(FailedPrecondition, match=f"cannot remove the stray file {stray}.*remove it"):
+        LocalStore(tmp_path / "d")
+    assert not _open_files_under(tmp_path / "d")
+    (stray / "x").unlink()
+    stray.rmdir()
+    store = LocalStore(tmp_path / "d")
+    try:
+        assert store.get_collection("c").count == 0
+    finally:
+        store.close()

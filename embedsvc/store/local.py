@@ -182,6 +182,15 @@ class _Ids:
         return labels
 
 
+def _unreadable_config(config_json: str) -> tuple[CollectionConfig | None, str]:
+    """A collection's config from its catalogue row, or None and why the row cannot be read (a damaged row
+    makes that collection unavailable, not the data directory unopenable)."""
+    try:
+        return CollectionConfig.from_json(json.loads(config_json)), ""
+    except (ValueError, TypeError, AttributeError, InvalidInput) as exc:
+        return None, f"its configuration in the catalogue (store.sqlite3) cannot be read ({type(exc).__name__}: {exc})"
+
+
 @dataclass
 class _Collection:
     id: int
@@ -314,7 +323,6 @@ class LocalStore:
             self._dir_lock.release()
             raise
         self.omp_threads = omp_threads
-        self._use_faiss_threads()
         self.checkpoint_every = checkpoint_every
         self.max_top_k = max_top_k
         self.progress_seconds = progress_seconds
@@ -322,15 +330,24 @@ class LocalStore:
         self._collections: dict[str, _Collection] = {}
         self._closing = threading.Event()  # stops a background load
         self.loaded = threading.Event()  # set once every collection present at start-up finished loading
+        self._checkpointer: _Checkpointer | None = None
+        self._closed = False
+        self._loader: threading.Thread | None = None
+        try:
+            self._open(background_load)
+        except BaseException:  # what this opened goes now, not at the process's exit: a retry here finds it free
+            self.close(checkpoint=False)
+            raise
+
+    def _open(self, background_load: bool) -> None:
+        self._use_faiss_threads()
         rows = self.db.collections()
         self._remove_stray_files({cid for cid, *_ in rows})
         if self.db.items_hold_vectors():
             self._migrate([(cid, name, config) for cid, name, config, *_ in rows])
         for cid, name, config, created_ms, pooling_version in rows:
-            self._collections[name] = self._placeholder(cid, config, created_ms, pooling_version)
+            self._collections[name] = self._placeholder(cid, name, config, created_ms, pooling_version)
         self._checkpointer = _Checkpointer(self)
-        self._closed = False
-        self._loader: threading.Thread | None = None
         if background_load:
             self._loader = threading.Thread(target=self._load_all, name="store-loader", daemon=True)
             self._loader.start()
@@ -403,7 +420,13 @@ class LocalStore:
             match = _CHECKPOINT_FILE.fullmatch(path.name) or VECTOR_FILE.fullmatch(path.name)
             if is_temporary(path) or (match and int(match.group(1)) not in live_ids):
                 log.info("removing stray file %s", path)
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise FailedPrecondition(
+                        f"cannot remove the stray file {path} ({exc.strerror or exc}); it is not part of any "
+                        f"collection: remove it by hand, then start again"
+                    ) from None
 
     def _migrate(self, collections: list[tuple[int, str, str]]) -> None:
         """First format -> this one: each collection's vectors move from the items table to a vector file
@@ -411,7 +434,10 @@ class LocalStore:
         commit leaves the first format as it was (the new files are strays the next start removes)."""
         layouts = {}
         for cid, name, config_json in collections:
-            dim = CollectionConfig.from_json(json.loads(config_json)).dim
+            config, unreadable = _unreadable_config(config_json)
+            if config is None:
+                raise FailedPrecondition(f"collection {quoted(name)} cannot be migrated: {unreadable}")
+            dim = config.dim
             layout, next_label = self.db.layout(cid)
             count = self.db.count(cid)
             progress = _Progress(
@@ -441,12 +467,19 @@ class LocalStore:
         self.db.drop_vector_column(layouts)
         log.info("migrated the data directory: vectors of %d collection(s) moved to vector files", len(layouts))
 
-    def _placeholder(self, cid: int, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
-        """A collection as listed before its load: requests to it get CollectionLoading."""
-        config = CollectionConfig.from_json(json.loads(config_json))
-        col = _Collection(
-            cid, config, created_ms, pooling_version, None, MetadataIndex(), uid=f"{self.db.uuid}-{cid}", loading=True
-        )
+    def _placeholder(self, cid: int, name: str, config_json: str, created_ms: int, pooling_version: int) -> _Collection:
+        """A collection as listed before its load: requests to it get CollectionLoading. One whose catalogue row
+        cannot be read is listed as unavailable (its items still read) and the others open."""
+        uid = f"{self.db.uuid}-{cid}"
+        config, unreadable = _unreadable_config(config_json)
+        if config is None:
+            log.error("collection %s is unavailable: %s", name, unreadable)
+            col = _Collection(
+                cid, CollectionConfig(name, 1), created_ms, pooling_version, None, MetadataIndex(), uid=uid
+            )
+            col.unavailable = unreadable
+            return col
+        col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(), uid=uid, loading=True)
         col.stored = self.db.count(cid)
         col.progress = _Progress(f"loading collection {config.name}", col.stored, self.progress_seconds, self._closing)
         return col
@@ -805,7 +838,8 @@ class LocalStore:
         self._closing.set()
         if self._loader is not None:  # a background load stops at its next progress step
             self._loader.join()
-        self._checkpointer.stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if checkpoint:
             for col in list(self._collections.values()):
                 try:
@@ -936,6 +970,7 @@ class LocalStore:
         check_incarnation(name, col.uid, uid)
         if not items:
             return UpsertResult(0, 0, len(col.ids))
+        col.check_usable()  # before checking items against a config an unavailable collection may not have
         ids, vectors, metadata = prepare_items(name, col.config, items)
         encoded = [_metadata_json(m) for m in metadata]
         with col.lock.write():
@@ -1084,6 +1119,7 @@ class LocalStore:
         """Top-k per query; `exclude_ids[i]` drops one id from query i's results ("more like this")."""
         self._use_faiss_threads()
         col = self._ready(name)
+        col.check_usable()  # before checking queries against a config an unavailable collection may not have
         queries = prepare_queries(col.config, queries, options, self.max_top_k)
         top_k, flt = options.top_k, options.filter
         include_metadata, include_vectors = options.include_metadata, options.include_vectors
