@@ -330,9 +330,9 @@ class LocalStore:
         self._collections: dict[str, _Collection] = {}
         self._closing = threading.Event()  # stops a background load
         self.loaded = threading.Event()  # set once every collection present at start-up finished loading
-        self._checkpointer: _Checkpointer | None = None
         self._closed = False
         self._loader: threading.Thread | None = None
+        self._checkpointer = _Checkpointer(self)  # idle until a writer asks
         try:
             self._open(background_load)
         except BaseException:  # what this opened goes now, not at the process's exit: a retry here finds it free
@@ -347,7 +347,6 @@ class LocalStore:
             self._migrate([(cid, name, config) for cid, name, config, *_ in rows])
         for cid, name, config, created_ms, pooling_version in rows:
             self._collections[name] = self._placeholder(cid, name, config, created_ms, pooling_version)
-        self._checkpointer = _Checkpointer(self)
         if background_load:
             self._loader = threading.Thread(target=self._load_all, name="store-loader", daemon=True)
             self._loader.start()
@@ -838,8 +837,7 @@ class LocalStore:
         self._closing.set()
         if self._loader is not None:  # a background load stops at its next progress step
             self._loader.join()
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
+        self._checkpointer.stop()
         if checkpoint:
             for col in list(self._collections.values()):
                 try:
