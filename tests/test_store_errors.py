@@ -182,6 +182,14 @@ def test_checkpoint_and_reopen_replays_the_log(tmp_path):
     assert "i1" not in ids and "late" in ids and len(ids) == 39
 
 
+def _count_on_reopening(data_dir, name: str) -> int:
+    store = LocalStore(data_dir)
+    try:
+        return store.get_collection(name).count
+    finally:
+        store.close()
+
+
 def test_a_config_written_by_a_later_version_still_opens(tmp_path):
     """A key this version does not know (a later release's field) is ignored, not a TypeError that keeps
     the whole data directory (or a Milvus catalogue) from opening."""
@@ -197,11 +205,7 @@ def test_a_config_written_by_a_later_version_still_opens(tmp_path):
     db.execute("UPDATE collections SET config = ?", (json.dumps({**json.loads(config), "from_the_future": 1}),))
     db.commit()
     db.close()
-    store = LocalStore(tmp_path / "d")
-    try:
-        assert store.get_collection("c").count == 1
-    finally:
-        store.close()
+    assert _count_on_reopening(tmp_path / "d", "c") == 1
 
 
 def _set_config(data_dir, name: str, config: str) -> None:
@@ -271,8 +275,4 @@ def test_a_store_that_fails_to_open_lets_its_lock_and_database_go(tmp_path):
     assert not _open_files_under(tmp_path / "d")
     (stray / "x").unlink()
     stray.rmdir()
-    store = LocalStore(tmp_path / "d")
-    try:
-        assert store.get_collection("c").count == 0
-    finally:
-        store.close()
+    assert _count_on_reopening(tmp_path / "d", "c") == 0
