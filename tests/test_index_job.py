@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,71 @@ def folder(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
 def index(*args, cwd, **options) -> subprocess.CompletedProcess:
     """`embedsvc index ARGS` run in `cwd` (tests/cli_runner.py; process=True for a process of its own)."""
     return run_cli("index", *args, cwd=cwd, **options)
+
+
+@pytest.mark.slow  # starts a local Ray cluster twice
+def test_ray_workers_load_a_model_from_a_models_file_and_report_a_refusal_in_one_line(tiny_spec, tmp_path):
+    """`--models-file` registers its models in the job's process only: the Ray workers were handed the name, did
+    not know it, and the job ended in Ray's ActorDiedError traceback, exit 1. Workers get the model's spec now,
+    and an error a worker raises (here: its checkpoint is not on the worker's disk) reaches the user as our error
+    type, one line."""
+    pytest.importorskip("ray.data")
+    root = tmp_path / "photos"
+    write_scenes(root, "val", 12, size=32)
+    models = tmp_path / "models.json"
+    models.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "tiny-from-file",
+                    "architecture": tiny_spec.architecture,
+                    "checkpoint": tiny_spec.checkpoint,
+                    "config_file": tiny_spec.config_file,
+                }
+            ]
+        )
+    )
+    vectors = {}
+    for engine in ("local", "ray"):
+        proc = index(
+            str(root / "images"),
+            "--collection",
+            "c=cls",
+            "--models-file",
+            str(models),
+            "--model",
+            "tiny-from-file",
+            "--local",
+            str(tmp_path / engine),
+            "--engine",
+            engine,
+            cwd=tmp_path,
+            process=engine == "ray",
+        )
+        assert proc.returncode == 0 and "indexed 12" in proc.stdout, proc.stderr[-3000:]
+        store = LocalStore(tmp_path / engine)
+        vectors[engine] = {i.id: i.vector for i in store.get("c", [f"val-{k:07d}.png" for k in range(12)], True)[0]}
+        store.close(checkpoint=False)
+    assert set(vectors["ray"]) == set(vectors["local"]) and len(vectors["ray"]) == 12
+    assert max(float(np.abs(vectors["ray"][i] - vectors["local"][i]).max()) for i in vectors["ray"]) < 1e-5
+
+    script = (
+        "import sys\n"
+        "from embedsvc.jobs.ray_engine import embed_with_ray\n"
+        "from embedsvc.models import ModelSpec\n"
+        "spec = ModelSpec(name='nowhere', architecture='ViT-B-32', checkpoint='/nonexistent/weights.pt')\n"
+        "try:\n"
+        "    list(embed_with_ray([{'id': 'a', 'path': '', 'data': b'x'}], spec, [], 1, 1))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, '|', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ
+    )
+    line = done.stdout.strip().splitlines()[-1]
+    expected = "WeightsUnavailable | a Ray worker: checkpoint file /nonexistent/weights.pt does not exist"
+    assert line.startswith(expected), done.stdout + done.stderr
+    assert "Traceback" not in line and "ActorDiedError" not in line
 
 
 def test_folder_with_bad_files_interrupted_and_resumed(folder, tmp_path):

@@ -466,10 +466,10 @@ def test_ray_workers_refuse_weights_other_than_the_collections(tiny_spec, tmp_pa
     sink = _LocalSink(job, [("c", "cls")])
     try:
         model, targets = sink.targets()  # the parent's check passes...
-        assert EmbedActor(model, targets).dims == [32]  # ...and a worker loading the same file embeds
+        assert EmbedActor(spec, targets).dims == [32]  # ...and a worker loading the same file embeds
         os.replace(_save_random(TINY_ARCH, tmp_path / "new.pt", seed=9), weights)  # ...then the file changes
         with pytest.raises(FailedPrecondition, match="now loads weights sha256"):
-            EmbedActor(model, targets)
+            EmbedActor(spec, targets)
     finally:
         sink.close()
         MODEL_REGISTRY.pop(spec.name, None)

@@ -186,3 +186,22 @@ def test_wrapped_checkpoints_load_as_open_clip_loads_them(tiny_spec, tmp_path):
                 config_file=tiny_spec.config_file,
             )
         )
+
+
+def test_random_weights_are_the_same_in_every_load_and_leave_the_callers_random_state(tiny_spec):
+    """A random_init model was drawn from the process's random state: a server, an index job and each Ray worker
+    built other weights under one name, and a collection filled by several mixed vectors of different models,
+    with nothing to tell (random weights have no fingerprint). They are drawn from a fixed seed now, without
+    touching the caller's random state."""
+    spec = ModelSpec(
+        name="tiny-random", architecture=tiny_spec.architecture, config_file=tiny_spec.config_file, random_init=True
+    )
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = load_model(spec, device="cpu").model.state_dict()
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.rand(5)  # another state: the weights must not depend on it
+    second = load_model(spec, device="cpu").model.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from embedsvc.cpu import DEFAULT_DECODE_NICE, lower_thread_priority, usable_cpus
 from embedsvc.encoder.images import DEFAULT_MAX_PIXELS, decode_image, header_pixels
@@ -28,6 +28,9 @@ from embedsvc.engine.config import EngineConfig
 from embedsvc.errors import AlreadyExists, EmbedsvcError, FailedPrecondition, InvalidInput
 from embedsvc.jobs.sources import Record, open_source
 from embedsvc.progress import Progress
+
+if TYPE_CHECKING:
+    from embedsvc.models import ModelSpec
 
 WRITES_IN_FLIGHT = 2  # batches being embedded and written at once (run_index)
 # The side a job that indexes through a server decodes at, only to report bad files: the server decodes again at
@@ -421,6 +424,8 @@ def _write_report(path: str, failed: list[tuple[str, str]]) -> None:
 
 
 def _run_ray(job: IndexJob, records: list[Record], sink: _LocalSink, started: float) -> IndexSummary:
+    from embedsvc.models import get_model_spec
+
     try:
         from embedsvc.jobs.ray_engine import embed_with_ray
     except ImportError:
@@ -441,7 +446,7 @@ def _run_ray(job: IndexJob, records: list[Record], sink: _LocalSink, started: fl
     if rows:
         for batch in embed_with_ray(
             rows,
-            model,
+            _portable_spec(get_model_spec(model)),
             targets,
             job.batch_size,
             job.ray_actors,
@@ -463,6 +468,15 @@ def _run_ray(job: IndexJob, records: list[Record], sink: _LocalSink, started: fl
     _write_report(job.report, failed)
     return IndexSummary(
         len(records), indexed, len(present), failed, time.perf_counter() - started, time.perf_counter() - loop_started
+    )
+
+
+def _portable_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec with absolute file paths: Ray workers may run in another working directory."""
+    return replace(
+        spec,
+        checkpoint=os.path.abspath(spec.checkpoint) if spec.checkpoint else spec.checkpoint,
+        config_file=os.path.abspath(spec.config_file) if spec.config_file else spec.config_file,
     )
 
 

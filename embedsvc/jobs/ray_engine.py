@@ -7,29 +7,35 @@ through it, and the driver writes the returned vectors into the durable store ba
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedsvc import errors
 from embedsvc.jobs.sources import DEFAULT_MAX_IMAGE_BYTES, read_image_file
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from embedsvc.models import ModelSpec
 
 
 class EmbedActor:
     """Decodes and embeds a batch for every target collection's pooling with one forward pass."""
 
     def __init__(
-        self, model: str, targets: list[dict], device: str = "auto", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+        self, spec: ModelSpec, targets: list[dict], device: str = "auto", max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     ):
+        """`spec`, not a registry name: a worker's registry holds only the bundled models, not those the job's
+        process registered from --models-file or --checkpoint."""
         from embedsvc.encoder import ClipEncoder
-        from embedsvc.models import get_model_spec, load_model
+        from embedsvc.models import load_model
         from embedsvc.pooling import NetVLADState, PoolingSpec, bind_pooling, image_token_modes
         from embedsvc.store import CollectionConfig
 
-        loaded = load_model(get_model_spec(model), device=device)
+        loaded = load_model(spec, device=device)
         for target in targets:  # the bytes this actor loaded, maybe on another node and after the driver's check
             CollectionConfig.from_json(target["config"]).check_weights(loaded.weights_sha256)
         self.encoder = ClipEncoder(loaded)
@@ -73,7 +79,7 @@ class EmbedActor:
 
 def embed_with_ray(
     rows: list[dict],
-    model: str,
+    spec: ModelSpec,
     targets: list[dict],
     batch_size: int,
     actors: int,
@@ -82,7 +88,8 @@ def embed_with_ray(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """Yields batches {id, reason, vector_0..} in any order; starts a local Ray instance unless one is running.
-    Actors read the files of rows with a path, `max_image_bytes` at most (regular files only)."""
+    Actors read the files of rows with a path, `max_image_bytes` at most (regular files only). An error a worker
+    raised is raised here as the same embedsvc error (one line), not as Ray's wrapper with its traceback."""
     import ray
     import ray.data
     import torch
@@ -97,7 +104,7 @@ def embed_with_ray(
         embedded = dataset.map_batches(
             EmbedActor,
             fn_constructor_kwargs={
-                "model": model,
+                "spec": spec,
                 "targets": targets,
                 "device": device,
                 "max_image_bytes": max_image_bytes,
@@ -107,7 +114,27 @@ def embed_with_ray(
             num_gpus=gpus,
             batch_format="numpy",
         )
-        yield from embedded.iter_batches(batch_size=batch_size, batch_format="numpy")
+        try:
+            yield from embedded.iter_batches(batch_size=batch_size, batch_format="numpy")
+        except ray.exceptions.RayError as exc:
+            raise worker_error(str(exc)) from None
     finally:
         if started_here:
             ray.shutdown()
+
+
+# The last line of a worker's traceback as Ray carries it: Ray Data keeps only the text of an actor's error.
+_WORKER_ERROR = re.compile(r"^embedsvc\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def worker_error(text: str) -> errors.EmbedsvcError:
+    """Ray's text of a failed worker as the embedsvc error it raised (same type and message), or Unavailable
+    with the text's last line for anything else (a worker killed, out of memory)."""
+    found = _WORKER_ERROR.findall(text)
+    if found:
+        name, message = found[-1]
+        kind = getattr(errors, name, None)
+        if isinstance(kind, type) and issubclass(kind, errors.EmbedsvcError):
+            return kind(f"a Ray worker: {message}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return errors.Unavailable(f"the Ray job failed: {lines[-1] if lines else 'no reason given'}")

@@ -93,7 +93,7 @@ def load_model(
     try:
         state_dict = _state_dict_from_bytes(data, weights_path) if weights_path is not None else None
         del data
-        with _quiet_random_init_warning(state_dict is not None):
+        with _quiet_random_init_warning(state_dict is not None), _fixed_initial_weights():
             # pretrained_text=False: no text tower fetches base weights of its own (weights come from disk or nowhere).
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.architecture, device=torch_device, precision=open_clip_precision, pretrained_text=False, **kwargs
@@ -237,6 +237,20 @@ def _load_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 class _RandomInitWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+# The seed of every model build: random_init weights are the same in every process that builds them.
+RANDOM_INIT_SEED = 0
+
+
+@contextlib.contextmanager
+def _fixed_initial_weights():
+    """A model is built from a fixed seed, so random_init weights are the same in a server, an index job and each
+    Ray worker (they have no fingerprint: a collection filled by several would mix models unseen). The caller's
+    random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
 
 
 @contextlib.contextmanager
