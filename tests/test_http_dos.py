@@ -170,6 +170,52 @@ def test_over_the_connection_cap_the_oldest_idle_connections_are_closed(tiny_spe
         assert not any(_closed_by_server(sock, timeout=0.05) for sock in opened[-20:])  # newest: still open
 
 
+def _tls_config(tiny_spec, tmp_path, **overrides) -> tuple[ServerConfig, dict]:
+    pytest.importorskip("cryptography")
+    from test_security import _certificates
+
+    certs = _certificates(tmp_path)
+    settings = {"tls_cert_file": certs["server"], "tls_key_file": certs["server_key"], **overrides}
+    return tiny_config(tiny_spec, tmp_path / "d", http_listen="127.0.0.1:0", **settings), certs
+
+
+def test_connections_that_never_finish_their_tls_handshake_count_toward_the_cap(tiny_spec, tmp_path):
+    """With TLS, a connection reached the cap's count only once its handshake was done, and asyncio gives a
+    handshake 60 s: connections that opened and sent nothing were held without limit (each a file descriptor),
+    under no cap and no header deadline. They are counted from the moment they are accepted now."""
+    _fd_room(1024)
+    config, certs = _tls_config(tiny_spec, tmp_path, http_max_connections=8, http_header_timeout_seconds=120)
+    with running_server(config) as server, ExitStack() as stack:
+        silent = []
+        for _ in range(40):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.server.http_port)))
+            silent.append(sock)
+        assert all(_closed_by_server(sock, timeout=30) for sock in silent[:32])  # under 60 s: the cap, not asyncio
+        assert len(server.server.http.guard.open) <= 8
+        url = f"https://127.0.0.1:{server.server.http_port}/healthz"
+        with httpx.Client(verify=_tls_context(certs["ca"]), timeout=20) as https:
+            assert https.get(url).status_code == 200
+
+
+def test_a_tls_handshake_has_the_header_deadline(tiny_spec, tmp_path):
+    """The time to the request's headers counts from the connection's opening, the TLS handshake included."""
+    config, certs = _tls_config(tiny_spec, tmp_path, http_header_timeout_seconds=0.6)
+    with running_server(config) as server:
+        with socket.create_connection(("127.0.0.1", server.server.http_port)) as silent:
+            assert _closed_by_server(silent, timeout=30)  # under asyncio's 60 s
+        url = f"https://127.0.0.1:{server.server.http_port}/v1/collections"
+        with httpx.Client(verify=_tls_context(certs["ca"]), timeout=20) as https:
+            response = https.get(url)
+            assert response.status_code == 200 and response.json() == {"collections": []}
+            assert response.request.url.scheme == "https"
+
+
+def _tls_context(ca: str):
+    import ssl
+
+    return ssl.create_default_context(cafile=ca)
+
+
 PIPELINED = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000  # 22 MB of responses
 
 

@@ -728,16 +728,23 @@ class HttpServer:
         self.api, self.sock = api, sock
         self.port = sock.getsockname()[1]
         self.host = config.http_listen.rsplit(":", 1)[0]
-        tls: dict[str, Any] = {}
-        if config.tls_cert_file:
-            tls = {"ssl_certfile": config.tls_cert_file, "ssl_keyfile": config.tls_key_file}
-            if config.tls_client_ca_file:
-                tls.update(ssl_ca_certs=config.tls_client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        tls = None
+        if config.tls_cert_file:  # the guard runs the handshakes (under its cap and deadline), not uvicorn
+            tls = uvicorn.config.create_ssl_context(
+                config.tls_cert_file,
+                config.tls_key_file,
+                None,
+                uvicorn.config.SSL_PROTOCOL_VERSION,
+                ssl.CERT_REQUIRED if config.tls_client_ca_file else ssl.CERT_NONE,
+                config.tls_client_ca_file or None,
+                None,
+            )
         self.scheme = "https" if tls else "http"
         self.guard = ConnectionGuard(
             connection_cap(config.http_max_connections),
             config.http_header_timeout_seconds,
             config.http_send_timeout_seconds,
+            tls,
         )
         self.server = _QuietServer(
             uvicorn.Config(
@@ -750,7 +757,6 @@ class HttpServer:
                 timeout_graceful_shutdown=int(config.shutdown_grace_seconds) or 1,
                 # uvicorn annotates int but hands it to loop.call_later: a fraction of a second works
                 timeout_keep_alive=config.http_keepalive_timeout_seconds,  # type: ignore[arg-type]
-                **tls,
             )
         )
         self.task: asyncio.Task[None] | None = None
@@ -804,6 +810,7 @@ class HttpServer:
             self.server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
             self.server.should_exit = True
             await self.task
+        self.guard.close_handshakes()
         self.sock.close()
         self.api.codec.shutdown(wait=False, cancel_futures=True)
         self.api.parsers.close()

@@ -16,6 +16,10 @@ GuardedH11 is uvicorn's h11 protocol with two additions:
   incomplete); failing that, the oldest whose body is still arriving or whose response is not being read;
   failing that, the new one. One whose output is stuck is dropped, not closed: closing waits for the output.
 
+With TLS the guard runs the handshake itself (`loop.start_tls`), so a connection is counted and its header
+deadline runs from the moment it is accepted: left to uvicorn, asyncio hands a connection to the protocol only
+after its handshake, which it gives 60 s, so connections that sent nothing were held uncounted.
+
 A body's deadline is the application's (BodyLimit in embedsvc.service.http answers 408 in JSON); real work is
 bounded by the admission slots the HTTP API shares with gRPC (embedsvc.service.admission), not here.
 """
@@ -27,6 +31,7 @@ import functools
 import json
 import logging
 import resource
+import ssl
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -56,8 +61,11 @@ def _timeout_response(seconds: float) -> bytes:
 class ConnectionGuard:
     """The open connections of one HTTP server, oldest first, and the deadline of their headers."""
 
-    def __init__(self, max_connections: int, header_timeout: float, send_timeout: float):
+    def __init__(
+        self, max_connections: int, header_timeout: float, send_timeout: float, tls: ssl.SSLContext | None = None
+    ):
         self.max_connections, self.header_timeout, self.send_timeout = max_connections, header_timeout, send_timeout
+        self.tls = tls  # when set, connections arrive unencrypted and GuardedH11 runs their handshake
         self.open: dict[GuardedH11, None] = {}  # insertion order: oldest first
         self.closed_for_room = 0  # since the last warning, one a minute at most
         self.warned = -WARN_EVERY_SECONDS
@@ -88,6 +96,13 @@ class ConnectionGuard:
     def lost(self, connection: GuardedH11) -> None:
         self.open.pop(connection, None)
 
+    def close_handshakes(self) -> None:
+        """At shutdown: connections still in their TLS handshake are not the server's yet, so nothing else ends
+        them."""
+        for connection in list(self.open):
+            if connection.handshake is not None and not connection.handshake.done():
+                connection.handshake.cancel()
+
     def _victim(self, newcomer: GuardedH11) -> GuardedH11:
         slow = None
         for connection in self.open:
@@ -110,6 +125,8 @@ class GuardedH11(H11Protocol):
         self.header_deadline: asyncio.TimerHandle | None = None
         self.send_deadline: asyncio.TimerHandle | None = None
         self.unsent = 0  # output waiting when send_deadline was armed
+        self.handshake: asyncio.Task[None] | None = None  # with TLS: the handshake, until it is done
+        self.early: list[bytes] = []  # with TLS: data decrypted before the handshake's task resumed
 
     def state(self) -> str:
         if self.cycle is None or self.cycle.response_complete:
@@ -117,9 +134,44 @@ class GuardedH11(H11Protocol):
         return BODY if self.cycle.more_body and not self.cycle.response_started else RUNNING
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        if self.guard.tls is None:
+            super().connection_made(transport)
+            self._arm()
+            self.guard.opened(self)
+            return
+        self.transport = transport  # until the handshake is done: what the deadline and the cap close
         self._arm()
         self.guard.opened(self)
+        if not transport.is_closing():
+            self.handshake = self.loop.create_task(self._secure(transport))
+
+    async def _secure(self, transport) -> None:
+        """The TLS handshake, under the header deadline (and asyncio's own timeout, set to the same)."""
+        tls = self.guard.tls
+        assert tls is not None  # only with TLS
+        try:
+            secured = await self.loop.start_tls(
+                transport, self, tls, server_side=True, ssl_handshake_timeout=self.guard.header_timeout
+            )
+        except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError):  # ssl.SSLError is an OSError
+            secured = None
+        if secured is None:  # failed, timed out, closed by the deadline or the cap, or shut down
+            self._disarm()
+            self.guard.lost(self)
+            transport.abort()
+            return
+        H11Protocol.connection_made(self, secured)  # the request's transport from here on: addresses, https
+        early, self.early = self.early, []
+        for data in early:
+            super().data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake is not None and not self.handshake.done():
+            # the request's first bytes, decrypted in the same read that ended the handshake: asyncio hands them
+            # over before start_tls returns, so before the protocol has its transport
+            self.early.append(data)
+            return
+        super().data_received(data)
 
     def connection_lost(self, exc) -> None:
         self._disarm()
