@@ -509,3 +509,30 @@ def test_a_damaged_page_of_one_collections_items_leaves_the_others_serving(tmp_p
             store.search("a", np.eye(4, dtype=np.float32)[:1], SearchOptions(1))
     finally:
         store.close()
+
+
+def test_a_damaged_page_of_one_collections_items_is_a_clear_error_on_its_requests(tmp_path):
+    """A leaf page of the items table overwritten (a disk error) after the collection loaded from its checkpoint:
+    Get, upsert, delete and drop of the items it held raised a bare sqlite3.DatabaseError (INTERNAL). Now each is
+    a FailedPrecondition saying the catalogue is damaged and to restore it; the other collection serves."""
+    data = tmp_path / "d"
+    _many_items(data)
+    store = LocalStore(data)
+    store.checkpoint()
+    store.close()
+    _damage_pages(data, "items", lambda pages: [pages.index(next(p for p in pages if p.startswith("leaf")))])
+    store = LocalStore(data)
+    try:
+        calls = [
+            lambda: store.get("a", ["a0"]),
+            lambda: store.upsert("a", [Item("a0", np.ones(4, np.float32))]),
+            lambda: store.delete("a", ["a1"]),
+            lambda: store.drop_collection("a"),
+        ]
+        for call in calls:
+            with pytest.raises(FailedPrecondition, match=r"store.sqlite3 is damaged \(.*malformed.*backup"):
+                call()
+        assert store.get("ok", ["ok1"])[0][0].id == "ok1"
+        store.upsert("ok", [Item("ok1", np.ones(4, np.float32))])
+    finally:
+        store.close()

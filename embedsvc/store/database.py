@@ -99,6 +99,15 @@ _READ = {
 # EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
+
+class DatabaseDamaged(FailedPrecondition):
+    """store.sqlite3 has pages that cannot be read ("database disk image is malformed"): restore it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason  # SQLite's words
+
+
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
 
 
@@ -195,11 +204,25 @@ class Database:
                     isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
                 ):
                     raise self._unavailable(exc) from None
+                if type(exc) is sqlite3.DatabaseError:
+                    raise self._damaged(exc) from None
                 raise
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> DatabaseDamaged:
+        return DatabaseDamaged(
+            f"{self.path} is damaged ({exc}): the pages this request needs cannot be read (a disk error); "
+            f"restore it from a backup. Collections whose rows are elsewhere keep serving",
+            str(exc),
+        )
 
     def query(self, sql: str, params: Iterable = ()) -> list:
         with self._lock:
-            return self.conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self.conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is sqlite3.DatabaseError:  # malformed: not a constraint, nor the disk refusing now
+                    raise self._damaged(exc) from None
+                raise
 
     # -- collections --------------------------------------------------------------------------
 

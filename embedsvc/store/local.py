@@ -40,7 +40,7 @@ import orjson
 
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, Unavailable, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
-from embedsvc.store.database import Database
+from embedsvc.store.database import Database, DatabaseDamaged
 from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, train_sample, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
@@ -364,7 +364,9 @@ class LocalStore:
             self._open(background_load)
         except BaseException as exc:  # what this opened goes now, not at the process's exit: a retry here finds it free
             self.close(checkpoint=False)
-            if isinstance(exc, sqlite3.DatabaseError):  # a damaged page past the header (a disk error)
+            if isinstance(exc, DatabaseDamaged):  # a damaged page past the header (a disk error)
+                raise self.db.unopened(sqlite3.DatabaseError(exc.reason)) from None
+            if isinstance(exc, sqlite3.DatabaseError):
                 raise self.db.unopened(exc) from None
             raise
 
@@ -523,10 +525,10 @@ class LocalStore:
         col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(), uid=uid, loading=True)
         try:
             col.stored = self.db.count(cid)
-        except sqlite3.DatabaseError as exc:  # a damaged page of its rows: the others' may be whole
-            col.loading, col.unavailable = (
-                False,
-                f"its rows in {self.db.path.name} cannot be read ({exc}); " + ("restore the file from a backup"),
+        except DatabaseDamaged as exc:  # a damaged page of its rows: the others' may be whole
+            col.loading = False
+            col.unavailable = (
+                f"its rows in {self.db.path.name} cannot be read ({exc.reason}); restore the file from a backup"
             )
             log.error("collection %s is unavailable: %s", name, col.unavailable)
             return col
