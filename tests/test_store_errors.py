@@ -536,3 +536,19 @@ def test_a_damaged_page_of_one_collections_items_is_a_clear_error_on_its_request
         store.upsert("ok", [Item("ok1", np.ones(4, np.float32))])
     finally:
         store.close()
+
+
+def test_an_indexes_path_that_is_a_file_is_named_as_such(tmp_path):
+    """`indexes` in the data directory a file (a copy gone wrong): the open said the data directory "is not
+    writable: File exists", which it was. Now the message names the file and what to do, and nothing is held."""
+    data = tmp_path / "d"
+    _two_collections(data)
+    import shutil
+
+    shutil.rmtree(data / "indexes")
+    (data / "indexes").write_text("x")
+    with pytest.raises(
+        InvalidInput, match=r"indexes is not a folder but embedsvc.s folder of vector files: move it away"
+    ):
+        LocalStore(data)
+    assert not _open_files_under(data)

@@ -342,6 +342,12 @@ class LocalStore:
             with tempfile.TemporaryFile(dir=self.data_dir, prefix=".write-probe-"):
                 pass
         except OSError as exc:
+            for path, what in ((self.data_dir, "data directory"), (self.folder, "folder of vector files")):
+                if path.exists() and not path.is_dir():  # a copy gone wrong, not a permission
+                    raise InvalidInput(
+                        f"{path} is not a folder but embedsvc's {what}: move it away (or point --data-dir "
+                        f"elsewhere), then start again"
+                    ) from None
             raise InvalidInput(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from None
         self._dir_lock = DataDirLock(self.data_dir)
         try:
