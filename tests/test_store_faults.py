@@ -115,6 +115,33 @@ def test_collection_whose_index_cannot_be_built_is_unavailable_while_others_serv
         assert healthy(server)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "UPDATE collections SET config=json_set(config, '$.model', 5) WHERE name='broken'",
+        "UPDATE collections SET created_ms='yesterday' WHERE name='broken'",
+        "UPDATE collections SET config=json_set(config, '$.pooling_params', json('[1]')) WHERE name='broken'",
+    ],
+    ids=["model-number", "created-text", "params-list"],
+)
+def test_a_catalogue_row_of_wrong_types_leaves_list_collections_and_the_others_serving(tiny_spec, tmp_path, damage):
+    """One row holding a number where the model name belongs (or text as its creation time) opened, and every
+    ListCollections then failed (INTERNAL: the answer could not be made), for all collections alike."""
+    data = tmp_path / "data"
+    store = LocalStore(data)
+    for name in ("good", "broken"):
+        store.create_collection(CollectionConfig(name, 4))
+        store.upsert(name, [StoreItem("g", [1, 0, 0, 0])])
+    store.close()
+    with sqlite3.connect(data / "store.sqlite3") as db:
+        db.execute(damage)
+    with running_server(tiny_config(tiny_spec, data)) as server, Client(server.address) as client:
+        assert {c.name for c in client.list_collections()} == {"good", "broken"}
+        assert client.search("good", vector=[1, 0, 0, 0], top_k=1)[0].id == "g"
+        assert code_of(lambda: client.search("broken", vector=[1, 0, 0, 0], top_k=1)) == C.FAILED_PRECONDITION
+        assert healthy(server)
+
+
 # -- 8. concurrent checkpoints ----------------------------------------------------------------------
 
 
@@ -226,6 +253,23 @@ def test_corrupt_database_is_one_line_and_exit_2(tmp_path):
     lines = problem_lines(proc.stderr)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and "not a usable SQLite database" in lines[0] and "backup" in lines[0], lines
+
+
+def test_a_database_of_another_schema_is_one_line_and_exit_2(tmp_path):
+    """A store.sqlite3 whose collections table lacks a column this version reads (another version's copy) made
+    `serve` print a traceback ending in sqlite3.OperationalError ("no such column: config")."""
+    data = tmp_path / "data"
+    store = LocalStore(data)
+    store.create_collection(CollectionConfig("c", 4))
+    store.close()
+    db = sqlite3.connect(data / "store.sqlite3")
+    db.execute("ALTER TABLE collections RENAME COLUMN config TO settings")
+    db.commit()
+    db.close()
+    proc = serve("--data-dir", str(data))
+    lines = problem_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "collections.config" in lines[0] and "another version" in lines[0], lines
 
 
 @pytest.fixture

@@ -553,6 +553,7 @@ class Engine:
     async def _embed_for(
         self, info: CollectionInfo, contents: Sequence[Content], where: str
     ) -> tuple[np.ndarray, list[bool]]:
+        info.check_usable()  # an unavailable collection's config may be a stand-in (its catalogue row unreadable)
         if not info.config.model:
             raise FailedPrecondition(
                 f"collection {quoted(info.config.name)} holds raw vectors and has no model: "
@@ -672,6 +673,7 @@ class Engine:
             raise InvalidInput("upsert_multi takes content items (texts or images), not vectors")
         by_model: dict[str, list] = {}
         for info in infos:
+            info.check_usable()
             if not info.config.model:
                 raise FailedPrecondition(f"collection {quoted(info.config.name)} has no model to embed content with")
             by_model.setdefault(info.config.model, []).append(info)
@@ -715,7 +717,9 @@ class Engine:
                 vectors[i], truncated[i] = embedded[row], flags[row]
 
         def lookup_and_search():  # one hop off the event loop for the collection, stored ids and the search
-            config = (info or self.store.get_collection(name)).config
+            found = info or self.store.get_collection(name)
+            found.check_usable()  # before its dimension is checked: a stand-in's where its row is unreadable
+            config = found.config
             exclude: list[str | None] = [None] * len(queries)
             for i, q in enumerate(queries):
                 if q.item_id is not None:
@@ -746,6 +750,7 @@ class Engine:
         started = time.perf_counter()
         seed, max_descriptors = _fit_params(params)
         info = await self.run_blocking(self.store.get_collection, name)
+        info.check_usable()
         if not info.config.model:
             raise FailedPrecondition(f"collection {quoted(name)} has no model and nothing to fit")
         bound = bind_pooling(PoolingSpec(info.config.pooling, info.config.pooling_params))

@@ -75,9 +75,38 @@ _ADDED_COLUMNS = (
     ("collections", "vector_base_count", "INTEGER NOT NULL DEFAULT 0"),
     ("collections", "vector_base_label", "INTEGER NOT NULL DEFAULT 0"),
 )
+# The columns this version reads and writes, table by table: a table of another schema (CREATE TABLE IF NOT
+# EXISTS keeps it as it is) is refused at the open, not met by the first query that names a missing column.
+_READ = {
+    "meta": ("key", "value"),
+    "collections": (
+        "id",
+        "name",
+        "config",
+        "created_ms",
+        "next_label",
+        "pooling_version",
+        "pooling_state",
+        "vector_generation",
+        "vector_base_count",
+        "vector_base_label",
+    ),
+    "items": ("collection_id", "id", "label", "metadata"),
+    "changes": ("lsn", "collection_id", "added", "removed"),
+    "thumbnails": ("collection_id", "id", "media_type", "data"),
+}
 # A disk that refuses a vector file write: reported like SQLite's refusals (nothing stored, retry).
 # EFBIG: a file size limit (RLIMIT_FSIZE, a file system's largest file) refuses a vector file's growth.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+class DatabaseDamaged(FailedPrecondition):
+    """store.sqlite3 has pages that cannot be read ("database disk image is malformed"): restore it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason  # SQLite's words
+
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
 
@@ -103,14 +132,29 @@ class Database:
             for table, column, kind in _ADDED_COLUMNS:
                 if column not in self._columns(table):
                     self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            found = {table: set(self._columns(table)) for table in _READ}
+            lacking = [
+                f"{table}.{column}"
+                for table, columns in _READ.items()
+                for column in columns
+                if column not in found[table]
+            ]
+            if lacking:
+                self.conn.close()
+                raise FailedPrecondition(
+                    f"{path} lacks the column(s) {', '.join(lacking)} this version reads: it was written by "
+                    f"another version of embedsvc (or edited); open it with the version that wrote it, or restore "
+                    f"it from a backup"
+                )
             self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_uuid', ?)", (uuid.uuid4().hex,))
             self.uuid = self.conn.execute("SELECT value FROM meta WHERE key='store_uuid'").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise self._unopened(path, exc) from None
+            raise self.unopened(exc) from None
 
-    def _unopened(self, path: Path, exc: sqlite3.DatabaseError) -> FailedPrecondition:
-        """Why the database cannot be opened; its connection, if made, closed now (not when the process exits: a
-        start-up error run in a test's process kept the file open)."""
+    def unopened(self, exc: sqlite3.DatabaseError) -> FailedPrecondition:
+        """Why the database cannot be opened (here, or by the store's first reads of it); its connection, if made,
+        closed now (not when the process exits: a start-up error run in a test's process kept the file open)."""
+        path = self.path
         conn = getattr(self, "conn", None)
         if conn is not None:
             conn.close()
@@ -160,11 +204,25 @@ class Database:
                     isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
                 ):
                     raise self._unavailable(exc) from None
+                if type(exc) is sqlite3.DatabaseError:
+                    raise self._damaged(exc) from None
                 raise
+
+    def _damaged(self, exc: sqlite3.DatabaseError) -> DatabaseDamaged:
+        return DatabaseDamaged(
+            f"{self.path} is damaged ({exc}): the pages this request needs cannot be read (a disk error); "
+            f"restore it from a backup. Collections whose rows are elsewhere keep serving",
+            str(exc),
+        )
 
     def query(self, sql: str, params: Iterable = ()) -> list:
         with self._lock:
-            return self.conn.execute(sql, tuple(params)).fetchall()
+            try:
+                return self.conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is sqlite3.DatabaseError:  # malformed: not a constraint, nor the disk refusing now
+                    raise self._damaged(exc) from None
+                raise
 
     # -- collections --------------------------------------------------------------------------
 

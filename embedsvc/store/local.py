@@ -21,11 +21,13 @@ alongside each other and never see half a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import re
+import sqlite3
 import tempfile
 import threading
 import time
@@ -38,12 +40,13 @@ import orjson
 
 from embedsvc.errors import AlreadyExists, FailedPrecondition, InvalidInput, Unavailable, quoted
 from embedsvc.store.checkpoint import CheckpointReader, fsync_dir, is_temporary, read_checkpoint, write_checkpoint
-from embedsvc.store.database import Database
+from embedsvc.store.database import Database, DatabaseDamaged
 from embedsvc.store.indexes import FaissIndex, FileFlatIndex, file_backed, train_sample, validate_index_kind
 from embedsvc.store.lock import DataDirLock
 from embedsvc.store.metadata import Filter, MetadataIndex
 from embedsvc.store.models import (
     DEFAULT_SEARCH,
+    NAME_PATTERN,
     CollectionConfig,
     CollectionInfo,
     CollectionNotFound,
@@ -57,6 +60,7 @@ from embedsvc.store.models import (
     check_incarnation,
     prepare_items,
     prepare_queries,
+    unavailable_error,
     validate_id,
 )
 from embedsvc.store.rwlock import RWLock
@@ -182,13 +186,30 @@ class _Ids:
         return labels
 
 
-def _unreadable_config(config_json: str) -> tuple[CollectionConfig | None, str]:
-    """A collection's config from its catalogue row, or None and why the row cannot be read (a damaged row
-    makes that collection unavailable, not the data directory unopenable)."""
+def _unreadable_config(config_json: str, name: str) -> tuple[CollectionConfig | None, str]:
+    """A collection's config from its catalogue row (named `name`), or None and why the row cannot be read (a
+    damaged row makes that collection unavailable, not the data directory unopenable). A row that is JSON but
+    holds a value of the wrong type or an unknown metric or index type is as unreadable: served, it searched
+    with other semantics than the collection was made for, or broke ListCollections for every collection."""
     try:
-        return CollectionConfig.from_json(json.loads(config_json)), ""
+        config = CollectionConfig.from_json(json.loads(config_json))
+        wrong = [key for key in _CONFIG_TEXT if not isinstance(getattr(config, key), str)]
+        wrong += ["dim"] if type(config.dim) is not int else []  # true passes the config's own check
+        params = config.pooling_params
+        if not isinstance(params, dict) or not all(isinstance(v, str) for kv in params.items() for v in kv):
+            wrong.append("pooling_params")
+        if wrong:
+            raise TypeError(f"{', '.join(wrong)} hold(s) a value of the wrong type")
+        validate_index_kind(config.index, config.dim, config.metric)
     except (ValueError, TypeError, AttributeError, InvalidInput) as exc:
         return None, f"its configuration in the catalogue (store.sqlite3) cannot be read ({type(exc).__name__}: {exc})"
+    if config.name != name:  # the row's name is the collection's: unique, and what requests name
+        log.warning("collection %s: its configuration names it %s; serving it as %s", name, config.name, name)
+        config = dataclasses.replace(config, name=name)
+    return config, ""
+
+
+_CONFIG_TEXT = ("name", "model", "pooling", "metric", "index", "weights")  # the config's fields that are text
 
 
 @dataclass
@@ -237,7 +258,16 @@ class _Collection:
         trained = self.index.trained if self.index is not None else False
         factory = self.index.factory_string if self.index is not None else ""
         count = self.stored if self.loading else len(self.ids)
-        return CollectionInfo(self.config, count, self.created_ms, self.pooling_version, trained, factory, self.uid)
+        return CollectionInfo(
+            self.config,
+            count,
+            self.created_ms,
+            self.pooling_version,
+            trained,
+            factory,
+            self.uid,
+            self.unavailable or "",
+        )
 
     def check_loaded(self) -> None:
         """Refuses, without waiting for any lock, a request to a collection still loading at start-up."""
@@ -255,10 +285,7 @@ class _Collection:
         if self.dropped:
             raise CollectionNotFound(f"collection {quoted(self.config.name)} was dropped while the request ran")
         if self.unavailable:
-            raise FailedPrecondition(
-                f"collection {quoted(self.config.name)} is unavailable: {self.unavailable}; its "
-                f"items are kept (Get reads them); drop and re-create it to serve again"
-            )
+            raise unavailable_error(self.config.name, self.unavailable)
 
 
 class _Progress:
@@ -315,6 +342,12 @@ class LocalStore:
             with tempfile.TemporaryFile(dir=self.data_dir, prefix=".write-probe-"):
                 pass
         except OSError as exc:
+            for path, what in ((self.data_dir, "data directory"), (self.folder, "folder of vector files")):
+                if path.exists() and not path.is_dir():  # a copy gone wrong, not a permission
+                    raise InvalidInput(
+                        f"{path} is not a folder but embedsvc's {what}: move it away (or point --data-dir "
+                        f"elsewhere), then start again"
+                    ) from None
             raise InvalidInput(f"data directory {self.data_dir} is not writable: {exc.strerror or exc}") from None
         self._dir_lock = DataDirLock(self.data_dir)
         try:
@@ -335,8 +368,12 @@ class LocalStore:
         self._checkpointer = _Checkpointer(self)  # idle until a writer asks
         try:
             self._open(background_load)
-        except BaseException:  # what this opened goes now, not at the process's exit: a retry here finds it free
+        except BaseException as exc:  # what this opened goes now, not at the process's exit: a retry here finds it free
             self.close(checkpoint=False)
+            if isinstance(exc, DatabaseDamaged):  # a damaged page past the header (a disk error)
+                raise self.db.unopened(sqlite3.DatabaseError(exc.reason)) from None
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise self.db.unopened(exc) from None
             raise
 
     def _open(self, background_load: bool) -> None:
@@ -346,6 +383,14 @@ class LocalStore:
         if self.db.items_hold_vectors():
             self._migrate([(cid, name, config) for cid, name, config, *_ in rows])
         for cid, name, config, created_ms, pooling_version in rows:
+            if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):  # no request could name it
+                log.error(
+                    "the catalogue (store.sqlite3) names collection %d %r, which is not a collection name: it is "
+                    "left out (its files are kept); give it a valid name there, or restore the file from a backup",
+                    cid,
+                    name,
+                )
+                continue
             self._collections[name] = self._placeholder(cid, name, config, created_ms, pooling_version)
         if background_load:
             self._loader = threading.Thread(target=self._load_all, name="store-loader", daemon=True)
@@ -433,7 +478,7 @@ class LocalStore:
         commit leaves the first format as it was (the new files are strays the next start removes)."""
         layouts = {}
         for cid, name, config_json in collections:
-            config, unreadable = _unreadable_config(config_json)
+            config, unreadable = _unreadable_config(config_json, name)
             if config is None:
                 raise FailedPrecondition(f"collection {quoted(name)} cannot be migrated: {unreadable}")
             dim = config.dim
@@ -470,16 +515,29 @@ class LocalStore:
         """A collection as listed before its load: requests to it get CollectionLoading. One whose catalogue row
         cannot be read is listed as unavailable (its items still read) and the others open."""
         uid = f"{self.db.uuid}-{cid}"
-        config, unreadable = _unreadable_config(config_json)
+        config, unreadable = _unreadable_config(config_json, name)
+        numbers = {"created_ms": created_ms, "pooling_version": pooling_version}
+        wrong = [f"{key} {value!r}" for key, value in numbers.items() if type(value) is not int]
+        if config is not None and wrong:  # SQLite keeps text in an INTEGER column
+            config, unreadable = None, f"its catalogue row (store.sqlite3) holds {', '.join(wrong)}, not an integer"
         if config is None:
             log.error("collection %s is unavailable: %s", name, unreadable)
+            created_ms, pooling_version = (value if type(value) is int else 0 for value in numbers.values())
             col = _Collection(
                 cid, CollectionConfig(name, 1), created_ms, pooling_version, None, MetadataIndex(), uid=uid
             )
             col.unavailable = unreadable
             return col
         col = _Collection(cid, config, created_ms, pooling_version, None, MetadataIndex(), uid=uid, loading=True)
-        col.stored = self.db.count(cid)
+        try:
+            col.stored = self.db.count(cid)
+        except DatabaseDamaged as exc:  # a damaged page of its rows: the others' may be whole
+            col.loading = False
+            col.unavailable = (
+                f"its rows in {self.db.path.name} cannot be read ({exc.reason}); restore the file from a backup"
+            )
+            log.error("collection %s is unavailable: %s", name, col.unavailable)
+            return col
         col.progress = _Progress(f"loading collection {config.name}", col.stored, self.progress_seconds, self._closing)
         return col
 
@@ -650,7 +708,7 @@ class LocalStore:
         for rows in self.db.scan(col.id, FILL_CHUNK):
             labels = [r[0] for r in rows]
             col.ids.add(labels, [r[1] for r in rows])
-            metadata = json.loads("[" + ",".join(r[2] for r in rows) + "]")  # one parse, not one per row
+            metadata = _loaded_metadata(col.config.name, [r[1] for r in rows], [r[2] for r in rows])
             col.metadata.add_many(labels, metadata)
             done += len(rows)
             if progress is not None:
@@ -702,7 +760,12 @@ class LocalStore:
         if labels:
             progress(progress.done, f"replaying {len(labels)} additions from its log")
             col.ids.add(labels, [rows[label][0] for label in labels])
-            col.metadata.add_many(labels, [json.loads(rows[label][1]) for label in labels])
+            col.metadata.add_many(
+                labels,
+                _loaded_metadata(
+                    col.config.name, [rows[label][0] for label in labels], [rows[label][1] for label in labels]
+                ),
+            )
             array = np.array(labels, dtype=np.int64)
             index, vectors = col.index, col.vectors
             for start in range(0, len(array), FILL_CHUNK):
@@ -1064,11 +1127,29 @@ class LocalStore:
         if col.checkpoint_lsn < 0 or col.applied_lsn - col.checkpoint_lsn >= due:
             self._checkpointer.request(col)
 
-    def _vectors_of(self, col: _Collection, labels: list[int]) -> np.ndarray:
-        """Called with the read lock held (the file's layout does not change under it)."""
+    def _vectors_of(self, col: _Collection, labels: list[int], ids: list[str] | None = None) -> np.ndarray:
+        """Called with the read lock held (the file's layout does not change under it). `ids`: the items the labels
+        were read for from the items table, named if a label has no row (a damaged or hand-edited row)."""
         if col.vectors is None:
             raise FailedPrecondition(f"collection {quoted(col.config.name)} is unavailable: {col.unavailable}")
-        return col.vectors.vectors(np.array(labels, dtype=np.int64))
+        vectors = col.vectors
+        try:
+            return vectors.vectors(np.array(labels, dtype=np.int64))
+        except (VectorFileError, ValueError, TypeError) as exc:
+
+            def unreadable(label) -> bool:
+                try:
+                    vectors.vectors(np.array([label], dtype=np.int64))
+                except (VectorFileError, ValueError, TypeError):
+                    return True
+                return False
+
+            named = ", ".join(quoted(i) for i, label in zip(ids or [], labels) if unreadable(label))
+            raise FailedPrecondition(
+                f"collection {quoted(col.config.name)}: the vectors of {named or 'these items'} cannot be read "
+                f"({exc}): the items table (store.sqlite3) and the vector file disagree; upsert the items again "
+                f"(or delete them)"
+            ) from None
 
     def get(self, name: str, ids: Iterable[str], include_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         col = self._ready(name)
@@ -1076,9 +1157,9 @@ class LocalStore:
         with col.lock.read():
             rows = self.db.items(col.id, ids)
             found_ids = [i for i in ids if i in rows]
-            vectors = self._vectors_of(col, [rows[i][0] for i in found_ids]) if include_vectors else None
+            vectors = self._vectors_of(col, [rows[i][0] for i in found_ids], found_ids) if include_vectors else None
         found = [
-            StoredItem(i, json.loads(rows[i][1]), vectors[k] if vectors is not None else None)
+            StoredItem(i, _stored_metadata(name, i, rows[i][1]), vectors[k] if vectors is not None else None)
             for k, i in enumerate(found_ids)
         ]
         return found, [i for i in ids if i not in rows]
@@ -1151,9 +1232,46 @@ class LocalStore:
             for hit in hits:
                 label = col.ids.label_of[hit.id]
                 if include_metadata:
-                    hit.metadata = json.loads(rows[label][1]) if label in rows else {}
+                    hit.metadata = _stored_metadata(col.config.name, hit.id, rows[label][1]) if label in rows else {}
                 if include_vectors:
                     hit.vector = vectors[label].copy()
+
+
+def _parsed(text: str) -> dict | None:
+    """An item's metadata from the items table; None where the text is damaged (not JSON, not an object)."""
+    try:
+        parsed = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    return parsed if type(parsed) is dict else None
+
+
+def _stored_metadata(name: str, item_id: str, text: str) -> dict:
+    """An item's metadata for Get or a search's hits; a damaged row (a disk error, a hand edit) is a clear error
+    naming the item, not a bare JSONDecodeError (INTERNAL) nor a number given as metadata."""
+    parsed = _parsed(text)
+    if parsed is None:
+        raise FailedPrecondition(
+            f"item {quoted(item_id)} of {quoted(name)} has damaged metadata in the catalogue (store.sqlite3: "
+            f"{text[:40]!r} is not a JSON object); upsert it again (or delete it) to repair it"
+        )
+    return parsed
+
+
+def _loaded_metadata(name: str, ids: list[str], texts: list[str]) -> list:
+    """Metadata of rows loaded into a collection's filter index: one parse for all of them; an item whose row is
+    damaged is loaded without metadata (logged; Get of it says so) instead of keeping its collection offline."""
+    try:
+        parsed = json.loads("[" + ",".join(texts) + "]")
+        if len(parsed) == len(texts) and all(type(m) is dict for m in parsed):  # not `{}, {}` in one row
+            return parsed
+    except (ValueError, TypeError):  # TypeError: a row holding a blob
+        pass
+    found = [_parsed(text) for text in texts]
+    for item_id, metadata in zip(ids, found):
+        if metadata is None:
+            log.error("collection %s: item %s has damaged metadata; loaded without it (upsert it again)", name, item_id)
+    return [metadata if metadata is not None else {} for metadata in found]
 
 
 def _metadata_json(metadata: dict) -> str:

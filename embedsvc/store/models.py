@@ -105,6 +105,21 @@ class CollectionInfo:
     index_factory: str
     # A string unique to this incarnation of the collection (a dropped and re-created name gets a new uid).
     uid: str = ""
+    # Why the collection cannot serve ("" when it can): its searches and writes get FAILED_PRECONDITION. Its
+    # config may then be a stand-in (a catalogue row that cannot be read): check before acting on it.
+    unavailable: str = ""
+
+    def check_usable(self) -> None:
+        """Refuses an unavailable collection before its config (dimension, model) is acted on."""
+        if self.unavailable:
+            raise unavailable_error(self.config.name, self.unavailable)
+
+
+def unavailable_error(name: str, reason: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"collection {quoted(name)} is unavailable: {reason}; its items are kept (Get reads them); drop and "
+        f"re-create it to serve again"
+    )
 
 
 @dataclass
