@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings, strategies as st
-from serving import running_server, tiny_config
+from serving import ServerThread, running_server, tiny_config
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
@@ -214,6 +216,78 @@ def _tls_context(ca: str):
     import ssl
 
     return ssl.create_default_context(cafile=ca)
+
+
+def _tls_client(port: int, ca: str, request: bytes = b"") -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
+    """A raw socket that has done a TLS handshake (through memory buffers) and sent `request` with its Finished
+    message, in one write: it never answers the server's close_notify, and reads stay at the TCP level."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=ca).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            assert data, "the server closed the connection during the handshake"
+            incoming.write(data)
+    if request:
+        tls.write(request)
+    sock.sendall(outgoing.read())
+    return sock, tls, incoming
+
+
+def _tls_read(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, until: bytes) -> bytes:
+    """The decrypted bytes up to and including `until`."""
+    data = b""
+    while until not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before {until!r}: {data!r}"
+        incoming.write(chunk)
+        with suppress(ssl.SSLWantReadError):
+            while piece := tls.read(65536):
+                data += piece
+    return data
+
+
+def test_tls_connections_the_server_closes_free_their_socket_at_once(tiny_spec, tmp_path):
+    """Closing a TLS connection sent close_notify and then waited for the client's, which asyncio gives 30 s:
+    connections closed by the cap (or a deadline) held their socket that long, uncounted, so a client that
+    completed handshakes and never answered held any number of file descriptors past http_max_connections."""
+    _fd_room(1024)
+    config, certs = _tls_config(tiny_spec, tmp_path, http_max_connections=4, http_header_timeout_seconds=120)
+    with running_server(config) as server, ExitStack() as stack:
+        port = server.server.http_port
+        clients = []
+        for _ in range(16):
+            sock, _, _ = _tls_client(port, certs["ca"])
+            clients.append(stack.enter_context(sock))
+        assert all(_closed_by_server(sock, timeout=10) for sock in clients[:12])  # under asyncio's 30 s
+        assert not any(_closed_by_server(sock, timeout=0.05) for sock in clients[-4:])
+
+
+def test_a_stop_does_not_wait_for_tls_clients_to_answer_close_notify(tiny_spec, tmp_path, caplog):
+    """At a stop uvicorn closes idle keep-alive connections and waits for them to go: with TLS each waited for
+    its client's close_notify, so one client that did not answer held the stop for the whole grace period,
+    which then ended in an ERROR ("timeout graceful shutdown exceeded")."""
+    config, certs = _tls_config(tiny_spec, tmp_path)
+    server = ServerThread(config).start()
+    try:
+        healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock, tls, incoming = _tls_client(server.server.http_port, certs["ca"], healthz)
+        with sock:
+            assert b'{"status":"ok"}' in _tls_read(sock, tls, incoming, b"}")
+            started = time.monotonic()
+            server.stop(grace=20)
+            server = None
+            assert time.monotonic() - started < 10
+            assert _closed_by_server(sock, timeout=10)
+    finally:
+        if server is not None:
+            server.stop()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 PIPELINED = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000  # 22 MB of responses
