@@ -21,7 +21,9 @@ deadline runs from the moment it is accepted: left to uvicorn, asyncio hands a c
 after its handshake, which it gives 60 s, so connections that sent nothing were held uncounted. And a TLS
 connection the server closes keeps its socket only until its output and close_notify are on the wire: asyncio
 waits up to 30 s for the client's close_notify, so connections closed by the cap or a deadline held their socket
-uncounted, and a stop waited its whole grace period for one idle client that did not answer.
+uncounted, and a stop waited its whole grace period for one idle client that did not answer. A handshake that
+ends once a stop has begun closes its connection as the stop closed the others (after the request in progress,
+if one came with it): uvicorn, which had asked its connections to close before, waited its grace period for it.
 
 A body's deadline is the application's (BodyLimit in embedsvc.service.http answers 408 in JSON); real work is
 bounded by the admission slots the HTTP API shares with gRPC (embedsvc.service.admission), not here.
@@ -73,6 +75,7 @@ class ConnectionGuard:
         self.open: dict[GuardedH11, None] = {}  # insertion order: oldest first
         self.closed_for_room = 0  # since the last warning, one a minute at most
         self.warned = -WARN_EVERY_SECONDS
+        self.stopping = False  # set when the server's stop begins
 
     def protocol(self):
         """The protocol factory for uvicorn.Config(http=...)."""
@@ -171,6 +174,8 @@ class GuardedH11(H11Protocol):
         early, self.early = self.early, []
         for data in early:
             super().data_received(data)
+        if self.guard.stopping:  # uvicorn asked its connections to close before this one was its own
+            self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self.handshake is not None and not self.handshake.done():
