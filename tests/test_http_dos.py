@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings, strategies as st
-from serving import running_server, tiny_config
+from serving import ServerThread, running_server, tiny_config
 
 from embedsvc.client import Client, Item
 from embedsvc.errors import InvalidInput
@@ -214,6 +216,138 @@ def _tls_context(ca: str):
     import ssl
 
     return ssl.create_default_context(cafile=ca)
+
+
+class _HeldTls:
+    """A raw socket whose TLS handshake (through memory buffers) is done on the client's side, its last message,
+    the client's Finished, not yet sent: it never answers the server's close_notify, and reads stay at the TCP
+    level."""
+
+    def __init__(self, port: int, ca: str):
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ssl.create_default_context(cafile=ca).wrap_bio(
+            self.incoming, self.outgoing, server_hostname="127.0.0.1"
+        )
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                data = self.sock.recv(65536)
+                assert data, "the server closed the connection during the handshake"
+                self.incoming.write(data)
+
+    def finish(self, request: bytes = b"") -> None:
+        """Sends the Finished message and `request` in one write (so they arrive in one read)."""
+        if request:
+            self.tls.write(request)
+        self.sock.sendall(self.outgoing.read())
+
+
+def _tls_client(port: int, ca: str, request: bytes = b"") -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
+    """A raw socket that has done a TLS handshake and sent `request` with its Finished message, in one write."""
+    held = _HeldTls(port, ca)
+    held.finish(request)
+    return held.sock, held.tls, held.incoming
+
+
+def _tls_read(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, until: bytes) -> bytes:
+    """The decrypted bytes up to and including `until`."""
+    data = b""
+    while until not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before {until!r}: {data!r}"
+        incoming.write(chunk)
+        with suppress(ssl.SSLWantReadError):
+            while piece := tls.read(65536):
+                data += piece
+    return data
+
+
+def test_tls_connections_the_server_closes_free_their_socket_at_once(tiny_spec, tmp_path):
+    """Closing a TLS connection sent close_notify and then waited for the client's, which asyncio gives 30 s:
+    connections closed by the cap (or a deadline) held their socket that long, uncounted, so a client that
+    completed handshakes and never answered held any number of file descriptors past http_max_connections."""
+    _fd_room(1024)
+    config, certs = _tls_config(tiny_spec, tmp_path, http_max_connections=4, http_header_timeout_seconds=120)
+    with running_server(config) as server, ExitStack() as stack:
+        port = server.server.http_port
+        clients = []
+        for _ in range(16):
+            sock, _, _ = _tls_client(port, certs["ca"])
+            clients.append(stack.enter_context(sock))
+        assert all(_closed_by_server(sock, timeout=10) for sock in clients[:12])  # under asyncio's 30 s
+        assert not any(_closed_by_server(sock, timeout=0.05) for sock in clients[-4:])
+
+
+def test_a_stop_does_not_wait_for_tls_clients_to_answer_close_notify(tiny_spec, tmp_path, caplog):
+    """At a stop uvicorn closes idle keep-alive connections and waits for them to go: with TLS each waited for
+    its client's close_notify, so one client that did not answer held the stop for the whole grace period,
+    which then ended in an ERROR ("timeout graceful shutdown exceeded")."""
+    config, certs = _tls_config(tiny_spec, tmp_path)
+    server = ServerThread(config).start()
+    try:
+        healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        sock, tls, incoming = _tls_client(server.server.http_port, certs["ca"], healthz)
+        with sock:
+            assert b'{"status":"ok"}' in _tls_read(sock, tls, incoming, b"}")
+            started = time.monotonic()
+            server.stop(grace=20)
+            server = None
+            assert time.monotonic() - started < 10
+            assert _closed_by_server(sock, timeout=10)
+    finally:
+        if server is not None:
+            server.stop()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_tls_handshake_done_while_the_server_stops_does_not_hold_the_stop(tiny_spec, tmp_path, caplog):
+    """A connection whose handshake ended after a stop had begun became the server's only then, after uvicorn had
+    asked its connections to close: the stop waited its whole grace period for it (idle, never closed), then
+    logged an ERROR. It is closed like the others now; a request already in progress still finishes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import model_busy, queued_jobs
+
+    config, certs = _tls_config(tiny_spec, tmp_path, http_header_timeout_seconds=60)
+    server = ServerThread(config).start()
+    try:
+        port = server.server.http_port
+        executor = server.engine.runtime("").executor
+        with (
+            httpx.Client(verify=_tls_context(certs["ca"]), timeout=60) as https,
+            ThreadPoolExecutor(2) as pool,
+            model_busy(server) as release,
+        ):
+            url = f"https://127.0.0.1:{port}/v1/embed"
+            running = pool.submit(https.post, url, json={"inputs": [{"text": "in progress"}]})
+            _wait_until(lambda: queued_jobs(executor) >= 1, 30, "the request to wait for the model")
+            late = _HeldTls(port, certs["ca"])
+            stopper, started = pool.submit(server.stop, 30), time.monotonic()
+            server = None  # stopping
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            _wait_until(refused, 30, "the stop to close the listening socket")
+            with late.sock:
+                late.finish()
+                assert _closed_by_server(late.sock, timeout=10)
+                release.set()
+                assert running.result().status_code == 200
+                stopper.result()
+                assert time.monotonic() - started < 15  # not the grace period (30 s)
+    finally:
+        if server is not None:
+            server.stop()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 PIPELINED = b"GET /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000  # 22 MB of responses

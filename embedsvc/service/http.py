@@ -805,6 +805,7 @@ class HttpServer:
     async def stop(self, grace: float) -> None:
         """Stops accepting, lets in-flight requests finish for up to `grace` seconds."""
         self.drain()
+        self.guard.stopping = True  # a TLS handshake that ends from now on closes its connection
         if self.task is not None:
             # uvicorn annotates int | None but waits with asyncio.wait_for(timeout=...): a float works
             self.server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]

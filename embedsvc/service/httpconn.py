@@ -18,7 +18,12 @@ GuardedH11 is uvicorn's h11 protocol with two additions:
 
 With TLS the guard runs the handshake itself (`loop.start_tls`), so a connection is counted and its header
 deadline runs from the moment it is accepted: left to uvicorn, asyncio hands a connection to the protocol only
-after its handshake, which it gives 60 s, so connections that sent nothing were held uncounted.
+after its handshake, which it gives 60 s, so connections that sent nothing were held uncounted. And a TLS
+connection the server closes keeps its socket only until its output and close_notify are on the wire: asyncio
+waits up to 30 s for the client's close_notify, so connections closed by the cap or a deadline held their socket
+uncounted, and a stop waited its whole grace period for one idle client that did not answer. A handshake that
+ends once a stop has begun closes its connection as the stop closed the others (after the request in progress,
+if one came with it): uvicorn, which had asked its connections to close before, waited its grace period for it.
 
 A body's deadline is the application's (BodyLimit in embedsvc.service.http answers 408 in JSON); real work is
 bounded by the admission slots the HTTP API shares with gRPC (embedsvc.service.admission), not here.
@@ -41,6 +46,7 @@ log = logging.getLogger("embedsvc.http")
 WAITING, BODY, RUNNING = "waiting", "body", "running"  # for a request; its body arriving; served by the app
 WARN_EVERY_SECONDS = 60.0
 SEND_PROGRESS_BYTES = 64 * 1024  # a stuck response's client must take this much of it per http_send_timeout_seconds
+CLOSE_CHECK_SECONDS = 0.05  # with TLS, how often a closing connection's socket is checked for unsent output
 
 
 def _timeout_response(seconds: float) -> bytes:
@@ -69,6 +75,7 @@ class ConnectionGuard:
         self.open: dict[GuardedH11, None] = {}  # insertion order: oldest first
         self.closed_for_room = 0  # since the last warning, one a minute at most
         self.warned = -WARN_EVERY_SECONDS
+        self.stopping = False  # set when the server's stop begins
 
     def protocol(self):
         """The protocol factory for uvicorn.Config(http=...)."""
@@ -127,6 +134,8 @@ class GuardedH11(H11Protocol):
         self.unsent = 0  # output waiting when send_deadline was armed
         self.handshake: asyncio.Task[None] | None = None  # with TLS: the handshake, until it is done
         self.early: list[bytes] = []  # with TLS: data decrypted before the handshake's task resumed
+        self.raw: asyncio.Transport | None = None  # with TLS, once the handshake is done: the socket's transport
+        self.close_check: asyncio.TimerHandle | None = None  # with TLS: waits for a closing one's output to go
 
     def state(self) -> str:
         if self.cycle is None or self.cycle.response_complete:
@@ -160,10 +169,13 @@ class GuardedH11(H11Protocol):
             self.guard.lost(self)
             transport.abort()
             return
+        self.raw = transport
         H11Protocol.connection_made(self, secured)  # the request's transport from here on: addresses, https
         early, self.early = self.early, []
         for data in early:
             super().data_received(data)
+        if self.guard.stopping:  # uvicorn asked its connections to close before this one was its own
+            self.shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self.handshake is not None and not self.handshake.done():
@@ -176,6 +188,9 @@ class GuardedH11(H11Protocol):
     def connection_lost(self, exc) -> None:
         self._disarm()
         self._unwatch_output()
+        if self.close_check is not None:
+            self.close_check.cancel()
+            self.close_check = None
         self.guard.lost(self)
         super().connection_lost(exc)
 
@@ -209,15 +224,34 @@ class GuardedH11(H11Protocol):
         super().send_400_response(msg)
         self._watch_output()
 
+    def shutdown(self) -> None:
+        super().shutdown()  # closes the connection when it is idle
+        self._close_socket()
+
     def drop(self) -> None:
         """Closes the connection; at once, discarding its output, when some is still unsent."""
         if self.transport.get_write_buffer_size():
             self.transport.abort()
         else:
             self.transport.close()
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        """With TLS, a closing connection's socket is closed once its output, close_notify included, is all on
+        the wire: asyncio would wait up to 30 s for the client's close_notify, which HTTP does not need."""
+        self.close_check = None
+        raw = self.raw
+        if raw is None or raw.is_closing() or not self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() or raw.get_write_buffer_size():  # still going (or stuck:
+            self.close_check = self.loop.call_later(CLOSE_CHECK_SECONDS, self._close_socket)  # send_timeout's)
+        else:
+            raw.close()
 
     def _watch_output(self) -> None:
         """Output is waiting on the client (writing paused, or closing with bytes unsent): it has send_timeout."""
+        if self.close_check is None:
+            self._close_socket()
         if self.send_deadline is None and self.transport.get_write_buffer_size():
             self.unsent = self.transport.get_write_buffer_size()
             self.send_deadline = self.loop.call_later(self.guard.send_timeout, self._send_late)
