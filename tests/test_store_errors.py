@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -300,6 +301,18 @@ def _sql(data_dir, statement: str, *params) -> None:
     db.close()
 
 
+@contextlib.contextmanager
+def _opened_after(data_dir, statement: str):
+    """Collections "a" and "ok" written, "a"'s catalogue row changed by `statement`, the store opened again."""
+    _two_collections(data_dir)
+    _sql(data_dir, statement)
+    store = LocalStore(data_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def _ok_serves(store: LocalStore) -> None:
     hits = store.search("ok", np.array([[1, 0, 0, 0]], np.float32), SearchOptions(1))[0]
     assert [h.id for h in hits] == ["x"]
@@ -321,11 +334,8 @@ def test_a_catalogue_row_of_valid_json_but_wrong_values_makes_that_collection_un
     unknown metric searched with other semantics than the collection was made for (its vectors were not
     normalised as cosine's are), and a number where a name belongs reached ListCollections, whose answer then
     failed for every collection. Now that collection is unavailable, naming the field, and the others serve."""
-    data = tmp_path / "d"
-    _two_collections(data)
-    _sql(data, f"UPDATE collections SET config = json_set(config, {config_set}) WHERE name = 'a'")
-    store = LocalStore(data)
-    try:
+    statement = f"UPDATE collections SET config = json_set(config, {config_set}) WHERE name = 'a'"
+    with _opened_after(tmp_path / "d", statement) as store:
         _ok_serves(store)
         with pytest.raises(FailedPrecondition, match="'a' is unavailable: its configuration in the catalogue") as e:
             store.search("a", np.ones((1, 4), np.float32), SearchOptions(1))
@@ -336,8 +346,6 @@ def test_a_catalogue_row_of_valid_json_but_wrong_values_makes_that_collection_un
             assert isinstance(c.pooling_params, dict) and isinstance(info.created_ms, int)
         assert [(i.id, i.metadata) for i in store.get("a", ["x"])[0]] == [("x", {"k": "x"})]
         assert store.drop_collection("a") == 2
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("column", ["created_ms", "pooling_version"])
@@ -345,34 +353,23 @@ def test_a_catalogue_row_with_text_in_a_number_column_makes_that_collection_unav
     """SQLite keeps text in an INTEGER column: the row's creation time or pooling version as text opened and
     reached ListCollections (whose answer failed for every collection) and the pooling check of every write.
     Now that collection is unavailable and lists with numbers; the others serve."""
-    data = tmp_path / "d"
-    _two_collections(data)
-    _sql(data, f"UPDATE collections SET {column} = 'soon' WHERE name = 'a'")
-    store = LocalStore(data)
-    try:
+    with _opened_after(tmp_path / "d", f"UPDATE collections SET {column} = 'soon' WHERE name = 'a'") as store:
         _ok_serves(store)
         with pytest.raises(FailedPrecondition, match=f"'a' is unavailable: .*{column}"):
             store.upsert("a", [Item("z", np.ones(4, np.float32))])
         infos = store.list_collections()
         assert all(isinstance(i.created_ms, int) and isinstance(i.pooling_version, int) for i in infos)
-    finally:
-        store.close()
 
 
 def test_a_config_whose_name_differs_from_its_row_serves_under_the_row_name(tmp_path):
     """The catalogue's name column (unique, what requests name) and the name inside the config JSON disagreeing
     (a hand edit) listed the collection under the config's name: ListCollections showed "ok" twice and never "a",
     which requests still reached. The row's name is the collection's name."""
-    data = tmp_path / "d"
-    _two_collections(data)
-    _sql(data, "UPDATE collections SET config = json_set(config, '$.name', 'ok') WHERE name = 'a'")
-    store = LocalStore(data)
-    try:
+    statement = "UPDATE collections SET config = json_set(config, '$.name', 'ok') WHERE name = 'a'"
+    with _opened_after(tmp_path / "d", statement) as store:
         assert [i.config.name for i in store.list_collections()] == ["a", "ok"]
         assert store.get_collection("a").config.name == "a"
         assert [h.id for h in store.search("a", np.array([[1, 0, 0, 0]], np.float32), SearchOptions(1))[0]] == ["x"]
-    finally:
-        store.close()
 
 
 def test_a_catalogue_of_another_schema_is_one_clear_error_and_lets_go(tmp_path):
