@@ -145,13 +145,11 @@ class GuardedH11(H11Protocol):
     def connection_made(self, transport) -> None:
         if self.guard.tls is None:
             super().connection_made(transport)
-            self._arm()
-            self.guard.opened(self)
-            return
-        self.transport = transport  # until the handshake is done: what the deadline and the cap close
+        else:
+            self.transport = transport  # until the handshake is done: what the deadline and the cap close
         self._arm()
         self.guard.opened(self)
-        if not transport.is_closing():
+        if self.guard.tls is not None and not transport.is_closing():
             self.handshake = self.loop.create_task(self._secure(transport))
 
     async def _secure(self, transport) -> None:

@@ -103,9 +103,10 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES
 class DatabaseDamaged(FailedPrecondition):
     """store.sqlite3 has pages that cannot be read ("database disk image is malformed"): restore it."""
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, cause: sqlite3.DatabaseError):
         super().__init__(message)
-        self.reason = reason  # SQLite's words
+        self.cause = cause  # SQLite's own error
+        self.reason = str(cause)  # SQLite's words
 
 
 CHUNK = 500  # SQLite's host-parameter limit is far above; this keeps statements short
@@ -212,7 +213,7 @@ class Database:
         return DatabaseDamaged(
             f"{self.path} is damaged ({exc}): the pages this request needs cannot be read (a disk error); "
             f"restore it from a backup. Collections whose rows are elsewhere keep serving",
-            str(exc),
+            exc,
         )
 
     def query(self, sql: str, params: Iterable = ()) -> list:

@@ -370,10 +370,9 @@ class LocalStore:
             self._open(background_load)
         except BaseException as exc:  # what this opened goes now, not at the process's exit: a retry here finds it free
             self.close(checkpoint=False)
-            if isinstance(exc, DatabaseDamaged):  # a damaged page past the header (a disk error)
-                raise self.db.unopened(sqlite3.DatabaseError(exc.reason)) from None
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise self.db.unopened(exc) from None
+            cause = exc.cause if isinstance(exc, DatabaseDamaged) else exc  # damaged: a page past the header
+            if isinstance(cause, sqlite3.DatabaseError):
+                raise self.db.unopened(cause) from None
             raise
 
     def _open(self, background_load: bool) -> None:
@@ -1130,9 +1129,9 @@ class LocalStore:
     def _vectors_of(self, col: _Collection, labels: list[int], ids: list[str] | None = None) -> np.ndarray:
         """Called with the read lock held (the file's layout does not change under it). `ids`: the items the labels
         were read for from the items table, named if a label has no row (a damaged or hand-edited row)."""
-        if col.vectors is None:
-            raise FailedPrecondition(f"collection {quoted(col.config.name)} is unavailable: {col.unavailable}")
         vectors = col.vectors
+        if vectors is None:
+            raise unavailable_error(col.config.name, col.unavailable or "its vectors are not loaded")
         try:
             return vectors.vectors(np.array(labels, dtype=np.int64))
         except (VectorFileError, ValueError, TypeError) as exc:
