@@ -23,6 +23,7 @@ pytest.importorskip("milvus_lite")
 
 DIM = 32
 N = 3000
+SMALL = 360  # items of the hostile-filter collection: every hostile key holds every hostile value
 BACKENDS = ("local", "milvus")
 SERVER_URI = os.environ.get("EMBEDSVC_TEST_MILVUS_URI", "")
 SERVER_DATABASES: set[str] = set()  # made on SERVER_URI by this run; dropped at the end
@@ -117,6 +118,14 @@ def loaded(tmp_path_factory):
                 )
             store.delete(name, [f"item-{i}" for i in range(0, N, 5)])
             store.upsert(name, [Item(f"item-{i}", REPLACED[j], metadata(i)) for j, i in enumerate(range(1, N, 10))])
+        # the hostile filters' own collection: the same items, deletes and replacements up to SMALL (a Milvus Lite
+        # filter scans every item's JSON: ~10 us an item a call, and these tests make ~600 calls)
+        store.create_collection(CollectionConfig("c-hostile", DIM))
+        store.upsert("c-hostile", [Item(f"item-{i}", VECTORS[i], metadata(i)) for i in range(SMALL)])
+        store.delete("c-hostile", [f"item-{i}" for i in range(0, SMALL, 5)])
+        store.upsert(
+            "c-hostile", [Item(f"item-{i}", REPLACED[j], metadata(i)) for j, i in enumerate(range(1, SMALL, 10))]
+        )
     yield stores, truth
     for store in stores.values():
         store.close()
@@ -249,13 +258,39 @@ def test_both_backends_name_the_filter_keys_no_item_holds(loaded):
 def test_filter_injection_matches_literally(loaded, key, value):
     """Hostile keys and values (quotes, brackets, &&, or, escapes, template braces) match only themselves."""
     stores, _ = loaded
+    live = [metadata(i) for i in range(SMALL) if i % 5]
     for flt in (
         Filter((Condition(key, equals=value),)),
         Filter((Condition(key, any_of=(value, "no such")),)),
         Filter((Condition(key, equals=value), Condition("even", equals=True))),
     ):
-        local, milvus = (ids_of(stores[b].search("c-flat", QUERIES[:5], SearchOptions(20, flt))) for b in BACKENDS)
+        local, milvus = (ids_of(stores[b].search("c-hostile", QUERIES[:5], SearchOptions(20, flt))) for b in BACKENDS)
         assert local == milvus
+        assert all(bool(hits) == any(flt.matches(m) for m in live) for hits in milvus)  # the pairs stored are found
+
+
+def test_a_search_with_hits_asks_milvus_nothing_more(loaded):
+    """A filter's type check (one Milvus query a condition, a scan of every item's JSON) runs only when the search
+    found nothing: a hit satisfies every condition. A mistyped filter, which finds nothing, is still refused."""
+    store = loaded[0]["milvus"]
+    queries = []
+    real_query = store.client.query
+
+    def query(*args, **kwargs):
+        if "exists filterable" in kwargs.get("filter", ""):  # a type check (the catalogue's reads are others)
+            queries.append(kwargs["filter"])
+        return real_query(*args, **kwargs)
+
+    store.client.query = query
+    try:
+        flt = Filter((Condition("group", equals=3), Condition("even", equals=False)))
+        assert all(store.search("c-flat", QUERIES[:3], SearchOptions(5, flt)))
+        assert queries == []
+        with pytest.raises(InvalidInput, match="every stored"):
+            store.search("c-flat", QUERIES[:3], SearchOptions(5, Filter((Condition("group", equals="3"),))))
+        assert queries
+    finally:
+        store.client.query = real_query
 
 
 def test_hostile_ids_get_and_delete_only_themselves(tmp_path):

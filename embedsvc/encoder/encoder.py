@@ -11,11 +11,10 @@ the trunk pass and change only the last block's computation; the native output n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from embedsvc.encoder.preprocess import split_transform
@@ -23,6 +22,9 @@ from embedsvc.encoder.token_modes import vit_forward, vit_token_modes
 from embedsvc.errors import EmptyText, UnsupportedModel, UnsupportedTokenMode, quoted
 from embedsvc.models.loader import LoadedModel
 from embedsvc.pooling.features import FINAL, IMAGE, TEXT, TokenFeatures
+
+if TYPE_CHECKING:
+    from open_clip.tokenizer import SimpleTokenizer
 
 
 class ClipEncoder:
@@ -115,6 +117,8 @@ class ClipEncoder:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise EmptyText(f"text input {i} is empty: send at least one non-blank character")
+        from open_clip.tokenizer import SimpleTokenizer  # deferred: open_clip imports torchvision (~2 s)
+
         tokenizer = self.loaded.tokenizer
         if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
             return _simple_tokenize(tokenizer, texts)

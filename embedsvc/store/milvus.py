@@ -58,7 +58,7 @@ from embedsvc.store.indexes import (
     pq_subquantizers,
     validate_index_kind,
 )
-from embedsvc.store.metadata import Condition, refuse_mistyped, wanted_kinds
+from embedsvc.store.metadata import Condition, Filter, refuse_mistyped, wanted_kinds
 from embedsvc.store.milvus_filter import Expression, filterable, templates_supported
 
 # The local back end's error classes (shared types): the same statuses whichever back end serves.
@@ -270,6 +270,14 @@ class MilvusStore:
 
     def _expr(self) -> Expression:
         return Expression(self.bind)
+
+    def _check_filter_types(self, record: _Record, flt: Filter | None) -> None:
+        """Refuses a filter with a condition of a type no stored value of its key has, as the local back end does.
+        Asked only when the search found nothing: a hit satisfies every condition, so each condition's key holds a
+        value of its type; each check is a query (a scan of the collection's JSON), which most searches are spared."""
+        held: dict[str, bool] = {}
+        for condition in flt.must if flt is not None else ():
+            self._check_types(record, condition, held)
 
     def _check_types(self, record: _Record, condition: Condition, held: dict[str, bool]) -> None:
         """As the local back end: a condition whose type no stored value of its key has is InvalidInput. `held`
@@ -747,12 +755,10 @@ class MilvusStore:
         queries = prepare_queries(record.config, queries, options, self.max_top_k)
         top_k, flt = options.top_k, options.filter
         include_metadata, include_vectors = options.include_metadata, options.include_vectors
-        held: dict[str, bool] = {}
-        for condition in flt.must if flt is not None else ():
-            self._check_types(record, condition, held)
         expr = self._expr()
         expression = expr.filter(flt)
         if expression is None:
+            self._check_filter_types(record, flt)
             return [[] for _ in range(len(queries))]
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
         fields = (["metadata"] if include_metadata else []) + (["vector"] if include_vectors else [])
@@ -774,6 +780,8 @@ class MilvusStore:
         if expr.params:
             kwargs["filter_params"] = expr.params
         found = self._run(record.physical, name, lambda: self.client.search(record.physical, **kwargs))
+        if not any(len(rows) for rows in found):
+            self._check_filter_types(record, flt)
         results = []
         for q, rows in enumerate(found):
             skip = exclude_ids[q] if exclude_ids is not None else None
