@@ -152,13 +152,13 @@ def test_heic_and_avif_follow_the_safety_rules(fmt):
 # -- bulk indexing: default flags, bounded memory ------------------------------------------------------------
 
 
-def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(tmp_path):
+def test_a_folder_of_large_photos_indexes_with_default_flags_in_bounded_memory(tmp_path, photos):
     """41 x 12 MP + one 48 MP JPEG (540 MP declared: over max_request_pixels in one default batch of 64),
     a HEIC and an AVIF. The job's peak RSS stays bounded (torch, open_clip and FAISS alone take ~0.9 GiB):
     decoded images are model-sized, not 36 MB each."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    distinct = [photo(i) for i in range(3)]
+    distinct = photos[:3]
     for k in range(41):
         (folder / f"p{k:02d}.jpg").write_bytes(distinct[k % 3])
     (folder / "big.jpg").write_bytes(photo(3, CAMERA_48MP))
