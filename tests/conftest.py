@@ -43,6 +43,52 @@ def pytest_configure(config):
     serving.STORE_BACKEND = config.getoption("--store-backend")
 
 
+# Files whose few tests run long (a model, a server process, Milvus Lite, a fuzz), longest first, from
+# `--durations=0` on a 2-core machine. pytest-xdist's loadfile hands out files with the most tests first, which left
+# the longest single-test files (the fuzz, the e2e, the kills) for last: one worker ended alone with them.
+# Handed out first instead (longest processing time first), the many short files fill the gaps at the end.
+# The order only moves time; a missing or renamed file here changes no verdict.
+LONG_FILES = (
+    "test_http_dos.py",
+    "test_photos.py",
+    "test_milvus_replicas.py",
+    "test_fuzz_rpcs.py",
+    "test_frontends.py",
+    "test_backend_congruence.py",
+    "test_index_job.py",
+    "test_service_e2e.py",
+    "test_integrity_data.py",
+    "test_web_page.py",
+    "test_bundled_model.py",
+    "test_token_modes.py",
+    "test_service_kill.py",
+    "test_http_readme.py",
+    "test_store_congruence.py",
+    "test_compare_manifest.py",
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With --dist loadfile: the long files first (LONG_FILES), then xdist's own order."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongFilesFirst(LoadFileScheduling):
+        ordered = False
+
+        def _assign_work_unit(self, node):
+            if not self.ordered:
+                self.ordered = True
+                rank = {name: k for k, name in enumerate(LONG_FILES)}
+                queue = sorted(self.workqueue.items(), key=lambda kv: rank.get(Path(kv[0]).name, len(rank)))
+                self.workqueue.clear()
+                self.workqueue.update(queue)
+            super()._assign_work_unit(node)
+
+    return LongFilesFirst(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
