@@ -334,6 +334,29 @@ def test_items_get_exclude_and_vectors_agree(loaded):
     assert all(np.allclose(a.vector, b.vector, atol=1e-6) for a, b in zip(ll[0], ml[0]))
 
 
+ZERO_QUERY_FILTERS = [None, Filter((Condition("k", equals=1),)), Filter((Condition("k", equals="1"),))]
+
+
+def test_no_queries_answer_alike_on_both_backends(tmp_path):
+    """An empty query matrix (the store API allows it; the engine refuses it earlier) is no results, or the mistyped
+    filter's refusal, on both back ends: Milvus is not asked to search nothing (pymilvus fails on it, untyped)."""
+    outcomes = {}
+    for backend in BACKENDS:
+        store = open_backend(backend, tmp_path)
+        store.create_collection(CollectionConfig("e", DIM))
+        store.upsert("e", [Item("a", VECTORS[0], {"k": 1})])
+        found = []
+        for flt in ZERO_QUERY_FILTERS:
+            try:
+                found.append(store.search("e", QUERIES[:0], SearchOptions(3, flt)))
+            except EmbedsvcError as exc:
+                found.append(f"{type(exc).__name__}: {exc}")
+        outcomes[backend] = found
+        store.close()
+    assert outcomes["milvus"] == outcomes["local"]
+    assert outcomes["local"][:2] == [[], []] and "every stored" in outcomes["local"][2]
+
+
 def _error_of(call) -> str:
     try:
         call()

@@ -281,6 +281,15 @@ def test_every_command_a_message_names_exists():
                 pytest.fail(f"{where}: `embedsvc {command}` names no command")
 
 
+def test_the_server_module_imports_no_open_clip():
+    """open_clip (and the torchvision it imports, ~2 s) loads with a model, not with the server: a server without
+    models starts without it, and ClipEncoder.tokenize imports SimpleTokenizer only when it runs."""
+    code = "import sys, embedsvc.service.server; print('open_clip' in sys.modules, 'torchvision' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+
+
 def test_the_parser_and_remote_commands_import_no_torch():
     """Also the index job's modules (a job that sends images to a server decodes only) and serve's start-up
     checks (a bad setting fails before torch loads)."""

@@ -757,7 +757,7 @@ class MilvusStore:
         include_metadata, include_vectors = options.include_metadata, options.include_vectors
         expr = self._expr()
         expression = expr.filter(flt)
-        if expression is None:
+        if expression is None or not len(queries):  # matches nothing, or nothing asked (pymilvus fails on no data)
             self._check_filter_types(record, flt)
             return [[] for _ in range(len(queries))]
         k = top_k + (1 if exclude_ids is not None and any(exclude_ids) else 0)
