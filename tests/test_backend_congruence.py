@@ -7,6 +7,7 @@ database of its own per test folder, dropped at the end): a throwaway server onl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -269,28 +270,55 @@ def test_filter_injection_matches_literally(loaded, key, value):
         assert all(bool(hits) == any(flt.matches(m) for m in live) for hits in milvus)  # the pairs stored are found
 
 
-def test_a_search_with_hits_asks_milvus_nothing_more(loaded):
-    """A filter's type check (one Milvus query a condition, a scan of every item's JSON) runs only when the search
-    found nothing: a hit satisfies every condition. A mistyped filter, which finds nothing, is still refused."""
-    store = loaded[0]["milvus"]
-    queries = []
+@contextlib.contextmanager
+def type_checks(store):
+    """The filters of the type-check queries `store` (Milvus) makes meanwhile (the catalogue's reads are others)."""
+    asked: list[str] = []
     real_query = store.client.query
 
     def query(*args, **kwargs):
-        if "exists filterable" in kwargs.get("filter", ""):  # a type check (the catalogue's reads are others)
-            queries.append(kwargs["filter"])
+        if "exists filterable" in kwargs.get("filter", ""):
+            asked.append(kwargs["filter"])
         return real_query(*args, **kwargs)
 
     store.client.query = query
     try:
-        flt = Filter((Condition("group", equals=3), Condition("even", equals=False)))
-        assert all(store.search("c-flat", QUERIES[:3], SearchOptions(5, flt)))
-        assert queries == []
-        with pytest.raises(InvalidInput, match="every stored"):
-            store.search("c-flat", QUERIES[:3], SearchOptions(5, Filter((Condition("group", equals="3"),))))
-        assert queries
+        yield asked
     finally:
         store.client.query = real_query
+
+
+def test_a_search_with_hits_asks_milvus_nothing_more(loaded):
+    """A filter's type check (a Milvus query, a scan of every item's JSON) runs only when the search found nothing:
+    a hit satisfies every condition. A mistyped filter, which finds nothing, is still refused."""
+    store = loaded[0]["milvus"]
+    with type_checks(store) as asked:
+        flt = Filter((Condition("group", equals=3), Condition("even", equals=False)))
+        assert all(store.search("c-flat", QUERIES[:3], SearchOptions(5, flt)))
+        assert asked == []
+        with pytest.raises(InvalidInput, match="every stored"):
+            store.search("c-flat", QUERIES[:3], SearchOptions(5, Filter((Condition("group", equals="3"),))))
+        assert asked
+
+
+@pytest.mark.parametrize(
+    "condition, most",
+    [
+        (Condition("absent", equals=1), 2),  # the wanted kind, then the others together: no key, no refusal
+        (Condition("group", any_of=(99, "x", True)), 1),  # the three wanted kinds together: held
+        (Condition("group", gte=1000), 1),  # a range asks for numbers: held
+    ],
+    ids=["missing key", "mixed any-of", "range"],
+)
+def test_a_search_that_finds_nothing_asks_each_condition_once_or_twice(loaded, condition, most):
+    """Kinds are asked together (each question a query: on a Milvus server each also waits for Strong
+    consistency); one by one only to word a refusal. The answer is the local store's."""
+    stores, _ = loaded
+    flt = Filter((condition,))
+    with type_checks(stores["milvus"]) as asked:
+        assert stores["milvus"].search("c-flat", QUERIES[:2], SearchOptions(5, flt)) == [[], []]
+    assert len(asked) <= most, asked
+    assert stores["local"].search("c-flat", QUERIES[:2], SearchOptions(5, flt)) == [[], []]
 
 
 def test_hostile_ids_get_and_delete_only_themselves(tmp_path):

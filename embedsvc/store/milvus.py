@@ -275,24 +275,29 @@ class MilvusStore:
         """Refuses a filter with a condition of a type no stored value of its key has, as the local back end does.
         Asked only when the search found nothing: a hit satisfies every condition, so each condition's key holds a
         value of its type; each check is a query (a scan of the collection's JSON), which most searches are spared."""
-        held: dict[str, bool] = {}
+        held: dict[tuple[str, ...], bool] = {}
         for condition in flt.must if flt is not None else ():
             self._check_types(record, condition, held)
 
-    def _check_types(self, record: _Record, condition: Condition, held: dict[str, bool]) -> None:
-        """As the local back end: a condition whose type no stored value of its key has is InvalidInput. `held`
-        keeps each answer for the search's other conditions (`n>2 n<5` asks about n once: each is a query)."""
+    def _check_types(self, record: _Record, condition: Condition, held: dict[tuple[str, ...], bool]) -> None:
+        """As the local back end: a condition whose type no stored value of its key has is InvalidInput. Each
+        question is one query (a scan of every item's JSON: on a Milvus server each also waits for Strong
+        consistency), so kinds are asked together: the wanted ones, then the others (nothing held: a key no item
+        holds, left to the engine's missing-key message), and one by one only to word a refusal. `held` keeps each
+        answer for the search's other conditions (`n>2 n<5` asks about n once)."""
+        hex_key = condition.key.encode("utf-8").hex()
 
-        def holds(kind: str) -> bool:
-            tagged = kind + condition.key.encode("utf-8").hex()
+        def holds(kinds: set[str]) -> bool:
+            tagged = tuple(kind + hex_key for kind in sorted(kinds))
             if tagged not in held:
-                held[tagged] = self._holds(record, [tagged])
+                held[tagged] = self._holds(record, tagged)
             return held[tagged]
 
         wanted = wanted_kinds(condition)
-        if any(holds(kind) for kind in wanted):
+        others = {"b", "n", "s"} - wanted
+        if holds(wanted) or not others or not holds(others):
             return
-        refuse_mistyped(condition, {kind for kind in ("b", "n", "s") if kind not in wanted and holds(kind)})
+        refuse_mistyped(condition, {kind for kind in others if len(others) == 1 or holds({kind})})
 
     def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
         """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
