@@ -132,3 +132,12 @@ def test_third_party_info_and_deprecations_stay_below_info(tiny_spec, capsys):
     assert not {"root", "py.warnings", "ray.data", "faiss.loader", "uvicorn.error"} & set(loggers), lines
     assert ("embedsvc.test", "ours") in [(e["logger"], e["msg"]) for e in lines]
     assert ("other.lib", "a real warning") in [(e["logger"], e["msg"]) for e in lines]  # real warnings stay
+
+
+def test_the_long_files_handed_out_first_exist():
+    """conftest.LONG_FILES names test files (xdist hands them out first): a renamed or removed one would quietly stop
+    being scheduled early, and the suite's time would grow back with nothing to say why."""
+    from conftest import LONG_FILES
+
+    assert len(set(LONG_FILES)) == len(LONG_FILES)
+    assert [name for name in LONG_FILES if not (ROOT / "tests" / name).is_file()] == []
