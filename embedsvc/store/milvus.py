@@ -297,7 +297,7 @@ class MilvusStore:
         others = {"b", "n", "s"} - wanted
         if holds(wanted) or not others or not holds(others):
             return
-        refuse_mistyped(condition, {kind for kind in others if len(others) == 1 or holds({kind})})
+        refuse_mistyped(condition, {kind for kind in others if holds({kind})})  # one other: answered above
 
     def _holds(self, record: _Record, tagged_keys: Sequence[str]) -> bool:
         """Whether any live item has a value under one of these `filterable` keys (type tag + hex key)."""
