@@ -274,12 +274,14 @@ def test_webdataset_and_parquet_sources(folder, tmp_path):
     store.close(checkpoint=False)
 
 
-def _limited_memory() -> None:
-    """Guard for the job under test: a regression that reads a device or a huge file whole dies with
-    MemoryError at 6 GiB of data instead of taking the test machine's memory."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30))
+# Runs `embedsvc ARGV...` with its data segment limited to 6 GiB: a regression that reads a device or a huge file
+# whole dies with MemoryError instead of taking the test machine's memory. The limit is set by this small program,
+# which then execs: a preexec_fn would run Python between fork and exec in a child of this process, whose gRPC
+# threads (servers of earlier tests) make that unsafe (once: "epoll_wait error: Bad file descriptor", SIGABRT).
+LIMITED_MEMORY = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'embedsvc', *sys.argv[1:]])"
+)
 
 
 def _unusable(root: Path, good_image: bytes) -> dict[str, str]:
@@ -336,19 +338,26 @@ def test_unusable_paths_are_skipped_reported_and_never_read_whole(folder, tmp_pa
         rows = [{"id": f"row-{k}", "path": path} for k, path in enumerate(sorted(bad))]
         rows += [{"id": f"good-{k}", "path": str(photos / f"good-{k}.png")} for k in range(len(names))]
         (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = start_cli(  # a process of its own: its memory is limited
-        "index",
-        str(photos if source == "folder" else tmp_path / "rows.jsonl"),
-        "--collection",
-        "c=cls",
-        "--local",
-        str(tmp_path / "d"),
-        "--batch-size",
-        "4",
-        "--engine",
-        engine,
+    proc = subprocess.Popen(  # a process of its own: its memory is limited
+        [
+            sys.executable,
+            "-c",
+            LIMITED_MEMORY,
+            "index",
+            str(photos if source == "folder" else tmp_path / "rows.jsonl"),
+            "--collection",
+            "c=cls",
+            "--local",
+            str(tmp_path / "d"),
+            "--batch-size",
+            "4",
+            "--engine",
+            engine,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=tmp_path,
-        preexec_fn=_limited_memory,
     )
     try:
         out, err = proc.communicate(timeout=300)
